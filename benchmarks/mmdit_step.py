@@ -1,0 +1,163 @@
+"""Training-step speed of flowmatch's MMDiT against diffusers' SD3Transformer2DModel on identical weights and inputs.
+
+One step = forward, MSE loss, backward, AdamW. Timings of the two models are interleaved (alternating which goes
+first) in one run, so a shared or throttled machine slows both alike; the figure to read is the ratio of medians
+(ours / diffusers, lower is better), by wall time and by this process's CPU time (the latter is less disturbed by
+other processes on a shared machine). Also reports the FLOP/s ours achieves (flowmatch.models.flops estimate) against
+this machine's measured matmul peak.
+
+    python benchmarks/mmdit_step.py                       # CPU, fp32, the issue's small config
+    python benchmarks/mmdit_step.py --device cuda --dtype bf16 --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from flowmatch.models.convert import from_diffusers_sd3
+from flowmatch.models.flops import mfu, training_flops_per_step
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="bf16 = autocast over fp32 weights, as in mixed-precision training")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--latent-size", type=int, default=32)
+    parser.add_argument("--latent-channels", type=int, default=16)
+    parser.add_argument("--text-len", type=int, default=77)
+    parser.add_argument("--context-dim", type=int, default=4096, help="T5-XXL width, as SD3")
+    parser.add_argument("--pooled-dim", type=int, default=2048, help="CLIP-L + CLIP-G pooled width, as SD3")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul timed for the peak")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's); 1 is steadiest on a machine shared with other jobs")
+    return parser.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
+    """Best observed FLOP/s of an n x n x n matmul."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def make_step(
+    forward: Callable[[], torch.Tensor], params, target, device, autocast_dtype
+) -> Callable[[], tuple[float, float]]:
+    """A training step returning (wall seconds, process CPU seconds)."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> tuple[float, float]:
+        sync(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+            loss = F.mse_loss(forward().float(), target)
+        loss.backward()
+        optimizer.step()
+        sync(device)
+        return time.perf_counter() - start, time.process_time() - cpu_start
+
+    return step
+
+
+def main() -> None:
+    args = parse_args()
+    from diffusers import SD3Transformer2DModel
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(0)
+    theirs = SD3Transformer2DModel(
+        sample_size=args.latent_size, patch_size=2, in_channels=args.latent_channels, num_layers=args.layers,
+        attention_head_dim=args.head_dim, num_attention_heads=args.heads, joint_attention_dim=args.context_dim,
+        caption_projection_dim=args.heads * args.head_dim, pooled_projection_dim=args.pooled_dim,
+        out_channels=args.latent_channels, pos_embed_max_size=args.latent_size, qk_norm="rms_norm",
+    )
+    with torch.no_grad():  # perturb every weight so no output or gradient is trivially zero
+        for p in theirs.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ours = from_diffusers_sd3(theirs).to(device).train()
+    theirs = theirs.to(device).train()
+
+    g = torch.Generator().manual_seed(1)
+    b, c, s = args.batch, args.latent_channels, args.latent_size
+    x = torch.randn(b, c, s, s, generator=g).to(device)
+    t = torch.rand(b, generator=g).to(device)
+    ctx = torch.randn(b, args.text_len, args.context_dim, generator=g).to(device)
+    pooled = torch.randn(b, args.pooled_dim, generator=g).to(device)
+    target = torch.randn(b, c, s, s, generator=g).to(device)
+
+    with torch.no_grad():
+        ref = theirs(x, ctx, pooled, t * 1000).sample
+        err = ((ours(x, t, ctx, pooled) - ref).abs().max() / ref.abs().max()).item()
+
+    steps = {
+        "ours": make_step(lambda: ours(x, t, ctx, pooled), ours.parameters(), target, device, dtype),
+        "diffusers": make_step(lambda: theirs(x, ctx, pooled, t * 1000).sample, theirs.parameters(), target,
+                               device, dtype),
+    }
+    # Each iteration times both models back to back, so each pair saw about the same machine load.
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.warmup + args.steps):
+        order = list(steps) if i % 2 == 0 else list(reversed(steps))
+        for name in order:
+            wall, cpu = steps[name]()
+            if i >= args.warmup:
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
+
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    cpu_med = {name: statistics.median(ts) for name, ts in cpu_times.items()}
+    flops = training_flops_per_step(ours, batch_size=b, latent_size=(s, s), text_len=args.text_len).total
+    peak = matmul_peak(device, dtype, args.peak_size)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"config: {args.layers} layers, {args.heads} heads x {args.head_dim}, latents {b}x{c}x{s}x{s}, "
+          f"{args.text_len} text tokens (dim {args.context_dim}), {n_params / 1e6:.2f}M params")
+    print(f"output rel. max error vs diffusers (fp32 forward): {err:.2e}")
+    for name, ts in times.items():
+        print(f"{name:>9}: median {med[name] * 1e3:8.1f} ms  min {min(ts) * 1e3:8.1f} ms  "
+              f"(process CPU time: median {cpu_med[name] * 1e3:8.1f} ms) over {len(ts)} steps")
+    paired = statistics.median(a / b for a, b in zip(times["ours"], times["diffusers"]))
+    print(f"ratio ours/diffusers: median of paired step ratios {paired:.3f}; of median step times "
+          f"{med['ours'] / med['diffusers']:.3f}; of median process CPU times {cpu_med['ours'] / cpu_med['diffusers']:.3f}")
+    achieved = flops / med["ours"]
+    print(f"estimated training FLOPs per step: {flops / 1e9:.1f} GFLOP")
+    print(f"ours achieved: {achieved / 1e9:.1f} GFLOP/s; measured {args.dtype} matmul peak ({args.peak_size}^3): "
+          f"{peak / 1e9:.1f} GFLOP/s; fraction (MFU): {mfu(flops, med['ours'], peak):.1%}")
+
+
+if __name__ == "__main__":
+    main()

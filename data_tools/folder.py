@@ -1,0 +1,143 @@
+"""`flowmatch-data folder SRC OUT`: a folder of images with same-name captions -> shards.
+
+`cats/01.jpg` + `cats/01.txt` (or `cats/01.json` with a "caption" field) become sample `cats_01` with members
+jpg, txt and json (the source path, plus the .json's own fields). The image bytes are stored as they are (no
+re-encoding), after a full decode proves them sound. Bad entries never stop the build: an undecodable or
+oversized image, an image without a caption, a caption without an image, an empty caption are skipped and
+listed in OUT/report.json and the printed summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from data_tools.images import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, SOURCE_EXTS, ImageRejected, check_image
+from data_tools.report import BuildReport
+from data_tools.writer import ShardSink, safe_key
+
+CAPTION_EXTS = (".txt", ".json")
+
+
+@dataclass
+class Entry:
+    """Files sharing one path stem under SRC."""
+
+    stem: str
+    images: list[Path] = field(default_factory=list)
+    txt: Optional[Path] = None
+    json: Optional[Path] = None
+
+
+def scan(src: Path, report: BuildReport) -> list[Entry]:
+    """Group the files under `src` by relative path without extension, sorted; unsupported files are reported."""
+    entries: dict[str, Entry] = {}
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            rel = path.relative_to(src).as_posix()
+            stem, ext = os.path.splitext(rel)
+            ext = ext.lower()
+            if ext not in SOURCE_EXTS + CAPTION_EXTS:
+                report.skip(rel, "unsupported file type")
+                continue
+            entry = entries.setdefault(stem, Entry(stem))
+            if ext in SOURCE_EXTS:
+                entry.images.append(path)
+            elif ext == ".txt":
+                entry.txt = path
+            else:
+                entry.json = path
+    return [entries[k] for k in sorted(entries)]
+
+
+def read_caption(entry: Entry) -> tuple[str, dict]:
+    """(caption, json metadata); ValueError with the reason when there is no usable caption."""
+    meta: dict = {}
+    if entry.json is not None:
+        try:
+            loaded = json.loads(entry.json.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(f"unreadable json ({err})") from None
+        meta = loaded if isinstance(loaded, dict) else {"value": loaded}
+    if entry.txt is not None:
+        try:
+            caption = entry.txt.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"caption not utf-8 ({err})") from None
+    else:
+        caption = meta.get("caption", meta.get("text", ""))
+        if not isinstance(caption, str):
+            raise ValueError("json caption is not text")
+        if entry.json is not None and not caption:
+            raise ValueError("json without caption")
+        caption = caption.strip()
+    if not caption:
+        raise ValueError("empty caption")
+    return caption, meta
+
+
+def build_folder(src: str | Path, out: str | Path, *, shard_size: int = 1000, seed: int = 0, shuffle: bool = True,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, overwrite: bool = False) -> BuildReport:
+    """Write the shards and OUT/report.json; returns the report. Raises only for unusable SRC/OUT."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise NotADirectoryError(f"{src} is not a directory of images")
+    report = BuildReport()
+    entries = scan(src, report)
+    if shuffle:  # folders are often sorted by class; mix them so each shard is a fair sample
+        random.Random(seed).shuffle(entries)
+    used: set[str] = set()
+    with ShardSink(out, prefix="shard", shard_size=shard_size, overwrite=overwrite) as sink:
+        for entry in entries:
+            written = write_entry(entry, sink, used, report, src, max_pixels)
+            report.written += written
+    report.shards = [p.name for p in sink.paths]
+    report.save(out / "report.json")
+    return report
+
+
+def write_entry(entry: Entry, sink: ShardSink, used: set[str], report: BuildReport, src: Path,
+                max_pixels: int) -> int:
+    """Write one entry (1) or report why not (0)."""
+    captions = [p for p in (entry.txt, entry.json) if p is not None]
+    if not entry.images:
+        for path in captions:
+            report.skip(path.relative_to(src).as_posix(), "caption without image")
+        return 0
+    image_path = entry.images[0]
+    rel = image_path.relative_to(src).as_posix()
+    for extra in entry.images[1:]:
+        report.skip(extra.relative_to(src).as_posix(), f"second image for {entry.stem} (kept {image_path.name})")
+    if not captions:
+        report.skip(rel, "image without caption")
+        return 0
+    try:
+        caption, meta = read_caption(entry)
+    except ValueError as err:
+        report.skip(rel, str(err))
+        return 0
+    if image_path.stat().st_size > MAX_FILE_BYTES:
+        report.skip(rel, f"oversized file ({image_path.stat().st_size >> 20} MiB)")
+        return 0
+    data = image_path.read_bytes()
+    try:
+        ext = check_image(data, max_pixels=max_pixels)
+    except ImageRejected as err:
+        report.skip(rel, str(err))
+        return 0
+    key = safe_key(entry.stem)
+    base, n = key, 1
+    while key in used:  # two stems may sanitize alike ("a b" and "a_b")
+        n += 1
+        key = f"{base}_{n}"
+    used.add(key)
+    sink.write(key, {ext: data, "txt": caption, "json": json.dumps({"source": rel, **meta}, ensure_ascii=False)})
+    return 1

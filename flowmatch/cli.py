@@ -1,0 +1,130 @@
+"""The `flowmatch` command: train, sample, eval. Each command parses, builds, runs and closes.
+
+`python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+USAGE_ERRORS = (ValueError, FileNotFoundError)
+
+
+def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
+    """`[RECIPE] [key=value ...]` -> (recipe path or None, overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from flowmatch.config import load_recipe
+    from flowmatch.engine import run_guarded
+    from flowmatch.trainer import TrainingError, train
+
+    path, overrides = split_recipe_args(ns.args)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"expected section.key=value overrides after the recipe, got {bad}")
+    recipe = load_recipe(path, overrides)
+
+    def guarded():
+        try:
+            return train(recipe)
+        except (*USAGE_ERRORS, TrainingError) as err:  # a clear message, no traceback; other ranks stop too
+            print(f"flowmatch train: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    # On any failure run_guarded ends this process at once and tells the other ranks to stop, so no rank
+    # hangs in a collective until its timeout.
+    summary = run_guarded(guarded)
+    print(
+        f"trained {summary.run_dir}: steps {summary.start_step} -> {summary.final_step} in {summary.seconds:.0f} s, "
+        f"loss {summary.final_loss:.4f}, skipped {summary.skipped_steps}; checkpoint {summary.last_checkpoint}"
+    )
+    return 0
+
+
+def cmd_sample(ns: argparse.Namespace) -> int:
+    from flowmatch.pipeline import Pipeline, image_grid, save_png
+
+    pipe = Pipeline.from_checkpoint(ns.path, ema=False if ns.no_ema else None)
+    prompts = [p for p in ns.prompt for _ in range(ns.num)]
+    images = pipe.generate(prompts, steps=ns.steps, solver=ns.solver, guidance_scale=ns.guidance, seed=ns.seed)
+    save_png(image_grid(images, rows=len(ns.prompt)), ns.out, scale=ns.scale)
+    print(f"wrote {ns.out}: {len(ns.prompt)} rows x {ns.num} images, {pipe.last_nfe} velocity evaluations")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from flowmatch.evaluate import evaluate, format_report
+
+    report = evaluate(
+        ns.path,
+        steps=[int(s) for s in ns.steps.split(",")] if ns.steps else None,
+        solvers=ns.solvers.split(",") if ns.solvers else None,
+        samples_per_prompt=ns.samples,
+        likelihood_samples=ns.likelihood_samples,
+        out=ns.out,
+    )
+    print(format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowmatch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe (resumes from RUN_DIR's newest checkpoint)")
+    p.add_argument("args", nargs="*", metavar="[RECIPE] [section.key=value ...]",
+                   help="a recipe YAML (default: the built-in digits recipe) and dotted overrides")
+    # The deepspeed launcher passes --local_rank; the engine reads LOCAL_RANK from the environment instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate an image grid from a run or checkpoint")
+    p.add_argument("path", help="a run directory (newest checkpoint) or one checkpoint directory")
+    p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
+    p.add_argument("--num", type=int, default=8, help="images per prompt (one grid row each prompt)")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the recipe's)")
+    p.add_argument("--solver", default=None, help="euler, heun, midpoint, rk4, dpm++2m, dopri5 ...")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--out", default="grid.png", help="output PNG")
+    p.add_argument("--scale", type=int, default=1, help="upscale the grid (nearest) for viewing")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="prompt accuracy, Frechet distance and bits/dim of a run")
+    p.add_argument("path", help="a run directory or checkpoint directory")
+    p.add_argument("--steps", default=None, help="comma-separated step counts (default: the recipe's eval.steps)")
+    p.add_argument("--solvers", default=None, help="comma-separated solvers (default: the recipe's eval.solvers)")
+    p.add_argument("--samples", type=int, default=None, help="images per class prompt")
+    p.add_argument("--likelihood-samples", type=int, default=None, help="held-out images for bits/dim (0 = skip)")
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from flowmatch.config import RecipeError
+
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except RecipeError as err:
+        print(f"flowmatch: recipe error: {err}", file=sys.stderr)
+        return 2
+    except USAGE_ERRORS as err:
+        print(f"flowmatch {ns.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("flowmatch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The recipe: one typed tree of dataclasses, loaded from YAML with dotted command-line overrides.
+
+Precedence: command line > recipe file (and the files it names as `base`) > defaults. The model section starts
+from its named preset (`model.preset`), so a recipe only writes what differs from that preset. Every error is
+a `RecipeError` whose message names the key, what is allowed and the nearest valid spelling.
+The defaults of the tree are the digits recipe (recipes/digits.yaml), so `Recipe()` is a runnable CPU job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from data_tools.digits import DIGIT_WORDS
+from flowmatch.data.config import DataConfig
+from flowmatch.encoders.autoencoder import AutoencoderConfig
+from flowmatch.encoders.text import TextEncoderConfig
+from flowmatch.engine import DistributedConfig
+from flowmatch.flow.timesteps import FlowConfig
+from flowmatch.models.mmdit import MMDiTConfig
+from flowmatch.models.presets import preset_values
+
+
+class RecipeError(ValueError):
+    """A recipe key, type or value that cannot be used; the message says which and what to do."""
+
+
+@dataclass
+class OptimConfig:
+    """The recipe's `optim` section (AdamW)."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    schedule: str = "cosine"
+    """After warmup: cosine (decay to min_lr_ratio * lr at max_steps) or constant."""
+    min_lr_ratio: float = 0.1
+    """Final lr of the cosine schedule as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0, warmup_steps >= 0 and grad_clip >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """The recipe's `train` section: the loop."""
+
+    max_steps: int = 2000
+    """Optimizer steps to train for."""
+    batch_size: int = 128
+    """Global batch: micro_batch_size x gradient accumulation x processes."""
+    micro_batch_size: Optional[int] = None
+    """Samples per process per forward; None = batch_size / processes (no accumulation)."""
+    seed: int = 0
+    """Seeds the model init, the data order and the noise (each rank offsets it by its rank)."""
+    checkpoint_every: int = 500
+    """Write a checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints."""
+    log_every: int = 50
+    """Steps between logged scalars (the only host syncs of the loop)."""
+    validate_every: int = 0
+    """Steps between validation (sample grid + held-out loss); 0 = at the end only."""
+    ema_decay: float = 0.999
+    """EMA decay of the weights, kept in fp32; 0 = no EMA."""
+    max_bad_steps: int = 10
+    """Stop after this many consecutive non-finite losses (each one is skipped)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("max_steps, batch_size, checkpoint_every and keep_checkpoints must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class SamplingConfig:
+    """The recipe's `sampling` section: defaults of the Pipeline, validation grids and the CLI."""
+
+    steps: int = 20
+    """ODE steps."""
+    solver: str = "euler"
+    """ODE solver (see flowmatch.sampling.SOLVERS)."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale (1 = no guidance)."""
+    seed: int = 0
+    """Seed of the validation noise."""
+    prompts: list[str] = field(default_factory=lambda: [f"a handwritten digit {w}" for w in DIGIT_WORDS])
+    """Validation prompts: one row of the sample grid each."""
+    per_prompt: int = 8
+    """Images per prompt in the validation grid."""
+
+
+@dataclass
+class LoggingConfig:
+    """The recipe's `logging` section."""
+
+    tensorboard: bool = True
+    """Write TensorBoard scalars and sample grids under RUN_DIR/tb."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    """The recipe's `eval` section: what `flowmatch eval` measures."""
+
+    task: str = "digits"
+    """digits (prompt accuracy with a classifier fit on the real digits + Frechet distance) or generic."""
+    steps: list[int] = field(default_factory=lambda: [4, 8, 20, 50])
+    """Step counts to evaluate."""
+    solvers: list[str] = field(default_factory=lambda: ["euler"])
+    """Solvers to evaluate."""
+    samples_per_prompt: int = 50
+    """Generated images per class prompt."""
+    likelihood_samples: int = 64
+    """Held-out images whose bits per dimension are measured (0 = skip)."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("digits", "generic"):
+            raise ValueError(f"task must be digits or generic, got {self.task!r}")
+
+
+@dataclass
+class Recipe:
+    """A whole training job."""
+
+    run_dir: str = "runs/digits"
+    """Where checkpoints, samples, logs and the resolved recipe go; training again with it resumes."""
+    model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig(**{"preset": "digits", **preset_values("digits")}))
+    """The MMDiT (flowmatch.models.mmdit.MMDiTConfig); start from a preset with model.preset."""
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    """Rectified flow: time distribution, shift, loss weighting, caption dropout."""
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(cache_size=4096))
+    """Frozen text encoder."""
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    """Frozen autoencoder (identity = pixel space)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """WebDataset shards and loading."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and its schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """DeepSpeed: ZeRO stage, precision, offload."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling defaults and validation grids."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Progress bar and TensorBoard."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """What flowmatch eval measures."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Recipe:
+    """Load a recipe file (None = the defaults) and apply `section.key=value` overrides."""
+    tree: dict[str, Any] = read_yaml_tree(Path(path)) if path else {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=100)")
+        set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return recipe_from_dict(tree)
+
+
+def recipe_from_yaml(text: str) -> Recipe:
+    """A recipe from YAML text (e.g. the one saved in a checkpoint)."""
+    return recipe_from_dict(yaml.safe_load(text) or {})
+
+
+def read_yaml_tree(path: Path) -> dict[str, Any]:
+    """Read a recipe file, merging the file named by its `base:` key (relative to it) underneath."""
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist (try recipes/digits.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of sections, not {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    return merge(read_yaml_tree(path.parent / base), tree)
+
+
+def merge(low: dict, high: dict) -> dict:
+    """Deep merge: keys of `high` win, nested mappings merge."""
+    out = dict(low)
+    for key, value in high.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """tree["a"]["b"] = value for key "a.b"."""
+    *parents, last = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {key!r}: {part!r} is a value, not a section")
+    node[last] = value
+
+
+def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
+    """Build and validate the Recipe; the model section starts from its preset's values."""
+    tree = dict(tree)
+    model = tree.get("model") or {}
+    if not isinstance(model, dict):
+        raise RecipeError("model: expected a mapping of model settings")
+    preset = model.get("preset", "digits")
+    try:
+        tree["model"] = {"preset": preset, **preset_values(preset), **model}
+    except ValueError as err:
+        raise RecipeError(f"model.preset: {err}") from None
+    return build_dataclass(Recipe, tree, "")
+
+
+def build_dataclass(cls: type, values: Any, where: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, checking every key and type."""
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean {(where + '.' if where else '') + near[0]!r}?" if near else ""
+            raise RecipeError(f"unknown recipe key {path!r}.{hint} Allowed here: {', '.join(sorted(fields))}.")
+        kwargs[key] = convert(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{where or 'recipe'}: {err}") from None
+
+
+def convert(hint: Any, value: Any, path: str) -> Any:
+    """Check `value` against the type hint (int, float, str, bool, Optional, list, tuple, dataclass)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return convert(arg, value, path)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise RecipeError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise RecipeError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(recipe))
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML; loading it back gives an equal Recipe."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

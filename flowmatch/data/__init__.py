@@ -1,0 +1,29 @@
+"""Training data: WebDataset shards streamed into `Batch`es, split over ranks and workers, exact to resume.
+
+    from flowmatch.data import DataConfig, build_loader, ensure_shards
+    ensure_shards(cfg.data)                     # rank 0 first, then a barrier
+    loader = build_loader(cfg.data, rank=r, world_size=n, batch_size=b, seed=s)
+    for batch in loader: ...                    # Batch(images | latents + text, captions, keys)
+    state = loader.state_dict()                 # into the checkpoint; loader.load_state_dict(state) resumes
+"""
+
+from flowmatch.data.batch import Batch
+from flowmatch.data.config import DataConfig
+from flowmatch.data.features import EncoderMismatch, FeatureHeader
+from flowmatch.data.loader import Loader, LoaderStats, build_loader, merge_loader_states, read_cache_info
+from flowmatch.data.shards import ensure_shards, expand_shards, resolve_split
+
+__all__ = [
+    "Batch",
+    "DataConfig",
+    "EncoderMismatch",
+    "FeatureHeader",
+    "Loader",
+    "LoaderStats",
+    "build_loader",
+    "ensure_shards",
+    "expand_shards",
+    "merge_loader_states",
+    "read_cache_info",
+    "resolve_split",
+]

@@ -1,0 +1,108 @@
+"""The recipe's `data` section: where the shards are and how they are streamed.
+
+The defaults are the digits job (recipes/digits.yaml): 8x8 grayscale scikit-learn digits, built into
+`data/digits` by `flowmatch-data digits` the first time training finds no shards there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+BUILDERS = ("", "digits")
+CHANNELS = (1, 3)
+
+
+@dataclass
+class DataConfig:
+    """The recipe's `data` section."""
+
+    shards: str = "data/digits"
+    """Training shards: a directory of .tar shards, a glob, a brace pattern (x-{000000..000009}.tar), http(s) URLs or
+    pipe: commands; '::' joins several. Shards named val-* are the held-out split, never trained on."""
+    val_shards: str = ""
+    """Held-out shards for validation loss and eval (same forms as shards); empty = the val-* shards among shards, or
+    the keys holdout_fraction sets aside."""
+    holdout_fraction: float = 0.0
+    """When there are no val shards: this fraction of keys (chosen by a stable hash of the key) is held out of training
+    and forms the val split."""
+    prepare: str = "digits"
+    """Builder run when shards matches nothing: digits (scikit-learn's 8x8 digits), or '' = never build."""
+    resolution: Union[int, list[int]] = 8
+    """Training image size in pixels: the side of a square, or [height, width]; with buckets, their common area."""
+    channels: int = 1
+    """Image channels the model sees: 1 (grayscale) or 3 (RGB); images are converted on load."""
+    shuffle: bool = True
+    """Shuffle shards and samples (seeded, reproducible); the val split is never shuffled."""
+    shuffle_buffer: int = 1000
+    """Samples each loader worker mixes in its shuffle buffer (larger = better mixing, more memory)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead of the trainer."""
+    resampled: bool = False
+    """Draw shards with replacement per worker instead of epochs (multi-node runs over few or uneven shards); the stream
+    is still seeded and resumable."""
+    buckets: int = 0
+    """Aspect-ratio buckets: 0 = resize and center-crop everything to resolution; n >= 1 = n resolutions of about
+    resolution's area (equal token counts), each image goes to the nearest aspect and each batch to one bucket."""
+    bucket_max_aspect: float = 2.0
+    """Widest bucket aspect (width / height); the tallest is its inverse."""
+    bucket_multiple: int = 16
+    """Bucket sides are multiples of this (autoencoder downsampling x patch size, 8 x 2 for SD3-style VAEs)."""
+    drop_last: bool = False
+    """Drop each worker's final partial batch of an epoch (uniform batch shapes; those samples skip that epoch)."""
+    cached: Union[bool, str] = "auto"
+    """Shards hold precomputed latents and text embeddings (flowmatch-data encode): true, false, or auto (look at
+    the first sample)."""
+    max_image_pixels: int = 40_000_000
+    """Images with more pixels (width x height, read from the header before decoding) are skipped as oversized."""
+    max_member_mb: int = 256
+    """Tar members larger than this many MiB are skipped unread."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shards, str) or not self.shards.strip():
+            raise ValueError("data.shards must name shards: a directory, glob, brace pattern, URL or pipe: command")
+        if self.prepare not in BUILDERS:
+            raise ValueError(f"data.prepare must be one of {BUILDERS}, got {self.prepare!r}")
+        if self.channels not in CHANNELS:
+            raise ValueError(f"data.channels must be one of {CHANNELS}, got {self.channels!r}")
+        if not (isinstance(self.cached, bool) or self.cached == "auto"):
+            raise ValueError(f"data.cached must be true, false or 'auto', got {self.cached!r}")
+        height, width = resolution_hw(self.resolution)
+        if height < 1 or width < 1:
+            raise ValueError(f"data.resolution must be positive, got {self.resolution!r}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"data.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 = no sample shuffling), got {self.shuffle_buffer}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.buckets < 0:
+            raise ValueError(f"data.buckets must be 0 (off) or a number of buckets >= 1, got {self.buckets}")
+        if self.bucket_max_aspect < 1.0:
+            raise ValueError(f"data.bucket_max_aspect must be >= 1, got {self.bucket_max_aspect}")
+        if self.bucket_multiple < 1:
+            raise ValueError(f"data.bucket_multiple must be >= 1, got {self.bucket_multiple}")
+        if self.max_image_pixels < 1 or self.max_member_mb < 1:
+            raise ValueError("data.max_image_pixels and data.max_member_mb must be >= 1")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of `resolution`."""
+        return resolution_hw(self.resolution)
+
+
+def resolution_hw(resolution: Union[int, list[int], tuple[int, ...]]) -> tuple[int, int]:
+    """(height, width) from an int side or a [height, width] pair; ValueError otherwise."""
+    if isinstance(resolution, bool):
+        raise ValueError(f"data.resolution must be an int or [height, width], got {resolution!r}")
+    if isinstance(resolution, int):
+        return resolution, resolution
+    if isinstance(resolution, (list, tuple)) and len(resolution) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in resolution
+    ):
+        return int(resolution[0]), int(resolution[1])
+    raise ValueError(f"data.resolution must be an int or [height, width], got {resolution!r}")

@@ -1,0 +1,127 @@
+"""The cached-feature member of encoded shards: one safetensors blob per sample.
+
+`key.safetensors` holds `latents` (c, h, w), `hidden` (n, D) with n the caption's real token count (padding is
+not stored), `pooled` (Dp,), in bf16 or fp16; its metadata names the encoders that made it, so training refuses
+features from a different text encoder or autoencoder. safetensors rather than numpy or torch.save: it stores
+bf16, and reading it never unpickles anything. The header alone (shapes, metadata) can be read without the data.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+EXT = "safetensors"
+FORMAT = "flowmatch-features-1"
+ENCODER_FIELDS = ("text_encoder", "autoencoder")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+# safetensors layout: 8-byte little-endian header length, then the JSON header.
+HEADER_LEN = struct.Struct("<Q")
+MAX_HEADER_BYTES = 1 << 20
+
+
+class EncoderMismatch(ValueError):
+    """Cached features were made by other encoders than the ones training uses."""
+
+
+@dataclass
+class FeatureHeader:
+    """Shapes and provenance of one cached sample, read without its data."""
+
+    latent_shape: tuple[int, ...]
+    tokens: int
+    hidden_dim: int
+    pooled_dim: int
+    dtype: str
+    encoders: dict[str, str]
+
+
+@dataclass
+class Features:
+    """One cached sample: latents (c, h, w), hidden (n, D), pooled (Dp,), in the stored dtype."""
+
+    latents: torch.Tensor
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+
+def encode(latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor, *, dtype: str,
+           encoders: Mapping[str, str]) -> bytes:
+    """Serialize one sample. latents (c, h, w); hidden (n, D) real tokens only; pooled (Dp,)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"feature dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    missing = [f for f in ENCODER_FIELDS if f not in encoders]
+    if missing:
+        raise ValueError(f"encoders must name {ENCODER_FIELDS}, missing {missing}")
+    if latents.dim() != 3 or hidden.dim() != 2 or pooled.dim() != 1:
+        raise ValueError(
+            f"expected latents (c, h, w), hidden (n, D), pooled (Dp,); got {tuple(latents.shape)}, "
+            f"{tuple(hidden.shape)}, {tuple(pooled.shape)}"
+        )
+    cast = DTYPES[dtype]
+    tensors = {
+        "latents": latents.detach().to("cpu", cast).contiguous(),
+        "hidden": hidden.detach().to("cpu", cast).contiguous(),
+        "pooled": pooled.detach().to("cpu", cast).contiguous(),
+    }
+    metadata = {"format": FORMAT, **{f: str(encoders[f]) for f in ENCODER_FIELDS}}
+    return save_tensors(tensors, metadata=metadata)
+
+
+def read_header(data: bytes) -> FeatureHeader:
+    """Parse the safetensors header only; ValueError when it is not a flowmatch feature blob."""
+    if len(data) < HEADER_LEN.size:
+        raise ValueError("features member is truncated")
+    (length,) = HEADER_LEN.unpack_from(data)
+    if length > MAX_HEADER_BYTES or HEADER_LEN.size + length > len(data):
+        raise ValueError("features member has a bad header length")
+    try:
+        header = json.loads(data[HEADER_LEN.size:HEADER_LEN.size + length])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"features header is not JSON: {err}") from None
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"features member is not {FORMAT} (format {meta.get('format')!r})")
+    try:
+        latents, hidden, pooled = header["latents"], header["hidden"], header["pooled"]
+        return FeatureHeader(
+            latent_shape=tuple(int(v) for v in latents["shape"]),
+            tokens=int(hidden["shape"][0]),
+            hidden_dim=int(hidden["shape"][1]),
+            pooled_dim=int(pooled["shape"][0]),
+            dtype=SAFETENSORS_DTYPES.get(latents["dtype"], latents["dtype"]),
+            encoders={f: str(meta.get(f, "")) for f in ENCODER_FIELDS},
+        )
+    except (KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"features header lacks latents/hidden/pooled: {err}") from None
+
+
+def decode(data: bytes) -> Features:
+    """Load the tensors (stored dtype: the batch collation converts to float32 once); ValueError on a corrupt blob."""
+    try:
+        tensors = load_tensors(data)
+    except Exception as err:  # safetensors raises its own SafetensorError for corrupt data
+        raise ValueError(f"corrupt features: {err}") from None
+    try:
+        return Features(tensors["latents"], tensors["hidden"], tensors["pooled"])
+    except KeyError as err:
+        raise ValueError(f"features lack tensor {err}") from None
+
+
+def check_encoders(found: Mapping[str, str], expected: Mapping[str, str], where: str = "") -> None:
+    """Raise EncoderMismatch when any expected encoder fingerprint differs from the one that made the features."""
+    for name, want in expected.items():
+        have = found.get(name, "")
+        if have != want:
+            raise EncoderMismatch(
+                f"cached features{' in ' + where if where else ''} were made by {name} {have!r}, but training uses "
+                f"{want!r}. Re-encode the shards with this recipe (flowmatch-data encode IN OUT --recipe R) or "
+                "point data.shards at the raw shards (data.cached=false)."
+            )

@@ -1,0 +1,306 @@
+"""The training data loader: WebDataset shards -> `Batch`es, split over ranks and workers, exact to resume.
+
+Each rank runs `num_workers` DataLoader workers, one stream each (flowmatch.data.stream); torch's DataLoader
+takes batches from its workers in strict rotation, so the sequence a rank sees is fixed by the streams. The
+loader remembers, per stream, the position after the last batch it handed out (not after the batches workers
+prefetched), plus which worker comes next; `state_dict()` saves that and a new loader given it starts each
+worker where its stream stopped, with the rotation turned so the next batch is the one that was due. The
+training split runs forever (epoch after epoch; the trainer counts steps), which also means ranks whose
+shards hold different sample counts never wait on each other; the val split is one unshuffled pass per
+`iter()`, or exactly `max_batches` per rank (cycling) so that ranks stay in step in distributed evaluation.
+Design anchors: torchtitan's stateful FLUX dataloader and MosaicML streaming's deterministic resumption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flowmatch.data import decode
+from flowmatch.data.batch import Batch
+from flowmatch.data.buckets import Bucket, make_buckets
+from flowmatch.data.config import DataConfig
+from flowmatch.data.features import EXT as FEATURE_EXT
+from flowmatch.data.features import FeatureHeader, check_encoders, read_header
+from flowmatch.data.shards import resolve_split
+from flowmatch.data.stream import Position, StreamSpec, advance_epoch, run_stream, start_positions
+from flowmatch.data.tarstream import RawSample, read_shard
+
+log = logging.getLogger("flowmatch.data")
+
+STATE_FORMAT = "flowmatch-loader-1"
+# Shards looked at when auto-detecting cached features (the first readable sample decides).
+DETECT_SHARDS = 3
+
+
+@dataclass
+class LoaderStats:
+    """Counters of one rank's loader since the run began (resumed runs continue them).
+
+    samples: samples handed to the trainer; bad: samples and records skipped; reasons: bad counts by reason;
+    epoch: the lowest epoch any of this rank's workers is in.
+    """
+
+    samples: int = 0
+    bad: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    epoch: int = 0
+
+
+class _WorkerStreams(IterableDataset):
+    """What each DataLoader worker iterates: the stream of (rank, worker + rotation)."""
+
+    def __init__(self, spec: StreamSpec, rank: int, workers: int, starts: dict[int, Position], rotation: int):
+        super().__init__()
+        self.spec, self.rank, self.workers, self.starts, self.rotation = spec, rank, workers, starts, rotation
+
+    def __iter__(self) -> Iterator[tuple[Batch, Position]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = self.rank * self.workers + (worker + self.rotation) % self.workers
+        return run_stream(self.spec, self.starts[stream])
+
+
+class Loader:
+    """Iterable of `Batch`. Iterating again continues where the last batch handed out left off (train split).
+
+    Attributes: `cached` (True when batches carry latents and text embeddings), `urls` (this split's shards),
+    `stats` (LoaderStats), `bad_samples` (int).
+    """
+
+    def __init__(self, spec: StreamSpec, *, rank: int, world_size: int, processes: int, prefetch_factor: int,
+                 resumable: bool, max_batches: Optional[int], layout: dict) -> None:
+        self.spec = spec
+        self.rank, self.world_size, self.processes = rank, world_size, processes
+        self.workers = max(1, processes)  # streams per rank: one per worker process, or one in-process
+        self.prefetch_factor = prefetch_factor
+        self.resumable = resumable
+        self.max_batches = max_batches
+        self.layout = layout
+        self.cached = spec.cached
+        self.urls = list(spec.split.urls)
+        self._streams = [rank * self.workers + w for w in range(self.workers)]
+        self._positions = start_positions(self._streams)
+        self._next_worker = 0
+
+    # ------------------------------------------------------------------------------------------- iteration
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.resumable:  # every pass over the val split starts afresh (and so do its counters)
+            self._positions, self._next_worker = start_positions(self._streams), 0
+        dataset = _WorkerStreams(self.spec, self.rank, self.workers, dict(self._positions), self._next_worker)
+        if self.processes == 0:
+            source: Iterator = iter(dataset)
+        else:
+            source = iter(
+                DataLoader(
+                    dataset,
+                    batch_size=None,  # workers batch per bucket themselves
+                    num_workers=self.workers,
+                    prefetch_factor=self.prefetch_factor,
+                    pin_memory=torch.cuda.is_available(),
+                )
+            )
+        handed = 0
+        for batch, position in source:
+            self._positions[position.stream] = position
+            # Workers take strict turns, so the stream after this one is due next; a resumed loader hands that
+            # stream to worker 0, which the DataLoader asks first.
+            self._next_worker = (position.stream - self.rank * self.workers + 1) % self.workers
+            yield batch
+            handed += 1
+            if self.max_batches is not None and handed >= self.max_batches:
+                return
+
+    # ------------------------------------------------------------------------------------------- counters
+
+    @property
+    def stats(self) -> LoaderStats:
+        """This rank's counters (sum them over ranks for a global count)."""
+        reasons: dict[str, int] = {}
+        for p in self._positions.values():
+            for reason, n in p.bad.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        return LoaderStats(
+            samples=sum(p.samples for p in self._positions.values()),
+            bad=sum(reasons.values()),
+            reasons=reasons,
+            epoch=min(p.epoch for p in self._positions.values()),
+        )
+
+    @property
+    def bad_samples(self) -> int:
+        """Samples and records this rank skipped as bad so far."""
+        return self.stats.bad
+
+    # ------------------------------------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict:
+        """This rank's position: plain types (JSON-able). Save one per rank, or merge all ranks' with
+        `merge_loader_states` and give every rank the merged dict."""
+        return {
+            "format": STATE_FORMAT,
+            "layout": dict(self.layout),
+            "streams": {str(s): self._positions[s].to_dict() for s in self._streams},
+            "next_worker": {str(self.rank): self._next_worker},
+        }
+
+    def load_state_dict(self, state: Mapping, *, strict: bool = True) -> None:
+        """Continue from `state` (this rank's own, or a merged one). Call before iterating.
+
+        The data layout (shards, seed, batch size, world size, workers, buckets, ...) must match the saved one for
+        an exact resume; otherwise strict=True raises ValueError naming the differences, and strict=False starts
+        every worker at the epoch after the furthest saved one (no replay, the rest of that epoch is skipped).
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a loader state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
+        saved = state.get("layout", {})
+        differ = sorted(k for k in set(saved) | set(self.layout) if saved.get(k) != self.layout.get(k))
+        streams = state.get("streams", {})
+        if differ:
+            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {self.layout.get(k)!r}" for k in differ)
+            if strict:
+                raise ValueError(
+                    f"the data loader state was saved with a different data layout ({changes}); exact resume needs "
+                    "the same settings. Restore them, or load with strict=False to start at the next epoch."
+                )
+            epoch = 1 + max((int(p["epoch"]) for p in streams.values()), default=-1)
+            log.warning("data: layout changed (%s); starting every worker at epoch %d", changes, epoch)
+            self._positions = {s: advance_epoch(Position(s), epoch) for s in self._streams}
+            self._next_worker = 0
+            return
+        missing = [s for s in self._streams if str(s) not in streams]
+        if missing:
+            raise ValueError(
+                f"the loader state has no position for rank {self.rank}'s workers (streams {missing}); pass the "
+                "state this rank saved, or the merge of every rank's (merge_loader_states)"
+            )
+        self._positions = {s: Position.from_dict(s, streams[str(s)]) for s in self._streams}
+        self._next_worker = int(state.get("next_worker", {}).get(str(self.rank), 0)) % self.workers
+
+
+def merge_loader_states(states: list[Mapping]) -> dict:
+    """One state holding every rank's streams (e.g. from all_gather_object), loadable on any rank."""
+    if not states:
+        raise ValueError("merge_loader_states needs at least one state")
+    layouts = {repr(sorted(s.get("layout", {}).items())) for s in states}
+    if len(layouts) > 1:
+        raise ValueError("cannot merge loader states saved with different data layouts")
+    merged = {"format": STATE_FORMAT, "layout": dict(states[0].get("layout", {})), "streams": {}, "next_worker": {}}
+    for s in states:
+        merged["streams"].update(s.get("streams", {}))
+        merged["next_worker"].update(s.get("next_worker", {}))
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------- building
+
+
+def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int, split: str = "train",
+                 epochs: Optional[int] = None, max_batches: Optional[int] = None,
+                 encoders: Optional[Mapping[str, str]] = None) -> Loader:
+    """The loader of `split` ("train" or "val") for this rank.
+
+    Pass the SAME `seed` on every rank: all ranks derive one shard order from it, which is what splits the data
+    without overlap. `batch_size` is per rank. The train split is shuffled and endless (epochs=None) unless
+    `epochs` says how many to run; the val split is one unshuffled pass per iteration, or exactly `max_batches`
+    batches per rank (cycling through it as needed) so distributed ranks take the same number of steps.
+    `encoders` ({"text_encoder": fingerprint, "autoencoder": fingerprint}) makes cached shards from other
+    encoders an error (features.EncoderMismatch). Shards must exist: see `ensure_shards`.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+    shard_split = resolve_split(cfg, split)
+    train = split == "train"
+    cached = detect_cached(list(shard_split.urls)) if cfg.cached == "auto" else bool(cfg.cached)
+    expect = dict(encoders) if encoders is not None else None
+    if cached and expect is not None:
+        header = read_cache_header(list(shard_split.urls))
+        if header is not None:
+            check_encoders(header.encoders, expect, shard_split.urls[0])
+    workers = max(1, cfg.num_workers)
+    if train:
+        run_epochs = epochs
+    else:
+        run_epochs = None if max_batches is not None else (epochs or 1)
+    spec = StreamSpec(
+        split=shard_split,
+        seed=seed,
+        num_streams=world_size * workers,
+        batch_size=batch_size,
+        buckets=tuple(loader_buckets(cfg)),
+        channels=cfg.channels,
+        cached=cached,
+        shuffle=cfg.shuffle and train,
+        shuffle_buffer=cfg.shuffle_buffer,
+        resampled=cfg.resampled and train,
+        drop_last=cfg.drop_last and train,
+        epochs=run_epochs,
+        max_pixels=cfg.max_image_pixels,
+        max_member_bytes=cfg.max_member_mb << 20,
+        expect_encoders=expect,
+    )
+    layout = {
+        "shards": hashlib.sha1("\n".join(shard_split.urls).encode()).hexdigest()[:16],
+        "holdout": f"{shard_split.holdout}:{shard_split.holdout_fraction}",
+        "seed": seed,
+        "world_size": world_size,
+        "num_workers": workers,
+        "batch_size": batch_size,
+        "buckets": [[b.height, b.width] for b in spec.buckets],
+        "cached": cached,
+        "shuffle": spec.shuffle,
+        "shuffle_buffer": spec.shuffle_buffer,
+        "resampled": spec.resampled,
+        "drop_last": spec.drop_last,
+    }
+    return Loader(spec, rank=rank, world_size=world_size, processes=cfg.num_workers,
+                  prefetch_factor=cfg.prefetch_factor, resumable=train, max_batches=max_batches, layout=layout)
+
+
+def loader_buckets(cfg: DataConfig) -> list[Bucket]:
+    """The training shapes: the resolution itself, or the aspect buckets around its area."""
+    height, width = cfg.size
+    if cfg.buckets == 0:
+        return [Bucket(height, width)]
+    return make_buckets(height, width, cfg.buckets, max_aspect=cfg.bucket_max_aspect, multiple=cfg.bucket_multiple)
+
+
+def first_samples(urls: list[str]) -> Iterator[RawSample]:
+    """The first sample of each of the first few readable shards."""
+    for url in urls[:DETECT_SHARDS]:
+        for record in read_shard(url):
+            if isinstance(record, RawSample):
+                yield record
+                break
+
+
+def detect_cached(urls: list[str]) -> bool:
+    """Whether the shards hold cached features (looks at the first readable sample)."""
+    for sample in first_samples(urls):
+        return FEATURE_EXT in sample.files and not any(ext in sample.files for ext in decode.IMAGE_EXTS)
+    log.warning("data: found no readable sample in %s; treating the shards as raw images", urls[:DETECT_SHARDS])
+    return False
+
+
+def read_cache_header(urls: list[str]) -> Optional[FeatureHeader]:
+    """Shapes and encoder fingerprints of the first cached sample, or None when the shards hold raw images."""
+    for sample in first_samples(urls):
+        if FEATURE_EXT not in sample.files:
+            return None
+        return read_header(sample.files[FEATURE_EXT])
+    return None
+
+
+def read_cache_info(cfg: DataConfig, split: str = "train") -> Optional[FeatureHeader]:
+    """For the trainer: the cached features' shapes and the encoders that made them (None for raw shards)."""
+    return read_cache_header(list(resolve_split(cfg, split).urls))

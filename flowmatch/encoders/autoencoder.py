@@ -1,0 +1,129 @@
+"""Frozen autoencoders between pixels and the space the flow is trained in.
+
+`vae` wraps `diffusers.AutoencoderKL` and normalises its latents as `(z - shift) * scale` with the factors of a
+named preset; `identity` trains in pixel space (images in [-1, 1] are the "latents").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from flowmatch.encoders.text import resolve_dtype, resolve_model_path
+
+# Latent normalisation (scale, shift) of released VAEs, from their diffusers configs:
+# SD3 / SD3.5 VAE (stabilityai/stable-diffusion-3-medium-diffusers, vae/config.json),
+# FLUX.1 VAE (black-forest-labs/FLUX.1-dev, ae/vae config), SDXL and SD 1.x (4-channel, no shift).
+LATENT_PRESETS: dict[str, tuple[float, float]] = {
+    "sd3": (1.5305, 0.0609),
+    "flux": (0.3611, 0.1159),
+    "sdxl": (0.13025, 0.0),
+    "sd": (0.18215, 0.0),
+    "config": (float("nan"), float("nan")),  # read scaling_factor / shift_factor from the VAE's own config
+}
+KINDS = ("vae", "identity")
+
+
+@dataclass
+class AutoencoderConfig:
+    """The recipe's `autoencoder` section."""
+
+    kind: str = "identity"
+    """vae (diffusers AutoencoderKL) or identity (train in pixel space)."""
+    name_or_path: str = "stabilityai/stable-diffusion-3-medium-diffusers"
+    """Hub id or local directory of the VAE (pkg:<package>/<subdir> also works)."""
+    subfolder: str = "vae"
+    """Subfolder of name_or_path holding the VAE ('' when the folder is the VAE itself)."""
+    preset: str = "sd3"
+    """Latent scale/shift preset: sd3, flux, sdxl, sd, or config (use the VAE config's factors)."""
+    scaling_factor: Optional[float] = None
+    """Overrides the preset's scale."""
+    shift_factor: Optional[float] = None
+    """Overrides the preset's shift."""
+    sample_posterior: bool = False
+    """Encode to a posterior sample instead of its mean (the mean is the default, as SD3 training caches)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"autoencoder.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.preset not in LATENT_PRESETS:
+            raise ValueError(f"autoencoder.preset must be one of {tuple(LATENT_PRESETS)}, got {self.preset!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"autoencoder.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+
+
+class Autoencoder:
+    """encode: images (B, C, H, W) in [-1, 1] -> latents (B, c, H/f, W/f); decode inverts it (clamped to [-1, 1])."""
+
+    def __init__(self, cfg: AutoencoderConfig, *, image_channels: int = 3, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.image_channels = image_channels
+        self.vae = None
+        if cfg.kind == "identity":
+            self.scale, self.shift = 1.0, 0.0
+            self._fingerprint = f"identity:c{image_channels}"
+            return
+        from diffusers import AutoencoderKL
+
+        path = resolve_model_path(cfg.name_or_path)
+        try:
+            self.vae = AutoencoderKL.from_pretrained(
+                path, subfolder=cfg.subfolder or None, torch_dtype=resolve_dtype(cfg.dtype, self.device)
+            )
+        except (OSError, EnvironmentError) as err:
+            raise FileNotFoundError(
+                f"could not load the VAE {cfg.name_or_path!r} (subfolder {cfg.subfolder!r}): {err}. "
+                "Point autoencoder.name_or_path at a local diffusers AutoencoderKL folder (or a hub id in the "
+                "local cache), or use autoencoder.kind=identity for pixel space."
+            ) from err
+        self.vae.to(self.device).eval().requires_grad_(False)
+        scale, shift = LATENT_PRESETS[cfg.preset]
+        if cfg.preset == "config":
+            scale = self.vae.config.scaling_factor
+            shift = self.vae.config.shift_factor or 0.0
+        self.scale = cfg.scaling_factor if cfg.scaling_factor is not None else scale
+        self.shift = cfg.shift_factor if cfg.shift_factor is not None else shift
+        if self.vae.config.in_channels != image_channels:
+            raise ValueError(
+                f"the VAE takes {self.vae.config.in_channels}-channel images but data.channels is {image_channels}"
+            )
+        digest = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode()).hexdigest()
+        self._fingerprint = f"vae:{cfg.name_or_path}/{cfg.subfolder}:{self.scale}:{self.shift}:{digest[:12]}"
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the flow model sees."""
+        return self.image_channels if self.vae is None else int(self.vae.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        """Spatial reduction factor from pixels to latents."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def fingerprint(self) -> str:
+        """Identifies the autoencoder and its latent normalisation, so cached latents from another are refused."""
+        return self._fingerprint
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """images (B, C, H, W) in [-1, 1] -> normalised latents (B, c, h, w), float32."""
+        if self.vae is None:
+            return images.float()
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        z = dist.sample(generator) if self.cfg.sample_posterior else dist.mean
+        return (z.float() - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1], float32."""
+        if self.vae is None:
+            return latents.float().clamp(-1, 1)
+        z = latents.to(self.device, self.vae.dtype) / self.scale + self.shift
+        return self.vae.decode(z).sample.float().clamp(-1, 1)

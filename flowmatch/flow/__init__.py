@@ -1,0 +1,50 @@
+"""Rectified-flow math: the path and its one time convention, time distributions and shift, the loss, and
+caption dropout for classifier-free guidance.
+
+Convention (see :mod:`flowmatch.flow.path`): t = 0 data, t = 1 noise, ``x_t = (1 - t) x0 + t noise``,
+velocity ``noise - x0``.
+"""
+
+from flowmatch.flow.conditioning import concat_conditions, drop_captions
+from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
+from flowmatch.flow.path import (
+    PathSample,
+    interpolate,
+    noise_from_velocity,
+    sample_path,
+    velocity_from_noise,
+    velocity_from_x0,
+    velocity_target,
+    x0_from_velocity,
+)
+from flowmatch.flow.timesteps import (
+    SHIFT_MODES,
+    TIME_DISTRIBUTIONS,
+    FlowConfig,
+    TimeSchedule,
+    shift_time,
+    shifted_grid,
+)
+
+__all__ = [
+    "FlowConfig",
+    "LOSS_WEIGHTINGS",
+    "LossOutput",
+    "PathSample",
+    "SHIFT_MODES",
+    "TIME_DISTRIBUTIONS",
+    "TimeSchedule",
+    "concat_conditions",
+    "drop_captions",
+    "flow_matching_loss",
+    "interpolate",
+    "loss_weight",
+    "noise_from_velocity",
+    "sample_path",
+    "shift_time",
+    "shifted_grid",
+    "velocity_from_noise",
+    "velocity_from_x0",
+    "velocity_target",
+    "x0_from_velocity",
+]

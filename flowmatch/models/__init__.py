@@ -1,0 +1,24 @@
+"""The MMDiT velocity model, its presets, FLOP accounting, training transforms and diffusers interchange."""
+
+from flowmatch.models.convert import from_diffusers_sd3, to_diffusers_sd3
+from flowmatch.models.flops import ParamCount, StepFlops, count_parameters, mfu, training_flops_per_step
+from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.models.presets import PRESETS, config_from_preset, preset_values
+
+__all__ = [
+    "MMDiT",
+    "MMDiTConfig",
+    "PRESETS",
+    "ParamCount",
+    "StepFlops",
+    "apply_activation_checkpointing",
+    "apply_compile",
+    "config_from_preset",
+    "count_parameters",
+    "from_diffusers_sd3",
+    "mfu",
+    "preset_values",
+    "to_diffusers_sd3",
+    "training_flops_per_step",
+]

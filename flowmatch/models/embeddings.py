@@ -1,0 +1,164 @@
+"""Input embeddings of the MMDiT: patches, positions, timesteps and the pooled text vector.
+
+Positions and timesteps are computed on the fly from the input size, on the input's device, so the model has
+no buffers: meta-device construction needs nothing recomputed, and any resolution up to the position grid works.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Sinusoid period used by DDPM/SD3 timestep embeddings and by SD3's sin-cos position grid.
+SINUSOID_MAX_PERIOD = 10000.0
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """Cut images into non-overlapping patches, row-major.
+
+    x: (B, C, H, W) with H, W divisible by patch_size -> (B, H/p * W/p, p * p * C), features ordered (p_row, p_col, C).
+    """
+    b, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: Tensor, grid_h: int, grid_w: int, patch_size: int) -> Tensor:
+    """Inverse of `patchify`: (B, grid_h * grid_w, p * p * C) -> (B, C, grid_h * p, grid_w * p)."""
+    b, _, f = tokens.shape
+    p = patch_size
+    c = f // (p * p)
+    x = tokens.reshape(b, grid_h, grid_w, p, p, c)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+    return x.reshape(b, c, grid_h * p, grid_w * p)
+
+
+def _trig_dtype(device: torch.device) -> torch.dtype:
+    # Position tables are built in float64 (as SD3 does) where the device has it; MPS has no float64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _sincos_1d(pos: Tensor, dim: int) -> Tensor:
+    """pos: (M,) -> (M, dim) laid out as [sin(pos * w_i), cos(pos * w_i)], w_i = 10000^(-i / (dim / 2))."""
+    dtype = _trig_dtype(pos.device)
+    omega = torch.arange(dim // 2, device=pos.device, dtype=dtype) / (dim / 2.0)
+    omega = SINUSOID_MAX_PERIOD ** (-omega)
+    angles = pos.to(dtype)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_pos_embed_2d(
+    grid_h: int, grid_w: int, dim: int, *, base_size: int, max_size: int, device: torch.device
+) -> Tensor:
+    """SD3's 2D sin-cos position embedding for a (grid_h, grid_w) token grid, cropped from a square max grid.
+
+    The full grid has max_size x max_size positions spaced so that it spans base_size units (SD3 paper, section
+    5.3.1: positions are scaled to the training resolution and a centred crop is taken for other sizes). The
+    column (x) embedding fills the first half of the channels and the row (y) embedding the second half.
+
+    Returns (grid_h * grid_w, dim) float32, row-major like `patchify`.
+    """
+    if grid_h > max_size or grid_w > max_size:
+        raise ValueError(
+            f"a {grid_h}x{grid_w} token grid exceeds pos_embed_max_size={max_size}; "
+            "use smaller inputs, a larger patch_size, or raise pos_embed_max_size"
+        )
+    step = max_size / base_size
+    top = (max_size - grid_h) // 2
+    left = (max_size - grid_w) // 2
+    rows = torch.arange(top, top + grid_h, device=device, dtype=torch.float32) / step
+    cols = torch.arange(left, left + grid_w, device=device, dtype=torch.float32) / step
+    emb_x = _sincos_1d(cols, dim // 2)  # (w, D/2)
+    emb_y = _sincos_1d(rows, dim // 2)  # (h, D/2)
+    emb = torch.cat(
+        [emb_x[None, :, :].expand(grid_h, grid_w, -1), emb_y[:, None, :].expand(grid_h, grid_w, -1)], dim=-1
+    )
+    return emb.reshape(grid_h * grid_w, dim).float()
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of (already scaled) timesteps, always in float32.
+
+    t: (B,) -> (B, dim) laid out as [cos(t * f_i), sin(t * f_i)], f_i = 10000^(-i / (dim / 2)), the layout of
+    SD3's `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(SINUSOID_MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Two-layer SiLU MLP mapping a per-sample vector to the model width: (B, in_dim) -> (B, dim)."""
+
+    def __init__(self, in_dim: int, dim: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) already multiplied by the time scale -> (B, dim); the sinusoid stays float32 even under bf16."""
+
+    def __init__(self, freq_dim: int, dim: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = MLPEmbedder(freq_dim, dim, device=device, dtype=dtype)
+
+    def forward(self, t: Tensor) -> Tensor:
+        freqs = timestep_embedding(t, self.freq_dim)
+        # Cast only after the sinusoid: bf16 cannot resolve t * 1000 to better than a few units.
+        return self.mlp(freqs.to(self.mlp.fc1.weight.dtype))
+
+
+@dataclass
+class RopeTable:
+    """Rotation angles for 2D RoPE, one row per token of the joint sequence (image tokens first).
+
+    cos, sin: (S, 1, head_dim / 2) float32, broadcast over (B, S, H, head_dim / 2) pairs.
+    """
+
+    cos: Tensor
+    sin: Tensor
+
+    def head(self, n: int) -> "RopeTable":
+        """The table restricted to the first n tokens (the query rows of a context-pre-only block)."""
+        return RopeTable(self.cos[:n], self.sin[:n])
+
+
+def rope_table_2d(
+    grid_h: int, grid_w: int, text_len: int, *, head_dim: int, axes_dim: Sequence[int], theta: float, device
+) -> RopeTable:
+    """2D RoPE angles as in FLUX: image token (i, j) rotates its first axes_dim[0] channels by row i and the next
+    axes_dim[1] by column j; text tokens sit at position 0 (no rotation); channels past the axes are not rotated.
+    """
+    rows = torch.arange(grid_h, device=device, dtype=torch.float32).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device, dtype=torch.float32).repeat(grid_h)
+    parts = []
+    for pos, d in zip((rows, cols), axes_dim):
+        freqs = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        parts.append(pos[:, None] * freqs[None, :])  # (N, d / 2)
+    angles = torch.cat(parts, dim=1)
+    unrotated = head_dim // 2 - angles.shape[1]
+    angles = F.pad(angles, (0, unrotated, 0, text_len))  # (S, head_dim / 2)
+    return RopeTable(torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :])
+
+
+def apply_rope(x: Tensor, table: Optional[RopeTable]) -> Tensor:
+    """Rotate channel pairs (2k, 2k + 1) of x: (B, S, H, head_dim) by the table's angles, in float32."""
+    if table is None:
+        return x
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * table.cos - x1 * table.sin, x0 * table.sin + x1 * table.cos], dim=-1)
+    return out.flatten(-2).type_as(x)

@@ -1,0 +1,101 @@
+"""Parameter counts and training-FLOP estimates of an MMDiT, for model-FLOPs utilisation (MFU) reporting.
+
+The estimate is the usual 6 x parameters x tokens (forward 2, backward 4 FLOPs per weight and token; Kaplan et
+al. 2020), applied to each weight with the tokens it actually sees: image-stream weights see image tokens,
+text-stream weights text tokens, single-stream weights both, and the conditioning path (timestep and pooled-text
+MLPs, every adaLN modulation) runs once per sample. Attention adds 12 x B x queries x keys x width per block.
+Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
+Works on a meta-device model, so sizing a large preset allocates nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowmatch.models.mmdit import MMDiT
+
+#: Forward + backward FLOPs per weight per token (2 forward, 4 backward).
+TRAIN_FLOPS_PER_PARAM_TOKEN = 6
+#: Training FLOPs of attention per (query, key, channel): QK^T and AV at 2 each forward, times 3 with backward.
+TRAIN_FLOPS_PER_ATTENTION_ENTRY = 12
+
+
+@dataclass
+class ParamCount:
+    """Parameters of an MMDiT by what they are applied to."""
+
+    image_token: int
+    """Applied to every image token (patch embedding, image streams, final projection)."""
+    text_token: int
+    """Applied to every text token (context projection, text streams)."""
+    joint_token: int
+    """Applied to every token of the joint sequence (single-stream blocks)."""
+    per_sample: int
+    """Applied once per sample (timestep and pooled MLPs, adaLN modulations)."""
+
+    @property
+    def total(self) -> int:
+        """All parameters."""
+        return self.image_token + self.text_token + self.joint_token + self.per_sample
+
+
+@dataclass
+class StepFlops:
+    """Training FLOPs (forward + backward) of one optimizer step, by source."""
+
+    token_weights: float
+    """Per-token weight matmuls."""
+    sample_weights: float
+    """Conditioning path, once per sample."""
+    attention: float
+    """Attention scores and weighted sums."""
+
+    @property
+    def total(self) -> float:
+        """All FLOPs of the step."""
+        return self.token_weights + self.sample_weights + self.attention
+
+
+def _group(name: str) -> str:
+    if ".mod." in name or name.startswith(("time_embed.", "pooled_embed.")):
+        return "per_sample"
+    if name.startswith("single_blocks."):
+        return "joint_token"
+    if name.startswith("context_embed.") or ".txt." in name:
+        return "text_token"
+    return "image_token"
+
+
+def count_parameters(model: MMDiT) -> ParamCount:
+    """Count `model`'s parameters by group (meta-device models work)."""
+    counts = dict(image_token=0, text_token=0, joint_token=0, per_sample=0)
+    for name, param in model.named_parameters():
+        counts[_group(name)] += param.numel()
+    return ParamCount(**counts)
+
+
+def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> StepFlops:
+    """Estimated training FLOPs of one step on `batch_size` inputs of `latent_size` (H, W) and `text_len` tokens
+    (the global batch if `batch_size` is global)."""
+    cfg = model.cfg
+    height, width = latent_size
+    n_img = (height // cfg.patch_size) * (width // cfg.patch_size)
+    seq = n_img + text_len
+    p = count_parameters(model)
+    tokens = p.image_token * n_img + p.text_token * text_len + p.joint_token * seq
+    token_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * tokens
+    sample_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * p.per_sample
+    entries = 0
+    for block in model.joint_blocks:
+        queries = n_img if block.context_pre_only else seq
+        entries += queries * seq
+    entries += len(model.single_blocks) * seq * seq
+    attn_flops = TRAIN_FLOPS_PER_ATTENTION_ENTRY * batch_size * entries * cfg.width
+    return StepFlops(token_weights=float(token_flops), sample_weights=float(sample_flops), attention=float(attn_flops))
+
+
+def mfu(flops_per_step: float, step_time_s: float, peak_flops: float) -> float:
+    """Model-FLOPs utilisation: achieved FLOP/s over the hardware peak (both for the same set of devices)."""
+    if step_time_s <= 0 or peak_flops <= 0:
+        raise ValueError(f"step_time_s and peak_flops must be positive, got {step_time_s} and {peak_flops}")
+    return flops_per_step / step_time_s / peak_flops

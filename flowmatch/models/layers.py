@@ -1,0 +1,194 @@
+"""Transformer blocks of the MMDiT: joint (two-stream) blocks as in SD3 and single-stream blocks as in FLUX.
+
+Layout conventions used throughout:
+- token tensors are (B, S, D) and per-head tensors (B, S, H, head_dim); attention receives transposed views, so
+  the (B, H, S, head_dim) tensors that SDPA wants are never materialised and its output reshapes back for free;
+- the joint sequence is [image tokens, text tokens];
+- adaLN modulation vectors come out of one linear layer per stream in the order
+  (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp), each (B, 1, D).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowmatch.models.embeddings import RopeTable, apply_rope
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension with a learned scale (used on queries and keys per head)."""
+
+    def __init__(self, dim: int, *, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU + linear map of the conditioning vector to `chunks` modulation vectors: (B, D) -> chunks x (B, 1, D)."""
+
+    def __init__(self, dim: int, chunks: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(dim, chunks * dim, device=device, dtype=dtype)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        return self.linear(F.silu(vec))[:, None, :].chunk(self.chunks, dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """Parameter-free LayerNorm then adaLN: LN(x) * (1 + scale) + shift; x (B, S, D), shift/scale (B, 1, D)."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Multi-head attention. q: (B, Sq, H, hd), k/v: (B, Sk, H, hd), mask: (B, 1, 1, Sk) bool or None -> (B, Sq, H*hd)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2).flatten(2)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward with tanh-approximated GELU (SD3 and FLUX): (B, S, D) -> (B, S, D)."""
+
+    def __init__(self, dim: int, hidden: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class StreamWeights(nn.Module):
+    """The per-modality weights of a joint block: modulation, fused QKV, QK-norm, output projection and MLP.
+
+    A `pre_only` stream (the text stream of SD3's last joint block) only supplies keys and values: its own
+    outputs would be discarded, so it has no query, output projection or MLP, and only shift/scale modulation.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
+        pre_only: bool = False, device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.pre_only = num_heads, head_dim, pre_only
+        kw = dict(device=device, dtype=dtype)
+        self.mod = AdaLNModulation(dim, 2 if pre_only else 6, **kw)
+        # One matmul for Q, K and V (K and V only when pre_only): fewer, larger GEMMs than three projections.
+        self.qkv = nn.Linear(dim, (2 if pre_only else 3) * dim, **kw)
+        self.q_norm = RMSNorm(head_dim, eps=eps, **kw) if qk_norm and not pre_only else None
+        self.k_norm = RMSNorm(head_dim, eps=eps, **kw) if qk_norm else None
+        if not pre_only:
+            self.proj = nn.Linear(dim, dim, **kw)
+            self.mlp = MLP(dim, mlp_hidden, **kw)
+
+    def heads(self, x: Tensor) -> tuple[Optional[Tensor], Tensor, Tensor]:
+        """Modulated tokens (B, S, D) -> q (None when pre_only), k, v each (B, S, H, hd), QK-normalised."""
+        parts = self.qkv(x).unflatten(-1, (-1, self.num_heads, self.head_dim)).unbind(dim=2)
+        q, k, v = (None, *parts) if self.pre_only else parts
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+            q = self.q_norm(q) if q is not None else None
+        return q, k, v
+
+
+class JointBlock(nn.Module):
+    """SD3 MMDiT block: separate weights per stream, one attention over [image, text] tokens.
+
+    forward(x (B, N, D), ctx (B, L, D), vec (B, D), mask (B, 1, 1, N + L) bool or None, rope) ->
+    (x (B, N, D), ctx (B, L, D), or None when the text stream is pre-only).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
+        context_pre_only: bool = False, device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.context_pre_only = context_pre_only
+        kw = dict(qk_norm=qk_norm, eps=eps, device=device, dtype=dtype)
+        self.img = StreamWeights(dim, num_heads, head_dim, mlp_hidden, **kw)
+        self.txt = StreamWeights(dim, num_heads, head_dim, mlp_hidden, pre_only=context_pre_only, **kw)
+
+    def forward(
+        self, x: Tensor, ctx: Tensor, vec: Tensor, mask: Optional[Tensor] = None, rope: Optional[RopeTable] = None
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        n = x.shape[1]
+        i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = self.img.mod(vec)
+        txt_mod = self.txt.mod(vec)
+        q_i, k_i, v_i = self.img.heads(modulate(x, i_shift, i_scale, self.eps))  # (B, N, H, hd)
+        q_t, k_t, v_t = self.txt.heads(modulate(ctx, txt_mod[0], txt_mod[1], self.eps))  # (B, L, H, hd)
+        # Pre-only: text queries would only produce discarded outputs, so only image tokens query.
+        q = q_i if q_t is None else torch.cat([q_i, q_t], dim=1)
+        k = torch.cat([k_i, k_t], dim=1)
+        v = torch.cat([v_i, v_t], dim=1)
+        if rope is not None:
+            q, k = apply_rope(q, rope.head(q.shape[1])), apply_rope(k, rope)
+        out = attention(q, k, v, mask)  # (B, Sq, D)
+
+        x = torch.addcmul(x, i_gate, self.img.proj(out[:, :n]))
+        x = torch.addcmul(x, i_gate2, self.img.mlp(modulate(x, i_shift2, i_scale2, self.eps)))
+        if self.context_pre_only:
+            return x, None
+        _, _, t_gate, t_shift2, t_scale2, t_gate2 = txt_mod
+        ctx = torch.addcmul(ctx, t_gate, self.txt.proj(out[:, n:]))
+        ctx = torch.addcmul(ctx, t_gate2, self.txt.mlp(modulate(ctx, t_shift2, t_scale2, self.eps)))
+        return x, ctx
+
+
+class SingleBlock(nn.Module):
+    """FLUX single-stream block: shared weights over the joint sequence, attention and MLP computed in parallel
+    from one input projection and merged by one output projection.
+
+    forward(h (B, S, D), vec (B, D), mask (B, 1, 1, S) or None, rope) -> (B, S, D)
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
+        device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, head_dim, eps
+        self.mlp_hidden = mlp_hidden
+        kw = dict(device=device, dtype=dtype)
+        self.mod = AdaLNModulation(dim, 3, **kw)
+        self.linear_in = nn.Linear(dim, 3 * dim + mlp_hidden, **kw)
+        self.linear_out = nn.Linear(dim + mlp_hidden, dim, **kw)
+        self.q_norm = RMSNorm(head_dim, eps=eps, **kw) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=eps, **kw) if qk_norm else None
+
+    def forward(
+        self, h: Tensor, vec: Tensor, mask: Optional[Tensor] = None, rope: Optional[RopeTable] = None
+    ) -> Tensor:
+        shift, scale, gate = self.mod(vec)
+        qkv, mlp = self.linear_in(modulate(h, shift, scale, self.eps)).split([3 * self.dim, self.mlp_hidden], -1)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(dim=2)  # (B, S, H, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = torch.cat([attention(q, k, v, mask), F.gelu(mlp, approximate="tanh")], dim=-1)
+        return torch.addcmul(h, gate, self.linear_out(out))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map of image tokens to patch pixels: (B, N, D) -> (B, N, p * p * C_out)."""
+
+    def __init__(self, dim: int, out_features: int, *, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.mod = AdaLNModulation(dim, 2, device=device, dtype=dtype)
+        self.linear = nn.Linear(dim, out_features, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.mod(vec)
+        return self.linear(modulate(x, shift, scale, self.eps))

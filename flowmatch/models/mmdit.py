@@ -1,0 +1,229 @@
+"""The MMDiT velocity model (SD3: Esser et al. 2024, "Scaling Rectified Flow Transformers", sections 4 and B),
+with FLUX-style single-stream blocks and 2D RoPE as options.
+
+Time convention (flowmatch-wide): t = 0 is data, t = 1 is noise; the model predicts the velocity noise - x0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from flowmatch.models.embeddings import (
+    MLPEmbedder,
+    RopeTable,
+    TimestepEmbedder,
+    patchify,
+    rope_table_2d,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
+from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, RMSNorm, SingleBlock
+
+#: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
+EMBEDDER_INIT_STD = 0.02
+
+
+@dataclass
+class MMDiTConfig:
+    """Architecture of an MMDiT. Defaults are SD3-medium's layout with the encoder-dependent sizes left open."""
+
+    preset: str = "custom"
+    """Name of the preset these values started from ("custom" when built field by field)."""
+    in_channels: Optional[int] = None
+    """Channels of the input latents/pixels; None = filled in from the autoencoder by the trainer."""
+    out_channels: Optional[int] = None
+    """Channels of the predicted velocity; None = in_channels."""
+    patch_size: int = 2
+    """Side of the square patches that become tokens."""
+    depth: int = 24
+    """Number of joint (two-stream) blocks."""
+    num_heads: int = 24
+    """Attention heads; the model width is num_heads * head_dim."""
+    head_dim: int = 64
+    """Channels per attention head."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the model width."""
+    context_dim: Optional[int] = None
+    """Width of the text encoder's token embeddings; None = filled in from the text encoder."""
+    pooled_dim: Optional[int] = None
+    """Width of the pooled text vector; None = filled in from the text encoder."""
+    sample_size: int = 128
+    """Base latent side the sin-cos position grid is scaled to (diffusers' sample_size)."""
+    pos_embed_max_size: int = 192
+    """Side, in tokens, of the sin-cos position grid that is cropped for each input size."""
+    qk_norm: bool = True
+    """RMS-normalise queries and keys per head (SD3 paper, section 5.3.2)."""
+    norm_eps: float = 1e-6
+    """Epsilon of every LayerNorm and RMSNorm."""
+    time_freq_dim: int = 256
+    """Channels of the sinusoidal timestep embedding."""
+    time_scale: float = 1000.0
+    """The model embeds t * time_scale (SD3/FLUX; diffusers takes timestep = t * 1000)."""
+    single_blocks: int = 0
+    """FLUX-style single-stream blocks after the joint ones (0 = SD3: last joint block is context-pre-only)."""
+    rope: bool = False
+    """Use 2D RoPE in attention instead of the absolute sin-cos position embedding (FLUX)."""
+    rope_theta: float = 10000.0
+    """RoPE base period."""
+    rope_axes_dim: Optional[list[int]] = None
+    """Head channels rotated by the row and column position; None = half of head_dim each."""
+
+    @property
+    def width(self) -> int:
+        """Model width D = num_heads * head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden width of every MLP."""
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def axes_dim(self) -> list[int]:
+        """RoPE channels for (row, column), resolved from rope_axes_dim."""
+        if self.rope_axes_dim is not None:
+            return list(self.rope_axes_dim)
+        return [self.head_dim // 2, self.head_dim // 2]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        for name in ("in_channels", "context_dim", "pooled_dim"):
+            if getattr(self, name) is None:
+                raise ValueError(
+                    f"MMDiTConfig.{name} is None; set it, or let the trainer fill it from the "
+                    f"{'autoencoder' if name == 'in_channels' else 'text encoder'} before building the model"
+                )
+        for name in ("patch_size", "depth", "num_heads", "head_dim", "sample_size", "pos_embed_max_size",
+                     "time_freq_dim", "in_channels", "context_dim", "pooled_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"MMDiTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.single_blocks < 0:
+            raise ValueError(f"MMDiTConfig.single_blocks must be >= 0, got {self.single_blocks}")
+        if self.time_freq_dim % 2:
+            raise ValueError(f"MMDiTConfig.time_freq_dim must be even, got {self.time_freq_dim}")
+        if self.rope:
+            axes = self.axes_dim
+            if len(axes) != 2 or any(d <= 0 or d % 2 for d in axes) or sum(axes) > self.head_dim:
+                raise ValueError(
+                    f"MMDiTConfig.rope_axes_dim={self.rope_axes_dim} must be two positive even sizes (rows, "
+                    f"columns) summing to at most head_dim={self.head_dim}"
+                )
+        elif self.width % 4:
+            raise ValueError(f"the sin-cos position embedding needs num_heads * head_dim divisible by 4, got {self.width}")
+
+
+class MMDiT(nn.Module):
+    """Multimodal diffusion transformer predicting rectified-flow velocities.
+
+    forward(x (B, C, H, W), t (B,) in [0, 1], context (B, L, context_dim), pooled (B, pooled_dim),
+    context_mask (B, L) bool or None) -> velocity (B, C_out, H, W).
+    """
+
+    def __init__(self, cfg: MMDiTConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d, p = cfg.width, cfg.patch_size
+        self.out_channels = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
+        kw = dict(device=device, dtype=dtype)
+        block_kw = dict(qk_norm=cfg.qk_norm, eps=cfg.norm_eps, **kw)
+
+        self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, **kw)
+        self.time_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw)
+        self.pooled_embed = MLPEmbedder(cfg.pooled_dim, d, **kw)
+        self.context_embed = nn.Linear(cfg.context_dim, d, **kw)
+        # Without single blocks the text stream of the last joint block is never read again (SD3).
+        last_pre_only = cfg.single_blocks == 0
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden,
+                       context_pre_only=last_pre_only and i == cfg.depth - 1, **block_kw)
+            for i in range(cfg.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden, **block_kw) for _ in range(cfg.single_blocks)
+        )
+        self.final = FinalLayer(d, p * p * self.out_channels, eps=cfg.norm_eps, **kw)
+        if not any(param.is_meta for param in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """adaLN-Zero initialisation (DiT, Peebles & Xie 2023, section 3.2): Xavier-uniform linears with zero
+        bias, N(0, 0.02) timestep and pooled-text MLPs, and zeroed modulation and final projection, so every
+        block starts as the identity and the model outputs exactly zero. Call after `to_empty` from meta."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        for embedder in (self.time_embed.mlp, self.pooled_embed):
+            for linear in (embedder.fc1, embedder.fc2):
+                nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
+        for module in self.modules():
+            if isinstance(module, AdaLNModulation):
+                nn.init.zeros_(module.linear.weight)
+                nn.init.zeros_(module.linear.bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def blocks(self) -> list[nn.Module]:
+        """All transformer blocks in execution order (the units of checkpointing and compilation)."""
+        return [*self.joint_blocks, *self.single_blocks]
+
+    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, mask: Optional[Tensor]) -> None:
+        cfg = self.cfg
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
+        if t.shape != (b,):
+            raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if pooled.shape != (b, cfg.pooled_dim):
+            raise ValueError(f"pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
+        if mask is not None and (mask.shape != context.shape[:2] or mask.dtype != torch.bool):
+            raise ValueError(f"context_mask must be bool {tuple(context.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+
+    def forward(
+        self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, context_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """Velocity at (x, t). context_mask: True = real token; masked text tokens are never attended to."""
+        self._check_inputs(x, t, context, pooled, context_mask)
+        cfg = self.cfg
+        b, _, height, width = x.shape
+        gh, gw = height // cfg.patch_size, width // cfg.patch_size
+
+        img = self.patch_embed(patchify(x, cfg.patch_size))  # (B, N, D)
+        if not cfg.rope:
+            pos = sincos_pos_embed_2d(gh, gw, cfg.width, base_size=cfg.sample_size // cfg.patch_size,
+                                      max_size=cfg.pos_embed_max_size, device=x.device)
+            img = (img + pos).to(img.dtype)
+        vec = self.time_embed(t.float() * cfg.time_scale) + self.pooled_embed(pooled)  # (B, D)
+        ctx = self.context_embed(context)  # (B, L, D)
+
+        n, text_len = img.shape[1], ctx.shape[1]
+        mask = None
+        if context_mask is not None:
+            # Image keys are always visible; only the text keys are masked.
+            mask = torch.cat([context_mask.new_ones(b, n), context_mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
+        rope: Optional[RopeTable] = None
+        if cfg.rope:
+            rope = rope_table_2d(gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
+                                 theta=cfg.rope_theta, device=x.device)
+
+        for block in self.joint_blocks:
+            img, ctx = block(img, ctx, vec, mask, rope)
+        if len(self.single_blocks):
+            seq = torch.cat([img, ctx], dim=1)  # (B, N + L, D)
+            for block in self.single_blocks:
+                seq = block(seq, vec, mask, rope)
+            img = seq[:, :n]
+        out = self.final(img, vec)  # (B, N, p * p * C_out)
+        return unpatchify(out, gh, gw, cfg.patch_size)

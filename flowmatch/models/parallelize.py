@@ -1,0 +1,49 @@
+"""Training-time transformations applied to an MMDiT from outside the model, one block at a time
+(the torchtitan `parallelize_*` pattern): activation checkpointing and torch.compile.
+
+Both act in place and keep parameter names unchanged, so state dicts, optimizer groups and DeepSpeed's
+parameter partitioning see the same model with or without them. Apply checkpointing before compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from flowmatch.models.mmdit import MMDiT
+
+_CHECKPOINTED = "_flowmatch_checkpointed"
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def apply_activation_checkpointing(model: MMDiT) -> MMDiT:
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    Uses non-reentrant `torch.utils.checkpoint`, so outputs and gradients are identical to the plain model.
+    The block's `forward` is replaced on the instance (not wrapped in a new module), which keeps parameter
+    names. Idempotent.
+    """
+    for block in model.blocks():
+        if getattr(block, _CHECKPOINTED, False):
+            continue
+        block.forward = _checkpointed(block.forward)
+        setattr(block, _CHECKPOINTED, True)
+    return model
+
+
+def apply_compile(model: MMDiT, *, fullgraph: bool = True, dynamic: bool | None = None) -> MMDiT:
+    """torch.compile each block in place (`nn.Module.compile`). Per-block graphs stay small, and blocks of the
+    same kind share their code, so compiled graphs are reused across depth instead of growing with it."""
+    block: nn.Module
+    for block in model.blocks():
+        block.compile(fullgraph=fullgraph, dynamic=dynamic)
+    return model

@@ -1,0 +1,53 @@
+"""Sampling from a flow model: ODE solvers, classifier-free guidance, exact likelihood.
+
+Every function takes a plain velocity callable ``velocity(x, t)`` (x (B, ...), t (B,)), so the CLI, validation
+during training and the Python API share one implementation.
+"""
+
+from flowmatch.sampling.guidance import guided_velocity
+from flowmatch.sampling.likelihood import (
+    PIXEL_DATA_SCALE_CORRECTION,
+    PIXEL_LEVEL_SCALE,
+    bits_per_dim,
+    dequantize_pixels,
+    log_likelihood,
+    standard_normal_log_prob,
+    velocity_and_divergence,
+    velocity_and_trace_estimate,
+)
+from flowmatch.sampling.solvers import (
+    ADAPTIVE_SOLVERS,
+    FIXED_STEP_SOLVERS,
+    FixedStepSolver,
+    ODESolution,
+    SOLVERS,
+    Velocity,
+    available_solvers,
+    nfe_per_step,
+    sample_ode,
+    solver_order,
+    steps_for_nfe,
+)
+
+__all__ = [
+    "ADAPTIVE_SOLVERS",
+    "FIXED_STEP_SOLVERS",
+    "FixedStepSolver",
+    "ODESolution",
+    "PIXEL_DATA_SCALE_CORRECTION",
+    "PIXEL_LEVEL_SCALE",
+    "SOLVERS",
+    "Velocity",
+    "available_solvers",
+    "bits_per_dim",
+    "dequantize_pixels",
+    "guided_velocity",
+    "log_likelihood",
+    "nfe_per_step",
+    "sample_ode",
+    "solver_order",
+    "standard_normal_log_prob",
+    "steps_for_nfe",
+    "velocity_and_divergence",
+    "velocity_and_trace_estimate",
+]

@@ -1,0 +1,203 @@
+"""Checkpoint directories: layout, atomic writes, pruning, stale leftovers, kills mid-write, path resolution.
+
+A single-process stand-in for the engine keeps these tests fast; the real engine's state is exercised by the
+multi-process runs of tests/test_engine.py (SIGKILL mid-save and bit-identical resume included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowmatch.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_recipe_yaml,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from flowmatch.engine import DistributedConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "run_dir: runs/x\ntrain:\n  max_steps: 10\n"
+
+
+class FakeEngine:
+    """The checkpoint-facing part of flowmatch.engine.Engine for one process, without DeepSpeed."""
+
+    is_main = True
+    world_size = 1
+
+    def __init__(self, weight: float = 1.0) -> None:
+        self.cfg = DistributedConfig(zero_stage=2)
+        self.weight = weight
+        self.loaded: dict[str, Any] = {}
+
+    def barrier(self) -> None:
+        pass
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def save(self, directory: str | os.PathLike[str], client_state: dict) -> None:
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "client.json").write_text(json.dumps(client_state))
+
+    def load(self, directory, *, fallback_weights=None, fallback_ema=None) -> dict:
+        self.loaded = {"directory": Path(directory), "weights": fallback_weights, "ema": fallback_ema}
+        return json.loads((Path(directory) / "client.json").read_text())
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"w": torch.full((2, 3), self.weight), "b": torch.zeros(3)}
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"w": torch.full((2, 3), self.weight / 2), "b": torch.zeros(3)}
+
+
+def _save(engine: FakeEngine, run_dir: Path, step: int, keep: int = 3, ema: bool = True) -> Path:
+    return save_checkpoint(engine, run_dir, step, client_state={"step": step}, recipe_yaml=RECIPE, keep=keep, ema=ema)
+
+
+def test_layout_contents_and_readers(tmp_path):
+    ckpt = _save(FakeEngine(3.0), tmp_path, 5)
+    assert ckpt == tmp_path / "checkpoints" / "5"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "meta.json", "model.safetensors",
+                                                      "recipe.yaml", "state"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["5"]  # no temporary left
+    meta = read_meta(tmp_path)
+    assert (meta.step, meta.world_size, meta.zero_stage, meta.precision, meta.ema) == (5, 1, 2, "fp32", True)
+    assert torch.equal(load_weights(ckpt)["w"], torch.full((2, 3), 1.5))  # EMA when present
+    assert torch.equal(load_weights(tmp_path, ema=False)["w"], torch.full((2, 3), 3.0))
+    assert load_recipe_yaml(tmp_path) == RECIPE
+    engine = FakeEngine()
+    assert load_checkpoint(engine, tmp_path) == {"step": 5}
+    assert engine.loaded == {"directory": ckpt / "state", "weights": ckpt / "model.safetensors",
+                             "ema": ckpt / "ema.safetensors"}
+
+
+def test_without_ema(tmp_path):
+    ckpt = _save(FakeEngine(), tmp_path, 1, ema=False)
+    assert not (ckpt / "ema.safetensors").exists() and not read_meta(ckpt).ema
+    assert torch.equal(load_weights(ckpt)["w"], torch.ones(2, 3))  # ema=None falls back to the raw weights
+    with pytest.raises(FileNotFoundError, match="no ema.safetensors.*ema=False"):
+        load_weights(ckpt, ema=True)
+    engine = FakeEngine()
+    load_checkpoint(engine, ckpt)
+    assert engine.loaded["ema"] is None
+
+
+def test_keeps_the_newest_k(tmp_path):
+    engine = FakeEngine()
+    for step in (10, 20, 30, 40, 50):
+        _save(engine, tmp_path, step, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["40", "50"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "50"
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        _save(engine, tmp_path, 60, keep=0)
+
+
+def test_steps_order_numerically_and_resaving_a_step_replaces_it(tmp_path):
+    _save(FakeEngine(1.0), tmp_path, 9)
+    _save(FakeEngine(1.0), tmp_path, 10)
+    assert latest_checkpoint(tmp_path).name == "10"  # not "9", which sorts after "10" as text
+    _save(FakeEngine(7.0), tmp_path, 10)
+    assert torch.equal(load_weights(tmp_path, ema=False)["w"], torch.full((2, 3), 7.0))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "9"]
+
+
+def test_stale_and_incomplete_directories_are_ignored_then_cleaned(tmp_path):
+    _save(FakeEngine(), tmp_path, 3)
+    root = tmp_path / "checkpoints"
+    (root / ".tmp-7-deadbeef" / "state").mkdir(parents=True)  # a save killed mid-write
+    (root / ".tmp-7-deadbeef" / "model.safetensors").write_bytes(b"\x00" * 10)
+    (root / "8").mkdir()  # a step-named directory without meta.json (copied by hand, say)
+    assert latest_checkpoint(tmp_path) == root / "3"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint(root / "8")
+    _save(FakeEngine(), tmp_path, 4)
+    assert sorted(p.name for p in root.iterdir()) == ["3", "4", "8"]  # the .tmp-* is gone
+
+
+class _FailingEngine(FakeEngine):
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        raise OSError("disk full")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    _save(FakeEngine(2.0), tmp_path, 1)
+    with pytest.raises(OSError, match="disk full"):
+        _save(_FailingEngine(), tmp_path, 2)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "1"
+    assert torch.equal(load_weights(tmp_path, ema=False)["w"], torch.full((2, 3), 2.0))
+
+
+_KILLED_SAVER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_checkpoint import FakeEngine, _save
+
+class Slow(FakeEngine):
+    def ema_state_dict(self):
+        Path({marker!r}).write_text("writing")  # state/ is on disk, the safetensors files are next
+        time.sleep(60)
+        return super().ema_state_dict()
+
+_save(FakeEngine(1.0), Path({run_dir!r}), 1)
+_save(Slow(5.0), Path({run_dir!r}), 2)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    marker, run_dir = tmp_path / "marker", tmp_path / "run"
+    code = _KILLED_SAVER.format(tests=str(ROOT / "tests"), marker=str(marker), run_dir=str(run_dir))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the saver stopped before writing"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    root = run_dir / "checkpoints"
+    names = sorted(p.name for p in root.iterdir())
+    assert names[0].startswith(".tmp-2-") and names[1:] == ["1"]
+    assert (root / names[0] / "state" / "client.json").exists()  # it really was killed half-way
+    assert latest_checkpoint(run_dir) == root / "1"
+    assert torch.equal(load_weights(run_dir)["w"], torch.full((2, 3), 0.5))
+    assert load_file(root / "1" / "model.safetensors")["w"][0, 0].item() == 1.0
+
+
+def test_resolve_checkpoint_accepts_runs_checkpoints_and_names_what_it_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist: expected a run directory"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_checkpoint(tmp_path / "empty")
+    assert str(err.value) == (f"no checkpoint under {tmp_path / 'empty'}: train first or point at "
+                              "RUN_DIR/checkpoints/<step>")
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        load_weights(tmp_path / "empty")
+    run = tmp_path / "run"
+    _save(FakeEngine(), run, 2)
+    _save(FakeEngine(), run, 4)
+    assert resolve_checkpoint(run) == run / "checkpoints" / "4"
+    assert resolve_checkpoint(run / "checkpoints") == run / "checkpoints" / "4"
+    assert resolve_checkpoint(run / "checkpoints" / "2") == run / "checkpoints" / "2"
+    assert latest_checkpoint(tmp_path / "empty") is None

@@ -1,0 +1,143 @@
+"""flowmatch-data encode: cached latents and text embeddings, resumable, refused when the encoders differ."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools import encode as encode_tool
+from data_tools.encode import EncodeSettings, encode_shards
+from data_tools.writer import ShardSink
+from flowmatch.data import DataConfig, EncoderMismatch, build_loader, features, read_cache_info
+from flowmatch.data.tarstream import RawSample, read_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "digits.yaml")
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny-000000.tar.gz"
+# The fixture is RGB with mixed shapes: encode it as 3-channel 8x8 images through the identity autoencoder.
+SETTINGS = EncodeSettings(RECIPE, ("data.channels=3",), batch_size=5, dtype="fp16", device="cpu")
+
+
+def varied_captions(out: Path) -> Path:
+    """The fixture's images with captions of different token counts (so padding has to be cut off)."""
+    with ShardSink(out, prefix="tiny") as sink:
+        for r in read_shard(str(FIXTURE)):
+            files = {k: v for k, v in r.files.items() if k != "txt"}
+            files["txt"] = f"tiny sample {r.key[-2:]}" + " with a few more words" * (int(r.key[-2:]) % 3)
+            sink.write(r.key, files)
+    return out / "tiny-000000.tar"
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> Path:
+    src = varied_captions(tmp_path_factory.mktemp("raw"))
+    out = tmp_path_factory.mktemp("cached")
+    report = encode_shards(str(src), out, SETTINGS, progress=False)
+    assert report.encoded == 1 and report.samples == 12 and report.bad == {}
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    from flowmatch.config import load_recipe
+    from flowmatch.pipeline import build_encoders
+
+    recipe = load_recipe(RECIPE, list(SETTINGS.overrides))
+    return build_encoders(recipe, "cpu")
+
+
+def test_encode_stores_the_encoders_outputs(encoded, encoders):
+    text, auto = encoders
+    samples = [r for r in read_shard(str(encoded / "tiny-000000.tar")) if isinstance(r, RawSample)]
+    assert len(samples) == 12
+    raw = {r.key: r for r in read_shard(str(FIXTURE)) if isinstance(r, RawSample)}
+    direct = text.encode([s.files["txt"].decode() for s in samples])
+    assert len(set(direct.mask.sum(1).tolist())) == 3  # three caption lengths: padding had to be cut off
+    for i, sample in enumerate(samples):
+        header = features.read_header(sample.files[features.EXT])
+        assert header.encoders == {"text_encoder": text.fingerprint(), "autoencoder": auto.fingerprint()}
+        assert header.dtype == "fp16" and header.latent_shape == (3, 8, 8)
+        stored = features.decode(sample.files[features.EXT])
+        tokens = int(direct.mask[i].sum())
+        assert stored.hidden.shape[0] == tokens  # cut to the caption's real tokens, no padding stored
+        torch.testing.assert_close(stored.hidden.float(), direct.hidden[i, :tokens], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(stored.pooled.float(), direct.pooled[i], atol=2e-3, rtol=2e-3)
+        if "json" in raw[sample.key].files:
+            assert sample.files["json"] == raw[sample.key].files["json"]
+    square = next(s for s in samples if s.key == "tiny-03")  # 8x8 source: no resize, exact pixels
+    latents = features.decode(square.files[features.EXT]).latents.float()
+    expected = torch.tensor([60, 195, 128]) / 127.5 - 1
+    torch.testing.assert_close(latents[:, 4, 4], expected, atol=1e-3, rtol=0)
+    manifest = json.loads((encoded / "features.json").read_text())
+    assert manifest["shards"] == {"tiny-000000.tar": {"samples": 12, "bad": {}}}
+
+
+def test_training_reads_cached_shards_and_refuses_other_encoders(encoded, encoders):
+    text, auto = encoders
+    fingerprints = {"text_encoder": text.fingerprint(), "autoencoder": auto.fingerprint()}
+    cfg = DataConfig(shards=str(encoded), prepare="", channels=3, num_workers=0)
+    assert read_cache_info(cfg).encoders == fingerprints
+    loader = build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, epochs=1, encoders=fingerprints)
+    batches = list(loader)
+    assert loader.cached and sum(len(b) for b in batches) == 12
+    assert all(b.images is None and b.latents.shape[1:] == (3, 8, 8) and b.text.mask.any(1).all() for b in batches)
+    with pytest.raises(EncoderMismatch, match="text_encoder"):
+        build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders={**fingerprints, "text_encoder": "t5"})
+
+
+def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
+    src = tmp_path / "raw"
+    src.mkdir()
+    for name in ("a-000000.tar.gz", "b-000000.tar.gz"):
+        shutil.copy(FIXTURE, src / name)
+    out = tmp_path / "out"
+    real = encode_tool.encode_shard
+    calls = []
+
+    def crash_on_second(enc, url, target, expected=None):
+        calls.append(url)
+        if len(calls) == 2:
+            target.with_name(target.name + ".partial").write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        return real(enc, url, target, expected)
+
+    monkeypatch.setattr(encode_tool, "encode_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        encode_shards(str(src), out, SETTINGS, progress=False)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["a-000000.tar"]
+    monkeypatch.setattr(encode_tool, "encode_shard", real)
+    report = encode_shards(str(src), out, SETTINGS, progress=False)
+    assert (report.encoded, report.already_done, report.samples) == (1, 1, 12)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["a-000000.tar", "b-000000.tar"]
+    assert not list(out.glob("*.partial"))
+    again = encode_shards(str(src), out, SETTINGS, progress=False)
+    assert (again.encoded, again.already_done) == (0, 2)
+
+
+def test_encode_refuses_to_mix_encoders_in_one_folder(encoded, tmp_path):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    manifest = json.loads((encoded / "features.json").read_text())
+    manifest["encoders"] = {"text_encoder": "other", "autoencoder": "other"}
+    manifest["shards"] = {}
+    (out / "features.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="other encoders"):
+        encode_shards(str(FIXTURE), out, SETTINGS, progress=False)
+    assert not list(out.glob("*.tar"))
+
+
+@pytest.mark.slow
+def test_encode_in_parallel_processes(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    for name in ("a-000000.tar.gz", "b-000000.tar.gz"):
+        shutil.copy(FIXTURE, src / name)
+    report = encode_shards(str(src), tmp_path / "out", SETTINGS, processes=2, progress=False)
+    assert (report.encoded, report.samples) == (2, 24)
+    cfg = DataConfig(shards=str(tmp_path / "out"), prepare="", channels=3, num_workers=0)
+    keys = [k for b in build_loader(cfg, rank=0, world_size=1, batch_size=8, seed=0, epochs=1) for k in b.keys]
+    assert len(keys) == 24

@@ -1,0 +1,229 @@
+"""MMDiT invariants on tiny configs: shapes, masking, adaLN-Zero init, checkpointing, meta init, presets, FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from flowmatch.models.embeddings import patchify, timestep_embedding, unpatchify
+from flowmatch.models.flops import count_parameters, mfu, training_flops_per_step
+from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+from flowmatch.models.parallelize import apply_activation_checkpointing
+from flowmatch.models.presets import PRESETS, config_from_preset, preset_values
+
+DIMS = dict(in_channels=4, context_dim=24, pooled_dim=12)
+
+
+def tiny(**overrides) -> MMDiTConfig:
+    return config_from_preset("tiny", **{**DIMS, **overrides})
+
+
+def randomized(cfg: MMDiTConfig, seed: int = 0) -> MMDiT:
+    """A model whose zero-initialised parts are perturbed, so outputs depend on every input."""
+    torch.manual_seed(seed)
+    model = MMDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(cfg: MMDiTConfig, batch=2, height=8, width=8, text_len=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, cfg.in_channels, height, width, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randn(batch, text_len, cfg.context_dim, generator=g),
+        torch.randn(batch, cfg.pooled_dim, generator=g),
+    )
+
+
+@pytest.mark.parametrize("size", [(8, 8), (6, 12), (16, 4)])
+def test_output_shape_square_and_non_square(size):
+    cfg = tiny(out_channels=3)
+    out = randomized(cfg)(*inputs(cfg, height=size[0], width=size[1]))
+    assert out.shape == (2, 3, *size)
+    assert torch.isfinite(out).all()
+
+
+def test_patchify_round_trip_and_layout():
+    x = torch.randn(2, 3, 6, 4)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 6, 12)
+    # Token 1 is the patch at row 0, column 1; features are (p_row, p_col, C).
+    assert torch.equal(tokens[0, 1].reshape(2, 2, 3), x[0, :, 0:2, 2:4].permute(1, 2, 0))
+    assert torch.equal(unpatchify(tokens, 3, 2, 2), x)
+
+
+def test_adaln_zero_init_outputs_zero_and_blocks_are_identity():
+    cfg = tiny()
+    model = MMDiT(cfg)
+    x, t, ctx, pooled = inputs(cfg)
+    assert torch.equal(model(x, t, ctx, pooled), torch.zeros_like(x))
+    block = model.joint_blocks[0]
+    img, txt, vec = torch.randn(2, 16, cfg.width), torch.randn(2, 5, cfg.width), torch.randn(2, cfg.width)
+    out_img, out_txt = block(img, txt, vec)
+    assert torch.equal(out_img, img) and torch.equal(out_txt, txt)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(single_blocks=2, rope=True)])
+def test_masked_text_tokens_are_ignored(variant):
+    cfg = tiny(**variant)
+    model = randomized(cfg)
+    x, t, ctx, pooled = inputs(cfg, text_len=6)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, 1] = False
+    changed = ctx.clone()
+    changed[0, 4:] = 100 * torch.randn(2, cfg.context_dim)
+    changed[1, 1] = -50.0
+    with torch.no_grad():
+        ref = model(x, t, ctx, pooled, context_mask=mask)
+        torch.testing.assert_close(model(x, t, changed, pooled, context_mask=mask), ref, rtol=1e-5, atol=1e-6)
+        # The same change without the mask does reach the output, so the check above can fail.
+        assert not torch.allclose(model(x, t, changed, pooled), model(x, t, ctx, pooled), atol=1e-3)
+        # An all-true mask is the same as no mask.
+        torch.testing.assert_close(
+            model(x, t, ctx, pooled, context_mask=torch.ones(2, 6, dtype=torch.bool)), model(x, t, ctx, pooled)
+        )
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(single_blocks=2, rope=True, mask=True)])
+def test_activation_checkpointing_gives_identical_outputs_and_grads(variant):
+    use_mask = variant.pop("mask", False)
+    cfg = tiny(**variant)
+    plain, ckpt = randomized(cfg), randomized(cfg)
+    apply_activation_checkpointing(ckpt)
+    apply_activation_checkpointing(ckpt)  # idempotent
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in ckpt.named_parameters()]
+    x, t, ctx, pooled = inputs(cfg)
+    mask = torch.tensor([[True] * 4 + [False], [True] * 5]) if use_mask else None
+    outs = []
+    for model in (plain, ckpt):
+        out = model(x, t, ctx, pooled, context_mask=mask)
+        out.square().mean().backward()
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), name
+
+
+def test_meta_construction_then_init_weights_matches_eager_init():
+    cfg = tiny()
+    eager = MMDiT(cfg)
+    torch.manual_seed(3)
+    eager.init_weights()
+    meta = MMDiT(cfg, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    torch.manual_seed(3)
+    meta.init_weights()
+    for (name, a), b in zip(eager.state_dict().items(), meta.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(meta(*inputs(cfg)), torch.zeros(2, 4, 8, 8))
+
+
+def test_init_weights_zeroes_modulation_and_final_layer_only():
+    model = randomized(tiny())
+    model.init_weights()
+    for name, p in model.named_parameters():
+        zero = ".mod." in name or name.startswith("final.linear") or name.endswith(".bias")
+        assert (p.abs().max() == 0) == zero, name
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+
+
+@pytest.mark.parametrize("variant", [dict(rope=True), dict(single_blocks=2), dict(single_blocks=1, rope=True,
+                                                                                rope_axes_dim=[4, 8])])
+def test_rope_and_single_block_variants_run_and_learn(variant):
+    cfg = tiny(**variant)
+    model = randomized(cfg)
+    x, t, ctx, pooled = inputs(cfg, height=6, width=10)
+    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
+    out = model(x, t, ctx, pooled, context_mask=mask)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in model.parameters())
+
+
+def test_last_joint_block_is_context_pre_only_without_single_blocks():
+    model = MMDiT(tiny(depth=3))
+    assert [b.context_pre_only for b in model.joint_blocks] == [False, False, True]
+    assert not hasattr(model.joint_blocks[-1].txt, "mlp")
+    assert [b.context_pre_only for b in MMDiT(tiny(depth=3, single_blocks=1)).joint_blocks] == [False] * 3
+
+
+def test_timestep_embedding_stays_float32_under_bf16_autocast():
+    t = torch.tensor([0.5, 0.5005]) * 1000
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = timestep_embedding(t, 256)
+    assert emb.dtype == torch.float32
+    assert torch.equal(emb, timestep_embedding(t, 256))
+    assert (emb[0] - emb[1]).abs().max() > 0.1
+
+
+def test_bf16_model_runs():
+    cfg = tiny()
+    model = randomized(cfg).to(torch.bfloat16)
+    x, t, ctx, pooled = (a.to(torch.bfloat16) for a in inputs(cfg))
+    out = model(x, t, ctx, pooled)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    cfg = tiny()
+    model = MMDiT(cfg)
+    x, t, ctx, pooled = inputs(cfg)
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        model(x[..., :7], t, ctx, pooled)
+    with pytest.raises(ValueError, match=r"x must be \(B, 4, H, W\)"):
+        model(x[:, :3], t, ctx, pooled)
+    with pytest.raises(ValueError, match="context_mask must be bool"):
+        model(x, t, ctx, pooled, context_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        model(torch.randn(1, 4, 34, 2), t[:1], ctx[:1], pooled[:1])
+
+
+def test_presets_and_their_errors():
+    assert set(PRESETS) >= {"tiny", "digits", "sd3-medium", "sd3.5-large"}
+    values = preset_values("digits")
+    assert values["preset"] == "digits" and values["patch_size"] == 2 and values["in_channels"] == 1
+    assert set(values) == set(MMDiTConfig.__dataclass_fields__)
+    with pytest.raises(ValueError, match=r"did you mean 'sd3-medium'.*allowed: .*tiny"):
+        preset_values("sd3_medium")
+    with pytest.raises(ValueError, match="did you mean 'depth'"):
+        config_from_preset("tiny", deph=3)
+    with pytest.raises(ValueError, match="context_dim is None.*text encoder"):
+        MMDiT(config_from_preset("tiny", in_channels=4, pooled_dim=8))
+    with pytest.raises(ValueError, match="rope_axes_dim"):
+        MMDiT(tiny(rope=True, rope_axes_dim=[12, 12]))
+    cfg = config_from_preset("tiny", **DIMS, depth=3)
+    assert cfg.preset == "tiny" and cfg.depth == 3 and cfg.width == 64
+
+
+@pytest.mark.parametrize("name, low, high", [("sd3-medium", 1.9e9, 2.2e9), ("sd3.5-large", 7.8e9, 8.4e9)])
+def test_large_preset_parameter_counts_on_meta(name, low, high):
+    model = MMDiT(config_from_preset(name), device="meta")
+    counts = count_parameters(model)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert low < counts.total < high
+    # SD3-medium: 24 blocks x 2 streams x 6 x 1536^2 modulation weights run once per sample.
+    assert counts.per_sample > 2 * model.cfg.depth * 6 * model.cfg.width**2
+
+
+def test_flop_estimate_matches_counted_matmul_flops():
+    cfg = tiny(depth=3, single_blocks=1)
+    model = randomized(cfg)
+    x, t, ctx, pooled = inputs(cfg, batch=3, height=8, width=12, text_len=7)
+    # The math attention backend runs as bmm calls, which the counter sees (fused CPU kernels it does not).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t, ctx, pooled).sum().backward()
+    counted = counter.get_flop_counts()["Global"]
+    estimate = training_flops_per_step(model, batch_size=3, latent_size=(8, 12), text_len=7)
+    assert counted[torch.ops.aten.bmm] == estimate.attention
+    # The estimate also counts biases, norm weights and the input gradients of the first layers, which a
+    # training step does not compute: a small excess.
+    assert 0.97 < counter.get_total_flops() / estimate.total < 1.0
+    assert mfu(estimate.total, 2.0, estimate.total) == pytest.approx(0.5)
