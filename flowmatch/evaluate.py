@@ -78,12 +78,17 @@ def evaluate(
     *,
     steps: Optional[list[int]] = None,
     solvers: Optional[list[str]] = None,
+    nfe: Optional[list[int]] = None,
     samples_per_prompt: Optional[int] = None,
     likelihood_samples: Optional[int] = None,
     out: Optional[str | Path] = None,
     pipeline: Optional[Pipeline] = None,
 ) -> EvalReport:
-    """Evaluate a run or checkpoint directory; None arguments take the recipe's `eval` section."""
+    """Evaluate a run or checkpoint directory; None arguments take the recipe's `eval` section.
+
+    `nfe` (velocity evaluations) replaces `steps`: each solver gets the most steps that fit the budget, so
+    solvers are compared at equal cost.
+    """
     from flowmatch.checkpoint import resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
@@ -94,7 +99,7 @@ def evaluate(
     n = samples_per_prompt or cfg.samples_per_prompt
     report = EvalReport(str(ckpt), samples_per_prompt=n)
     if cfg.task == "digits":
-        digits_quality(pipe, report, steps, solvers, n)
+        digits_quality(pipe, report, steps, solvers, n, nfe=nfe)
     n_lik = cfg.likelihood_samples if likelihood_samples is None else likelihood_samples
     if n_lik:
         report.bits_per_dim = heldout_bits_per_dim(pipe, n_lik)
@@ -103,7 +108,8 @@ def evaluate(
     return report
 
 
-def digits_quality(pipe: Pipeline, report: EvalReport, steps: list[int], solvers: list[str], n: int) -> None:
+def digits_quality(pipe: Pipeline, report: EvalReport, steps: list[int], solvers: list[str], n: int,
+                   nfe: Optional[list[int]] = None) -> None:
     """Fill report.rows and the Frechet floor for the digits task."""
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
@@ -116,8 +122,10 @@ def digits_quality(pipe: Pipeline, report: EvalReport, steps: list[int], solvers
     size = min(10 * n, len(real.data) // 2)
     order = rng.permutation(len(real.data))
     report.frechet_floor = frechet_distance(real.data[order[:size]], real.data[order[size:2 * size]])
+    from flowmatch.sampling import steps_for_nfe
+
     for solver in solvers:
-        for k in steps:
+        for k in ([steps_for_nfe(solver, budget) for budget in nfe] if nfe else steps):
             prompts = [train_prompts[d] for d in labels]
             feats = to_digit_features(pipe.generate(prompts, steps=k, solver=solver, seed=0))
             nfe = pipe.last_nfe

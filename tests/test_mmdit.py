@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flowmatch.models.embeddings import patchify, timestep_embedding, unpatchify
 from flowmatch.models.flops import count_parameters, mfu, training_flops_per_step
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
-from flowmatch.models.parallelize import apply_activation_checkpointing
+from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.models.presets import PRESETS, config_from_preset, preset_values
 
 DIMS = dict(in_channels=4, context_dim=24, pooled_dim=12)
@@ -108,6 +108,16 @@ def test_activation_checkpointing_gives_identical_outputs_and_grads(variant):
     assert torch.equal(outs[0], outs[1])
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert p.grad is not None and torch.equal(p.grad, q.grad), name
+
+
+def test_apply_compile_is_per_block_in_place_and_keeps_names():
+    # Compiling is lazy, so this only checks the wiring; running compiled blocks takes minutes on CPU.
+    model = MMDiT(tiny(single_blocks=1))
+    names = list(model.state_dict())
+    apply_compile(apply_activation_checkpointing(model))
+    assert list(model.state_dict()) == names
+    assert all(block._compiled_call_impl is not None for block in model.blocks())
+    assert model.patch_embed._compiled_call_impl is None
 
 
 def test_meta_construction_then_init_weights_matches_eager_init():

@@ -86,10 +86,6 @@ class TextEmbeddings:
             mask.append(torch.nn.functional.pad(e.mask, (0, pad), value=False))
         return TextEmbeddings(torch.cat(hidden), torch.cat(mask), torch.cat([e.pooled for e in items]))
 
-    def select(self, index: torch.Tensor) -> "TextEmbeddings":
-        """Rows `index` of the batch."""
-        return TextEmbeddings(self.hidden[index], self.mask[index], self.pooled[index])
-
 
 def resolve_model_path(name_or_path: str) -> str:
     """Turn `pkg:<package>/<subdir>` into the folder inside the installed package; anything else is returned as is.

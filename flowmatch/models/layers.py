@@ -52,7 +52,10 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """Multi-head attention. q: (B, Sq, H, hd), k/v: (B, Sk, H, hd), mask: (B, 1, 1, Sk) bool or None -> (B, Sq, H*hd)."""
+    """Multi-head attention through SDPA.
+
+    q: (B, Sq, H, hd), k/v: (B, Sk, H, hd), mask: (B, 1, 1, Sk) bool (True = attend) or None -> (B, Sq, H * hd).
+    """
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 

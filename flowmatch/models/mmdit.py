@@ -113,7 +113,9 @@ class MMDiTConfig:
                     f"columns) summing to at most head_dim={self.head_dim}"
                 )
         elif self.width % 4:
-            raise ValueError(f"the sin-cos position embedding needs num_heads * head_dim divisible by 4, got {self.width}")
+            raise ValueError(
+                f"the sin-cos position embedding needs num_heads * head_dim divisible by 4, got {self.width}"
+            )
 
 
 class MMDiT(nn.Module):
@@ -189,7 +191,9 @@ class MMDiT(nn.Module):
         if pooled.shape != (b, cfg.pooled_dim):
             raise ValueError(f"pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
         if mask is not None and (mask.shape != context.shape[:2] or mask.dtype != torch.bool):
-            raise ValueError(f"context_mask must be bool {tuple(context.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+            raise ValueError(
+                f"context_mask must be bool {tuple(context.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
+            )
 
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, context_mask: Optional[Tensor] = None

@@ -1,0 +1,143 @@
+"""A tiny train -> checkpoint -> resume -> generate run on CPU, in one process, through the real trainer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import flowmatch
+from flowmatch.config import load_recipe
+from flowmatch.trainer import Trainer, TrainingError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> str:
+    from data_tools.digits import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out)
+    return str(out)
+
+
+def tiny_recipe(run_dir, shards, **extra):
+    overrides = {
+        "run_dir": str(run_dir), "data.shards": shards, "model.preset": "tiny", "train.max_steps": 4,
+        "train.batch_size": 8, "train.checkpoint_every": 2, "train.log_every": 1, "optim.warmup_steps": 1,
+        "data.num_workers": 0, "logging.tensorboard": False, "logging.progress": False,
+        "sampling.per_prompt": 1, "sampling.steps": 2, "sampling.prompts": ["a handwritten 3", "a handwritten 7"],
+        **extra,
+    }
+    return load_recipe(ROOT / "recipes" / "digits.yaml", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_checkpoint_and_generate(tmp_path, digit_shards):
+    run = tmp_path / "run"
+    summary = train(tiny_recipe(run, digit_shards))
+    assert (summary.start_step, summary.final_step, summary.skipped_steps) == (0, 4, 0)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["2", "4"]
+    for name in ("model.safetensors", "ema.safetensors", "recipe.yaml"):
+        assert (run / "checkpoints" / "4" / name).is_file()
+    assert (run / "recipe.yaml").is_file() and list((run / "samples").glob("*.png"))
+    losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
+    assert len(losses) == 4 and all(0 < v < 10 for v in losses)
+
+    pipe = flowmatch.Pipeline.from_checkpoint(run)
+    images = pipe.generate(["a handwritten digit seven", "a handwritten 1"], steps=3, seed=5)
+    assert images.shape == (2, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    assert pipe.last_nfe == 3
+    # Same seed, same images, whatever the batch; another seed, other images.
+    again = pipe.generate(["a handwritten digit seven"], steps=3, seed=5)
+    assert torch.allclose(again[0], images[0], atol=1e-6)
+    assert not torch.allclose(pipe.generate(["a handwritten digit seven"], steps=3, seed=6), again)
+    # EMA weights by default; the raw weights differ from them.
+    ema = load_file(run / "checkpoints" / "4" / "ema.safetensors")
+    raw = load_file(run / "checkpoints" / "4" / "model.safetensors")
+    name = next(iter(raw))
+    assert torch.equal(pipe.model.state_dict()[name], ema[name])
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+
+
+def test_resumed_run_is_bit_identical(tmp_path, digit_shards, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(tiny_recipe(straight, digit_shards, **{"train.max_steps": 4}))
+    train(tiny_recipe(split, digit_shards, **{"train.max_steps": 2}))
+    summary = train(tiny_recipe(split, digit_shards, **{"train.max_steps": 4}))
+    assert summary.start_step == 2 and "resuming from" in capsys.readouterr().out
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(straight / "checkpoints" / "4" / name)
+        b = load_file(split / "checkpoints" / "4" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    loss_a = [m["loss"] for m in read_metrics(straight) if "loss" in m]
+    loss_b = [m["loss"] for m in read_metrics(split) if "loss" in m]
+    assert loss_a == loss_b
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, digit_shards, monkeypatch):
+    calls = {"n": 0}
+    real = Trainer.micro_loss
+
+    def flaky(self, batch):
+        loss, per_sample, t = real(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 3:  # one bad micro batch: skipped, training goes on
+            loss = loss * float("nan")
+        return loss, per_sample, t
+
+    monkeypatch.setattr(Trainer, "micro_loss", flaky)
+    summary = train(tiny_recipe(tmp_path / "a", digit_shards))
+    assert summary.final_step == 4 and summary.skipped_steps == 1
+
+    def broken(self, batch):
+        loss, per_sample, t = real(self, batch)
+        calls["n"] += 1
+        return (loss * float("inf") if self.step >= 2 else loss), per_sample, t
+
+    monkeypatch.setattr(Trainer, "micro_loss", broken)
+    with pytest.raises(TrainingError, match="non-finite 3 times in a row"):
+        train(tiny_recipe(tmp_path / "b", digit_shards, **{"train.max_bad_steps": 3}))
+    assert (tmp_path / "b" / "checkpoints" / "2" / "model.safetensors").is_file()  # the last good one is intact
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "flowmatch", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_cli_train_sample_and_errors(tmp_path, digit_shards):
+    run = tmp_path / "run"
+    res = run_cli("train", "recipes/digits.yaml", f"run_dir={run}", f"data.shards={digit_shards}",
+                  "model.preset=tiny", "train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=2",
+                  "data.num_workers=0", "logging.tensorboard=false", "sampling.per_prompt=1", "sampling.steps=2")
+    assert res.returncode == 0, res.stderr
+    assert "trained" in res.stdout and (run / "checkpoints" / "2").is_dir()
+
+    out = tmp_path / "grid.png"
+    res = run_cli("sample", str(run), "--prompt", "a handwritten 4", "--prompt", "nine", "--num", "3",
+                  "--steps", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    from PIL import Image
+
+    assert Image.open(out).size == (3 * 8 + 4, 2 * 8 + 3)  # 3 columns, 2 rows, 1-pixel padding
+
+    res = run_cli("train", "recipes/digits.yaml", "train.max_step=3")
+    assert res.returncode == 2 and "Did you mean 'train.max_steps'" in res.stderr
+    assert "Traceback" not in res.stderr
+    res = run_cli("sample", str(tmp_path / "nothing"), "--prompt", "x")
+    assert res.returncode == 1 and "Traceback" not in res.stderr and "nothing" in res.stderr
+
+
+def test_missing_shards_without_a_builder_is_a_clear_error(tmp_path):
+    res = run_cli("train", f"run_dir={tmp_path / 'r'}", f"data.shards={tmp_path / 'none'}", "data.prepare=",
+                  "model.preset=tiny")
+    assert res.returncode == 1 and "flowmatch-data" in res.stderr and "Traceback" not in res.stderr

@@ -1,0 +1,234 @@
+"""The real training command on several CPU processes (gloo): ``torchrun ... -m flowmatch train recipes/digits.yaml``.
+
+Every run trains the tiny preset for 6 steps at a global batch of 16 on the same digit shards, checkpointing at
+steps 3 and 6:
+
+- ``one``: a plain ``python -m flowmatch train`` process, ZeRO-0, 2 loader workers, 2 micro-batches of 8 per step;
+- ``zero2``: ``torchrun --standalone --nproc_per_node 2``, ZeRO-2, one micro-batch of 8 per rank;
+- ``zero3``: two ``torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d`` launchers on localhost (two
+  "nodes" of one process), ZeRO-3.
+
+The loader cuts the data into world_size x workers streams (2 in every run) and a micro-batch slot of the global
+batch always reads the same stream, so all three runs train on the same samples in the same global batches. The
+trainer draws noise, timesteps and caption dropout from one generator per micro-batch slot, so the random draws
+match too; fp32 sums taken in another order are then the only difference. Tolerances (measured on 2 cores):
+per-step losses agree to rtol 1e-5 (measured: bitwise equal), gradient norms to rtol 1e-5 (measured: <= 1.1e-7),
+final weights and EMA to atol 1e-5 (measured: <= 3.9e-7, next to about 1e-3 that AdamW moves a weight per step).
+
+Also: one rank failing mid-run ends both "nodes" promptly with a non-zero status, and a ZeRO-2 checkpoint of 2
+processes resumes on 1 process. Launches cost ~6 s (1 process) to ~18 s (2 processes) each on 2 cores; the
+module takes about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from functools import cached_property
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "digits.yaml"
+STEPS = 6
+CHECKPOINT_EVERY = 3
+LOSS_RTOL = 1e-5
+GRAD_NORM_RTOL = 1e-5
+WEIGHT_ATOL = 1e-5
+LAUNCH_TIMEOUT_S = 240
+# Start-up (imports, DeepSpeed, the text encoder) takes ~15 s for two processes on 2 cores; a rank waiting for a
+# dead peer until distributed.timeout_s (set to 120 s below) would take far longer.
+PROMPT_EXIT_S = 60
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment of a fresh launch: no inherited rank variables, one thread per process (2 cores)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+           and not k.startswith("TORCHELASTIC")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _launch(commands: list[list[str]], logs: list[Path], cwds: list[Path] | None = None) -> tuple[list[int], float]:
+    """Start the commands together (output to files, so no pipe can fill and block a rank); return codes, time."""
+    cwds = cwds or [ROOT] * len(commands)
+    start = time.monotonic()
+    procs = []
+    for cmd, log, cwd in zip(commands, logs, cwds):
+        with open(log, "w") as out:
+            # A session of its own, so that a hung launch is killed together with the workers it started.
+            procs.append(subprocess.Popen(cmd, cwd=cwd, env=_clean_env(), stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        codes = [p.wait(timeout=LAUNCH_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return codes, time.monotonic() - start
+
+
+def _train_args(run_dir: Path | str, shards: Path, *overrides: str) -> list[str]:
+    """``-m flowmatch train`` with the tiny settings every run shares, then ``overrides``."""
+    return ["-m", "flowmatch", "train", str(RECIPE), f"run_dir={run_dir}", f"data.shards={shards}",
+            "model.preset=tiny", f"train.max_steps={STEPS}", "train.batch_size=16", "train.log_every=1",
+            f"train.checkpoint_every={CHECKPOINT_EVERY}", "optim.warmup_steps=0", "data.num_workers=0",
+            "logging.tensorboard=false", "logging.progress=false", "sampling.per_prompt=1", "sampling.steps=2",
+            "sampling.prompts=[a handwritten 3, a handwritten 7]", *overrides]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def _steps(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl rows of the training steps (validation rows hold no ``loss``), by step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows if "loss" in row}
+
+
+def _weights(run_dir: Path, step: int, name: str) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / str(step) / f"{name}.safetensors")
+
+
+def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+class Runs:
+    """The runs the tests share, each started on first use."""
+
+    def __init__(self, root: Path, shards: Path) -> None:
+        self.root, self.shards = root, shards
+
+    def _log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    @cached_property
+    def one(self) -> Path:
+        """1 process, ZeRO-0: 2 loader workers (streams 0 and 1) feed the 2 micro-batches of each step."""
+        run = self.root / "one"
+        (code,), _ = _launch([[sys.executable, *_train_args(run, self.shards, "data.num_workers=2",
+                                                            "train.micro_batch_size=8")]], [self.root / "one.log"])
+        assert code == 0, self._log("one")
+        return run
+
+    @cached_property
+    def zero2(self) -> Path:
+        run = self.root / "zero2"
+        (code,), _ = _launch([_torchrun("--standalone", "--nproc_per_node", "2",
+                                        *_train_args(run, self.shards, "distributed.zero_stage=2"))],
+                             [self.root / "zero2.log"])
+        assert code == 0, self._log("zero2")
+        return run
+
+    @cached_property
+    def zero3(self) -> Path:
+        """Two launchers meeting at a c10d rendezvous on localhost, one process each (node_rank only matters to
+        the static rendezvous: c10d ranks the nodes as they join)."""
+        run, endpoint = self.root / "zero3", f"127.0.0.1:{_free_port()}"
+        command = _torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                            endpoint, *_train_args(run, self.shards, "distributed.zero_stage=3"))
+        codes, _ = _launch([command, command], [self.root / f"zero3-node{i}.log" for i in range(2)])
+        assert codes == [0, 0], self._log("zero3-node0") + self._log("zero3-node1")
+        return run
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> Path:
+    from data_tools.digits import write_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    write_digits(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, digit_shards) -> Runs:
+    return Runs(tmp_path_factory.mktemp("train-runs"), digit_shards)
+
+
+def _assert_same_trajectory(run: Path, ref: Path) -> None:
+    got, want = _steps(run), _steps(ref)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=LOSS_RTOL), step
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=GRAD_NORM_RTOL), step
+        assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-12), step
+    # The model really trained: otherwise equal trajectories would prove little.
+    assert want[STEPS]["loss"] < 0.95 * want[1]["loss"]
+    for name in ("model", "ema"):
+        assert _max_abs_diff(_weights(run, STEPS, name), _weights(ref, STEPS, name)) < WEIGHT_ATOL, name
+
+
+def test_zero2_on_two_processes_follows_one_process(runs):
+    _assert_same_trajectory(runs.zero2, runs.one)
+
+
+def test_zero3_on_two_nodes_follows_one_process(runs):
+    meta = json.loads((runs.zero3 / "checkpoints" / str(STEPS) / "meta.json").read_text())
+    assert (meta["world_size"], meta["zero_stage"]) == (2, 3)
+    _assert_same_trajectory(runs.zero3, runs.one)
+
+
+def test_one_rank_failing_ends_every_rank_promptly(tmp_path, digit_shards):
+    # Two "nodes" in different working directories and a relative run_dir: on node 1 the run directory is a
+    # file, so rank 1 (the static rendezvous keeps node ranks) fails when it writes its part of the step-3
+    # checkpoint while rank 0 waits for it inside DeepSpeed's checkpoint collectives.
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    (cwds[1] / "run").write_text("not a directory\n")
+    port = str(_free_port())
+    commands = [_torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
+                          "127.0.0.1", "--master_port", port,
+                          *_train_args("run", digit_shards, "distributed.zero_stage=2", "distributed.timeout_s=120"))
+                for i in range(2)]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    codes, seconds = _launch(commands, logs, cwds)
+    out0, out1 = (log.read_text() for log in logs)
+    assert codes[0] != 0 and codes[1] != 0, (codes, out0, out1)
+    assert seconds < PROMPT_EXIT_S, seconds
+    assert "[flowmatch rank 1] failed: NotADirectoryError" in out1 and "Traceback" in out1
+    assert "[flowmatch rank 0] stopping because rank 1 failed: NotADirectoryError" in out0
+    assert sorted(_steps(cwds[0] / "run")) == [1, 2, 3]  # it failed mid-run, after 3 steps
+    assert not (cwds[0] / "run" / "checkpoints" / "3").exists()  # and left no half-written checkpoint behind
+
+
+def test_zero2_two_process_checkpoint_resumes_on_one_process(runs):
+    src, run = runs.zero2, runs.root / "regrouped"
+    shutil.copytree(src / "checkpoints" / str(CHECKPOINT_EVERY), run / "checkpoints" / str(CHECKPOINT_EVERY))
+    log = runs.root / "regrouped.log"
+    (code,), _ = _launch([[sys.executable, *_train_args(run, runs.shards)]], [log])
+    out = log.read_text()
+    assert code == 0, out
+    assert f"resuming from {run / 'checkpoints' / str(CHECKPOINT_EVERY)} (step {CHECKPOINT_EVERY})" in out
+    assert "DeepSpeed cannot re-shard its optimizer state" in out
+    meta = json.loads((run / "checkpoints" / str(STEPS) / "meta.json").read_text())
+    assert (meta["step"], meta["world_size"], meta["zero_stage"]) == (STEPS, 1, 0)
+    got, want = _steps(run), _steps(src)
+    assert sorted(got) == list(range(CHECKPOINT_EVERY + 1, STEPS + 1))
+    for step in got:  # the schedule went on from where the 2-process run left it
+        assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-9), step
+    # The EMA came back: with decay 0.999 three more updates on other batches leave it within ~5e-6 of the
+    # 2-process run's (measured), while an EMA restarted from the step-3 weights would sit ~3e-3 away.
+    assert _max_abs_diff(_weights(run, STEPS, "ema"), _weights(src, STEPS, "ema")) < 1e-4
