@@ -21,7 +21,8 @@ def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from flowmatch.config import load_recipe
+    from flowmatch.config import RecipeError, load_recipe
+    from flowmatch.data import EncoderMismatch
     from flowmatch.engine import run_guarded
     from flowmatch.trainer import TrainingError, train
 
@@ -34,7 +35,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     def guarded():
         try:
             return train(recipe)
-        except (*USAGE_ERRORS, TrainingError) as err:  # a clear message, no traceback; other ranks stop too
+        # Problems of the recipe, the files or the run get a clear message and no traceback (other ranks stop
+        # too); anything else is a bug and keeps its traceback.
+        except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError) as err:
             print(f"flowmatch train: {err}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 

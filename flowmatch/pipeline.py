@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from flowmatch.config import Recipe, recipe_from_yaml
+from flowmatch.config import Recipe, RecipeError, recipe_from_yaml
 from flowmatch.encoders.autoencoder import Autoencoder
 from flowmatch.encoders.text import TextEmbeddings, TextEncoder
 from flowmatch.flow import TimeSchedule
@@ -36,7 +36,7 @@ def resolve_model_config(recipe: Recipe, text: TextEncoder, auto: Autoencoder) -
     for name, value in filled.items():
         given = getattr(m, name)
         if given is not None and given != value:
-            raise ValueError(
+            raise RecipeError(
                 f"model.{name}={given} but the {'autoencoder' if name == 'in_channels' else 'text encoder'} "
                 f"gives {value}: remove model.{name} from the recipe to take it from the encoder"
             )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flowmatch.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from flowmatch.config import Recipe, to_yaml
+from flowmatch.config import Recipe, RecipeError, to_yaml
 from flowmatch.data import Batch, build_loader, ensure_shards, merge_loader_states
 from flowmatch.encoders.text import TextEmbeddings
 from flowmatch.engine import Engine
@@ -63,7 +63,7 @@ def batch_plan(batch_size: int, micro_batch_size: Optional[int], world_size: int
     """(micro batch per process, accumulation steps) for a global batch; errors name the numbers that clash."""
     micro = micro_batch_size or batch_size // world_size
     if micro < 1 or batch_size % (micro * world_size):
-        raise ValueError(
+        raise RecipeError(
             f"train.batch_size={batch_size} is not a multiple of micro_batch_size ({micro}) x processes "
             f"({world_size}); choose a global batch divisible by both"
         )
@@ -89,6 +89,9 @@ class Trainer:
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
         with e.model_init():
             model = MMDiT(recipe.model)
+        # The constructor initialised the weights already, except under ZeRO-3: reseed so that every stage starts
+        # from the same weights.
+        torch.manual_seed(recipe.train.seed)
         with e.gathered_params(model, modify=True):  # under ZeRO-3 the parameters are partitioned by now
             model.init_weights()
         if recipe.train.activation_checkpointing:
@@ -111,8 +114,14 @@ class Trainer:
                                    seed=recipe.train.seed, encoders=self.encoders)
         self.schedule = TimeSchedule(recipe.flow)
         self.null_text = self.text_encoder.encode([""])
-        self.generator = torch.Generator().manual_seed(recipe.train.seed * 1000 + e.rank)
+        # One noise generator per micro-batch slot of the global batch (slot = rank * accum + micro index), so the
+        # noise of a sample depends on its place in the global batch, not on how many processes share the batch.
+        first_slot = e.rank * self.accum
+        self.generators = [torch.Generator().manual_seed(recipe.train.seed * 1000 + first_slot + m)
+                           for m in range(self.accum)]
+        self.generator = self.generators[0]  # the current slot's, read by micro_loss
         self.step = 0
+        self.skipped = 0  # micro batches dropped for a non-finite loss
         self.monitor: Optional[Monitor] = None
 
     # ------------------------------------------------------------------------------------------ one step
@@ -162,9 +171,11 @@ class Trainer:
         self.step = int(state["step"])
         # Not strict: with another number of ranks the loader warns and starts the next epoch.
         self.loader.load_state_dict(state["loader"], strict=False)
-        generators = state["generator"]
-        if len(generators) == self.engine.world_size:  # else: another process count, keep the fresh per-rank seed
-            self.generator.set_state(generators[self.engine.rank])
+        generators = state["generator"]  # one state per micro-batch slot of the global batch
+        if len(generators) == self.engine.world_size * self.accum:  # else: another layout, keep the fresh seeds
+            first_slot = self.engine.rank * self.accum
+            for m, g in enumerate(self.generators):
+                g.set_state(generators[first_slot + m])
         if self.engine.is_main:
             print(f"resuming from {ckpt} (step {self.step})", flush=True)
 
@@ -172,7 +183,8 @@ class Trainer:
         """Write a checkpoint of the current step (atomically; keeps the newest train.keep_checkpoints)."""
         e = self.engine
         loaders = merge_loader_states(e.all_gather_object(self.loader.state_dict()))
-        state = {"step": self.step, "loader": loaders, "generator": e.all_gather_object(self.generator.get_state())}
+        slots = [s for states in e.all_gather_object([g.get_state() for g in self.generators]) for s in states]
+        state = {"step": self.step, "loader": loaders, "generator": slots}
         return save_checkpoint(
             self.engine, self.run_dir, self.step, client_state=state, recipe_yaml=self.recipe_yaml,
             keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0,
@@ -192,20 +204,21 @@ class Trainer:
         flops_per_step = self.flops_per_step()
         window = torch.zeros(2 + 2 * LOSS_BUCKETS, device=e.device)  # loss sum, count, bucket sums, bucket counts
         window_start, window_steps = time.time(), 0
-        skipped = bad_in_a_row = 0
+        bad_in_a_row = 0
         last_loss, last_ckpt = float("nan"), None
         e.train()
         while self.step < r.train.max_steps:
-            for _ in range(self.accum):
+            for m in range(self.accum):
+                self.generator = self.generators[m]
                 while True:
                     loss, per_sample, t = self.micro_loss(self.next_batch())
                     # Every rank must agree before backward, or one rank's inf reaches the others' gradients.
                     if e.all_finite(loss):
                         bad_in_a_row = 0
                         break
-                    skipped += 1
+                    self.skipped += 1
                     bad_in_a_row += 1
-                    mon.message(f"step {self.step}: non-finite loss, micro batch skipped ({skipped} so far)")
+                    mon.message(f"step {self.step}: non-finite loss, micro batch skipped ({self.skipped} so far)")
                     if bad_in_a_row >= r.train.max_bad_steps:
                         raise TrainingError(
                             f"the loss was non-finite {bad_in_a_row} times in a row at step {self.step}; stopping. "
@@ -236,8 +249,8 @@ class Trainer:
             self.validate()
         if last_ckpt is None:
             last_ckpt = latest_checkpoint(self.run_dir)
-        mon.close()
-        return TrainSummary(self.run_dir, start_step, self.step, last_loss, skipped, time.time() - started, last_ckpt)
+        return TrainSummary(self.run_dir, start_step, self.step, last_loss, self.skipped, time.time() - started,
+                            last_ckpt)
 
     def flops_per_step(self) -> float:
         """Estimated training FLOPs of one optimizer step (global batch), for throughput and MFU logging.
@@ -265,10 +278,12 @@ class Trainer:
         values = {"loss": loss, "lr": e.lr, "samples_per_s": samples_per_s,
                   "tflops_per_s": steps * flops_per_step / max(seconds, 1e-9) / 1e12}
         values["bad_samples"] = sums[-1].item()
+        values["skipped_batches"] = float(self.skipped)
         if result is not None and result.grad_norm is not None:
             values["grad_norm"] = float(result.grad_norm)
-        for i, v in enumerate(buckets.tolist()):
-            values[f"loss_t{i}"] = v
+        for i, (v, n) in enumerate(zip(buckets.tolist(), sums[2 + LOSS_BUCKETS:2 + 2 * LOSS_BUCKETS].tolist())):
+            if n > 0:  # a bucket no sample fell in this window has no loss to report
+                values[f"loss_t{i}"] = v
         self.monitor.scalars(self.step, values, postfix={"loss": f"{loss:.4f}", "lr": f"{e.lr:.2e}",
                                                           "samples/s": f"{samples_per_s:.0f}"})
         return loss

@@ -10,8 +10,9 @@ steps 3 and 6:
 
 The loader cuts the data into world_size x workers streams (2 in every run) and a micro-batch slot of the global
 batch always reads the same stream, so all three runs train on the same samples in the same global batches. The
-trainer draws noise, timesteps and caption dropout from one generator per micro-batch slot, so the random draws
-match too; fp32 sums taken in another order are then the only difference. Tolerances (measured on 2 cores):
+trainer draws noise, timesteps and caption dropout from one generator per micro-batch slot (rank x accumulation
+steps + micro-batch index), so the random draws match too. What remains are fp32 sums taken in another order and
+caption embeddings cached from other batches (ulp-level). Tolerances (measured on 2 cores):
 per-step losses agree to rtol 1e-5 (measured: bitwise equal), gradient norms to rtol 1e-5 (measured: <= 1.1e-7),
 final weights and EMA to atol 1e-5 (measured: <= 3.9e-7, next to about 1e-3 that AdamW moves a weight per step).
 

@@ -184,11 +184,11 @@ class TextEncoder:
         if not self.cfg.cache_size:
             return self._encode_batch(list(captions))
         missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        if missing:
-            fresh = self._encode_batch(missing)
-            for i, caption in enumerate(missing):
-                n = int(fresh.mask[i].sum())
-                self._cache[caption] = (fresh.hidden[i, :n].clone(), fresh.pooled[i].clone())
+        # One caption at a time: a cached embedding must not depend on the batch (padding) it first came in with,
+        # or a resumed run, whose cache starts empty, would drift from an uninterrupted one.
+        for caption in missing:
+            fresh = self._encode_batch([caption])
+            self._cache[caption] = (fresh.hidden[0].clone(), fresh.pooled[0].clone())
         rows = []
         for caption in captions:
             self._cache.move_to_end(caption)

@@ -93,10 +93,13 @@ class Engine(TrainingStateMixin, EmaMixin, WeightsMixin):
             raise ValueError("distributed.backend is nccl but no CUDA device is visible: use backend auto or gloo")
         if cfg.precision == "fp16" and not on_cuda:
             raise ValueError("distributed.precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+        self._set_env: list[str] = []  # variables this engine added, removed again by shutdown()
         if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
             # A plain `python` process: make it a one-process group so DeepSpeed runs the same code paths.
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+            single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+            self._set_env = [k for k in single if k not in os.environ]
+            os.environ.update(single)
         self._rank = int(os.environ["RANK"])
         self._world_size = int(os.environ["WORLD_SIZE"])
         self._local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -378,6 +381,17 @@ class Engine(TrainingStateMixin, EmaMixin, WeightsMixin):
             dist.barrier()
             if self._owns_group:
                 dist.destroy_process_group()
+                # DeepSpeed keeps a clone of the world group for the life of the process; it dies with this group,
+                # and a later Engine in this process (train() called twice) must not reuse it.
+                self._ds_lib.utils.groups._WORLD_GROUP = None
+        self._restore_env()
+
+    def _restore_env(self) -> None:
+        # Processes this one starts later (a CLI call from a test, a sampler) must not take themselves for ranks
+        # of this job and try to host its store on the same port.
+        for key in self._set_env:
+            os.environ.pop(key, None)
+        self._set_env = []
 
     def __enter__(self) -> Engine:
         return self
@@ -385,3 +399,5 @@ class Engine(TrainingStateMixin, EmaMixin, WeightsMixin):
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.shutdown()
+        else:
+            self._restore_env()

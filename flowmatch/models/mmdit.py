@@ -149,7 +149,9 @@ class MMDiT(nn.Module):
             SingleBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden, **block_kw) for _ in range(cfg.single_blocks)
         )
         self.final = FinalLayer(d, p * p * self.out_channels, eps=cfg.norm_eps, **kw)
-        if not any(param.is_meta for param in self.parameters()):
+        # Parameters on the meta device, or already partitioned away (numel 0) by ZeRO-3's zero.Init, are
+        # initialised by the caller once they are whole.
+        if not any(param.is_meta or param.numel() == 0 for param in self.parameters()):
             self.init_weights()
 
     @torch.no_grad()
