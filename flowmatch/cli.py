@@ -70,6 +70,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         steps=[int(s) for s in ns.steps.split(",")] if ns.steps else None,
         solvers=ns.solvers.split(",") if ns.solvers else None,
         nfe=[int(s) for s in ns.nfe.split(",")] if ns.nfe else None,
+        guidance_scale=ns.guidance,
         samples_per_prompt=ns.samples,
         likelihood_samples=ns.likelihood_samples,
         out=ns.out,
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory or checkpoint directory")
     p.add_argument("--steps", default=None, help="comma-separated step counts (default: the recipe's eval.steps)")
     p.add_argument("--solvers", default=None, help="comma-separated solvers (default: the recipe's eval.solvers)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the recipe's)")
     p.add_argument("--nfe", default=None, help="comma-separated velocity-evaluation budgets (instead of --steps)")
     p.add_argument("--samples", type=int, default=None, help="images per class prompt")
     p.add_argument("--likelihood-samples", type=int, default=None, help="held-out images for bits/dim (0 = skip)")

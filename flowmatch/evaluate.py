@@ -43,6 +43,7 @@ class EvalReport:
     """Everything `flowmatch eval` measured."""
 
     checkpoint: str
+    guidance_scale: float = float("nan")
     rows: list[EvalRow] = field(default_factory=list)
     frechet_floor: float = float("nan")
     bits_per_dim: Optional[float] = None
@@ -50,14 +51,18 @@ class EvalReport:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fit to feature rows a (N, D) and b (M, D)."""
-    from scipy import linalg
+    """Frechet distance between Gaussians fit to feature rows a (N, D) and b (M, D).
 
+    tr sqrt(Ca Cb) is computed as the trace of sqrt(Ca^1/2 Cb Ca^1/2), a symmetric PSD matrix, by eigenvalues:
+    exact for the singular covariances of digit pixels that are always blank, where a general matrix square root
+    is unstable.
+    """
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    root = root.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    w, v = np.linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
 
 
 def to_digit_features(images: torch.Tensor) -> np.ndarray:
@@ -79,6 +84,7 @@ def evaluate(
     steps: Optional[list[int]] = None,
     solvers: Optional[list[str]] = None,
     nfe: Optional[list[int]] = None,
+    guidance_scale: Optional[float] = None,
     samples_per_prompt: Optional[int] = None,
     likelihood_samples: Optional[int] = None,
     out: Optional[str | Path] = None,
@@ -97,9 +103,10 @@ def evaluate(
     steps = steps or cfg.steps
     solvers = solvers or cfg.solvers
     n = samples_per_prompt or cfg.samples_per_prompt
-    report = EvalReport(str(ckpt), samples_per_prompt=n)
+    scale = pipe.recipe.sampling.guidance_scale if guidance_scale is None else guidance_scale
+    report = EvalReport(str(ckpt), guidance_scale=scale, samples_per_prompt=n)
     if cfg.task == "digits":
-        digits_quality(pipe, report, steps, solvers, n, nfe=nfe)
+        digits_quality(pipe, report, steps, solvers, n, nfe=nfe, guidance_scale=guidance_scale)
     n_lik = cfg.likelihood_samples if likelihood_samples is None else likelihood_samples
     if n_lik:
         report.bits_per_dim = heldout_bits_per_dim(pipe, n_lik)
@@ -109,10 +116,16 @@ def evaluate(
 
 
 def digits_quality(pipe: Pipeline, report: EvalReport, steps: list[int], solvers: list[str], n: int,
-                   nfe: Optional[list[int]] = None) -> None:
-    """Fill report.rows and the Frechet floor for the digits task."""
+                   nfe: Optional[list[int]] = None, guidance_scale: Optional[float] = None) -> None:
+    """Fill report.rows and the Frechet floor for the digits task.
+
+    Paraphrase accuracy measures conditioning, not the solver: it is measured once per solver, at the recipe's
+    sampling steps, and repeated on that solver's rows.
+    """
     from sklearn.datasets import load_digits
     from sklearn.svm import SVC
+
+    from flowmatch.sampling import steps_for_nfe
 
     real = load_digits()
     classifier = SVC(gamma=SVC_GAMMA).fit(real.data, real.target)
@@ -122,20 +135,20 @@ def digits_quality(pipe: Pipeline, report: EvalReport, steps: list[int], solvers
     size = min(10 * n, len(real.data) // 2)
     order = rng.permutation(len(real.data))
     report.frechet_floor = frechet_distance(real.data[order[:size]], real.data[order[size:2 * size]])
-    from flowmatch.sampling import steps_for_nfe
-
     for solver in solvers:
+        # Paraphrases: cycle through each digit's held-out wordings.
+        para = [paraphrases[d][i % len(paraphrases[d])] for i, d in enumerate(labels)]
+        para_images = pipe.generate(para, solver=solver, seed=10_000, guidance_scale=guidance_scale)
+        paraphrase_accuracy = float((classifier.predict(to_digit_features(para_images)) == labels).mean())
         for k in ([steps_for_nfe(solver, budget) for budget in nfe] if nfe else steps):
             prompts = [train_prompts[d] for d in labels]
-            feats = to_digit_features(pipe.generate(prompts, steps=k, solver=solver, seed=0))
-            nfe = pipe.last_nfe
+            images = pipe.generate(prompts, steps=k, solver=solver, seed=0, guidance_scale=guidance_scale)
+            nfe_used = pipe.last_nfe
+            feats = to_digit_features(images)
             accuracy = float((classifier.predict(feats) == labels).mean())
-            # Paraphrases: cycle through each digit's held-out wordings.
-            para = [paraphrases[d][i % len(paraphrases[d])] for i, d in enumerate(labels)]
-            para_feats = to_digit_features(pipe.generate(para, steps=k, solver=solver, seed=10_000))
-            para_accuracy = float((classifier.predict(para_feats) == labels).mean())
             sub = feats[rng.permutation(len(feats))[:size]]
-            report.rows.append(EvalRow(solver, k, nfe, accuracy, para_accuracy, frechet_distance(sub, real.data[order[:size]])))
+            report.rows.append(EvalRow(solver, k, nfe_used, accuracy, paraphrase_accuracy,
+                                       frechet_distance(sub, real.data[order[:size]])))
 
 
 def heldout_bits_per_dim(pipe: Pipeline, count: int) -> Optional[float]:
@@ -166,7 +179,10 @@ def heldout_bits_per_dim(pipe: Pipeline, count: int) -> Optional[float]:
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return pipe.model(x, t, text.hidden, text.pooled, text.mask)
 
-    logp = log_likelihood(velocity, x0, exact_divergence=x0[0].numel() <= 256)
+    cfg = pipe.recipe.eval
+    # Exact divergence costs one backward per dimension: fine for pixels and small latents, Hutchinson beyond.
+    logp = log_likelihood(velocity, x0, exact_divergence=x0[0].numel() <= 256, rtol=cfg.likelihood_rtol,
+                          atol=cfg.likelihood_atol, generator=torch.Generator().manual_seed(0))
     correction = PIXEL_DATA_SCALE_CORRECTION if pixel_space else 0.0
     return float(bits_per_dim(logp, x0[0].numel(), data_scale_correction=correction).mean())
 
@@ -175,8 +191,8 @@ def format_report(report: EvalReport) -> str:
     """A plain-text table."""
     lines = [f"checkpoint: {report.checkpoint}"]
     if report.rows:
-        lines.append(f"{report.samples_per_prompt} images per digit; Frechet distance floor (real vs real): "
-                     f"{report.frechet_floor:.3f}")
+        lines.append(f"{report.samples_per_prompt} images per digit, guidance {report.guidance_scale:g}; Frechet "
+                     f"distance floor (real vs real, same sample size): {report.frechet_floor:.3f}")
         lines.append(f"{'solver':>8} {'steps':>5} {'nfe':>4} {'accuracy':>9} {'paraphrase':>10} {'frechet':>8}")
         for r in report.rows:
             lines.append(f"{r.solver:>8} {r.steps:>5} {r.nfe:>4} {r.accuracy:>9.3f} "

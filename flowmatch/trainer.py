@@ -275,8 +275,12 @@ class Trainer:
         loss = (sums[0] / sums[1].clamp(min=1)).item()
         buckets = sums[2:2 + LOSS_BUCKETS] / sums[2 + LOSS_BUCKETS:2 + 2 * LOSS_BUCKETS].clamp(min=1)
         samples_per_s = steps * r.train.batch_size / max(seconds, 1e-9)
-        values = {"loss": loss, "lr": e.lr, "samples_per_s": samples_per_s,
-                  "tflops_per_s": steps * flops_per_step / max(seconds, 1e-9) / 1e12}
+        tflops = steps * flops_per_step / max(seconds, 1e-9) / 1e12
+        values = {"loss": loss, "lr": e.lr, "samples_per_s": samples_per_s, "tflops_per_s": tflops}
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{e.lr:.2e}", "samples/s": f"{samples_per_s:.0f}"}
+        if r.logging.peak_tflops > 0:
+            values["mfu"] = tflops / (r.logging.peak_tflops * e.world_size)
+            postfix["mfu"] = f"{values['mfu']:.1%}"
         values["bad_samples"] = sums[-1].item()
         values["skipped_batches"] = float(self.skipped)
         if result is not None and result.grad_norm is not None:
@@ -284,8 +288,7 @@ class Trainer:
         for i, (v, n) in enumerate(zip(buckets.tolist(), sums[2 + LOSS_BUCKETS:2 + 2 * LOSS_BUCKETS].tolist())):
             if n > 0:  # a bucket no sample fell in this window has no loss to report
                 values[f"loss_t{i}"] = v
-        self.monitor.scalars(self.step, values, postfix={"loss": f"{loss:.4f}", "lr": f"{e.lr:.2e}",
-                                                          "samples/s": f"{samples_per_s:.0f}"})
+        self.monitor.scalars(self.step, values, postfix=postfix)
         return loss
 
     # ------------------------------------------------------------------------------------------ validation
