@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional
 
 USAGE_ERRORS = (ValueError, FileNotFoundError)

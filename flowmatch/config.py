@@ -94,6 +94,8 @@ class TrainConfig:
             raise ValueError("max_steps, batch_size, checkpoint_every and keep_checkpoints must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.log_every < 1 or self.validate_every < 0 or self.max_bad_steps < 1:
+            raise ValueError("log_every and max_bad_steps must be >= 1 and validate_every >= 0")
 
 
 @dataclass
@@ -112,6 +114,11 @@ class SamplingConfig:
     """Validation prompts: one row of the sample grid each."""
     per_prompt: int = 8
     """Images per prompt in the validation grid."""
+
+    def __post_init__(self) -> None:
+        check_solvers([self.solver])
+        if self.steps < 1 or self.per_prompt < 1 or not self.prompts:
+            raise ValueError("steps and per_prompt must be >= 1 and prompts must not be empty")
 
 
 @dataclass
@@ -149,6 +156,21 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.task not in ("digits", "generic"):
             raise ValueError(f"task must be digits or generic, got {self.task!r}")
+        check_solvers(self.solvers)
+        if not self.steps or min(self.steps) < 1 or self.samples_per_prompt < 1 or self.likelihood_samples < 0:
+            raise ValueError("steps must be >= 1, samples_per_prompt >= 1 and likelihood_samples >= 0")
+
+
+def check_solvers(names: list[str]) -> None:
+    """ValueError naming the allowed solvers and the nearest spelling for an unknown one."""
+    from flowmatch.sampling import available_solvers
+
+    allowed = available_solvers()
+    for name in names:
+        if name not in allowed:
+            near = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"unknown solver {name!r}{hint}; allowed: {', '.join(allowed)}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from flowmatch.encoders.text import TextEmbeddings
 from flowmatch.pipeline import Pipeline
 
 # SVC hyper-parameters for the 8x8 digits (scikit-learn's digits classification example uses gamma=0.001);
@@ -158,23 +159,26 @@ def heldout_bits_per_dim(pipe: Pipeline, count: int) -> Optional[float]:
     pixel value (the usual bits/dim of image likelihood papers). Latent space: bits per latent dimension of the
     continuous latent density (not comparable with pixel bits/dim).
     """
-    from flowmatch.data import build_loader
+    from flowmatch.data import build_loader, has_val_split
     from flowmatch.sampling import PIXEL_DATA_SCALE_CORRECTION, bits_per_dim, dequantize_pixels, log_likelihood
 
-    try:
-        loader = build_loader(pipe.recipe.data, rank=0, world_size=1, batch_size=count, seed=0, split="val")
-        batch = next(iter(loader))
-    except (FileNotFoundError, StopIteration, ValueError):
+    if not has_val_split(pipe.recipe.data):
         return None
+    encoders = {"text_encoder": pipe.text_encoder.fingerprint(), "autoencoder": pipe.autoencoder.fingerprint()}
+    loader = build_loader(pipe.recipe.data, rank=0, world_size=1, batch_size=count, seed=0, split="val",
+                          max_batches=1, encoders=encoders)
+    batch = next(iter(loader))
     pixel_space = pipe.autoencoder.vae is None
     if batch.latents is not None:  # cached shards
         x0 = batch.latents[:count].to(pipe.device).float()
     else:
-        images = batch.images[:count].to(pipe.device)
-        if pixel_space:
-            images = dequantize_pixels(images, generator=torch.Generator().manual_seed(0))
-        x0 = pipe.autoencoder.encode(images)
-    text = pipe.text_encoder.encode(batch.captions[: len(x0)]).to(pipe.device)
+        x0 = pipe.autoencoder.encode(batch.images[:count].to(pipe.device))
+    if pixel_space:  # pixels k / 127.5 - 1, cached or not: spread each 8-bit level over its bin
+        x0 = dequantize_pixels(x0, generator=torch.Generator().manual_seed(0))
+    text = batch.text if batch.text is not None else pipe.text_encoder.encode(batch.captions)
+    text = text.to(pipe.device)
+    n = len(x0)
+    text = TextEmbeddings(text.hidden[:n], text.mask[:n], text.pooled[:n])
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return pipe.model(x, t, text.hidden, text.pooled, text.mask)

@@ -71,3 +71,4 @@ class Monitor:
         if self.writer is not None:
             self.writer.close()
         self.metrics_file.close()
+        self.enabled = False  # closing twice is harmless

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from flowmatch.config import Recipe, RecipeError, recipe_from_yaml
 from flowmatch.encoders.autoencoder import Autoencoder
@@ -130,8 +129,7 @@ class Pipeline:
 
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of height x width pixels (the recipe's resolution by default)."""
-        res = self.recipe.data.resolution
-        default_h, default_w = (res, res) if isinstance(res, int) else tuple(res)
+        default_h, default_w = self.recipe.data.size
         h, w, f = height or default_h, width or default_w, self.autoencoder.downsample
         p = self.recipe.model.patch_size
         if h % (f * p) or w % (f * p):

@@ -18,7 +18,7 @@ import torch
 
 from flowmatch.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowmatch.config import Recipe, RecipeError, to_yaml
-from flowmatch.data import Batch, build_loader, ensure_shards, merge_loader_states
+from flowmatch.data import Batch, build_loader, ensure_shards, has_val_split, merge_loader_states
 from flowmatch.encoders.text import TextEmbeddings
 from flowmatch.engine import Engine
 from flowmatch.flow import TimeSchedule, drop_captions, flow_matching_loss, sample_path
@@ -94,6 +94,7 @@ class Trainer:
         torch.manual_seed(recipe.train.seed)
         with e.gathered_params(model, modify=True):  # under ZeRO-3 the parameters are partitioned by now
             model.init_weights()
+        seed_everything(recipe.train.seed + e.rank)  # back to per-rank streams (data workers, posterior samples)
         if recipe.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if recipe.train.compile:
@@ -112,6 +113,7 @@ class Trainer:
         self.encoders = {"text_encoder": self.text_encoder.fingerprint(), "autoencoder": self.autoencoder.fingerprint()}
         self.loader = build_loader(recipe.data, rank=e.rank, world_size=e.world_size, batch_size=self.micro_batch,
                                    seed=recipe.train.seed, encoders=self.encoders)
+        self.has_val = has_val_split(recipe.data)  # the same answer on every rank: validation stays collective
         self.schedule = TimeSchedule(recipe.flow)
         self.null_text = self.text_encoder.encode([""])
         # One noise generator per micro-batch slot of the global batch (slot = rank * accum + micro index), so the
@@ -150,7 +152,8 @@ class Trainer:
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
         """The engine's model on float inputs cast to its dtype (DeepSpeed does not autocast); float32 out."""
         dt = self.engine.dtype
-        return self.engine.forward(x.to(dt), t.to(dt), text.hidden.to(dt), text.pooled.to(dt), text.mask).float()
+        # t stays float32: the model embeds t * 1000 in float32, and bf16 would round t itself by up to ~0.004.
+        return self.engine.forward(x.to(dt), t.float(), text.hidden.to(dt), text.pooled.to(dt), text.mask).float()
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                  context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -197,16 +200,24 @@ class Trainer:
         start_step, started = self.step, time.time()
         if e.is_main:
             (self.run_dir / "recipe.yaml").write_text(self.recipe_yaml)
-        self.monitor = mon = Monitor(self.run_dir, enabled=e.is_main, total_steps=r.train.max_steps,
+        self.monitor = Monitor(self.run_dir, enabled=e.is_main, total_steps=r.train.max_steps,
                                      start_step=start_step, progress=r.logging.progress,
                                      tensorboard=r.logging.tensorboard)
         self.batches = iter(self.loader)
         flops_per_step = self.flops_per_step()
+        e.train()
+        try:
+            return self._loop(start_step, started, flops_per_step)
+        finally:
+            self.batches.close()  # stops the loader's worker processes
+            self.monitor.close()
+
+    def _loop(self, start_step: int, started: float, flops_per_step: float) -> TrainSummary:
+        r, e, mon = self.recipe, self.engine, self.monitor
         window = torch.zeros(2 + 2 * LOSS_BUCKETS, device=e.device)  # loss sum, count, bucket sums, bucket counts
         window_start, window_steps = time.time(), 0
         bad_in_a_row = 0
         last_loss, last_ckpt = float("nan"), None
-        e.train()
         while self.step < r.train.max_steps:
             for m in range(self.accum):
                 self.generator = self.generators[m]
@@ -296,8 +307,15 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> None:
         """Sample grid of the validation prompts (EMA weights when on) and held-out loss at fixed timesteps."""
-        e, r = self.engine, self.recipe
+        e = self.engine
         e.eval()
+        try:
+            self._validate()
+        finally:
+            e.train()
+
+    def _validate(self) -> None:
+        e, r = self.engine, self.recipe
         with e.ema_weights() if r.train.ema_decay > 0 else contextlib.nullcontext():
             pipe = Pipeline(self.velocity, self.text_encoder, self.autoencoder, r, device=e.device)
             s = r.sampling
@@ -310,17 +328,15 @@ class Trainer:
             val = self.validation_loss()
         if val is not None:
             self.monitor.scalars(self.step, {"val_loss": val})
-        e.train()
 
     def validation_loss(self) -> Optional[float]:
         """Mean held-out loss over VALIDATION_TIMESTEPS with fixed noise; None without a held-out split."""
         e = self.engine
-        try:
-            loader = build_loader(self.recipe.data, rank=e.rank, world_size=e.world_size, batch_size=self.micro_batch,
-                                  seed=0, split="val", max_batches=1, encoders=self.encoders)
-            batch = next(iter(loader))
-        except (FileNotFoundError, StopIteration, ValueError):
+        if not self.has_val:
             return None
+        loader = build_loader(self.recipe.data, rank=e.rank, world_size=e.world_size, batch_size=self.micro_batch,
+                              seed=0, split="val", max_batches=1, encoders=self.encoders)
+        batch = next(iter(loader))
         x0, text = self.encode_batch(batch)
         gen = torch.Generator().manual_seed(1234 + e.rank)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -337,8 +353,4 @@ def train(recipe: Recipe) -> TrainSummary:
     """Train a recipe (resuming from run_dir's newest checkpoint) and return a summary."""
     trainer = Trainer(recipe)
     with trainer.engine:  # shuts the process group down cleanly, so every rank exits 0 after a good run
-        try:
-            return trainer.fit()
-        finally:
-            if trainer.monitor is not None:
-                trainer.monitor.close()
+        return trainer.fit()

@@ -128,3 +128,23 @@ def test_identity_autoencoder_is_pixel_space():
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     assert torch.equal(ae.encode(x), x) and ae.latent_channels == 1 and ae.downsample == 1
     assert ae.decode(x * 3).abs().max() <= 1
+
+
+def test_clip_text_tower_with_its_pooler(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=16, eos_token_id=1, bos_token_id=0,
+                            pad_token_id=0)
+    CLIPTextModel(config).save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    enc = TextEncoder(TextEncoderConfig(kind="clip", name_or_path=str(tmp_path), pooling="pooler"))
+    out = enc.encode(["a red car", "cat"])
+    assert out.hidden.shape == (2, 3, 32) and out.pooled.shape == (2, 32) and enc.hidden_size == 32
+    reference = enc.model(input_ids=enc.tokenizer(["a red car"], return_tensors="pt")["input_ids"])
+    assert torch.allclose(out.pooled[0], reference.pooler_output[0], atol=1e-5)

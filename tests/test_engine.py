@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from functools import cached_property
 from pathlib import Path
 
 import pytest
 import torch
+from launching import clean_env, free_port, launch, torchrun
 from safetensors.torch import load_file
 
 from flowmatch.ema import ShadowEma, check_decay
@@ -37,7 +34,6 @@ SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
 STEPS = 8  # train_tiny's default; checkpoints at 4 and 8
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-6
-LAUNCH_TIMEOUT_S = 240
 
 
 # ------------------------------------------------------------------------------------------------- fast checks
@@ -120,7 +116,7 @@ def test_run_guarded_returns_the_result_and_exits_1_with_the_traceback():
     code = ("from flowmatch.engine import run_guarded\n"
             "def main():\n    raise ValueError('boom')\n"
             "run_guarded(main)\nprint('not reached')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 1 and "not reached" not in proc.stdout
     assert "[flowmatch rank 0] failed: ValueError: boom" in proc.stderr and "Traceback" in proc.stderr
@@ -129,43 +125,6 @@ def test_run_guarded_returns_the_result_and_exits_1_with_the_traceback():
 # ------------------------------------------------------------------------------------------------- real runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The environment of a fresh launch: no inherited rank variables, one thread per process (2 cores)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-           and not k.startswith("TORCHELASTIC")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    return env
-
-
-def _launch(commands: list[list[str]], logs: list[Path], envs: list[dict[str, str]] | None = None,
-            ) -> tuple[list[int], float]:
-    """Start the commands together (output to files, so no pipe can fill and block a rank); return codes, time."""
-    envs = envs or [_clean_env() for _ in commands]
-    start = time.monotonic()
-    procs = []
-    for cmd, log, env in zip(commands, logs, envs):
-        with open(log, "w") as out:
-            # A session of its own, so that a hung launch is killed together with the workers it started.
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-    try:
-        codes = [p.wait(timeout=LAUNCH_TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    return codes, time.monotonic() - start
-
-
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
 class Runs:
@@ -176,7 +135,7 @@ class Runs:
 
     def _single(self, name: str, *args: str) -> tuple[int, str]:
         log = self.root / f"{name}.log"
-        (code,), _ = _launch([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]], [log])
+        (code,), _ = launch([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]], [log])
         return code, log.read_text()
 
     def result(self, name: str) -> dict:
@@ -192,7 +151,7 @@ class Runs:
     @cached_property
     def zero2_two_procs(self) -> dict:
         log = self.root / "zero2.log"
-        (code,), seconds = _launch([_torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT),
+        (code,), seconds = launch([torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT),
                                               "--run-dir", str(self.root / "zero2"), "--zero-stage", "2",
                                               "--ema-eval-at", "4")], [log])
         assert code == 0, log.read_text()
@@ -202,13 +161,13 @@ class Runs:
     def zero3_two_nodes(self) -> dict:
         """Two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window before
         step 3 and an EMA evaluation at step 4."""
-        port = str(_free_port())
+        port = str(free_port())
         logs = [self.root / f"zero3-node{i}.log" for i in range(2)]
-        commands = [_torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
+        commands = [torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
                               "127.0.0.1", "--master_port", port, str(SCRIPT), "--run-dir", str(self.root / "zero3"),
                               "--zero-stage", "3", "--grad-accum", "2", "--nan-at", "3", "--ema-eval-at", "4")
                     for i in range(2)]
-        codes, _ = _launch(commands, logs)
+        codes, _ = launch(commands, logs)
         assert codes == [0, 0], "\n".join(log.read_text() for log in logs)
         return self.result("zero3")
 
@@ -323,15 +282,15 @@ def test_bf16_without_zero_follows_the_fp32_trajectory(runs):
 
 @pytest.mark.slow
 def test_one_rank_failing_ends_every_rank_promptly(tmp_path):
-    port = str(_free_port())
-    envs = [_clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    port = str(free_port())
+    envs = [clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
             for r in range(2)]
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
     # Rank 1 raises after step 2 while rank 0 sleeps for a minute outside any collective: only the failure
     # notice can stop rank 0 early (a rank blocked in a gloo collective would also see the dropped connection).
     cmd = [sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "run"), "--zero-stage", "2", "--fail-rank", "1",
            "--fail-at", "2", "--others-sleep", "60", "--timeout", "120"]
-    codes, seconds = _launch([cmd, cmd], logs, envs)
+    codes, seconds = launch([cmd, cmd], logs, envs=envs)
     out0, out1 = (log.read_text() for log in logs)
     assert codes == [1, 1], (out0, out1)
     assert seconds < 40, seconds  # start-up takes ~10 s on 2 cores; a hang would last >= 60 s

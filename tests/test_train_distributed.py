@@ -24,18 +24,14 @@ module takes about a minute.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from functools import cached_property
 from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port, launch, torchrun
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,46 +41,11 @@ CHECKPOINT_EVERY = 3
 LOSS_RTOL = 1e-5
 GRAD_NORM_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
-LAUNCH_TIMEOUT_S = 240
 # Start-up (imports, DeepSpeed, the text encoder) takes ~15 s for two processes on 2 cores; a rank waiting for a
 # dead peer until distributed.timeout_s (set to 120 s below) would take far longer.
 PROMPT_EXIT_S = 60
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clean_env() -> dict[str, str]:
-    """The environment of a fresh launch: no inherited rank variables, one thread per process (2 cores)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-           and not k.startswith("TORCHELASTIC")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return env
-
-
-def _launch(commands: list[list[str]], logs: list[Path], cwds: list[Path] | None = None) -> tuple[list[int], float]:
-    """Start the commands together (output to files, so no pipe can fill and block a rank); return codes, time."""
-    cwds = cwds or [ROOT] * len(commands)
-    start = time.monotonic()
-    procs = []
-    for cmd, log, cwd in zip(commands, logs, cwds):
-        with open(log, "w") as out:
-            # A session of its own, so that a hung launch is killed together with the workers it started.
-            procs.append(subprocess.Popen(cmd, cwd=cwd, env=_clean_env(), stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-    try:
-        codes = [p.wait(timeout=LAUNCH_TIMEOUT_S) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    return codes, time.monotonic() - start
 
 
 def _train_args(run_dir: Path | str, shards: Path, *overrides: str) -> list[str]:
@@ -96,8 +57,6 @@ def _train_args(run_dir: Path | str, shards: Path, *overrides: str) -> list[str]
             "sampling.prompts=[a handwritten 3, a handwritten 7]", *overrides]
 
 
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
 def _steps(run_dir: Path) -> dict[int, dict]:
@@ -128,7 +87,7 @@ class Runs:
     def one(self) -> Path:
         """1 process, ZeRO-0: 2 loader workers (streams 0 and 1) feed the 2 micro-batches of each step."""
         run = self.root / "one"
-        (code,), _ = _launch([[sys.executable, *_train_args(run, self.shards, "data.num_workers=2",
+        (code,), _ = launch([[sys.executable, *_train_args(run, self.shards, "data.num_workers=2",
                                                             "train.micro_batch_size=8")]], [self.root / "one.log"])
         assert code == 0, self._log("one")
         return run
@@ -136,7 +95,7 @@ class Runs:
     @cached_property
     def zero2(self) -> Path:
         run = self.root / "zero2"
-        (code,), _ = _launch([_torchrun("--standalone", "--nproc_per_node", "2",
+        (code,), _ = launch([torchrun("--standalone", "--nproc_per_node", "2",
                                         *_train_args(run, self.shards, "distributed.zero_stage=2"))],
                              [self.root / "zero2.log"])
         assert code == 0, self._log("zero2")
@@ -146,10 +105,10 @@ class Runs:
     def zero3(self) -> Path:
         """Two launchers meeting at a c10d rendezvous on localhost, one process each (node_rank only matters to
         the static rendezvous: c10d ranks the nodes as they join)."""
-        run, endpoint = self.root / "zero3", f"127.0.0.1:{_free_port()}"
-        command = _torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+        run, endpoint = self.root / "zero3", f"127.0.0.1:{free_port()}"
+        command = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                             endpoint, *_train_args(run, self.shards, "distributed.zero_stage=3"))
-        codes, _ = _launch([command, command], [self.root / f"zero3-node{i}.log" for i in range(2)])
+        codes, _ = launch([command, command], [self.root / f"zero3-node{i}.log" for i in range(2)])
         assert codes == [0, 0], self._log("zero3-node0") + self._log("zero3-node1")
         return run
 
@@ -199,13 +158,13 @@ def test_one_rank_failing_ends_every_rank_promptly(tmp_path, digit_shards):
     for cwd in cwds:
         cwd.mkdir()
     (cwds[1] / "run").write_text("not a directory\n")
-    port = str(_free_port())
-    commands = [_torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
+    port = str(free_port())
+    commands = [torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
                           "127.0.0.1", "--master_port", port,
                           *_train_args("run", digit_shards, "distributed.zero_stage=2", "distributed.timeout_s=120"))
                 for i in range(2)]
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
-    codes, seconds = _launch(commands, logs, cwds)
+    codes, seconds = launch(commands, logs, cwds=cwds)
     out0, out1 = (log.read_text() for log in logs)
     assert codes[0] != 0 and codes[1] != 0, (codes, out0, out1)
     assert seconds < PROMPT_EXIT_S, seconds
@@ -219,7 +178,7 @@ def test_zero2_two_process_checkpoint_resumes_on_one_process(runs):
     src, run = runs.zero2, runs.root / "regrouped"
     shutil.copytree(src / "checkpoints" / str(CHECKPOINT_EVERY), run / "checkpoints" / str(CHECKPOINT_EVERY))
     log = runs.root / "regrouped.log"
-    (code,), _ = _launch([[sys.executable, *_train_args(run, runs.shards)]], [log])
+    (code,), _ = launch([[sys.executable, *_train_args(run, runs.shards)]], [log])
     out = log.read_text()
     assert code == 0, out
     assert f"resuming from {run / 'checkpoints' / str(CHECKPOINT_EVERY)} (step {CHECKPOINT_EVERY})" in out

@@ -11,7 +11,7 @@ from flowmatch.data.batch import Batch
 from flowmatch.data.config import DataConfig
 from flowmatch.data.features import EncoderMismatch, FeatureHeader
 from flowmatch.data.loader import Loader, LoaderStats, build_loader, merge_loader_states, read_cache_info
-from flowmatch.data.shards import ensure_shards, expand_shards, resolve_split
+from flowmatch.data.shards import ensure_shards, expand_shards, has_val_split, resolve_split
 
 __all__ = [
     "Batch",
@@ -23,6 +23,7 @@ __all__ = [
     "build_loader",
     "ensure_shards",
     "expand_shards",
+    "has_val_split",
     "merge_loader_states",
     "read_cache_info",
     "resolve_split",

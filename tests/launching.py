@@ -1,0 +1,56 @@
+"""Launching real training processes from tests: torchrun command lines, a clean environment, prompt teardown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of a fresh launch: no inherited rank variables, one thread per process (2 cores)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+           and not k.startswith("TORCHELASTIC")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def launch(commands: list[list[str]], logs: list[Path], *, envs: list[dict[str, str]] | None = None,
+           cwds: list[Path] | None = None, timeout_s: float = LAUNCH_TIMEOUT_S) -> tuple[list[int], float]:
+    """Start the commands together (output to files, so no pipe can fill and block a rank); return codes, time."""
+    envs = envs or [clean_env() for _ in commands]
+    cwds = cwds or [ROOT] * len(commands)
+    start = time.monotonic()
+    procs = []
+    for cmd, log, env, cwd in zip(commands, logs, envs, cwds):
+        with open(log, "w") as out:
+            # A session of its own, so that a hung launch is killed together with the workers it started.
+            procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    try:
+        codes = [p.wait(timeout=timeout_s) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return codes, time.monotonic() - start
+
+
+def torchrun(*args: str) -> list[str]:
+    """`python -m torch.distributed.run ARGS` with this interpreter."""
+    return [sys.executable, "-m", "torch.distributed.run", *args]
