@@ -106,7 +106,7 @@ class SamplingConfig:
     """ODE steps."""
     solver: str = "euler"
     """ODE solver (see flowmatch.sampling.SOLVERS)."""
-    guidance_scale: float = 4.0
+    guidance_scale: float = 2.0
     """Classifier-free guidance scale (1 = no guidance)."""
     seed: int = 0
     """Seed of the validation noise."""
