@@ -74,13 +74,14 @@ class Encoders:
         from flowmatch.config import load_recipe
         from flowmatch.encoders.autoencoder import Autoencoder
         from flowmatch.encoders.text import TextEncoder
+        from flowmatch.pipeline import encoder_fingerprints
 
         self.settings = settings
         self.recipe = load_recipe(settings.recipe, list(settings.overrides))
         self.device = pick_device(settings.device, index)
         self.text = TextEncoder(self.recipe.text_encoder, device=self.device)
         self.auto = Autoencoder(self.recipe.autoencoder, image_channels=self.recipe.data.channels, device=self.device)
-        self.fingerprints = {"text_encoder": self.text.fingerprint(), "autoencoder": self.auto.fingerprint()}
+        self.fingerprints = encoder_fingerprints(self.text, self.auto)
         self.buckets = loader_buckets(self.recipe.data)
 
 

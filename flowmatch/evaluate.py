@@ -18,8 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from flowmatch.encoders.text import TextEmbeddings
-from flowmatch.pipeline import Pipeline
+from flowmatch.pipeline import Pipeline, encode_batch, encoder_fingerprints
 
 # SVC hyper-parameters for the 8x8 digits (scikit-learn's digits classification example uses gamma=0.001);
 # fit on all 1,797 real digits it is an independent judge of generated ones.
@@ -164,21 +163,12 @@ def heldout_bits_per_dim(pipe: Pipeline, count: int) -> Optional[float]:
 
     if not has_val_split(pipe.recipe.data):
         return None
-    encoders = {"text_encoder": pipe.text_encoder.fingerprint(), "autoencoder": pipe.autoencoder.fingerprint()}
     loader = build_loader(pipe.recipe.data, rank=0, world_size=1, batch_size=count, seed=0, split="val",
-                          max_batches=1, encoders=encoders)
-    batch = next(iter(loader))
+                          max_batches=1, encoders=encoder_fingerprints(pipe.text_encoder, pipe.autoencoder))
+    x0, text = encode_batch(next(iter(loader)), pipe.text_encoder, pipe.autoencoder, pipe.device)
     pixel_space = pipe.autoencoder.vae is None
-    if batch.latents is not None:  # cached shards
-        x0 = batch.latents[:count].to(pipe.device).float()
-    else:
-        x0 = pipe.autoencoder.encode(batch.images[:count].to(pipe.device))
     if pixel_space:  # pixels k / 127.5 - 1, cached or not: spread each 8-bit level over its bin
         x0 = dequantize_pixels(x0, generator=torch.Generator().manual_seed(0))
-    text = batch.text if batch.text is not None else pipe.text_encoder.encode(batch.captions)
-    text = text.to(pipe.device)
-    n = len(x0)
-    text = TextEmbeddings(text.hidden[:n], text.mask[:n], text.pooled[:n])
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return pipe.model(x, t, text.hidden, text.pooled, text.mask)

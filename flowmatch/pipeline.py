@@ -28,6 +28,20 @@ def build_encoders(recipe: Recipe, device: torch.device | str) -> tuple[TextEnco
     return text, auto
 
 
+def encoder_fingerprints(text: TextEncoder, auto: Autoencoder) -> dict[str, str]:
+    """Which encoders made a set of features: recorded in cached shards and checked when they are read."""
+    return {"text_encoder": text.fingerprint(), "autoencoder": auto.fingerprint()}
+
+
+def encode_batch(batch, text: TextEncoder, auto: Autoencoder, device: torch.device | str
+                 ) -> tuple[torch.Tensor, TextEmbeddings]:
+    """A `flowmatch.data.Batch` -> (latents (B, C, h, w) float32, text embeddings), both on `device`; cached
+    features are used as they are, raw images and captions go through the encoders."""
+    x0 = batch.latents if batch.latents is not None else auto.encode(batch.images.to(device))
+    emb = batch.text if batch.text is not None else text.encode(batch.captions)
+    return x0.to(device).float(), emb.to(device)
+
+
 def resolve_model_config(recipe: Recipe, text: TextEncoder, auto: Autoencoder) -> Recipe:
     """Fill the model's input sizes the encoders decide (left None in recipes), checking explicit ones agree."""
     m = recipe.model

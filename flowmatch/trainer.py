@@ -26,7 +26,15 @@ from flowmatch.models.flops import training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.monitor import Monitor
-from flowmatch.pipeline import Pipeline, build_encoders, image_grid, resolve_model_config, save_png
+from flowmatch.pipeline import (
+    Pipeline,
+    build_encoders,
+    encode_batch,
+    encoder_fingerprints,
+    image_grid,
+    resolve_model_config,
+    save_png,
+)
 
 # Timesteps at which validation loss is measured on held-out data with fixed noise: the SD3 paper (section 5.1)
 # tracks validation loss averaged over fixed timesteps because it follows human preference closely.
@@ -110,7 +118,7 @@ class Trainer:
         )
         if recipe.train.ema_decay > 0:
             e.ema_init(recipe.train.ema_decay)
-        self.encoders = {"text_encoder": self.text_encoder.fingerprint(), "autoencoder": self.autoencoder.fingerprint()}
+        self.encoders = encoder_fingerprints(self.text_encoder, self.autoencoder)
         self.loader = build_loader(recipe.data, rank=e.rank, world_size=e.world_size, batch_size=self.micro_batch,
                                    seed=recipe.train.seed, encoders=self.encoders)
         self.has_val = has_val_split(recipe.data)  # the same answer on every rank: validation stays collective
@@ -130,10 +138,7 @@ class Trainer:
 
     def encode_batch(self, batch: Batch) -> tuple[torch.Tensor, TextEmbeddings]:
         """Latents (B, C, h, w) and text embeddings for a batch, from cached features when the shards carry them."""
-        device = self.engine.device
-        x0 = batch.latents if batch.latents is not None else self.autoencoder.encode(batch.images.to(device))
-        text = batch.text if batch.text is not None else self.text_encoder.encode(batch.captions)
-        return x0.to(device).float(), text.to(device)
+        return encode_batch(batch, self.text_encoder, self.autoencoder, self.engine.device)
 
     def micro_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward one micro batch: (loss, per-sample loss (B,), t (B,))."""
@@ -200,9 +205,8 @@ class Trainer:
         start_step, started = self.step, time.time()
         if e.is_main:
             (self.run_dir / "recipe.yaml").write_text(self.recipe_yaml)
-        self.monitor = Monitor(self.run_dir, enabled=e.is_main, total_steps=r.train.max_steps,
-                                     start_step=start_step, progress=r.logging.progress,
-                                     tensorboard=r.logging.tensorboard)
+        self.monitor = Monitor(self.run_dir, enabled=e.is_main, total_steps=r.train.max_steps, start_step=start_step,
+                               progress=r.logging.progress, tensorboard=r.logging.tensorboard)
         self.batches = iter(self.loader)
         flops_per_step = self.flops_per_step()
         e.train()
