@@ -92,21 +92,20 @@ def trainer_step_rate(recipe_path: str, batch_size: int, device: str, steps: int
     """Steps/s of MMDiT forward + backward + AdamW at the recipe's shapes (what the loader has to keep up with)."""
     from flowmatch.config import load_recipe
     from flowmatch.models.mmdit import MMDiT
-    from flowmatch.pipeline import build_encoders, resolve_model_config
+    from flowmatch.encoders.frozen import FrozenEncoders
 
     recipe = load_recipe(recipe_path)
-    text, auto = build_encoders(recipe, "cpu")
-    recipe = resolve_model_config(recipe, text, auto)
-    model = MMDiT(recipe.model).to(device)
+    encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels)
+    model = MMDiT(encoders.fill_model_config(recipe.model)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     h, w = recipe.data.size
-    f = auto.downsample
-    x = torch.randn(batch_size, auto.latent_channels, h // f, w // f, device=device)
-    emb = text.encode(["a handwritten digit seven"] * batch_size).to(device)
+    f = encoders.downsample
+    x = torch.randn(batch_size, encoders.latent_channels, h // f, w // f, device=device)
+    cond = encoders.encode_text(["a handwritten digit seven"] * batch_size).to(device)
 
     def step() -> None:
         t = torch.rand(batch_size, device=device)
-        loss = (model(x, t, emb.hidden, emb.pooled, emb.mask) - x).pow(2).mean()
+        loss = (model(x, t, cond) - x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

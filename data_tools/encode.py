@@ -72,16 +72,15 @@ class Encoders:
 
     def __init__(self, settings: EncodeSettings, index: int = 0) -> None:
         from flowmatch.config import load_recipe
-        from flowmatch.encoders.autoencoder import Autoencoder
-        from flowmatch.encoders.text import TextEncoder
-        from flowmatch.pipeline import encoder_fingerprints
+        from flowmatch.encoders.frozen import FrozenEncoders
 
         self.settings = settings
         self.recipe = load_recipe(settings.recipe, list(settings.overrides))
         self.device = pick_device(settings.device, index)
-        self.text = TextEncoder(self.recipe.text_encoder, device=self.device)
-        self.auto = Autoencoder(self.recipe.autoencoder, image_channels=self.recipe.data.channels, device=self.device)
-        self.fingerprints = encoder_fingerprints(self.text, self.auto)
+        frozen = FrozenEncoders(self.recipe.text_encoder, self.recipe.autoencoder,
+                                image_channels=self.recipe.data.channels, device=self.device)
+        self.text, self.auto = frozen.text, frozen.autoencoder
+        self.fingerprints = frozen.fingerprints()
         self.buckets = loader_buckets(self.recipe.data)
 
 

@@ -12,7 +12,7 @@ __all__ = ["Pipeline", "Recipe", "load_recipe", "train"]
 def __getattr__(name: str):
     # Lazy: `import flowmatch` stays cheap (the CLI imports torch, transformers and DeepSpeed only when needed).
     if name == "Pipeline":
-        from flowmatch.pipeline import Pipeline
+        from flowmatch.sampling.generate import Pipeline
 
         return Pipeline
     if name in ("Recipe", "load_recipe"):
@@ -20,7 +20,7 @@ def __getattr__(name: str):
 
         return getattr(config, name)
     if name == "train":
-        from flowmatch.trainer import train
+        from flowmatch.training import train
 
         return train
     raise AttributeError(f"module 'flowmatch' has no attribute {name!r}")

@@ -23,7 +23,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from flowmatch.config import RecipeError, load_recipe
     from flowmatch.data import EncoderMismatch
     from flowmatch.engine import run_guarded
-    from flowmatch.trainer import TrainingError, train
+    from flowmatch.training import train
+    from flowmatch.training.loop import TrainingError
 
     path, overrides = split_recipe_args(ns.args)
     bad = [o for o in overrides if "=" not in o]
@@ -51,9 +52,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:
-    from flowmatch.pipeline import Pipeline, image_grid, save_png
+    from flowmatch.images import image_grid, save_png
+    from flowmatch.pipeline import load_pipeline
 
-    pipe = Pipeline.from_checkpoint(ns.path, ema=False if ns.no_ema else None)
+    pipe = load_pipeline(ns.path, ema=False if ns.no_ema else None)
     prompts = [p for p in ns.prompt for _ in range(ns.num)]
     images = pipe.generate(prompts, steps=ns.steps, solver=ns.solver, guidance_scale=ns.guidance, seed=ns.seed)
     save_png(image_grid(images, rows=len(ns.prompt)), ns.out, scale=ns.scale)

@@ -1,15 +1,17 @@
 """The recipe: one typed tree of dataclasses, loaded from YAML with dotted command-line overrides.
 
-Precedence: command line > recipe file (and the files it names as `base`) > defaults. The model section starts
-from its named preset (`model.preset`), so a recipe only writes what differs from that preset. Every error is
-a `RecipeError` whose message names the key, what is allowed and the nearest valid spelling.
-The defaults of the tree are the digits recipe (recipes/digits.yaml), so `Recipe()` is a runnable CPU job.
+This module only assembles the tree, loads, overrides and validates it: each section's dataclass lives beside
+the code that consumes it (the model, the flow math, the encoders, the data, the engine, the loop, sampling,
+logging, eval), and each component receives its own section. Precedence: command line > recipe file (and the
+files it names as `base`) > defaults. The model section starts from its named preset (`model.preset`), so a
+recipe only writes what differs from that preset. Every error is a `RecipeError` whose message names the key,
+what is allowed and the nearest valid spelling. The defaults are neutral (an SD3-medium-sized text-to-image job);
+the CPU digits job is recipes/digits.yaml.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,18 +20,22 @@ from typing import Any, Optional
 
 import yaml
 
-from data_tools.digits import DIGIT_WORDS
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.engine import DistributedConfig
+from flowmatch.errors import RecipeError, nearest
 from flowmatch.flow.timesteps import FlowConfig
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.models.presets import preset_values
+from flowmatch.monitor import LoggingConfig
+from flowmatch.sampling.generate import SamplingConfig
+from flowmatch.sampling.solvers import check_solver
+from flowmatch.training.config import TrainConfig
 
+__all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "recipe_from_yaml", "to_yaml"]
 
-class RecipeError(ValueError):
-    """A recipe key, type or value that cannot be used; the message says which and what to do."""
+DEFAULT_PRESET = "sd3-medium"
 
 
 @dataclass
@@ -61,80 +67,6 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The recipe's `train` section: the loop."""
-
-    max_steps: int = 2000
-    """Optimizer steps to train for."""
-    batch_size: int = 128
-    """Global batch: micro_batch_size x gradient accumulation x processes."""
-    micro_batch_size: Optional[int] = None
-    """Samples per process per forward; None = batch_size / processes (no accumulation)."""
-    seed: int = 0
-    """Seeds the model init, the data order and the noise (each rank offsets it by its rank)."""
-    checkpoint_every: int = 500
-    """Write a checkpoint every this many steps (and always at the end)."""
-    keep_checkpoints: int = 2
-    """Keep the newest this many checkpoints."""
-    log_every: int = 50
-    """Steps between logged scalars (the only host syncs of the loop)."""
-    validate_every: int = 0
-    """Steps between validation (sample grid + held-out loss); 0 = at the end only."""
-    ema_decay: float = 0.999
-    """EMA decay of the weights, kept in fp32; 0 = no EMA."""
-    max_bad_steps: int = 10
-    """Stop after this many consecutive non-finite losses (each one is skipped)."""
-    compile: bool = False
-    """torch.compile each transformer block."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass to save memory."""
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("max_steps, batch_size, checkpoint_every and keep_checkpoints must be >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.log_every < 1 or self.validate_every < 0 or self.max_bad_steps < 1:
-            raise ValueError("log_every and max_bad_steps must be >= 1 and validate_every >= 0")
-
-
-@dataclass
-class SamplingConfig:
-    """The recipe's `sampling` section: defaults of the Pipeline, validation grids and the CLI."""
-
-    steps: int = 20
-    """ODE steps."""
-    solver: str = "euler"
-    """ODE solver (see flowmatch.sampling.SOLVERS)."""
-    guidance_scale: float = 2.0
-    """Classifier-free guidance scale (1 = no guidance)."""
-    seed: int = 0
-    """Seed of the validation noise."""
-    prompts: list[str] = field(default_factory=lambda: [f"a handwritten digit {w}" for w in DIGIT_WORDS])
-    """Validation prompts: one row of the sample grid each."""
-    per_prompt: int = 8
-    """Images per prompt in the validation grid."""
-
-    def __post_init__(self) -> None:
-        check_solvers([self.solver])
-        if self.steps < 1 or self.per_prompt < 1 or not self.prompts:
-            raise ValueError("steps and per_prompt must be >= 1 and prompts must not be empty")
-
-
-@dataclass
-class LoggingConfig:
-    """The recipe's `logging` section."""
-
-    tensorboard: bool = True
-    """Write TensorBoard scalars and sample grids under RUN_DIR/tb."""
-    progress: bool = True
-    """Show a progress bar on rank 0."""
-    peak_tflops: float = 0.0
-    """Peak dense TFLOP/s of one device in the training precision, for the MFU estimate (H100 SXM bf16: 989);
-    0 = report achieved TFLOP/s only."""
-
-
-@dataclass
 class EvalConfig:
     """The recipe's `eval` section: what `flowmatch eval` measures."""
 
@@ -156,34 +88,23 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.task not in ("digits", "generic"):
             raise ValueError(f"task must be digits or generic, got {self.task!r}")
-        check_solvers(self.solvers)
+        for solver in self.solvers:
+            check_solver(solver, "eval.solvers")
         if not self.steps or min(self.steps) < 1 or self.samples_per_prompt < 1 or self.likelihood_samples < 0:
             raise ValueError("steps must be >= 1, samples_per_prompt >= 1 and likelihood_samples >= 0")
-
-
-def check_solvers(names: list[str]) -> None:
-    """ValueError naming the allowed solvers and the nearest spelling for an unknown one."""
-    from flowmatch.sampling import available_solvers
-
-    allowed = available_solvers()
-    for name in names:
-        if name not in allowed:
-            near = difflib.get_close_matches(name, allowed, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"unknown solver {name!r}{hint}; allowed: {', '.join(allowed)}")
 
 
 @dataclass
 class Recipe:
     """A whole training job."""
 
-    run_dir: str = "runs/digits"
+    run_dir: str = "runs/default"
     """Where checkpoints, samples, logs and the resolved recipe go; training again with it resumes."""
-    model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig(**{"preset": "digits", **preset_values("digits")}))
+    model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig(**preset_values(DEFAULT_PRESET)))
     """The MMDiT (flowmatch.models.mmdit.MMDiTConfig); start from a preset with model.preset."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     """Rectified flow: time distribution, shift, loss weighting, caption dropout."""
-    text_encoder: TextEncoderConfig = field(default_factory=lambda: TextEncoderConfig(cache_size=4096))
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     """Frozen text encoder."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     """Frozen autoencoder (identity = pixel space)."""
@@ -222,8 +143,13 @@ def recipe_from_yaml(text: str) -> Recipe:
     return recipe_from_dict(yaml.safe_load(text) or {})
 
 
-def read_yaml_tree(path: Path) -> dict[str, Any]:
-    """Read a recipe file, merging the file named by its `base:` key (relative to it) underneath."""
+def read_yaml_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe file, merging the file named by its `base:` key (relative to it) underneath; `chain` holds the
+    files that led here, so a `base:` cycle is an error naming it."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(resolved):], resolved))
+        raise RecipeError(f"recipe files name each other as base in a cycle: {cycle}; remove one of the base: keys")
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist (try recipes/digits.yaml)")
     try:
@@ -235,7 +161,7 @@ def read_yaml_tree(path: Path) -> dict[str, Any]:
     base = tree.pop("base", None)
     if base is None:
         return tree
-    return merge(read_yaml_tree(path.parent / base), tree)
+    return merge(read_yaml_tree(path.parent / base, (*chain, resolved)), tree)
 
 
 def merge(low: dict, high: dict) -> dict:
@@ -263,7 +189,7 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
     model = tree.get("model") or {}
     if not isinstance(model, dict):
         raise RecipeError("model: expected a mapping of model settings")
-    preset = model.get("preset", "digits")
+    preset = model.get("preset", DEFAULT_PRESET)
     try:
         tree["model"] = {"preset": preset, **preset_values(preset), **model}
     except ValueError as err:
@@ -281,8 +207,8 @@ def build_dataclass(cls: type, values: Any, where: str) -> Any:
     for key, value in values.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            near = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" Did you mean {(where + '.' if where else '') + near[0]!r}?" if near else ""
+            near = nearest(key, fields)
+            hint = f" Did you mean {(where + '.' if where else '') + near!r}?" if near else ""
             raise RecipeError(f"unknown recipe key {path!r}.{hint} Allowed here: {', '.join(sorted(fields))}.")
         kwargs[key] = convert(hints[key], value, path)
     try:

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from flowmatch.pipeline import Pipeline, encode_batch, encoder_fingerprints
+from flowmatch.sampling import Pipeline
 
 # SVC hyper-parameters for the 8x8 digits (scikit-learn's digits classification example uses gamma=0.001);
 # fit on all 1,797 real digits it is an independent judge of generated ones.
@@ -96,9 +96,10 @@ def evaluate(
     solvers are compared at equal cost.
     """
     from flowmatch.checkpoint import resolve_checkpoint
+    from flowmatch.pipeline import load_pipeline
 
     ckpt = resolve_checkpoint(path)
-    pipe = pipeline or Pipeline.from_checkpoint(ckpt)
+    pipe = pipeline or load_pipeline(ckpt)
     cfg = pipe.recipe.eval
     steps = steps or cfg.steps
     solvers = solvers or cfg.solvers
@@ -164,14 +165,14 @@ def heldout_bits_per_dim(pipe: Pipeline, count: int) -> Optional[float]:
     if not has_val_split(pipe.recipe.data):
         return None
     loader = build_loader(pipe.recipe.data, rank=0, world_size=1, batch_size=count, seed=0, split="val",
-                          max_batches=1, encoders=encoder_fingerprints(pipe.text_encoder, pipe.autoencoder))
-    x0, text = encode_batch(next(iter(loader)), pipe.text_encoder, pipe.autoencoder, pipe.device)
-    pixel_space = pipe.autoencoder.vae is None
+                          max_batches=1, encoders=pipe.encoders.fingerprints())
+    x0, cond = pipe.encoders.encode_batch(next(iter(loader)))
+    pixel_space = pipe.encoders.pixel_space
     if pixel_space:  # pixels k / 127.5 - 1, cached or not: spread each 8-bit level over its bin
         x0 = dequantize_pixels(x0, generator=torch.Generator().manual_seed(0))
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return pipe.model(x, t, text.hidden, text.pooled, text.mask)
+        return pipe.model(x, t, cond)
 
     cfg = pipe.recipe.eval
     # Exact divergence costs one backward per dimension: fine for pixels and small latents, Hutchinson beyond.

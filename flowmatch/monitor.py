@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+
+
+@dataclass
+class LoggingConfig:
+    """The recipe's `logging` section."""
+
+    tensorboard: bool = True
+    """Write TensorBoard scalars and sample grids under RUN_DIR/tb."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device in the training precision, for the MFU estimate (H100 SXM bf16: 989);
+    0 = report achieved TFLOP/s only."""
 
 
 class Monitor:
     """Rank 0 writes; other ranks get a Monitor whose methods do nothing."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, progress: bool,
-                 tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, *, enabled: bool, total_steps: int,
+                 start_step: int) -> None:
         self.enabled = enabled
         self.bar = None
         self.writer = None
@@ -22,11 +36,11 @@ class Monitor:
         if not enabled:
             return
         self.metrics_file = (run_dir / "metrics.jsonl").open("a")
-        if progress:
+        if cfg.progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-        if tensorboard:
+        if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tb"))
@@ -52,10 +66,15 @@ class Monitor:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
-        self.metrics_file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
-        self.metrics_file.flush()
+        self.record(step, values)
         if self.bar is not None and postfix:
             self.bar.set_postfix(postfix, refresh=False)
+
+    def record(self, step: int, info: dict[str, Any]) -> None:
+        """Append ``info`` at ``step`` to metrics.jsonl only (e.g. the precision the run computes in)."""
+        if self.enabled:
+            self.metrics_file.write(json.dumps({"step": step, "time": time.time(), **info}) + "\n")
+            self.metrics_file.flush()
 
     def image(self, step: int, tag: str, image: torch.Tensor) -> None:
         """A (C, H, W) image in [0, 1] to TensorBoard."""

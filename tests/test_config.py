@@ -9,8 +9,22 @@ from flowmatch.config import Recipe, RecipeError, load_recipe, recipe_from_yaml,
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_digits_recipe_is_the_embedded_default():
-    assert load_recipe(ROOT / "recipes" / "digits.yaml") == Recipe()
+def test_defaults_are_neutral_and_the_digits_job_lives_in_its_recipe():
+    default, digits = Recipe(), load_recipe(ROOT / "recipes" / "digits.yaml")
+    assert (default.model.preset, default.text_encoder.kind, default.autoencoder.kind) == ("sd3-medium", "t5", "vae")
+    assert not any("digit" in p for p in default.sampling.prompts)
+    assert (digits.model.preset, digits.text_encoder.kind, digits.autoencoder.kind) == ("digits", "auto", "identity")
+    assert digits.sampling.prompts[7] == "a handwritten digit seven" and digits.sampling.per_prompt == 8
+
+
+def test_a_base_cycle_is_a_recipe_error_naming_the_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  max_steps: 3\n")
+    with pytest.raises(RecipeError, match=r"cycle: \S*a\.yaml -> \S*b\.yaml -> \S*a\.yaml"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(RecipeError, match=r"cycle: \S*self\.yaml -> \S*self\.yaml"):
+        load_recipe(tmp_path / "self.yaml")
 
 
 def test_precedence_command_line_over_file_over_defaults(tmp_path):

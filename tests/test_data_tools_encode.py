@@ -44,10 +44,11 @@ def encoded(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def encoders():
     from flowmatch.config import load_recipe
-    from flowmatch.pipeline import build_encoders
+    from flowmatch.encoders.frozen import FrozenEncoders
 
     recipe = load_recipe(RECIPE, list(SETTINGS.overrides))
-    return build_encoders(recipe, "cpu")
+    frozen = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels)
+    return frozen.text, frozen.autoencoder
 
 
 def test_encode_stores_the_encoders_outputs(encoded, encoders):

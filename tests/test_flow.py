@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 from flowmatch.flow import (
     FlowConfig,
     TimeSchedule,
-    concat_conditions,
     drop_captions,
     flow_matching_loss,
     interpolate,
@@ -25,6 +23,7 @@ from flowmatch.flow import (
     velocity_target,
     x0_from_velocity,
 )
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.sampling import guided_velocity, sample_ode
 
 N_SAMPLES = 200_000
@@ -284,45 +283,35 @@ def test_loss_weightings_are_densities():
 # ---------------------------------------------------------------- classifier-free guidance
 
 
-@dataclass
-class _Text:
-    """Stands in for flowmatch.encoders.text.TextEmbeddings: any dataclass of batch-first tensors works."""
-
-    hidden: torch.Tensor
-    mask: torch.Tensor
-    pooled: torch.Tensor
-
-
-def _text(batch: int, length: int, seed: int, real: int | None = None) -> _Text:
+def _text(batch: int, length: int, seed: int, real: int | None = None) -> Conditioning:
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(batch, length, dtype=torch.bool)
     mask[:, : real or length] = True
-    return _Text(torch.randn(batch, length, 4, generator=g), mask, torch.randn(batch, 3, generator=g))
+    hidden = torch.randn(batch, length, 4, generator=g) * mask[..., None]
+    return Conditioning(hidden, mask, torch.randn(batch, 3, generator=g))
 
 
 def _model(calls: list[int]):
     """A toy velocity model that reads every conditioning input and ignores masked tokens."""
 
-    def model_fn(x, t, context, pooled, context_mask):
+    def model_fn(x, t, cond: Conditioning):
         calls.append(x.shape[0])
-        ctx = (context * context_mask[..., None]).sum((1, 2))
-        return x * (1 + t[:, None, None]) + (ctx + pooled.sum(1))[:, None, None]
+        ctx = (cond.hidden * cond.mask[..., None]).sum((1, 2))
+        return x * (1 + t[:, None, None]) + (ctx + cond.pooled.sum(1))[:, None, None]
 
     return model_fn
 
 
 def test_guided_velocity_one_batched_forward_matches_formula():
     b, scale = 3, 4.5
-    cond_t, null_t = _text(b, 7, seed=0, real=5), _text(1, 4, seed=1, real=1)  # null is shorter and batch 1
-    cond = dict(context=cond_t.hidden, pooled=cond_t.pooled, context_mask=cond_t.mask)
-    uncond = dict(context=null_t.hidden, pooled=null_t.pooled, context_mask=null_t.mask)
+    cond, uncond = _text(b, 7, seed=0, real=5), _text(1, 4, seed=1, real=1)  # null is shorter and batch 1
     x, t = torch.randn(b, 2, 2), torch.rand(b)
     calls: list[int] = []
     model_fn = _model(calls)
     v = guided_velocity(model_fn, cond, uncond, scale)(x, t)
     assert calls == [2 * b]  # one forward over cond and uncond together
-    v_c = model_fn(x, t, **cond)
-    v_u = model_fn(x, t, **{k: val.expand(b, *val.shape[1:]) for k, val in uncond.items()})
+    v_c = model_fn(x, t, cond)
+    v_u = model_fn(x, t, uncond.expand(b))
     torch.testing.assert_close(v, v_u + scale * (v_c - v_u))
     assert not torch.allclose(v, v_c)
     # No guidance: a single forward of batch B.
@@ -338,26 +327,13 @@ def test_guided_velocity_one_batched_forward_matches_formula():
     assert sol.nfe == 3 and calls == [2 * b] * 3
 
 
-def test_concat_conditions_pads_with_masked_tokens():
-    cond, null = _text(2, 3, seed=0), _text(1, 5, seed=1, real=2)
-    both = concat_conditions(cond, null)
-    assert isinstance(both, _Text) and both.hidden.shape == (4, 5, 4) and both.mask.shape == (4, 5)
-    assert not both.mask[:2, 3:].any() and both.hidden[:2, 3:].abs().sum() == 0  # cond padded
-    torch.testing.assert_close(both.hidden[2:], null.hidden.expand(2, 5, 4))
-    no_mask = dict(context=torch.zeros(2, 3, 4))
-    with pytest.raises(ValueError, match="mask"):
-        concat_conditions(no_mask, dict(context=torch.zeros(1, 5, 4)))
-    with pytest.raises(ValueError, match="pooled"):
-        concat_conditions(dict(pooled=torch.zeros(2, 3)), dict(pooled=torch.zeros(1, 4)))
-
-
 def test_drop_captions():
     b = 2000
     text, null = _text(b, 6, seed=0), _text(1, 3, seed=1, real=1)
     assert drop_captions(text, null, 0.0) is text
     out = drop_captions(text, null, 0.25, generator=torch.Generator().manual_seed(0))
     again = drop_captions(text, null, 0.25, generator=torch.Generator().manual_seed(0))
-    assert isinstance(out, _Text) and torch.equal(out.hidden, again.hidden)
+    assert isinstance(out, Conditioning) and torch.equal(out.hidden, again.hidden)
     assert out.hidden.shape == (b, 6, 4) and out.mask.shape == (b, 6)
     dropped = (out.pooled == null.pooled).all(1)
     assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.04)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import flowmatch
 from flowmatch.config import load_recipe
-from flowmatch.trainer import Trainer, TrainingError, train
+from flowmatch.training import train
+from flowmatch.training.loop import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,24 +89,27 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, digit_shards,
     calls = {"n": 0}
     real = Trainer.micro_loss
 
-    def flaky(self, batch):
-        loss, per_sample, t = real(self, batch)
+    def flaky(self, batch, generator):
+        m = real(self, batch, generator)
         calls["n"] += 1
-        if calls["n"] == 3:  # one bad micro batch: skipped, training goes on
-            loss = loss * float("nan")
-        return loss, per_sample, t
+        if calls["n"] == 3:  # one bad micro batch: its optimizer step is discarded, training goes on
+            m.loss = m.loss * float("nan")
+        return m
 
     monkeypatch.setattr(Trainer, "micro_loss", flaky)
     summary = train(tiny_recipe(tmp_path / "a", digit_shards))
     assert summary.final_step == 4 and summary.skipped_steps == 1
+    losses = [m["loss"] for m in read_metrics(tmp_path / "a") if "loss" in m]
+    assert len(losses) == 4 and all(0 < v < 10 for v in losses)  # the bad loss is kept out of the logs
 
-    def broken(self, batch):
-        loss, per_sample, t = real(self, batch)
-        calls["n"] += 1
-        return (loss * float("inf") if self.step >= 2 else loss), per_sample, t
+    def broken(self, batch, generator):
+        m = real(self, batch, generator)
+        if self.step >= 2:
+            m.loss = m.loss * float("inf")
+        return m
 
     monkeypatch.setattr(Trainer, "micro_loss", broken)
-    with pytest.raises(TrainingError, match="non-finite 3 times in a row"):
+    with pytest.raises(TrainingError, match="non-finite in 3 optimizer steps in a row"):
         train(tiny_recipe(tmp_path / "b", digit_shards, **{"train.max_bad_steps": 3}))
     assert (tmp_path / "b" / "checkpoints" / "2" / "model.safetensors").is_file()  # the last good one is intact
 

@@ -29,7 +29,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from flowmatch.data import decode
-from flowmatch.data.batch import Batch, pad_text
+from flowmatch.data.batch import Batch
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.data.buckets import Bucket, nearest_bucket
 from flowmatch.data.shards import ShardSplit
 from flowmatch.data.tarstream import BadRecord, RawSample, Record, read_shard
@@ -209,7 +210,7 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
     meta = [sample_meta(record) for record, _ in kept]
     if spec.cached:
         latents = torch.stack([f.latents for f in tensors]).float()
-        text = pad_text([f.hidden for f in tensors], [f.pooled for f in tensors])
+        text = Conditioning.from_rows([f.hidden for f in tensors], [f.pooled for f in tensors])
         return Batch(captions, keys, latents=latents, text=text, meta=meta), failed
     return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta), failed
 

@@ -13,7 +13,9 @@ from typing import Optional
 
 import torch
 
-from flowmatch.encoders.text import resolve_dtype, resolve_model_path
+from flowmatch.dtypes import DTYPES, resolve_dtype
+from flowmatch.encoders.loading import load_pretrained
+from flowmatch.errors import choice_error
 
 # Latent normalisation (scale, shift) of released VAEs, from their diffusers configs:
 # SD3 / SD3.5 VAE (stabilityai/stable-diffusion-3-medium-diffusers, vae/config.json),
@@ -32,7 +34,7 @@ KINDS = ("vae", "identity")
 class AutoencoderConfig:
     """The recipe's `autoencoder` section."""
 
-    kind: str = "identity"
+    kind: str = "vae"
     """vae (diffusers AutoencoderKL) or identity (train in pixel space)."""
     name_or_path: str = "stabilityai/stable-diffusion-3-medium-diffusers"
     """Hub id or local directory of the VAE (pkg:<package>/<subdir> also works)."""
@@ -51,11 +53,11 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"autoencoder.kind must be one of {KINDS}, got {self.kind!r}")
+            raise choice_error("autoencoder.kind", self.kind, KINDS)
         if self.preset not in LATENT_PRESETS:
-            raise ValueError(f"autoencoder.preset must be one of {tuple(LATENT_PRESETS)}, got {self.preset!r}")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"autoencoder.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+            raise choice_error("autoencoder.preset", self.preset, LATENT_PRESETS)
+        if self.dtype not in ("auto", *DTYPES):
+            raise choice_error("autoencoder.dtype", self.dtype, ("auto", *DTYPES))
 
 
 class Autoencoder:
@@ -72,17 +74,12 @@ class Autoencoder:
             return
         from diffusers import AutoencoderKL
 
-        path = resolve_model_path(cfg.name_or_path)
-        try:
-            self.vae = AutoencoderKL.from_pretrained(
-                path, subfolder=cfg.subfolder or None, torch_dtype=resolve_dtype(cfg.dtype, self.device)
-            )
-        except (OSError, EnvironmentError) as err:
-            raise FileNotFoundError(
-                f"could not load the VAE {cfg.name_or_path!r} (subfolder {cfg.subfolder!r}): {err}. "
-                "Point autoencoder.name_or_path at a local diffusers AutoencoderKL folder (or a hub id in the "
-                "local cache), or use autoencoder.kind=identity for pixel space."
-            ) from err
+        dtype = resolve_dtype(cfg.dtype, self.device)
+        self.vae = load_pretrained(
+            f"VAE (subfolder {cfg.subfolder!r})", cfg.name_or_path,
+            lambda path: AutoencoderKL.from_pretrained(path, subfolder=cfg.subfolder or None, torch_dtype=dtype),
+            key="autoencoder.name_or_path", hint=", or use autoencoder.kind=identity for pixel space",
+        )
         self.vae.to(self.device).eval().requires_grad_(False)
         scale, shift = LATENT_PRESETS[cfg.preset]
         if cfg.preset == "config":

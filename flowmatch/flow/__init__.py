@@ -5,7 +5,7 @@ Convention (see :mod:`flowmatch.flow.path`): t = 0 data, t = 1 noise, ``x_t = (1
 velocity ``noise - x0``.
 """
 
-from flowmatch.flow.conditioning import concat_conditions, drop_captions
+from flowmatch.flow.caption_dropout import drop_captions
 from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
 from flowmatch.flow.path import (
     PathSample,
@@ -34,7 +34,6 @@ __all__ = [
     "SHIFT_MODES",
     "TIME_DISTRIBUTIONS",
     "TimeSchedule",
-    "concat_conditions",
     "drop_captions",
     "flow_matching_loss",
     "interpolate",

@@ -12,7 +12,6 @@ The shift (SD3 paper, section 5.3.2) multiplies the odds of noise, ``t / (1 - t)
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from flowmatch.errors import choice_error
 from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
 
 __all__ = [
@@ -41,12 +41,6 @@ _MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)
 # Training times are kept this far from 0 and 1: the velocity <-> x0/noise conversions divide by t and 1 - t,
 # and density weightings are 0/0 at the ends. The probability mass removed is negligible.
 TIME_EPS = 1e-5
-
-
-def _choice_error(field: str, value: str, allowed: tuple[str, ...]) -> ValueError:
-    hint = difflib.get_close_matches(str(value), allowed, n=1)
-    nearest = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return ValueError(f"flow.{field} = {value!r} is not one of {', '.join(allowed)}{nearest}")
 
 
 @dataclass
@@ -82,11 +76,11 @@ class FlowConfig:
 
     def __post_init__(self) -> None:
         if self.time_dist not in TIME_DISTRIBUTIONS:
-            raise _choice_error("time_dist", self.time_dist, TIME_DISTRIBUTIONS)
+            raise choice_error("flow.time_dist", self.time_dist, TIME_DISTRIBUTIONS)
         if self.shift_mode not in SHIFT_MODES:
-            raise _choice_error("shift_mode", self.shift_mode, SHIFT_MODES)
+            raise choice_error("flow.shift_mode", self.shift_mode, SHIFT_MODES)
         if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise _choice_error("loss_weighting", self.loss_weighting, tuple(LOSS_WEIGHTINGS))
+            raise choice_error("flow.loss_weighting", self.loss_weighting, tuple(LOSS_WEIGHTINGS))
         if not self.logit_std > 0:
             raise ValueError(f"flow.logit_std must be > 0; got {self.logit_std}")
         if not -1.0 <= self.mode_scale <= _MODE_SCALE_MAX:

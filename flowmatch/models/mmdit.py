@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models.embeddings import (
     MLPEmbedder,
     RopeTable,
@@ -197,10 +198,9 @@ class MMDiT(nn.Module):
                 f"context_mask must be bool {tuple(context.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
             )
 
-    def forward(
-        self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, context_mask: Optional[Tensor] = None
-    ) -> Tensor:
-        """Velocity at (x, t). context_mask: True = real token; masked text tokens are never attended to."""
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Velocity at (x, t) given the conditioning; masked text tokens (cond.mask False) are never attended to."""
+        context, pooled, context_mask = cond.hidden, cond.pooled, cond.mask
         self._check_inputs(x, t, context, pooled, context_mask)
         cfg = self.cfg
         b, _, height, width = x.shape

@@ -4,6 +4,7 @@ Every function takes a plain velocity callable ``velocity(x, t)`` (x (B, ...), t
 during training and the Python API share one implementation.
 """
 
+from flowmatch.sampling.generate import Pipeline, SamplingConfig, VelocityModel, image_noise, sample_latents
 from flowmatch.sampling.guidance import guided_velocity
 from flowmatch.sampling.likelihood import (
     PIXEL_DATA_SCALE_CORRECTION,
@@ -23,6 +24,7 @@ from flowmatch.sampling.solvers import (
     SOLVERS,
     Velocity,
     available_solvers,
+    check_solver,
     nfe_per_step,
     sample_ode,
     solver_order,
@@ -36,14 +38,20 @@ __all__ = [
     "ODESolution",
     "PIXEL_DATA_SCALE_CORRECTION",
     "PIXEL_LEVEL_SCALE",
+    "Pipeline",
     "SOLVERS",
+    "SamplingConfig",
     "Velocity",
+    "VelocityModel",
     "available_solvers",
+    "check_solver",
     "bits_per_dim",
     "dequantize_pixels",
     "guided_velocity",
+    "image_noise",
     "log_likelihood",
     "nfe_per_step",
+    "sample_latents",
     "sample_ode",
     "solver_order",
     "standard_normal_log_prob",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from flowmatch.errors import choice_error
 from flowmatch.flow.timesteps import check_steps, shifted_grid
 
 __all__ = [
@@ -206,8 +207,16 @@ def _fixed(solver: str) -> FixedStepSolver:
     raise _unknown(solver)
 
 
-def _unknown(solver: str) -> ValueError:
-    return ValueError(f"unknown ODE solver {solver!r}; allowed: {', '.join(available_solvers())}")
+def _unknown(solver: str, key: str = "solver") -> ValueError:
+    return choice_error(key, solver, available_solvers())
+
+
+def check_solver(solver: str, key: str = "solver") -> str:
+    """``solver`` if ``sample_ode`` accepts it, else a ValueError naming ``key``, the allowed solvers and the
+    nearest spelling."""
+    if solver not in available_solvers():
+        raise _unknown(solver, key)
+    return solver
 
 
 def solver_order(solver: str) -> int:

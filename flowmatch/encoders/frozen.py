@@ -1,0 +1,108 @@
+"""The frozen encoders of a run as one component: text encoder(s) and autoencoder, built from their sub-configs.
+
+Everything that needs the encoders (the trainer, validation, `flowmatch sample`/`eval`, the Python API and
+`flowmatch-data encode`) goes through :class:`FrozenEncoders`: it encodes a batch (or takes the cached features
+the batch already carries), gives the empty caption's conditioning, the fingerprints that cached shards are
+checked against, and the input sizes the model must have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from flowmatch.encoders.autoencoder import Autoencoder, AutoencoderConfig
+from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
+from flowmatch.errors import RecipeError
+
+if TYPE_CHECKING:
+    from flowmatch.data import Batch
+
+# Which recipe section decides each model input size (named in mismatch errors).
+_SIZE_SOURCES = {"in_channels": "autoencoder", "context_dim": "text encoder", "pooled_dim": "text encoder"}
+
+
+class FrozenEncoders:
+    """The text encoder and the autoencoder of a run; never trained, never inside the engine.
+
+    Args:
+        text_cfg: the recipe's ``text_encoder`` section.
+        autoencoder_cfg: the recipe's ``autoencoder`` section.
+        image_channels: channels of the images (the data section's ``channels``).
+        device: where encoding runs and its outputs live.
+    """
+
+    def __init__(self, text_cfg: TextEncoderConfig, autoencoder_cfg: AutoencoderConfig, *, image_channels: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.text = TextEncoder(text_cfg, device=self.device)
+        self.autoencoder = Autoencoder(autoencoder_cfg, image_channels=image_channels, device=self.device)
+        self._null: Optional[Conditioning] = None
+
+    # -- conditioning ----------------------------------------------------------------------------------------------
+
+    def encode_text(self, captions: list[str]) -> Conditioning:
+        """Captions -> conditioning on :attr:`device` (hidden (B, L, D) float32, mask (B, L), pooled (B, Dp))."""
+        return self.text.encode(list(captions)).to(self.device)
+
+    def null(self) -> Conditioning:
+        """The empty caption's conditioning (batch 1): caption dropout's replacement in training and the
+        unconditional input of classifier-free guidance at sampling, so both use the same one."""
+        if self._null is None:
+            self._null = self.encode_text([""])
+        return self._null
+
+    def encode_batch(self, batch: "Batch") -> tuple[torch.Tensor, Conditioning]:
+        """A loader batch -> (latents (B, C, h, w) float32, conditioning), both on :attr:`device`.
+
+        Cached features the batch carries are used as they are; raw images and captions go through the encoders.
+        """
+        x0 = batch.latents if batch.latents is not None else self.autoencoder.encode(batch.images.to(self.device))
+        cond = batch.text if batch.text is not None else self.encode_text(batch.captions)
+        return x0.to(self.device).float(), cond.to(self.device)
+
+    # -- images ----------------------------------------------------------------------------------------------------
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, C_img, H, W) in [-1, 1]."""
+        return self.autoencoder.decode(latents)
+
+    @property
+    def downsample(self) -> int:
+        """Pixels per latent along each side."""
+        return self.autoencoder.downsample
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the model sees."""
+        return self.autoencoder.latent_channels
+
+    @property
+    def pixel_space(self) -> bool:
+        """Whether the "latents" are the images themselves (identity autoencoder)."""
+        return self.autoencoder.vae is None
+
+    # -- what others check against ---------------------------------------------------------------------------------
+
+    def fingerprints(self) -> dict[str, str]:
+        """Which encoders make this run's features: recorded in cached shards and checked when they are read."""
+        return {"text_encoder": self.text.fingerprint(), "autoencoder": self.autoencoder.fingerprint()}
+
+    def input_sizes(self) -> dict[str, int]:
+        """The model input sizes these encoders decide: in_channels, context_dim and pooled_dim."""
+        return {"in_channels": self.latent_channels, "context_dim": self.text.hidden_size,
+                "pooled_dim": self.text.pooled_size}
+
+    def fill_model_config(self, model_cfg: Any) -> Any:
+        """A copy of the model config with :meth:`input_sizes` filled in (recipes leave them None); a size the
+        recipe sets explicitly must agree, or a RecipeError names the key and the encoder's value."""
+        sizes = self.input_sizes()
+        for name, value in sizes.items():
+            given = getattr(model_cfg, name)
+            if given is not None and given != value:
+                raise RecipeError(f"model.{name}={given} but the {_SIZE_SOURCES[name]} gives {value}: remove "
+                                  f"model.{name} from the recipe to take it from the encoder")
+        return dataclasses.replace(model_cfg, **sizes)

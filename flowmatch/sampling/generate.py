@@ -1,0 +1,140 @@
+"""Text -> image generation: the one implementation behind the Python API, `flowmatch sample`, `flowmatch eval`
+and validation during training.
+
+Captions -> conditioning (the frozen encoders) -> noise from a CPU `torch.Generator` per image (seed + index, so
+the same seed gives the same image on any device and in any batch) -> `sample_ode` with classifier-free guidance
+on the schedule's shift -> decode -> images in [0, 1]. Loading a pipeline from a checkpoint lives in
+:mod:`flowmatch.pipeline`; writing images lives in :mod:`flowmatch.images`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import Tensor
+
+from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.flow import TimeSchedule
+from flowmatch.sampling.guidance import guided_velocity
+from flowmatch.sampling.solvers import check_solver, sample_ode
+
+if TYPE_CHECKING:
+    from flowmatch.config import Recipe
+    from flowmatch.encoders.frozen import FrozenEncoders
+
+VelocityModel = Callable[[Tensor, Tensor, Conditioning], Tensor]
+"""``model(x (B, C, h, w), t (B,), cond) -> velocity (B, C, h, w)``."""
+
+
+@dataclass
+class SamplingConfig:
+    """The recipe's `sampling` section: defaults of generation (Python API, CLI) and the validation grids."""
+
+    steps: int = 20
+    """ODE steps."""
+    solver: str = "euler"
+    """ODE solver (see flowmatch.sampling.SOLVERS)."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale (1 = no guidance)."""
+    seed: int = 0
+    """Seed of the validation noise."""
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red apple on a wooden table",
+                                                        "a city street at night"])
+    """Validation prompts: one row of the sample grid each."""
+    per_prompt: int = 4
+    """Images per prompt in the validation grid."""
+
+    def __post_init__(self) -> None:
+        check_solver(self.solver, "sampling.solver")
+        if self.steps < 1 or self.per_prompt < 1 or not self.prompts:
+            raise ValueError("steps and per_prompt must be >= 1 and prompts must not be empty")
+
+
+def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
+    """(B, *shape) standard normal noise, row i drawn from a CPU generator seeded with seeds[i]."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Conditioning], noise: Tensor, *,
+                   steps: int, solver: str, guidance_scale: Optional[float], shift: float) -> tuple[Tensor, int]:
+    """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, velocity evaluations).
+
+    With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
+    """
+    guided = guidance_scale is not None and guidance_scale != 1.0
+    if guided and null is None:
+        raise ValueError("classifier-free guidance needs the empty caption's conditioning (null)")
+    velocity = guided_velocity(model, cond, null if guided else None, guidance_scale)
+    solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift)
+    return solution.x, solution.nfe
+
+
+class Pipeline:
+    """Generate images from captions with a trained model.
+
+    >>> pipe = Pipeline.from_checkpoint("runs/digits")
+    >>> images = pipe.generate(["a handwritten digit seven"] * 8, steps=20, seed=0)  # (8, C, H, W) in [0, 1]
+
+    Args:
+        model: the velocity model (an MMDiT, or the training engine's forward during validation).
+        encoders: the run's frozen encoders.
+        recipe: the run's resolved recipe: its ``sampling`` section gives the defaults, ``flow`` the time
+            schedule (shift), ``model.patch_size`` and ``data.resolution`` the default image size.
+        device: where noise and latents live.
+    """
+
+    def __init__(self, model: VelocityModel, encoders: "FrozenEncoders", recipe: "Recipe", *,
+                 device: torch.device | str = "cpu") -> None:
+        self.model = model
+        self.encoders = encoders
+        self.recipe = recipe
+        self.device = torch.device(device)
+        self.schedule = TimeSchedule(recipe.flow)
+        self.last_nfe = 0
+
+    @classmethod
+    def from_checkpoint(cls, path, *, device: Optional[torch.device | str] = None,
+                        ema: Optional[bool] = None) -> "Pipeline":
+        """Load a run directory (its newest checkpoint) or one checkpoint directory; see
+        :func:`flowmatch.pipeline.load_pipeline`."""
+        from flowmatch.pipeline import load_pipeline
+
+        return load_pipeline(path, device=device, ema=ema)
+
+    def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for an image of height x width pixels (the recipe's resolution by default)."""
+        default_h, default_w = self.recipe.data.size
+        h, w, f = height or default_h, width or default_w, self.encoders.downsample
+        p = self.recipe.model.patch_size
+        if h % (f * p) or w % (f * p):
+            raise ValueError(f"height and width must be multiples of {f * p} (autoencoder factor x patch size)")
+        return (self.encoders.latent_channels, h // f, w // f)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, steps: Optional[int] = None, solver: Optional[str] = None,
+                 guidance_scale: Optional[float] = None, seed: int = 0, height: Optional[int] = None,
+                 width: Optional[int] = None) -> Tensor:
+        """Images (B, C, H, W) in [0, 1] for B prompts; None arguments take the recipe's sampling defaults.
+
+        Image i starts from noise seeded with ``seed + i``. :attr:`last_nfe` holds the velocity evaluations used.
+        """
+        s = self.recipe.sampling
+        c, h, w = self.latent_shape(height, width)
+        p = self.recipe.model.patch_size
+        noise = image_noise([seed + i for i in range(len(prompts))], (c, h, w)).to(self.device)
+        latents, self.last_nfe = sample_latents(
+            self.model,
+            self.encoders.encode_text(list(prompts)),
+            self.encoders.null(),
+            noise,
+            steps=steps or s.steps,
+            solver=solver or s.solver,
+            guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
+            shift=self.schedule.shift_for((h // p) * (w // p)),
+        )
+        return (self.encoders.decode(latents) + 1) / 2

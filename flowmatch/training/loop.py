@@ -1,0 +1,264 @@
+"""The training loop: batches -> rectified-flow loss -> engine step, with EMA, checkpoints, validation and logs.
+
+It calls the flow layer for the math (:func:`micro_loss`), the engine for everything distributed, including
+what a non-finite loss does, and :mod:`flowmatch.checkpoint` for files; it never re-derives any of them.
+Between log intervals the loop reads nothing back from the device: logged sums stay in a :class:`LossWindow` on
+the device until the log step reduces them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from flowmatch.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowmatch.data import merge_loader_states
+from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions, sample_path
+from flowmatch.models.flops import training_flops_per_step
+from flowmatch.models.mmdit import MMDiT
+from flowmatch.monitor import Monitor
+from flowmatch.training.assembly import TrainingRun
+from flowmatch.training.validation import Validator
+
+# Loss is also logged per timestep bucket (quarters of [0, 1]) to see which noise levels train slowly.
+LOSS_BUCKETS = 4
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss stayed non-finite); the message says what happened and what to do."""
+
+
+@dataclass
+class TrainSummary:
+    """What a finished `train` call did."""
+
+    run_dir: Path
+    start_step: int
+    final_step: int
+    final_loss: float
+    skipped_steps: int
+    """Optimizer steps the engine discarded for a non-finite loss, over the whole run (survives resume)."""
+    seconds: float
+    last_checkpoint: Optional[Path]
+    compute_dtype: str
+    """Dtype of the model's output during training, as observed (proves the recipe's precision took effect)."""
+
+
+@dataclass
+class MicroLoss:
+    """One micro batch's loss."""
+
+    loss: torch.Tensor
+    """() scalar to backpropagate."""
+    per_sample: torch.Tensor
+    """(B,) per-sample (weighted) loss, detached."""
+    t: torch.Tensor
+    """(B,) the times the model saw."""
+
+
+def micro_loss(velocity: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor], x0: torch.Tensor,
+               cond: Conditioning, null: Conditioning, *, schedule: TimeSchedule, flow: FlowConfig, patch_size: int,
+               generator: torch.Generator) -> MicroLoss:
+    """The rectified-flow loss of one micro batch x0 (B, C, h, w) with its conditioning.
+
+    Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
+    run on any device), in that order. The model sees ``x_t = (1 - t) x0 + t noise`` and regresses ``noise - x0``
+    with the schedule's loss weighting.
+    """
+    cond = drop_captions(cond, null, flow.caption_dropout, generator=generator)
+    b, _, h, w = x0.shape
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = schedule.sample(b, seq_len=(h // patch_size) * (w // patch_size), generator=generator).to(x0.device)
+    path = sample_path(x0, noise, t)
+    out = schedule.loss(velocity(path.x_t, path.t, cond), path.target, path.t)
+    return MicroLoss(out.loss, out.per_sample.detach(), t)
+
+
+class LossWindow:
+    """Sums of the logged losses since the last log step, kept on the device (no host sync to add to them).
+
+    Non-finite losses (of windows the engine discards) are left out of the sums.
+    """
+
+    def __init__(self, device: torch.device, buckets: int = LOSS_BUCKETS) -> None:
+        self.buckets = buckets
+        # loss sum, loss count, per-bucket sums, per-bucket counts
+        self.sums = torch.zeros(2 + 2 * buckets, device=device)
+        self.steps = 0
+        self.started = time.time()
+
+    def add(self, m: MicroLoss) -> None:
+        finite = torch.isfinite(m.loss.detach())
+        self.sums[0] += torch.where(finite, m.loss.detach(), 0.0)
+        self.sums[1] += finite
+        ok = torch.isfinite(m.per_sample)
+        bucket = (m.t * self.buckets).long().clamp(max=self.buckets - 1)
+        self.sums[2:2 + self.buckets].index_add_(0, bucket, torch.where(ok, m.per_sample, 0.0))
+        self.sums[2 + self.buckets:].index_add_(0, bucket, ok.float())
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.steps = 0
+        self.started = time.time()
+
+
+class Trainer:
+    """Trains an assembled run to ``train.max_steps``, resuming from its newest checkpoint."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        self.recipe = run.recipe
+        self.engine = run.engine
+        self.step = 0
+        self.monitor: Optional[Monitor] = None
+        self.validator = Validator(run)
+
+    # -- one micro batch -------------------------------------------------------------------------------------------
+
+    def micro_loss(self, batch, generator: torch.Generator) -> MicroLoss:
+        """Encode a loader batch (or take its cached features) and compute its loss with ``generator``."""
+        run = self.run
+        x0, cond = run.encoders.encode_batch(batch)
+        return micro_loss(run.velocity, x0, cond, run.null, schedule=run.schedule, flow=self.recipe.flow,
+                          patch_size=self.recipe.model.patch_size, generator=generator)
+
+    # -- state ------------------------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Load the newest complete checkpoint of run_dir, if any, and say so."""
+        run, e = self.run, self.engine
+        ckpt = latest_checkpoint(run.run_dir)
+        if ckpt is None:
+            return
+        state = load_checkpoint(e, ckpt)
+        self.step = int(state["step"])
+        # Not strict: with another number of ranks the loader warns and starts the next epoch.
+        run.loader.load_state_dict(state["loader"], strict=False)
+        generators = state["generator"]  # one state per micro-batch slot of the global batch
+        if len(generators) == e.world_size * run.accum:  # else: another layout, keep the fresh seeds
+            first_slot = e.rank * run.accum
+            for m, g in enumerate(run.generators):
+                g.set_state(generators[first_slot + m])
+        if e.is_main:
+            print(f"resuming from {ckpt} (step {self.step})", flush=True)
+
+    def checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (atomically; keeps the newest train.keep_checkpoints)."""
+        run, e = self.run, self.engine
+        loaders = merge_loader_states(e.all_gather_object(run.loader.state_dict()))
+        slots = [s for states in e.all_gather_object([g.get_state() for g in run.generators]) for s in states]
+        state = {"step": self.step, "loader": loaders, "generator": slots}
+        return save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
+                               keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0)
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+
+    def fit(self) -> TrainSummary:
+        """Train until train.max_steps; returns a summary. Raises TrainingError when the loss stays non-finite."""
+        r, e, run = self.recipe, self.engine, self.run
+        self.resume()
+        start_step, started = self.step, time.time()
+        if e.is_main:
+            (run.run_dir / "recipe.yaml").write_text(run.recipe_yaml)
+        self.monitor = Monitor(run.run_dir, r.logging, enabled=e.is_main, total_steps=r.train.max_steps,
+                               start_step=start_step)
+        self.validator.monitor = self.monitor
+        batches = iter(run.loader)
+        e.train()
+        try:
+            last_loss, last_ckpt = self._loop(batches)
+        finally:
+            batches.close()  # stops the loader's worker processes
+            self.monitor.close()
+        return TrainSummary(run.run_dir, start_step, self.step, last_loss, e.skipped_steps, time.time() - started,
+                            last_ckpt or latest_checkpoint(run.run_dir), str(run.velocity.last_dtype))
+
+    def _loop(self, batches) -> tuple[float, Optional[Path]]:
+        r, e, run, mon = self.recipe, self.engine, self.run, self.monitor
+        t = r.train
+        window = LossWindow(e.device)
+        flops = self.flops_per_step()
+        bad_in_a_row = 0
+        last_loss, last_ckpt = float("nan"), None
+        while self.step < t.max_steps:
+            for generator in run.generators:
+                m = self.micro_loss(next(batches), generator)
+                e.backward(m.loss)
+                window.add(m)
+            result = e.step()  # the engine discards the whole window when any of its losses was non-finite
+            if result.skipped:
+                bad_in_a_row += 1
+                mon.message(f"step {self.step}: non-finite loss, update skipped ({e.skipped_steps} so far)")
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"the loss was non-finite in {bad_in_a_row} optimizer steps in a row at step {self.step}; "
+                        f"stopping. The last good checkpoint ({latest_checkpoint(run.run_dir)}) is intact: lower "
+                        "optim.lr, check the data, or resume from it."
+                    )
+                continue
+            bad_in_a_row = 0
+            if t.ema_decay > 0:
+                e.ema_update()
+            self.step += 1
+            window.steps += 1
+            mon.advance()
+            if self.step == 1:
+                mon.record(self.step, {"precision": r.distributed.precision,
+                                       "compute_dtype": str(run.velocity.last_dtype)})
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                last_loss = self.log(window, result, flops)
+                window.reset()
+            if t.validate_every and self.step % t.validate_every == 0:
+                self.validator.validate(self.step)
+            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                last_ckpt = self.checkpoint()
+        if t.validate_every == 0 or self.step % t.validate_every:
+            self.validator.validate(self.step)
+        return last_loss, last_ckpt
+
+    def flops_per_step(self) -> float:
+        """Estimated training FLOPs of one optimizer step (global batch), for throughput and MFU logging.
+
+        Sized on a meta-device copy: the engine's model may be sharded (ZeRO-3), which hides parameter sizes.
+        """
+        r, run = self.recipe, self.run
+        height, width = r.data.size
+        f = run.encoders.downsample
+        prompts = run.encoders.encode_text(r.sampling.prompts[:16])
+        text_len = max(1, round(prompts.mask.sum().item() / len(prompts)))  # validation prompts' mean length
+        with torch.device("meta"):
+            shape_model = MMDiT(r.model)
+        return training_flops_per_step(shape_model, batch_size=r.train.batch_size,
+                                       latent_size=(height // f, width // f), text_len=text_len).total
+
+    def log(self, window: LossWindow, result, flops_per_step: float) -> float:
+        """Reduce the window's sums across ranks and record them: the loop's host sync, once per log interval."""
+        e, r = self.engine, self.recipe
+        nb = window.buckets
+        bad = torch.tensor([float(self.run.loader.bad_samples)], device=e.device)
+        sums = e.all_reduce_sum(torch.cat([window.sums, bad])).cpu()
+        seconds = max(time.time() - window.started, 1e-9)
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        counts = sums[2 + nb:2 + 2 * nb]
+        buckets = sums[2:2 + nb] / counts.clamp(min=1)
+        samples_per_s = window.steps * r.train.batch_size / seconds
+        tflops = window.steps * flops_per_step / seconds / 1e12
+        values = {"loss": loss, "lr": e.lr, "samples_per_s": samples_per_s, "tflops_per_s": tflops}
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{e.lr:.2e}", "samples/s": f"{samples_per_s:.0f}"}
+        if r.logging.peak_tflops > 0:
+            values["mfu"] = tflops / (r.logging.peak_tflops * e.world_size)
+            postfix["mfu"] = f"{values['mfu']:.1%}"
+        values["bad_samples"] = sums[-1].item()
+        values["skipped_steps"] = float(e.skipped_steps)
+        if result is not None and result.grad_norm is not None:
+            values["grad_norm"] = float(result.grad_norm)
+        for i, (v, n) in enumerate(zip(buckets.tolist(), counts.tolist())):
+            if n > 0:  # a bucket no sample fell in this window has no loss to report
+                values[f"loss_t{i}"] = v
+        self.monitor.scalars(self.step, values, postfix=postfix)
+        return loss
