@@ -17,18 +17,9 @@ from flowmatch.training.loop import Trainer, TrainingError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory) -> str:
-    from data_tools.digits import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return str(out)
-
-
 def tiny_recipe(run_dir, shards, **extra):
     overrides = {
-        "run_dir": str(run_dir), "data.shards": shards, "model.preset": "tiny", "train.max_steps": 4,
+        "run_dir": str(run_dir), "data.shards": str(shards), "model.preset": "tiny", "train.max_steps": 4,
         "train.batch_size": 8, "train.checkpoint_every": 2, "train.log_every": 1, "optim.warmup_steps": 1,
         "data.num_workers": 0, "logging.tensorboard": False, "logging.progress": False,
         "sampling.per_prompt": 1, "sampling.steps": 2, "sampling.prompts": ["a handwritten 3", "a handwritten 7"],
