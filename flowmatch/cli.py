@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -87,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a recipe (resumes from RUN_DIR's newest checkpoint)")
     p.add_argument("args", nargs="*", metavar="[RECIPE] [section.key=value ...]",
                    help="a recipe YAML (default: the built-in digits recipe) and dotted overrides")
-    # The deepspeed launcher passes --local_rank; the engine reads LOCAL_RANK from the environment instead.
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate an image grid from a run or checkpoint")
@@ -117,10 +116,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def take_local_rank(argv: list[str]) -> list[str]:
+    """Remove the `--local_rank=N` / `--local-rank N` that launchers insert anywhere in the command line (the
+    deepspeed launcher puts it before the subcommand) and export it as LOCAL_RANK, which the engine reads."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--local_rank", "--local-rank"):
+            if not eq:
+                if i + 1 == len(argv):
+                    raise SystemExit(f"flowmatch: {name} needs a value")
+                value, i = argv[i + 1], i + 1
+            if not value.isdigit():
+                raise SystemExit(f"flowmatch: {name} must be a non-negative integer, got {value!r}")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from flowmatch.config import RecipeError
 
-    ns = build_parser().parse_args(argv)
+    ns = build_parser().parse_args(take_local_rank(sys.argv[1:] if argv is None else list(argv)))
     try:
         return ns.func(ns)
     except RecipeError as err:
