@@ -22,7 +22,7 @@ from data_tools.digits import DIGIT_WORDS
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
-from flowmatch.engine import DistributedConfig
+from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.flow.timesteps import FlowConfig
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.models.presets import preset_values
@@ -30,34 +30,6 @@ from flowmatch.models.presets import preset_values
 
 class RecipeError(ValueError):
     """A recipe key, type or value that cannot be used; the message says which and what to do."""
-
-
-@dataclass
-class OptimConfig:
-    """The recipe's `optim` section (AdamW)."""
-
-    lr: float = 1e-3
-    """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    warmup_steps: int = 100
-    """Linear warmup from 0 to lr over this many optimizer steps."""
-    schedule: str = "cosine"
-    """After warmup: cosine (decay to min_lr_ratio * lr at max_steps) or constant."""
-    min_lr_ratio: float = 0.1
-    """Final lr of the cosine schedule as a fraction of lr."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0, warmup_steps >= 0 and grad_clip >= 0")
 
 
 @dataclass
@@ -77,13 +49,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Keep the newest this many checkpoints."""
     log_every: int = 50
-    """Steps between logged scalars (the only host syncs of the loop)."""
+    """Steps between logged scalars (the loop's only reductions of metrics across ranks)."""
     validate_every: int = 0
     """Steps between validation (sample grid + held-out loss); 0 = at the end only."""
     ema_decay: float = 0.999
     """EMA decay of the weights, kept in fp32; 0 = no EMA."""
     max_bad_steps: int = 10
-    """Stop after this many consecutive non-finite losses (each one is skipped)."""
+    """Stop after this many consecutive updates discarded for a non-finite loss."""
     compile: bool = False
     """torch.compile each transformer block."""
     activation_checkpointing: bool = False

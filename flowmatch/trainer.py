@@ -108,14 +108,8 @@ class Trainer:
         if recipe.train.compile:
             apply_compile(model)
         self.micro_batch, self.accum = batch_plan(recipe.train.batch_size, recipe.train.micro_batch_size, e.world_size)
-        o = recipe.optim
-        e.setup(
-            model,
-            [p for p in model.parameters() if p.requires_grad],
-            lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps, warmup_steps=o.warmup_steps,
-            max_steps=recipe.train.max_steps, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
-            micro_batch_size=self.micro_batch, grad_accum_steps=self.accum, grad_clip=o.grad_clip,
-        )
+        e.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim,
+                max_steps=recipe.train.max_steps, micro_batch_size=self.micro_batch, grad_accum_steps=self.accum)
         if recipe.train.ema_decay > 0:
             e.ema_init(recipe.train.ema_decay)
         self.encoders = encoder_fingerprints(self.text_encoder, self.autoencoder)
@@ -131,7 +125,6 @@ class Trainer:
                            for m in range(self.accum)]
         self.generator = self.generators[0]  # the current slot's, read by micro_loss
         self.step = 0
-        self.skipped = 0  # micro batches dropped for a non-finite loss
         self.monitor: Optional[Monitor] = None
 
     # ------------------------------------------------------------------------------------------ one step
@@ -223,30 +216,29 @@ class Trainer:
         bad_in_a_row = 0
         last_loss, last_ckpt = float("nan"), None
         while self.step < r.train.max_steps:
+            sums = torch.zeros_like(window)  # this update's share of the window, kept only if it is applied
             for m in range(self.accum):
                 self.generator = self.generators[m]
-                while True:
-                    loss, per_sample, t = self.micro_loss(self.next_batch())
-                    # Every rank must agree before backward, or one rank's inf reaches the others' gradients.
-                    if e.all_finite(loss):
-                        bad_in_a_row = 0
-                        break
-                    self.skipped += 1
-                    bad_in_a_row += 1
-                    mon.message(f"step {self.step}: non-finite loss, micro batch skipped ({self.skipped} so far)")
-                    if bad_in_a_row >= r.train.max_bad_steps:
-                        raise TrainingError(
-                            f"the loss was non-finite {bad_in_a_row} times in a row at step {self.step}; stopping. "
-                            f"The last good checkpoint ({latest_checkpoint(self.run_dir)}) is intact: lower optim.lr, "
-                            "check the data, or resume from it."
-                        )
-                e.backward(loss, check_finite=False)  # all_finite above already agreed
+                loss, per_sample, t = self.micro_loss(self.next_batch())
+                e.backward(loss)  # a non-finite loss on any rank makes e.step() discard the update everywhere
                 bucket = (t * LOSS_BUCKETS).long().clamp(max=LOSS_BUCKETS - 1)
-                window[0] += loss.detach()
-                window[1] += 1
-                window[2:2 + LOSS_BUCKETS].index_add_(0, bucket, per_sample)
-                window[2 + LOSS_BUCKETS:].index_add_(0, bucket, torch.ones_like(per_sample))
+                sums[0] += loss.detach()
+                sums[1] += 1
+                sums[2:2 + LOSS_BUCKETS].index_add_(0, bucket, per_sample)
+                sums[2 + LOSS_BUCKETS:].index_add_(0, bucket, torch.ones_like(per_sample))
             result = e.step()
+            if result.skipped:  # weights, optimizer and schedule untouched: retry the step on the next batches
+                bad_in_a_row += 1
+                mon.message(f"step {self.step}: non-finite loss, update skipped ({e.skipped_steps} so far)")
+                if bad_in_a_row >= r.train.max_bad_steps:
+                    raise TrainingError(
+                        f"the loss was non-finite {bad_in_a_row} times in a row at step {self.step}; stopping. "
+                        f"The last good checkpoint ({latest_checkpoint(self.run_dir)}) is intact: lower optim.lr, "
+                        "check the data, or resume from it."
+                    )
+                continue
+            bad_in_a_row = 0
+            window += sums
             if r.train.ema_decay > 0:
                 e.ema_update()
             self.step += 1
@@ -264,7 +256,7 @@ class Trainer:
             self.validate()
         if last_ckpt is None:
             last_ckpt = latest_checkpoint(self.run_dir)
-        return TrainSummary(self.run_dir, start_step, self.step, last_loss, self.skipped, time.time() - started,
+        return TrainSummary(self.run_dir, start_step, self.step, last_loss, e.skipped_steps, time.time() - started,
                             last_ckpt)
 
     def flops_per_step(self) -> float:
@@ -283,7 +275,8 @@ class Trainer:
                                        text_len=text_len).total
 
     def log(self, window: torch.Tensor, steps: int, seconds: float, result, flops_per_step: float) -> float:
-        """Reduce the window's sums across ranks and record them (the loop's only host sync)."""
+        """Reduce the window's sums across ranks and record them: the loop's only host sync besides the engine's
+        step, which reads back the window's finiteness and the gradient norm once per update."""
         e, r = self.engine, self.recipe
         bad = torch.tensor([float(self.loader.bad_samples)], device=e.device)
         sums = e.all_reduce_sum(torch.cat([window, bad])).cpu()
@@ -297,7 +290,7 @@ class Trainer:
             values["mfu"] = tflops / (r.logging.peak_tflops * e.world_size)
             postfix["mfu"] = f"{values['mfu']:.1%}"
         values["bad_samples"] = sums[-1].item()
-        values["skipped_batches"] = float(self.skipped)
+        values["skipped_steps"] = float(e.skipped_steps)
         if result is not None and result.grad_norm is not None:
             values["grad_norm"] = float(result.grad_norm)
         for i, (v, n) in enumerate(zip(buckets.tolist(), sums[2 + LOSS_BUCKETS:2 + 2 * LOSS_BUCKETS].tolist())):
