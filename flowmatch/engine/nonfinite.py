@@ -44,4 +44,4 @@ class FiniteWindow:
             raise RuntimeError("no loss was recorded in this window")
         flag = self._finite.to(device=self._group.device, dtype=torch.float32).reshape(1)
         self._finite = None
-        return bool(self._group.all_reduce_min(flag).item() > 0)
+        return self._group.all_reduce_min(flag).item() > 0

@@ -93,8 +93,12 @@ class Trainable:
         self._micro = 0  # backward() calls in the current accumulation window
         self._window = FiniteWindow(group)
         self._skipped_steps = 0
-        self.named_params: list[tuple[str, torch.nn.Parameter]] = list(self._ds.module.named_parameters())
+        self._named_params = list(self._ds.module.named_parameters())
+
+    @property
+    def named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The parameters of the wrapped model, in a fixed order (partitioned under ZeRO-3)."""
+        return self._named_params
 
     @property
     def module(self) -> torch.nn.Module:
