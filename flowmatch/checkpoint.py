@@ -6,8 +6,10 @@ Layout of one checkpoint::
         model.safetensors   consolidated weights, fp32 (from the fp32 masters)
         ema.safetensors     consolidated EMA weights, fp32 (only when the run keeps an EMA)
         recipe.yaml         the resolved recipe of the run
-        meta.json           step, world size, ZeRO stage, precision, whether EMA is present, time
-        state/              the engine's full training state (:meth:`flowmatch.engine.Engine.save`)
+        meta.json           step, whether EMA is present, time, versions (:class:`CheckpointMeta`)
+        state/              the engine's full training state (:meth:`flowmatch.engine.Engine.save`), with
+                            state/engine.json, the one record of the distributed layout that wrote it
+                            (world size, ZeRO stage, precision: :func:`read_layout`)
 
 Atomicity: all ranks write into ``RUN_DIR/checkpoints/.tmp-<step>-<random>/``; after a barrier rank 0 fsyncs
 every file and renames the directory to ``<step>/``. A rename inside one directory is atomic on POSIX
@@ -31,7 +33,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import flowmatch
+from flowmatch.engine.state import EngineMeta, read_engine_meta
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -46,25 +49,16 @@ EMA_FILE = "ema.safetensors"
 RECIPE_FILE = "recipe.yaml"
 META_FILE = "meta.json"
 STATE_DIR = "state"
-FORMAT_VERSION = 1
+# 2: the distributed layout (world size, ZeRO stage, precision) left meta.json; state/engine.json records it.
+FORMAT_VERSION = 2
 _TMP_PREFIX = ".tmp-"
-
-
-class _DistributedSettings(Protocol):
-    zero_stage: int
-    precision: str
 
 
 class EngineLike(Protocol):
     """The part of :class:`flowmatch.engine.Engine` that checkpointing uses."""
 
-    cfg: _DistributedSettings
-
     @property
     def is_main(self) -> bool: ...
-
-    @property
-    def world_size(self) -> int: ...
 
     def barrier(self) -> None: ...
 
@@ -86,12 +80,6 @@ class CheckpointMeta:
 
     step: int
     """Optimizer steps completed when the checkpoint was written."""
-    world_size: int
-    """Number of processes that wrote it."""
-    zero_stage: int
-    """ZeRO stage of the run that wrote it."""
-    precision: str
-    """Training precision of that run."""
     ema: bool
     """Whether ``ema.safetensors`` is present."""
     created: float
@@ -177,8 +165,7 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
         if ema_weights is not None:
             save_file(ema_weights, str(tmp / EMA_FILE), metadata=metadata)
         (tmp / RECIPE_FILE).write_text(recipe_yaml)
-        meta = CheckpointMeta(step=step, world_size=engine.world_size, zero_stage=engine.cfg.zero_stage,
-                              precision=engine.cfg.precision, ema=ema_weights is not None, created=time.time(),
+        meta = CheckpointMeta(step=step, ema=ema_weights is not None, created=time.time(),
                               flowmatch_version=flowmatch.__version__)
         # meta.json last: its presence is what marks a checkpoint complete (the rename makes it visible).
         (tmp / META_FILE).write_text(json.dumps(meta.__dict__, indent=1))
@@ -226,7 +213,15 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 def read_meta(ckpt_dir: str | os.PathLike[str]) -> CheckpointMeta:
     """The :class:`CheckpointMeta` of a checkpoint (or of a run directory's newest checkpoint)."""
     ckpt = resolve_checkpoint(ckpt_dir)
-    return CheckpointMeta(**json.loads((ckpt / META_FILE).read_text()))
+    saved = json.loads((ckpt / META_FILE).read_text())
+    # Format 1 also recorded the distributed layout here; read_layout reads it from the engine state now.
+    return CheckpointMeta(**{f.name: saved[f.name] for f in fields(CheckpointMeta) if f.name in saved})
+
+
+def read_layout(ckpt_dir: str | os.PathLike[str]) -> EngineMeta:
+    """World size, ZeRO stage and precision (with the engine's counters) of the run that wrote a checkpoint (or
+    a run directory's newest checkpoint), from its engine state."""
+    return read_engine_meta(resolve_checkpoint(ckpt_dir) / STATE_DIR)
 
 
 def load_weights(ckpt_dir: str | os.PathLike[str], *, ema: bool | None = None) -> dict[str, torch.Tensor]:

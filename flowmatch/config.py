@@ -23,7 +23,7 @@ import yaml
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
-from flowmatch.engine import DistributedConfig
+from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.flow.timesteps import FlowConfig
 from flowmatch.models.mmdit import MMDiTConfig
@@ -36,34 +36,6 @@ from flowmatch.training.config import TrainConfig
 __all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "recipe_from_yaml", "to_yaml"]
 
 DEFAULT_PRESET = "sd3-medium"
-
-
-@dataclass
-class OptimConfig:
-    """The recipe's `optim` section (AdamW)."""
-
-    lr: float = 1e-3
-    """Peak learning rate."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    warmup_steps: int = 100
-    """Linear warmup from 0 to lr over this many optimizer steps."""
-    schedule: str = "cosine"
-    """After warmup: cosine (decay to min_lr_ratio * lr at max_steps) or constant."""
-    min_lr_ratio: float = 0.1
-    """Final lr of the cosine schedule as a fraction of lr."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be cosine or constant, got {self.schedule!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("lr must be > 0, warmup_steps >= 0 and grad_clip >= 0")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Checkpoint directories: layout, atomic writes, pruning, stale leftovers, kills mid-write, path resolution.
 
 A single-process stand-in for the engine keeps these tests fast; the real engine's state is exercised by the
-multi-process runs of tests/test_engine.py (SIGKILL mid-save and bit-identical resume included).
+one-process engine tests and the multi-process runs of tests/test_engine.py (SIGKILL mid-save and bit-identical
+resume included), which also read the distributed layout back from the engine state (``read_layout``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from flowmatch.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from flowmatch.engine import DistributedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "run_dir: runs/x\ntrain:\n  max_steps: 10\n"
@@ -38,10 +38,8 @@ class FakeEngine:
     """The checkpoint-facing part of flowmatch.engine.Engine for one process, without DeepSpeed."""
 
     is_main = True
-    world_size = 1
 
     def __init__(self, weight: float = 1.0) -> None:
-        self.cfg = DistributedConfig(zero_stage=2)
         self.weight = weight
         self.loaded: dict[str, Any] = {}
 
@@ -77,7 +75,8 @@ def test_layout_contents_and_readers(tmp_path):
                                                       "recipe.yaml", "state"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["5"]  # no temporary left
     meta = read_meta(tmp_path)
-    assert (meta.step, meta.world_size, meta.zero_stage, meta.precision, meta.ema) == (5, 1, 2, "fp32", True)
+    assert (meta.step, meta.ema, meta.format_version) == (5, True, 2)
+    assert "zero_stage" not in json.loads((ckpt / "meta.json").read_text())  # the engine state records the layout
     assert torch.equal(load_weights(ckpt)["w"], torch.full((2, 3), 1.5))  # EMA when present
     assert torch.equal(load_weights(tmp_path, ema=False)["w"], torch.full((2, 3), 3.0))
     assert load_recipe_yaml(tmp_path) == RECIPE
@@ -85,6 +84,15 @@ def test_layout_contents_and_readers(tmp_path):
     assert load_checkpoint(engine, tmp_path) == {"step": 5}
     assert engine.loaded == {"directory": ckpt / "state", "weights": ckpt / "model.safetensors",
                              "ema": ckpt / "ema.safetensors"}
+
+
+def test_meta_of_the_first_format_still_reads(tmp_path):
+    ckpt = _save(FakeEngine(), tmp_path, 3)
+    (ckpt / "meta.json").write_text(json.dumps({"step": 3, "world_size": 2, "zero_stage": 3, "precision": "bf16",
+                                                "ema": True, "created": 1.0, "format_version": 1,
+                                                "flowmatch_version": "0.1.0"}))
+    meta = read_meta(ckpt)
+    assert (meta.step, meta.ema, meta.format_version) == (3, True, 1)
 
 
 def test_without_ema(tmp_path):

@@ -1,4 +1,9 @@
-"""The distributed engine: config checks, the LR schedule, the DeepSpeed config (fast), and real runs (slow).
+"""The distributed engine: config checks, the LR schedule, the DeepSpeed config, one-process engines (fast), and
+real runs (slow).
+
+The fast engine tests build a real :class:`Engine` in this process (one rank, gloo, ZeRO 0-2): the EMA against
+a hand-computed average, bf16 training with fp32 masters, and a discarded non-finite window whose count survives
+a resume.
 
 The slow tests launch tests/dist_scripts/train_tiny.py as real processes on CPU with gloo: one plain ``python``
 process, ``torchrun --nproc_per_node 2``, two "nodes" (two ``torchrun --nnodes 2`` launchers on localhost),
@@ -13,6 +18,7 @@ and two bare processes given RANK/WORLD_SIZE by hand. Every configuration sees t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -25,9 +31,21 @@ import pytest
 import torch
 from launching import clean_env, free_port, launch, torchrun
 from safetensors.torch import load_file
+from torch import nn
 
-from flowmatch.ema import ShadowEma, check_decay
-from flowmatch.engine import DistributedConfig, build_deepspeed_config, lr_factor, run_guarded
+from flowmatch.checkpoint import load_checkpoint, read_layout, save_checkpoint
+from flowmatch.dtypes import DTYPES, resolve_dtype
+from flowmatch.engine import (
+    PRECISIONS,
+    DistributedConfig,
+    Engine,
+    OptimConfig,
+    build_deepspeed_config,
+    lr_factor,
+    run_guarded,
+)
+from flowmatch.engine.ema import ShadowEma, check_decay
+from flowmatch.engine.nonfinite import FiniteWindow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
@@ -62,16 +80,35 @@ def test_offloading_needs_a_zero_stage_that_partitions():
 
 
 def test_lr_factor_warmup_cosine_constant():
-    kw = dict(warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
-    assert [lr_factor(s, schedule="cosine", **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_factor(4, schedule="cosine", **kw) == 1.0
-    assert lr_factor(9, schedule="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: mean of 1 and 0.1
-    assert lr_factor(14, schedule="cosine", **kw) == pytest.approx(0.1)
-    assert lr_factor(100, schedule="cosine", **kw) == pytest.approx(0.1)  # past the end it stays at the floor
-    assert lr_factor(9, schedule="constant", **kw) == 1.0
-    assert lr_factor(0, warmup_steps=0, max_steps=10, schedule="cosine", min_lr_ratio=0.0) == 1.0
-    with pytest.raises(ValueError, match="cosine, constant"):
-        lr_factor(0, schedule="linear", **kw)
+    cosine = OptimConfig(warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    constant = OptimConfig(warmup_steps=4, schedule="constant", min_lr_ratio=0.1)
+    assert [lr_factor(s, cosine, max_steps=14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, cosine, max_steps=14) == 1.0
+    assert lr_factor(9, cosine, max_steps=14) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: mean of 1 and 0.1
+    assert lr_factor(14, cosine, max_steps=14) == pytest.approx(0.1)
+    assert lr_factor(100, cosine, max_steps=14) == pytest.approx(0.1)  # past the end it stays at the floor
+    assert lr_factor(9, constant, max_steps=14) == 1.0
+    assert lr_factor(0, OptimConfig(warmup_steps=0, min_lr_ratio=0.0), max_steps=10) == 1.0
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("schedule", "linear", "one of cosine, constant"),
+    ("min_lr_ratio", 1.5, "[0, 1]"),
+    ("lr", 0.0, "lr must be > 0"),
+])
+def test_optim_config_checks_its_values(field, value, words):
+    with pytest.raises(ValueError) as err:
+        OptimConfig(**{field: value})
+    assert words in str(err.value)
+
+
+def test_one_dtype_table_for_precision_names():
+    assert tuple(DTYPES) == PRECISIONS == ("fp32", "bf16", "fp16")
+    assert resolve_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert resolve_dtype("auto", torch.device("cuda", 0)) is torch.bfloat16  # a device object needs no GPU
+    with pytest.raises(ValueError, match="auto or one of fp32, bf16, fp16, got 'fp8'"):
+        resolve_dtype("fp8", torch.device("cpu"))
 
 
 def test_deepspeed_config_batches_stages_and_precision():
@@ -109,6 +146,130 @@ def test_shadow_ema_follows_the_formula_in_fp32():
         check_decay(1.5)
     with pytest.raises(ValueError, match="shape"):
         ema.load([torch.zeros(3), torch.zeros(2, 2)])
+
+
+class _OneRank:
+    """The process-group facts FiniteWindow uses, for one rank."""
+
+    device = torch.device("cpu")
+
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+
+def test_finite_window_records_on_the_device_and_agrees_once_per_window(monkeypatch):
+    window = FiniteWindow(_OneRank())
+    w = torch.ones(3, requires_grad=True)
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("backward must not read a value back to the host")
+
+    with monkeypatch.context() as m:  # recording may not read the loss back (bool(), .item())
+        m.setattr(torch.Tensor, "item", host_sync)
+        m.setattr(torch.Tensor, "__bool__", host_sync)
+        good = window.record((2 * w).sum())
+        bad = window.record((w * float("inf")).sum())
+    good.backward()
+    assert torch.equal(w.grad, torch.full((3,), 2.0))  # a finite loss goes through unchanged
+    w.grad = None
+    bad.backward()
+    assert w.grad.isnan().all()  # every gradient of a bad window is NaN, none usable
+    assert window.agree() is False
+    window.record((2 * w).sum())
+    assert window.agree() is True  # the verdict starts over with each window
+    with pytest.raises(RuntimeError, match="no loss was recorded"):
+        window.agree()
+
+
+# A small model and settings under which a few steps move every weight visibly.
+_OPTIM = OptimConfig(lr=0.05, warmup_steps=0, schedule="constant", grad_clip=0.0)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 4) -> (B, 2)
+        return self.out(torch.tanh(self.inp(x)))
+
+
+@contextlib.contextmanager
+def _engine(**distributed):
+    """A one-process Engine in this process with _Net set up (ZeRO 0-2: ZeRO-3 patches torch for the process)."""
+    torch.manual_seed(0)
+    engine = Engine(DistributedConfig(**distributed))
+    try:
+        model = _Net()
+        engine.setup(model, model.parameters(), _OPTIM, max_steps=10, micro_batch_size=4, grad_accum_steps=1)
+        yield engine
+    finally:
+        engine.shutdown()
+
+
+def _train_step(engine: Engine, loss_scale: float = 1.0):
+    x = torch.randn(4, 4)
+    engine.backward(engine.forward(x.to(engine.dtype)).float().pow(2).mean() * loss_scale)
+    return engine.step()
+
+
+def test_ema_is_the_decayed_average_of_the_weights_after_each_step():
+    # Fails if ema_update() does nothing, averages other weights (e.g. from before the step) or uses another decay.
+    decay = 0.8
+    with _engine() as engine:
+        engine.ema_init(decay)
+        initial = engine.model_state_dict()
+        expected = dict(initial)
+        for _ in range(3):
+            assert _train_step(engine).stepped
+            engine.ema_update()
+            weights = engine.model_state_dict()
+            expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in weights}
+        ema = engine.ema_state_dict()
+    assert ema.keys() == initial.keys()
+    assert all((ema[k] - initial[k]).abs().max() > 1e-3 for k in ema)  # every tensor moved
+    for k in ema:
+        torch.testing.assert_close(ema[k], expected[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_bf16_runs_the_forward_in_bf16_and_exports_fp32_masters(zero_stage):
+    with _engine(precision="bf16", zero_stage=zero_stage) as engine:
+        seen: list[tuple[torch.dtype, torch.dtype]] = []
+        engine.module.out.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+        assert engine.working_dtype == engine.dtype == torch.bfloat16
+        for _ in range(2):
+            assert _train_step(engine).stepped
+        weights = engine.model_state_dict()
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2  # activations in and out of a layer are bf16
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    # Under ZeRO, real fp32 masters, not bf16 working copies widened: after two updates the values fall between bf16
+    # values. Without ZeRO, DeepSpeed's bf16 wrapper keeps its masters to itself: the export is the working copy.
+    widened = [torch.equal(w, w.bfloat16().float()) for w in weights.values()]
+    assert widened == [zero_stage == 0] * len(weights)
+
+
+def test_a_discarded_window_changes_nothing_and_its_count_survives_resume(tmp_path):
+    with _engine() as engine:
+        engine.ema_init(0.5)
+        assert _train_step(engine).stepped
+        before, ema_before, lr = engine.model_state_dict(), engine.ema_state_dict(), engine.lr
+        result = _train_step(engine, loss_scale=float("inf"))
+        assert (result.stepped, result.skipped, result.grad_norm) == (False, True, None)
+        assert (engine.skipped_steps, engine.optimizer_steps, engine.lr) == (1, 1, lr)
+        after = engine.model_state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(torch.equal(ema_before[k], v) for k, v in engine.ema_state_dict().items())
+        assert _train_step(engine).stepped  # and training goes on
+        save_checkpoint(engine, tmp_path, 2, client_state={"step": 2}, recipe_yaml="", keep=1, ema=True)
+    layout = read_layout(tmp_path)  # engine.json: the one record of the layout and the engine's counters
+    assert (layout.world_size, layout.zero_stage, layout.precision) == (1, 0, "fp32")
+    assert (layout.optimizer_steps, layout.skipped_steps, layout.ema_decay) == (2, 1, 0.5)
+    with _engine() as engine:
+        engine.ema_init(0.5)
+        assert load_checkpoint(engine, tmp_path) == {"step": 2}
+        assert (engine.skipped_steps, engine.optimizer_steps) == (1, 2)
 
 
 def test_run_guarded_returns_the_result_and_exits_1_with_the_traceback():

@@ -34,6 +34,8 @@ import torch
 from launching import free_port, launch, torchrun
 from safetensors.torch import load_file
 
+from flowmatch.checkpoint import read_layout, read_meta
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "digits.yaml"
 STEPS = 6
@@ -145,8 +147,8 @@ def test_zero2_on_two_processes_follows_one_process(runs):
 
 
 def test_zero3_on_two_nodes_follows_one_process(runs):
-    meta = json.loads((runs.zero3 / "checkpoints" / str(STEPS) / "meta.json").read_text())
-    assert (meta["world_size"], meta["zero_stage"]) == (2, 3)
+    layout = read_layout(runs.zero3 / "checkpoints" / str(STEPS))
+    assert (layout.world_size, layout.zero_stage, layout.precision) == (2, 3, "fp32")
     _assert_same_trajectory(runs.zero3, runs.one)
 
 
@@ -183,8 +185,9 @@ def test_zero2_two_process_checkpoint_resumes_on_one_process(runs):
     assert code == 0, out
     assert f"resuming from {run / 'checkpoints' / str(CHECKPOINT_EVERY)} (step {CHECKPOINT_EVERY})" in out
     assert "DeepSpeed cannot re-shard its optimizer state" in out
-    meta = json.loads((run / "checkpoints" / str(STEPS) / "meta.json").read_text())
-    assert (meta["step"], meta["world_size"], meta["zero_stage"]) == (STEPS, 1, 0)
+    ckpt = run / "checkpoints" / str(STEPS)
+    layout = read_layout(ckpt)
+    assert (read_meta(ckpt).step, layout.world_size, layout.zero_stage) == (STEPS, 1, 0)
     got, want = _steps(run), _steps(src)
     assert sorted(got) == list(range(CHECKPOINT_EVERY + 1, STEPS + 1))
     for step in got:  # the schedule went on from where the 2-process run left it

@@ -187,4 +187,4 @@ def test_the_run_records_and_proves_its_precision(tmp_path, digit_shards, precis
     dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[precision]
     assert summary.compute_dtype == dtype
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"precision": precision, "compute_dtype": dtype}.items() <= lines[0].items()
+    assert {"precision": precision, "weights_dtype": dtype, "compute_dtype": dtype}.items() <= lines[0].items()

@@ -14,36 +14,40 @@ Failure handling: wrap each process's main in :func:`run_guarded`. A rank that r
 leaves a notice in the rendezvous store and exits; every other rank sees the notice (or the store vanishing)
 within about a second and exits non-zero too, instead of blocking in a collective until ``timeout_s``.
 
-Modules: :mod:`.config` (the ``distributed`` recipe section and the DeepSpeed JSON config), :mod:`.optim` (AdamW
-and the LR schedule), :mod:`.failure` (:func:`run_guarded` and the abort watch), :mod:`.core` (:class:`Engine`:
-process group, collectives, setup and the update step), with the Engine's :mod:`.weights` (ZeRO-3 construction,
-consolidated weights), :mod:`.ema` and :mod:`.state` (save and load of the full training state).
+Non-finite losses: the engine alone decides. :meth:`Engine.backward` notes on the device whether each loss is
+finite (no host sync); :meth:`Engine.step` agrees across ranks once per update and discards the whole window on
+every rank when any of its losses was non-finite, leaving weights, AdamW moments and the LR schedule untouched.
+
+Modules: :mod:`.config` (the ``distributed`` recipe section and the DeepSpeed JSON config), :mod:`.optim` (the
+``optim`` recipe section, AdamW and the LR schedules), :mod:`.failure` (:func:`run_guarded` and the abort watch),
+and the parts :class:`Engine` (:mod:`.core`) is composed of: :mod:`.group` (process group and collectives),
+:mod:`.zero` (ZeRO layout, whole weights), :mod:`.trainable` (DeepSpeed wrapping, forward/backward/step),
+:mod:`.nonfinite` (the window's finiteness), :mod:`.ema` (the fp32 EMA) and :mod:`.state` (save and load of
+the full training state, ``engine.json``).
 
 Usage (every rank runs the same code; checkpoint files are laid out by :mod:`flowmatch.checkpoint`)::
 
     def main():
-        with Engine(DistributedConfig(zero_stage=2)) as engine:   # leaving the block calls engine.shutdown()
+        with Engine(recipe.distributed) as engine:    # leaving the block calls engine.shutdown()
             with engine.model_init():                 # ZeRO-3: modules built here are partitioned on creation
-                model = MMDiT(cfg.model)
+                model = MMDiT(recipe.model)
             with engine.gathered_params(model, modify=True):
                 model.init_weights()                  # rank 0's init is kept (a no-op wrapper below ZeRO-3)
-            engine.setup(model, model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8,
-                         warmup_steps=100, max_steps=10_000, schedule="cosine", min_lr_ratio=0.1,
-                         micro_batch_size=8, grad_accum_steps=2, grad_clip=1.0)
+            engine.setup(model, model.parameters(), recipe.optim, max_steps=max_steps, micro_batch_size=8,
+                         grad_accum_steps=2)
             engine.ema_init(0.9999)
             step, ckpt = 0, latest_checkpoint(run_dir)
             if ckpt is not None:                      # weights, AdamW, schedule, EMA, RNG; returns client_state
                 step = load_checkpoint(engine, ckpt)["step"]
             while step < max_steps:
                 for _ in range(2):                    # grad_accum_steps micro-batches per update
-                    loss = loss_fn(engine.forward(x, t, ctx, pooled), target)
-                    engine.backward(loss)             # a non-finite loss (on any rank) poisons the window
+                    loss = loss_fn(engine.forward(x.to(engine.dtype), t, cond), target)
+                    engine.backward(loss)             # finiteness is noted on the device: no host sync
                 result = engine.step()                # one update per window, like a torch optimizer
-                if result.stepped:
-                    engine.ema_update()
-                    step += 1
-                elif result.skipped:
-                    bad_steps += 1                    # weights, moments and LR schedule are untouched
+                if result.skipped:                    # a non-finite loss somewhere: nothing changed
+                    continue                          # (engine.skipped_steps counts these windows)
+                engine.ema_update()
+                step += 1
                 if step % checkpoint_every == 0:
                     save_checkpoint(engine, run_dir, step, client_state={"step": step, "data": loader.state_dict()},
                                     recipe_yaml=recipe_yaml, keep=2, ema=True)
@@ -52,9 +56,11 @@ Usage (every rank runs the same code; checkpoint files are laid out by :mod:`flo
 """
 
 from flowmatch.engine.config import BACKENDS, PRECISIONS, ZERO_STAGES, DistributedConfig, build_deepspeed_config
-from flowmatch.engine.core import Engine, StepResult
+from flowmatch.engine.core import Engine
 from flowmatch.engine.failure import run_guarded
-from flowmatch.engine.optim import SCHEDULES, lr_factor
+from flowmatch.engine.optim import SCHEDULES, OptimConfig, lr_factor
+from flowmatch.engine.state import EngineMeta, read_engine_meta
+from flowmatch.engine.trainable import StepResult
 
 __all__ = [
     "BACKENDS",
@@ -63,8 +69,11 @@ __all__ = [
     "ZERO_STAGES",
     "DistributedConfig",
     "Engine",
+    "EngineMeta",
+    "OptimConfig",
     "StepResult",
     "build_deepspeed_config",
     "lr_factor",
+    "read_engine_meta",
     "run_guarded",
 ]

@@ -1,7 +1,7 @@
 """The recipe section ``distributed`` and the DeepSpeed JSON config built from it.
 
-This module needs only the standard library, and nothing in :mod:`flowmatch.engine` imports DeepSpeed before an
-:class:`~flowmatch.engine.Engine` is created, so the recipe loader (flowmatch/config.py) stays cheap to import.
+Nothing in :mod:`flowmatch.engine` imports DeepSpeed before an :class:`~flowmatch.engine.Engine` is created, so
+the recipe loader (flowmatch/config.py) stays cheap to import. Precision names are those of :mod:`flowmatch.dtypes`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from flowmatch.dtypes import DTYPES
+
 ZERO_STAGES = (0, 1, 2, 3)
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(DTYPES)
 BACKENDS = ("auto", "gloo", "nccl")
 # fp16 dynamic loss scaling starts at 2**16 (DeepSpeed's default initial_scale_power).
 _FP16_INITIAL_SCALE_POWER = 16

@@ -1,83 +1,41 @@
-"""The :class:`Engine`: process group, DeepSpeed wrapping of the trainable model, collectives and the update step.
+"""The :class:`Engine`: a thin facade over the parts of :mod:`flowmatch.engine`, each owning its own state.
 
-Its EMA, whole-weight and save/load methods live in :mod:`.ema`, :mod:`.weights` and :mod:`.state` as mixins, so
-that each concern reads on its own; :class:`Engine` is the only class that combines them.
+=================  ===============================================================================================
+part               owns
+=================  ===============================================================================================
+``ProcessGroup``   rank, world size, device, backend, launcher variables, collectives, shutdown (:mod:`.group`)
+``Zero``           the ZeRO layout: partitioned construction, gathering, whole weights in and out (:mod:`.zero`)
+``Trainable``      the DeepSpeed-wrapped model, AdamW, LR schedule, forward/backward/step (:mod:`.trainable`)
+``Ema``            the fp32 EMA of the weights, its swapping in and out (:mod:`.ema`)
+``TrainingState``  save and load of the full training state, ``engine.json`` (:mod:`.state`)
+=================  ===============================================================================================
+
+The parts are built here and handed what they need; none reads another's private attributes. The rules that
+span parts live here: while the EMA is swapped in, only evaluation is allowed.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import math
+import contextlib
 import os
-import socket
-import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import torch
-import torch.distributed as dist
 
-from flowmatch.ema import ShadowEma
-from flowmatch.engine.config import DistributedConfig, build_deepspeed_config
-from flowmatch.engine.ema import EmaMixin
-from flowmatch.engine.failure import start_abort_watch, stop_abort_watch
-from flowmatch.engine.optim import SCHEDULES, SkippableAdamW, SkippableLambdaLR, lr_factor
-from flowmatch.engine.state import TrainingStateMixin
-from flowmatch.engine.weights import WeightsMixin
+from flowmatch.dtypes import DTYPES
+from flowmatch.engine.config import DistributedConfig
+from flowmatch.engine.ema import Ema
+from flowmatch.engine.group import ProcessGroup
+from flowmatch.engine.optim import OptimConfig
+from flowmatch.engine.state import TrainingState
+from flowmatch.engine.trainable import StepResult, Trainable
+from flowmatch.engine.zero import Zero
 
 T = TypeVar("T")
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-@dataclass
-class StepResult:
-    """What :meth:`Engine.step` did.
-
-    Attributes:
-        stepped: the optimizer applied an update (every loss of the window was finite).
-        skipped: the window contained a non-finite loss and was discarded: nothing changed.
-        grad_norm: global L2 norm of the gradients before clipping, when ``stepped``; else None.
-    """
-
-    stepped: bool
-    skipped: bool
-    grad_norm: float | None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _UntestedOptimizerNotice(logging.Filter):
-    """Drops DeepSpeed's warning about a client optimizer: ours is torch's AdamW, see build_deepspeed_config."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "untested optimizer" not in record.getMessage()
-
-
-def _import_deepspeed() -> Any:
-    """Import DeepSpeed lazily (it takes seconds and probes the hardware) and quiet its routine chatter."""
-    if not torch.cuda.is_available():
-        # On a CUDA build of torch without a GPU, say CPU outright instead of relying on the probe.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    if not any(isinstance(f, _UntestedOptimizerNotice) for f in ds_logger.filters):
-        ds_logger.addFilter(_UntestedOptimizerNotice())
-    # DeepSpeed calls torch.distributed collectives under their deprecated names on every step; nothing to act on.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    return deepspeed
-
-
-class Engine(TrainingStateMixin, EmaMixin, WeightsMixin):
+class Engine:
     """One process's handle on the distributed job and on the DeepSpeed-wrapped trainable model.
 
     Creating it joins (or, for a plain single process, creates) the process group; :meth:`setup` wraps the
@@ -87,200 +45,133 @@ class Engine(TrainingStateMixin, EmaMixin, WeightsMixin):
 
     def __init__(self, cfg: DistributedConfig) -> None:
         self.cfg = cfg
-        on_cuda = torch.cuda.is_available()
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if on_cuda else "gloo")
-        if backend == "nccl" and not on_cuda:
-            raise ValueError("distributed.backend is nccl but no CUDA device is visible: use backend auto or gloo")
-        if cfg.precision == "fp16" and not on_cuda:
-            raise ValueError("distributed.precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
-        self._set_env: list[str] = []  # variables this engine added, removed again by shutdown()
-        if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-            # A plain `python` process: make it a one-process group so DeepSpeed runs the same code paths.
-            single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-            self._set_env = [k for k in single if k not in os.environ]
-            os.environ.update(single)
-        self._rank = int(os.environ["RANK"])
-        self._world_size = int(os.environ["WORLD_SIZE"])
-        self._local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self._device = torch.device("cuda", self._local_rank) if backend == "nccl" else torch.device("cpu")
-        if self._device.type == "cuda":
-            torch.cuda.set_device(self._device)
-        self._backend = backend
-        timeout = timedelta(seconds=cfg.timeout_s)
-        self._owns_group = not dist.is_initialized()
-        if self._owns_group:
-            extra = {"device_id": self._device} if backend == "nccl" else {}
-            dist.init_process_group(backend, timeout=timeout, **extra)
-        self._ds_lib = _import_deepspeed()
-        if backend == "gloo":
-            # DeepSpeed JIT-compiles a shared-memory all-reduce (about a minute) that only its inference engine
-            # uses; training collectives go through torch.distributed.
-            self._ds_lib.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self._ds_lib.init_distributed(dist_backend=backend, timeout=timeout)
-        self._ds: Any = None
-        self._optimizer: SkippableAdamW | None = None
-        self._scheduler: SkippableLambdaLR | None = None
-        self._named_params: list[tuple[str, torch.nn.Parameter]] = []
-        self._own_clip: float | None = None
-        self._accum = 1
-        self._micro = 0  # backward() calls in the current accumulation window
-        self._window_bad = False
-        self._skipped_steps = 0
-        self._ema: ShadowEma | None = None
-        self._ema_backup: list[torch.Tensor] | None = None
-        self._closed = False
-        store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()
-        if self._world_size > 1 and store is not None:
-            start_abort_watch(store, self._rank)
+        self._group = ProcessGroup(cfg)
+        self._zero = Zero(cfg, self._group)
+        self._trainable: Trainable | None = None
+        self._ema: Ema | None = None
 
     # -- process facts and collectives ---------------------------------------------------------------------------
 
     @property
     def rank(self) -> int:
         """Global rank of this process, 0 .. world_size - 1."""
-        return self._rank
+        return self._group.rank
 
     @property
     def world_size(self) -> int:
         """Number of processes in the job."""
-        return self._world_size
+        return self._group.world_size
 
     @property
     def local_rank(self) -> int:
         """Rank of this process on its node (selects the GPU)."""
-        return self._local_rank
+        return self._group.local_rank
 
     @property
     def device(self) -> torch.device:
         """Device that holds this rank's model and batches (``cuda:<local_rank>`` with NCCL, else CPU)."""
-        return self._device
+        return self._group.device
 
     @property
     def is_main(self) -> bool:
         """True on global rank 0, which writes files and logs."""
-        return self._rank == 0
+        return self._group.is_main
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of the working weights: cast floating inputs of :meth:`forward` to it."""
-        return _DTYPES[self.cfg.precision]
+        """Dtype of the working weights as configured (``distributed.precision``): cast floating inputs of
+        :meth:`forward` to it. :attr:`working_dtype` is the one observed in the model."""
+        return DTYPES[self.cfg.precision]
 
     def barrier(self) -> None:
         """Collective: wait until every rank gets here."""
-        dist.barrier()
+        self._group.barrier()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Collective: a new tensor holding the elementwise sum of ``t`` over ranks (``t`` on :attr:`device`)."""
-        out = t.detach().clone()
-        if self._world_size > 1:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        return self._group.all_reduce_sum(t)
 
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Collective: a new tensor holding the elementwise mean of ``t`` over ranks (``t`` on :attr:`device`)."""
-        return self.all_reduce_sum(t) / self._world_size
+        return self._group.all_reduce_mean(t)
 
     def broadcast_object(self, obj: T, src: int = 0) -> T:
         """Collective: rank ``src``'s ``obj`` on every rank (picklable; only ever exchanged between our ranks)."""
-        if self._world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, device=self._device if self._backend == "nccl" else None)
-        return box[0]
+        return self._group.broadcast_object(obj, src)
 
     def all_gather_object(self, obj: T) -> list[T]:
         """Collective: every rank's ``obj`` (picklable), indexed by rank, on every rank."""
-        if self._world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self._world_size
-        dist.all_gather_object(out, obj)
-        return out
+        return self._group.all_gather_object(obj)
 
-    def all_finite(self, loss: torch.Tensor) -> bool:
-        """Collective: True when ``loss`` is finite on every rank, so all ranks take the same branch.
+    # -- building the model ----------------------------------------------------------------------------------------
 
-        Costs one tiny all-reduce and a host sync.
+    def model_init(self) -> contextlib.AbstractContextManager[Any]:
+        """Context to build the trainable model in.
+
+        Under ZeRO-3 this is ``deepspeed.zero.Init``: every module constructed inside is partitioned across ranks
+        as soon as its ``__init__`` returns (each rank keeps only its slice, in :attr:`dtype`), so the full model
+        never has to fit on one device. Initialisation that runs after construction (``model.init_weights()``)
+        must run inside :meth:`gathered_params` with ``modify=True``: on partitioned parameters it silently
+        does nothing. Build frozen modules outside this context. DeepSpeed also swaps in its memory-saving
+        ``torch.nn.functional.linear`` for the rest of the process (same results). Below ZeRO-3 it does nothing.
         """
-        flag = torch.isfinite(loss.detach()).all().to(device=self._device, dtype=torch.float32).reshape(1)
-        if self._world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
+        return self._zero.model_init()
 
-    # -- setup ---------------------------------------------------------------------------------------------------
+    def gathered_params(self, module_or_params: torch.nn.Module | Iterable[torch.nn.Parameter], *,
+                        modify: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """Collective context in which ZeRO-3 partitioned parameters are whole on every rank.
 
-    def setup(self, model: torch.nn.Module, param_groups_or_params: Iterable[Any], *, lr: float,
-              betas: tuple[float, float], weight_decay: float, eps: float, warmup_steps: int, max_steps: int,
-              schedule: str, min_lr_ratio: float, micro_batch_size: int, grad_accum_steps: int,
-              grad_clip: float) -> None:
+        With ``modify=True`` changes made on rank 0 are kept (broadcast and re-partitioned on exit); use it for
+        weight initialisation or loading. Below ZeRO-3 parameters are always whole and this does nothing.
+        """
+        return self._zero.gathered_params(module_or_params, modify=modify)
+
+    def setup(self, model: torch.nn.Module, params: Iterable[Any], optim: OptimConfig, *, max_steps: int,
+              micro_batch_size: int, grad_accum_steps: int) -> None:
         """Collective: wrap ``model`` with DeepSpeed, AdamW and the learning-rate schedule.
 
         Args:
             model: the trainable module (built inside :meth:`model_init` for ZeRO-3), on any device.
-            param_groups_or_params: parameters, or AdamW param-group dicts (e.g. no weight decay for norms).
-            lr, betas, weight_decay, eps: AdamW settings; ``lr`` is the peak learning rate.
-            warmup_steps, max_steps, schedule, min_lr_ratio: see :func:`lr_factor`.
+            params: parameters, or AdamW param-group dicts (e.g. no weight decay for norms).
+            optim: the recipe's ``optim`` section: AdamW, the schedule, gradient clipping.
+            max_steps: updates the schedule runs over (see :func:`~flowmatch.engine.lr_factor`).
             micro_batch_size: samples per rank per forward; the global batch is
                 ``micro_batch_size * grad_accum_steps * world_size``.
             grad_accum_steps: micro-batches per optimizer update.
-            grad_clip: clip the global gradient norm to this value; <= 0 disables clipping.
         """
-        if self._ds is not None:
+        if self._trainable is not None:
             raise RuntimeError("Engine.setup was already called; create one Engine per model")
-        if warmup_steps < 0 or max_steps < 1 or not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"need warmup_steps >= 0, max_steps >= 1 and min_lr_ratio in [0, 1], got "
-                             f"{warmup_steps}, {max_steps}, {min_lr_ratio}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        on_cuda = self._device.type == "cuda"
-        ds_config = build_deepspeed_config(self.cfg, micro_batch_size=micro_batch_size,
-                                           grad_accum_steps=grad_accum_steps, world_size=self._world_size,
-                                           grad_clip=grad_clip, on_cuda=on_cuda)
-        if self.cfg.zero_stage == 0 and self.cfg.precision == "fp32":
-            # DeepSpeed steps a bare optimizer here and clips without reporting the norm: clip in step() instead.
-            self._own_clip = grad_clip if grad_clip > 0 else math.inf
-            ds_config["gradient_clipping"] = 0.0
-        if self.cfg.zero_stage != 3:
-            model = model.to(self._device)
-        fused = on_cuda and not self.cfg.offload_optimizer
-        optimizer = SkippableAdamW(list(param_groups_or_params), lr=lr, betas=betas, eps=eps,
-                                   weight_decay=weight_decay, **({"fused": True} if fused else {"foreach": True}))
-        factor = functools.partial(lr_factor, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule,
-                                   min_lr_ratio=min_lr_ratio)
-        made: list[SkippableLambdaLR] = []
+        self._trainable = Trainable(self.cfg, self._group, model, params, optim, max_steps=max_steps,
+                                    micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps)
 
-        def make_scheduler(opt: torch.optim.Optimizer) -> SkippableLambdaLR:
-            made.append(SkippableLambdaLR(opt, factor))
-            return made[0]
-
-        # Without ZeRO, DeepSpeed's bf16/fp16 wrapper creates the AdamW state by stepping once on zero gradients,
-        # which would count as an update in AdamW's bias correction and apply weight decay: make it a no-op.
-        optimizer.overflow = self.cfg.zero_stage == 0
-        try:
-            self._ds, _, _, _ = self._ds_lib.initialize(model=model, optimizer=optimizer,
-                                                        lr_scheduler=make_scheduler, config=ds_config,
-                                                        dist_init_required=False)
-        finally:
-            optimizer.overflow = False
-        self._optimizer, self._scheduler = optimizer, made[0]
-        self._accum = grad_accum_steps
-        self._named_params = list(self._ds.module.named_parameters())
-
-    def _require_setup(self) -> Any:
-        if self._ds is None:
+    def _require_setup(self) -> Trainable:
+        if self._trainable is None:
             raise RuntimeError("call Engine.setup(model, ...) first")
-        return self._ds
+        return self._trainable
 
-    def _require_trainable_weights(self) -> None:
-        if self._ema_backup is not None:
+    def _require_training_weights(self) -> Trainable:
+        trainable = self._require_setup()
+        if self._ema is not None and self._ema.swapped:
             raise RuntimeError("EMA weights are swapped in: call ema_swap() again (or leave ema_weights()) first")
+        return trainable
 
-    # -- training step ----------------------------------------------------------------------------------------------
+    def _require_ema(self, method: str) -> Ema:
+        if self._ema is None:
+            raise RuntimeError(f"call Engine.ema_init(decay) before {method}()")
+        return self._ema
+
+    # -- training step -----------------------------------------------------------------------------------------------
 
     @property
     def module(self) -> torch.nn.Module:
         """The unwrapped model (partitioned under ZeRO-3: see :meth:`gathered_params`)."""
         return self._require_setup().module
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        """Dtype of the working weights as observed in the wrapped model (what the forward really computes in);
+        equals :attr:`dtype` unless DeepSpeed did not apply the configured precision."""
+        return self._require_setup().working_dtype
 
     def train(self) -> None:
         """Put the model in training mode."""
@@ -291,107 +182,130 @@ class Engine(TrainingStateMixin, EmaMixin, WeightsMixin):
         self._require_setup().eval()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the model through DeepSpeed (which gathers ZeRO-3 partitions as needed); all ranks must call it."""
-        return self._require_setup()(*args, **kwargs)
+        """Run the model through DeepSpeed (which gathers ZeRO-3 partitions as needed); all ranks must call it.
 
-    def backward(self, loss: torch.Tensor, *, check_finite: bool = True) -> bool:
-        """Collective: backpropagate one micro-batch's scalar ``loss``; returns whether it was finite on all ranks.
+        Arguments go to the model unchanged; cast floating inputs to :attr:`dtype` (DeepSpeed does not autocast).
+        """
+        return self._require_setup().forward(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Collective: backpropagate one micro-batch's scalar ``loss``.
 
         Call it ``grad_accum_steps`` times (one per micro-batch), then :meth:`step` once. Gradients are averaged
-        over micro-batches and ranks. A non-finite loss on any rank marks the window bad on every rank: the
-        next :meth:`step` discards it and weights, AdamW state and the schedule stay as they were.
-        ``check_finite=False`` skips the check (one tiny all-reduce and host sync) when the caller has already
-        called :meth:`all_finite` on this loss.
+        over micro-batches and ranks. Whether ``loss`` is finite is noted on the device, without a host sync; a
+        non-finite loss on any rank makes the next :meth:`step` discard the whole window on every rank.
         """
-        ds = self._require_setup()
-        self._require_trainable_weights()
-        if self._micro == self._accum:
-            raise RuntimeError(f"backward() called {self._accum + 1} times without step(): this engine accumulates "
-                               f"{self._accum} micro-batch(es) per update")
-        finite = self.all_finite(loss) if check_finite else True
-        if not finite:
-            self._window_bad = True
-            # Still run backward, on a NaN loss: DeepSpeed's ZeRO optimizers fail on a window without any
-            # backward, and NaN gradients take their overflow path, which discards everything accumulated.
-            loss = loss * float("nan")
-        ds.backward(loss)
-        self._micro += 1
-        if self._micro < self._accum:
-            # DeepSpeed counts micro-batches by its own step() calls (a no-op before the boundary); making that call
-            # here lets the loop call step() once per update, as with a torch optimizer.
-            ds.step()
-        return finite
+        self._require_training_weights().backward(loss)
 
     def step(self) -> StepResult:
-        """Collective: apply the update of the window of micro-batches passed to :meth:`backward` (or discard it).
+        """Collective: apply the update of the window of micro-batches passed to :meth:`backward`, or discard it.
 
-        The LR schedule advances only with applied updates.
+        The ranks agree here whether every loss of the window was finite: one tiny all-reduce and one host
+        read-back per update, where DeepSpeed's update synchronises with the host anyway (the gradient norm of
+        the result is read after it). A discarded window (``result.skipped``) leaves weights, AdamW moments and the LR schedule as
+        they were and counts in :attr:`skipped_steps`. The LR schedule advances only with applied updates.
         """
-        ds = self._require_setup()
-        self._require_trainable_weights()
-        if self._micro != self._accum:
-            raise RuntimeError(f"step() after {self._micro} backward() call(s): this engine accumulates "
-                               f"{self._accum} micro-batch(es) per update, call backward() once for each")
-        norm: Any = None
-        if self._own_clip is not None:
-            params = [p for _, p in self._named_params if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, self._own_clip)
-        skip = self._window_bad
-        assert self._optimizer is not None and self._scheduler is not None
-        self._optimizer.overflow = self._scheduler.skip_next = skip
-        try:
-            ds.step()
-        finally:
-            self._optimizer.overflow = self._scheduler.skip_next = False
-        self._micro, self._window_bad = 0, False
-        if skip:
-            self._skipped_steps += 1
-            return StepResult(stepped=False, skipped=True, grad_norm=None)
-        if norm is None:
-            norm = ds.get_global_grad_norm()
-        # DeepSpeed's step has already synchronised with the host (overflow check), so float() costs nothing more.
-        return StepResult(stepped=True, skipped=False, grad_norm=None if norm is None else float(norm))
+        return self._require_training_weights().step()
 
     @property
     def lr(self) -> float:
         """Learning rate the next update uses (of the first param group)."""
-        self._require_setup()
-        assert self._optimizer is not None
-        return float(self._optimizer.param_groups[0]["lr"])
+        return self._require_setup().lr
 
     @property
     def optimizer_steps(self) -> int:
         """Updates applied so far (restored by :meth:`load`)."""
-        self._require_setup()
-        assert self._scheduler is not None
-        return int(self._scheduler.last_epoch)
+        return self._require_setup().optimizer_steps
 
     @property
     def skipped_steps(self) -> int:
-        """Accumulation windows discarded for a non-finite loss so far (restored by :meth:`load`)."""
-        return self._skipped_steps
+        """Accumulation windows discarded for a non-finite loss so far (restored by :meth:`load`); 0 before setup."""
+        return 0 if self._trainable is None else self._trainable.skipped_steps
+
+    # -- EMA -----------------------------------------------------------------------------------------------------------
+
+    def ema_init(self, decay: float) -> None:
+        """Start an fp32 EMA of the weights at their current values (call after :meth:`setup`).
+
+        Under ZeRO-3 each rank averages only its own partition, so updates need no communication. The average
+        is taken over the working weights, which are the fp32 masters in fp32 training and their bf16/fp16
+        copies otherwise (the accumulator itself is fp32 either way).
+        """
+        trainable = self._require_setup()
+        self._ema = Ema(trainable.module, trainable.named_params, self._zero, decay)
+
+    def ema_update(self, decay: float | None = None) -> None:
+        """Blend the current weights into the EMA (call after each applied update); ``decay`` overrides once."""
+        ema = self._require_ema("ema_update")
+        self._require_training_weights()
+        ema.update(decay)
+
+    @property
+    def ema_enabled(self) -> bool:
+        """Whether :meth:`ema_init` was called."""
+        return self._ema is not None
+
+    def ema_swap(self) -> None:
+        """Collective: put the EMA weights into the model, or (second call) restore the training weights exactly.
+
+        While swapped, only evaluation is allowed (``backward``/``step``/``save`` raise). Every rank must run the
+        same forward calls under ZeRO-3.
+        """
+        self._require_ema("ema_swap").swap()
+
+    def ema_weights(self) -> contextlib.AbstractContextManager[None]:
+        """Collective context in which the model holds the EMA weights (see :meth:`ema_swap`)."""
+        return self._require_ema("ema_weights").weights()
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the whole EMA model (fp32, CPU; buffers from the live model) on rank 0, ``{}`` elsewhere."""
+        return self._require_ema("ema_state_dict").state_dict()
+
+    # -- whole weights and the training state ---------------------------------------------------------------------------
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the whole model as CPU tensors on rank 0 (an empty dict on other ranks).
+
+        Under ZeRO 1-3 parameters come from the fp32 masters, so export is exact even when training in bf16/fp16
+        (without ZeRO in bf16/fp16 they are the working copies, widened to fp32). Keys are those of
+        ``module.state_dict()``.
+        """
+        trainable = self._require_training_weights()
+        whole = ((name, self._zero.master(p)) for name, p in trainable.named_params)
+        return self._zero.consolidate(trainable.module, whole)
+
+    def _state(self) -> TrainingState:
+        return TrainingState(self.cfg, self._group, self._zero, self._require_training_weights(), self._ema)
+
+    def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> None:
+        """Collective: write the full training state of every rank into ``directory`` (shared by all ranks).
+
+        Written: DeepSpeed's model, optimizer and scheduler state (subdirectory ``deepspeed/``), and per rank
+        ``rank<NNNNN>.json`` (``client_state``, python and numpy RNG) and ``rank<NNNNN>.safetensors`` (torch RNG,
+        tensors of ``client_state``, EMA: each rank's partition under ZeRO-3, rank 0 only otherwise), plus
+        ``engine.json`` (:class:`~flowmatch.engine.EngineMeta`: layout and counters) by rank 0. Nothing is
+        pickled. ``client_state`` is this rank's own (e.g. its data position): dicts with string keys, lists,
+        tuples, numbers, strings, None and tensors. Call between updates (not inside an accumulation window).
+        """
+        self._state().save(directory, client_state)
+
+    def load(self, directory: str | os.PathLike[str], *, fallback_weights: str | os.PathLike[str] | None = None,
+             fallback_ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Collective: restore what :meth:`save` wrote (call after :meth:`setup` and :meth:`ema_init`).
+
+        With the same ZeRO stage, world size and precision everything is restored exactly: weights, AdamW state,
+        schedule, EMA, RNG states, counters. Otherwise DeepSpeed's sharded optimizer state cannot be re-split
+        here, so the weights come from ``fallback_weights`` (consolidated safetensors), the EMA from
+        ``fallback_ema``, the schedule position from ``engine.json``, AdamW moments restart from zero, and a
+        warning says so. Returns this rank's ``client_state`` (rank 0's when this rank did not exist at save time).
+        """
+        return self._state().load(directory, fallback_weights=fallback_weights, fallback_ema=fallback_ema)
+
+    # -- leaving -----------------------------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Collective: wait for all ranks, then leave the process group. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        stop_abort_watch()
-        if dist.is_initialized():
-            dist.barrier()
-            if self._owns_group:
-                dist.destroy_process_group()
-                # DeepSpeed keeps a clone of the world group for the life of the process; it dies with this group,
-                # and a later Engine in this process (train() called twice) must not reuse it.
-                self._ds_lib.utils.groups._WORLD_GROUP = None
-        self._restore_env()
-
-    def _restore_env(self) -> None:
-        # Processes this one starts later (a CLI call from a test, a sampler) must not take themselves for ranks
-        # of this job and try to host its store on the same port.
-        for key in self._set_env:
-            os.environ.pop(key, None)
-        self._set_env = []
+        self._group.shutdown()
 
     def __enter__(self) -> Engine:
         return self
@@ -400,4 +314,4 @@ class Engine(TrainingStateMixin, EmaMixin, WeightsMixin):
         if exc_type is None:
             self.shutdown()
         else:
-            self._restore_env()
+            self._group.restore_env()

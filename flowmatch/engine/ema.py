@@ -1,123 +1,151 @@
-"""The engine's fp32 EMA of the trainable weights, under any ZeRO stage.
+"""Exponential moving average (EMA) of the trainable weights, kept in fp32, under any ZeRO stage.
 
-The arithmetic is :class:`flowmatch.ema.ShadowEma`; this module decides what it averages (each rank's own
-ZeRO-3 partition, else the whole parameters), swaps the average into the model for evaluation and gathers it for
-export and checkpoints.
+``ema <- decay * ema + (1 - decay) * weight`` after every applied optimizer step.
+
+:class:`ShadowEma` is the arithmetic over a list of tensors. :class:`Ema` decides what those tensors are: the
+whole parameters when every rank holds the whole model (ZeRO 0-2), or only each rank's own partition under
+ZeRO-3, so that the average costs no communication per step and is gathered only for export and evaluation.
+timm's ``ModelEmaV3`` (the usual choice) keeps a deep copy of the whole module; under ZeRO-3 that copy would be
+partitioned as well and every update would need a gather, hence the plain shadow tensors here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file
 
-from flowmatch.ema import ShadowEma
-from flowmatch.engine.config import DistributedConfig
+from flowmatch.engine.zero import Zero
 
-log = logging.getLogger(__name__)
+# Prefix of the EMA tensors among a rank's saved tensors.
+_KEY_PREFIX = "ema."
 
 
-class EmaMixin:
-    """EMA of the weights: part of :class:`flowmatch.engine.Engine`.
+def check_decay(decay: float) -> float:
+    """Return ``decay`` as a float after checking it lies in [0, 1]; 1 freezes the average, 0 copies."""
+    decay = float(decay)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"EMA decay must lie in [0, 1] (typical: 0.999-0.9999), got {decay}")
+    return decay
 
-    Uses the engine's attributes declared below, its ``is_main``, ``_require_setup`` and
-    ``_require_trainable_weights``, and the ZeRO-3 helpers of :class:`WeightsMixin`.
+
+class ShadowEma:
+    """fp32 shadow copies of a fixed list of working tensors, updated in place.
+
+    Args:
+        sources: the working tensors (any floating dtype, any shape); the shadow starts as an fp32 copy.
+        decay: weight of the old average in each update, in [0, 1].
     """
 
-    cfg: DistributedConfig
-    _named_params: list[tuple[str, torch.nn.Parameter]]
-    _ema: ShadowEma | None
-    _ema_backup: list[torch.Tensor] | None
+    def __init__(self, sources: Sequence[torch.Tensor], decay: float) -> None:
+        self.decay = check_decay(decay)
+        self.shadow: list[torch.Tensor] = [s.detach().to(torch.float32, copy=True) for s in sources]
 
-    def _working_tensors(self) -> list[torch.Tensor]:
-        # Under ZeRO-3 each rank owns the slice p.ds_tensor of every parameter (DeepSpeed keeps it current after
-        # each update, also for "persistent" small parameters); below ZeRO-3 the parameter itself is whole.
-        if self.cfg.zero_stage == 3:
-            return [p.ds_tensor for _, p in self._named_params]
-        return [p.detach() for _, p in self._named_params]
+    @torch.no_grad()
+    def update(self, sources: Sequence[torch.Tensor], decay: float | None = None) -> None:
+        """Blend ``sources`` into the shadow: ``shadow <- d * shadow + (1 - d) * source``.
 
-    def ema_init(self, decay: float) -> None:
-        """Start an fp32 EMA of the weights at their current values (call after :meth:`setup`).
-
-        Under ZeRO-3 each rank averages only its own partition, so updates need no communication. The average
-        is taken over the working weights, which are the fp32 masters in fp32 training and their bf16/fp16
-        copies otherwise (the accumulator itself is fp32 either way).
+        Args:
+            sources: the same tensors (same order, shapes) the shadow was built from, at their current values.
+            decay: overrides the stored decay for this update (e.g. a warmup schedule of the decay).
         """
-        self._require_setup()
-        self._ema = ShadowEma(self._working_tensors(), decay)
+        d = self.decay if decay is None else check_decay(decay)
+        if len(sources) != len(self.shadow):
+            raise ValueError(f"EMA tracks {len(self.shadow)} tensors, got {len(sources)}")
+        if not self.shadow:
+            return
+        # lerp(shadow, src, w) = shadow + w * (src - shadow): one fused kernel per device over all tensors.
+        src32 = [s.detach().to(torch.float32) for s in sources]
+        torch._foreach_lerp_(self.shadow, src32, 1.0 - d)
 
-    def ema_update(self, decay: float | None = None) -> None:
-        """Blend the current weights into the EMA (call after each applied update); ``decay`` overrides once."""
-        if self._ema is None:
-            raise RuntimeError("call Engine.ema_init(decay) before ema_update()")
-        self._require_trainable_weights()
-        self._ema.update(self._working_tensors(), decay)
+    def load(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace the shadow values (shapes must match), e.g. when resuming from a checkpoint."""
+        if len(tensors) != len(self.shadow):
+            raise ValueError(f"EMA tracks {len(self.shadow)} tensors, got {len(tensors)} to load")
+        for dst, src in zip(self.shadow, tensors):
+            if dst.shape != src.shape:
+                raise ValueError(f"EMA tensor of shape {tuple(dst.shape)} cannot load one of shape {tuple(src.shape)}")
+            dst.copy_(src)
+
+
+class Ema:
+    """The fp32 EMA of a wrapped model's weights, started at their current values.
+
+    The average is taken over the working weights, which are the fp32 masters in fp32 training and their
+    bf16/fp16 copies otherwise (the accumulator itself is fp32 either way).
+
+    Args:
+        module: the wrapped model (its buffers go into :meth:`state_dict`).
+        named_params: its parameters in a fixed order.
+        zero: the ZeRO layout of those parameters.
+        decay: weight of the old average in each update, in [0, 1].
+    """
+
+    def __init__(self, module: torch.nn.Module, named_params: Sequence[tuple[str, torch.nn.Parameter]], zero: Zero,
+                 decay: float) -> None:
+        self._module = module
+        self._named = list(named_params)
+        self._zero = zero
+        self._shadow = ShadowEma(self._working(), decay)
+        self._backup: list[torch.Tensor] | None = None  # the training weights while the EMA is swapped in
+
+    def _working(self) -> list[torch.Tensor]:
+        return [self._zero.local(p) for _, p in self._named]
 
     @property
-    def ema_enabled(self) -> bool:
-        """Whether :meth:`ema_init` was called."""
-        return self._ema is not None
+    def decay(self) -> float:
+        """The decay of each update unless overridden."""
+        return self._shadow.decay
 
-    def ema_swap(self) -> None:
-        """Collective: put the EMA weights into the model, or (second call) restore the training weights exactly.
+    @property
+    def swapped(self) -> bool:
+        """Whether the model holds the EMA weights (only evaluation is allowed then)."""
+        return self._backup is not None
 
-        While swapped, only evaluation is allowed (``backward``/``step``/``save`` raise). Every rank must run the
-        same forward calls under ZeRO-3.
-        """
-        if self._ema is None:
-            raise RuntimeError("call Engine.ema_init(decay) before ema_swap()")
-        restore = self._ema_backup is not None
+    def update(self, decay: float | None = None) -> None:
+        """Blend the current weights into the average; ``decay`` overrides the stored one for this update."""
+        self._shadow.update(self._working(), decay)
+
+    def swap(self) -> None:
+        """Collective: put the EMA weights into the model, or (second call) restore the training weights exactly."""
+        restore = self._backup is not None
         if not restore:
-            self._ema_backup = [t.detach().clone() for t in self._working_tensors()]
-        sources = self._ema_backup if restore else self._ema.shadow
+            self._backup = [t.detach().clone() for t in self._working()]
+        sources = self._backup if restore else self._shadow.shadow
         assert sources is not None
-        for (_, p), src in zip(self._named_params, sources):
-            if self.cfg.zero_stage == 3:
-                # Writing p.ds_tensor directly would miss copies DeepSpeed keeps whole (persistent or still
-                # gathered after an eval forward); GatheredParameters updates every copy consistently.
-                self._write_whole(p, self._full(src, p))
-            else:
-                p.data.copy_(src)
+        for (_, p), src in zip(self._named, sources):
+            self._zero.write(p, self._zero.full(src, p))
         if restore:
-            self._ema_backup = None
+            self._backup = None
 
     @contextlib.contextmanager
-    def ema_weights(self) -> Iterator[None]:
-        """Collective context in which the model holds the EMA weights (see :meth:`ema_swap`)."""
-        self.ema_swap()
+    def weights(self) -> Iterator[None]:
+        """Collective context in which the model holds the EMA weights."""
+        self.swap()
         try:
             yield
         finally:
-            self.ema_swap()
+            self.swap()
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the whole EMA model (fp32, CPU; buffers from the live model) on rank 0, ``{}`` elsewhere."""
-        if self._ema is None:
-            raise RuntimeError("call Engine.ema_init(decay) before ema_state_dict()")
-        out: dict[str, torch.Tensor] = {}
-        for (name, p), part in zip(self._named_params, self._ema.shadow):
-            full = self._full(part, p)
-            if self.is_main:
-                out[name] = full.detach().cpu().clone()
-        return self._with_buffers(out)
+        whole = ((name, self._zero.full(part, p)) for (name, p), part in zip(self._named, self._shadow.shadow))
+        return self._zero.consolidate(self._module, whole)
 
-    def _restore_ema(self, tensors: Mapping[str, torch.Tensor] | None, layout: Mapping[str, Any],
-                     fallback: str | os.PathLike[str] | None = None) -> None:
-        if self._ema is None:
-            return
-        names = [n for n, _ in self._named_params]
-        if tensors is not None and layout["ema_decay"] is not None:
-            self._ema.load([tensors[f"ema.{n}"] for n in names])
-        elif fallback is not None and Path(fallback).is_file():
-            whole = load_file(str(fallback))
-            self._ema.load([self._slice(whole[n], p).float() for n, p in self._named_params])
-        else:
-            if self.is_main:
-                log.warning("the checkpoint has no EMA: the EMA restarts from the loaded weights")
-            self._ema.load([t.float() for t in self._working_tensors()])
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's shadow tensors (its partitions under ZeRO-3) as CPU tensors, keyed for a rank's save file."""
+        return {_KEY_PREFIX + name: t.detach().cpu().contiguous() for (name, _), t in zip(self._named,
+                                                                                          self._shadow.shadow)}
+
+    def load_local(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore from :meth:`local_tensors` as saved by a run of the same layout."""
+        self._shadow.load([tensors[_KEY_PREFIX + name] for name, _ in self._named])
+
+    def load_whole(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Restore from whole weights (an EMA state dict of any layout)."""
+        self._shadow.load([self._zero.slice(weights[name], p).float() for name, p in self._named])
+
+    def restart(self) -> None:
+        """Start over from the current weights."""
+        self._shadow.load([t.float() for t in self._working()])

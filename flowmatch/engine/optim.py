@@ -1,33 +1,72 @@
-"""The optimizer and learning-rate schedule the engine hands DeepSpeed: torch AdamW and a warmup + cosine/constant
-LambdaLR, both able to skip their next step so that a discarded accumulation window changes nothing.
+"""The optimizer side of a run: the recipe's ``optim`` section, the learning-rate schedules, and the torch AdamW
+and LambdaLR the engine hands DeepSpeed, both able to skip their next step so that a discarded accumulation
+window changes nothing.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-SCHEDULES = ("cosine", "constant")
+
+def _constant(progress: float, floor: float) -> float:
+    return 1.0
 
 
-def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Multiplier of the peak learning rate for the update with 0-based index ``step``.
+def _cosine(progress: float, floor: float) -> float:
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# The schedules after warmup, by recipe name: multiplier of the peak learning rate at a progress in [0, 1] through
+# the post-warmup steps, given the floor optim.min_lr_ratio. Recipes are checked against these names.
+SCHEDULES: dict[str, Callable[[float, float], float]] = {"cosine": _cosine, "constant": _constant}
+
+
+@dataclass
+class OptimConfig:
+    """The recipe's `optim` section (AdamW)."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    schedule: str = "cosine"
+    """After warmup: cosine (decay to min_lr_ratio * lr at max_steps) or constant."""
+    min_lr_ratio: float = 0.1
+    """Final lr of the cosine schedule as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0, warmup_steps >= 0 and grad_clip >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Multiplier of the peak learning rate ``optim.lr`` for the update with 0-based index ``step``.
 
     Warmup is linear, ``(step + 1) / warmup_steps``, so the first update already moves. After warmup,
     ``constant`` stays at 1 and ``cosine`` follows a half cosine from 1 at ``step = warmup_steps`` to
     ``min_lr_ratio`` at ``step = max_steps`` (and stays there).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+    return SCHEDULES[optim.schedule](progress, optim.min_lr_ratio)
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -55,3 +94,11 @@ class SkippableLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     def step(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         if not self.skip_next:
             super().step(*args, **kwargs)
+
+    def set_position(self, steps: int) -> None:
+        """Continue as if ``steps`` updates had been applied (when DeepSpeed's own scheduler state is unusable)."""
+        self.last_epoch = steps
+        lrs = [base * fn(steps) for base, fn in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = lrs

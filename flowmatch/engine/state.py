@@ -1,8 +1,9 @@
-"""The engine's full training state on disk: :meth:`Engine.save` and :meth:`Engine.load`.
+"""The engine's full training state on disk (:meth:`Engine.save` and :meth:`Engine.load`), and ``engine.json``.
 
 Nothing is pickled by this project: each rank's ``client_state`` is JSON with its tensors in safetensors, next to
 the python, numpy and torch RNG states. DeepSpeed's own model, optimizer and scheduler files go under
-``deepspeed/`` inside the same directory.
+``deepspeed/`` inside the same directory. ``engine.json`` (:class:`EngineMeta`) is the one record of the
+distributed layout that wrote a state (world size, ZeRO stage, precision); read it with :func:`read_engine_meta`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +21,48 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from flowmatch.ema import ShadowEma
 from flowmatch.engine.config import DistributedConfig
-from flowmatch.engine.optim import SkippableLambdaLR
+from flowmatch.engine.ema import Ema
+from flowmatch.engine.group import ProcessGroup
+from flowmatch.engine.trainable import Trainable
+from flowmatch.engine.zero import Zero
 
 log = logging.getLogger(__name__)
 
-# DeepSpeed writes its own files under this tag inside the directory given to Engine.save.
-_DS_TAG = "deepspeed"
+ENGINE_META_FILE = "engine.json"
 _STATE_FORMAT = 1
 _TENSOR_TAG, _TUPLE_TAG = "__tensor__", "__tuple__"
+
+
+@dataclass
+class EngineMeta:
+    """Contents of ``engine.json``: the layout that wrote an engine state, and the engine's counters."""
+
+    world_size: int
+    """Number of processes that wrote it."""
+    zero_stage: int
+    """ZeRO stage of the run that wrote it."""
+    precision: str
+    """Training precision of that run (a name of :data:`flowmatch.dtypes.DTYPES`)."""
+    optimizer_steps: int
+    """Updates applied (the learning-rate schedule's position)."""
+    skipped_steps: int
+    """Accumulation windows discarded for a non-finite loss."""
+    global_steps: int
+    """DeepSpeed's count of step boundaries, applied or not."""
+    ema_decay: float | None
+    """Decay of the saved EMA; None when the run kept none."""
+    format: int = _STATE_FORMAT
+    """Layout version of the state directory."""
+
+
+def read_engine_meta(directory: str | os.PathLike[str]) -> EngineMeta:
+    """The :class:`EngineMeta` of an engine state directory written by :meth:`Engine.save`."""
+    path = Path(directory) / ENGINE_META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no engine state in {directory} ({ENGINE_META_FILE} missing): expected a directory "
+                                f"written by Engine.save, e.g. RUN_DIR/checkpoints/<step>/state")
+    return EngineMeta(**json.loads(path.read_text()))
 
 
 def _encode_state(obj: Any, tensors: dict[str, torch.Tensor], where: str = "client_state") -> Any:
@@ -86,116 +120,96 @@ def _restore_rng(state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
         torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
 
 
-class TrainingStateMixin:
-    """Saving and restoring everything a run needs to go on: part of :class:`flowmatch.engine.Engine`.
+class TrainingState:
+    """Saving and restoring everything a run needs to go on, from the engine's parts.
 
-    Uses the engine's attributes declared below, its collectives (``barrier``), the EMA (:class:`EmaMixin`)
-    and whole-weight loading (:class:`WeightsMixin`).
+    Args:
+        cfg: the ``distributed`` settings of this run.
+        group: its process group.
+        zero: the ZeRO layout of the weights.
+        trainable: the wrapped model with its optimizer and schedule.
+        ema: the EMA, when the run keeps one.
     """
 
-    cfg: DistributedConfig
-    _ds: Any
-    _rank: int
-    _world_size: int
-    _scheduler: SkippableLambdaLR | None
-    _named_params: list[tuple[str, torch.nn.Parameter]]
-    _micro: int
-    _skipped_steps: int
-    _ema: ShadowEma | None
+    def __init__(self, cfg: DistributedConfig, group: ProcessGroup, zero: Zero, trainable: Trainable,
+                 ema: Ema | None) -> None:
+        self._cfg, self._group, self._zero, self._trainable, self._ema = cfg, group, zero, trainable, ema
 
-    def _layout(self) -> dict[str, Any]:
-        return {"format": _STATE_FORMAT, "world_size": self._world_size, "zero_stage": self.cfg.zero_stage,
-                "precision": self.cfg.precision, "optimizer_steps": self.optimizer_steps,
-                "skipped_steps": self._skipped_steps, "global_steps": int(self._ds.global_steps),
-                "ema_decay": None if self._ema is None else self._ema.decay}
+    def meta(self) -> EngineMeta:
+        """This run's :class:`EngineMeta` as of now."""
+        t = self._trainable
+        return EngineMeta(world_size=self._group.world_size, zero_stage=self._cfg.zero_stage,
+                          precision=self._cfg.precision, optimizer_steps=t.optimizer_steps,
+                          skipped_steps=t.skipped_steps, global_steps=t.global_steps,
+                          ema_decay=None if self._ema is None else self._ema.decay)
 
     def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> None:
-        """Collective: write the full training state of every rank into ``directory`` (shared by all ranks).
-
-        Written: DeepSpeed's model, optimizer and scheduler state (subdirectory ``deepspeed/``), and per rank
-        ``rank<NNNNN>.json`` (``client_state``, python and numpy RNG) and ``rank<NNNNN>.safetensors`` (torch RNG,
-        tensors of ``client_state``, EMA: each rank's partition under ZeRO-3, rank 0 only otherwise), plus
-        ``engine.json`` (layout) by rank 0. Nothing is pickled. ``client_state`` is this rank's own (e.g. its data
-        position): dicts with string keys, lists, tuples, numbers, strings, None and tensors.
-        Call between updates (not inside an accumulation window).
-        """
-        ds = self._require_setup()
-        self._require_trainable_weights()
-        if self._micro:
+        """Collective: write the full training state of every rank (see :meth:`flowmatch.engine.Engine.save`)."""
+        group = self._group
+        if self._trainable.in_window:
             raise RuntimeError("Engine.save must be called between updates, not inside an accumulation window")
         tensors = {"rng.torch": torch.get_rng_state()}
         payload = json.dumps({"client_state": _encode_state(client_state, tensors), "rng": _rng_state_json()})
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors.update({f"rng.cuda.{i:03d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        if self._ema is not None and (self.cfg.zero_stage == 3 or self.is_main):
-            tensors.update({f"ema.{name}": t.detach().cpu().contiguous()
-                            for (name, _), t in zip(self._named_params, self._ema.shadow)})
+        if self._ema is not None and (self._zero.partitioned or group.is_main):
+            tensors.update(self._ema.local_tensors())
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        ds.save_checkpoint(str(out), tag=_DS_TAG, save_latest=False)
-        save_file(tensors, str(out / f"rank{self._rank:05d}.safetensors"))
-        (out / f"rank{self._rank:05d}.json").write_text(payload)
-        if self.is_main:
-            (out / "engine.json").write_text(json.dumps(self._layout(), indent=1))
-        self.barrier()
+        self._trainable.save_deepspeed(out)
+        save_file(tensors, str(out / f"rank{group.rank:05d}.safetensors"))
+        (out / f"rank{group.rank:05d}.json").write_text(payload)
+        if group.is_main:
+            (out / ENGINE_META_FILE).write_text(json.dumps(asdict(self.meta()), indent=1))
+        group.barrier()
 
     def load(self, directory: str | os.PathLike[str], *, fallback_weights: str | os.PathLike[str] | None = None,
              fallback_ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-        """Collective: restore what :meth:`save` wrote (call after :meth:`setup` and :meth:`ema_init`).
-
-        With the same ZeRO stage, world size and precision everything is restored exactly: weights, AdamW state,
-        schedule, EMA, RNG states, counters. Otherwise DeepSpeed's sharded optimizer state cannot be re-split
-        here, so the weights come from ``fallback_weights`` (consolidated safetensors), the EMA from
-        ``fallback_ema``, the schedule position from the layout, AdamW moments restart from zero, and a warning
-        says so. Returns this rank's ``client_state`` (rank 0's when this rank did not exist at save time).
-        """
-        self._require_setup()
-        src = Path(directory)
-        if not (src / "engine.json").is_file():
-            raise FileNotFoundError(f"no engine state in {src} (engine.json missing): expected a directory written by "
-                                    f"Engine.save, e.g. RUN_DIR/checkpoints/<step>/state")
-        layout = json.loads((src / "engine.json").read_text())
-        same = (layout["world_size"], layout["zero_stage"], layout["precision"]) == (
-            self._world_size, self.cfg.zero_stage, self.cfg.precision)
-        own = self._rank if self._rank < layout["world_size"] else 0
+        """Collective: restore what :meth:`save` wrote (see :meth:`flowmatch.engine.Engine.load`)."""
+        group, src = self._group, Path(directory)
+        saved_meta = read_engine_meta(src)
+        here = self.meta()
+        same = (saved_meta.world_size, saved_meta.zero_stage, saved_meta.precision) == (
+            here.world_size, here.zero_stage, here.precision)
         if same:
-            # DeepSpeed reads its files with torch.load(weights_only=False): they hold pickled optimizer state
-            # and config objects. Only files this project's runs wrote into the run directory are read here.
-            path, _ = self._ds.load_checkpoint(str(src), tag=_DS_TAG, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
-            if path is None:
-                raise RuntimeError(f"DeepSpeed could not load its state from {src / _DS_TAG}")
-            ema_rank = self._rank if self.cfg.zero_stage == 3 else 0
-            self._restore_ema(load_file(str(src / f"rank{ema_rank:05d}.safetensors")), layout)
+            self._trainable.load_deepspeed(src)
+            self._trainable.restore_counts(skipped_steps=saved_meta.skipped_steps)
         else:
-            if self.is_main:
+            if group.is_main:
                 log.warning("checkpoint %s was written by ZeRO-%d, %s, %d process(es); this run is ZeRO-%d, %s, %d "
                             "process(es). DeepSpeed cannot re-shard its optimizer state, so only the weights%s and "
                             "the schedule position are restored: AdamW moments restart from zero",
-                            src, layout["zero_stage"], layout["precision"], layout["world_size"],
-                            self.cfg.zero_stage, self.cfg.precision, self._world_size,
+                            src, saved_meta.zero_stage, saved_meta.precision, saved_meta.world_size,
+                            here.zero_stage, here.precision, here.world_size,
                             " and EMA" if fallback_ema is not None else "")
             if fallback_weights is None:
                 raise ValueError(f"{src} holds a different layout; pass fallback_weights=<model.safetensors>")
-            self._load_whole_weights(Path(fallback_weights))
-            self._set_schedule_position(int(layout["optimizer_steps"]))
-            self._ds.global_steps = int(layout["global_steps"])
-            self._restore_ema(None, layout, fallback_ema)
-        self._skipped_steps = int(layout["skipped_steps"])
-        if own != self._rank:
+            self._zero.load_whole(self._trainable.module, Path(fallback_weights))
+            self._trainable.refresh_masters()
+            self._trainable.restore_counts(skipped_steps=saved_meta.skipped_steps,
+                                           optimizer_steps=saved_meta.optimizer_steps,
+                                           global_steps=saved_meta.global_steps)
+        if self._ema is not None:
+            self._restore_ema(src, saved_meta, same, fallback_ema)
+        own = group.rank if group.rank < saved_meta.world_size else 0
+        if own != group.rank:
             log.warning("rank %d did not exist when %s was saved: it keeps its seeded RNG and takes rank 0's "
-                        "client_state", self._rank, src)
+                        "client_state", group.rank, src)
         saved = json.loads((src / f"rank{own:05d}.json").read_text())
         tensors = load_file(str(src / f"rank{own:05d}.safetensors"))
-        if own == self._rank:
+        if own == group.rank:
             _restore_rng(saved["rng"], tensors)
         return _decode_state(saved["client_state"], tensors)
 
-    def _set_schedule_position(self, steps: int) -> None:
-        scheduler = self._scheduler
-        assert scheduler is not None
-        scheduler.last_epoch = steps
-        lrs = [base * fn(steps) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-        for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        scheduler._last_lr = lrs
+    def _restore_ema(self, src: Path, saved_meta: EngineMeta, same: bool,
+                     fallback: str | os.PathLike[str] | None) -> None:
+        assert self._ema is not None
+        if same and saved_meta.ema_decay is not None:
+            ema_rank = self._group.rank if self._zero.partitioned else 0
+            self._ema.load_local(load_file(str(src / f"rank{ema_rank:05d}.safetensors")))
+        elif not same and fallback is not None and Path(fallback).is_file():
+            self._ema.load_whole(load_file(str(fallback)))
+        else:
+            if self._group.is_main:
+                log.warning("the checkpoint has no EMA: the EMA restarts from the loaded weights")
+            self._ema.restart()

@@ -125,11 +125,8 @@ def assemble(recipe: Recipe) -> TrainingRun:
     micro, accum = batch_plan(t.batch_size, t.micro_batch_size, engine.world_size)
     model = build_model(recipe, engine)
     seed_everything(t.seed + engine.rank)  # back to per-rank streams (data workers, posterior samples)
-    o = recipe.optim
-    engine.setup(model, [p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=o.betas,
-                 weight_decay=o.weight_decay, eps=o.eps, warmup_steps=o.warmup_steps, max_steps=t.max_steps,
-                 schedule=o.schedule, min_lr_ratio=o.min_lr_ratio, micro_batch_size=micro, grad_accum_steps=accum,
-                 grad_clip=o.grad_clip)
+    engine.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim, max_steps=t.max_steps,
+                 micro_batch_size=micro, grad_accum_steps=accum)
     if t.ema_decay > 0:
         engine.ema_init(t.ema_decay)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,

@@ -82,24 +82,33 @@ def micro_loss(velocity: Callable[[torch.Tensor, torch.Tensor, Conditioning], to
 class LossWindow:
     """Sums of the logged losses since the last log step, kept on the device (no host sync to add to them).
 
-    Non-finite losses (of windows the engine discards) are left out of the sums.
+    The micro batches of one optimizer step are held apart until the engine says whether it applied the update:
+    :meth:`commit` adds them to the sums, :meth:`discard` drops them (a window with a non-finite loss).
     """
 
     def __init__(self, device: torch.device, buckets: int = LOSS_BUCKETS) -> None:
         self.buckets = buckets
         # loss sum, loss count, per-bucket sums, per-bucket counts
         self.sums = torch.zeros(2 + 2 * buckets, device=device)
+        self.pending = torch.zeros_like(self.sums)
         self.steps = 0
         self.started = time.time()
 
     def add(self, m: MicroLoss) -> None:
-        finite = torch.isfinite(m.loss.detach())
-        self.sums[0] += torch.where(finite, m.loss.detach(), 0.0)
-        self.sums[1] += finite
-        ok = torch.isfinite(m.per_sample)
-        bucket = (m.t * self.buckets).long().clamp(max=self.buckets - 1)
-        self.sums[2:2 + self.buckets].index_add_(0, bucket, torch.where(ok, m.per_sample, 0.0))
-        self.sums[2 + self.buckets:].index_add_(0, bucket, ok.float())
+        p, nb = self.pending, self.buckets
+        p[0] += m.loss.detach()
+        p[1] += 1
+        bucket = (m.t * nb).long().clamp(max=nb - 1)
+        p[2:2 + nb].index_add_(0, bucket, m.per_sample)
+        p[2 + nb:].index_add_(0, bucket, torch.ones_like(m.per_sample))
+
+    def commit(self) -> None:
+        self.sums += self.pending
+        self.pending.zero_()
+        self.steps += 1
+
+    def discard(self) -> None:
+        self.pending.zero_()
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -192,6 +201,7 @@ class Trainer:
                 window.add(m)
             result = e.step()  # the engine discards the whole window when any of its losses was non-finite
             if result.skipped:
+                window.discard()
                 bad_in_a_row += 1
                 mon.message(f"step {self.step}: non-finite loss, update skipped ({e.skipped_steps} so far)")
                 if bad_in_a_row >= t.max_bad_steps:
@@ -202,13 +212,13 @@ class Trainer:
                     )
                 continue
             bad_in_a_row = 0
+            window.commit()
             if t.ema_decay > 0:
                 e.ema_update()
             self.step += 1
-            window.steps += 1
             mon.advance()
             if self.step == 1:
-                mon.record(self.step, {"precision": r.distributed.precision,
+                mon.record(self.step, {"precision": r.distributed.precision, "weights_dtype": str(e.working_dtype),
                                        "compute_dtype": str(run.velocity.last_dtype)})
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 last_loss = self.log(window, result, flops)

@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, so no install is needed
 
 from flowmatch.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint  # noqa: E402
-from flowmatch.engine import DistributedConfig, Engine, run_guarded  # noqa: E402
+from flowmatch.engine import DistributedConfig, Engine, OptimConfig, run_guarded  # noqa: E402
 
 GLOBAL_BATCH = 8
 DIM = 16
@@ -96,9 +96,10 @@ def main() -> None:
     encoder = nn.Linear(DIM, DIM).requires_grad_(False)  # frozen, outside the engine (a stand-in text encoder)
     with engine.model_init():
         model = TinyNet()
-    engine.setup(model, model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, eps=1e-8,
-                 warmup_steps=2, max_steps=args.steps, schedule="cosine", min_lr_ratio=0.1,
-                 micro_batch_size=micro, grad_accum_steps=args.grad_accum, grad_clip=0.5)
+    optim = OptimConfig(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, eps=1e-8, warmup_steps=2, schedule="cosine",
+                        min_lr_ratio=0.1, grad_clip=0.5)
+    engine.setup(model, model.parameters(), optim, max_steps=args.steps, micro_batch_size=micro,
+                 grad_accum_steps=args.grad_accum)
     engine.ema_init(args.ema_decay)
     xs, ys = dataset(args.steps)
     result: dict = {"world_size": world, "zero_stage": args.zero_stage, "losses": {}, "lrs": {}, "grad_norms": {},
@@ -154,7 +155,7 @@ def main() -> None:
         for m in range(args.grad_accum):
             x, y = batch(step, m, noise)
             loss = F.mse_loss(engine.forward(x.to(engine.dtype)).float(), y)
-            assert engine.backward(loss)
+            engine.backward(loss)
             losses.append(loss.detach())
         res = engine.step()
         assert res.stepped and not res.skipped and res.grad_norm is not None, res
@@ -201,8 +202,7 @@ def _bad_window(engine: Engine, args: argparse.Namespace, batch, step: int, resu
         loss = F.mse_loss(engine.forward(x.to(engine.dtype)).float(), y)
         if m == args.grad_accum - 1 and engine.rank == engine.world_size - 1:
             loss = loss * float("inf")
-        finite = engine.backward(loss)
-        assert finite == (m != args.grad_accum - 1), (m, finite)
+        engine.backward(loss)
     res = engine.step()
     assert res.skipped and not res.stepped and res.grad_norm is None, res
     after = engine.model_state_dict()
