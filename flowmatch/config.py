@@ -18,11 +18,11 @@ from typing import Any, Optional
 
 import yaml
 
-from data_tools.digits import DIGIT_WORDS
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.engine import DistributedConfig
+from flowmatch.evaluate import EvalConfig
 from flowmatch.flow.timesteps import FlowConfig
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.models.presets import preset_values
@@ -110,7 +110,7 @@ class SamplingConfig:
     """Classifier-free guidance scale (1 = no guidance)."""
     seed: int = 0
     """Seed of the validation noise."""
-    prompts: list[str] = field(default_factory=lambda: [f"a handwritten digit {w}" for w in DIGIT_WORDS])
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car on a city street"])
     """Validation prompts: one row of the sample grid each."""
     per_prompt: int = 8
     """Images per prompt in the validation grid."""
@@ -132,33 +132,6 @@ class LoggingConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device in the training precision, for the MFU estimate (H100 SXM bf16: 989);
     0 = report achieved TFLOP/s only."""
-
-
-@dataclass
-class EvalConfig:
-    """The recipe's `eval` section: what `flowmatch eval` measures."""
-
-    task: str = "digits"
-    """digits (prompt accuracy with a classifier fit on the real digits + Frechet distance) or generic."""
-    steps: list[int] = field(default_factory=lambda: [4, 8, 20, 50])
-    """Step counts to evaluate."""
-    solvers: list[str] = field(default_factory=lambda: ["euler"])
-    """Solvers to evaluate."""
-    samples_per_prompt: int = 50
-    """Generated images per class prompt."""
-    likelihood_samples: int = 16
-    """Held-out images whose bits per dimension are measured with the exact divergence (0 = skip)."""
-    likelihood_rtol: float = 1e-3
-    """Relative tolerance of the likelihood ODE solve (dopri5); 1e-4 moved the digits bits/dim by under 0.01."""
-    likelihood_atol: float = 1e-4
-    """Absolute tolerance of the likelihood ODE solve."""
-
-    def __post_init__(self) -> None:
-        if self.task not in ("digits", "generic"):
-            raise ValueError(f"task must be digits or generic, got {self.task!r}")
-        check_solvers(self.solvers)
-        if not self.steps or min(self.steps) < 1 or self.samples_per_prompt < 1 or self.likelihood_samples < 0:
-            raise ValueError("steps must be >= 1, samples_per_prompt >= 1 and likelihood_samples >= 0")
 
 
 def check_solvers(names: list[str]) -> None:

@@ -9,8 +9,13 @@ from flowmatch.config import Recipe, RecipeError, load_recipe, recipe_from_yaml,
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_digits_recipe_is_the_embedded_default():
-    assert load_recipe(ROOT / "recipes" / "digits.yaml") == Recipe()
+def test_defaults_are_no_task_and_the_digits_recipe_names_its_own():
+    default, digits = Recipe(), load_recipe(ROOT / "recipes" / "digits.yaml")
+    assert (default.data.prepare, default.data.resolution, default.data.channels, default.eval.task) == (
+        "", 256, 3, "generic")
+    assert (digits.data.shards, digits.data.prepare, digits.data.resolution, digits.data.channels) == (
+        "data/digits", "digits", 8, 1)
+    assert digits.eval.task == "digits"
 
 
 def test_precedence_command_line_over_file_over_defaults(tmp_path):

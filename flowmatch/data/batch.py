@@ -7,24 +7,25 @@ from typing import Optional
 
 import torch
 
-from flowmatch.encoders.text import TextEmbeddings
+from flowmatch.encoders.conditioning import Conditioning
 
 
 @dataclass
 class Batch:
     """One batch, all of one shape (one bucket).
 
-    Raw shards fill `images` (B, C, H, W) float32 in [-1, 1]; cached shards fill `latents` (B, c, h, w) float32
-    (already scaled and shifted by the autoencoder preset) and `text` (hidden (B, L, D) zero-padded to the
-    longest caption of the batch, mask (B, L) bool True = real token, pooled (B, Dp)). `captions` and `keys` are
-    always there; B can be smaller than the batch size at the end of an epoch or when samples were bad.
+    Raw shards fill `images` (B, C, H, W) float32 in [-1, 1] (flowmatch.data.pixels); cached shards fill `latents`
+    (B, c, h, w) float32 (already scaled and shifted by the autoencoder preset) and `text`, a Conditioning (hidden
+    (B, L, D) zero-padded to the longest caption of the batch, mask (B, L) bool True = real token, pooled (B, Dp)).
+    `captions` and `keys` are always there; B can be smaller than the batch size at the end of an epoch or when
+    samples were bad.
     """
 
     captions: list[str]
     keys: list[str]
     images: Optional[torch.Tensor] = None
     latents: Optional[torch.Tensor] = None
-    text: Optional[TextEmbeddings] = None
+    text: Optional[Conditioning] = None
     meta: list[dict] = field(default_factory=list)
     """Per-sample JSON metadata when the shard stores it (e.g. the digits' {"label": 7}), else empty dicts."""
 
@@ -37,9 +38,7 @@ class Batch:
         def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
-        text = None
-        if self.text is not None:
-            text = TextEmbeddings(move(self.text.hidden), move(self.text.mask), move(self.text.pooled))
+        text = None if self.text is None else self.text.to(device, non_blocking=non_blocking)
         return Batch(self.captions, self.keys, move(self.images), move(self.latents), text, self.meta)
 
     def pin_memory(self) -> "Batch":
@@ -48,24 +47,5 @@ class Batch:
         def pin(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else t.pin_memory()
 
-        text = None
-        if self.text is not None:
-            text = TextEmbeddings(pin(self.text.hidden), pin(self.text.mask), pin(self.text.pooled))
+        text = None if self.text is None else self.text.pin_memory()
         return Batch(self.captions, self.keys, pin(self.images), pin(self.latents), text, self.meta)
-
-
-def pad_text(hidden: list[torch.Tensor], pooled: list[torch.Tensor]) -> TextEmbeddings:
-    """Stack per-sample hidden states (n_i, D) into float32 (B, L, D) zero-padded to L = max n_i (at least 1).
-
-    Rows are converted while copied into one preallocated batch (cached features are bf16/fp16: converting each
-    first would cost a second full pass over the largest tensor of the batch).
-    """
-    length = max(1, max(h.shape[0] for h in hidden))
-    out = torch.empty(len(hidden), length, hidden[0].shape[1], dtype=torch.float32)
-    mask = torch.zeros(len(hidden), length, dtype=torch.bool)
-    for i, h in enumerate(hidden):
-        n = h.shape[0]
-        out[i, :n].copy_(h)
-        out[i, n:].zero_()
-        mask[i, :n] = True
-    return TextEmbeddings(out, mask, torch.stack(pooled).float())

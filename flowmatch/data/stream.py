@@ -29,10 +29,12 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from flowmatch.data import decode
-from flowmatch.data.batch import Batch, pad_text
+from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, nearest_bucket
+from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
 from flowmatch.data.shards import ShardSplit
 from flowmatch.data.tarstream import BadRecord, RawSample, Record, read_shard
+from flowmatch.encoders.conditioning import Conditioning
 
 log = logging.getLogger("flowmatch.data")
 
@@ -59,8 +61,8 @@ class StreamSpec:
     drop_last: bool = False
     epochs: Optional[int] = None
     """Stop after this epoch (exclusive); None = run forever."""
-    max_pixels: int = 40_000_000
-    max_member_bytes: int = 256 << 20
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_member_bytes: int = MAX_MEMBER_BYTES
     expect_encoders: Optional[dict[str, str]] = None
 
 
@@ -209,7 +211,7 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
     meta = [sample_meta(record) for record, _ in kept]
     if spec.cached:
         latents = torch.stack([f.latents for f in tensors]).float()
-        text = pad_text([f.hidden for f in tensors], [f.pooled for f in tensors])
+        text = Conditioning.from_rows([f.hidden for f in tensors], [f.pooled for f in tensors])
         return Batch(captions, keys, latents=latents, text=text, meta=meta), failed
     return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta), failed
 
