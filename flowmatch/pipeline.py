@@ -38,7 +38,8 @@ def encode_batch(batch, text: TextEncoder, auto: Autoencoder, device: torch.devi
     """A `flowmatch.data.Batch` -> (latents (B, C, h, w) float32, text embeddings), both on `device`; cached
     features are used as they are, raw images and captions go through the encoders."""
     x0 = batch.latents if batch.latents is not None else auto.encode(batch.images.to(device))
-    emb = batch.text if batch.text is not None else text.encode(batch.captions)
+    cached = batch.text  # a Conditioning from the loader; the trainer's caption dropout still pairs TextEmbeddings
+    emb = text.encode(batch.captions) if cached is None else TextEmbeddings(cached.hidden, cached.mask, cached.pooled)
     return x0.to(device).float(), emb.to(device)
 
 

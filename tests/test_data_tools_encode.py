@@ -89,6 +89,19 @@ def test_training_reads_cached_shards_and_refuses_other_encoders(encoded, encode
         build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders={**fingerprints, "text_encoder": "t5"})
 
 
+def test_training_steps_on_cached_shards(encoded, tmp_path):
+    from flowmatch.config import load_recipe
+    from flowmatch.trainer import train
+
+    overrides = {"run_dir": str(tmp_path / "run"), "data.shards": str(encoded), "data.channels": 3,
+                 "model.preset": "tiny", "train.max_steps": 2, "train.batch_size": 4, "optim.warmup_steps": 1,
+                 "data.num_workers": 0, "logging.tensorboard": False, "logging.progress": False,
+                 "sampling.per_prompt": 1, "sampling.steps": 2, "flow.caption_dropout": 0.5}
+    recipe = load_recipe(RECIPE, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    summary = train(recipe)  # batches carry the loader's Conditioning into encode_batch and caption dropout
+    assert summary.final_step == 2 and summary.skipped_steps == 0
+
+
 def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
     src = tmp_path / "raw"
     src.mkdir()
