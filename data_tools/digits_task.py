@@ -55,10 +55,9 @@ def judge(pipe: "Pipeline", plan: EvalPlan) -> TaskScores:
     rng = np.random.default_rng(0)
     size = min(len(labels), len(real.data) // 2)
     order = rng.permutation(len(real.data))
-    scores = TaskScores(
+    scores = TaskScores(  # the floor: real digits against other real digits, at the same sample size
         reference={"frechet_floor": frechet_distance(real.data[order[:size]], real.data[order[size:2 * size]])},
-        note=f"{plan.samples_per_prompt} images per digit judged by an SVC fit on the real digits; Frechet "
-             "distance to real digits (floor: real vs real at the same sample size)",
+        note=f"{plan.samples_per_prompt} images per digit, judged by an SVC fit on the real digits",
     )
     train_prompts = [digit_prompts()[d] for d in labels]
     paraphrases = [heldout_prompts(d) for d in DIGITS]

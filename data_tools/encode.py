@@ -131,7 +131,7 @@ def encode_shard(enc: Encoders, url: str, target: Path, expected: Optional[dict[
                     files["json"] = record.files["json"]
                 sink.write(record.key, files)
 
-        for record in read_shard(url, max_member_bytes=data_cfg.max_member_mb << 20):
+        for record in read_shard(url, max_member_bytes=data_cfg.max_member_bytes):
             if isinstance(record, BadRecord):
                 bad[record.reason] += 1
                 continue

@@ -97,6 +97,11 @@ class DataConfig:
         """(height, width) of `resolution`."""
         return resolution_hw(self.resolution)
 
+    @property
+    def max_member_bytes(self) -> int:
+        """`max_member_mb` in bytes."""
+        return self.max_member_mb * MIB
+
 
 def resolution_hw(resolution: Union[int, list[int], tuple[int, ...]]) -> tuple[int, int]:
     """(height, width) from an int side or a [height, width] pair; ValueError otherwise."""
