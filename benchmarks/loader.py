@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_tools.writer import ShardSink
 from flowmatch.data import DataConfig, build_loader, ensure_shards, expand_shards, features
+from flowmatch.data.shardformat import ShardSink
 
 FAKE_ENCODERS = {"text_encoder": "benchmark", "autoencoder": "benchmark"}
 

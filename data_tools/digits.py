@@ -5,6 +5,7 @@ Each 8x8 image (values 0..16) is stored as an 8x8 grayscale PNG with value round
 numerals), chosen per image by a seeded generator so every template appears and rebuilding gives the same
 shards. `heldout_prompts(d)` are paraphrases that never appear in training captions, for prompt-following evals.
 About 10% of the images (chosen by a hash of their index) go to `val-*.tar`, the rest to `train-*.tar`.
+`data_tools.digits_task` makes this the `digits` task (recipes: data.prepare: digits, eval.task: digits).
 Dataset: Alpaydin & Kaynak, UCI Optical Recognition of Handwritten Digits (scikit-learn's load_digits).
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_tools.writer import ShardSink
+from flowmatch.data.shardformat import TRAIN_PREFIX, VAL_PREFIX, ShardSink
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SIDE = 8
@@ -101,8 +102,8 @@ def write_digits(out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, seed:
     order = list(range(len(images)))
     rng.shuffle(order)  # sklearn's order runs through the classes in sequence; shards should each be a fair mix
     counts = {"train": 0, "val": 0}
-    with ShardSink(out, prefix="train", shard_size=shard_size, overwrite=overwrite) as train, \
-            ShardSink(out, prefix="val", shard_size=shard_size, overwrite=overwrite) as val:
+    with ShardSink(out, prefix=TRAIN_PREFIX, shard_size=shard_size, overwrite=overwrite) as train, \
+            ShardSink(out, prefix=VAL_PREFIX, shard_size=shard_size, overwrite=overwrite) as val:
         for index in order:
             label = int(labels[index])
             caption = rng.choice(captions_for(label))

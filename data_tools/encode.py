@@ -7,16 +7,16 @@ truncated to each caption's real tokens, and the pooled vector), and writes `key
 see flowmatch.data.features) with the caption and any .json metadata. Training on OUT then runs no encoder and
 refuses the features if the recipe's encoders differ from the fingerprints recorded in each sample.
 
-Each output shard is written as `NAME.partial` and renamed when complete, and OUT/features.json records the
-finished ones, so an interrupted run continues where it stopped. `--processes N` encodes N shards at a time
-(one encoder copy per process, spread over the visible GPUs).
+Each output shard is written as `NAME.partial` and renamed when complete (flowmatch.data.shardformat.ShardFile,
+the writer every tool shares), and OUT/features.json records the finished ones, so an interrupted run continues
+where it stopped. `--processes N` encodes N shards at a time (one encoder copy per process, spread over the
+visible GPUs).
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +24,11 @@ from typing import Optional
 
 import torch
 
-from data_tools.writer import FIXED_MTIME
 from flowmatch.data import decode, features
 from flowmatch.data.buckets import nearest_bucket
 from flowmatch.data.loader import loader_buckets
-from flowmatch.data.shards import SHARD_SUFFIXES, expand_shards, shard_name
+from flowmatch.data.shardformat import SHARD_SUFFIXES, ShardFile
+from flowmatch.data.shards import expand_shards, shard_name
 from flowmatch.data.tarstream import BadRecord, RawSample, read_shard
 
 MANIFEST = "features.json"
@@ -95,20 +95,16 @@ def pick_device(device: str, index: int) -> torch.device:
 
 
 def encode_shard(enc: Encoders, url: str, target: Path, expected: Optional[dict[str, str]] = None) -> ShardResult:
-    """Encode one shard into `target` (via target.partial); refuses when OUT already holds other encoders' features."""
-    from webdataset import TarWriter
-
+    """Encode one shard into `target` (ShardFile: via target.partial); refuses when OUT already holds other encoders'
+    features."""
     check_same_encoders(expected, enc.fingerprints, target.parent)
     data_cfg = enc.recipe.data
     need_size = len(enc.buckets) > 1
     bad: Counter = Counter()
     pending: dict[int, list[tuple[RawSample, decode.SampleInfo]]] = {}
-    partial = target.with_name(target.name + ".partial")
-    written = 0
-    with TarWriter(str(partial), encoder=False, mtime=FIXED_MTIME) as sink:
+    with ShardFile(target) as sink:
 
         def flush(bucket: int) -> None:
-            nonlocal written
             group = pending.pop(bucket, [])
             size = enc.buckets[bucket]
             images, kept = [], []
@@ -129,13 +125,12 @@ def encode_shard(enc: Encoders, url: str, target: Path, expected: Optional[dict[
             for i, (record, info) in enumerate(kept):
                 blob = features.encode(latents[i], hidden[i][mask[i]], pooled[i], dtype=enc.settings.dtype,
                                        encoders=enc.fingerprints)
-                files = {"__key__": record.key, features.EXT: blob, "txt": info.caption.encode("utf-8")}
+                files = {features.EXT: blob, "txt": info.caption}
                 if "json" in record.files:
                     files["json"] = record.files["json"]
-                sink.write(files)
-                written += 1
+                sink.write(record.key, files)
 
-        for record in read_shard(url, max_member_bytes=data_cfg.max_member_mb << 20):
+        for record in read_shard(url, max_member_bytes=data_cfg.max_member_bytes):
             if isinstance(record, BadRecord):
                 bad[record.reason] += 1
                 continue
@@ -150,8 +145,7 @@ def encode_shard(enc: Encoders, url: str, target: Path, expected: Optional[dict[
                 flush(bucket)
         for bucket in list(pending):
             flush(bucket)
-    os.replace(partial, target)
-    return ShardResult(target.name, written, dict(bad), dict(enc.fingerprints))
+    return ShardResult(target.name, sink.count, dict(bad), dict(enc.fingerprints))
 
 
 def check_same_encoders(expected: Optional[dict[str, str]], found: dict[str, str], out: Path) -> None:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from data_tools.images import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, SOURCE_EXTS, ImageRejected, check_image
+from data_tools.images import SOURCE_EXTS, ImageRejected, check_image
 from data_tools.report import BuildReport
-from data_tools.writer import ShardSink, safe_key
+from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB, ShardSink, safe_key
 
 CAPTION_EXTS = (".txt", ".json")
 
@@ -85,7 +85,7 @@ def read_caption(entry: Entry) -> tuple[str, dict]:
 
 
 def build_folder(src: str | Path, out: str | Path, *, shard_size: int = 1000, seed: int = 0, shuffle: bool = True,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, overwrite: bool = False) -> BuildReport:
+                 max_pixels: int = MAX_IMAGE_PIXELS, overwrite: bool = False) -> BuildReport:
     """Write the shards and OUT/report.json; returns the report. Raises only for unusable SRC/OUT."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -124,8 +124,8 @@ def write_entry(entry: Entry, sink: ShardSink, used: set[str], report: BuildRepo
     except ValueError as err:
         report.skip(rel, str(err))
         return 0
-    if image_path.stat().st_size > MAX_FILE_BYTES:
-        report.skip(rel, f"oversized file ({image_path.stat().st_size >> 20} MiB)")
+    if image_path.stat().st_size > MAX_MEMBER_BYTES:
+        report.skip(rel, f"oversized file ({image_path.stat().st_size // MIB} MiB)")
         return 0
     data = image_path.read_bytes()
     try:

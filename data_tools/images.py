@@ -7,10 +7,7 @@ import warnings
 
 from PIL import Image
 
-# Largest image accepted into shards (width x height); the loader has its own bound (data.max_image_pixels).
-DEFAULT_MAX_PIXELS = 40_000_000
-# Larger files are not even read (no training image needs this much; the loader skips members above 256 MiB too).
-MAX_FILE_BYTES = 256 << 20
+from flowmatch.data.shardformat import MAX_IMAGE_PIXELS
 # PIL format name -> the extension stored in the shard (one spelling per format, so the loader sees jpg not jpeg).
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SOURCE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -20,7 +17,7 @@ class ImageRejected(Exception):
     """The bytes are not a usable image; str(err) is the reason."""
 
 
-def check_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+def check_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> str:
     """Fully decode `data` and return the shard extension of its real format (jpg, png, webp).
 
     Raises ImageRejected for undecodable or truncated data, an unsupported format, or more than max_pixels pixels

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
-from data_tools.images import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageRejected, check_image
+from data_tools.images import ImageRejected, check_image
 from data_tools.report import BuildReport
-from data_tools.writer import ShardSink
+from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB, ShardSink
 
 IMAGE_FIELDS = ("image", "url", "path")
 CAPTION_FIELDS = ("caption", "text")
@@ -56,20 +56,20 @@ def fetch(source: str, base: Path) -> bytes:
     if source.startswith(URL_SCHEMES):
         request = urllib.request.Request(source, headers={"User-Agent": "flowmatch-data"})
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
-            data = response.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise ValueError(f"download larger than {MAX_FILE_BYTES >> 20} MiB")
+            data = response.read(MAX_MEMBER_BYTES + 1)
+        if len(data) > MAX_MEMBER_BYTES:
+            raise ValueError(f"download larger than {MAX_MEMBER_BYTES // MIB} MiB")
         return data
     if "://" in source:
         raise ValueError("only http(s) URLs and local paths are supported")
     path = base / source
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ValueError(f"file larger than {MAX_FILE_BYTES >> 20} MiB")
+    if path.stat().st_size > MAX_MEMBER_BYTES:
+        raise ValueError(f"file larger than {MAX_MEMBER_BYTES // MIB} MiB")
     return path.read_bytes()
 
 
 def build_jsonl(file: str | Path, out: str | Path, *, shard_size: int = 1000, threads: int = 8,
-                max_pixels: int = DEFAULT_MAX_PIXELS, overwrite: bool = False) -> BuildReport:
+                max_pixels: int = MAX_IMAGE_PIXELS, overwrite: bool = False) -> BuildReport:
     """Write the shards and OUT/report.json; returns the report."""
     file, out = Path(file), Path(out)
     if not file.is_file():

@@ -16,8 +16,8 @@ from typing import Optional
 
 from PIL import Image
 
-from data_tools.images import DEFAULT_MAX_PIXELS
 from flowmatch.data import decode, features
+from flowmatch.data.shardformat import MAX_IMAGE_PIXELS
 from flowmatch.data.shards import expand_shards
 from flowmatch.data.tarstream import BadRecord, RawSample, read_shard
 
@@ -123,7 +123,7 @@ def take_sample(record: RawSample, summary: Summary, exts: Counter, words: list,
         ext = next((e for e in decode.IMAGE_EXTS if e in record.files), None)
         if ext is not None:
             try:
-                image = decode.open_image(record.files[ext], DEFAULT_MAX_PIXELS).convert("RGB")
+                image = decode.open_image(record.files[ext], MAX_IMAGE_PIXELS).convert("RGB")
                 image.thumbnail((PREVIEW_CELL, PREVIEW_CELL), Image.Resampling.NEAREST)
                 thumbs.append(image)
             except Exception:  # the preview shows what decodes; verify lists the rest

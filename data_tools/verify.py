@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from data_tools.images import DEFAULT_MAX_PIXELS
 from flowmatch.data import decode, features
+from flowmatch.data.shardformat import MAX_IMAGE_PIXELS
 from flowmatch.data.shards import expand_shards
 from flowmatch.data.tarstream import BadRecord, RawSample, read_shard
 
@@ -39,7 +39,8 @@ def member_problems(sample: RawSample, max_pixels: int) -> list[str]:
             elif ext == "json":
                 json.loads(data)
             elif ext == features.EXT:
-                features.decode(data)
+                features.read_header(data)
+                features.check_finite(features.decode(data))
         except decode.BadSample as err:
             found.append(f"{ext}: {err.reason} {err.detail}".rstrip())
         except Exception as err:  # whatever the decoder raised is the finding
@@ -55,7 +56,7 @@ def member_problems(sample: RawSample, max_pixels: int) -> list[str]:
     return found
 
 
-def verify(urls: Iterable[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> VerifyReport:
+def verify(urls: Iterable[str], *, max_pixels: int = MAX_IMAGE_PIXELS) -> VerifyReport:
     """Check every shard in `urls`."""
     report = VerifyReport()
     for url in urls:
@@ -69,7 +70,7 @@ def verify(urls: Iterable[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Veri
     return report
 
 
-def verify_pattern(pattern: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> VerifyReport:
+def verify_pattern(pattern: str, *, max_pixels: int = MAX_IMAGE_PIXELS) -> VerifyReport:
     """`verify` over a shards pattern; FileNotFoundError when it matches nothing."""
     urls = expand_shards(pattern)
     if not urls:

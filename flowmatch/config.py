@@ -25,45 +25,17 @@ from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.errors import RecipeError, nearest
+from flowmatch.evaluate import EvalConfig
 from flowmatch.flow.timesteps import FlowConfig
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.models.presets import preset_values
 from flowmatch.monitor import LoggingConfig
 from flowmatch.sampling.generate import SamplingConfig
-from flowmatch.sampling.solvers import check_solver
 from flowmatch.training.config import TrainConfig
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "recipe_from_yaml", "to_yaml"]
 
 DEFAULT_PRESET = "sd3-medium"
-
-
-@dataclass
-class EvalConfig:
-    """The recipe's `eval` section: what `flowmatch eval` measures."""
-
-    task: str = "digits"
-    """digits (prompt accuracy with a classifier fit on the real digits + Frechet distance) or generic."""
-    steps: list[int] = field(default_factory=lambda: [4, 8, 20, 50])
-    """Step counts to evaluate."""
-    solvers: list[str] = field(default_factory=lambda: ["euler"])
-    """Solvers to evaluate."""
-    samples_per_prompt: int = 50
-    """Generated images per class prompt."""
-    likelihood_samples: int = 16
-    """Held-out images whose bits per dimension are measured with the exact divergence (0 = skip)."""
-    likelihood_rtol: float = 1e-3
-    """Relative tolerance of the likelihood ODE solve (dopri5); 1e-4 moved the digits bits/dim by under 0.01."""
-    likelihood_atol: float = 1e-4
-    """Absolute tolerance of the likelihood ODE solve."""
-
-    def __post_init__(self) -> None:
-        if self.task not in ("digits", "generic"):
-            raise ValueError(f"task must be digits or generic, got {self.task!r}")
-        for solver in self.solvers:
-            check_solver(solver, "eval.solvers")
-        if not self.steps or min(self.steps) < 1 or self.samples_per_prompt < 1 or self.likelihood_samples < 0:
-            raise ValueError("steps must be >= 1, samples_per_prompt >= 1 and likelihood_samples >= 0")
 
 
 @dataclass

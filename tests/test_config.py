@@ -27,6 +27,15 @@ def test_a_base_cycle_is_a_recipe_error_naming_the_cycle(tmp_path):
         load_recipe(tmp_path / "self.yaml")
 
 
+def test_defaults_are_no_task_and_the_digits_recipe_names_its_own():
+    default, digits = Recipe(), load_recipe(ROOT / "recipes" / "digits.yaml")
+    assert (default.data.prepare, default.data.resolution, default.data.channels, default.eval.task) == (
+        "", 256, 3, "generic")
+    assert (digits.data.shards, digits.data.prepare, digits.data.resolution, digits.data.channels) == (
+        "data/digits", "digits", 8, 1)
+    assert digits.eval.task == "digits"
+
+
 def test_precedence_command_line_over_file_over_defaults(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("run_dir: runs/x\ntrain:\n  max_steps: 50\n  seed: 3\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -12,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.writer import ShardSink
 from flowmatch.data import DataConfig, EncoderMismatch, build_loader, features, merge_loader_states
+from flowmatch.data.shardformat import ShardSink
+from flowmatch.encoders.conditioning import Conditioning
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-000000.tar.gz"
 
@@ -300,6 +302,8 @@ def test_cached_shards_give_latents_and_padded_text(tmp_path):
         assert b.text.hidden.shape == (len(b), int(lengths.max()), 6) and b.text.pooled.shape == (len(b), 5)
         assert torch.all(b.text.hidden[~b.text.mask] == 0)
         assert [m["label"] for m in b.meta] == [int(k[1:]) for k in b.keys]
+        moved = b.to("cpu")  # the one conditioning type, moved as a whole
+        assert isinstance(moved.text, Conditioning) and torch.equal(moved.text.hidden, b.text.hidden)
 
 
 def test_cached_features_from_other_encoders_are_refused(tmp_path):
@@ -316,3 +320,44 @@ def test_shards_that_never_yield_a_batch_fail_loudly_instead_of_hanging(tmp_path
     loader = build_loader(cfg_for(tmp_path), rank=0, world_size=1, batch_size=2, seed=0)
     with pytest.raises(RuntimeError, match="made no batch"):
         next(iter(loader))
+
+
+def damaged_blobs(blob: bytes) -> dict[str, tuple[str, bytes]]:
+    """Ways a cached-feature blob breaks, by the loader's reason: a bad header is found when batching (peek), damage
+    inside a readable header's tensor data when decoding."""
+    (length,) = struct.unpack_from("<Q", blob)
+    header = json.loads(blob[8:8 + length])
+    header["hidden"]["data_offsets"] = header["latents"]["data_offsets"]  # overlapping tensors: safetensors refuses
+    overlapping = json.dumps(header).encode()
+    data = blob[8 + length:]
+    return {
+        "cut-header": ("unreadable features", blob[:20]),
+        "garbage": ("unreadable features", b"\x07" * 64),
+        "cut-data": ("unreadable features", blob[:-16]),  # header intact, data shorter than it says
+        "overlap": ("corrupt features", struct.pack("<Q", len(overlapping)) + overlapping + data),
+        "nan-data": ("non-finite features", blob[:8 + length] + b"\xff" * len(data)),  # 0xffff is a bf16 NaN
+    }
+
+
+def test_damaged_cached_features_are_skipped_and_counted_by_reason(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    damaged, good = {}, []
+    with ShardSink(tmp_path, prefix="train") as sink:
+        for i in range(8):
+            blob = features.encode(torch.randn(4, 2, 2, generator=gen), torch.randn(3, 6, generator=gen),
+                                   torch.randn(5, generator=gen), dtype="bf16", encoders=ENCODERS)
+            sink.write(f"good{i}", {features.EXT: blob, "txt": f"cached {i}"})
+            good.append(f"good{i}")
+            if i == 1:  # the bad ones sit among the good ones
+                damaged = damaged_blobs(blob)
+                for key, (_, broken) in damaged.items():
+                    sink.write(key, {features.EXT: broken, "txt": "broken"})
+    loader = build_loader(cfg_for(tmp_path, shuffle=False), rank=0, world_size=1, batch_size=4, seed=0, epochs=1,
+                          encoders=ENCODERS)
+    batches = list(loader)
+    assert sorted(k for b in batches for k in b.keys) == good
+    for b in batches:
+        assert b.latents.shape == (len(b), 4, 2, 2) and torch.isfinite(b.latents).all()
+        assert b.text.hidden.shape == (len(b), 3, 6) and torch.isfinite(b.text.hidden).all()
+    assert loader.stats.reasons == dict(Counter(reason for reason, _ in damaged.values()))
+    assert loader.stats.samples == 8 and loader.stats.bad == 5

@@ -19,8 +19,8 @@ from data_tools.folder import build_folder
 from data_tools.jsonl import build_jsonl
 from data_tools.summary import inspect_shards
 from data_tools.verify import verify_pattern
-from data_tools.writer import ShardSink, safe_key
 from flowmatch.data import DataConfig, build_loader, expand_shards
+from flowmatch.data.shardformat import ShardSink, safe_key
 from flowmatch.data.tarstream import RawSample, read_shard
 
 
@@ -72,7 +72,7 @@ def test_folder_tool_skips_bad_entries_and_reports_them(messy_folder, tmp_path):
     assert set(by_key["b"].files) == {"jpg", "txt", "json"} and by_key["b"].files["txt"] == b"a jpeg"
     assert json.loads(by_key["b"].files["json"]) == {"source": "b.JPG", "caption": "a jpeg", "source_id": 7}
     assert by_key["a"].files["png"] == (messy_folder / "a.png").read_bytes()  # stored as is, not re-encoded
-    loader = build_loader(DataConfig(shards=str(out), prepare="", channels=3, num_workers=0), rank=0,
+    loader = build_loader(DataConfig(shards=str(out), prepare="", resolution=8, channels=3, num_workers=0), rank=0,
                           world_size=1, batch_size=8, seed=0, epochs=1)
     assert sorted(k for b in loader for k in b.keys) == ["a", "b", "sub_dir_c"]
 
@@ -132,7 +132,7 @@ def test_digit_captions_mix_words_and_numerals_and_heldout_prompts_are_unseen():
 
 
 def test_digits_train_and_val_loaders_are_disjoint(digit_shards):
-    cfg = DataConfig(shards=str(digit_shards), prepare="", num_workers=0)
+    cfg = DataConfig(shards=str(digit_shards), prepare="", resolution=8, channels=1, num_workers=0)
     train = {k for b in build_loader(cfg, rank=0, world_size=1, batch_size=256, seed=0, epochs=1) for k in b.keys}
     val_batches = list(build_loader(cfg, rank=0, world_size=1, batch_size=256, seed=0, split="val"))
     val = {k for b in val_batches for k in b.keys}

@@ -11,8 +11,8 @@ import torch
 
 from data_tools import encode as encode_tool
 from data_tools.encode import EncodeSettings, encode_shards
-from data_tools.writer import ShardSink
 from flowmatch.data import DataConfig, EncoderMismatch, build_loader, features, read_cache_info
+from flowmatch.data.shardformat import ShardSink
 from flowmatch.data.tarstream import RawSample, read_shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_encode_stores_the_encoders_outputs(encoded, encoders):
 def test_training_reads_cached_shards_and_refuses_other_encoders(encoded, encoders):
     text, auto = encoders
     fingerprints = {"text_encoder": text.fingerprint(), "autoencoder": auto.fingerprint()}
-    cfg = DataConfig(shards=str(encoded), prepare="", channels=3, num_workers=0)
+    cfg = DataConfig(shards=str(encoded), prepare="", resolution=8, channels=3, num_workers=0)
     assert read_cache_info(cfg).encoders == fingerprints
     loader = build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, epochs=1, encoders=fingerprints)
     batches = list(loader)
@@ -88,6 +88,19 @@ def test_training_reads_cached_shards_and_refuses_other_encoders(encoded, encode
     assert all(b.images is None and b.latents.shape[1:] == (3, 8, 8) and b.text.mask.any(1).all() for b in batches)
     with pytest.raises(EncoderMismatch, match="text_encoder"):
         build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders={**fingerprints, "text_encoder": "t5"})
+
+
+def test_training_steps_on_cached_shards(encoded, tmp_path):
+    from flowmatch.config import load_recipe
+    from flowmatch.trainer import train
+
+    overrides = {"run_dir": str(tmp_path / "run"), "data.shards": str(encoded), "data.channels": 3,
+                 "model.preset": "tiny", "train.max_steps": 2, "train.batch_size": 4, "optim.warmup_steps": 1,
+                 "data.num_workers": 0, "logging.tensorboard": False, "logging.progress": False,
+                 "sampling.per_prompt": 1, "sampling.steps": 2, "flow.caption_dropout": 0.5}
+    recipe = load_recipe(RECIPE, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    summary = train(recipe)  # batches carry the loader's Conditioning into encode_batch and caption dropout
+    assert summary.final_step == 2 and summary.skipped_steps == 0
 
 
 def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
@@ -139,6 +152,6 @@ def test_encode_in_parallel_processes(tmp_path):
         shutil.copy(FIXTURE, src / name)
     report = encode_shards(str(src), tmp_path / "out", SETTINGS, processes=2, progress=False)
     assert (report.encoded, report.samples) == (2, 24)
-    cfg = DataConfig(shards=str(tmp_path / "out"), prepare="", channels=3, num_workers=0)
+    cfg = DataConfig(shards=str(tmp_path / "out"), prepare="", resolution=8, channels=3, num_workers=0)
     keys = [k for b in build_loader(cfg, rank=0, world_size=1, batch_size=8, seed=0, epochs=1) for k in b.keys]
     assert len(keys) == 24

@@ -5,6 +5,9 @@
     loader = build_loader(cfg.data, rank=r, world_size=n, batch_size=b, seed=s)
     for batch in loader: ...                    # Batch(images | latents + text, captions, keys)
     state = loader.state_dict()                 # into the checkpoint; loader.load_state_dict(state) resumes
+
+What a shard is (member names, held-out naming, size limits) and the one writer that makes shards:
+`flowmatch.data.shardformat`. The pixel range of model inputs and outputs: `flowmatch.data.pixels`.
 """
 
 from flowmatch.data.batch import Batch

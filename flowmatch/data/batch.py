@@ -14,10 +14,11 @@ from flowmatch.encoders.conditioning import Conditioning
 class Batch:
     """One batch, all of one shape (one bucket).
 
-    Raw shards fill `images` (B, C, H, W) float32 in [-1, 1]; cached shards fill `latents` (B, c, h, w) float32
-    (already scaled and shifted by the autoencoder preset) and `text` (hidden (B, L, D) zero-padded to the
-    longest caption of the batch, mask (B, L) bool True = real token, pooled (B, Dp)). `captions` and `keys` are
-    always there; B can be smaller than the batch size at the end of an epoch or when samples were bad.
+    Raw shards fill `images` (B, C, H, W) float32 in [-1, 1] (flowmatch.data.pixels); cached shards fill `latents`
+    (B, c, h, w) float32 (already scaled and shifted by the autoencoder preset) and `text`, a Conditioning (hidden
+    (B, L, D) zero-padded to the longest caption of the batch, mask (B, L) bool True = real token, pooled (B, Dp)).
+    `captions` and `keys` are always there; B can be smaller than the batch size at the end of an epoch or when
+    samples were bad.
     """
 
     captions: list[str]

@@ -1,7 +1,8 @@
 """The recipe's `data` section: where the shards are and how they are streamed.
 
-The defaults are the digits job (recipes/digits.yaml): 8x8 grayscale scikit-learn digits, built into
-`data/digits` by `flowmatch-data digits` the first time training finds no shards there.
+The defaults describe no particular data set (256x256 RGB from `data/shards`, never built automatically); a
+recipe names its shards, and `prepare` names a task (flowmatch.tasks) whose builder writes them when missing, as
+recipes/digits.yaml does.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-BUILDERS = ("", "digits")
+from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB
+from flowmatch.tasks import check_task_name
+
 CHANNELS = (1, 3)
 
 
@@ -17,7 +20,7 @@ CHANNELS = (1, 3)
 class DataConfig:
     """The recipe's `data` section."""
 
-    shards: str = "data/digits"
+    shards: str = "data/shards"
     """Training shards: a directory of .tar shards, a glob, a brace pattern (x-{000000..000009}.tar), http(s) URLs or
     pipe: commands; '::' joins several. Shards named val-* are the held-out split, never trained on."""
     val_shards: str = ""
@@ -26,11 +29,12 @@ class DataConfig:
     holdout_fraction: float = 0.0
     """When there are no val shards: this fraction of keys (chosen by a stable hash of the key) is held out of training
     and forms the val split."""
-    prepare: str = "digits"
-    """Builder run when shards matches nothing: digits (scikit-learn's 8x8 digits), or '' = never build."""
-    resolution: Union[int, list[int]] = 8
+    prepare: str = ""
+    """A task (flowmatch.tasks) whose builder writes the shards into the shards directory when it holds none, e.g.
+    digits; '' = never build."""
+    resolution: Union[int, list[int]] = 256
     """Training image size in pixels: the side of a square, or [height, width]; with buckets, their common area."""
-    channels: int = 1
+    channels: int = 3
     """Image channels the model sees: 1 (grayscale) or 3 (RGB); images are converted on load."""
     shuffle: bool = True
     """Shuffle shards and samples (seeded, reproducible); the val split is never shuffled."""
@@ -55,16 +59,15 @@ class DataConfig:
     cached: Union[bool, str] = "auto"
     """Shards hold precomputed latents and text embeddings (flowmatch-data encode): true, false, or auto (look at
     the first sample)."""
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels (width x height, read from the header before decoding) are skipped as oversized."""
-    max_member_mb: int = 256
+    max_member_mb: int = MAX_MEMBER_BYTES // MIB
     """Tar members larger than this many MiB are skipped unread."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.shards, str) or not self.shards.strip():
             raise ValueError("data.shards must name shards: a directory, glob, brace pattern, URL or pipe: command")
-        if self.prepare not in BUILDERS:
-            raise ValueError(f"data.prepare must be one of {BUILDERS}, got {self.prepare!r}")
+        check_task_name(self.prepare, "data.prepare", also=("",))
         if self.channels not in CHANNELS:
             raise ValueError(f"data.channels must be one of {CHANNELS}, got {self.channels!r}")
         if not (isinstance(self.cached, bool) or self.cached == "auto"):
@@ -93,6 +96,11 @@ class DataConfig:
     def size(self) -> tuple[int, int]:
         """(height, width) of `resolution`."""
         return resolution_hw(self.resolution)
+
+    @property
+    def max_member_bytes(self) -> int:
+        """`max_member_mb` in bytes."""
+        return self.max_member_mb * MIB
 
 
 def resolution_hw(resolution: Union[int, list[int], tuple[int, ...]]) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Turn raw samples into training tensors: captions, images in [-1, 1], cached features.
+"""Turn raw samples into training tensors: captions, images in [-1, 1] (flowmatch.data.pixels), cached features.
 
 `peek_*` reads only what batching needs (caption, image header or feature header) and is cheap enough to run
 again when a resumed loader replays its epoch up to the saved position; `decode_*` does the full work.
@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from flowmatch.data import features
+from flowmatch.data.pixels import pixels_to_model
 from flowmatch.data.tarstream import RawSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -136,8 +137,7 @@ def decode_pixels(data: bytes, *, height: int, width: int, channels: int, max_pi
 
 def pixels_to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
     """Stack (H, W, C) uint8 arrays into (B, C, H, W) float32 in [-1, 1] (one conversion per batch)."""
-    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
-    return batch.float().div_(127.5).sub_(1.0).contiguous()
+    return pixels_to_model(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)).contiguous()
 
 
 def decode_image(data: bytes, *, height: int, width: int, channels: int, max_pixels: int) -> torch.Tensor:
@@ -176,8 +176,15 @@ def peek_cached(sample: RawSample, expect_encoders: Optional[dict[str, str]]) ->
 
 
 def decode_cached(sample: RawSample) -> features.Features:
-    """The stored tensors, float32."""
+    """The stored tensors (stored dtype). Their header was read by `peek_cached`, so a failure here is damage
+    inside the tensor data: "corrupt features" when it does not load, "non-finite features" when it holds NaN or
+    infinity (which would make every loss of its batch non-finite)."""
     try:
-        return features.decode(sample.files[features.EXT])
+        loaded = features.decode(sample.files[features.EXT])
     except ValueError as err:
-        raise BadSample("unreadable features", str(err)) from None
+        raise BadSample("corrupt features", str(err)) from None
+    try:
+        features.check_finite(loaded)
+    except ValueError as err:
+        raise BadSample("non-finite features", str(err)) from None
+    return loaded

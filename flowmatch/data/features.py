@@ -25,6 +25,7 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 # safetensors layout: 8-byte little-endian header length, then the JSON header.
 HEADER_LEN = struct.Struct("<Q")
 MAX_HEADER_BYTES = 1 << 20
+TENSOR_RANKS = {"latents": 3, "hidden": 2, "pooled": 1}
 
 
 class EncoderMismatch(ValueError):
@@ -86,21 +87,31 @@ def read_header(data: bytes) -> FeatureHeader:
         header = json.loads(data[HEADER_LEN.size:HEADER_LEN.size + length])
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"features header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ValueError("features header is not a JSON object")
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
         raise ValueError(f"features member is not {FORMAT} (format {meta.get('format')!r})")
     try:
-        latents, hidden, pooled = header["latents"], header["hidden"], header["pooled"]
-        return FeatureHeader(
-            latent_shape=tuple(int(v) for v in latents["shape"]),
-            tokens=int(hidden["shape"][0]),
-            hidden_dim=int(hidden["shape"][1]),
-            pooled_dim=int(pooled["shape"][0]),
-            dtype=SAFETENSORS_DTYPES.get(latents["dtype"], latents["dtype"]),
-            encoders={f: str(meta.get(f, "")) for f in ENCODER_FIELDS},
-        )
-    except (KeyError, IndexError, TypeError) as err:
+        dtype = str(header["latents"]["dtype"])
+        shapes = {name: tuple(int(v) for v in header[name]["shape"]) for name in TENSOR_RANKS}
+        data_end = max(int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__")
+    except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"features header lacks latents/hidden/pooled: {err}") from None
+    wrong = [f"{name} {list(shape)}" for name, shape in shapes.items() if len(shape) != TENSOR_RANKS[name]]
+    if wrong:
+        raise ValueError(f"features have the wrong number of dimensions: {', '.join(wrong)}")
+    # Checked here, before batching, so a cut-off blob is counted without costing a batch its slot.
+    if data_end != len(data) - HEADER_LEN.size - length:
+        raise ValueError(f"features data is {len(data) - HEADER_LEN.size - length} bytes, the header says {data_end}")
+    return FeatureHeader(
+        latent_shape=shapes["latents"],
+        tokens=shapes["hidden"][0],
+        hidden_dim=shapes["hidden"][1],
+        pooled_dim=shapes["pooled"][0],
+        dtype=SAFETENSORS_DTYPES.get(dtype, dtype),
+        encoders={f: str(meta.get(f, "")) for f in ENCODER_FIELDS},
+    )
 
 
 def decode(data: bytes) -> Features:
@@ -113,6 +124,13 @@ def decode(data: bytes) -> Features:
         return Features(tensors["latents"], tensors["hidden"], tensors["pooled"])
     except KeyError as err:
         raise ValueError(f"features lack tensor {err}") from None
+
+
+def check_finite(f: Features) -> None:
+    """ValueError naming the tensors holding NaN or infinity (bytes damaged inside the tensor data load fine)."""
+    bad = [name for name in TENSOR_RANKS if not bool(torch.isfinite(getattr(f, name)).all())]
+    if bad:
+        raise ValueError(f"non-finite values in {', '.join(bad)}")
 
 
 def check_encoders(found: Mapping[str, str], expected: Mapping[str, str], where: str = "") -> None:

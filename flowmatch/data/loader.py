@@ -246,7 +246,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
         drop_last=cfg.drop_last and train,
         epochs=run_epochs,
         max_pixels=cfg.max_image_pixels,
-        max_member_bytes=cfg.max_member_mb << 20,
+        max_member_bytes=cfg.max_member_bytes,
         expect_encoders=expect,
     )
     layout = {

@@ -3,7 +3,7 @@
 A pattern is a directory (its .tar files, plain or gzip/bz2/xz compressed), a glob, a brace pattern, an
 http(s)/gs/hf URL or a `pipe:` command that writes a tar to stdout (how object stores are read:
 `pipe:aws s3 cp s3://b/x.tar -`); '::' joins several. Shards whose file name starts with `val-` form the
-held-out split and are never trained on.
+held-out split and are never trained on (flowmatch.data.shardformat).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from urllib.parse import urlparse
 import braceexpand
 
 from flowmatch.data.config import DataConfig
+from flowmatch.data.shardformat import SHARD_SUFFIXES, is_val_name
+from flowmatch.tasks import available_tasks, get_task
 
 log = logging.getLogger("flowmatch.data")
 
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-VAL_PREFIX = "val-"
 SPLITS = ("train", "val")
 GLOB_CHARS = "*?["
 # Hash range of the key hash that decides the holdout (first 8 hex digits of sha1 = 32 bits).
@@ -86,8 +86,8 @@ def shard_name(url: str) -> str:
 
 
 def is_val_shard(url: str) -> bool:
-    """Shards named val-* hold out data (the digits builder writes train-* and val-*)."""
-    return shard_name(url).startswith(VAL_PREFIX)
+    """Shards named val-* hold out data (task builders write train-* and val-*)."""
+    return is_val_name(shard_name(url))
 
 
 def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
@@ -138,9 +138,9 @@ def missing_message(pattern: str) -> str:
     """What to do when a shards pattern matches nothing."""
     return (
         f"data.shards={pattern!r} matches no shards (.tar/.tar.gz). Make shards with "
-        f"`flowmatch-data folder IMAGES_DIR {pattern}` (images with same-name .txt captions), "
-        f"`flowmatch-data jsonl ROWS.jsonl {pattern}`, or `flowmatch-data digits {pattern}`; "
-        "or set data.prepare=digits to build the digits shards automatically."
+        f"`flowmatch-data folder IMAGES_DIR {pattern}` (images with same-name .txt captions) "
+        f"or `flowmatch-data jsonl ROWS.jsonl {pattern}`; or set data.prepare to a task that builds its shards "
+        f"automatically (installed tasks: {', '.join(available_tasks()) or 'none'})."
     )
 
 
@@ -159,17 +159,25 @@ def ensure_shards(cfg: DataConfig) -> list[str]:
     if is_remote(cfg.shards) or "::" in cfg.shards or any(c in cfg.shards for c in GLOB_CHARS + "{"):
         raise ValueError(
             f"data.prepare={cfg.prepare!r} builds into a directory, but data.shards={cfg.shards!r} is a pattern; "
-            "set data.shards to a directory such as data/digits"
+            "set data.shards to a directory such as data/shards"
         )
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileNotFoundError(
             f"data.shards={cfg.shards!r} exists but holds no training shards, so data.prepare={cfg.prepare!r} will "
             "not write into it; empty it or point data.shards at a new directory"
         )
-    log.warning("data: no shards at %s; building them with the %r builder (data.prepare)", target, cfg.prepare)
+    builder = get_task(cfg.prepare, "data.prepare").build
+    if builder is None:
+        raise ValueError(f"data.prepare={cfg.prepare!r}: that task builds no shards; set data.prepare='' and make "
+                         "the shards with flowmatch-data")
+    log.warning("data: no shards at %s; building them with the %r task's builder (data.prepare)", target, cfg.prepare)
     building = target.parent / f".{target.name}.building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    run_builder(cfg.prepare, building)
+    try:
+        builder(building)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     try:
         os.replace(building, target)  # atomic; replaces an empty directory, fails on one another process filled
     except OSError:
@@ -178,13 +186,3 @@ def ensure_shards(cfg: DataConfig) -> list[str]:
             raise
     log.warning("data: built %d shards in %s", len(expand_shards(cfg.shards)), target)
     return list(resolve_split(cfg, "train").urls)
-
-
-def run_builder(name: str, out_dir: Path) -> None:
-    """Run the data_tools builder `name` into `out_dir` (imported lazily: builders need optional packages)."""
-    if name == "digits":
-        from data_tools.digits import write_digits
-
-        write_digits(out_dir)
-        return
-    raise ValueError(f"unknown data builder {name!r}")

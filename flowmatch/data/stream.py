@@ -30,10 +30,11 @@ import torch
 
 from flowmatch.data import decode
 from flowmatch.data.batch import Batch
-from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.data.buckets import Bucket, nearest_bucket
+from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
 from flowmatch.data.shards import ShardSplit
 from flowmatch.data.tarstream import BadRecord, RawSample, Record, read_shard
+from flowmatch.encoders.conditioning import Conditioning
 
 log = logging.getLogger("flowmatch.data")
 
@@ -60,8 +61,8 @@ class StreamSpec:
     drop_last: bool = False
     epochs: Optional[int] = None
     """Stop after this epoch (exclusive); None = run forever."""
-    max_pixels: int = 40_000_000
-    max_member_bytes: int = 256 << 20
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_member_bytes: int = MAX_MEMBER_BYTES
     expect_encoders: Optional[dict[str, str]] = None
 
 

@@ -1,31 +1,26 @@
 """Read one shard as a stream of samples, never trusting it.
 
-A sample is the consecutive tar members sharing a key: `dir/abc.jpg`, `dir/abc.txt` -> key `dir/abc`, files
-{"jpg": ..., "txt": ...} (the WebDataset convention: the extension is everything after the first dot of the file
-name). Problems never raise: they come out as `BadRecord`s in stream order, so the loader can count them at a
-reproducible position and carry on. Not webdataset's tar iterators: those raise out of the iteration on a
-truncated archive (losing the position) and check no member names; webdataset's `gopen` still opens every URL
-kind (local paths, http, pipe: commands).
+A sample is the consecutive tar members sharing a key (flowmatch.data.shardformat says how member names split
+into key and extension, and which are unsafe). Problems never raise: they come out as `BadRecord`s in stream
+order, so the loader can count them at a reproducible position and carry on. Not webdataset's tar iterators:
+those raise out of the iteration on a truncated archive (losing the position) and check no member names;
+webdataset's `gopen` still opens every URL kind (local paths, http, pipe: commands).
 """
 
 from __future__ import annotations
 
 import lzma
-import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
 from webdataset.gopen import gopen
 
+from flowmatch.data.shardformat import MAX_MEMBER_BYTES, MIB, is_meta_name, split_name, unsafe_name
 from flowmatch.data.tarformat import TarError, TarReader
 
 # Truncated or corrupt archives surface as any of these (the decompressors raise their own types).
 READ_ERRORS = (TarError, EOFError, OSError, zlib.error, lzma.LZMAError, ValueError)
-# The same split as webdataset's base_plus_ext: key = path up to the first dot of the file name.
-KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-META_RE = re.compile(r"(^|/)__[^/]*__($|/)")
-MIB = 1 << 20
 
 
 @dataclass
@@ -54,19 +49,7 @@ class BadRecord:
 Record = Union[RawSample, BadRecord]
 
 
-def unsafe_name(name: str) -> bool:
-    """Absolute paths and `..` components are refused even though nothing is extracted to disk: tools downstream
-    (tar -x, extract scripts) would write outside their directory."""
-    return name.startswith("/") or name.startswith("\\") or ".." in re.split(r"[/\\]", name) or ":" in name[:3]
-
-
-def split_name(name: str) -> tuple[str, str] | None:
-    """(key, lower-case extension) or None when the name has no extension."""
-    match = KEY_RE.match(name)
-    return (match.group(1), match.group(2).lower()) if match else None
-
-
-def read_shard(url: str, *, max_member_bytes: int = 256 * MIB) -> Iterator[Record]:
+def read_shard(url: str, *, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Record]:
     """Yield the samples of shard `url` in archive order, with a BadRecord for each problem.
 
     A read error (truncated file, corrupt header or gzip data, failing pipe) ends the shard with one "truncated
@@ -91,7 +74,7 @@ def read_shard(url: str, *, max_member_bytes: int = 256 * MIB) -> Iterator[Recor
             if member.kind != "file":
                 yield BadRecord(url, name, "not a regular file", "links and devices are not read")
                 continue
-            if META_RE.search(name):
+            if is_meta_name(name):
                 continue
             parts = split_name(name)
             if parts is None:

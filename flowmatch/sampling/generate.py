@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
+from flowmatch.data.pixels import model_to_unit
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow import TimeSchedule
 from flowmatch.sampling.guidance import guided_velocity
@@ -137,4 +138,4 @@ class Pipeline:
             guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
             shift=self.schedule.shift_for((h // p) * (w // p)),
         )
-        return (self.encoders.decode(latents) + 1) / 2
+        return model_to_unit(self.encoders.decode(latents))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from flowmatch.data.pixels import PIXEL_LEVEL_SCALE  # images from 8-bit pixels k are x = k / 127.5 - 1
 from flowmatch.sampling.solvers import Velocity
 
 __all__ = [
@@ -31,9 +32,6 @@ __all__ = [
     "velocity_and_divergence",
     "velocity_and_trace_estimate",
 ]
-
-# Images from 8-bit pixels k are modelled as x = k / PIXEL_LEVEL_SCALE - 1, in [-1, 1].
-PIXEL_LEVEL_SCALE = 127.5
 
 PIXEL_DATA_SCALE_CORRECTION = math.log(PIXEL_LEVEL_SCALE)
 """Nats per dimension to add for images stored as 8-bit integers k and modelled as x = k / 127.5 - 1 in [-1, 1]:

@@ -1,0 +1,114 @@
+"""Tasks: named plug-ins that bring a data set's shard builder, its evaluation judge and its prompts.
+
+The library knows no task by name. A package registers tasks in the `flowmatch.tasks` entry-point group, each
+naming a `Task` object::
+
+    [project.entry-points."flowmatch.tasks"]
+    digits = "data_tools.digits_task:TASK"
+
+or calls `register_task` (tests, notebooks). Recipes name a task in `data.prepare` (build the shards when
+`data.shards` holds none) and `eval.task` (score generated images in `flowmatch eval`). `available_tasks()` lists
+the names without importing any plug-in, so validating a recipe stays cheap; `get_task(name)` imports the one
+asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from flowmatch.evaluate import EvalPlan, TaskScores
+    from flowmatch.pipeline import Pipeline
+
+ENTRY_POINT_GROUP = "flowmatch.tasks"
+RESERVED_NAMES = ("", "generic")  # data.prepare '' = never build; eval.task generic = no task-specific judge
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task plug-in; every part but the name is optional."""
+
+    name: str
+    """What recipes write in data.prepare and eval.task."""
+    description: str = ""
+    """One line for listings and errors."""
+    build: Optional[Callable[[Path], Any]] = None
+    """Write the task's shards (train-* and val-*, flowmatch.data.shardformat) into a new directory."""
+    judge: Optional[Callable[["Pipeline", "EvalPlan"], "TaskScores"]] = None
+    """Score a model: generate through the Pipeline's public API (generate, last_nfe, recipe) as the plan says."""
+    prompts: tuple[str, ...] = ()
+    """Prompts that suit the task, e.g. for validation grids (one row each)."""
+
+
+_registered: dict[str, Task] = {}
+_loaded: dict[str, Task] = {}
+
+
+def register_task(task: Task, *, replace: bool = False) -> None:
+    """Make `task` available under `task.name` in this process (beside the entry-point tasks, which it may shadow
+    with replace=True)."""
+    if task.name in RESERVED_NAMES or not task.name.strip():
+        raise ValueError(f"a task cannot be named {task.name!r} (reserved: {', '.join(map(repr, RESERVED_NAMES))})")
+    if not replace and task.name in available_tasks():
+        raise ValueError(f"task {task.name!r} is already registered; pass replace=True to replace it")
+    _registered[task.name] = task
+
+
+def unregister_task(name: str) -> None:
+    """Forget a task given to `register_task` (entry-point tasks stay)."""
+    _registered.pop(name, None)
+
+
+def _entry_points() -> dict:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_tasks() -> list[str]:
+    """Names of every task, sorted; imports no plug-in."""
+    return sorted(set(_entry_points()) | set(_registered))
+
+
+def unknown_task_message(name: str, key: str, allowed: list[str]) -> str:
+    """"KEY=NAME is not a task (did you mean ...?); allowed: ..." with the installed tasks' origin explained."""
+    near = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return (
+        f"{key}={name!r} is not a known task{hint}; allowed: {', '.join(map(repr, allowed)) or 'none'}. Tasks come "
+        f"from installed packages' {ENTRY_POINT_GROUP!r} entry points (after editing them, reinstall: "
+        "pip install -e .) or register_task()"
+    )
+
+
+def check_task_name(name: str, key: str, *, also: tuple[str, ...] = ()) -> None:
+    """ValueError unless `name` is one of `also` or a task; the message names `key`, the allowed values and the
+    nearest spelling."""
+    if name in also:
+        return
+    tasks = available_tasks()
+    if name not in tasks:
+        raise ValueError(unknown_task_message(name, key, [*also, *tasks]))
+
+
+def get_task(name: str, key: str = "task") -> Task:
+    """The task `name`, importing its plug-in on first use; ValueError for an unknown name."""
+    if name in _registered:
+        return _registered[name]
+    if name in _loaded:
+        return _loaded[name]
+    found = _entry_points().get(name)
+    if found is None:
+        raise ValueError(unknown_task_message(name, key, available_tasks()))
+    try:
+        task = found.load()
+    except ImportError as err:
+        raise ImportError(f"task {name!r} ({found.value}) could not be imported: {err}") from err
+    if not isinstance(task, Task):
+        raise TypeError(f"entry point {name!r} ({found.value}) is a {type(task).__name__}, not a flowmatch Task")
+    if task.name != name:
+        raise ValueError(f"entry point {name!r} ({found.value}) holds a task named {task.name!r}; make them equal")
+    _loaded[name] = task
+    return task
