@@ -91,6 +91,7 @@ def loader_rate(cfg: DataConfig, batch_size: int, batches: int) -> float:
 def trainer_step_rate(recipe_path: str, batch_size: int, device: str, steps: int = 10) -> float:
     """Steps/s of MMDiT forward + backward + AdamW at the recipe's shapes (what the loader has to keep up with)."""
     from flowmatch.config import load_recipe
+    from flowmatch.encoders.conditioning import Conditioning
     from flowmatch.models.mmdit import MMDiT
     from flowmatch.pipeline import build_encoders, resolve_model_config
 
@@ -106,7 +107,7 @@ def trainer_step_rate(recipe_path: str, batch_size: int, device: str, steps: int
 
     def step() -> None:
         t = torch.rand(batch_size, device=device)
-        loss = (model(x, t, emb.hidden, emb.pooled, emb.mask) - x).pow(2).mean()
+        loss = (model(x, t, Conditioning(emb.hidden, emb.mask, emb.pooled)) - x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.pipeline import Pipeline, encode_batch, encoder_fingerprints
 
 # SVC hyper-parameters for the 8x8 digits (scikit-learn's digits classification example uses gamma=0.001);
@@ -171,7 +172,7 @@ def heldout_bits_per_dim(pipe: Pipeline, count: int) -> Optional[float]:
         x0 = dequantize_pixels(x0, generator=torch.Generator().manual_seed(0))
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return pipe.model(x, t, text.hidden, text.pooled, text.mask)
+        return pipe.model(x, t, Conditioning(text.hidden, text.mask, text.pooled))
 
     cfg = pipe.recipe.eval
     # Exact divergence costs one backward per dimension: fine for pixels and small latents, Hutchinson beyond.

@@ -14,6 +14,7 @@ import torch
 
 from flowmatch.config import Recipe, RecipeError, recipe_from_yaml
 from flowmatch.encoders.autoencoder import Autoencoder
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.text import TextEmbeddings, TextEncoder
 from flowmatch.flow import TimeSchedule
 from flowmatch.sampling import guided_velocity, sample_ode
@@ -76,11 +77,11 @@ def sample_latents(
 ) -> tuple[torch.Tensor, int]:
     """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, velocity evaluations).
 
-    `model(x, t, context, pooled, context_mask)` predicts the velocity. With a guidance scale other than 1 the
+    `model(x, t, cond: Conditioning)` predicts the velocity. With a guidance scale other than 1 the
     conditional and unconditional (empty caption) inputs run as one batch.
     """
-    def as_inputs(e: TextEmbeddings) -> dict[str, torch.Tensor]:
-        return {"context": e.hidden, "pooled": e.pooled, "context_mask": e.mask}
+    def as_inputs(e: TextEmbeddings) -> Conditioning:
+        return Conditioning(e.hidden, e.mask, e.pooled)
 
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null_text is None:

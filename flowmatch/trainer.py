@@ -19,6 +19,7 @@ import torch
 from flowmatch.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowmatch.config import Recipe, RecipeError, to_yaml
 from flowmatch.data import Batch, build_loader, ensure_shards, has_val_split, merge_loader_states
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.text import TextEmbeddings
 from flowmatch.engine import Engine
 from flowmatch.flow import TimeSchedule, drop_captions, flow_matching_loss, sample_path
@@ -155,15 +156,15 @@ class Trainer:
         return out.loss, out.per_sample.detach(), t
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
-        """The engine's model on float inputs cast to its dtype (DeepSpeed does not autocast); float32 out."""
+        """The engine's model on a batch's text embeddings, through `velocity`."""
+        return self.velocity(x, t, Conditioning(text.hidden, text.mask, text.pooled))
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The engine's model on float inputs cast to its dtype (DeepSpeed does not autocast); float32 out.
+        Also the Pipeline velocity callable."""
         dt = self.engine.dtype
         # t stays float32: the model embeds t * 1000 in float32, and bf16 would round t itself by up to ~0.004.
-        return self.engine.forward(x.to(dt), t.float(), text.hidden.to(dt), text.pooled.to(dt), text.mask).float()
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                 context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The model as a Pipeline velocity callable, cast like `forward`."""
-        return self.forward(x, t, TextEmbeddings(context, context_mask, pooled))
+        return self.engine.forward(x.to(dt), t.float(), cond.to(dtype=dt)).float()
 
     def next_batch(self) -> Batch:
         return next(self.batches)

@@ -25,6 +25,7 @@ from flowmatch.flow import (
     velocity_target,
     x0_from_velocity,
 )
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.sampling import guided_velocity, sample_ode
 
 N_SAMPLES = 200_000
@@ -303,10 +304,10 @@ def _text(batch: int, length: int, seed: int, real: int | None = None) -> _Text:
 def _model(calls: list[int]):
     """A toy velocity model that reads every conditioning input and ignores masked tokens."""
 
-    def model_fn(x, t, context, pooled, context_mask):
+    def model_fn(x, t, cond):
         calls.append(x.shape[0])
-        ctx = (context * context_mask[..., None]).sum((1, 2))
-        return x * (1 + t[:, None, None]) + (ctx + pooled.sum(1))[:, None, None]
+        ctx = (cond.hidden * cond.mask[..., None]).sum((1, 2))
+        return x * (1 + t[:, None, None]) + (ctx + cond.pooled.sum(1))[:, None, None]
 
     return model_fn
 
@@ -314,15 +315,15 @@ def _model(calls: list[int]):
 def test_guided_velocity_one_batched_forward_matches_formula():
     b, scale = 3, 4.5
     cond_t, null_t = _text(b, 7, seed=0, real=5), _text(1, 4, seed=1, real=1)  # null is shorter and batch 1
-    cond = dict(context=cond_t.hidden, pooled=cond_t.pooled, context_mask=cond_t.mask)
-    uncond = dict(context=null_t.hidden, pooled=null_t.pooled, context_mask=null_t.mask)
+    cond = Conditioning(cond_t.hidden, cond_t.mask, cond_t.pooled)
+    uncond = Conditioning(null_t.hidden, null_t.mask, null_t.pooled)
     x, t = torch.randn(b, 2, 2), torch.rand(b)
     calls: list[int] = []
     model_fn = _model(calls)
     v = guided_velocity(model_fn, cond, uncond, scale)(x, t)
     assert calls == [2 * b]  # one forward over cond and uncond together
-    v_c = model_fn(x, t, **cond)
-    v_u = model_fn(x, t, **{k: val.expand(b, *val.shape[1:]) for k, val in uncond.items()})
+    v_c = model_fn(x, t, cond)
+    v_u = model_fn(x, t, uncond.expand(b))
     torch.testing.assert_close(v, v_u + scale * (v_c - v_u))
     assert not torch.allclose(v, v_c)
     # No guidance: a single forward of batch B.

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models.embeddings import (
     MLPEmbedder,
     RopeTable,
@@ -121,8 +122,8 @@ class MMDiTConfig:
 class MMDiT(nn.Module):
     """Multimodal diffusion transformer predicting rectified-flow velocities.
 
-    forward(x (B, C, H, W), t (B,) in [0, 1], context (B, L, context_dim), pooled (B, pooled_dim),
-    context_mask (B, L) bool or None) -> velocity (B, C_out, H, W).
+    forward(x (B, C, H, W), t (B,) in [0, 1], cond: Conditioning with hidden (B, L, context_dim),
+    mask (B, L) bool, pooled (B, pooled_dim) and no extra inputs) -> velocity (B, C_out, H, W).
     """
 
     def __init__(self, cfg: MMDiTConfig, *, device=None, dtype=None) -> None:
@@ -179,7 +180,7 @@ class MMDiT(nn.Module):
         """All transformer blocks in execution order (the units of checkpointing and compilation)."""
         return [*self.joint_blocks, *self.single_blocks]
 
-    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, mask: Optional[Tensor]) -> None:
+    def _check_inputs(self, x: Tensor, t: Tensor, cond: Conditioning) -> None:
         cfg = self.cfg
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -188,20 +189,21 @@ class MMDiT(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
         if t.shape != (b,):
             raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        hidden, mask, pooled = cond.hidden, cond.mask, cond.pooled
+        if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
+            raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
         if pooled.shape != (b, cfg.pooled_dim):
-            raise ValueError(f"pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
-        if mask is not None and (mask.shape != context.shape[:2] or mask.dtype != torch.bool):
-            raise ValueError(
-                f"context_mask must be bool {tuple(context.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
-            )
+            raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
+        if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        if cond.extra:
+            raise ValueError(f"cond.extra has inputs this MMDiT does not take: {sorted(cond.extra)}; no preset "
+                             "consumes extra inputs")
 
-    def forward(
-        self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, context_mask: Optional[Tensor] = None
-    ) -> Tensor:
-        """Velocity at (x, t). context_mask: True = real token; masked text tokens are never attended to."""
-        self._check_inputs(x, t, context, pooled, context_mask)
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """Velocity at (x, t) given the caption conditioning; text tokens where cond.mask is False (padding or
+        dropped tokens) are never attended to."""
+        self._check_inputs(x, t, cond)
         cfg = self.cfg
         b, _, height, width = x.shape
         gh, gw = height // cfg.patch_size, width // cfg.patch_size
@@ -211,14 +213,12 @@ class MMDiT(nn.Module):
             pos = sincos_pos_embed_2d(gh, gw, cfg.width, base_size=cfg.sample_size // cfg.patch_size,
                                       max_size=cfg.pos_embed_max_size, device=x.device)
             img = (img + pos).to(img.dtype)
-        vec = self.time_embed(t.float() * cfg.time_scale) + self.pooled_embed(pooled)  # (B, D)
-        ctx = self.context_embed(context)  # (B, L, D)
+        vec = self.time_embed(t.float() * cfg.time_scale) + self.pooled_embed(cond.pooled)  # (B, D)
+        ctx = self.context_embed(cond.hidden)  # (B, L, D)
 
         n, text_len = img.shape[1], ctx.shape[1]
-        mask = None
-        if context_mask is not None:
-            # Image keys are always visible; only the text keys are masked.
-            mask = torch.cat([context_mask.new_ones(b, n), context_mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
+        # Image keys are always visible; only the text keys are masked.
+        mask = torch.cat([cond.mask.new_ones(b, n), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, N + L)
         rope: Optional[RopeTable] = None
         if cfg.rope:
             rope = rope_table_2d(gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,

@@ -7,37 +7,37 @@ The unconditional input is the empty caption's encoding, the same one training s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from flowmatch.flow.conditioning import concat_conditions
+from flowmatch.encoders.conditioning import Conditioning
 
 __all__ = ["guided_velocity"]
 
 
 def guided_velocity(
-    model_fn: Callable[..., Tensor],
-    cond: Mapping[str, Tensor],
-    uncond: Mapping[str, Tensor] | None,
+    model_fn: Callable[[Tensor, Tensor, Conditioning], Tensor],
+    cond: Conditioning,
+    uncond: Conditioning | None,
     scale: float | None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """A velocity field ``v(x, t)`` with classifier-free guidance, for :func:`flowmatch.sampling.sample_ode`.
 
-    Returns ``v_u + scale * (v_c - v_u)`` where ``v_c = model_fn(x, t, **cond)`` and ``v_u`` likewise with
+    Returns ``v_u + scale * (v_c - v_u)`` where ``v_c = model_fn(x, t, cond)`` and ``v_u`` likewise with
     ``uncond``; both come from ONE forward on the batch [x; x] of size 2B (``uncond`` may have batch 1, and
-    token lengths may differ: see :func:`flowmatch.flow.concat_conditions`). ``scale`` None or 1 is plain
+    token lengths may differ: see :meth:`Conditioning.cat`). ``scale`` None or 1 is plain
     conditional sampling with a single forward of size B; ``uncond`` may then be None. x (B, ...), t (B,).
     """
     if scale is None or scale == 1.0:
-        return lambda x, t: model_fn(x, t, **cond)
+        return lambda x, t: model_fn(x, t, cond)
     if uncond is None:
         raise ValueError(f"guidance scale {scale} needs the unconditional (empty caption) inputs; got uncond=None")
-    both = concat_conditions(dict(cond), dict(uncond))
+    both = Conditioning.cat([cond, uncond.expand(len(cond))])
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+        v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         return v_uncond + scale * (v_cond - v_uncond)
 
     return velocity
