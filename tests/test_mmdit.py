@@ -156,6 +156,16 @@ def test_rope_and_single_block_variants_run_and_learn(variant):
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize("variant", [dict(), dict(single_blocks=1)])
+def test_qk_norm_uses_the_configured_epsilon(variant):
+    # SD3's epsilon is also timm's RmsNorm default, so only a non-default value shows that norm_eps reaches it.
+    model = randomized(tiny(norm_eps=0.5, **variant))
+    block = model.single_blocks[0] if variant else model.joint_blocks[0].img
+    q = torch.randn(2, 5, 4, 16) * 0.3
+    for norm in (block.q_norm, block.k_norm):
+        torch.testing.assert_close(norm(q), torch.nn.functional.rms_norm(q, (16,), norm.weight, 0.5))
+
+
 def test_last_joint_block_is_context_pre_only_without_single_blocks():
     model = MMDiT(tiny(depth=3))
     assert [b.context_pre_only for b in model.joint_blocks] == [False, False, True]

@@ -10,19 +10,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from timm.layers import RmsNorm
 from torch import Tensor, nn
 
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models.embeddings import (
-    MLPEmbedder,
     RopeTable,
     TimestepEmbedder,
+    mlp_embedder,
     patchify,
     rope_table_2d,
     sincos_pos_embed_2d,
     unpatchify,
 )
-from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, RMSNorm, SingleBlock
+from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
 
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
 EMBEDDER_INIT_STD = 0.02
@@ -135,9 +136,12 @@ class MMDiT(nn.Module):
         kw = dict(device=device, dtype=dtype)
         block_kw = dict(qk_norm=cfg.qk_norm, eps=cfg.norm_eps, **kw)
 
+        # A linear over patchified tokens rather than timm's `PatchEmbed`, a strided conv computing the same map:
+        # the linear keeps the weight's name and (D, p * p * C) shape that existing checkpoints hold, and its
+        # (p_row, p_col, C) feature order is the one the final layer produces for `unpatchify`.
         self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, **kw)
         self.time_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw)
-        self.pooled_embed = MLPEmbedder(cfg.pooled_dim, d, **kw)
+        self.pooled_embed = mlp_embedder(cfg.pooled_dim, d, **kw)
         self.context_embed = nn.Linear(cfg.context_dim, d, **kw)
         # Without single blocks the text stream of the last joint block is never read again (SD3).
         last_pre_only = cfg.single_blocks == 0
@@ -158,13 +162,14 @@ class MMDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """adaLN-Zero initialisation (DiT, Peebles & Xie 2023, section 3.2): Xavier-uniform linears with zero
-        bias, N(0, 0.02) timestep and pooled-text MLPs, and zeroed modulation and final projection, so every
-        block starts as the identity and the model outputs exactly zero. Call after `to_empty` from meta."""
+        bias, unit QK-norm scales, N(0, 0.02) timestep and pooled-text MLPs, and zeroed modulation and final
+        projection, so every block starts as the identity and the model outputs exactly zero. Call after
+        `to_empty` from meta."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, RmsNorm):
                 module.reset_parameters()
         for embedder in (self.time_embed.mlp, self.pooled_embed):
             for linear in (embedder.fc1, embedder.fc2):
