@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models.embeddings import patchify, timestep_embedding, unpatchify
 from flowmatch.models.flops import count_parameters, mfu, training_flops_per_step
+from flowmatch.models.layers import AdaLNModulation
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.models.presets import PRESETS, config_from_preset, preset_values
@@ -99,18 +100,26 @@ def test_activation_checkpointing_gives_identical_outputs_and_grads(variant):
     apply_activation_checkpointing(ckpt)  # idempotent
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in ckpt.named_parameters()]
     x, t, cond = inputs(cfg, mask=torch.tensor([[True] * 4 + [False], [True] * 5]) if use_mask else None)
-    outs = []
+    outs, block_calls = [], []
     for model in (plain, ckpt):
+        # Count the modulation calls inside the blocks: the checkpointed model makes them again in backward.
+        calls = []
+        for block in model.blocks():
+            for module in block.modules():
+                if isinstance(module, AdaLNModulation):
+                    module.register_forward_hook(lambda *_: calls.append(1))
         out = model(x, t, cond)
         out.square().mean().backward()
         outs.append(out.detach())
+        block_calls.append(len(calls))
     assert torch.equal(outs[0], outs[1])
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert p.grad is not None and torch.equal(p.grad, q.grad), name
+    assert block_calls[1] == 2 * block_calls[0] > 0
 
 
 def test_apply_compile_is_per_block_in_place_and_keeps_names():
-    # Compiling is lazy, so this only checks the wiring; running compiled blocks takes minutes on CPU.
+    # Compiling is lazy, so this only checks the wiring; tests/test_parallelize.py runs compiled blocks.
     model = MMDiT(tiny(single_blocks=1))
     names = list(model.state_dict())
     apply_compile(apply_activation_checkpointing(model))
