@@ -48,8 +48,8 @@ def apply_compile(
     same kind share their code, so compiled graphs are reused across depth instead of growing with it.
 
     `backend` is torch.compile's: "inductor" generates kernels (on CPU it needs a C++ compiler and minutes even
-    for a tiny model); "aot_eager" traces forward and backward the same way and runs the graphs eagerly, which is
-    how the tests exercise compilation quickly.
+    for a tiny model); "aot_eager", like the counting backend of tests/test_parallelize.py, traces forward and
+    backward the same way (AOTAutograd) but runs the graphs eagerly, which exercises compilation in seconds.
     """
     block: nn.Module
     for block in model.blocks():
