@@ -90,6 +90,49 @@ def test_outside_the_main_thread_nothing_is_installed():
     assert seen == [before]
 
 
+# ------------------------------------------------------------------------------------------------- the trainer
+
+
+def test_the_step_in_flight_finishes_then_a_checkpoint_and_no_final_validation(tmp_path, digit_shards):
+    from test_train import tiny_recipe
+
+    from flowmatch.training.assembly import assemble
+    from flowmatch.training.loop import Trainer
+
+    run = assemble(tiny_recipe(tmp_path / "run", digit_shards, **{"train.max_steps": 6,
+                                                                   "train.checkpoint_every": 100}))
+    trainer = Trainer(run)
+    real = trainer.micro_loss
+
+    def signal_during_step_three(batch, generator):
+        if trainer.step == 2:  # the loss of step 3 is being computed
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(batch, generator)
+
+    trainer.micro_loss = signal_during_step_three
+    with run.engine:
+        summary = trainer.fit()
+    assert (summary.preempted, summary.final_step) == (True, 3)
+    assert summary.last_checkpoint == tmp_path / "run" / "checkpoints" / "3"
+    assert verify_checkpoint(summary.last_checkpoint) == []
+    assert not list((tmp_path / "run").glob("samples/*.png"))  # the end-of-run validation was skipped
+
+
+def test_a_stop_before_the_first_step_saves_nothing(tmp_path, digit_shards):
+    from test_train import tiny_recipe
+
+    from flowmatch.training.assembly import assemble
+    from flowmatch.training.loop import Trainer
+
+    run = assemble(tiny_recipe(tmp_path / "run", digit_shards))
+    trainer = Trainer(run)
+    trainer.preemption.received = "SIGTERM"  # as if it had arrived while the run was being assembled
+    with run.engine:
+        summary = trainer.fit()
+    assert (summary.preempted, summary.final_step, summary.last_checkpoint) == (True, 0, None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # ------------------------------------------------------------------------------------------------- a real run
 
 

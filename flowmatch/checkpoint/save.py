@@ -134,11 +134,12 @@ def _no_space(root: Path, tmp: Path, step: int, err: OSError) -> CheckpointError
         size = (f"A checkpoint of this run takes {human_bytes(need)} ({need:,} bytes, measured on {previous[-1]}); "
                 f"{human_bytes(free)} are free. The previous checkpoint {previous[-1]} is intact.")
     else:
-        size = (f"It had written {human_bytes(written)} ({written:,} bytes) when the disk filled, and needs at least "
-                f"that much; {human_bytes(free)} are free.")
+        need = written
+        size = (f"It had written {human_bytes(written)} ({written:,} bytes) when the disk filled, and needs more; "
+                f"{human_bytes(free)} are free.")
     return CheckpointError(f"no space left on the device of {root} while writing checkpoint {step} "
-                           f"({err.strerror}). {size} Free that much space there (or point run_dir elsewhere), then "
-                           f"run the same command to resume.")
+                           f"({err.strerror}). {size} Make more than {human_bytes(need)} free there (or point run_dir "
+                           f"elsewhere), then run the same command to resume.")
 
 
 def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: int, *,

@@ -283,10 +283,11 @@ class Engine:
 
         Written per rank: ``rank<NNNNN>.json`` (``client_state``, python and numpy RNG, the optimizer's step counts,
         param groups, LR schedule and loss scale) and ``rank<NNNNN>.safetensors`` (torch RNG, tensors of
-        ``client_state``, the fp32 masters and AdamW moments of the rank's ZeRO partition, its EMA partition under
-        ZeRO-3; without ZeRO rank 0 alone writes the optimizer state and the EMA), plus ``engine.json``
-        (:class:`~flowmatch.engine.EngineMeta`: layout and counters) by rank 0. Nothing is pickled; the working
-        weights are not included (save :meth:`model_state_dict` beside it). ``client_state`` is this rank's own
+        ``client_state``, the AdamW moments of the rank's ZeRO partition and, in bf16/fp16, its fp32 masters; its
+        EMA partition under ZeRO-3; without ZeRO rank 0 alone writes the optimizer state), plus ``engine.json``
+        (:class:`~flowmatch.engine.EngineMeta`: layout and counters) by rank 0. Nothing is pickled. The working
+        weights and (below ZeRO-3) the EMA are not included: save :meth:`model_state_dict` and
+        :meth:`ema_state_dict` beside it and pass them to :meth:`load`. ``client_state`` is this rank's own
         (e.g. its data position): dicts with string keys, lists, tuples, numbers, strings, None and tensors. Call
         between updates (not inside an accumulation window). Returns the files this rank wrote.
         """

@@ -1,12 +1,14 @@
 """The engine's full training state on disk (:meth:`Engine.save` and :meth:`Engine.load`), and ``engine.json``.
 
-Nothing is pickled, and nothing is unpickled on load: each rank writes ``rank<NNNNN>.json`` and
-``rank<NNNNN>.safetensors`` with its ``client_state`` (JSON, its tensors in safetensors), its python, numpy and
-torch RNG states, its part of the EMA and its part of the optimizer state: the fp32 masters and AdamW moments of
-its ZeRO partition, with the step counts, param groups, LR schedule and loss scale as JSON
-(:meth:`Trainable.optimizer_state`). The working weights are not repeated here: they are restored from the
-consolidated weights file the caller passes (``model.safetensors`` of a checkpoint). DeepSpeed's own
-``save_checkpoint`` / ``load_checkpoint`` are not used, since they write and read ``torch.save`` pickles.
+Nothing is pickled, and nothing is unpickled on load. Each rank writes ``rank<NNNNN>.json`` and
+``rank<NNNNN>.safetensors``: its ``client_state`` (JSON, its tensors in safetensors), its python, numpy and torch
+RNG states, and its part of the optimizer state (:meth:`Trainable.optimizer_state`): AdamW moments and steps of
+its ZeRO partition, the fp32 masters where they differ from the working weights (bf16/fp16), the param groups,
+LR schedule and loss scale as JSON; under ZeRO-3 also its EMA partition. Without ZeRO every rank holds the same
+optimizer state, and rank 0 alone writes it. What the consolidated files of a checkpoint hold already is not
+repeated: the working weights come from ``model.safetensors`` and, below ZeRO-3, the EMA from
+``ema.safetensors``, both passed to :meth:`TrainingState.load`. DeepSpeed's own ``save_checkpoint`` /
+``load_checkpoint`` are not used, since they write and read ``torch.save`` pickles.
 
 ``engine.json`` (:class:`EngineMeta`) is the one record of the distributed layout that wrote a state (world size,
 ZeRO stage, precision); read it with :func:`read_engine_meta`. States of format 1 hold DeepSpeed's pickled
@@ -15,7 +17,6 @@ optimizer files instead, which are never read: they resume like a checkpoint of 
 Files are written as whole byte strings with plain Python I/O, so a full disk raises ``OSError`` with its errno
 (safetensors' own ``save_file`` reports it as a ``SafetensorError`` without one).
 """
-
 from __future__ import annotations
 
 import json
@@ -183,7 +184,7 @@ class TrainingState:
         payload: dict[str, Any] = {"client_state": _encode_state(client_state, tensors), "rng": _rng_state_json()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors.update({f"rng.cuda.{i:03d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        if self._ema is not None and (self._zero.partitioned or group.is_main):
+        if self._ema is not None and self._zero.partitioned:  # else the consolidated EMA file holds it whole
             tensors.update(self._ema.local_tensors())
         if trainable.partitions_optimizer or group.is_main:  # without ZeRO every rank holds the same state
             optim_tensors, payload["optimizer"] = trainable.optimizer_state()
@@ -251,13 +252,14 @@ class TrainingState:
                 "pickled files, which are never loaded (unpickling a file can run code)")
 
     def _restore_ema(self, src: Path, saved_meta: EngineMeta, same: bool,
-                     fallback: str | os.PathLike[str] | None) -> None:
+                     whole: str | os.PathLike[str] | None) -> None:
+        """Each rank's own partition under ZeRO-3 with the same layout (no gathering), else the consolidated file."""
         assert self._ema is not None
-        if same and saved_meta.ema_decay is not None:
-            ema_rank = self._group.rank if self._zero.partitioned else 0
-            self._ema.load_local(read_tensors(src / f"rank{ema_rank:05d}.safetensors", "ema."))
-        elif not same and fallback is not None and Path(fallback).is_file():
-            self._ema.load_whole(read_tensors(Path(fallback), ""))
+        own = src / f"rank{self._group.rank:05d}.safetensors"
+        if same and self._zero.partitioned and saved_meta.ema_decay is not None:
+            self._ema.load_local(read_tensors(own, "ema."))
+        elif whole is not None and Path(whole).is_file():
+            self._ema.load_whole(read_tensors(Path(whole), ""))
         else:
             if self._group.is_main:
                 log.warning("the checkpoint has no EMA: the EMA restarts from the loaded weights")

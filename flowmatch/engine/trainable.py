@@ -240,8 +240,10 @@ class Trainable:
     def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This rank's optimizer state as (tensors, JSON-serialisable dict), nothing pickled.
 
-        Tensors (CPU): the fp32 masters this rank updates (its partitions under ZeRO; none without a wrapper, where
-        the masters are the model's weights and travel with them) and AdamW's per-tensor state (moments, step).
+        Tensors (CPU): AdamW's per-tensor state (moments, step) of this rank's partition, and the fp32 masters it
+        updates when they differ from the working weights (bf16/fp16). In fp32 the masters equal the working
+        weights bit for bit (DeepSpeed copies one into the other after each update), which travel with the
+        checkpoint anyway, so they are not written twice.
         The dict: AdamW's param groups (hyper-parameters, current lr), the LR schedule's state and the fp16 loss
         scale. :meth:`load_optimizer_state` restores them into a run of the same layout.
         """
@@ -249,7 +251,7 @@ class Trainable:
         with self._optimizer_with_masters() as opt:
             saved = opt.state_dict()
             masters = [p for group in opt.param_groups for p in group["params"]]
-        if self._ds.optimizer is not self._optimizer:
+        if self.working_dtype != torch.float32:
             tensors.update({f"{_OPTIM_KEY}master.{i}": p.detach().cpu().contiguous() for i, p in enumerate(masters)})
         plain: dict[str, dict[str, Any]] = {}
         for index, state in saved["state"].items():
@@ -267,7 +269,8 @@ class Trainable:
 
     def load_optimizer_state(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
         """Restore what :meth:`optimizer_state` returned on the same rank of a run of the same layout (ZeRO stage,
-        world size, precision); the working weights are restored separately, from the consolidated weights."""
+        world size, precision). Call after restoring the working weights (from the consolidated weights): in fp32
+        the masters are copied from them."""
         state: dict[int, dict[str, Any]] = {int(i): dict(values) for i, values in info["state"].items()}
         prefix = f"{_OPTIM_KEY}state."
         for key, value in tensors.items():
@@ -279,10 +282,12 @@ class Trainable:
             if len(masters) != info["masters"]:
                 raise ValueError(f"the saved optimizer state has {info['masters']} master tensor(s), this rank has "
                                  f"{len(masters)}: it was written by another model or layout")
+            saved_masters = [tensors.get(f"{_OPTIM_KEY}master.{i}") for i in range(len(masters))]
+            if any(m is None for m in saved_masters):  # fp32: equal to the working weights
+                self.refresh_masters()
             with torch.no_grad():
-                for i, p in enumerate(masters):
-                    saved = tensors.get(f"{_OPTIM_KEY}master.{i}")
-                    if saved is None:  # no wrapper: the masters are the weights, restored with them
+                for i, (p, saved) in enumerate(zip(masters, saved_masters)):
+                    if saved is None:
                         continue
                     if saved.shape != p.shape:
                         raise ValueError(f"saved master {i} has shape {tuple(saved.shape)}, this rank's has "

@@ -176,11 +176,14 @@ class Trainer:
         return path
 
     def stop(self) -> Optional[Path]:
-        """Collective: end the run early on a stop signal: a checkpoint of this step (unless one is on disk), and
-        a line saying how to go on."""
+        """Collective: end the run early on a stop signal: a checkpoint of this step (unless one is on disk, or
+        no step was taken), and a line saying how to go on."""
         started = time.time()
-        ckpt = self.checkpoint() if self.saved_step != self.step else latest_checkpoint(self.run.run_dir)
         signal_name = self.preemption.received or "a stop signal (on another rank)"
+        if self.step == 0 and self.saved_step is None:
+            self.monitor.message(f"stopped by {signal_name} before the first step: nothing to save")
+            return None
+        ckpt = self.checkpoint() if self.saved_step != self.step else latest_checkpoint(self.run.run_dir)
         self.monitor.message(f"stopped by {signal_name} at step {self.step}: checkpoint {ckpt} written in "
                              f"{time.time() - started:.1f} s; run the same command to resume")
         return ckpt
