@@ -17,6 +17,7 @@ optimizer files instead, which are never read: they resume like a checkpoint of 
 Files are written as whole byte strings with plain Python I/O, so a full disk raises ``OSError`` with its errno
 (safetensors' own ``save_file`` reports it as a ``SafetensorError`` without one).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from flowmatch.engine.config import DistributedConfig
 from flowmatch.engine.ema import Ema
@@ -90,12 +90,6 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
     return path
 
 
-def read_tensors(path: Path, *prefixes: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file whose names start with one of ``prefixes`` (CPU)."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
-
-
 def _encode_state(obj: Any, tensors: dict[str, torch.Tensor], where: str = "client_state") -> Any:
     """JSON form of ``obj``: tensors move into ``tensors`` (written with safetensors), tuples stay tuples."""
     if isinstance(obj, torch.Tensor):
@@ -151,6 +145,25 @@ def _restore_rng(state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
         torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
 
 
+class _RankFiles:
+    """The per-rank files of a saved state, each read at most once."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._json: dict[int, dict[str, Any]] = {}
+        self._tensors: dict[int, dict[str, torch.Tensor]] = {}
+
+    def payload(self, rank: int) -> dict[str, Any]:
+        if rank not in self._json:
+            self._json[rank] = json.loads((self._dir / f"rank{rank:05d}.json").read_text())
+        return self._json[rank]
+
+    def tensors(self, rank: int) -> dict[str, torch.Tensor]:
+        if rank not in self._tensors:
+            self._tensors[rank] = load_file(str(self._dir / f"rank{rank:05d}.safetensors"))
+        return self._tensors[rank]
+
+
 class TrainingState:
     """Saving and restoring everything a run needs to go on, from the engine's parts.
 
@@ -191,12 +204,13 @@ class TrainingState:
             tensors.update(optim_tensors)
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        name = f"rank{group.rank:05d}"
-        written = [write_safetensors(out / f"{name}.safetensors", tensors), out / f"{name}.json"]
-        written[1].write_text(json.dumps(payload))
+        own = out / f"rank{group.rank:05d}.json"
+        own.write_text(json.dumps(payload))
+        written = [own, write_safetensors(own.with_suffix(".safetensors"), tensors)]
         if group.is_main:
-            written.append(out / ENGINE_META_FILE)
-            written[-1].write_text(json.dumps(asdict(self.meta()), indent=1))
+            layout = out / ENGINE_META_FILE
+            layout.write_text(json.dumps(asdict(self.meta()), indent=1))
+            written.append(layout)
         group.barrier()
         return written
 
@@ -209,20 +223,16 @@ class TrainingState:
         same = (saved_meta.world_size, saved_meta.zero_stage, saved_meta.precision) == (
             here.world_size, here.zero_stage, here.precision)
         own = group.rank if group.rank < saved_meta.world_size else 0
-        saved = json.loads((src / f"rank{own:05d}.json").read_text())
+        rank_files = _RankFiles(src)
+        # Without ZeRO rank 0 wrote the one optimizer state every rank holds.
         optim_rank = group.rank if trainable.partitions_optimizer else 0
-        optimizer = None
-        if same and saved_meta.format >= 2:
-            optimizer = (saved if optim_rank == own else json.loads((src / f"rank{optim_rank:05d}.json").read_text()))
-            optimizer = optimizer.get("optimizer")
-            if optimizer is None:
-                raise ValueError(f"{src / f'rank{optim_rank:05d}.json'} has no optimizer state: the engine state "
-                                 "is incomplete")
+        optimizer = rank_files.payload(optim_rank).get("optimizer") if same and saved_meta.format >= 2 else None
+        if same and saved_meta.format >= 2 and optimizer is None:
+            raise ValueError(f"{src} has no optimizer state for rank {optim_rank}: the engine state is incomplete")
         # The working weights and buffers come from the consolidated file in every case.
         self._zero.load_whole(trainable.module, Path(weights))
         if optimizer is not None:
-            trainable.load_optimizer_state(read_tensors(src / f"rank{optim_rank:05d}.safetensors", "optim."),
-                                           optimizer)
+            trainable.load_optimizer_state(rank_files.tensors(optim_rank), optimizer)
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps, global_steps=saved_meta.global_steps)
         else:
             if group.is_main:
@@ -233,11 +243,11 @@ class TrainingState:
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps,
                                      optimizer_steps=saved_meta.optimizer_steps, global_steps=saved_meta.global_steps)
         if self._ema is not None:
-            self._restore_ema(src, saved_meta, same, ema)
+            self._restore_ema(rank_files, saved_meta, same, ema)
         if own != group.rank:
             log.warning("rank %d did not exist when %s was saved: it keeps its seeded RNG and takes rank 0's "
                         "client_state", group.rank, src)
-        tensors = read_tensors(src / f"rank{own:05d}.safetensors", "rng.", "client.")
+        saved, tensors = rank_files.payload(own), rank_files.tensors(own)
         if own == group.rank:
             _restore_rng(saved["rng"], tensors)
         return _decode_state(saved["client_state"], tensors)
@@ -251,15 +261,14 @@ class TrainingState:
         return (f"checkpoint {src} was written by an earlier flowmatch that kept the optimizer state in DeepSpeed's "
                 "pickled files, which are never loaded (unpickling a file can run code)")
 
-    def _restore_ema(self, src: Path, saved_meta: EngineMeta, same: bool,
+    def _restore_ema(self, rank_files: _RankFiles, saved_meta: EngineMeta, same: bool,
                      whole: str | os.PathLike[str] | None) -> None:
         """Each rank's own partition under ZeRO-3 with the same layout (no gathering), else the consolidated file."""
         assert self._ema is not None
-        own = src / f"rank{self._group.rank:05d}.safetensors"
         if same and self._zero.partitioned and saved_meta.ema_decay is not None:
-            self._ema.load_local(read_tensors(own, "ema."))
+            self._ema.load_local(rank_files.tensors(self._group.rank))
         elif whole is not None and Path(whole).is_file():
-            self._ema.load_whole(read_tensors(Path(whole), ""))
+            self._ema.load_whole(load_file(str(whole)))
         else:
             if self._group.is_main:
                 log.warning("the checkpoint has no EMA: the EMA restarts from the loaded weights")

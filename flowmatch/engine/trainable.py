@@ -244,6 +244,7 @@ class Trainable:
         updates when they differ from the working weights (bf16/fp16). In fp32 the masters equal the working
         weights bit for bit (DeepSpeed copies one into the other after each update), which travel with the
         checkpoint anyway, so they are not written twice.
+
         The dict: AdamW's param groups (hyper-parameters, current lr), the LR schedule's state and the fp16 loss
         scale. :meth:`load_optimizer_state` restores them into a run of the same layout.
         """
@@ -277,18 +278,17 @@ class Trainable:
             if key.startswith(prefix):
                 index, name = key[len(prefix):].split(".", 1)
                 state[int(index)][name] = value
+        has_masters = any(key.startswith(f"{_OPTIM_KEY}master.") for key in tensors)
+        if not has_masters:  # fp32: the masters equal the working weights, restored already
+            self.refresh_masters()
         with self._optimizer_with_masters() as opt:
             masters = [p for group in opt.param_groups for p in group["params"]]
             if len(masters) != info["masters"]:
                 raise ValueError(f"the saved optimizer state has {info['masters']} master tensor(s), this rank has "
                                  f"{len(masters)}: it was written by another model or layout")
-            saved_masters = [tensors.get(f"{_OPTIM_KEY}master.{i}") for i in range(len(masters))]
-            if any(m is None for m in saved_masters):  # fp32: equal to the working weights
-                self.refresh_masters()
             with torch.no_grad():
-                for i, (p, saved) in enumerate(zip(masters, saved_masters)):
-                    if saved is None:
-                        continue
+                for i, p in enumerate(masters if has_masters else []):
+                    saved = tensors[f"{_OPTIM_KEY}master.{i}"]
                     if saved.shape != p.shape:
                         raise ValueError(f"saved master {i} has shape {tuple(saved.shape)}, this rank's has "
                                          f"{tuple(p.shape)}: it was written by another model or layout")
