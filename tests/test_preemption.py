@@ -33,7 +33,7 @@ from flowmatch.training.preemption import Preemption
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 SIGNAL_AT_STEP = 2  # rank 1 is signalled once rank 0 has logged this step
-EXIT_WITHIN_S = 90  # a step, a checkpoint and teardown; measured ~1 s + ~10 s of teardown on a loaded 2-core box
+EXIT_WITHIN_S = 90  # a step, a checkpoint and teardown: measured 2-11 s on the shared 2-core CI machine
 
 
 # ------------------------------------------------------------------------------------------------- the handler
