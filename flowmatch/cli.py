@@ -1,4 +1,4 @@
-"""The `flowmatch` command: train, sample, eval. Each command parses, builds, runs and closes.
+"""The `flowmatch` command: train, sample, eval, check. Each command parses, builds, runs and closes.
 
 `python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
 """
@@ -10,7 +10,12 @@ import os
 import sys
 from typing import Optional
 
-USAGE_ERRORS = (ValueError, FileNotFoundError)
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's input or files, printed without a traceback."""
+    from flowmatch.checkpoint import CheckpointError
+
+    return (ValueError, FileNotFoundError, CheckpointError)
 
 
 def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
@@ -21,6 +26,7 @@ def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from flowmatch.checkpoint import CheckpointError
     from flowmatch.config import RecipeError, load_recipe
     from flowmatch.data import EncoderMismatch
     from flowmatch.engine import run_guarded
@@ -39,7 +45,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
             return train(recipe)
         # Problems of the recipe, the files or the run get a clear message and no traceback (other ranks stop
         # too); anything else is a bug and keeps its traceback.
-        except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError, LaunchError) as err:
+        except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError, LaunchError,
+                CheckpointError) as err:
             print(f"flowmatch train: {err}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
@@ -49,8 +56,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # one summary per job
         return 0
     print(
-        f"trained {summary.run_dir}: steps {summary.start_step} -> {summary.final_step} in {summary.seconds:.0f} s, "
-        f"loss {summary.final_loss:.4f}, skipped {summary.skipped_steps}; checkpoint {summary.last_checkpoint}"
+        f"{'stopped early' if summary.preempted else 'trained'} {summary.run_dir}: steps {summary.start_step} -> "
+        f"{summary.final_step} in {summary.seconds:.0f} s, loss {summary.final_loss:.4f}, skipped "
+        f"{summary.skipped_steps}; checkpoint {summary.last_checkpoint}"
+        + ("; run the same command to resume" if summary.preempted else "")
     )
     return 0
 
@@ -82,6 +91,14 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     )
     print(format_report(report))
     return 0
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    from flowmatch.checkpoint import check_run, format_check, newest_is_damaged
+
+    statuses = check_run(ns.run)
+    print(format_check(statuses))
+    return 1 if newest_is_damaged(statuses) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--likelihood-samples", type=int, default=None, help="held-out images for bits/dim (0 = skip)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("check", help="verify every checkpoint of a run (exit 1 when the newest is damaged)")
+    p.add_argument("run", help="a run directory")
+    p.set_defaults(func=cmd_check)
     return parser
 
 
@@ -149,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except RecipeError as err:
         print(f"flowmatch: recipe error: {err}", file=sys.stderr)
         return 2
-    except USAGE_ERRORS as err:
+    except _usage_errors() as err:
         print(f"flowmatch {ns.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -16,25 +16,31 @@ __all__ = ["Pipeline", "load_pipeline"]
 
 def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = None,
                   ema: Optional[bool] = None) -> Pipeline:
-    """The pipeline of a run directory (its newest checkpoint) or of one checkpoint directory.
+    """The pipeline of a run directory (its newest intact checkpoint) or of one checkpoint directory.
+
+    The recipe and weights files are verified against the checkpoint's manifest before they are used; from a run
+    directory, damaged newer checkpoints are skipped with a warning, and a damaged checkpoint named explicitly
+    raises :class:`~flowmatch.checkpoint.CheckpointError` naming the file.
 
     Args:
         path: ``RUN_DIR`` or ``RUN_DIR/checkpoints/<step>``.
         device: where to run (CUDA when available by default).
         ema: True for the EMA weights, False for the raw weights, None for EMA when the checkpoint has it.
     """
-    from flowmatch.checkpoint import load_recipe_yaml, load_weights, resolve_checkpoint
+    from safetensors.torch import load_file
+
+    from flowmatch.checkpoint import RECIPE_FILE, resolve_checkpoint, weights_file
     from flowmatch.config import recipe_from_yaml
     from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.models.mmdit import MMDiT
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt = resolve_checkpoint(path)
-    recipe = recipe_from_yaml(load_recipe_yaml(ckpt))
+    ckpt = resolve_checkpoint(path, reads=lambda c: (RECIPE_FILE, weights_file(c, ema)))
+    recipe = recipe_from_yaml((ckpt / RECIPE_FILE).read_text())
     encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=device)
     recipe.model = encoders.fill_model_config(recipe.model)
     model = MMDiT(recipe.model)
-    model.load_state_dict(load_weights(ckpt, ema=ema))
+    model.load_state_dict(load_file(str(ckpt / weights_file(ckpt, ema))))
     model.to(device).eval().requires_grad_(False)
     return Pipeline(model, encoders, recipe, device=device)

@@ -1,14 +1,19 @@
-"""Checkpoint directories: layout, atomic writes, pruning, stale leftovers, kills mid-write, path resolution.
+"""Checkpoint directories: layout, the manifest, atomic writes, pruning, stale leftovers, kills mid-write, a full
+disk, path resolution.
 
 A single-process stand-in for the engine keeps these tests fast; the real engine's state is exercised by the
 one-process engine tests and the multi-process runs of tests/test_engine.py (SIGKILL mid-save and bit-identical
-resume included), which also read the distributed layout back from the engine state (``read_layout``).
+resume included), tests/test_resume_without_pickles.py and tests/test_preemption.py. Verification, fallback and
+quarantine are in tests/test_checkpoint_integrity.py.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import flowmatch.checkpoint.save as checkpoint_save
 from flowmatch.checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     load_recipe_yaml,
@@ -28,6 +35,7 @@ from flowmatch.checkpoint import (
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +46,8 @@ class FakeEngine:
     """The checkpoint-facing part of flowmatch.engine.Engine for one process, without DeepSpeed."""
 
     is_main = True
+    rank = 0
+    world_size = 1
 
     def __init__(self, weight: float = 1.0) -> None:
         self.weight = weight
@@ -49,12 +59,16 @@ class FakeEngine:
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         return obj
 
-    def save(self, directory: str | os.PathLike[str], client_state: dict) -> None:
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def save(self, directory: str | os.PathLike[str], client_state: dict) -> list[Path]:
         Path(directory).mkdir(parents=True)
         (Path(directory) / "client.json").write_text(json.dumps(client_state))
+        return [Path(directory) / "client.json"]
 
-    def load(self, directory, *, fallback_weights=None, fallback_ema=None) -> dict:
-        self.loaded = {"directory": Path(directory), "weights": fallback_weights, "ema": fallback_ema}
+    def load(self, directory, *, weights, ema=None) -> dict:
+        self.loaded = {"directory": Path(directory), "weights": weights, "ema": ema}
         return json.loads((Path(directory) / "client.json").read_text())
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
@@ -71,11 +85,11 @@ def _save(engine: FakeEngine, run_dir: Path, step: int, keep: int = 3, ema: bool
 def test_layout_contents_and_readers(tmp_path):
     ckpt = _save(FakeEngine(3.0), tmp_path, 5)
     assert ckpt == tmp_path / "checkpoints" / "5"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "meta.json", "model.safetensors",
-                                                      "recipe.yaml", "state"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ema.safetensors", "manifest.json", "meta.json",
+                                                      "model.safetensors", "recipe.yaml", "state"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["5"]  # no temporary left
     meta = read_meta(tmp_path)
-    assert (meta.step, meta.ema, meta.format_version) == (5, True, 2)
+    assert (meta.step, meta.ema, meta.format_version) == (5, True, 3)
     assert "zero_stage" not in json.loads((ckpt / "meta.json").read_text())  # the engine state records the layout
     assert torch.equal(load_weights(ckpt)["w"], torch.full((2, 3), 1.5))  # EMA when present
     assert torch.equal(load_weights(tmp_path, ema=False)["w"], torch.full((2, 3), 3.0))
@@ -86,13 +100,32 @@ def test_layout_contents_and_readers(tmp_path):
                              "ema": ckpt / "ema.safetensors"}
 
 
-def test_meta_of_the_first_format_still_reads(tmp_path):
-    ckpt = _save(FakeEngine(), tmp_path, 3)
-    (ckpt / "meta.json").write_text(json.dumps({"step": 3, "world_size": 2, "zero_stage": 3, "precision": "bf16",
-                                                "ema": True, "created": 1.0, "format_version": 1,
-                                                "flowmatch_version": "0.1.0"}))
-    meta = read_meta(ckpt)
-    assert (meta.step, meta.ema, meta.format_version) == (3, True, 1)
+def test_the_manifest_lists_every_other_file_with_its_size_and_sha256(tmp_path):
+    ckpt = _save(FakeEngine(), tmp_path, 5)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    on_disk = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file())
+    assert sorted(manifest["files"]) == [name for name in on_disk if name != "manifest.json"]
+    assert (manifest["step"], manifest["hash"]) == (5, "sha256")
+    for name, entry in manifest["files"].items():
+        data = (ckpt / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rank": 0}, name
+    assert verify_checkpoint(ckpt) == []
+
+
+def test_the_manifest_is_written_last(tmp_path, monkeypatch):
+    # Fails if the manifest were written before the other files: a kill in between would leave a checkpoint
+    # that looks complete. Every other file is on disk when it is written.
+    seen = []
+    real = checkpoint_save.write_manifest
+
+    def spy(ckpt, step, files):
+        seen.append(sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()))
+        return real(ckpt, step, files)
+
+    monkeypatch.setattr(checkpoint_save, "write_manifest", spy)
+    _save(FakeEngine(), tmp_path, 1)
+    assert seen == [sorted(["ema.safetensors", "meta.json", "model.safetensors", "recipe.yaml",
+                            "state/client.json"])]
 
 
 def test_without_ema(tmp_path):
@@ -130,12 +163,12 @@ def test_stale_and_incomplete_directories_are_ignored_then_cleaned(tmp_path):
     root = tmp_path / "checkpoints"
     (root / ".tmp-7-deadbeef" / "state").mkdir(parents=True)  # a save killed mid-write
     (root / ".tmp-7-deadbeef" / "model.safetensors").write_bytes(b"\x00" * 10)
-    (root / "8").mkdir()  # a step-named directory without meta.json (copied by hand, say)
+    (root / "8").mkdir()  # a step-named directory without a manifest (a copy that stopped, say)
     assert latest_checkpoint(tmp_path) == root / "3"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="8 is damaged and cannot be used: manifest.json: missing"):
         resolve_checkpoint(root / "8")
     _save(FakeEngine(), tmp_path, 4)
-    assert sorted(p.name for p in root.iterdir()) == ["3", "4", "8"]  # the .tmp-* is gone
+    assert sorted(p.name for p in root.iterdir()) == ["3", "4", "8"]  # the .tmp-* is gone, the unfinished 8 kept
 
 
 class _FailingEngine(FakeEngine):
@@ -149,6 +182,40 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         _save(_FailingEngine(), tmp_path, 2)
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "1"
     assert torch.equal(load_weights(tmp_path, ema=False)["w"], torch.full((2, 3), 2.0))
+
+
+def test_a_full_disk_stops_with_the_directory_and_the_bytes_needed(tmp_path, monkeypatch):
+    previous = _save(FakeEngine(2.0), tmp_path, 1)
+    size = sum(e["bytes"] for e in json.loads((previous / "manifest.json").read_text())["files"].values())
+    real = checkpoint_save.write_safetensors
+
+    def fill_disk(path, tensors, metadata=None):
+        if path.name == "ema.safetensors":  # the model file is written already: the save is half done
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint_save, "write_safetensors", fill_disk)
+    with pytest.raises(CheckpointError) as err:
+        _save(FakeEngine(5.0), tmp_path, 2)
+    message = str(err.value)
+    root = tmp_path / "checkpoints"
+    assert message.startswith(f"no space left on the device of {root} while writing checkpoint 2")
+    assert f"({size:,} bytes, measured on {previous})" in message and "are free" in message
+    assert f"The previous checkpoint {previous} is intact" in message and "\n" not in message
+    assert sorted(p.name for p in root.iterdir()) == ["1"]  # the unfinished save was removed to give space back
+    assert verify_checkpoint(previous) == [] and latest_checkpoint(tmp_path) == previous
+    assert torch.equal(load_weights(tmp_path, ema=False)["w"], torch.full((2, 3), 2.0))
+
+
+def test_a_full_disk_on_the_first_save_says_what_it_had_written(tmp_path, monkeypatch):
+    def fill_disk(path, tensors, metadata=None):
+        path.write_bytes(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(checkpoint_save, "write_safetensors", fill_disk)
+    with pytest.raises(CheckpointError, match=re.escape("It had written 1011 B (1,011 bytes) when the disk filled")):
+        _save(FakeEngine(), tmp_path, 1)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 _KILLED_SAVER = """

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -277,29 +278,34 @@ class Engine:
     def _state(self) -> TrainingState:
         return TrainingState(self.cfg, self._group, self._zero, self._require_training_weights(), self._ema)
 
-    def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> None:
+    def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> list[Path]:
         """Collective: write the full training state of every rank into ``directory`` (shared by all ranks).
 
-        Written: DeepSpeed's model, optimizer and scheduler state (subdirectory ``deepspeed/``), and per rank
-        ``rank<NNNNN>.json`` (``client_state``, python and numpy RNG) and ``rank<NNNNN>.safetensors`` (torch RNG,
-        tensors of ``client_state``, EMA: each rank's partition under ZeRO-3, rank 0 only otherwise), plus
-        ``engine.json`` (:class:`~flowmatch.engine.EngineMeta`: layout and counters) by rank 0. Nothing is
-        pickled. ``client_state`` is this rank's own (e.g. its data position): dicts with string keys, lists,
-        tuples, numbers, strings, None and tensors. Call between updates (not inside an accumulation window).
+        Written per rank: ``rank<NNNNN>.json`` (``client_state``, python and numpy RNG, the optimizer's step counts,
+        param groups, LR schedule and loss scale) and ``rank<NNNNN>.safetensors`` (torch RNG, tensors of
+        ``client_state``, the AdamW moments of the rank's ZeRO partition and, in bf16/fp16, its fp32 masters; its
+        EMA partition under ZeRO-3; without ZeRO rank 0 alone writes the optimizer state), plus ``engine.json``
+        (:class:`~flowmatch.engine.EngineMeta`: layout and counters) by rank 0. Nothing is pickled. The working
+        weights and (below ZeRO-3) the EMA are not included: save :meth:`model_state_dict` and
+        :meth:`ema_state_dict` beside it and pass them to :meth:`load`. ``client_state`` is this rank's own
+        (e.g. its data position): dicts with string keys, lists, tuples, numbers, strings, None and tensors. Call
+        between updates (not inside an accumulation window). Returns the files this rank wrote.
         """
-        self._state().save(directory, client_state)
+        return self._state().save(directory, client_state)
 
-    def load(self, directory: str | os.PathLike[str], *, fallback_weights: str | os.PathLike[str] | None = None,
-             fallback_ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    def load(self, directory: str | os.PathLike[str], *, weights: str | os.PathLike[str],
+             ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Collective: restore what :meth:`save` wrote (call after :meth:`setup` and :meth:`ema_init`).
 
-        With the same ZeRO stage, world size and precision everything is restored exactly: weights, AdamW state,
-        schedule, EMA, RNG states, counters. Otherwise DeepSpeed's sharded optimizer state cannot be re-split
-        here, so the weights come from ``fallback_weights`` (consolidated safetensors), the EMA from
-        ``fallback_ema``, the schedule position from ``engine.json``, AdamW moments restart from zero, and a
-        warning says so. Returns this rank's ``client_state`` (rank 0's when this rank did not exist at save time).
+        ``weights`` is the consolidated safetensors file of :meth:`model_state_dict` saved with the state; ``ema``
+        the one of :meth:`ema_state_dict`, if any. With the same ZeRO stage, world size and precision everything
+        is restored exactly: weights, fp32 masters, AdamW state, schedule, EMA, RNG states, counters. Otherwise
+        the optimizer partitions do not fit this layout: the weights and EMA come from ``weights`` and ``ema``,
+        the schedule position from ``engine.json``, AdamW moments restart from zero, and a warning says so.
+        Nothing is unpickled. Returns this rank's ``client_state`` (rank 0's when this rank did not exist at save
+        time).
         """
-        return self._state().load(directory, fallback_weights=fallback_weights, fallback_ema=fallback_ema)
+        return self._state().load(directory, weights=weights, ema=ema)
 
     # -- leaving -----------------------------------------------------------------------------------------------------
 

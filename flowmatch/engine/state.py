@@ -1,9 +1,21 @@
 """The engine's full training state on disk (:meth:`Engine.save` and :meth:`Engine.load`), and ``engine.json``.
 
-Nothing is pickled by this project: each rank's ``client_state`` is JSON with its tensors in safetensors, next to
-the python, numpy and torch RNG states. DeepSpeed's own model, optimizer and scheduler files go under
-``deepspeed/`` inside the same directory. ``engine.json`` (:class:`EngineMeta`) is the one record of the
-distributed layout that wrote a state (world size, ZeRO stage, precision); read it with :func:`read_engine_meta`.
+Nothing is pickled, and nothing is unpickled on load. Each rank writes ``rank<NNNNN>.json`` and
+``rank<NNNNN>.safetensors``: its ``client_state`` (JSON, its tensors in safetensors), its python, numpy and torch
+RNG states, and its part of the optimizer state (:meth:`Trainable.optimizer_state`): AdamW moments and steps of
+its ZeRO partition, the fp32 masters where they differ from the working weights (bf16/fp16), the param groups,
+LR schedule and loss scale as JSON; under ZeRO-3 also its EMA partition. Without ZeRO every rank holds the same
+optimizer state, and rank 0 alone writes it. What the consolidated files of a checkpoint hold already is not
+repeated: the working weights come from ``model.safetensors`` and, below ZeRO-3, the EMA from
+``ema.safetensors``, both passed to :meth:`TrainingState.load`. DeepSpeed's own ``save_checkpoint`` /
+``load_checkpoint`` are not used, since they write and read ``torch.save`` pickles.
+
+``engine.json`` (:class:`EngineMeta`) is the one record of the distributed layout that wrote a state (world size,
+ZeRO stage, precision); read it with :func:`read_engine_meta`. States of format 1 hold DeepSpeed's pickled
+optimizer files instead, which are never read: they resume like a checkpoint of another layout.
+
+Files are written as whole byte strings with plain Python I/O, so a full disk raises ``OSError`` with its errno
+(safetensors' own ``save_file`` reports it as a ``SafetensorError`` without one).
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from flowmatch.engine.config import DistributedConfig
 from flowmatch.engine.ema import Ema
@@ -30,7 +42,8 @@ from flowmatch.engine.zero import Zero
 log = logging.getLogger(__name__)
 
 ENGINE_META_FILE = "engine.json"
-_STATE_FORMAT = 1
+# 2: the optimizer state is safetensors + JSON written here; 1: DeepSpeed's pickled files under deepspeed/.
+_STATE_FORMAT = 2
 _TENSOR_TAG, _TUPLE_TAG = "__tensor__", "__tuple__"
 
 
@@ -63,6 +76,18 @@ def read_engine_meta(directory: str | os.PathLike[str]) -> EngineMeta:
         raise FileNotFoundError(f"no engine state in {directory} ({ENGINE_META_FILE} missing): expected a directory "
                                 f"written by Engine.save, e.g. RUN_DIR/checkpoints/<step>/state")
     return EngineMeta(**json.loads(path.read_text()))
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` to ``path`` in the safetensors format; a full disk raises ``OSError`` (ENOSPC).
+
+    The file is serialised in memory first (one extra copy of its bytes), then written with plain Python I/O.
+    """
+    data = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
 
 
 def _encode_state(obj: Any, tensors: dict[str, torch.Tensor], where: str = "client_state") -> Any:
@@ -120,6 +145,25 @@ def _restore_rng(state: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
         torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
 
 
+class _RankFiles:
+    """The per-rank files of a saved state, each read at most once."""
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._json: dict[int, dict[str, Any]] = {}
+        self._tensors: dict[int, dict[str, torch.Tensor]] = {}
+
+    def payload(self, rank: int) -> dict[str, Any]:
+        if rank not in self._json:
+            self._json[rank] = json.loads((self._dir / f"rank{rank:05d}.json").read_text())
+        return self._json[rank]
+
+    def tensors(self, rank: int) -> dict[str, torch.Tensor]:
+        if rank not in self._tensors:
+            self._tensors[rank] = load_file(str(self._dir / f"rank{rank:05d}.safetensors"))
+        return self._tensors[rank]
+
+
 class TrainingState:
     """Saving and restoring everything a run needs to go on, from the engine's parts.
 
@@ -143,72 +187,88 @@ class TrainingState:
                           skipped_steps=t.skipped_steps, global_steps=t.global_steps,
                           ema_decay=None if self._ema is None else self._ema.decay)
 
-    def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> None:
-        """Collective: write the full training state of every rank (see :meth:`flowmatch.engine.Engine.save`)."""
-        group = self._group
-        if self._trainable.in_window:
+    def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> list[Path]:
+        """Collective: write the full training state of every rank (see :meth:`flowmatch.engine.Engine.save`);
+        returns the files this rank wrote."""
+        group, trainable = self._group, self._trainable
+        if trainable.in_window:
             raise RuntimeError("Engine.save must be called between updates, not inside an accumulation window")
         tensors = {"rng.torch": torch.get_rng_state()}
-        payload = json.dumps({"client_state": _encode_state(client_state, tensors), "rng": _rng_state_json()})
+        payload: dict[str, Any] = {"client_state": _encode_state(client_state, tensors), "rng": _rng_state_json()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors.update({f"rng.cuda.{i:03d}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        if self._ema is not None and (self._zero.partitioned or group.is_main):
+        if self._ema is not None and self._zero.partitioned:  # else the consolidated EMA file holds it whole
             tensors.update(self._ema.local_tensors())
+        if trainable.partitions_optimizer or group.is_main:  # without ZeRO every rank holds the same state
+            optim_tensors, payload["optimizer"] = trainable.optimizer_state()
+            tensors.update(optim_tensors)
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self._trainable.save_deepspeed(out)
-        save_file(tensors, str(out / f"rank{group.rank:05d}.safetensors"))
-        (out / f"rank{group.rank:05d}.json").write_text(payload)
+        own = out / f"rank{group.rank:05d}.json"
+        own.write_text(json.dumps(payload))
+        written = [own, write_safetensors(own.with_suffix(".safetensors"), tensors)]
         if group.is_main:
-            (out / ENGINE_META_FILE).write_text(json.dumps(asdict(self.meta()), indent=1))
+            layout = out / ENGINE_META_FILE
+            layout.write_text(json.dumps(asdict(self.meta()), indent=1))
+            written.append(layout)
         group.barrier()
+        return written
 
-    def load(self, directory: str | os.PathLike[str], *, fallback_weights: str | os.PathLike[str] | None = None,
-             fallback_ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    def load(self, directory: str | os.PathLike[str], *, weights: str | os.PathLike[str],
+             ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Collective: restore what :meth:`save` wrote (see :meth:`flowmatch.engine.Engine.load`)."""
-        group, src = self._group, Path(directory)
+        group, trainable, src = self._group, self._trainable, Path(directory)
         saved_meta = read_engine_meta(src)
         here = self.meta()
         same = (saved_meta.world_size, saved_meta.zero_stage, saved_meta.precision) == (
             here.world_size, here.zero_stage, here.precision)
-        if same:
-            self._trainable.load_deepspeed(src)
-            self._trainable.restore_counts(skipped_steps=saved_meta.skipped_steps)
+        own = group.rank if group.rank < saved_meta.world_size else 0
+        rank_files = _RankFiles(src)
+        # Without ZeRO rank 0 wrote the one optimizer state every rank holds.
+        optim_rank = group.rank if trainable.partitions_optimizer else 0
+        optimizer = rank_files.payload(optim_rank).get("optimizer") if same and saved_meta.format >= 2 else None
+        if same and saved_meta.format >= 2 and optimizer is None:
+            raise ValueError(f"{src} has no optimizer state for rank {optim_rank}: the engine state is incomplete")
+        # The working weights and buffers come from the consolidated file in every case.
+        self._zero.load_whole(trainable.module, Path(weights))
+        if optimizer is not None:
+            trainable.load_optimizer_state(rank_files.tensors(optim_rank), optimizer)
+            trainable.restore_counts(skipped_steps=saved_meta.skipped_steps, global_steps=saved_meta.global_steps)
         else:
             if group.is_main:
-                log.warning("checkpoint %s was written by ZeRO-%d, %s, %d process(es); this run is ZeRO-%d, %s, %d "
-                            "process(es). DeepSpeed cannot re-shard its optimizer state, so only the weights%s and "
-                            "the schedule position are restored: AdamW moments restart from zero",
-                            src, saved_meta.zero_stage, saved_meta.precision, saved_meta.world_size,
-                            here.zero_stage, here.precision, here.world_size,
-                            " and EMA" if fallback_ema is not None else "")
-            if fallback_weights is None:
-                raise ValueError(f"{src} holds a different layout; pass fallback_weights=<model.safetensors>")
-            self._zero.load_whole(self._trainable.module, Path(fallback_weights))
-            self._trainable.refresh_masters()
-            self._trainable.restore_counts(skipped_steps=saved_meta.skipped_steps,
-                                           optimizer_steps=saved_meta.optimizer_steps,
-                                           global_steps=saved_meta.global_steps)
+                log.warning("%s, so only the weights%s and the schedule position are restored: AdamW moments "
+                            "restart from zero", self._partial_resume_reason(src, saved_meta, here, same),
+                            " and EMA" if ema is not None else "")
+            trainable.refresh_masters()
+            trainable.restore_counts(skipped_steps=saved_meta.skipped_steps,
+                                     optimizer_steps=saved_meta.optimizer_steps, global_steps=saved_meta.global_steps)
         if self._ema is not None:
-            self._restore_ema(src, saved_meta, same, fallback_ema)
-        own = group.rank if group.rank < saved_meta.world_size else 0
+            self._restore_ema(rank_files, saved_meta, same, ema)
         if own != group.rank:
             log.warning("rank %d did not exist when %s was saved: it keeps its seeded RNG and takes rank 0's "
                         "client_state", group.rank, src)
-        saved = json.loads((src / f"rank{own:05d}.json").read_text())
-        tensors = load_file(str(src / f"rank{own:05d}.safetensors"))
+        saved, tensors = rank_files.payload(own), rank_files.tensors(own)
         if own == group.rank:
             _restore_rng(saved["rng"], tensors)
         return _decode_state(saved["client_state"], tensors)
 
-    def _restore_ema(self, src: Path, saved_meta: EngineMeta, same: bool,
-                     fallback: str | os.PathLike[str] | None) -> None:
+    @staticmethod
+    def _partial_resume_reason(src: Path, saved: EngineMeta, here: EngineMeta, same: bool) -> str:
+        if not same:
+            return (f"checkpoint {src} was written by ZeRO-{saved.zero_stage}, {saved.precision}, "
+                    f"{saved.world_size} process(es); this run is ZeRO-{here.zero_stage}, {here.precision}, "
+                    f"{here.world_size} process(es). DeepSpeed cannot re-shard its optimizer state")
+        return (f"checkpoint {src} was written by an earlier flowmatch that kept the optimizer state in DeepSpeed's "
+                "pickled files, which are never loaded (unpickling a file can run code)")
+
+    def _restore_ema(self, rank_files: _RankFiles, saved_meta: EngineMeta, same: bool,
+                     whole: str | os.PathLike[str] | None) -> None:
+        """Each rank's own partition under ZeRO-3 with the same layout (no gathering), else the consolidated file."""
         assert self._ema is not None
-        if same and saved_meta.ema_decay is not None:
-            ema_rank = self._group.rank if self._zero.partitioned else 0
-            self._ema.load_local(load_file(str(src / f"rank{ema_rank:05d}.safetensors")))
-        elif not same and fallback is not None and Path(fallback).is_file():
-            self._ema.load_whole(load_file(str(fallback)))
+        if same and self._zero.partitioned and saved_meta.ema_decay is not None:
+            self._ema.load_local(rank_files.tensors(self._group.rank))
+        elif whole is not None and Path(whole).is_file():
+            self._ema.load_whole(load_file(str(whole)))
         else:
             if self._group.is_main:
                 log.warning("the checkpoint has no EMA: the EMA restarts from the loaded weights")

@@ -6,11 +6,11 @@ A non-finite loss anywhere in an accumulation window discards the whole window o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +20,10 @@ from flowmatch.engine.group import ProcessGroup
 from flowmatch.engine.nonfinite import FiniteWindow
 from flowmatch.engine.optim import OptimConfig, SkippableAdamW, SkippableLambdaLR, lr_factor
 
-# DeepSpeed writes its own files under this tag inside the directory given to save_deepspeed.
-_DS_TAG = "deepspeed"
+# Prefix of the optimizer state among a rank's saved tensors.
+_OPTIM_KEY = "optim."
+# Attributes of DeepSpeed's optimizer wrappers that hold the fp16 loss scale (ZeRO's, and the one without ZeRO).
+_LOSS_SCALE_HOLDERS = ("loss_scaler", "loss_scale_config")
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Trainable:
         finally:
             optimizer.overflow = False
         self._optimizer, self._scheduler = optimizer, made[0]
+        self._zero_stage = cfg.zero_stage
         self._accum = grad_accum_steps
         self._micro = 0  # backward() calls in the current accumulation window
         self._window = FiniteWindow(group)
@@ -183,15 +186,15 @@ class Trainable:
         """DeepSpeed's own count of step boundaries, applied or not."""
         return int(self._ds.global_steps)
 
-    def restore_counts(self, *, skipped_steps: int, optimizer_steps: int | None = None,
-                       global_steps: int | None = None) -> None:
+    def restore_counts(self, *, skipped_steps: int, global_steps: int, optimizer_steps: int | None = None) -> None:
         """Set the counters of a resumed run; ``optimizer_steps`` also moves the schedule to that position (when
-        DeepSpeed's own scheduler state could not be loaded)."""
+        the saved schedule state could not be loaded)."""
         self._skipped_steps = skipped_steps
         if optimizer_steps is not None:
             self._scheduler.set_position(optimizer_steps)
-        if global_steps is not None:
-            self._ds.global_steps = global_steps
+        self._ds.global_steps = global_steps
+        # DeepSpeed's own default for a checkpoint that does not record it; only its monitors read it.
+        self._ds.global_samples = global_steps * self._ds.train_batch_size()
 
     def refresh_masters(self) -> None:
         """Copy the working weights into the fp32 masters (after writing the working weights directly)."""
@@ -199,15 +202,102 @@ class Trainable:
         if hasattr(optimizer, "refresh_fp32_params"):
             optimizer.refresh_fp32_params()
 
-    def save_deepspeed(self, directory: Path) -> None:
-        """Collective: DeepSpeed's model, optimizer and scheduler state into ``directory/deepspeed``."""
-        self._ds.save_checkpoint(str(directory), tag=_DS_TAG, save_latest=False)
+    @property
+    def partitions_optimizer(self) -> bool:
+        """Whether each rank holds only its own slice of the optimizer state (ZeRO 1-3); without ZeRO every rank
+        holds the same whole state."""
+        return self._zero_stage >= 1
 
-    def load_deepspeed(self, directory: Path) -> None:
-        """Collective: restore what :meth:`save_deepspeed` wrote (same ZeRO stage, world size and precision)."""
-        # DeepSpeed reads its files with torch.load(weights_only=False): they hold pickled optimizer state and
-        # config objects. Only files this project's runs wrote into the run directory are read here.
-        path, _ = self._ds.load_checkpoint(str(directory), tag=_DS_TAG, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load its state from {directory / _DS_TAG}")
+    @contextlib.contextmanager
+    def _optimizer_with_masters(self) -> Iterator[torch.optim.Optimizer]:
+        """The torch AdamW with this rank's fp32 masters in its param groups, as torch's state_dict expects.
+
+        Below ZeRO-3 DeepSpeed leaves them there: the model's own parameters without a wrapper, the bf16/fp16
+        wrapper's fp32 copies, or this rank's flat fp32 partition under ZeRO 1-2. ZeRO-3 hands its flat partitions
+        to the optimizer only for the length of its step, so they are attached here meanwhile, in the order
+        DeepSpeed's own checkpointing attaches them.
+        """
+        zero3 = self._ds.optimizer
+        flats = getattr(zero3, "fp32_partitioned_groups_flat", None)
+        if flats is None:
+            yield self._optimizer
+            return
+        groups = self._optimizer.param_groups
+        for sub_group, flat in enumerate(flats):
+            groups[zero3.sub_group_to_group_id[sub_group]]["params"].append(flat)
+        try:
+            yield self._optimizer
+        finally:
+            for group in groups:
+                group["params"] = []
+
+    def _loss_scalers(self) -> dict[str, Any]:
+        """The objects holding the fp16 loss scale of DeepSpeed's wrapper (names as on the wrapper)."""
+        wrapper = self._ds.optimizer
+        return {name: getattr(wrapper, name) for name in _LOSS_SCALE_HOLDERS
+                if wrapper is not self._optimizer and getattr(wrapper, name, None) is not None}
+
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's optimizer state as (tensors, JSON-serialisable dict), nothing pickled.
+
+        Tensors (CPU): AdamW's per-tensor state (moments, step) of this rank's partition, and the fp32 masters it
+        updates when they differ from the working weights (bf16/fp16). In fp32 the masters equal the working
+        weights bit for bit (DeepSpeed copies one into the other after each update), which travel with the
+        checkpoint anyway, so they are not written twice.
+
+        The dict: AdamW's param groups (hyper-parameters, current lr), the LR schedule's state and the fp16 loss
+        scale. :meth:`load_optimizer_state` restores them into a run of the same layout.
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        with self._optimizer_with_masters() as opt:
+            saved = opt.state_dict()
+            masters = [p for group in opt.param_groups for p in group["params"]]
+        if self.working_dtype != torch.float32:
+            tensors.update({f"{_OPTIM_KEY}master.{i}": p.detach().cpu().contiguous() for i, p in enumerate(masters)})
+        plain: dict[str, dict[str, Any]] = {}
+        for index, state in saved["state"].items():
+            plain[str(index)] = {}
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{_OPTIM_KEY}state.{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    plain[str(index)][key] = value
+        scalers = {name: {k: v for k, v in vars(obj).items() if v is None or isinstance(v, (bool, int, float))}
+                   for name, obj in self._loss_scalers().items()}
+        info = {"masters": len(masters), "param_groups": saved["param_groups"], "state": plain,
+                "schedule": self._scheduler.state_dict(), "loss_scale": scalers}
+        return tensors, info
+
+    def load_optimizer_state(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
+        """Restore what :meth:`optimizer_state` returned on the same rank of a run of the same layout (ZeRO stage,
+        world size, precision). Call after restoring the working weights (from the consolidated weights): in fp32
+        the masters are copied from them."""
+        state: dict[int, dict[str, Any]] = {int(i): dict(values) for i, values in info["state"].items()}
+        prefix = f"{_OPTIM_KEY}state."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                index, name = key[len(prefix):].split(".", 1)
+                state[int(index)][name] = value
+        has_masters = any(key.startswith(f"{_OPTIM_KEY}master.") for key in tensors)
+        if not has_masters:  # fp32: the masters equal the working weights, restored already
+            self.refresh_masters()
+        with self._optimizer_with_masters() as opt:
+            masters = [p for group in opt.param_groups for p in group["params"]]
+            if len(masters) != info["masters"]:
+                raise ValueError(f"the saved optimizer state has {info['masters']} master tensor(s), this rank has "
+                                 f"{len(masters)}: it was written by another model or layout")
+            with torch.no_grad():
+                for i, p in enumerate(masters if has_masters else []):
+                    saved = tensors[f"{_OPTIM_KEY}master.{i}"]
+                    if saved.shape != p.shape:
+                        raise ValueError(f"saved master {i} has shape {tuple(saved.shape)}, this rank's has "
+                                         f"{tuple(p.shape)}: it was written by another model or layout")
+                    p.copy_(saved)
+            # JSON turned tuples (AdamW's betas) into lists: give them back their type.
+            groups = [{k: tuple(v) if isinstance(here.get(k), tuple) else v for k, v in saved_group.items()}
+                      for saved_group, here in zip(info["param_groups"], opt.param_groups)]
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        self._scheduler.load_state_dict(dict(info["schedule"]))
+        for name, obj in self._loss_scalers().items():
+            for key, value in info["loss_scale"].get(name, {}).items():
+                setattr(obj, key, value)

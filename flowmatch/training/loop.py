@@ -1,7 +1,8 @@
 """The training loop: batches -> rectified-flow loss -> engine step, with EMA, checkpoints, validation and logs.
 
 It calls the flow layer for the math (:func:`micro_loss`), the engine for everything distributed, including
-what a non-finite loss does, and :mod:`flowmatch.checkpoint` for files; it never re-derives any of them.
+what a non-finite loss does, and :mod:`flowmatch.checkpoint` for files; it never re-derives any of them. SIGTERM
+or SIGUSR1 stops it cleanly after the current optimizer step, with a checkpoint (:mod:`.preemption`).
 Between log intervals the loop reads nothing back from the device: logged sums stay in a :class:`LossWindow` on
 the device until the log step reduces them.
 """
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from flowmatch.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flowmatch.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions, sample_path
@@ -23,6 +24,7 @@ from flowmatch.models.flops import training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
 from flowmatch.training.assembly import TrainingRun
+from flowmatch.training.preemption import Preemption
 from flowmatch.training.validation import Validator
 
 # Loss is also logged per timestep bucket (quarters of [0, 1]) to see which noise levels train slowly.
@@ -47,6 +49,8 @@ class TrainSummary:
     last_checkpoint: Optional[Path]
     compute_dtype: str
     """Dtype of the model's output during training, as observed (proves the recipe's precision took effect)."""
+    preempted: bool = False
+    """The run stopped before max_steps on a stop signal (SIGTERM, SIGUSR1), after writing a checkpoint."""
 
 
 @dataclass
@@ -124,8 +128,11 @@ class Trainer:
         self.recipe = run.recipe
         self.engine = run.engine
         self.step = 0
+        self.saved_step: Optional[int] = None
+        """Step of the newest checkpoint on disk (written or resumed from)."""
         self.monitor: Optional[Monitor] = None
         self.validator = Validator(run)
+        self.preemption = Preemption(run.engine.rank)
 
     # -- one micro batch -------------------------------------------------------------------------------------------
 
@@ -139,13 +146,14 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------------------------
 
     def resume(self) -> None:
-        """Load the newest complete checkpoint of run_dir, if any, and say so."""
+        """Load the newest checkpoint of run_dir that verifies, if any, and say so (damaged newer ones are reported
+        and set aside by :func:`~flowmatch.checkpoint.resume_checkpoint`)."""
         run, e = self.run, self.engine
-        ckpt = latest_checkpoint(run.run_dir)
-        if ckpt is None:
+        resumed = resume_checkpoint(e, run.run_dir)
+        if resumed is None:
             return
-        state = load_checkpoint(e, ckpt)
-        self.step = int(state["step"])
+        ckpt, state = resumed.path, resumed.client_state
+        self.step = self.saved_step = int(state["step"])
         # Not strict: with another number of ranks the loader warns and starts the next epoch.
         run.loader.load_state_dict(state["loader"], strict=False)
         generators = state["generator"]  # one state per micro-batch slot of the global batch
@@ -162,13 +170,33 @@ class Trainer:
         loaders = merge_loader_states(e.all_gather_object(run.loader.state_dict()))
         slots = [s for states in e.all_gather_object([g.get_state() for g in run.generators]) for s in states]
         state = {"step": self.step, "loader": loaders, "generator": slots}
-        return save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
+        path = save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
                                keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0)
+        self.saved_step = self.step
+        return path
+
+    def stop(self) -> Optional[Path]:
+        """Collective: end the run early on a stop signal: a checkpoint of this step (unless one is on disk, or
+        no step was taken), and a line saying how to go on."""
+        started = time.time()
+        signal_name = self.preemption.received or "a stop signal (on another rank)"
+        if self.step == 0 and self.saved_step is None:
+            self.monitor.message(f"stopped by {signal_name} before the first step: nothing to save")
+            return None
+        ckpt = self.checkpoint() if self.saved_step != self.step else latest_checkpoint(self.run.run_dir)
+        self.monitor.message(f"stopped by {signal_name} at step {self.step}: checkpoint {ckpt} written in "
+                             f"{time.time() - started:.1f} s; run the same command to resume")
+        return ckpt
 
     # -- the loop ---------------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainSummary:
-        """Train until train.max_steps; returns a summary. Raises TrainingError when the loss stays non-finite."""
+        """Train until train.max_steps, or until a stop signal (then with a checkpoint of the step reached); returns
+        a summary. Raises TrainingError when the loss stays non-finite."""
+        with self.preemption:
+            return self._fit()
+
+    def _fit(self) -> TrainSummary:
         r, e, run = self.recipe, self.engine, self.run
         self.resume()
         start_step, started = self.step, time.time()
@@ -180,14 +208,15 @@ class Trainer:
         batches = iter(run.loader)
         e.train()
         try:
-            last_loss, last_ckpt = self._loop(batches)
+            last_loss, last_ckpt, preempted = self._loop(batches)
         finally:
             batches.close()  # stops the loader's worker processes
             self.monitor.close()
         return TrainSummary(run.run_dir, start_step, self.step, last_loss, e.skipped_steps, time.time() - started,
-                            last_ckpt or latest_checkpoint(run.run_dir), str(run.velocity.last_dtype))
+                            last_ckpt or latest_checkpoint(run.run_dir), str(run.velocity.last_dtype), preempted)
 
-    def _loop(self, batches) -> tuple[float, Optional[Path]]:
+    def _loop(self, batches) -> tuple[float, Optional[Path], bool]:
+        """(last logged loss, last checkpoint written, whether a stop signal ended the loop early)."""
         r, e, run, mon = self.recipe, self.engine, self.run, self.monitor
         t = r.train
         window = LossWindow(e.device)
@@ -195,6 +224,8 @@ class Trainer:
         bad_in_a_row = 0
         last_loss, last_ckpt = float("nan"), None
         while self.step < t.max_steps:
+            if self.preemption.agreed(e):  # the same answer on every rank, once per optimizer step
+                return last_loss, self.stop(), True
             for generator in run.generators:
                 m = self.micro_loss(next(batches), generator)
                 e.backward(m.loss)
@@ -229,7 +260,7 @@ class Trainer:
                 last_ckpt = self.checkpoint()
         if t.validate_every == 0 or self.step % t.validate_every:
             self.validator.validate(self.step)
-        return last_loss, last_ckpt
+        return last_loss, last_ckpt, False
 
     def flops_per_step(self) -> float:
         """Estimated training FLOPs of one optimizer step (global batch), for throughput and MFU logging.

@@ -81,12 +81,23 @@ def parse() -> argparse.Namespace:
     p.add_argument("--kill-in-save-at", type=int, default=-1, help="SIGKILL itself in the middle of this save")
     p.add_argument("--ema-eval-at", type=int, default=-1, help="check EMA swapping against a plain model here")
     p.add_argument("--check-loaded", action="store_true", help="compare the restored weights with the checkpoint")
+    p.add_argument("--refuse-torch-load", action="store_true", help="make torch.load raise: nothing may be unpickled")
     return p.parse_args()
+
+
+def _refuse_torch_load() -> None:
+    """Every way in to torch.load raises: resuming must read no pickle (DeepSpeed calls torch.load by attribute)."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"torch.load was called on {args[0] if args else kwargs.get('f')!r}")
+
+    torch.load = torch.serialization.load = refuse
 
 
 def main() -> None:
     args = parse()
     run_dir = Path(args.run_dir)
+    if args.refuse_torch_load:
+        _refuse_torch_load()
     engine = Engine(DistributedConfig(zero_stage=args.zero_stage, precision=args.precision, timeout_s=args.timeout,
                                       zero3_persistence_threshold=args.persistence_threshold))
     rank, world = engine.rank, engine.world_size

@@ -1,0 +1,87 @@
+"""``flowmatch check RUN``: every checkpoint of a run with its state, verified file by file.
+
+The counterpart for runs of ``flowmatch-data verify``: it hashes every file of every checkpoint against its
+manifest and changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flowmatch.checkpoint.fallback import quarantined
+from flowmatch.checkpoint.layout import (
+    CHECKPOINTS_DIR,
+    DAMAGE_NOTE,
+    TMP_PREFIX,
+    checkpoints_root,
+    human_bytes,
+    is_legacy,
+    step_dirs,
+)
+from flowmatch.checkpoint.manifest import Damage, verify_checkpoint
+
+COMPLETE, UNVERIFIED, DAMAGED, QUARANTINED, UNFINISHED = "complete", "unverified", "damaged", "quarantined", "unfinished"
+
+
+@dataclass
+class CheckpointStatus:
+    """One directory of ``RUN_DIR/checkpoints``."""
+
+    path: Path
+    state: str
+    """complete (verified), unverified (written before manifests), damaged, quarantined (renamed by a resume),
+    unfinished (a save that never finished: ignored, and removed by the next save)."""
+    bytes: int
+    damage: list[Damage] = field(default_factory=list)
+    """What is wrong (damaged), or the note left at quarantine."""
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_run(run_dir: str | os.PathLike[str]) -> list[CheckpointStatus]:
+    """The state of every checkpoint of a run: step directories oldest first, then quarantined and unfinished ones.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``checkpoints`` folder.
+    """
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no {CHECKPOINTS_DIR}/ folder: not a run directory, or it has not "
+                                "saved a checkpoint yet")
+    out = []
+    for _, ckpt in step_dirs(root):
+        damage = verify_checkpoint(ckpt)
+        state = DAMAGED if damage else UNVERIFIED if is_legacy(ckpt) else COMPLETE
+        out.append(CheckpointStatus(ckpt, state, _size(ckpt), damage))
+    for ckpt in quarantined(root):
+        note = ckpt / DAMAGE_NOTE
+        lines = note.read_text().splitlines()[1:] if note.is_file() else []
+        out.append(CheckpointStatus(ckpt, QUARANTINED, _size(ckpt), [Damage(*line.split(": ", 1)) for line in lines
+                                                                     if ": " in line]))
+    for tmp in sorted(root.glob(f"{TMP_PREFIX}*")):
+        out.append(CheckpointStatus(tmp, UNFINISHED, _size(tmp)))
+    return out
+
+
+def newest_is_damaged(statuses: list[CheckpointStatus]) -> bool:
+    """Whether the newest step directory is damaged (what ``flowmatch check`` exits non-zero for)."""
+    steps = [s for s in statuses if s.path.name.isdigit()]
+    return bool(steps) and steps[-1].state == DAMAGED
+
+
+def format_check(statuses: list[CheckpointStatus]) -> str:
+    """A plain-text table, one checkpoint per line, with what is wrong under the damaged ones."""
+    if not statuses:
+        return "no checkpoints"
+    width = max(len(s.path.name) for s in statuses)
+    lines = []
+    for s in statuses:
+        lines.append(f"{s.path.name:<{width}}  {human_bytes(s.bytes):>10}  {s.state}")
+        lines += [f"{'':<{width}}    {d}" for d in s.damage]
+    intact = [s for s in statuses if s.path.name.isdigit() and s.state in (COMPLETE, UNVERIFIED)]
+    lines.append(f"newest intact: {intact[-1].path}" if intact else "no intact checkpoint")
+    return "\n".join(lines)
