@@ -62,7 +62,11 @@ class FakePipeline:
 
 @pytest.fixture
 def checkpoint(tmp_path) -> Path:
-    (tmp_path / "meta.json").write_text("{}")  # all resolve_checkpoint looks for; the fake pipeline loads nothing
+    """A checkpoint directory that verifies (meta.json and its manifest); the fake pipeline loads nothing."""
+    from flowmatch.checkpoint.manifest import describe_files, write_manifest
+
+    (tmp_path / "meta.json").write_text("{}")
+    write_manifest(tmp_path, 0, describe_files(tmp_path, [tmp_path / "meta.json"], rank=0))
     return tmp_path
 
 
