@@ -11,13 +11,13 @@ import json
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models import from_diffusers, to_diffusers
 from flowmatch.models.convert import architecture_of, flux, sd3
 from flowmatch.models.convert.keymap import Inert, to_theirs
-from flowmatch.models.embeddings import sincos_pos_embed_2d
+from flowmatch.models.embeddings import rope_table, sincos_pos_embed_2d
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.models.presets import config_from_preset
 from tests.interop_models import KINDS, diffusers_model, ours_inputs, reference, rel_err, sample_inputs
@@ -212,6 +212,19 @@ def test_position_embedding_matches_diffusers_crops():
         ref = theirs.pos_embed.cropped_pos_embed(height, width)[0]
         ours = sincos_pos_embed_2d(height // 2, width // 2, 32, base_size=4, max_size=12, device=torch.device("cpu"))
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_rope_table_matches_flux_pos_embed():
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    grid_h, grid_w, text_len = 3, 5, 4
+    table = rope_table(grid_h, grid_w, text_len, head_dim=16, axes_dim=[4, 6, 6], theta=10000.0,
+                       device=torch.device("cpu"))
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, grid_h, grid_w, "cpu", torch.float32)
+    cos, sin = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])(torch.cat([img_ids, torch.zeros(text_len, 3)]))
+    # diffusers repeats each angle for the two channels of a rotated pair.
+    torch.testing.assert_close(table.cos[:, 0].repeat_interleave(2, dim=-1), cos, rtol=0, atol=1e-7)
+    torch.testing.assert_close(table.sin[:, 0].repeat_interleave(2, dim=-1), sin, rtol=0, atol=1e-7)
 
 
 def test_unsupported_variants_raise():

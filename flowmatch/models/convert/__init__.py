@@ -200,7 +200,7 @@ def from_original(state_dict_or_path: Union[Mapping[str, Tensor], str, os.PathLi
         state_dict_or_path, recorded = load_original(state_dict_or_path)
     sd = _strip_prefix(state_dict_or_path)
     arch = _original_arch(sd)
-    cfg = MMDiTConfig(**recorded) if recorded else arch.config_from_original(sd)
+    cfg = MMDiTConfig(**recorded) if recorded else arch.config_from_original(sd, overrides.get("head_dim"))
     cfg = dataclasses.replace(cfg, **overrides)
     if arch is flux and not (cfg.rope_axes_dim and len(cfg.rope_axes_dim) == 3):
         raise ValueError(f"FLUX heads of {cfg.head_dim} channels: pass rope_axes_dim (three sizes, image index, "

@@ -28,7 +28,7 @@ grid and txt_ids zeros (both models multiply t and g by 1000). Their sequence is
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
@@ -167,7 +167,7 @@ def original_rules(cfg: MMDiTConfig) -> list[Rule]:
     return rules
 
 
-def config_from_original(sd: Mapping[str, Tensor]) -> MMDiTConfig:
+def config_from_original(sd: Mapping[str, Tensor], head_dim: Optional[int] = None) -> MMDiTConfig:
     """Our config inferred from un-prefixed BFL keys. The RoPE split is not stored: FLUX.1's (16, 56, 56) is
     taken for 128-channel heads; other head widths need `rope_axes_dim` given."""
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("double_blocks."))
@@ -175,7 +175,7 @@ def config_from_original(sd: Mapping[str, Tensor]) -> MMDiTConfig:
     img_in = sd["img_in.weight"]  # (D, 4 C)
     width, packed = img_in.shape[0], PACK * PACK
     out = sd["final_layer.linear.weight"].shape[0] // packed
-    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]  # FLUX always has QK-norm
     return MMDiTConfig(
         in_channels=img_in.shape[1] // packed, out_channels=None if out == img_in.shape[1] // packed else out,
         depth=depth, single_blocks=singles, num_heads=width // head_dim, head_dim=head_dim,

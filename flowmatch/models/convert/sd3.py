@@ -28,7 +28,7 @@ original one (shift, scale) like ours.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -200,15 +200,18 @@ def original_rules(cfg: MMDiTConfig) -> list[Rule]:
     return rules
 
 
-def config_from_original(sd: Mapping[str, Tensor]) -> MMDiTConfig:
+def config_from_original(sd: Mapping[str, Tensor], head_dim: Optional[int] = None) -> MMDiTConfig:
     """Our config inferred from un-prefixed original SD3 keys. The head width shows only through QK-norm scales
-    (64 without them, as in every release) and sample_size not at all (SD3's 128 is assumed):
-    :func:`check_original_config` tells when the stored position table says otherwise."""
+    (`head_dim`, else 64 as in every release, without them) and sample_size not at all (SD3's 128 is assumed:
+    :func:`check_original_config` tells when the stored position table says otherwise)."""
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks."))
     kernel = sd["x_embedder.proj.weight"]  # (D, C, p, p)
     width, in_channels, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
     qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in sd
-    head_dim = sd["joint_blocks.0.x_block.attn.ln_q.weight"].shape[0] if qk_norm else HEAD_DIM
+    if head_dim is None:
+        head_dim = sd["joint_blocks.0.x_block.attn.ln_q.weight"].shape[0] if qk_norm else HEAD_DIM
+    if width % head_dim:
+        raise ValueError(f"the model width {width} is not a multiple of head_dim={head_dim}: pass head_dim")
     dual = sorted({int(k.split(".")[1]) for k in sd if ".x_block.attn2." in k})
     return MMDiTConfig(
         in_channels=in_channels, out_channels=_out_channels(sd["final_layer.linear.weight"].shape[0] // patch**2,
@@ -216,7 +219,8 @@ def config_from_original(sd: Mapping[str, Tensor]) -> MMDiTConfig:
         patch_size=patch, depth=depth, num_heads=width // head_dim, head_dim=head_dim,
         context_dim=sd["context_embedder.weight"].shape[1], pooled_dim=sd["y_embedder.mlp.0.weight"].shape[1],
         sample_size=SAMPLE_SIZE, pos_embed_max_size=math.isqrt(sd["pos_embed"].shape[1]), qk_norm=qk_norm,
-        dual_attention_layers=dual, **{**FIXED, "mlp_ratio": sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / width},
+        dual_attention_layers=dual,
+        **{**FIXED, "mlp_ratio": sd["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / width},
     )
 
 
