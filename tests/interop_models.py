@@ -6,6 +6,7 @@ zero-initialised ones included, is perturbed, so outputs and gradients depend on
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from torch import Tensor
@@ -81,3 +82,13 @@ def ours_inputs(model, cond: Conditioning) -> Conditioning:
 def rel_err(a: Tensor, b: Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one intra-op thread runs them several times faster than two competing for
+    a shared 2-core machine. Import this fixture into a test module to apply it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
