@@ -1,4 +1,4 @@
-"""The `flowmatch` command: train, sample, eval. Each command parses, builds, runs and closes.
+"""The `flowmatch` command: train, sample, eval, export. Each command parses, builds, runs and closes.
 
 `python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
 """
@@ -84,6 +84,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from flowmatch.export import export
+
+    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format).describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--likelihood-samples", type=int, default=None, help="held-out images for bits/dim (0 = skip)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's transformer for diffusers (or in original single-file keys)")
+    p.add_argument("path", help="a run directory (newest checkpoint) or one checkpoint directory")
+    p.add_argument("out_dir", help="output directory: OUT_DIR/transformer/ (diffusers) or "
+                                   "OUT_DIR/transformer.safetensors (original), and OUT_DIR/scheduler/")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None, help="default: EMA when the run kept one")
+    p.add_argument("--format", choices=("diffusers", "original"), default="diffusers",
+                   help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

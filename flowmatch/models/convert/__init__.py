@@ -135,13 +135,16 @@ def from_diffusers(module_or_path: Union[nn.Module, str, os.PathLike]) -> MMDiT:
     return _build(cfg, ours, "diffusers", inert)
 
 
-def to_diffusers(model: MMDiT) -> "ModelMixin":
+def to_diffusers(model: MMDiT, *, copy: bool = True) -> "ModelMixin":
     """The diffusers transformer (`SD3Transformer2DModel` or `FluxTransformer2DModel`) with `model`'s config and a
-    copy of its weights, in their dtype and on their device. ValueError for options diffusers does not have."""
+    copy of its weights, in their dtype and on their device. ValueError for options diffusers does not have.
+
+    With ``copy=False`` the tensors that need no transformation are shared with `model` instead of copied, so a
+    large model is not held twice (an export); the two then change together."""
     cfg = model.cfg
     arch = architecture_of(cfg)
     dcfg = arch.diffusers_config(cfg)
-    ours = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ours = {k: v.detach().clone() if copy else v.detach() for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, arch.diffusers_rules(cfg), _inert(model, "diffusers"))
     # Built on the meta device and given the converted tensors: no random initialisation of a second model.
     with torch.device("meta"):
