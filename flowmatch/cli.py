@@ -87,7 +87,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from flowmatch.export import export
 
-    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format).describe())
+    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype).describe())
     return 0
 
 
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("ema", "raw"), default=None, help="default: EMA when the run kept one")
     p.add_argument("--format", choices=("diffusers", "original"), default="diffusers",
                    help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="weights dtype of the export (the checkpoint's is fp32; the releases are bf16)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -8,8 +8,9 @@
                                          diffusers has one for every size; see flowmatch.sampling.diffusers_schedule)
 
 The weights are the checkpoint's consolidated fp32 safetensors (EMA or raw), which every run writes whatever its
-ZeRO stage, so a ZeRO-3 run exports on one CPU process without gathering partitions. The tensors that need no
-transformation are written from the loaded checkpoint without a second copy.
+ZeRO stage, so a ZeRO-3 run exports on one CPU process without gathering partitions; `dtype` casts them (the
+releases are bf16). The tensors that need no transformation are written from the loaded checkpoint without a
+second copy.
 
 A complete pipeline folder needs the text encoders and the VAE of a diffusers pipeline (CLIP / T5 / AutoencoderKL
 combined as SD3 or FLUX combine them); a flowmatch run's single text encoder (MiniLM for the digits, or one T5) is
@@ -44,6 +45,8 @@ class ExportSummary:
     """The checkpoint the weights came from."""
     weights: str
     """ema | raw."""
+    dtype: str
+    """fp32 | bf16 | fp16."""
     format: str
     """diffusers | original."""
     architecture: str
@@ -60,8 +63,8 @@ class ExportSummary:
 
     def describe(self) -> str:
         """A few lines for the command line."""
-        lines = [f"exported {self.checkpoint} ({self.weights} weights) to {self.out_dir}: {self.architecture}, "
-                 f"{self.format} layout, {len(self.files)} files, {self.bytes / 2**20:.1f} MiB"]
+        lines = [f"exported {self.checkpoint} ({self.weights} weights, {self.dtype}) to {self.out_dir}: "
+                 f"{self.architecture}, {self.format} layout, {len(self.files)} files, {self.bytes / 2**20:.1f} MiB"]
         lines += [f"  {f.relative_to(self.out_dir)}" for f in self.files]
         return "\n".join(lines + self.notes)
 
@@ -71,7 +74,8 @@ def _sizes_from_weights(cfg: MMDiTConfig, state: dict) -> MMDiTConfig:
     exporting never loads an encoder."""
     p = cfg.patch_size
     found = dict(in_channels=state["patch_embed.weight"].shape[1] // (p * p),
-                 context_dim=state["context_embed.weight"].shape[1], pooled_dim=state["pooled_embed.fc1.weight"].shape[1])
+                 context_dim=state["context_embed.weight"].shape[1],
+                 pooled_dim=state["pooled_embed.fc1.weight"].shape[1])
     return dataclasses.replace(cfg, **{k: v for k, v in found.items() if getattr(cfg, k) is None})
 
 
@@ -99,7 +103,7 @@ def _write_scheduler(schedule: TimeSchedule, out_dir: Path) -> tuple[list[Path],
 
 
 def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Optional[str] = None,
-           fmt: str = "diffusers") -> ExportSummary:
+           fmt: str = "diffusers", dtype: str = "fp32") -> ExportSummary:
     """Write the transformer of a run directory (its newest checkpoint) or of one checkpoint to `out_dir`.
 
     Args:
@@ -107,9 +111,11 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         out_dir: created if missing; an existing export in it is an error.
         weights: ``ema`` or ``raw``; None = EMA when the checkpoint has it.
         fmt: ``diffusers`` (a transformer folder) or ``original`` (one safetensors file of original keys).
+        dtype: ``fp32`` (the checkpoint's), ``bf16`` or ``fp16``.
     """
     from flowmatch.checkpoint import load_recipe_yaml, load_weights, read_meta, resolve_checkpoint
     from flowmatch.config import recipe_from_yaml
+    from flowmatch.dtypes import DTYPES
     from flowmatch.errors import choice_error
     from flowmatch.models.convert import architecture_of, save_original, to_diffusers
 
@@ -117,6 +123,8 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         raise choice_error("--format", fmt, FORMATS)
     if weights is not None and weights not in WEIGHTS:
         raise choice_error("--weights", weights, WEIGHTS)
+    if dtype not in DTYPES:
+        raise choice_error("--dtype", dtype, DTYPES)
     out = Path(out_dir)
     target = out / (TRANSFORMER_DIR if fmt == "diffusers" else ORIGINAL_FILE)
     if target.exists():
@@ -125,7 +133,7 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     ckpt = resolve_checkpoint(path)
     recipe = recipe_from_yaml(load_recipe_yaml(ckpt))
     weights = weights or ("ema" if read_meta(ckpt).ema else "raw")
-    state = load_weights(ckpt, ema=weights == "ema")
+    state = {k: v.to(DTYPES[dtype]) for k, v in load_weights(ckpt, ema=weights == "ema").items()}
     model = MMDiT(_sizes_from_weights(recipe.model, state), device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     arch = architecture_of(model.cfg)
@@ -137,6 +145,6 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     else:
         files = [save_original(model, target)]
     scheduler_files, notes = _write_scheduler(TimeSchedule(recipe.flow), out)
-    return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, format=fmt,
+    return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format=fmt,
                          architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files,
                          notes=notes + [_pipeline_note(recipe)])

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from flowmatch.checkpoint import load_recipe_yaml, load_weights, read_layout
 from flowmatch.cli import main
 from flowmatch.config import recipe_from_yaml
+from flowmatch.dtypes import DTYPES
 from flowmatch.export import _sizes_from_weights
 from flowmatch.models import MMDiT, from_diffusers, from_original
 from flowmatch.training import train
@@ -83,14 +84,15 @@ def test_export_diffusers_loads_in_diffusers_with_the_checkpoint_weights(digits_
     assert "already exists" in capsys.readouterr().err
 
 
-def test_export_original_keys(digits_run, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_export_original_keys(digits_run, tmp_path, dtype):
     out = tmp_path / "out"
-    assert main(["export", str(digits_run), str(out), "--format", "original"]) == 0
+    assert main(["export", str(digits_run), str(out), "--format", "original", "--dtype", dtype]) == 0
     keys = load_file(out / "transformer.safetensors")
     assert all(k.startswith("model.diffusion_model.") for k in keys) and any(".x_block.attn.qkv." in k for k in keys)
     loaded = from_original(out / "transformer.safetensors").state_dict()
     for name, value in load_weights(digits_run, ema=True).items():
-        assert torch.equal(loaded[name], value), name
+        assert torch.equal(loaded[name], value.to(DTYPES[dtype])), name
 
 
 @pytest.mark.slow

@@ -228,7 +228,7 @@ def check_original_config(cfg: MMDiTConfig, sd: Mapping[str, Tensor]) -> None:
     """ValueError when the stored position table is not the one `cfg` computes (wrong sample_size or patch)."""
     stored = sd["pos_embed"].float()
     ours = _pos_embed(cfg)
-    if stored.shape != ours.shape or not torch.allclose(stored, ours, atol=1e-3):
+    if stored.shape != ours.shape or not torch.allclose(stored, ours, atol=1e-2):  # bf16-stored tables
         raise ValueError(f"the checkpoint's pos_embed {tuple(stored.shape)} is not the sin-cos table of "
                          f"sample_size={cfg.sample_size}, pos_embed_max_size={cfg.pos_embed_max_size}; pass the "
                          "model's sample_size (latent side at its training resolution)")
