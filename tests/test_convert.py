@@ -15,7 +15,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DMode
 
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models import from_diffusers, to_diffusers
-from flowmatch.models.convert import architecture_of, flux, sd3
+from flowmatch.models.convert import architecture_of, convert_diffusers, flux, sd3
 from flowmatch.models.convert.keymap import Inert, to_theirs
 from flowmatch.models.embeddings import rope_table, sincos_pos_embed_2d
 from flowmatch.models.mmdit import MMDiT
@@ -48,6 +48,10 @@ def test_converted_configs_are_the_architectures():
     assert (dev.cfg.rope, dev.cfg.axes_dim, dev.cfg.in_channels, dev.cfg.patch_size) == (True, [4, 6, 6], 4, 2)
     assert dev.cfg.guidance_embed and dev.guidance_embed is not None
     assert not from_diffusers(diffusers_model("flux-schnell")).cfg.guidance_embed
+    # The same conversion before a model is built: config and our state dict, for sizing or sharding first.
+    converted = convert_diffusers(diffusers_model("flux-dev"))
+    assert converted.cfg == dev.cfg and converted.fmt == "diffusers" and not converted.inert
+    assert {k: v.shape for k, v in converted.state_dict.items()} == {k: v.shape for k, v in dev.state_dict().items()}
 
 
 def test_flux_dev_guidance_reaches_the_output():

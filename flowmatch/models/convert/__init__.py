@@ -6,6 +6,7 @@
     theirs = to_diffusers(model)                                        # the matching diffusers class
     model = from_original("flux1-dev.safetensors")                      # or a state dict; no diffusers involved
     save_original(model, "out.safetensors")
+    converted = convert_diffusers(path)      # config and our state dict before building (to size or shard first)
 
 The architecture is chosen by the diffusers class, by the original keys, or (going out) by our config: RoPE
 means FLUX, otherwise SD3. Configs travel with the weights, and a converted config that equals a preset carries
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
@@ -36,8 +38,8 @@ from flowmatch.models.presets import PRESETS, config_from_preset
 if TYPE_CHECKING:
     from diffusers import ModelMixin
 
-__all__ = ["INERT_ATTR", "architecture_of", "from_diffusers", "from_original", "load_original", "save_original",
-           "to_diffusers", "to_original"]
+__all__ = ["INERT_ATTR", "Converted", "architecture_of", "convert_diffusers", "convert_original", "from_diffusers",
+           "from_original", "load_diffusers", "load_original", "save_original", "to_diffusers", "to_original"]
 
 ARCHITECTURES: dict[str, ModuleType] = {sd3.DIFFUSERS_CLASS: sd3, flux.DIFFUSERS_CLASS: flux}
 #: Attribute of a converted model holding the source's inert tensors, per format ("diffusers", "original").
@@ -63,11 +65,25 @@ def _named(cfg: MMDiTConfig) -> MMDiTConfig:
     return dataclasses.replace(cfg, preset="custom")
 
 
-def _build(cfg: MMDiTConfig, ours: dict[str, Tensor], fmt: str, inert: dict[str, Tensor]) -> MMDiT:
-    model = MMDiT(_named(cfg), device="meta")
-    model.load_state_dict(ours, strict=True, assign=True)
-    setattr(model, INERT_ATTR, {fmt: inert})
-    return model
+@dataclass
+class Converted:
+    """Released weights in flowmatch's layout, before a model is built (to size, shard or check them first)."""
+
+    cfg: MMDiTConfig
+    """The architecture, named after the preset it equals (else "custom")."""
+    state_dict: dict[str, Tensor]
+    """Our weights (`MMDiT.state_dict()` names and shapes)."""
+    inert: dict[str, Tensor]
+    """Their tensors that reach no output, by their name (written back by `to_diffusers` / `to_original`)."""
+    fmt: str
+    """Where they came from: diffusers | original."""
+
+    def build(self) -> MMDiT:
+        """The MMDiT holding these tensors (no copy)."""
+        model = MMDiT(self.cfg, device="meta")
+        model.load_state_dict(self.state_dict, strict=True, assign=True)
+        setattr(model, INERT_ATTR, {self.fmt: self.inert})
+        return model
 
 
 def _inert(model: nn.Module, fmt: str) -> dict[str, Tensor]:
@@ -121,6 +137,11 @@ def from_diffusers(module_or_path: Union[nn.Module, str, os.PathLike]) -> MMDiT:
     """An MMDiT with the config and weights of a diffusers SD3/SD3.5 or FLUX transformer, given as a module or
     as anything :func:`load_diffusers` reads. A module's weights are copied; ValueError for variants flowmatch's
     MMDiT does not implement."""
+    return convert_diffusers(module_or_path).build()
+
+
+def convert_diffusers(module_or_path: Union[nn.Module, str, os.PathLike]) -> Converted:
+    """:func:`from_diffusers` without building the model."""
     if isinstance(module_or_path, nn.Module):
         module = module_or_path
         theirs = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -132,7 +153,7 @@ def from_diffusers(module_or_path: Union[nn.Module, str, os.PathLike]) -> MMDiT:
         _diffusers_class(type(module).__name__)  # raises, naming the supported classes
     cfg = arch.config_from_diffusers(dict(module.config))
     ours, inert = to_ours(theirs, arch.diffusers_rules(cfg), what=f"this {arch.DIFFUSERS_CLASS}")
-    return _build(cfg, ours, "diffusers", inert)
+    return Converted(_named(cfg), ours, inert, "diffusers")
 
 
 def to_diffusers(model: MMDiT, *, copy: bool = True) -> "ModelMixin":
@@ -198,6 +219,12 @@ def from_original(state_dict_or_path: Union[Mapping[str, Tensor], str, os.PathLi
     heads other than 128 channels. The returned weights share memory with the given tensors where no
     transformation is needed.
     """
+    return convert_original(state_dict_or_path, **overrides).build()
+
+
+def convert_original(state_dict_or_path: Union[Mapping[str, Tensor], str, os.PathLike], **overrides: Any,
+                     ) -> Converted:
+    """:func:`from_original` without building the model."""
     recorded = None
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         state_dict_or_path, recorded = load_original(state_dict_or_path)
@@ -212,7 +239,7 @@ def from_original(state_dict_or_path: Union[Mapping[str, Tensor], str, os.PathLi
         sd3.check_original_config(cfg, sd)
     ours, inert = to_ours(sd, arch.original_rules(cfg), what=f"this original {arch.__name__.rsplit('.', 1)[-1]} "
                                                              "state dict")
-    return _build(cfg, ours, "original", inert)
+    return Converted(_named(cfg), ours, inert, "original")
 
 
 def to_original(model: MMDiT, *, prefix: Optional[str] = None) -> dict[str, Tensor]:
