@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
-from flowmatch.models.convert.keymap import Copy, Packed, Rule, Stack, SwapHalves, linear, norm
+from flowmatch.models.convert.keymap import Copy, Packed, Rule, Stack, SwapHalves, linear, mlp, norm
 from flowmatch.models.mmdit import MMDiTConfig
 
 DIFFUSERS_CLASS = "FluxTransformer2DModel"
@@ -93,13 +93,10 @@ def diffusers_config(cfg: MMDiTConfig) -> dict[str, Any]:
     )
 
 
-def _embedders(cfg: MMDiTConfig, names: dict[str, str], fc: tuple[str, str]) -> list[Rule]:
-    rules = []
-    for ours, theirs in names.items():
-        if ours == "guidance_embed.mlp" and not cfg.guidance_embed:
-            continue
-        rules += linear(f"{ours}.fc1", f"{theirs}.{fc[0]}") + linear(f"{ours}.fc2", f"{theirs}.{fc[1]}")
-    return rules
+def _embedders(cfg: MMDiTConfig, names: dict[str, str], layers: tuple[str, str]) -> list[Rule]:
+    """The timestep, guidance (FLUX-dev only) and pooled-text MLPs."""
+    return [rule for ours, theirs in names.items() if ours != "guidance_embed.mlp" or cfg.guidance_embed
+            for rule in mlp(ours, theirs, layers)]
 
 
 def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
@@ -123,8 +120,7 @@ def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
             rules += [norm(f"{ours}.{stream}.q_norm", f"{theirs}.attn.{nq}.weight"),
                       norm(f"{ours}.{stream}.k_norm", f"{theirs}.attn.{nk}.weight")]
             rules += linear(f"{ours}.{stream}.proj", f"{theirs}.attn.{out}")
-            rules += linear(f"{ours}.{stream}.mlp.fc1", f"{theirs}.{ff}.net.0.proj")
-            rules += linear(f"{ours}.{stream}.mlp.fc2", f"{theirs}.{ff}.net.2")
+            rules += mlp(f"{ours}.{stream}.mlp", f"{theirs}.{ff}.net", ("0.proj", "2"))
     fused = Stack((d, d, d, cfg.mlp_hidden))
     for i in range(cfg.single_blocks):
         ours, theirs = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
@@ -153,8 +149,7 @@ def original_rules(cfg: MMDiTConfig) -> list[Rule]:
             rules += [norm(f"{ours}.{stream}.q_norm", f"{theirs}.{stream}_attn.norm.query_norm.scale"),
                       norm(f"{ours}.{stream}.k_norm", f"{theirs}.{stream}_attn.norm.key_norm.scale")]
             rules += linear(f"{ours}.{stream}.proj", f"{theirs}.{stream}_attn.proj")
-            rules += linear(f"{ours}.{stream}.mlp.fc1", f"{theirs}.{stream}_mlp.0")
-            rules += linear(f"{ours}.{stream}.mlp.fc2", f"{theirs}.{stream}_mlp.2")
+            rules += mlp(f"{ours}.{stream}.mlp", f"{theirs}.{stream}_mlp", ("0", "2"))
     for i in range(cfg.single_blocks):
         ours, theirs = f"single_blocks.{i}", f"single_blocks.{i}"
         rules += linear(f"{ours}.mod.linear", f"{theirs}.modulation.lin")

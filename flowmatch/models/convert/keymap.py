@@ -160,6 +160,11 @@ def linear(ours: str, *theirs: str, op: Op = Copy(), bias_op: Optional[Op] = Non
             Rule(f"{ours}.bias", tuple(f"{t}.bias" for t in theirs), op if bias_op is None else bias_op)]
 
 
+def mlp(ours: str, theirs: str, layers: tuple[str, str]) -> list[Rule]:
+    """Rules for a two-layer MLP: our fc1 / fc2 and their two named layers under `theirs`."""
+    return linear(f"{ours}.fc1", f"{theirs}.{layers[0]}") + linear(f"{ours}.fc2", f"{theirs}.{layers[1]}")
+
+
 def norm(ours: str, theirs: str) -> Rule:
     """The rule for a QK-norm scale."""
     return Rule(f"{ours}.weight", (theirs,))

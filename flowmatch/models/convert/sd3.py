@@ -33,7 +33,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from flowmatch.models.convert.keymap import ConvPatch, Copy, Inert, Rule, Stack, SwapHalves, Tail, linear, norm
+from flowmatch.models.convert.keymap import ConvPatch, Copy, Inert, Rule, Stack, SwapHalves, Tail, linear, mlp, norm
 from flowmatch.models.embeddings import sincos_pos_embed_2d
 from flowmatch.models.mmdit import MMDiTConfig
 
@@ -122,10 +122,8 @@ def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
     d, hd = cfg.width, cfg.head_dim
     rules = [Rule(None, ("pos_embed.pos_embed",), Inert(lambda dtype: _diffusers_pos_embed(cfg)))]
     rules += linear("patch_embed", "pos_embed.proj", op=ConvPatch(cfg.patch_size, cfg.in_channels), bias_op=Copy())
-    rules += linear("time_embed.mlp.fc1", "time_text_embed.timestep_embedder.linear_1")
-    rules += linear("time_embed.mlp.fc2", "time_text_embed.timestep_embedder.linear_2")
-    rules += linear("pooled_embed.fc1", "time_text_embed.text_embedder.linear_1")
-    rules += linear("pooled_embed.fc2", "time_text_embed.text_embedder.linear_2")
+    rules += mlp("time_embed.mlp", "time_text_embed.timestep_embedder", ("linear_1", "linear_2"))
+    rules += mlp("pooled_embed", "time_text_embed.text_embedder", ("linear_1", "linear_2"))
     rules += linear("context_embed", "context_embedder")
     qkv = Stack((d, d, d))
     for i in range(cfg.depth):
@@ -134,8 +132,7 @@ def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
         rules += linear(f"{ours}.img.mod.linear", f"{theirs}.norm1.linear")
         rules += linear(f"{ours}.img.qkv", *(f"{theirs}.attn.to_{x}" for x in "qkv"), op=qkv)
         rules += linear(f"{ours}.img.proj", f"{theirs}.attn.to_out.0")
-        rules += linear(f"{ours}.img.mlp.fc1", f"{theirs}.ff.net.0.proj")
-        rules += linear(f"{ours}.img.mlp.fc2", f"{theirs}.ff.net.2")
+        rules += mlp(f"{ours}.img.mlp", f"{theirs}.ff.net", ("0.proj", "2"))
         rules += linear(f"{ours}.txt.mod.linear", f"{theirs}.norm1_context.linear",
                         op=SwapHalves() if pre_only else Copy())
         if i in cfg.dual_attention_layers:
@@ -152,8 +149,7 @@ def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
         else:
             rules += linear(f"{ours}.txt.qkv", *(f"{theirs}.attn.add_{x}_proj" for x in "qkv"), op=qkv)
             rules += linear(f"{ours}.txt.proj", f"{theirs}.attn.to_add_out")
-            rules += linear(f"{ours}.txt.mlp.fc1", f"{theirs}.ff_context.net.0.proj")
-            rules += linear(f"{ours}.txt.mlp.fc2", f"{theirs}.ff_context.net.2")
+            rules += mlp(f"{ours}.txt.mlp", f"{theirs}.ff_context.net", ("0.proj", "2"))
         if cfg.qk_norm:
             rules += [norm(f"{ours}.img.q_norm", f"{theirs}.attn.norm_q.weight"),
                       norm(f"{ours}.img.k_norm", f"{theirs}.attn.norm_k.weight"),
@@ -169,10 +165,7 @@ def original_rules(cfg: MMDiTConfig) -> list[Rule]:
     d, hd = cfg.width, cfg.head_dim
     rules = [Rule(None, ("pos_embed",), Inert(lambda dtype: _pos_embed(cfg).to(dtype)))]
     rules += linear("patch_embed", "x_embedder.proj", op=ConvPatch(cfg.patch_size, cfg.in_channels), bias_op=Copy())
-    rules += linear("time_embed.mlp.fc1", "t_embedder.mlp.0")
-    rules += linear("time_embed.mlp.fc2", "t_embedder.mlp.2")
-    rules += linear("pooled_embed.fc1", "y_embedder.mlp.0")
-    rules += linear("pooled_embed.fc2", "y_embedder.mlp.2")
+    rules += mlp("time_embed.mlp", "t_embedder.mlp", ("0", "2")) + mlp("pooled_embed", "y_embedder.mlp", ("0", "2"))
     rules += linear("context_embed", "context_embedder")
     for i in range(cfg.depth):
         ours, theirs = f"joint_blocks.{i}", f"joint_blocks.{i}"
@@ -187,8 +180,7 @@ def original_rules(cfg: MMDiTConfig) -> list[Rule]:
                 rules.append(norm(f"{ours}.{stream}.k_norm", f"{theirs}.{block}.attn.ln_k.weight"))
             if not last_txt:
                 rules += linear(f"{ours}.{stream}.proj", f"{theirs}.{block}.attn.proj")
-                rules += linear(f"{ours}.{stream}.mlp.fc1", f"{theirs}.{block}.mlp.fc1")
-                rules += linear(f"{ours}.{stream}.mlp.fc2", f"{theirs}.{block}.mlp.fc2")
+                rules += mlp(f"{ours}.{stream}.mlp", f"{theirs}.{block}.mlp", ("fc1", "fc2"))
         if i in cfg.dual_attention_layers:
             rules += linear(f"{ours}.img.attn2.qkv", f"{theirs}.x_block.attn2.qkv")
             rules += linear(f"{ours}.img.attn2.proj", f"{theirs}.x_block.attn2.proj")
