@@ -40,7 +40,8 @@ def test_from_diffusers_matches_outputs(kind, size):
 
 
 def test_converted_configs_are_the_architectures():
-    sd3_medium, sd35_medium = from_diffusers(diffusers_model("sd3-medium")), from_diffusers(diffusers_model("sd3.5-medium"))
+    sd3_medium = from_diffusers(diffusers_model("sd3-medium"))
+    sd35_medium = from_diffusers(diffusers_model("sd3.5-medium"))
     assert not sd3_medium.cfg.qk_norm and sd3_medium.joint_blocks[-1].context_pre_only
     assert sd35_medium.cfg.dual_attention_layers == [0, 1] and sd35_medium.joint_blocks[1].img.attn2 is not None
     assert sd35_medium.joint_blocks[2].img.attn2 is None

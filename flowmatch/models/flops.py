@@ -3,7 +3,8 @@
 The estimate is the usual 6 x parameters x tokens (forward 2, backward 4 FLOPs per weight and token; Kaplan et
 al. 2020), applied to each weight with the tokens it actually sees: image-stream weights see image tokens,
 text-stream weights text tokens, single-stream weights both, and the conditioning path (timestep, guidance and
-pooled-text MLPs, every adaLN modulation) runs once per sample. Attention adds 12 x B x queries x keys x width per block.
+pooled-text MLPs, every adaLN modulation) runs once per sample. Attention adds 12 x B x queries x keys x width per
+block (and per MMDiT-X image-only attention).
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
 Works on a meta-device model, so sizing a large preset allocates nothing.
 """

@@ -16,14 +16,17 @@ grid and txt_ids zeros (both models multiply t and g by 1000). Their sequence is
     context_embed                    context_embedder                            txt_in
     joint_blocks.i.img.mod.linear    transformer_blocks.i.norm1.linear           double_blocks.i.img_mod.lin
       .img.qkv                       .attn.to_q | to_k | to_v (stacked)          .img_attn.qkv
-      .img.q_norm / k_norm           .attn.norm_q / norm_k                       .img_attn.norm.query_norm / key_norm (.scale)
+      .img.q_norm / k_norm           .attn.norm_q / norm_k                       .img_attn.norm.query_norm/key_norm
       .img.proj, .img.mlp.fc1 / fc2  .attn.to_out.0, .ff.net.0.proj / .ff.net.2  .img_attn.proj, .img_mlp.0 / 2
-      .txt.* (as .img)               .norm1_context, .attn.add_*, norm_added_*, to_add_out, ff_context   .txt_*
+      .txt.* (as .img)               .norm1_context, .attn.add_*_proj, ...       .txt_mod, .txt_attn.*, .txt_mlp
     single_blocks.i.mod.linear       single_transformer_blocks.i.norm.linear     single_blocks.i.modulation.lin
       .linear_in                     .attn.to_q | to_k | to_v | .proj_mlp         .linear1
-      .q_norm / k_norm, .linear_out  .attn.norm_q / norm_k, .proj_out             .norm.query_norm / key_norm, .linear2
+      .q_norm / k_norm, .linear_out  .attn.norm_q / norm_k, .proj_out             .norm.query_norm/key_norm, .linear2
     final.mod.linear (shift, scale)  norm_out.linear (scale, shift)              final_layer.adaLN_modulation.1
     final.linear ((pr, pc, C) rows)  proj_out ((C, pr, pc) rows)                 final_layer.linear
+
+QK-norm weights are `.scale` in the original keys; diffusers' text stream is norm1_context, add_q/k/v_proj,
+norm_added_q/k, to_add_out and ff_context.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def diffusers_config(cfg: MMDiTConfig) -> dict[str, Any]:
     packed = PACK * PACK
     out = cfg.out_channels or cfg.in_channels
     return dict(  # out_channels None means in_channels, as the releases state it
-        patch_size=1, in_channels=cfg.in_channels * packed, out_channels=None if out == cfg.in_channels else out * packed,
+        patch_size=1, in_channels=cfg.in_channels * packed,
+        out_channels=None if out == cfg.in_channels else out * packed,
         num_layers=cfg.depth, num_single_layers=cfg.single_blocks, attention_head_dim=cfg.head_dim,
         num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim,
         pooled_projection_dim=cfg.pooled_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=tuple(cfg.axes_dim),
