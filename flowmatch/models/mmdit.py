@@ -247,7 +247,7 @@ class MMDiT(nn.Module):
                                       max_size=cfg.pos_embed_max_size, device=x.device)
             img = (img + pos).to(img.dtype)
         vec = self.time_embed(t.float() * cfg.time_scale)  # (B, D)
-        if self.guidance_embed is not None:
+        if self.guidance_embed is not None:  # (time + guidance) + pooled: FLUX's order of the sums
             vec = vec + self.guidance_embed(cond.extra["guidance"].float() * cfg.time_scale)
         vec = vec + self.pooled_embed(cond.pooled)
         ctx = self.context_embed(cond.hidden)  # (B, L, D)
@@ -258,7 +258,7 @@ class MMDiT(nn.Module):
         rope: Optional[RopeTable] = None
         if cfg.rope:
             rope = rope_table(gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
-                                 theta=cfg.rope_theta, device=x.device)
+                              theta=cfg.rope_theta, device=x.device)
 
         for block in self.joint_blocks:
             img, ctx = block(img, ctx, vec, mask, rope)
