@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.models.convert import SD3_TIME_SCALE, from_diffusers_sd3
+from flowmatch.models.convert import from_diffusers
 from flowmatch.models.flops import mfu, training_flops_per_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -117,7 +117,7 @@ def main() -> None:
     with torch.no_grad():  # perturb every weight so no output or gradient is trivially zero
         for p in theirs.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    ours = from_diffusers_sd3(theirs).to(device).train()
+    ours = from_diffusers(theirs).to(device).train()
     theirs = theirs.to(device).train()
 
     g = torch.Generator().manual_seed(1)
@@ -131,12 +131,12 @@ def main() -> None:
     cond = Conditioning(ctx, torch.ones(b, args.text_len, dtype=torch.bool, device=device), pooled)
 
     with torch.no_grad():
-        ref = theirs(x, ctx, pooled, t * SD3_TIME_SCALE).sample
+        ref = theirs(x, ctx, pooled, t * ours.cfg.time_scale).sample
         err = ((ours(x, t, cond) - ref).abs().max() / ref.abs().max()).item()
 
     steps = {
         "ours": make_step(lambda: ours(x, t, cond), ours.parameters(), target, device, dtype),
-        "diffusers": make_step(lambda: theirs(x, ctx, pooled, t * SD3_TIME_SCALE).sample, theirs.parameters(),
+        "diffusers": make_step(lambda: theirs(x, ctx, pooled, t * ours.cfg.time_scale).sample, theirs.parameters(),
                                target, device, dtype),
     }
     peak = MatmulPeak(device, dtype, args.peak_size)

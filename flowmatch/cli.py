@@ -1,4 +1,4 @@
-"""The `flowmatch` command: train, sample, eval, check. Each command parses, builds, runs and closes.
+"""The `flowmatch` command: train, sample, eval, check, export. Each command parses, builds, runs and closes.
 
 `python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
 """
@@ -101,6 +101,13 @@ def cmd_check(ns: argparse.Namespace) -> int:
     return 1 if newest_is_damaged(statuses) else 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from flowmatch.export import export
+
+    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype).describe())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="verify every checkpoint of a run (exit 1 when the newest is damaged)")
     p.add_argument("run", help="a run directory")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("export", help="write a run's transformer for diffusers (or in original single-file keys)")
+    p.add_argument("path", help="a run directory (newest checkpoint) or one checkpoint directory")
+    p.add_argument("out_dir", help="output directory: OUT_DIR/transformer/ (diffusers) or "
+                                   "OUT_DIR/transformer.safetensors (original), and OUT_DIR/scheduler/")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None, help="default: EMA when the run kept one")
+    p.add_argument("--format", choices=("diffusers", "original"), default="diffusers",
+                   help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="weights dtype of the export (the checkpoint's is fp32; the releases are bf16)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

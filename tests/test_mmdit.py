@@ -33,14 +33,22 @@ def randomized(cfg: MMDiTConfig, seed: int = 0) -> MMDiT:
 
 
 def inputs(cfg: MMDiTConfig, batch=2, height=8, width=8, text_len=5, seed=1, mask=None):
-    """(x, t, cond) with random tensors; every text token is real unless a mask (B, text_len) is given."""
+    """(x, t, cond) with random tensors; every text token is real unless a mask (B, text_len) is given; a
+    guidance value per sample when the model embeds one."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_channels, height, width, generator=g)
     t = torch.rand(batch, generator=g)
     hidden = torch.randn(batch, text_len, cfg.context_dim, generator=g)
     pooled = torch.randn(batch, cfg.pooled_dim, generator=g)
     mask = torch.ones(batch, text_len, dtype=torch.bool) if mask is None else mask
-    return x, t, Conditioning(hidden, mask, pooled)
+    extra = {"guidance": 1 + 4 * torch.rand(batch, generator=g)} if cfg.guidance_embed else {}
+    return x, t, Conditioning(hidden, mask, pooled, extra)
+
+
+#: FLUX.1's options at tiny size: single-stream blocks, RoPE over (image index, row, column), guidance input.
+FLUX_LIKE = dict(single_blocks=2, rope=True, rope_axes_dim=[4, 6, 6], guidance_embed=True)
+#: SD3.5-medium's MMDiT-X: a second, image-only attention in the first blocks.
+MMDIT_X = dict(depth=3, dual_attention_layers=[0, 1])
 
 
 @pytest.mark.parametrize("size", [(8, 8), (6, 12), (16, 4)])
@@ -60,8 +68,9 @@ def test_patchify_round_trip_and_layout():
     assert torch.equal(unpatchify(tokens, 3, 2, 2), x)
 
 
-def test_adaln_zero_init_outputs_zero_and_blocks_are_identity():
-    cfg = tiny()
+@pytest.mark.parametrize("variant", [dict(), FLUX_LIKE, MMDIT_X])
+def test_adaln_zero_init_outputs_zero_and_blocks_are_identity(variant):
+    cfg = tiny(**variant)
     model = MMDiT(cfg)
     x, t, cond = inputs(cfg)
     assert torch.equal(model(x, t, cond), torch.zeros_like(x))
@@ -71,11 +80,12 @@ def test_adaln_zero_init_outputs_zero_and_blocks_are_identity():
     assert torch.equal(out_img, img) and torch.equal(out_txt, txt)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(single_blocks=2, rope=True)])
+@pytest.mark.parametrize("variant", [dict(), dict(single_blocks=2, rope=True), FLUX_LIKE, MMDIT_X])
 def test_masked_text_tokens_are_ignored(variant):
     cfg = tiny(**variant)
     model = randomized(cfg)
     x, t, cond = inputs(cfg, text_len=6)
+    extra = cond.extra
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 4:] = False
     mask[1, 1] = False
@@ -83,16 +93,18 @@ def test_masked_text_tokens_are_ignored(variant):
     changed[0, 4:] = 100 * torch.randn(2, cfg.context_dim)
     changed[1, 1] = -50.0
     with torch.no_grad():
-        ref = model(x, t, Conditioning(cond.hidden, mask, cond.pooled))
-        out = model(x, t, Conditioning(changed, mask, cond.pooled))
+        ref = model(x, t, Conditioning(cond.hidden, mask, cond.pooled, extra))
+        out = model(x, t, Conditioning(changed, mask, cond.pooled, extra))
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         # The same change with every token visible does reach the output, so the check above can fail.
-        assert not torch.allclose(model(x, t, Conditioning(changed, cond.mask, cond.pooled)), model(x, t, cond),
-                                  atol=1e-3)
+        assert not torch.allclose(model(x, t, Conditioning(changed, cond.mask, cond.pooled, extra)),
+                                  model(x, t, cond), atol=1e-3)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(single_blocks=2, rope=True, mask=True)])
+@pytest.mark.parametrize("variant", [dict(), dict(single_blocks=2, rope=True, mask=True), {**FLUX_LIKE, "mask": True},
+                                     MMDIT_X])
 def test_activation_checkpointing_gives_identical_outputs_and_grads(variant):
+    variant = dict(variant)
     use_mask = variant.pop("mask", False)
     cfg = tiny(**variant)
     plain, ckpt = randomized(cfg), randomized(cfg)
@@ -154,7 +166,8 @@ def test_init_weights_zeroes_modulation_and_final_layer_only():
 
 
 @pytest.mark.parametrize("variant", [dict(rope=True), dict(single_blocks=2), dict(single_blocks=1, rope=True,
-                                                                                rope_axes_dim=[4, 8])])
+                                                                                rope_axes_dim=[4, 8]),
+                                     FLUX_LIKE, MMDIT_X])
 def test_rope_and_single_block_variants_run_and_learn(variant):
     cfg = tiny(**variant)
     model = randomized(cfg)
@@ -226,7 +239,9 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_presets_and_their_errors():
-    assert set(PRESETS) >= {"tiny", "digits", "sd3-medium", "sd3.5-large"}
+    assert set(PRESETS) >= {"tiny", "digits", "sd3-medium", "sd3.5-medium", "sd3.5-large", "flux-dev", "flux-schnell",
+                            "tiny-sd3-medium", "tiny-sd3.5-medium", "tiny-sd3.5-large", "tiny-flux-dev",
+                            "tiny-flux-schnell"}
     values = preset_values("digits")
     assert values["preset"] == "digits" and values["patch_size"] == 2 and values["in_channels"] == 1
     assert set(values) == set(MMDiTConfig.__dataclass_fields__)
@@ -242,7 +257,30 @@ def test_presets_and_their_errors():
     assert cfg.preset == "tiny" and cfg.depth == 3 and cfg.width == 64
 
 
-@pytest.mark.parametrize("name, low, high", [("sd3-medium", 1.9e9, 2.2e9), ("sd3.5-large", 7.8e9, 8.4e9)])
+def test_released_layout_options_and_their_errors():
+    with pytest.raises(ValueError, match=r"dual_attention_layers=\[0, 5\] must be distinct block indices"):
+        MMDiT(tiny(dual_attention_layers=[0, 5]))
+    with pytest.raises(ValueError, match="last joint block.*context-pre-only"):
+        MMDiT(tiny(dual_attention_layers=[1]))
+    assert MMDiT(tiny(dual_attention_layers=[1], single_blocks=1)).joint_blocks[1].img.attn2 is not None
+    with pytest.raises(ValueError, match="rope_axes_dim"):
+        MMDiT(tiny(rope=True, rope_axes_dim=[2, 4, 4, 6]))
+    cfg = tiny(**FLUX_LIKE)
+    model = MMDiT(cfg)
+    x, t, cond = inputs(cfg)
+    with pytest.raises(ValueError, match=r"pass cond.extra\['guidance'\]"):
+        model(x, t, Conditioning(cond.hidden, cond.mask, cond.pooled))
+    with pytest.raises(ValueError, match=r"cond.extra\['guidance'\] must be \(2,\)"):
+        model(x, t, Conditioning(cond.hidden, cond.mask, cond.pooled, {"guidance": torch.ones(2, 1)}))
+    with pytest.raises(ValueError, match=r"does not take: \['size'\]; it takes \['guidance'\]"):
+        model(x, t, Conditioning(cond.hidden, cond.mask, cond.pooled, {**cond.extra, "size": torch.ones(2)}))
+    # The guidance embedder is initialised like the timestep embedder and runs once per sample.
+    assert model.guidance_embed.mlp.fc1.weight.std() < 0.05
+    assert count_parameters(model).per_sample > sum(p.numel() for p in model.guidance_embed.parameters())
+
+
+@pytest.mark.parametrize("name, low, high", [("sd3-medium", 1.9e9, 2.2e9), ("sd3.5-medium", 2.2e9, 2.3e9),
+                                             ("sd3.5-large", 7.8e9, 8.4e9), ("flux-dev", 11.8e9, 12.0e9)])
 def test_large_preset_parameter_counts_on_meta(name, low, high):
     model = MMDiT(config_from_preset(name), device="meta")
     counts = count_parameters(model)
@@ -252,8 +290,9 @@ def test_large_preset_parameter_counts_on_meta(name, low, high):
     assert counts.per_sample > 2 * model.cfg.depth * 6 * model.cfg.width**2
 
 
-def test_flop_estimate_matches_counted_matmul_flops():
-    cfg = tiny(depth=3, single_blocks=1)
+@pytest.mark.parametrize("variant", [dict(single_blocks=1), dict(dual_attention_layers=[0, 1], guidance_embed=True)])
+def test_flop_estimate_matches_counted_matmul_flops(variant):
+    cfg = tiny(depth=3, **variant)
     model = randomized(cfg)
     x, t, cond = inputs(cfg, batch=3, height=8, width=12, text_len=7)
     # The math attention backend runs as bmm calls, which the counter sees (fused CPU kernels it does not).

@@ -1,6 +1,6 @@
 """The MMDiT velocity model, its presets, FLOP accounting, training transforms and diffusers interchange."""
 
-from flowmatch.models.convert import from_diffusers_sd3, to_diffusers_sd3
+from flowmatch.models.convert import from_diffusers, from_original, save_original, to_diffusers, to_original
 from flowmatch.models.flops import ParamCount, StepFlops, count_parameters, mfu, training_flops_per_step
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
@@ -16,9 +16,12 @@ __all__ = [
     "apply_compile",
     "config_from_preset",
     "count_parameters",
-    "from_diffusers_sd3",
+    "from_diffusers",
+    "from_original",
     "mfu",
     "preset_values",
-    "to_diffusers_sd3",
+    "save_original",
+    "to_diffusers",
+    "to_original",
     "training_flops_per_step",
 ]

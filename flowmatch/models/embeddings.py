@@ -124,7 +124,7 @@ class TimestepEmbedder(nn.Module):
 
 @dataclass
 class RopeTable:
-    """Rotation angles for 2D RoPE, one row per token of the joint sequence (image tokens first).
+    """Rotation angles for RoPE, one row per token of the joint sequence (image tokens first).
 
     cos, sin: (S, 1, head_dim / 2) float32, broadcast over (B, S, H, head_dim / 2) pairs.
     """
@@ -137,22 +137,29 @@ class RopeTable:
         return RopeTable(self.cos[:n], self.sin[:n])
 
 
-def rope_table_2d(
+def rope_table(
     grid_h: int, grid_w: int, text_len: int, *, head_dim: int, axes_dim: Sequence[int], theta: float, device
 ) -> RopeTable:
-    """2D RoPE angles as in FLUX: image token (i, j) rotates its first axes_dim[0] channels by row i and the next
-    axes_dim[1] by column j; text tokens sit at position 0 (no rotation); channels past the axes are not rotated.
+    """RoPE angles as in FLUX, over position ids with one entry per axis.
+
+    With two axes an image token (i, j) has ids (i, j); with three, FLUX's (0, i, j), whose first axis (an image
+    index, 0 for the generated image) leaves its channels unrotated. Axis k rotates the next axes_dim[k] channels
+    at frequencies theta^(-2m / axes_dim[k]); text tokens have all ids 0 (no rotation); channels past the axes
+    are not rotated. Angles are computed in float64 where the device has it (as FLUX's reference does), then the
+    cosines and sines are stored in float32.
     """
-    rows = torch.arange(grid_h, device=device, dtype=torch.float32).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w, device=device, dtype=torch.float32).repeat(grid_h)
+    dtype = _trig_dtype(torch.device(device))
+    rows = torch.arange(grid_h, device=device, dtype=dtype).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device, dtype=dtype).repeat(grid_h)
+    ids = [torch.zeros_like(rows)] * (len(axes_dim) - 2) + [rows, cols]
     parts = []
-    for pos, d in zip((rows, cols), axes_dim):
-        freqs = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    for pos, d in zip(ids, axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=dtype) / d)
         parts.append(pos[:, None] * freqs[None, :])  # (N, d / 2)
     angles = torch.cat(parts, dim=1)
     unrotated = head_dim // 2 - angles.shape[1]
     angles = F.pad(angles, (0, unrotated, 0, text_len))  # (S, head_dim / 2)
-    return RopeTable(torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :])
+    return RopeTable(torch.cos(angles).float()[:, None, :], torch.sin(angles).float()[:, None, :])
 
 
 def apply_rope(x: Tensor, table: Optional[RopeTable]) -> Tensor:

@@ -2,8 +2,9 @@
 
 The estimate is the usual 6 x parameters x tokens (forward 2, backward 4 FLOPs per weight and token; Kaplan et
 al. 2020), applied to each weight with the tokens it actually sees: image-stream weights see image tokens,
-text-stream weights text tokens, single-stream weights both, and the conditioning path (timestep and pooled-text
-MLPs, every adaLN modulation) runs once per sample. Attention adds 12 x B x queries x keys x width per block.
+text-stream weights text tokens, single-stream weights both, and the conditioning path (timestep, guidance and
+pooled-text MLPs, every adaLN modulation) runs once per sample. Attention adds 12 x B x queries x keys x width per
+block (and per MMDiT-X image-only attention).
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
 Works on a meta-device model, so sizing a large preset allocates nothing.
 """
@@ -57,7 +58,7 @@ class StepFlops:
 
 
 def _group(name: str) -> str:
-    if ".mod." in name or name.startswith(("time_embed.", "pooled_embed.")):
+    if ".mod." in name or name.startswith(("time_embed.", "guidance_embed.", "pooled_embed.")):
         return "per_sample"
     if name.startswith("single_blocks."):
         return "joint_token"
@@ -89,6 +90,8 @@ def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple
     for block in model.joint_blocks:
         queries = n_img if block.context_pre_only else seq
         entries += queries * seq
+        if block.img.attn2 is not None:  # MMDiT-X: image tokens attend to image tokens a second time
+            entries += n_img * n_img
     entries += len(model.single_blocks) * seq * seq
     attn_flops = TRAIN_FLOPS_PER_ATTENTION_ENTRY * batch_size * entries * cfg.width
     return StepFlops(token_weights=float(token_flops), sample_weights=float(sample_flops), attention=float(attn_flops))

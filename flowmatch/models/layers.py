@@ -5,13 +5,14 @@ Layout conventions used throughout:
   the (B, H, S, head_dim) tensors that SDPA wants are never materialised and its output reshapes back for free;
 - the joint sequence is [image tokens, text tokens];
 - adaLN modulation vectors come out of one linear layer per stream in the order
-  (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp), each (B, 1, D).
+  (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp), each (B, 1, D), followed in MMDiT-X blocks
+  by (shift_attn2, scale_attn2, gate_attn2) for the second, image-only attention (SD3.5-medium).
 
 Layers timm has are taken from timm: `Mlp` (fc1 -> act -> fc2; its dropouts are p = 0 and its norm is
 nn.Identity, so it is exactly the two-layer MLP, with the fc1 / fc2 names the converter maps) and `RmsNorm` for
 QK-norm (x * rsqrt(mean(x^2) + eps) * weight, the operation order of diffusers' RMSNorm, equal to it in float32).
-Written here are the pieces timm has no equivalent of: adaLN modulation, the joint two-stream attention and the
-single-stream block with its fused input projection.
+Written here are the pieces timm has no equivalent of: adaLN modulation, the joint two-stream attention with
+MMDiT-X's optional image-only attention, and the single-stream block with its fused input projection.
 """
 
 from __future__ import annotations
@@ -56,21 +57,48 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
     return out.transpose(1, 2).flatten(2)
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection and optional QK-norm: (B, S, D) -> (B, S, D).
+
+    MMDiT-X's second attention of the image stream (SD3.5-medium's `attn2`), over image tokens only.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, *, qk_norm: bool, eps: float, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        kw = dict(device=device, dtype=dtype)
+        self.qkv = nn.Linear(dim, 3 * dim, **kw)
+        self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
+        self.k_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
+        self.proj = nn.Linear(dim, dim, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(dim=2)  # (B, S, H, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.proj(attention(q, k, v, None))
+
+
 class StreamWeights(nn.Module):
     """The per-modality weights of a joint block: modulation, fused QKV, QK-norm, output projection and MLP.
 
     A `pre_only` stream (the text stream of SD3's last joint block) only supplies keys and values: its own
     outputs would be discarded, so it has no query, output projection or MLP, and only shift/scale modulation.
+    A `dual` stream (the image stream of an MMDiT-X block) has a second attention, `attn2`, over its own tokens,
+    with three more modulation vectors.
     """
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
-        pre_only: bool = False, device=None, dtype=None,
+        pre_only: bool = False, dual: bool = False, device=None, dtype=None,
     ) -> None:
         super().__init__()
+        if pre_only and dual:
+            raise ValueError("a context-pre-only stream cannot have a second attention")
         self.num_heads, self.head_dim, self.pre_only = num_heads, head_dim, pre_only
         kw = dict(device=device, dtype=dtype)
-        self.mod = AdaLNModulation(dim, 2 if pre_only else 6, **kw)
+        self.mod = AdaLNModulation(dim, 2 if pre_only else 9 if dual else 6, **kw)
         # One matmul for Q, K and V (K and V only when pre_only): fewer, larger GEMMs than three projections.
         self.qkv = nn.Linear(dim, (2 if pre_only else 3) * dim, **kw)
         self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm and not pre_only else None
@@ -79,6 +107,7 @@ class StreamWeights(nn.Module):
             self.proj = nn.Linear(dim, dim, **kw)
             # Position-wise feed-forward: (B, S, D) -> (B, S, D).
             self.mlp = Mlp(dim, hidden_features=mlp_hidden, act_layer=GELU_TANH, **kw)
+        self.attn2 = SelfAttention(dim, num_heads, head_dim, qk_norm=qk_norm, eps=eps, **kw) if dual else None
 
     def heads(self, x: Tensor) -> tuple[Optional[Tensor], Tensor, Tensor]:
         """Modulated tokens (B, S, D) -> q (None when pre_only), k, v each (B, S, H, hd), QK-normalised."""
@@ -91,7 +120,8 @@ class StreamWeights(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """SD3 MMDiT block: separate weights per stream, one attention over [image, text] tokens.
+    """SD3 MMDiT block: separate weights per stream, one attention over [image, text] tokens; with `dual`, the
+    MMDiT-X block of SD3.5-medium, whose image stream adds a self-attention over image tokens alone.
 
     forward(x (B, N, D), ctx (B, L, D), vec (B, D), mask (B, 1, 1, N + L) bool or None, rope) ->
     (x (B, N, D), ctx (B, L, D), or None when the text stream is pre-only).
@@ -99,22 +129,25 @@ class JointBlock(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
-        context_pre_only: bool = False, device=None, dtype=None,
+        context_pre_only: bool = False, dual: bool = False, device=None, dtype=None,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.context_pre_only = context_pre_only
         kw = dict(qk_norm=qk_norm, eps=eps, device=device, dtype=dtype)
-        self.img = StreamWeights(dim, num_heads, head_dim, mlp_hidden, **kw)
+        self.img = StreamWeights(dim, num_heads, head_dim, mlp_hidden, dual=dual, **kw)
         self.txt = StreamWeights(dim, num_heads, head_dim, mlp_hidden, pre_only=context_pre_only, **kw)
 
     def forward(
         self, x: Tensor, ctx: Tensor, vec: Tensor, mask: Optional[Tensor] = None, rope: Optional[RopeTable] = None
     ) -> tuple[Tensor, Optional[Tensor]]:
         n = x.shape[1]
-        i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = self.img.mod(vec)
+        img_mod = self.img.mod(vec)
+        i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = img_mod[:6]
         txt_mod = self.txt.mod(vec)
         q_i, k_i, v_i = self.img.heads(modulate(x, i_shift, i_scale, self.eps))  # (B, N, H, hd)
+        # MMDiT-X: the second attention reads the block's input, normalised with its own shift and scale.
+        x2 = modulate(x, img_mod[6], img_mod[7], self.eps) if self.img.attn2 is not None else None
         q_t, k_t, v_t = self.txt.heads(modulate(ctx, txt_mod[0], txt_mod[1], self.eps))  # (B, L, H, hd)
         # Pre-only: text queries would only produce discarded outputs, so only image tokens query.
         q = q_i if q_t is None else torch.cat([q_i, q_t], dim=1)
@@ -125,6 +158,8 @@ class JointBlock(nn.Module):
         out = attention(q, k, v, mask)  # (B, Sq, D)
 
         x = torch.addcmul(x, i_gate, self.img.proj(out[:, :n]))
+        if x2 is not None:
+            x = torch.addcmul(x, img_mod[8], self.img.attn2(x2))
         x = torch.addcmul(x, i_gate2, self.img.mlp(modulate(x, i_shift2, i_scale2, self.eps)))
         if self.context_pre_only:
             return x, None

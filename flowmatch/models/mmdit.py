@@ -1,12 +1,14 @@
 """The MMDiT velocity model (SD3: Esser et al. 2024, "Scaling Rectified Flow Transformers", sections 4 and B),
-with FLUX-style single-stream blocks and 2D RoPE as options.
+with the options that make the released SD3.5 and FLUX.1 architectures: MMDiT-X blocks (a second, image-only
+attention; SD3.5-medium), FLUX single-stream blocks, RoPE over 2 or 3 position axes, and a guidance embedding
+(FLUX.1-dev). `flowmatch.models.presets` names each released layout.
 
 Time convention (flowmatch-wide): t = 0 is data, t = 1 is noise; the model predicts the velocity noise - x0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -19,7 +21,7 @@ from flowmatch.models.embeddings import (
     TimestepEmbedder,
     mlp_embedder,
     patchify,
-    rope_table_2d,
+    rope_table,
     sincos_pos_embed_2d,
     unpatchify,
 )
@@ -68,11 +70,16 @@ class MMDiTConfig:
     single_blocks: int = 0
     """FLUX-style single-stream blocks after the joint ones (0 = SD3: last joint block is context-pre-only)."""
     rope: bool = False
-    """Use 2D RoPE in attention instead of the absolute sin-cos position embedding (FLUX)."""
+    """Use RoPE in attention instead of the absolute sin-cos position embedding (FLUX)."""
     rope_theta: float = 10000.0
     """RoPE base period."""
     rope_axes_dim: Optional[list[int]] = None
-    """Head channels rotated by the row and column position; None = half of head_dim each."""
+    """Head channels rotated per position axis: (row, column), or FLUX's (image index, row, column) whose first
+    axis is always 0 here; None = half of head_dim each for row and column."""
+    dual_attention_layers: list[int] = field(default_factory=list)
+    """Indices of the joint blocks whose image stream has MMDiT-X's second, image-only attention (SD3.5-medium)."""
+    guidance_embed: bool = False
+    """Embed a guidance value, cond.extra["guidance"] (B,) times time_scale, like the timestep (FLUX.1-dev)."""
 
     @property
     def width(self) -> int:
@@ -86,7 +93,7 @@ class MMDiTConfig:
 
     @property
     def axes_dim(self) -> list[int]:
-        """RoPE channels for (row, column), resolved from rope_axes_dim."""
+        """RoPE channels per position axis, resolved from rope_axes_dim."""
         if self.rope_axes_dim is not None:
             return list(self.rope_axes_dim)
         return [self.head_dim // 2, self.head_dim // 2]
@@ -107,12 +114,19 @@ class MMDiTConfig:
             raise ValueError(f"MMDiTConfig.single_blocks must be >= 0, got {self.single_blocks}")
         if self.time_freq_dim % 2:
             raise ValueError(f"MMDiTConfig.time_freq_dim must be even, got {self.time_freq_dim}")
+        bad = [i for i in self.dual_attention_layers if not 0 <= i < self.depth]
+        if bad or len(set(self.dual_attention_layers)) != len(self.dual_attention_layers):
+            raise ValueError(f"MMDiTConfig.dual_attention_layers={self.dual_attention_layers} must be distinct block "
+                             f"indices in [0, depth={self.depth})")
+        if self.single_blocks == 0 and self.depth - 1 in self.dual_attention_layers:
+            raise ValueError("MMDiTConfig.dual_attention_layers cannot include the last joint block when there are "
+                             "no single blocks: its text stream is context-pre-only")
         if self.rope:
             axes = self.axes_dim
-            if len(axes) != 2 or any(d <= 0 or d % 2 for d in axes) or sum(axes) > self.head_dim:
+            if len(axes) not in (2, 3) or any(d <= 0 or d % 2 for d in axes) or sum(axes) > self.head_dim:
                 raise ValueError(
-                    f"MMDiTConfig.rope_axes_dim={self.rope_axes_dim} must be two positive even sizes (rows, "
-                    f"columns) summing to at most head_dim={self.head_dim}"
+                    f"MMDiTConfig.rope_axes_dim={self.rope_axes_dim} must be two (rows, columns) or three (image "
+                    f"index, rows, columns) positive even sizes summing to at most head_dim={self.head_dim}"
                 )
         elif self.width % 4:
             raise ValueError(
@@ -124,7 +138,8 @@ class MMDiT(nn.Module):
     """Multimodal diffusion transformer predicting rectified-flow velocities.
 
     forward(x (B, C, H, W), t (B,) in [0, 1], cond: Conditioning with hidden (B, L, context_dim),
-    mask (B, L) bool, pooled (B, pooled_dim) and no extra inputs) -> velocity (B, C_out, H, W).
+    mask (B, L) bool, pooled (B, pooled_dim) and, with guidance_embed, extra["guidance"] (B,); no other extra
+    inputs) -> velocity (B, C_out, H, W).
     """
 
     def __init__(self, cfg: MMDiTConfig, *, device=None, dtype=None) -> None:
@@ -141,13 +156,15 @@ class MMDiT(nn.Module):
         # (p_row, p_col, C) feature order is the one the final layer produces for `unpatchify`.
         self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, **kw)
         self.time_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw)
+        self.guidance_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.guidance_embed else None
         self.pooled_embed = mlp_embedder(cfg.pooled_dim, d, **kw)
         self.context_embed = nn.Linear(cfg.context_dim, d, **kw)
         # Without single blocks the text stream of the last joint block is never read again (SD3).
         last_pre_only = cfg.single_blocks == 0
         self.joint_blocks = nn.ModuleList(
             JointBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden,
-                       context_pre_only=last_pre_only and i == cfg.depth - 1, **block_kw)
+                       context_pre_only=last_pre_only and i == cfg.depth - 1,
+                       dual=i in cfg.dual_attention_layers, **block_kw)
             for i in range(cfg.depth)
         )
         self.single_blocks = nn.ModuleList(
@@ -162,7 +179,7 @@ class MMDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """adaLN-Zero initialisation (DiT, Peebles & Xie 2023, section 3.2): Xavier-uniform linears with zero
-        bias, unit QK-norm scales, N(0, 0.02) timestep and pooled-text MLPs, and zeroed modulation and final
+        bias, unit QK-norm scales, N(0, 0.02) timestep, guidance and pooled-text MLPs, and zeroed modulation and final
         projection, so every block starts as the identity and the model outputs exactly zero. Call after
         `to_empty` from meta."""
         for module in self.modules():
@@ -171,7 +188,10 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, RmsNorm):
                 module.reset_parameters()
-        for embedder in (self.time_embed.mlp, self.pooled_embed):
+        embedders = [self.time_embed.mlp, self.pooled_embed]
+        if self.guidance_embed is not None:
+            embedders.append(self.guidance_embed.mlp)
+        for embedder in embedders:
             for linear in (embedder.fc1, embedder.fc2):
                 nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
         for module in self.modules():
@@ -201,9 +221,17 @@ class MMDiT(nn.Module):
             raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
         if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
             raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
-        if cond.extra:
-            raise ValueError(f"cond.extra has inputs this MMDiT does not take: {sorted(cond.extra)}; no preset "
-                             "consumes extra inputs")
+        takes = {"guidance"} if cfg.guidance_embed else set()
+        if set(cond.extra) - takes:
+            raise ValueError(f"cond.extra has inputs this MMDiT does not take: {sorted(set(cond.extra) - takes)}; "
+                             f"it takes {sorted(takes) or 'none'}")
+        if cfg.guidance_embed:
+            guidance = cond.extra.get("guidance")
+            if guidance is None:
+                raise ValueError("this MMDiT embeds a guidance value (guidance_embed, FLUX.1-dev): pass "
+                                 "cond.extra['guidance'] (B,), e.g. 3.5")
+            if guidance.shape != (b,):
+                raise ValueError(f"cond.extra['guidance'] must be ({b},), got {tuple(guidance.shape)}")
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """Velocity at (x, t) given the caption conditioning; text tokens where cond.mask is False (padding or
@@ -218,7 +246,10 @@ class MMDiT(nn.Module):
             pos = sincos_pos_embed_2d(gh, gw, cfg.width, base_size=cfg.sample_size // cfg.patch_size,
                                       max_size=cfg.pos_embed_max_size, device=x.device)
             img = (img + pos).to(img.dtype)
-        vec = self.time_embed(t.float() * cfg.time_scale) + self.pooled_embed(cond.pooled)  # (B, D)
+        vec = self.time_embed(t.float() * cfg.time_scale)  # (B, D)
+        if self.guidance_embed is not None:  # (time + guidance) + pooled: FLUX's order of the sums
+            vec = vec + self.guidance_embed(cond.extra["guidance"].float() * cfg.time_scale)
+        vec = vec + self.pooled_embed(cond.pooled)
         ctx = self.context_embed(cond.hidden)  # (B, L, D)
 
         n, text_len = img.shape[1], ctx.shape[1]
@@ -226,8 +257,8 @@ class MMDiT(nn.Module):
         mask = torch.cat([cond.mask.new_ones(b, n), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, N + L)
         rope: Optional[RopeTable] = None
         if cfg.rope:
-            rope = rope_table_2d(gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
-                                 theta=cfg.rope_theta, device=x.device)
+            rope = rope_table(gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
+                              theta=cfg.rope_theta, device=x.device)
 
         for block in self.joint_blocks:
             img, ctx = block(img, ctx, vec, mask, rope)

@@ -8,24 +8,44 @@ from typing import Any
 from flowmatch.errors import nearest
 from flowmatch.models.mmdit import MMDiTConfig
 
+# The released layouts, each as its diffusers transformer config (huggingface.co/<repo>/transformer/config.json)
+# describes it; `flowmatch.models.from_diffusers` of those weights gives exactly these configs.
+_SD3 = dict(in_channels=16, context_dim=4096, pooled_dim=2048)  # SD3 VAE latents, T5-XXL tokens, CLIP-L+G pooled
+_FLUX = dict(
+    # FLUX packs 2x2 patches of its 16 latent channels into 64 features (FluxPipeline._pack_latents), which is
+    # our patch_size=2 over 16 channels; 19 double-stream then 38 single-stream blocks of 24 heads x 128;
+    # RoPE theta 10000 over ids (0, row, column) on 16 + 56 + 56 channels; T5-XXL context, CLIP-L pooled 768.
+    in_channels=16, context_dim=4096, pooled_dim=768, depth=19, single_blocks=38, num_heads=24, head_dim=128,
+    rope=True, rope_theta=10000.0, rope_axes_dim=[16, 56, 56],
+)
+# Test-sized blocks for the released layouts; encoder and latent sizes come from the test or the trainer.
+_TINY = dict(depth=2, num_heads=4, head_dim=16, in_channels=None, context_dim=None, pooled_dim=None)
+_TINY_GRID = dict(sample_size=8, pos_embed_max_size=16)  # the sin-cos position grid of the SD3 layouts
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Test-sized: 2 joint blocks of width 64 on a small grid; encoder sizes come from the test or trainer.
     "tiny": dict(depth=2, num_heads=4, head_dim=16, sample_size=8, pos_embed_max_size=16),
     # 8x8 single-channel pixel-space digits (scikit-learn's digits): 4x4 tokens of 2x2 pixels, 4 blocks of 4 x 32.
     "digits": dict(in_channels=1, depth=4, num_heads=4, head_dim=32, sample_size=8, pos_embed_max_size=8),
-    # SD3-medium (stabilityai/stable-diffusion-3-medium-diffusers transformer config): 24 blocks of 24 x 64,
-    # 16-channel SD3 VAE latents, T5-XXL context (4096) and CLIP-L+G pooled vector (2048); about 2B parameters.
-    # The released SD3-medium weights have no QK-norm: set qk_norm=False to load them.
-    "sd3-medium": dict(in_channels=16, context_dim=4096, pooled_dim=2048),
-    # SD3.5-large (stabilityai/stable-diffusion-3.5-large transformer config): 38 blocks of 38 x 64 with
-    # RMS QK-norm; about 8B parameters.
-    "sd3.5-large": dict(in_channels=16, context_dim=4096, pooled_dim=2048, depth=38, num_heads=38),
-    # FLUX.1-like layout (black-forest-labs/flux src/flux/util.py "flux-dev": 19 double + 38 single blocks,
-    # 24 heads x 128, RoPE theta 10000 on 56 + 56 channels per head, T5-XXL context, CLIP-L pooled 768).
-    # Not weight-compatible with FLUX (no guidance embedding); about 12B parameters.
-    "flux-style": dict(in_channels=16, context_dim=4096, pooled_dim=768, depth=19, single_blocks=38,
-                       num_heads=24, head_dim=128, rope=True, rope_axes_dim=[56, 56]),
+    # stabilityai/stable-diffusion-3-medium-diffusers: 24 blocks of 24 x 64 without QK-norm; about 2B parameters.
+    "sd3-medium": dict(**_SD3, qk_norm=False),
+    # stabilityai/stable-diffusion-3.5-medium: MMDiT-X, a second image-only attention in blocks 0-12, RMS QK-norm,
+    # a 384 x 384 position grid; about 2.5B parameters.
+    "sd3.5-medium": dict(**_SD3, dual_attention_layers=list(range(13)), pos_embed_max_size=384),
+    # stabilityai/stable-diffusion-3.5-large: 38 blocks of 38 x 64 with RMS QK-norm; about 8B parameters.
+    "sd3.5-large": dict(**_SD3, depth=38, num_heads=38),
+    # black-forest-labs/FLUX.1-dev: guidance-distilled, it embeds the guidance value; about 12B parameters.
+    "flux-dev": dict(**_FLUX, guidance_embed=True),
+    # black-forest-labs/FLUX.1-schnell: timestep-distilled, no guidance embedding.
+    "flux-schnell": dict(**_FLUX),
 }
+# Tiny versions of the released layouts: the same modules and options at test size. FLUX's RoPE split
+# (16, 56, 56) of 128 head channels becomes (4, 6, 6) of 16.
+PRESETS["tiny-sd3-medium"] = {**PRESETS["sd3-medium"], **_TINY, **_TINY_GRID}
+PRESETS["tiny-sd3.5-medium"] = {**PRESETS["sd3.5-medium"], **_TINY, **_TINY_GRID, "dual_attention_layers": [0]}
+PRESETS["tiny-sd3.5-large"] = {**PRESETS["sd3.5-large"], **_TINY, **_TINY_GRID}
+for _name in ("flux-dev", "flux-schnell"):
+    PRESETS[f"tiny-{_name}"] = {**PRESETS[_name], **_TINY, "single_blocks": 2, "rope_axes_dim": [4, 6, 6]}
 
 _FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
 

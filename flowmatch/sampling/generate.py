@@ -119,20 +119,31 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompts: list[str], *, steps: Optional[int] = None, solver: Optional[str] = None,
                  guidance_scale: Optional[float] = None, seed: int = 0, height: Optional[int] = None,
-                 width: Optional[int] = None) -> Tensor:
+                 width: Optional[int] = None, noise: Optional[Tensor] = None) -> Tensor:
         """Images (B, C, H, W) in [0, 1] for B prompts; None arguments take the recipe's sampling defaults.
 
-        Image i starts from noise seeded with ``seed + i``. :attr:`last_nfe` holds the velocity evaluations used.
+        Image i starts from noise seeded with ``seed + i``, or from ``noise[i]`` when ``noise`` (B, C, h, w), the
+        latents at t = 1, is given (to start another library's sampler from the same latents); its size then sets
+        the image size. :attr:`last_nfe` holds the velocity evaluations used.
         """
         s = self.recipe.sampling
-        c, h, w = self.latent_shape(height, width)
         p = self.recipe.model.patch_size
-        noise = image_noise([seed + i for i in range(len(prompts))], (c, h, w)).to(self.device)
+        if noise is None:
+            c, h, w = self.latent_shape(height, width)
+            noise = image_noise([seed + i for i in range(len(prompts))], (c, h, w))
+        else:
+            if noise.ndim != 4:
+                raise ValueError(f"noise must be (B, C, h, w) latents, got shape {tuple(noise.shape)}")
+            f = self.encoders.downsample
+            c, h, w = self.latent_shape(height or noise.shape[-2] * f, width or noise.shape[-1] * f)
+            if tuple(noise.shape) != (len(prompts), c, h, w):
+                raise ValueError(f"noise must be (B={len(prompts)}, {c}, {h}, {w}) for {len(prompts)} prompts at "
+                                 f"{h * f}x{w * f} pixels, got {tuple(noise.shape)}")
         latents, self.last_nfe = sample_latents(
             self.model,
             self.encoders.encode_text(list(prompts)),
             self.encoders.null(),
-            noise,
+            noise.to(self.device, torch.float32),
             steps=steps or s.steps,
             solver=solver or s.solver,
             guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
