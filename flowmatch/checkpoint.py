@@ -6,7 +6,8 @@ Layout of one checkpoint::
         model.safetensors   consolidated weights, fp32 (from the fp32 masters)
         ema.safetensors     consolidated EMA weights, fp32 (only when the run keeps an EMA)
         recipe.yaml         the resolved recipe of the run
-        meta.json           step, whether EMA is present, time, versions (:class:`CheckpointMeta`)
+        meta.json           step, whether EMA is present and is the default weights, time, versions
+                            (:class:`CheckpointMeta`)
         state/              the engine's full training state (:meth:`flowmatch.engine.Engine.save`), with
                             state/engine.json, the one record of the distributed layout that wrote it
                             (world size, ZeRO stage, precision: :func:`read_layout`)
@@ -88,6 +89,9 @@ class CheckpointMeta:
     """Layout version of the checkpoint directory."""
     flowmatch_version: str = ""
     """Package version that wrote it."""
+    ema_default: bool | None = None
+    """Whether :func:`load_weights` gives the EMA weights by default: validation found them at least as good as
+    the raw ones (None: not measured, then the EMA when present)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -128,7 +132,8 @@ def _complete(root: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: int, *,
-                    client_state: Mapping[str, Any], recipe_yaml: str, keep: int, ema: bool) -> Path:
+                    client_state: Mapping[str, Any], recipe_yaml: str, keep: int, ema: bool,
+                    ema_default: bool | None = None) -> Path:
     """Collective: write checkpoint ``RUN_DIR/checkpoints/<step>/`` atomically, then keep only the newest ``keep``.
 
     Args:
@@ -139,6 +144,8 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
         recipe_yaml: the resolved recipe, stored as ``recipe.yaml``.
         keep: how many checkpoints to keep (>= 1), counting this one.
         ema: also write ``ema.safetensors`` (the engine must have an EMA).
+        ema_default: whether pipelines load the EMA (True) or the raw weights (False) by default, as validation
+            found; None = not measured (the EMA when present).
 
     Returns:
         The checkpoint directory.
@@ -166,7 +173,8 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
             save_file(ema_weights, str(tmp / EMA_FILE), metadata=metadata)
         (tmp / RECIPE_FILE).write_text(recipe_yaml)
         meta = CheckpointMeta(step=step, ema=ema_weights is not None, created=time.time(),
-                              flowmatch_version=flowmatch.__version__)
+                              flowmatch_version=flowmatch.__version__,
+                              ema_default=None if ema_weights is None else ema_default)
         # meta.json last: its presence is what marks a checkpoint complete (the rename makes it visible).
         (tmp / META_FILE).write_text(json.dumps(meta.__dict__, indent=1))
     engine.barrier()  # every rank's shard of the engine state is written
@@ -229,13 +237,14 @@ def load_weights(ckpt_dir: str | os.PathLike[str], *, ema: bool | None = None) -
 
     Args:
         ckpt_dir: a checkpoint directory or a run directory.
-        ema: True for the EMA weights, False for the raw weights, None for EMA when the checkpoint has it.
+        ema: True for the EMA weights, False for the raw weights, None for the checkpoint's default: the weights
+            validation found better (:attr:`CheckpointMeta.ema_default`), else the EMA when present.
     """
     ckpt = resolve_checkpoint(ckpt_dir)
     has_ema = (ckpt / EMA_FILE).is_file()
     if ema and not has_ema:
         raise FileNotFoundError(f"{ckpt} has no {EMA_FILE}: that run kept no EMA; load the raw weights (ema=False)")
-    use_ema = has_ema if ema is None else ema
+    use_ema = (has_ema and read_meta(ckpt).ema_default is not False) if ema is None else ema
     return load_file(str(ckpt / (EMA_FILE if use_ema else MODEL_FILE)))
 
 

@@ -52,6 +52,9 @@ class EngineMeta:
     """DeepSpeed's count of step boundaries, applied or not."""
     ema_decay: float | None
     """Decay of the saved EMA; None when the run kept none."""
+    ema_updates: int | None = None
+    """Updates blended into the saved EMA (its warm-up position); None when the run kept none, and in states
+    written before it was recorded, whose EMA took one update per optimizer step."""
     format: int = _STATE_FORMAT
     """Layout version of the state directory."""
 
@@ -141,7 +144,8 @@ class TrainingState:
         return EngineMeta(world_size=self._group.world_size, zero_stage=self._cfg.zero_stage,
                           precision=self._cfg.precision, optimizer_steps=t.optimizer_steps,
                           skipped_steps=t.skipped_steps, global_steps=t.global_steps,
-                          ema_decay=None if self._ema is None else self._ema.decay)
+                          ema_decay=None if self._ema is None else self._ema.decay,
+                          ema_updates=None if self._ema is None else self._ema.updates)
 
     def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> None:
         """Collective: write the full training state of every rank (see :meth:`flowmatch.engine.Engine.save`)."""
@@ -204,11 +208,12 @@ class TrainingState:
     def _restore_ema(self, src: Path, saved_meta: EngineMeta, same: bool,
                      fallback: str | os.PathLike[str] | None) -> None:
         assert self._ema is not None
+        updates = saved_meta.optimizer_steps if saved_meta.ema_updates is None else saved_meta.ema_updates
         if same and saved_meta.ema_decay is not None:
             ema_rank = self._group.rank if self._zero.partitioned else 0
-            self._ema.load_local(load_file(str(src / f"rank{ema_rank:05d}.safetensors")))
+            self._ema.load_local(load_file(str(src / f"rank{ema_rank:05d}.safetensors")), updates)
         elif not same and fallback is not None and Path(fallback).is_file():
-            self._ema.load_whole(load_file(str(fallback)))
+            self._ema.load_whole(load_file(str(fallback)), updates)
         else:
             if self._group.is_main:
                 log.warning("the checkpoint has no EMA: the EMA restarts from the loaded weights")
