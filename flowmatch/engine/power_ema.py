@@ -14,8 +14,8 @@ sqrt(1/12) ~ 0.289.
 
 Post-hoc EMA: snapshots of two profiles taken every few steps are each an integral of the trajectory against a
 known profile, so any other profile ``p_r`` (another sigma_rel, at a snapshot's step) is approximated by the
-combination ``sum_i x_i p_i`` closest to it in L2 on [0, inf); the same combination of the snapshots' weights is
-then the reconstructed EMA. Its error is the integral of the trajectory against the residual profile, so it
+combination ``sum_i x_i p_i`` (coefficients summing to 1) closest to it in L2 on [0, inf); the same combination of
+the snapshots' weights is then the reconstructed EMA. Its error is the integral of the trajectory against the residual profile, so it
 depends only on how densely the snapshots cover the run, not on the model. The inner product of two profiles has
 a closed form, written here as ratios below 1 so that large step counts and exponents do not overflow.
 """
@@ -95,22 +95,30 @@ class Reconstruction:
     """The combination of snapshots that best approximates one power-function profile."""
 
     coefficients: np.ndarray
-    """(S,) weight of each snapshot profile (they need not be positive; they sum to about 1)."""
+    """(S,) weight of each snapshot profile (they need not be positive; they sum to 1)."""
     residual: float
     """L2 norm of (combination - target profile) relative to the target profile's norm: 0 is exact."""
 
 
 def reconstruct(sources: Sequence[tuple[float, float]], target: tuple[float, float]) -> Reconstruction:
-    """Least-squares coefficients of the profiles ``sources`` [(t_i, gamma_i)] that best match ``target`` (t, gamma).
+    """Coefficients of the profiles ``sources`` [(t_i, gamma_i)] whose combination best matches ``target`` (t, gamma)
+    in L2, among combinations whose coefficients sum to 1.
 
-    Solves the normal equations ``A x = b`` with ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_target>`` in float64 by
-    least squares (``A`` is a Gram matrix, close to singular when snapshots are dense).
+    Every profile integrates to 1, and so must the combination: otherwise the reconstruction scales the weights
+    themselves, whose size dwarfs how much they move over a run (unconstrained, the coefficients of a sigma_rel
+    between two tracked ones sum to 1 + 3e-5, enough to make the reconstruction 25x worse on a toy trajectory).
+    Solves the equality-constrained normal equations ``[[A, 1], [1^T, 0]] [x, lambda] = [b, 1]`` with
+    ``A_ij = <p_i, p_j>`` and ``b_i = <p_i, p_target>``, in float64 by least squares (``A`` is a Gram matrix,
+    close to singular when snapshots are dense).
     """
     if not sources:
         raise ValueError("post-hoc EMA needs at least one snapshot")
+    n = len(sources)
     gram = np.array([[profile_dot(ta, ga, tb, gb) for tb, gb in sources] for ta, ga in sources])
     rhs = np.array([profile_dot(ta, ga, *target) for ta, ga in sources])
-    x = np.linalg.lstsq(gram, rhs, rcond=None)[0]
+    kkt = np.zeros((n + 1, n + 1))
+    kkt[:n, :n], kkt[:n, n], kkt[n, :n] = gram, 1.0, 1.0
+    x = np.linalg.lstsq(kkt, np.append(rhs, 1.0), rcond=None)[0][:n]
     # ||sum x_i p_i - p_r||^2 = x.A.x - 2 x.b + <p_r, p_r>
     target_sq = profile_dot(*target, *target)
     err_sq = max(0.0, float(x @ gram @ x - 2 * x @ rhs + target_sq))
