@@ -15,9 +15,10 @@ sqrt(1/12) ~ 0.289.
 Post-hoc EMA: snapshots of two profiles taken every few steps are each an integral of the trajectory against a
 known profile, so any other profile ``p_r`` (another sigma_rel, at a snapshot's step) is approximated by the
 combination ``sum_i x_i p_i`` (coefficients summing to 1) closest to it in L2 on [0, inf); the same combination of
-the snapshots' weights is then the reconstructed EMA. Its error is the integral of the trajectory against the residual profile, so it
-depends only on how densely the snapshots cover the run, not on the model. The inner product of two profiles has
-a closed form, written here as ratios below 1 so that large step counts and exponents do not overflow.
+the snapshots' weights is then the reconstructed EMA. Its error is the integral of the trajectory against the
+residual profile, so it depends only on how densely the snapshots cover the run, not on the model. The inner
+product of two profiles has a closed form, written here as ratios below 1 so that large step counts and exponents
+do not overflow.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ class TrainConfig:
         if self.ema_profiles and self.ema_decay == 0:
             raise ValueError("ema_profiles needs an EMA: set ema_decay > 0 (e.g. 0.999) or ema_profiles: []")
         if self.ema_snapshot_every < 0:
-            raise ValueError(f"ema_snapshot_every must be >= 0 (0 = at checkpoints only), got {self.ema_snapshot_every}")
+            raise ValueError(f"ema_snapshot_every must be >= 0 (0 = at checkpoints only), got "
+                             f"{self.ema_snapshot_every}")
         if self.log_every < 1 or self.validate_every < 0 or self.max_bad_steps < 1:
             raise ValueError("log_every and max_bad_steps must be >= 1 and validate_every >= 0")

@@ -42,7 +42,8 @@ def heldout_batch(data: "DataConfig", encoders: "FrozenEncoders", batch_size: in
 
 
 @torch.no_grad()
-def fixed_time_loss(velocity: "VelocityModel", x0: torch.Tensor, cond: "Conditioning", *, rank: int = 0) -> torch.Tensor:
+def fixed_time_loss(velocity: "VelocityModel", x0: torch.Tensor, cond: "Conditioning", *,
+                    rank: int = 0) -> torch.Tensor:
     """() mean unweighted loss of ``velocity`` on x0 (B, C, h, w) over VALIDATION_TIMESTEPS, with noise fixed per
     rank: the one validation metric of every task, comparable across weights, runs and recipes."""
     gen = torch.Generator().manual_seed(VALIDATION_NOISE_SEED + rank)
