@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flowmatch.models.convert import from_diffusers_sd3
+from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.models.convert import SD3_TIME_SCALE, from_diffusers_sd3
 from flowmatch.models.flops import mfu, training_flops_per_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -126,15 +127,17 @@ def main() -> None:
     ctx = torch.randn(b, args.text_len, args.context_dim, generator=g).to(device)
     pooled = torch.randn(b, args.pooled_dim, generator=g).to(device)
     target = torch.randn(b, c, s, s, generator=g).to(device)
+    # Every caption token real: diffusers' SD3 model takes no text mask, ours always applies one.
+    cond = Conditioning(ctx, torch.ones(b, args.text_len, dtype=torch.bool, device=device), pooled)
 
     with torch.no_grad():
-        ref = theirs(x, ctx, pooled, t * 1000).sample
-        err = ((ours(x, t, ctx, pooled) - ref).abs().max() / ref.abs().max()).item()
+        ref = theirs(x, ctx, pooled, t * SD3_TIME_SCALE).sample
+        err = ((ours(x, t, cond) - ref).abs().max() / ref.abs().max()).item()
 
     steps = {
-        "ours": make_step(lambda: ours(x, t, ctx, pooled), ours.parameters(), target, device, dtype),
-        "diffusers": make_step(lambda: theirs(x, ctx, pooled, t * 1000).sample, theirs.parameters(), target,
-                               device, dtype),
+        "ours": make_step(lambda: ours(x, t, cond), ours.parameters(), target, device, dtype),
+        "diffusers": make_step(lambda: theirs(x, ctx, pooled, t * SD3_TIME_SCALE).sample, theirs.parameters(),
+                               target, device, dtype),
     }
     peak = MatmulPeak(device, dtype, args.peak_size)
     # Each iteration times both models back to back, so each pair saw about the same machine load.

@@ -24,6 +24,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from flowmatch.config import RecipeError, load_recipe
     from flowmatch.data import EncoderMismatch
     from flowmatch.engine import run_guarded
+    from flowmatch.engine.launch import LaunchError
     from flowmatch.training import train
     from flowmatch.training.loop import TrainingError
 
@@ -38,13 +39,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
             return train(recipe)
         # Problems of the recipe, the files or the run get a clear message and no traceback (other ranks stop
         # too); anything else is a bug and keeps its traceback.
-        except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError) as err:
+        except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError, LaunchError) as err:
             print(f"flowmatch train: {err}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     # On any failure run_guarded ends this process at once and tells the other ranks to stop, so no rank
     # hangs in a collective until its timeout.
     summary = run_guarded(guarded)
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # one summary per job
+        return 0
     print(
         f"trained {summary.run_dir}: steps {summary.start_step} -> {summary.final_step} in {summary.seconds:.0f} s, "
         f"loss {summary.final_loss:.4f}, skipped {summary.skipped_steps}; checkpoint {summary.last_checkpoint}"

@@ -14,11 +14,12 @@ asked for.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from flowmatch.errors import nearest
 
 if TYPE_CHECKING:
     from flowmatch.evaluate import EvalPlan, TaskScores
@@ -74,8 +75,8 @@ def available_tasks() -> list[str]:
 
 def unknown_task_message(name: str, key: str, allowed: list[str]) -> str:
     """"KEY=NAME is not a task (did you mean ...?); allowed: ..." with the installed tasks' origin explained."""
-    near = difflib.get_close_matches(name, allowed, n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    near = nearest(name, allowed)
+    hint = f" (did you mean {near!r}?)" if near else ""
     return (
         f"{key}={name!r} is not a known task{hint}; allowed: {', '.join(map(repr, allowed)) or 'none'}. Tasks come "
         f"from installed packages' {ENTRY_POINT_GROUP!r} entry points (after editing them, reinstall: "

@@ -1,17 +1,19 @@
-"""Equivalence with diffusers' SD3Transformer2DModel on tiny random configs (nothing is downloaded)."""
+"""Equivalence with diffusers' SD3Transformer2DModel on tiny random configs (nothing is downloaded).
+
+diffusers is a hard dependency: if it fails to import, these tests fail (they are never skipped).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers import SD3Transformer2DModel  # noqa: E402
-
-from flowmatch.models.convert import from_diffusers_sd3, to_diffusers_sd3  # noqa: E402
-from flowmatch.models.embeddings import sincos_pos_embed_2d  # noqa: E402
-from flowmatch.models.mmdit import MMDiT  # noqa: E402
-from flowmatch.models.presets import config_from_preset  # noqa: E402
+from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.models.convert import SD3_TIME_SCALE, from_diffusers_sd3, to_diffusers_sd3
+from flowmatch.models.embeddings import sincos_pos_embed_2d
+from flowmatch.models.mmdit import MMDiT
+from flowmatch.models.presets import config_from_preset
 
 REL_TOL = 1e-4
 
@@ -29,10 +31,17 @@ def diffusers_model(qk_norm="rms_norm", num_layers=3, seed=0, **overrides) -> SD
     return model.eval()
 
 
-def sample_inputs(height=8, width=8, batch=2, text_len=7, seed=1):
+def sample_inputs(height=8, width=8, batch=2, text_len=7, seed=1) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    """(x, t, cond) with every text token real: diffusers' SD3 model takes no text mask."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, height, width, generator=g), torch.rand(batch, generator=g),
-            torch.randn(batch, text_len, 20, generator=g), torch.randn(batch, 12, generator=g))
+    x, t = torch.randn(batch, 4, height, width, generator=g), torch.rand(batch, generator=g)
+    hidden, pooled = torch.randn(batch, text_len, 20, generator=g), torch.randn(batch, 12, generator=g)
+    return x, t, Conditioning(hidden, torch.ones(batch, text_len, dtype=torch.bool), pooled)
+
+
+def reference(theirs: SD3Transformer2DModel, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """diffusers' velocity for our inputs: it takes the text tensors positionally and timestep = 1000 t."""
+    return theirs(x, cond.hidden, cond.pooled, t * SD3_TIME_SCALE).sample
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,10 +55,10 @@ def test_from_diffusers_matches_outputs(qk_norm, size):
     ours = from_diffusers_sd3(theirs)
     assert ours.cfg.qk_norm == (qk_norm is not None)
     assert ours.joint_blocks[-1].context_pre_only
-    x, t, ctx, pooled = sample_inputs(*size)
+    x, t, cond = sample_inputs(*size)
     with torch.no_grad():
-        ref = theirs(x, ctx, pooled, t * 1000).sample
-        out = ours(x, t, ctx, pooled)
+        ref = reference(theirs, x, t, cond)
+        out = ours(x, t, cond)
     assert out.shape == ref.shape == (2, 6, *size)
     assert rel_err(out, ref) < REL_TOL
 
@@ -57,11 +66,11 @@ def test_from_diffusers_matches_outputs(qk_norm, size):
 def test_gradients_match_diffusers():
     theirs = diffusers_model(num_layers=2)
     ours = from_diffusers_sd3(theirs)
-    x, t, ctx, pooled = sample_inputs(6, 10)
+    x, t, cond = sample_inputs(6, 10)
     target = torch.randn(2, 6, 6, 10)
     theirs.train()
-    (theirs(x, ctx, pooled, t * 1000).sample - target).square().mean().backward()
-    (ours(x, t, ctx, pooled) - target).square().mean().backward()
+    (reference(theirs, x, t, cond) - target).square().mean().backward()
+    (ours(x, t, cond) - target).square().mean().backward()
     attn = theirs.transformer_blocks[0].attn
     ref_qkv = torch.cat([attn.to_q.weight.grad, attn.to_k.weight.grad, attn.to_v.weight.grad])
     assert rel_err(ours.joint_blocks[0].img.qkv.weight.grad, ref_qkv) < REL_TOL
@@ -80,9 +89,9 @@ def test_to_diffusers_matches_outputs_and_round_trips(qk_norm):
             p.add_(0.2 * torch.randn_like(p))
     theirs = to_diffusers_sd3(ours)
     assert theirs.config.qk_norm == ("rms_norm" if qk_norm else None)
-    x, t, ctx, pooled = sample_inputs(10, 6)
+    x, t, cond = sample_inputs(10, 6)
     with torch.no_grad():
-        assert rel_err(ours(x, t, ctx, pooled), theirs(x, ctx, pooled, t * 1000).sample) < REL_TOL
+        assert rel_err(ours(x, t, cond), reference(theirs, x, t, cond)) < REL_TOL
     back = from_diffusers_sd3(theirs)
     assert back.cfg.depth == cfg.depth and back.cfg.width == cfg.width
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
@@ -92,12 +101,27 @@ def test_to_diffusers_matches_outputs_and_round_trips(qk_norm):
 def test_from_saved_directory(tmp_path):
     theirs = diffusers_model(num_layers=2)
     theirs.save_pretrained(tmp_path / "transformer")
-    x, t, ctx, pooled = sample_inputs(8, 12)
+    x, t, cond = sample_inputs(8, 12)
     with torch.no_grad():
-        ref = theirs(x, ctx, pooled, t * 1000).sample
+        ref = reference(theirs, x, t, cond)
         # Both the transformer directory itself and a pipeline-style parent directory work.
         for path in (tmp_path / "transformer", tmp_path, str(tmp_path)):
-            assert rel_err(from_diffusers_sd3(path)(x, t, ctx, pooled), ref) < REL_TOL
+            assert rel_err(from_diffusers_sd3(path)(x, t, cond), ref) < REL_TOL
+
+
+def test_padded_text_matches_diffusers_on_the_unpadded_text():
+    # Conditioning pads a batch to its longest caption; masked padding must change nothing, so the padded input
+    # gives diffusers' output on the real tokens alone.
+    theirs = diffusers_model(num_layers=2)
+    ours = from_diffusers_sd3(theirs)
+    x, t, cond = sample_inputs(8, 8, text_len=5)
+    padded = cond.pad_to(9)
+    padded.hidden[:, 5:] = 7.0  # nonzero padding: only the mask can hide it
+    with torch.no_grad():
+        assert rel_err(ours(x, t, padded), reference(theirs, x, t, cond)) < REL_TOL
+        # The same tokens visible do change the output, so the check above can fail.
+        visible = Conditioning(padded.hidden, torch.ones_like(padded.mask), padded.pooled)
+        assert rel_err(ours(x, t, visible), reference(theirs, x, t, cond)) > 100 * REL_TOL
 
 
 def test_position_embedding_matches_diffusers_crops():

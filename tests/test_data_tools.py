@@ -92,13 +92,6 @@ def test_safe_keys_have_no_dots_or_slashes():
         ShardSink("/tmp/never", prefix="../x")
 
 
-@pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    digits.write_digits(out)
-    return out
-
-
 def test_digits_tool_writes_every_digit_with_its_label(digit_shards):
     records = {u: [r for r in read_shard(u)] for u in expand_shards(str(digit_shards))}
     samples = [r for rs in records.values() for r in rs]

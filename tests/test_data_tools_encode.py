@@ -92,7 +92,7 @@ def test_training_reads_cached_shards_and_refuses_other_encoders(encoded, encode
 
 def test_training_steps_on_cached_shards(encoded, tmp_path):
     from flowmatch.config import load_recipe
-    from flowmatch.trainer import train
+    from flowmatch.training import train
 
     overrides = {"run_dir": str(tmp_path / "run"), "data.shards": str(encoded), "data.channels": 3,
                  "model.preset": "tiny", "train.max_steps": 2, "train.batch_size": 4, "optim.warmup_steps": 1,

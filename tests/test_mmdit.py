@@ -7,8 +7,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models.embeddings import patchify, timestep_embedding, unpatchify
 from flowmatch.models.flops import count_parameters, mfu, training_flops_per_step
+from flowmatch.models.layers import AdaLNModulation
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.models.presets import PRESETS, config_from_preset, preset_values
@@ -30,14 +32,15 @@ def randomized(cfg: MMDiTConfig, seed: int = 0) -> MMDiT:
     return model
 
 
-def inputs(cfg: MMDiTConfig, batch=2, height=8, width=8, text_len=5, seed=1):
+def inputs(cfg: MMDiTConfig, batch=2, height=8, width=8, text_len=5, seed=1, mask=None):
+    """(x, t, cond) with random tensors; every text token is real unless a mask (B, text_len) is given."""
     g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(batch, cfg.in_channels, height, width, generator=g),
-        torch.rand(batch, generator=g),
-        torch.randn(batch, text_len, cfg.context_dim, generator=g),
-        torch.randn(batch, cfg.pooled_dim, generator=g),
-    )
+    x = torch.randn(batch, cfg.in_channels, height, width, generator=g)
+    t = torch.rand(batch, generator=g)
+    hidden = torch.randn(batch, text_len, cfg.context_dim, generator=g)
+    pooled = torch.randn(batch, cfg.pooled_dim, generator=g)
+    mask = torch.ones(batch, text_len, dtype=torch.bool) if mask is None else mask
+    return x, t, Conditioning(hidden, mask, pooled)
 
 
 @pytest.mark.parametrize("size", [(8, 8), (6, 12), (16, 4)])
@@ -60,8 +63,8 @@ def test_patchify_round_trip_and_layout():
 def test_adaln_zero_init_outputs_zero_and_blocks_are_identity():
     cfg = tiny()
     model = MMDiT(cfg)
-    x, t, ctx, pooled = inputs(cfg)
-    assert torch.equal(model(x, t, ctx, pooled), torch.zeros_like(x))
+    x, t, cond = inputs(cfg)
+    assert torch.equal(model(x, t, cond), torch.zeros_like(x))
     block = model.joint_blocks[0]
     img, txt, vec = torch.randn(2, 16, cfg.width), torch.randn(2, 5, cfg.width), torch.randn(2, cfg.width)
     out_img, out_txt = block(img, txt, vec)
@@ -72,22 +75,20 @@ def test_adaln_zero_init_outputs_zero_and_blocks_are_identity():
 def test_masked_text_tokens_are_ignored(variant):
     cfg = tiny(**variant)
     model = randomized(cfg)
-    x, t, ctx, pooled = inputs(cfg, text_len=6)
+    x, t, cond = inputs(cfg, text_len=6)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, 4:] = False
     mask[1, 1] = False
-    changed = ctx.clone()
+    changed = cond.hidden.clone()
     changed[0, 4:] = 100 * torch.randn(2, cfg.context_dim)
     changed[1, 1] = -50.0
     with torch.no_grad():
-        ref = model(x, t, ctx, pooled, context_mask=mask)
-        torch.testing.assert_close(model(x, t, changed, pooled, context_mask=mask), ref, rtol=1e-5, atol=1e-6)
-        # The same change without the mask does reach the output, so the check above can fail.
-        assert not torch.allclose(model(x, t, changed, pooled), model(x, t, ctx, pooled), atol=1e-3)
-        # An all-true mask is the same as no mask.
-        torch.testing.assert_close(
-            model(x, t, ctx, pooled, context_mask=torch.ones(2, 6, dtype=torch.bool)), model(x, t, ctx, pooled)
-        )
+        ref = model(x, t, Conditioning(cond.hidden, mask, cond.pooled))
+        out = model(x, t, Conditioning(changed, mask, cond.pooled))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        # The same change with every token visible does reach the output, so the check above can fail.
+        assert not torch.allclose(model(x, t, Conditioning(changed, cond.mask, cond.pooled)), model(x, t, cond),
+                                  atol=1e-3)
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(single_blocks=2, rope=True, mask=True)])
@@ -98,20 +99,27 @@ def test_activation_checkpointing_gives_identical_outputs_and_grads(variant):
     apply_activation_checkpointing(ckpt)
     apply_activation_checkpointing(ckpt)  # idempotent
     assert [n for n, _ in plain.named_parameters()] == [n for n, _ in ckpt.named_parameters()]
-    x, t, ctx, pooled = inputs(cfg)
-    mask = torch.tensor([[True] * 4 + [False], [True] * 5]) if use_mask else None
-    outs = []
+    x, t, cond = inputs(cfg, mask=torch.tensor([[True] * 4 + [False], [True] * 5]) if use_mask else None)
+    outs, block_calls = [], []
     for model in (plain, ckpt):
-        out = model(x, t, ctx, pooled, context_mask=mask)
+        # Count the modulation calls inside the blocks: the checkpointed model makes them again in backward.
+        calls = []
+        for block in model.blocks():
+            for module in block.modules():
+                if isinstance(module, AdaLNModulation):
+                    module.register_forward_hook(lambda *_: calls.append(1))
+        out = model(x, t, cond)
         out.square().mean().backward()
         outs.append(out.detach())
+        block_calls.append(len(calls))
     assert torch.equal(outs[0], outs[1])
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert p.grad is not None and torch.equal(p.grad, q.grad), name
+    assert block_calls[1] == 2 * block_calls[0] > 0
 
 
 def test_apply_compile_is_per_block_in_place_and_keeps_names():
-    # Compiling is lazy, so this only checks the wiring; running compiled blocks takes minutes on CPU.
+    # Compiling is lazy, so this only checks the wiring; tests/test_parallelize.py runs compiled blocks.
     model = MMDiT(tiny(single_blocks=1))
     names = list(model.state_dict())
     apply_compile(apply_activation_checkpointing(model))
@@ -150,12 +158,21 @@ def test_init_weights_zeroes_modulation_and_final_layer_only():
 def test_rope_and_single_block_variants_run_and_learn(variant):
     cfg = tiny(**variant)
     model = randomized(cfg)
-    x, t, ctx, pooled = inputs(cfg, height=6, width=10)
-    mask = torch.tensor([[True, True, False, False, False], [True] * 5])
-    out = model(x, t, ctx, pooled, context_mask=mask)
+    x, t, cond = inputs(cfg, height=6, width=10, mask=torch.tensor([[True, True, False, False, False], [True] * 5]))
+    out = model(x, t, cond)
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.square().mean().backward()
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().max() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(single_blocks=1)])
+def test_qk_norm_uses_the_configured_epsilon(variant):
+    # SD3's epsilon is also timm's RmsNorm default, so only a non-default value shows that norm_eps reaches it.
+    model = randomized(tiny(norm_eps=0.5, **variant))
+    block = model.single_blocks[0] if variant else model.joint_blocks[0].img
+    q = torch.randn(2, 5, 4, 16) * 0.3
+    for norm in (block.q_norm, block.k_norm):
+        torch.testing.assert_close(norm(q), torch.nn.functional.rms_norm(q, (16,), norm.weight, 0.5))
 
 
 def test_last_joint_block_is_context_pre_only_without_single_blocks():
@@ -177,23 +194,35 @@ def test_timestep_embedding_stays_float32_under_bf16_autocast():
 def test_bf16_model_runs():
     cfg = tiny()
     model = randomized(cfg).to(torch.bfloat16)
-    x, t, ctx, pooled = (a.to(torch.bfloat16) for a in inputs(cfg))
-    out = model(x, t, ctx, pooled)
+    x, t, cond = inputs(cfg)
+    out = model(x.to(torch.bfloat16), t, cond.to(dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
 def test_bad_inputs_raise_clear_errors():
     cfg = tiny()
     model = MMDiT(cfg)
-    x, t, ctx, pooled = inputs(cfg)
+    x, t, cond = inputs(cfg)
     with pytest.raises(ValueError, match="divisible by patch_size"):
-        model(x[..., :7], t, ctx, pooled)
+        model(x[..., :7], t, cond)
     with pytest.raises(ValueError, match=r"x must be \(B, 4, H, W\)"):
-        model(x[:, :3], t, ctx, pooled)
-    with pytest.raises(ValueError, match="context_mask must be bool"):
-        model(x, t, ctx, pooled, context_mask=torch.ones(2, 5))
+        model(x[:, :3], t, cond)
+    with pytest.raises(ValueError, match=r"t must be \(2,\)"):
+        model(x, t[:1], cond)
+    with pytest.raises(ValueError, match=r"cond.hidden must be \(2, L, 24\)"):
+        model(x, t, Conditioning(cond.hidden[..., :20], cond.mask, cond.pooled))
+    with pytest.raises(ValueError, match=r"cond.pooled must be \(2, 12\)"):
+        model(x, t, Conditioning(cond.hidden, cond.mask, cond.pooled[:, :8]))
+    # Conditioning checks its mask when built; the model checks again what reaches it.
+    float_mask = Conditioning(cond.hidden, cond.mask, cond.pooled)
+    float_mask.mask = torch.ones(2, 5)
+    with pytest.raises(ValueError, match="cond.mask must be bool"):
+        model(x, t, float_mask)
+    with pytest.raises(ValueError, match=r"cond.extra .*\['guidance', 'size'\]"):
+        model(x, t, Conditioning(cond.hidden, cond.mask, cond.pooled, {"size": torch.ones(2, 2),
+                                                                       "guidance": torch.ones(2)}))
     with pytest.raises(ValueError, match="pos_embed_max_size"):
-        model(torch.randn(1, 4, 34, 2), t[:1], ctx[:1], pooled[:1])
+        model(torch.randn(1, 4, 34, 2), t[:1], Conditioning(cond.hidden[:1], cond.mask[:1], cond.pooled[:1]))
 
 
 def test_presets_and_their_errors():
@@ -226,10 +255,10 @@ def test_large_preset_parameter_counts_on_meta(name, low, high):
 def test_flop_estimate_matches_counted_matmul_flops():
     cfg = tiny(depth=3, single_blocks=1)
     model = randomized(cfg)
-    x, t, ctx, pooled = inputs(cfg, batch=3, height=8, width=12, text_len=7)
+    x, t, cond = inputs(cfg, batch=3, height=8, width=12, text_len=7)
     # The math attention backend runs as bmm calls, which the counter sees (fused CPU kernels it does not).
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x, t, ctx, pooled).sum().backward()
+        model(x, t, cond).sum().backward()
     counted = counter.get_flop_counts()["Global"]
     estimate = training_flops_per_step(model, batch_size=3, latent_size=(8, 12), text_len=7)
     assert counted[torch.ops.aten.bmm] == estimate.attention

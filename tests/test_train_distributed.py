@@ -117,15 +117,6 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def digit_shards(tmp_path_factory) -> Path:
-    from data_tools.digits import write_digits
-
-    out = tmp_path_factory.mktemp("digits")
-    write_digits(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory, digit_shards) -> Runs:
     return Runs(tmp_path_factory.mktemp("train-runs"), digit_shards)
 

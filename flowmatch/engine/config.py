@@ -35,6 +35,9 @@ class DistributedConfig:
     """torch.distributed backend: auto (nccl when CUDA is available, else gloo) | gloo | nccl."""
     timeout_s: float = 600.0
     """Seconds a collective may wait for the other ranks before the job fails."""
+    rendezvous_timeout_s: float = 300.0
+    """Seconds rank 0 waits for every rank to join at start (launchers other than torchrun, whose own rendezvous
+    has its timeouts); then it names the missing ranks and the job stops."""
     zero3_persistence_threshold: int = 100_000
     """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's default, 1e5)."""
 
@@ -59,8 +62,9 @@ class DistributedConfig:
         def is_number(value: Any, kind: type | tuple[type, ...]) -> bool:
             return isinstance(value, kind) and not isinstance(value, bool)
 
-        if not is_number(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise bad("timeout_s", "a positive number of seconds")
+        for field in ("timeout_s", "rendezvous_timeout_s"):
+            if not is_number(getattr(self, field), (int, float)) or not getattr(self, field) > 0:
+                raise bad(field, "a positive number of seconds")
         if not is_number(self.zero3_persistence_threshold, int) or self.zero3_persistence_threshold < 0:
             raise bad("zero3_persistence_threshold", "an integer >= 0")
 

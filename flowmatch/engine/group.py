@@ -1,8 +1,8 @@
 """The process group of a job: who this process is, where its tensors live, and the collectives between ranks.
 
-Launching: ``torchrun`` and the ``deepspeed`` launcher export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
-MASTER_PORT, which are read here; a plain ``python`` process becomes a one-process group on a free local port
-so that DeepSpeed code paths are the same everywhere. gloo is used on CPU, NCCL on GPUs. Every
+Launching: :mod:`.launch` reads this process's place in the job from torchrun, the deepspeed launcher or SLURM
+and runs the rendezvous when no torchrun agent does; a plain ``python`` process becomes a one-process group on a
+free local port so that DeepSpeed code paths are the same everywhere. gloo is used on CPU, NCCL on GPUs. Every
 ``torch.distributed`` call of the engine is made in this module (DeepSpeed makes its own).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -20,14 +19,9 @@ import torch.distributed as dist
 
 from flowmatch.engine.config import DistributedConfig
 from flowmatch.engine.failure import start_abort_watch, stop_abort_watch
+from flowmatch.engine.launch import detect_launch, export, rendezvous
 
 T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _UntestedOptimizerNotice(logging.Filter):
@@ -69,16 +63,10 @@ class ProcessGroup:
             raise ValueError("distributed.backend is nccl but no CUDA device is visible: use backend auto or gloo")
         if cfg.precision == "fp16" and not on_cuda:
             raise ValueError("distributed.precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
-        self._set_env: list[str] = []  # variables this group added, removed again by shutdown()
-        if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
-            # A plain `python` process: make it a one-process group so DeepSpeed runs the same code paths.
-            single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-            self._set_env = [k for k in single if k not in os.environ]
-            os.environ.update(single)
-        self._rank = int(os.environ["RANK"])
-        self._world_size = int(os.environ["WORLD_SIZE"])
-        self._local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        info = detect_launch(os.environ)
+        self._set_env = export(info, os.environ)  # variables this group added, removed again by shutdown()
+        self._rank, self._world_size, self._local_rank = info.rank, info.world_size, info.local_rank
+        self.launcher = info.launcher
         self._device = torch.device("cuda", self._local_rank) if backend == "nccl" else torch.device("cpu")
         if self._device.type == "cuda":
             torch.cuda.set_device(self._device)
@@ -86,7 +74,11 @@ class ProcessGroup:
         timeout = timedelta(seconds=cfg.timeout_s)
         self._owns_group = not dist.is_initialized()
         if self._owns_group:
-            extra = {"device_id": self._device} if backend == "nccl" else {}
+            extra: dict[str, Any] = {"device_id": self._device} if backend == "nccl" else {}
+            if info.world_size > 1 and info.launcher != "torchrun":
+                # torchrun's agent runs the rendezvous; for every other launcher rank 0 hosts it, with a deadline.
+                extra.update(store=rendezvous(info, cfg.rendezvous_timeout_s), rank=info.rank,
+                             world_size=info.world_size)
             dist.init_process_group(backend, timeout=timeout, **extra)
         self.deepspeed = _import_deepspeed()
         if backend == "gloo":

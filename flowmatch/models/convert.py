@@ -1,7 +1,8 @@
 """Weight conversion between flowmatch's MMDiT and diffusers' `SD3Transformer2DModel`.
 
-Same inputs give the same outputs: our `model(x, t, context, pooled)` equals diffusers'
-`model(x, context, pooled, timestep=t * 1000)`. The mapping, per diffusers module (diffusers 0.3x layout):
+Same inputs give the same outputs: our `model(x, t, Conditioning(hidden, mask, pooled))` with an all-True mask
+(or with padding masked out) equals diffusers' `model(x, hidden, pooled, timestep=t * 1000)` on the real tokens.
+The mapping, per diffusers module (diffusers 0.3x layout):
 
     pos_embed.proj (conv, out x C x p x p)    patch_embed (linear over (p_row, p_col, C) features)
     time_text_embed.timestep_embedder.*      time_embed.mlp.fc1 / fc2

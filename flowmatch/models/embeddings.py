@@ -2,6 +2,12 @@
 
 Positions and timesteps are computed on the fly from the input size, on the input's device, so the model has
 no buffers: meta-device construction needs nothing recomputed, and any resolution up to the position grid works.
+
+The two-layer embedder MLP is timm's `Mlp`. The position tables are written here because timm's do not have
+these layouts: its sin-cos grid (`build_sincos2d_pos_embed`) has neither SD3's scaled, centre-cropped grid nor
+its channel order, and its rotary tables (`build_rotary_pos_embed`) give every axis the same bands over the whole
+head, where FLUX's layout takes per-axis channel counts (`rope_axes_dim`), unrotated tail channels and text tokens
+at position 0. timm has no DDPM-style timestep embedding.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from torch import Tensor, nn
 
 #: Sinusoid period used by DDPM/SD3 timestep embeddings and by SD3's sin-cos position grid.
@@ -95,16 +102,10 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-class MLPEmbedder(nn.Module):
-    """Two-layer SiLU MLP mapping a per-sample vector to the model width: (B, in_dim) -> (B, dim)."""
-
-    def __init__(self, in_dim: int, dim: int, *, device=None, dtype=None) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, dim, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(dim, dim, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.silu(self.fc1(x)))
+def mlp_embedder(in_dim: int, dim: int, *, device=None, dtype=None) -> Mlp:
+    """Two-layer SiLU MLP (timm's `Mlp`, hidden width `dim`) mapping a per-sample vector to the model width:
+    (B, in_dim) -> (B, dim). SD3's timestep and pooled-text embedders."""
+    return Mlp(in_dim, hidden_features=dim, out_features=dim, act_layer=nn.SiLU, device=device, dtype=dtype)
 
 
 class TimestepEmbedder(nn.Module):
@@ -113,7 +114,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, freq_dim: int, dim: int, *, device=None, dtype=None) -> None:
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = MLPEmbedder(freq_dim, dim, device=device, dtype=dtype)
+        self.mlp = mlp_embedder(freq_dim, dim, device=device, dtype=dtype)
 
     def forward(self, t: Tensor) -> Tensor:
         freqs = timestep_embedding(t, self.freq_dim)

@@ -6,32 +6,28 @@ Layout conventions used throughout:
 - the joint sequence is [image tokens, text tokens];
 - adaLN modulation vectors come out of one linear layer per stream in the order
   (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp), each (B, 1, D).
+
+Layers timm has are taken from timm: `Mlp` (fc1 -> act -> fc2; its dropouts are p = 0 and its norm is
+nn.Identity, so it is exactly the two-layer MLP, with the fc1 / fc2 names the converter maps) and `RmsNorm` for
+QK-norm (x * rsqrt(mean(x^2) + eps) * weight, the operation order of diffusers' RMSNorm, equal to it in float32).
+Written here are the pieces timm has no equivalent of: adaLN modulation, the joint two-stream attention and the
+single-stream block with its fused input projection.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp, RmsNorm
 from torch import Tensor, nn
 
 from flowmatch.models.embeddings import RopeTable, apply_rope
 
-
-class RMSNorm(nn.Module):
-    """RMS normalisation over the last dimension with a learned scale (used on queries and keys per head)."""
-
-    def __init__(self, dim: int, *, eps: float, device=None, dtype=None) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+#: The MLP activation of SD3 and FLUX: tanh-approximated GELU.
+GELU_TANH = partial(nn.GELU, approximate="tanh")
 
 
 class AdaLNModulation(nn.Module):
@@ -60,18 +56,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
     return out.transpose(1, 2).flatten(2)
 
 
-class MLP(nn.Module):
-    """Position-wise feed-forward with tanh-approximated GELU (SD3 and FLUX): (B, S, D) -> (B, S, D)."""
-
-    def __init__(self, dim: int, hidden: int, *, device=None, dtype=None) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 class StreamWeights(nn.Module):
     """The per-modality weights of a joint block: modulation, fused QKV, QK-norm, output projection and MLP.
 
@@ -89,11 +73,12 @@ class StreamWeights(nn.Module):
         self.mod = AdaLNModulation(dim, 2 if pre_only else 6, **kw)
         # One matmul for Q, K and V (K and V only when pre_only): fewer, larger GEMMs than three projections.
         self.qkv = nn.Linear(dim, (2 if pre_only else 3) * dim, **kw)
-        self.q_norm = RMSNorm(head_dim, eps=eps, **kw) if qk_norm and not pre_only else None
-        self.k_norm = RMSNorm(head_dim, eps=eps, **kw) if qk_norm else None
+        self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm and not pre_only else None
+        self.k_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
         if not pre_only:
             self.proj = nn.Linear(dim, dim, **kw)
-            self.mlp = MLP(dim, mlp_hidden, **kw)
+            # Position-wise feed-forward: (B, S, D) -> (B, S, D).
+            self.mlp = Mlp(dim, hidden_features=mlp_hidden, act_layer=GELU_TANH, **kw)
 
     def heads(self, x: Tensor) -> tuple[Optional[Tensor], Tensor, Tensor]:
         """Modulated tokens (B, S, D) -> q (None when pre_only), k, v each (B, S, H, hd), QK-normalised."""
@@ -167,8 +152,9 @@ class SingleBlock(nn.Module):
         self.mod = AdaLNModulation(dim, 3, **kw)
         self.linear_in = nn.Linear(dim, 3 * dim + mlp_hidden, **kw)
         self.linear_out = nn.Linear(dim + mlp_hidden, dim, **kw)
-        self.q_norm = RMSNorm(head_dim, eps=eps, **kw) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, eps=eps, **kw) if qk_norm else None
+        self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
+        self.k_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
+        self.mlp_act = GELU_TANH()
 
     def forward(
         self, h: Tensor, vec: Tensor, mask: Optional[Tensor] = None, rope: Optional[RopeTable] = None
@@ -179,7 +165,7 @@ class SingleBlock(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = torch.cat([attention(q, k, v, mask), F.gelu(mlp, approximate="tanh")], dim=-1)
+        out = torch.cat([attention(q, k, v, mask), self.mlp_act(mlp)], dim=-1)
         return torch.addcmul(h, gate, self.linear_out(out))
 
 

@@ -10,19 +10,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from timm.layers import RmsNorm
 from torch import Tensor, nn
 
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models.embeddings import (
-    MLPEmbedder,
     RopeTable,
     TimestepEmbedder,
+    mlp_embedder,
     patchify,
     rope_table_2d,
     sincos_pos_embed_2d,
     unpatchify,
 )
-from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, RMSNorm, SingleBlock
+from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
 
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
 EMBEDDER_INIT_STD = 0.02
@@ -122,8 +123,8 @@ class MMDiTConfig:
 class MMDiT(nn.Module):
     """Multimodal diffusion transformer predicting rectified-flow velocities.
 
-    forward(x (B, C, H, W), t (B,) in [0, 1], context (B, L, context_dim), pooled (B, pooled_dim),
-    context_mask (B, L) bool or None) -> velocity (B, C_out, H, W).
+    forward(x (B, C, H, W), t (B,) in [0, 1], cond: Conditioning with hidden (B, L, context_dim),
+    mask (B, L) bool, pooled (B, pooled_dim) and no extra inputs) -> velocity (B, C_out, H, W).
     """
 
     def __init__(self, cfg: MMDiTConfig, *, device=None, dtype=None) -> None:
@@ -135,9 +136,12 @@ class MMDiT(nn.Module):
         kw = dict(device=device, dtype=dtype)
         block_kw = dict(qk_norm=cfg.qk_norm, eps=cfg.norm_eps, **kw)
 
+        # A linear over patchified tokens rather than timm's `PatchEmbed`, a strided conv computing the same map:
+        # the linear keeps the weight's name and (D, p * p * C) shape that existing checkpoints hold, and its
+        # (p_row, p_col, C) feature order is the one the final layer produces for `unpatchify`.
         self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, **kw)
         self.time_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw)
-        self.pooled_embed = MLPEmbedder(cfg.pooled_dim, d, **kw)
+        self.pooled_embed = mlp_embedder(cfg.pooled_dim, d, **kw)
         self.context_embed = nn.Linear(cfg.context_dim, d, **kw)
         # Without single blocks the text stream of the last joint block is never read again (SD3).
         last_pre_only = cfg.single_blocks == 0
@@ -158,13 +162,14 @@ class MMDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """adaLN-Zero initialisation (DiT, Peebles & Xie 2023, section 3.2): Xavier-uniform linears with zero
-        bias, N(0, 0.02) timestep and pooled-text MLPs, and zeroed modulation and final projection, so every
-        block starts as the identity and the model outputs exactly zero. Call after `to_empty` from meta."""
+        bias, unit QK-norm scales, N(0, 0.02) timestep and pooled-text MLPs, and zeroed modulation and final
+        projection, so every block starts as the identity and the model outputs exactly zero. Call after
+        `to_empty` from meta."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, RmsNorm):
                 module.reset_parameters()
         for embedder in (self.time_embed.mlp, self.pooled_embed):
             for linear in (embedder.fc1, embedder.fc2):
@@ -180,7 +185,7 @@ class MMDiT(nn.Module):
         """All transformer blocks in execution order (the units of checkpointing and compilation)."""
         return [*self.joint_blocks, *self.single_blocks]
 
-    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor, pooled: Tensor, mask: Optional[Tensor]) -> None:
+    def _check_inputs(self, x: Tensor, t: Tensor, cond: Conditioning) -> None:
         cfg = self.cfg
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -189,19 +194,21 @@ class MMDiT(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
         if t.shape != (b,):
             raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-            raise ValueError(f"context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        hidden, mask, pooled = cond.hidden, cond.mask, cond.pooled
+        if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
+            raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
         if pooled.shape != (b, cfg.pooled_dim):
-            raise ValueError(f"pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
-        if mask is not None and (mask.shape != context.shape[:2] or mask.dtype != torch.bool):
-            raise ValueError(
-                f"context_mask must be bool {tuple(context.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
-            )
+            raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
+        if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        if cond.extra:
+            raise ValueError(f"cond.extra has inputs this MMDiT does not take: {sorted(cond.extra)}; no preset "
+                             "consumes extra inputs")
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Velocity at (x, t) given the conditioning; masked text tokens (cond.mask False) are never attended to."""
-        context, pooled, context_mask = cond.hidden, cond.pooled, cond.mask
-        self._check_inputs(x, t, context, pooled, context_mask)
+        """Velocity at (x, t) given the caption conditioning; text tokens where cond.mask is False (padding or
+        dropped tokens) are never attended to."""
+        self._check_inputs(x, t, cond)
         cfg = self.cfg
         b, _, height, width = x.shape
         gh, gw = height // cfg.patch_size, width // cfg.patch_size
@@ -211,14 +218,12 @@ class MMDiT(nn.Module):
             pos = sincos_pos_embed_2d(gh, gw, cfg.width, base_size=cfg.sample_size // cfg.patch_size,
                                       max_size=cfg.pos_embed_max_size, device=x.device)
             img = (img + pos).to(img.dtype)
-        vec = self.time_embed(t.float() * cfg.time_scale) + self.pooled_embed(pooled)  # (B, D)
-        ctx = self.context_embed(context)  # (B, L, D)
+        vec = self.time_embed(t.float() * cfg.time_scale) + self.pooled_embed(cond.pooled)  # (B, D)
+        ctx = self.context_embed(cond.hidden)  # (B, L, D)
 
         n, text_len = img.shape[1], ctx.shape[1]
-        mask = None
-        if context_mask is not None:
-            # Image keys are always visible; only the text keys are masked.
-            mask = torch.cat([context_mask.new_ones(b, n), context_mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
+        # Image keys are always visible; only the text keys are masked.
+        mask = torch.cat([cond.mask.new_ones(b, n), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, N + L)
         rope: Optional[RopeTable] = None
         if cfg.rope:
             rope = rope_table_2d(gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,

@@ -8,6 +8,7 @@ parameter partitioning see the same model with or without them. Apply checkpoint
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -40,10 +41,17 @@ def apply_activation_checkpointing(model: MMDiT) -> MMDiT:
     return model
 
 
-def apply_compile(model: MMDiT, *, fullgraph: bool = True, dynamic: bool | None = None) -> MMDiT:
+def apply_compile(
+    model: MMDiT, *, fullgraph: bool = True, dynamic: bool | None = None, backend: str | Callable = "inductor"
+) -> MMDiT:
     """torch.compile each block in place (`nn.Module.compile`). Per-block graphs stay small, and blocks of the
-    same kind share their code, so compiled graphs are reused across depth instead of growing with it."""
+    same kind share their code, so compiled graphs are reused across depth instead of growing with it.
+
+    `backend` is torch.compile's: "inductor" generates kernels (on CPU it needs a C++ compiler and minutes even
+    for a tiny model); "aot_eager", like the counting backend of tests/test_parallelize.py, traces forward and
+    backward the same way (AOTAutograd) but runs the graphs eagerly, which exercises compilation in seconds.
+    """
     block: nn.Module
     for block in model.blocks():
-        block.compile(fullgraph=fullgraph, dynamic=dynamic)
+        block.compile(fullgraph=fullgraph, dynamic=dynamic, backend=backend)
     return model

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
+from flowmatch.errors import nearest
 from flowmatch.models.mmdit import MMDiTConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -31,8 +31,8 @@ _FIELDS = {f.name for f in dataclasses.fields(MMDiTConfig)}
 
 
 def _unknown(kind: str, name: str, allowed: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, allowed, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    close = nearest(name, allowed)
+    hint = f"; did you mean {close!r}?" if close else ""
     return ValueError(f"unknown {kind} {name!r}{hint} (allowed: {', '.join(sorted(allowed))})")
 
 
