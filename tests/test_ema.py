@@ -24,7 +24,7 @@ from flowmatch.checkpoint import load_checkpoint, read_layout, save_checkpoint
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
 from flowmatch.engine.ema import ShadowEma
 from flowmatch.engine.power_ema import gamma_of, power_decay, reconstruct, sigma_rel_of, warmup_decay
-from flowmatch.posthoc import ema_name, list_snapshots, reconstruct_ema, write_snapshot
+from flowmatch.posthoc import ema_name, list_snapshots, reconstruct_ema, restore_profiles, write_snapshot
 
 _OPTIM = OptimConfig(lr=0.02, warmup_steps=0, schedule="constant", grad_clip=0.0)
 
@@ -204,6 +204,28 @@ def test_posthoc_ema_matches_a_directly_tracked_ema(tmp_path):
         assert (got - want).norm() < 0.02 * scale, m.name
         assert min((t - want).norm() for t in tracked) > 0.4 * scale  # the tracked ones alone would not do
     torch.testing.assert_close(_flat(load_file(str(made[-1].path))), tracked[1], rtol=0, atol=1e-6)
+
+
+def test_resume_restores_the_profiles_of_its_step_and_drops_later_snapshots(tmp_path):
+    """Bugs caught: profiles restarted (or taken from another step) on resume; snapshots of an abandoned attempt
+    left behind for `flowmatch ema` to mix into the resumed run's."""
+    gen = torch.Generator().manual_seed(5)
+    with _toy_engine() as engine:
+        engine.ema_init(0.999, profiles=[0.05, 0.10])
+        for step in range(1, 4):
+            _step(engine, gen)
+            write_snapshot(engine, tmp_path, step, [0.05, 0.10])
+            if step == 2:
+                at_two = engine.ema_profile_state_dicts()
+    with _toy_engine() as engine:
+        engine.ema_init(0.999, profiles=[0.05, 0.10])
+        said = restore_profiles(engine, tmp_path, 2, [0.05, 0.10])
+        assert "restored" in said and engine.ema_profile_updates == 2
+        assert [s.step for s in list_snapshots(tmp_path)] == [1, 2]
+        for got, want in zip(engine.ema_profile_state_dicts(), at_two):
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        said = restore_profiles(engine, tmp_path, 2, [0.05, 0.20])  # other profiles: they start over
+        assert "start over" in said and engine.ema_profile_updates == 0
 
 
 def test_posthoc_needs_snapshots(tmp_path):

@@ -6,7 +6,7 @@ part               owns
 ``ProcessGroup``   rank, world size, device, backend, launcher variables, collectives, shutdown (:mod:`.group`)
 ``Zero``           the ZeRO layout: partitioned construction, gathering, whole weights in and out (:mod:`.zero`)
 ``Trainable``      the DeepSpeed-wrapped model, AdamW, LR schedule, forward/backward/step (:mod:`.trainable`)
-``Ema``            the fp32 EMA of the weights, its swapping in and out (:mod:`.ema`)
+``Ema``            the fp32 EMA of the weights, its warm-up and profiles, swapping in and out (:mod:`.ema`)
 ``TrainingState``  save and load of the full training state, ``engine.json`` (:mod:`.state`)
 =================  ===============================================================================================
 

@@ -140,10 +140,14 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------------------------
 
     def resume(self) -> None:
-        """Load the newest complete checkpoint of run_dir, if any, and say so."""
+        """Load the newest complete checkpoint of run_dir, if any, and say so; the EMA profiles come from the
+        snapshot of its step (and snapshots newer than it, left by an abandoned attempt, go)."""
         run, e = self.run, self.engine
         ckpt = latest_checkpoint(run.run_dir)
+        profiles = self.recipe.train.ema_profiles
         if ckpt is None:
+            if profiles:
+                restore_profiles(e, run.run_dir, 0, profiles)
             return
         state = load_checkpoint(e, ckpt)
         self.step = int(state["step"])
@@ -156,8 +160,8 @@ class Trainer:
                 g.set_state(generators[first_slot + m])
         if e.is_main:
             print(f"resuming from {ckpt} (step {self.step})", flush=True)
-        if self.recipe.train.ema_profiles:
-            said = restore_profiles(e, run.run_dir, self.step, self.recipe.train.ema_profiles)
+        if profiles:
+            said = restore_profiles(e, run.run_dir, self.step, profiles)
             if e.is_main:
                 print(said, flush=True)
 
