@@ -1,4 +1,4 @@
-"""The `flowmatch` command: train, sample, eval, check, export. Each command parses, builds, runs and closes.
+"""The `flowmatch` command: train, sample, eval, check, export, ema. Each command parses, builds, runs and closes.
 
 `python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
 """
@@ -68,7 +68,7 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     from flowmatch.images import image_grid, save_png
     from flowmatch.pipeline import load_pipeline
 
-    pipe = load_pipeline(ns.path, ema=False if ns.no_ema else None)
+    pipe = load_pipeline(ns.path, ema=False if ns.no_ema else ns.ema)
     prompts = [p for p in ns.prompt for _ in range(ns.num)]
     images = pipe.generate(prompts, steps=ns.steps, solver=ns.solver, guidance_scale=ns.guidance, seed=ns.seed)
     save_png(image_grid(images, rows=len(ns.prompt)), ns.out, scale=ns.scale)
@@ -108,6 +108,30 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ema(ns: argparse.Namespace) -> int:
+    from flowmatch.checkpoint import resolve_checkpoint
+    from flowmatch.posthoc import compare_emas, reconstruct_ema
+
+    ckpt = resolve_checkpoint(ns.path)
+    run_dir = ckpt.parent.parent
+    made = reconstruct_ema(run_dir, [float(s) for s in ns.sigma_rel.split(",")], step=ns.step)
+    for m in made:
+        print(f"wrote {m.path}: sigma_rel {m.sigma_rel:g} at step {m.step} from {m.snapshots} snapshots "
+              f"(profile misfit {m.residual:.1e}); load it with ema={m.name!r}")
+    if not ns.eval:
+        return 0
+    scores = compare_emas(ckpt, [m.name for m in made], samples_per_prompt=ns.samples)
+    names = list(dict.fromkeys(k for s in scores for k in s.metrics))
+    print(f"{'weights':>16} {'val_loss':>9} " + " ".join(f"{n:>9}" for n in names))
+    for s in scores:
+        loss = "-" if s.val_loss is None else f"{s.val_loss:.5f}"
+        print(f"{s.weights:>16} {loss:>9} " + " ".join(f"{s.metrics[n]:>9.3f}" for n in names))
+    measured = [s for s in scores if s.val_loss is not None]
+    if measured:
+        print(f"best by validation loss: {min(measured, key=lambda s: s.val_loss).weights}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default="grid.png", help="output PNG")
     p.add_argument("--scale", type=int, default=1, help="upscale the grid (nearest) for viewing")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights whatever the checkpoint's default")
+    p.add_argument("--ema", default=None, help="an EMA reconstructed by `flowmatch ema`, e.g. sigma_rel-0.1")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="prompt accuracy, Frechet distance and bits/dim of a run")
@@ -155,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="weights dtype of the export (the checkpoint's is fp32; the releases are bf16)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of other lengths from a run's snapshots")
+    p.add_argument("path", help="a run directory trained with train.ema_profiles (or one of its checkpoints)")
+    p.add_argument("--sigma-rel", required=True, help="comma-separated relative EMA widths, e.g. 0.05,0.1,0.15")
+    p.add_argument("--step", type=int, default=None, help="reconstruct at this snapshot's step (default: newest)")
+    p.add_argument("--eval", action="store_true", help="also score raw, EMA and each reconstruction")
+    p.add_argument("--samples", type=int, default=None, help="images per class prompt for the task's judge")
+    p.set_defaults(func=cmd_ema)
     return parser
 
 

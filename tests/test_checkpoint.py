@@ -128,6 +128,18 @@ def test_the_manifest_is_written_last(tmp_path, monkeypatch):
                             "state/client.json"])]
 
 
+@pytest.mark.parametrize("ema_default, want", [(True, 1.5), (False, 3.0), (None, 1.5)])
+def test_the_default_weights_are_those_validation_chose(tmp_path, ema_default, want):
+    """Bug caught: the verdict of validation not recorded, or load_weights ignoring it; ema=True/False still force."""
+    engine = FakeEngine(weight=3.0)
+    ckpt = save_checkpoint(engine, tmp_path, 1, client_state={}, recipe_yaml=RECIPE, keep=1, ema=True,
+                           ema_default=ema_default)
+    assert read_meta(ckpt).ema_default is ema_default
+    assert torch.equal(load_weights(ckpt)["w"], torch.full((2, 3), want))
+    assert torch.equal(load_weights(ckpt, ema=True)["w"], torch.full((2, 3), 1.5))
+    assert torch.equal(load_weights(ckpt, ema=False)["w"], torch.full((2, 3), 3.0))
+
+
 def test_without_ema(tmp_path):
     ckpt = _save(FakeEngine(), tmp_path, 1, ema=False)
     assert not (ckpt / "ema.safetensors").exists() and not read_meta(ckpt).ema

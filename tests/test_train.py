@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import flowmatch
+from flowmatch.checkpoint import read_meta
 from flowmatch.config import load_recipe
 from flowmatch.training import train
 from flowmatch.training.loop import Trainer, TrainingError
@@ -53,24 +54,33 @@ def test_train_checkpoint_and_generate(tmp_path, digit_shards):
     again = pipe.generate(["a handwritten digit seven"], steps=3, seed=5)
     assert torch.allclose(again[0], images[0], atol=1e-6)
     assert not torch.allclose(pipe.generate(["a handwritten digit seven"], steps=3, seed=6), again)
-    # EMA weights by default; the raw weights differ from them.
+    # By default the weights validation found better (recorded in meta.json, logged beside both losses); ema=True
+    # and ema=False force either. The raw weights differ from the EMA.
     ema = load_file(run / "checkpoints" / "4" / "ema.safetensors")
     raw = load_file(run / "checkpoints" / "4" / "model.safetensors")
-    name = next(iter(raw))
-    assert torch.equal(pipe.model.state_dict()[name], ema[name])
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    validation = [m for m in read_metrics(run) if "val_loss_ema" in m]
+    assert [m["step"] for m in validation] == [4]
+    ema_better = validation[0]["val_loss_ema"] <= validation[0]["val_loss_raw"]
+    assert read_meta(run).ema_default is ema_better
+    name = next(iter(raw))
+    assert torch.equal(pipe.model.state_dict()[name], (ema if ema_better else raw)[name])
+    for choice, weights in ((True, ema), (False, raw)):
+        assert torch.equal(flowmatch.Pipeline.from_checkpoint(run, ema=choice).model.state_dict()[name], weights[name])
 
 
 def test_resumed_run_is_bit_identical(tmp_path, digit_shards, capsys):
+    """Also the EMA's warm-up (its update count) and the post-hoc profiles, restored from their snapshot."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    const = {"optim.schedule": "constant"}  # a cosine schedule's shape depends on max_steps
+    const = {"optim.schedule": "constant", "train.ema_profiles": [0.05, 0.1]}  # cosine's shape depends on max_steps
     train(tiny_recipe(straight, digit_shards, **{"train.max_steps": 4}, **const))
     train(tiny_recipe(split, digit_shards, **{"train.max_steps": 2}, **const))
     summary = train(tiny_recipe(split, digit_shards, **{"train.max_steps": 4}, **const))
-    assert summary.start_step == 2 and "resuming from" in capsys.readouterr().out
-    for name in ("model.safetensors", "ema.safetensors"):
-        a = load_file(straight / "checkpoints" / "4" / name)
-        b = load_file(split / "checkpoints" / "4" / name)
+    out = capsys.readouterr().out
+    assert summary.start_step == 2 and "resuming from" in out and "EMA profiles restored from" in out
+    for name in ("checkpoints/4/model.safetensors", "checkpoints/4/ema.safetensors", "ema/snapshots/4.safetensors"):
+        a = load_file(straight / name)
+        b = load_file(split / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     loss_a = [m["loss"] for m in read_metrics(straight) if "loss" in m]
     loss_b = [m["loss"] for m in read_metrics(split) if "loss" in m]
@@ -134,6 +144,25 @@ def test_cli_train_sample_and_errors(tmp_path, digit_shards):
     assert "Traceback" not in res.stderr
     res = run_cli("sample", str(tmp_path / "nothing"), "--prompt", "x")
     assert res.returncode == 1 and "Traceback" not in res.stderr and "nothing" in res.stderr
+
+
+def test_flowmatch_ema_reconstructs_from_a_run_and_pipelines_load_it_by_name(tmp_path, digit_shards):
+    """Bugs caught: the profiles tracked with another gamma than the warm-up's, the snapshots or `flowmatch ema`
+    mixing up profiles or steps, load_pipeline ignoring a named EMA. Below the cap, the training EMA with warm-up
+    0.1 is the sigma_rel 0.1 power profile, which post-hoc EMA reproduces from the snapshot that tracked it."""
+    run = tmp_path / "run"
+    train(tiny_recipe(run, digit_shards, **{"train.ema_profiles": [0.05, 0.1], "train.ema_snapshot_every": 1}))
+    assert sorted(int(p.stem) for p in (run / "ema" / "snapshots").iterdir()) == [1, 2, 3, 4]
+    res = run_cli("ema", str(run), "--sigma-rel", "0.1,0.07")
+    assert res.returncode == 0, res.stderr
+    assert "sigma_rel 0.07 at step 4 from 4 snapshots" in res.stdout and "ema='sigma_rel-0.1'" in res.stdout
+    ema = load_file(run / "checkpoints" / "4" / "ema.safetensors")
+    named = flowmatch.Pipeline.from_checkpoint(run, ema="sigma_rel-0.1").model.state_dict()
+    assert all(torch.allclose(named[k], ema[k], rtol=0, atol=1e-6) for k in ema)
+    other = flowmatch.Pipeline.from_checkpoint(run, ema="sigma_rel-0.07").model.state_dict()
+    assert any(not torch.allclose(other[k], ema[k], rtol=0, atol=1e-5) for k in ema)
+    with pytest.raises(FileNotFoundError, match="no EMA named 'sigma_rel-0.2'.*there: sigma_rel-0.07, sigma_rel-0.1"):
+        flowmatch.Pipeline.from_checkpoint(run, ema="sigma_rel-0.2")
 
 
 def test_missing_shards_without_a_builder_is_a_clear_error(tmp_path):

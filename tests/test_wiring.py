@@ -150,9 +150,12 @@ def _tiny(tmp_path, shards, *more):
     return load_recipe(ROOT / "recipes" / "digits.yaml", overrides)
 
 
-def test_the_ema_follows_each_update(tmp_path, digit_shards, monkeypatch):
-    """Bug caught: the EMA update not being called (or with the wrong decay) by the trainer."""
+@pytest.mark.parametrize("warmup", [0.1, 0.0])
+def test_the_ema_follows_each_update(tmp_path, digit_shards, monkeypatch, warmup):
+    """Bugs caught: the EMA update not being called by the trainer, or with another decay than the recipe's
+    warm-up formula (e.g. the warm-up or its update count left out)."""
     from flowmatch.engine import Engine
+    from flowmatch.engine.power_ema import gamma_of, warmup_decay
 
     decay, snapshots = 0.5, []
     real_step, real_setup = Engine.step, Engine.setup
@@ -168,12 +171,13 @@ def test_the_ema_follows_each_update(tmp_path, digit_shards, monkeypatch):
 
     monkeypatch.setattr(Engine, "setup", setup)
     monkeypatch.setattr(Engine, "step", step)
-    train(_tiny(tmp_path, digit_shards, "train.max_steps=3", f"train.ema_decay={decay}"))
+    train(_tiny(tmp_path, digit_shards, "train.max_steps=3", f"train.ema_decay={decay}", f"train.ema_warmup={warmup}"))
     ema = load_file(tmp_path / "checkpoints" / "3" / "ema.safetensors")
     expected = {k: v.clone() for k, v in snapshots[0].items()}
-    for weights in snapshots[1:]:
+    for n, weights in enumerate(snapshots[1:], start=1):
+        beta = warmup_decay(n, decay, gamma_of(warmup) if warmup else None)  # 0, 0.004, 0.040 with warm-up 0.1
         for k in expected:
-            expected[k] = decay * expected[k] + (1 - decay) * weights[k]
+            expected[k] = beta * expected[k] + (1 - beta) * weights[k]
     name = "final.linear.weight" if "final.linear.weight" in ema else next(iter(ema))
     assert not torch.equal(ema[name], snapshots[0][name])  # it moved
     for k in ema:

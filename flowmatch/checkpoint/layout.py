@@ -42,6 +42,9 @@ class CheckpointMeta:
     """Layout version of the checkpoint directory."""
     flowmatch_version: str = ""
     """Package version that wrote it."""
+    ema_default: bool | None = None
+    """Whether :func:`load_weights` gives the EMA weights by default: validation found them at least as good as
+    the raw ones (None: not measured, then the EMA when present)."""
 
 
 def parse_meta(text: str) -> CheckpointMeta:
@@ -86,7 +89,8 @@ def looks_complete(ckpt: Path) -> bool:
 
 
 def weights_file(ckpt: Path, ema: bool | None) -> str:
-    """The weights file to read from ``ckpt``: EMA when ``ema`` is True (or None and the checkpoint has one).
+    """The weights file to read from ``ckpt``: EMA when ``ema`` is True; with None the checkpoint's default, the
+    weights validation found better (:attr:`CheckpointMeta.ema_default`), else the EMA when present.
 
     Raises:
         FileNotFoundError: ``ema`` is True and the run kept no EMA.
@@ -94,7 +98,9 @@ def weights_file(ckpt: Path, ema: bool | None) -> str:
     has_ema = (ckpt / EMA_FILE).is_file()
     if ema and not has_ema:
         raise FileNotFoundError(f"{ckpt} has no {EMA_FILE}: that run kept no EMA; load the raw weights (ema=False)")
-    return EMA_FILE if (has_ema if ema is None else ema) else MODEL_FILE
+    if ema is None:
+        ema = has_ema and parse_meta((ckpt / META_FILE).read_text()).ema_default is not False
+    return EMA_FILE if ema else MODEL_FILE
 
 
 def human_bytes(n: float) -> str:

@@ -54,7 +54,8 @@ def load_weights(path: str | os.PathLike[str], *, ema: bool | None = None) -> di
 
     Args:
         path: a checkpoint directory or a run directory.
-        ema: True for the EMA weights, False for the raw weights, None for EMA when the checkpoint has it.
+        ema: True for the EMA weights, False for the raw weights, None for the checkpoint's default: the weights
+            validation found better (:attr:`CheckpointMeta.ema_default`), else the EMA when present.
     """
     ckpt = resolve_checkpoint(path, reads=lambda c: (weights_file(c, ema),))
     return load_file(str(ckpt / weights_file(ckpt, ema)))

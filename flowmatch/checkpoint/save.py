@@ -106,7 +106,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _write_files(engine: EngineLike, tmp: Path, step: int, client_state: Mapping[str, Any], recipe_yaml: str,
-                 ema: bool) -> dict[str, dict[str, Any]]:
+                 ema: bool, ema_default: bool | None) -> dict[str, dict[str, Any]]:
     """Collective: every file of the checkpoint into ``tmp``; returns the manifest entries of this rank's files."""
     written = list(engine.save(tmp / STATE_DIR, client_state))
     weights = engine.model_state_dict()
@@ -118,7 +118,8 @@ def _write_files(engine: EngineLike, tmp: Path, step: int, client_state: Mapping
             written.append(write_safetensors(tmp / EMA_FILE, ema_weights, metadata))
         written.append(_write_text(tmp / RECIPE_FILE, recipe_yaml))
         meta = CheckpointMeta(step=step, ema=ema_weights is not None, created=time.time(),
-                              flowmatch_version=flowmatch.__version__)
+                              flowmatch_version=flowmatch.__version__,
+                              ema_default=None if ema_weights is None else ema_default)
         written.append(_write_text(tmp / META_FILE, json.dumps(asdict(meta), indent=1)))
     return describe_files(tmp, written, engine.rank)
 
@@ -143,7 +144,8 @@ def _no_space(root: Path, tmp: Path, step: int, err: OSError) -> CheckpointError
 
 
 def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: int, *,
-                    client_state: Mapping[str, Any], recipe_yaml: str, keep: int, ema: bool) -> Path:
+                    client_state: Mapping[str, Any], recipe_yaml: str, keep: int, ema: bool,
+                    ema_default: bool | None = None) -> Path:
     """Collective: write checkpoint ``RUN_DIR/checkpoints/<step>/`` atomically, then keep only the newest ``keep``.
 
     Args:
@@ -154,6 +156,8 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
         recipe_yaml: the resolved recipe, stored as ``recipe.yaml``.
         keep: how many checkpoints to keep (>= 1), counting this one.
         ema: also write ``ema.safetensors`` (the engine must have an EMA).
+        ema_default: whether pipelines load the EMA (True) or the raw weights (False) by default, as validation
+            found; None = not measured (the EMA when present).
 
     Returns:
         The checkpoint directory.
@@ -176,7 +180,7 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
     engine.barrier()
     final = root / str(step)
     try:
-        files = _write_files(engine, tmp, step, client_state, recipe_yaml, ema)
+        files = _write_files(engine, tmp, step, client_state, recipe_yaml, ema, ema_default)
         everything = {k: v for part in engine.all_gather_object(files) for k, v in part.items()}
         if engine.is_main:
             write_manifest(tmp, step, everything)  # last: only a verified manifest makes a checkpoint complete

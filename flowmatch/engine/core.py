@@ -6,7 +6,7 @@ part               owns
 ``ProcessGroup``   rank, world size, device, backend, launcher variables, collectives, shutdown (:mod:`.group`)
 ``Zero``           the ZeRO layout: partitioned construction, gathering, whole weights in and out (:mod:`.zero`)
 ``Trainable``      the DeepSpeed-wrapped model, AdamW, LR schedule, forward/backward/step (:mod:`.trainable`)
-``Ema``            the fp32 EMA of the weights, its swapping in and out (:mod:`.ema`)
+``Ema``            the fp32 EMA of the weights, its warm-up and profiles, swapping in and out (:mod:`.ema`)
 ``TrainingState``  save and load of the full training state, ``engine.json`` (:mod:`.state`)
 =================  ===============================================================================================
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -225,21 +225,33 @@ class Engine:
 
     # -- EMA -----------------------------------------------------------------------------------------------------------
 
-    def ema_init(self, decay: float) -> None:
+    def ema_init(self, decay: float, *, warmup: float = 0.0, profiles: Sequence[float] = ()) -> None:
         """Start an fp32 EMA of the weights at their current values (call after :meth:`setup`).
+
+        Args:
+            decay: the cap of each update's decay (the decay of every update without warm-up).
+            warmup: relative width sigma_rel of the power-function warm-up (:mod:`.ema`); 0 = none.
+            profiles: sigma_rel of power-function EMAs to track beside it, for post-hoc EMA.
 
         Under ZeRO-3 each rank averages only its own partition, so updates need no communication. The average
         is taken over the working weights, which are the fp32 masters in fp32 training and their bf16/fp16
         copies otherwise (the accumulator itself is fp32 either way).
         """
         trainable = self._require_setup()
-        self._ema = Ema(trainable.module, trainable.named_params, self._zero, decay)
+        self._ema = Ema(trainable.module, trainable.named_params, self._zero, decay, warmup=warmup,
+                        profiles=profiles)
 
     def ema_update(self, decay: float | None = None) -> None:
-        """Blend the current weights into the EMA (call after each applied update); ``decay`` overrides once."""
+        """Blend the current weights into the EMA and its profiles (call after each applied update); ``decay``
+        overrides the EMA's decay once."""
         ema = self._require_ema("ema_update")
         self._require_training_weights()
         ema.update(decay)
+
+    @property
+    def ema_updates(self) -> int:
+        """Updates blended into the EMA so far (restored by :meth:`load`); 0 without an EMA."""
+        return 0 if self._ema is None else self._ema.updates
 
     @property
     def ema_enabled(self) -> bool:
@@ -261,6 +273,24 @@ class Engine:
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the whole EMA model (fp32, CPU; buffers from the live model) on rank 0, ``{}`` elsewhere."""
         return self._require_ema("ema_state_dict").state_dict()
+
+    @property
+    def ema_profile_updates(self) -> int:
+        """Updates blended into the tracked profiles so far; 0 without profiles."""
+        return 0 if self._ema is None else self._ema.profile_updates
+
+    def ema_profile_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Collective: each tracked profile's whole weights (fp32, CPU) on rank 0, ``{}`` each elsewhere."""
+        return self._require_ema("ema_profile_state_dicts").profile_state_dicts()
+
+    def ema_load_profiles(self, profiles: Sequence[Mapping[str, torch.Tensor]] | None, updates: int = 0) -> None:
+        """Restore the profiles from whole weights after ``updates`` updates (every rank passes them), or with
+        None start them over from the current weights."""
+        ema = self._require_ema("ema_load_profiles")
+        if profiles is None:
+            ema.restart_profiles()
+        else:
+            ema.load_profiles(profiles, updates)
 
     # -- whole weights and the training state ---------------------------------------------------------------------------
 

@@ -65,6 +65,9 @@ class EngineMeta:
     """DeepSpeed's count of step boundaries, applied or not."""
     ema_decay: float | None
     """Decay of the saved EMA; None when the run kept none."""
+    ema_updates: int | None = None
+    """Updates blended into the saved EMA (its warm-up position); None when the run kept none, and in states
+    written before it was recorded, whose EMA took one update per optimizer step."""
     format: int = _STATE_FORMAT
     """Layout version of the state directory."""
 
@@ -185,7 +188,8 @@ class TrainingState:
         return EngineMeta(world_size=self._group.world_size, zero_stage=self._cfg.zero_stage,
                           precision=self._cfg.precision, optimizer_steps=t.optimizer_steps,
                           skipped_steps=t.skipped_steps, global_steps=t.global_steps,
-                          ema_decay=None if self._ema is None else self._ema.decay)
+                          ema_decay=None if self._ema is None else self._ema.decay,
+                          ema_updates=None if self._ema is None else self._ema.updates)
 
     def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> list[Path]:
         """Collective: write the full training state of every rank (see :meth:`flowmatch.engine.Engine.save`);
@@ -265,10 +269,11 @@ class TrainingState:
                      whole: str | os.PathLike[str] | None) -> None:
         """Each rank's own partition under ZeRO-3 with the same layout (no gathering), else the consolidated file."""
         assert self._ema is not None
+        updates = saved_meta.optimizer_steps if saved_meta.ema_updates is None else saved_meta.ema_updates
         if same and self._zero.partitioned and saved_meta.ema_decay is not None:
-            self._ema.load_local(rank_files.tensors(self._group.rank))
+            self._ema.load_local(rank_files.tensors(self._group.rank), updates)
         elif whole is not None and Path(whole).is_file():
-            self._ema.load_whole(load_file(str(whole)))
+            self._ema.load_whole(load_file(str(whole)), updates)
         else:
             if self._group.is_main:
                 log.warning("the checkpoint has no EMA: the EMA restarts from the loaded weights")

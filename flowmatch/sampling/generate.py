@@ -100,7 +100,7 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, path, *, device: Optional[torch.device | str] = None,
-                        ema: Optional[bool] = None) -> "Pipeline":
+                        ema: Optional[bool | str] = None) -> "Pipeline":
         """Load a run directory (its newest checkpoint) or one checkpoint directory; see
         :func:`flowmatch.pipeline.load_pipeline`."""
         from flowmatch.pipeline import load_pipeline

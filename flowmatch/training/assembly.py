@@ -128,7 +128,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     engine.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim, max_steps=t.max_steps,
                  micro_batch_size=micro, grad_accum_steps=accum)
     if t.ema_decay > 0:
-        engine.ema_init(t.ema_decay)
+        engine.ema_init(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
                           seed=t.seed, encoders=encoders.fingerprints())
     first_slot = engine.rank * accum

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from flowmatch.engine.power_ema import MAX_SIGMA_REL
 
 
 @dataclass
@@ -28,7 +30,19 @@ class TrainConfig:
     validate_every: int = 0
     """Steps between validation (sample grid + held-out loss); 0 = at the end only."""
     ema_decay: float = 0.999
-    """EMA decay of the weights, kept in fp32; 0 = no EMA."""
+    """The EMA's longest memory: no update's decay exceeds this (kept in fp32); 0 = no EMA."""
+    ema_warmup: float = 0.1
+    """EMA warm-up as a relative width sigma_rel (Karras et al. 2024): the n-th update decays by
+    min(ema_decay, (1 - 1/n)^(gamma + 1)), gamma given by sigma_rel, so the EMA is the weights after the first
+    update and then a power-function average of the latest ~sigma_rel of the run, until ema_decay caps it after
+    about (gamma + 1) / (1 - ema_decay) updates (0.1: gamma 6.94, 7,900 updates at 0.999); 0 = no warm-up (the
+    EMA starts at the initial weights)."""
+    ema_profiles: list[float] = field(default_factory=list)
+    """sigma_rel of power-function EMAs tracked for post-hoc EMA (`flowmatch ema RUN --sigma-rel ...`): Karras et
+    al. track two, e.g. [0.05, 0.10]; [] = none. Needs ema_decay > 0."""
+    ema_snapshot_every: int = 0
+    """Steps between snapshots of the profiles in RUN_DIR/ema/snapshots/ (also taken at every checkpoint, where
+    resume reads them); each holds one fp32 copy of the weights per profile; 0 = at checkpoints only."""
     max_bad_steps: int = 10
     """Stop after this many consecutive optimizer steps discarded for a non-finite loss."""
     compile: bool = False
@@ -41,5 +55,14 @@ class TrainConfig:
             raise ValueError("max_steps, batch_size, checkpoint_every and keep_checkpoints must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name, value in [("ema_warmup", self.ema_warmup)] + [("ema_profiles", s) for s in self.ema_profiles]:
+            if not 0.0 <= value < MAX_SIGMA_REL or (name == "ema_profiles" and value == 0):
+                raise ValueError(f"{name} holds relative widths sigma_rel in (0, {MAX_SIGMA_REL:.3f}) (typical "
+                                 f"0.05-0.15{'; 0 = no warm-up' if name == 'ema_warmup' else ''}), got {value}")
+        if self.ema_profiles and self.ema_decay == 0:
+            raise ValueError("ema_profiles needs an EMA: set ema_decay > 0 (e.g. 0.999) or ema_profiles: []")
+        if self.ema_snapshot_every < 0:
+            raise ValueError(f"ema_snapshot_every must be >= 0 (0 = at checkpoints only), got "
+                             f"{self.ema_snapshot_every}")
         if self.log_every < 1 or self.validate_every < 0 or self.max_bad_steps < 1:
             raise ValueError("log_every and max_bad_steps must be >= 1 and validate_every >= 0")

@@ -23,6 +23,7 @@ from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions, sample_path
 from flowmatch.models.flops import training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
+from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.training.assembly import TrainingRun
 from flowmatch.training.preemption import Preemption
 from flowmatch.training.validation import Validator
@@ -147,10 +148,14 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the newest checkpoint of run_dir that verifies, if any, and say so (damaged newer ones are reported
-        and set aside by :func:`~flowmatch.checkpoint.resume_checkpoint`)."""
+        and set aside by :func:`~flowmatch.checkpoint.resume_checkpoint`); the EMA profiles come from the snapshot
+        of its step (and snapshots newer than it, left by an abandoned attempt, go)."""
         run, e = self.run, self.engine
         resumed = resume_checkpoint(e, run.run_dir)
+        profiles = self.recipe.train.ema_profiles
         if resumed is None:
+            if profiles:
+                restore_profiles(e, run.run_dir, 0, profiles)
             return
         ckpt, state = resumed.path, resumed.client_state
         self.step = self.saved_step = int(state["step"])
@@ -163,6 +168,10 @@ class Trainer:
                 g.set_state(generators[first_slot + m])
         if e.is_main:
             print(f"resuming from {ckpt} (step {self.step})", flush=True)
+        if profiles:
+            said = restore_profiles(e, run.run_dir, self.step, profiles)
+            if e.is_main:
+                print(said, flush=True)
 
     def checkpoint(self) -> Path:
         """Write a checkpoint of the current step (atomically; keeps the newest train.keep_checkpoints)."""
@@ -171,7 +180,8 @@ class Trainer:
         slots = [s for states in e.all_gather_object([g.get_state() for g in run.generators]) for s in states]
         state = {"step": self.step, "loader": loaders, "generator": slots}
         path = save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
-                               keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0)
+                               keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0,
+                               ema_default=self.validator.ema_better)
         self.saved_step = self.step
         return path
 
@@ -254,11 +264,15 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 last_loss = self.log(window, result, flops)
                 window.reset()
-            if t.validate_every and self.step % t.validate_every == 0:
+            # The last validation comes before the last checkpoint, which records the weights it found better.
+            if (t.validate_every and self.step % t.validate_every == 0) or self.step == t.max_steps:
                 self.validator.validate(self.step)
-            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+            checkpoint_now = self.step % t.checkpoint_every == 0 or self.step == t.max_steps
+            if t.ema_profiles and (checkpoint_now or (t.ema_snapshot_every and self.step % t.ema_snapshot_every == 0)):
+                write_snapshot(e, run.run_dir, self.step, t.ema_profiles)  # before the checkpoint that resumes from it
+            if checkpoint_now:
                 last_ckpt = self.checkpoint()
-        if t.validate_every == 0 or self.step % t.validate_every:
+        if self.validator.last_step != self.step:  # a finished run resumed: nothing trained, validate anyway
             self.validator.validate(self.step)
         return last_loss, last_ckpt, False
 

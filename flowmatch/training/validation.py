@@ -1,12 +1,14 @@
-"""Validation during training: a sample grid of the recipe's prompts and the held-out loss at fixed timesteps.
+"""Validation during training: the held-out loss at fixed timesteps, of the raw and of the EMA weights, and a
+sample grid of the better ones.
 
 The grid comes from the same :class:`~flowmatch.sampling.Pipeline` as `flowmatch sample`, run on the engine's
-model (with the EMA weights swapped in when the run keeps an EMA).
+model. The loss (:func:`fixed_time_loss`) is also how `flowmatch ema --eval` compares reconstructed EMAs.
 """
 
 from __future__ import annotations
 
 import contextlib
+
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -17,7 +19,11 @@ from flowmatch.images import image_grid, save_png
 from flowmatch.sampling import Pipeline
 
 if TYPE_CHECKING:
+    from flowmatch.data.config import DataConfig
+    from flowmatch.encoders.conditioning import Conditioning
+    from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.monitor import Monitor
+    from flowmatch.sampling.generate import VelocityModel
     from flowmatch.training.assembly import TrainingRun
 
 # Timesteps at which validation loss is measured on held-out data with fixed noise: the SD3 paper (section 5.1)
@@ -27,25 +33,66 @@ VALIDATION_NOISE_SEED = 1234
 GRID_SCALE = 4  # nearest-neighbour upscaling of saved grids, so small images are visible
 
 
+def heldout_batch(data: "DataConfig", encoders: "FrozenEncoders", batch_size: int, *, rank: int = 0,
+                  world_size: int = 1) -> tuple[torch.Tensor, "Conditioning"]:
+    """The first held-out batch of this rank: latents x0 (B, C, h, w) and their conditioning."""
+    loader = build_loader(data, rank=rank, world_size=world_size, batch_size=batch_size, seed=0, split="val",
+                          max_batches=1, encoders=encoders.fingerprints())
+    return encoders.encode_batch(next(iter(loader)))
+
+
+@torch.no_grad()
+def fixed_time_loss(velocity: "VelocityModel", x0: torch.Tensor, cond: "Conditioning", *,
+                    rank: int = 0) -> torch.Tensor:
+    """() mean unweighted loss of ``velocity`` on x0 (B, C, h, w) over VALIDATION_TIMESTEPS, with noise fixed per
+    rank: the one validation metric of every task, comparable across weights, runs and recipes."""
+    gen = torch.Generator().manual_seed(VALIDATION_NOISE_SEED + rank)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    total = torch.zeros((), device=x0.device)
+    for value in VALIDATION_TIMESTEPS:
+        t = torch.full((x0.shape[0],), value, device=x0.device)
+        path = sample_path(x0, noise, t)
+        total += flow_matching_loss(velocity(path.x_t, path.t, cond), path.target, path.t).loss
+    return total / len(VALIDATION_TIMESTEPS)
+
+
 class Validator:
-    """Runs validation for an assembled run; collective (every rank calls :meth:`validate`)."""
+    """Runs validation for an assembled run; collective (every rank calls :meth:`validate`).
+
+    With an EMA and a held-out split, the raw and the EMA weights are both measured; :attr:`ema_better` records
+    which has the lower validation loss, the checkpoint marks that one as the default weights of pipelines, and
+    the sample grid shows it.
+    """
 
     def __init__(self, run: "TrainingRun") -> None:
         self.run = run
         self.monitor: Optional["Monitor"] = None
+        self.ema_better: Optional[bool] = None
+        """Whether the latest validation found the EMA weights better (None: not measured)."""
+        self.last_step: Optional[int] = None
+        """The step of the latest validation."""
 
     @torch.no_grad()
     def validate(self, step: int) -> None:
-        """Sample grid of the validation prompts (EMA weights when on) and held-out loss at fixed timesteps."""
-        run = self.run
-        e = run.engine
+        """Held-out loss at fixed timesteps of the raw (and EMA) weights, and a sample grid of the better ones."""
+        e = self.run.engine
         e.eval()
         try:
-            with e.ema_weights() if e.ema_enabled else contextlib.nullcontext():
+            raw, ema = self.loss(), None
+            if e.ema_enabled:
+                with e.ema_weights():
+                    ema = self.loss()
+                self.ema_better = None if raw is None or ema is None else ema <= raw
+            # The grid shows what pipelines will load: the EMA unless validation found the raw weights better.
+            with e.ema_weights() if e.ema_enabled and self.ema_better is not False else contextlib.nullcontext():
                 self.sample_grid(step)
-                val = self.loss()
-            if val is not None and self.monitor is not None:
-                self.monitor.scalars(step, {"val_loss": val})
+            values = {} if raw is None else {"val_loss": raw}
+            if ema is not None:
+                values = {"val_loss": min(raw, ema), "val_loss_raw": raw, "val_loss_ema": ema,
+                          "ema_default": float(ema <= raw)}
+            if values and self.monitor is not None:
+                self.monitor.scalars(step, values)
+            self.last_step = step
         finally:
             e.train()
 
@@ -61,20 +108,12 @@ class Validator:
                 self.monitor.image(step, "samples", grid)
 
     def loss(self) -> Optional[float]:
-        """Mean held-out loss over VALIDATION_TIMESTEPS with fixed noise; None without a held-out split."""
+        """Mean held-out loss over VALIDATION_TIMESTEPS with fixed noise, over all ranks; None without a held-out
+        split."""
         run = self.run
         e = run.engine
         if not run.has_val:
             return None
-        loader = build_loader(run.recipe.data, rank=e.rank, world_size=e.world_size, batch_size=run.micro_batch,
-                              seed=0, split="val", max_batches=1, encoders=run.encoders.fingerprints())
-        x0, cond = run.encoders.encode_batch(next(iter(loader)))
-        gen = torch.Generator().manual_seed(VALIDATION_NOISE_SEED + e.rank)
-        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
-        total = torch.zeros((), device=e.device)
-        for value in VALIDATION_TIMESTEPS:
-            t = torch.full((x0.shape[0],), value, device=x0.device)
-            path = sample_path(x0, noise, t)
-            # Unweighted, so that it is comparable across recipes.
-            total += flow_matching_loss(run.velocity(path.x_t, path.t, cond), path.target, path.t).loss
-        return e.all_reduce_mean(total / len(VALIDATION_TIMESTEPS)).item()
+        x0, cond = heldout_batch(run.recipe.data, run.encoders, run.micro_batch, rank=e.rank,
+                                 world_size=e.world_size)
+        return e.all_reduce_mean(fixed_time_loss(run.velocity, x0, cond, rank=e.rank)).item()
