@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from flowmatch.checkpoint import load_checkpoint, read_layout, save_checkpoint
+from flowmatch.checkpoint.manifest import describe_files, read_manifest, write_manifest
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
 from flowmatch.engine.ema import ShadowEma
 from flowmatch.engine.power_ema import gamma_of, power_decay, reconstruct, sigma_rel_of, warmup_decay
@@ -167,6 +168,9 @@ def test_states_without_a_count_take_the_optimizer_steps(tmp_path):
     meta = json.loads(meta_file.read_text())
     del meta["ema_updates"]  # as written before the count was recorded
     meta_file.write_text(json.dumps(meta))
+    ckpt = tmp_path / "checkpoints" / "2"
+    files = {**read_manifest(ckpt), **describe_files(ckpt, [meta_file], rank=0)}  # the edit, as if written so
+    write_manifest(ckpt, 2, files)
     with _toy_engine() as engine:
         engine.ema_init(0.999, warmup=0.1)
         load_checkpoint(engine, tmp_path / "checkpoints" / "2")
