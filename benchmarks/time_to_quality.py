@@ -29,7 +29,7 @@ from flowmatch.config import load_recipe
 from flowmatch.data import build_loader, ensure_shards
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.evaluate import EvalPlan, evaluate
-from flowmatch.models.convert import SD3_TIME_SCALE
+from flowmatch.models.convert.sd3 import FIXED as SD3_FIXED
 from flowmatch.sampling import Pipeline
 from flowmatch.tasks import get_task
 from flowmatch.training import train
@@ -77,7 +77,7 @@ def train_baseline(recipe, encoders: FrozenEncoders, budget_s: float, seed: int)
             noise = torch.randn_like(x0)
             x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
             v = model(hidden_states=x_t, encoder_hidden_states=cond.hidden, pooled_projections=cond.pooled,
-                      timestep=t * SD3_TIME_SCALE).sample
+                      timestep=t * SD3_FIXED["time_scale"]).sample
             loss = F.mse_loss(v, noise - x0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -90,7 +90,7 @@ def train_baseline(recipe, encoders: FrozenEncoders, budget_s: float, seed: int)
 
     def velocity(x, t, cond):  # diffusers' SD3 takes no text mask: padding rows are zeros from the encoder
         return model(hidden_states=x, encoder_hidden_states=cond.hidden, pooled_projections=cond.pooled,
-                     timestep=t * SD3_TIME_SCALE).sample
+                     timestep=t * SD3_FIXED["time_scale"]).sample
 
     return velocity, steps, seconds
 
