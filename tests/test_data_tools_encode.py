@@ -14,6 +14,7 @@ from data_tools.encode import EncodeSettings, encode_shards
 from flowmatch.data import DataConfig, EncoderMismatch, build_loader, features, read_cache_info
 from flowmatch.data.shardformat import ShardSink
 from flowmatch.data.tarstream import RawSample, read_shard
+from tests.tiny_pipelines import tiny_sd3_pipeline  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "digits.yaml")
@@ -48,7 +49,7 @@ def encoders():
 
     recipe = load_recipe(RECIPE, list(SETTINGS.overrides))
     frozen = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels)
-    return frozen.text, frozen.autoencoder
+    return frozen.text.encoders["text_encoder"], frozen.autoencoder
 
 
 def test_encode_stores_the_encoders_outputs(encoded, encoders):
@@ -155,3 +156,42 @@ def test_encode_in_parallel_processes(tmp_path):
     cfg = DataConfig(shards=str(tmp_path / "out"), prepare="", resolution=8, channels=3, num_workers=0)
     keys = [k for b in build_loader(cfg, rank=0, world_size=1, batch_size=8, seed=0, epochs=1) for k in b.keys]
     assert len(keys) == 24
+
+
+def test_several_encoders_are_cached_each_under_its_name_and_combined_on_load(tiny_sd3_pipeline, tmp_path):
+    """SD3's three encoders: each one's output stored under its name (fp32 here, to compare exactly), re-padded
+    and combined on load into what the encoders give directly."""
+    import dataclasses
+
+    from flowmatch.config import load_recipe
+    from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
+    from flowmatch.encoders.frozen import FrozenEncoders
+
+    configs = encoder_configs_from_pipeline(tiny_sd3_pipeline)
+    overrides = ("data.channels=3", "data.resolution=16",
+                 f"text_encoders={json.dumps(dataclasses.asdict(configs.text_encoders))}",
+                 f"autoencoder={json.dumps(dataclasses.asdict(configs.autoencoder))}")
+    out = tmp_path / "cached"
+    report = encode_shards(str(FIXTURE), out, EncodeSettings(RECIPE, overrides, batch_size=5, dtype="fp32",
+                                                            device="cpu"), progress=False)
+    assert report.samples == 12 and report.bad == {}
+    recipe = load_recipe(RECIPE, list(overrides))
+    frozen = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=3)
+    sample = next(r for r in read_shard(str(out / "tiny-000000.tar")) if isinstance(r, RawSample))
+    header = features.read_header(sample.files[features.EXT])
+    assert sorted(header.parts) == ["clip_g", "clip_l", "t5"]
+    assert header.encoders == frozen.fingerprints() and "text_encoder.t5" in header.encoders
+    stored = features.decode(sample.files[features.EXT])
+    assert stored.parts["clip_g"][0].shape == (77, 48) and stored.parts["t5"][0].shape == (256, 96)
+
+    cfg = DataConfig(shards=str(out), prepare="", resolution=16, channels=3, num_workers=0)
+    loader = build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, epochs=1, encoders=frozen.fingerprints())
+    batch = next(iter(loader))
+    assert batch.text is None and set(batch.text_parts) == {"clip_l", "clip_g", "t5"}
+    _, cond = frozen.encode_batch(batch)
+    direct = frozen.encode_text(batch.captions)
+    torch.testing.assert_close(cond.hidden, direct.hidden, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.pooled, direct.pooled, rtol=0, atol=1e-6)
+    other = {**frozen.fingerprints(), "text_encoder.t5": "t5:elsewhere"}
+    with pytest.raises(EncoderMismatch, match="text_encoder.t5"):
+        build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders=other)

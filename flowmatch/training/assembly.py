@@ -84,7 +84,7 @@ class TrainingRun:
     """One noise generator per micro-batch slot this rank fills (slot = rank * accum + micro index), so the noise
     of a sample depends on its place in the global batch, not on how many processes share the batch."""
     null: Conditioning
-    """The empty caption's conditioning (caption dropout's replacement)."""
+    """Caption dropout's replacement: per encoder, its encoded empty caption (or zeros, as it says)."""
     has_val: bool
     """Whether the data has a held-out split (the same answer on every rank: validation stays collective)."""
     init: Optional[InitRecord] = None
@@ -145,7 +145,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     engine.barrier()
     t = recipe.train
     seed_everything(t.seed + engine.rank)
-    encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels,
+    encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=engine.device)
     recipe = dataclasses.replace(recipe, model=encoders.fill_model_config(recipe.model))
     micro, accum = batch_plan(t.batch_size, t.micro_batch_size, engine.world_size)
@@ -161,7 +161,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     generators = [torch.Generator().manual_seed(t.seed * 1000 + first_slot + m) for m in range(accum)]
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
-                       micro_batch=micro, accum=accum, generators=generators, null=encoders.null(),
+                       micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
                        has_val=has_val_split(recipe.data), init=init)
 
 

@@ -13,12 +13,14 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
 
 from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
+from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions, sample_path
 from flowmatch.models.flops import training_flops_per_step
@@ -69,14 +71,16 @@ class MicroLoss:
 
 def micro_loss(velocity: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor], x0: torch.Tensor,
                cond: Conditioning, null: Conditioning, *, schedule: TimeSchedule, flow: FlowConfig, patch_size: int,
-               generator: torch.Generator) -> MicroLoss:
+               generator: torch.Generator,
+               dropout_parts: Optional[Sequence[tuple[TextPart, float]]] = None) -> MicroLoss:
     """The rectified-flow loss of one micro batch x0 (B, C, h, w) with its conditioning.
 
     Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
     run on any device), in that order. The model sees ``x_t = (1 - t) x0 + t noise`` and regresses ``noise - x0``
-    with the schedule's loss weighting.
+    with the schedule's loss weighting. ``dropout_parts`` drops each text encoder's share of ``cond``
+    independently (``FrozenEncoders.dropout_parts``); None drops whole rows with ``flow.caption_dropout``.
     """
-    cond = drop_captions(cond, null, flow.caption_dropout, generator=generator)
+    cond = drop_captions(cond, null, flow.caption_dropout, generator=generator, parts=dropout_parts)
     b, _, h, w = x0.shape
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = schedule.sample(b, seq_len=(h // patch_size) * (w // patch_size), generator=generator).to(x0.device)
@@ -143,7 +147,8 @@ class Trainer:
         run = self.run
         x0, cond = run.encoders.encode_batch(batch)
         return micro_loss(run.velocity, x0, cond, run.null, schedule=run.schedule, flow=self.recipe.flow,
-                          patch_size=self.recipe.model.patch_size, generator=generator)
+                          patch_size=self.recipe.model.patch_size, generator=generator,
+                          dropout_parts=run.encoders.dropout_parts(self.recipe.flow.caption_dropout))
 
     # -- state ------------------------------------------------------------------------------------------------------
 
