@@ -31,6 +31,9 @@ from flowmatch.models.config import ARCHITECTURE_FIELDS, ModelConfig
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.models.presets import preset_values
 
+__all__ = ["KINDS", "InitRecord", "architecture", "cast", "from_meta", "load_weights", "locate", "record",
+           "stated_architecture", "with_architecture"]
+
 KINDS = ("checkpoint", "diffusers", "original")
 #: Files of a hub repository that hold a diffusers transformer (a transformer repository, or a pipeline's).
 HUB_PATTERNS = ["config.json", "diffusion_pytorch_model*", "transformer/config.json", "transformer/diffusion_pytorch_model*"]
@@ -197,7 +200,3 @@ def from_meta(meta_init: Optional[Mapping[str, Any]]) -> Optional[InitRecord]:
 def cast(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
     """Floating tensors in `dtype` (the run's working precision), others as they are."""
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
-__all__ = ["KINDS", "InitRecord", "architecture", "cast", "from_meta", "load_weights", "locate", "record",
-           "stated_architecture", "with_architecture"]

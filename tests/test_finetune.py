@@ -202,3 +202,17 @@ def test_lora_export_loads_in_diffusers_and_merges(lora_run, base, tmp_path):
     delta = want - base_only
     assert rel_err(base_only, want) > 5 * REL_TOL
     assert rel_err(got - base_only, delta) < 1e-2 and rel_err(got_merged - base_only, delta) < 1e-2
+
+
+def test_lora_resume_on_other_base_weights_is_an_error(lora_run, base, tmp_path, digit_shards):
+    """Bug caught: resuming adapters on whatever init_from now names (they were trained on other weights)."""
+    import shutil
+
+    from flowmatch.training.loop import TrainingError
+
+    other = tmp_path / "other"
+    assert main(["export", str(base), str(other), "--weights", "raw", "--format", "original"]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    with pytest.raises(TrainingError, match="trained on base weights with SHA-256"):
+        train(lora_recipe(run, digit_shards, other / "transformer.safetensors", **{"train.max_steps": 6}))
