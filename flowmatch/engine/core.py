@@ -127,11 +127,12 @@ class Engine:
         """
         return self._zero.gathered_params(module_or_params, modify=modify)
 
-    def assign_weights(self, module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    def assign_weights(self, module: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
         """Collective under ZeRO-3: give the model built in :meth:`model_init` these whole weights (its
         ``state_dict()`` names and shapes), before :meth:`setup`. Below ZeRO-3 they are assigned without a copy,
         so a model built on the meta device takes them as they are; under ZeRO-3 each parameter is written
-        from rank 0's tensor into its partitions, one at a time (the whole model is never gathered)."""
+        from rank 0's tensor into its partitions, one at a time (the whole model is never gathered), and the
+        other ranks may pass None rather than read the weights too."""
         self._zero.assign(module, state)
 
     def setup(self, model: torch.nn.Module, params: Iterable[Any], optim: OptimConfig, *, max_steps: int,

@@ -106,7 +106,9 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         # Below ZeRO-3 built on the meta device and given the loaded tensors: no random init of a model that size.
         with engine.model_init():
             model = MMDiT(arch, device=None if engine.cfg.zero_stage == 3 else "meta")
-        engine.assign_weights(model, init_from.cast(init_from.load_weights(init), engine.dtype))
+        # Under ZeRO-3 rank 0's tensors are written into every rank's partitions: the others read nothing.
+        reads = engine.is_main or engine.cfg.zero_stage != 3
+        engine.assign_weights(model, init_from.cast(init_from.load_weights(init), engine.dtype) if reads else None)
     else:
         with engine.model_init():
             model = MMDiT(arch)
