@@ -91,9 +91,22 @@ def test_training_reads_cached_shards_and_refuses_other_encoders(encoded, encode
         build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders={**fingerprints, "text_encoder": "t5"})
 
 
-def test_training_steps_on_cached_shards(encoded, tmp_path):
+def test_training_steps_on_cached_shards(encoded, tmp_path, monkeypatch):
+    """Also: with cached train and val features the trainer frees the text encoders after encoding the sampling
+    prompts (bug caught: the encoders kept in memory for a whole cached run)."""
     from flowmatch.config import load_recipe
+    from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.training import train
+
+    released = []
+    real = FrozenEncoders.release_text
+
+    def record(self, keep):
+        released.append(list(keep))
+        real(self, keep)
+        assert all(enc.model is None for enc in self.text.encoders.values())
+
+    monkeypatch.setattr(FrozenEncoders, "release_text", record)
 
     overrides = {"run_dir": str(tmp_path / "run"), "data.shards": str(encoded), "data.channels": 3,
                  "model.preset": "tiny", "train.max_steps": 2, "train.batch_size": 4, "optim.warmup_steps": 1,
@@ -102,6 +115,25 @@ def test_training_steps_on_cached_shards(encoded, tmp_path):
     recipe = load_recipe(RECIPE, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     summary = train(recipe)  # batches carry the loader's Conditioning into encode_batch and caption dropout
     assert summary.final_step == 2 and summary.skipped_steps == 0
+    assert released == [recipe.sampling.prompts]
+    assert list((tmp_path / "run" / "samples").glob("*.png"))  # the sample grid still drawn, from the kept prompts
+
+
+def test_freed_text_encoders_answer_the_kept_captions_only():
+    from flowmatch.config import load_recipe
+    from flowmatch.encoders.frozen import FrozenEncoders
+
+    recipe = load_recipe(RECIPE, [])
+    frozen = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels)
+    prompts = ["a handwritten 3", "the digit seven, written by hand"]
+    before, null = frozen.encode_text(prompts), frozen.null()
+    frozen.release_text(prompts)
+    assert frozen.text.encoders["text_encoder"].model is None
+    after = frozen.encode_text(prompts)
+    torch.testing.assert_close(after.hidden, before.hidden, rtol=0, atol=1e-6)
+    assert torch.equal(after.mask, before.mask) and torch.equal(frozen.null().hidden, null.hidden)
+    with pytest.raises(RuntimeError, match="'a handwritten 4' was not encoded"):
+        frozen.encode_text(["a handwritten 4"])
 
 
 def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):

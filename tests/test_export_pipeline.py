@@ -1,6 +1,7 @@
 """Training with a diffusers pipeline's encoders (read from its folder) and exporting a complete pipeline folder
-that `DiffusionPipeline.from_pretrained` loads, with the run's transformer and shift, on the tiny random SD3 and
-FLUX-dev pipelines of tests.tiny_pipelines and the digits shards (as 32x32 RGB)."""
+that `DiffusionPipeline.from_pretrained` loads, with the run's transformer and shift, and that generates the run's
+images, on the tiny random SD3 and FLUX-dev pipelines of tests.tiny_pipelines and the digits shards (as 32x32
+RGB)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from flowmatch.checkpoint import load_weights
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.export import export
 from flowmatch.models import from_diffusers
+from flowmatch.sampling.diffusers_schedule import diffusers_sigmas
 from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.test_train import tiny_recipe
@@ -87,13 +89,22 @@ def test_sd3_run_exports_a_complete_pipeline(sd3_run, tiny_sd3_pipeline, tmp_pat
     assert isinstance(pipe, StableDiffusion3Pipeline)
     assert pipe.scheduler.config.shift == 2.0  # the run's, not the source pipeline's 3.0
     _same_weights(out, sd3_run)
-    # The folder generates as the run's own pipeline reads it.
-    pipe.set_progress_bar_config(disable=True)
+    # The folder generates the run's images: the checkpoint's pipeline on flowmatch's grid, the exported one given
+    # that grid as sigmas.
     noise = torch.randn(2, LATENT_CHANNELS, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
-    theirs = pipe(PROMPTS, latents=noise.clone(), num_inference_steps=3, guidance_scale=3.0, height=SIZE,
-                  width=SIZE, output_type="pt").images
-    ours = Pipeline.from_diffusers(out, device="cpu").generate(PROMPTS, steps=3, guidance_scale=3.0, noise=noise)
-    assert (ours - theirs).abs().max() < PIXEL_ATOL
+    assert _max_diff(sd3_run, pipe, noise, noise.clone()) < PIXEL_ATOL
+
+
+def _max_diff(run: Path, pipe, noise: torch.Tensor, latents: torch.Tensor, steps: int = 4) -> float:
+    """Max abs pixel difference between the run's checkpoint pipeline and `pipe`, from the same noise (`latents`:
+    as `pipe` takes it), with flowmatch's grid and guidance 3."""
+    pipe.set_progress_bar_config(disable=True)
+    sigmas = diffusers_sigmas(steps)
+    theirs = pipe(PROMPTS, latents=latents, num_inference_steps=steps, sigmas=sigmas, guidance_scale=3.0,
+                  height=SIZE, width=SIZE, output_type="pt").images
+    ours = Pipeline.from_checkpoint(run, device="cpu").generate(PROMPTS, noise=noise, sigmas=sigmas,
+                                                                 guidance_scale=3.0)
+    return (ours - theirs).abs().max().item()
 
 
 def test_flux_dev_run_exports_a_complete_pipeline(flux_run, tmp_path):
@@ -106,6 +117,9 @@ def test_flux_dev_run_exports_a_complete_pipeline(flux_run, tmp_path):
     assert json.loads((out / "model_index.json").read_text())["transformer"] == ["diffusers",
                                                                                 "FluxTransformer2DModel"]
     _same_weights(out, flux_run)
+    noise = torch.randn(2, LATENT_CHANNELS, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
+    packed = FluxPipeline._pack_latents(noise, 2, LATENT_CHANNELS, SIZE // 2, SIZE // 2)
+    assert _max_diff(flux_run, pipe, noise, packed) < PIXEL_ATOL  # guidance 3 embedded by both
 
 
 def test_changed_encoder_settings_export_the_transformer_alone(sd3_run, tmp_path):

@@ -141,3 +141,13 @@ def test_flux_dev_from_diffusers_generates_the_pipelines_images(tiny_flux_pipeli
     assert _max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=5.0, noise=noise),
                      theirs(guidance_scale=5.0)) < PIXEL_ATOL
     assert _max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=1.0, noise=noise), default) > 0.05
+
+
+def test_flowmatch_sample_takes_a_pipeline_folder(tiny_sd3_pipeline, tmp_path, capsys):
+    """Bug caught: `flowmatch sample` reading a diffusers folder as a flowmatch run."""
+    from flowmatch.cli import main
+
+    out = tmp_path / "grid.png"
+    args = ["sample", str(tiny_sd3_pipeline), "--prompt", "a red apple", "--num", "2", "--steps", "3", "--out", str(out)]
+    assert main(args) == 0 and out.is_file()  # 32 x 32 pixels: the tiny transformer's sample_size x the VAE's 2
+    assert "3 velocity evaluations" in capsys.readouterr().out

@@ -66,6 +66,12 @@ class FrozenEncoders:
             self._dropout_null = self.text.dropout_null().to(self.device)
         return self._dropout_null
 
+    def release_text(self, keep: list[str]) -> None:
+        """Encode `keep` (the sampling prompts) and the empty caption, then free the text encoders' weights; for
+        training on cached features, where nothing else needs them."""
+        self.null(), self.dropout_null()
+        self.text.release(keep)
+
     def dropout_parts(self, default: float) -> list[tuple[TextPart, float]]:
         """Each encoder's share of the conditioning and its caption dropout probability (``default`` =
         flow.caption_dropout, for encoders that set none)."""

@@ -142,6 +142,13 @@ class TextEncoder:
         """Identifies the encoder and its settings, so cached features from another encoder are refused."""
         return self._fingerprint
 
+    def release(self) -> None:
+        """Free the weights and tokenizer (training on cached features needs them no more); encoding then fails."""
+        self.model = self.tokenizer = None
+        self._cache.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _make_fingerprint(self) -> str:
         config = json.dumps(self.model.config.to_dict(), sort_keys=True, default=str)
         digest = hashlib.sha256(config.encode()).hexdigest()[:12]

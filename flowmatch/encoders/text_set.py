@@ -80,12 +80,32 @@ class TextEncoders:
         self.parts: list[TextPart] = parts(cfg.combine, shapes)
         """Where each encoder's output lies in the combined conditioning."""
         self._null: Optional[dict[str, Conditioning]] = None
+        self._kept: Optional[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = None
         self.single_name: Optional[str] = next(iter(cfg.encoders)) if cfg.combine == "single" else None
         """The only encoder's name when there is one, whose cached features are stored unnamed."""
 
     def encode_each(self, captions: list[str]) -> dict[str, Conditioning]:
         """Every encoder's own output for the captions, by name."""
-        return {name: enc.encode(list(captions)) for name, enc in self.encoders.items()}
+        if self._kept is None:
+            return {name: enc.encode(list(captions)) for name, enc in self.encoders.items()}
+        missing = [c for c in captions if c not in self._kept]
+        if missing:
+            raise RuntimeError(f"the text encoders were freed once the cached features made them unneeded; caption "
+                               f"{missing[0]!r} was not encoded before (only the sampling prompts and the empty one)")
+        return {name: Conditioning.from_rows([self._kept[c][name][0] for c in captions],
+                                             [self._kept[c][name][1] for c in captions]).to(self.device)
+                for name in self.encoders}
+
+    def release(self, keep: list[str]) -> None:
+        """Encode the captions in `keep` and the empty one, then free every encoder's weights: training on cached
+        features needs nothing else from them (a T5-XXL is ~9 GB in bf16). Later calls may ask only for those."""
+        kept = {}
+        for caption in dict.fromkeys(["", *keep]):
+            out = self._empty() if caption == "" else self.encode_each([caption])
+            kept[caption] = {n: (c.hidden[0][c.mask[0]], c.pooled[0]) for n, c in out.items()}
+        for enc in self.encoders.values():
+            enc.release()
+        self._kept = kept
 
     def combine(self, outputs: dict[str, Conditioning]) -> Conditioning:
         """Per-encoder outputs -> the model's conditioning (with the training guidance value, when set)."""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from flowmatch.config import Recipe, to_yaml
-from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split
+from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split, read_cache_info
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
@@ -159,6 +159,8 @@ def assemble(recipe: Recipe) -> TrainingRun:
         engine.ema_init(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
                           seed=t.seed, encoders=encoders.fingerprints())
+    if loader.cached and (not has_val_split(recipe.data) or read_cache_info(recipe.data, "val") is not None):
+        encoders.release_text(recipe.sampling.prompts)  # the features hold every caption's encoding
     first_slot = engine.rank * accum
     generators = [torch.Generator().manual_seed(t.seed * 1000 + first_slot + m) for m in range(accum)]
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
