@@ -109,7 +109,8 @@ def cmd_check(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from flowmatch.export import export
 
-    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype).describe())
+    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype, lora=ns.lora,
+                 merge=ns.merge).describe())
     return 0
 
 
@@ -185,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="weights dtype of the export (the checkpoint's is fp32; the releases are bf16)")
+    p.add_argument("--lora", action="store_true", help="a LoRA run's adapters as OUT_DIR/"
+                   "pytorch_lora_weights.safetensors, for diffusers' load_lora_weights")
+    p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into its base weights, "
+                   "written as a whole transformer (--format applies)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of other lengths from a run's snapshots")

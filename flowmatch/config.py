@@ -28,7 +28,7 @@ from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.evaluate import EvalConfig
 from flowmatch.flow.timesteps import FlowConfig
-from flowmatch.models.mmdit import MMDiTConfig
+from flowmatch.models.config import ModelConfig
 from flowmatch.models.presets import preset_values
 from flowmatch.monitor import LoggingConfig
 from flowmatch.sampling.generate import SamplingConfig
@@ -45,8 +45,9 @@ class Recipe:
 
     run_dir: str = "runs/default"
     """Where checkpoints, samples, logs and the resolved recipe go; training again with it resumes."""
-    model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig(**preset_values(DEFAULT_PRESET)))
-    """The MMDiT (flowmatch.models.mmdit.MMDiTConfig); start from a preset with model.preset."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**preset_values(DEFAULT_PRESET)))
+    """The MMDiT (flowmatch.models.config.ModelConfig); start from a preset with model.preset, or from weights
+    with model.init_from."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     """Rectified flow: time distribution, shift, loss weighting, caption dropout."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -146,7 +147,13 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
         tree["model"] = {"preset": preset, **preset_values(preset), **model}
     except ValueError as err:
         raise RecipeError(f"model.preset: {err}") from None
-    return build_dataclass(Recipe, tree, "")
+    recipe = build_dataclass(Recipe, tree, "")
+    if recipe.model.init_from:
+        from flowmatch.init_from import stated_architecture
+
+        # Checked against the weights' architecture when the run is assembled (flowmatch.init_from).
+        recipe.model.stated = stated_architecture(model)
+    return recipe
 
 
 def build_dataclass(cls: type, values: Any, where: str) -> Any:

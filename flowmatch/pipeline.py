@@ -5,11 +5,15 @@ flow (checkpoint -> pipeline). Generation itself lives in :mod:`flowmatch.sampli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from flowmatch.sampling.generate import Pipeline
+
+if TYPE_CHECKING:
+    from flowmatch.models.config import ModelConfig
+    from flowmatch.models.mmdit import MMDiT
 
 __all__ = ["Pipeline", "load_diffusers_pipeline", "load_pipeline"]
 
@@ -34,7 +38,6 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
     from flowmatch.checkpoint import RECIPE_FILE, resolve_checkpoint, weights_file
     from flowmatch.config import recipe_from_yaml
     from flowmatch.encoders.frozen import FrozenEncoders
-    from flowmatch.models.mmdit import MMDiT
     from flowmatch.posthoc import load_named_ema
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -44,10 +47,37 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
     encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=device)
     recipe.model = encoders.fill_model_config(recipe.model)
-    model = MMDiT(recipe.model)
-    model.load_state_dict(load_named_ema(ckpt, ema) if named else load_file(str(ckpt / weights_file(ckpt, ema))))
+    weights = load_named_ema(ckpt, ema) if named else load_file(str(ckpt / weights_file(ckpt, ema)))
+    model = checkpoint_model(ckpt, recipe.model, weights)
     model.to(device).eval().requires_grad_(False)
     return Pipeline(model, encoders, recipe, device=device)
+
+
+def checkpoint_model(ckpt: Path, model_cfg: "ModelConfig", weights: dict[str, torch.Tensor]) -> "MMDiT":
+    """The MMDiT of a checkpoint given its weights file's tensors: the whole model, or for a LoRA run the base
+    weights its meta.json records (their hash checked) with the adapters applied through peft."""
+    from flowmatch.checkpoint import read_meta
+    from flowmatch.init_from import from_meta, load_weights
+    from flowmatch.models.lora import apply_lora, is_adapter
+    from flowmatch.models.mmdit import MMDiT
+
+    arch = model_cfg.architecture()
+    if model_cfg.lora is None:
+        model = MMDiT(arch)
+        model.load_state_dict(weights)
+        return model
+    base = from_meta(read_meta(ckpt).init_from)
+    if base is None:
+        raise ValueError(f"{ckpt} is a LoRA run but its meta.json records no base weights (init_from)")
+    model = MMDiT(arch, device="meta")
+    model.load_state_dict(load_weights(base, verify=True), strict=True, assign=True)
+    apply_lora(model, model_cfg.lora)
+    loaded = model.load_state_dict(weights, strict=False)
+    missing = [k for k in loaded.missing_keys if is_adapter(k)]
+    if missing or loaded.unexpected_keys:
+        raise ValueError(f"{ckpt}'s adapters do not fit its recipe's model.lora: missing {missing[:4]}, unexpected "
+                         f"{loaded.unexpected_keys[:4]}")
+    return model
 
 
 def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device | str] = None,
@@ -82,7 +112,9 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
     encoders = FrozenEncoders(configs.text_encoders, configs.autoencoder, image_channels=3, device=device)
     # The pipelines' default size: the transformer's sample_size (FLUX: 128) latents.
     sample_size = int(read_transformer_sample_size(path)) * encoders.downsample
-    recipe = Recipe(model=encoders.fill_model_config(model.cfg), flow=configs.flow,
+    from flowmatch.models.config import ModelConfig
+
+    recipe = Recipe(model=encoders.fill_model_config(ModelConfig(**dataclasses.asdict(model.cfg))), flow=configs.flow,
                     text_encoders=configs.text_encoders, autoencoder=configs.autoencoder,
                     data=DataConfig(resolution=sample_size, channels=3),
                     sampling=dataclasses.replace(SamplingConfig(), steps=configs.kind.steps,

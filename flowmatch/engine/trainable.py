@@ -97,11 +97,13 @@ class Trainable:
         self._micro = 0  # backward() calls in the current accumulation window
         self._window = FiniteWindow(group)
         self._skipped_steps = 0
-        self._named_params = list(self._ds.module.named_parameters())
+        # Frozen parameters (a LoRA's base weights) stay in the model, partitioned under ZeRO-3 like the others, but
+        # have no optimizer state, no EMA and no place in the checkpoint's weights.
+        self._named_params = [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
 
     @property
     def named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The parameters of the wrapped model, in a fixed order (partitioned under ZeRO-3)."""
+        """The trainable parameters of the wrapped model, in a fixed order (partitioned under ZeRO-3)."""
         return self._named_params
 
     @property

@@ -56,12 +56,17 @@ def _unknown(kind: str, name: str, allowed: list[str]) -> ValueError:
     return ValueError(f"unknown {kind} {name!r}{hint} (allowed: {', '.join(sorted(allowed))})")
 
 
+#: The name of a config built field by field (e.g. converted weights that match no preset): the defaults.
+CUSTOM = "custom"
+
+
 def preset_values(name: str) -> dict[str, Any]:
-    """Every `MMDiTConfig` field of preset `name`, `preset` included. Raises ValueError for unknown names."""
-    if name not in PRESETS:
-        raise _unknown("MMDiT preset", name, list(PRESETS))
+    """Every `MMDiTConfig` field of preset `name`, `preset` included; "custom" gives the `MMDiTConfig` defaults
+    (a saved recipe whose weights matched no preset lists every field anyway). ValueError for unknown names."""
+    if name not in PRESETS and name != CUSTOM:
+        raise _unknown("MMDiT preset", name, [*PRESETS, CUSTOM])
     values = dataclasses.asdict(MMDiTConfig())
-    values.update(PRESETS[name])
+    values.update(PRESETS.get(name, {}))
     values["preset"] = name
     return values
 

@@ -20,6 +20,9 @@ from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.errors import RecipeError
 from flowmatch.flow import TimeSchedule
+from flowmatch import init_from
+from flowmatch.init_from import InitRecord
+from flowmatch.models.lora import apply_lora
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 
@@ -84,24 +87,41 @@ class TrainingRun:
     """Caption dropout's replacement: per encoder, its encoded empty caption (or zeros, as it says)."""
     has_val: bool
     """Whether the data has a held-out split (the same answer on every rank: validation stays collective)."""
+    init: Optional[InitRecord] = None
+    """Where the starting weights came from (model.init_from), recorded in every checkpoint; None = random init."""
 
     @property
     def recipe_yaml(self) -> str:
         return to_yaml(self.recipe)
 
 
-def build_model(run_recipe: Recipe, engine: Engine) -> MMDiT:
-    """The MMDiT with the same initial weights on every rank and stage, with activation checkpointing and compile
-    applied from outside the model as the recipe asks."""
+def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] = None) -> MMDiT:
+    """The MMDiT with the same initial weights on every rank and stage (the `init` weights, else a seeded random
+    init), its LoRA adapters when the recipe has them, and activation checkpointing and compile applied from
+    outside the model as the recipe asks."""
     seed = run_recipe.train.seed
+    arch = run_recipe.model.architecture()
     torch.manual_seed(seed)  # identical initial weights on every rank
-    with engine.model_init():
-        model = MMDiT(run_recipe.model)
-    # The constructor initialised the weights already, except under ZeRO-3: reseed so that every stage starts from
-    # the same weights.
-    torch.manual_seed(seed)
-    with engine.gathered_params(model, modify=True):  # under ZeRO-3 the parameters are partitioned by now
-        model.init_weights()
+    if init is not None:
+        # Below ZeRO-3 built on the meta device and given the loaded tensors: no random init of a model that size.
+        with engine.model_init():
+            model = MMDiT(arch, device=None if engine.cfg.zero_stage == 3 else "meta")
+        # Under ZeRO-3 rank 0's tensors are written into every rank's partitions: the others read nothing.
+        reads = engine.is_main or engine.cfg.zero_stage != 3
+        engine.assign_weights(model, init_from.cast(init_from.load_weights(init), engine.dtype) if reads else None)
+    else:
+        with engine.model_init():
+            model = MMDiT(arch)
+        # The constructor initialised the weights already, except under ZeRO-3: reseed so that every stage starts
+        # from the same weights.
+        torch.manual_seed(seed)
+        with engine.gathered_params(model, modify=True):  # under ZeRO-3 the parameters are partitioned by now
+            model.init_weights()
+    if run_recipe.model.lora is not None:
+        # Outside model_init: peft initialises the adapters after building them, which zero.Init's partitioned
+        # parameters would ignore; DeepSpeed partitions them when it wraps the model. Seeded: the same on every rank.
+        torch.manual_seed(seed)
+        apply_lora(model, run_recipe.model.lora)
     if run_recipe.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if run_recipe.train.compile:
@@ -111,7 +131,15 @@ def build_model(run_recipe: Recipe, engine: Engine) -> MMDiT:
 
 def assemble(recipe: Recipe) -> TrainingRun:
     """Build a run: shards (rank 0, when the recipe names a builder), engine, encoders, model, loader, schedule."""
+    located = None
+    if recipe.model.init_from:  # the architecture comes from the weights: checked before anything starts
+        located = init_from.locate(recipe.model.init_from)
+        recipe = dataclasses.replace(recipe, model=init_from.with_architecture(
+            recipe.model, init_from.architecture(*located)))
     engine = Engine(recipe.distributed)
+    # Rank 0 hashes the weights (for a large model that takes a while) and every rank takes its record.
+    init = None if located is None else engine.broadcast_object(
+        describe_init(recipe.model.init_from, *located) if engine.is_main else None)
     run_dir = Path(recipe.run_dir)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +151,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
                               device=engine.device)
     recipe = dataclasses.replace(recipe, model=encoders.fill_model_config(recipe.model))
     micro, accum = batch_plan(t.batch_size, t.micro_batch_size, engine.world_size)
-    model = build_model(recipe, engine)
+    model = build_model(recipe, engine, init)
     seed_everything(t.seed + engine.rank)  # back to per-rank streams (data workers, posterior samples)
     engine.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim, max_steps=t.max_steps,
                  micro_batch_size=micro, grad_accum_steps=accum)
@@ -138,4 +166,11 @@ def assemble(recipe: Recipe) -> TrainingRun:
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
                        micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
-                       has_val=has_val_split(recipe.data))
+                       has_val=has_val_split(recipe.data), init=init)
+
+
+def describe_init(source: str, kind: str, path: Path) -> InitRecord:
+    """The hashed record of a recipe's init_from, said on the console."""
+    rec = init_from.record(source, kind, path)
+    print(f"init_from: {kind} weights {path} (SHA-256 {rec.sha256[:16]}...)", flush=True)
+    return rec

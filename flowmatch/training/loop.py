@@ -9,6 +9,7 @@ the device until the log step reduces them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from flowmatch.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
+from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
@@ -163,6 +164,8 @@ class Trainer:
                 restore_profiles(e, run.run_dir, 0, profiles)
             return
         ckpt, state = resumed.path, resumed.client_state
+        if self.recipe.model.lora is not None:
+            self.check_base(ckpt)
         self.step = self.saved_step = int(state["step"])
         # Not strict: with another number of ranks the loader warns and starts the next epoch.
         run.loader.load_state_dict(state["loader"], strict=False)
@@ -178,6 +181,16 @@ class Trainer:
             if e.is_main:
                 print(said, flush=True)
 
+    def check_base(self, ckpt: Path) -> None:
+        """A LoRA checkpoint's adapters belong to the base weights it records: resuming on others is an error."""
+        saved = read_meta(ckpt).init_from or {}
+        here = self.run.init
+        if here is None or saved.get("sha256") != here.sha256:
+            raise TrainingError(f"{ckpt} holds LoRA adapters trained on base weights with SHA-256 "
+                                f"{str(saved.get('sha256'))[:16]}... ({saved.get('source')}); model.init_from now gives "
+                                f"{'none' if here is None else here.sha256[:16] + '... (' + here.source + ')'}: point "
+                                "model.init_from at the original base, or use a new run_dir")
+
     def checkpoint(self) -> Path:
         """Write a checkpoint of the current step (atomically; keeps the newest train.keep_checkpoints)."""
         run, e = self.run, self.engine
@@ -186,7 +199,8 @@ class Trainer:
         state = {"step": self.step, "loader": loaders, "generator": slots}
         path = save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
                                keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0,
-                               ema_default=self.validator.ema_better)
+                               ema_default=self.validator.ema_better,
+                               init_from=None if run.init is None else dataclasses.asdict(run.init))
         self.saved_step = self.step
         return path
 
@@ -292,7 +306,7 @@ class Trainer:
         prompts = run.encoders.encode_text(r.sampling.prompts[:16])
         text_len = max(1, round(prompts.mask.sum().item() / len(prompts)))  # validation prompts' mean length
         with torch.device("meta"):
-            shape_model = MMDiT(r.model)
+            shape_model = MMDiT(r.model.architecture())
         return training_flops_per_step(shape_model, batch_size=r.train.batch_size,
                                        latent_size=(height // f, width // f), text_len=text_len).total
 
