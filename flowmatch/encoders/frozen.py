@@ -9,7 +9,8 @@ checked against, and the input sizes the model must have.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+import gc
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
@@ -41,12 +42,42 @@ class FrozenEncoders:
         self.text = TextEncoder(text_cfg, device=self.device)
         self.autoencoder = Autoencoder(autoencoder_cfg, image_channels=image_channels, device=self.device)
         self._null: Optional[Conditioning] = None
+        self._kept: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
+        """After :meth:`release`: caption -> (hidden (n, D), pooled (Dp,)) of the captions kept."""
+        self._frozen_facts: dict[str, Any] = {}
 
     # -- conditioning ----------------------------------------------------------------------------------------------
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         """Captions -> conditioning on :attr:`device` (hidden (B, L, D) float32, mask (B, L), pooled (B, Dp))."""
+        if self._kept is not None:
+            missing = [c for c in captions if c not in self._kept]
+            if missing:
+                raise RuntimeError(f"the text encoder was freed (training on cached features) and {missing[0]!r} is "
+                                   "not among the captions kept (the validation prompts and the empty caption)")
+            hidden, pooled = zip(*(self._kept[c] for c in captions))
+            return Conditioning.from_rows(hidden, pooled).to(self.device)
         return self.text.encode(list(captions)).to(self.device)
+
+    def release(self, keep: Sequence[str]) -> None:
+        """Free the text encoder and the autoencoder's encoder half once training reads cached features.
+
+        The captions in ``keep`` (the validation prompts) and the empty caption are encoded first, one at a time,
+        and served from memory afterwards; the fingerprints and input sizes are remembered. The decoder stays, for
+        validation grids.
+        """
+        self.null()
+        kept = {c: self.encode_text([c]) for c in dict.fromkeys(keep)}
+        self._frozen_facts = {"fingerprints": self.fingerprints(), "input_sizes": self.input_sizes()}
+        self._kept = {c: (k.hidden[0], k.pooled[0]) for c, k in kept.items()}
+        self.text = None
+        self.autoencoder.drop_encoder()
+        gc.collect()
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` freed the text encoder and the autoencoder's encoder half."""
+        return self._kept is not None
 
     def null(self) -> Conditioning:
         """The empty caption's conditioning (batch 1): caption dropout's replacement in training and the
@@ -89,10 +120,14 @@ class FrozenEncoders:
 
     def fingerprints(self) -> dict[str, str]:
         """Which encoders make this run's features: recorded in cached shards and checked when they are read."""
+        if self.released:
+            return dict(self._frozen_facts["fingerprints"])
         return {"text_encoder": self.text.fingerprint(), "autoencoder": self.autoencoder.fingerprint()}
 
     def input_sizes(self) -> dict[str, int]:
         """The model input sizes these encoders decide: in_channels, context_dim and pooled_dim."""
+        if self.released:
+            return dict(self._frozen_facts["input_sizes"])
         return {"in_channels": self.latent_channels, "context_dim": self.text.hidden_size,
                 "pooled_dim": self.text.pooled_size}
 
