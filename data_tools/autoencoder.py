@@ -117,15 +117,15 @@ def build_autoencoder(s: AutoencoderSettings):
         in_channels=s.channels, out_channels=s.channels, latent_channels=s.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=s.block_channels(), layers_per_block=1, norm_num_groups=min(8, s.width),
-        sample_size=max(resolution_hw(list(s.resolution) if isinstance(s.resolution, tuple) else s.resolution)),
+        sample_size=max(resolution_hw(s.resolution)),
     )
 
 
-def data_config(shards: str, s: AutoencoderSettings, **extra) -> DataConfig:
+def data_config(shards: str, s: AutoencoderSettings) -> DataConfig:
     """The loader settings: the shards at the autoencoder's resolution, read in the training process."""
     resolution = list(s.resolution) if isinstance(s.resolution, tuple) else s.resolution
     return DataConfig(shards=shards, resolution=resolution, channels=s.channels, cached=False,
-                      num_workers=0, holdout_fraction=HOLDOUT_FRACTION, **extra)
+                      num_workers=0, holdout_fraction=HOLDOUT_FRACTION)
 
 
 def lr_at(step: int, s: AutoencoderSettings) -> float:

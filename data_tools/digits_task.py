@@ -35,8 +35,8 @@ PARAPHRASE_SEED = 10_000
 
 # The digits autoencoder (autoencoder.prepare: digits), sized for a 2-core CPU; see recipes/digits-latent.yaml for
 # what it measured.
-AUTOENCODER_STEPS = 600
-AUTOENCODER_WIDTH = 16
+AUTOENCODER_STEPS = 400
+AUTOENCODER_WIDTH = 8
 
 
 def build_autoencoder(data: "DataConfig", out: Path) -> None:
