@@ -60,22 +60,16 @@ def to_digit_features(images: torch.Tensor) -> np.ndarray:
     return (pooled.flatten(1) * MAX_VALUE).cpu().numpy()
 
 
-@torch.no_grad()
-def reconstructions(pipe: "Pipeline", digits: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Real digits (N, 8, 8) on 0..16 through the path training takes (PNG, resized to the recipe's resolution) and
-    the autoencoder's encode and decode: (N, C, H, W) in [0, 1]."""
-    from flowmatch.data.decode import decode_pixels, pixels_to_tensor
-    from flowmatch.data.pixels import model_to_unit
+def reconstructions(pipe: "Pipeline", digits: np.ndarray) -> torch.Tensor:
+    """Real digits (N, 8, 8) on 0..16 as training sees them (PNG, resized to the recipe's resolution), through the
+    autoencoder's encode and decode: (N, C, H, W) in [0, 1]."""
+    from flowmatch.data.decode import decode_pixels
 
     data = pipe.recipe.data
     height, width = data.size
-    out = []
-    for start in range(0, len(digits), batch_size):
-        pixels = [decode_pixels(to_png(d), height=height, width=width, channels=data.channels,
-                                max_pixels=data.max_image_pixels) for d in digits[start:start + batch_size]]
-        auto = pipe.encoders.autoencoder
-        out.append(model_to_unit(auto.decode(auto.encode(pixels_to_tensor(pixels).to(pipe.device)))).cpu())
-    return torch.cat(out)
+    pixels = [decode_pixels(to_png(d), height=height, width=width, channels=data.channels,
+                            max_pixels=data.max_image_pixels) for d in digits]
+    return pipe.reconstruct(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)).cpu()
 
 
 def judge(pipe: "Pipeline", plan: EvalPlan) -> TaskScores:
@@ -97,7 +91,7 @@ def judge(pipe: "Pipeline", plan: EvalPlan) -> TaskScores:
         reference={"frechet_floor": frechet_distance(real.data[order[:size]], real.data[order[size:2 * size]])},
         note=f"{plan.samples_per_prompt} images per digit, judged by an SVC fit on the real digits",
     )
-    if not pipe.encoders.pixel_space:  # the autoencoder's floor: the same real digits, encoded and decoded
+    if pipe.recipe.autoencoder.kind != "identity":  # the autoencoder's floor: the real digits, encoded and decoded
         rebuilt = to_digit_features(reconstructions(pipe, real.images[order[size:2 * size]]))
         scores.reference["frechet_reconstruction"] = frechet_distance(real.data[order[:size]], rebuilt)
     train_prompts = [digit_prompts()[d] for d in labels]

@@ -44,7 +44,8 @@ class Task:
     """Train the task's autoencoder on the data section's shards (at its resolution and channels) and write it with
     save_pretrained into a new directory (autoencoder.prepare)."""
     judge: Optional[Callable[["Pipeline", "EvalPlan"], "TaskScores"]] = None
-    """Score a model: generate through the Pipeline's public API (generate, last_nfe, recipe) as the plan says."""
+    """Score a model: generate through the Pipeline's public API (generate, reconstruct, last_nfe, recipe) as the plan
+    says."""
     prompts: tuple[str, ...] = ()
     """Prompts that suit the task, e.g. for validation grids (one row each)."""
 
