@@ -93,8 +93,11 @@ def main(argv=None) -> int:
     for mode in MODES:  # cached first: it builds whatever is missing (shards, autoencoder, cache)
         cmd = [sys.executable, __file__, "--mode", mode, "--recipe", args.recipe, "--steps", str(args.steps),
                "--warmup", str(args.warmup), *[f"--set={o}" for o in args.overrides]]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.stderr.write(done.stderr[-4000:])
+            raise SystemExit(f"the {mode} run failed (exit status {done.returncode})")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"{'mode':>9} {'samples/s':>10} {'peak RSS MiB':>13} {'during steps':>13} {'encoders freed':>15}")
     for r in rows:
         print(f"{r['mode']:>9} {r['samples_per_s']:>10.1f} {r['peak_rss_mib']:>13.0f} "
