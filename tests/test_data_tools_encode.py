@@ -99,14 +99,14 @@ def test_training_steps_on_cached_shards(encoded, tmp_path, monkeypatch):
     from flowmatch.training import train
 
     released = []
-    real = FrozenEncoders.release_text
+    real = FrozenEncoders.release
 
     def record(self, keep):
         released.append(list(keep))
         real(self, keep)
         assert all(enc.model is None for enc in self.text.encoders.values())
 
-    monkeypatch.setattr(FrozenEncoders, "release_text", record)
+    monkeypatch.setattr(FrozenEncoders, "release", record)
 
     overrides = {"run_dir": str(tmp_path / "run"), "data.shards": str(encoded), "data.channels": 3,
                  "model.preset": "tiny", "train.max_steps": 2, "train.batch_size": 4, "optim.warmup_steps": 1,
@@ -127,7 +127,7 @@ def test_freed_text_encoders_answer_the_kept_captions_only():
     frozen = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels)
     prompts = ["a handwritten 3", "the digit seven, written by hand"]
     before, null = frozen.encode_text(prompts), frozen.null()
-    frozen.release_text(prompts)
+    frozen.release(prompts)
     assert frozen.text.encoders["text_encoder"].model is None
     after = frozen.encode_text(prompts)
     torch.testing.assert_close(after.hidden, before.hidden, rtol=0, atol=1e-6)

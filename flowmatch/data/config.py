@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import Union
 
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB
+from flowmatch.errors import choice_error
 from flowmatch.tasks import check_task_name
 
 CHANNELS = (1, 3)
+CACHE_DTYPES = ("bf16", "fp16", "fp32")  # flowmatch.data.features.DTYPES
 
 
 @dataclass
@@ -59,6 +61,11 @@ class DataConfig:
     cached: Union[bool, str] = "auto"
     """Shards hold precomputed latents and text embeddings (flowmatch-data encode): true, false, or auto (look at
     the first sample)."""
+    cache: str = ""
+    """A directory of cached features of `shards` (val-* included) made with this recipe's encoders: encoded when
+    missing or incomplete, then read instead of `shards` (the encoders are freed once training starts); '' = off."""
+    cache_dtype: str = "bf16"
+    """Storage dtype of the features `cache` makes: bf16, fp16 or fp32."""
     max_image_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels (width x height, read from the header before decoding) are skipped as oversized."""
     max_member_mb: int = MAX_MEMBER_BYTES // MIB
@@ -72,6 +79,10 @@ class DataConfig:
             raise ValueError(f"data.channels must be one of {CHANNELS}, got {self.channels!r}")
         if not (isinstance(self.cached, bool) or self.cached == "auto"):
             raise ValueError(f"data.cached must be true, false or 'auto', got {self.cached!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise choice_error("data.cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        if self.cache and self.val_shards:
+            raise ValueError("data.cache holds the val-* shards of data.shards: set data.val_shards='' with it")
         height, width = resolution_hw(self.resolution)
         if height < 1 or width < 1:
             raise ValueError(f"data.resolution must be positive, got {self.resolution!r}")
@@ -96,6 +107,11 @@ class DataConfig:
     def size(self) -> tuple[int, int]:
         """(height, width) of `resolution`."""
         return resolution_hw(self.resolution)
+
+    @property
+    def read_from(self) -> str:
+        """The shards the loader reads: the cache when there is one, else `shards`."""
+        return self.cache or self.shards
 
     @property
     def max_member_bytes(self) -> int:

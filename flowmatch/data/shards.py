@@ -8,6 +8,7 @@ held-out split and are never trained on (flowmatch.data.shardformat).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -98,7 +99,7 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    listed = expand_shards(cfg.shards)
+    listed = expand_shards(cfg.read_from)
     explicit_val = expand_shards(cfg.val_shards) if cfg.val_shards else []
     if cfg.val_shards and not explicit_val:
         raise FileNotFoundError(f"data.val_shards={cfg.val_shards!r} matches no shards")
@@ -106,7 +107,7 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
     train = [u for u in listed if u not in set(val) and not is_val_shard(u)]
     if split == "train":
         if not train:
-            raise FileNotFoundError(missing_message(cfg.shards))
+            raise FileNotFoundError(missing_message(cfg.read_from))
         if not val and cfg.holdout_fraction > 0:
             return ShardSplit(tuple(train), "exclude", cfg.holdout_fraction)
         return ShardSplit(tuple(train))
@@ -114,10 +115,10 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
         return ShardSplit(tuple(val))
     if cfg.holdout_fraction > 0:
         if not train:
-            raise FileNotFoundError(missing_message(cfg.shards))
+            raise FileNotFoundError(missing_message(cfg.read_from))
         return ShardSplit(tuple(train), "only", cfg.holdout_fraction)
     raise ValueError(
-        f"no held-out data for split 'val': data.shards={cfg.shards!r} has no val-* shards; set data.val_shards "
+        f"no held-out data for split 'val': data.shards={cfg.read_from!r} has no val-* shards; set data.val_shards "
         "to held-out shards or data.holdout_fraction (e.g. 0.05) to hold out keys by hash"
     )
 
@@ -150,9 +151,10 @@ def ensure_shards(cfg: DataConfig) -> list[str]:
     Building writes into a temporary directory renamed into place, so processes racing to build never see a
     half-written set; still, call it on rank 0 and barrier before the other ranks build their loaders.
     """
+    raw = dataclasses.replace(cfg, cache="")  # the shards themselves, whether or not a cache of them exists
     urls = expand_shards(cfg.shards)
     if any(not is_val_shard(u) for u in urls):
-        return list(resolve_split(cfg, "train").urls)
+        return list(resolve_split(raw, "train").urls)
     if not cfg.prepare:
         raise FileNotFoundError(missing_message(cfg.shards))
     target = Path(os.path.expanduser(cfg.shards))
@@ -185,4 +187,4 @@ def ensure_shards(cfg: DataConfig) -> list[str]:
         if not expand_shards(cfg.shards):
             raise
     log.warning("data: built %d shards in %s", len(expand_shards(cfg.shards)), target)
-    return list(resolve_split(cfg, "train").urls)
+    return list(resolve_split(raw, "train").urls)

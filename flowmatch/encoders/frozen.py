@@ -9,7 +9,8 @@ checked against, and the input sizes the model must have.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+import gc
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
@@ -46,12 +47,32 @@ class FrozenEncoders:
         self.autoencoder = Autoencoder(autoencoder_cfg, image_channels=image_channels, device=self.device)
         self._null: Optional[Conditioning] = None
         self._dropout_null: Optional[Conditioning] = None
+        self._frozen_facts: dict[str, Any] = {}
+        """After :meth:`release`: the fingerprints and input sizes, remembered from before."""
 
     # -- conditioning ----------------------------------------------------------------------------------------------
 
     def encode_text(self, captions: list[str]) -> Conditioning:
         """Captions -> conditioning on :attr:`device` (hidden (B, L, D) float32, mask (B, L), pooled (B, Dp))."""
         return self.text.encode(list(captions)).to(self.device)
+
+    def release(self, keep: Sequence[str]) -> None:
+        """Free the text encoders' weights and the autoencoder's encoder half once training reads cached features.
+
+        The captions in ``keep`` (the sampling prompts) and the empty caption are encoded first, one at a time,
+        and served from memory afterwards (:meth:`TextEncoders.release`); the fingerprints and input sizes are
+        remembered. The decoder stays, for validation grids.
+        """
+        self.null(), self.dropout_null()
+        self._frozen_facts = {"fingerprints": self.fingerprints(), "input_sizes": self.input_sizes()}
+        self.text.release(list(keep))
+        self.autoencoder.drop_encoder()
+        gc.collect()
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` freed the text encoders and the autoencoder's encoder half."""
+        return bool(self._frozen_facts)
 
     def null(self) -> Conditioning:
         """The empty caption's conditioning (batch 1): the unconditional input of classifier-free guidance at
@@ -65,12 +86,6 @@ class FrozenEncoders:
         if self._dropout_null is None:
             self._dropout_null = self.text.dropout_null().to(self.device)
         return self._dropout_null
-
-    def release_text(self, keep: list[str]) -> None:
-        """Encode `keep` (the sampling prompts) and the empty caption, then free the text encoders' weights; for
-        training on cached features, where nothing else needs them."""
-        self.null(), self.dropout_null()
-        self.text.release(keep)
 
     def dropout_parts(self, default: float) -> list[tuple[TextPart, float]]:
         """Each encoder's share of the conditioning and its caption dropout probability (``default`` =
@@ -117,10 +132,14 @@ class FrozenEncoders:
 
     def fingerprints(self) -> dict[str, str]:
         """Which encoders make this run's features: recorded in cached shards and checked when they are read."""
+        if self.released:
+            return dict(self._frozen_facts["fingerprints"])
         return {**self.text.fingerprints(), "autoencoder": self.autoencoder.fingerprint()}
 
     def input_sizes(self) -> dict[str, int]:
         """The model input sizes these encoders decide: in_channels, context_dim and pooled_dim."""
+        if self.released:
+            return dict(self._frozen_facts["input_sizes"])
         return {"in_channels": self.latent_channels, "context_dim": self.text.hidden_size,
                 "pooled_dim": self.text.pooled_size}
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
-from flowmatch.data.pixels import model_to_unit
+from flowmatch.data.pixels import model_to_unit, pixels_to_model
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow import TimeSchedule
 from flowmatch.flow.timesteps import shift_time
@@ -138,6 +138,13 @@ class Pipeline:
         if h % (f * p) or w % (f * p):
             raise ValueError(f"height and width must be multiples of {f * p} (autoencoder factor x patch size)")
         return (self.encoders.latent_channels, h // f, w // f)
+
+    @torch.no_grad()
+    def reconstruct(self, pixels: Tensor) -> Tensor:
+        """8-bit images (B, C, H, W) through the autoencoder's encode and decode: (B, C, H, W) in [0, 1], the best
+        the model's latent space can represent them (the images themselves in pixel space)."""
+        latents = self.encoders.autoencoder.encode(pixels_to_model(pixels).to(self.device))
+        return model_to_unit(self.encoders.decode(latents))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, steps: Optional[int] = None, solver: Optional[str] = None,

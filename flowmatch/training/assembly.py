@@ -15,6 +15,8 @@ import torch
 
 from flowmatch.config import Recipe, to_yaml
 from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split, read_cache_info
+from flowmatch.encoders.autoencoder import ensure_autoencoder
+from flowmatch.encoders.cache import ensure_cache
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
@@ -130,7 +132,10 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
 
 
 def assemble(recipe: Recipe) -> TrainingRun:
-    """Build a run: shards (rank 0, when the recipe names a builder), engine, encoders, model, loader, schedule."""
+    """Build a run: shards, autoencoder and feature cache (rank 0, each when the recipe names a builder and it is
+    missing), engine, encoders, model (from model.init_from's weights when set), loader, schedule. Training on
+    cached features frees the text encoders and the autoencoder's encoder half once the empty caption and the
+    sampling prompts are encoded."""
     located = None
     if recipe.model.init_from:  # the architecture comes from the weights: checked before anything starts
         located = init_from.locate(recipe.model.init_from)
@@ -144,11 +149,15 @@ def assemble(recipe: Recipe) -> TrainingRun:
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ensure_shards(recipe.data)
+        ensure_autoencoder(recipe.autoencoder, recipe.data)
     engine.barrier()
     t = recipe.train
     seed_everything(t.seed + engine.rank)
     encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=engine.device)
+    if engine.is_main:
+        ensure_cache(recipe.data, encoders, progress=recipe.logging.progress)
+    engine.barrier()
     recipe = dataclasses.replace(recipe, model=encoders.fill_model_config(recipe.model))
     micro, accum = batch_plan(t.batch_size, t.micro_batch_size, engine.world_size)
     model = build_model(recipe, engine, init)
@@ -159,14 +168,15 @@ def assemble(recipe: Recipe) -> TrainingRun:
         engine.ema_init(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
                           seed=t.seed, encoders=encoders.fingerprints())
-    if loader.cached and (not has_val_split(recipe.data) or read_cache_info(recipe.data, "val") is not None):
-        encoders.release_text(recipe.sampling.prompts)  # the features hold every caption's encoding
+    has_val = has_val_split(recipe.data)
+    if loader.cached and (not has_val or read_cache_info(recipe.data, "val") is not None):
+        encoders.release(keep=recipe.sampling.prompts)  # the features hold every caption's encoding
     first_slot = engine.rank * accum
     generators = [torch.Generator().manual_seed(t.seed * 1000 + first_slot + m) for m in range(accum)]
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
                        micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
-                       has_val=has_val_split(recipe.data), init=init)
+                       has_val=has_val, init=init)
 
 
 def describe_init(source: str, kind: str, path: Path) -> InitRecord:
