@@ -2,7 +2,8 @@
 
 `key.safetensors` holds `latents` (c, h, w), `hidden` (n, D) with n the caption's real token count (padding is
 not stored), `pooled` (Dp,), in bf16 or fp16; its metadata names the encoders that made it, so training refuses
-features from a different text encoder or autoencoder. safetensors rather than numpy or torch.save: it stores
+features from a different text encoder or autoencoder. With `text_quant` the hidden states are stored as one-byte
+codes (int8 or fp8 e4m3) plus a per-token `hidden_scale` (n,) (flowmatch.data.quantize) and read back as float32. safetensors rather than numpy or torch.save: it stores
 bf16, and reading it never unpickles anything. The header alone (shapes, metadata) can be read without the data.
 """
 
@@ -17,11 +18,13 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from flowmatch.data import quantize
+
 EXT = "safetensors"
 FORMAT = "flowmatch-features-1"
 ENCODER_FIELDS = ("text_encoder", "autoencoder")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "I8": "int8", "F8_E4M3": "fp8"}
 # safetensors layout: 8-byte little-endian header length, then the JSON header.
 HEADER_LEN = struct.Struct("<Q")
 MAX_HEADER_BYTES = 1 << 20
@@ -42,6 +45,8 @@ class FeatureHeader:
     pooled_dim: int
     dtype: str
     encoders: dict[str, str]
+    text_dtype: str = ""
+    """The stored dtype of the hidden states (int8 / fp8 when quantised)."""
 
 
 @dataclass
@@ -54,8 +59,10 @@ class Features:
 
 
 def encode(latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor, *, dtype: str,
-           encoders: Mapping[str, str]) -> bytes:
-    """Serialize one sample. latents (c, h, w); hidden (n, D) real tokens only; pooled (Dp,)."""
+           encoders: Mapping[str, str], text_quant: str = "") -> bytes:
+    """Serialize one sample. latents (c, h, w); hidden (n, D) real tokens only; pooled (Dp,).
+
+    text_quant: "" stores hidden in `dtype`; "int8" or "fp8" stores per-token quantised codes and scales."""
     if dtype not in DTYPES:
         raise ValueError(f"feature dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     missing = [f for f in ENCODER_FIELDS if f not in encoders]
@@ -72,6 +79,8 @@ def encode(latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor, *,
         "hidden": hidden.detach().to("cpu", cast).contiguous(),
         "pooled": pooled.detach().to("cpu", cast).contiguous(),
     }
+    if text_quant:
+        tensors["hidden"], tensors["hidden_scale"] = quantize.quantize(hidden.detach().cpu(), text_quant)
     metadata = {"format": FORMAT, **{f: str(encoders[f]) for f in ENCODER_FIELDS}}
     return save_tensors(tensors, metadata=metadata)
 
@@ -94,6 +103,7 @@ def read_header(data: bytes) -> FeatureHeader:
         raise ValueError(f"features member is not {FORMAT} (format {meta.get('format')!r})")
     try:
         dtype = str(header["latents"]["dtype"])
+        text_dtype = str(header["hidden"]["dtype"])
         shapes = {name: tuple(int(v) for v in header[name]["shape"]) for name in TENSOR_RANKS}
         data_end = max(int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__")
     except (KeyError, IndexError, TypeError, ValueError) as err:
@@ -104,6 +114,11 @@ def read_header(data: bytes) -> FeatureHeader:
     # Checked here, before batching, so a cut-off blob is counted without costing a batch its slot.
     if data_end != len(data) - HEADER_LEN.size - length:
         raise ValueError(f"features data is {len(data) - HEADER_LEN.size - length} bytes, the header says {data_end}")
+    quantised = SAFETENSORS_DTYPES.get(text_dtype) in quantize.KINDS
+    scale_shape = header.get("hidden_scale", {}).get("shape") if isinstance(header.get("hidden_scale"), dict) else None
+    if quantised and scale_shape != [shapes["hidden"][0]]:
+        raise ValueError(f"quantised hidden states {list(shapes['hidden'])} need a hidden_scale of shape "
+                         f"[{shapes['hidden'][0]}], found {scale_shape}")
     return FeatureHeader(
         latent_shape=shapes["latents"],
         tokens=shapes["hidden"][0],
@@ -111,6 +126,7 @@ def read_header(data: bytes) -> FeatureHeader:
         pooled_dim=shapes["pooled"][0],
         dtype=SAFETENSORS_DTYPES.get(dtype, dtype),
         encoders={f: str(meta.get(f, "")) for f in ENCODER_FIELDS},
+        text_dtype=SAFETENSORS_DTYPES.get(text_dtype, text_dtype),
     )
 
 
@@ -121,7 +137,13 @@ def decode(data: bytes) -> Features:
     except Exception as err:  # safetensors raises its own SafetensorError for corrupt data
         raise ValueError(f"corrupt features: {err}") from None
     try:
-        return Features(tensors["latents"], tensors["hidden"], tensors["pooled"])
+        hidden = tensors["hidden"]
+        if "hidden_scale" in tensors:
+            if tensors["hidden_scale"].shape != hidden.shape[:1]:
+                raise ValueError(f"hidden_scale {list(tensors['hidden_scale'].shape)} does not match hidden "
+                                 f"{list(hidden.shape)}")
+            hidden = quantize.dequantize(hidden, tensors["hidden_scale"])
+        return Features(tensors["latents"], hidden, tensors["pooled"])
     except KeyError as err:
         raise ValueError(f"features lack tensor {err}") from None
 
