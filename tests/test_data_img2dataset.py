@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from data_tools.serve import ShardServer
@@ -41,6 +42,7 @@ def run_img2dataset(url_list: Path, out: Path) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
 
 
+@pytest.mark.slow  # a real training run
 def test_training_reads_img2dataset_output_as_it_is(tmp_path):
     from tests.test_train import tiny_recipe
 

@@ -90,6 +90,7 @@ def test_sources_in_a_recipe(tmp_path):
         load_recipe(None, ['data.shards=x/', 'data.sources=[{"shards": "a/"}]'])
 
 
+@pytest.mark.slow  # a real training run
 def test_training_logs_per_source_counts_and_validation(tmp_path):
     from tests.test_train import read_metrics, tiny_recipe
 

@@ -106,6 +106,7 @@ def test_permanent_http_errors_are_not_retried(tmp_path):
         assert server.requests == [("missing.tar", -1)]  # one request, no retries
 
 
+@pytest.mark.slow  # a real training run
 def test_training_reads_shards_over_http(tmp_path, digit_shards):
     from tests.test_train import read_metrics, tiny_recipe
 
