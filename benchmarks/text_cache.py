@@ -9,6 +9,7 @@
    of both at equal steps.
 
     python benchmarks/text_cache.py --train-steps 500
+    python benchmarks/text_cache.py --train-steps 120 --batch-size 32 --warmup-steps 20 --validate-every 40
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--recipe", default=RECIPE)
     p.add_argument("--train-steps", type=int, default=0, help="train from a bf16 and an int8 cache (0 = skip)")
     p.add_argument("--validate-every", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=0, help="training batch (0 = the recipe's)")
+    p.add_argument("--warmup-steps", type=int, default=-1, help="LR warm-up steps (-1 = the recipe's)")
+    p.add_argument("--caches", default="", help="train from DIR/bf16 and DIR/int8 made earlier (reconstruction skipped)")
     return p.parse_args()
 
 
@@ -97,14 +101,19 @@ def requantise(src: Path, out: Path, kind: str) -> None:
                 sink.write(record.key, {**record.files, features.EXT: blob})
 
 
-def train_from(cache: Path, run_dir: Path, steps: int, validate_every: int, recipe_path: str) -> dict[int, float]:
+def train_from(cache: Path, run_dir: Path, args: argparse.Namespace) -> dict[int, float]:
     from flowmatch.config import load_recipe
     from flowmatch.training import train
 
+    steps = args.train_steps
     overrides = {"run_dir": str(run_dir), "data.shards": str(cache), "data.prepare": "", "train.max_steps": steps,
-                 "train.validate_every": validate_every, "train.checkpoint_every": steps, "logging.progress": False,
-                 "logging.tensorboard": False, "train.ema_profiles": []}
-    train(load_recipe(recipe_path, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+                 "train.validate_every": args.validate_every, "train.checkpoint_every": steps,
+                 "logging.progress": False, "logging.tensorboard": False, "train.ema_profiles": []}
+    if args.batch_size:
+        overrides["train.batch_size"] = args.batch_size
+    if args.warmup_steps >= 0:
+        overrides["optim.warmup_steps"] = args.warmup_steps
+    train(load_recipe(args.recipe, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {int(r["step"]): float(r["val_loss"]) for r in rows if "val_loss" in r}
 
@@ -113,11 +122,12 @@ def training(args: argparse.Namespace, tmp: Path) -> dict:
     from data_tools.digits import write_digits
     from data_tools.encode import EncodeSettings, encode_shards
 
-    write_digits(tmp / "raw")
-    encode_shards(str(tmp / "raw"), tmp / "bf16", EncodeSettings(args.recipe, dtype="bf16"), progress=False)
-    requantise(tmp / "bf16", tmp / "int8", "int8")
-    curves = {kind: train_from(tmp / kind, tmp / f"run-{kind}", args.train_steps, args.validate_every, args.recipe)
-              for kind in ("bf16", "int8")}
+    caches = Path(args.caches) if args.caches else tmp
+    if not args.caches:
+        write_digits(tmp / "raw")
+        encode_shards(str(tmp / "raw"), tmp / "bf16", EncodeSettings(args.recipe, dtype="bf16"), progress=False)
+        requantise(tmp / "bf16", tmp / "int8", "int8")
+    curves = {kind: train_from(caches / kind, tmp / f"run-{kind}", args) for kind in ("bf16", "int8")}
     print("step  val_loss bf16 cache  val_loss int8 cache")
     for step in sorted(curves["bf16"]):
         print(f"{step:5d}  {curves['bf16'][step]:.4f}  {curves['int8'].get(step, float('nan')):.4f}")
@@ -126,7 +136,7 @@ def training(args: argparse.Namespace, tmp: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    results = {"reconstruction": reconstruction(args.recipe)}
+    results = {} if args.caches else {"reconstruction": reconstruction(args.recipe)}
     if args.train_steps:
         tmp = Path(tempfile.mkdtemp(prefix="text-cache-"))
         try:
