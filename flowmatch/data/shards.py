@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -42,6 +42,11 @@ class ShardSplit:
     urls: tuple[str, ...]
     holdout: str = ""
     holdout_fraction: float = 0.0
+    weight: float = 1.0
+    """Share of a mixture's samples (data.sources)."""
+    caption_key: str = ""
+    """Where captions are (see DataConfig.caption_key)."""
+    name: str = ""
 
     def keeps(self, key: str) -> bool:
         """Whether this split uses sample `key`."""
@@ -99,6 +104,8 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if cfg.sources:  # the shards of every source; each source's key filter is in resolve_sources
+        return ShardSplit(tuple(u for part in resolve_sources(cfg, split) for u in part.urls))
     listed = expand_shards(cfg.read_from)
     explicit_val = expand_shards(cfg.val_shards) if cfg.val_shards else []
     if cfg.val_shards and not explicit_val:
@@ -123,13 +130,54 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
     )
 
 
+def source_name(cfg: DataConfig, i: int) -> str:
+    """The name of data source `i` in logs."""
+    return cfg.sources[i].name or f"source{i}"
+
+
+def source_config(cfg: DataConfig, i: int) -> DataConfig:
+    """`cfg` reading data source `i` alone."""
+    src = cfg.sources[i]
+    return replace(cfg, shards=src.shards, val_shards=src.val_shards, caption_key=src.caption_key, sources=[])
+
+
+def resolve_sources(cfg: DataConfig, split: str) -> tuple[ShardSplit, ...]:
+    """The split of each data source (one for data.shards). For "val", sources without held-out data are left out;
+    ValueError when none has any."""
+    if not cfg.sources:
+        return (replace(resolve_split(cfg, split), caption_key=cfg.caption_key),)
+    parts = []
+    for i, src in enumerate(cfg.sources):
+        try:
+            part = resolve_split(source_config(cfg, i), split)
+        except ValueError:
+            if split == "train":
+                raise
+            continue
+        parts.append(replace(part, weight=src.weight, caption_key=src.caption_key, name=source_name(cfg, i)))
+    if not parts:
+        raise ValueError("no data source has held-out data: give data.sources[].val_shards, val-* shards, or set "
+                         "data.holdout_fraction")
+    return tuple(parts)
+
+
+def val_source_names(cfg: DataConfig) -> list[str]:
+    """The data sources with held-out data, by name, when the recipe mixes several ([] otherwise)."""
+    if len(cfg.sources) < 2:
+        return []
+    try:
+        return [part.name for part in resolve_sources(cfg, "val")]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
 def has_val_split(cfg: DataConfig) -> bool:
     """Whether `cfg` names held-out data (val shards, val-* shards among shards, or a holdout fraction).
 
     Decided from the configuration and the shard names alone, so every rank gets the same answer.
     """
     try:
-        resolve_split(cfg, "val")
+        resolve_sources(cfg, "val")
     except (FileNotFoundError, ValueError):
         return False
     return True
@@ -151,6 +199,8 @@ def ensure_shards(cfg: DataConfig) -> list[str]:
     Building writes into a temporary directory renamed into place, so processes racing to build never see a
     half-written set; still, call it on rank 0 and barrier before the other ranks build their loaders.
     """
+    if cfg.sources:
+        return [u for part in resolve_sources(cfg, "train") for u in part.urls]
     raw = dataclasses.replace(cfg, cache="")  # the shards themselves, whether or not a cache of them exists
     urls = expand_shards(cfg.shards)
     if any(not is_val_shard(u) for u in urls):

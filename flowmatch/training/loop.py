@@ -314,8 +314,11 @@ class Trainer:
         """Reduce the window's sums across ranks and record them: the loop's host sync, once per log interval."""
         e, r = self.engine, self.recipe
         nb = window.buckets
-        bad = torch.tensor([float(self.run.loader.bad_samples)], device=e.device)
-        sums = e.all_reduce_sum(torch.cat([window.sums, bad])).cpu()
+        data = self.run.loader.stats  # this rank's counters: bad records, failed shards, samples per source
+        sums = e.all_reduce_sum(window.sums).cpu()
+        # float64: sample counts pass 2^24 early in a large run
+        tallies = e.all_reduce_sum(torch.tensor([data.bad, data.failed_shards, *data.sources.values()],
+                                                dtype=torch.float64, device=e.device)).cpu()
         seconds = max(time.time() - window.started, 1e-9)
         loss = (sums[0] / sums[1].clamp(min=1)).item()
         counts = sums[2 + nb:2 + 2 * nb]
@@ -327,7 +330,11 @@ class Trainer:
         if r.logging.peak_tflops > 0:
             values["mfu"] = tflops / (r.logging.peak_tflops * e.world_size)
             postfix["mfu"] = f"{values['mfu']:.1%}"
-        values["bad_samples"] = sums[-1].item()
+        values["bad_samples"] = tallies[0].item()
+        values["failed_shards"] = tallies[1].item()
+        if len(data.sources) > 1:  # a mixture: how many samples each source has given so far
+            for name, total in zip(data.sources, tallies[2:].tolist()):
+                values[f"samples_{name}"] = total
         values["skipped_steps"] = float(e.skipped_steps)
         if result is not None and result.grad_norm is not None:
             values["grad_norm"] = float(result.grad_norm)
