@@ -18,16 +18,18 @@ from torch import Tensor
 
 from flowmatch.data.pixels import model_to_unit
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import TimeSchedule
+from flowmatch.flow import TimeSchedule, with_guidance
+from flowmatch.sampling.fewstep import sample_average
 from flowmatch.sampling.guidance import guided_velocity
-from flowmatch.sampling.solvers import check_solver, sample_ode
+from flowmatch.sampling.solvers import AVERAGE_SOLVER, check_solver, sample_ode
 
 if TYPE_CHECKING:
     from flowmatch.config import Recipe
     from flowmatch.encoders.frozen import FrozenEncoders
 
-VelocityModel = Callable[[Tensor, Tensor, Conditioning], Tensor]
-"""``model(x (B, C, h, w), t (B,), cond) -> velocity (B, C, h, w)``."""
+VelocityModel = Callable[..., Tensor]
+"""``model(x (B, C, h, w), t (B,), cond) -> velocity (B, C, h, w)``; the ``average`` solver also passes
+``r=`` (B,), the end of the step (the MMDiT's second time)."""
 
 
 @dataclass
@@ -37,7 +39,7 @@ class SamplingConfig:
     steps: int = 20
     """ODE steps."""
     solver: str = "euler"
-    """ODE solver (see flowmatch.sampling.SOLVERS)."""
+    """ODE solver (see flowmatch.sampling.SOLVERS); average = few-step jumps of a MeanFlow / shortcut model."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale (1 = no guidance)."""
     seed: int = 0
@@ -62,16 +64,27 @@ def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
 
 @torch.no_grad()
 def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Conditioning], noise: Tensor, *,
-                   steps: int, solver: str, guidance_scale: Optional[float], shift: float) -> tuple[Tensor, int]:
+                   steps: int, solver: str, guidance_scale: Optional[float], shift: float,
+                   guidance_input: bool = False) -> tuple[Tensor, int]:
     """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, velocity evaluations).
 
-    With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
+    With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch,
+    unless the model takes the scale as an input (``guidance_input``: ``model.guidance_embed``), which gives the
+    guided velocity in one forward of batch B. The ``average`` solver jumps with the model's average velocity
+    over each step (:func:`~flowmatch.sampling.sample_average`); the others integrate its velocity at r = t.
     """
+    if guidance_input:
+        cond = with_guidance(cond, 1.0 if guidance_scale is None else guidance_scale)
+        guidance_scale = None
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
         raise ValueError("classifier-free guidance needs the empty caption's conditioning (null)")
-    velocity = guided_velocity(model, cond, null if guided else None, guidance_scale)
-    solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift)
+    if solver == AVERAGE_SOLVER:
+        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True)
+        solution = sample_average(velocity, noise, steps=steps, shift=shift)
+    else:
+        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale)
+        solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift)
     return solution.x, solution.nfe
 
 
@@ -148,5 +161,6 @@ class Pipeline:
             solver=solver or s.solver,
             guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
             shift=self.schedule.shift_for((h // p) * (w // p)),
+            guidance_input=self.recipe.model.guidance_embed,
         )
         return model_to_unit(self.encoders.decode(latents))

@@ -8,7 +8,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from flowmatch.errors import RecipeError
 from flowmatch.flow import TimeSchedule
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.training.fewstep import check_recipe, init_from, load_teacher
 
 
 def seed_everything(seed: int) -> None:
@@ -54,9 +55,12 @@ class EngineVelocity:
         self.last_dtype: Optional[torch.dtype] = None
         """Dtype of the model's raw output in the latest call: the precision the run really computes in."""
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                 r: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The velocity at (x, t); with ``r`` (B,) the average velocity over [r, t] (float32 like t)."""
         dt = self.engine.dtype
-        out = self.engine.forward(x.to(dt), t.float(), cond.to(dtype=dt))
+        extra = {} if r is None else {"r": r.float()}
+        out = self.engine.forward(x.to(dt), t.float(), cond.to(dtype=dt), **extra)
         self.last_dtype = out.dtype
         return out.float()
 
@@ -84,6 +88,8 @@ class TrainingRun:
     """The empty caption's conditioning (caption dropout's replacement)."""
     has_val: bool
     """Whether the data has a held-out split (the same answer on every rank: validation stays collective)."""
+    teacher: Optional[Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]] = None
+    """The frozen teacher of distillation (``flow.teacher``), ``teacher(x, t, cond) -> v``; None = from data."""
 
     @property
     def recipe_yaml(self) -> str:
@@ -102,6 +108,11 @@ def build_model(run_recipe: Recipe, engine: Engine) -> MMDiT:
     torch.manual_seed(seed)
     with engine.gathered_params(model, modify=True):  # under ZeRO-3 the parameters are partitioned by now
         model.init_weights()
+        if run_recipe.model.init_from:
+            fresh = init_from(model, run_recipe.model.init_from)
+            if engine.is_main:
+                print(f"model weights from {run_recipe.model.init_from}"
+                      + (f"; {', '.join(fresh)} start at zero" if fresh else ""), flush=True)
     if run_recipe.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if run_recipe.train.compile:
@@ -122,6 +133,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=engine.device)
     recipe = dataclasses.replace(recipe, model=encoders.fill_model_config(recipe.model))
+    check_recipe(recipe)
     micro, accum = batch_plan(t.batch_size, t.micro_batch_size, engine.world_size)
     model = build_model(recipe, engine)
     seed_everything(t.seed + engine.rank)  # back to per-rank streams (data workers, posterior samples)
@@ -136,4 +148,4 @@ def assemble(recipe: Recipe) -> TrainingRun:
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
                        micro_batch=micro, accum=accum, generators=generators, null=encoders.null(),
-                       has_val=has_val_split(recipe.data))
+                       has_val=has_val_split(recipe.data), teacher=load_teacher(recipe, engine.device))
