@@ -21,7 +21,15 @@ import torch
 
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
-from flowmatch.flow import FlowConfig, GuidanceInputConfig, MeanFlowConfig, ShortcutConfig, TimeSchedule, objective_loss
+from flowmatch.flow import (
+    FlowConfig,
+    GuidanceInputConfig,
+    MeanFlowConfig,
+    ShortcutConfig,
+    TimeSchedule,
+    objective_loss,
+    with_guidance,
+)
 from flowmatch.models import MMDiT, config_from_preset
 from flowmatch.training.assembly import EngineVelocity
 from flowmatch.training.fewstep import objective_models
@@ -82,8 +90,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     for round_ in range(args.warmup + args.rounds):
         for name, (flow, models, guided, jvp) in runs.items():
+            # One model serves every configuration: the unguided ones pass the scale 1 as a fixed input.
+            c, n = (cond, null) if guided else (with_guidance(cond, 1.0), with_guidance(null, 1.0))
             t0, c0 = time.perf_counter(), time.process_time()
-            loss = objective_loss(models, x0, cond, null, schedule=TimeSchedule(flow), flow=flow, seq_len=16,
+            loss = objective_loss(models, x0, c, n, schedule=TimeSchedule(flow), flow=flow, seq_len=16,
                                   generator=gen, guided=guided, jvp_backend=jvp).loss
             engine.backward(loss)
             engine.step()
