@@ -98,13 +98,13 @@ def _flow_student(x, t, cond, r=None):
     return gaussian_v(x, t)
 
 
-@pytest.mark.parametrize("jvp", ["exact", "finite_difference"])
-def test_the_meanflow_objective_is_zero_at_the_exact_average_velocity(jvp):
+@pytest.mark.parametrize("jvp, tol", [("exact", 1e-9), ("finite_difference", 1e-6)])  # float32 differences
+def test_the_meanflow_objective_is_zero_at_the_exact_average_velocity(jvp, tol):
     """Bugs caught: the objective regressing the interval rows on v (no JVP term), feeding the JVP the wrong
     tangent or rows, or the student seeing t and r swapped; the teacher's velocity not replacing noise - x0."""
     mf = MeanFlowConfig(interval_fraction=0.5, adaptive_power=0.0, jvp=jvp)
     exact = _teacher_loss("meanflow", _exact_student, meanflow=mf)
-    assert exact.loss.item() < 1e-9
+    assert exact.loss.item() < tol
     assert _teacher_loss("meanflow", _flow_student, meanflow=mf).loss.item() > 1e-2  # a flow model is not one
 
 
