@@ -95,7 +95,7 @@ def trainer_step_rate(recipe_path: str, batch_size: int, device: str, steps: int
     from flowmatch.encoders.frozen import FrozenEncoders
 
     recipe = load_recipe(recipe_path)
-    encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels)
+    encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels)
     model = MMDiT(encoders.fill_model_config(recipe.model)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     h, w = recipe.data.size

@@ -1,11 +1,12 @@
 """`flowmatch-data encode IN OUT --recipe R`: precompute latents and text embeddings into new shards.
 
-For every input shard (train-* and val-* alike; names are kept, so the held-out split stays held out) it
-decodes the images as training would (the recipe's data section: channels, resolution or aspect buckets),
-runs the recipe's autoencoder (latents scaled and shifted by its preset) and text encoder (hidden states
-truncated to each caption's real tokens, and the pooled vector), and writes `key.safetensors` (bf16 by default;
-see flowmatch.data.features) with the caption and any .json metadata. Training on OUT then runs no encoder and
-refuses the features if the recipe's encoders differ from the fingerprints recorded in each sample.
+For every input shard (train-* and val-* alike; names are kept, so the held-out split stays held out) it decodes the
+images as training would (the recipe's data section: channels, resolution or aspect buckets), runs the recipe's
+autoencoder (latents scaled and shifted by its preset) and text encoder(s) (hidden states truncated to each
+caption's real tokens, and the pooled vector; with several, each encoder's under its name), and writes
+`key.safetensors` (bf16 by default; see flowmatch.data.features) with the caption and any .json metadata. Training
+on OUT then runs no encoder and refuses the features if the recipe's encoders differ from the fingerprints recorded
+in each sample.
 
 Each output shard is written as `NAME.partial` and renamed when complete (flowmatch.data.shardformat.ShardFile,
 the writer every tool shares), and OUT/features.json records the finished ones, so an interrupted run continues
@@ -77,7 +78,7 @@ class Encoders:
         self.settings = settings
         self.recipe = load_recipe(settings.recipe, list(settings.overrides))
         self.device = pick_device(settings.device, index)
-        frozen = FrozenEncoders(self.recipe.text_encoder, self.recipe.autoencoder,
+        frozen = FrozenEncoders(self.recipe.text, self.recipe.autoencoder,
                                 image_channels=self.recipe.data.channels, device=self.device)
         self.text, self.auto = frozen.text, frozen.autoencoder
         self.fingerprints = frozen.fingerprints()
@@ -120,11 +121,15 @@ def encode_shard(enc: Encoders, url: str, target: Path, expected: Optional[dict[
             if not kept:
                 return
             latents = enc.auto.encode(decode.pixels_to_tensor(images).to(enc.device)).cpu()
-            text = enc.text.encode([info.caption for _, info in kept])
-            hidden, mask, pooled = text.hidden.cpu(), text.mask.cpu(), text.pooled.cpu()
+            captions = [info.caption for _, info in kept]
+            # Each encoder's own output (a single one's stored unnamed, as before), real tokens only.
+            texts = ({"": enc.text.encoders[enc.text.single_name].encode(captions)} if enc.text.single_name
+                     else enc.text.encode_each(captions))
+            texts = {n: c.to("cpu") for n, c in texts.items()}
             for i, (record, info) in enumerate(kept):
-                blob = features.encode(latents[i], hidden[i][mask[i]], pooled[i], dtype=enc.settings.dtype,
-                                       encoders=enc.fingerprints)
+                rows = {n: (c.hidden[i][c.mask[i]], c.pooled[i]) for n, c in texts.items()}
+                blob = features.encode(latents[i], *rows.get("", (None, None)), dtype=enc.settings.dtype,
+                                       encoders=enc.fingerprints, parts=None if "" in rows else rows)
                 files = {features.EXT: blob, "txt": info.caption}
                 if "json" in record.files:
                     files["json"] = record.files["json"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 
@@ -65,10 +66,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:
+    from flowmatch.encoders.diffusers_folder import MODEL_INDEX
     from flowmatch.images import image_grid, save_png
-    from flowmatch.pipeline import load_pipeline
+    from flowmatch.pipeline import load_diffusers_pipeline, load_pipeline
 
-    pipe = load_pipeline(ns.path, ema=False if ns.no_ema else ns.ema)
+    if (Path(ns.path) / MODEL_INDEX).is_file():  # a diffusers SD3 / FLUX pipeline folder
+        pipe = load_diffusers_pipeline(ns.path)
+    else:
+        pipe = load_pipeline(ns.path, ema=False if ns.no_ema else ns.ema)
     prompts = [p for p in ns.prompt for _ in range(ns.num)]
     images = pipe.generate(prompts, steps=ns.steps, solver=ns.solver, guidance_scale=ns.guidance, seed=ns.seed)
     save_png(image_grid(images, rows=len(ns.prompt)), ns.out, scale=ns.scale)
@@ -141,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe YAML (default: the built-in digits recipe) and dotted overrides")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate an image grid from a run or checkpoint")
-    p.add_argument("path", help="a run directory (newest checkpoint) or one checkpoint directory")
+    p = sub.add_parser("sample", help="generate an image grid from a run, a checkpoint or a diffusers pipeline")
+    p.add_argument("path", help="a run directory (newest checkpoint), one checkpoint directory, or a diffusers "
+                                "SD3 / FLUX pipeline folder")
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
     p.add_argument("--num", type=int, default=8, help="images per prompt (one grid row each prompt)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the recipe's)")

@@ -23,6 +23,7 @@ import yaml
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
+from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.evaluate import EvalConfig
@@ -49,7 +50,9 @@ class Recipe:
     flow: FlowConfig = field(default_factory=FlowConfig)
     """Rectified flow: time distribution, shift, loss weighting, caption dropout."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    """Frozen text encoder."""
+    """Frozen text encoder (the only one unless text_encoders names several)."""
+    text_encoders: TextEncodersConfig = field(default_factory=TextEncodersConfig)
+    """Several frozen text encoders, each with its own settings, combined as SD3 or FLUX combine them."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     """Frozen autoencoder (identity = pixel space)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -66,6 +69,11 @@ class Recipe:
     """Progress bar and TensorBoard."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """What flowmatch eval measures."""
+
+    @property
+    def text(self) -> TextEncodersConfig:
+        """The run's text encoders: text_encoders, or the text_encoder section alone when that names none."""
+        return self.text_encoders.resolved(self.text_encoder)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -186,6 +194,10 @@ def convert(hint: Any, value: Any, path: str) -> Any:
         item = args[0] if args else Any
         items = [convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping of names to settings, got {value!r}")
+        return {str(k): build_dataclass(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is dict or hint is Any:
         return value
     if hint is bool:

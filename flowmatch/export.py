@@ -6,6 +6,10 @@
                                          or BFL FLUX keys, as ComfyUI and the releases' single files hold them
     OUT_DIR/scheduler/scheduler_config.json   FlowMatchEulerDiscreteScheduler settings with the run's shift (when
                                          diffusers has one for every size; see flowmatch.sampling.diffusers_schedule)
+    OUT_DIR/model_index.json, text_encoder*/, tokenizer*/, vae/
+                                         --format diffusers, when the run's encoders are a diffusers pipeline's
+                                         components (flowmatch.pipeline_folder): a complete pipeline folder,
+                                         loadable by DiffusionPipeline.from_pretrained(OUT_DIR)
 
 The weights are the checkpoint's consolidated fp32 safetensors (EMA or raw), which every run writes whatever its
 ZeRO stage, so a ZeRO-3 run exports on one CPU process without gathering partitions; `dtype` casts them (the
@@ -13,8 +17,9 @@ releases are bf16). The tensors that need no transformation are written from the
 second copy.
 
 A complete pipeline folder needs the text encoders and the VAE of a diffusers pipeline (CLIP / T5 / AutoencoderKL
-combined as SD3 or FLUX combine them); a flowmatch run's single text encoder (MiniLM for the digits, or one T5) is
-not such a pipeline's, so only the transformer (and the scheduler) are written, and the summary says so.
+combined as SD3 or FLUX combine them, read from that pipeline's folder); a flowmatch run's single text encoder
+(MiniLM for the digits, or one T5) is not such a pipeline's, so only the transformer (and the scheduler) are
+written, and the summary says so.
 """
 
 from __future__ import annotations
@@ -79,27 +84,36 @@ def _sizes_from_weights(cfg: MMDiTConfig, state: dict) -> MMDiTConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in found.items() if getattr(cfg, k) is None})
 
 
-def _pipeline_note(recipe) -> str:
-    text, vae = recipe.text_encoder, recipe.autoencoder
-    return (f"transformer only, no pipeline folder: the run's text encoder ({text.kind} {text.name_or_path}) and "
-            f"autoencoder ({vae.kind}) are not the components of a diffusers SD3 or FLUX pipeline; generate with "
-            "flowmatch, or pair the transformer with encoders that produce the same conditioning")
+def _transformer_only_note(why: str) -> str:
+    return (f"transformer only, no pipeline folder: {why}; generate with flowmatch, or pair the transformer with "
+            "encoders that produce the same conditioning")
 
 
-def _write_scheduler(schedule: TimeSchedule, out_dir: Path) -> tuple[list[Path], list[str]]:
+def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
+                fmt: str) -> tuple[list[Path], list[str]]:
+    """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
     from flowmatch.sampling.diffusers_schedule import scheduler_config
 
     try:
         config = scheduler_config(schedule)
     except ValueError as err:
-        return [], [f"no scheduler: {err} (flowmatch.sampling.diffusers_schedule.mu_for gives mu per size)"]
-    FlowMatchEulerDiscreteScheduler(**config).save_config(out_dir / SCHEDULER_DIR)
+        why = f"no scheduler: {err} (flowmatch.sampling.diffusers_schedule.mu_for gives mu per size)"
+        return [], [why, _transformer_only_note("the run's shift has no diffusers scheduler")]
     notes = ["scheduler: pass sigmas=flowmatch.sampling.diffusers_schedule.diffusers_sigmas(steps) to walk "
              "flowmatch's grid exactly" + ("" if config["use_dynamic_shifting"] else
                                            " (the pipelines' default sigmas differ for a static shift)")]
-    return [out_dir / SCHEDULER_DIR / "scheduler_config.json"], notes
+    source, why = pipeline_source(recipe, arch_class)
+    if source is not None and fmt == "diffusers":
+        files = write_pipeline_components(source, out_dir, arch_class, config)
+        return files, notes + [f"complete {source.pipeline_class} folder (encoders, tokenizers and VAE copied from "
+                               f"{source.path}): DiffusionPipeline.from_pretrained({str(out_dir)!r})"]
+    FlowMatchEulerDiscreteScheduler(**config).save_config(out_dir / SCHEDULER_DIR)
+    if source is not None:
+        why = "--format original writes single-file transformer keys"
+    return [out_dir / SCHEDULER_DIR / "scheduler_config.json"], notes + [_transformer_only_note(why)]
 
 
 def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Optional[str] = None,
@@ -144,7 +158,6 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         files = sorted(f for f in target.iterdir() if f.is_file())
     else:
         files = [save_original(model, target)]
-    scheduler_files, notes = _write_scheduler(TimeSchedule(recipe.flow), out)
+    scheduler_files, notes = _write_rest(TimeSchedule(recipe.flow), out, recipe, arch.DIFFUSERS_CLASS, fmt)
     return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format=fmt,
-                         architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files,
-                         notes=notes + [_pipeline_note(recipe)])
+                         architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files, notes=notes)

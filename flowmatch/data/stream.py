@@ -211,6 +211,10 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
     meta = [sample_meta(record) for record, _ in kept]
     if spec.cached:
         latents = torch.stack([f.latents for f in tensors]).float()
+        if tensors[0].parts:  # several text encoders: each re-padded on its own, combined by the encoders
+            parts = {n: Conditioning.from_rows([f.parts[n][0] for f in tensors], [f.parts[n][1] for f in tensors])
+                     for n in tensors[0].parts}
+            return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts), failed
         text = Conditioning.from_rows([f.hidden for f in tensors], [f.pooled for f in tensors])
         return Batch(captions, keys, latents=latents, text=text, meta=meta), failed
     return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta), failed

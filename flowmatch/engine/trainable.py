@@ -33,12 +33,13 @@ class StepResult:
     Attributes:
         stepped: the optimizer applied an update (every loss of the window was finite on every rank).
         skipped: the window contained a non-finite loss and was discarded: nothing changed.
-        grad_norm: global L2 norm of the gradients before clipping, when ``stepped``; else None.
+        grad_norm: global L2 norm of the gradients before clipping, when ``stepped``; else None. A number or a
+            0-dim tensor on the device: reading it is a host sync, so the loop does that at log steps only.
     """
 
     stepped: bool
     skipped: bool
-    grad_norm: float | None
+    grad_norm: float | torch.Tensor | None
 
 
 class Trainable:
@@ -163,8 +164,7 @@ class Trainable:
             return StepResult(stepped=False, skipped=True, grad_norm=None)
         if norm is None:
             norm = self._ds.get_global_grad_norm()
-        # DeepSpeed's step has synchronised with the host already (overflow check, clipping), as has agree().
-        return StepResult(stepped=True, skipped=False, grad_norm=None if norm is None else float(norm))
+        return StepResult(stepped=True, skipped=False, grad_norm=norm)
 
     @property
     def lr(self) -> float:

@@ -16,7 +16,7 @@ Randomness comes from one generator in a fixed order: caption dropout, noise, t,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -33,6 +33,7 @@ from flowmatch.flow.path import sample_path
 from flowmatch.flow.shortcut import bootstrap_target, consistency_times
 
 if TYPE_CHECKING:
+    from flowmatch.encoders.combine import TextPart
     from flowmatch.flow.timesteps import FlowConfig, TimeSchedule
 
 __all__ = ["OBJECTIVES", "ObjectiveLoss", "ObjectiveModels", "objective_loss"]
@@ -86,14 +87,16 @@ def _bind(model: Model, cond: Conditioning) -> Callable[[Tensor, Tensor, Tensor]
 
 def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null: Conditioning, *,
                    schedule: "TimeSchedule", flow: "FlowConfig", seq_len: int, generator: torch.Generator,
-                   guided: bool = False, jvp_backend: str = "exact") -> ObjectiveLoss:
+                   guided: bool = False, jvp_backend: str = "exact",
+                   dropout_parts: Optional[Sequence[tuple["TextPart", float]]] = None) -> ObjectiveLoss:
     """The loss of ``flow.objective`` on data x0 (B, C, h, w) with its conditioning.
 
     ``null`` is the empty caption's conditioning (caption dropout's replacement and the unconditional input);
     ``seq_len`` the image tokens (for the time shift); ``guided`` whether the model takes a guidance scale
-    (``cond.extra["guidance"]``); ``jvp_backend`` the meanflow backend (:data:`~flowmatch.flow.jvp.JVP_BACKENDS`).
+    (``cond.extra["guidance"]``); ``jvp_backend`` the meanflow backend (:data:`~flowmatch.flow.jvp.JVP_BACKENDS`);
+    ``dropout_parts`` each text encoder's share of ``cond`` with its own dropout (:func:`drop_captions`).
     """
-    cond = drop_captions(cond, null, flow.caption_dropout, generator=generator)
+    cond = drop_captions(cond, null, flow.caption_dropout, generator=generator, parts=dropout_parts)
     b, device = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=generator).to(device)
     t = schedule.sample(b, seq_len=seq_len, generator=generator).to(device)

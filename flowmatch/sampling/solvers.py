@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -251,6 +252,7 @@ def sample_ode(
     shift: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    grid: Optional[Sequence[float]] = None,
 ) -> ODESolution:
     """Integrate ``dx/dt = velocity(x, t)`` from ``noise`` (B, ...) at t = 1 to t = 0.
 
@@ -262,6 +264,8 @@ def sample_ode(
         shift: timestep shift of the fixed-step grid; pass ``TimeSchedule.shift_for(seq_len)`` so sampling uses
             the shift training used. Adaptive solvers integrate t continuously and ignore it.
         rtol, atol: tolerances of adaptive solvers.
+        grid: the ``steps + 1`` times of a fixed-step solver, from 1 down to 0, instead of the shifted grid (e.g. a
+            diffusers scheduler's sigmas: :func:`flowmatch.sampling.diffusers_schedule.pipeline_grid`).
 
     Gradients are not disabled here: wrap the call in ``torch.inference_mode()`` when sampling.
     """
@@ -270,12 +274,17 @@ def sample_ode(
         raise ValueError(f"noise must be a floating-point tensor; got dtype {noise.dtype}")
     field = _Field(velocity)
     if solver in FIXED_STEP_SOLVERS:
-        grid = shifted_grid(steps, shift).tolist()
-        x = FIXED_STEP_SOLVERS[solver].integrate(field, noise, grid)
+        if grid is None:
+            grid = shifted_grid(steps, shift).tolist()
+        elif len(grid) != steps + 1:
+            raise ValueError(f"a grid for {steps} steps has {steps + 1} times, got {len(grid)}")
+        x = FIXED_STEP_SOLVERS[solver].integrate(field, noise, [float(t) for t in grid])
     elif solver == AVERAGE_SOLVER:
         raise ValueError("solver 'average' jumps with a model's average velocity u(x, t, r): use "
                          "flowmatch.sampling.sample_average (Pipeline.generate does)")
     elif solver in ADAPTIVE_SOLVERS:
+        if grid is not None:
+            raise ValueError(f"solver {solver!r} chooses its own steps: a grid needs a fixed-step solver")
         span = torch.tensor([1.0, 0.0], dtype=noise.dtype, device=noise.device)
         x = odeint(lambda t, y: field(y, t), noise, span, rtol=rtol, atol=atol, method=solver)[-1]
     else:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from flowmatch.config import Recipe, to_yaml
-from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split
+from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split, read_cache_info
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
@@ -85,7 +85,7 @@ class TrainingRun:
     """One noise generator per micro-batch slot this rank fills (slot = rank * accum + micro index), so the noise
     of a sample depends on its place in the global batch, not on how many processes share the batch."""
     null: Conditioning
-    """The empty caption's conditioning (caption dropout's replacement)."""
+    """Caption dropout's replacement: per encoder, its encoded empty caption (or zeros, as it says)."""
     has_val: bool
     """Whether the data has a held-out split (the same answer on every rank: validation stays collective)."""
     teacher: Optional[Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]] = None
@@ -130,7 +130,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     engine.barrier()
     t = recipe.train
     seed_everything(t.seed + engine.rank)
-    encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels,
+    encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=engine.device)
     recipe = dataclasses.replace(recipe, model=encoders.fill_model_config(recipe.model))
     check_recipe(recipe)
@@ -143,9 +143,11 @@ def assemble(recipe: Recipe) -> TrainingRun:
         engine.ema_init(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
                           seed=t.seed, encoders=encoders.fingerprints())
+    if loader.cached and (not has_val_split(recipe.data) or read_cache_info(recipe.data, "val") is not None):
+        encoders.release_text(recipe.sampling.prompts)  # the features hold every caption's encoding
     first_slot = engine.rank * accum
     generators = [torch.Generator().manual_seed(t.seed * 1000 + first_slot + m) for m in range(accum)]
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
-                       micro_batch=micro, accum=accum, generators=generators, null=encoders.null(),
+                       micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
                        has_val=has_val_split(recipe.data), teacher=load_teacher(recipe, engine.device))

@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
 
 from flowmatch.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
+from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.flops import training_flops_per_step
@@ -69,6 +71,7 @@ class MicroLoss:
 
 def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Conditioning, null: Conditioning, *,
                schedule: TimeSchedule, flow: FlowConfig, patch_size: int, generator: torch.Generator,
+               dropout_parts: Optional[Sequence[tuple[TextPart, float]]] = None,
                models: Optional[ObjectiveModels] = None, guided: bool = False,
                jvp_backend: str = "exact") -> MicroLoss:
     """The loss of ``flow.objective`` on one micro batch x0 (B, C, h, w) with its conditioning.
@@ -77,12 +80,13 @@ def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Co
     run on any device), in that order. For rectified flow the model sees ``x_t = (1 - t) x0 + t noise`` and
     regresses ``noise - x0`` with the schedule's loss weighting; the few-step objectives and guidance as an input
     need the further callables of ``models`` (whose ``student`` is ``velocity``): see
-    :func:`flowmatch.flow.objective_loss`.
+    :func:`flowmatch.flow.objective_loss`. ``dropout_parts`` drops each text encoder's share of ``cond``
+    independently (``FrozenEncoders.dropout_parts``); None drops whole rows with ``flow.caption_dropout``.
     """
     b, _, h, w = x0.shape
     out = objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
                          seq_len=(h // patch_size) * (w // patch_size), generator=generator, guided=guided,
-                         jvp_backend=jvp_backend)
+                         jvp_backend=jvp_backend, dropout_parts=dropout_parts)
     return MicroLoss(out.loss, out.per_sample, out.t)
 
 
@@ -147,8 +151,9 @@ class Trainer:
         run = self.run
         x0, cond = run.encoders.encode_batch(batch)
         return micro_loss(run.velocity, x0, cond, run.null, schedule=run.schedule, flow=self.recipe.flow,
-                          patch_size=self.recipe.model.patch_size, generator=generator, models=self.models,
-                          guided=self.recipe.model.guidance_embed, jvp_backend=self.jvp_backend)
+                          patch_size=self.recipe.model.patch_size, generator=generator,
+                          dropout_parts=run.encoders.dropout_parts(self.recipe.flow.caption_dropout),
+                          models=self.models, guided=self.recipe.model.guidance_embed, jvp_backend=self.jvp_backend)
 
     # -- state ------------------------------------------------------------------------------------------------------
 
