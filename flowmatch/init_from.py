@@ -31,10 +31,13 @@ from flowmatch.models.config import ARCHITECTURE_FIELDS, ModelConfig
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.models.presets import preset_values
 
-__all__ = ["KINDS", "InitRecord", "architecture", "cast", "from_meta", "load_weights", "locate", "record",
-           "stated_architecture", "with_architecture"]
+__all__ = ["KINDS", "NEW_EMBEDDERS", "InitRecord", "architecture", "cast", "from_meta", "load_weights", "locate", "record",
+           "stated_architecture", "with_architecture", "with_new_embedders"]
 
 KINDS = ("checkpoint", "diffusers", "original")
+#: Inputs a recipe may add to weights that lack them (few-step training from a flow model: the interval, guidance as
+#: an input). Their embedders start with a zeroed last layer, so the model first computes what the weights did.
+NEW_EMBEDDERS = ("interval_embed", "guidance_embed")
 #: Files of a hub repository that hold a diffusers transformer (a transformer repository, or a pipeline's).
 HUB_PATTERNS = ["config.json", "diffusion_pytorch_model*", "transformer/config.json", "transformer/diffusion_pytorch_model*"]
 
@@ -135,14 +138,44 @@ def with_architecture(model: ModelConfig, weights: MMDiTConfig) -> ModelConfig:
     :func:`flowmatch.config.recipe_from_dict`) something else. None values (sizes left to the encoders) and
     configs built in code, which state nothing, always agree."""
     stated: dict[str, tuple[Any, str]] = getattr(model, "stated", {})
+    added = {k for k in NEW_EMBEDDERS if getattr(model, k) and not getattr(weights, k)}
     for key, (value, where) in stated.items():
+        if key in added:
+            continue  # an input the weights lack: its embedder starts at zero (with_new_embedders)
         if value is not None and not _same(value, getattr(weights, key)):
             said = f"{where} gives {key}={value!r}" if "preset" in where else f"{where}={value!r}"
             raise RecipeError(f"{said}, but model.init_from={model.init_from!r} holds weights with "
                               f"{key}={getattr(weights, key)!r} ({weights.preset} layout): remove {where.split('=')[0]}"
                               " from the recipe (the architecture comes from the weights) or start from other weights")
     preset = model.preset if "preset" in stated else weights.preset
-    return dataclasses.replace(model, preset=preset, **{k: getattr(weights, k) for k in ARCHITECTURE_FIELDS})
+    return dataclasses.replace(model, preset=preset,
+                               **{k: k in added or getattr(weights, k) for k in ARCHITECTURE_FIELDS})
+
+
+def with_new_embedders(state: Mapping[str, Tensor], cfg: MMDiTConfig, seed: int) -> dict[str, Tensor]:
+    """``state`` completed with the :data:`NEW_EMBEDDERS` that ``cfg`` has and the weights lack, initialised as
+    :meth:`MMDiT.init_weights` does (N(0, 0.02) weights, zero biases) but with the last layer zeroed: their output
+    is 0, so the model computes what the weights did until training moves them. Seeded by ``seed``."""
+    from torch import nn
+
+    from flowmatch.models.embeddings import TimestepEmbedder
+    from flowmatch.models.mmdit import EMBEDDER_INIT_STD
+
+    missing = [n for n in NEW_EMBEDDERS if getattr(cfg, n) and not any(k.startswith(n + ".") for k in state)]
+    out = dict(state)
+    if not missing:
+        return out
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    generator = torch.Generator().manual_seed(seed)
+    for name in missing:
+        embedder = TimestepEmbedder(cfg.time_freq_dim, cfg.num_heads * cfg.head_dim)
+        with torch.no_grad():
+            fc1, fc2 = embedder.mlp.fc1, embedder.mlp.fc2
+            fc1.weight.copy_(torch.randn(fc1.weight.shape, generator=generator) * EMBEDDER_INIT_STD)
+            for p in (fc1.bias, fc2.weight, fc2.bias):
+                nn.init.zeros_(p)
+        out.update({f"{name}.{k}": v.to(dtype) for k, v in embedder.state_dict().items()})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- the weights

@@ -18,18 +18,20 @@ from torch import Tensor
 
 from flowmatch.data.pixels import model_to_unit, pixels_to_model
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import TimeSchedule
+from flowmatch.flow import TimeSchedule, with_guidance
 from flowmatch.flow.timesteps import shift_time
+from flowmatch.sampling.fewstep import sample_average
 from flowmatch.sampling.guidance import guided_velocity
-from flowmatch.sampling.solvers import check_solver, sample_ode
+from flowmatch.sampling.solvers import AVERAGE_SOLVER, check_solver, sample_ode
 
 if TYPE_CHECKING:
     from flowmatch.config import Recipe
     from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.sampling.diffusers_schedule import PipelineGrid
 
-VelocityModel = Callable[[Tensor, Tensor, Conditioning], Tensor]
-"""``model(x (B, C, h, w), t (B,), cond) -> velocity (B, C, h, w)``."""
+VelocityModel = Callable[..., Tensor]
+"""``model(x (B, C, h, w), t (B,), cond) -> velocity (B, C, h, w)``; the ``average`` solver also passes
+``r=`` (B,), the end of the step (the MMDiT's second time)."""
 
 
 @dataclass
@@ -39,7 +41,7 @@ class SamplingConfig:
     steps: int = 20
     """ODE steps."""
     solver: str = "euler"
-    """ODE solver (see flowmatch.sampling.SOLVERS)."""
+    """ODE solver (see flowmatch.sampling.SOLVERS); average = few-step jumps of a MeanFlow / shortcut model."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale (1 = no guidance)."""
     seed: int = 0
@@ -69,20 +71,22 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
     """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, velocity evaluations).
 
     With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
-    ``grid`` (steps + 1 times) replaces the grid of ``shift``.
+    ``grid`` (steps + 1 times) replaces the grid of ``shift``. The ``average`` solver jumps with the model's
+    average velocity over each step (:func:`~flowmatch.sampling.sample_average`, on the grid of ``shift``); the
+    others integrate its velocity at r = t.
     """
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
         raise ValueError("classifier-free guidance needs the empty caption's conditioning (null)")
-    velocity = guided_velocity(model, cond, null if guided else None, guidance_scale)
-    solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift, grid=grid)
+    if solver == AVERAGE_SOLVER:
+        if grid is not None:
+            raise ValueError("the average solver walks the flow's own grid; it takes no grid or sigmas")
+        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True)
+        solution = sample_average(velocity, noise, steps=steps, shift=shift)
+    else:
+        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale)
+        solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift, grid=grid)
     return solution.x, solution.nfe
-
-
-def with_guidance_value(cond: Conditioning, value: float) -> Conditioning:
-    """``cond`` with ``extra["guidance"]`` set to ``value`` for every row (FLUX-dev's embedded guidance)."""
-    return Conditioning(cond.hidden, cond.mask, cond.pooled,
-                        {**cond.extra, "guidance": cond.pooled.new_full((len(cond),), float(value))})
 
 
 class Pipeline:
@@ -177,8 +181,8 @@ class Pipeline:
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         shift = self.schedule.shift_for(seq_len)
         cond, null, model = self.encoders.encode_text(list(prompts)), self.encoders.null(), self.model
-        if self.recipe.model.guidance_embed:  # distilled guidance: a model input, no unconditional pass
-            cond, null, scale = with_guidance_value(cond, scale), None, None
+        if self.recipe.model.guidance_embed:  # guidance as a model input (FLUX-dev, few-step): no unconditional pass
+            cond, null, scale = with_guidance(cond, scale), None, None
         elif self.pipeline_grid is not None and not self.pipeline_grid.classifier_free:
             scale = None  # FLUX-schnell: FluxPipeline runs no unconditional pass whatever its guidance_scale
         grid = None

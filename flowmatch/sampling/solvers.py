@@ -27,6 +27,7 @@ from flowmatch.flow.timesteps import check_steps, shifted_grid
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
+    "AVERAGE_SOLVER",
     "FIXED_STEP_SOLVERS",
     "FixedStepSolver",
     "ODESolution",
@@ -191,13 +192,17 @@ FIXED_STEP_SOLVERS: dict[str, FixedStepSolver] = {
 }
 
 
-SOLVERS: tuple[str, ...] = tuple(FIXED_STEP_SOLVERS) + ADAPTIVE_SOLVERS
-"""Every name ``sample_ode`` accepts: the fixed-step registry, then torchdiffeq's adaptive methods."""
+# Few-step jumps of an average-velocity model (flowmatch.sampling.fewstep): a sampler name like the solvers',
+# but it needs the model's second time r, so sample_ode (velocity(x, t) only) does not run it.
+AVERAGE_SOLVER = "average"
+
+SOLVERS: tuple[str, ...] = tuple(FIXED_STEP_SOLVERS) + ADAPTIVE_SOLVERS + (AVERAGE_SOLVER,)
+"""Every sampler name: the fixed-step registry, torchdiffeq's adaptive methods, the few-step ``average``."""
 
 
 def available_solvers() -> tuple[str, ...]:
-    """Every name ``sample_ode`` accepts, including solvers registered in FIXED_STEP_SOLVERS after import."""
-    return tuple(FIXED_STEP_SOLVERS) + ADAPTIVE_SOLVERS
+    """Every sampler name, including solvers registered in FIXED_STEP_SOLVERS after import."""
+    return tuple(FIXED_STEP_SOLVERS) + ADAPTIVE_SOLVERS + (AVERAGE_SOLVER,)
 
 
 def _fixed(solver: str) -> FixedStepSolver:
@@ -221,13 +226,13 @@ def check_solver(solver: str, key: str = "solver") -> str:
 
 
 def solver_order(solver: str) -> int:
-    """Global order of a fixed-step solver."""
-    return _fixed(solver).order
+    """Global order of a fixed-step solver (``average``: 1, Euler's on a model without the interval input)."""
+    return 1 if solver == AVERAGE_SOLVER else _fixed(solver).order
 
 
 def nfe_per_step(solver: str) -> int:
-    """Velocity evaluations per step of a fixed-step solver."""
-    return _fixed(solver).nfe_per_step
+    """Velocity evaluations per step of a fixed-step solver (``average``: one per jump)."""
+    return 1 if solver == AVERAGE_SOLVER else _fixed(solver).nfe_per_step
 
 
 def steps_for_nfe(solver: str, nfe: int) -> int:
@@ -274,6 +279,9 @@ def sample_ode(
         elif len(grid) != steps + 1:
             raise ValueError(f"a grid for {steps} steps has {steps + 1} times, got {len(grid)}")
         x = FIXED_STEP_SOLVERS[solver].integrate(field, noise, [float(t) for t in grid])
+    elif solver == AVERAGE_SOLVER:
+        raise ValueError("solver 'average' jumps with a model's average velocity u(x, t, r): use "
+                         "flowmatch.sampling.sample_average (Pipeline.generate does)")
     elif solver in ADAPTIVE_SOLVERS:
         if grid is not None:
             raise ValueError(f"solver {solver!r} chooses its own steps: a grid needs a fixed-step solver")

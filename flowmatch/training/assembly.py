@@ -8,7 +8,7 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from flowmatch.init_from import InitRecord
 from flowmatch.models.lora import apply_lora
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.training.fewstep import check_recipe, load_teacher
 
 
 def seed_everything(seed: int) -> None:
@@ -59,9 +60,12 @@ class EngineVelocity:
         self.last_dtype: Optional[torch.dtype] = None
         """Dtype of the model's raw output in the latest call: the precision the run really computes in."""
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                 r: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The velocity at (x, t); with ``r`` (B,) the average velocity over [r, t] (float32 like t)."""
         dt = self.engine.dtype
-        out = self.engine.forward(x.to(dt), t.float(), cond.to(dtype=dt))
+        extra = {} if r is None else {"r": r.float()}
+        out = self.engine.forward(x.to(dt), t.float(), cond.to(dtype=dt), **extra)
         self.last_dtype = out.dtype
         return out.float()
 
@@ -91,6 +95,8 @@ class TrainingRun:
     """Whether the data has a held-out split (the same answer on every rank: validation stays collective)."""
     init: Optional[InitRecord] = None
     """Where the starting weights came from (model.init_from), recorded in every checkpoint; None = random init."""
+    teacher: Optional[Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]] = None
+    """The frozen teacher of distillation (``flow.teacher``), ``teacher(x, t, cond) -> v``; None = from data."""
 
     @property
     def recipe_yaml(self) -> str:
@@ -110,7 +116,10 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
             model = MMDiT(arch, device=None if engine.cfg.zero_stage == 3 else "meta")
         # Under ZeRO-3 rank 0's tensors are written into every rank's partitions: the others read nothing.
         reads = engine.is_main or engine.cfg.zero_stage != 3
-        engine.assign_weights(model, init_from.cast(init_from.load_weights(init), engine.dtype) if reads else None)
+        state = init_from.cast(init_from.load_weights(init), engine.dtype) if reads else None
+        if state is not None:  # inputs the recipe adds (few-step training from a flow model) start at zero
+            state = init_from.with_new_embedders(state, arch, seed)
+        engine.assign_weights(model, state)
     else:
         with engine.model_init():
             model = MMDiT(arch)
@@ -159,6 +168,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
         ensure_cache(recipe.data, encoders, progress=recipe.logging.progress)
     engine.barrier()
     recipe = dataclasses.replace(recipe, model=encoders.fill_model_config(recipe.model))
+    check_recipe(recipe)
     micro, accum = batch_plan(t.batch_size, t.micro_batch_size, engine.world_size)
     model = build_model(recipe, engine, init)
     seed_everything(t.seed + engine.rank)  # back to per-rank streams (data workers, posterior samples)
@@ -176,7 +186,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
                        micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
-                       has_val=has_val, init=init)
+                       has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device))
 
 
 def describe_init(source: str, kind: str, path: Path) -> InitRecord:

@@ -22,12 +22,13 @@ from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions, sample_path
+from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.flops import training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.training.assembly import TrainingRun
+from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
 from flowmatch.training.validation import Validator
 
@@ -69,24 +70,25 @@ class MicroLoss:
     """(B,) the times the model saw."""
 
 
-def micro_loss(velocity: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor], x0: torch.Tensor,
-               cond: Conditioning, null: Conditioning, *, schedule: TimeSchedule, flow: FlowConfig, patch_size: int,
-               generator: torch.Generator,
-               dropout_parts: Optional[Sequence[tuple[TextPart, float]]] = None) -> MicroLoss:
-    """The rectified-flow loss of one micro batch x0 (B, C, h, w) with its conditioning.
+def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Conditioning, null: Conditioning, *,
+               schedule: TimeSchedule, flow: FlowConfig, patch_size: int, generator: torch.Generator,
+               dropout_parts: Optional[Sequence[tuple[TextPart, float]]] = None,
+               models: Optional[ObjectiveModels] = None, guided: bool = False,
+               jvp_backend: str = "exact") -> MicroLoss:
+    """The loss of ``flow.objective`` on one micro batch x0 (B, C, h, w) with its conditioning.
 
     Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
-    run on any device), in that order. The model sees ``x_t = (1 - t) x0 + t noise`` and regresses ``noise - x0``
-    with the schedule's loss weighting. ``dropout_parts`` drops each text encoder's share of ``cond``
+    run on any device), in that order. For rectified flow the model sees ``x_t = (1 - t) x0 + t noise`` and
+    regresses ``noise - x0`` with the schedule's loss weighting; the few-step objectives and guidance as an input
+    need the further callables of ``models`` (whose ``student`` is ``velocity``): see
+    :func:`flowmatch.flow.objective_loss`. ``dropout_parts`` drops each text encoder's share of ``cond``
     independently (``FrozenEncoders.dropout_parts``); None drops whole rows with ``flow.caption_dropout``.
     """
-    cond = drop_captions(cond, null, flow.caption_dropout, generator=generator, parts=dropout_parts)
     b, _, h, w = x0.shape
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    t = schedule.sample(b, seq_len=(h // patch_size) * (w // patch_size), generator=generator).to(x0.device)
-    path = sample_path(x0, noise, t)
-    out = schedule.loss(velocity(path.x_t, path.t, cond), path.target, path.t)
-    return MicroLoss(out.loss, out.per_sample.detach(), t)
+    out = objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
+                         seq_len=(h // patch_size) * (w // patch_size), generator=generator, guided=guided,
+                         jvp_backend=jvp_backend, dropout_parts=dropout_parts)
+    return MicroLoss(out.loss, out.per_sample, out.t)
 
 
 class LossWindow:
@@ -139,6 +141,9 @@ class Trainer:
         self.monitor: Optional[Monitor] = None
         self.validator = Validator(run)
         self.preemption = Preemption(run.engine.rank)
+        self.jvp_backend = jvp_backend(run.recipe)
+        exact = run.recipe.flow.objective == "meanflow" and self.jvp_backend == "exact"
+        self.models = objective_models(run.velocity, run.engine, exact_jvp=exact, teacher=run.teacher)
 
     # -- one micro batch -------------------------------------------------------------------------------------------
 
@@ -148,7 +153,8 @@ class Trainer:
         x0, cond = run.encoders.encode_batch(batch)
         return micro_loss(run.velocity, x0, cond, run.null, schedule=run.schedule, flow=self.recipe.flow,
                           patch_size=self.recipe.model.patch_size, generator=generator,
-                          dropout_parts=run.encoders.dropout_parts(self.recipe.flow.caption_dropout))
+                          dropout_parts=run.encoders.dropout_parts(self.recipe.flow.caption_dropout),
+                          models=self.models, guided=self.recipe.model.guidance_embed, jvp_backend=self.jvp_backend)
 
     # -- state ------------------------------------------------------------------------------------------------------
 
@@ -234,6 +240,10 @@ class Trainer:
         self.monitor = Monitor(run.run_dir, r.logging, enabled=e.is_main, total_steps=r.train.max_steps,
                                start_step=start_step)
         self.validator.monitor = self.monitor
+        if r.flow.objective != "flow" or r.flow.teacher:
+            self.monitor.message(f"objective {r.flow.objective}"
+                                 + (f", JVP backend {self.jvp_backend}" if r.flow.objective == "meanflow" else "")
+                                 + (f", teacher {r.flow.teacher}" if r.flow.teacher else ""))
         batches = iter(run.loader)
         e.train()
         try:

@@ -15,7 +15,7 @@ import torch
 
 from flowmatch.data import build_loader
 from flowmatch.data.shards import val_source_names
-from flowmatch.flow import flow_matching_loss, sample_path
+from flowmatch.flow import flow_matching_loss, sample_path, with_guidance
 from flowmatch.images import image_grid, save_png
 from flowmatch.sampling import Pipeline
 
@@ -121,4 +121,6 @@ class Validator:
             return None
         x0, cond = heldout_batch(run.recipe.data, run.encoders, run.micro_batch, rank=e.rank,
                                  world_size=e.world_size, source=source)
+        if run.recipe.model.guidance_embed:  # the unguided conditional velocity is the one noise - x0 estimates
+            cond = with_guidance(cond, 1.0)
         return e.all_reduce_mean(fixed_time_loss(run.velocity, x0, cond, rank=e.rank)).item()
