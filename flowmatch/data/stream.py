@@ -298,7 +298,7 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
         if tensors[0].parts:  # several text encoders: each re-padded on its own, combined by the encoders
             parts = {n: Conditioning.from_rows([f.parts[n][0] for f in tensors], [f.parts[n][1] for f in tensors])
                      for n in tensors[0].parts}
-            return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts), failed
+            return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts), failed, sources
         text = Conditioning.from_rows([f.hidden for f in tensors], [f.pooled for f in tensors])
         return Batch(captions, keys, latents=latents, text=text, meta=meta), failed, sources
     return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta), failed, sources
