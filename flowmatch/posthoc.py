@@ -18,8 +18,10 @@ The arithmetic (profiles, least squares) is :mod:`flowmatch.engine.power_ema`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +30,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from flowmatch.checkpoint.layout import CheckpointError
 from flowmatch.engine.power_ema import gamma_of, reconstruct
+from flowmatch.engine.state import write_safetensors
 
 if TYPE_CHECKING:
     from flowmatch.engine import Engine
@@ -80,7 +84,18 @@ def write_snapshot(engine: "Engine", run_dir: str | os.PathLike[str], step: int,
     out = ema_dir(run_dir) / SNAPSHOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-{step}{_SUFFIX}"
-    save_file(tensors, str(tmp), metadata=meta)
+    try:
+        write_safetensors(tmp, tensors, meta)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        need = sum(t.numel() * t.element_size() for t in tensors.values())
+        raise CheckpointError(
+            f"no space left on the device of {out} while writing the EMA snapshot of step {step} ({err.strerror}). "
+            f"A snapshot takes about {need / 2**20:.1f} MiB; {shutil.disk_usage(out).free / 2**20:.1f} MiB are free. "
+            "Make room there (or set train.ema_profiles: [] to track no post-hoc EMA), then run the same command "
+            "to resume from the last checkpoint.") from None
     os.replace(tmp, out / f"{step}{_SUFFIX}")
 
 

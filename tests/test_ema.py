@@ -235,3 +235,25 @@ def test_resume_restores_the_profiles_of_its_step_and_drops_later_snapshots(tmp_
 def test_posthoc_needs_snapshots(tmp_path):
     with pytest.raises(FileNotFoundError, match="train.ema_profiles"):
         reconstruct_ema(Path(tmp_path), [0.1])
+
+
+def test_a_full_disk_while_writing_a_snapshot_is_a_clear_error(tmp_path, monkeypatch):
+    """Bug caught: the snapshot written with a writer whose full-disk error is an opaque serialisation error (or
+    leaving its temporary file behind)."""
+    import errno
+    from types import SimpleNamespace
+
+    from flowmatch import posthoc
+    from flowmatch.checkpoint import CheckpointError
+
+    def full(path, tensors, metadata=None):
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(posthoc, "write_safetensors", full)
+    layer = torch.nn.Linear(2, 2)
+    engine = SimpleNamespace(is_main=True, module=layer, ema_profile_updates=3,
+                             ema_profile_state_dicts=lambda: [{k: v.detach() for k, v in layer.state_dict().items()}])
+    with pytest.raises(CheckpointError, match="no space left on the device of .*EMA snapshot of step 7"):
+        posthoc.write_snapshot(engine, tmp_path, 7, [0.1])
+    assert not list((tmp_path / "ema" / "snapshots").iterdir())

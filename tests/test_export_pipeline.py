@@ -48,16 +48,16 @@ DROPPED: list = []
 
 @pytest.fixture(scope="module")
 def sd3_run(tiny_sd3_pipeline, digit_shards, tmp_path_factory) -> Path:
-    import flowmatch.training.loop as loop
+    import flowmatch.flow.objectives as objectives
 
-    real = loop.drop_captions
+    real = objectives.drop_captions
 
     def record(cond, null, p, *, generator=None, parts=None):
         DROPPED.append([(part.name, q) for part, q in parts or []])
         return real(cond, null, p, generator=generator, parts=parts)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "drop_captions", record)
+        patch.setattr(objectives, "drop_captions", record)
         return train_on(tiny_sd3_pipeline, tmp_path_factory.mktemp("sd3-run") / "run", digit_shards,
                         "tiny-sd3-medium", t5_dropout=0.25, shift=2.0)
 

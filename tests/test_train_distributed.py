@@ -121,15 +121,17 @@ def runs(tmp_path_factory, digit_shards) -> Runs:
     return Runs(tmp_path_factory.mktemp("train-runs"), digit_shards)
 
 
-def _assert_same_trajectory(run: Path, ref: Path) -> None:
+def _assert_same_trajectory(run: Path, ref: Path, *, loss_falls: bool = True) -> None:
     got, want = _steps(run), _steps(ref)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=LOSS_RTOL), step
         assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=GRAD_NORM_RTOL), step
         assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-12), step
-    # The model really trained: otherwise equal trajectories would prove little.
-    assert want[STEPS]["loss"] < 0.95 * want[1]["loss"]
+    # The model really trained: otherwise equal trajectories would prove little (a caller that proves it another
+    # way may pass loss_falls=False).
+    if loss_falls:
+        assert want[STEPS]["loss"] < 0.95 * want[1]["loss"]
     for name in ("model", "ema"):
         assert _max_abs_diff(_weights(run, STEPS, name), _weights(ref, STEPS, name)) < WEIGHT_ATOL, name
     # The EMA warmed up on every rank alike (6 updates with warm-up 0.1: mostly the latest weights, far from the
