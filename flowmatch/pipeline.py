@@ -34,7 +34,7 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
     from flowmatch.checkpoint import RECIPE_FILE, resolve_checkpoint, weights_file
     from flowmatch.config import recipe_from_yaml
     from flowmatch.encoders.frozen import FrozenEncoders
-    from flowmatch.models.mmdit import MMDiT
+    from flowmatch.models.backbone import build_backbone
     from flowmatch.posthoc import load_named_ema
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -44,7 +44,7 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
     encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=device)
     recipe.model = encoders.fill_model_config(recipe.model)
-    model = MMDiT(recipe.model)
+    model = build_backbone(recipe.model)
     model.load_state_dict(load_named_ema(ckpt, ema) if named else load_file(str(ckpt / weights_file(ckpt, ema))))
     model.to(device).eval().requires_grad_(False)
     return Pipeline(model, encoders, recipe, device=device)

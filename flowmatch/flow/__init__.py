@@ -2,10 +2,12 @@
 caption dropout for classifier-free guidance.
 
 Convention (see :mod:`flowmatch.flow.path`): t = 0 data, t = 1 noise, ``x_t = (1 - t) x0 + t noise``,
-velocity ``noise - x0``.
+velocity ``noise - x0``. Diffusion formulations on the same convention (VP paths, eps / v / x0 prediction, their
+loss weightings) live in :mod:`.paths`, :mod:`.parameterization`, :mod:`.weighting` and :mod:`.formulation`.
 """
 
 from flowmatch.flow.caption_dropout import drop_captions
+from flowmatch.flow.formulation import Formulation
 from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
 from flowmatch.flow.path import (
     PathSample,
@@ -28,6 +30,7 @@ from flowmatch.flow.timesteps import (
 
 __all__ = [
     "FlowConfig",
+    "Formulation",
     "LOSS_WEIGHTINGS",
     "LossOutput",
     "PathSample",

@@ -26,6 +26,7 @@ from flowmatch.models.embeddings import (
     unpatchify,
 )
 from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
+from flowmatch.models.unet import UNetConfig
 
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
 EMBEDDER_INIT_STD = 0.02
@@ -80,6 +81,14 @@ class MMDiTConfig:
     """Indices of the joint blocks whose image stream has MMDiT-X's second, image-only attention (SD3.5-medium)."""
     guidance_embed: bool = False
     """Embed a guidance value, cond.extra["guidance"] (B,) times time_scale, like the timestep (FLUX.1-dev)."""
+    kind: str = "mmdit"
+    """Backbone: mmdit (this model) | unet (diffusers' UNet2DConditionModel, flowmatch/models/unet.py)."""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    """The U-Net's layout, used when kind is unet (its patch_size should be the U-Net's downsampling factor)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unet, dict):  # presets and asdict() round trips hand the section over as a mapping
+            self.unet = UNetConfig(**self.unet)
 
     @property
     def width(self) -> int:

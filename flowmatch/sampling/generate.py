@@ -18,9 +18,10 @@ from torch import Tensor
 
 from flowmatch.data.pixels import model_to_unit
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import TimeSchedule
+from flowmatch.flow import FlowConfig, Formulation, TimeSchedule
 from flowmatch.sampling.guidance import guided_velocity
-from flowmatch.sampling.solvers import check_solver, sample_ode
+from flowmatch.sampling.diffusion import DIFFUSION_SAMPLERS, check_sampler, sample_diffusion
+from flowmatch.sampling.solvers import sample_ode
 
 if TYPE_CHECKING:
     from flowmatch.config import Recipe
@@ -37,7 +38,14 @@ class SamplingConfig:
     steps: int = 20
     """ODE steps."""
     solver: str = "euler"
-    """ODE solver (see flowmatch.sampling.SOLVERS)."""
+    """ODE solver (see flowmatch.sampling.SOLVERS), or a diffusion sampler: ddim | ancestral | pc
+    (flowmatch/sampling/diffusion.py)."""
+    eta: float = 0.0
+    """DDIM's eta: 0 deterministic, 1 the ancestral sampler's noise (Song et al. 2020)."""
+    corrector_steps: int = 1
+    """Langevin corrector steps per grid time of the pc sampler (Song et al. 2021)."""
+    corrector_snr: float = 0.16
+    """Signal-to-noise ratio r of the Langevin step size 2 (r ||z|| / ||score||)^2 (Song et al. 2021 use 0.16)."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale (1 = no guidance)."""
     seed: int = 0
@@ -49,7 +57,7 @@ class SamplingConfig:
     """Images per prompt in the validation grid."""
 
     def __post_init__(self) -> None:
-        check_solver(self.solver, "sampling.solver")
+        check_sampler(self.solver, "sampling.solver")
         if self.steps < 1 or self.per_prompt < 1 or not self.prompts:
             raise ValueError("steps and per_prompt must be >= 1 and prompts must not be empty")
 
@@ -62,16 +70,31 @@ def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
 
 @torch.no_grad()
 def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Conditioning], noise: Tensor, *,
-                   steps: int, solver: str, guidance_scale: Optional[float], shift: float) -> tuple[Tensor, int]:
-    """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, velocity evaluations).
+                   steps: int, solver: str, guidance_scale: Optional[float], shift: float,
+                   formulation: Optional[Formulation] = None, options: Optional[SamplingConfig] = None,
+                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, int]:
+    """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, model evaluations).
 
     With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
+    ``formulation`` (default: rectified flow, velocity) says what the model predicts: an ODE solver integrates
+    its probability-flow velocity; a diffusion sampler (``solver`` in ``ddim | ancestral | pc``) takes eta and
+    the corrector settings from ``options`` and its fresh noise from ``generator``.
     """
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
         raise ValueError("classifier-free guidance needs the empty caption's conditioning (null)")
-    velocity = guided_velocity(model, cond, null if guided else None, guidance_scale)
-    solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift)
+    # Guidance mixes outputs linearly, and every prediction is affine in every other at fixed (x, t): guiding the
+    # model's own output is guiding its velocity.
+    predict = guided_velocity(model, cond, null if guided else None, guidance_scale)
+    if solver in DIFFUSION_SAMPLERS:
+        o = options or SamplingConfig()
+        solution = sample_diffusion(predict, noise, formulation=formulation or Formulation(FlowConfig()),
+                                    sampler=solver, steps=steps, shift=shift, eta=o.eta,
+                                    corrector_steps=o.corrector_steps, corrector_snr=o.corrector_snr,
+                                    generator=generator)
+    else:
+        velocity = formulation.to_velocity(predict) if formulation is not None else predict
+        solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift)
     return solution.x, solution.nfe
 
 
@@ -96,6 +119,8 @@ class Pipeline:
         self.recipe = recipe
         self.device = torch.device(device)
         self.schedule = TimeSchedule(recipe.flow)
+        self.formulation = Formulation(recipe.flow)
+        """What the model predicts on which path (``flow.path``, ``flow.prediction``)."""
         self.last_nfe = 0
 
     @classmethod
@@ -148,5 +173,8 @@ class Pipeline:
             solver=solver or s.solver,
             guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
             shift=self.schedule.shift_for((h // p) * (w // p)),
+            formulation=self.formulation,
+            options=s,
+            generator=torch.Generator().manual_seed(seed),
         )
         return model_to_unit(self.encoders.decode(latents))

@@ -20,7 +20,7 @@ from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.errors import RecipeError
 from flowmatch.flow import TimeSchedule
-from flowmatch.models.mmdit import MMDiT
+from flowmatch.models.backbone import build_backbone
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 
 
@@ -90,18 +90,21 @@ class TrainingRun:
         return to_yaml(self.recipe)
 
 
-def build_model(run_recipe: Recipe, engine: Engine) -> MMDiT:
-    """The MMDiT with the same initial weights on every rank and stage, with activation checkpointing and compile
-    applied from outside the model as the recipe asks."""
+def build_model(run_recipe: Recipe, engine: Engine) -> torch.nn.Module:
+    """The model (MMDiT, or the U-Net for model.kind: unet) with the same initial weights on every rank and stage,
+    with activation checkpointing and compile applied from outside the model as the recipe asks."""
     seed = run_recipe.train.seed
     torch.manual_seed(seed)  # identical initial weights on every rank
     with engine.model_init():
-        model = MMDiT(run_recipe.model)
+        model = build_backbone(run_recipe.model)
     # The constructor initialised the weights already, except under ZeRO-3: reseed so that every stage starts from
     # the same weights.
     torch.manual_seed(seed)
     with engine.gathered_params(model, modify=True):  # under ZeRO-3 the parameters are partitioned by now
         model.init_weights()
+    if run_recipe.model.kind != "mmdit" and (run_recipe.train.activation_checkpointing or run_recipe.train.compile):
+        raise RecipeError(f"train.activation_checkpointing and train.compile apply to model.kind: mmdit only; set "
+                          f"them to false for model.kind: {run_recipe.model.kind}")
     if run_recipe.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if run_recipe.train.compile:

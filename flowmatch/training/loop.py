@@ -19,7 +19,7 @@ import torch
 from flowmatch.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions, sample_path
+from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, drop_captions
 from flowmatch.models.flops import training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
@@ -73,14 +73,16 @@ def micro_loss(velocity: Callable[[torch.Tensor, torch.Tensor, Conditioning], to
 
     Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
     run on any device), in that order. The model sees ``x_t = (1 - t) x0 + t noise`` and regresses ``noise - x0``
-    with the schedule's loss weighting.
+    with the schedule's loss weighting; other formulations (``flow.path``, ``flow.prediction``) take x_t and the
+    target from :class:`~flowmatch.flow.Formulation`.
     """
     cond = drop_captions(cond, null, flow.caption_dropout, generator=generator)
     b, _, h, w = x0.shape
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = schedule.sample(b, seq_len=(h // patch_size) * (w // patch_size), generator=generator).to(x0.device)
-    path = sample_path(x0, noise, t)
-    out = schedule.loss(velocity(path.x_t, path.t, cond), path.target, path.t)
+    formulation = Formulation(flow)  # the default (rectified, velocity) is exactly sample_path's example
+    path = formulation.training_sample(x0, noise, t)
+    out = formulation.reweight(schedule.loss(velocity(path.x_t, path.t, cond), path.target, path.t), path.t)
     return MicroLoss(out.loss, out.per_sample.detach(), t)
 
 
@@ -282,6 +284,8 @@ class Trainer:
         Sized on a meta-device copy: the engine's model may be sharded (ZeRO-3), which hides parameter sizes.
         """
         r, run = self.recipe, self.run
+        if r.model.kind != "mmdit":
+            return 0.0  # the FLOP count is the MMDiT's (flowmatch.models.flops); others log no throughput in FLOPs
         height, width = r.data.size
         f = run.encoders.downsample
         prompts = run.encoders.encode_text(r.sampling.prompts[:16])
