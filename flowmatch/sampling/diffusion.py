@@ -87,13 +87,15 @@ def ancestral_step(form: Formulation, x: Tensor, d: Denoised, t: float, s: float
 
 def langevin_step(form: Formulation, x: Tensor, d: Denoised, t: float, *, snr: float,
                   generator: torch.Generator | None = None) -> Tensor:
-    """One Langevin corrector step at time t with the score -eps_hat / sigma_t and the step size of Song et al.
-    (2021, algorithm 5): 2 (snr ||z|| / ||score||)^2 per example."""
+    """One Langevin corrector step at time t with the score -eps_hat / sigma_t and Song et al.'s step size
+    (2021, algorithm 5): 2 (snr ||z|| / ||score||)^2, the norms per example averaged over the batch as in their
+    release (per-example norms of few dimensions are too noisy: a near-zero score norm makes a huge step). The
+    step size therefore depends on the batch; the sample of one seed can differ between batches under ``pc``."""
     _, s_t = _coeffs(form, t, x)
     score = -d.eps / s_t
     z = _noise(x, generator)
-    norm_z = z.flatten(1).norm(dim=1).reshape(-1, *([1] * (x.ndim - 1)))
-    norm_g = score.flatten(1).norm(dim=1).clamp(min=1e-12).reshape(norm_z.shape)
+    norm_z = z.flatten(1).norm(dim=1).mean()
+    norm_g = score.flatten(1).norm(dim=1).mean().clamp(min=1e-12)
     step = 2 * (snr * norm_z / norm_g) ** 2
     return x + step * score + (2 * step).sqrt() * z
 
