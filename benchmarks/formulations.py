@@ -11,7 +11,7 @@ Rerun of the SD3 paper's comparison (Esser et al. 2024, section 5.1) on the digi
 Each trains with `flowmatch train` in its own process until the recipe's ``train.max_steps`` (500) or ``--budget``
 seconds of wall clock, whichever comes first (the budget stops it like a preemption: SIGTERM, then a checkpoint),
 then `flowmatch eval`'s judge scores its default weights at 4, 8, 20 and 50 steps: the Euler ODE solver for all,
-DDIM and the ancestral sampler too on the VP paths; held-out bits/dim where the path has a finite velocity at
+DDIM and the ancestral sampler too on the VP paths (with x0 clamped to [-1, 1], ``sampling.clip_x0``, as DDPM); held-out bits/dim where the path has a finite velocity at
 t = 0 (rectified). One table is printed (and written as JSON with ``--json``). Run it on a quiet machine:
 
     python benchmarks/formulations.py --budget 130 --shards data/digits --out runs/formulations
@@ -32,9 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FORMULATIONS: dict[str, tuple[str, list[str]]] = {
     "rf-lognorm": ("recipes/digits.yaml", []),
-    "eps-linear": ("recipes/digits.yaml", ["flow.path=vp_linear", "flow.prediction=eps", "flow.time_dist=uniform"]),
-    "eps-cosine": ("recipes/digits.yaml", ["flow.path=vp_cosine", "flow.prediction=eps", "flow.time_dist=uniform"]),
-    "v-cosine": ("recipes/digits.yaml", ["flow.path=vp_cosine", "flow.prediction=v", "flow.time_dist=uniform"]),
+    "eps-linear": ("recipes/digits.yaml", ["flow.path=vp_linear", "flow.prediction=eps", "flow.time_dist=uniform",
+                                           "sampling.clip_x0=1.0"]),
+    "eps-cosine": ("recipes/digits.yaml", ["flow.path=vp_cosine", "flow.prediction=eps", "flow.time_dist=uniform",
+                                           "sampling.clip_x0=1.0"]),
+    "v-cosine": ("recipes/digits.yaml", ["flow.path=vp_cosine", "flow.prediction=v", "flow.time_dist=uniform",
+                                         "sampling.clip_x0=1.0"]),
     "ddpm-unet": ("recipes/digits-ddpm.yaml", []),
 }
 

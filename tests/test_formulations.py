@@ -376,3 +376,14 @@ def test_langevin_corrector_relaxes_to_the_marginal_and_pc_samples_the_data():
     assert out.nfe == 100
     torch.testing.assert_close(out.x.mean(0), g.mean, rtol=0, atol=0.05)
     torch.testing.assert_close(out.x.var(0), g.var, rtol=0.1, atol=0.01)
+
+
+def test_clip_x0_clamps_the_data_prediction_of_the_samplers():
+    form = _form("vp_cosine")
+    wild = lambda x, t: 50 * torch.ones_like(x)  # noqa: E731 - an eps far off: x0_hat explodes near t = 1
+    start = torch.randn(4, 3, generator=torch.Generator().manual_seed(11), dtype=F64)
+    for sampler in ("ddim", "ancestral"):
+        free = sample_diffusion(wild, start, formulation=form, sampler=sampler, steps=5).x
+        clipped = sample_diffusion(wild, start, formulation=form, sampler=sampler, steps=5, clip_x0=1.0,
+                                   generator=torch.Generator().manual_seed(0)).x
+        assert free.abs().max() > 10 and clipped.abs().max() <= 1.0  # the last step returns x0_hat

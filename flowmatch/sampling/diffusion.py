@@ -102,11 +102,14 @@ def langevin_step(form: Formulation, x: Tensor, d: Denoised, t: float, *, snr: f
 
 def sample_diffusion(predict: Prediction, noise: Tensor, *, formulation: Formulation, sampler: str, steps: int,
                      shift: float = 1.0, eta: float = 0.0, corrector_steps: int = 1, corrector_snr: float = 0.16,
-                     generator: torch.Generator | None = None) -> ODESolution:
+                     clip_x0: float = 0.0, generator: torch.Generator | None = None) -> ODESolution:
     """Sample from ``noise`` (B, ...) at t = 1 down to t = 0 with ``sampler`` (ddim | ancestral | pc).
 
     ``pc`` is Song et al.'s predictor-corrector: at each grid time ``corrector_steps`` Langevin steps, then an
-    ancestral step. Returns the sample and the number of model evaluations.
+    ancestral step. ``clip_x0 > 0`` clamps the predicted data to [-clip_x0, clip_x0] and takes eps from the
+    clamped x0 (Ho et al.'s sampler on [-1, 1] pixels; diffusers' ``clip_sample``): near t = 1 an eps prediction
+    fixes x0 only through a division by alpha_t, which is 5e-5 at the end of the cosine schedule. Returns the
+    sample and the number of model evaluations.
     """
     if sampler not in DIFFUSION_SAMPLERS:
         raise choice_error("sampler", sampler, DIFFUSION_SAMPLERS)
@@ -117,7 +120,12 @@ def sample_diffusion(predict: Prediction, noise: Tensor, *, formulation: Formula
         nonlocal nfe
         nfe += 1
         tb = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-        return formulation.denoise(x, predict(x, tb), tb)
+        d = formulation.denoise(x, predict(x, tb), tb)
+        if clip_x0 > 0:
+            a_t, s_t = _coeffs(formulation, t, x)
+            x0 = d.x0.clamp(-clip_x0, clip_x0)
+            d = Denoised(x0, (x - a_t * x0) / s_t)
+        return d
 
     for t, s in zip(grid[:-1], grid[1:]):
         if sampler == "pc":

@@ -46,6 +46,8 @@ class SamplingConfig:
     """Langevin corrector steps per grid time of the pc sampler (Song et al. 2021)."""
     corrector_snr: float = 0.16
     """Signal-to-noise ratio r of the Langevin step size 2 (r ||z|| / ||score||)^2 (Song et al. 2021 use 0.16)."""
+    clip_x0: float = 0.0
+    """ddim/ancestral/pc: clamp the predicted data to [-clip_x0, clip_x0] (1 for [-1, 1] pixels, as DDPM); 0 = off."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale (1 = no guidance)."""
     seed: int = 0
@@ -91,7 +93,7 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
         solution = sample_diffusion(predict, noise, formulation=formulation or Formulation(FlowConfig()),
                                     sampler=solver, steps=steps, shift=shift, eta=o.eta,
                                     corrector_steps=o.corrector_steps, corrector_snr=o.corrector_snr,
-                                    generator=generator)
+                                    clip_x0=o.clip_x0, generator=generator)
     else:
         velocity = formulation.to_velocity(predict) if formulation is not None else predict
         solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift)
