@@ -132,6 +132,9 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
 
     ckpt = resolve_checkpoint(path)
     recipe = recipe_from_yaml(load_recipe_yaml(ckpt))
+    if recipe.model.kind != "mmdit":
+        raise ValueError(f"flowmatch export writes MMDiT transformers; this run's model.kind is {recipe.model.kind!r} "
+                         "(its weights under 'unet.' in model.safetensors are diffusers' UNet2DConditionModel's)")
     weights = weights or ("ema" if read_meta(ckpt).ema else "raw")
     state = {k: v.to(DTYPES[dtype]) for k, v in load_weights(ckpt, ema=weights == "ema").items()}
     model = MMDiT(_sizes_from_weights(recipe.model, state), device="meta")
