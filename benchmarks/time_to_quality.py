@@ -111,7 +111,7 @@ def main() -> None:
     ours = evaluate(args.out, steps=steps, solvers=["euler"], samples_per_prompt=args.samples,
                     likelihood_samples=0)
 
-    encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels)
+    encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels)
     resolved = load_recipe(args.recipe, overrides)
     resolved.model = encoders.fill_model_config(resolved.model)
     velocity, base_steps, base_seconds = train_baseline(resolved, encoders, budget, args.seed)

@@ -10,6 +10,8 @@ DEFAULT_SHARD_SIZE = 1000
 
 
 def parser() -> argparse.ArgumentParser:
+    from data_tools.autoencoder import AutoencoderSettings as AutoencoderDefaults
+
     p = argparse.ArgumentParser(prog="flowmatch-data", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -45,6 +47,23 @@ def parser() -> argparse.ArgumentParser:
     encode.add_argument("--processes", type=int, default=1, help="shards encoded at once (one encoder copy each)")
     encode.add_argument("--device", default="auto", help="auto (spread over GPUs, else CPU), cpu, cuda or cuda:N")
     encode.add_argument("--no-progress", action="store_true")
+
+    ae = sub.add_parser("autoencoder", help="train a small diffusers AutoencoderKL on the shards' images (resumable)")
+    ae.add_argument("shards", help="training shards: directory, glob or brace pattern (val-* shards: held-out PSNR)")
+    ae.add_argument("out", help="output folder for save_pretrained (re-run the same command to resume)")
+    defaults = AutoencoderDefaults()
+    ae.add_argument("--resolution", type=int, default=defaults.resolution, help="image side in pixels")
+    ae.add_argument("--channels", type=int, default=defaults.channels, choices=(1, 3))
+    ae.add_argument("--latent-channels", type=int, default=defaults.latent_channels)
+    ae.add_argument("--downsample", type=int, default=defaults.downsample, help="pixels per latent (power of two)")
+    ae.add_argument("--width", type=int, default=defaults.width, help="channels of the first level")
+    ae.add_argument("--steps", type=int, default=defaults.steps)
+    ae.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    ae.add_argument("--lr", type=float, default=defaults.lr)
+    ae.add_argument("--kl-weight", type=float, default=defaults.kl_weight)
+    ae.add_argument("--seed", type=int, default=defaults.seed)
+    ae.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    ae.add_argument("--no-progress", action="store_true")
 
     inspect = sub.add_parser("inspect", help="counts, member kinds, caption lengths and a preview grid PNG")
     inspect.add_argument("shards")
@@ -91,6 +110,15 @@ def run(args: argparse.Namespace) -> int:
         bad = ", ".join(f"{n} {r}" for r, n in sorted(report.bad.items())) or "none"
         print(f"encoded {report.encoded} shards ({report.samples} samples; {report.already_done} already done); "
               f"skipped: {bad}; encoders: {report.encoders}")
+    elif args.command == "autoencoder":
+        from data_tools.autoencoder import AutoencoderSettings, train_autoencoder
+
+        settings = AutoencoderSettings(
+            resolution=args.resolution, channels=args.channels, latent_channels=args.latent_channels,
+            downsample=args.downsample, width=args.width, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+            kl_weight=args.kl_weight, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        )
+        print(train_autoencoder(args.shards, args.out, settings, progress=not args.no_progress).summary())
     elif args.command == "inspect":
         from data_tools.summary import inspect_shards
 

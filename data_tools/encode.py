@@ -1,37 +1,25 @@
 """`flowmatch-data encode IN OUT --recipe R`: precompute latents and text embeddings into new shards.
 
-For every input shard (train-* and val-* alike; names are kept, so the held-out split stays held out) it
-decodes the images as training would (the recipe's data section: channels, resolution or aspect buckets),
-runs the recipe's autoencoder (latents scaled and shifted by its preset) and text encoder (hidden states
-truncated to each caption's real tokens, and the pooled vector), and writes `key.safetensors` (bf16 by default;
-see flowmatch.data.features) with the caption and any .json metadata. Training on OUT then runs no encoder and
-refuses the features if the recipe's encoders differ from the fingerprints recorded in each sample.
-
-Each output shard is written as `NAME.partial` and renamed when complete (flowmatch.data.shardformat.ShardFile,
-the writer every tool shares), and OUT/features.json records the finished ones, so an interrupted run continues
-where it stopped. `--processes N` encodes N shards at a time (one encoder copy per process, spread over the
-visible GPUs).
+The encoding itself, the output layout and the manifest that makes it resumable live in
+flowmatch.encoders.cache (training uses them too, when a recipe names a `data.cache` that is missing). This
+command adds the recipe file and its overrides, a storage dtype (bf16 by default; see flowmatch.data.features),
+and `--processes N`: N shards encoded at a time, one encoder copy per process, spread over the visible GPUs.
+Training on OUT then runs no encoder and refuses the features if the recipe's encoders differ from the
+fingerprints recorded in each sample.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from flowmatch.data import decode, features
-from flowmatch.data.buckets import nearest_bucket
-from flowmatch.data.loader import loader_buckets
-from flowmatch.data.shardformat import SHARD_SUFFIXES, ShardFile
-from flowmatch.data.shards import expand_shards, shard_name
-from flowmatch.data.tarstream import BadRecord, RawSample, read_shard
+from flowmatch.encoders.cache import CacheFolder, EncodeReport, ShardResult, check_same_encoders
+from flowmatch.encoders.cache import encode_shard as encode_into
 
-MANIFEST = "features.json"
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -46,27 +34,6 @@ class EncodeSettings:
     device: str = "auto"
 
 
-@dataclass
-class ShardResult:
-    """One encoded shard."""
-
-    name: str
-    samples: int
-    bad: dict[str, int] = field(default_factory=dict)
-    encoders: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class EncodeReport:
-    """What a run did: shards encoded now, shards found done from an earlier run, samples, skips by reason."""
-
-    encoded: int = 0
-    already_done: int = 0
-    samples: int = 0
-    bad: dict[str, int] = field(default_factory=dict)
-    encoders: dict[str, str] = field(default_factory=dict)
-
-
 class Encoders:
     """The recipe and its frozen encoders, built once per process."""
 
@@ -77,11 +44,9 @@ class Encoders:
         self.settings = settings
         self.recipe = load_recipe(settings.recipe, list(settings.overrides))
         self.device = pick_device(settings.device, index)
-        frozen = FrozenEncoders(self.recipe.text_encoder, self.recipe.autoencoder,
-                                image_channels=self.recipe.data.channels, device=self.device)
-        self.text, self.auto = frozen.text, frozen.autoencoder
-        self.fingerprints = frozen.fingerprints()
-        self.buckets = loader_buckets(self.recipe.data)
+        self.frozen = FrozenEncoders(self.recipe.text, self.recipe.autoencoder,
+                                     image_channels=self.recipe.data.channels, device=self.device)
+        self.fingerprints = self.frozen.fingerprints()
 
 
 def pick_device(device: str, index: int) -> torch.device:
@@ -95,66 +60,9 @@ def pick_device(device: str, index: int) -> torch.device:
 
 
 def encode_shard(enc: Encoders, url: str, target: Path, expected: Optional[dict[str, str]] = None) -> ShardResult:
-    """Encode one shard into `target` (ShardFile: via target.partial); refuses when OUT already holds other encoders'
-    features."""
-    check_same_encoders(expected, enc.fingerprints, target.parent)
-    data_cfg = enc.recipe.data
-    need_size = len(enc.buckets) > 1
-    bad: Counter = Counter()
-    pending: dict[int, list[tuple[RawSample, decode.SampleInfo]]] = {}
-    with ShardFile(target) as sink:
-
-        def flush(bucket: int) -> None:
-            group = pending.pop(bucket, [])
-            size = enc.buckets[bucket]
-            images, kept = [], []
-            for record, info in group:
-                try:
-                    images.append(decode.decode_pixels(
-                        record.files[info.image_ext], height=size.height, width=size.width,
-                        channels=data_cfg.channels, max_pixels=data_cfg.max_image_pixels,
-                    ))
-                    kept.append((record, info))
-                except decode.BadSample as err:
-                    bad[err.reason] += 1
-            if not kept:
-                return
-            latents = enc.auto.encode(decode.pixels_to_tensor(images).to(enc.device)).cpu()
-            text = enc.text.encode([info.caption for _, info in kept])
-            hidden, mask, pooled = text.hidden.cpu(), text.mask.cpu(), text.pooled.cpu()
-            for i, (record, info) in enumerate(kept):
-                blob = features.encode(latents[i], hidden[i][mask[i]], pooled[i], dtype=enc.settings.dtype,
-                                       encoders=enc.fingerprints)
-                files = {features.EXT: blob, "txt": info.caption}
-                if "json" in record.files:
-                    files["json"] = record.files["json"]
-                sink.write(record.key, files)
-
-        for record in read_shard(url, max_member_bytes=data_cfg.max_member_bytes):
-            if isinstance(record, BadRecord):
-                bad[record.reason] += 1
-                continue
-            try:
-                info = decode.peek_raw(record, max_pixels=data_cfg.max_image_pixels, need_size=need_size)
-            except decode.BadSample as err:
-                bad[err.reason] += 1
-                continue
-            bucket = nearest_bucket(enc.buckets, *info.size) if need_size else 0
-            pending.setdefault(bucket, []).append((record, info))
-            if len(pending[bucket]) >= enc.settings.batch_size:
-                flush(bucket)
-        for bucket in list(pending):
-            flush(bucket)
-    return ShardResult(target.name, sink.count, dict(bad), dict(enc.fingerprints))
-
-
-def check_same_encoders(expected: Optional[dict[str, str]], found: dict[str, str], out: Path) -> None:
-    """ValueError when OUT's manifest names other encoders than this recipe's."""
-    if expected and expected != found:
-        raise ValueError(
-            f"{out} holds features from other encoders ({expected}) than this recipe's ({found}); "
-            "encode into a new directory"
-        )
+    """Encode one shard into `target` with this process's encoders (flowmatch.encoders.cache.encode_shard)."""
+    return encode_into(enc.frozen, enc.recipe.data, url, target, dtype=enc.settings.dtype,
+                       batch_size=enc.settings.batch_size, expected=expected)
 
 
 # Per-process state of the --processes pool (set by the initializer; spawned processes share nothing).
@@ -173,66 +81,32 @@ def _run_task(task: tuple[str, str, Optional[dict[str, str]]]) -> ShardResult:
     return encode_shard(_WORKER["enc"], url, Path(target), expected)
 
 
-def output_name(url: str) -> str:
-    """The output shard's file name: the input's, as an uncompressed .tar."""
-    name = shard_name(url)
-    for suffix in sorted(SHARD_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return name[: -len(suffix)] + ".tar"
-    return name + ".tar"
-
-
-def load_manifest(out: Path) -> dict:
-    path = out / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def encode_shards(src: str, out: str | Path, settings: EncodeSettings, *, processes: int = 1,
                   progress: bool = True) -> EncodeReport:
     """Encode every shard of pattern `src` into directory `out`, skipping shards a previous run finished."""
     from tqdm import tqdm
 
-    urls = expand_shards(src)
-    if not urls:
-        raise FileNotFoundError(f"{src!r} matches no shards")
-    if settings.dtype not in features.DTYPES:
-        raise ValueError(f"--dtype must be one of {tuple(features.DTYPES)}, got {settings.dtype!r}")
-    names = [output_name(u) for u in urls]
-    if len(set(names)) != len(names):
-        raise ValueError("input shards must have distinct file names (outputs are named after them)")
     out = Path(out)
+    folder = CacheFolder(src, out, settings.dtype)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(out)
-    done = manifest.get("shards", {})
-    todo = [(u, str(out / n)) for u, n in zip(urls, names) if not (n in done and (out / n).is_file())]
-    report = EncodeReport(already_done=len(urls) - len(todo), encoders=manifest.get("encoders", {}))
+    bar = tqdm(total=len(folder.todo), unit="shard", desc="encode", disable=not progress)
 
     def record(result: ShardResult) -> None:
-        check_same_encoders(manifest.get("encoders"), result.encoders, out)
-        manifest.update(format=features.FORMAT, encoders=result.encoders, dtype=settings.dtype)
-        manifest.setdefault("shards", {})[result.name] = {"samples": result.samples, "bad": result.bad}
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        report.encoded += 1
-        report.samples += result.samples
-        for reason, n in result.bad.items():
-            report.bad[reason] = report.bad.get(reason, 0) + n
-        report.encoders = result.encoders
+        folder.record(result)
         bar.update(1)
-        bar.set_postfix(samples=report.samples)
+        bar.set_postfix(samples=folder.report.samples)
 
-    bar = tqdm(total=len(todo), unit="shard", desc="encode", disable=not progress)
-    expected = manifest.get("encoders")
-    if processes <= 1 or not todo:  # with nothing to do, still say whether OUT matches this recipe's encoders
+    expected = folder.expected
+    if processes <= 1 or not folder.todo:  # with nothing to do, still say whether OUT matches this recipe's encoders
         enc = Encoders(settings)
         check_same_encoders(expected, enc.fingerprints, out)
-        for url, target in todo:
-            record(encode_shard(enc, url, Path(target), expected))
+        for url, target in folder.todo:
+            record(encode_shard(enc, url, target, expected))
     else:
         context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked children
         counter = context.Value("i", 0)
         with context.Pool(processes, initializer=_init_worker, initargs=(settings, counter)) as pool:
-            for result in pool.imap_unordered(_run_task, [(u, t, expected) for u, t in todo]):
+            for result in pool.imap_unordered(_run_task, [(u, str(t), expected) for u, t in folder.todo]):
                 record(result)
     bar.close()
-    return report
-
+    return folder.report

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 
@@ -65,10 +66,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:
+    from flowmatch.encoders.diffusers_folder import MODEL_INDEX
     from flowmatch.images import image_grid, save_png
-    from flowmatch.pipeline import load_pipeline
+    from flowmatch.pipeline import load_diffusers_pipeline, load_pipeline
 
-    pipe = load_pipeline(ns.path, ema=False if ns.no_ema else ns.ema)
+    if (Path(ns.path) / MODEL_INDEX).is_file():  # a diffusers SD3 / FLUX pipeline folder
+        pipe = load_diffusers_pipeline(ns.path)
+    else:
+        pipe = load_pipeline(ns.path, ema=False if ns.no_ema else ns.ema)
     prompts = [p for p in ns.prompt for _ in range(ns.num)]
     images = pipe.generate(prompts, steps=ns.steps, solver=ns.solver, guidance_scale=ns.guidance, seed=ns.seed)
     save_png(image_grid(images, rows=len(ns.prompt)), ns.out, scale=ns.scale)
@@ -104,7 +109,8 @@ def cmd_check(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from flowmatch.export import export
 
-    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype).describe())
+    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype, lora=ns.lora,
+                 merge=ns.merge).describe())
     return 0
 
 
@@ -141,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a recipe YAML (default: the built-in digits recipe) and dotted overrides")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate an image grid from a run or checkpoint")
-    p.add_argument("path", help="a run directory (newest checkpoint) or one checkpoint directory")
+    p = sub.add_parser("sample", help="generate an image grid from a run, a checkpoint or a diffusers pipeline")
+    p.add_argument("path", help="a run directory (newest checkpoint), one checkpoint directory, or a diffusers "
+                                "SD3 / FLUX pipeline folder")
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
     p.add_argument("--num", type=int, default=8, help="images per prompt (one grid row each prompt)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the recipe's)")
@@ -179,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="weights dtype of the export (the checkpoint's is fp32; the releases are bf16)")
+    p.add_argument("--lora", action="store_true", help="a LoRA run's adapters as OUT_DIR/"
+                   "pytorch_lora_weights.safetensors, for diffusers' load_lora_weights")
+    p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into its base weights, "
+                   "written as a whole transformer (--format applies)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of other lengths from a run's snapshots")

@@ -23,11 +23,12 @@ import yaml
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
+from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.evaluate import EvalConfig
 from flowmatch.flow.timesteps import FlowConfig
-from flowmatch.models.mmdit import MMDiTConfig
+from flowmatch.models.config import ModelConfig
 from flowmatch.models.presets import preset_values
 from flowmatch.monitor import LoggingConfig
 from flowmatch.sampling.generate import SamplingConfig
@@ -44,12 +45,15 @@ class Recipe:
 
     run_dir: str = "runs/default"
     """Where checkpoints, samples, logs and the resolved recipe go; training again with it resumes."""
-    model: MMDiTConfig = field(default_factory=lambda: MMDiTConfig(**preset_values(DEFAULT_PRESET)))
-    """The MMDiT (flowmatch.models.mmdit.MMDiTConfig); start from a preset with model.preset."""
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**preset_values(DEFAULT_PRESET)))
+    """The MMDiT (flowmatch.models.config.ModelConfig); start from a preset with model.preset, or from weights
+    with model.init_from."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     """Rectified flow: time distribution, shift, loss weighting, caption dropout."""
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    """Frozen text encoder."""
+    """Frozen text encoder (the only one unless text_encoders names several)."""
+    text_encoders: TextEncodersConfig = field(default_factory=TextEncodersConfig)
+    """Several frozen text encoders, each with its own settings, combined as SD3 or FLUX combine them."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     """Frozen autoencoder (identity = pixel space)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -66,6 +70,11 @@ class Recipe:
     """Progress bar and TensorBoard."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """What flowmatch eval measures."""
+
+    @property
+    def text(self) -> TextEncodersConfig:
+        """The run's text encoders: text_encoders, or the text_encoder section alone when that names none."""
+        return self.text_encoders.resolved(self.text_encoder)
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -138,7 +147,13 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
         tree["model"] = merge({**preset_values(preset), "preset": preset}, model)  # nested sections (unet) merge
     except ValueError as err:
         raise RecipeError(f"model.preset: {err}") from None
-    return build_dataclass(Recipe, tree, "")
+    recipe = build_dataclass(Recipe, tree, "")
+    if recipe.model.init_from:
+        from flowmatch.init_from import stated_architecture
+
+        # Checked against the weights' architecture when the run is assembled (flowmatch.init_from).
+        recipe.model.stated = stated_architecture(model)
+    return recipe
 
 
 def build_dataclass(cls: type, values: Any, where: str) -> Any:
@@ -186,6 +201,10 @@ def convert(hint: Any, value: Any, path: str) -> Any:
         item = args[0] if args else Any
         items = [convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: expected a mapping of names to settings, got {value!r}")
+        return {str(k): build_dataclass(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is dict or hint is Any:
         return value
     if hint is bool:

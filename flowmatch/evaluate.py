@@ -175,6 +175,10 @@ def heldout_bits_per_dim(pipe: "Pipeline", count: int) -> Optional[float]:
     loader = build_loader(pipe.recipe.data, rank=0, world_size=1, batch_size=count, seed=0, split="val",
                           max_batches=1, encoders=pipe.encoders.fingerprints())
     x0, cond = pipe.encoders.encode_batch(next(iter(loader)))
+    if pipe.recipe.model.guidance_embed:  # a model that takes the guidance scale: 1 is guidance off
+        from flowmatch.flow import with_guidance
+
+        cond = with_guidance(cond, 1.0)
     pixel_space = pipe.encoders.pixel_space
     if pixel_space:  # pixels k / 127.5 - 1, cached or not: spread each 8-bit level over its bin
         x0 = dequantize_pixels(x0, generator=torch.Generator().manual_seed(0))

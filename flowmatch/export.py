@@ -6,6 +6,13 @@
                                          or BFL FLUX keys, as ComfyUI and the releases' single files hold them
     OUT_DIR/scheduler/scheduler_config.json   FlowMatchEulerDiscreteScheduler settings with the run's shift (when
                                          diffusers has one for every size; see flowmatch.sampling.diffusers_schedule)
+    OUT_DIR/pytorch_lora_weights.safetensors  --lora, a LoRA run's adapters in diffusers' peft keys with the
+                                         lora_adapter_metadata header (flowmatch.models.convert.lora); --merge
+                                         writes the transformer with them merged into the base weights instead
+    OUT_DIR/model_index.json, text_encoder*/, tokenizer*/, vae/
+                                         --format diffusers, when the run's encoders are a diffusers pipeline's
+                                         components (flowmatch.pipeline_folder): a complete pipeline folder,
+                                         loadable by DiffusionPipeline.from_pretrained(OUT_DIR)
 
 The weights are the checkpoint's consolidated fp32 safetensors (EMA or raw), which every run writes whatever its
 ZeRO stage, so a ZeRO-3 run exports on one CPU process without gathering partitions; `dtype` casts them (the
@@ -13,8 +20,9 @@ releases are bf16). The tensors that need no transformation are written from the
 second copy.
 
 A complete pipeline folder needs the text encoders and the VAE of a diffusers pipeline (CLIP / T5 / AutoencoderKL
-combined as SD3 or FLUX combine them); a flowmatch run's single text encoder (MiniLM for the digits, or one T5) is
-not such a pipeline's, so only the transformer (and the scheduler) are written, and the summary says so.
+combined as SD3 or FLUX combine them, read from that pipeline's folder); a flowmatch run's single text encoder
+(MiniLM for the digits, or one T5) is not such a pipeline's, so only the transformer (and the scheduler) are
+written, and the summary says so.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 from flowmatch.flow import TimeSchedule
+from flowmatch.models.convert.lora import LORA_FILE
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 
 WEIGHTS = ("ema", "raw")
@@ -48,7 +57,7 @@ class ExportSummary:
     dtype: str
     """fp32 | bf16 | fp16."""
     format: str
-    """diffusers | original."""
+    """diffusers | original | lora."""
     architecture: str
     """The diffusers class the transformer belongs to (SD3Transformer2DModel or FluxTransformer2DModel)."""
     files: list[Path]
@@ -79,31 +88,40 @@ def _sizes_from_weights(cfg: MMDiTConfig, state: dict) -> MMDiTConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in found.items() if getattr(cfg, k) is None})
 
 
-def _pipeline_note(recipe) -> str:
-    text, vae = recipe.text_encoder, recipe.autoencoder
-    return (f"transformer only, no pipeline folder: the run's text encoder ({text.kind} {text.name_or_path}) and "
-            f"autoencoder ({vae.kind}) are not the components of a diffusers SD3 or FLUX pipeline; generate with "
-            "flowmatch, or pair the transformer with encoders that produce the same conditioning")
+def _transformer_only_note(why: str) -> str:
+    return (f"transformer only, no pipeline folder: {why}; generate with flowmatch, or pair the transformer with "
+            "encoders that produce the same conditioning")
 
 
-def _write_scheduler(schedule: TimeSchedule, out_dir: Path) -> tuple[list[Path], list[str]]:
+def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
+                fmt: str) -> tuple[list[Path], list[str]]:
+    """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
     from flowmatch.sampling.diffusers_schedule import scheduler_config
 
     try:
         config = scheduler_config(schedule)
     except ValueError as err:
-        return [], [f"no scheduler: {err} (flowmatch.sampling.diffusers_schedule.mu_for gives mu per size)"]
-    FlowMatchEulerDiscreteScheduler(**config).save_config(out_dir / SCHEDULER_DIR)
+        why = f"no scheduler: {err} (flowmatch.sampling.diffusers_schedule.mu_for gives mu per size)"
+        return [], [why, _transformer_only_note("the run's shift has no diffusers scheduler")]
     notes = ["scheduler: pass sigmas=flowmatch.sampling.diffusers_schedule.diffusers_sigmas(steps) to walk "
              "flowmatch's grid exactly" + ("" if config["use_dynamic_shifting"] else
                                            " (the pipelines' default sigmas differ for a static shift)")]
-    return [out_dir / SCHEDULER_DIR / "scheduler_config.json"], notes
+    source, why = pipeline_source(recipe, arch_class)
+    if source is not None and fmt == "diffusers":
+        files = write_pipeline_components(source, out_dir, arch_class, config)
+        return files, notes + [f"complete {source.pipeline_class} folder (encoders, tokenizers and VAE copied from "
+                               f"{source.path}): DiffusionPipeline.from_pretrained({str(out_dir)!r})"]
+    FlowMatchEulerDiscreteScheduler(**config).save_config(out_dir / SCHEDULER_DIR)
+    if source is not None:
+        why = "--format original writes single-file transformer keys"
+    return [out_dir / SCHEDULER_DIR / "scheduler_config.json"], notes + [_transformer_only_note(why)]
 
 
 def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Optional[str] = None,
-           fmt: str = "diffusers", dtype: str = "fp32") -> ExportSummary:
+           fmt: str = "diffusers", dtype: str = "fp32", lora: bool = False, merge: bool = False) -> ExportSummary:
     """Write the transformer of a run directory (its newest checkpoint) or of one checkpoint to `out_dir`.
 
     Args:
@@ -112,6 +130,9 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         weights: ``ema`` or ``raw``; None = EMA when the checkpoint has it.
         fmt: ``diffusers`` (a transformer folder) or ``original`` (one safetensors file of original keys).
         dtype: ``fp32`` (the checkpoint's), ``bf16`` or ``fp16``.
+        lora: a LoRA run's adapters as ``OUT_DIR/pytorch_lora_weights.safetensors``, for diffusers'
+            ``load_lora_weights`` (`fmt` does not apply).
+        merge: a LoRA run's adapters merged into its base weights, written as a whole transformer in `fmt`.
     """
     from flowmatch.checkpoint import load_recipe_yaml, load_weights, read_meta, resolve_checkpoint
     from flowmatch.config import recipe_from_yaml
@@ -125,8 +146,10 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         raise choice_error("--weights", weights, WEIGHTS)
     if dtype not in DTYPES:
         raise choice_error("--dtype", dtype, DTYPES)
+    if lora and merge:
+        raise ValueError("--lora writes the adapters, --merge the merged transformer: choose one")
     out = Path(out_dir)
-    target = out / (TRANSFORMER_DIR if fmt == "diffusers" else ORIGINAL_FILE)
+    target = out / (LORA_FILE if lora else TRANSFORMER_DIR if fmt == "diffusers" else ORIGINAL_FILE)
     if target.exists():
         raise ValueError(f"{target} already exists: choose another output directory or remove it")
 
@@ -135,9 +158,25 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     if recipe.model.kind != "mmdit":
         raise ValueError(f"flowmatch export writes MMDiT transformers; this run's model.kind is {recipe.model.kind!r} "
                          "(its weights under 'unet.' in model.safetensors are diffusers' UNet2DConditionModel's)")
+    adapters = recipe.model.lora
+    if adapters is None and (lora or merge):
+        raise ValueError(f"{ckpt} is not a LoRA run (its recipe has no model.lora): export it without --lora/--merge")
+    if adapters is not None and not (lora or merge):
+        raise ValueError(f"{ckpt} is a LoRA run, its checkpoints hold adapters only: --lora writes them for "
+                         "diffusers' load_lora_weights, --merge writes the transformer with them merged")
     weights = weights or ("ema" if read_meta(ckpt).ema else "raw")
-    state = {k: v.to(DTYPES[dtype]) for k, v in load_weights(ckpt, ema=weights == "ema").items()}
-    model = MMDiT(_sizes_from_weights(recipe.model, state), device="meta")
+    state = load_weights(ckpt, ema=weights == "ema")
+    if lora:
+        files = [_write_lora(recipe.model, state, target, DTYPES[dtype])]
+        return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format="lora",
+                             architecture=architecture_of(recipe.model).DIFFUSERS_CLASS, files=files,
+                             notes=[f"LoRA rank {adapters.rank}, alpha {adapters.alpha:g}: load with "
+                                    "pipe.load_lora_weights(OUT_DIR) (StableDiffusion3Pipeline / FluxPipeline) on "
+                                    f"the base weights {read_meta(ckpt).init_from['source']}"])
+    if merge:
+        state = _merged(ckpt, recipe.model, state)
+    state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    model = MMDiT(_sizes_from_weights(recipe.model.architecture(), state), device="meta")
     model.load_state_dict(state, strict=True, assign=True)
     arch = architecture_of(model.cfg)
 
@@ -147,7 +186,30 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         files = sorted(f for f in target.iterdir() if f.is_file())
     else:
         files = [save_original(model, target)]
-    scheduler_files, notes = _write_scheduler(TimeSchedule(recipe.flow), out)
+    scheduler_files, notes = _write_rest(TimeSchedule(recipe.flow), out, recipe, arch.DIFFUSERS_CLASS, fmt)
     return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format=fmt,
-                         architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files,
-                         notes=notes + [_pipeline_note(recipe)])
+                         architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files, notes=notes)
+
+
+def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:
+    """`pytorch_lora_weights.safetensors` of a LoRA run's adapter weights, in diffusers' names."""
+    from flowmatch.engine.state import write_safetensors
+    from flowmatch.models.convert.lora import to_diffusers_lora
+    from flowmatch.models.lora import select
+
+    chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
+    tensors, metadata = to_diffusers_lora(adapters, chosen, model_cfg.lora)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return write_safetensors(target, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, metadata)
+
+
+def _merged(ckpt: Path, model_cfg, adapters: dict) -> dict:
+    """The base weights a LoRA checkpoint records (their hash checked) with its adapters merged in."""
+    from flowmatch.checkpoint import read_meta
+    from flowmatch.init_from import from_meta, load_weights
+    from flowmatch.models.convert.lora import merge
+    from flowmatch.models.lora import select
+
+    base = load_weights(from_meta(read_meta(ckpt).init_from), verify=True)
+    chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
+    return merge({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)

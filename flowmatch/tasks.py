@@ -7,9 +7,9 @@ naming a `Task` object::
     digits = "data_tools.digits_task:TASK"
 
 or calls `register_task` (tests, notebooks). Recipes name a task in `data.prepare` (build the shards when
-`data.shards` holds none) and `eval.task` (score generated images in `flowmatch eval`). `available_tasks()` lists
-the names without importing any plug-in, so validating a recipe stays cheap; `get_task(name)` imports the one
-asked for.
+`data.shards` holds none), `autoencoder.prepare` (train the autoencoder when its folder holds none) and
+`eval.task` (score generated images in `flowmatch eval`). `available_tasks()` lists the names without importing
+any plug-in, so validating a recipe stays cheap; `get_task(name)` imports the one asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from flowmatch.errors import nearest
 
 if TYPE_CHECKING:
+    from flowmatch.data.config import DataConfig
     from flowmatch.evaluate import EvalPlan, TaskScores
     from flowmatch.pipeline import Pipeline
 
@@ -39,8 +40,12 @@ class Task:
     """One line for listings and errors."""
     build: Optional[Callable[[Path], Any]] = None
     """Write the task's shards (train-* and val-*, flowmatch.data.shardformat) into a new directory."""
+    autoencoder: Optional[Callable[["DataConfig", Path], Any]] = None
+    """Train the task's autoencoder on the data section's shards (at its resolution and channels) and write it with
+    save_pretrained into a new directory (autoencoder.prepare)."""
     judge: Optional[Callable[["Pipeline", "EvalPlan"], "TaskScores"]] = None
-    """Score a model: generate through the Pipeline's public API (generate, last_nfe, recipe) as the plan says."""
+    """Score a model: generate through the Pipeline's public API (generate, reconstruct, last_nfe, recipe) as the plan
+    says."""
     prompts: tuple[str, ...] = ()
     """Prompts that suit the task, e.g. for validation grids (one row each)."""
 

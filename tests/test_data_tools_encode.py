@@ -14,6 +14,7 @@ from data_tools.encode import EncodeSettings, encode_shards
 from flowmatch.data import DataConfig, EncoderMismatch, build_loader, features, read_cache_info
 from flowmatch.data.shardformat import ShardSink
 from flowmatch.data.tarstream import RawSample, read_shard
+from tests.tiny_pipelines import tiny_sd3_pipeline  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "digits.yaml")
@@ -48,7 +49,7 @@ def encoders():
 
     recipe = load_recipe(RECIPE, list(SETTINGS.overrides))
     frozen = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels)
-    return frozen.text, frozen.autoencoder
+    return frozen.text.encoders["text_encoder"], frozen.autoencoder
 
 
 def test_encode_stores_the_encoders_outputs(encoded, encoders):
@@ -90,9 +91,22 @@ def test_training_reads_cached_shards_and_refuses_other_encoders(encoded, encode
         build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders={**fingerprints, "text_encoder": "t5"})
 
 
-def test_training_steps_on_cached_shards(encoded, tmp_path):
+def test_training_steps_on_cached_shards(encoded, tmp_path, monkeypatch):
+    """Also: with cached train and val features the trainer frees the text encoders after encoding the sampling
+    prompts (bug caught: the encoders kept in memory for a whole cached run)."""
     from flowmatch.config import load_recipe
+    from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.training import train
+
+    released = []
+    real = FrozenEncoders.release
+
+    def record(self, keep):
+        released.append(list(keep))
+        real(self, keep)
+        assert all(enc.model is None for enc in self.text.encoders.values())
+
+    monkeypatch.setattr(FrozenEncoders, "release", record)
 
     overrides = {"run_dir": str(tmp_path / "run"), "data.shards": str(encoded), "data.channels": 3,
                  "model.preset": "tiny", "train.max_steps": 2, "train.batch_size": 4, "optim.warmup_steps": 1,
@@ -101,6 +115,25 @@ def test_training_steps_on_cached_shards(encoded, tmp_path):
     recipe = load_recipe(RECIPE, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     summary = train(recipe)  # batches carry the loader's Conditioning into encode_batch and caption dropout
     assert summary.final_step == 2 and summary.skipped_steps == 0
+    assert released == [recipe.sampling.prompts]
+    assert list((tmp_path / "run" / "samples").glob("*.png"))  # the sample grid still drawn, from the kept prompts
+
+
+def test_freed_text_encoders_answer_the_kept_captions_only():
+    from flowmatch.config import load_recipe
+    from flowmatch.encoders.frozen import FrozenEncoders
+
+    recipe = load_recipe(RECIPE, [])
+    frozen = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels)
+    prompts = ["a handwritten 3", "the digit seven, written by hand"]
+    before, null = frozen.encode_text(prompts), frozen.null()
+    frozen.release(prompts)
+    assert frozen.text.encoders["text_encoder"].model is None
+    after = frozen.encode_text(prompts)
+    torch.testing.assert_close(after.hidden, before.hidden, rtol=0, atol=1e-6)
+    assert torch.equal(after.mask, before.mask) and torch.equal(frozen.null().hidden, null.hidden)
+    with pytest.raises(RuntimeError, match="'a handwritten 4' was not encoded"):
+        frozen.encode_text(["a handwritten 4"])
 
 
 def test_encode_resumes_after_an_interruption(tmp_path, monkeypatch):
@@ -155,3 +188,42 @@ def test_encode_in_parallel_processes(tmp_path):
     cfg = DataConfig(shards=str(tmp_path / "out"), prepare="", resolution=8, channels=3, num_workers=0)
     keys = [k for b in build_loader(cfg, rank=0, world_size=1, batch_size=8, seed=0, epochs=1) for k in b.keys]
     assert len(keys) == 24
+
+
+def test_several_encoders_are_cached_each_under_its_name_and_combined_on_load(tiny_sd3_pipeline, tmp_path):
+    """SD3's three encoders: each one's output stored under its name (fp32 here, to compare exactly), re-padded
+    and combined on load into what the encoders give directly."""
+    import dataclasses
+
+    from flowmatch.config import load_recipe
+    from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
+    from flowmatch.encoders.frozen import FrozenEncoders
+
+    configs = encoder_configs_from_pipeline(tiny_sd3_pipeline)
+    overrides = ("data.channels=3", "data.resolution=16",
+                 f"text_encoders={json.dumps(dataclasses.asdict(configs.text_encoders))}",
+                 f"autoencoder={json.dumps(dataclasses.asdict(configs.autoencoder))}")
+    out = tmp_path / "cached"
+    report = encode_shards(str(FIXTURE), out, EncodeSettings(RECIPE, overrides, batch_size=5, dtype="fp32",
+                                                            device="cpu"), progress=False)
+    assert report.samples == 12 and report.bad == {}
+    recipe = load_recipe(RECIPE, list(overrides))
+    frozen = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=3)
+    sample = next(r for r in read_shard(str(out / "tiny-000000.tar")) if isinstance(r, RawSample))
+    header = features.read_header(sample.files[features.EXT])
+    assert sorted(header.parts) == ["clip_g", "clip_l", "t5"]
+    assert header.encoders == frozen.fingerprints() and "text_encoder.t5" in header.encoders
+    stored = features.decode(sample.files[features.EXT])
+    assert stored.parts["clip_g"][0].shape == (77, 48) and stored.parts["t5"][0].shape == (256, 96)
+
+    cfg = DataConfig(shards=str(out), prepare="", resolution=16, channels=3, num_workers=0)
+    loader = build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, epochs=1, encoders=frozen.fingerprints())
+    batch = next(iter(loader))
+    assert batch.text is None and set(batch.text_parts) == {"clip_l", "clip_g", "t5"}
+    _, cond = frozen.encode_batch(batch)
+    direct = frozen.encode_text(batch.captions)
+    torch.testing.assert_close(cond.hidden, direct.hidden, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.pooled, direct.pooled, rtol=0, atol=1e-6)
+    other = {**frozen.fingerprints(), "text_encoder.t5": "t5:elsewhere"}
+    with pytest.raises(EncoderMismatch, match="text_encoder.t5"):
+        build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders=other)

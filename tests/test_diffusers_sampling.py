@@ -16,7 +16,8 @@ from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.flow import FlowConfig, TimeSchedule
 from flowmatch.models import MMDiT, from_diffusers
-from flowmatch.sampling.diffusers_schedule import diffusers_default_sigmas, diffusers_sigmas, mu_for, scheduler_config
+from flowmatch.sampling.diffusers_schedule import (PipelineGrid, diffusers_default_sigmas, diffusers_sigmas, mu_for,
+                                                   scheduler_config)
 from flowmatch.sampling.generate import Pipeline, image_noise, sample_latents
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.interop_models import CONTEXT_DIM, FLUX_VAE_FACTOR, POOLED_DIM, diffusers_model
@@ -87,30 +88,63 @@ def _text(batch: int, length: int, seed: int = 0) -> tuple[Conditioning, Conditi
     return cond, null
 
 
-def test_sd3_pipeline_with_our_sigmas_gives_our_euler_latents():
-    transformer = diffusers_model("sd3.5-medium", out_channels=4)
-    schedule = TimeSchedule(FlowConfig(shift=3.0))  # SD3's scheduler shift
-    pipe = StableDiffusion3Pipeline(transformer=transformer,
-                                    scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config(schedule)),
+SD3_CASE = dict(steps=6, guidance=2.0, h=8, w=12)
+
+
+def sd3_pipeline_latents(transformer, config: dict, cond: Conditioning, null: Conditioning, noise, **kwargs):
+    """StableDiffusion3Pipeline's latents for SD3_CASE from the given embeddings and noise (no encoders, no VAE)."""
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**config),
                                     vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                     text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
-    steps, guidance, (h, w) = 6, 2.0, (8, 12)
+    c = SD3_CASE
+    return pipe(prompt_embeds=cond.hidden, pooled_prompt_embeds=cond.pooled,
+                negative_prompt_embeds=null.hidden.expand(len(cond), -1, -1),
+                negative_pooled_prompt_embeds=null.pooled.expand(len(cond), -1), latents=noise.clone(),
+                num_inference_steps=c["steps"], guidance_scale=c["guidance"], height=c["h"] * 8, width=c["w"] * 8,
+                output_type="latent", **kwargs).images
+
+
+def test_sd3_pipeline_with_our_sigmas_gives_our_euler_latents():
+    transformer = diffusers_model("sd3.5-medium", out_channels=4)
+    schedule = TimeSchedule(FlowConfig(shift=3.0))  # SD3's scheduler shift
+    steps, h, w = SD3_CASE["steps"], SD3_CASE["h"], SD3_CASE["w"]
     cond, null = _text(2, 7)
     noise = image_noise([0, 1], (4, h, w))
     ours, nfe = sample_latents(from_diffusers(transformer), cond, null, noise, steps=steps, solver="euler",
-                               guidance_scale=guidance, shift=schedule.shift_for(h * w // 4))
+                               guidance_scale=SD3_CASE["guidance"], shift=schedule.shift_for(h * w // 4))
     assert nfe == steps
 
     def theirs(**kwargs):
-        return pipe(prompt_embeds=cond.hidden, pooled_prompt_embeds=cond.pooled,
-                    negative_prompt_embeds=null.hidden.expand(2, -1, -1),
-                    negative_pooled_prompt_embeds=null.pooled.expand(2, -1), latents=noise.clone(),
-                    num_inference_steps=steps, guidance_scale=guidance, height=h * 8, width=w * 8,
-                    output_type="latent", **kwargs).images
+        return sd3_pipeline_latents(transformer, scheduler_config(schedule), cond, null, noise, **kwargs)
 
     assert (theirs(sigmas=diffusers_sigmas(steps)) - ours).abs().max() < PIXEL_ATOL
     assert (theirs() - ours).abs().max() > 100 * PIXEL_ATOL  # the default grid is another grid
+
+
+def test_pipeline_grid_removes_the_float32_timestep_drift_of_the_sd3_medium_layout():
+    """The tiny SD3-medium layout (no QK-norm) is sensitive enough to t that flowmatch's float64 grid ends more
+    than 1e-3 from diffusers' float32 one; walking the scheduler's own grid (PipelineGrid, which
+    Pipeline.from_diffusers uses) brings it back under 1e-3, with our sigmas and with the pipeline's default."""
+    transformer = diffusers_model("sd3-medium", out_channels=4)
+    config = scheduler_config(TimeSchedule(FlowConfig(shift=3.0)))
+    steps, h, w = SD3_CASE["steps"], SD3_CASE["h"], SD3_CASE["w"]
+    cond, null = _text(2, 7)
+    noise = image_noise([0, 1], (4, h, w))
+    ours = from_diffusers(transformer)
+    grid = PipelineGrid(config, "sd3")
+
+    def sample(sigmas=None, exact=True):
+        latents, _ = sample_latents(ours, cond, null, noise, steps=steps, solver="euler",
+                                    guidance_scale=SD3_CASE["guidance"], shift=3.0,
+                                    grid=grid.grid(steps, seq_len=h * w // 4, sigmas=sigmas) if exact else None)
+        return latents
+
+    sigmas = diffusers_sigmas(steps)
+    reference = sd3_pipeline_latents(transformer, config, cond, null, noise, sigmas=sigmas)
+    assert (sample(sigmas, exact=False) - reference).abs().max() > PIXEL_ATOL  # float64 grid: the drift
+    assert (sample(sigmas) - reference).abs().max() < PIXEL_ATOL
+    assert (sample() - sd3_pipeline_latents(transformer, config, cond, null, noise)).abs().max() < PIXEL_ATOL
 
 
 def test_flux_dev_pipeline_default_grid_gives_our_euler_latents():

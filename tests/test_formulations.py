@@ -187,6 +187,23 @@ def test_recipe_keys_are_checked_with_the_nearest_spelling():
         FlowConfig(min_snr_gamma=-1)
 
 
+def test_few_step_objectives_refuse_another_formulation():
+    """Bug caught: MeanFlow / shortcut targets (rectified velocities) silently trained against an eps model on a
+    VP path, or a U-Net without the interval input."""
+    from flowmatch.config import load_recipe
+    from flowmatch.errors import RecipeError
+    from flowmatch.training.fewstep import check_recipe
+
+    fewstep = ["flow.objective=meanflow", "model.interval_embed=true"]
+    with pytest.raises(RecipeError, match="flow.objective: meanflow.*flow.path: vp_linear"):
+        check_recipe(load_recipe(None, [*fewstep, "flow.path=vp_linear", "flow.prediction=eps"]))
+    with pytest.raises(RecipeError, match="flow.objective: shortcut.*model.kind: unet"):
+        check_recipe(load_recipe(None, ["flow.objective=shortcut", "model.interval_embed=true",
+                                        "model.preset=digits-unet"]))
+    check_recipe(load_recipe(None, fewstep))
+    check_recipe(load_recipe(None, ["flow.path=vp_cosine", "flow.prediction=v"]))
+
+
 # ---------------------------------------------------------------- training wiring
 
 

@@ -88,3 +88,17 @@ def test_ddpm_unet_recipe_trains_resumes_bit_identically_and_samples(tmp_path, d
     torch.testing.assert_close(images, model_to_unit(pipe.encoders.decode(by_hand)), rtol=0, atol=1e-5)
     euler = pipe.generate(["a handwritten 3"], steps=3, seed=1, solver="euler")
     assert torch.isfinite(euler).all() and not torch.allclose(euler, images[:1])
+
+
+def test_the_unet_fields_are_the_model_sections_not_the_mmdits():
+    """Bugs caught: model.kind / model.unet leaking into MMDiTConfig (converted or exported configs would carry
+    them), and a U-Net run silently loading MMDiT weights or LoRA targets."""
+    from flowmatch.errors import RecipeError
+    from flowmatch.models.mmdit import MMDiTConfig
+
+    r = load_recipe(ROOT / "recipes" / "digits-ddpm.yaml")
+    assert r.model.unet.block_out_channels == [32, 64]
+    assert not {"kind", "unet"} & set(vars(r.model.architecture()))
+    assert "kind" not in {f.name for f in __import__("dataclasses").fields(MMDiTConfig)}
+    with pytest.raises(RecipeError, match="model.init_from and model.lora.*model.kind: unet"):
+        load_recipe(ROOT / "recipes" / "digits-ddpm.yaml", ["model.init_from=some/run"])

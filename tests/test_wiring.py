@@ -95,7 +95,8 @@ def test_the_trainer_draws_times_from_the_recipes_resolution_shift(tmp_path, dig
 
     monkeypatch.setattr(EngineVelocity, "__call__", record)
     flow = ["flow.time_dist=uniform", "flow.shift_mode=resolution", "flow.base_seq_len=4", "flow.shift=1.5"]
-    train(_tiny(tmp_path, digit_shards, "train.max_steps=1", "train.batch_size=128", "train.ema_decay=0", *flow))
+    train(_tiny(tmp_path, digit_shards, "train.max_steps=1", "train.batch_size=128", "train.ema_decay=0",
+                 "train.ema_profiles=[]", *flow))
     assert seen[0].shape == (128,) and 0.62 < seen[0].mean().item() < 0.74
 
 

@@ -3,10 +3,12 @@
 Layout of one checkpoint::
 
     RUN_DIR/checkpoints/<step>/
-        model.safetensors   consolidated weights, fp32 (from the fp32 masters)
+        model.safetensors   consolidated trainable weights, fp32 (from the fp32 masters): the whole model, or a
+                            LoRA run's adapters (its base is recorded in meta.json's init_from, with its hash)
         ema.safetensors     consolidated EMA weights, fp32 (only when the run keeps an EMA)
         recipe.yaml         the resolved recipe of the run
-        meta.json           step, whether EMA is present, time, versions (:class:`CheckpointMeta`)
+        meta.json           step, whether EMA is present, time, versions, where the starting weights came from
+                            (:class:`CheckpointMeta`)
         state/              the engine's full training state (:meth:`flowmatch.engine.Engine.save`): per rank its
                             RNG states, loop state, EMA partition and optimizer partition (fp32 masters, AdamW
                             moments) as safetensors + JSON; state/engine.json, the one record of the distributed

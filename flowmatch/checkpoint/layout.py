@@ -45,6 +45,9 @@ class CheckpointMeta:
     ema_default: bool | None = None
     """Whether :func:`load_weights` gives the EMA weights by default: validation found them at least as good as
     the raw ones (None: not measured, then the EMA when present)."""
+    init_from: dict | None = None
+    """Where the run's starting weights came from (:class:`flowmatch.init_from.InitRecord`: source, kind, path,
+    SHA-256); the base weights of a LoRA run, whose weights files hold only the adapters. None = random init."""
 
 
 def parse_meta(text: str) -> CheckpointMeta:

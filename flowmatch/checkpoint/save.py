@@ -106,7 +106,8 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 def _write_files(engine: EngineLike, tmp: Path, step: int, client_state: Mapping[str, Any], recipe_yaml: str,
-                 ema: bool, ema_default: bool | None) -> dict[str, dict[str, Any]]:
+                 ema: bool, ema_default: bool | None, init_from: Mapping[str, Any] | None,
+                 ) -> dict[str, dict[str, Any]]:
     """Collective: every file of the checkpoint into ``tmp``; returns the manifest entries of this rank's files."""
     written = list(engine.save(tmp / STATE_DIR, client_state))
     weights = engine.model_state_dict()
@@ -119,7 +120,8 @@ def _write_files(engine: EngineLike, tmp: Path, step: int, client_state: Mapping
         written.append(_write_text(tmp / RECIPE_FILE, recipe_yaml))
         meta = CheckpointMeta(step=step, ema=ema_weights is not None, created=time.time(),
                               flowmatch_version=flowmatch.__version__,
-                              ema_default=None if ema_weights is None else ema_default)
+                              ema_default=None if ema_weights is None else ema_default,
+                              init_from=None if init_from is None else dict(init_from))
         written.append(_write_text(tmp / META_FILE, json.dumps(asdict(meta), indent=1)))
     return describe_files(tmp, written, engine.rank)
 
@@ -145,7 +147,7 @@ def _no_space(root: Path, tmp: Path, step: int, err: OSError) -> CheckpointError
 
 def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: int, *,
                     client_state: Mapping[str, Any], recipe_yaml: str, keep: int, ema: bool,
-                    ema_default: bool | None = None) -> Path:
+                    ema_default: bool | None = None, init_from: Mapping[str, Any] | None = None) -> Path:
     """Collective: write checkpoint ``RUN_DIR/checkpoints/<step>/`` atomically, then keep only the newest ``keep``.
 
     Args:
@@ -158,6 +160,8 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
         ema: also write ``ema.safetensors`` (the engine must have an EMA).
         ema_default: whether pipelines load the EMA (True) or the raw weights (False) by default, as validation
             found; None = not measured (the EMA when present).
+        init_from: where the run's starting weights came from (:class:`flowmatch.init_from.InitRecord` as a dict),
+            kept in ``meta.json``; the base of a LoRA run's adapters.
 
     Returns:
         The checkpoint directory.
@@ -180,7 +184,7 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
     engine.barrier()
     final = root / str(step)
     try:
-        files = _write_files(engine, tmp, step, client_state, recipe_yaml, ema, ema_default)
+        files = _write_files(engine, tmp, step, client_state, recipe_yaml, ema, ema_default, init_from)
         everything = {k: v for part in engine.all_gather_object(files) for k, v in part.items()}
         if engine.is_main:
             write_manifest(tmp, step, everything)  # last: only a verified manifest makes a checkpoint complete

@@ -6,14 +6,19 @@
     for batch in loader: ...                    # Batch(images | latents + text, captions, keys)
     state = loader.state_dict()                 # into the checkpoint; loader.load_state_dict(state) resumes
 
+Shards are local files, http(s) URLs or pipe: commands, all opened by `flowmatch.data.opener` (retries, timeouts,
+byte offsets); `data.sources` mixes several data sets by weight. A saved position names the records a stream
+holds (flowmatch.data.stream), so resuming reads only the shards in flight.
+
 What a shard is (member names, held-out naming, size limits) and the one writer that makes shards:
 `flowmatch.data.shardformat`. The pixel range of model inputs and outputs: `flowmatch.data.pixels`.
 """
 
 from flowmatch.data.batch import Batch
-from flowmatch.data.config import DataConfig
+from flowmatch.data.config import DataConfig, SourceConfig
 from flowmatch.data.features import EncoderMismatch, FeatureHeader
 from flowmatch.data.loader import Loader, LoaderStats, build_loader, merge_loader_states, read_cache_info
+from flowmatch.data.opener import RetryPolicy
 from flowmatch.data.shards import ensure_shards, expand_shards, has_val_split, resolve_split
 
 __all__ = [
@@ -23,6 +28,8 @@ __all__ = [
     "FeatureHeader",
     "Loader",
     "LoaderStats",
+    "RetryPolicy",
+    "SourceConfig",
     "build_loader",
     "ensure_shards",
     "expand_shards",

@@ -16,9 +16,10 @@ class Batch:
 
     Raw shards fill `images` (B, C, H, W) float32 in [-1, 1] (flowmatch.data.pixels); cached shards fill `latents`
     (B, c, h, w) float32 (already scaled and shifted by the autoencoder preset) and `text`, a Conditioning (hidden
-    (B, L, D) zero-padded to the longest caption of the batch, mask (B, L) bool True = real token, pooled (B, Dp)).
-    `captions` and `keys` are always there; B can be smaller than the batch size at the end of an epoch or when
-    samples were bad.
+    (B, L, D) zero-padded to the longest caption of the batch, mask (B, L) bool True = real token, pooled (B, Dp)),
+    or, from features of several text encoders, `text_parts`: one such Conditioning per encoder, by name, which the
+    encoders combine (flowmatch.encoders.combine). `captions` and `keys` are always there; B can be smaller than the
+    batch size at the end of an epoch or when samples were bad.
     """
 
     captions: list[str]
@@ -28,6 +29,8 @@ class Batch:
     text: Optional[Conditioning] = None
     meta: list[dict] = field(default_factory=list)
     """Per-sample JSON metadata when the shard stores it (e.g. the digits' {"label": 7}), else empty dicts."""
+    text_parts: Optional[dict[str, Conditioning]] = None
+    """Each text encoder's cached output by name, when the features hold several."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -39,7 +42,9 @@ class Batch:
             return None if t is None else t.to(device, non_blocking=non_blocking)
 
         text = None if self.text is None else self.text.to(device, non_blocking=non_blocking)
-        return Batch(self.captions, self.keys, move(self.images), move(self.latents), text, self.meta)
+        parts = None if self.text_parts is None else {
+            n: c.to(device, non_blocking=non_blocking) for n, c in self.text_parts.items()}
+        return Batch(self.captions, self.keys, move(self.images), move(self.latents), text, self.meta, parts)
 
     def pin_memory(self) -> "Batch":
         """Page-locked copy; torch's DataLoader calls this from its pin-memory thread."""
@@ -48,4 +53,5 @@ class Batch:
             return None if t is None else t.pin_memory()
 
         text = None if self.text is None else self.text.pin_memory()
-        return Batch(self.captions, self.keys, pin(self.images), pin(self.latents), text, self.meta)
+        parts = None if self.text_parts is None else {n: c.pin_memory() for n, c in self.text_parts.items()}
+        return Batch(self.captions, self.keys, pin(self.images), pin(self.latents), text, self.meta, parts)

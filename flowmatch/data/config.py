@@ -7,20 +7,46 @@ recipes/digits.yaml does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
+from flowmatch.data.opener import RetryPolicy
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB
+from flowmatch.errors import choice_error
 from flowmatch.tasks import check_task_name
 
 CHANNELS = (1, 3)
+CACHE_DTYPES = ("bf16", "fp16", "fp32")  # flowmatch.data.features.DTYPES
+DEFAULT_SHARDS = "data/shards"
+
+
+@dataclass
+class SourceConfig:
+    """One entry of `data.sources`: a data set mixed into training by weight."""
+
+    shards: str = ""
+    """This source's shards (the forms data.shards takes); its val-* shards are its held-out split."""
+    weight: float = 1.0
+    """Share of training samples drawn from this source (weights are normalised over the sources)."""
+    caption_key: str = ""
+    """Where the caption is: a member extension (txt) or a field of the .json; '' = .txt, else .json caption/text."""
+    val_shards: str = ""
+    """Held-out shards of this source; empty = its val-* shards, or the keys data.holdout_fraction sets aside."""
+    name: str = ""
+    """Name in logs (per-source sample counts, validation loss); '' = source<i>."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shards, str) or not self.shards.strip():
+            raise ValueError("each data.sources entry needs shards: a directory, glob, brace pattern, URL or pipe:")
+        if not self.weight > 0:
+            raise ValueError(f"data.sources weight must be > 0, got {self.weight}")
 
 
 @dataclass
 class DataConfig:
     """The recipe's `data` section."""
 
-    shards: str = "data/shards"
+    shards: str = DEFAULT_SHARDS
     """Training shards: a directory of .tar shards, a glob, a brace pattern (x-{000000..000009}.tar), http(s) URLs or
     pipe: commands; '::' joins several. Shards named val-* are the held-out split, never trained on."""
     val_shards: str = ""
@@ -59,10 +85,22 @@ class DataConfig:
     cached: Union[bool, str] = "auto"
     """Shards hold precomputed latents and text embeddings (flowmatch-data encode): true, false, or auto (look at
     the first sample)."""
+    cache: str = ""
+    """A directory of cached features of `shards` (val-* included) made with this recipe's encoders: encoded when
+    missing or incomplete, then read instead of `shards` (the encoders are freed once training starts); '' = off."""
+    cache_dtype: str = "bf16"
+    """Storage dtype of the features `cache` makes: bf16, fp16 or fp32."""
     max_image_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels (width x height, read from the header before decoding) are skipped as oversized."""
     max_member_mb: int = MAX_MEMBER_BYTES // MIB
     """Tar members larger than this many MiB are skipped unread."""
+    caption_key: str = ""
+    """Where the caption is: a member extension (txt) or a field of the .json; '' = .txt, else .json caption/text."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of data.shards: [{shards, weight, caption_key, val_shards, name}, ...]; each
+    worker draws every next sample's source by weight (seeded, resumable); validation reads each source's split."""
+    remote: RetryPolicy = field(default_factory=RetryPolicy)
+    """Retries, back-off and timeout for http(s) and pipe: shards."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.shards, str) or not self.shards.strip():
@@ -72,6 +110,10 @@ class DataConfig:
             raise ValueError(f"data.channels must be one of {CHANNELS}, got {self.channels!r}")
         if not (isinstance(self.cached, bool) or self.cached == "auto"):
             raise ValueError(f"data.cached must be true, false or 'auto', got {self.cached!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise choice_error("data.cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        if self.cache and self.val_shards:
+            raise ValueError("data.cache holds the val-* shards of data.shards: set data.val_shards='' with it")
         height, width = resolution_hw(self.resolution)
         if height < 1 or width < 1:
             raise ValueError(f"data.resolution must be positive, got {self.resolution!r}")
@@ -91,11 +133,20 @@ class DataConfig:
             raise ValueError(f"data.bucket_multiple must be >= 1, got {self.bucket_multiple}")
         if self.max_image_pixels < 1 or self.max_member_mb < 1:
             raise ValueError("data.max_image_pixels and data.max_member_mb must be >= 1")
+        if self.sources and self.shards != DEFAULT_SHARDS:
+            raise ValueError("data.shards and data.sources are alternatives: name the shards in data.sources[].shards")
+        if self.sources and (self.prepare or self.val_shards):
+            raise ValueError("with data.sources, set no data.prepare or data.val_shards (use data.sources[].val_shards)")
 
     @property
     def size(self) -> tuple[int, int]:
         """(height, width) of `resolution`."""
         return resolution_hw(self.resolution)
+
+    @property
+    def read_from(self) -> str:
+        """The shards the loader reads: the cache when there is one, else `shards`."""
+        return self.cache or self.shards
 
     @property
     def max_member_bytes(self) -> int:

@@ -1,7 +1,7 @@
 """Turn raw samples into training tensors: captions, images in [-1, 1] (flowmatch.data.pixels), cached features.
 
-`peek_*` reads only what batching needs (caption, image header or feature header) and is cheap enough to run
-again when a resumed loader replays its epoch up to the saved position; `decode_*` does the full work.
+`peek_*` reads only what batching needs (caption, image header or feature header), cheap enough to run again on
+the samples a resumed loader reads back into its partial batches; `decode_*` does the full work.
 Every problem raises `BadSample` with a short reason that becomes a counter name.
 """
 
@@ -54,11 +54,15 @@ class SampleInfo:
     feature_key: tuple = ()
 
 
-def read_caption(sample: RawSample) -> str:
-    """The .txt caption, else the "caption" (or "text") field of the .json; BadSample when neither exists."""
-    if "txt" in sample.files:
+def read_caption(sample: RawSample, caption_key: str = "") -> str:
+    """The .txt caption, else the "caption" (or "text") field of the .json; BadSample when neither exists.
+
+    `caption_key` names another place: the member with that extension, else that field of the .json.
+    """
+    member, fields = (caption_key, (caption_key,)) if caption_key else ("txt", ("caption", "text"))
+    if member in sample.files:
         try:
-            return sample.files["txt"].decode("utf-8").strip()
+            return sample.files[member].decode("utf-8").strip()
         except UnicodeDecodeError as err:
             raise BadSample("caption not utf-8", str(err)) from None
     if "json" in sample.files:
@@ -67,10 +71,10 @@ def read_caption(sample: RawSample) -> str:
         except (ValueError, UnicodeDecodeError) as err:
             raise BadSample("unreadable json", str(err)) from None
         if isinstance(meta, dict):
-            for name in ("caption", "text"):
+            for name in fields:
                 if isinstance(meta.get(name), str):
                     return meta[name].strip()
-    raise BadSample("missing caption", "no .txt and no caption in .json")
+    raise BadSample("missing caption", f"no .{member} and no {fields[0]} in .json")
 
 
 def image_member(sample: RawSample) -> str:
@@ -96,9 +100,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def peek_raw(sample: RawSample, *, max_pixels: int, need_size: bool) -> SampleInfo:
+def peek_raw(sample: RawSample, *, max_pixels: int, need_size: bool, caption_key: str = "") -> SampleInfo:
     """Caption and image member (and, for buckets, the upright image size) without decoding pixels."""
-    caption = read_caption(sample)
+    caption = read_caption(sample, caption_key)
     ext = image_member(sample)
     size = None
     if need_size:

@@ -1,27 +1,37 @@
 """The cached-feature member of encoded shards: one safetensors blob per sample.
 
-`key.safetensors` holds `latents` (c, h, w), `hidden` (n, D) with n the caption's real token count (padding is
-not stored), `pooled` (Dp,), in bf16 or fp16; its metadata names the encoders that made it, so training refuses
-features from a different text encoder or autoencoder. safetensors rather than numpy or torch.save: it stores
-bf16, and reading it never unpickles anything. The header alone (shapes, metadata) can be read without the data.
+`key.safetensors` holds `latents` (c, h, w), `hidden` (n, D) with n the caption's real token count (padding is not
+stored), `pooled` (Dp,), in bf16 or fp16; its metadata names the encoders that made it, so training refuses features
+from a different text encoder or autoencoder. A run with several text encoders stores each one's output under its
+own name instead: `hidden.NAME` (n_i, D_i) and `pooled.NAME` (Dp_i,), fingerprinted as `text_encoder.NAME`; the
+loader re-pads each and the encoders combine them (flowmatch.encoders.combine). With `text_quant` each hidden state
+is stored as one-byte codes (int8 or fp8 e4m3) plus a per-token `hidden_scale` (n,) (`hidden_scale.NAME` beside
+`hidden.NAME`; flowmatch.data.quantize) and read back as float32. safetensors rather than numpy or
+torch.save: it stores bf16, and reading it never unpickles anything. The header alone (shapes, metadata) can be read
+without the data.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
 
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from flowmatch.data import quantize
+
 EXT = "safetensors"
 FORMAT = "flowmatch-features-1"
+FORMAT_PARTS = "flowmatch-features-2"  # one hidden.NAME / pooled.NAME pair per text encoder
+FORMATS = (FORMAT, FORMAT_PARTS)
 ENCODER_FIELDS = ("text_encoder", "autoencoder")
+TEXT_FIELD = "text_encoder"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "I8": "int8", "F8_E4M3": "fp8"}
 # safetensors layout: 8-byte little-endian header length, then the JSON header.
 HEADER_LEN = struct.Struct("<Q")
 MAX_HEADER_BYTES = 1 << 20
@@ -38,41 +48,64 @@ class FeatureHeader:
 
     latent_shape: tuple[int, ...]
     tokens: int
+    """Stored text tokens (summed over the encoders when there are several)."""
     hidden_dim: int
+    """Hidden width (the widest encoder's when there are several)."""
     pooled_dim: int
+    """Pooled width (summed over the encoders when there are several)."""
     dtype: str
     encoders: dict[str, str]
+    parts: tuple[str, ...] = ()
+    """The text encoders' names when each is stored on its own (empty for a single encoder)."""
+    text_dtype: str = ""
+    """The stored dtype of the hidden states (int8 / fp8 when quantised)."""
 
 
 @dataclass
 class Features:
-    """One cached sample: latents (c, h, w), hidden (n, D), pooled (Dp,), in the stored dtype."""
+    """One cached sample in the stored dtype: latents (c, h, w) and either hidden (n, D), pooled (Dp,) of a single
+    text encoder, or ``parts``: {name: (hidden (n_i, D_i), pooled (Dp_i,))} of several."""
 
     latents: torch.Tensor
-    hidden: torch.Tensor
-    pooled: torch.Tensor
+    hidden: Optional[torch.Tensor]
+    pooled: Optional[torch.Tensor]
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def encode(latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor, *, dtype: str,
-           encoders: Mapping[str, str]) -> bytes:
-    """Serialize one sample. latents (c, h, w); hidden (n, D) real tokens only; pooled (Dp,)."""
+def _text_names(encoders: Mapping[str, str]) -> list[str]:
+    return [k for k in encoders if k == TEXT_FIELD or k.startswith(TEXT_FIELD + ".")]
+
+
+def encode(latents: torch.Tensor, hidden: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None, *,
+           dtype: str, encoders: Mapping[str, str],
+           parts: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None, text_quant: str = "") -> bytes:
+    """Serialize one sample. latents (c, h, w); hidden (n, D) real tokens only; pooled (Dp,). With several text
+    encoders, ``parts`` {name: (hidden (n_i, D_i), pooled (Dp_i,))} instead, each fingerprinted in ``encoders``
+    as ``text_encoder.NAME``. ``text_quant``: "" stores hidden states in ``dtype``; "int8" or "fp8" stores
+    per-token quantised codes and scales."""
     if dtype not in DTYPES:
         raise ValueError(f"feature dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    missing = [f for f in ENCODER_FIELDS if f not in encoders]
+    texts = {f".{name}": pair for name, pair in parts.items()} if parts else {"": (hidden, pooled)}
+    need = ["autoencoder", *(TEXT_FIELD + suffix for suffix in texts)]
+    missing = [f for f in need if f not in encoders]
     if missing:
-        raise ValueError(f"encoders must name {ENCODER_FIELDS}, missing {missing}")
-    if latents.dim() != 3 or hidden.dim() != 2 or pooled.dim() != 1:
-        raise ValueError(
-            f"expected latents (c, h, w), hidden (n, D), pooled (Dp,); got {tuple(latents.shape)}, "
-            f"{tuple(hidden.shape)}, {tuple(pooled.shape)}"
-        )
+        raise ValueError(f"encoders must name {need}, missing {missing}")
     cast = DTYPES[dtype]
-    tensors = {
-        "latents": latents.detach().to("cpu", cast).contiguous(),
-        "hidden": hidden.detach().to("cpu", cast).contiguous(),
-        "pooled": pooled.detach().to("cpu", cast).contiguous(),
-    }
-    metadata = {"format": FORMAT, **{f: str(encoders[f]) for f in ENCODER_FIELDS}}
+    tensors = {"latents": latents.detach().to("cpu", cast).contiguous()}
+    for suffix, (h, p) in texts.items():
+        if latents.dim() != 3 or h is None or p is None or h.dim() != 2 or p.dim() != 1:
+            raise ValueError(
+                f"expected latents (c, h, w), hidden{suffix} (n, D), pooled{suffix} (Dp,); got "
+                f"{tuple(latents.shape)}, {None if h is None else tuple(h.shape)}, "
+                f"{None if p is None else tuple(p.shape)}"
+            )
+        tensors[f"hidden{suffix}"] = h.detach().to("cpu", cast).contiguous()
+        if text_quant:
+            tensors[f"hidden{suffix}"], tensors[f"hidden_scale{suffix}"] = quantize.quantize(h.detach().cpu(),
+                                                                                             text_quant)
+        tensors[f"pooled{suffix}"] = p.detach().to("cpu", cast).contiguous()
+    metadata = {"format": FORMAT_PARTS if parts else FORMAT, "autoencoder": str(encoders["autoencoder"]),
+                **{TEXT_FIELD + suffix: str(encoders[TEXT_FIELD + suffix]) for suffix in texts}}
     return save_tensors(tensors, metadata=metadata)
 
 
@@ -90,27 +123,43 @@ def read_header(data: bytes) -> FeatureHeader:
     if not isinstance(header, dict):
         raise ValueError("features header is not a JSON object")
     meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in FORMATS:
         raise ValueError(f"features member is not {FORMAT} (format {meta.get('format')!r})")
+    parts = tuple(k[len("hidden."):] for k in header if k.startswith("hidden."))
+    hidden_keys = [f"hidden.{n}" for n in parts] if parts else ["hidden"]
+    ranks = {"latents": 3, **{f"{t}.{n}": TENSOR_RANKS[t] for n in parts for t in ("hidden", "pooled")}} \
+        if parts else TENSOR_RANKS
     try:
         dtype = str(header["latents"]["dtype"])
-        shapes = {name: tuple(int(v) for v in header[name]["shape"]) for name in TENSOR_RANKS}
+        shapes = {name: tuple(int(v) for v in header[name]["shape"]) for name in ranks}
         data_end = max(int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__")
+        text_dtype = str(header[hidden_keys[0]]["dtype"])
     except (KeyError, IndexError, TypeError, ValueError) as err:
         raise ValueError(f"features header lacks latents/hidden/pooled: {err}") from None
-    wrong = [f"{name} {list(shape)}" for name, shape in shapes.items() if len(shape) != TENSOR_RANKS[name]]
+    wrong = [f"{name} {list(shape)}" for name, shape in shapes.items() if len(shape) != ranks[name]]
     if wrong:
         raise ValueError(f"features have the wrong number of dimensions: {', '.join(wrong)}")
+    for key in hidden_keys:
+        entry = header.get(key.replace("hidden", "hidden_scale", 1))
+        scale_shape = entry.get("shape") if isinstance(entry, dict) else None
+        if SAFETENSORS_DTYPES.get(str(header[key]["dtype"])) in quantize.KINDS and scale_shape != [shapes[key][0]]:
+            raise ValueError(f"quantised {key} {list(shapes[key])} needs a hidden_scale of shape "
+                             f"[{shapes[key][0]}], found {scale_shape}")
     # Checked here, before batching, so a cut-off blob is counted without costing a batch its slot.
     if data_end != len(data) - HEADER_LEN.size - length:
         raise ValueError(f"features data is {len(data) - HEADER_LEN.size - length} bytes, the header says {data_end}")
+    hidden = [shapes[k] for k in shapes if k.startswith("hidden")]
+    pooled = [shapes[k] for k in shapes if k.startswith("pooled")]
     return FeatureHeader(
         latent_shape=shapes["latents"],
-        tokens=shapes["hidden"][0],
-        hidden_dim=shapes["hidden"][1],
-        pooled_dim=shapes["pooled"][0],
+        tokens=sum(h[0] for h in hidden),
+        hidden_dim=max(h[1] for h in hidden),
+        pooled_dim=sum(p[0] for p in pooled),
         dtype=SAFETENSORS_DTYPES.get(dtype, dtype),
-        encoders={f: str(meta.get(f, "")) for f in ENCODER_FIELDS},
+        encoders={f: str(meta.get(f, "")) for f in ("autoencoder", *_text_names(meta))} if parts else
+        {f: str(meta.get(f, "")) for f in ENCODER_FIELDS},
+        parts=parts,
+        text_dtype=SAFETENSORS_DTYPES.get(text_dtype, text_dtype),
     )
 
 
@@ -121,14 +170,31 @@ def decode(data: bytes) -> Features:
     except Exception as err:  # safetensors raises its own SafetensorError for corrupt data
         raise ValueError(f"corrupt features: {err}") from None
     try:
-        return Features(tensors["latents"], tensors["hidden"], tensors["pooled"])
+        names = [k[len("hidden."):] for k in tensors if k.startswith("hidden.")]
+        if names:
+            return Features(tensors["latents"], None, None,
+                            {n: (_hidden(tensors, f".{n}"), tensors[f"pooled.{n}"]) for n in names})
+        return Features(tensors["latents"], _hidden(tensors, ""), tensors["pooled"])
     except KeyError as err:
         raise ValueError(f"features lack tensor {err}") from None
 
 
+def _hidden(tensors: Mapping[str, torch.Tensor], suffix: str) -> torch.Tensor:
+    """hidden{suffix}, dequantised to float32 when stored with a per-token scale."""
+    hidden = tensors[f"hidden{suffix}"]
+    scale = tensors.get(f"hidden_scale{suffix}")
+    if scale is None:
+        return hidden
+    if scale.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden_scale{suffix} {list(scale.shape)} does not match hidden{suffix} {list(hidden.shape)}")
+    return quantize.dequantize(hidden, scale)
+
+
 def check_finite(f: Features) -> None:
     """ValueError naming the tensors holding NaN or infinity (bytes damaged inside the tensor data load fine)."""
-    bad = [name for name in TENSOR_RANKS if not bool(torch.isfinite(getattr(f, name)).all())]
+    named = {"latents": f.latents, "hidden": f.hidden, "pooled": f.pooled,
+             **{f"{t}.{n}": pair[i] for n, pair in f.parts.items() for i, t in enumerate(("hidden", "pooled"))}}
+    bad = [name for name, x in named.items() if x is not None and not bool(torch.isfinite(x).all())]
     if bad:
         raise ValueError(f"non-finite values in {', '.join(bad)}")
 

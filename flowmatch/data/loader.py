@@ -4,7 +4,8 @@ Each rank runs `num_workers` DataLoader workers, one stream each (flowmatch.data
 takes batches from its workers in strict rotation, so the sequence a rank sees is fixed by the streams. The
 loader remembers, per stream, the position after the last batch it handed out (not after the batches workers
 prefetched), plus which worker comes next; `state_dict()` saves that and a new loader given it starts each
-worker where its stream stopped, with the rotation turned so the next batch is the one that was due. The
+worker where its stream stopped, with the rotation turned so the next batch is the one that was due (a position
+names the records a stream holds, not how many it has read, so resuming costs the same anywhere in an epoch). The
 training split runs forever (epoch after epoch; the trainer counts steps), which also means ranks whose
 shards hold different sample counts never wait on each other; the val split is one unshuffled pass per
 `iter()`, or exactly `max_batches` per rank (cycling) so that ranks stay in step in distributed evaluation.
@@ -27,13 +28,15 @@ from flowmatch.data.buckets import Bucket, make_buckets
 from flowmatch.data.config import DataConfig
 from flowmatch.data.features import EXT as FEATURE_EXT
 from flowmatch.data.features import FeatureHeader, check_encoders, read_header
-from flowmatch.data.shards import resolve_split
+from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
+from flowmatch.data.shards import resolve_sources, resolve_split
 from flowmatch.data.stream import Position, StreamSpec, advance_epoch, run_stream, start_positions
 from flowmatch.data.tarstream import RawSample, read_shard
 
 log = logging.getLogger("flowmatch.data")
 
-STATE_FORMAT = "flowmatch-loader-1"
+STATE_FORMAT = "flowmatch-loader-2"
+OLD_FORMATS = ("flowmatch-loader-1",)  # positions counted in batches: loaded as the start of the next epoch
 # Shards looked at when auto-detecting cached features (the first readable sample decides).
 DETECT_SHARDS = 3
 
@@ -43,13 +46,19 @@ class LoaderStats:
     """Counters of one rank's loader since the run began (resumed runs continue them).
 
     samples: samples handed to the trainer; bad: samples and records skipped; reasons: bad counts by reason;
-    epoch: the lowest epoch any of this rank's workers is in.
+    epoch: the lowest epoch any of this rank's workers is in; sources: samples handed out per data source.
     """
 
     samples: int = 0
     bad: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     epoch: int = 0
+    sources: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failed_shards(self) -> int:
+        """Shards skipped because they could not be read (remote ones after every retry)."""
+        return self.reasons.get(SHARD_FAILED, 0) + self.reasons.get(UNREADABLE, 0)
 
 
 class _WorkerStreams(IterableDataset):
@@ -83,7 +92,8 @@ class Loader:
         self.max_batches = max_batches
         self.layout = layout
         self.cached = spec.cached
-        self.urls = list(spec.split.urls)
+        self.urls = list(spec.urls)
+        self.source_names = [part.name or f"source{i}" for i, part in enumerate(spec.sources)]
         self._streams = [rank * self.workers + w for w in range(self.workers)]
         self._positions = start_positions(self._streams)
         self._next_worker = 0
@@ -123,14 +133,18 @@ class Loader:
     def stats(self) -> LoaderStats:
         """This rank's counters (sum them over ranks for a global count)."""
         reasons: dict[str, int] = {}
+        sources = dict.fromkeys(self.source_names, 0)
         for p in self._positions.values():
             for reason, n in p.bad.items():
                 reasons[reason] = reasons.get(reason, 0) + n
+            for name, n in zip(self.source_names, p.sources):
+                sources[name] += n
         return LoaderStats(
             samples=sum(p.samples for p in self._positions.values()),
             bad=sum(reasons.values()),
             reasons=reasons,
             epoch=min(p.epoch for p in self._positions.values()),
+            sources=sources,
         )
 
     @property
@@ -157,13 +171,18 @@ class Loader:
         an exact resume; otherwise strict=True raises ValueError naming the differences, and strict=False starts
         every worker at the epoch after the furthest saved one (no replay, the rest of that epoch is skipped).
         """
-        if state.get("format") != STATE_FORMAT:
+        old = state.get("format") in OLD_FORMATS
+        if state.get("format") != STATE_FORMAT and not old:
             raise ValueError(f"not a loader state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
         saved = state.get("layout", {})
         differ = sorted(k for k in set(saved) | set(self.layout) if saved.get(k) != self.layout.get(k))
         streams = state.get("streams", {})
+        if old:
+            differ.append("format")
         if differ:
-            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {self.layout.get(k)!r}" for k in differ)
+            changes = ", ".join(f"{k}: {saved.get(k)!r} -> {self.layout.get(k)!r}" for k in differ if k != "format")
+            if old:
+                changes = f"saved by an older loader ({state.get('format')}){', ' + changes if changes else ''}"
             if strict:
                 raise ValueError(
                     f"the data loader state was saved with a different data layout ({changes}); exact resume needs "
@@ -203,7 +222,7 @@ def merge_loader_states(states: list[Mapping]) -> dict:
 
 def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int, split: str = "train",
                  epochs: Optional[int] = None, max_batches: Optional[int] = None,
-                 encoders: Optional[Mapping[str, str]] = None) -> Loader:
+                 encoders: Optional[Mapping[str, str]] = None, source: Optional[str] = None) -> Loader:
     """The loader of `split` ("train" or "val") for this rank.
 
     Pass the SAME `seed` on every rank: all ranks derive one shard order from it, which is what splits the data
@@ -211,7 +230,9 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
     `epochs` says how many to run; the val split is one unshuffled pass per iteration, or exactly `max_batches`
     batches per rank (cycling through it as needed) so distributed ranks take the same number of steps.
     `encoders` ({"text_encoder": fingerprint, "autoencoder": fingerprint}) makes cached shards from other
-    encoders an error (features.EncoderMismatch). Shards must exist: see `ensure_shards`.
+    encoders an error (features.EncoderMismatch). With data.sources, the train split is their weighted mixture
+    (endless whatever `epochs` says) and the val split reads every source's held-out data, or only that of the
+    source named `source`. Shards must exist: see `ensure_shards`.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -219,21 +240,29 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-    shard_split = resolve_split(cfg, split)
+    sources = resolve_sources(cfg, split)
+    if source is not None:
+        named = tuple(part for part in sources if part.name == source)
+        if not named:
+            raise ValueError(f"no data source named {source!r} has a {split} split (found: "
+                             f"{', '.join(part.name for part in sources)})")
+        sources = named
+    urls = [u for part in sources for u in part.urls]
     train = split == "train"
-    cached = detect_cached(list(shard_split.urls)) if cfg.cached == "auto" else bool(cfg.cached)
+    cached = detect_cached(urls, cfg.remote) if cfg.cached == "auto" else bool(cfg.cached)
     expect = dict(encoders) if encoders is not None else None
     if cached and expect is not None:
-        header = read_cache_header(list(shard_split.urls))
+        header = read_cache_header(urls, cfg.remote)
         if header is not None:
-            check_encoders(header.encoders, expect, shard_split.urls[0])
+            check_encoders(header.encoders, expect, urls[0])
     workers = max(1, cfg.num_workers)
     if train:
         run_epochs = epochs
     else:
         run_epochs = None if max_batches is not None else (epochs or 1)
     spec = StreamSpec(
-        split=shard_split,
+        sources=sources,
+        mixture=train and len(sources) > 1,
         seed=seed,
         num_streams=world_size * workers,
         batch_size=batch_size,
@@ -248,10 +277,12 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
         max_pixels=cfg.max_image_pixels,
         max_member_bytes=cfg.max_member_bytes,
         expect_encoders=expect,
+        policy=cfg.remote,
     )
     layout = {
-        "shards": hashlib.sha1("\n".join(shard_split.urls).encode()).hexdigest()[:16],
-        "holdout": f"{shard_split.holdout}:{shard_split.holdout_fraction}",
+        "shards": hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16],
+        "holdout": ",".join(f"{part.holdout}:{part.holdout_fraction}" for part in sources),
+        "sources": [[part.weight, part.caption_key] for part in sources] if spec.mixture else [],
         "seed": seed,
         "world_size": world_size,
         "num_workers": workers,
@@ -275,26 +306,26 @@ def loader_buckets(cfg: DataConfig) -> list[Bucket]:
     return make_buckets(height, width, cfg.buckets, max_aspect=cfg.bucket_max_aspect, multiple=cfg.bucket_multiple)
 
 
-def first_samples(urls: list[str]) -> Iterator[RawSample]:
+def first_samples(urls: list[str], policy: RetryPolicy = RetryPolicy()) -> Iterator[RawSample]:
     """The first sample of each of the first few readable shards."""
     for url in urls[:DETECT_SHARDS]:
-        for record in read_shard(url):
+        for record in read_shard(url, policy=policy):
             if isinstance(record, RawSample):
                 yield record
                 break
 
 
-def detect_cached(urls: list[str]) -> bool:
+def detect_cached(urls: list[str], policy: RetryPolicy = RetryPolicy()) -> bool:
     """Whether the shards hold cached features (looks at the first readable sample)."""
-    for sample in first_samples(urls):
+    for sample in first_samples(urls, policy):
         return FEATURE_EXT in sample.files and not any(ext in sample.files for ext in decode.IMAGE_EXTS)
     log.warning("data: found no readable sample in %s; treating the shards as raw images", urls[:DETECT_SHARDS])
     return False
 
 
-def read_cache_header(urls: list[str]) -> Optional[FeatureHeader]:
+def read_cache_header(urls: list[str], policy: RetryPolicy = RetryPolicy()) -> Optional[FeatureHeader]:
     """Shapes and encoder fingerprints of the first cached sample, or None when the shards hold raw images."""
-    for sample in first_samples(urls):
+    for sample in first_samples(urls, policy):
         if FEATURE_EXT not in sample.files:
             return None
         return read_header(sample.files[FEATURE_EXT])
@@ -303,4 +334,4 @@ def read_cache_header(urls: list[str]) -> Optional[FeatureHeader]:
 
 def read_cache_info(cfg: DataConfig, split: str = "train") -> Optional[FeatureHeader]:
     """For the trainer: the cached features' shapes and the encoders that made them (None for raw shards)."""
-    return read_cache_header(list(resolve_split(cfg, split).urls))
+    return read_cache_header(list(resolve_split(cfg, split).urls), cfg.remote)

@@ -8,12 +8,13 @@ held-out split and are never trained on (flowmatch.data.shardformat).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -41,6 +42,11 @@ class ShardSplit:
     urls: tuple[str, ...]
     holdout: str = ""
     holdout_fraction: float = 0.0
+    weight: float = 1.0
+    """Share of a mixture's samples (data.sources)."""
+    caption_key: str = ""
+    """Where captions are (see DataConfig.caption_key)."""
+    name: str = ""
 
     def keeps(self, key: str) -> bool:
         """Whether this split uses sample `key`."""
@@ -98,7 +104,9 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    listed = expand_shards(cfg.shards)
+    if cfg.sources:  # the shards of every source; each source's key filter is in resolve_sources
+        return ShardSplit(tuple(u for part in resolve_sources(cfg, split) for u in part.urls))
+    listed = expand_shards(cfg.read_from)
     explicit_val = expand_shards(cfg.val_shards) if cfg.val_shards else []
     if cfg.val_shards and not explicit_val:
         raise FileNotFoundError(f"data.val_shards={cfg.val_shards!r} matches no shards")
@@ -106,7 +114,7 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
     train = [u for u in listed if u not in set(val) and not is_val_shard(u)]
     if split == "train":
         if not train:
-            raise FileNotFoundError(missing_message(cfg.shards))
+            raise FileNotFoundError(missing_message(cfg.read_from))
         if not val and cfg.holdout_fraction > 0:
             return ShardSplit(tuple(train), "exclude", cfg.holdout_fraction)
         return ShardSplit(tuple(train))
@@ -114,12 +122,53 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
         return ShardSplit(tuple(val))
     if cfg.holdout_fraction > 0:
         if not train:
-            raise FileNotFoundError(missing_message(cfg.shards))
+            raise FileNotFoundError(missing_message(cfg.read_from))
         return ShardSplit(tuple(train), "only", cfg.holdout_fraction)
     raise ValueError(
-        f"no held-out data for split 'val': data.shards={cfg.shards!r} has no val-* shards; set data.val_shards "
+        f"no held-out data for split 'val': data.shards={cfg.read_from!r} has no val-* shards; set data.val_shards "
         "to held-out shards or data.holdout_fraction (e.g. 0.05) to hold out keys by hash"
     )
+
+
+def source_name(cfg: DataConfig, i: int) -> str:
+    """The name of data source `i` in logs."""
+    return cfg.sources[i].name or f"source{i}"
+
+
+def source_config(cfg: DataConfig, i: int) -> DataConfig:
+    """`cfg` reading data source `i` alone."""
+    src = cfg.sources[i]
+    return replace(cfg, shards=src.shards, val_shards=src.val_shards, caption_key=src.caption_key, sources=[])
+
+
+def resolve_sources(cfg: DataConfig, split: str) -> tuple[ShardSplit, ...]:
+    """The split of each data source (one for data.shards). For "val", sources without held-out data are left out;
+    ValueError when none has any."""
+    if not cfg.sources:
+        return (replace(resolve_split(cfg, split), caption_key=cfg.caption_key),)
+    parts = []
+    for i, src in enumerate(cfg.sources):
+        try:
+            part = resolve_split(source_config(cfg, i), split)
+        except ValueError:
+            if split == "train":
+                raise
+            continue
+        parts.append(replace(part, weight=src.weight, caption_key=src.caption_key, name=source_name(cfg, i)))
+    if not parts:
+        raise ValueError("no data source has held-out data: give data.sources[].val_shards, val-* shards, or set "
+                         "data.holdout_fraction")
+    return tuple(parts)
+
+
+def val_source_names(cfg: DataConfig) -> list[str]:
+    """The data sources with held-out data, by name, when the recipe mixes several ([] otherwise)."""
+    if len(cfg.sources) < 2:
+        return []
+    try:
+        return [part.name for part in resolve_sources(cfg, "val")]
+    except (FileNotFoundError, ValueError):
+        return []
 
 
 def has_val_split(cfg: DataConfig) -> bool:
@@ -128,7 +177,7 @@ def has_val_split(cfg: DataConfig) -> bool:
     Decided from the configuration and the shard names alone, so every rank gets the same answer.
     """
     try:
-        resolve_split(cfg, "val")
+        resolve_sources(cfg, "val")
     except (FileNotFoundError, ValueError):
         return False
     return True
@@ -150,9 +199,12 @@ def ensure_shards(cfg: DataConfig) -> list[str]:
     Building writes into a temporary directory renamed into place, so processes racing to build never see a
     half-written set; still, call it on rank 0 and barrier before the other ranks build their loaders.
     """
+    if cfg.sources:
+        return [u for part in resolve_sources(cfg, "train") for u in part.urls]
+    raw = dataclasses.replace(cfg, cache="")  # the shards themselves, whether or not a cache of them exists
     urls = expand_shards(cfg.shards)
     if any(not is_val_shard(u) for u in urls):
-        return list(resolve_split(cfg, "train").urls)
+        return list(resolve_split(raw, "train").urls)
     if not cfg.prepare:
         raise FileNotFoundError(missing_message(cfg.shards))
     target = Path(os.path.expanduser(cfg.shards))
@@ -185,4 +237,4 @@ def ensure_shards(cfg: DataConfig) -> list[str]:
         if not expand_shards(cfg.shards):
             raise
     log.warning("data: built %d shards in %s", len(expand_shards(cfg.shards)), target)
-    return list(resolve_split(cfg, "train").urls)
+    return list(resolve_split(raw, "train").urls)

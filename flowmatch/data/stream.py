@@ -1,39 +1,41 @@
 """One loader stream: the deterministic sequence of batches one (rank, worker) produces.
 
-There are world_size x workers streams; stream `s` of epoch `e` is a pure function of (seed, e, s) and the
-shards, which is what makes the loader exact to resume and its coverage testable:
+There are world_size x workers streams; stream `s` is a pure function of (seed, s) and the shards, which is what
+makes the loader exact to resume and its coverage testable:
 
-1. Shard plan. Epoch mode: every stream permutes the shard list with the same (seed, epoch) generator and takes
-   shards s, s + N, ...; the last `len(shards) % N` shards are shared, each read by several streams that keep
-   every k-th sample, so each sample belongs to exactly one stream and streams stay balanced even with fewer
-   shards than streams. Resampled mode: each stream draws ceil(shards / N) shards with replacement per
-   pseudo-epoch from a (seed, stream, epoch) generator.
-2. Records from each shard (tarstream), the holdout filter, then a seeded shuffle buffer.
+1. Records (flowmatch.data.plan): epoch mode reads the stream's share of every shard once per epoch; a weighted
+   mixture of sources (data.sources) draws each next record's source with a seeded generator, and each source
+   starts its next epoch on its own.
+2. A seeded shuffle buffer (flowmatch.data.shuffle); in epoch mode it drains at the end of the epoch.
 3. Groups: samples collect per bucket (image aspect, or cached latent shape) until one holds batch_size; the
    end of an epoch flushes partial groups. Bad records ride along and are counted with the next group.
 4. Decoding of a group into a Batch (bad samples found here drop out of it).
 
-A position is (epoch, groups done in that epoch). Resuming replays the epoch's steps 1-3, which read only tar
-bytes and image headers, skips that many groups, and decodes from there on.
+A `Position` is what the stream holds between two batches, by reference: each reader's Place, the shuffle
+buffer and the partial groups as record Refs, the generators' states and the counters. Resuming reads back the
+referenced records (the shards in flight, from the offsets saved) and carries on, so its cost does not depend
+on how far into the epoch the position is.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
-import math
-import random
-from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import torch
 
 from flowmatch.data import decode
 from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, nearest_bucket
+from flowmatch.data.opener import RetryPolicy
+from flowmatch.data.plan import Place, Ref, SourceReader, fetch_records
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
 from flowmatch.data.shards import ShardSplit
-from flowmatch.data.tarstream import BadRecord, RawSample, Record, read_shard
+from flowmatch.data.shuffle import ShuffleBuffer, load_rng, save_rng, seeded
+from flowmatch.data.tarstream import BadRecord, RawSample, Record
 from flowmatch.encoders.conditioning import Conditioning
 
 log = logging.getLogger("flowmatch.data")
@@ -48,13 +50,16 @@ LOG_EVERY_BAD = 1000
 class StreamSpec:
     """Everything a stream needs; plain data so it pickles into DataLoader workers."""
 
-    split: ShardSplit
+    sources: tuple[ShardSplit, ...]
     seed: int
     num_streams: int
     batch_size: int
     buckets: tuple[Bucket, ...]
     channels: int
     cached: bool
+    mixture: bool = False
+    """Draw records from the sources by weight, endlessly (the train split of data.sources); else one epoch
+    reads every source once."""
     shuffle: bool = True
     shuffle_buffer: int = 1000
     resampled: bool = False
@@ -64,34 +69,54 @@ class StreamSpec:
     max_pixels: int = MAX_IMAGE_PIXELS
     max_member_bytes: int = MAX_MEMBER_BYTES
     expect_encoders: Optional[dict[str, str]] = None
+    policy: RetryPolicy = RetryPolicy()
+    urls: tuple[str, ...] = field(init=False)
+    """Every source's shards, one after the other (Refs index into this)."""
+    url_source: tuple[int, ...] = field(init=False)
+    first_url: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        urls = [u for s in self.sources for u in s.urls]
+        owner = [i for i, s in enumerate(self.sources) for _ in s.urls]
+        firsts, n = [], 0
+        for s in self.sources:
+            firsts.append(n)
+            n += len(s.urls)
+        object.__setattr__(self, "urls", tuple(urls))
+        object.__setattr__(self, "url_source", tuple(owner))
+        object.__setattr__(self, "first_url", tuple(firsts))
 
 
 @dataclass
 class Position:
-    """Where a stream stands after its latest yielded batch; counters are cumulative over the whole run."""
+    """Where a stream stands after its latest yielded batch; counters are cumulative over the whole run.
+
+    `detail` is None at the start of `epoch` (nothing read yet), else what the stream holds (see the module
+    docstring): places, buffer refs, shuffle and mixture generators, partial groups and bad records not yet
+    counted.
+    """
 
     stream: int
     epoch: int = 0
     batch: int = 0
     samples: int = 0
     bad: dict[str, int] = field(default_factory=dict)
+    sources: list[int] = field(default_factory=list)
+    """Samples handed out per source."""
+    detail: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "samples": self.samples, "bad": dict(self.bad)}
+        out = {"epoch": self.epoch, "batch": self.batch, "samples": self.samples, "bad": dict(self.bad),
+               "sources": list(self.sources)}
+        if self.detail is not None:
+            out["detail"] = self.detail
+        return out
 
     @classmethod
     def from_dict(cls, stream: int, d: dict) -> "Position":
         bad = {k: int(v) for k, v in d["bad"].items()}
-        return cls(stream, int(d["epoch"]), int(d["batch"]), int(d["samples"]), bad)
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """Read `url`, keeping the records whose index i satisfies i % every == offset."""
-
-    url: str
-    every: int = 1
-    offset: int = 0
+        return cls(stream, int(d["epoch"]), int(d["batch"]), int(d["samples"]), bad,
+                   [int(v) for v in d.get("sources", [])], d.get("detail"))
 
 
 @dataclass
@@ -103,88 +128,146 @@ class Group:
     bad: list[BadRecord]
 
 
-def epoch_tasks(spec: StreamSpec, stream: int, epoch: int) -> list[ShardTask]:
-    """The shards stream `stream` reads in `epoch` (see the module docstring)."""
-    urls, n = list(spec.split.urls), spec.num_streams
-    if spec.resampled:
-        rng = random.Random(f"resample/{spec.seed}/{stream}/{epoch}")
-        return [ShardTask(rng.choice(urls)) for _ in range(max(1, math.ceil(len(urls) / n)))]
-    if spec.shuffle:
-        random.Random(f"shards/{spec.seed}/{epoch}").shuffle(urls)
-    whole = len(urls) // n * n
-    tasks = [ShardTask(u) for u in urls[:whole][stream::n]]
-    rest = urls[whole:]
-    if rest:
-        shard = stream % len(rest)
-        tasks.append(ShardTask(rest[shard], len(range(shard, n, len(rest))), stream // len(rest)))
-    return tasks
+def flat(refs: list[Ref]) -> list[int]:
+    return [v for ref in refs for v in ref]
 
 
-def shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
-    """Seeded buffer shuffle: hold `size` items, emit a random one as each new one arrives, then the rest."""
-    buffer: list = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
+def unflat(values: list[int]) -> list[Ref]:
+    return [(int(values[i]), int(values[i + 1]), int(values[i + 2])) for i in range(0, len(values), 3)]
 
 
-def epoch_records(spec: StreamSpec, stream: int, epoch: int) -> Iterator[Record]:
-    """Records (samples and bad records) of one stream's epoch, in their final shuffled order."""
+class Grouper:
+    """Samples collecting per bucket until one bucket holds a batch; what it holds is saved as Refs."""
 
-    def read() -> Iterator[Record]:
-        for task in epoch_tasks(spec, stream, epoch):
-            index = 0
-            for record in read_shard(task.url, max_member_bytes=spec.max_member_bytes):
-                if isinstance(record, RawSample) and not spec.split.keeps(record.key):
-                    continue
-                if index % task.every == task.offset:
-                    yield record
-                index += 1
+    def __init__(self, spec: StreamSpec) -> None:
+        self.spec = spec
+        self.pending: dict[Any, list[tuple[RawSample, decode.SampleInfo, Ref]]] = {}
+        self.bad: list[BadRecord] = []
+        self.need_size = not spec.cached and len(spec.buckets) > 1
 
-    if not spec.shuffle or spec.shuffle_buffer <= 1:
-        return read()
-    return shuffled(read(), spec.shuffle_buffer, random.Random(f"samples/{spec.seed}/{epoch}/{stream}"))
+    def peek(self, record: RawSample) -> tuple[decode.SampleInfo, Any]:
+        spec = self.spec
+        if spec.cached:
+            info = decode.peek_cached(record, spec.expect_encoders)
+            return info, info.feature_key
+        info = decode.peek_raw(record, max_pixels=spec.max_pixels, need_size=self.need_size,
+                               caption_key=spec.sources[record.source].caption_key)
+        return info, nearest_bucket(list(spec.buckets), *info.size) if self.need_size else 0
 
-
-def group_records(spec: StreamSpec, records: Iterable[Record]) -> Iterator[Group]:
-    """Batch-sized groups per bucket, in the order they fill; partial groups flush at the end (unless drop_last)."""
-    pending: dict[object, list] = {}
-    bad: list[BadRecord] = []
-    need_size = not spec.cached and len(spec.buckets) > 1
-    for record in records:
+    def add(self, record: Record, ref: Ref) -> Optional[Group]:
+        """Take one record; the group it completes, if any."""
         if isinstance(record, BadRecord):
-            bad.append(record)
-            continue
+            self.bad.append(record)
+            return None
         try:
-            if spec.cached:
-                info = decode.peek_cached(record, spec.expect_encoders)
-                bucket: object = info.feature_key
-            else:
-                info = decode.peek_raw(record, max_pixels=spec.max_pixels, need_size=need_size)
-                bucket = nearest_bucket(list(spec.buckets), *info.size) if need_size else 0
+            info, bucket = self.peek(record)
         except decode.BadSample as err:
-            bad.append(BadRecord(record.url, record.key, err.reason, err.detail))
-            continue
-        members = pending.setdefault(bucket, [])
-        members.append((record, info))
-        if len(members) == spec.batch_size:
-            yield Group(bucket, pending.pop(bucket), bad)
-            bad = []
-    for bucket, members in pending.items():
-        yield Group(bucket, [] if spec.drop_last else members, bad)
-        bad = []
-    if bad:
-        yield Group(None, [], bad)
+            self.bad.append(BadRecord(record.url, record.key, err.reason, err.detail))
+            return None
+        members = self.pending.setdefault(bucket, [])
+        members.append((record, info, ref))
+        if len(members) < self.spec.batch_size:
+            return None
+        return self.take(bucket)
+
+    def take(self, bucket: Any) -> Group:
+        members = self.pending.pop(bucket)
+        group = Group(bucket, [(r, i) for r, i, _ in members], self.bad)
+        self.bad = []
+        return group
+
+    def flush(self) -> Iterator[Group]:
+        """The partial groups (emptied when drop_last), then any bad records left over."""
+        while self.pending:
+            group = self.take(next(iter(self.pending)))
+            if self.spec.drop_last:
+                group.samples = []
+            yield group
+        if self.bad:
+            yield Group(None, [], self.bad)
+            self.bad = []
+
+    def save(self) -> dict:
+        """Partial groups as flat Refs, in the order they started (that is the order they flush in)."""
+        return {"pending": [flat([ref for _, _, ref in members]) for members in self.pending.values()],
+                "bad": [[b.url, b.key, b.reason, b.detail] for b in self.bad]}
+
+    def load(self, saved: dict, records: dict[Ref, Record]) -> None:
+        self.bad = [BadRecord(*values) for values in saved["bad"]]
+        for refs in saved["pending"]:
+            for ref in unflat(refs):
+                self.add(records[ref], ref)  # never completes a group: the saved one was partial
 
 
-def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[BadRecord]]:
-    """The group's Batch (None when every sample failed) and the samples that failed to decode."""
+class StreamState:
+    """The parts of a running stream: its readers, the mixture's generator, the shuffle buffer and the grouper."""
+
+    def __init__(self, spec: StreamSpec, stream: int, epoch: int, detail: Optional[dict]) -> None:
+        self.spec, self.stream = spec, stream
+        n = len(spec.sources)
+        self.grouper = Grouper(spec)
+        self.weights = [0.0]
+        if spec.mixture:
+            total = sum(s.weight for s in spec.sources)
+            for s in spec.sources:
+                self.weights.append(self.weights[-1] + s.weight / total)
+        if detail is None:
+            places = [Place(epoch) for _ in range(n if spec.mixture else 1)]
+            self.readers = self.make_readers(places)
+            self.mix = seeded(f"mixture/{spec.seed}/{stream}")
+            self.buffer: ShuffleBuffer = ShuffleBuffer(self.buffer_size, seeded(f"samples/{spec.seed}/{epoch}/{stream}"))
+            return
+        self.readers = self.make_readers([Place.from_list(p) for p in detail["places"]])
+        self.mix = load_rng(detail["mixture"])
+        refs = unflat(detail["buffer"])
+        held = refs + [ref for r in detail["groups"]["pending"] for ref in unflat(r)]
+        records = fetch_records(spec, held)
+        self.buffer = ShuffleBuffer(self.buffer_size, load_rng(detail["shuffle"]), [(records[r], r) for r in refs])
+        self.grouper.load(detail["groups"], records)
+
+    @property
+    def buffer_size(self) -> int:
+        return self.spec.shuffle_buffer if self.spec.shuffle and self.spec.shuffle_buffer > 1 else 0
+
+    def make_readers(self, places: list[Place]) -> list[SourceReader]:
+        if self.spec.mixture:
+            return [SourceReader(self.spec, self.stream, [i], p) for i, p in enumerate(places)]
+        return [SourceReader(self.spec, self.stream, range(len(self.spec.sources)), places[0])]
+
+    @property
+    def epoch(self) -> int:
+        return min(r.place.epoch for r in self.readers)
+
+    def save(self) -> dict:
+        return {"places": [r.place.to_list() for r in self.readers], "mixture": save_rng(self.mix),
+                "buffer": flat([ref for _, ref in self.buffer.items]), "shuffle": save_rng(self.buffer.rng),
+                "groups": self.grouper.save()}
+
+    def mixed_records(self) -> Iterator[tuple[Record, Ref]]:
+        """Endless records of the weighted mixture: each next record from a source drawn by weight."""
+        records = [reader.epoch_records() for reader in self.readers]
+        empty_epochs = [0] * len(self.readers)
+        while True:
+            i = bisect.bisect_right(self.weights, float(self.mix.random())) - 1
+            i = min(max(i, 0), len(self.readers) - 1)
+            while True:
+                item = next(records[i], None)
+                if item is not None:
+                    empty_epochs[i] = 0
+                    yield item
+                    break
+                empty_epochs[i] += 1
+                if empty_epochs[i] > 1:
+                    raise RuntimeError(f"data source {self.spec.sources[i].name or i} gave stream {self.stream} no "
+                                       "record in a whole epoch: its shards are empty, unreadable or fewer than "
+                                       "ranks x workers")
+                self.readers[i].next_epoch()
+                records[i] = self.readers[i].epoch_records()
+
+
+def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[BadRecord], list[int]]:
+    """The group's Batch (None when every sample failed), the samples that failed to decode, and the source of
+    each kept sample."""
     kept: list[tuple[RawSample, decode.SampleInfo]] = []
     tensors: list = []
     failed: list[BadRecord] = []
@@ -205,15 +288,20 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
         except decode.BadSample as err:
             failed.append(BadRecord(record.url, record.key, err.reason, err.detail))
     if not kept:
-        return None, failed
+        return None, failed, []
     captions = [info.caption for _, info in kept]
     keys = [record.key for record, _ in kept]
     meta = [sample_meta(record) for record, _ in kept]
+    sources = [record.source for record, _ in kept]
     if spec.cached:
         latents = torch.stack([f.latents for f in tensors]).float()
+        if tensors[0].parts:  # several text encoders: each re-padded on its own, combined by the encoders
+            parts = {n: Conditioning.from_rows([f.parts[n][0] for f in tensors], [f.parts[n][1] for f in tensors])
+                     for n in tensors[0].parts}
+            return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts), failed, sources
         text = Conditioning.from_rows([f.hidden for f in tensors], [f.pooled for f in tensors])
-        return Batch(captions, keys, latents=latents, text=text, meta=meta), failed
-    return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta), failed
+        return Batch(captions, keys, latents=latents, text=text, meta=meta), failed, sources
+    return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta), failed, sources
 
 
 def sample_meta(record: RawSample) -> dict:
@@ -228,40 +316,66 @@ def sample_meta(record: RawSample) -> dict:
 def run_stream(spec: StreamSpec, start: Position) -> Iterator[tuple[Batch, Position]]:
     """Batches of stream `start.stream` from position `start`, each with the position after it."""
     stream = start.stream
-    epoch, skip = start.epoch, start.batch
-    samples, bad = start.samples, dict(start.bad)
-    while spec.epochs is None or epoch < spec.epochs:
-        made_batch = False  # guards against spinning forever over shards that never yield a batch
-        for index, group in enumerate(group_records(spec, epoch_records(spec, stream, epoch))):
-            if index < skip:
-                made_batch = made_batch or bool(group.samples)
-                continue
-            batch, failed = decode_group(spec, group) if group.samples else (None, [])
-            for record in group.bad + failed:
-                bad[record.reason] = bad.get(record.reason, 0) + 1
-                total = sum(bad.values())
-                if total <= LOG_FIRST_BAD or total % LOG_EVERY_BAD == 0:
-                    log.warning("data: skipped %s [stream %d, %d bad so far]", record, stream, total)
-            if batch is None:
-                continue
-            samples += len(batch)
-            made_batch = True
-            yield batch, Position(stream, epoch, index + 1, samples, dict(bad))
-        if not made_batch and spec.epochs is None:
+    samples, bad, batch_index = start.samples, dict(start.bad), start.batch
+    per_source = list(start.sources) + [0] * (len(spec.sources) - len(start.sources))
+    state = StreamState(spec, stream, start.epoch, start.detail)
+
+    def emit(group: Group) -> Iterator[tuple[Batch, Position]]:
+        nonlocal samples, batch_index
+        batch, failed, sources = decode_group(spec, group) if group.samples else (None, [], [])
+        for record in group.bad + failed:
+            bad[record.reason] = bad.get(record.reason, 0) + 1
+            total = sum(bad.values())
+            if total <= LOG_FIRST_BAD or total % LOG_EVERY_BAD == 0:
+                log.warning("data: skipped %s [stream %d, %d bad so far]", record, stream, total)
+        if batch is None:
+            return
+        samples += len(batch)
+        batch_index += 1
+        for s in sources:
+            per_source[s] += 1
+        yield batch, Position(stream, state.epoch, batch_index, samples, dict(bad), list(per_source), state.save())
+
+    def take(record: Record, ref: Ref) -> Iterator[tuple[Batch, Position]]:
+        out = state.buffer.push((record, ref))
+        if out is not None:
+            group = state.grouper.add(*out)
+            if group is not None:
+                yield from emit(group)
+
+    if spec.mixture:
+        for record, ref in state.mixed_records():
+            yield from take(record, ref)
+        return
+    reader = state.readers[0]
+    while spec.epochs is None or reader.place.epoch < spec.epochs:
+        made = samples
+        for record, ref in reader.epoch_records():
+            yield from take(record, ref)
+        while len(state.buffer):
+            group = state.grouper.add(*state.buffer.pop())
+            if group is not None:
+                yield from emit(group)
+        for group in state.grouper.flush():
+            yield from emit(group)
+        if samples == made and start.detail is None and spec.epochs is None:
             raise RuntimeError(
-                f"data stream {stream} made no batch in a whole epoch of {list(spec.split.urls)[:4]}... "
+                f"data stream {stream} made no batch in a whole epoch of {list(spec.urls)[:4]}... "
                 f"(bad so far: {bad or 'none'}): the shards are empty or broken, or hold fewer samples than "
                 "ranks x workers (x batch size with data.drop_last); check them with `flowmatch-data verify`, "
                 "or lower data.num_workers"
             )
-        epoch, skip = epoch + 1, 0
+        epoch = reader.place.epoch + 1
+        reader.next_epoch()
+        state.buffer = ShuffleBuffer(state.buffer_size, seeded(f"samples/{spec.seed}/{epoch}/{stream}"))
+        batch_index, start = 0, Position(stream)
 
 
-def start_positions(streams: Iterable[int]) -> dict[int, Position]:
+def start_positions(streams) -> dict[int, Position]:
     """Fresh positions for `streams`."""
     return {s: Position(s) for s in streams}
 
 
 def advance_epoch(position: Position, epoch: int) -> Position:
     """`position` moved to the start of `epoch`, keeping its counters."""
-    return replace(position, epoch=epoch, batch=0)
+    return Position(position.stream, epoch, 0, position.samples, dict(position.bad), list(position.sources))

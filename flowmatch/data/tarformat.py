@@ -41,6 +41,9 @@ class Member:
     name: str
     kind: str
     size: int
+    offset: int = 0
+    """Where the member's headers (pax or GNU long-name entries included) start in the uncompressed archive: a
+    reader started there (`TarReader(stream, start=offset)`) yields this member first."""
 
 
 class _Prefixed:
@@ -117,16 +120,24 @@ def pax_records(data: bytes) -> dict[str, str]:
 
 
 class TarReader:
-    """Iterate members with `members()`; for each, call `read()` or `skip()` (skip happens if neither is called)."""
+    """Iterate members with `members()`; for each, call `read()` or `skip()` (skip happens if neither is called).
 
-    def __init__(self, stream: BinaryIO) -> None:
-        self.stream = decompressed(stream)
+    `start`: the archive offset (in uncompressed bytes) to begin at, a `Member.offset` from an earlier read.
+    `positioned`: the stream is already at `start` (a seek or an HTTP range request on an uncompressed tar);
+    otherwise the reader decompresses from the beginning and discards `start` bytes.
+    """
+
+    def __init__(self, stream: BinaryIO, *, start: int = 0, positioned: bool = False) -> None:
+        self.stream = stream if positioned and start else decompressed(stream)
+        self.pos = 0 if not positioned else start  # offset in the uncompressed archive
         self._pending = 0  # data + padding bytes of the current member not yet consumed
+        self._discard(start - self.pos)
 
     def _exact(self, n: int) -> bytes:
         data = self.stream.read(n)
         if len(data) != n:
             raise TarError("unexpected end of archive (truncated shard)")
+        self.pos += n
         return data
 
     def _discard(self, n: int) -> None:
@@ -149,6 +160,7 @@ class TarReader:
         block = self.stream.read(BLOCK)
         if len(block) != BLOCK:
             raise TarError("archive ends without its end-of-archive block (truncated shard)")
+        self.pos += BLOCK
         if block == ZERO_BLOCK:
             return None
         stored = octal(block[148:156])
@@ -163,8 +175,11 @@ class TarReader:
     def members(self) -> Iterator[Member]:
         """Members in archive order; raises TarError on truncation or corruption."""
         overrides: dict[str, str] = {}
+        offset: Optional[int] = None  # where the current member's header group began
         while True:
             self.skip()
+            if offset is None:
+                offset = self.pos
             header = self._header()
             if header is None:
                 return
@@ -189,4 +204,6 @@ class TarReader:
                 padded = size + (-size) % BLOCK
             overrides = {}
             self._pending = padded
-            yield Member(name, "file" if kind in REGULAR else "dir" if kind == DIRECTORY else "other", size)
+            member = Member(name, "file" if kind in REGULAR else "dir" if kind == DIRECTORY else "other", size, offset)
+            offset = None
+            yield member

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from flowmatch.dtypes import DTYPES, resolve_dtype
 from flowmatch.encoders.loading import load_pretrained
 from flowmatch.errors import choice_error
+from flowmatch.tasks import check_task_name, get_task
+
+if TYPE_CHECKING:
+    from flowmatch.data.config import DataConfig
+
+log = logging.getLogger("flowmatch.encoders")
 
 # Latent normalisation (scale, shift) of released VAEs, from their diffusers configs:
 # SD3 / SD3.5 VAE (stabilityai/stable-diffusion-3-medium-diffusers, vae/config.json),
@@ -50,14 +58,35 @@ class AutoencoderConfig:
     """Encode to a posterior sample instead of its mean (the mean is the default, as SD3 training caches)."""
     dtype: str = "auto"
     """Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
+    prepare: str = ""
+    """A task (flowmatch.tasks) whose autoencoder builder trains the VAE into name_or_path/subfolder when that
+    local folder holds none, e.g. digits; '' = never build."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise choice_error("autoencoder.kind", self.kind, KINDS)
+        check_task_name(self.prepare, "autoencoder.prepare", also=("",))
         if self.preset not in LATENT_PRESETS:
             raise choice_error("autoencoder.preset", self.preset, LATENT_PRESETS)
         if self.dtype not in ("auto", *DTYPES):
             raise choice_error("autoencoder.dtype", self.dtype, ("auto", *DTYPES))
+
+
+def ensure_autoencoder(cfg: AutoencoderConfig, data: "DataConfig") -> None:
+    """Train the VAE with the `cfg.prepare` task's builder when its local folder holds none (call on rank 0, with the
+    shards built, before anyone loads it); the builder writes into a new folder renamed into place."""
+    if cfg.kind != "vae" or not cfg.prepare:
+        return
+    target = Path(cfg.name_or_path).expanduser() / cfg.subfolder
+    if (target / "config.json").is_file():
+        return
+    builder = get_task(cfg.prepare, "autoencoder.prepare").autoencoder
+    if builder is None:
+        raise ValueError(f"autoencoder.prepare={cfg.prepare!r}: that task trains no autoencoder; set "
+                         "autoencoder.prepare='' and train one with flowmatch-data autoencoder")
+    log.warning("autoencoder: none at %s; training one with the %r task's builder (autoencoder.prepare)", target,
+                cfg.prepare)
+    builder(data, target)
 
 
 class Autoencoder:
@@ -108,11 +137,20 @@ class Autoencoder:
         """Identifies the autoencoder and its latent normalisation, so cached latents from another are refused."""
         return self._fingerprint
 
+    def drop_encoder(self) -> None:
+        """Free the encoder half (training on cached latents only decodes, for validation); encode then raises."""
+        if self.vae is not None:
+            self.vae.encoder = None
+            self.vae.quant_conv = None
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """images (B, C, H, W) in [-1, 1] -> normalised latents (B, c, h, w), float32."""
         if self.vae is None:
             return images.float()
+        if self.vae.encoder is None:
+            raise RuntimeError("the autoencoder's encoder half was freed (training on cached latents): images cannot "
+                               "be encoded in this process")
         dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
         z = dist.sample(generator) if self.cfg.sample_posterior else dist.mean
         return (z.float() - self.shift) * self.scale

@@ -9,13 +9,16 @@ checked against, and the input sizes the model must have.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Optional
+import gc
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from flowmatch.encoders.autoencoder import Autoencoder, AutoencoderConfig
+from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
+from flowmatch.encoders.text import TextEncoderConfig
+from flowmatch.encoders.text_set import TextEncoders, TextEncodersConfig
 from flowmatch.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -26,21 +29,26 @@ _SIZE_SOURCES = {"in_channels": "autoencoder", "context_dim": "text encoder", "p
 
 
 class FrozenEncoders:
-    """The text encoder and the autoencoder of a run; never trained, never inside the engine.
+    """The text encoder(s) and the autoencoder of a run; never trained, never inside the engine.
 
     Args:
-        text_cfg: the recipe's ``text_encoder`` section.
+        text_cfg: the recipe's text encoders (``Recipe.text``), or one ``text_encoder`` section.
         autoencoder_cfg: the recipe's ``autoencoder`` section.
         image_channels: channels of the images (the data section's ``channels``).
         device: where encoding runs and its outputs live.
     """
 
-    def __init__(self, text_cfg: TextEncoderConfig, autoencoder_cfg: AutoencoderConfig, *, image_channels: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, text_cfg: TextEncoderConfig | TextEncodersConfig, autoencoder_cfg: AutoencoderConfig, *,
+                 image_channels: int, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.text = TextEncoder(text_cfg, device=self.device)
+        if isinstance(text_cfg, TextEncoderConfig):
+            text_cfg = TextEncodersConfig().resolved(text_cfg)
+        self.text = TextEncoders(text_cfg, device=self.device)
         self.autoencoder = Autoencoder(autoencoder_cfg, image_channels=image_channels, device=self.device)
         self._null: Optional[Conditioning] = None
+        self._dropout_null: Optional[Conditioning] = None
+        self._frozen_facts: dict[str, Any] = {}
+        """After :meth:`release`: the fingerprints and input sizes, remembered from before."""
 
     # -- conditioning ----------------------------------------------------------------------------------------------
 
@@ -48,20 +56,55 @@ class FrozenEncoders:
         """Captions -> conditioning on :attr:`device` (hidden (B, L, D) float32, mask (B, L), pooled (B, Dp))."""
         return self.text.encode(list(captions)).to(self.device)
 
+    def release(self, keep: Sequence[str]) -> None:
+        """Free the text encoders' weights and the autoencoder's encoder half once training reads cached features.
+
+        The captions in ``keep`` (the sampling prompts) and the empty caption are encoded first, one at a time,
+        and served from memory afterwards (:meth:`TextEncoders.release`); the fingerprints and input sizes are
+        remembered. The decoder stays, for validation grids.
+        """
+        self.null(), self.dropout_null()
+        self._frozen_facts = {"fingerprints": self.fingerprints(), "input_sizes": self.input_sizes()}
+        self.text.release(list(keep))
+        self.autoencoder.drop_encoder()
+        gc.collect()
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` freed the text encoders and the autoencoder's encoder half."""
+        return bool(self._frozen_facts)
+
     def null(self) -> Conditioning:
-        """The empty caption's conditioning (batch 1): caption dropout's replacement in training and the
-        unconditional input of classifier-free guidance at sampling, so both use the same one."""
+        """The empty caption's conditioning (batch 1): the unconditional input of classifier-free guidance at
+        sampling, and caption dropout's replacement in training unless an encoder says ``dropped: zeros``."""
         if self._null is None:
-            self._null = self.encode_text([""])
+            self._null = self.text.null().to(self.device)
         return self._null
+
+    def dropout_null(self) -> Conditioning:
+        """Caption dropout's replacement (batch 1): per encoder, its encoded empty caption or zeros."""
+        if self._dropout_null is None:
+            self._dropout_null = self.text.dropout_null().to(self.device)
+        return self._dropout_null
+
+    def dropout_parts(self, default: float) -> list[tuple[TextPart, float]]:
+        """Each encoder's share of the conditioning and its caption dropout probability (``default`` =
+        flow.caption_dropout, for encoders that set none)."""
+        return self.text.dropout_parts(default)
 
     def encode_batch(self, batch: "Batch") -> tuple[torch.Tensor, Conditioning]:
         """A loader batch -> (latents (B, C, h, w) float32, conditioning), both on :attr:`device`.
 
-        Cached features the batch carries are used as they are; raw images and captions go through the encoders.
+        Cached features the batch carries are used as they are (several encoders' combined as the recipe says);
+        raw images and captions go through the encoders.
         """
         x0 = batch.latents if batch.latents is not None else self.autoencoder.encode(batch.images.to(self.device))
-        cond = batch.text if batch.text is not None else self.encode_text(batch.captions)
+        if batch.text_parts is not None:
+            cond = self.text.combine(batch.text_parts)
+        elif batch.text is not None:
+            cond = self.text.combine({self.text.single_name: batch.text}) if self.text.single_name else batch.text
+        else:
+            cond = self.encode_text(batch.captions)
         return x0.to(self.device).float(), cond.to(self.device)
 
     # -- images ----------------------------------------------------------------------------------------------------
@@ -89,10 +132,14 @@ class FrozenEncoders:
 
     def fingerprints(self) -> dict[str, str]:
         """Which encoders make this run's features: recorded in cached shards and checked when they are read."""
-        return {"text_encoder": self.text.fingerprint(), "autoencoder": self.autoencoder.fingerprint()}
+        if self.released:
+            return dict(self._frozen_facts["fingerprints"])
+        return {**self.text.fingerprints(), "autoencoder": self.autoencoder.fingerprint()}
 
     def input_sizes(self) -> dict[str, int]:
         """The model input sizes these encoders decide: in_channels, context_dim and pooled_dim."""
+        if self.released:
+            return dict(self._frozen_facts["input_sizes"])
         return {"in_channels": self.latent_channels, "context_dim": self.text.hidden_size,
                 "pooled_dim": self.text.pooled_size}
 

@@ -1,7 +1,13 @@
-"""Frozen text encoders: T5 (as SD3 and FLUX use) or any encoder `transformers.AutoModel` loads.
+"""Frozen text encoders: T5 and CLIP (as SD3 and FLUX use them) or any encoder `transformers.AutoModel` loads.
 
-The encoder turns captions into per-token hidden states, the padding mask and one pooled vector per caption.
-It never trains: parameters are frozen and every call runs under `torch.no_grad`.
+One encoder turns captions into per-token hidden states, the padding mask and one pooled vector per caption, as
+a :class:`Conditioning` of its own; :mod:`flowmatch.encoders.text_set` combines several. It never trains:
+parameters are frozen and every call runs under `torch.no_grad`.
+
+Two ways to pad (``padding``): ``longest`` pads a batch to its longest caption, gives the encoder the attention
+mask and masks the padding out of the model's attention (and out of cached features); ``max_length`` is how
+diffusers' SD3 and FLUX pipelines run their encoders: every caption padded to ``max_length``, no attention mask,
+and every position, padding included, a token the model attends to.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,7 +26,9 @@ from flowmatch.encoders.loading import load_pretrained
 from flowmatch.errors import choice_error
 
 KINDS = ("t5", "clip", "auto")
-POOLINGS = ("mean", "pooler", "first")
+POOLINGS = ("mean", "pooler", "first", "projection")
+PADDINGS = ("longest", "max_length")
+DROPPED = ("empty", "zeros")
 # transformers model types each kind's class loads faithfully.
 MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
 
@@ -33,22 +42,48 @@ class TextEncoderConfig:
     text encoder transformers.AutoModel loads: BERT, MiniLM, ...)."""
     name_or_path: str = "google/t5-v1_1-xxl"
     """Hub id, local directory, or pkg:<python package>/<subdir> for a model shipped inside an installed package."""
+    subfolder: str = ""
+    """Subfolder of name_or_path holding the encoder (a diffusers pipeline's text_encoder_2, ...); '' = itself."""
+    tokenizer_subfolder: Optional[str] = None
+    """Subfolder holding the tokenizer (a pipeline's tokenizer_2, ...); None = the encoder's subfolder."""
     max_length: int = 256
-    """Longest caption in tokens; longer ones are truncated (SD3 uses 256 T5 tokens)."""
+    """Longest caption in tokens; longer ones are truncated (SD3 uses 256 T5 tokens, FLUX 512, CLIP 77)."""
+    padding: str = "longest"
+    """longest (attention mask, padding masked out) or max_length (no mask, every position a token: the
+    SD3 / FLUX pipelines' way); see the module docstring."""
+    hidden_layer: Optional[int] = None
+    """Per-token states: None = the model's output (after any final norm), or an index into its hidden states
+    (-2 = the penultimate layer, as SD3 takes from CLIP)."""
     pooling: str = "mean"
-    """Pooled vector: mean (masked mean of hidden states), pooler (the model's pooler output, e.g. CLIP) or first token."""
+    """Pooled vector: mean (masked mean of hidden states), pooler (the model's pooler output, e.g. CLIP), first
+    token, or projection (CLIPTextModelWithProjection's projected pooled output, as SD3)."""
     normalize_pooled: bool = False
     """L2-normalise the pooled vector (sentence-transformers' MiniLM is trained with normalised embeddings)."""
     dtype: str = "auto"
     """Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."""
     cache_size: int = 0
     """Remember the encodings of this many recent distinct captions (useful when captions repeat); 0 = off."""
+    caption_dropout: Optional[float] = None
+    """Probability that training replaces this encoder's output by its null, independently of the other
+    encoders; None = flow.caption_dropout."""
+    dropped: str = "empty"
+    """This encoder's output for a dropped caption: empty (its encoding of the empty caption, the pipelines'
+    negative prompt) or zeros (as StableDiffusion3Pipeline gives without its T5)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise choice_error("text_encoder.kind", self.kind, KINDS)
         if self.pooling not in POOLINGS:
             raise choice_error("text_encoder.pooling", self.pooling, POOLINGS)
+        if self.pooling == "projection" and self.kind != "clip":
+            raise ValueError(f"text_encoder.pooling=projection needs text_encoder.kind=clip, got {self.kind!r}; "
+                             "use pooling=mean")
+        if self.padding not in PADDINGS:
+            raise choice_error("text_encoder.padding", self.padding, PADDINGS)
+        if self.dropped not in DROPPED:
+            raise choice_error("text_encoder.dropped", self.dropped, DROPPED)
+        if self.caption_dropout is not None and not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"text_encoder.caption_dropout must be in [0, 1], got {self.caption_dropout}")
         if self.max_length < 1:
             raise ValueError(f"text_encoder.max_length must be >= 1, got {self.max_length}")
         if self.dtype not in ("auto", *DTYPES):
@@ -61,20 +96,26 @@ class TextEncoder:
     """A frozen caption encoder. `encode(captions) -> Conditioning` on `device`, hidden/pooled in float32."""
 
     def __init__(self, cfg: TextEncoderConfig, *, device: torch.device | str = "cpu") -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers import (AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection,
+                                  T5EncoderModel)
 
         self.cfg = cfg
         self.device = torch.device(device)
         dtype = resolve_dtype(cfg.dtype, self.device)
         model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "auto": AutoModel}[cfg.kind]
+        if cfg.pooling == "projection":
+            model_cls = CLIPTextModelWithProjection
+        sub = cfg.subfolder
+        tokenizer_sub = cfg.subfolder if cfg.tokenizer_subfolder is None else cfg.tokenizer_subfolder
 
         def load(path: str):
             # A T5 or CLIP class would load another architecture's checkpoint with random weights and a warning.
-            found = AutoConfig.from_pretrained(path).model_type
+            found = AutoConfig.from_pretrained(path, subfolder=sub).model_type
             if cfg.kind in MODEL_TYPES and found not in MODEL_TYPES[cfg.kind]:
                 raise ValueError(f"text_encoder.kind={cfg.kind} but {cfg.name_or_path!r} is a {found!r} model; "
                                  f"set text_encoder.kind=auto (any AutoModel encoder) or point at a {cfg.kind} model")
-            return AutoTokenizer.from_pretrained(path), model_cls.from_pretrained(path, dtype=dtype)
+            return (AutoTokenizer.from_pretrained(path, subfolder=tokenizer_sub),
+                    model_cls.from_pretrained(path, subfolder=sub, dtype=dtype))
 
         self.tokenizer, self.model = load_pretrained("text encoder", cfg.name_or_path, load,
                                                      key="text_encoder.name_or_path")
@@ -92,38 +133,56 @@ class TextEncoder:
 
     @property
     def pooled_size(self) -> int:
-        """Dp of `Conditioning.pooled` (same as hidden_size for mean and first-token pooling)."""
+        """Dp of `Conditioning.pooled` (same as hidden_size except for CLIP's projection)."""
+        if self.cfg.pooling == "projection":
+            return int(self.model.config.projection_dim)
         return self.hidden_size
 
     def fingerprint(self) -> str:
         """Identifies the encoder and its settings, so cached features from another encoder are refused."""
         return self._fingerprint
 
+    def release(self) -> None:
+        """Free the weights and tokenizer (training on cached features needs them no more); encoding then fails."""
+        self.model = self.tokenizer = None
+        self._cache.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _make_fingerprint(self) -> str:
         config = json.dumps(self.model.config.to_dict(), sort_keys=True, default=str)
         digest = hashlib.sha256(config.encode()).hexdigest()[:12]
         c = self.cfg
-        return f"{c.kind}:{c.name_or_path}:len{c.max_length}:{c.pooling}:norm{int(c.normalize_pooled)}:{digest}"
+        where = f"{c.name_or_path}/{c.subfolder}" if c.subfolder else c.name_or_path
+        # The pre-existing settings keep their old spelling, so features cached before the new ones existed stay valid.
+        extras = "" if (c.padding, c.hidden_layer) == ("longest", None) else f":{c.padding}:layer{c.hidden_layer}"
+        return f"{c.kind}:{where}:len{c.max_length}:{c.pooling}:norm{int(c.normalize_pooled)}{extras}:{digest}"
 
     @torch.no_grad()
     def _run(self, captions: list[str]):
         """Tokenize and run the model: (the model's output, attention mask (B, L) bool)."""
-        tokens = self.tokenizer(
-            captions, padding="longest", truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
-        ).to(self.device)
-        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        out.mask = tokens["attention_mask"].bool()
+        fixed = self.cfg.padding == "max_length"
+        tokens = self.tokenizer(captions, padding="max_length" if fixed else "longest", truncation=True,
+                                max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
+        # The pipelines run their encoders without an attention mask: padding positions attend and are attended to.
+        mask = torch.ones_like(tokens["input_ids"], dtype=torch.bool) if fixed else tokens["attention_mask"].bool()
+        out = self.model(input_ids=tokens["input_ids"], attention_mask=None if fixed else tokens["attention_mask"],
+                         output_hidden_states=self.cfg.hidden_layer is not None)
+        out.mask = mask
         return out
 
     @torch.no_grad()
     def _encode_batch(self, captions: list[str]) -> Conditioning:
         out = self._run(captions)
         mask = out.mask
-        hidden = out.last_hidden_state.float() * mask[..., None]  # (B, L, D), zero at padding
+        states = out.last_hidden_state if self.cfg.hidden_layer is None else out.hidden_states[self.cfg.hidden_layer]
+        hidden = states.float() * mask[..., None]  # (B, L, D), zero at padding
         if self.cfg.pooling == "mean":
             pooled = hidden.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         elif self.cfg.pooling == "first":
             pooled = hidden[:, 0]
+        elif self.cfg.pooling == "projection":
+            pooled = out.text_embeds.float()
         else:
             pooled = out.pooler_output.float()
         if self.cfg.normalize_pooled:

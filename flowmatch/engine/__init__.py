@@ -5,6 +5,8 @@ The training loop sees a small API: process facts (``rank``, ``world_size``, ``d
 ``forward`` / ``backward`` / ``step``, an fp32 EMA, consolidated state dicts for export, and ``save`` / ``load``
 of the full training state. Frozen modules (text encoder, autoencoder) never enter the engine: they are built
 outside :meth:`Engine.model_init` and so are neither partitioned nor given optimizer state, under any ZeRO stage.
+Frozen parameters inside the trainable model (a LoRA's base weights: ``requires_grad`` False) are partitioned under
+ZeRO-3 like the rest, but have no optimizer state, no EMA and no place in :meth:`Engine.model_state_dict`.
 
 Launching: ``torchrun`` and the ``deepspeed`` launcher export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT, which the engine reads; a plain ``python`` process becomes a one-process group on a free local port

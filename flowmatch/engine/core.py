@@ -127,6 +127,14 @@ class Engine:
         """
         return self._zero.gathered_params(module_or_params, modify=modify)
 
+    def assign_weights(self, module: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Collective under ZeRO-3: give the model built in :meth:`model_init` these whole weights (its
+        ``state_dict()`` names and shapes), before :meth:`setup`. Below ZeRO-3 they are assigned without a copy,
+        so a model built on the meta device takes them as they are; under ZeRO-3 each parameter is written
+        from rank 0's tensor into its partitions, one at a time (the whole model is never gathered), and the
+        other ranks may pass None rather than read the weights too."""
+        self._zero.assign(module, state)
+
     def setup(self, model: torch.nn.Module, params: Iterable[Any], optim: OptimConfig, *, max_steps: int,
               micro_batch_size: int, grad_accum_steps: int) -> None:
         """Collective: wrap ``model`` with DeepSpeed, AdamW and the learning-rate schedule.
@@ -295,11 +303,12 @@ class Engine:
     # -- whole weights and the training state ---------------------------------------------------------------------------
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the whole model as CPU tensors on rank 0 (an empty dict on other ranks).
+        """Collective: the whole trainable model as CPU tensors on rank 0 (an empty dict on other ranks).
 
         Under ZeRO 1-3 parameters come from the fp32 masters, so export is exact even when training in bf16/fp16
         (without ZeRO in bf16/fp16 they are the working copies, widened to fp32). Keys are those of
-        ``module.state_dict()``.
+        ``module.state_dict()``, less the frozen parameters (a LoRA's base weights): a model that trains all its
+        parameters is there whole, a LoRA run's holds its adapters (and buffers).
         """
         trainable = self._require_training_weights()
         whole = ((name, self._zero.master(p)) for name, p in trainable.named_params)

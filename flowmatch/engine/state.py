@@ -234,7 +234,7 @@ class TrainingState:
         if same and saved_meta.format >= 2 and optimizer is None:
             raise ValueError(f"{src} has no optimizer state for rank {optim_rank}: the engine state is incomplete")
         # The working weights and buffers come from the consolidated file in every case.
-        self._zero.load_whole(trainable.module, Path(weights))
+        self._zero.load_whole(trainable.module, trainable.named_params, Path(weights))
         if optimizer is not None:
             trainable.load_optimizer_state(rank_files.tensors(optim_rank), optimizer)
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps, global_steps=saved_meta.global_steps)

@@ -33,12 +33,13 @@ class StepResult:
     Attributes:
         stepped: the optimizer applied an update (every loss of the window was finite on every rank).
         skipped: the window contained a non-finite loss and was discarded: nothing changed.
-        grad_norm: global L2 norm of the gradients before clipping, when ``stepped``; else None.
+        grad_norm: global L2 norm of the gradients before clipping, when ``stepped``; else None. A number or a
+            0-dim tensor on the device: reading it is a host sync, so the loop does that at log steps only.
     """
 
     stepped: bool
     skipped: bool
-    grad_norm: float | None
+    grad_norm: float | torch.Tensor | None
 
 
 class Trainable:
@@ -96,11 +97,13 @@ class Trainable:
         self._micro = 0  # backward() calls in the current accumulation window
         self._window = FiniteWindow(group)
         self._skipped_steps = 0
-        self._named_params = list(self._ds.module.named_parameters())
+        # Frozen parameters (a LoRA's base weights) stay in the model, partitioned under ZeRO-3 like the others, but
+        # have no optimizer state, no EMA and no place in the checkpoint's weights.
+        self._named_params = [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
 
     @property
     def named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """The parameters of the wrapped model, in a fixed order (partitioned under ZeRO-3)."""
+        """The trainable parameters of the wrapped model, in a fixed order (partitioned under ZeRO-3)."""
         return self._named_params
 
     @property
@@ -163,8 +166,7 @@ class Trainable:
             return StepResult(stepped=False, skipped=True, grad_norm=None)
         if norm is None:
             norm = self._ds.get_global_grad_norm()
-        # DeepSpeed's step has synchronised with the host already (overflow check, clipping), as has agree().
-        return StepResult(stepped=True, skipped=False, grad_norm=None if norm is None else float(norm))
+        return StepResult(stepped=True, skipped=False, grad_norm=norm)
 
     @property
     def lr(self) -> float:

@@ -8,7 +8,7 @@ every parameter whole and the helpers here pass tensors through.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +126,43 @@ class Zero:
                 out[name] = buf.detach().cpu().clone()
         return out
 
-    def load_whole(self, module: torch.nn.Module, path: Path) -> None:
-        """Collective: set the working weights and buffers of ``module`` from a consolidated safetensors file.
+    def assign(self, module: torch.nn.Module, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Collective under ZeRO-3: set every parameter and buffer of ``module`` (before setup) from whole tensors.
+
+        ``state`` must hold exactly ``module.state_dict()``'s names and shapes. Below ZeRO-3 the tensors are
+        assigned as they are (a module built on the meta device takes them without a copy); under ZeRO-3 each
+        parameter is gathered, written from rank 0's tensor and partitioned again, one at a time, so ranks other
+        than 0 may pass None instead of holding a copy of the whole model.
+        """
+        if state is None and not (self.partitioned and not self._group.is_main):
+            raise ValueError("whole weights are needed here: only ranks other than 0 under ZeRO-3 may pass None")
+        if state is not None:
+            expected = {n for n, _ in module.named_parameters()} | {n for n, _ in persistent_buffers(module)}
+            missing, unexpected = expected - set(state), set(state) - expected
+            if missing or unexpected:
+                raise ValueError(f"the weights do not fit this model: missing {sorted(missing)[:5]}, unexpected "
+                                 f"{sorted(unexpected)[:5]}")
+        if not self.partitioned:
+            module.load_state_dict(state, strict=True, assign=True)
+            return
+        for name, p in module.named_parameters():
+            value = state[name] if state is not None else torch.empty(self.shape(p), dtype=p.dtype)
+            if tuple(value.shape) != self.shape(p):
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, the model has {self.shape(p)}")
+            self.write(p, value)  # rank 0's value is the one kept
+        buffers = list(persistent_buffers(module))
+        if buffers and state is None:  # buffers are not partitioned: every rank needs their values
+            raise ValueError(f"this model has buffers ({buffers[0][0]}, ...): every rank must pass the weights")
+        with torch.no_grad():
+            for name, buf in buffers:
+                buf.copy_(state[name])
+
+    def load_whole(self, module: torch.nn.Module, named: list[tuple[str, torch.nn.Parameter]], path: Path) -> None:
+        """Collective: set the working values of the parameters ``named`` (the trainable ones) and the buffers of
+        ``module`` from a consolidated safetensors file.
 
         The fp32 masters are not touched: the caller refreshes them from the working weights.
         """
-        named = list(module.named_parameters())
         with safe_open(str(path), framework="pt") as f:
             expected = {n for n, _ in named} | {n for n, _ in persistent_buffers(module)}
             missing, unexpected = expected - set(f.keys()), set(f.keys()) - expected

@@ -1,5 +1,5 @@
-"""Rectified-flow math: the path and its one time convention, time distributions and shift, the loss, and
-caption dropout for classifier-free guidance.
+"""Rectified-flow math: the path and its one time convention, time distributions and shift, the loss, caption
+dropout for classifier-free guidance, and the few-step objectives (MeanFlow, shortcut) with guidance as an input.
 
 Convention (see :mod:`flowmatch.flow.path`): t = 0 data, t = 1 noise, ``x_t = (1 - t) x0 + t noise``,
 velocity ``noise - x0``. Diffusion formulations on the same convention (VP paths, eps / v / x0 prediction, their
@@ -8,7 +8,11 @@ loss weightings) live in :mod:`.paths`, :mod:`.parameterization`, :mod:`.weighti
 
 from flowmatch.flow.caption_dropout import drop_captions
 from flowmatch.flow.formulation import Formulation
+from flowmatch.flow.guided import GuidanceInputConfig, with_guidance
+from flowmatch.flow.jvp import JVP_BACKENDS, time_derivative
 from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
+from flowmatch.flow.meanflow import MeanFlowConfig
+from flowmatch.flow.objectives import OBJECTIVES, ObjectiveLoss, ObjectiveModels, objective_loss
 from flowmatch.flow.path import (
     PathSample,
     interpolate,
@@ -19,6 +23,7 @@ from flowmatch.flow.path import (
     velocity_target,
     x0_from_velocity,
 )
+from flowmatch.flow.shortcut import ShortcutConfig
 from flowmatch.flow.timesteps import (
     SHIFT_MODES,
     TIME_DISTRIBUTIONS,
@@ -31,6 +36,16 @@ from flowmatch.flow.timesteps import (
 __all__ = [
     "FlowConfig",
     "Formulation",
+    "GuidanceInputConfig",
+    "JVP_BACKENDS",
+    "MeanFlowConfig",
+    "OBJECTIVES",
+    "ObjectiveLoss",
+    "ObjectiveModels",
+    "ShortcutConfig",
+    "objective_loss",
+    "time_derivative",
+    "with_guidance",
     "LOSS_WEIGHTINGS",
     "LossOutput",
     "PathSample",

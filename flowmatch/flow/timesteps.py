@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from flowmatch.errors import choice_error
 from flowmatch.flow.formulation import check_formulation
+from flowmatch.flow.guided import GuidanceInputConfig
 from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
+from flowmatch.flow.meanflow import MeanFlowConfig
+from flowmatch.flow.objectives import OBJECTIVES
+from flowmatch.flow.shortcut import ShortcutConfig
 
 __all__ = [
     "FlowConfig",
@@ -80,8 +85,21 @@ class FlowConfig:
     caption_dropout: float = 0.1
     """Probability of training on the empty caption's encoding, for classifier-free guidance (Ho & Salimans
     2022 use 0.1-0.2)."""
+    objective: str = "flow"
+    """flow (rectified flow) | meanflow | shortcut (few-step: need model.interval_embed); see flow/objectives.py."""
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    """MeanFlow settings: interval fraction, adaptive weight, JVP backend."""
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+    """Shortcut-model settings: self-consistency fraction, step levels."""
+    guidance: GuidanceInputConfig = field(default_factory=GuidanceInputConfig)
+    """Guidance scales drawn in training when the model takes one (model.guidance_embed)."""
+    teacher: Optional[str] = None
+    """Run or checkpoint directory of a frozen flow model whose guided velocity replaces noise - x0
+    (distillation); None = learn from data."""
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise choice_error("flow.objective", self.objective, OBJECTIVES)
         if self.time_dist not in TIME_DISTRIBUTIONS:
             raise choice_error("flow.time_dist", self.time_dist, TIME_DISTRIBUTIONS)
         if self.shift_mode not in SHIFT_MODES:

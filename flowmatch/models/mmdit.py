@@ -26,7 +26,6 @@ from flowmatch.models.embeddings import (
     unpatchify,
 )
 from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
-from flowmatch.models.unet import UNetConfig
 
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
 EMBEDDER_INIT_STD = 0.02
@@ -81,14 +80,9 @@ class MMDiTConfig:
     """Indices of the joint blocks whose image stream has MMDiT-X's second, image-only attention (SD3.5-medium)."""
     guidance_embed: bool = False
     """Embed a guidance value, cond.extra["guidance"] (B,) times time_scale, like the timestep (FLUX.1-dev)."""
-    kind: str = "mmdit"
-    """Backbone: mmdit (this model) | unet (diffusers' UNet2DConditionModel, flowmatch/models/unet.py)."""
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    """The U-Net's layout, used when kind is unet (its patch_size should be the U-Net's downsampling factor)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.unet, dict):  # presets and asdict() round trips hand the section over as a mapping
-            self.unet = UNetConfig(**self.unet)
+    interval_embed: bool = False
+    """Embed the interval t - r of a second time r <= t like the timestep (few-step models: MeanFlow, shortcut);
+    its last layer starts at zero, so a flow checkpoint loaded into it gives the same outputs."""
 
     @property
     def width(self) -> int:
@@ -148,7 +142,8 @@ class MMDiT(nn.Module):
 
     forward(x (B, C, H, W), t (B,) in [0, 1], cond: Conditioning with hidden (B, L, context_dim),
     mask (B, L) bool, pooled (B, pooled_dim) and, with guidance_embed, extra["guidance"] (B,); no other extra
-    inputs) -> velocity (B, C_out, H, W).
+    inputs; r (B,) <= t or None = t) -> velocity (B, C_out, H, W): with interval_embed, the average velocity over
+    [r, t] (``x_r = x_t - (t - r) u``); at r = t, and always without interval_embed, the instantaneous one.
     """
 
     def __init__(self, cfg: MMDiTConfig, *, device=None, dtype=None) -> None:
@@ -166,6 +161,7 @@ class MMDiT(nn.Module):
         self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, **kw)
         self.time_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw)
         self.guidance_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.guidance_embed else None
+        self.interval_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.interval_embed else None
         self.pooled_embed = mlp_embedder(cfg.pooled_dim, d, **kw)
         self.context_embed = nn.Linear(cfg.context_dim, d, **kw)
         # Without single blocks the text stream of the last joint block is never read again (SD3).
@@ -189,8 +185,8 @@ class MMDiT(nn.Module):
     def init_weights(self) -> None:
         """adaLN-Zero initialisation (DiT, Peebles & Xie 2023, section 3.2): Xavier-uniform linears with zero
         bias, unit QK-norm scales, N(0, 0.02) timestep, guidance and pooled-text MLPs, and zeroed modulation and final
-        projection, so every block starts as the identity and the model outputs exactly zero. Call after
-        `to_empty` from meta."""
+        projection, so every block starts as the identity and the model outputs exactly zero. The interval
+        embedder's last layer is zeroed too (:meth:`zero_embedder`). Call after `to_empty` from meta."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -200,9 +196,13 @@ class MMDiT(nn.Module):
         embedders = [self.time_embed.mlp, self.pooled_embed]
         if self.guidance_embed is not None:
             embedders.append(self.guidance_embed.mlp)
+        if self.interval_embed is not None:
+            embedders.append(self.interval_embed.mlp)
         for embedder in embedders:
             for linear in (embedder.fc1, embedder.fc2):
                 nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
+        if self.interval_embed is not None:
+            self.zero_embedder("interval_embed")
         for module in self.modules():
             if isinstance(module, AdaLNModulation):
                 nn.init.zeros_(module.linear.weight)
@@ -210,11 +210,19 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
+    @torch.no_grad()
+    def zero_embedder(self, name: str) -> None:
+        """Zero the last layer of embedder ``name`` ("interval_embed" or "guidance_embed"): its output is 0 and the
+        model computes what it did without it, until training moves it."""
+        fc2 = getattr(self, name).mlp.fc2
+        nn.init.zeros_(fc2.weight)
+        nn.init.zeros_(fc2.bias)
+
     def blocks(self) -> list[nn.Module]:
         """All transformer blocks in execution order (the units of checkpointing and compilation)."""
         return [*self.joint_blocks, *self.single_blocks]
 
-    def _check_inputs(self, x: Tensor, t: Tensor, cond: Conditioning) -> None:
+    def _check_inputs(self, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor]) -> None:
         cfg = self.cfg
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
@@ -223,6 +231,8 @@ class MMDiT(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
         if t.shape != (b,):
             raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
+        if r is not None and r.shape != (b,):
+            raise ValueError(f"r must be ({b},) or None, got {tuple(r.shape)}")
         hidden, mask, pooled = cond.hidden, cond.mask, cond.pooled
         if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
             raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
@@ -242,10 +252,10 @@ class MMDiT(nn.Module):
             if guidance.shape != (b,):
                 raise ValueError(f"cond.extra['guidance'] must be ({b},), got {tuple(guidance.shape)}")
 
-    def forward(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        """Velocity at (x, t) given the caption conditioning; text tokens where cond.mask is False (padding or
-        dropped tokens) are never attended to."""
-        self._check_inputs(x, t, cond)
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor] = None) -> Tensor:
+        """Velocity at (x, t) given the caption conditioning (averaged over [r, t] with interval_embed); text tokens
+        where cond.mask is False (padding or dropped tokens) are never attended to."""
+        self._check_inputs(x, t, cond, r)
         cfg = self.cfg
         b, _, height, width = x.shape
         gh, gw = height // cfg.patch_size, width // cfg.patch_size
@@ -258,6 +268,9 @@ class MMDiT(nn.Module):
         vec = self.time_embed(t.float() * cfg.time_scale)  # (B, D)
         if self.guidance_embed is not None:  # (time + guidance) + pooled: FLUX's order of the sums
             vec = vec + self.guidance_embed(cond.extra["guidance"].float() * cfg.time_scale)
+        if self.interval_embed is not None:  # the interval t - r (MeanFlow's (t, t - r) inputs); r = None is r = t
+            interval = t.float() - r.float() if r is not None else torch.zeros_like(t, dtype=torch.float32)
+            vec = vec + self.interval_embed(interval * cfg.time_scale)
         vec = vec + self.pooled_embed(cond.pooled)
         ctx = self.context_embed(cond.hidden)  # (B, L, D)
 

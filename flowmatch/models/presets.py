@@ -62,19 +62,33 @@ def _unknown(kind: str, name: str, allowed: list[str]) -> ValueError:
     return ValueError(f"unknown {kind} {name!r}{hint} (allowed: {', '.join(sorted(allowed))})")
 
 
+#: The name of a config built field by field (e.g. converted weights that match no preset): the defaults.
+CUSTOM = "custom"
+
+
 def preset_values(name: str) -> dict[str, Any]:
-    """Every `MMDiTConfig` field of preset `name`, `preset` included. Raises ValueError for unknown names."""
-    if name not in PRESETS:
-        raise _unknown("MMDiT preset", name, list(PRESETS))
+    """Every `MMDiTConfig` field of preset `name`, `preset` included (a U-Net preset adds the `ModelConfig` fields
+    `kind` and `unet`); "custom" gives the `MMDiTConfig` defaults
+    (a saved recipe whose weights matched no preset lists every field anyway). ValueError for unknown names."""
+    if name not in PRESETS and name != CUSTOM:
+        raise _unknown("MMDiT preset", name, [*PRESETS, CUSTOM])
     values = dataclasses.asdict(MMDiTConfig())
-    values.update(PRESETS[name])
+    values.update(PRESETS.get(name, {}))
     values["preset"] = name
     return values
+
+
+def is_mmdit_preset(name: str) -> bool:
+    """Whether preset `name` is an MMDiT's (the U-Net presets set the `ModelConfig` field `kind`)."""
+    return PRESETS.get(name, {}).get("kind", "mmdit") == "mmdit"
 
 
 def config_from_preset(name: str, **overrides: Any) -> MMDiTConfig:
     """The `MMDiTConfig` of preset `name` with `overrides` (field -> value) applied on top."""
     values = preset_values(name)
+    if not is_mmdit_preset(name):
+        raise ValueError(f"preset {name!r} is a model.kind: {values['kind']} preset, not an MMDiT's; use it as the "
+                         "recipe's model.preset")
     for key in overrides:
         if key not in _FIELDS:
             raise _unknown("MMDiTConfig field", key, sorted(_FIELDS))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from flowmatch.encoders.conditioning import Conditioning
 
 if TYPE_CHECKING:
-    from flowmatch.models.mmdit import MMDiTConfig
+    from flowmatch.models.config import ModelConfig
 
 __all__ = ["UNetBackbone", "UNetConfig"]
 
@@ -58,11 +58,11 @@ class UNetConfig:
 class UNetBackbone(nn.Module):
     """``UNet2DConditionModel`` with flowmatch's call: forward(x (B, C, H, W), t (B,) in [0, 1], cond) -> (B, C', H, W).
 
-    Built from the model section (``MMDiTConfig``): ``in_channels``/``out_channels``, ``context_dim`` (the
+    Built from the model section (``ModelConfig``): ``in_channels``/``out_channels``, ``context_dim`` (the
     cross-attention width), ``pooled_dim``, ``sample_size``, ``time_scale`` and the ``unet`` sub-section.
     """
 
-    def __init__(self, cfg: "MMDiTConfig") -> None:
+    def __init__(self, cfg: "ModelConfig") -> None:
         super().__init__()
         from diffusers import UNet2DConditionModel
 

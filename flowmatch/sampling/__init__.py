@@ -1,9 +1,11 @@
-"""Sampling from a flow model: ODE solvers, classifier-free guidance, exact likelihood.
+"""Sampling from a flow model: ODE solvers, few-step jumps of average-velocity models, classifier-free guidance,
+exact likelihood.
 
 Every function takes a plain velocity callable ``velocity(x, t)`` (x (B, ...), t (B,)), so the CLI, validation
 during training and the Python API share one implementation.
 """
 
+from flowmatch.sampling.fewstep import sample_average
 from flowmatch.sampling.generate import Pipeline, SamplingConfig, VelocityModel, image_noise, sample_latents
 from flowmatch.sampling.guidance import guided_velocity
 from flowmatch.sampling.likelihood import (
@@ -18,6 +20,7 @@ from flowmatch.sampling.likelihood import (
 )
 from flowmatch.sampling.solvers import (
     ADAPTIVE_SOLVERS,
+    AVERAGE_SOLVER,
     FIXED_STEP_SOLVERS,
     FixedStepSolver,
     ODESolution,
@@ -33,6 +36,7 @@ from flowmatch.sampling.solvers import (
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
+    "AVERAGE_SOLVER",
     "FIXED_STEP_SOLVERS",
     "FixedStepSolver",
     "ODESolution",
@@ -52,6 +56,7 @@ __all__ = [
     "log_likelihood",
     "nfe_per_step",
     "sample_latents",
+    "sample_average",
     "sample_ode",
     "solver_order",
     "standard_normal_log_prob",

@@ -27,7 +27,9 @@ Grids agree to float32 rounding: diffusers holds sigmas and timesteps in float32
 flowmatch in float64. At equal inputs the two models' velocities agree to float64 rounding, so that rounding is
 all that separates the trajectories: below 2e-4 per latent value over 10 guided steps on the tiny random models
 of the tests, more (5e-3) for the tiny SD3-medium layout without QK-norm, whose random weights make the velocity
-unusually sensitive to t.
+unusually sensitive to t. To generate a diffusers pipeline's images, :class:`PipelineGrid` takes the grid from
+the pipeline's own scheduler and rounds the timesteps as its transformer sees them, which removes that rounding
+(`flowmatch.Pipeline.from_diffusers`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 from flowmatch.flow import TimeSchedule
 from flowmatch.flow.timesteps import check_steps, shift_time
 
-__all__ = ["diffusers_default_sigmas", "diffusers_sigmas", "mu_for", "scheduler_config"]
+__all__ = ["PipelineGrid", "diffusers_default_sigmas", "diffusers_sigmas", "mu_for", "scheduler_config"]
 
 #: diffusers' FlowMatchEulerDiscreteScheduler default training steps; its timesteps are sigma * this.
 NUM_TRAIN_TIMESTEPS = 1000
@@ -90,3 +92,66 @@ def scheduler_config(schedule: TimeSchedule, seq_len: Optional[int] = None) -> d
         raise ValueError(f"flow.shift_mode={cfg.shift_mode!r} with flow.shift={cfg.shift} has no diffusers scheduler "
                          "equivalent for every size: give the image sequence length to fix the shift at")
     return dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=schedule.shift_for(seq_len), use_dynamic_shifting=False)
+
+
+#: The pipelines whose grid :class:`PipelineGrid` reproduces, and the max_shift each assumes when the scheduler
+#: config has none (diffusers' StableDiffusion3Pipeline defaults to 1.16, FluxPipeline to 1.15).
+PIPELINE_MAX_SHIFT = {"sd3": 1.16, "flux": 1.15}
+
+
+class PipelineGrid:
+    """The times a diffusers pipeline walks and the timesteps its transformer sees, reproduced to the last bit, so
+    that flowmatch's Euler sampler from the same folder gives the pipeline's images.
+
+    diffusers holds sigmas and timesteps in float32 (964.28564 for 964.28571), and with random tiny weights that
+    rounding alone moves images by several 1e-3; so the grid comes from a `FlowMatchEulerDiscreteScheduler` built
+    from the pipeline's own scheduler config, called as the pipeline calls it:
+
+    - ``sd3``: ``set_timesteps(N, sigmas=sigmas)`` (None: the scheduler's default grid, see the module), with
+      ``mu`` from the image sequence length only for a dynamic-shift config; the transformer gets ``sigma * 1000``
+      in float32, which is what flowmatch's MMDiT computes from ``t = sigma``.
+    - ``flux``: ``sigmas`` default ``linspace(1, 1/N, N)`` and ``mu`` from the packed image sequence length; the
+      transformer gets ``(sigma * 1000) / 1000`` in float32 and multiplies by 1000 again, so :meth:`model_time`
+      rounds t the same way.
+
+    Args:
+        scheduler_config: the pipeline's scheduler/scheduler_config.json as a mapping.
+        pipeline: ``sd3`` or ``flux``.
+    """
+
+    def __init__(self, scheduler_config: dict[str, Any], pipeline: str) -> None:
+        if pipeline not in PIPELINE_MAX_SHIFT:
+            raise ValueError(f"pipeline must be one of {tuple(PIPELINE_MAX_SHIFT)}, got {pipeline!r}")
+        self.config = dict(scheduler_config)
+        self.pipeline = pipeline
+        self.classifier_free = pipeline == "sd3"
+        """Whether the pipeline's guidance scale is classifier-free guidance (SD3), not a model input (FLUX)."""
+
+    def mu(self, seq_len: int) -> float:
+        """The pipeline's ``mu`` for `seq_len` image tokens (diffusers' calculate_shift with its defaults)."""
+        c = self.config
+        base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        base, top = c.get("base_shift", 0.5), c.get("max_shift", PIPELINE_MAX_SHIFT[self.pipeline])
+        slope = (top - base) / (max_len - base_len)
+        return seq_len * slope + (base - slope * base_len)
+
+    def grid(self, steps: int, *, seq_len: int, sigmas: Optional[list[float]] = None) -> list[float]:
+        """The ``steps + 1`` sigmas (float32 values, last 0) the pipeline walks for images of `seq_len` tokens."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        steps = check_steps(steps)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.config)
+        if self.pipeline == "flux" and sigmas is None and not self.config.get("use_flow_sigmas"):
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+        dynamic = bool(self.config.get("use_dynamic_shifting"))
+        if sigmas is not None and len(sigmas) != steps:
+            raise ValueError(f"sigmas= must hold one value per step ({steps}), got {len(sigmas)}")
+        scheduler.set_timesteps(steps, sigmas=None if sigmas is None else list(sigmas),
+                                mu=self.mu(seq_len) if dynamic else None)
+        return scheduler.sigmas.double().tolist()
+
+    def model_time(self, t):
+        """t (B,) float32 as the pipeline's transformer ends up embedding it (divided by 1000 after scaling)."""
+        if self.pipeline == "flux":
+            return (t.float() * NUM_TRAIN_TIMESTEPS) / NUM_TRAIN_TIMESTEPS
+        return t

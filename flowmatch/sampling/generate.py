@@ -16,19 +16,23 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
-from flowmatch.data.pixels import model_to_unit
+from flowmatch.data.pixels import model_to_unit, pixels_to_model
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import FlowConfig, Formulation, TimeSchedule
-from flowmatch.sampling.guidance import guided_velocity
+from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, with_guidance
+from flowmatch.flow.timesteps import shift_time
 from flowmatch.sampling.diffusion import DIFFUSION_SAMPLERS, check_sampler, sample_diffusion
-from flowmatch.sampling.solvers import sample_ode
+from flowmatch.sampling.fewstep import sample_average
+from flowmatch.sampling.guidance import guided_velocity
+from flowmatch.sampling.solvers import AVERAGE_SOLVER, sample_ode
 
 if TYPE_CHECKING:
     from flowmatch.config import Recipe
     from flowmatch.encoders.frozen import FrozenEncoders
+    from flowmatch.sampling.diffusers_schedule import PipelineGrid
 
-VelocityModel = Callable[[Tensor, Tensor, Conditioning], Tensor]
-"""``model(x (B, C, h, w), t (B,), cond) -> velocity (B, C, h, w)``."""
+VelocityModel = Callable[..., Tensor]
+"""``model(x (B, C, h, w), t (B,), cond) -> velocity (B, C, h, w)``; the ``average`` solver also passes
+``r=`` (B,), the end of the step (the MMDiT's second time)."""
 
 
 @dataclass
@@ -38,8 +42,8 @@ class SamplingConfig:
     steps: int = 20
     """ODE steps."""
     solver: str = "euler"
-    """ODE solver (see flowmatch.sampling.SOLVERS), or a diffusion sampler: ddim | ancestral | pc
-    (flowmatch/sampling/diffusion.py)."""
+    """ODE solver (see flowmatch.sampling.SOLVERS); average = few-step jumps of a MeanFlow / shortcut model; or a
+    diffusion sampler: ddim | ancestral | pc (flowmatch/sampling/diffusion.py)."""
     eta: float = 0.0
     """DDIM's eta: 0 deterministic, 1 the ancestral sampler's noise (Song et al. 2020)."""
     corrector_steps: int = 1
@@ -73,22 +77,37 @@ def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
 @torch.no_grad()
 def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Conditioning], noise: Tensor, *,
                    steps: int, solver: str, guidance_scale: Optional[float], shift: float,
-                   formulation: Optional[Formulation] = None, options: Optional[SamplingConfig] = None,
+                   grid: Optional[list[float]] = None, formulation: Optional[Formulation] = None,
+                   options: Optional[SamplingConfig] = None,
                    generator: Optional[torch.Generator] = None) -> tuple[Tensor, int]:
     """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, model evaluations).
 
     With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
-    ``formulation`` (default: rectified flow, velocity) says what the model predicts: an ODE solver integrates
-    its probability-flow velocity; a diffusion sampler (``solver`` in ``ddim | ancestral | pc``) takes eta and
-    the corrector settings from ``options`` and its fresh noise from ``generator``.
+    ``grid`` (steps + 1 times) replaces the grid of ``shift``. The ``average`` solver jumps with the model's
+    average velocity over each step (:func:`~flowmatch.sampling.sample_average`, on the grid of ``shift``); the
+    others integrate its velocity at r = t. ``formulation`` (default: rectified flow, velocity) says what the
+    model predicts: an ODE solver integrates its probability-flow velocity; a diffusion sampler (``solver`` in
+    ``ddim | ancestral | pc``) takes eta and the corrector settings from ``options`` and its fresh noise from
+    ``generator``.
     """
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
         raise ValueError("classifier-free guidance needs the empty caption's conditioning (null)")
+    if solver == AVERAGE_SOLVER:
+        if grid is not None:
+            raise ValueError("the average solver walks the flow's own grid; it takes no grid or sigmas")
+        if formulation is not None and not formulation.is_rectified_velocity:
+            raise ValueError("the average solver needs a rectified-flow model's average velocity; this model "
+                             f"predicts {formulation.prediction} on the {formulation.path.name} path")
+        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True)
+        solution = sample_average(velocity, noise, steps=steps, shift=shift)
+        return solution.x, solution.nfe
     # Guidance mixes outputs linearly, and every prediction is affine in every other at fixed (x, t): guiding the
     # model's own output is guiding its velocity.
     predict = guided_velocity(model, cond, null if guided else None, guidance_scale)
     if solver in DIFFUSION_SAMPLERS:
+        if grid is not None:
+            raise ValueError(f"the {solver} sampler walks the flow's own grid; it takes no grid or sigmas")
         o = options or SamplingConfig()
         solution = sample_diffusion(predict, noise, formulation=formulation or Formulation(FlowConfig()),
                                     sampler=solver, steps=steps, shift=shift, eta=o.eta,
@@ -96,7 +115,7 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
                                     clip_x0=o.clip_x0, generator=generator)
     else:
         velocity = formulation.to_velocity(predict) if formulation is not None else predict
-        solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift)
+        solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift, grid=grid)
     return solution.x, solution.nfe
 
 
@@ -112,10 +131,12 @@ class Pipeline:
         recipe: the run's resolved recipe: its ``sampling`` section gives the defaults, ``flow`` the time
             schedule (shift), ``model.patch_size`` and ``data.resolution`` the default image size.
         device: where noise and latents live.
+        pipeline_grid: walk a diffusers pipeline's grid and timesteps instead of the schedule's (set by
+            :meth:`from_diffusers`).
     """
 
     def __init__(self, model: VelocityModel, encoders: "FrozenEncoders", recipe: "Recipe", *,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", pipeline_grid: Optional["PipelineGrid"] = None) -> None:
         self.model = model
         self.encoders = encoders
         self.recipe = recipe
@@ -123,6 +144,7 @@ class Pipeline:
         self.schedule = TimeSchedule(recipe.flow)
         self.formulation = Formulation(recipe.flow)
         """What the model predicts on which path (``flow.path``, ``flow.prediction``)."""
+        self.pipeline_grid = pipeline_grid
         self.last_nfe = 0
 
     @classmethod
@@ -134,6 +156,16 @@ class Pipeline:
 
         return load_pipeline(path, device=device, ema=ema)
 
+    @classmethod
+    def from_diffusers(cls, path, *, device: Optional[torch.device | str] = None,
+                       dtype: str = "fp32") -> "Pipeline":
+        """A diffusers SD3 / SD3.5 / FLUX pipeline folder (or hub id): its transformer, text encoders, tokenizers,
+        VAE and scheduler, generating the images its own pipeline class generates from the same prompt, noise,
+        steps, guidance and sigmas; see :func:`flowmatch.pipeline.load_diffusers_pipeline`."""
+        from flowmatch.pipeline import load_diffusers_pipeline
+
+        return load_diffusers_pipeline(path, device=device, dtype=dtype)
+
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of height x width pixels (the recipe's resolution by default)."""
         default_h, default_w = self.recipe.data.size
@@ -144,14 +176,25 @@ class Pipeline:
         return (self.encoders.latent_channels, h // f, w // f)
 
     @torch.no_grad()
+    def reconstruct(self, pixels: Tensor) -> Tensor:
+        """8-bit images (B, C, H, W) through the autoencoder's encode and decode: (B, C, H, W) in [0, 1], the best
+        the model's latent space can represent them (the images themselves in pixel space)."""
+        latents = self.encoders.autoencoder.encode(pixels_to_model(pixels).to(self.device))
+        return model_to_unit(self.encoders.decode(latents))
+
+    @torch.no_grad()
     def generate(self, prompts: list[str], *, steps: Optional[int] = None, solver: Optional[str] = None,
                  guidance_scale: Optional[float] = None, seed: int = 0, height: Optional[int] = None,
-                 width: Optional[int] = None, noise: Optional[Tensor] = None) -> Tensor:
+                 width: Optional[int] = None, noise: Optional[Tensor] = None,
+                 sigmas: Optional[list[float]] = None) -> Tensor:
         """Images (B, C, H, W) in [0, 1] for B prompts; None arguments take the recipe's sampling defaults.
 
         Image i starts from noise seeded with ``seed + i``, or from ``noise[i]`` when ``noise`` (B, C, h, w), the
         latents at t = 1, is given (to start another library's sampler from the same latents); its size then sets
-        the image size. :attr:`last_nfe` holds the velocity evaluations used.
+        the image size. ``sigmas`` (one per step, unshifted, as diffusers' pipelines take them) sets the grid:
+        the shift applied to them, then 0. For a model with a guidance embedding (FLUX-dev) the guidance scale is
+        the value it embeds, with no classifier-free guidance, as FluxPipeline does. :attr:`last_nfe` holds the
+        velocity evaluations used.
         """
         s = self.recipe.sampling
         p = self.recipe.model.patch_size
@@ -166,17 +209,27 @@ class Pipeline:
             if tuple(noise.shape) != (len(prompts), c, h, w):
                 raise ValueError(f"noise must be (B={len(prompts)}, {c}, {h}, {w}) for {len(prompts)} prompts at "
                                  f"{h * f}x{w * f} pixels, got {tuple(noise.shape)}")
-        latents, self.last_nfe = sample_latents(
-            self.model,
-            self.encoders.encode_text(list(prompts)),
-            self.encoders.null(),
-            noise.to(self.device, torch.float32),
-            steps=steps or s.steps,
-            solver=solver or s.solver,
-            guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-            shift=self.schedule.shift_for((h // p) * (w // p)),
-            formulation=self.formulation,
-            options=s,
-            generator=torch.Generator().manual_seed(seed),
-        )
+        steps, seq_len = steps or (len(sigmas) if sigmas is not None else s.steps), (h // p) * (w // p)
+        scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        shift = self.schedule.shift_for(seq_len)
+        cond, null, model = self.encoders.encode_text(list(prompts)), self.encoders.null(), self.model
+        if self.recipe.model.guidance_embed:  # guidance as a model input (FLUX-dev, few-step): no unconditional pass
+            cond, null, scale = with_guidance(cond, scale), None, None
+        elif self.pipeline_grid is not None and not self.pipeline_grid.classifier_free:
+            scale = None  # FLUX-schnell: FluxPipeline runs no unconditional pass whatever its guidance_scale
+        grid = None
+        if self.pipeline_grid is not None:
+            grid = self.pipeline_grid.grid(steps, seq_len=seq_len, sigmas=sigmas)
+            model = _timed(self.model, self.pipeline_grid.model_time)
+        elif sigmas is not None:
+            grid = [*shift_time(torch.tensor(sigmas, dtype=torch.float64), shift).tolist(), 0.0]
+        latents, self.last_nfe = sample_latents(model, cond, null, noise.to(self.device, torch.float32), steps=steps,
+                                                solver=solver or s.solver, guidance_scale=scale, shift=shift,
+                                                grid=grid, formulation=self.formulation, options=s,
+                                                generator=torch.Generator().manual_seed(seed))
         return model_to_unit(self.encoders.decode(latents))
+
+
+def _timed(model: VelocityModel, model_time: Callable[[Tensor], Tensor]) -> VelocityModel:
+    """``model`` seeing ``model_time(t)`` for ``t``."""
+    return lambda x, t, cond: model(x, model_time(t), cond)

@@ -18,12 +18,16 @@ __all__ = ["guided_velocity"]
 
 
 def guided_velocity(
-    model_fn: Callable[[Tensor, Tensor, Conditioning], Tensor],
+    model_fn: Callable[..., Tensor],
     cond: Conditioning,
     uncond: Conditioning | None,
     scale: float | None,
-) -> Callable[[Tensor, Tensor], Tensor]:
-    """A velocity field ``v(x, t)`` with classifier-free guidance, for :func:`flowmatch.sampling.sample_ode`.
+    *,
+    r: bool = False,
+) -> Callable[..., Tensor]:
+    """A velocity field ``v(x, t)`` with classifier-free guidance, for :func:`flowmatch.sampling.sample_ode`;
+    with ``r=True`` an average velocity ``u(x, t, r)`` for :func:`flowmatch.sampling.sample_average`, the model
+    called as ``model_fn(x, t, cond, r=r)``.
 
     Returns ``v_u + scale * (v_c - v_u)`` where ``v_c = model_fn(x, t, cond)`` and ``v_u`` likewise with
     ``uncond``; both come from ONE forward on the batch [x; x] of size 2B (``uncond`` may have batch 1, and
@@ -31,13 +35,16 @@ def guided_velocity(
     with a single forward of size B; ``uncond`` may then be None. x (B, ...), t (B,).
     """
     if scale is None or scale == 1.0:
+        if r:
+            return lambda x, t, r_: model_fn(x, t, cond, r=r_)
         return lambda x, t: model_fn(x, t, cond)
     if uncond is None:
         raise ValueError(f"guidance scale {scale} needs the unconditional (empty caption) inputs; got uncond=None")
     both = Conditioning.cat([cond, uncond.expand(len(cond))])
 
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    def velocity(x: Tensor, t: Tensor, r_: Tensor | None = None) -> Tensor:
+        extra = {} if r_ is None else {"r": torch.cat([r_, r_])}
+        v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both, **extra).chunk(2)
         return v_uncond + scale * (v_cond - v_uncond)
 
     return velocity

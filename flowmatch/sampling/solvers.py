@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -26,6 +27,7 @@ from flowmatch.flow.timesteps import check_steps, shifted_grid
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
+    "AVERAGE_SOLVER",
     "FIXED_STEP_SOLVERS",
     "FixedStepSolver",
     "ODESolution",
@@ -190,13 +192,17 @@ FIXED_STEP_SOLVERS: dict[str, FixedStepSolver] = {
 }
 
 
-SOLVERS: tuple[str, ...] = tuple(FIXED_STEP_SOLVERS) + ADAPTIVE_SOLVERS
-"""Every name ``sample_ode`` accepts: the fixed-step registry, then torchdiffeq's adaptive methods."""
+# Few-step jumps of an average-velocity model (flowmatch.sampling.fewstep): a sampler name like the solvers',
+# but it needs the model's second time r, so sample_ode (velocity(x, t) only) does not run it.
+AVERAGE_SOLVER = "average"
+
+SOLVERS: tuple[str, ...] = tuple(FIXED_STEP_SOLVERS) + ADAPTIVE_SOLVERS + (AVERAGE_SOLVER,)
+"""Every sampler name: the fixed-step registry, torchdiffeq's adaptive methods, the few-step ``average``."""
 
 
 def available_solvers() -> tuple[str, ...]:
-    """Every name ``sample_ode`` accepts, including solvers registered in FIXED_STEP_SOLVERS after import."""
-    return tuple(FIXED_STEP_SOLVERS) + ADAPTIVE_SOLVERS
+    """Every sampler name, including solvers registered in FIXED_STEP_SOLVERS after import."""
+    return tuple(FIXED_STEP_SOLVERS) + ADAPTIVE_SOLVERS + (AVERAGE_SOLVER,)
 
 
 def _fixed(solver: str) -> FixedStepSolver:
@@ -220,13 +226,13 @@ def check_solver(solver: str, key: str = "solver") -> str:
 
 
 def solver_order(solver: str) -> int:
-    """Global order of a fixed-step solver."""
-    return _fixed(solver).order
+    """Global order of a fixed-step solver (``average``: 1, Euler's on a model without the interval input)."""
+    return 1 if solver == AVERAGE_SOLVER else _fixed(solver).order
 
 
 def nfe_per_step(solver: str) -> int:
-    """Velocity evaluations per step of a fixed-step solver."""
-    return _fixed(solver).nfe_per_step
+    """Velocity evaluations per step of a fixed-step solver (``average``: one per jump)."""
+    return 1 if solver == AVERAGE_SOLVER else _fixed(solver).nfe_per_step
 
 
 def steps_for_nfe(solver: str, nfe: int) -> int:
@@ -246,6 +252,7 @@ def sample_ode(
     shift: float = 1.0,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    grid: Optional[Sequence[float]] = None,
 ) -> ODESolution:
     """Integrate ``dx/dt = velocity(x, t)`` from ``noise`` (B, ...) at t = 1 to t = 0.
 
@@ -257,6 +264,8 @@ def sample_ode(
         shift: timestep shift of the fixed-step grid; pass ``TimeSchedule.shift_for(seq_len)`` so sampling uses
             the shift training used. Adaptive solvers integrate t continuously and ignore it.
         rtol, atol: tolerances of adaptive solvers.
+        grid: the ``steps + 1`` times of a fixed-step solver, from 1 down to 0, instead of the shifted grid (e.g. a
+            diffusers scheduler's sigmas: :func:`flowmatch.sampling.diffusers_schedule.pipeline_grid`).
 
     Gradients are not disabled here: wrap the call in ``torch.inference_mode()`` when sampling.
     """
@@ -265,9 +274,17 @@ def sample_ode(
         raise ValueError(f"noise must be a floating-point tensor; got dtype {noise.dtype}")
     field = _Field(velocity)
     if solver in FIXED_STEP_SOLVERS:
-        grid = shifted_grid(steps, shift).tolist()
-        x = FIXED_STEP_SOLVERS[solver].integrate(field, noise, grid)
+        if grid is None:
+            grid = shifted_grid(steps, shift).tolist()
+        elif len(grid) != steps + 1:
+            raise ValueError(f"a grid for {steps} steps has {steps + 1} times, got {len(grid)}")
+        x = FIXED_STEP_SOLVERS[solver].integrate(field, noise, [float(t) for t in grid])
+    elif solver == AVERAGE_SOLVER:
+        raise ValueError("solver 'average' jumps with a model's average velocity u(x, t, r): use "
+                         "flowmatch.sampling.sample_average (Pipeline.generate does)")
     elif solver in ADAPTIVE_SOLVERS:
+        if grid is not None:
+            raise ValueError(f"solver {solver!r} chooses its own steps: a grid needs a fixed-step solver")
         span = torch.tensor([1.0, 0.0], dtype=noise.dtype, device=noise.device)
         x = odeint(lambda t, y: field(y, t), noise, span, rtol=rtol, atol=atol, method=solver)[-1]
     else:

@@ -8,20 +8,26 @@ import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from flowmatch.config import Recipe, to_yaml
-from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split
+from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split, read_cache_info
+from flowmatch.encoders.autoencoder import ensure_autoencoder
+from flowmatch.encoders.cache import ensure_cache
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.errors import RecipeError
 from flowmatch.flow import TimeSchedule
+from flowmatch import init_from
+from flowmatch.init_from import InitRecord
 from flowmatch.models.backbone import build_backbone
+from flowmatch.models.lora import apply_lora
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.training.fewstep import check_recipe, load_teacher
 
 
 def seed_everything(seed: int) -> None:
@@ -54,9 +60,12 @@ class EngineVelocity:
         self.last_dtype: Optional[torch.dtype] = None
         """Dtype of the model's raw output in the latest call: the precision the run really computes in."""
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                 r: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The velocity at (x, t); with ``r`` (B,) the average velocity over [r, t] (float32 like t)."""
         dt = self.engine.dtype
-        out = self.engine.forward(x.to(dt), t.float(), cond.to(dtype=dt))
+        extra = {} if r is None else {"r": r.float()}
+        out = self.engine.forward(x.to(dt), t.float(), cond.to(dtype=dt), **extra)
         self.last_dtype = out.dtype
         return out.float()
 
@@ -81,27 +90,50 @@ class TrainingRun:
     """One noise generator per micro-batch slot this rank fills (slot = rank * accum + micro index), so the noise
     of a sample depends on its place in the global batch, not on how many processes share the batch."""
     null: Conditioning
-    """The empty caption's conditioning (caption dropout's replacement)."""
+    """Caption dropout's replacement: per encoder, its encoded empty caption (or zeros, as it says)."""
     has_val: bool
     """Whether the data has a held-out split (the same answer on every rank: validation stays collective)."""
+    init: Optional[InitRecord] = None
+    """Where the starting weights came from (model.init_from), recorded in every checkpoint; None = random init."""
+    teacher: Optional[Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]] = None
+    """The frozen teacher of distillation (``flow.teacher``), ``teacher(x, t, cond) -> v``; None = from data."""
 
     @property
     def recipe_yaml(self) -> str:
         return to_yaml(self.recipe)
 
 
-def build_model(run_recipe: Recipe, engine: Engine) -> torch.nn.Module:
-    """The model (MMDiT, or the U-Net for model.kind: unet) with the same initial weights on every rank and stage,
-    with activation checkpointing and compile applied from outside the model as the recipe asks."""
+def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] = None) -> torch.nn.Module:
+    """The model (MMDiT, or the U-Net for model.kind: unet) with the same initial weights on every rank and stage
+    (the `init` weights, else a seeded random init), its LoRA adapters when the recipe has them, and activation
+    checkpointing and compile applied from outside the model as the recipe asks. init_from and LoRA are MMDiT-only
+    (ModelConfig rejects them for other kinds)."""
     seed = run_recipe.train.seed
+    arch = run_recipe.model.architecture()
     torch.manual_seed(seed)  # identical initial weights on every rank
-    with engine.model_init():
-        model = build_backbone(run_recipe.model)
-    # The constructor initialised the weights already, except under ZeRO-3: reseed so that every stage starts from
-    # the same weights.
-    torch.manual_seed(seed)
-    with engine.gathered_params(model, modify=True):  # under ZeRO-3 the parameters are partitioned by now
-        model.init_weights()
+    if init is not None:
+        # Below ZeRO-3 built on the meta device and given the loaded tensors: no random init of a model that size.
+        with engine.model_init():
+            model = build_backbone(run_recipe.model, device=None if engine.cfg.zero_stage == 3 else "meta")
+        # Under ZeRO-3 rank 0's tensors are written into every rank's partitions: the others read nothing.
+        reads = engine.is_main or engine.cfg.zero_stage != 3
+        state = init_from.cast(init_from.load_weights(init), engine.dtype) if reads else None
+        if state is not None:  # inputs the recipe adds (few-step training from a flow model) start at zero
+            state = init_from.with_new_embedders(state, arch, seed)
+        engine.assign_weights(model, state)
+    else:
+        with engine.model_init():
+            model = build_backbone(run_recipe.model)
+        # The constructor initialised the weights already, except under ZeRO-3: reseed so that every stage starts
+        # from the same weights.
+        torch.manual_seed(seed)
+        with engine.gathered_params(model, modify=True):  # under ZeRO-3 the parameters are partitioned by now
+            model.init_weights()
+    if run_recipe.model.lora is not None:
+        # Outside model_init: peft initialises the adapters after building them, which zero.Init's partitioned
+        # parameters would ignore; DeepSpeed partitions them when it wraps the model. Seeded: the same on every rank.
+        torch.manual_seed(seed)
+        apply_lora(model, run_recipe.model.lora)
     if run_recipe.model.kind != "mmdit" and (run_recipe.train.activation_checkpointing or run_recipe.train.compile):
         raise RecipeError(f"train.activation_checkpointing and train.compile apply to model.kind: mmdit only; set "
                           f"them to false for model.kind: {run_recipe.model.kind}")
@@ -113,20 +145,36 @@ def build_model(run_recipe: Recipe, engine: Engine) -> torch.nn.Module:
 
 
 def assemble(recipe: Recipe) -> TrainingRun:
-    """Build a run: shards (rank 0, when the recipe names a builder), engine, encoders, model, loader, schedule."""
+    """Build a run: shards, autoencoder and feature cache (rank 0, each when the recipe names a builder and it is
+    missing), engine, encoders, model (from model.init_from's weights when set), loader, schedule. Training on
+    cached features frees the text encoders and the autoencoder's encoder half once the empty caption and the
+    sampling prompts are encoded."""
+    located = None
+    if recipe.model.init_from:  # the architecture comes from the weights: checked before anything starts
+        located = init_from.locate(recipe.model.init_from)
+        recipe = dataclasses.replace(recipe, model=init_from.with_architecture(
+            recipe.model, init_from.architecture(*located)))
     engine = Engine(recipe.distributed)
+    # Rank 0 hashes the weights (for a large model that takes a while) and every rank takes its record.
+    init = None if located is None else engine.broadcast_object(
+        describe_init(recipe.model.init_from, *located) if engine.is_main else None)
     run_dir = Path(recipe.run_dir)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ensure_shards(recipe.data)
+        ensure_autoencoder(recipe.autoencoder, recipe.data)
     engine.barrier()
     t = recipe.train
     seed_everything(t.seed + engine.rank)
-    encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels,
+    encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=engine.device)
+    if engine.is_main:
+        ensure_cache(recipe.data, encoders, progress=recipe.logging.progress)
+    engine.barrier()
     recipe = dataclasses.replace(recipe, model=encoders.fill_model_config(recipe.model))
+    check_recipe(recipe)
     micro, accum = batch_plan(t.batch_size, t.micro_batch_size, engine.world_size)
-    model = build_model(recipe, engine)
+    model = build_model(recipe, engine, init)
     seed_everything(t.seed + engine.rank)  # back to per-rank streams (data workers, posterior samples)
     engine.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim, max_steps=t.max_steps,
                  micro_batch_size=micro, grad_accum_steps=accum)
@@ -134,9 +182,19 @@ def assemble(recipe: Recipe) -> TrainingRun:
         engine.ema_init(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
                           seed=t.seed, encoders=encoders.fingerprints())
+    has_val = has_val_split(recipe.data)
+    if loader.cached and (not has_val or read_cache_info(recipe.data, "val") is not None):
+        encoders.release(keep=recipe.sampling.prompts)  # the features hold every caption's encoding
     first_slot = engine.rank * accum
     generators = [torch.Generator().manual_seed(t.seed * 1000 + first_slot + m) for m in range(accum)]
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
-                       micro_batch=micro, accum=accum, generators=generators, null=encoders.null(),
-                       has_val=has_val_split(recipe.data))
+                       micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
+                       has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device))
+
+
+def describe_init(source: str, kind: str, path: Path) -> InitRecord:
+    """The hashed record of a recipe's init_from, said on the console."""
+    rec = init_from.record(source, kind, path)
+    print(f"init_from: {kind} weights {path} (SHA-256 {rec.sha256[:16]}...)", flush=True)
+    return rec

@@ -9,22 +9,26 @@ the device until the log step reduces them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
 
-from flowmatch.checkpoint import latest_checkpoint, resume_checkpoint, save_checkpoint
+from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
+from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, drop_captions
+from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.flops import training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.training.assembly import TrainingRun
+from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
 from flowmatch.training.validation import Validator
 
@@ -66,24 +70,27 @@ class MicroLoss:
     """(B,) the times the model saw."""
 
 
-def micro_loss(velocity: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor], x0: torch.Tensor,
-               cond: Conditioning, null: Conditioning, *, schedule: TimeSchedule, flow: FlowConfig, patch_size: int,
-               generator: torch.Generator) -> MicroLoss:
-    """The rectified-flow loss of one micro batch x0 (B, C, h, w) with its conditioning.
+def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Conditioning, null: Conditioning, *,
+               schedule: TimeSchedule, flow: FlowConfig, patch_size: int, generator: torch.Generator,
+               dropout_parts: Optional[Sequence[tuple[TextPart, float]]] = None,
+               models: Optional[ObjectiveModels] = None, guided: bool = False,
+               jvp_backend: str = "exact") -> MicroLoss:
+    """The loss of ``flow.objective`` on one micro batch x0 (B, C, h, w) with its conditioning.
 
     Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
-    run on any device), in that order. The model sees ``x_t = (1 - t) x0 + t noise`` and regresses ``noise - x0``
-    with the schedule's loss weighting; other formulations (``flow.path``, ``flow.prediction``) take x_t and the
-    target from :class:`~flowmatch.flow.Formulation`.
+    run on any device), in that order. For rectified flow the model sees ``x_t = (1 - t) x0 + t noise`` and
+    regresses ``noise - x0`` with the schedule's loss weighting (other formulations, ``flow.path`` and
+    ``flow.prediction``, take x_t and the target from :class:`~flowmatch.flow.Formulation`); the few-step
+    objectives and guidance as an input need the further callables of ``models`` (whose ``student`` is
+    ``velocity``): see :func:`flowmatch.flow.objective_loss`. ``dropout_parts`` drops each text encoder's share
+    of ``cond`` independently (``FrozenEncoders.dropout_parts``); None drops whole rows with
+    ``flow.caption_dropout``.
     """
-    cond = drop_captions(cond, null, flow.caption_dropout, generator=generator)
     b, _, h, w = x0.shape
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    t = schedule.sample(b, seq_len=(h // patch_size) * (w // patch_size), generator=generator).to(x0.device)
-    formulation = Formulation(flow)  # the default (rectified, velocity) is exactly sample_path's example
-    path = formulation.training_sample(x0, noise, t)
-    out = formulation.reweight(schedule.loss(velocity(path.x_t, path.t, cond), path.target, path.t), path.t)
-    return MicroLoss(out.loss, out.per_sample.detach(), t)
+    out = objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
+                         seq_len=(h // patch_size) * (w // patch_size), generator=generator, guided=guided,
+                         jvp_backend=jvp_backend, dropout_parts=dropout_parts)
+    return MicroLoss(out.loss, out.per_sample, out.t)
 
 
 class LossWindow:
@@ -136,6 +143,9 @@ class Trainer:
         self.monitor: Optional[Monitor] = None
         self.validator = Validator(run)
         self.preemption = Preemption(run.engine.rank)
+        self.jvp_backend = jvp_backend(run.recipe)
+        exact = run.recipe.flow.objective == "meanflow" and self.jvp_backend == "exact"
+        self.models = objective_models(run.velocity, run.engine, exact_jvp=exact, teacher=run.teacher)
 
     # -- one micro batch -------------------------------------------------------------------------------------------
 
@@ -144,7 +154,9 @@ class Trainer:
         run = self.run
         x0, cond = run.encoders.encode_batch(batch)
         return micro_loss(run.velocity, x0, cond, run.null, schedule=run.schedule, flow=self.recipe.flow,
-                          patch_size=self.recipe.model.patch_size, generator=generator)
+                          patch_size=self.recipe.model.patch_size, generator=generator,
+                          dropout_parts=run.encoders.dropout_parts(self.recipe.flow.caption_dropout),
+                          models=self.models, guided=self.recipe.model.guidance_embed, jvp_backend=self.jvp_backend)
 
     # -- state ------------------------------------------------------------------------------------------------------
 
@@ -160,6 +172,8 @@ class Trainer:
                 restore_profiles(e, run.run_dir, 0, profiles)
             return
         ckpt, state = resumed.path, resumed.client_state
+        if self.recipe.model.lora is not None:
+            self.check_base(ckpt)
         self.step = self.saved_step = int(state["step"])
         # Not strict: with another number of ranks the loader warns and starts the next epoch.
         run.loader.load_state_dict(state["loader"], strict=False)
@@ -175,6 +189,16 @@ class Trainer:
             if e.is_main:
                 print(said, flush=True)
 
+    def check_base(self, ckpt: Path) -> None:
+        """A LoRA checkpoint's adapters belong to the base weights it records: resuming on others is an error."""
+        saved = read_meta(ckpt).init_from or {}
+        here = self.run.init
+        if here is None or saved.get("sha256") != here.sha256:
+            raise TrainingError(f"{ckpt} holds LoRA adapters trained on base weights with SHA-256 "
+                                f"{str(saved.get('sha256'))[:16]}... ({saved.get('source')}); model.init_from now gives "
+                                f"{'none' if here is None else here.sha256[:16] + '... (' + here.source + ')'}: point "
+                                "model.init_from at the original base, or use a new run_dir")
+
     def checkpoint(self) -> Path:
         """Write a checkpoint of the current step (atomically; keeps the newest train.keep_checkpoints)."""
         run, e = self.run, self.engine
@@ -183,7 +207,8 @@ class Trainer:
         state = {"step": self.step, "loader": loaders, "generator": slots}
         path = save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
                                keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0,
-                               ema_default=self.validator.ema_better)
+                               ema_default=self.validator.ema_better,
+                               init_from=None if run.init is None else dataclasses.asdict(run.init))
         self.saved_step = self.step
         return path
 
@@ -217,6 +242,10 @@ class Trainer:
         self.monitor = Monitor(run.run_dir, r.logging, enabled=e.is_main, total_steps=r.train.max_steps,
                                start_step=start_step)
         self.validator.monitor = self.monitor
+        if r.flow.objective != "flow" or r.flow.teacher:
+            self.monitor.message(f"objective {r.flow.objective}"
+                                 + (f", JVP backend {self.jvp_backend}" if r.flow.objective == "meanflow" else "")
+                                 + (f", teacher {r.flow.teacher}" if r.flow.teacher else ""))
         batches = iter(run.loader)
         e.train()
         try:
@@ -291,7 +320,7 @@ class Trainer:
         prompts = run.encoders.encode_text(r.sampling.prompts[:16])
         text_len = max(1, round(prompts.mask.sum().item() / len(prompts)))  # validation prompts' mean length
         with torch.device("meta"):
-            shape_model = MMDiT(r.model)
+            shape_model = MMDiT(r.model.architecture())
         return training_flops_per_step(shape_model, batch_size=r.train.batch_size,
                                        latent_size=(height // f, width // f), text_len=text_len).total
 
@@ -299,8 +328,11 @@ class Trainer:
         """Reduce the window's sums across ranks and record them: the loop's host sync, once per log interval."""
         e, r = self.engine, self.recipe
         nb = window.buckets
-        bad = torch.tensor([float(self.run.loader.bad_samples)], device=e.device)
-        sums = e.all_reduce_sum(torch.cat([window.sums, bad])).cpu()
+        data = self.run.loader.stats  # this rank's counters: bad records, failed shards, samples per source
+        sums = e.all_reduce_sum(window.sums).cpu()
+        # float64: sample counts pass 2^24 early in a large run
+        tallies = e.all_reduce_sum(torch.tensor([data.bad, data.failed_shards, *data.sources.values()],
+                                                dtype=torch.float64, device=e.device)).cpu()
         seconds = max(time.time() - window.started, 1e-9)
         loss = (sums[0] / sums[1].clamp(min=1)).item()
         counts = sums[2 + nb:2 + 2 * nb]
@@ -312,7 +344,11 @@ class Trainer:
         if r.logging.peak_tflops > 0:
             values["mfu"] = tflops / (r.logging.peak_tflops * e.world_size)
             postfix["mfu"] = f"{values['mfu']:.1%}"
-        values["bad_samples"] = sums[-1].item()
+        values["bad_samples"] = tallies[0].item()
+        values["failed_shards"] = tallies[1].item()
+        if len(data.sources) > 1:  # a mixture: how many samples each source has given so far
+            for name, total in zip(data.sources, tallies[2:].tolist()):
+                values[f"samples_{name}"] = total
         values["skipped_steps"] = float(e.skipped_steps)
         if result is not None and result.grad_norm is not None:
             values["grad_norm"] = float(result.grad_norm)

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from flowmatch.data import build_loader
-from flowmatch.flow import Formulation, flow_matching_loss, sample_path
+from flowmatch.data.shards import val_source_names
+from flowmatch.flow import Formulation, flow_matching_loss, sample_path, with_guidance
 from flowmatch.images import image_grid, save_png
 from flowmatch.sampling import Pipeline
 
@@ -34,10 +35,11 @@ GRID_SCALE = 4  # nearest-neighbour upscaling of saved grids, so small images ar
 
 
 def heldout_batch(data: "DataConfig", encoders: "FrozenEncoders", batch_size: int, *, rank: int = 0,
-                  world_size: int = 1) -> tuple[torch.Tensor, "Conditioning"]:
-    """The first held-out batch of this rank: latents x0 (B, C, h, w) and their conditioning."""
+                  world_size: int = 1, source: Optional[str] = None) -> tuple[torch.Tensor, "Conditioning"]:
+    """The first held-out batch of this rank (of data source `source` only, when named): latents x0 (B, C, h, w)
+    and their conditioning."""
     loader = build_loader(data, rank=rank, world_size=world_size, batch_size=batch_size, seed=0, split="val",
-                          max_batches=1, encoders=encoders.fingerprints())
+                          max_batches=1, encoders=encoders.fingerprints(), source=source)
     return encoders.encode_batch(next(iter(loader)))
 
 
@@ -91,6 +93,9 @@ class Validator:
             if ema is not None:
                 values = {"val_loss": min(raw, ema), "val_loss_raw": raw, "val_loss_ema": ema,
                           "ema_default": float(ema <= raw)}
+            with e.ema_weights() if e.ema_enabled and self.ema_better else contextlib.nullcontext():
+                for name in val_source_names(self.run.recipe.data):  # a mixture: each source's own held-out loss
+                    values[f"val_loss_{name}"] = self.loss(name)
             if values and self.monitor is not None:
                 self.monitor.scalars(step, values)
             self.last_step = step
@@ -108,14 +113,16 @@ class Validator:
             if self.monitor is not None:
                 self.monitor.image(step, "samples", grid)
 
-    def loss(self) -> Optional[float]:
-        """Mean held-out loss over VALIDATION_TIMESTEPS with fixed noise, over all ranks; None without a held-out
-        split."""
+    def loss(self, source: Optional[str] = None) -> Optional[float]:
+        """Mean held-out loss over VALIDATION_TIMESTEPS with fixed noise, over all ranks (of data source `source`
+        only, when named); None without a held-out split."""
         run = self.run
         e = run.engine
         if not run.has_val:
             return None
         x0, cond = heldout_batch(run.recipe.data, run.encoders, run.micro_batch, rank=e.rank,
-                                 world_size=e.world_size)
+                                 world_size=e.world_size, source=source)
+        if run.recipe.model.guidance_embed:  # the unguided conditional velocity is the one noise - x0 estimates
+            cond = with_guidance(cond, 1.0)
         return e.all_reduce_mean(fixed_time_loss(run.velocity, x0, cond, rank=e.rank,
-                                                   formulation=Formulation(run.recipe.flow))).item()
+                                                 formulation=Formulation(run.recipe.flow))).item()

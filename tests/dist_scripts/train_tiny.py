@@ -175,7 +175,7 @@ def main() -> None:
         result["step_times"].append(time.perf_counter() - t0)
         step += 1
         result["losses"][step] = mean_loss
-        result["grad_norms"][step] = res.grad_norm
+        result["grad_norms"][step] = float(res.grad_norm)
         result["lrs"][step] = engine.lr
         if step == args.fail_at:
             if rank == args.fail_rank:

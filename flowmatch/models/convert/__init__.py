@@ -33,13 +33,14 @@ from torch import Tensor, nn
 from flowmatch.models.convert import flux, sd3
 from flowmatch.models.convert.keymap import to_ours, to_theirs
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
-from flowmatch.models.presets import PRESETS, config_from_preset
+from flowmatch.models.presets import PRESETS, config_from_preset, is_mmdit_preset
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
 
-__all__ = ["INERT_ATTR", "Converted", "architecture_of", "convert_diffusers", "convert_original", "from_diffusers",
-           "from_original", "load_diffusers", "load_original", "save_original", "to_diffusers", "to_original"]
+__all__ = ["INERT_ATTR", "Converted", "architecture_of", "convert_diffusers", "convert_original", "diffusers_folder",
+           "from_diffusers", "from_original", "load_diffusers", "load_original", "read_config", "save_original",
+           "to_diffusers", "to_original"]
 
 ARCHITECTURES: dict[str, ModuleType] = {sd3.DIFFUSERS_CLASS: sd3, flux.DIFFUSERS_CLASS: flux}
 #: Attribute of a converted model holding the source's inert tensors, per format ("diffusers", "original").
@@ -58,7 +59,7 @@ def architecture_of(cfg: MMDiTConfig) -> ModuleType:
 def _named(cfg: MMDiTConfig) -> MMDiTConfig:
     """`cfg` with `preset` set to the preset it equals field for field, if any."""
     values = dataclasses.asdict(cfg)
-    for name in PRESETS:
+    for name in filter(is_mmdit_preset, PRESETS):
         candidate = dataclasses.asdict(config_from_preset(name))
         if all(candidate[k] == v for k, v in values.items() if k != "preset"):
             return dataclasses.replace(cfg, preset=name)
@@ -111,6 +112,36 @@ def _hub_config(repo_id: str) -> tuple[str, Optional[str]]:
         return hf_hub_download(repo_id, "config.json"), None
     except EntryNotFoundError:
         return hf_hub_download(repo_id, "transformer/config.json"), "transformer"
+
+
+def diffusers_folder(path: Union[str, os.PathLike]) -> Optional[Path]:
+    """The transformer folder of a local diffusers transformer folder or pipeline folder, else None."""
+    path = Path(path)
+    for folder in (path, path / "transformer"):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def read_config(path: Union[str, os.PathLike]) -> MMDiTConfig:
+    """Our config of the transformer in a local diffusers folder (transformer or pipeline) or an original single
+    file, read from its config.json or its safetensors header, without loading any weight."""
+    folder = diffusers_folder(path)
+    if folder is not None:
+        dcfg = json.loads((folder / "config.json").read_text())
+        arch = ARCHITECTURES.get(dcfg.get("_class_name", ""))
+        if arch is None:
+            _diffusers_class(dcfg.get("_class_name", ""))  # raises, naming the supported classes
+        return _named(arch.config_from_diffusers(dcfg))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(CONFIG_METADATA)
+        if recorded:
+            return _named(MMDiTConfig(**json.loads(recorded)))
+        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    sd = _strip_prefix(shapes)
+    return _named(_original_arch(sd).config_from_original(sd))
 
 
 def load_diffusers(path_or_id: Union[str, os.PathLike]) -> "ModelMixin":

@@ -1,0 +1,136 @@
+"""Sampling speed: flowmatch's ``Pipeline.generate`` against diffusers' own pipeline on the same folder.
+
+Both load one diffusers pipeline folder (an SD3 / SD3.5 folder, or one written by ``flowmatch export``) and
+generate the same prompts from the same starting latents, at each step count, with classifier-free guidance (one
+batched forward of cond + uncond per step on both sides). Batches alternate which library goes first, so a busy
+machine slows both alike. Printed per step count: images/s of each and the ratio (flowmatch / diffusers, higher is
+better), and, timed separately on the same batches, the text encoding and the VAE decoding of each.
+
+    python benchmarks/sampling.py --pipeline PATH_OR_HUB_ID --steps 8,28 --prompts 64 --batch 8 --size 1024
+    python benchmarks/sampling.py --tiny        # the tiny random SD3 pipeline of tests/tiny_pipelines.py (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from flowmatch import Pipeline
+from flowmatch.sampling.generate import image_noise
+
+#: Captions of several lengths and subjects, cycled to the requested number of prompts.
+PROMPTS = ["a photo of a cat", "a red apple on a wooden table", "a city street at night",
+           "a painting of a dog on a table", "the red cat", "a photo of the city at night on a wooden street"]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pipeline", help="a diffusers StableDiffusion3Pipeline folder or hub id")
+    source.add_argument("--tiny", action="store_true", help="build the tests' tiny random SD3 pipeline")
+    parser.add_argument("--steps", default="8,28", help="Euler step counts, comma-separated")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8, help="prompts per call")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: 1024, tiny 32)")
+    parser.add_argument("--guidance", type=float, default=7.0, help="SD3's default guidance scale")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="weights and compute dtype of both (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    args.steps = [int(s) for s in args.steps.split(",")]
+    return args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], object]) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def tiny_pipeline_folder(root: Path) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' offline builder, in this checkout
+    from tests.tiny_pipelines import save_sd3_pipeline
+
+    return save_sd3_pipeline(root / "tiny-sd3")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[int, dict[str, float]]:
+    args = parse_args(argv)
+    from diffusers import StableDiffusion3Pipeline
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = tiny_pipeline_folder(Path(tmp)) if args.tiny else args.pipeline
+        size = args.size or (32 if args.tiny else 1024)
+        ours = Pipeline.from_diffusers(folder, device=device, dtype=dtype_name)
+        theirs = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype).to(device)
+        theirs.set_progress_bar_config(disable=True)
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
+        batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+        c, h, w = ours.latent_shape(size, size)
+        print(f"{folder}: {len(prompts)} prompts in batches of {args.batch}, {size}x{size} pixels, guidance "
+              f"{args.guidance:g}, {device} {dtype_name}, torch threads {torch.get_num_threads()}")
+
+        def run_ours(batch: list[str], noise: torch.Tensor, steps: int) -> None:
+            ours.generate(batch, steps=steps, guidance_scale=args.guidance, noise=noise)
+
+        def run_theirs(batch: list[str], noise: torch.Tensor, steps: int) -> None:
+            theirs(prompt=batch, num_inference_steps=steps, guidance_scale=args.guidance, height=size, width=size,
+                   latents=noise.to(device, dtype), output_type="pt")
+
+        # Text encoding and decoding, each library's own, on the same batches.
+        latents = torch.randn(args.batch, c, h, w, device=device, dtype=dtype)
+        parts = {
+            "ours encode": lambda b: ours.encoders.encode_text(b),
+            "diffusers encode": lambda b: theirs.encode_prompt(b, b, b, do_classifier_free_guidance=True,
+                                                               device=device),
+            "ours decode": lambda b: ours.encoders.decode(latents[:len(b)].float()),
+            "diffusers decode": lambda b: theirs.vae.decode(
+                latents[:len(b)] / theirs.vae.config.scaling_factor + theirs.vae.config.shift_factor),
+        }
+        with torch.inference_mode():
+            run_ours(batches[0], image_noise(list(range(len(batches[0]))), (c, h, w)), 1)  # warm-up: loading, allocator
+            run_theirs(batches[0], image_noise(list(range(len(batches[0]))), (c, h, w)), 1)
+            part_s = {name: sum(timed(device, lambda: fn(b)) for b in batches) for name, fn in parts.items()}
+            results: dict[int, dict[str, float]] = {}
+            for steps in args.steps:
+                seconds = {"ours": [], "diffusers": []}
+                for i, batch in enumerate(batches):
+                    noise = image_noise(list(range(i * args.batch, i * args.batch + len(batch))), (c, h, w))
+                    order = [("ours", run_ours), ("diffusers", run_theirs)]
+                    for name, run in order if i % 2 == 0 else order[::-1]:
+                        seconds[name].append(timed(device, lambda: run(batch, noise, steps)))
+                per_s = {name: len(prompts) / sum(s) for name, s in seconds.items()}
+                paired = statistics.median(d / o for o, d in zip(seconds["ours"], seconds["diffusers"]))
+                results[steps] = {**per_s, "ratio": per_s["ours"] / per_s["diffusers"], "paired": paired}
+                print(f"{steps:>3} steps: flowmatch {per_s['ours']:8.2f} images/s, diffusers "
+                      f"{per_s['diffusers']:8.2f} images/s; flowmatch / diffusers {results[steps]['ratio']:.3f} "
+                      f"(median of paired batches {paired:.3f})", flush=True)
+        print("per image, in the totals above: text encoding "
+              f"{part_s['ours encode'] / len(prompts) * 1e3:.1f} ms flowmatch / "
+              f"{part_s['diffusers encode'] / len(prompts) * 1e3:.1f} ms diffusers; VAE decoding "
+              f"{part_s['ours decode'] / len(prompts) * 1e3:.1f} ms / {part_s['diffusers decode'] / len(prompts) * 1e3:.1f} ms")
+    return results
+
+
+if __name__ == "__main__":
+    main()

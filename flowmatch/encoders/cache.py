@@ -1,0 +1,199 @@
+"""Cached features: shards re-written with each sample's latents and text embeddings, so training runs no encoder.
+
+For every input shard (train-* and val-* alike; names are kept, so the held-out split stays held out) the
+images are decoded as training would (the data section: channels, resolution or aspect buckets) and run through
+the frozen autoencoder (latents scaled and shifted by its preset) and text encoder(s) (hidden states truncated to
+each caption's real tokens, and the pooled vector; with several, each encoder's under its name); each sample becomes `key.safetensors`
+(flowmatch.data.features) beside its caption and any .json metadata. Each output shard is written as
+`NAME.partial` and renamed when complete (flowmatch.data.shardformat.ShardFile), and OUT/features.json records
+the finished ones and the encoders' fingerprints, so an interrupted run continues where it stopped and a folder
+never mixes the features of two encoders.
+
+`flowmatch-data encode` (data_tools/encode.py) runs this over processes and GPUs; a recipe's `data.cache`
+makes training run it in-process when the cache is missing or incomplete (:func:`ensure_cache`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from flowmatch.data import decode, features
+from flowmatch.data.buckets import nearest_bucket
+from flowmatch.data.config import DataConfig
+from flowmatch.data.loader import loader_buckets
+from flowmatch.data.shardformat import SHARD_SUFFIXES, ShardFile
+from flowmatch.data.shards import expand_shards, shard_name
+from flowmatch.data.tarstream import BadRecord, RawSample, read_shard
+
+if TYPE_CHECKING:
+    from flowmatch.encoders.frozen import FrozenEncoders
+
+log = logging.getLogger("flowmatch.encoders")
+
+MANIFEST = "features.json"
+
+
+@dataclass
+class ShardResult:
+    """One encoded shard."""
+
+    name: str
+    samples: int
+    bad: dict[str, int] = field(default_factory=dict)
+    encoders: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EncodeReport:
+    """What a run did: shards encoded now, shards found done from an earlier run, samples, skips by reason."""
+
+    encoded: int = 0
+    already_done: int = 0
+    samples: int = 0
+    bad: dict[str, int] = field(default_factory=dict)
+    encoders: dict[str, str] = field(default_factory=dict)
+
+
+def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: Path, *, dtype: str = "bf16",
+                 batch_size: int = 64, expected: Optional[dict[str, str]] = None) -> ShardResult:
+    """Encode one shard into `target` (via target.partial); refuses when OUT already holds other encoders'
+    features (`expected`: the manifest's fingerprints)."""
+    fingerprints = frozen.fingerprints()
+    check_same_encoders(expected, fingerprints, target.parent)
+    buckets = loader_buckets(data)
+    need_size = len(buckets) > 1
+    bad: Counter = Counter()
+    pending: dict[int, list[tuple[RawSample, decode.SampleInfo]]] = {}
+    with ShardFile(target) as sink:
+
+        def flush(bucket: int) -> None:
+            group = pending.pop(bucket, [])
+            size = buckets[bucket]
+            images, kept = [], []
+            for record, info in group:
+                try:
+                    images.append(decode.decode_pixels(
+                        record.files[info.image_ext], height=size.height, width=size.width,
+                        channels=data.channels, max_pixels=data.max_image_pixels,
+                    ))
+                    kept.append((record, info))
+                except decode.BadSample as err:
+                    bad[err.reason] += 1
+            if not kept:
+                return
+            latents = frozen.autoencoder.encode(decode.pixels_to_tensor(images).to(frozen.device)).cpu()
+            captions = [info.caption for _, info in kept]
+            # Each encoder's own output (a single one's stored unnamed), real tokens only.
+            text = frozen.text
+            texts = ({"": text.encoders[text.single_name].encode(captions)} if text.single_name
+                     else text.encode_each(captions))
+            texts = {n: c.to("cpu") for n, c in texts.items()}
+            for i, (record, info) in enumerate(kept):
+                rows = {n: (c.hidden[i][c.mask[i]], c.pooled[i]) for n, c in texts.items()}
+                blob = features.encode(latents[i], *rows.get("", (None, None)), dtype=dtype, encoders=fingerprints,
+                                       parts=None if "" in rows else rows)
+                files = {features.EXT: blob, "txt": info.caption}
+                if "json" in record.files:
+                    files["json"] = record.files["json"]
+                sink.write(record.key, files)
+
+        for record in read_shard(url, max_member_bytes=data.max_member_bytes):
+            if isinstance(record, BadRecord):
+                bad[record.reason] += 1
+                continue
+            try:
+                info = decode.peek_raw(record, max_pixels=data.max_image_pixels, need_size=need_size)
+            except decode.BadSample as err:
+                bad[err.reason] += 1
+                continue
+            bucket = nearest_bucket(buckets, *info.size) if need_size else 0
+            pending.setdefault(bucket, []).append((record, info))
+            if len(pending[bucket]) >= batch_size:
+                flush(bucket)
+        for bucket in list(pending):
+            flush(bucket)
+    return ShardResult(target.name, sink.count, dict(bad), dict(fingerprints))
+
+
+def check_same_encoders(expected: Optional[dict[str, str]], found: dict[str, str], out: Path) -> None:
+    """ValueError when OUT's manifest names other encoders than this recipe's."""
+    if expected and expected != found:
+        raise ValueError(
+            f"{out} holds features from other encoders ({expected}) than this recipe's ({found}); "
+            "encode into a new directory"
+        )
+
+
+def output_name(url: str) -> str:
+    """The output shard's file name: the input's, as an uncompressed .tar."""
+    name = shard_name(url)
+    for suffix in sorted(SHARD_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".tar"
+    return name + ".tar"
+
+
+class CacheFolder:
+    """OUT and its manifest: which input shards still need encoding, and recording the finished ones."""
+
+    def __init__(self, src: str, out: str | Path, dtype: str) -> None:
+        if dtype not in features.DTYPES:
+            raise ValueError(f"feature dtype must be one of {tuple(features.DTYPES)}, got {dtype!r}")
+        self.urls = expand_shards(src)
+        if not self.urls:
+            raise FileNotFoundError(f"{src!r} matches no shards")
+        names = [output_name(u) for u in self.urls]
+        if len(set(names)) != len(names):
+            raise ValueError("input shards must have distinct file names (outputs are named after them)")
+        self.out, self.dtype = Path(out), dtype
+        path = self.out / MANIFEST
+        self.manifest: dict = json.loads(path.read_text()) if path.is_file() else {}
+        done = self.manifest.get("shards", {})
+        self.todo = [(u, self.out / n) for u, n in zip(self.urls, names)
+                     if not (n in done and (self.out / n).is_file())]
+        self.report = EncodeReport(already_done=len(self.urls) - len(self.todo),
+                                   encoders=self.manifest.get("encoders", {}))
+
+    @property
+    def expected(self) -> Optional[dict[str, str]]:
+        """The fingerprints of the features already in OUT (None when it holds none)."""
+        return self.manifest.get("encoders")
+
+    def record(self, result: ShardResult) -> None:
+        """Add a finished shard to the manifest (rewritten at once) and the report."""
+        check_same_encoders(self.expected, result.encoders, self.out)
+        m, report = self.manifest, self.report
+        m.update(format=features.FORMAT, encoders=result.encoders, dtype=self.dtype)
+        m.setdefault("shards", {})[result.name] = {"samples": result.samples, "bad": result.bad}
+        tmp = self.out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.out / MANIFEST)
+        report.encoded += 1
+        report.samples += result.samples
+        for reason, n in result.bad.items():
+            report.bad[reason] = report.bad.get(reason, 0) + n
+        report.encoders = result.encoders
+
+
+def ensure_cache(data: DataConfig, frozen: "FrozenEncoders", *, progress: bool = True) -> Optional[EncodeReport]:
+    """Encode `data.shards` into `data.cache` with these encoders when any shard is missing there (call on rank 0,
+    then barrier); None when there is no cache to make. Features of other encoders in the folder are an error."""
+    from tqdm import tqdm
+
+    if not data.cache:
+        return None
+    out = Path(data.cache).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    folder = CacheFolder(data.shards, out, data.cache_dtype)
+    check_same_encoders(folder.expected, frozen.fingerprints(), out)
+    if not folder.todo:
+        return folder.report
+    log.warning("data: encoding %d shards of %s into the cache %s (data.cache)", len(folder.todo), data.shards, out)
+    for url, target in tqdm(folder.todo, unit="shard", desc="encode", disable=not progress):
+        folder.record(encode_shard(frozen, data, url, target, dtype=data.cache_dtype, expected=folder.expected))
+    return folder.report

@@ -1,0 +1,189 @@
+"""A diffusers pipeline folder (model_index.json) read into flowmatch's encoder sub-configs.
+
+:func:`encoder_configs_from_pipeline` turns a `StableDiffusion3Pipeline` or `FluxPipeline` folder (or a hub id in
+the local cache) into the recipe sections that rebuild its conditioning exactly: every text encoder with its
+tokenizer, combined as that pipeline combines them; the VAE with its scaling and shift factors; the scheduler's
+shift as a flow section. Nothing is loaded but JSON files; the encoders load their own weights later from the
+same folder (``name_or_path`` + ``subfolder``).
+
+What each pipeline does, as its ``encode_prompt`` and ``__call__`` do it (diffusers 0.3x-0.4x):
+
+- ``StableDiffusion3Pipeline`` (SD3, SD3.5): ``text_encoder`` and ``text_encoder_2`` are
+  CLIPTextModelWithProjection, run on 77 tokens (the tokenizer's model_max_length) padded with the tokenizer's
+  pad token, no attention mask, penultimate hidden states and projected pooled output; ``text_encoder_3`` is T5
+  on 256 tokens (``max_sequence_length``), no mask; combined as :mod:`flowmatch.encoders.combine` ``sd3``. Its
+  default call: 28 steps, guidance scale 7.0.
+- ``FluxPipeline`` (FLUX.1 dev, schnell): ``text_encoder`` is CLIPTextModel (its pooler output), 77 tokens;
+  ``text_encoder_2`` is T5 on 512 tokens; combined as ``flux``. Its default call: 28 steps, guidance 3.5 (the
+  value FLUX-dev embeds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flowmatch.encoders.autoencoder import AutoencoderConfig
+from flowmatch.encoders.text import TextEncoderConfig
+from flowmatch.encoders.text_set import TextEncodersConfig
+from flowmatch.errors import choice_error
+from flowmatch.flow.timesteps import FlowConfig
+
+__all__ = ["PIPELINES", "PipelineEncoderConfigs", "encoder_configs_from_pipeline", "read_pipeline_json"]
+
+MODEL_INDEX = "model_index.json"
+#: T5 sequence lengths the pipelines use by default (their `max_sequence_length` argument).
+SD3_T5_TOKENS, FLUX_T5_TOKENS = 256, 512
+#: CLIP's context length, when a tokenizer config does not state it.
+CLIP_TOKENS = 77
+#: FLUX-dev's guidance value in training, as the diffusers and kohya FLUX LoRA docs train it.
+FLUX_TRAIN_GUIDANCE = 1.0
+
+
+@dataclass(frozen=True)
+class PipelineKind:
+    """What flowmatch knows of one diffusers pipeline class."""
+
+    combine: str
+    """How its encoders combine (flowmatch.encoders.combine)."""
+    steps: int
+    """Its default num_inference_steps."""
+    guidance_scale: float
+    """Its default guidance_scale (FLUX: the embedded guidance value)."""
+    text_encoders: tuple[tuple[str, str, str], ...]
+    """(our name, encoder subfolder, tokenizer subfolder) in combination order."""
+
+
+PIPELINES = {
+    "StableDiffusion3Pipeline": PipelineKind("sd3", 28, 7.0, (("clip_l", "text_encoder", "tokenizer"),
+                                                             ("clip_g", "text_encoder_2", "tokenizer_2"),
+                                                             ("t5", "text_encoder_3", "tokenizer_3"))),
+    "FluxPipeline": PipelineKind("flux", 28, 3.5, (("clip_l", "text_encoder", "tokenizer"),
+                                                   ("t5", "text_encoder_2", "tokenizer_2"))),
+}
+
+
+@dataclass
+class PipelineEncoderConfigs:
+    """The sub-configs that rebuild a diffusers pipeline's conditioning, VAE and sampling grid."""
+
+    path: str
+    """The folder or hub id they were read from."""
+    pipeline_class: str
+    """StableDiffusion3Pipeline or FluxPipeline."""
+    kind: PipelineKind
+    """Its combination and default call."""
+    text_encoders: TextEncodersConfig
+    """Every text encoder and tokenizer (the recipe's text_encoders section)."""
+    autoencoder: AutoencoderConfig
+    """The VAE with its scaling and shift factors (the recipe's autoencoder section)."""
+    flow: FlowConfig
+    """The scheduler's shift: fixed for a static-shift scheduler, FLUX's sequence mode for a dynamic one."""
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    """The scheduler config as saved (scheduler/scheduler_config.json)."""
+    guidance_embed: bool = False
+    """Whether the transformer embeds a guidance value (FLUX-dev)."""
+
+
+def read_pipeline_json(path: str | os.PathLike, name: str) -> dict[str, Any]:
+    """A JSON file of a pipeline folder, or of a hub id from the local cache (nothing is downloaded when
+    HF_HUB_OFFLINE=1); FileNotFoundError naming it when missing."""
+    local = Path(path)
+    if local.is_dir():
+        file = local / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist: is {str(path)!r} a diffusers pipeline folder?")
+        return json.loads(file.read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(str(path), name)).read_text())
+    except Exception as err:  # huggingface_hub raises several types for a missing repo, file or cache entry
+        raise FileNotFoundError(f"could not read {name} of {str(path)!r} ({err.__class__.__name__}: {err}); point "
+                                "at a local pipeline folder or a hub id in the local cache") from err
+
+
+def _optional_json(path: str | os.PathLike, name: str) -> dict[str, Any]:
+    try:
+        return read_pipeline_json(path, name)
+    except FileNotFoundError:
+        return {}
+
+
+def _flow(scheduler: dict[str, Any]) -> FlowConfig:
+    if scheduler.get("use_dynamic_shifting"):
+        return FlowConfig(shift=1.0, shift_mode="sequence",
+                          base_seq_len=int(scheduler.get("base_image_seq_len", 256)),
+                          max_seq_len=int(scheduler.get("max_image_seq_len", 4096)),
+                          base_shift=float(scheduler.get("base_shift", 0.5)),
+                          max_shift=float(scheduler.get("max_shift", 1.15)))
+    return FlowConfig(shift=float(scheduler.get("shift", 1.0)), shift_mode="fixed")
+
+
+def encoder_configs_from_pipeline(path: str | os.PathLike, *, dtype: str = "auto") -> PipelineEncoderConfigs:
+    """Read a diffusers SD3 / SD3.5 / FLUX pipeline folder (or cached hub id) into encoder sub-configs.
+
+    Args:
+        path: the folder holding model_index.json, or a hub id.
+        dtype: weights dtype of the text encoders and the VAE (auto: bf16 on GPU, fp32 on CPU).
+
+    Raises:
+        ValueError: the folder is another pipeline class, or lacks a text encoder the combination needs.
+    """
+    index = read_pipeline_json(path, MODEL_INDEX)
+    name = index.get("_class_name", "")
+    if name not in PIPELINES:
+        raise choice_error(f"the pipeline class of {str(path)!r} ({MODEL_INDEX} _class_name)", name, PIPELINES)
+    kind = PIPELINES[name]
+    where = str(path)
+    encoders: dict[str, TextEncoderConfig] = {}
+    for ours, sub, tok_sub in kind.text_encoders:
+        entry = index.get(sub) or [None, None]
+        if entry[1] is None or (index.get(tok_sub) or [None, None])[1] is None:
+            raise ValueError(f"{where} has no {sub} / {tok_sub}: flowmatch needs every text encoder of a "
+                             f"{name} to reproduce its conditioning")
+        if entry[1].startswith("CLIP"):
+            tokens = int(_optional_json(path, f"{tok_sub}/tokenizer_config.json").get("model_max_length",
+                                                                                      CLIP_TOKENS))
+            sd3 = kind.combine == "sd3"
+            encoders[ours] = TextEncoderConfig(
+                kind="clip", name_or_path=where, subfolder=sub, tokenizer_subfolder=tok_sub,
+                max_length=min(tokens, CLIP_TOKENS), padding="max_length", hidden_layer=-2 if sd3 else None,
+                pooling="projection" if entry[1] == "CLIPTextModelWithProjection" else "pooler", dtype=dtype)
+        elif entry[1].startswith(("T5", "UMT5")):
+            encoders[ours] = TextEncoderConfig(
+                kind="t5", name_or_path=where, subfolder=sub, tokenizer_subfolder=tok_sub,
+                max_length=SD3_T5_TOKENS if kind.combine == "sd3" else FLUX_T5_TOKENS, padding="max_length",
+                # The SD3 pipeline without its T5 feeds zeros of T5's shape: the null a dropped T5 gets.
+                dropped="zeros" if kind.combine == "sd3" else "empty", dtype=dtype)
+        else:
+            raise ValueError(f"{where}/{sub} is a {entry[1]}; flowmatch reads CLIP and T5 text encoders")
+    transformer = _optional_json(path, "transformer/config.json")
+    guidance_embed = bool(transformer.get("guidance_embeds", False))
+    vae = read_pipeline_json(path, "vae/config.json")
+    scheduler = read_pipeline_json(path, "scheduler/scheduler_config.json")
+    return PipelineEncoderConfigs(
+        path=where, pipeline_class=name, kind=kind,
+        text_encoders=TextEncodersConfig(combine=kind.combine, encoders=encoders,
+                                         guidance=FLUX_TRAIN_GUIDANCE if guidance_embed else None),
+        autoencoder=AutoencoderConfig(kind="vae", name_or_path=where, subfolder="vae", preset="config",
+                                      scaling_factor=float(vae.get("scaling_factor", 1.0)),
+                                      shift_factor=float(vae.get("shift_factor") or 0.0), dtype=dtype),
+        flow=_flow(scheduler), scheduler={k: v for k, v in scheduler.items() if not k.startswith("_")},
+        guidance_embed=guidance_embed)
+
+
+def describe(configs: PipelineEncoderConfigs) -> str:
+    """One line per component, for logs."""
+    lines = [f"{configs.pipeline_class} at {configs.path}: combine {configs.text_encoders.combine}"]
+    for name, c in configs.text_encoders.encoders.items():
+        lines.append(f"  {name}: {c.kind} {c.subfolder} ({c.max_length} tokens, layer {c.hidden_layer}, "
+                     f"pooled {c.pooling})")
+    a = configs.autoencoder
+    lines.append(f"  vae: scale {a.scaling_factor}, shift {a.shift_factor}; flow shift {configs.flow.shift_mode} "
+                 f"{configs.flow.shift}")
+    return "\n".join(lines)
+

@@ -1,0 +1,91 @@
+"""LoRA adapters of flowmatch's MMDiT as diffusers loads them, and merged into full weights.
+
+diffusers' `load_lora_weights` (StableDiffusion3Pipeline, FluxPipeline) reads `pytorch_lora_weights.safetensors`
+with peft keys `transformer.<diffusers module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), and the
+safetensors header `lora_adapter_metadata`: the peft LoraConfig as JSON, each key prefixed `transformer.`, from
+which it takes the rank and alpha (so the scale alpha / r is right when alpha != r) and the target modules.
+
+Each adapter of ours is written per diffusers module by the converter's weight operation: the rows of B are
+split, swapped or permuted exactly as the base weight's rows are; the columns of A as its columns are; so an
+adapter on a fused projection (Q, K, V in one linear) becomes one adapter per diffusers module sharing A.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves
+from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config
+from flowmatch.models.mmdit import MMDiTConfig
+
+#: The file name diffusers' `load_lora_weights` looks for.
+LORA_FILE = "pytorch_lora_weights.safetensors"
+#: The safetensors metadata key diffusers reads the LoraConfig from.
+METADATA_KEY = "lora_adapter_metadata"
+#: The pipeline component the adapters belong to.
+PREFIX = "transformer"
+
+
+def adapted(adapters: Mapping[str, Tensor], chosen: list[Projection]) -> list[tuple[Projection, Tensor, Tensor]]:
+    """(projection, A (r, in), B (out, r)) of every adapted projection; KeyError names a missing factor."""
+    out = []
+    for proj in chosen:
+        a, b = adapters[adapter_key(proj.ours, "A")], adapters[adapter_key(proj.ours, "B")]
+        out.append((proj, a, b))
+    return out
+
+
+def _their_factors(proj: Projection, a: Tensor, b: Tensor) -> list[tuple[str, Tensor, Tensor]]:
+    """(diffusers module, A, B) for one adapter of ours."""
+    op = proj.op
+    if isinstance(op, Stack):
+        return [(name, a.clone(), part.clone()) for name, part in zip(proj.theirs, b.split(op.sizes, dim=0))]
+    if isinstance(op, (SwapHalves,)) or (isinstance(op, Packed) and op.axis == 0):
+        (b_theirs,) = op.to_theirs(b, None, b.dtype)
+        return [(proj.theirs[0], a.clone(), b_theirs.contiguous())]
+    if isinstance(op, Packed) and op.axis == 1:
+        (a_theirs,) = op.to_theirs(a, None, a.dtype)
+        return [(proj.theirs[0], a_theirs.contiguous(), b.clone())]
+    if type(op) is Copy:
+        return [(proj.theirs[0], a.clone(), b.clone())]
+    raise ValueError(f"no LoRA conversion for {proj.ours} ({type(op).__name__})")
+
+
+def to_diffusers_lora(adapters: Mapping[str, Tensor], chosen: list[Projection], lora: LoraConfig,
+                      ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of `pytorch_lora_weights.safetensors` for our adapter weights."""
+    tensors: dict[str, Tensor] = {}
+    modules = []
+    for proj, a, b in adapted(adapters, chosen):
+        for name, a_t, b_t in _their_factors(proj, a, b):
+            tensors[f"{PREFIX}.{name}.lora_A.weight"] = a_t
+            tensors[f"{PREFIX}.{name}.lora_B.weight"] = b_t
+            modules.append(name)
+    config = peft_config(lora, sorted(modules)).to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    header = json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True, default=str)
+    return tensors, {"format": "pt", METADATA_KEY: header}
+
+
+@torch.no_grad()
+def merge(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], chosen: list[Projection],
+          lora: LoraConfig) -> dict[str, Tensor]:
+    """Our full state dict with every adapter merged: W + (alpha / r) B A, computed in float32 and stored in the
+    base weight's dtype. Untouched tensors are shared with `base`."""
+    out = dict(base)
+    for proj, a, b in adapted(adapters, chosen):
+        key = f"{proj.ours}.weight"
+        w = base[key]
+        out[key] = (w.float() + lora.scale * (b.float() @ a.float())).to(w.dtype)
+    return out
+
+
+def lora_modules(cfg: MMDiTConfig, lora: LoraConfig) -> list[Projection]:
+    """The projections a LoRA of this config adapts (see :func:`flowmatch.models.lora.select`)."""
+    from flowmatch.models.lora import select
+
+    return select(cfg, lora.targets)

@@ -1,0 +1,171 @@
+"""LoRA adapters on the MMDiT through peft, with targets named as diffusers names its modules.
+
+    lora = LoraConfig(rank=16, alpha=16)                  # targets None: the architecture's defaults below
+    chosen = apply_lora(model, lora)                      # injects peft adapters; only they require grad
+
+Targets are diffusers module names or dotted suffixes of them, matched the way peft matches `target_modules`
+(the whole name, or a suffix after a dot), e.g. ``to_q``, ``attn.to_out.0``, ``ff_context.net.2``, ``proj_mlp``.
+flowmatch's MMDiT fuses some of diffusers' projections into one linear (Q, K and V into ``qkv``; FLUX's single
+blocks' Q, K, V and MLP input into ``linear_in``), and names the rest differently. :func:`projections` maps every
+linear of ours to the diffusers modules it holds, read from the converter's key table (the one place both
+namings meet), so targets never need our names. A LoRA ``B A`` on a fused projection is exactly one LoRA per
+diffusers module with the same ``A`` and the matching rows of ``B`` (same rank, same alpha), which is how
+:mod:`flowmatch.models.convert.lora` exports it. A fused projection is adapted whole: targeting some of its
+diffusers modules and not the others (``to_q`` without ``to_k``) is an error that names the rest.
+
+Defaults, as diffusers' DreamBooth LoRA scripts train (examples/dreambooth/train_dreambooth_lora_sd3.py and
+_flux.py): the joint attention's projections; MMDiT-X's second attention (``attn2``, SD3.5-medium); and for FLUX
+also the feed-forward layers and the single blocks' projections (``proj_mlp``, ``proj_out``; as in peft, the
+suffix ``proj_out`` also names the final projection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from flowmatch.errors import RecipeError, nearest
+from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+
+#: The attention projections of a joint block, as diffusers names them.
+ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+#: MMDiT-X's image-only second attention (SD3.5-medium).
+ATTENTION2 = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+#: FLUX's feed-forward layers and single-block projections.
+FLUX_EXTRA = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
+#: Name of the one adapter flowmatch injects (peft's default).
+ADAPTER = "default"
+
+
+@dataclass
+class LoraConfig:
+    """The recipe's `model.lora` section: low-rank adapters trained on frozen base weights (model.init_from)."""
+
+    rank: int = 16
+    """Rank r of each adapter (the inner width of B A)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is (alpha / rank) B A (diffusers' scripts set alpha = rank)."""
+    targets: Optional[list[str]] = None
+    """diffusers module names (or dotted suffixes) to adapt; None = the architecture's defaults."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input during training."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0 (the update is alpha / rank x B A), got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: peft's scaling of B A."""
+        return self.alpha / self.rank
+
+
+def default_targets(cfg: MMDiTConfig) -> list[str]:
+    """The targets diffusers' LoRA scripts train for this architecture."""
+    if cfg.rope:  # FLUX
+        return ATTENTION + FLUX_EXTRA
+    return ATTENTION + (ATTENTION2 if cfg.dual_attention_layers else [])
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One linear of ours and the diffusers modules whose weights it holds."""
+
+    ours: str
+    """Our module name, e.g. joint_blocks.0.img.qkv."""
+    theirs: tuple[str, ...]
+    """diffusers module names, in the order their weight rows are stacked in ours."""
+    op: object
+    """The converter's weight operation (:mod:`flowmatch.models.convert.keymap`): how their rows make ours."""
+
+
+def projections(cfg: MMDiTConfig) -> list[Projection]:
+    """Every linear of our model with its diffusers modules, from the converter's diffusers key table."""
+    from flowmatch.models.convert import architecture_of
+
+    arch = architecture_of(cfg)
+    linears = {name for name, m in MMDiT(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
+    out = []
+    for rule in arch.diffusers_rules(cfg):
+        if rule.ours is None or not rule.ours.endswith(".weight"):
+            continue
+        module = rule.ours[:-len(".weight")]
+        if module in linears:
+            out.append(Projection(module, tuple(t[:-len(".weight")] for t in rule.theirs), rule.op))
+    return out
+
+
+def _matches(name: str, target: str) -> bool:
+    """peft's rule: the whole module name, or a suffix after a dot."""
+    return name == target or name.endswith("." + target)
+
+
+def select(cfg: MMDiTConfig, targets: Optional[list[str]]) -> list[Projection]:
+    """Our projections the targets name (None = :func:`default_targets`); RecipeError for a target that names
+    nothing, a fused projection named only in part, or a layer LoRA cannot adapt here (the patch embedding, a
+    convolution in diffusers)."""
+    from flowmatch.models.convert.keymap import ConvPatch
+
+    targets = default_targets(cfg) if targets is None else list(targets)
+    if not targets:
+        raise RecipeError("model.lora.targets is empty: name diffusers modules (e.g. to_q, to_k, to_v) or leave it "
+                          "null for the defaults")
+    chosen, used = [], set()
+    for proj in projections(cfg):
+        hits = [[t for t in targets if _matches(name, t)] for name in proj.theirs]
+        used.update(t for h in hits for t in h)
+        if not any(hits):
+            continue
+        if not all(hits):
+            missing = [name for name, h in zip(proj.theirs, hits) if not h]
+            raise RecipeError(f"model.lora.targets: flowmatch's {proj.ours} fuses diffusers' "
+                              f"{', '.join(proj.theirs)} into one projection, adapted whole; the targets name only "
+                              f"part of it: add {', '.join(m.rsplit('.', 1)[-1] for m in missing)} (as "
+                              f"{missing[0]}) or remove the others")
+        if isinstance(proj.op, ConvPatch):
+            raise RecipeError(f"model.lora.targets: {proj.theirs[0]} (the patch embedding) is a convolution in "
+                              "diffusers; LoRA adapts linear projections only here")
+        chosen.append(proj)
+    unknown = [t for t in targets if t not in used]
+    if unknown:
+        names = sorted({".".join(n.split(".")[-k:]) for p in projections(cfg) for n in p.theirs for k in (1, 2)})
+        near = nearest(unknown[0], names)
+        hint = f" (did you mean {near!r}?)" if near else ""
+        raise RecipeError(f"model.lora.targets: {unknown[0]!r} names no diffusers module of this architecture"
+                          f"{hint}; e.g. {', '.join(default_targets(cfg))}")
+    return chosen
+
+
+def peft_config(lora: LoraConfig, modules: list[str]):
+    """The peft.LoraConfig adapting exactly `modules` (full module names)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules)
+
+
+def apply_lora(model: MMDiT, lora: LoraConfig) -> list[Projection]:
+    """Freeze `model` and inject the adapters (peft, in place; A random, B zero, so the output is unchanged);
+    returns the adapted projections. Seed torch first: A is drawn from its generator."""
+    from peft import inject_adapter_in_model
+
+    chosen = select(model.cfg, lora.targets)
+    model.requires_grad_(False)
+    inject_adapter_in_model(peft_config(lora, [p.ours for p in chosen]), model, adapter_name=ADAPTER)
+    return chosen
+
+
+def adapter_key(module: str, factor: str) -> str:
+    """Our name of an adapter factor ("A" or "B") of `module` in the model's state dict."""
+    return f"{module}.lora_{factor}.{ADAPTER}.weight"
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name is an adapter factor's."""
+    return ".lora_A." in name or ".lora_B." in name

@@ -1,0 +1,25 @@
+"""benchmarks/sampling.py runs both libraries on one pipeline folder and reports a ratio per step count."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from tests.tiny_pipelines import tiny_sd3_pipeline  # noqa: F401 - the session fixture
+
+_SPEC = importlib.util.spec_from_file_location("sampling_benchmark",
+                                               Path(__file__).parents[1] / "benchmarks" / "sampling.py")
+bench = importlib.util.module_from_spec(_SPEC)
+sys.modules["sampling_benchmark"] = bench
+_SPEC.loader.exec_module(bench)
+
+
+def test_both_libraries_generate_and_the_ratio_is_theirs(tiny_sd3_pipeline, capsys):
+    results = bench.main(["--pipeline", str(tiny_sd3_pipeline), "--prompts", "3", "--batch", "2", "--steps", "1,2",
+                          "--size", "32"])
+    assert sorted(results) == [1, 2]
+    for r in results.values():
+        assert r["ours"] > 0 and r["diffusers"] > 0 and abs(r["ratio"] - r["ours"] / r["diffusers"]) < 1e-12
+    out = capsys.readouterr().out
+    assert out.count("images/s") == 4 and "text encoding" in out

@@ -1,0 +1,69 @@
+"""The training step reads nothing back from the device between log intervals except the engine's one verdict.
+
+A host read (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ...) waits for every queued kernel
+and leaves the accelerator idle while the host catches up. The loop keeps its sums on the device and reads them at
+log steps; the one read per optimizer step is :meth:`FiniteWindow.agree` inside ``Engine.step``: whether the window
+may be applied, which the step must know before it updates the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from flowmatch.config import load_recipe
+from flowmatch.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = str(ROOT / "flowmatch")
+READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Count the tensor-to-host reads made directly by flowmatch code, as 'file:line method'."""
+    seen: Counter[str] = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(name, read):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(PACKAGE):
+                where = Path(caller.f_code.co_filename).relative_to(ROOT)
+                seen[f"{where}:{caller.f_code.co_name} {name}"] += 1
+            return read(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, read in originals.items():
+        setattr(torch.Tensor, name, counting(name, read))
+    try:
+        yield seen
+    finally:
+        for name, read in originals.items():
+            setattr(torch.Tensor, name, read)
+
+
+def _reads_of_a_run(tmp_path, shards, steps: int) -> Counter[str]:
+    recipe = load_recipe(ROOT / "recipes" / "digits.yaml", [
+        f"run_dir={tmp_path / str(steps)}", f"data.shards={shards}", "model.preset=tiny", "train.batch_size=4",
+        f"train.max_steps={steps}", "train.log_every=1000", "train.checkpoint_every=1000", "train.validate_every=0",
+        "train.ema_profiles=[]", "optim.warmup_steps=0", "data.num_workers=0", "logging.tensorboard=false",
+        "logging.progress=false", "sampling.per_prompt=1", "sampling.steps=1", "sampling.prompts=[a handwritten 3]",
+        "optim.grad_clip=1.0"])
+    with host_reads() as seen:
+        train(recipe)
+    return seen
+
+
+def test_the_only_read_between_log_steps_is_the_engines_verdict(tmp_path, digit_shards):
+    """Bugs caught: a per-step ``.item()`` of the loss or ``float()`` of the gradient norm (both only needed at
+    log steps), or a ``bool(tensor)`` branch in the step path. Two runs differing only in the number of middle
+    steps (the last step logs, validates and checkpoints in both) differ by exactly one read per extra step."""
+    short, long = _reads_of_a_run(tmp_path, digit_shards, 1), _reads_of_a_run(tmp_path, digit_shards, 3)
+    extra = long - short
+    assert extra == Counter({"flowmatch/engine/nonfinite.py:agree item": 2}), extra
