@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
     p.add_argument("--num", type=int, default=8, help="images per prompt (one grid row each prompt)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the recipe's)")
-    p.add_argument("--solver", default=None, help="euler, heun, midpoint, rk4, dpm++2m, dopri5 ...")
+    p.add_argument("--solver", default=None, help="euler, heun, midpoint, rk4, dpm++2m, dopri5 ..., or ddim, ancestral, pc")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default="grid.png", help="output PNG")

@@ -144,7 +144,7 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
         raise RecipeError("model: expected a mapping of model settings")
     preset = model.get("preset", DEFAULT_PRESET)
     try:
-        tree["model"] = {"preset": preset, **preset_values(preset), **model}
+        tree["model"] = merge({**preset_values(preset), "preset": preset}, model)  # nested sections (unet) merge
     except ValueError as err:
         raise RecipeError(f"model.preset: {err}") from None
     recipe = build_dataclass(Recipe, tree, "")

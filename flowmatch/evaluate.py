@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from flowmatch.sampling.solvers import check_solver
+from flowmatch.sampling.diffusion import check_sampler
 from flowmatch.tasks import check_task_name, get_task
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_task_name(self.task, "eval.task", also=(GENERIC,))
         for solver in self.solvers:
-            check_solver(solver, "eval.solvers")
+            check_sampler(solver, "eval.solvers")
         if not self.steps or min(self.steps) < 1 or self.samples_per_prompt < 1 or self.likelihood_samples < 0:
             raise ValueError("steps must be >= 1, samples_per_prompt >= 1 and likelihood_samples >= 0")
 
@@ -183,8 +183,12 @@ def heldout_bits_per_dim(pipe: "Pipeline", count: int) -> Optional[float]:
     if pixel_space:  # pixels k / 127.5 - 1, cached or not: spread each 8-bit level over its bin
         x0 = dequantize_pixels(x0, generator=torch.Generator().manual_seed(0))
 
+    if not pipe.formulation.has_likelihood:  # a VP path's velocity is singular at t = 0, where the solve starts
+        return None
+    model_velocity = pipe.formulation.to_velocity(pipe.model)
+
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return pipe.model(x, t, cond)
+        return model_velocity(x, t, cond)
 
     cfg = pipe.recipe.eval
     # Exact divergence costs one backward per dimension: fine for pixels and small latents, Hutchinson beyond.

@@ -155,6 +155,9 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
 
     ckpt = resolve_checkpoint(path)
     recipe = recipe_from_yaml(load_recipe_yaml(ckpt))
+    if recipe.model.kind != "mmdit":
+        raise ValueError(f"flowmatch export writes MMDiT transformers; this run's model.kind is {recipe.model.kind!r} "
+                         "(its weights under 'unet.' in model.safetensors are diffusers' UNet2DConditionModel's)")
     adapters = recipe.model.lora
     if adapters is None and (lora or merge):
         raise ValueError(f"{ckpt} is not a LoRA run (its recipe has no model.lora): export it without --lora/--merge")

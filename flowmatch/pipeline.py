@@ -13,7 +13,6 @@ from flowmatch.sampling.generate import Pipeline
 
 if TYPE_CHECKING:
     from flowmatch.models.config import ModelConfig
-    from flowmatch.models.mmdit import MMDiT
 
 __all__ = ["Pipeline", "load_diffusers_pipeline", "load_pipeline"]
 
@@ -53,19 +52,21 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
     return Pipeline(model, encoders, recipe, device=device)
 
 
-def checkpoint_model(ckpt: Path, model_cfg: "ModelConfig", weights: dict[str, torch.Tensor]) -> "MMDiT":
-    """The MMDiT of a checkpoint given its weights file's tensors: the whole model, or for a LoRA run the base
-    weights its meta.json records (their hash checked) with the adapters applied through peft."""
+def checkpoint_model(ckpt: Path, model_cfg: "ModelConfig", weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The model of a checkpoint (``model.kind``'s backbone) given its weights file's tensors: the whole model, or
+    for a LoRA run (MMDiT only) the base weights its meta.json records (their hash checked) with the adapters
+    applied through peft."""
     from flowmatch.checkpoint import read_meta
     from flowmatch.init_from import from_meta, load_weights
+    from flowmatch.models.backbone import build_backbone
     from flowmatch.models.lora import apply_lora, is_adapter
     from flowmatch.models.mmdit import MMDiT
 
-    arch = model_cfg.architecture()
     if model_cfg.lora is None:
-        model = MMDiT(arch)
+        model = build_backbone(model_cfg)
         model.load_state_dict(weights)
         return model
+    arch = model_cfg.architecture()
     base = from_meta(read_meta(ckpt).init_from)
     if base is None:
         raise ValueError(f"{ckpt} is a LoRA run but its meta.json records no base weights (init_from)")

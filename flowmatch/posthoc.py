@@ -245,7 +245,7 @@ def compare_emas(ckpt_dir: str | os.PathLike[str], names: list[str], *,
         val_loss = None
         if has_val_split(recipe.data):
             batch = batch or heldout_batch(recipe.data, pipe.encoders, recipe.train.batch_size)
-            val_loss = float(fixed_time_loss(pipe.model, *batch))
+            val_loss = float(fixed_time_loss(pipe.model, *batch, formulation=pipe.formulation))
         metrics: dict[str, float] = {}
         if recipe.eval.task != GENERIC:
             report = evaluate(ckpt, pipeline=pipe, steps=[recipe.sampling.steps], solvers=[recipe.sampling.solver],

@@ -2,10 +2,12 @@
 dropout for classifier-free guidance, and the few-step objectives (MeanFlow, shortcut) with guidance as an input.
 
 Convention (see :mod:`flowmatch.flow.path`): t = 0 data, t = 1 noise, ``x_t = (1 - t) x0 + t noise``,
-velocity ``noise - x0``.
+velocity ``noise - x0``. Diffusion formulations on the same convention (VP paths, eps / v / x0 prediction, their
+loss weightings) live in :mod:`.paths`, :mod:`.parameterization`, :mod:`.weighting` and :mod:`.formulation`.
 """
 
 from flowmatch.flow.caption_dropout import drop_captions
+from flowmatch.flow.formulation import Formulation
 from flowmatch.flow.guided import GuidanceInputConfig, with_guidance
 from flowmatch.flow.jvp import JVP_BACKENDS, time_derivative
 from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
@@ -33,6 +35,7 @@ from flowmatch.flow.timesteps import (
 
 __all__ = [
     "FlowConfig",
+    "Formulation",
     "GuidanceInputConfig",
     "JVP_BACKENDS",
     "MeanFlowConfig",

@@ -3,9 +3,14 @@
 Each draws its times, builds its targets from the path of :mod:`flowmatch.flow.path` (t = 0 data, t = 1 noise)
 and returns one loss; the model enters only as callables, so this layer stays model-agnostic:
 
-- ``flow``: rectified flow, the model's velocity at (x_t, t) regresses ``noise - x0`` (:mod:`.loss`);
+- ``flow``: rectified flow, the model's velocity at (x_t, t) regresses ``noise - x0`` (:mod:`.loss`); on another
+  formulation (``flow.path``, ``flow.prediction``, ``flow.min_snr_gamma``) x_t, the target and the loss factor come
+  from :class:`~flowmatch.flow.formulation.Formulation`, whose default takes exactly the rectified-flow code;
 - ``meanflow``: the average velocity over [r, t] regresses ``v - (t - r) du/dt`` (:mod:`.meanflow`, :mod:`.jvp`);
 - ``shortcut``: the average velocity of a step regresses two half steps of the model (:mod:`.shortcut`).
+
+The few-step objectives are written for the rectified path's velocity only (``flowmatch.training.fewstep``
+rejects them with another formulation).
 
 Two options change the velocity v that all three regress (:mod:`.guided`): a model that takes the guidance
 scale learns the guided field, and a frozen teacher replaces ``noise - x0`` by its guided velocity (distillation).
@@ -25,11 +30,11 @@ from torch import Tensor
 
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow.caption_dropout import drop_captions
+from flowmatch.flow.formulation import Formulation
 from flowmatch.flow.guided import draw_guidance, guided_teacher_velocity, mix_guidance, with_guidance
 from flowmatch.flow.jvp import time_derivative
 from flowmatch.flow.loss import flow_matching_loss
 from flowmatch.flow.meanflow import adaptive_loss, interval_count, meanflow_target, order_times
-from flowmatch.flow.path import sample_path
 from flowmatch.flow.shortcut import bootstrap_target, consistency_times
 
 if TYPE_CHECKING:
@@ -111,7 +116,8 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
         t, r = torch.cat([t_sc.to(device), t[n:]]), torch.cat([r_sc.to(device), t[n:]])
     w = draw_guidance(b, flow.guidance, generator=generator).to(device) if guided else None
 
-    path = sample_path(x0, noise, t)
+    formulation = Formulation(flow)
+    path = formulation.training_sample(x0, noise, t)  # sample_path's exactly on the rectified path
     x_t, t, v = path.x_t, path.t, path.target.float()
     if models.teacher is not None:
         v = guided_teacher_velocity(models.teacher, x_t, t, cond, null, w if w is not None else torch.ones_like(t))
@@ -123,7 +129,7 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
         cond = with_guidance(cond, w)
 
     if flow.objective == "flow":
-        out = schedule.loss(_call(models.student, x_t, t, cond, None), v, t)
+        out = formulation.reweight(schedule.loss(_call(models.student, x_t, t, cond, None), v, t), t)
         return ObjectiveLoss(out.loss, out.per_sample.detach(), t)
     head = _rows(cond, n)
     if flow.objective == "meanflow":

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.errors import choice_error
+from flowmatch.flow.formulation import check_formulation
 from flowmatch.flow.guided import GuidanceInputConfig
 from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
 from flowmatch.flow.meanflow import MeanFlowConfig
@@ -75,6 +76,12 @@ class FlowConfig:
     """Sequence mode: mu at max_seq_len (FLUX's max_shift 1.15); mu is linear in seq_len between and beyond."""
     loss_weighting: str = "none"
     """Per-t loss weight: none | logit_normal | cosmap (a density; see flowmatch/flow/loss.py)."""
+    path: str = "rectified"
+    """Affine path x_t = alpha_t x0 + sigma_t eps: rectified | vp_linear (DDPM) | vp_cosine (flow/paths.py)."""
+    prediction: str = "velocity"
+    """What the model predicts: velocity | eps | v | x0 (flow/parameterization.py); the loss is MSE in that space."""
+    min_snr_gamma: float = 0.0
+    """min-SNR-gamma loss weighting (Hang et al. 2023 use 5); 0 = off (flow/weighting.py)."""
     caption_dropout: float = 0.1
     """Probability of training on the empty caption's encoding, for classifier-free guidance (Ho & Salimans
     2022 use 0.1-0.2)."""
@@ -99,6 +106,7 @@ class FlowConfig:
             raise choice_error("flow.shift_mode", self.shift_mode, SHIFT_MODES)
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise choice_error("flow.loss_weighting", self.loss_weighting, tuple(LOSS_WEIGHTINGS))
+        check_formulation(self.path, self.prediction, self.min_snr_gamma)
         if not self.logit_std > 0:
             raise ValueError(f"flow.logit_std must be > 0; got {self.logit_std}")
         if not -1.0 <= self.mode_scale <= _MODE_SCALE_MAX:

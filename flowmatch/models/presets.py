@@ -27,6 +27,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(depth=2, num_heads=4, head_dim=16, sample_size=8, pos_embed_max_size=16),
     # 8x8 single-channel pixel-space digits (scikit-learn's digits): 4x4 tokens of 2x2 pixels, 4 blocks of 4 x 32.
     "digits": dict(in_channels=1, depth=4, num_heads=4, head_dim=32, sample_size=8, pos_embed_max_size=8),
+    # The digits job with diffusers' U-Net instead: two levels (8x8 and 4x4) of 32 and 64 channels, one residual
+    # block each, cross-attention to the text at both (1.4M parameters to the MMDiT's 2.3M); patch_size is its
+    # downsampling factor (sides multiple of 2).
+    "digits-unet": dict(kind="unet", in_channels=1, patch_size=2, sample_size=8,
+                        unet=dict(block_out_channels=[32, 64], layers_per_block=1, heads=4,
+                                  cross_attention=[True, True], norm_num_groups=16)),
     # stabilityai/stable-diffusion-3-medium-diffusers: 24 blocks of 24 x 64 without QK-norm; about 2B parameters.
     "sd3-medium": dict(**_SD3, qk_norm=False),
     # stabilityai/stable-diffusion-3.5-medium: MMDiT-X, a second image-only attention in blocks 0-12, RMS QK-norm,
@@ -61,7 +67,8 @@ CUSTOM = "custom"
 
 
 def preset_values(name: str) -> dict[str, Any]:
-    """Every `MMDiTConfig` field of preset `name`, `preset` included; "custom" gives the `MMDiTConfig` defaults
+    """Every `MMDiTConfig` field of preset `name`, `preset` included (a U-Net preset adds the `ModelConfig` fields
+    `kind` and `unet`); "custom" gives the `MMDiTConfig` defaults
     (a saved recipe whose weights matched no preset lists every field anyway). ValueError for unknown names."""
     if name not in PRESETS and name != CUSTOM:
         raise _unknown("MMDiT preset", name, [*PRESETS, CUSTOM])
@@ -71,9 +78,17 @@ def preset_values(name: str) -> dict[str, Any]:
     return values
 
 
+def is_mmdit_preset(name: str) -> bool:
+    """Whether preset `name` is an MMDiT's (the U-Net presets set the `ModelConfig` field `kind`)."""
+    return PRESETS.get(name, {}).get("kind", "mmdit") == "mmdit"
+
+
 def config_from_preset(name: str, **overrides: Any) -> MMDiTConfig:
     """The `MMDiTConfig` of preset `name` with `overrides` (field -> value) applied on top."""
     values = preset_values(name)
+    if not is_mmdit_preset(name):
+        raise ValueError(f"preset {name!r} is a model.kind: {values['kind']} preset, not an MMDiT's; use it as the "
+                         "recipe's model.preset")
     for key in overrides:
         if key not in _FIELDS:
             raise _unknown("MMDiTConfig field", key, sorted(_FIELDS))

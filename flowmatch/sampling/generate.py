@@ -18,11 +18,12 @@ from torch import Tensor
 
 from flowmatch.data.pixels import model_to_unit, pixels_to_model
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import TimeSchedule, with_guidance
+from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, with_guidance
 from flowmatch.flow.timesteps import shift_time
+from flowmatch.sampling.diffusion import DIFFUSION_SAMPLERS, check_sampler, sample_diffusion
 from flowmatch.sampling.fewstep import sample_average
 from flowmatch.sampling.guidance import guided_velocity
-from flowmatch.sampling.solvers import AVERAGE_SOLVER, check_solver, sample_ode
+from flowmatch.sampling.solvers import AVERAGE_SOLVER, sample_ode
 
 if TYPE_CHECKING:
     from flowmatch.config import Recipe
@@ -41,7 +42,16 @@ class SamplingConfig:
     steps: int = 20
     """ODE steps."""
     solver: str = "euler"
-    """ODE solver (see flowmatch.sampling.SOLVERS); average = few-step jumps of a MeanFlow / shortcut model."""
+    """ODE solver (see flowmatch.sampling.SOLVERS); average = few-step jumps of a MeanFlow / shortcut model; or a
+    diffusion sampler: ddim | ancestral | pc (flowmatch/sampling/diffusion.py)."""
+    eta: float = 0.0
+    """DDIM's eta: 0 deterministic, 1 the ancestral sampler's noise (Song et al. 2020)."""
+    corrector_steps: int = 1
+    """Langevin corrector steps per grid time of the pc sampler (Song et al. 2021)."""
+    corrector_snr: float = 0.16
+    """Signal-to-noise ratio r of the Langevin step size 2 (r ||z|| / ||score||)^2 (Song et al. 2021 use 0.16)."""
+    clip_x0: float = 0.0
+    """ddim/ancestral/pc: clamp the predicted data to [-clip_x0, clip_x0] (1 for [-1, 1] pixels, as DDPM); 0 = off."""
     guidance_scale: float = 4.0
     """Classifier-free guidance scale (1 = no guidance)."""
     seed: int = 0
@@ -53,7 +63,7 @@ class SamplingConfig:
     """Images per prompt in the validation grid."""
 
     def __post_init__(self) -> None:
-        check_solver(self.solver, "sampling.solver")
+        check_sampler(self.solver, "sampling.solver")
         if self.steps < 1 or self.per_prompt < 1 or not self.prompts:
             raise ValueError("steps and per_prompt must be >= 1 and prompts must not be empty")
 
@@ -67,13 +77,18 @@ def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
 @torch.no_grad()
 def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Conditioning], noise: Tensor, *,
                    steps: int, solver: str, guidance_scale: Optional[float], shift: float,
-                   grid: Optional[list[float]] = None) -> tuple[Tensor, int]:
-    """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, velocity evaluations).
+                   grid: Optional[list[float]] = None, formulation: Optional[Formulation] = None,
+                   options: Optional[SamplingConfig] = None,
+                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, int]:
+    """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, model evaluations).
 
     With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
     ``grid`` (steps + 1 times) replaces the grid of ``shift``. The ``average`` solver jumps with the model's
     average velocity over each step (:func:`~flowmatch.sampling.sample_average`, on the grid of ``shift``); the
-    others integrate its velocity at r = t.
+    others integrate its velocity at r = t. ``formulation`` (default: rectified flow, velocity) says what the
+    model predicts: an ODE solver integrates its probability-flow velocity; a diffusion sampler (``solver`` in
+    ``ddim | ancestral | pc``) takes eta and the corrector settings from ``options`` and its fresh noise from
+    ``generator``.
     """
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
@@ -81,10 +96,25 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
     if solver == AVERAGE_SOLVER:
         if grid is not None:
             raise ValueError("the average solver walks the flow's own grid; it takes no grid or sigmas")
+        if formulation is not None and not formulation.is_rectified_velocity:
+            raise ValueError("the average solver needs a rectified-flow model's average velocity; this model "
+                             f"predicts {formulation.prediction} on the {formulation.path.name} path")
         velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True)
         solution = sample_average(velocity, noise, steps=steps, shift=shift)
+        return solution.x, solution.nfe
+    # Guidance mixes outputs linearly, and every prediction is affine in every other at fixed (x, t): guiding the
+    # model's own output is guiding its velocity.
+    predict = guided_velocity(model, cond, null if guided else None, guidance_scale)
+    if solver in DIFFUSION_SAMPLERS:
+        if grid is not None:
+            raise ValueError(f"the {solver} sampler walks the flow's own grid; it takes no grid or sigmas")
+        o = options or SamplingConfig()
+        solution = sample_diffusion(predict, noise, formulation=formulation or Formulation(FlowConfig()),
+                                    sampler=solver, steps=steps, shift=shift, eta=o.eta,
+                                    corrector_steps=o.corrector_steps, corrector_snr=o.corrector_snr,
+                                    clip_x0=o.clip_x0, generator=generator)
     else:
-        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale)
+        velocity = formulation.to_velocity(predict) if formulation is not None else predict
         solution = sample_ode(velocity, noise, steps=steps, solver=solver, shift=shift, grid=grid)
     return solution.x, solution.nfe
 
@@ -112,6 +142,8 @@ class Pipeline:
         self.recipe = recipe
         self.device = torch.device(device)
         self.schedule = TimeSchedule(recipe.flow)
+        self.formulation = Formulation(recipe.flow)
+        """What the model predicts on which path (``flow.path``, ``flow.prediction``)."""
         self.pipeline_grid = pipeline_grid
         self.last_nfe = 0
 
@@ -193,7 +225,8 @@ class Pipeline:
             grid = [*shift_time(torch.tensor(sigmas, dtype=torch.float64), shift).tolist(), 0.0]
         latents, self.last_nfe = sample_latents(model, cond, null, noise.to(self.device, torch.float32), steps=steps,
                                                 solver=solver or s.solver, guidance_scale=scale, shift=shift,
-                                                grid=grid)
+                                                grid=grid, formulation=self.formulation, options=s,
+                                                generator=torch.Generator().manual_seed(seed))
         return model_to_unit(self.encoders.decode(latents))
 
 

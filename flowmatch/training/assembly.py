@@ -24,8 +24,8 @@ from flowmatch.errors import RecipeError
 from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
+from flowmatch.models.backbone import build_backbone
 from flowmatch.models.lora import apply_lora
-from flowmatch.models.mmdit import MMDiT
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.training.fewstep import check_recipe, load_teacher
 
@@ -103,17 +103,18 @@ class TrainingRun:
         return to_yaml(self.recipe)
 
 
-def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] = None) -> MMDiT:
-    """The MMDiT with the same initial weights on every rank and stage (the `init` weights, else a seeded random
-    init), its LoRA adapters when the recipe has them, and activation checkpointing and compile applied from
-    outside the model as the recipe asks."""
+def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] = None) -> torch.nn.Module:
+    """The model (MMDiT, or the U-Net for model.kind: unet) with the same initial weights on every rank and stage
+    (the `init` weights, else a seeded random init), its LoRA adapters when the recipe has them, and activation
+    checkpointing and compile applied from outside the model as the recipe asks. init_from and LoRA are MMDiT-only
+    (ModelConfig rejects them for other kinds)."""
     seed = run_recipe.train.seed
     arch = run_recipe.model.architecture()
     torch.manual_seed(seed)  # identical initial weights on every rank
     if init is not None:
         # Below ZeRO-3 built on the meta device and given the loaded tensors: no random init of a model that size.
         with engine.model_init():
-            model = MMDiT(arch, device=None if engine.cfg.zero_stage == 3 else "meta")
+            model = build_backbone(run_recipe.model, device=None if engine.cfg.zero_stage == 3 else "meta")
         # Under ZeRO-3 rank 0's tensors are written into every rank's partitions: the others read nothing.
         reads = engine.is_main or engine.cfg.zero_stage != 3
         state = init_from.cast(init_from.load_weights(init), engine.dtype) if reads else None
@@ -122,7 +123,7 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         engine.assign_weights(model, state)
     else:
         with engine.model_init():
-            model = MMDiT(arch)
+            model = build_backbone(run_recipe.model)
         # The constructor initialised the weights already, except under ZeRO-3: reseed so that every stage starts
         # from the same weights.
         torch.manual_seed(seed)
@@ -133,6 +134,9 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         # parameters would ignore; DeepSpeed partitions them when it wraps the model. Seeded: the same on every rank.
         torch.manual_seed(seed)
         apply_lora(model, run_recipe.model.lora)
+    if run_recipe.model.kind != "mmdit" and (run_recipe.train.activation_checkpointing or run_recipe.train.compile):
+        raise RecipeError(f"train.activation_checkpointing and train.compile apply to model.kind: mmdit only; set "
+                          f"them to false for model.kind: {run_recipe.model.kind}")
     if run_recipe.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if run_recipe.train.compile:

@@ -29,6 +29,19 @@ if TYPE_CHECKING:
 def check_recipe(recipe: "Recipe") -> None:
     """Rules across sections for the few-step objectives; each RecipeError names the key and a valid value."""
     flow, model = recipe.flow, recipe.model
+    rectified = flow.path == "rectified" and flow.prediction == "velocity"
+    if flow.objective != "flow" and not (rectified and flow.min_snr_gamma == 0):
+        raise RecipeError(f"flow.objective: {flow.objective} is written for the rectified path's velocity; it cannot "
+                          f"train flow.path: {flow.path} with flow.prediction: {flow.prediction} and "
+                          f"flow.min_snr_gamma: {flow.min_snr_gamma:g} (use flow.objective: flow, or flow.path: "
+                          "rectified, flow.prediction: velocity, flow.min_snr_gamma: 0)")
+    if flow.teacher is not None and not rectified:
+        raise RecipeError(f"flow.teacher distils a rectified-flow velocity; it cannot train flow.path: {flow.path} "
+                          f"with flow.prediction: {flow.prediction} (remove flow.teacher, or use flow.path: rectified, "
+                          "flow.prediction: velocity)")
+    if flow.objective != "flow" and model.kind != "mmdit":
+        raise RecipeError(f"flow.objective: {flow.objective} needs the interval input r, which only model.kind: mmdit "
+                          f"has (model.interval_embed); this recipe has model.kind: {model.kind}")
     if flow.objective != "flow" and not model.interval_embed:
         raise RecipeError(f"flow.objective: {flow.objective} trains an average velocity over [r, t]: set "
                           "model.interval_embed: true (or flow.objective: flow)")

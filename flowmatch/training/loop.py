@@ -79,10 +79,12 @@ def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Co
 
     Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
     run on any device), in that order. For rectified flow the model sees ``x_t = (1 - t) x0 + t noise`` and
-    regresses ``noise - x0`` with the schedule's loss weighting; the few-step objectives and guidance as an input
-    need the further callables of ``models`` (whose ``student`` is ``velocity``): see
-    :func:`flowmatch.flow.objective_loss`. ``dropout_parts`` drops each text encoder's share of ``cond``
-    independently (``FrozenEncoders.dropout_parts``); None drops whole rows with ``flow.caption_dropout``.
+    regresses ``noise - x0`` with the schedule's loss weighting (other formulations, ``flow.path`` and
+    ``flow.prediction``, take x_t and the target from :class:`~flowmatch.flow.Formulation`); the few-step
+    objectives and guidance as an input need the further callables of ``models`` (whose ``student`` is
+    ``velocity``): see :func:`flowmatch.flow.objective_loss`. ``dropout_parts`` drops each text encoder's share
+    of ``cond`` independently (``FrozenEncoders.dropout_parts``); None drops whole rows with
+    ``flow.caption_dropout``.
     """
     b, _, h, w = x0.shape
     out = objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
@@ -311,6 +313,8 @@ class Trainer:
         Sized on a meta-device copy: the engine's model may be sharded (ZeRO-3), which hides parameter sizes.
         """
         r, run = self.recipe, self.run
+        if r.model.kind != "mmdit":
+            return 0.0  # the FLOP count is the MMDiT's (flowmatch.models.flops); others log no throughput in FLOPs
         height, width = r.data.size
         f = run.encoders.downsample
         prompts = run.encoders.encode_text(r.sampling.prompts[:16])

@@ -15,7 +15,7 @@ import torch
 
 from flowmatch.data import build_loader
 from flowmatch.data.shards import val_source_names
-from flowmatch.flow import flow_matching_loss, sample_path, with_guidance
+from flowmatch.flow import Formulation, flow_matching_loss, sample_path, with_guidance
 from flowmatch.images import image_grid, save_png
 from flowmatch.sampling import Pipeline
 
@@ -45,15 +45,16 @@ def heldout_batch(data: "DataConfig", encoders: "FrozenEncoders", batch_size: in
 
 @torch.no_grad()
 def fixed_time_loss(velocity: "VelocityModel", x0: torch.Tensor, cond: "Conditioning", *,
-                    rank: int = 0) -> torch.Tensor:
+                    rank: int = 0, formulation: Optional[Formulation] = None) -> torch.Tensor:
     """() mean unweighted loss of ``velocity`` on x0 (B, C, h, w) over VALIDATION_TIMESTEPS, with noise fixed per
-    rank: the one validation metric of every task, comparable across weights, runs and recipes."""
+    rank: the one validation metric of every task, comparable across weights, runs and recipes (of one
+    formulation: with ``formulation`` the model's prediction is compared with its own target)."""
     gen = torch.Generator().manual_seed(VALIDATION_NOISE_SEED + rank)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     total = torch.zeros((), device=x0.device)
     for value in VALIDATION_TIMESTEPS:
         t = torch.full((x0.shape[0],), value, device=x0.device)
-        path = sample_path(x0, noise, t)
+        path = formulation.training_sample(x0, noise, t) if formulation else sample_path(x0, noise, t)
         total += flow_matching_loss(velocity(path.x_t, path.t, cond), path.target, path.t).loss
     return total / len(VALIDATION_TIMESTEPS)
 
@@ -123,4 +124,5 @@ class Validator:
                                  world_size=e.world_size, source=source)
         if run.recipe.model.guidance_embed:  # the unguided conditional velocity is the one noise - x0 estimates
             cond = with_guidance(cond, 1.0)
-        return e.all_reduce_mean(fixed_time_loss(run.velocity, x0, cond, rank=e.rank)).item()
+        return e.all_reduce_mean(fixed_time_loss(run.velocity, x0, cond, rank=e.rank,
+                                                 formulation=Formulation(run.recipe.flow))).item()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from flowmatch.models.convert import flux, sd3
 from flowmatch.models.convert.keymap import to_ours, to_theirs
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
-from flowmatch.models.presets import PRESETS, config_from_preset
+from flowmatch.models.presets import PRESETS, config_from_preset, is_mmdit_preset
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin
@@ -59,7 +59,7 @@ def architecture_of(cfg: MMDiTConfig) -> ModuleType:
 def _named(cfg: MMDiTConfig) -> MMDiTConfig:
     """`cfg` with `preset` set to the preset it equals field for field, if any."""
     values = dataclasses.asdict(cfg)
-    for name in PRESETS:
+    for name in filter(is_mmdit_preset, PRESETS):
         candidate = dataclasses.asdict(config_from_preset(name))
         if all(candidate[k] == v for k, v in values.items() if k != "preset"):
             return dataclasses.replace(cfg, preset=name)
