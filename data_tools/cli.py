@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     encode.add_argument("--batch-size", type=int, default=64)
     encode.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                         help="storage dtype (fp16 keeps pixel-space data more exactly)")
+    encode.add_argument("--text-quant", default="", choices=("", "int8", "fp8"),
+                        help="store text features as int8 or fp8 with a per-token scale (about half of bf16)")
     encode.add_argument("--processes", type=int, default=1, help="shards encoded at once (one encoder copy each)")
     encode.add_argument("--device", default="auto", help="auto (spread over GPUs, else CPU), cpu, cuda or cuda:N")
     encode.add_argument("--no-progress", action="store_true")
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "encode":
         from data_tools.encode import EncodeSettings, encode_shards
 
-        settings = EncodeSettings(args.recipe, tuple(args.overrides), args.batch_size, args.dtype, args.device)
+        settings = EncodeSettings(args.recipe, tuple(args.overrides), args.batch_size, args.dtype, args.device,
+                                  args.text_quant)
         report = encode_shards(args.src, args.out, settings, processes=args.processes, progress=not args.no_progress)
         bad = ", ".join(f"{n} {r}" for r, n in sorted(report.bad.items())) or "none"
         print(f"encoded {report.encoded} shards ({report.samples} samples; {report.already_done} already done); "

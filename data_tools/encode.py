@@ -32,6 +32,8 @@ class EncodeSettings:
     batch_size: int = 64
     dtype: str = "bf16"
     device: str = "auto"
+    text_quant: str = ""
+    """'' or int8 / fp8: text hidden states as one byte per value with a per-token scale."""
 
 
 class Encoders:
@@ -62,7 +64,7 @@ def pick_device(device: str, index: int) -> torch.device:
 def encode_shard(enc: Encoders, url: str, target: Path, expected: Optional[dict[str, str]] = None) -> ShardResult:
     """Encode one shard into `target` with this process's encoders (flowmatch.encoders.cache.encode_shard)."""
     return encode_into(enc.frozen, enc.recipe.data, url, target, dtype=enc.settings.dtype,
-                       batch_size=enc.settings.batch_size, expected=expected)
+                       text_quant=enc.settings.text_quant, batch_size=enc.settings.batch_size, expected=expected)
 
 
 # Per-process state of the --processes pool (set by the initializer; spawned processes share nothing).

@@ -227,3 +227,36 @@ def test_several_encoders_are_cached_each_under_its_name_and_combined_on_load(ti
     other = {**frozen.fingerprints(), "text_encoder.t5": "t5:elsewhere"}
     with pytest.raises(EncoderMismatch, match="text_encoder.t5"):
         build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders=other)
+
+
+def test_encode_with_text_quant_stores_int8_text_that_decodes_close(tmp_path, encoders):
+    """Bug caught: --text-quant / data.cache_text_quant not reaching the feature writer (the cache then stays
+    bf16/fp16 at twice the size)."""
+    from dataclasses import replace
+
+    from data_tools.cli import main as data_cli
+
+    text, _ = encoders
+    src = varied_captions(tmp_path / "raw")
+    data_cli(["encode", str(src), str(tmp_path / "int8"), "--recipe", RECIPE, "--set", "data.channels=3",
+              "--dtype", "fp16", "--device", "cpu", "--text-quant", "int8", "--no-progress"])
+    samples = [r for r in read_shard(str(tmp_path / "int8" / "tiny-000000.tar")) if isinstance(r, RawSample)]
+    direct = text.encode([s.files["txt"].decode() for s in samples])
+    for i, sample in enumerate(samples):
+        assert features.read_header(sample.files[features.EXT]).text_dtype == "int8"
+        stored = features.decode(sample.files[features.EXT]).hidden
+        tokens = int(direct.mask[i].sum())
+        scale = direct.hidden[i, :tokens].abs().amax(dim=-1, keepdim=True) / 127
+        assert ((stored - direct.hidden[i, :tokens]).abs() <= scale * 0.5 + 2e-3).all()
+    # The cache the trainer builds (data.cache) takes the same setting from the recipe.
+    from flowmatch.config import load_recipe
+    from flowmatch.encoders.cache import ensure_cache
+    from flowmatch.encoders.frozen import FrozenEncoders
+
+    recipe = load_recipe(RECIPE, ["data.channels=3"])
+    data = replace(recipe.data, shards=str(src), cache=str(tmp_path / "trainer-cache"), cache_text_quant="fp8")
+    ensure_cache(data, FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=3), progress=False)
+    first = next(r for r in read_shard(str(tmp_path / "trainer-cache" / "tiny-000000.tar")) if isinstance(r, RawSample))
+    assert features.read_header(first.files[features.EXT]).text_dtype == "fp8"
+    with pytest.raises(ValueError, match="data.cache_text_quant"):
+        DataConfig(shards=str(src), cache_text_quant="int4")

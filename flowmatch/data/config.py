@@ -17,6 +17,7 @@ from flowmatch.tasks import check_task_name
 
 CHANNELS = (1, 3)
 CACHE_DTYPES = ("bf16", "fp16", "fp32")  # flowmatch.data.features.DTYPES
+TEXT_QUANTS = ("", "int8", "fp8")  # flowmatch.data.quantize.KINDS, or none
 DEFAULT_SHARDS = "data/shards"
 
 
@@ -90,6 +91,9 @@ class DataConfig:
     missing or incomplete, then read instead of `shards` (the encoders are freed once training starts); '' = off."""
     cache_dtype: str = "bf16"
     """Storage dtype of the features `cache` makes: bf16, fp16 or fp32."""
+    cache_text_quant: str = ""
+    """'' = text features stored in cache_dtype; int8 or fp8 = one byte per value with a per-token scale (about
+    half of bf16's size; flowmatch.data.quantize)."""
     max_image_pixels: int = MAX_IMAGE_PIXELS
     """Images with more pixels (width x height, read from the header before decoding) are skipped as oversized."""
     max_member_mb: int = MAX_MEMBER_BYTES // MIB
@@ -112,6 +116,8 @@ class DataConfig:
             raise ValueError(f"data.cached must be true, false or 'auto', got {self.cached!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise choice_error("data.cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        if self.cache_text_quant not in TEXT_QUANTS:
+            raise choice_error("data.cache_text_quant", self.cache_text_quant, TEXT_QUANTS)
         if self.cache and self.val_shards:
             raise ValueError("data.cache holds the val-* shards of data.shards: set data.val_shards='' with it")
         height, width = resolution_hw(self.resolution)

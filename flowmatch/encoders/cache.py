@@ -3,8 +3,8 @@
 For every input shard (train-* and val-* alike; names are kept, so the held-out split stays held out) the
 images are decoded as training would (the data section: channels, resolution or aspect buckets) and run through
 the frozen autoencoder (latents scaled and shifted by its preset) and text encoder(s) (hidden states truncated to
-each caption's real tokens, and the pooled vector; with several, each encoder's under its name); each sample becomes `key.safetensors`
-(flowmatch.data.features) beside its caption and any .json metadata. Each output shard is written as
+each caption's real tokens, and the pooled vector; with several, each encoder's under its name); each sample
+becomes `key.safetensors` (flowmatch.data.features) beside its caption and any .json metadata. Each output shard is written as
 `NAME.partial` and renamed when complete (flowmatch.data.shardformat.ShardFile), and OUT/features.json records
 the finished ones and the encoders' fingerprints, so an interrupted run continues where it stopped and a folder
 never mixes the features of two encoders.
@@ -60,9 +60,11 @@ class EncodeReport:
 
 
 def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: Path, *, dtype: str = "bf16",
-                 batch_size: int = 64, expected: Optional[dict[str, str]] = None) -> ShardResult:
+                 batch_size: int = 64, expected: Optional[dict[str, str]] = None,
+                 text_quant: str = "") -> ShardResult:
     """Encode one shard into `target` (via target.partial); refuses when OUT already holds other encoders'
-    features (`expected`: the manifest's fingerprints)."""
+    features (`expected`: the manifest's fingerprints). `text_quant` int8 / fp8 stores the text hidden states as
+    one byte per value with a per-token scale."""
     fingerprints = frozen.fingerprints()
     check_same_encoders(expected, fingerprints, target.parent)
     buckets = loader_buckets(data)
@@ -96,7 +98,7 @@ def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: P
             for i, (record, info) in enumerate(kept):
                 rows = {n: (c.hidden[i][c.mask[i]], c.pooled[i]) for n, c in texts.items()}
                 blob = features.encode(latents[i], *rows.get("", (None, None)), dtype=dtype, encoders=fingerprints,
-                                       parts=None if "" in rows else rows)
+                                       parts=None if "" in rows else rows, text_quant=text_quant)
                 files = {features.EXT: blob, "txt": info.caption}
                 if "json" in record.files:
                     files["json"] = record.files["json"]
@@ -195,5 +197,6 @@ def ensure_cache(data: DataConfig, frozen: "FrozenEncoders", *, progress: bool =
         return folder.report
     log.warning("data: encoding %d shards of %s into the cache %s (data.cache)", len(folder.todo), data.shards, out)
     for url, target in tqdm(folder.todo, unit="shard", desc="encode", disable=not progress):
-        folder.record(encode_shard(frozen, data, url, target, dtype=data.cache_dtype, expected=folder.expected))
+        folder.record(encode_shard(frozen, data, url, target, dtype=data.cache_dtype, expected=folder.expected,
+                                   text_quant=data.cache_text_quant))
     return folder.report
