@@ -34,15 +34,16 @@ from flowmatch.models import MMDiT, config_from_preset
 from flowmatch.training.assembly import EngineVelocity
 from flowmatch.training.fewstep import objective_models
 
-# name -> (flow.objective, JVP backend, guidance as an input, distillation from a teacher)
+# name -> (flow.objective, JVP backend, guidance as an input, distillation from a teacher, flow.teacher_steps)
 CONFIGS = {
-    "flow": ("flow", "exact", False, False),
-    "flow + guidance input": ("flow", "exact", True, False),
-    "meanflow exact": ("meanflow", "exact", True, False),
-    "meanflow finite_difference": ("meanflow", "finite_difference", True, False),
-    "meanflow exact, teacher": ("meanflow", "exact", True, True),
-    "shortcut": ("shortcut", "exact", True, False),
-    "shortcut, teacher": ("shortcut", "exact", True, True),
+    "flow": ("flow", "exact", False, False, 0),
+    "flow + guidance input": ("flow", "exact", True, False, 0),
+    "meanflow exact": ("meanflow", "exact", True, False, 0),
+    "meanflow finite_difference": ("meanflow", "finite_difference", True, False, 0),
+    "meanflow exact, teacher": ("meanflow", "exact", True, True, 0),
+    "shortcut": ("shortcut", "exact", True, False, 0),
+    "shortcut, teacher": ("shortcut", "exact", True, True, 0),
+    "shortcut, teacher flow map": ("shortcut", "exact", True, True, 4),
 }
 
 
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--interval-fraction", type=float, default=0.5, help="flow.meanflow.interval_fraction")
     p.add_argument("--consistency-fraction", type=float, default=0.25, help="flow.shortcut.consistency_fraction")
+    p.add_argument("--teacher-steps", type=int, default=4, help="flow.teacher_steps of the flow-map row")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,11 +79,12 @@ def main() -> None:
         return teacher_model(x, t, c)
 
     runs = {}
-    for name, (objective, jvp, guided, distill) in CONFIGS.items():
+    for name, (objective, jvp, guided, distill, steps) in CONFIGS.items():
+        teacher_steps = args.teacher_steps if steps else 0
         flow = FlowConfig(objective=objective, meanflow=MeanFlowConfig(interval_fraction=args.interval_fraction,
                                                                        jvp=jvp),
                           shortcut=ShortcutConfig(consistency_fraction=args.consistency_fraction),
-                          guidance=GuidanceInputConfig(1.0, 2.0))
+                          guidance=GuidanceInputConfig(1.0, 2.0), teacher_steps=teacher_steps)
         models = objective_models(velocity, engine, exact_jvp=objective == "meanflow" and jvp == "exact",
                                   teacher=teacher if distill else None)
         runs[name] = (flow, models, guided, jvp)

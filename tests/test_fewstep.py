@@ -21,6 +21,7 @@ from flowmatch.flow import (
     objective_loss,
     time_derivative,
 )
+from flowmatch.flow.flowmap import teacher_average_velocity
 from flowmatch.flow.meanflow import meanflow_target
 from flowmatch.flow.shortcut import bootstrap_target, consistency_times
 from flowmatch.models import MMDiT, config_from_preset
@@ -113,6 +114,38 @@ def test_the_shortcut_objective_is_near_zero_at_the_exact_average_velocity():
     sc = ShortcutConfig(consistency_fraction=0.5, levels=7)
     assert _teacher_loss("shortcut", _exact_student, shortcut=sc).loss.item() < 1e-5  # only the finest Euler halves
     assert _teacher_loss("shortcut", _flow_student, shortcut=sc).loss.item() > 1e-3
+
+
+@pytest.mark.parametrize("steps, tol", [(4, 2e-3), (16, 1e-4)])
+def test_the_teachers_solve_gives_the_exact_average_velocity(steps, tol):
+    """Bugs caught: the solve walking away from the data (h's sign), the midpoint evaluated at the wrong time,
+    the jump divided by the wrong span, or r = t rows not falling back to the instantaneous velocity."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 2, 2, generator=g, dtype=torch.float64)
+    t = 0.05 + 0.95 * torch.rand(32, generator=g, dtype=torch.float64)
+    r = torch.cat([t[:8], t[8:] * torch.rand(24, generator=g, dtype=torch.float64)])  # 8 rows with r = t
+    calls = []
+    u = teacher_average_velocity(lambda y, s: (calls.append(1), gaussian_v(y.double(), s.double()))[1], x, t, r,
+                                 steps=steps, v0=gaussian_v(x, t).float())
+    assert len(calls) == 2 * steps - 1  # v0 saves the first evaluation
+    assert (u.double() - gaussian_u(x, t, r)).abs().max().item() < tol
+    assert (gaussian_u(x, t, r) - gaussian_v(x, t)).abs().max().item() > 0.1  # not trivially the velocity
+
+
+def test_flow_map_distillation_regresses_the_teachers_jump():
+    """Bugs caught: flow.teacher_steps not reaching the interval rows (the student's own JVP / half steps still
+    used), or the jump built from the wrong rows or conditioning."""
+    for objective, section in (("meanflow", {"meanflow": MeanFlowConfig(interval_fraction=0.5, adaptive_power=0.0)}),
+                               ("shortcut", {"shortcut": ShortcutConfig(consistency_fraction=0.5)})):
+        exact = _teacher_loss(objective, _exact_student, teacher_steps=16, **section)
+        assert exact.loss.item() < 1e-7
+        assert _teacher_loss(objective, _flow_student, teacher_steps=16, **section).loss.item() > 1e-2
+
+    def broken(x, t, cond, r=None):  # a student that is exact on the flow rows only
+        return gaussian_v(x, t) if r is None else torch.where(_bt(r < t, x), x * 0, gaussian_u(x, t, r))
+
+    assert _teacher_loss("meanflow", broken, teacher_steps=16,
+                         meanflow=MeanFlowConfig(interval_fraction=0.5, adaptive_power=0.0)).loss.item() > 1e-2
 
 
 def test_shortcut_targets_match_hand_computed_ones():
@@ -305,6 +338,19 @@ def test_distillation_starts_from_the_teacher_and_regresses_its_velocity(tmp_pat
     for name in ("interval_embed", "guidance_embed"):
         assert started[f"{name}.mlp.fc2.weight"].eq(0).all()
     assert f"objective meanflow, JVP backend exact, teacher {teacher_dir}" in capsys.readouterr().out
+
+    # flow-map distillation: the 2 self-consistency rows of 8 get the teacher's 2-step midpoint solve (3 more
+    # evaluations on [cond; empty caption], the first reused), and the recipe's flow.teacher_steps reaches it
+    asked.clear()
+    train(_tiny_recipe(tmp_path / "flowmap", digit_shards, "train.max_steps=1", "flow.objective=shortcut",
+                       "flow.shortcut.consistency_fraction=0.25", "flow.teacher_steps=2", "model.interval_embed=true",
+                       "model.guidance_embed=true", f"flow.teacher={teacher_dir}", f"model.init_from={teacher_dir}",
+                       "sampling.solver=average"))
+    assert asked == [16, 4, 4, 4]
+    assert f"objective shortcut, teacher {teacher_dir} (flow map, 2 midpoint steps)" in capsys.readouterr().out
+    with pytest.raises(RecipeError, match="flow.teacher_steps: 2 .* set flow.teacher"):
+        train(_tiny_recipe(tmp_path / "no-teacher", digit_shards, "train.max_steps=1", "flow.objective=shortcut",
+                           "flow.teacher_steps=2", "model.interval_embed=true"))
 
 
 def test_recipe_errors_name_the_key_and_a_valid_value():

@@ -9,6 +9,9 @@ and returns one loss; the model enters only as callables, so this layer stays mo
 - ``meanflow``: the average velocity over [r, t] regresses ``v - (t - r) du/dt`` (:mod:`.meanflow`, :mod:`.jvp`);
 - ``shortcut``: the average velocity of a step regresses two half steps of the model (:mod:`.shortcut`).
 
+With a teacher and ``flow.teacher_steps > 0`` both few-step objectives' interval rows regress the teacher's own
+solve over the interval instead (flow-map distillation, :mod:`.flowmap`).
+
 The few-step objectives are written for the rectified path's velocity only (``flowmatch.training.fewstep``
 rejects them with another formulation).
 
@@ -30,6 +33,7 @@ from torch import Tensor
 
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow.caption_dropout import drop_captions
+from flowmatch.flow.flowmap import teacher_average_velocity
 from flowmatch.flow.formulation import Formulation
 from flowmatch.flow.guided import draw_guidance, guided_teacher_velocity, mix_guidance, with_guidance
 from flowmatch.flow.jvp import time_derivative
@@ -119,8 +123,15 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
     formulation = Formulation(flow)
     path = formulation.training_sample(x0, noise, t)  # sample_path's exactly on the rectified path
     x_t, t, v = path.x_t, path.t, path.target.float()
+    jump: Optional[Tensor] = None  # flow-map distillation: the teacher's average velocity on the interval rows
     if models.teacher is not None:
-        v = guided_teacher_velocity(models.teacher, x_t, t, cond, null, w if w is not None else torch.ones_like(t))
+        scale = w if w is not None else torch.ones_like(t)
+        v = guided_teacher_velocity(models.teacher, x_t, t, cond, null, scale)
+        if flow.teacher_steps and n:
+            plain, teacher = _rows(cond, n), models.teacher
+            jump = teacher_average_velocity(
+                lambda x, s: guided_teacher_velocity(teacher, x, s, plain, null, scale[:n]),
+                x_t[:n], t[:n], r[:n], steps=flow.teacher_steps, v0=v[:n])
     elif guided:
         unconditional = with_guidance(null.expand(b), 1.0)
         v_uncond = _call(_need(models.frozen, "guidance from data"), x_t, t, unconditional, None)
@@ -134,7 +145,9 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
     head = _rows(cond, n)
     if flow.objective == "meanflow":
         target = v
-        if n:  # the JVP runs on the interval rows only: at r = t the target is v whatever du/dt is
+        if jump is not None:
+            target = torch.cat([jump, v[n:]])
+        elif n:  # the JVP runs on the interval rows only: at r = t the target is v whatever du/dt is
             tangent_model = models.tangent if jvp_backend == "exact" else models.frozen
             u = _bind(_need(tangent_model, f"the {jvp_backend} JVP"), head)
             du_dt = time_derivative(u, x_t[:n], t[:n], r[:n], v[:n], backend=jvp_backend,
@@ -144,7 +157,9 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
                                          power=flow.meanflow.adaptive_power, eps=flow.meanflow.adaptive_eps)
         return ObjectiveLoss(loss, per_sample, t)
     target = v
-    if n:
+    if jump is not None:
+        target = torch.cat([jump, v[n:]])
+    elif n:
         u = _bind(_need(models.frozen, "shortcut targets"), head)
         target = torch.cat([bootstrap_target(u, x_t[:n], t[:n], r[:n], levels=flow.shortcut.levels), v[n:]])
     out = flow_matching_loss(_call(models.student, x_t, t, cond, r), target, t)

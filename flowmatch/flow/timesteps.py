@@ -96,6 +96,10 @@ class FlowConfig:
     teacher: Optional[str] = None
     """Run or checkpoint directory of a frozen flow model whose guided velocity replaces noise - x0
     (distillation); None = learn from data."""
+    teacher_steps: int = 0
+    """With a teacher and a few-step objective: > 0 makes the interval rows (r < t) regress the average velocity of
+    the teacher's own guided solve from t to r in this many midpoint steps (flow-map distillation,
+    flow/flowmap.py) instead of the objective's self-made target (no JVP, no half steps); 0 = the objective's."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -123,6 +127,8 @@ class FlowConfig:
                 f"flow.max_seq_len must be an integer > flow.base_seq_len ({self.base_seq_len}); "
                 f"got {self.max_seq_len!r}"
             )
+        if not (isinstance(self.teacher_steps, int) and 0 <= self.teacher_steps <= 64):
+            raise ValueError(f"flow.teacher_steps must be an integer in [0, 64] (0 = off); got {self.teacher_steps!r}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"flow.caption_dropout must be a probability in [0, 1]; got {self.caption_dropout}")
 

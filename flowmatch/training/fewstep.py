@@ -39,6 +39,10 @@ def check_recipe(recipe: "Recipe") -> None:
         raise RecipeError(f"flow.teacher distils a rectified-flow velocity; it cannot train flow.path: {flow.path} "
                           f"with flow.prediction: {flow.prediction} (remove flow.teacher, or use flow.path: rectified, "
                           "flow.prediction: velocity)")
+    if flow.teacher_steps and (flow.teacher is None or flow.objective == "flow"):
+        raise RecipeError(f"flow.teacher_steps: {flow.teacher_steps} distils the teacher's solve into the interval rows "
+                          "of a few-step objective: set flow.teacher and flow.objective: meanflow or shortcut (or "
+                          "flow.teacher_steps: 0)")
     if flow.objective != "flow" and model.kind != "mmdit":
         raise RecipeError(f"flow.objective: {flow.objective} needs the interval input r, which only model.kind: mmdit "
                           f"has (model.interval_embed); this recipe has model.kind: {model.kind}")
@@ -55,7 +59,10 @@ def check_recipe(recipe: "Recipe") -> None:
 
 
 def jvp_backend(recipe: "Recipe") -> str:
-    """The JVP backend of this run (``flow.meanflow.jvp``, auto resolved by the ZeRO stage)."""
+    """The JVP backend of this run (``flow.meanflow.jvp``, auto resolved by the ZeRO stage); "none" when
+    flow-map distillation (``flow.teacher_steps``) replaces the MeanFlow identity's target."""
+    if recipe.flow.teacher_steps:
+        return "none"
     return recipe.flow.meanflow.backend(recipe.distributed.zero_stage)
 
 

@@ -245,7 +245,8 @@ class Trainer:
         if r.flow.objective != "flow" or r.flow.teacher:
             self.monitor.message(f"objective {r.flow.objective}"
                                  + (f", JVP backend {self.jvp_backend}" if r.flow.objective == "meanflow" else "")
-                                 + (f", teacher {r.flow.teacher}" if r.flow.teacher else ""))
+                                 + (f", teacher {r.flow.teacher}" if r.flow.teacher else "")
+                                 + (f" (flow map, {r.flow.teacher_steps} midpoint steps)" if r.flow.teacher_steps else ""))
         batches = iter(run.loader)
         e.train()
         try:
