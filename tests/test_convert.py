@@ -15,7 +15,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DMode
 
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.models import from_diffusers, to_diffusers
-from flowmatch.models.convert import architecture_of, convert_diffusers, flux, sd3
+from flowmatch.models.convert import architecture_of, convert_diffusers, flux, sd3, to_original
 from flowmatch.models.convert.keymap import Inert, to_theirs
 from flowmatch.models.embeddings import rope_table, sincos_pos_embed_2d
 from flowmatch.models.mmdit import MMDiT
@@ -246,3 +246,8 @@ def test_unsupported_variants_raise():
         to_diffusers(MMDiT(cfg))
     with pytest.raises(ValueError, match="not supported; flowmatch converts"):
         from_diffusers(torch.nn.Linear(2, 2))
+    # a few-step model's step embedder has no place in the released formats: refused, not silently dropped
+    few_step = MMDiT(config_from_preset("tiny", in_channels=4, context_dim=20, pooled_dim=12, interval_embed=True))
+    for export in (to_diffusers, to_original):
+        with pytest.raises(ValueError, match="model.interval_embed.*flowmatch's Pipeline"):
+            export(few_step)

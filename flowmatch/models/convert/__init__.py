@@ -56,6 +56,17 @@ def architecture_of(cfg: MMDiTConfig) -> ModuleType:
     return flux if cfg.rope else sd3
 
 
+def _release_config(cfg: MMDiTConfig) -> tuple[ModuleType, dict[str, Any]]:
+    """The architecture module and diffusers config of a model the released formats can hold; ValueError else."""
+    if cfg.interval_embed:
+        raise ValueError("this model takes a step input (model.interval_embed: a few-step MeanFlow or shortcut "
+                         "model), which no diffusers or original SD3/FLUX transformer has, so it cannot be exported "
+                         "to them: keep the flowmatch checkpoint and sample it with flowmatch's Pipeline "
+                         "(sampling.solver: average)")
+    arch = architecture_of(cfg)
+    return arch, arch.diffusers_config(cfg)
+
+
 def _named(cfg: MMDiTConfig) -> MMDiTConfig:
     """`cfg` with `preset` set to the preset it equals field for field, if any."""
     values = dataclasses.asdict(cfg)
@@ -194,8 +205,7 @@ def to_diffusers(model: MMDiT, *, copy: bool = True) -> "ModelMixin":
     With ``copy=False`` the tensors that need no transformation are shared with `model` instead of copied, so a
     large model is not held twice (an export); the two then change together."""
     cfg = model.cfg
-    arch = architecture_of(cfg)
-    dcfg = arch.diffusers_config(cfg)
+    arch, dcfg = _release_config(cfg)
     ours = {k: v.detach().clone() if copy else v.detach() for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, arch.diffusers_rules(cfg), _inert(model, "diffusers"))
     # Built on the meta device and given the converted tensors: no random initialisation of a second model.
@@ -278,8 +288,7 @@ def to_original(model: MMDiT, *, prefix: Optional[str] = None) -> dict[str, Tens
     `model.diffusion_model.` for SD3, none for FLUX. Like `state_dict()`, tensors copied unchanged share memory
     with the model."""
     cfg = model.cfg
-    arch = architecture_of(cfg)
-    arch.diffusers_config(cfg)  # the same options as diffusers' classes: raises for those the releases lack
+    arch, _ = _release_config(cfg)  # the same options as diffusers' classes: raises for those the releases lack
     theirs = to_theirs(model.state_dict(), arch.original_rules(cfg), _inert(model, "original"))
     prefix = arch.ORIGINAL_PREFIX if prefix is None else prefix
     return {prefix + k: v.contiguous() for k, v in theirs.items()}
