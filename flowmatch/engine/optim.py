@@ -69,6 +69,22 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
     return SCHEDULES[optim.schedule](progress, optim.min_lr_ratio)
 
 
+def adamw_implementation(device: torch.device, *, offload: bool = False) -> dict[str, bool]:
+    """torch AdamW's keyword choosing its implementation for parameters on ``device``: the fastest that computes
+    the same update (fused differs from the per-tensor loop only by float rounding, ~1 ulp).
+
+    ``fused`` (one kernel per parameter, no intermediates) is the fastest on CUDA and, since torch 2.4, on CPU
+    too: over the ~10M fp32 parameters of benchmarks/mmdit_step.py's model it takes about a third of the CPU time
+    of the default per-tensor loop (8-10 ms against 25-28 ms per step on one core), and ``foreach``, whose
+    multi-tensor ops pay off only on accelerators, is no faster than the loop there. With DeepSpeed's optimizer
+    offload the choice stays ``foreach``, as before: DeepSpeed steps it on CPU copies of the parameters, a setup
+    the fused path has not been tested under here.
+    """
+    if offload:
+        return {"foreach": True}
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
 class SkippableAdamW(torch.optim.AdamW):
     """torch AdamW whose next ``step()`` can be made a no-op by setting ``overflow``.
 

@@ -18,7 +18,7 @@ import torch
 from flowmatch.engine.config import DistributedConfig, build_deepspeed_config
 from flowmatch.engine.group import ProcessGroup
 from flowmatch.engine.nonfinite import FiniteWindow
-from flowmatch.engine.optim import OptimConfig, SkippableAdamW, SkippableLambdaLR, lr_factor
+from flowmatch.engine.optim import OptimConfig, SkippableAdamW, SkippableLambdaLR, adamw_implementation, lr_factor
 
 # Prefix of the optimizer state among a rank's saved tensors.
 _OPTIM_KEY = "optim."
@@ -72,9 +72,9 @@ class Trainable:
             ds_config["gradient_clipping"] = 0.0
         if cfg.zero_stage != 3:
             model = model.to(group.device)
-        fused = on_cuda and not cfg.offload_optimizer
         optimizer = SkippableAdamW(list(params), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                   weight_decay=optim.weight_decay, **({"fused": True} if fused else {"foreach": True}))
+                                   weight_decay=optim.weight_decay,
+                                   **adamw_implementation(group.device, offload=cfg.offload_optimizer))
         factor = functools.partial(lr_factor, optim=optim, max_steps=max_steps)
         made: list[SkippableLambdaLR] = []
 
