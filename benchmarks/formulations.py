@@ -17,8 +17,9 @@ alike, so that each formulation runs its whole lr schedule (warm-up, then cosine
 steps; a slower formulation trains fewer steps rather than stopping part-way through a 500-step schedule. The
 budget is a hard stop too (SIGTERM, then a checkpoint, like a preemption) should the calibration have been too
 optimistic. Then `flowmatch eval`'s judge scores its default weights at 4, 8, 20 and 50 steps: the Euler ODE solver for all,
-DDIM and the ancestral sampler too on the VP paths (with x0 clamped to [-1, 1], ``sampling.clip_x0``, as DDPM); held-out bits/dim where the path has a finite velocity at
-t = 0 (rectified). One table is printed (and written as JSON with ``--json``). Run it on a quiet machine:
+DDIM and the ancestral sampler too on the VP paths (with x0 clamped to [-1, 1], ``sampling.clip_x0``, as DDPM);
+held-out bits/dim on every path (the rectified path's solve starts at t = 0, a VP path's at t = 1e-3, where its
+velocity is finite: ``Formulation.likelihood_start``, after Song et al. 2021). One table is printed (and written as JSON with ``--json``). Run it on a quiet machine:
 
     python benchmarks/formulations.py --budget 130 --shards data/digits --out runs/formulations
 """
