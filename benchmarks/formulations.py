@@ -16,10 +16,11 @@ recipe's ``train.max_steps`` (500), with ``train.max_steps`` set to that count a
 alike, so that each formulation runs its whole lr schedule (warm-up, then cosine decay to the end) however slow its
 steps; a slower formulation trains fewer steps rather than stopping part-way through a 500-step schedule. The
 budget is a hard stop too (SIGTERM, then a checkpoint, like a preemption) should the calibration have been too
-optimistic. Then `flowmatch eval`'s judge scores its default weights at 4, 8, 20 and 50 steps: the Euler ODE solver for all,
-DDIM and the ancestral sampler too on the VP paths (with x0 clamped to [-1, 1], ``sampling.clip_x0``, as DDPM);
-held-out bits/dim on every path (the rectified path's solve starts at t = 0, a VP path's at t = 1e-3, where its
-velocity is finite: ``Formulation.likelihood_start``, after Song et al. 2021). One table is printed (and written as JSON with ``--json``). Run it on a quiet machine:
+optimistic. Then `flowmatch eval`'s judge scores its default weights at 4, 8, 20 and 50 steps: the Euler ODE
+solver for all, DDIM and the ancestral sampler too on the VP paths (with x0 clamped to [-1, 1],
+``sampling.clip_x0``, as DDPM); held-out bits/dim on every path (the rectified path's solve starts at t = 0, a VP
+path's at t = 1e-3, where its velocity is finite: ``Formulation.likelihood_start``, after Song et al. 2021). One
+table is printed (and written as JSON with ``--json``). Run it on a quiet machine:
 
     python benchmarks/formulations.py --budget 130 --shards data/digits --out runs/formulations
 """
@@ -204,10 +205,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
                             warmup_steps=run.plan.warmup_steps, train_seconds=run.seconds,
                             seconds_per_step=run.calibration.seconds_per_step,
                             **judge(name, run.run_dir, steps, args)))
-    print(f"\nbudget {args.budget:.0f} s per run (each its whole lr schedule: the steps its calibrated s/step fit), seed {args.seed}, {args.samples} images per digit, guidance as "
-          "recipes/digits.yaml")
-    print(f"{'formulation':<11} {'s/step':>6} {'trained':>14} {'sampler':>9} " + " ".join(f"{f'acc@{s}':>7}" for s in steps)
-          + " " + " ".join(f"{f'FD@{s}':>7}" for s in steps) + f" {'bits/dim':>8}")
+    print(f"\nbudget {args.budget:.0f} s per run (each its whole lr schedule: the steps its calibrated s/step fit), "
+          f"seed {args.seed}, {args.samples} images per digit, guidance as recipes/digits.yaml")
+    print(f"{'formulation':<11} {'s/step':>6} {'trained':>14} {'sampler':>9} "
+          + " ".join(f"{f'acc@{s}':>7}" for s in steps) + " " + " ".join(f"{f'FD@{s}':>7}" for s in steps)
+          + f" {'bits/dim':>8}")
     for res in results:
         by_solver: dict[str, dict[int, dict]] = {}
         for row in res["rows"]:
@@ -215,7 +217,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         for i, (solver, rows) in enumerate(by_solver.items()):
             bpd = res["bits_per_dim"]
             head = (f"{res['formulation']:<11} {res['seconds_per_step']:>6.3f} "
-                    f"{res['train_steps']:>5} in {res['train_seconds']:>4.0f} s" if i == 0 else f"{'':<11} {'':>6} {'':>14}")
+                    f"{res['train_steps']:>5} in {res['train_seconds']:>4.0f} s" if i == 0
+                    else f"{'':<11} {'':>6} {'':>14}")
             print(f"{head} {solver:>9} " + " ".join(f"{rows[s]['accuracy']:>7.3f}" for s in steps) + " "
                   + " ".join(f"{rows[s]['frechet']:>7.1f}" for s in steps)
                   + (f" {bpd:>8.2f}" if i == 0 and bpd is not None else f" {'-':>8}"))
