@@ -158,3 +158,46 @@ def test_velocity_independent_of_x():
         torch.testing.assert_close(logp, standard_normal_log_prob(x))
     shifted = log_likelihood(lambda x_, t: torch.ones_like(x_), x)  # x_1 = x_0 + 1
     torch.testing.assert_close(shifted, standard_normal_log_prob(x + 1))
+
+
+@pytest.mark.parametrize("path_name", ["vp_linear", "vp_cosine"])
+def test_vp_likelihood_from_t_eps_is_the_gaussian_marginal_there(path_name):
+    """On a VP path the solve starts at t = eps (the velocity is singular at 0): for Gaussian data N(mu, std^2) the
+    exact probability-flow velocity comes from E[eps | x_t] in closed form, and the result is log p_eps(x), the
+    t = eps marginal N(alpha mu, alpha^2 std^2 + sigma^2) at x, up to the prior: the solve ends on N(0, I) where the
+    t = 1 marginal is N(alpha_1 mu, V_1). One dimension's std (0.02) is near sigma_eps (0.01), so log p_eps is
+    measurably not log p_0: a solve from another time fails."""
+    from flowmatch.flow import FlowConfig, Formulation
+
+    form = Formulation(FlowConfig(path=path_name, prediction="eps"))
+    path, eps_t = form.path, form.likelihood_start
+    assert eps_t == 1e-3 and Formulation(FlowConfig()).likelihood_start == 0.0
+    mean = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=F64)
+    std = torch.tensor([0.3, 1.5, 0.02, 1.0], dtype=F64)
+
+    def marginal(x, t):  # log N(x; alpha_t mean, V_t) summed over dims, and the moments
+        a, s = path.alpha(t)[:, None], path.sigma(t)[:, None]
+        v = a**2 * std**2 + s**2
+        return (-0.5 * (x - a * mean) ** 2 / v - 0.5 * torch.log(2 * math.pi * v)).sum(1), a, s, v
+
+    def model(x, t):  # the exact eps prediction E[eps | x_t = x]
+        _, a, s, v = marginal(x, t)
+        return s * (x - a * mean) / v
+
+    velocity = form.to_velocity(model)
+    x = mean + std * torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x[0, 0] += 0.5  # an unlikely point too
+    logp = log_likelihood(velocity, x, t_start=eps_t)
+
+    at_eps, a0, _, v0 = marginal(x, torch.full((6,), eps_t, dtype=F64))
+    _, a1, _, v1 = marginal(x, torch.ones(6, dtype=F64))
+    x1 = a1 * mean + v1.sqrt() * (x - a0 * mean) / v0.sqrt()  # the exact flow map to t = 1 keeps the z-score
+    prior_mismatch = standard_normal_log_prob(x1) - marginal(x1, torch.ones(6, dtype=F64))[0]
+    assert float(prior_mismatch.abs().max()) < 0.05  # alpha_1 is ~0: N(0, I) is nearly the exact prior
+    # The VP velocity jumps at each of the path's 1000 knots (its beta is piecewise constant in t), which costs
+    # the adaptive solve ~1e-3 nats per dimension, whatever its tolerance.
+    torch.testing.assert_close(logp, at_eps + prior_mismatch, atol=2e-2, rtol=0)
+    data = (-0.5 * ((x - mean) / std) ** 2 - torch.log(std * math.sqrt(2 * math.pi))).sum(1)
+    assert float((at_eps - data).abs().max()) > 0.05  # well beyond the tolerance: the bound is at t = eps, not 0
+    with pytest.raises(ValueError, match="t_start"):
+        log_likelihood(velocity, x, t_start=1.0)

@@ -69,6 +69,8 @@ def test_ddpm_unet_recipe_trains_resumes_bit_identically_and_samples(tmp_path, d
         a, b = load_file(straight / name), load_file(split / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert any(k.startswith("unet.") for k in a)
+    logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["tflops_per_s"] > 0 for row in logged if "loss" in row)  # the U-Net's FLOPs are counted
 
     pipe = flowmatch.Pipeline.from_checkpoint(split)
     assert pipe.formulation.path.name == "vp_linear" and pipe.formulation.prediction == "eps"
@@ -97,8 +99,43 @@ def test_the_unet_fields_are_the_model_sections_not_the_mmdits():
     from flowmatch.models.mmdit import MMDiTConfig
 
     r = load_recipe(ROOT / "recipes" / "digits-ddpm.yaml")
-    assert r.model.unet.block_out_channels == [32, 64]
+    assert r.model.unet.block_out_channels == [32, 32]
     assert not {"kind", "unet"} & set(vars(r.model.architecture()))
     assert "kind" not in {f.name for f in __import__("dataclasses").fields(MMDiTConfig)}
     with pytest.raises(RecipeError, match="model.init_from and model.lora.*model.kind: unet"):
         load_recipe(ROOT / "recipes" / "digits-ddpm.yaml", ["model.init_from=some/run"])
+
+
+def test_the_digits_unet_has_no_attention_at_full_resolution():
+    """Bug caught: the digits preset growing back attention at 8x8 (64 tokens an image) or 64 channels, which
+    made a training step twice the MMDiT's on CPU instead of about half (recipes/digits-ddpm.yaml)."""
+    r = load_recipe(ROOT / "recipes" / "digits-ddpm.yaml", ["model.in_channels=1", "model.context_dim=384",
+                                                            "model.pooled_dim=384"])
+    unet = build_backbone(r.model).unet
+    assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "CrossAttnDownBlock2D"]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["CrossAttnUpBlock2D", "UpBlock2D"]
+    assert type(unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"  # the text still reaches the 4x4 levels
+    assert 0.4e6 < sum(p.numel() for p in unet.parameters()) < 0.6e6  # the MMDiT digits preset has 2.3M
+
+
+def test_counted_unet_flops_are_one_forward_and_backward():
+    """The U-Net's training FLOPs (no analytic count) are one meta-device forward counted, times 3 and the batch:
+    within a few percent of a real forward and backward counted on CPU (whose first layer needs no input
+    gradient)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flowmatch.models.flops import counted_training_flops_per_step
+
+    r = load_recipe(None, ["model.preset=digits-unet", "model.in_channels=1", "model.context_dim=8",
+                           "model.pooled_dim=6", *[f"{k}={json.dumps(v)}" for k, v in TINY_UNET.items()]])
+
+    def inputs(batch):
+        return (torch.zeros(batch, 1, 8, 8), torch.full((batch,), 0.5),
+                Conditioning(torch.zeros(batch, 5, 8), torch.ones(batch, 5, dtype=torch.bool), torch.zeros(batch, 6)))
+
+    with torch.device("meta"):
+        counted = counted_training_flops_per_step(build_backbone(r.model), inputs(1), batch_size=4)
+    model = build_backbone(r.model)
+    with FlopCounterMode(display=False) as real:
+        model(*inputs(4)).sum().backward()
+    assert 0.9 < real.get_total_flops() / counted <= 1.0

@@ -22,6 +22,9 @@ __all__ = ["Formulation", "check_formulation"]
 
 #: Smallest time at which a VP path's velocity is evaluated: sigma'_t is infinite at t = 0 there.
 VP_TIME_FLOOR = 1e-5
+#: Where a VP path's likelihood solve starts: DDPM's first discrete step t = 1 / 1000, the eps = 1e-3 at which
+#: Song et al. 2021 (appendix D) bound the data likelihood for the VP SDE.
+VP_LIKELIHOOD_START = 1e-3
 
 
 def check_formulation(path: str, prediction: str, min_snr_gamma: float) -> None:
@@ -47,9 +50,10 @@ class Formulation:
         return self.path.name == "rectified" and self.prediction == "velocity"
 
     @property
-    def has_likelihood(self) -> bool:
-        """Whether the exact-likelihood ODE can run from t = 0: the velocity must be finite there (not on VP)."""
-        return not self.path.variance_preserving
+    def likelihood_start(self) -> float:
+        """Where the likelihood ODE starts (:func:`flowmatch.sampling.log_likelihood`'s ``t_start``): t = 0 where the
+        velocity is finite there (rectified), else VP_LIKELIHOOD_START (the likelihood of the data at t = eps)."""
+        return VP_LIKELIHOOD_START if self.path.variance_preserving else 0.0
 
     def training_sample(self, x0: Tensor, noise: Tensor, t: Tensor) -> PathSample:
         """Model input x_t and the regression target in the prediction's space; x0, noise (B, ...), t (B,)."""

@@ -7,11 +7,19 @@ pooled-text MLPs, every adaLN modulation) runs once per sample. Attention adds 1
 block (and per MMDiT-X image-only attention).
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
 Works on a meta-device model, so sizing a large preset allocates nothing.
+
+Backbones without such a count (diffusers' U-Net, ``model.kind: unet``) are counted instead:
+:func:`counted_training_flops_per_step` runs one forward under ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls, convolutions and attention, as the estimate above) and takes the backward as twice the forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from flowmatch.models.mmdit import MMDiT
 
@@ -19,6 +27,8 @@ from flowmatch.models.mmdit import MMDiT
 TRAIN_FLOPS_PER_PARAM_TOKEN = 6
 #: Training FLOPs of attention per (query, key, channel): QK^T and AV at 2 each forward, times 3 with backward.
 TRAIN_FLOPS_PER_ATTENTION_ENTRY = 12
+#: Training FLOPs per forward FLOP: the backward computes the gradients of both the inputs and the weights.
+TRAIN_FLOPS_PER_FORWARD_FLOP = 3
 
 
 @dataclass
@@ -95,6 +105,17 @@ def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple
     entries += len(model.single_blocks) * seq * seq
     attn_flops = TRAIN_FLOPS_PER_ATTENTION_ENTRY * batch_size * entries * cfg.width
     return StepFlops(token_weights=float(token_flops), sample_weights=float(sample_flops), attention=float(attn_flops))
+
+
+def counted_training_flops_per_step(model: nn.Module, inputs: tuple[Any, ...], *, batch_size: int) -> float:
+    """Training FLOPs of one step of ``batch_size`` samples: the FLOPs counted in one forward ``model(*inputs)`` of
+    one-sample ``inputs`` (e.g. ``(x (1, C, H, W), t (1,), cond)``), times ``batch_size`` and
+    TRAIN_FLOPS_PER_FORWARD_FLOP. Meta-device models and inputs work (nothing is computed)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    return float(TRAIN_FLOPS_PER_FORWARD_FLOP * batch_size * counter.get_total_flops())
 
 
 def mfu(flops_per_step: float, step_time_s: float, peak_flops: float) -> float:

@@ -28,13 +28,13 @@ __all__ = ["UNetBackbone", "UNetConfig"]
 class UNetConfig:
     """The ``model.unet`` section: the U-Net's layout (used when ``model.kind: unet``); defaults are the digits size."""
 
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 32])
     """Channels of each resolution level; each level after the first halves the resolution."""
     layers_per_block: int = 1
     """Residual blocks per level (diffusers' layers_per_block)."""
     heads: int = 4
     """Attention heads of every cross-attention layer (diffusers calls this attention_head_dim)."""
-    cross_attention: list[bool] = field(default_factory=lambda: [True, True])
+    cross_attention: list[bool] = field(default_factory=lambda: [False, True])
     """Per level: whether it has cross-attention to the text (CrossAttnDownBlock2D) or not (DownBlock2D)."""
     norm_num_groups: int = 16
     """Groups of every GroupNorm; must divide every entry of block_out_channels."""

@@ -9,6 +9,15 @@ standard normal (see :mod:`flowmatch.flow.path`):
 The divergence is computed exactly with one vector-Jacobian product per input dimension (batched with
 ``is_grads_batched``), or estimated with Hutchinson's estimator ``E[eps^T J eps] = tr J`` with Rademacher
 ``eps`` (Grathwohl et al. 2019, FFJORD) when the input is large. torchdiffeq integrates the pair (x, log-det).
+
+A variance-preserving path's velocity is singular at t = 0 (sigma'_t is infinite there), so the solve starts at a
+small ``t_start`` = eps instead, as Song et al. 2021 ("Score-based generative modeling through SDEs", appendix D)
+do: the data point is taken as a sample of the path's marginal at t = eps, and
+
+    log p_eps(x_0) = log N(x_1; 0, I) + integral_eps^1 div v(x_t, t) dt
+
+is the log-density of the slightly noised data distribution p_eps (x_0 scaled by alpha_eps plus N(0, sigma_eps^2)
+noise) at the data, which tends to log p_0(x_0) as eps -> 0.
 """
 
 from __future__ import annotations
@@ -109,10 +118,13 @@ def log_likelihood(
     method: str = "dopri5",
     hutchinson_samples: int = 1,
     generator: torch.Generator | None = None,
+    t_start: float = 0.0,
 ) -> Tensor:
     """Log-density log p_0(x) in nats of data ``x`` (B, ...) under the flow ``velocity(x, t)``: returns (B,).
 
-    Integrates data (t = 0) to noise (t = 1) with torchdiffeq's ``method`` at tolerances ``rtol``/``atol``.
+    Integrates data (t = ``t_start``, 0 by default) to noise (t = 1) with torchdiffeq's ``method`` at tolerances
+    ``rtol``/``atol``; with ``t_start`` = eps > 0 the result is log p_eps(x) (see the module docstring), for paths
+    whose velocity is singular at t = 0 (:attr:`flowmatch.flow.Formulation.likelihood_start`).
     ``exact_divergence=False`` uses Hutchinson's estimator with ``hutchinson_samples`` Rademacher probes, drawn
     once from ``generator`` and held fixed along the trajectory (the ODE must be deterministic for an adaptive
     solver); the result is then an unbiased estimate of the integral's divergence term.
@@ -126,6 +138,8 @@ def log_likelihood(
         raise ValueError(f"x must be a floating-point tensor; got dtype {x.dtype}")
     if not (isinstance(hutchinson_samples, int) and hutchinson_samples >= 1):
         raise ValueError(f"hutchinson_samples must be an integer >= 1; got {hutchinson_samples!r}")
+    if not 0.0 <= t_start < 1.0:
+        raise ValueError(f"t_start must be in [0, 1); got {t_start}")
     batch = x.shape[0]
 
     probes: Tensor | None = None
@@ -141,7 +155,7 @@ def log_likelihood(
             return velocity_and_divergence(velocity, xt, tb)
         return velocity_and_trace_estimate(velocity, xt, tb, probes)
 
-    span = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+    span = torch.tensor([t_start, 1.0], dtype=x.dtype, device=x.device)
     start = (x.detach(), torch.zeros(batch, dtype=x.dtype, device=x.device))
     with torch.no_grad():
         x1, div_integral = (s[-1] for s in odeint(dynamics, start, span, rtol=rtol, atol=atol, method=method))

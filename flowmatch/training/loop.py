@@ -23,7 +23,8 @@ from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
-from flowmatch.models.flops import training_flops_per_step
+from flowmatch.models.backbone import build_backbone
+from flowmatch.models.flops import counted_training_flops_per_step, training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
@@ -314,12 +315,18 @@ class Trainer:
         Sized on a meta-device copy: the engine's model may be sharded (ZeRO-3), which hides parameter sizes.
         """
         r, run = self.recipe, self.run
-        if r.model.kind != "mmdit":
-            return 0.0  # the FLOP count is the MMDiT's (flowmatch.models.flops); others log no throughput in FLOPs
         height, width = r.data.size
         f = run.encoders.downsample
         prompts = run.encoders.encode_text(r.sampling.prompts[:16])
         text_len = max(1, round(prompts.mask.sum().item() / len(prompts)))  # validation prompts' mean length
+        if r.model.kind != "mmdit":  # no analytic count: one meta-device forward, counted
+            m = r.model
+            with torch.device("meta"):
+                shape_model = build_backbone(m)
+                cond = Conditioning(torch.zeros(1, text_len, m.context_dim), torch.ones(1, text_len, dtype=torch.bool),
+                                    torch.zeros(1, m.pooled_dim))
+                inputs = (torch.zeros(1, m.in_channels, height // f, width // f), torch.full((1,), 0.5), cond)
+            return counted_training_flops_per_step(shape_model, inputs, batch_size=r.train.batch_size)
         with torch.device("meta"):
             shape_model = MMDiT(r.model.architecture())
         return training_flops_per_step(shape_model, batch_size=r.train.batch_size,
