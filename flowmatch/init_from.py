@@ -86,7 +86,14 @@ def locate(source: str) -> tuple[str, Path]:
                               "(a flowmatch run)")
         return "diffusers", folder.resolve()
     if source.count("/") == 1 and not source.startswith((".", "/")):
-        folder = diffusers_folder(_hub_folder(source))
+        try:
+            hub = _hub_folder(source)
+        except Exception as err:  # offline, no such repository, no access: all end in the same advice
+            raise RecipeError(f"model.init_from={source!r} is no path under {Path.cwd()} and the hub could not give "
+                              f"it ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): for a run "
+                              "directory, train that run first or give its path; for a hub id, check the name and "
+                              "the connection (or download it and give the folder)") from err
+        folder = diffusers_folder(hub)
         if folder is not None:
             return "diffusers", folder
     raise RecipeError(f"model.init_from={source!r} does not exist: give a diffusers pipeline or transformer folder, "

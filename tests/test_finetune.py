@@ -98,6 +98,18 @@ def test_a_stated_architecture_must_agree_with_the_weights(base, tmp_path, digit
         assemble(tiny_recipe(tmp_path / "c", digit_shards, **{"model.init_from": str(tmp_path / "nothing")}))
 
 
+def test_a_relative_run_path_that_is_missing_is_not_left_as_a_hub_error(monkeypatch):
+    """Bug caught: ``init_from: runs/digits`` before that run exists (it reads like a hub id) surfacing as the hub
+    client's connection error instead of naming the key and what to do."""
+    def offline(repo_id):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr("flowmatch.init_from._hub_folder", offline)
+    with pytest.raises(RecipeError, match=r"model.init_from='runs/not-yet' is no path .*ConnectionError.*train that "
+                                          r"run first"):
+        locate("runs/not-yet")
+
+
 def test_init_from_diffusers_folders_and_original_files(base, tmp_path):
     """The same weights through each kind of source: architecture and tensors exactly the run's."""
     out = tmp_path / "export"
