@@ -457,3 +457,14 @@ def test_one_rank_failing_ends_every_rank_promptly(tmp_path):
     assert seconds < 40, seconds  # start-up takes ~10 s on 2 cores; a hang would last >= 60 s
     assert "RuntimeError: injected failure at step 2" in out1 and "Traceback" in out1
     assert "[flowmatch rank 0] stopping because rank 1 failed: RuntimeError: injected failure at step 2" in out0
+
+
+def test_a_single_process_group_opens_no_port():
+    """Bug caught: a plain one-process run rendezvousing over TCP on the free port it picked, which another run
+    starting at the same moment can take first (EADDRINUSE)."""
+    import torch.distributed as dist
+
+    with _engine() as engine:
+        assert engine.world_size == 1
+        store = dist.distributed_c10d._get_default_store()  # the group wraps it in a PrefixStore
+        assert isinstance(getattr(store, "underlying_store", store), dist.HashStore)

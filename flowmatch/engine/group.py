@@ -79,6 +79,10 @@ class ProcessGroup:
                 # torchrun's agent runs the rendezvous; for every other launcher rank 0 hosts it, with a deadline.
                 extra.update(store=rendezvous(info, cfg.rendezvous_timeout_s), rank=info.rank,
                              world_size=info.world_size)
+            elif info.launcher == "single":
+                # One process needs no rendezvous: an in-memory store opens no port, so two runs starting at once
+                # cannot race for the free port picked for MASTER_PORT (EADDRINUSE).
+                extra.update(store=dist.HashStore(), rank=0, world_size=1)
             dist.init_process_group(backend, timeout=timeout, **extra)
         self.deepspeed = _import_deepspeed()
         if backend == "gloo":
