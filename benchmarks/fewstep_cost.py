@@ -34,16 +34,16 @@ from flowmatch.models import MMDiT, config_from_preset
 from flowmatch.training.assembly import EngineVelocity
 from flowmatch.training.fewstep import objective_models
 
-# name -> (flow.objective, JVP backend, guidance as an input, distillation from a teacher, flow.teacher_steps)
+# name -> (flow.objective, JVP backend, guidance as an input, distillation from a teacher, flow map (--teacher-steps))
 CONFIGS = {
-    "flow": ("flow", "exact", False, False, 0),
-    "flow + guidance input": ("flow", "exact", True, False, 0),
-    "meanflow exact": ("meanflow", "exact", True, False, 0),
-    "meanflow finite_difference": ("meanflow", "finite_difference", True, False, 0),
-    "meanflow exact, teacher": ("meanflow", "exact", True, True, 0),
-    "shortcut": ("shortcut", "exact", True, False, 0),
-    "shortcut, teacher": ("shortcut", "exact", True, True, 0),
-    "shortcut, teacher flow map": ("shortcut", "exact", True, True, 4),
+    "flow": ("flow", "exact", False, False, False),
+    "flow + guidance input": ("flow", "exact", True, False, False),
+    "meanflow exact": ("meanflow", "exact", True, False, False),
+    "meanflow finite_difference": ("meanflow", "finite_difference", True, False, False),
+    "meanflow exact, teacher": ("meanflow", "exact", True, True, False),
+    "shortcut": ("shortcut", "exact", True, False, False),
+    "shortcut, teacher": ("shortcut", "exact", True, True, False),
+    "shortcut, teacher flow map": ("shortcut", "exact", True, True, True),
 }
 
 
@@ -79,8 +79,8 @@ def main() -> None:
         return teacher_model(x, t, c)
 
     runs = {}
-    for name, (objective, jvp, guided, distill, steps) in CONFIGS.items():
-        teacher_steps = args.teacher_steps if steps else 0
+    for name, (objective, jvp, guided, distill, flow_map) in CONFIGS.items():
+        teacher_steps = args.teacher_steps if flow_map else 0
         flow = FlowConfig(objective=objective, meanflow=MeanFlowConfig(interval_fraction=args.interval_fraction,
                                                                        jvp=jvp),
                           shortcut=ShortcutConfig(consistency_fraction=args.consistency_fraction),

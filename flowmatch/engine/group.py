@@ -79,9 +79,9 @@ class ProcessGroup:
                 # torchrun's agent runs the rendezvous; for every other launcher rank 0 hosts it, with a deadline.
                 extra.update(store=rendezvous(info, cfg.rendezvous_timeout_s), rank=info.rank,
                              world_size=info.world_size)
-            elif info.launcher == "single":
+            elif info.world_size == 1 and info.launcher != "torchrun":
                 # One process needs no rendezvous: an in-memory store opens no port, so two runs starting at once
-                # cannot race for the free port picked for MASTER_PORT (EADDRINUSE).
+                # cannot race for the free port picked for MASTER_PORT (EADDRINUSE); torchrun's agent hosts its own.
                 extra.update(store=dist.HashStore(), rank=0, world_size=1)
             dist.init_process_group(backend, timeout=timeout, **extra)
         self.deepspeed = _import_deepspeed()

@@ -55,5 +55,4 @@ def teacher_average_velocity(v: Velocity, x: Tensor, t: Tensor, r: Tensor, *, st
             s = s + h
         span = t - r
         tiny = expand_time(span < 1e-6, y)
-        u = torch.where(tiny, first, (x.float() - y) / expand_time(span.clamp(min=1e-6), y))
-    return u.detach()
+        return torch.where(tiny, first, (x.float() - y) / expand_time(span.clamp(min=1e-6), y))

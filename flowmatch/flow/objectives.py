@@ -143,26 +143,23 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
         out = formulation.reweight(schedule.loss(_call(models.student, x_t, t, cond, None), v, t), t)
         return ObjectiveLoss(out.loss, out.per_sample.detach(), t)
     head = _rows(cond, n)
-    if flow.objective == "meanflow":
-        target = v
-        if jump is not None:
-            target = torch.cat([jump, v[n:]])
-        elif n:  # the JVP runs on the interval rows only: at r = t the target is v whatever du/dt is
-            tangent_model = models.tangent if jvp_backend == "exact" else models.frozen
-            u = _bind(_need(tangent_model, f"the {jvp_backend} JVP"), head)
-            du_dt = time_derivative(u, x_t[:n], t[:n], r[:n], v[:n], backend=jvp_backend,
-                                    step=flow.meanflow.fd_step)
-            target = torch.cat([meanflow_target(v[:n], du_dt, t[:n], r[:n]), v[n:]])
-        loss, per_sample = adaptive_loss(_call(models.student, x_t, t, cond, r), target,
-                                         power=flow.meanflow.adaptive_power, eps=flow.meanflow.adaptive_eps)
-        return ObjectiveLoss(loss, per_sample, t)
     target = v
     if jump is not None:
         target = torch.cat([jump, v[n:]])
+    elif n and flow.objective == "meanflow":  # the JVP runs on the interval rows only: at r = t the target is v
+        tangent_model = models.tangent if jvp_backend == "exact" else models.frozen
+        u = _bind(_need(tangent_model, f"the {jvp_backend} JVP"), head)
+        du_dt = time_derivative(u, x_t[:n], t[:n], r[:n], v[:n], backend=jvp_backend, step=flow.meanflow.fd_step)
+        target = torch.cat([meanflow_target(v[:n], du_dt, t[:n], r[:n]), v[n:]])
     elif n:
         u = _bind(_need(models.frozen, "shortcut targets"), head)
         target = torch.cat([bootstrap_target(u, x_t[:n], t[:n], r[:n], levels=flow.shortcut.levels), v[n:]])
-    out = flow_matching_loss(_call(models.student, x_t, t, cond, r), target, t)
+    pred = _call(models.student, x_t, t, cond, r)
+    if flow.objective == "meanflow":
+        loss, per_sample = adaptive_loss(pred, target, power=flow.meanflow.adaptive_power,
+                                         eps=flow.meanflow.adaptive_eps)
+        return ObjectiveLoss(loss, per_sample, t)
+    out = flow_matching_loss(pred, target, t)
     return ObjectiveLoss(out.loss, out.per_sample.detach(), t)
 
 
