@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from flowmatch.engine.config import DistributedConfig
+from flowmatch.engine.elastic import ElasticState
 from flowmatch.engine.ema import Ema
 from flowmatch.engine.group import ProcessGroup
 from flowmatch.engine.trainable import Trainable
@@ -211,6 +212,7 @@ class TrainingState:
         own = out / f"rank{group.rank:05d}.json"
         own.write_text(json.dumps(payload))
         written = [own, write_safetensors(own.with_suffix(".safetensors"), tensors)]
+        written += ElasticState(group, trainable).save(out)
         if group.is_main:
             layout = out / ENGINE_META_FILE
             layout.write_text(json.dumps(asdict(self.meta()), indent=1))
@@ -235,13 +237,22 @@ class TrainingState:
             raise ValueError(f"{src} has no optimizer state for rank {optim_rank}: the engine state is incomplete")
         # The working weights and buffers come from the consolidated file in every case.
         self._zero.load_whole(trainable.module, trainable.named_params, Path(weights))
+        elastic_failure = None
+        if optimizer is None:  # another layout: each rank takes its pieces of the whole tensors
+            elastic_failure = ElasticState(group, trainable).load(src)
+            if elastic_failure is None and group.is_main:
+                log.info("%s: the optimizer state was re-sharded from its whole tensors",
+                         self._layout_change(src, saved_meta, here))
         if optimizer is not None:
             trainable.load_optimizer_state(rank_files.tensors(optim_rank), optimizer)
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps, global_steps=saved_meta.global_steps)
+        elif elastic_failure is None:
+            trainable.restore_counts(skipped_steps=saved_meta.skipped_steps, global_steps=saved_meta.global_steps)
         else:
             if group.is_main:
-                log.warning("%s, so only the weights%s and the schedule position are restored: AdamW moments "
-                            "restart from zero", self._partial_resume_reason(src, saved_meta, here, same),
+                log.warning("%s, and %s, so only the weights%s and the schedule position are restored: the fp32 "
+                            "masters and AdamW moments (exp_avg, exp_avg_sq, step) were reset, the moments restart "
+                            "from zero", self._partial_resume_reason(src, saved_meta, here, same), elastic_failure,
                             " and EMA" if ema is not None else "")
             trainable.refresh_masters()
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps,
@@ -257,11 +268,15 @@ class TrainingState:
         return _decode_state(saved["client_state"], tensors)
 
     @staticmethod
-    def _partial_resume_reason(src: Path, saved: EngineMeta, here: EngineMeta, same: bool) -> str:
+    def _layout_change(src: Path, saved: EngineMeta, here: EngineMeta) -> str:
+        return (f"checkpoint {src} was written by ZeRO-{saved.zero_stage}, {saved.precision}, "
+                f"{saved.world_size} process(es); this run is ZeRO-{here.zero_stage}, {here.precision}, "
+                f"{here.world_size} process(es)")
+
+    @classmethod
+    def _partial_resume_reason(cls, src: Path, saved: EngineMeta, here: EngineMeta, same: bool) -> str:
         if not same:
-            return (f"checkpoint {src} was written by ZeRO-{saved.zero_stage}, {saved.precision}, "
-                    f"{saved.world_size} process(es); this run is ZeRO-{here.zero_stage}, {here.precision}, "
-                    f"{here.world_size} process(es). DeepSpeed cannot re-shard its optimizer state")
+            return f"{cls._layout_change(src, saved, here)}; its per-rank optimizer partitions do not fit this layout"
         return (f"checkpoint {src} was written by an earlier flowmatch that kept the optimizer state in DeepSpeed's "
                 "pickled files, which are never loaded (unpickling a file can run code)")
 
