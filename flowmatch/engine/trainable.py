@@ -246,7 +246,9 @@ class Trainable:
         try:
             yield self._optimizer
         finally:
-            for group in groups:
+            # The optimizer's current groups: load_state_dict replaces the group dicts, and the flats left in new
+            # ones would be attached twice on the next call.
+            for group in self._optimizer.param_groups:
                 group["params"] = []
 
     def _loss_scalers(self) -> dict[str, Any]:
