@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from flowmatch.checkpoint.layout import (
+    SPARE_PREFIX,
     CHECKPOINTS_DIR,
     DAMAGE_NOTE,
     DAMAGED_SUFFIX,
@@ -125,6 +126,12 @@ def verify_together(engine: EngineLike, ckpt: Path) -> list[Damage]:
     return sorted({d for part in engine.all_gather_object(mine) for d in part}, key=lambda d: d.file)
 
 
+def split_damage(damage: list[Damage]) -> tuple[list[Damage], list[Damage]]:
+    """(damage that rules a checkpoint out, damage to what a resume can do without: see ``SPARE_PREFIX``)."""
+    spare = [d for d in damage if d.file.startswith(SPARE_PREFIX)]
+    return [d for d in damage if d not in spare], spare
+
+
 def select_for_resume(engine: EngineLike, run_dir: str | os.PathLike[str]) -> Path | None:
     """Collective: the newest checkpoint of ``run_dir`` that verifies completely, the same on every rank.
 
@@ -134,15 +141,20 @@ def select_for_resume(engine: EngineLike, run_dir: str | os.PathLike[str]) -> Pa
     Raises:
         CheckpointError: the run has checkpoints, but all of them are damaged (resuming would silently start over).
     """
+    return select_with_damage(engine, run_dir)[0]
+
+
+def select_with_damage(engine: EngineLike, run_dir: str | os.PathLike[str]) -> tuple[Path | None, list[Damage]]:
+    """:func:`select_for_resume`, with the damage to the parts the selected checkpoint resumes without."""
     root = checkpoints_root(run_dir)
     names = engine.broadcast_object([d.name for _, d in reversed(step_dirs(root))] if engine.is_main else None)
     for name in names:
         ckpt = root / name
-        damage = verify_together(engine, ckpt)
+        damage, spare = split_damage(verify_together(engine, ckpt))
         if not damage:
             if engine.is_main:
                 _warn_if_legacy(ckpt)
-            return ckpt
+            return ckpt, spare
         if engine.is_main:
             moved = quarantine(ckpt, damage)
             log.warning("skipping damaged checkpoint %s: %s. Moved it to %s", ckpt, _listing(damage), moved)
@@ -152,4 +164,4 @@ def select_for_resume(engine: EngineLike, run_dir: str | os.PathLike[str]) -> Pa
         raise CheckpointError(f"no intact checkpoint to resume from in {root}: {', '.join(bad)} are damaged and set "
                               f"aside (`flowmatch check {Path(run_dir)}` says what is wrong). To start this run over "
                               f"from step 0, move {root} away or use another run_dir.")
-    return None
+    return None, []

@@ -6,6 +6,7 @@ one that came from elsewhere cannot run code.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from safetensors.torch import load_file
 from flowmatch.checkpoint.fallback import (
     damaged_message,
     resolve_checkpoint,
-    select_for_resume,
+    select_with_damage,
+    split_damage,
     verify_together,
 )
 from flowmatch.checkpoint.layout import (
@@ -32,8 +34,11 @@ from flowmatch.checkpoint.layout import (
     parse_meta,
     weights_file,
 )
+from flowmatch.checkpoint.manifest import Damage
 from flowmatch.checkpoint.save import EngineLike
 from flowmatch.engine.state import ENGINE_META_FILE, EngineMeta, read_engine_meta
+
+log = logging.getLogger(__name__)
 
 
 def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
@@ -66,9 +71,13 @@ def load_recipe_yaml(path: str | os.PathLike[str]) -> str:
     return (resolve_checkpoint(path, reads=lambda c: (RECIPE_FILE,)) / RECIPE_FILE).read_text()
 
 
-def _restore(engine: EngineLike, ckpt: Path) -> dict[str, Any]:
+def _restore(engine: EngineLike, ckpt: Path, spare: list[Damage]) -> dict[str, Any]:
     ema = ckpt / EMA_FILE
-    return engine.load(ckpt / STATE_DIR, weights=ckpt / MODEL_FILE, ema=ema if ema.is_file() else None)
+    if spare and engine.is_main:
+        log.warning("checkpoint %s: %s; the resume goes on without them (a resume on another layout then resets "
+                    "the optimizer state)", ckpt, "; ".join(str(d) for d in spare))
+    return engine.load(ckpt / STATE_DIR, weights=ckpt / MODEL_FILE, ema=ema if ema.is_file() else None,
+                       elastic=not spare)
 
 
 def load_checkpoint(engine: EngineLike, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -77,16 +86,16 @@ def load_checkpoint(engine: EngineLike, path: str | os.PathLike[str]) -> dict[st
 
     Every file is verified first, all ranks sharing the hashing; a damaged checkpoint named explicitly raises
     :class:`CheckpointError` on every rank. Call after ``engine.setup`` (and ``engine.ema_init`` when the run keeps
-    an EMA). When the ZeRO stage, world size or precision differ from the run that wrote it, the engine restores
-    the consolidated weights and EMA and the schedule position, and warns that optimizer moments restart (see
-    :meth:`flowmatch.engine.Engine.load`).
+    an EMA). When the ZeRO stage, world size or precision differ from the run that wrote it, the engine re-shards
+    the optimizer state from its whole tensors (see :meth:`flowmatch.engine.Engine.load`); when those alone are
+    damaged, the resume goes on and, on another layout, resets the optimizer state with a warning.
     """
     p = Path(path)
     if names_a_checkpoint(p):
-        damage = verify_together(engine, p)
+        damage, spare = split_damage(verify_together(engine, p))
         if damage:
             raise CheckpointError(damaged_message(p, damage))
-        return _restore(engine, p)
+        return _restore(engine, p, spare)
     resumed = resume_checkpoint(engine, p)
     if resumed is None:
         raise FileNotFoundError(f"no checkpoint under {p}: train first or point at RUN_DIR/checkpoints/<step>")
@@ -107,5 +116,5 @@ def resume_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str]) -> Re
     """Collective: restore the engine from the newest checkpoint of ``run_dir`` that verifies; None when the run
     has none yet. Damaged newer ones are quarantined and reported (:func:`~flowmatch.checkpoint.select_for_resume`).
     """
-    ckpt = select_for_resume(engine, run_dir)
-    return None if ckpt is None else Resumed(ckpt, _restore(engine, ckpt))
+    ckpt, spare = select_with_damage(engine, run_dir)
+    return None if ckpt is None else Resumed(ckpt, _restore(engine, ckpt, spare))

@@ -5,7 +5,9 @@ Nothing is pickled, and nothing is unpickled on load. Each rank writes ``rank<NN
 RNG states, and its part of the optimizer state (:meth:`Trainable.optimizer_state`): AdamW moments and steps of
 its ZeRO partition, the fp32 masters where they differ from the working weights (bf16/fp16), the param groups,
 LR schedule and loss scale as JSON; under ZeRO-3 also its EMA partition. Without ZeRO every rank holds the same
-optimizer state, and rank 0 alone writes it. What the consolidated files of a checkpoint hold already is not
+optimizer state, and rank 0 alone writes it. These are read back by a run of the same layout (the fast path);
+a run of any other layout reads the same optimizer state from its whole tensors, written beside them
+(``optim-full*``, :mod:`.elastic`). What the consolidated files of a checkpoint hold already is not
 repeated: the working weights come from ``model.safetensors`` and, below ZeRO-3, the EMA from
 ``ema.safetensors``, both passed to :meth:`TrainingState.load`. DeepSpeed's own ``save_checkpoint`` /
 ``load_checkpoint`` are not used, since they write and read ``torch.save`` pickles.
@@ -221,7 +223,7 @@ class TrainingState:
         return written
 
     def load(self, directory: str | os.PathLike[str], *, weights: str | os.PathLike[str],
-             ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+             ema: str | os.PathLike[str] | None = None, elastic: bool = True) -> dict[str, Any]:
         """Collective: restore what :meth:`save` wrote (see :meth:`flowmatch.engine.Engine.load`)."""
         group, trainable, src = self._group, self._trainable, Path(directory)
         saved_meta = read_engine_meta(src)
@@ -238,7 +240,9 @@ class TrainingState:
         # The working weights and buffers come from the consolidated file in every case.
         self._zero.load_whole(trainable.module, trainable.named_params, Path(weights))
         elastic_failure = None
-        if optimizer is None:  # another layout: each rank takes its pieces of the whole tensors
+        if optimizer is None and not elastic:
+            elastic_failure = "its optimizer state as whole tensors is damaged"
+        elif optimizer is None:  # another layout: each rank takes its pieces of the whole tensors
             elastic_failure = ElasticState(group, trainable).load(src)
             if elastic_failure is None and group.is_main:
                 log.info("%s: the optimizer state was re-sharded from its whole tensors",
