@@ -175,8 +175,9 @@ def test_resume_on_2_then_1_then_3_ranks_hands_out_every_sample_once_per_epoch(t
     cfg = cfg_for(tmp_path, num_workers=0)
     whole, _ = _run_ranks(cfg, 2, None, None)
     assert Counter(whole) == Counter(keys * 2)  # the uninterrupted run: two epochs, each sample once in each
-    first, state = _run_ranks(cfg, 2, None, 3)
-    # One rank with two workers next, then three ranks with half the shuffle buffer: every change is elastic.
+    # 2 ranks x 2 workers, then 1 rank x 2 workers (half the streams), then 3 ranks x 1 worker with half the
+    # shuffle buffer: every change is elastic.
+    first, state = _run_ranks(cfg_for(tmp_path, num_workers=2), 2, None, 3)
     second, state = _run_ranks(cfg_for(tmp_path, num_workers=2), 1, state, 4)
     assert len(state["drains"]) == 1 and state["drains"][0]["stop"] == 1
     third, _ = _run_ranks(cfg_for(tmp_path, num_workers=0, shuffle_buffer=8), 3, state, None)

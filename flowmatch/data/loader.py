@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -26,6 +26,7 @@ from flowmatch.data import decode
 from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, make_buckets
 from flowmatch.data.config import DataConfig
+from flowmatch.data.drain import ELASTIC_KEYS, Drain, drain_chain, held_records
 from flowmatch.data.features import EXT as FEATURE_EXT
 from flowmatch.data.features import FeatureHeader, check_encoders, read_header
 from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
@@ -59,49 +60,6 @@ class LoaderStats:
     def failed_shards(self) -> int:
         """Shards skipped because they could not be read (remote ones after every retry)."""
         return self.reasons.get(SHARD_FAILED, 0) + self.reasons.get(UNREADABLE, 0)
-
-
-# Layout settings a resume may change exactly: the streams of the earlier layout are finished by this one's.
-ELASTIC_KEYS = frozenset({"world_size", "num_workers", "batch_size", "shuffle_buffer"})
-
-
-@dataclass
-class Drain:
-    """The streams of an earlier layout, finished by this layout's streams before their own.
-
-    A resume on another number of ranks or workers (or another per-rank batch or shuffle buffer) cannot continue
-    the saved streams as this layout's own: stream ``s`` of ``N`` reads its own share of every epoch. Instead the
-    saved streams run on, each to the end of epoch ``stop - 1`` (the furthest any of them had begun), under the
-    settings they were saved with (their count, their shuffle buffer; this layout's batch size), dealt to this
-    layout's streams (saved stream ``o`` to stream ``o % M``), and this layout's own streams start at epoch
-    ``stop``: every record of every epoch is read once, by exactly one stream.
-    """
-
-    layout: dict
-    """The layout the streams were saved with."""
-    stop: int
-    """The first epoch they do not read."""
-    positions: dict[int, Position]
-    """The streams not finished yet (held by the rank whose streams finish them)."""
-
-    def spec(self, spec: StreamSpec) -> StreamSpec:
-        """This layout's ``spec`` as the saved streams need it."""
-        return replace(spec, num_streams=self.layout["world_size"] * self.layout["num_workers"],
-                       shuffle_buffer=self.layout["shuffle_buffer"], epochs=self.stop)
-
-    def to_dict(self) -> dict:
-        return {"layout": dict(self.layout), "stop": self.stop,
-                "streams": {str(s): p.to_dict() for s, p in self.positions.items()}}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "Drain":
-        return cls(dict(d["layout"]), int(d["stop"]), {int(s): Position.from_dict(int(s), p)
-                                                        for s, p in d["streams"].items()})
-
-
-def drain_chain(drains: list["Drain"], stream: int, num_streams: int) -> list[tuple[int, int]]:
-    """(drain index, saved stream) that stream ``stream`` of ``num_streams`` finishes, in order."""
-    return [(g, o) for g, d in enumerate(drains) for o in sorted(d.positions) if o % num_streams == stream]
 
 
 class _WorkerStreams(IterableDataset):
@@ -324,11 +282,6 @@ def merge_loader_states(states: list[Mapping]) -> dict:
                 merged["drains"].append({"layout": drain["layout"], "stop": drain["stop"], "streams": {}})
             merged["drains"][i]["streams"].update(drain["streams"])
     return merged
-
-
-def held_records(detail: Mapping) -> int:
-    """How many records a stream position holds in its shuffle buffer and partial groups (3 values a Ref)."""
-    return (len(detail.get("buffer", [])) + sum(len(r) for r in detail.get("groups", {}).get("pending", []))) // 3
 
 
 # ----------------------------------------------------------------------------------------------- building
