@@ -62,6 +62,12 @@ def _warn_if_legacy(ckpt: Path) -> None:
                     "completeness only, their content cannot be verified", ckpt)
 
 
+def split_damage(damage: list[Damage]) -> tuple[list[Damage], list[Damage]]:
+    """(damage that rules a checkpoint out, damage to what a resume can do without: see ``SPARE_PREFIX``)."""
+    spare = [d for d in damage if d.file.startswith(SPARE_PREFIX)]
+    return [d for d in damage if d not in spare], spare
+
+
 def resolve_checkpoint(path: str | os.PathLike[str], *, reads: Reads | None = None) -> Path:
     """A verified checkpoint directory from ``path``: a checkpoint itself, or a run directory (its newest intact one).
 
@@ -79,14 +85,14 @@ def resolve_checkpoint(path: str | os.PathLike[str], *, reads: Reads | None = No
         raise FileNotFoundError(f"{p} does not exist: expected a run directory (RUN_DIR) or a checkpoint "
                                 f"(RUN_DIR/{CHECKPOINTS_DIR}/<step>)")
     if names_a_checkpoint(p):
-        damage = verify_checkpoint(p, hashed=reads(p) if reads else ())
+        damage, _ = split_damage(verify_checkpoint(p, hashed=reads(p) if reads else ()))
         if damage:
             raise CheckpointError(damaged_message(p, damage))
         _warn_if_legacy(p)
         return p
     skipped: list[tuple[Path, list[Damage]]] = []
     for _, ckpt in reversed(step_dirs(checkpoints_root(p))):
-        damage = verify_checkpoint(ckpt, hashed=reads(ckpt) if reads else ())
+        damage, _ = split_damage(verify_checkpoint(ckpt, hashed=reads(ckpt) if reads else ()))
         if damage:
             skipped.append((ckpt, damage))
             continue
@@ -124,12 +130,6 @@ def verify_together(engine: EngineLike, ckpt: Path) -> list[Damage]:
     """Collective: every file of ``ckpt`` checked once, the hashing shared by the ranks; the same list on all."""
     mine = verify_checkpoint(ckpt, rank=engine.rank, world_size=engine.world_size)
     return sorted({d for part in engine.all_gather_object(mine) for d in part}, key=lambda d: d.file)
-
-
-def split_damage(damage: list[Damage]) -> tuple[list[Damage], list[Damage]]:
-    """(damage that rules a checkpoint out, damage to what a resume can do without: see ``SPARE_PREFIX``)."""
-    spare = [d for d in damage if d.file.startswith(SPARE_PREFIX)]
-    return [d for d in damage if d not in spare], spare
 
 
 def select_for_resume(engine: EngineLike, run_dir: str | os.PathLike[str]) -> Path | None:
