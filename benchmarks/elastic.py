@@ -19,6 +19,11 @@ same samples, whatever rank they land on.
 
     python benchmarks/elastic.py                   # the whole matrix, fp32 and bf16 (about 12 launches)
     python benchmarks/elastic.py --cases 2z2-1z0 --precisions fp32 --after 3
+
+With ``--cache SHARDS --recipe R`` it times instead a feature-cache build (`flowmatch-data encode`) by one process
+and by `--cache-ranks` torchrun ranks, and says whether the two caches are byte-identical:
+
+    python benchmarks/elastic.py --cache data/digits --recipe recipes/digits-latent.yaml
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume-at", type=int, default=4, help="updates before the checkpoint")
     p.add_argument("--after", type=int, default=10, help="updates compared after the resume")
     p.add_argument("--work-dir", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--cache", default=None, help="raw shards: time a cache build instead of the matrix")
+    p.add_argument("--recipe", default="recipes/digits-latent.yaml", help="the recipe of --cache")
+    p.add_argument("--cache-ranks", type=int, default=2)
     # One run of the worker, under torchrun (internal).
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -189,10 +198,37 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def time_cache_builds(args: argparse.Namespace, work: Path) -> str:
+    """Wall time of a cache build by 1 process and by `--cache-ranks` ranks, and whether the caches are equal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    encode = ["-m", "data_tools.cli", "encode", args.cache, "", "--recipe", args.recipe, "--no-progress"]
+    seconds = {}
+    for ranks in (1, args.cache_ranks):
+        out = work / f"cache-{ranks}"
+        encode[4] = str(out)
+        launcher = ([sys.executable] if ranks == 1 else
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)])
+        start = time.perf_counter()
+        subprocess.run([*launcher, *encode], env=env, check=True, capture_output=True, timeout=1800)
+        seconds[ranks] = time.perf_counter() - start
+    one, many = work / "cache-1", work / f"cache-{args.cache_ranks}"
+    names = sorted(p.name for p in one.iterdir())
+    same = names == sorted(p.name for p in many.iterdir()) and all(
+        (one / n).read_bytes() == (many / n).read_bytes() for n in names)
+    return (f"cache build of {args.cache}: 1 process {seconds[1]:.1f} s, {args.cache_ranks} ranks "
+            f"{seconds[args.cache_ranks]:.1f} s (ratio {seconds[args.cache_ranks] / seconds[1]:.2f}); "
+            f"{len(names)} files, byte-identical: {same}")
+
+
 def main(argv=None) -> list[Row]:
     args = parse_args(argv)
     if args.worker:
         worker(args)
+        return []
+    if args.cache:
+        with tempfile.TemporaryDirectory(prefix="elastic-cache-") as tmp:
+            print(time_cache_builds(args, Path(args.work_dir) if args.work_dir else Path(tmp)))
         return []
     if args.work_dir:
         work = Path(args.work_dir)
