@@ -423,7 +423,7 @@ def test_zero2_two_process_checkpoint_resumes_on_one_zero3_process(runs):
     shutil.copytree(runs.root / "zero2" / "checkpoints" / "4", run_dir / "checkpoints" / "4")
     code, log = runs._single("regrouped", "--zero-stage", "3", "--check-loaded")
     assert code == 0, log
-    assert "restart from zero" not in log
+    assert "restart from zero" not in log and "re-sharded from their whole tensors" in log
     run = runs.result("regrouped")
     assert run["loaded_weights_match"] and run["loaded_ema_match"]  # bitwise, through ZeRO-3 partitioning
     # The AdamW moments were re-sharded, not reset: the whole rest of the run follows the reference (with reset
@@ -437,7 +437,7 @@ def test_zero2_two_process_checkpoint_resumes_on_one_zero3_process(runs):
     (damaged_dir / "checkpoints" / "4" / "state" / "optim-full-00001.safetensors").write_bytes(b"not tensors")
     code, log = runs._single("damaged-optimizer", "--zero-stage", "3", "--check-loaded")
     assert code == 0, log
-    assert "state/optim-full-00001.safetensors" in log and "AdamW moments (exp_avg, exp_avg_sq, step)" in log
+    assert "state/optim-full-00001.safetensors" in log and "AdamW moments restart from zero (exp_avg" in log
     damaged = runs.result("damaged-optimizer")
     assert damaged["loaded_weights_match"] and damaged["loaded_ema_match"]
     assert damaged["lrs"]["5"] == pytest.approx(runs.reference["lrs"]["5"])

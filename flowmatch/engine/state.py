@@ -240,13 +240,15 @@ class TrainingState:
         # The working weights and buffers come from the consolidated file in every case.
         self._zero.load_whole(trainable.module, trainable.named_params, Path(weights))
         elastic_failure = None
-        if optimizer is None and not elastic:
+        if optimizer is None and saved_meta.format < 2:
+            elastic_failure = "it holds no optimizer state flowmatch reads"
+        elif optimizer is None and not elastic:
             elastic_failure = "its optimizer state as whole tensors is damaged"
         elif optimizer is None:  # another layout: each rank takes its pieces of the whole tensors
             elastic_failure = ElasticState(group, trainable).load(src)
             if elastic_failure is None and group.is_main:
-                log.info("%s: the optimizer state was re-sharded from its whole tensors",
-                         self._layout_change(src, saved_meta, here))
+                log.warning("%s: the fp32 masters and AdamW moments were re-sharded from their whole tensors",
+                            self._layout_change(src, saved_meta, here))
         if optimizer is not None:
             trainable.load_optimizer_state(rank_files.tensors(optim_rank), optimizer)
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps, global_steps=saved_meta.global_steps)
@@ -255,9 +257,9 @@ class TrainingState:
         else:
             if group.is_main:
                 log.warning("%s, and %s, so only the weights%s and the schedule position are restored: the fp32 "
-                            "masters and AdamW moments (exp_avg, exp_avg_sq, step) were reset, the moments restart "
-                            "from zero", self._partial_resume_reason(src, saved_meta, here, same), elastic_failure,
-                            " and EMA" if ema is not None else "")
+                            "masters are taken from the weights and AdamW moments restart from zero (exp_avg, "
+                            "exp_avg_sq and step reset)", self._partial_resume_reason(src, saved_meta, here, same),
+                            elastic_failure, " and EMA" if ema is not None else "")
             trainable.refresh_masters()
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps,
                                      optimizer_steps=saved_meta.optimizer_steps, global_steps=saved_meta.global_steps)
