@@ -15,9 +15,9 @@ from flowmatch.engine import DistributedConfig, Engine, OptimConfig
 from flowmatch.engine.elastic import read_full_state
 
 
-def _engine(stage: int, precision: str = "fp32") -> Engine:
+def _engine(stage: int, precision: str = "fp32", elastic: bool = True) -> Engine:
     torch.manual_seed(0)
-    engine = Engine(DistributedConfig(zero_stage=stage, precision=precision))
+    engine = Engine(DistributedConfig(zero_stage=stage, precision=precision, elastic_checkpoints=elastic))
     model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
     engine.setup(model, model.parameters(), OptimConfig(lr=0.05, warmup_steps=0, schedule="constant"),
                  max_steps=10, micro_batch_size=4, grad_accum_steps=1)
@@ -65,3 +65,16 @@ def test_zero0_state_resumes_bitwise_under_zero2_and_a_damaged_copy_resets_the_m
     assert float(read_full_state(tmp_path / "reset")["0.weight"]["exp_avg"].abs().max()) == 0.0
     reset.shutdown()
 
+
+
+def test_without_elastic_checkpoints_another_layout_resets_the_moments_and_says_why(tmp_path, caplog):
+    source = _engine(0, elastic=False)
+    _step(source, 0)
+    ckpt = save_checkpoint(source, tmp_path, 1, client_state={}, recipe_yaml="", keep=1, ema=False)
+    source.shutdown()
+    assert not list((ckpt / "state").glob("optim-full*"))
+    target = _engine(2)
+    with caplog.at_level(logging.WARNING):
+        load_checkpoint(target, ckpt)
+    target.shutdown()
+    assert "optim-full.json is missing" in caplog.text and "AdamW moments restart from zero" in caplog.text

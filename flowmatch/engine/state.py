@@ -214,7 +214,8 @@ class TrainingState:
         own = out / f"rank{group.rank:05d}.json"
         own.write_text(json.dumps(payload))
         written = [own, write_safetensors(own.with_suffix(".safetensors"), tensors)]
-        written += ElasticState(group, trainable).save(out)
+        if self._cfg.elastic_checkpoints:
+            written += ElasticState(group, trainable).save(out)
         if group.is_main:
             layout = out / ENGINE_META_FILE
             layout.write_text(json.dumps(asdict(self.meta()), indent=1))
