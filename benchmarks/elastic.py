@@ -162,20 +162,20 @@ def _max_rel(got: dict, want: dict) -> float:
 
 def run_matrix(args: argparse.Namespace, work: Path) -> list[Row]:
     rows: list[Row] = []
+    fresh: dict[tuple[str, tuple[int, int]], dict] = {}  # the uninterrupted runs, each launched once
+
+    def uninterrupted(precision: str, layout: tuple[int, int]) -> dict:
+        if (precision, layout) not in fresh:
+            name = f"{precision}-{layout[0]}z{layout[1]}"
+            _launch(work, name, layout, precision, args)
+            fresh[precision, layout] = json.loads((work / name / "losses.json").read_text())
+        return fresh[precision, layout]
+
     for precision in args.precisions.split(","):
-        fresh: dict[tuple[int, int], dict] = {}
-
-        def uninterrupted(layout: tuple[int, int]) -> dict:
-            if layout not in fresh:
-                name = f"{precision}-{layout[0]}z{layout[1]}"
-                _launch(work, name, layout, precision, args)
-                fresh[layout] = json.loads((work / name / "losses.json").read_text())
-            return fresh[layout]
-
         for case in args.cases.split(","):
             src, dst = CASES[case]
-            source = uninterrupted(src)
-            target = uninterrupted(dst)
+            source = uninterrupted(precision, src)
+            target = uninterrupted(precision, dst)
             ckpt = work / f"{precision}-{src[0]}z{src[1]}" / "checkpoints" / str(args.resume_at)
             name = f"{precision}-{case}"
             log = _launch(work, name, dst, precision, args, resume_from=ckpt)

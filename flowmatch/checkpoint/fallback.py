@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from flowmatch.checkpoint.layout import (
-    SPARE_PREFIX,
     CHECKPOINTS_DIR,
     DAMAGE_NOTE,
     DAMAGED_SUFFIX,
+    SPARE_PREFIX,
     CheckpointError,
     checkpoints_root,
     is_legacy,
