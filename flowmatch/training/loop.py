@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
+import yaml
 
-from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
+from flowmatch.checkpoint import RECIPE_FILE, latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
@@ -31,6 +32,7 @@ from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.training.assembly import TrainingRun
 from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
+from flowmatch.training.resume_policy import Change, compare_recipes, refusal
 from flowmatch.training.validation import Validator
 
 # Loss is also logged per timestep bucket (quarters of [0, 1]) to see which noise levels train slowly.
@@ -141,6 +143,8 @@ class Trainer:
         self.step = 0
         self.saved_step: Optional[int] = None
         """Step of the newest checkpoint on disk (written or resumed from)."""
+        self.changed_on_resume: list[Change] = []
+        """Recipe keys that differ from the resumed checkpoint's and take effect (:mod:`.resume_policy`)."""
         self.monitor: Optional[Monitor] = None
         self.validator = Validator(run)
         self.preemption = Preemption(run.engine.rank)
@@ -166,7 +170,7 @@ class Trainer:
         and set aside by :func:`~flowmatch.checkpoint.resume_checkpoint`); the EMA profiles come from the snapshot
         of its step (and snapshots newer than it, left by an abandoned attempt, go)."""
         run, e = self.run, self.engine
-        resumed = resume_checkpoint(e, run.run_dir)
+        resumed = resume_checkpoint(e, run.run_dir, check=self.check_recipe)
         profiles = self.recipe.train.ema_profiles
         if resumed is None:
             if profiles:
@@ -185,10 +189,22 @@ class Trainer:
                 g.set_state(generators[first_slot + m])
         if e.is_main:
             print(f"resuming from {ckpt} (step {self.step})", flush=True)
+            for change in self.changed_on_resume:
+                print(f"changed on resume: {change}", flush=True)
         if profiles:
             said = restore_profiles(e, run.run_dir, self.step, profiles)
             if e.is_main:
                 print(said, flush=True)
+
+    def check_recipe(self, ckpt: Path) -> None:
+        """Refuse to resume ``ckpt`` when the recipe changed a key that cannot change (:mod:`.resume_policy`);
+        note the keys that changed and take effect."""
+        saved = yaml.safe_load((ckpt / RECIPE_FILE).read_text()) or {}
+        changes = compare_recipes(saved, yaml.safe_load(self.run.recipe_yaml) or {})
+        refused = [c for c in changes if not c.safe]
+        if refused:
+            raise TrainingError(refusal(ckpt, refused))
+        self.changed_on_resume = changes
 
     def check_base(self, ckpt: Path) -> None:
         """A LoRA checkpoint's adapters belong to the base weights it records: resuming on others is an error."""
@@ -203,6 +219,8 @@ class Trainer:
     def checkpoint(self) -> Path:
         """Write a checkpoint of the current step (atomically; keeps the newest train.keep_checkpoints)."""
         run, e = self.run, self.engine
+        if self.recipe.train.ema_profiles:  # before the checkpoint that resumes from it, a stop's included
+            write_snapshot(e, run.run_dir, self.step, self.recipe.train.ema_profiles)
         loaders = merge_loader_states(e.all_gather_object(run.loader.state_dict()))
         slots = [s for states in e.all_gather_object([g.get_state() for g in run.generators]) for s in states]
         state = {"step": self.step, "loader": loaders, "generator": slots}
@@ -301,8 +319,8 @@ class Trainer:
             if (t.validate_every and self.step % t.validate_every == 0) or self.step == t.max_steps:
                 self.validator.validate(self.step)
             checkpoint_now = self.step % t.checkpoint_every == 0 or self.step == t.max_steps
-            if t.ema_profiles and (checkpoint_now or (t.ema_snapshot_every and self.step % t.ema_snapshot_every == 0)):
-                write_snapshot(e, run.run_dir, self.step, t.ema_profiles)  # before the checkpoint that resumes from it
+            if t.ema_profiles and not checkpoint_now and t.ema_snapshot_every and self.step % t.ema_snapshot_every == 0:
+                write_snapshot(e, run.run_dir, self.step, t.ema_profiles)  # checkpoint() takes its own
             if checkpoint_now:
                 last_ckpt = self.checkpoint()
         if self.validator.last_step != self.step:  # a finished run resumed: nothing trained, validate anyway
