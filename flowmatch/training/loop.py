@@ -58,7 +58,9 @@ class TrainSummary:
     compute_dtype: str
     """Dtype of the model's output during training, as observed (proves the recipe's precision took effect)."""
     preempted: bool = False
-    """The run stopped before max_steps on a stop signal (SIGTERM, SIGUSR1), after writing a checkpoint."""
+    """The run stopped before max_steps on a stop signal (SIGTERM, SIGUSR1, SIGINT), after writing a checkpoint."""
+    stop_signal: Optional[str] = None
+    """The stop signal this process received (``SIGINT`` for Ctrl-C: the command then exits 130), if any."""
 
 
 @dataclass
@@ -274,7 +276,8 @@ class Trainer:
             batches.close()  # stops the loader's worker processes
             self.monitor.close()
         return TrainSummary(run.run_dir, start_step, self.step, last_loss, e.skipped_steps, time.time() - started,
-                            last_ckpt or latest_checkpoint(run.run_dir), str(run.velocity.last_dtype), preempted)
+                            last_ckpt or latest_checkpoint(run.run_dir), str(run.velocity.last_dtype), preempted,
+                            self.preemption.received)
 
     def _loop(self, batches) -> tuple[float, Optional[Path], bool]:
         """(last logged loss, last checkpoint written, whether a stop signal ended the loop early)."""

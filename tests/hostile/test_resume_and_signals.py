@@ -146,3 +146,50 @@ def test_a_damaged_old_snapshot_is_quarantined_and_resume_and_ema_go_on(tmp_path
     statuses = check_run(run)
     assert sorted(s.path.name for s in statuses if s.state == "quarantined") == [
         "2.safetensors.damaged", "4.safetensors.damaged"]
+
+
+# ---------------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def _cli_overrides(run_dir: Path, shards: Path, **extra) -> list[str]:
+    overrides = {
+        "run_dir": str(run_dir), "data.shards": str(shards), "model.preset": "tiny", "train.batch_size": 8,
+        "train.log_every": 1, "optim.warmup_steps": 1, "data.num_workers": 0, "logging.tensorboard": False,
+        "logging.progress": False, "sampling.per_prompt": 1, "sampling.steps": 1,
+        "sampling.prompts": ["a handwritten 3"], **extra,
+    }
+    return [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(json.loads(line).get("step", 0) >= step and "loss" in json.loads(line)
+                                  for line in path.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_exits_130_with_no_traceback(tmp_path, digit_shards):
+    """Bug caught: KeyboardInterrupt caught by the engine's failure guard (a traceback, status 1, no checkpoint)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "flowmatch", "train", str(ROOT / "recipes" / "digits.yaml"),
+           *_cli_overrides(run_dir, digit_shards, **{"train.max_steps": 10_000, "train.checkpoint_every": 10_000})]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(proc, run_dir, 2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "flowmatch train: interrupted at step" in err
+    ckpts = [p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(ckpts) == 1 and int(ckpts[0].name) >= 2
