@@ -62,8 +62,10 @@ class Preemption:
         self.received_at: float | None = None
         """time.monotonic() when it arrived."""
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> Preemption:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -77,6 +79,8 @@ class Preemption:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a data worker forked with this handler (Ctrl-C reaches the whole group)
+            return
         name = signal.Signals(signum).name
         now = time.monotonic()
         if self.received is None:
