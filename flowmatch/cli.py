@@ -229,6 +229,14 @@ def take_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports take seconds) or in a command
+        print("flowmatch: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[list[str]]) -> int:
     from flowmatch.config import RecipeError
 
     ns = build_parser().parse_args(take_local_rank(sys.argv[1:] if argv is None else list(argv)))
@@ -240,9 +248,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _usage_errors() as err:
         print(f"flowmatch {ns.command}: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("flowmatch: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
