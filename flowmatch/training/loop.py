@@ -30,6 +30,7 @@ from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.training.assembly import TrainingRun
+from flowmatch.training.divergence import Diverged, DivergenceWatch
 from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
 from flowmatch.training.resume_policy import Change, compare_recipes, refusal
@@ -102,13 +103,14 @@ class LossWindow:
     """Sums of the logged losses since the last log step, kept on the device (no host sync to add to them).
 
     The micro batches of one optimizer step are held apart until the engine says whether it applied the update:
-    :meth:`commit` adds them to the sums, :meth:`discard` drops them (a window with a non-finite loss).
+    :meth:`commit` adds them to the sums, :meth:`discard` drops them (a window with a non-finite loss). The last
+    entry holds the mean loss of the window's first committed step (what divergence is measured against).
     """
 
     def __init__(self, device: torch.device, buckets: int = LOSS_BUCKETS) -> None:
         self.buckets = buckets
-        # loss sum, loss count, per-bucket sums, per-bucket counts
-        self.sums = torch.zeros(2 + 2 * buckets, device=device)
+        # loss sum, loss count, per-bucket sums, per-bucket counts, the first step's loss
+        self.sums = torch.zeros(3 + 2 * buckets, device=device)
         self.pending = torch.zeros_like(self.sums)
         self.steps = 0
         self.started = time.time()
@@ -123,6 +125,8 @@ class LossWindow:
 
     def commit(self) -> None:
         self.sums += self.pending
+        if self.steps == 0:
+            self.sums[-1] = self.pending[0] / self.pending[1].clamp(min=1)
         self.pending.zero_()
         self.steps += 1
 
@@ -150,6 +154,9 @@ class Trainer:
         self.monitor: Optional[Monitor] = None
         self.validator = Validator(run)
         self.preemption = Preemption(run.engine.rank)
+        self.divergence = DivergenceWatch(run.recipe.train.divergence_factor, run.recipe.train.max_bad_windows)
+        self.skipped_at_log = 0
+        """The engine's skipped-update count at the last log step."""
         self.jvp_backend = jvp_backend(run.recipe)
         exact = run.recipe.flow.objective == "meanflow" and self.jvp_backend == "exact"
         self.models = objective_models(run.velocity, run.engine, exact_jvp=exact, teacher=run.teacher)
@@ -258,6 +265,7 @@ class Trainer:
         r, e, run = self.recipe, self.engine, self.run
         self.resume()
         start_step, started = self.step, time.time()
+        self.skipped_at_log = e.skipped_steps
         if e.is_main:
             (run.run_dir / "recipe.yaml").write_text(run.recipe_yaml)
         self.monitor = Monitor(run.run_dir, r.logging, enabled=e.is_main, total_steps=r.train.max_steps,
@@ -385,4 +393,16 @@ class Trainer:
             if n > 0:  # a bucket no sample fell in this window has no loss to report
                 values[f"loss_t{i}"] = v
         self.monitor.scalars(self.step, values, postfix=postfix)
+        self.judge(loss, values.get("grad_norm"), (sums[-1] / e.world_size).item())
         return loss
+
+    def judge(self, loss: float, grad_norm: Optional[float], first_loss: float) -> None:
+        """Warn about a diverging log window; raise TrainingError after train.max_bad_windows in a row (values
+        already on the host: see :mod:`.divergence`)."""
+        skipped, self.skipped_at_log = self.engine.skipped_steps - self.skipped_at_log, self.engine.skipped_steps
+        try:
+            warning = self.divergence.judge(self.step, loss, grad_norm, first_loss, skipped)
+        except Diverged as err:
+            raise TrainingError(f"{err} The last good checkpoint is {latest_checkpoint(self.run.run_dir)}.") from None
+        if warning:
+            self.monitor.message(f"warning: {warning}")

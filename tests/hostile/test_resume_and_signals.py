@@ -193,3 +193,20 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130_with_no_traceback(tmp_path, di
     assert "flowmatch train: interrupted at step" in err
     ckpts = [p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(ckpts) == 1 and int(ckpts[0].name) >= 2
+
+
+# ------------------------------------------------------------------------------------------------ a diverging run
+
+
+def test_a_diverging_run_warns_then_stops_with_a_clear_message(tmp_path, digit_shards, capsys):
+    """Bugs caught: a run whose loss grows by orders of magnitude (finite all along) ending with status 0 and no
+    warning; a stop before train.max_bad_windows bad windows; a message that does not say what to do."""
+    recipe = tiny(tmp_path / "run", digit_shards, **{
+        "optim.lr": 1e6, "optim.warmup_steps": 0, "train.max_steps": 30,
+        "train.log_every": 2, "train.max_bad_windows": 2, "train.checkpoint_every": 100})
+    with pytest.raises(TrainingError, match=r"the run is diverging: .*2 log windows in a row .* Lower optim.lr"):
+        train(recipe)
+    out = capsys.readouterr().out
+    assert "warning: step" in out and "1 bad log window(s) in a row" in out
+    logged = [m["step"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert logged and max(logged) < 30
