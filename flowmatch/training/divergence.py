@@ -73,6 +73,6 @@ class DivergenceWatch:
         if self.max_bad_windows and self.bad_in_a_row >= self.max_bad_windows:
             raise Diverged(f"{what}. That is {self.bad_in_a_row} log windows in a row (train.max_bad_windows="
                            f"{self.max_bad_windows}); stopping. Lower optim.lr (or raise optim.warmup_steps), check "
-                           "the data, and resume from the last checkpoint.")
-        return f"{what} ({self.bad_in_a_row} bad log window(s) in a row; train.max_bad_windows={self.max_bad_windows} " \
-               "stops the run)"
+                           "the data, and resume from the last checkpoint (or start over).")
+        return (f"{what} ({self.bad_in_a_row} bad log window(s) in a row; train.max_bad_windows="
+                f"{self.max_bad_windows} stops the run)")

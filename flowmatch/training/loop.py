@@ -403,6 +403,8 @@ class Trainer:
         try:
             warning = self.divergence.judge(self.step, loss, grad_norm, first_loss, skipped)
         except Diverged as err:
-            raise TrainingError(f"{err} The last good checkpoint is {latest_checkpoint(self.run.run_dir)}.") from None
+            last = latest_checkpoint(self.run.run_dir)
+            raise TrainingError(f"{err} " + (f"The last checkpoint is {last}." if last else "No checkpoint was written "
+                                             "yet.")) from None
         if warning:
             self.monitor.message(f"warning: {warning}")
