@@ -20,9 +20,11 @@ import torch
 import yaml
 
 from flowmatch.checkpoint import RECIPE_FILE, latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
+from flowmatch.config import recipe_from_yaml, to_yaml
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.errors import RecipeError
 from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.backbone import build_backbone
 from flowmatch.models.flops import counted_training_flops_per_step, training_flops_per_step
@@ -208,7 +210,11 @@ class Trainer:
     def check_recipe(self, ckpt: Path) -> None:
         """Refuse to resume ``ckpt`` when the recipe changed a key that cannot change (:mod:`.resume_policy`);
         note the keys that changed and take effect."""
-        saved = yaml.safe_load((ckpt / RECIPE_FILE).read_text()) or {}
+        text = (ckpt / RECIPE_FILE).read_text()
+        try:  # keys added to the recipe since the checkpoint was written take their defaults, as the run had them
+            saved = yaml.safe_load(to_yaml(recipe_from_yaml(text)))
+        except RecipeError:  # a key since removed: compare as written
+            saved = yaml.safe_load(text) or {}
         changes = compare_recipes(saved, yaml.safe_load(self.run.recipe_yaml) or {})
         refused = [c for c in changes if not c.safe]
         if refused:

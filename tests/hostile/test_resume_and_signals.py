@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from flowmatch.checkpoint import check_run, format_check
+from flowmatch.checkpoint.manifest import sha256_file
 from flowmatch.config import Recipe, load_recipe, to_yaml
 from flowmatch.engine.optim import lr_factor
 from flowmatch.models.lora import LoraConfig
@@ -210,3 +211,22 @@ def test_a_diverging_run_warns_then_stops_with_a_clear_message(tmp_path, digit_s
         train(recipe)
     out = capsys.readouterr().out
     assert "warning: step 3: the run is diverging" in out and "1 bad log window(s) in a row" in out
+
+
+def test_a_key_added_since_the_checkpoint_takes_its_default_and_is_no_change(tmp_path, digit_shards, capsys):
+    """Bug caught: a checkpoint written before a recipe key existed refused (or reported as changed) because the
+    key is absent from its recipe.yaml."""
+    run = tmp_path / "run"
+    train(tiny(run, digit_shards))
+    ckpt = run / "checkpoints" / "2"
+    saved = yaml.safe_load((ckpt / "recipe.yaml").read_text())
+    del saved["model"]["qk_norm"], saved["train"]["max_bad_steps"]  # as if written before these keys existed
+    (ckpt / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["recipe.yaml"].update(bytes=(ckpt / "recipe.yaml").stat().st_size,
+                                            sha256=sha256_file(ckpt / "recipe.yaml"))
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert train(tiny(run, digit_shards, **{"train.max_steps": 3})).final_step == 3
+    out = capsys.readouterr().out
+    assert "changed on resume: train.max_steps 2 -> 3" in out and "qk_norm" not in out and "max_bad_steps" not in out
