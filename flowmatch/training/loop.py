@@ -17,14 +17,11 @@ from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
-import yaml
 
 from flowmatch.checkpoint import RECIPE_FILE, latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
-from flowmatch.config import recipe_from_yaml, to_yaml
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.errors import RecipeError
 from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.backbone import build_backbone
 from flowmatch.models.flops import counted_training_flops_per_step, training_flops_per_step
@@ -35,7 +32,7 @@ from flowmatch.training.assembly import TrainingRun
 from flowmatch.training.divergence import Diverged, DivergenceWatch
 from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
-from flowmatch.training.resume_policy import Change, compare_recipes, refusal
+from flowmatch.training.resume_policy import Change, changes_on_resume, refusal
 from flowmatch.training.validation import Validator
 
 # Loss is also logged per timestep bucket (quarters of [0, 1]) to see which noise levels train slowly.
@@ -210,12 +207,7 @@ class Trainer:
     def check_recipe(self, ckpt: Path) -> None:
         """Refuse to resume ``ckpt`` when the recipe changed a key that cannot change (:mod:`.resume_policy`);
         note the keys that changed and take effect."""
-        text = (ckpt / RECIPE_FILE).read_text()
-        try:  # keys added to the recipe since the checkpoint was written take their defaults, as the run had them
-            saved = yaml.safe_load(to_yaml(recipe_from_yaml(text)))
-        except RecipeError:  # a key since removed: compare as written
-            saved = yaml.safe_load(text) or {}
-        changes = compare_recipes(saved, yaml.safe_load(self.run.recipe_yaml) or {})
+        changes = changes_on_resume((ckpt / RECIPE_FILE).read_text(), self.run.recipe_yaml)
         refused = [c for c in changes if not c.safe]
         if refused:
             raise TrainingError(refusal(ckpt, refused))

@@ -20,6 +20,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import yaml
+
+from flowmatch.config import recipe_from_yaml, to_yaml
+from flowmatch.errors import RecipeError
+
 # Keys that take effect when they change on resume, with what happens (said nowhere; the reason to allow it).
 SAFE: dict[str, str] = {
     "run_dir": "where the run is now (a run directory may move)",
@@ -150,6 +155,16 @@ def compare_recipes(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[Ch
         safe, reason = found if found is not None else (False, "no resume policy names this key")
         changes.append(Change(key, a, b, safe, reason))
     return changes
+
+
+def changes_on_resume(saved_yaml: str, now_yaml: str) -> list[Change]:
+    """:func:`compare_recipes` of a checkpoint's recipe.yaml and the resolved recipe given now (YAML texts). Keys
+    added to the recipe since the checkpoint was written take their defaults, as the run that wrote it had them."""
+    try:
+        saved = yaml.safe_load(to_yaml(recipe_from_yaml(saved_yaml)))
+    except RecipeError:  # a key since removed: compare as written
+        saved = yaml.safe_load(saved_yaml) or {}
+    return compare_recipes(saved, yaml.safe_load(now_yaml) or {})
 
 
 def refusal(ckpt: object, refused: list[Change]) -> str:
