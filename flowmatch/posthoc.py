@@ -5,6 +5,8 @@ Layout, beside the checkpoints and written only here::
 
     RUN_DIR/ema/snapshots/<step>.safetensors   every profile's whole fp32 weights at that step (keys
                                                ``p<i>.<name>``); metadata: step, updates, the profiles' sigma_rel
+    RUN_DIR/ema/snapshots/manifest.json        each snapshot's size and SHA-256: readers verify, and set a damaged
+                                               one aside (:mod:`flowmatch.checkpoint.snapshots`)
     RUN_DIR/ema/<name>.safetensors             a reconstructed EMA (model keys, fp32) named e.g. ``sigma_rel-0.1``;
                                                metadata: sigma_rel, step, residual; loaded by
                                                ``load_pipeline(RUN_DIR, ema=name)``
