@@ -54,8 +54,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
     # On any failure run_guarded ends this process at once and tells the other ranks to stop, so no rank
     # hangs in a collective until its timeout.
     summary = run_guarded(guarded)
+    interrupted = summary.stop_signal == "SIGINT"  # Ctrl-C: the shell's status for it, after the checkpoint
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # one summary per job
-        return 0
+        return 130 if interrupted else 0
+    if interrupted:
+        print(f"flowmatch train: interrupted at step {summary.final_step}; checkpoint {summary.last_checkpoint}; run "
+              "the same command to resume", file=sys.stderr)
+        return 130
     print(
         f"{'stopped early' if summary.preempted else 'trained'} {summary.run_dir}: steps {summary.start_step} -> "
         f"{summary.final_step} in {summary.seconds:.0f} s, loss {summary.final_loss:.4f}, skipped "
@@ -224,6 +229,14 @@ def take_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports take seconds) or in a command
+        print("flowmatch: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[list[str]]) -> int:
     from flowmatch.config import RecipeError
 
     ns = build_parser().parse_args(take_local_rank(sys.argv[1:] if argv is None else list(argv)))
@@ -235,9 +248,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _usage_errors() as err:
         print(f"flowmatch {ns.command}: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("flowmatch: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

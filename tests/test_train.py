@@ -152,7 +152,7 @@ def test_flowmatch_ema_reconstructs_from_a_run_and_pipelines_load_it_by_name(tmp
     0.1 is the sigma_rel 0.1 power profile, which post-hoc EMA reproduces from the snapshot that tracked it."""
     run = tmp_path / "run"
     train(tiny_recipe(run, digit_shards, **{"train.ema_profiles": [0.05, 0.1], "train.ema_snapshot_every": 1}))
-    assert sorted(int(p.stem) for p in (run / "ema" / "snapshots").iterdir()) == [1, 2, 3, 4]
+    assert sorted(int(p.stem) for p in (run / "ema" / "snapshots").glob("*.safetensors")) == [1, 2, 3, 4]
     res = run_cli("ema", str(run), "--sigma-rel", "0.1,0.07")
     assert res.returncode == 0, res.stderr
     assert "sigma_rel 0.07 at step 4 from 4 snapshots" in res.stdout and "ema='sigma_rel-0.1'" in res.stdout
