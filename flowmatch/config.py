@@ -23,6 +23,7 @@ import yaml
 
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.autoencoder import AutoencoderConfig
+from flowmatch.encoders.diffusers_folder import MODEL_INDEX
 from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.engine import DistributedConfig, OptimConfig
@@ -38,6 +39,8 @@ from flowmatch.training.config import TrainConfig
 __all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "recipe_from_yaml", "to_yaml"]
 
 DEFAULT_PRESET = "sd3-medium"
+#: `name_or_path: from_init` (text encoders, autoencoder): the component of model.init_from's pipeline.
+FROM_INIT = "from_init"
 
 
 @dataclass
@@ -167,12 +170,37 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
     except ValueError as err:
         raise RecipeError(f"model.preset: {err}") from None
     recipe = build_dataclass(Recipe, tree, "")
+    resolve_from_init(recipe, stated_preset="preset" in (tree.get("autoencoder") or {}))
     if recipe.model.init_from:
         from flowmatch.init_from import stated_architecture
 
         # Checked against the weights' architecture when the run is assembled (flowmatch.init_from).
         recipe.model.stated = stated_architecture(model)
     return recipe
+
+
+def resolve_from_init(recipe: Recipe, *, stated_preset: bool) -> None:
+    """Point every `name_or_path: from_init` at model.init_from's pipeline (its folder, or the hub id); a VAE taken
+    so uses that folder's latent factors (`preset: config`) unless the recipe states a preset."""
+    sections = {"autoencoder": recipe.autoencoder, "text_encoder": recipe.text_encoder,
+                **{f"text_encoders.encoders.{n}": c for n, c in recipe.text_encoders.encoders.items()}}
+    named = {key: cfg for key, cfg in sections.items() if cfg.name_or_path == FROM_INIT}
+    if not named:
+        return
+    key, source = f"{next(iter(named))}.name_or_path", recipe.model.init_from
+    if not source:
+        raise RecipeError(f"{key}: {FROM_INIT} takes that component from model.init_from's pipeline, but "
+                          "model.init_from is not set: set it to a diffusers pipeline folder or hub id, or give "
+                          f"{key} a folder or hub id of its own")
+    path = Path(source).expanduser()
+    root = next((str(d) for d in (path, path.parent) if (d / MODEL_INDEX).is_file()), None)
+    if root is None and path.exists():
+        raise RecipeError(f"{key}: {FROM_INIT} needs model.init_from to be a diffusers pipeline folder (holding "
+                          f"{MODEL_INDEX}), but {source!r} is not one: give {key} the folder of that component")
+    for cfg in named.values():
+        cfg.name_or_path = root or source  # a hub id: the pipeline's repository
+    if "autoencoder" in named and not stated_preset:
+        recipe.autoencoder.preset = "config"
 
 
 def build_dataclass(cls: type, values: Any, where: str) -> Any:
