@@ -138,11 +138,13 @@ def test_export_keeps_a_users_scheduler_unless_overwrite(digits_run, tmp_path, c
     mine = tmp_path / "out" / "scheduler" / "scheduler_config.json"
     mine.parent.mkdir(parents=True)
     mine.write_text("mine")
+    (mine.parent / "notes.txt").write_text("mine too")
     assert main(["export", str(digits_run), str(tmp_path / "out")]) == 1
     one_paragraph(capsys.readouterr().err, "scheduler already exists", "--overwrite")
     assert mine.read_text() == "mine" and not (tmp_path / "out" / "transformer").exists()
     assert main(["export", str(digits_run), str(tmp_path / "out"), "--overwrite"]) == 0
     assert json.loads(mine.read_text())["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    assert [p.name for p in mine.parent.iterdir()] == [mine.name]  # replaced as a whole, nothing of the old left
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -187,8 +189,7 @@ def test_damaged_init_from_weights_are_named(damage, digits_run, tmp_path, digit
     weights.write_bytes(huge_header(digits_run / "checkpoints" / "2" / "model.safetensors") if damage == "huge"
                         else data[:8] + b"garbage!" + data[16:])
     with pytest.raises(SystemExit):
-        main(["train", DIGITS, *quick(tmp_path / "run", digit_shards, **{"model.init_from": str(weights)}),
-              "model.preset=null"])
+        main(["train", DIGITS, *quick(tmp_path / "run", digit_shards, **{"model.init_from": str(weights)})])
     one_paragraph(capsys.readouterr().err, f"model.init_from='{weights}'", "is damaged")
 
 
