@@ -140,7 +140,7 @@ def test_export_keeps_a_users_scheduler_unless_overwrite(digits_run, tmp_path, c
     mine.write_text("mine")
     (mine.parent / "notes.txt").write_text("mine too")
     assert main(["export", str(digits_run), str(tmp_path / "out")]) == 1
-    one_paragraph(capsys.readouterr().err, "scheduler already exists", "--overwrite")
+    one_paragraph(capsys.readouterr().err, "already exists in", ": scheduler;", "--overwrite")
     assert mine.read_text() == "mine" and not (tmp_path / "out" / "transformer").exists()
     assert main(["export", str(digits_run), str(tmp_path / "out"), "--overwrite"]) == 0
     assert json.loads(mine.read_text())["_class_name"] == "FlowMatchEulerDiscreteScheduler"
