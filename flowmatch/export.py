@@ -163,8 +163,9 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
                          "missing) or move the file away")
     existing = [out / name for name in (target.name, *([] if lora else PIPELINE_PARTS)) if (out / name).exists()]
     if existing and not overwrite:
+        them = "it" if len(existing) == 1 else "them"
         raise ValueError(f"an export part already exists in {out}: {', '.join(p.name for p in existing)}; choose "
-                         f"another output folder, or pass --overwrite to replace {'it' if len(existing) == 1 else 'them'}")
+                         f"another output folder, or pass --overwrite to replace {them}")
 
     ckpt = resolve_checkpoint(path)
     recipe = recipe_from_yaml(load_recipe_yaml(ckpt))

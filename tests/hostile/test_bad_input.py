@@ -178,7 +178,8 @@ def test_a_forged_checkpoint_file_falls_back_to_the_previous_checkpoint(name, di
 def test_a_pickle_for_meta_json_is_skipped_by_sample(digits_run, tmp_path, capsys, caplog):
     run = copy_run(digits_run, tmp_path)
     plant(run / "checkpoints" / "2", "meta.json", pickle.dumps({"step": 2}))
-    assert main(["sample", str(run), "--prompt", "a handwritten 3", "--num", "1", "--out", str(tmp_path / "g.png")]) == 0
+    out = tmp_path / "g.png"
+    assert main(["sample", str(run), "--prompt", "a handwritten 3", "--num", "1", "--out", str(out)]) == 0
     one_paragraph(capsys.readouterr().err + caplog.text, "skipped damaged checkpoint", "meta.json: not JSON")
 
 
