@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into its base weights, "
                    "written as a whole transformer (--format applies)")
     p.add_argument("--overwrite", action="store_true", help="replace the output parts (transformer, scheduler, "
-                   "pipeline components) that OUT_DIR already holds; without it they are an error")
+                   "pipeline components) that OUT_DIR already holds and this export writes; without it they are "
+                   "an error")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of other lengths from a run's snapshots")

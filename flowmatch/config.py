@@ -254,7 +254,7 @@ def convert(hint: Any, value: Any, path: str) -> Any:
         return {str(k): build_dataclass(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is dict or hint is Any:
         return value
-    if value is None:
+    if value is None and hint in (bool, int, float, str):
         raise RecipeError(f"{path}: cannot be null (it is not an optional key); give a value or leave the key out "
                           "for its default")
     if hint is bool:

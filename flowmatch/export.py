@@ -99,8 +99,9 @@ def _transformer_only_note(why: str) -> str:
 
 
 def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
-                fmt: str) -> tuple[list[Path], list[str]]:
-    """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's."""
+                fmt: str, replace: list[Path]) -> tuple[list[Path], list[str]]:
+    """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's (the `replace`
+    parts removed first)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
@@ -116,9 +117,11 @@ def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
                                            " (the pipelines' default sigmas differ for a static shift)")]
     source, why = pipeline_source(recipe, arch_class)
     if source is not None and fmt == "diffusers":
+        _remove(replace)
         files = write_pipeline_components(source, out_dir, arch_class, config)
         return files, notes + [f"complete {source.pipeline_class} folder (encoders, tokenizers and VAE copied from "
                                f"{source.path}): DiffusionPipeline.from_pretrained({str(out_dir)!r})"]
+    _remove([p for p in replace if p.name == SCHEDULER_DIR])
     FlowMatchEulerDiscreteScheduler(**config).save_config(out_dir / SCHEDULER_DIR)
     if source is not None:
         why = "--format original writes single-file transformer keys"
@@ -133,14 +136,15 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     Args:
         path: ``RUN_DIR`` or ``RUN_DIR/checkpoints/<step>``.
         out_dir: created if missing; an existing output part in it (transformer, scheduler, pipeline
-            component) is an error unless `overwrite`, which replaces those parts.
+            component) is an error unless `overwrite`.
         weights: ``ema`` or ``raw``; None = EMA when the checkpoint has it.
         fmt: ``diffusers`` (a transformer folder) or ``original`` (one safetensors file of original keys).
         dtype: ``fp32`` (the checkpoint's), ``bf16`` or ``fp16``.
         lora: a LoRA run's adapters as ``OUT_DIR/pytorch_lora_weights.safetensors``, for diffusers'
             ``load_lora_weights`` (`fmt` does not apply).
         merge: a LoRA run's adapters merged into its base weights, written as a whole transformer in `fmt`.
-        overwrite: replace the output parts that already exist in `out_dir` (nothing else in it is touched).
+        overwrite: replace the output parts that already exist in `out_dir` and this export writes (nothing
+            else in it is touched).
     """
     from flowmatch.checkpoint import load_recipe_yaml, load_weights, read_meta, resolve_checkpoint
     from flowmatch.config import recipe_from_yaml
@@ -196,13 +200,14 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     arch = architecture_of(model.cfg)
 
     out.mkdir(parents=True, exist_ok=True)
-    _remove(existing)
+    _remove([p for p in existing if p == target])
     if fmt == "diffusers":
         to_diffusers(model, copy=False).save_pretrained(target, safe_serialization=True)
         files = sorted(f for f in target.iterdir() if f.is_file())
     else:
         files = [save_original(model, target)]
-    scheduler_files, notes = _write_rest(TimeSchedule(recipe.flow), out, recipe, arch.DIFFUSERS_CLASS, fmt)
+    scheduler_files, notes = _write_rest(TimeSchedule(recipe.flow), out, recipe, arch.DIFFUSERS_CLASS, fmt,
+                                         [p for p in existing if p != target])
     return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format=fmt,
                          architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files, notes=notes)
 

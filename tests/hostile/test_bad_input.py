@@ -139,12 +139,16 @@ def test_export_keeps_a_users_scheduler_unless_overwrite(digits_run, tmp_path, c
     mine.parent.mkdir(parents=True)
     mine.write_text("mine")
     (mine.parent / "notes.txt").write_text("mine too")
+    other = tmp_path / "out" / "vae" / "config.json"  # a part this export (no pipeline encoders) does not write
+    other.parent.mkdir()
+    other.write_text("mine")
     assert main(["export", str(digits_run), str(tmp_path / "out")]) == 1
-    one_paragraph(capsys.readouterr().err, "already exists in", ": scheduler;", "--overwrite")
+    one_paragraph(capsys.readouterr().err, "already exists in", ": scheduler, vae;", "--overwrite")
     assert mine.read_text() == "mine" and not (tmp_path / "out" / "transformer").exists()
     assert main(["export", str(digits_run), str(tmp_path / "out"), "--overwrite"]) == 0
     assert json.loads(mine.read_text())["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert [p.name for p in mine.parent.iterdir()] == [mine.name]  # replaced as a whole, nothing of the old left
+    assert other.read_text() == "mine"  # --overwrite replaces only what the export writes
 
 
 # ------------------------------------------------------------------------------------------------- train
