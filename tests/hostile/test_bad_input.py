@@ -225,3 +225,8 @@ def test_the_lora_recipes_train_from_a_local_pipeline_folder(name, fixture, requ
     assert (vae.scale, vae.shift) == (1.5, 0.06)  # the folder's factors, not the sd3 / flux table's
     explicit = Autoencoder(load_recipe(recipe_file, [*args, "autoencoder.preset=sd3"]).autoencoder, device="cpu")
     assert (explicit.scale, explicit.shift) == (1.5305, 0.0609)  # a preset the recipe states still wins
+    merged = tmp_path / "merged"  # a whole pipeline folder: its components are parts too
+    assert main(["export", str(run), str(merged), "--merge"]) == 0
+    assert main(["export", str(run), str(merged), "--merge"]) == 1
+    assert main(["export", str(run), str(merged), "--merge", "--overwrite"]) == 0
+    assert (merged / "model_index.json").is_file() and (merged / "vae" / "config.json").is_file()
