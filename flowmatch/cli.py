@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,6 +19,28 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     from flowmatch.checkpoint import CheckpointError
 
     return (ValueError, FileNotFoundError, CheckpointError)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
@@ -49,6 +73,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
         except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError, LaunchError,
                 CheckpointError) as err:
             print(f"flowmatch train: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"flowmatch train: the disk is full ({err.strerror}) writing {err.filename or recipe.run_dir}: "
+                  "free some space or set run_dir= to another disk, then run the same command; checkpoints are "
+                  "written atomically, so it resumes from the newest intact one", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     # On any failure run_guarded ends this process at once and tells the other ranks to stop, so no rank
@@ -115,7 +146,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from flowmatch.export import export
 
     print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype, lora=ns.lora,
-                 merge=ns.merge).describe())
+                 merge=ns.merge, overwrite=ns.overwrite).describe())
     return 0
 
 
@@ -156,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory (newest checkpoint), one checkpoint directory, or a diffusers "
                                 "SD3 / FLUX pipeline folder")
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
-    p.add_argument("--num", type=int, default=8, help="images per prompt (one grid row each prompt)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the recipe's)")
+    p.add_argument("--num", type=positive_int, default=8, help="images per prompt (one grid row each prompt)")
+    p.add_argument("--steps", type=positive_int, default=None, help="ODE steps (default: the recipe's)")
     p.add_argument("--solver", default=None, help="euler, heun, midpoint, rk4, dpm++2m, dopri5 ..., or ddim, ancestral, pc")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default="grid.png", help="output PNG")
-    p.add_argument("--scale", type=int, default=1, help="upscale the grid (nearest) for viewing")
+    p.add_argument("--scale", type=positive_int, default=1, help="upscale the grid (nearest) for viewing")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights whatever the checkpoint's default")
     p.add_argument("--ema", default=None, help="an EMA reconstructed by `flowmatch ema`, e.g. sigma_rel-0.1")
     p.set_defaults(func=cmd_sample)
@@ -171,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory or checkpoint directory")
     p.add_argument("--steps", default=None, help="comma-separated step counts (default: the recipe's eval.steps)")
     p.add_argument("--solvers", default=None, help="comma-separated solvers (default: the recipe's eval.solvers)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the recipe's)")
+    p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default: the recipe's)")
     p.add_argument("--nfe", default=None, help="comma-separated velocity-evaluation budgets (instead of --steps)")
-    p.add_argument("--samples", type=int, default=None, help="images per class prompt")
+    p.add_argument("--samples", type=positive_int, default=None, help="images per class prompt")
     p.add_argument("--likelihood-samples", type=int, default=None, help="held-out images for bits/dim (0 = skip)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(func=cmd_eval)
@@ -195,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "pytorch_lora_weights.safetensors, for diffusers' load_lora_weights")
     p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into its base weights, "
                    "written as a whole transformer (--format applies)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output parts (transformer, scheduler, "
+                   "pipeline components) that OUT_DIR already holds and this export writes; without it they are "
+                   "an error")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of other lengths from a run's snapshots")

@@ -114,7 +114,8 @@ def test_init_from_diffusers_folders_and_original_files(base, tmp_path):
     """The same weights through each kind of source: architecture and tensors exactly the run's."""
     out = tmp_path / "export"
     assert main(["export", str(base), str(out), "--weights", "ema"]) == 0
-    assert main(["export", str(base), str(out), "--weights", "ema", "--format", "original"]) == 0
+    # beside it, and its scheduler/ again (an existing part is replaced only with --overwrite)
+    assert main(["export", str(base), str(out), "--weights", "ema", "--format", "original", "--overwrite"]) == 0
     ema = load_file(base / "checkpoints" / "2" / "ema.safetensors")
     run_arch = architecture(*locate(str(base)))
     for source, kind in ((out, "diffusers"), (out / "transformer", "diffusers"),
