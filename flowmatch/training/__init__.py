@@ -22,5 +22,8 @@ def train(recipe: "Recipe") -> "TrainSummary":
     from flowmatch.training.loop import Trainer
 
     run = assemble(recipe)
-    with run.engine:  # shuts the process group down cleanly, so every rank exits 0 after a good run
-        return Trainer(run).fit()
+    try:
+        with run.engine:  # shuts the process group down cleanly, so every rank exits 0 after a good run
+            return Trainer(run).fit()
+    finally:
+        run.lock.release()  # run_dir's lock (rank 0's; a no-op elsewhere)
