@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,19 +124,22 @@ def test_pipe_commands_run_without_a_shell(tmp_path, digit_shards):
 # ------------------------------------------------------------------------ 2. one writer per run directory
 
 
-def start_trainer(run: Path, shards: Path, workers: int) -> subprocess.Popen:
-    """`flowmatch train` in a subprocess, returned once it has logged an optimizer step."""
-    args = {**TINY, "data.num_workers": workers, "train.max_steps": 100000, "train.checkpoint_every": 100000}
-    proc = subprocess.Popen([sys.executable, "-m", "flowmatch", "train", "recipes/digits.yaml", f"run_dir={run}",
-                             f"data.shards={shards}", *(f"{k}={json.dumps(v)}" for k, v in args.items())],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 240
+def start_trainer(run: Path, shards: str, workers: int, ready=None, **extra) -> subprocess.Popen:
+    """`flowmatch train` in a subprocess, returned once `ready()` holds (default: it has logged a step)."""
     metrics = run / "metrics.jsonl"
-    while not (metrics.is_file() and '"loss"' in metrics.read_text()):
+    ready = ready or (lambda: metrics.is_file() and '"loss"' in metrics.read_text())
+    args = {**TINY, "data.num_workers": workers, "train.max_steps": 100000, "train.checkpoint_every": 100000, **extra}
+    log = run.parent / f"{run.name}.log"  # a file, not a pipe: orphaned workers would hold a pipe open
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flowmatch", "train", "recipes/digits.yaml", f"run_dir={run}",
+                                 f"data.shards={shards}", *(f"{k}={json.dumps(v)}" for k, v in args.items())],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 240
+    while not ready():
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"the trainer did not start: {proc.communicate()[0][-3000:]}")
+            proc.wait()
+            pytest.fail(f"the trainer did not start: {log.read_text()[-3000:]}")
         time.sleep(0.2)
     return proc
 
@@ -145,7 +149,7 @@ def test_a_second_trainer_on_a_run_is_refused_and_a_dead_holder_is_taken_over(tm
     """Bugs caught: assemble not taking the lock (both train, one crashes on the other's save), the lock not
     naming its holder, a killed holder's record blocking the run for good."""
     run = tmp_path / "run"
-    first = start_trainer(run, digit_shards, workers=0)
+    first = start_trainer(run, str(digit_shards), workers=0)
     try:
         with pytest.raises(RunLocked) as err:
             train(tiny_recipe(run, digit_shards))
@@ -154,7 +158,7 @@ def test_a_second_trainer_on_a_run_is_refused_and_a_dead_holder_is_taken_over(tm
         assert not (run / "checkpoints").exists()  # the refused trainer wrote nothing
     finally:
         first.send_signal(signal.SIGKILL)
-        first.communicate()
+        first.wait()
     assert (run / LOCK_FILE).is_file()  # SIGKILL runs no clean-up: the record stays behind
     with RunLock(run, "flowmatch train"):
         said = capsys.readouterr().out
@@ -184,20 +188,52 @@ def test_the_lock_is_released_after_a_run_and_guards_ema_and_export(trained_run,
 # ------------------------------------------------------------------------ 6. no orphaned data workers
 
 
+class StalledServer:
+    """A TCP port that takes connections and never answers: a shard server that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connected = threading.Event()
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+            self.connected.set()
+
+    def close(self) -> None:
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
 @pytest.mark.slow
 def test_sigkill_of_the_trainer_takes_its_data_workers_with_it(tmp_path, digit_shards):
     """Bug caught: the worker_init_fn not asking for a parent-death signal: a killed trainer's workers live on,
-    reparented to PID 1."""
-    trainer = start_trainer(tmp_path / "run", digit_shards, workers=2)
-    workers = psutil.Process(trainer.pid).children(recursive=True)
-    assert len(workers) >= 2, workers
-    trainer.send_signal(signal.SIGKILL)
-    trainer.communicate()
-    _, alive = psutil.wait_procs(workers, timeout=10)
-    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in alive:
-        p.kill()
-    assert not alive, f"data workers outlived their trainer: {[p.pid for p in alive]}"
+    reparented to PID 1, as long as they are busy (here one waits on a shard server that hangs; torch's own check
+    of the parent runs only between batches). With the signal they go at once."""
+    server = StalledServer()
+    shards = f"{sorted(Path(digit_shards).glob('train-*.tar'))[0]}::http://127.0.0.1:{server.port}/stalled.tar"
+    try:
+        trainer = start_trainer(tmp_path / "run", shards, workers=2, ready=server.connected.is_set,
+                                **{"data.remote.timeout_s": 120.0, "data.shuffle_buffer": 8})
+        workers = [p for p in psutil.Process(trainer.pid).children(recursive=True)
+                   if p.cmdline() == psutil.Process(trainer.pid).cmdline()]  # forked workers, not pipe commands
+        assert len(workers) == 2, workers
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait()
+        _, alive = psutil.wait_procs(workers, timeout=3)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for p in alive:
+            p.kill()
+        assert not alive, f"data workers outlived their trainer: {[(p.pid, p.ppid()) for p in alive]}"
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------------------------ every shard failing
