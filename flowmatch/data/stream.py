@@ -278,7 +278,7 @@ class StreamState:
                     break
                 empty_epochs[i] += 1
                 if empty_epochs[i] > 1:
-                    raise RuntimeError(f"data source {self.spec.sources[i].name or i} gave stream {self.stream} no "
+                    raise DataUnavailable(f"data source {self.spec.sources[i].name or i} gave stream {self.stream} no "
                                        "record in a whole epoch: its shards are empty, unreadable or fewer than "
                                        "ranks x workers")
                 self.readers[i].next_epoch()
@@ -340,8 +340,8 @@ def run_stream(spec: StreamSpec, start: Position) -> Iterator[tuple[Batch, Posit
     per_source = list(start.sources) + [0] * (len(spec.sources) - len(start.sources))
     state = StreamState(spec, stream, start.epoch, start.detail)
 
-    seen: set[str] = set()  # the shards this epoch has read from, and those that failed to open (first first)
-    unreadable: dict[str, str] = {}
+    seen: set[str] = set()  # the shards this epoch met
+    unreadable: dict[str, str] = {}  # those of them that could not be opened, and why, in the order they failed
 
     def emit(group: Group) -> Iterator[tuple[Batch, Position]]:
         nonlocal samples, batch_index

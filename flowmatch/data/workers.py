@@ -3,7 +3,10 @@
 A trainer killed with SIGKILL runs no clean-up, and its DataLoader workers (each holding decoded batches and
 shuffle buffers, hundreds of MB) would be reparented to PID 1 and live on. `die_with_parent` is the workers'
 `worker_init_fn`: on Linux it asks the kernel for SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG), and
-elsewhere a daemon thread polls the parent's PID and ends the worker when it changes.
+elsewhere a daemon thread polls the parent's PID and ends the worker when it changes. (torch's workers check
+their parent too, but only between two batches: one blocked on a stalled shard server lives on for minutes.)
+Linux sends the signal when the *thread* that started the worker ends, so a loader is iterated by a thread that
+outlives its workers, as the trainer's main thread does.
 """
 
 from __future__ import annotations
