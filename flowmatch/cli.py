@@ -17,8 +17,10 @@ from typing import Optional
 def _usage_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's input or files, printed without a traceback."""
     from flowmatch.checkpoint import CheckpointError
+    from flowmatch.data import DataUnavailable
+    from flowmatch.runlock import RunLocked
 
-    return (ValueError, FileNotFoundError, CheckpointError)
+    return (ValueError, FileNotFoundError, CheckpointError, RunLocked, DataUnavailable)
 
 
 def positive_int(text: str) -> int:
@@ -53,9 +55,10 @@ def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
 def cmd_train(ns: argparse.Namespace) -> int:
     from flowmatch.checkpoint import CheckpointError
     from flowmatch.config import RecipeError, load_recipe
-    from flowmatch.data import EncoderMismatch
+    from flowmatch.data import DataUnavailable, EncoderMismatch
     from flowmatch.engine import run_guarded
     from flowmatch.engine.launch import LaunchError
+    from flowmatch.runlock import RunLocked
     from flowmatch.training import train
     from flowmatch.training.loop import TrainingError
 
@@ -71,7 +74,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         # Problems of the recipe, the files or the run get a clear message and no traceback (other ranks stop
         # too); anything else is a bug and keeps its traceback.
         except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError, LaunchError,
-                CheckpointError) as err:
+                CheckpointError, RunLocked, DataUnavailable) as err:
             print(f"flowmatch train: {err}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         except OSError as err:
@@ -117,9 +120,18 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     return 0
 
 
+def trust_run_dir(ns: argparse.Namespace) -> None:
+    """--trust-run-dir: the stored recipe may run the commands its shards name (flowmatch.data.trust)."""
+    from flowmatch.data.trust import TRUST_ENV
+
+    if ns.trust_run_dir:
+        os.environ[TRUST_ENV] = "1"
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     from flowmatch.evaluate import evaluate, format_report
 
+    trust_run_dir(ns)
     report = evaluate(
         ns.path,
         steps=[int(s) for s in ns.steps.split(",")] if ns.steps else None,
@@ -144,19 +156,24 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 def cmd_export(ns: argparse.Namespace) -> int:
     from flowmatch.export import export
+    from flowmatch.runlock import RunLock
 
-    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype, lora=ns.lora,
-                 merge=ns.merge, overwrite=ns.overwrite).describe())
+    with RunLock(ns.out_dir, "flowmatch export"):
+        print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype, lora=ns.lora,
+                     merge=ns.merge, overwrite=ns.overwrite).describe())
     return 0
 
 
 def cmd_ema(ns: argparse.Namespace) -> int:
     from flowmatch.checkpoint import resolve_checkpoint
     from flowmatch.posthoc import compare_emas, reconstruct_ema
+    from flowmatch.runlock import RunLock
 
+    trust_run_dir(ns)
     ckpt = resolve_checkpoint(ns.path)
     run_dir = ckpt.parent.parent
-    made = reconstruct_ema(run_dir, [float(s) for s in ns.sigma_rel.split(",")], step=ns.step)
+    with RunLock(run_dir, "flowmatch ema"):  # it writes RUN_DIR/ema/
+        made = reconstruct_ema(run_dir, [float(s) for s in ns.sigma_rel.split(",")], step=ns.step)
     for m in made:
         print(f"wrote {m.path}: sigma_rel {m.sigma_rel:g} at step {m.step} from {m.snapshots} snapshots "
               f"(profile misfit {m.residual:.1e}); load it with ema={m.name!r}")
@@ -172,6 +189,10 @@ def cmd_ema(ns: argparse.Namespace) -> int:
     if measured:
         print(f"best by validation loss: {min(measured, key=lambda s: s.val_loss).weights}")
     return 0
+
+
+TRUST_HELP = ("let the run's stored recipe run the pipe: commands its shards name (off: a run directory from "
+              "elsewhere runs no code)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=None, help="images per class prompt")
     p.add_argument("--likelihood-samples", type=int, default=None, help="held-out images for bits/dim (0 = skip)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.add_argument("--trust-run-dir", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("check", help="verify every checkpoint of a run (exit 1 when the newest is damaged)")
@@ -237,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="reconstruct at this snapshot's step (default: newest)")
     p.add_argument("--eval", action="store_true", help="also score raw, EMA and each reconstruction")
     p.add_argument("--samples", type=int, default=None, help="images per class prompt for the task's judge")
+    p.add_argument("--trust-run-dir", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_ema)
     return parser
 

@@ -108,9 +108,12 @@ def parse_override(key: str, raw: str) -> Any:
                           "such as !!python/object are never accepted") from None
 
 
-def recipe_from_yaml(text: str) -> Recipe:
-    """A recipe from YAML text (e.g. the one saved in a checkpoint)."""
-    return recipe_from_dict(yaml.safe_load(text) or {})
+def recipe_from_yaml(text: str, stored_in: str = "a run, checkpoint or export folder") -> Recipe:
+    """A recipe read back from where a run stored it (`stored_in` names the place in messages): its shards may not
+    run commands unless the user trusts run directories (flowmatch.data.trust)."""
+    recipe = recipe_from_dict(yaml.safe_load(text) or {})
+    recipe.data.stored_in = stored_in
+    return recipe
 
 
 def read_yaml_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def test_init_from_a_run_starts_from_its_weights(base, tmp_path, digit_shards):
     """Bug caught: init_from read but the random init kept (or the other weights file taken)."""
     name, want = default_weights(base)
     run = assemble(tiny_recipe(tmp_path / "s2", digit_shards, **{"model.init_from": str(base)}))
-    with run.engine:
+    with run:
         got = run.engine.model_state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert (run.init.kind, run.init.weights) == ("checkpoint", name)

@@ -28,6 +28,7 @@ from flowmatch.errors import RecipeError
 # Keys that take effect when they change on resume, with what happens (said nowhere; the reason to allow it).
 SAFE: dict[str, str] = {
     "run_dir": "where the run is now (a run directory may move)",
+    "model.preset": "a name only: the architecture fields it stands for are compared one by one",
     "model.init_from": "the checkpoint's weights replace the initial ones (a LoRA run checks its base by hash)",
     "optim.lr": "the schedule is recomputed with the new peak",
     "optim.warmup_steps": "the schedule is recomputed",

@@ -105,7 +105,7 @@ def test_the_stop_checkpoint_carries_the_ema_profiles(tmp_path, digit_shards, ca
         return real(batch, generator)
 
     trainer.micro_loss = signal_during_step_three
-    with run.engine:
+    with run:
         summary = trainer.fit()
     assert (summary.preempted, summary.final_step) == (True, 3)
     assert [s.step for s in list_snapshots(run_dir)] == [3]
