@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import pytest
 import torch
 from diffusers import DiffusionPipeline
 
@@ -22,7 +21,7 @@ from flowmatch.models.lora import LoraConfig
 from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.test_train import tiny_recipe
-from tests.tiny_pipelines import LATENT_CHANNELS, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: F401
+from tests.tiny_pipelines import LATENT_CHANNELS
 
 SIZE = 32
 PROMPTS = ["a handwritten 3", "a photo of a cat"]
@@ -45,7 +44,8 @@ def lora_run(pipeline: Path, run: Path, shards: Path) -> Path:
 
 def same_images(pipeline: Path, run: Path, out: Path, pipeline_class) -> None:
     """diffusers' pipeline with the exported adapters, and with the merged export, against flowmatch's."""
-    assert export(run, out / "lora", lora=True, weights="raw").files == [out / "lora" / "pytorch_lora_weights.safetensors"]
+    exported = export(run, out / "lora", lora=True, weights="raw")
+    assert exported.files == [out / "lora" / "pytorch_lora_weights.safetensors"]
     export(run, out / "merged", merge=True, weights="raw")
     g = torch.Generator().manual_seed(0)
     channels = LATENT_CHANNELS

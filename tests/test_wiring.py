@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from flowmatch.config import load_recipe
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.errors import RecipeError
-from flowmatch.flow import FlowConfig, TimeSchedule, flow_matching_loss, loss_weight, shift_time
+from flowmatch.flow import FlowConfig, TimeSchedule, loss_weight, shift_time
 from flowmatch.sampling import Pipeline
 from flowmatch.training import train
 from flowmatch.training.assembly import batch_plan
