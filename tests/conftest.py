@@ -36,3 +36,12 @@ def tiny_flux_pipeline(tmp_path_factory):
     from tests.tiny_pipelines import save_flux_pipeline  # imports diffusers: only for the tests that ask for it
 
     return save_flux_pipeline(tmp_path_factory.mktemp("tiny-flux-dev"))
+
+
+@pytest.fixture(scope="session")
+def train_runs(tmp_path_factory, digit_shards):
+    """The real training launches of tests/test_train_distributed.py, each started on first use and shared by the
+    modules that compare with them (tests/test_launchers.py follows its one-process run): each costs seconds."""
+    from test_train_distributed import Runs  # the module beside this file (tests/ is on sys.path)
+
+    return Runs(tmp_path_factory.mktemp("train-runs"), digit_shards)
