@@ -134,6 +134,7 @@ def test_config_is_inferred_from_keys_and_what_they_do_not_show_is_asked_for(tmp
         from_original(broken, rope_axes_dim=[4, 6, 6])
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_original_conversion_does_not_import_diffusers(tmp_path):
     path = save_original(from_diffusers(diffusers_model("flux-schnell")), tmp_path / "m.safetensors")
     code = ("import sys; from flowmatch.models import from_original, to_original; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import DiffusionPipeline
 
@@ -27,6 +28,8 @@ SIZE = 32
 PROMPTS = ["a handwritten 3", "a photo of a cat"]
 PIXEL_ATOL = 1e-3
 STEPS, GUIDANCE = 3, 3.0
+
+pytestmark = pytest.mark.slow  # whole pipelines: training, export, and both libraries generating
 
 
 def lora_run(pipeline: Path, run: Path, shards: Path) -> Path:

@@ -87,6 +87,7 @@ def test_compiled_blocks_match_eager_and_recompute_only_when_checkpointed(checkp
     assert backend.runs == {"forward": blocks, backward: blocks}
 
 
+@pytest.mark.slow  # a real training run with compiled blocks
 def test_training_run_executes_compiled_checkpointed_blocks(tmp_path, digit_shards, monkeypatch):
     torch._dynamo.reset()
     backend, compiled = CountingBackend(), []
