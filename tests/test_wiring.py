@@ -61,6 +61,22 @@ def test_the_loss_uses_the_recipes_weighting():
     assert abs(weighted.loss.item() - unweighted.loss.item()) > 1e-3
 
 
+def test_the_loss_drops_captions_at_the_recipes_rate():
+    """Bug caught: caption dropout not applied in the loss (the model always sees the captions), or at another
+    rate than flow.caption_dropout."""
+    x0, null = torch.zeros(400, 1, 2, 2), _cond(1, seed=1)  # _loss's null conditioning
+    seen = {}
+
+    def record(x, t, cond):
+        seen["pooled"] = cond.pooled
+        return torch.zeros_like(x)
+
+    for p in (0.0, 0.25, 1.0):
+        _loss(record, x0, FlowConfig(caption_dropout=p))
+        dropped = (seen["pooled"] == null.pooled).all(dim=1).float().mean().item()  # rows the model saw as null
+        assert abs(dropped - p) < 0.07, (p, dropped)
+
+
 def test_training_times_carry_the_shift():
     """Bug caught: the time shift ignored in training (e.g. the sampler drawing plain times)."""
     x0 = torch.zeros(512, 1, 2, 2)
