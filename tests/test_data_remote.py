@@ -110,9 +110,8 @@ def test_permanent_http_errors_are_not_retried(tmp_path):
 
 @pytest.mark.slow  # a real training run
 def test_training_reads_shards_over_http(tmp_path, digit_shards):
-    from tests.test_train import read_metrics, tiny_recipe
-
     from flowmatch.training import train
+    from tests.test_train import read_metrics, tiny_recipe
 
     with ShardServer(digit_shards, fail_first=1) as server:
         shards = "::".join(server.url(p.name) for p in sorted(Path(digit_shards).iterdir()) if p.suffix == ".tar")

@@ -13,17 +13,20 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
 import flowmatch
-from flowmatch.checkpoint import load_weights, read_meta
+from flowmatch.checkpoint import read_meta
 from flowmatch.checkpoint.manifest import read_manifest, sha256_file
 from flowmatch.cli import main
 from flowmatch.config import RecipeError
-from flowmatch.init_from import architecture, load_weights as load_init, locate, record
+from flowmatch.init_from import architecture, locate, record
+from flowmatch.init_from import load_weights as load_init
 from flowmatch.models import from_diffusers
 from flowmatch.models.lora import is_adapter
 from flowmatch.training import train
 from flowmatch.training.assembly import assemble
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.interop_models import rel_err
+from tests.interop_models import (
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+    rel_err,
+)
 from tests.test_export import digits_inputs
 from tests.test_train import read_metrics, tiny_recipe
 
