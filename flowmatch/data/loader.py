@@ -32,8 +32,16 @@ from flowmatch.data.features import EXT as FEATURE_EXT
 from flowmatch.data.features import FeatureHeader, check_encoders, read_header
 from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
 from flowmatch.data.shards import resolve_sources, resolve_split
-from flowmatch.data.stream import (DataUnavailable, Position, StreamSpec, advance_epoch, run_stream, shard_failure,
-                                   start_positions, unreadable_message)
+from flowmatch.data.stream import (
+    DataUnavailable,
+    Position,
+    StreamSpec,
+    advance_epoch,
+    run_stream,
+    shard_failure,
+    start_positions,
+    unreadable_message,
+)
 from flowmatch.data.tarstream import RawSample, read_shard
 from flowmatch.data.workers import die_with_parent
 

@@ -19,8 +19,7 @@ from flowmatch.cli import main
 from flowmatch.config import load_recipe
 from flowmatch.encoders.autoencoder import Autoencoder
 from flowmatch.engine import failure
-from tests.test_train import ROOT, tiny_recipe
-from tests.tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: F401 - the session fixtures
+from tests.test_train import ROOT
 
 pytestmark = pytest.mark.hostile
 

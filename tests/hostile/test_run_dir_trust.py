@@ -133,7 +133,8 @@ def start_trainer(run: Path, shards: str, workers: int, ready=None, **extra) -> 
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flowmatch", "train", "recipes/digits.yaml", f"run_dir={run}",
                                  f"data.shards={shards}", *(f"{k}={json.dumps(v)}" for k, v in args.items())],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 240
     while not ready():
         if proc.poll() is not None or time.time() > deadline:
