@@ -304,9 +304,25 @@ class Runs:
         return json.loads((self.root / name / "result.json").read_text())
 
     @cached_property
+    def singles(self) -> dict[str, tuple[int, str]]:
+        """The one-process runs that need nothing from another, launched side by side (one after the other, each
+        would leave a core of a 2-core machine idle): exit status and log by name.
+
+        - ref: plain ZeRO-0, the trajectory everything else is compared with (EMA evaluation at 4);
+        - bf16: the same in bf16;
+        - resumed: killed by SIGKILL in the middle of the step-8 save (after a non-finite window before step 2).
+        """
+        specs = {"ref": ("--ema-eval-at", "4"), "bf16": ("--precision", "bf16"),
+                 "resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
+        logs = [self.root / f"{name}.log" for name in specs]
+        codes, _ = launch([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]
+                           for name, args in specs.items()], logs)
+        return {name: (code, log.read_text()) for name, code, log in zip(specs, codes, logs)}
+
+    @cached_property
     def reference(self) -> dict:
         """One plain process, ZeRO-0: the trajectory everything else is compared with (EMA evaluation at 4)."""
-        code, log = self._single("ref", "--ema-eval-at", "4")
+        code, log = self.singles["ref"]
         assert code == 0, log
         return self.result("ref")
 
@@ -337,7 +353,7 @@ class Runs:
     def killed_then_resumed(self) -> tuple[str, str]:
         """Killed by SIGKILL in the middle of the step-8 save (after a non-finite window before step 2), then
         the same command again."""
-        code, killed_log = self._single("resumed", "--nan-at", "2", "--kill-in-save-at", "8")
+        code, killed_log = self.singles["resumed"]
         assert code == -9, killed_log
         self.after_kill = sorted(p.name for p in (self.root / "resumed" / "checkpoints").iterdir())
         code, resumed_log = self._single("resumed")
@@ -450,7 +466,7 @@ def test_bf16_without_zero_follows_the_fp32_trajectory(runs):
     # bf16 rounding moves the losses by <= 0.3% here (measured). DeepSpeed's bf16 wrapper without ZeRO steps
     # AdamW once on zero gradients at start-up; left in, that skews AdamW's bias correction and moves the
     # losses by 1.4-3%, which this tolerance catches.
-    code, log = runs._single("bf16", "--precision", "bf16")
+    code, log = runs.singles["bf16"]
     assert code == 0, log
     ref, run = runs.reference, runs.result("bf16")
     for step, loss in ref["losses"].items():

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 from launching import clean_env, free_port, launch
-from test_train_distributed import Runs, _assert_same_trajectory, _train_args
+from test_train_distributed import _assert_same_trajectory, _train_args
 
 from flowmatch.engine.launch import LaunchError, detect_launch, first_host
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, digit_shards) -> Path:
-    return Runs(tmp_path_factory.mktemp("reference"), digit_shards).one
+@pytest.fixture
+def reference(train_runs) -> Path:
+    """The one-process run of tests/test_train_distributed.py, shared through the session (tests/conftest.py)."""
+    return train_runs.one
 
 
 def _deepspeed(*args: str) -> list[str]:

@@ -110,7 +110,7 @@ def test_the_step_in_flight_finishes_then_a_checkpoint_and_no_final_validation(t
         return real(batch, generator)
 
     trainer.micro_loss = signal_during_step_three
-    with run.engine:
+    with run:
         summary = trainer.fit()
     assert (summary.preempted, summary.final_step) == (True, 3)
     assert summary.last_checkpoint == tmp_path / "run" / "checkpoints" / "3"
@@ -127,7 +127,7 @@ def test_a_stop_before_the_first_step_saves_nothing(tmp_path, digit_shards):
     run = assemble(tiny_recipe(tmp_path / "run", digit_shards))
     trainer = Trainer(run)
     trainer.preemption.received = "SIGTERM"  # as if it had arrived while the run was being assembled
-    with run.engine:
+    with run:
         summary = trainer.fit()
     assert (summary.preempted, summary.final_step, summary.last_checkpoint) == (True, 0, None)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -116,9 +116,10 @@ class Runs:
         return run
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, digit_shards) -> Runs:
-    return Runs(tmp_path_factory.mktemp("train-runs"), digit_shards)
+@pytest.fixture
+def runs(train_runs) -> Runs:
+    """The session's runs (tests/conftest.py): tests/test_launchers.py compares with the same one-process run."""
+    return train_runs
 
 
 def _assert_same_trajectory(run: Path, ref: Path, *, loss_falls: bool = True) -> None:

@@ -24,6 +24,8 @@ from flowmatch.engine.optim import OptimConfig, SkippableAdamW, SkippableLambdaL
 _OPTIM_KEY = "optim."
 # Attributes of DeepSpeed's optimizer wrappers that hold the fp16 loss scale (ZeRO's, and the one without ZeRO).
 _LOSS_SCALE_HOLDERS = ("loss_scaler", "loss_scale_config")
+# AdamW hyper-parameters of a param group, set from the recipe: a resumed run keeps its own, not the saved ones.
+_HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")
 
 
 @dataclass
@@ -295,6 +297,9 @@ class Trainable:
     def load_schedule_state(self, info: Mapping[str, Any]) -> None:
         """Restore what :meth:`schedule_state` returned."""
         self._scheduler.load_state_dict(dict(info["schedule"]))
+        # The saved schedule holds the old peak lr: continue at the saved position with this run's peak.
+        self._scheduler.base_lrs = [group["initial_lr"] for group in self._optimizer.param_groups]
+        self._scheduler.set_position(self._scheduler.last_epoch)
         for name, obj in self._loss_scalers().items():
             for key, value in info["loss_scale"].get(name, {}).items():
                 setattr(obj, key, value)
@@ -302,15 +307,15 @@ class Trainable:
     @staticmethod
     def load_into(opt: torch.optim.Optimizer, state: Mapping[int, Mapping[str, Any]],
                   saved_groups: list[Mapping[str, Any]]) -> None:
-        """``opt.load_state_dict`` with the hyper-parameters of ``saved_groups`` (read back from JSON) and the
-        tensors of this layout: each group's parameter indices are this optimizer's own."""
+        """``opt.load_state_dict`` with ``state`` and ``saved_groups`` (read back from JSON), where the
+        hyper-parameters are this run's (a resumed recipe may change them) and each group's parameter indices are
+        this optimizer's own (this layout's)."""
         here = opt.state_dict()["param_groups"]
         if len(saved_groups) != len(here):
             raise ValueError(f"the saved optimizer has {len(saved_groups)} param group(s), this one {len(here)}: it "
                              "was written by another model or parameter grouping")
-        # JSON turned tuples (AdamW's betas) into lists: give them back their type.
-        groups = [{**{k: tuple(v) if isinstance(mine.get(k), tuple) else v for k, v in saved.items()},
-                   "params": mine["params"]} for saved, mine in zip(saved_groups, here)]
+        groups = [{**saved, **{k: live[k] for k in _HYPER if k in live}, "params": mine["params"]}
+                  for saved, live, mine in zip(saved_groups, opt.param_groups, here)]
         opt.load_state_dict({"state": dict(state), "param_groups": groups})
 
     def load_optimizer_state(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
