@@ -140,6 +140,8 @@ def test_launch_mistakes_are_messages_not_hangs(tmp_path, digit_shards):
         seconds = time.monotonic() - start
     codes, logs = results["busy"]
     assert codes == [1, 1] and f"localhost:{port}" in logs[0].read_text() and "in use" in logs[0].read_text()
+    # Rank 0 names the port as its own problem (torch's EADDRINUSE text alone also holds "in use").
+    assert "rank 0 cannot host the rendezvous" in logs[0].read_text()
     assert "could not reach rank 0" in logs[1].read_text()
     assert "Traceback" not in logs[0].read_text()
     (code,), (log,) = results["alone"]
