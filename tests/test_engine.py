@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import clean_env, free_port, launch, torchrun
+from launching import assert_succeeded, clean_env, free_port, launch, launch_jobs, torchrun
 from safetensors.torch import load_file
 from torch import nn
 
@@ -304,49 +304,53 @@ class Runs:
         return json.loads((self.root / name / "result.json").read_text())
 
     @cached_property
-    def singles(self) -> dict[str, tuple[int, str]]:
-        """The one-process runs that need nothing from another, launched side by side (one after the other, each
-        would leave a core of a 2-core machine idle): exit status and log by name.
+    def launched(self) -> dict[str, tuple[list[int], list[Path]]]:
+        """The runs that need nothing from another, launched side by side (one after the other, each launch's
+        start-up would leave a core of a 2-core machine idle): exit codes and logs by name.
 
-        - ref: plain ZeRO-0, the trajectory everything else is compared with (EMA evaluation at 4);
+        - ref: one plain process, ZeRO-0, the trajectory everything else is compared with (EMA evaluation at 4);
         - bf16: the same in bf16;
-        - resumed: killed by SIGKILL in the middle of the step-8 save (after a non-finite window before step 2).
+        - resumed: one process killed by SIGKILL in the middle of the step-8 save (after a non-finite window
+          before step 2);
+        - zero2: torchrun --standalone, 2 processes (EMA evaluation at 4);
+        - zero3: two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window
+          before step 3 and an EMA evaluation at step 4.
         """
-        specs = {"ref": ("--ema-eval-at", "4"), "bf16": ("--precision", "bf16"),
-                 "resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
-        logs = [self.root / f"{name}.log" for name in specs]
-        codes, _ = launch([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]
-                           for name, args in specs.items()], logs)
-        return {name: (code, log.read_text()) for name, code, log in zip(specs, codes, logs)}
+        singles = {"ref": ("--ema-eval-at", "4"), "bf16": ("--precision", "bf16"),
+                   "resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
+        jobs = {name: ([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]],
+                       [self.root / f"{name}.log"]) for name, args in singles.items()}
+        jobs["zero2"] = ([torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT), "--run-dir",
+                                   str(self.root / "zero2"), "--zero-stage", "2", "--ema-eval-at", "4")],
+                         [self.root / "zero2.log"])
+        port = str(free_port())
+        jobs["zero3"] = ([torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
+                                   "127.0.0.1", "--master_port", port, str(SCRIPT), "--run-dir",
+                                   str(self.root / "zero3"), "--zero-stage", "3", "--grad-accum", "2", "--nan-at",
+                                   "3", "--ema-eval-at", "4") for i in range(2)],
+                         [self.root / f"zero3-node{i}.log" for i in range(2)])
+        return launch_jobs(jobs)
+
+    @cached_property
+    def singles(self) -> dict[str, tuple[int, str]]:
+        """The one-process runs of :attr:`launched`: exit status and log by name."""
+        return {name: (self.launched[name][0][0], self.launched[name][1][0].read_text())
+                for name in ("ref", "bf16", "resumed")}
 
     @cached_property
     def reference(self) -> dict:
-        """One plain process, ZeRO-0: the trajectory everything else is compared with (EMA evaluation at 4)."""
         code, log = self.singles["ref"]
         assert code == 0, log
         return self.result("ref")
 
     @cached_property
     def zero2_two_procs(self) -> dict:
-        log = self.root / "zero2.log"
-        (code,), seconds = launch([torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT),
-                                              "--run-dir", str(self.root / "zero2"), "--zero-stage", "2",
-                                              "--ema-eval-at", "4")], [log])
-        assert code == 0, log.read_text()
+        assert_succeeded(self.launched["zero2"])
         return self.result("zero2")
 
     @cached_property
     def zero3_two_nodes(self) -> dict:
-        """Two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window before
-        step 3 and an EMA evaluation at step 4."""
-        port = str(free_port())
-        logs = [self.root / f"zero3-node{i}.log" for i in range(2)]
-        commands = [torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
-                              "127.0.0.1", "--master_port", port, str(SCRIPT), "--run-dir", str(self.root / "zero3"),
-                              "--zero-stage", "3", "--grad-accum", "2", "--nan-at", "3", "--ema-eval-at", "4")
-                    for i in range(2)]
-        codes, _ = launch(commands, logs)
-        assert codes == [0, 0], "\n".join(log.read_text() for log in logs)
+        assert_succeeded(self.launched["zero3"])
         return self.result("zero3")
 
     @cached_property
