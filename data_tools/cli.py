@@ -105,11 +105,13 @@ def run(args: argparse.Namespace) -> int:
                              overwrite=args.overwrite)
         print(report.summary())
     elif args.command == "encode":
-        from data_tools.encode import EncodeSettings, encode_shards
+        from data_tools.encode import EncodeSettings, encode_shards, launcher_rank
 
         settings = EncodeSettings(args.recipe, tuple(args.overrides), args.batch_size, args.dtype, args.device,
                                   args.text_quant)
-        report = encode_shards(args.src, args.out, settings, processes=args.processes, progress=not args.no_progress)
+        rank, world_size = launcher_rank()
+        report = encode_shards(args.src, args.out, settings, processes=args.processes,
+                               progress=not args.no_progress and rank == 0, rank=rank, world_size=world_size)
         bad = ", ".join(f"{n} {r}" for r, n in sorted(report.bad.items())) or "none"
         print(f"encoded {report.encoded} shards ({report.samples} samples; {report.already_done} already done); "
               f"skipped: {bad}; encoders: {report.encoders}")

@@ -3,7 +3,8 @@
 The encoding itself, the output layout and the manifest that makes it resumable live in
 flowmatch.encoders.cache (training uses them too, when a recipe names a `data.cache` that is missing). This
 command adds the recipe file and its overrides, a storage dtype (bf16 by default; see flowmatch.data.features),
-and `--processes N`: N shards encoded at a time, one encoder copy per process, spread over the visible GPUs.
+and `--processes N`: N shards encoded at a time, one encoder copy per process, spread over the visible GPUs; under
+torchrun or SLURM (RANK / WORLD_SIZE set) each rank, on any node, encodes its share of the shards.
 Training on OUT then runs no encoder and refuses the features if the recipe's encoders differ from the
 fingerprints recorded in each sample.
 """
@@ -11,6 +12,7 @@ fingerprints recorded in each sample.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -83,13 +85,23 @@ def _run_task(task: tuple[str, str, Optional[dict[str, str]]]) -> ShardResult:
     return encode_shard(_WORKER["enc"], url, Path(target), expected)
 
 
+def launcher_rank() -> tuple[int, int]:
+    """(rank, world size) from a launcher's environment (torchrun, SLURM), else (0, 1)."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world])
+    return 0, 1
+
+
 def encode_shards(src: str, out: str | Path, settings: EncodeSettings, *, processes: int = 1,
-                  progress: bool = True) -> EncodeReport:
-    """Encode every shard of pattern `src` into directory `out`, skipping shards a previous run finished."""
+                  progress: bool = True, rank: int = 0, world_size: int = 1) -> EncodeReport:
+    """Encode every shard of pattern `src` into directory `out`, skipping shards a previous run finished. Under
+    a launcher, rank `rank` of `world_size` encodes its share (flowmatch.encoders.cache) and the last rank to end
+    merges the manifest."""
     from tqdm import tqdm
 
     out = Path(out)
-    folder = CacheFolder(src, out, settings.dtype)
+    folder = CacheFolder(src, out, settings.dtype, rank=rank, world_size=world_size)
     out.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(folder.todo), unit="shard", desc="encode", disable=not progress)
 
@@ -111,4 +123,5 @@ def encode_shards(src: str, out: str | Path, settings: EncodeSettings, *, proces
             for result in pool.imap_unordered(_run_task, [(u, str(t), expected) for u, t in folder.todo]):
                 record(result)
     bar.close()
+    folder.finish()
     return folder.report

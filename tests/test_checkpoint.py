@@ -67,7 +67,7 @@ class FakeEngine:
         (Path(directory) / "client.json").write_text(json.dumps(client_state))
         return [Path(directory) / "client.json"]
 
-    def load(self, directory, *, weights, ema=None) -> dict:
+    def load(self, directory, *, weights, ema=None, elastic=True) -> dict:
         self.loaded = {"directory": Path(directory), "weights": weights, "ema": ema}
         return json.loads((Path(directory) / "client.json").read_text())
 

@@ -259,3 +259,38 @@ def test_encode_with_text_quant_stores_int8_text_that_decodes_close(tmp_path, en
     assert features.read_header(first.files[features.EXT]).text_dtype == "fp8"
     with pytest.raises(ValueError, match="data.cache_text_quant"):
         DataConfig(shards=str(src), cache_text_quant="int4")
+
+
+def test_ranks_encode_their_shares_and_the_last_merges_a_manifest_like_one_process(tmp_path, monkeypatch):
+    src = tmp_path / "raw"
+    src.mkdir()
+    names = ("a-000000.tar.gz", "b-000000.tar.gz", "c-000000.tar.gz")
+    for name in names:
+        shutil.copy(FIXTURE, src / name)
+    alone = encode_shards(str(src), tmp_path / "alone", SETTINGS, progress=False)
+    assert alone.encoded == 3
+    out = tmp_path / "ranks"
+    real, seen = encode_tool.encode_shard, []
+
+    def note(enc, url, target, expected=None):
+        seen.append(Path(url).name)
+        return real(enc, url, target, expected)
+
+    monkeypatch.setattr(encode_tool, "encode_shard", note)
+    # Rank 1 of 2 takes the second shard only and, ending first, leaves its part: no manifest yet.
+    first = encode_shards(str(src), out, SETTINGS, progress=False, rank=1, world_size=2)
+    assert (first.encoded, seen) == (1, ["b-000000.tar.gz"])
+    assert not (out / "features.json").exists() and (out / "features.json.part-1-of-2").is_file()
+    # A rank 0 that stops after its first shard: its part names that shard alone.
+    monkeypatch.setattr(encode_tool, "encode_shard", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if len(seen) == 2 else note(*a))
+    with pytest.raises(KeyboardInterrupt):
+        encode_shards(str(src), out, SETTINGS, progress=False, rank=0, world_size=2)
+    assert seen == ["b-000000.tar.gz", "a-000000.tar.gz"]
+    # Resumed on one process: only the missing shard is encoded, then the parts are merged and removed.
+    monkeypatch.setattr(encode_tool, "encode_shard", note)
+    resumed = encode_shards(str(src), out, SETTINGS, progress=False)
+    assert (resumed.encoded, resumed.already_done, seen[2:]) == (1, 2, ["c-000000.tar.gz"])
+    assert not list(out.glob("features.json.*"))
+    for name in ("features.json", "a-000000.tar", "b-000000.tar", "c-000000.tar"):
+        assert (out / name).read_bytes() == (tmp_path / "alone" / name).read_bytes(), name

@@ -196,7 +196,7 @@ def test_zero2_two_process_checkpoint_resumes_on_one_process(runs):
     out = log.read_text()
     assert code == 0, out
     assert f"resuming from {run / 'checkpoints' / str(CHECKPOINT_EVERY)} (step {CHECKPOINT_EVERY})" in out
-    assert "DeepSpeed cannot re-shard its optimizer state" in out
+    assert "AdamW moments were re-sharded from their whole tensors" in out and "restart from zero" not in out
     ckpt = run / "checkpoints" / str(STEPS)
     layout = read_layout(ckpt)
     assert (read_meta(ckpt).step, layout.world_size, layout.zero_stage) == (STEPS, 1, 0)
@@ -205,7 +205,6 @@ def test_zero2_two_process_checkpoint_resumes_on_one_process(runs):
     for step in got:  # the schedule went on from where the 2-process run left it
         assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-9), step
     # The EMA came back with its warm-up position (restarted, the count would read 3) and the post-hoc profiles
-    # from their snapshot. With warm-up the step-6 EMA is mostly the weights of steps 4-6, which differ here (AdamW
-    # restarted), so its values are checked on this path by tests/test_ema.py, on one process.
+    # from their snapshot. Its values are checked on this path by tests/test_ema.py, on one process.
     assert layout.ema_updates == STEPS
     assert f"EMA profiles restored from {run / snapshot}" in out

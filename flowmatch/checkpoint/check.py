@@ -14,6 +14,10 @@ from flowmatch.checkpoint.fallback import quarantined
 from flowmatch.checkpoint.layout import (
     CHECKPOINTS_DIR,
     DAMAGE_NOTE,
+    EMA_FILE,
+    MODEL_FILE,
+    SPARE_PREFIX,
+    STATE_DIR,
     TMP_PREFIX,
     checkpoints_root,
     human_bytes,
@@ -97,6 +101,26 @@ def newest_is_damaged(statuses: list[CheckpointStatus]) -> bool:
     return bool(steps) and steps[-1].state == DAMAGED
 
 
+# The parts of a checkpoint, by where their files are (the first prefix that matches).
+_PARTS = ((MODEL_FILE, "weights"), (EMA_FILE, "EMA"), (SPARE_PREFIX, "optimizer for other layouts"),
+          (f"{STATE_DIR}/", "run state (RNG, data position, optimizer for this layout)"), ("", "metadata"))
+
+
+def part_of(name: str) -> str:
+    """The part of a checkpoint that the file ``name`` (relative to the checkpoint) belongs to."""
+    return next(part for prefix, part in _PARTS if name.startswith(prefix))
+
+
+def describe_parts(damage: list[Damage]) -> str:
+    """Which parts of a damaged checkpoint are intact, and what a resume from it does."""
+    bad = {part_of(d.file) for d in damage}
+    intact = [part for _, part in _PARTS if part not in bad]
+    line = f"damaged: {', '.join(p for _, p in _PARTS if p in bad)}; intact: {', '.join(intact) or 'nothing'}"
+    if bad == {part_of(SPARE_PREFIX)}:
+        line += " (resumable: on another layout the optimizer state is reset)"
+    return line
+
+
 def format_check(statuses: list[CheckpointStatus]) -> str:
     """A plain-text table, one checkpoint per line, with what is wrong under the damaged ones."""
     if not statuses:
@@ -106,6 +130,8 @@ def format_check(statuses: list[CheckpointStatus]) -> str:
     for s in statuses:
         lines.append(f"{_label(s):<{width}}  {human_bytes(s.bytes):>10}  {s.state}")
         lines += [f"{'':<{width}}    {d}" for d in s.damage]
+        if s.state == DAMAGED:
+            lines.append(f"{'':<{width}}    {describe_parts(s.damage)}")
     intact = [s for s in statuses if s.path.name.isdigit() and s.state in (COMPLETE, UNVERIFIED)]
     lines.append(f"newest intact: {intact[-1].path}" if intact else "no intact checkpoint")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from flowmatch.checkpoint.layout import (
     DAMAGE_NOTE,
     DAMAGED_SUFFIX,
     META_FILE,
+    SPARE_PREFIX,
     CheckpointError,
     checkpoints_root,
     is_legacy,
@@ -68,6 +69,12 @@ def _damage(ckpt: Path, reads: Reads | None) -> list[Damage]:
     return verify_checkpoint(ckpt, hashed=(META_FILE,)) or verify_checkpoint(ckpt, hashed=reads(ckpt) if reads else ())
 
 
+def split_damage(damage: list[Damage]) -> tuple[list[Damage], list[Damage]]:
+    """(damage that rules a checkpoint out, damage to what a resume can do without: see ``SPARE_PREFIX``)."""
+    spare = [d for d in damage if d.file.startswith(SPARE_PREFIX)]
+    return [d for d in damage if d not in spare], spare
+
+
 def resolve_checkpoint(path: str | os.PathLike[str], *, reads: Reads | None = None) -> Path:
     """A verified checkpoint directory from ``path``: a checkpoint itself, or a run directory (its newest intact one).
 
@@ -85,14 +92,14 @@ def resolve_checkpoint(path: str | os.PathLike[str], *, reads: Reads | None = No
         raise FileNotFoundError(f"{p} does not exist: expected a run directory (RUN_DIR) or a checkpoint "
                                 f"(RUN_DIR/{CHECKPOINTS_DIR}/<step>)")
     if names_a_checkpoint(p):
-        damage = _damage(p, reads)
+        damage, _ = split_damage(_damage(p, reads))
         if damage:
             raise CheckpointError(damaged_message(p, damage))
         _warn_if_legacy(p)
         return p
     skipped: list[tuple[Path, list[Damage]]] = []
     for _, ckpt in reversed(step_dirs(checkpoints_root(p))):
-        damage = _damage(ckpt, reads)
+        damage, _ = split_damage(_damage(ckpt, reads))
         if damage:
             skipped.append((ckpt, damage))
             continue
@@ -141,15 +148,20 @@ def select_for_resume(engine: EngineLike, run_dir: str | os.PathLike[str]) -> Pa
     Raises:
         CheckpointError: the run has checkpoints, but all of them are damaged (resuming would silently start over).
     """
+    return select_with_damage(engine, run_dir)[0]
+
+
+def select_with_damage(engine: EngineLike, run_dir: str | os.PathLike[str]) -> tuple[Path | None, list[Damage]]:
+    """:func:`select_for_resume`, with the damage to the parts the selected checkpoint resumes without."""
     root = checkpoints_root(run_dir)
     names = engine.broadcast_object([d.name for _, d in reversed(step_dirs(root))] if engine.is_main else None)
     for name in names:
         ckpt = root / name
-        damage = verify_together(engine, ckpt)
+        damage, spare = split_damage(verify_together(engine, ckpt))
         if not damage:
             if engine.is_main:
                 _warn_if_legacy(ckpt)
-            return ckpt
+            return ckpt, spare
         if engine.is_main:
             moved = quarantine(ckpt, damage)
             log.warning("skipping damaged checkpoint %s: %s. Moved it to %s", ckpt, _listing(damage), moved)
@@ -159,4 +171,4 @@ def select_for_resume(engine: EngineLike, run_dir: str | os.PathLike[str]) -> Pa
         raise CheckpointError(f"no intact checkpoint to resume from in {root}: {', '.join(bad)} are damaged and set "
                               f"aside (`flowmatch check {Path(run_dir)}` says what is wrong). To start this run over "
                               f"from step 0, move {root} away or use another run_dir.")
-    return None
+    return None, []

@@ -14,6 +14,9 @@ RECIPE_FILE = "recipe.yaml"
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 STATE_DIR = "state"
+# What a resume can do without: the optimizer state as whole tensors by name (flowmatch.engine.elastic), needed only
+# to resume on another layout. When it alone is damaged, a resume goes on and resets the optimizer if it needs it.
+SPARE_PREFIX = f"{STATE_DIR}/optim-full"
 # 3: manifest.json lists every file with its size and SHA-256, and the engine state holds no pickles.
 # 2: the distributed layout left meta.json; state/engine.json records it.
 FORMAT_VERSION = 3

@@ -6,6 +6,7 @@ one that came from elsewhere cannot run code.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from safetensors.torch import load_file
 from flowmatch.checkpoint.fallback import (
     damaged_message,
     resolve_checkpoint,
-    select_for_resume,
+    select_with_damage,
+    split_damage,
     verify_together,
 )
 from flowmatch.checkpoint.layout import (
@@ -33,8 +35,11 @@ from flowmatch.checkpoint.layout import (
     parse_meta,
     weights_file,
 )
+from flowmatch.checkpoint.manifest import Damage
 from flowmatch.checkpoint.save import EngineLike
 from flowmatch.engine.state import ENGINE_META_FILE, EngineMeta, read_engine_meta
+
+log = logging.getLogger(__name__)
 
 
 def read_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
@@ -67,9 +72,13 @@ def load_recipe_yaml(path: str | os.PathLike[str]) -> str:
     return (resolve_checkpoint(path, reads=lambda c: (RECIPE_FILE,)) / RECIPE_FILE).read_text()
 
 
-def _restore(engine: EngineLike, ckpt: Path) -> dict[str, Any]:
+def _restore(engine: EngineLike, ckpt: Path, spare: list[Damage]) -> dict[str, Any]:
     ema = ckpt / EMA_FILE
-    return engine.load(ckpt / STATE_DIR, weights=ckpt / MODEL_FILE, ema=ema if ema.is_file() else None)
+    if spare and engine.is_main:
+        log.warning("checkpoint %s: %s; the resume goes on without them (a resume on another layout then resets "
+                    "the optimizer state)", ckpt, "; ".join(str(d) for d in spare))
+    return engine.load(ckpt / STATE_DIR, weights=ckpt / MODEL_FILE, ema=ema if ema.is_file() else None,
+                       elastic=not spare)
 
 
 def load_checkpoint(engine: EngineLike, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -78,16 +87,16 @@ def load_checkpoint(engine: EngineLike, path: str | os.PathLike[str]) -> dict[st
 
     Every file is verified first, all ranks sharing the hashing; a damaged checkpoint named explicitly raises
     :class:`CheckpointError` on every rank. Call after ``engine.setup`` (and ``engine.ema_init`` when the run keeps
-    an EMA). When the ZeRO stage, world size or precision differ from the run that wrote it, the engine restores
-    the consolidated weights and EMA and the schedule position, and warns that optimizer moments restart (see
-    :meth:`flowmatch.engine.Engine.load`).
+    an EMA). When the ZeRO stage, world size or precision differ from the run that wrote it, the engine re-shards
+    the optimizer state from its whole tensors (see :meth:`flowmatch.engine.Engine.load`); when those alone are
+    damaged, the resume goes on and, on another layout, resets the optimizer state with a warning.
     """
     p = Path(path)
     if names_a_checkpoint(p):
-        damage = verify_together(engine, p)
+        damage, spare = split_damage(verify_together(engine, p))
         if damage:
             raise CheckpointError(damaged_message(p, damage))
-        return _restore(engine, p)
+        return _restore(engine, p, spare)
     resumed = resume_checkpoint(engine, p)
     if resumed is None:
         raise FileNotFoundError(f"no checkpoint under {p}: train first or point at RUN_DIR/checkpoints/<step>")
@@ -111,9 +120,9 @@ def resume_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], *,
     ``check(ckpt)`` runs on every rank once the checkpoint has verified and before anything is loaded from it (to
     refuse it with a clear error, e.g. a recipe that cannot resume it).
     """
-    ckpt = select_for_resume(engine, run_dir)
+    ckpt, spare = select_with_damage(engine, run_dir)
     if ckpt is None:
         return None
     if check is not None:
         check(ckpt)
-    return Resumed(ckpt, _restore(engine, ckpt))
+    return Resumed(ckpt, _restore(engine, ckpt, spare))

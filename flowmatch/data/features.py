@@ -106,7 +106,20 @@ def encode(latents: torch.Tensor, hidden: Optional[torch.Tensor] = None, pooled:
         tensors[f"pooled{suffix}"] = p.detach().to("cpu", cast).contiguous()
     metadata = {"format": FORMAT_PARTS if parts else FORMAT, "autoencoder": str(encoders["autoencoder"]),
                 **{TEXT_FIELD + suffix: str(encoders[TEXT_FIELD + suffix]) for suffix in texts}}
-    return save_tensors(tensors, metadata=metadata)
+    return _sorted_metadata(save_tensors(tensors, metadata=metadata))
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """``blob`` with its header's metadata in sorted key order: safetensors writes it in hash-map order, which
+    changes from process to process, and a cache must not depend on which process encoded it."""
+    (length,) = HEADER_LEN.unpack_from(blob)
+    raw = blob[HEADER_LEN.size:HEADER_LEN.size + length]
+    header = json.loads(raw)
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > length:  # never happens for the same keys and values; keep the original then
+        return blob
+    return blob[:HEADER_LEN.size] + text + b" " * (length - len(text)) + blob[HEADER_LEN.size + length:]
 
 
 def read_header(data: bytes) -> FeatureHeader:

@@ -28,6 +28,7 @@ from flowmatch.data import decode
 from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, make_buckets
 from flowmatch.data.config import DataConfig
+from flowmatch.data.drain import ELASTIC_KEYS, Drain, drain_chain, held_records
 from flowmatch.data.features import EXT as FEATURE_EXT
 from flowmatch.data.features import FeatureHeader, check_encoders, read_header
 from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
@@ -74,20 +75,28 @@ class LoaderStats:
 
 
 class _WorkerStreams(IterableDataset):
-    """What each DataLoader worker iterates: the stream of (rank, worker + rotation)."""
+    """What each DataLoader worker iterates: the stream of (rank, worker + rotation), after the earlier layouts'
+    streams it finishes; items are (batch, this stream, drain index or -1, position)."""
 
-    def __init__(self, spec: StreamSpec, rank: int, workers: int, starts: dict[int, Position], rotation: int):
+    def __init__(self, spec: StreamSpec, rank: int, workers: int, starts: dict[int, Position], rotation: int,
+                 drains: list[Drain]):
         super().__init__()
         self.spec, self.rank, self.workers, self.starts, self.rotation = spec, rank, workers, starts, rotation
+        self.drains = drains
 
-    def __iter__(self) -> Iterator[tuple[Batch, Position]]:
+    def __iter__(self) -> Iterator[tuple[Batch, int, int, Position]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stream = self.rank * self.workers + (worker + self.rotation) % self.workers
         try:
-            yield from run_stream(self.spec, self.starts[stream])
+            for g, old in drain_chain(self.drains, stream, self.spec.num_streams):
+                drain = self.drains[g]
+                for batch, position in run_stream(drain.spec(self.spec), drain.positions[old]):
+                    yield batch, stream, g, position
+            for batch, position in run_stream(self.spec, self.starts[stream]):
+                yield batch, stream, -1, position
         except DataUnavailable as err:  # handed over as a value: the user sees its paragraph, not a worker traceback
-            yield err, None
+            yield err, stream, -1, None
 
 
 class Loader:
@@ -112,13 +121,16 @@ class Loader:
         self._streams = [rank * self.workers + w for w in range(self.workers)]
         self._positions = start_positions(self._streams)
         self._next_worker = 0
+        self._drains: list[Drain] = []
 
     # ------------------------------------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.resumable:  # every pass over the val split starts afresh (and so do its counters)
             self._positions, self._next_worker = start_positions(self._streams), 0
-        dataset = _WorkerStreams(self.spec, self.rank, self.workers, dict(self._positions), self._next_worker)
+        drains = [Drain(d.layout, d.stop, dict(d.positions)) for d in self._drains]
+        dataset = _WorkerStreams(self.spec, self.rank, self.workers, dict(self._positions), self._next_worker,
+                                 drains)
         if self.processes == 0:
             source: Iterator = iter(dataset)
         else:
@@ -133,13 +145,21 @@ class Loader:
                 )
             )
         handed = 0
-        for batch, position in source:
+        for batch, stream, drain, position in source:
             if isinstance(batch, DataUnavailable):
                 raise DataUnavailable(str(batch)) from None
-            self._positions[position.stream] = position
+            # What a stream finishes comes in order: whatever precedes this batch's source in its chain is done.
+            for g, old in drain_chain(self._drains, stream, self.spec.num_streams):
+                if (g, old) == (drain, position.stream):
+                    break
+                del self._drains[g].positions[old]
+            if drain < 0:
+                self._positions[stream] = position
+            else:
+                self._drains[drain].positions[position.stream] = position
             # Workers take strict turns, so the stream after this one is due next; a resumed loader hands that
             # stream to worker 0, which the DataLoader asks first.
-            self._next_worker = (position.stream - self.rank * self.workers + 1) % self.workers
+            self._next_worker = (stream - self.rank * self.workers + 1) % self.workers
             yield batch
             handed += 1
             if self.max_batches is not None and handed >= self.max_batches:
@@ -180,14 +200,17 @@ class Loader:
             "layout": dict(self.layout),
             "streams": {str(s): self._positions[s].to_dict() for s in self._streams},
             "next_worker": {str(self.rank): self._next_worker},
+            "drains": [d.to_dict() for d in self._drains],
         }
 
     def load_state_dict(self, state: Mapping, *, strict: bool = True) -> None:
         """Continue from `state` (this rank's own, or a merged one). Call before iterating.
 
-        The data layout (shards, seed, batch size, world size, workers, buckets, ...) must match the saved one for
-        an exact resume; otherwise strict=True raises ValueError naming the differences, and strict=False starts
-        every worker at the epoch after the furthest saved one (no replay, the rest of that epoch is skipped).
+        A resume is exact (every sample of every epoch once) when the saved layout differs from this one in
+        world size, workers, per-rank batch size or shuffle buffer at most (a merged state then: see
+        :class:`Drain`; a data.sources mixture only in the per-rank batch size). Other changes (shards, seed,
+        buckets, ...) cannot be: strict=True raises ValueError naming the differences, and strict=False starts
+        every worker at the epoch after the furthest saved one, logging how many samples that skips.
         """
         old = state.get("format") in OLD_FORMATS
         if state.get("format") != STATE_FORMAT and not old:
@@ -195,6 +218,12 @@ class Loader:
         saved = state.get("layout", {})
         differ = sorted(k for k in set(saved) | set(self.layout) if saved.get(k) != self.layout.get(k))
         streams = state.get("streams", {})
+        drains = [Drain.from_dict(d) for d in state.get("drains", [])]
+        if set(differ) <= {"batch_size"}:
+            differ = []  # the same streams: they regroup the records they hold into batches of the new size
+        elif set(differ) <= ELASTIC_KEYS and not self.spec.mixture and not old:
+            self._resume_elsewhere(saved, streams, drains)
+            return
         if old:
             differ.append("format")
         if differ:
@@ -207,9 +236,14 @@ class Loader:
                     "the same settings. Restore them, or load with strict=False to start at the next epoch."
                 )
             epoch = 1 + max((int(p["epoch"]) for p in streams.values()), default=-1)
-            log.warning("data: layout changed (%s); starting every worker at epoch %d", changes, epoch)
+            held = sum(held_records(p["detail"]) for p in streams.values() if "detail" in p)
+            log.warning("data: layout changed (%s), which no resume can follow exactly; starting every worker at "
+                        "epoch %d: the samples of the epochs before it not handed out yet are skipped, %d held in "
+                        "the saved buffers and partial batches plus the unread rest of their shards (%d handed "
+                        "out so far)", changes, epoch, held, sum(int(p["samples"]) for p in streams.values()))
             self._positions = {s: advance_epoch(Position(s), epoch) for s in self._streams}
             self._next_worker = 0
+            self._drains = []
             return
         missing = [s for s in self._streams if str(s) not in streams]
         if missing:
@@ -219,6 +253,34 @@ class Loader:
             )
         self._positions = {s: Position.from_dict(s, streams[str(s)]) for s in self._streams}
         self._next_worker = int(state.get("next_worker", {}).get(str(self.rank), 0)) % self.workers
+        self._drains = self._own_drains(drains)
+
+    def _own_drains(self, drains: list[Drain]) -> list[Drain]:
+        """The unfinished streams of ``drains`` that this rank's streams finish (the others' are theirs)."""
+        mine = set(self._streams)
+        return [Drain(d.layout, d.stop, {o: p for o, p in d.positions.items() if o % self.spec.num_streams in mine})
+                for d in drains if d.positions]
+
+    def _resume_elsewhere(self, saved: dict, streams: Mapping, drains: list[Drain]) -> None:
+        """Continue a merged state saved by another layout exactly: its streams become a :class:`Drain`."""
+        expected = saved["world_size"] * saved["num_workers"]
+        if len(streams) != expected:
+            raise ValueError(f"the loader state was saved by {saved['world_size']} rank(s) x {saved['num_workers']} "
+                             f"worker(s) but holds {len(streams)} stream position(s): resuming on another layout "
+                             "needs the merge of every rank's state (merge_loader_states)")
+        positions = {int(s): Position.from_dict(int(s), p) for s, p in streams.items()}
+        # The furthest epoch any stream has begun, and every earlier one, are finished by the saved streams.
+        stop = max(p.epoch + (p.detail is not None) for p in positions.values())
+        drains = [*drains, Drain(dict(saved), stop, positions)]
+        start = max(d.stop for d in drains)
+        self._positions = {s: advance_epoch(Position(s), start) for s in self._streams}
+        self._next_worker = 0
+        self._drains = self._own_drains(drains)
+        held = sum(held_records(p.detail) for p in positions.values() if p.detail is not None)
+        log.warning("data: resuming a position saved by %d rank(s) x %d worker(s) on %d x %d: the saved streams "
+                    "finish epoch(s) up to %d (%d sample(s) in their buffers and partial batches included), then "
+                    "this layout's streams start epoch %d; no sample is skipped or repeated",
+                    saved["world_size"], saved["num_workers"], self.world_size, self.workers, stop - 1, held, start)
 
 
 def merge_loader_states(states: list[Mapping]) -> dict:
@@ -228,10 +290,15 @@ def merge_loader_states(states: list[Mapping]) -> dict:
     layouts = {repr(sorted(s.get("layout", {}).items())) for s in states}
     if len(layouts) > 1:
         raise ValueError("cannot merge loader states saved with different data layouts")
-    merged = {"format": STATE_FORMAT, "layout": dict(states[0].get("layout", {})), "streams": {}, "next_worker": {}}
+    merged = {"format": STATE_FORMAT, "layout": dict(states[0].get("layout", {})), "streams": {}, "next_worker": {},
+              "drains": []}
     for s in states:
         merged["streams"].update(s.get("streams", {}))
         merged["next_worker"].update(s.get("next_worker", {}))
+        for i, drain in enumerate(s.get("drains", [])):  # every rank lists every drain, with its own streams
+            if i == len(merged["drains"]):
+                merged["drains"].append({"layout": drain["layout"], "stop": drain["stop"], "streams": {}})
+            merged["drains"][i]["streams"].update(drain["streams"])
     return merged
 
 

@@ -212,11 +212,17 @@ class Grouper:
         return {"pending": [flat([ref for _, _, ref in members]) for members in self.pending.values()],
                 "bad": [[b.url, b.key, b.reason, b.detail] for b in self.bad]}
 
-    def load(self, saved: dict, records: dict[Ref, Record]) -> None:
+    def load(self, saved: dict, records: dict[Ref, Record]) -> list[Group]:
+        """Take back the saved partial groups; the groups they complete (only when the batch size is now smaller
+        than when they were saved), to be emitted first."""
         self.bad = [BadRecord(*values) for values in saved["bad"]]
+        ready = []
         for refs in saved["pending"]:
             for ref in unflat(refs):
-                self.add(records[ref], ref)  # never completes a group: the saved one was partial
+                group = self.add(records[ref], ref)
+                if group is not None:
+                    ready.append(group)
+        return ready
 
 
 class StreamState:
@@ -226,6 +232,7 @@ class StreamState:
         self.spec, self.stream = spec, stream
         n = len(spec.sources)
         self.grouper = Grouper(spec)
+        self.ready: list[Group] = []
         self.weights = [0.0]
         if spec.mixture:
             total = sum(s.weight for s in spec.sources)
@@ -243,7 +250,7 @@ class StreamState:
         held = refs + [ref for r in detail["groups"]["pending"] for ref in unflat(r)]
         records = fetch_records(spec, held)
         self.buffer = ShuffleBuffer(self.buffer_size, load_rng(detail["shuffle"]), [(records[r], r) for r in refs])
-        self.grouper.load(detail["groups"], records)
+        self.ready = self.grouper.load(detail["groups"], records)
 
     @property
     def buffer_size(self) -> int:
@@ -370,6 +377,8 @@ def run_stream(spec: StreamSpec, start: Position) -> Iterator[tuple[Batch, Posit
             if group is not None:
                 yield from emit(group)
 
+    for group in state.ready:
+        yield from emit(group)
     if spec.mixture:
         for record, ref in state.mixed_records():
             yield from take(record, ref)

@@ -9,6 +9,13 @@ becomes `key.safetensors` (flowmatch.data.features) beside its caption and any .
 the finished ones and the encoders' fingerprints, so an interrupted run continues where it stopped and a folder
 never mixes the features of two encoders.
 
+Every rank of a job builds the cache together: rank r of W encodes the input shards r, r + W, r + 2W, ... (of
+the whole list, so the split does not depend on what an earlier run finished) with its own copy of the encoders,
+and records its finished shards in its own part file, ``features.json.part-<r>-of-<W>``; the rank that finds every
+part of the job complete when it ends merges them into ``features.json`` (the merge is idempotent, so two ranks
+finishing together write the same file) and removes them. A build that stops half way leaves part files, which
+count as finished shards for the next build, whatever its number of ranks.
+
 `flowmatch-data encode` (data_tools/encode.py) runs this over processes and GPUs; a recipe's `data.cache`
 makes training run it in-process when the cache is missing or incomplete (:func:`ensure_cache`).
 """
@@ -36,6 +43,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowmatch.encoders")
 
 MANIFEST = "features.json"
+_PART = ".part-"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Replace ``path`` atomically (readers see the old file or the new one, never a part)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 @dataclass
@@ -143,7 +158,7 @@ def output_name(url: str) -> str:
 class CacheFolder:
     """OUT and its manifest: which input shards still need encoding, and recording the finished ones."""
 
-    def __init__(self, src: str, out: str | Path, dtype: str) -> None:
+    def __init__(self, src: str, out: str | Path, dtype: str, *, rank: int = 0, world_size: int = 1) -> None:
         if dtype not in features.DTYPES:
             raise ValueError(f"feature dtype must be one of {tuple(features.DTYPES)}, got {dtype!r}")
         self.urls = expand_shards(src)
@@ -153,13 +168,58 @@ class CacheFolder:
         if len(set(names)) != len(names):
             raise ValueError("input shards must have distinct file names (outputs are named after them)")
         self.out, self.dtype = Path(out), dtype
+        self.rank, self.world_size = rank, world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         path = self.out / MANIFEST
         self.manifest: dict = json.loads(path.read_text()) if path.is_file() else {}
+        self._fold_parts(self.manifest)
         done = self.manifest.get("shards", {})
-        self.todo = [(u, self.out / n) for u, n in zip(self.urls, names)
-                     if not (n in done and (self.out / n).is_file())]
-        self.report = EncodeReport(already_done=len(self.urls) - len(self.todo),
+        todo = [(u, self.out / n) for u, n in zip(self.urls, names) if not (n in done and (self.out / n).is_file())]
+        # This rank's share: by place in the whole list, so that every rank agrees whenever it started.
+        mine = set(names[rank::world_size])
+        self.todo = [(u, t) for u, t in todo if t.name in mine]
+        self.report = EncodeReport(already_done=len(self.urls) - len(todo),
                                    encoders=self.manifest.get("encoders", {}))
+        self._part = self.out / f"{MANIFEST}{_PART}{rank}-of-{world_size}"
+        self._mine: dict = {}
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.out.glob(f"{MANIFEST}{_PART}*"))
+
+    def _fold_parts(self, manifest: dict) -> bool:
+        """Add the shards of every part file to ``manifest``; whether each part of this job is complete."""
+        complete = set()
+        for part in self._parts():
+            try:
+                found = json.loads(part.read_text())
+            except (OSError, ValueError):  # removed by a merging rank meanwhile, or cut short: its shards count
+                continue                   # as missing and are encoded again
+            if found.get("encoders"):
+                check_same_encoders(manifest.get("encoders"), found["encoders"], self.out)
+                manifest.update(format=found["format"], encoders=found["encoders"], dtype=found["dtype"])
+            manifest.setdefault("shards", {}).update(found.get("shards", {}))
+            if found.get("complete"):
+                complete.add(part.name)
+        return all(f"{MANIFEST}{_PART}{r}-of-{self.world_size}" in complete for r in range(self.world_size))
+
+    def finish(self) -> None:
+        """Mark this rank's share done; the rank that finds every share of the job done merges the manifest."""
+        self._write_part(complete=True)
+        merged = json.loads((self.out / MANIFEST).read_text()) if (self.out / MANIFEST).is_file() else {}
+        if not self._fold_parts(merged):
+            return
+        if merged.get("shards"):
+            _write_json(self.out / MANIFEST, merged)
+        for part in self._parts():
+            part.unlink(missing_ok=True)
+
+    def _write_part(self, complete: bool) -> None:
+        if self.world_size == 1 and not complete:
+            return  # one rank writes the manifest itself
+        part = {"format": features.FORMAT, "encoders": self.manifest.get("encoders", {}), "dtype": self.dtype,
+                "shards": self._mine, "complete": complete}
+        _write_json(self._part, part)
 
     @property
     def expected(self) -> Optional[dict[str, str]]:
@@ -171,10 +231,12 @@ class CacheFolder:
         check_same_encoders(self.expected, result.encoders, self.out)
         m, report = self.manifest, self.report
         m.update(format=features.FORMAT, encoders=result.encoders, dtype=self.dtype)
-        m.setdefault("shards", {})[result.name] = {"samples": result.samples, "bad": result.bad}
-        tmp = self.out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.out / MANIFEST)
+        entry = {"samples": result.samples, "bad": result.bad}
+        m.setdefault("shards", {})[result.name] = self._mine[result.name] = entry
+        if self.world_size == 1:
+            _write_json(self.out / MANIFEST, m)
+        else:  # the other ranks write the manifest too: each keeps its own part until the merge
+            self._write_part(complete=False)
         report.encoded += 1
         report.samples += result.samples
         for reason, n in result.bad.items():
@@ -182,21 +244,27 @@ class CacheFolder:
         report.encoders = result.encoders
 
 
-def ensure_cache(data: DataConfig, frozen: "FrozenEncoders", *, progress: bool = True) -> Optional[EncodeReport]:
-    """Encode `data.shards` into `data.cache` with these encoders when any shard is missing there (call on rank 0,
-    then barrier); None when there is no cache to make. Features of other encoders in the folder are an error."""
-    from tqdm import tqdm
+def ensure_cache(data: DataConfig, frozen: "FrozenEncoders", *, rank: int = 0, world_size: int = 1,
+                 progress: bool = True) -> Optional[EncodeReport]:
+    """Encode `data.shards` into `data.cache` with these encoders when any shard is missing there; None when there
+    is no cache to make. Every rank calls it with its own encoders and encodes its share (see the module
+    docstring); barrier afterwards, before reading the cache. Features of other encoders in the folder are an
+    error."""
+    from tqdm import tqdm  # the progress bar's import is deferred: most runs find the cache complete
 
     if not data.cache:
         return None
     out = Path(data.cache).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    folder = CacheFolder(data.shards, out, data.cache_dtype)
+    folder = CacheFolder(data.shards, out, data.cache_dtype, rank=rank, world_size=world_size)
     check_same_encoders(folder.expected, frozen.fingerprints(), out)
-    if not folder.todo:
+    if folder.report.already_done == len(folder.urls):
         return folder.report
-    log.warning("data: encoding %d shards of %s into the cache %s (data.cache)", len(folder.todo), data.shards, out)
+    if folder.todo:
+        log.warning("data: rank %d encoding %d shards of %s into the cache %s (data.cache)", rank, len(folder.todo),
+                    data.shards, out)
     for url, target in tqdm(folder.todo, unit="shard", desc="encode", disable=not progress):
         folder.record(encode_shard(frozen, data, url, target, dtype=data.cache_dtype, expected=folder.expected,
                                    text_quant=data.cache_text_quant))
+    folder.finish()
     return folder.report

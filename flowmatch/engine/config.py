@@ -40,6 +40,9 @@ class DistributedConfig:
     has its timeouts); then it names the missing ranks and the job stops."""
     zero3_persistence_threshold: int = 100_000
     """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's default, 1e5)."""
+    elastic_checkpoints: bool = True
+    """Also save the optimizer state as whole tensors by parameter name (12 bytes a parameter), so that the run can
+    resume on another number of processes, ZeRO stage or precision without resetting AdamW's moments."""
 
     def __post_init__(self) -> None:
         def bad(field: str, allowed: str) -> ValueError:

@@ -320,6 +320,8 @@ class Engine:
     def save(self, directory: str | os.PathLike[str], client_state: Mapping[str, Any]) -> list[Path]:
         """Collective: write the full training state of every rank into ``directory`` (shared by all ranks).
 
+        Also written, by every rank its share: the optimizer state as whole tensors by parameter name
+        (``optim-full*``, :mod:`flowmatch.engine.elastic`), which any other layout resumes from.
         Written per rank: ``rank<NNNNN>.json`` (``client_state``, python and numpy RNG, the optimizer's step counts,
         param groups, LR schedule and loss scale) and ``rank<NNNNN>.safetensors`` (torch RNG, tensors of
         ``client_state``, the AdamW moments of the rank's ZeRO partition and, in bf16/fp16, its fp32 masters; its
@@ -333,18 +335,20 @@ class Engine:
         return self._state().save(directory, client_state)
 
     def load(self, directory: str | os.PathLike[str], *, weights: str | os.PathLike[str],
-             ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+             ema: str | os.PathLike[str] | None = None, elastic: bool = True) -> dict[str, Any]:
         """Collective: restore what :meth:`save` wrote (call after :meth:`setup` and :meth:`ema_init`).
 
         ``weights`` is the consolidated safetensors file of :meth:`model_state_dict` saved with the state; ``ema``
         the one of :meth:`ema_state_dict`, if any. With the same ZeRO stage, world size and precision everything
-        is restored exactly: weights, fp32 masters, AdamW state, schedule, EMA, RNG states, counters. Otherwise
-        the optimizer partitions do not fit this layout: the weights and EMA come from ``weights`` and ``ema``,
-        the schedule position from ``engine.json``, AdamW moments restart from zero, and a warning says so.
-        Nothing is unpickled. Returns this rank's ``client_state`` (rank 0's when this rank did not exist at save
-        time).
+        is restored exactly from the per-rank files: weights, fp32 masters, AdamW state, schedule, EMA, RNG
+        states, counters. On another layout the weights and EMA come from ``weights`` and ``ema``, and each rank
+        takes its pieces of the fp32 masters and AdamW moments from their whole tensors
+        (:mod:`flowmatch.engine.elastic`; not with ``elastic=False``, for a checkpoint whose copy of them is
+        known to be damaged); when those are missing or damaged the moments restart from zero, with a warning
+        naming what was reset. Nothing is unpickled. Returns this rank's ``client_state`` (rank 0's when this
+        rank did not exist at save time).
         """
-        return self._state().load(directory, weights=weights, ema=ema)
+        return self._state().load(directory, weights=weights, ema=ema, elastic=elastic)
 
     # -- leaving -----------------------------------------------------------------------------------------------------
 

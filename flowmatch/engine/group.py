@@ -142,6 +142,14 @@ class ProcessGroup:
             dist.all_reduce(out, op=op)
         return out
 
+    def reduce_sum_to(self, t: torch.Tensor, dst: int) -> torch.Tensor:
+        """Collective: on rank ``dst`` a new tensor holding the elementwise sum of ``t`` over ranks (elsewhere
+        a scratch tensor); ``t`` on :attr:`device`."""
+        out = t.detach().clone()
+        if self._world_size > 1:
+            dist.reduce(out, dst=dst, op=dist.ReduceOp.SUM)
+        return out
+
     def all_gather_flat(self, t: torch.Tensor) -> torch.Tensor:
         """Collective: every rank's ``t`` (same shape on all ranks), concatenated along dim 0 in rank order.
 

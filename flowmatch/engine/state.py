@@ -5,7 +5,9 @@ Nothing is pickled, and nothing is unpickled on load. Each rank writes ``rank<NN
 RNG states, and its part of the optimizer state (:meth:`Trainable.optimizer_state`): AdamW moments and steps of
 its ZeRO partition, the fp32 masters where they differ from the working weights (bf16/fp16), the param groups,
 LR schedule and loss scale as JSON; under ZeRO-3 also its EMA partition. Without ZeRO every rank holds the same
-optimizer state, and rank 0 alone writes it. What the consolidated files of a checkpoint hold already is not
+optimizer state, and rank 0 alone writes it. These are read back by a run of the same layout (the fast path);
+a run of any other layout reads the same optimizer state from its whole tensors, written beside them
+(``optim-full*``, :mod:`.elastic`). What the consolidated files of a checkpoint hold already is not
 repeated: the working weights come from ``model.safetensors`` and, below ZeRO-3, the EMA from
 ``ema.safetensors``, both passed to :meth:`TrainingState.load`. DeepSpeed's own ``save_checkpoint`` /
 ``load_checkpoint`` are not used, since they write and read ``torch.save`` pickles.
@@ -34,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from flowmatch.engine.config import DistributedConfig
+from flowmatch.engine.elastic import ElasticState
 from flowmatch.engine.ema import Ema
 from flowmatch.engine.group import ProcessGroup
 from flowmatch.engine.trainable import Trainable
@@ -211,6 +214,8 @@ class TrainingState:
         own = out / f"rank{group.rank:05d}.json"
         own.write_text(json.dumps(payload))
         written = [own, write_safetensors(own.with_suffix(".safetensors"), tensors)]
+        if self._cfg.elastic_checkpoints:
+            written += ElasticState(group, trainable).save(out)
         if group.is_main:
             layout = out / ENGINE_META_FILE
             layout.write_text(json.dumps(asdict(self.meta()), indent=1))
@@ -219,7 +224,7 @@ class TrainingState:
         return written
 
     def load(self, directory: str | os.PathLike[str], *, weights: str | os.PathLike[str],
-             ema: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+             ema: str | os.PathLike[str] | None = None, elastic: bool = True) -> dict[str, Any]:
         """Collective: restore what :meth:`save` wrote (see :meth:`flowmatch.engine.Engine.load`)."""
         group, trainable, src = self._group, self._trainable, Path(directory)
         saved_meta = read_engine_meta(src)
@@ -235,14 +240,27 @@ class TrainingState:
             raise ValueError(f"{src} has no optimizer state for rank {optim_rank}: the engine state is incomplete")
         # The working weights and buffers come from the consolidated file in every case.
         self._zero.load_whole(trainable.module, trainable.named_params, Path(weights))
+        elastic_failure = None
+        if optimizer is None and saved_meta.format < 2:
+            elastic_failure = "it holds no optimizer state flowmatch reads"
+        elif optimizer is None and not elastic:
+            elastic_failure = "its optimizer state as whole tensors is damaged"
+        elif optimizer is None:  # another layout: each rank takes its pieces of the whole tensors
+            elastic_failure = ElasticState(group, trainable).load(src)
+            if elastic_failure is None and group.is_main:
+                log.warning("%s: the fp32 masters and AdamW moments were re-sharded from their whole tensors",
+                            self._layout_change(src, saved_meta, here))
         if optimizer is not None:
             trainable.load_optimizer_state(rank_files.tensors(optim_rank), optimizer)
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps, global_steps=saved_meta.global_steps)
+        elif elastic_failure is None:
+            trainable.restore_counts(skipped_steps=saved_meta.skipped_steps, global_steps=saved_meta.global_steps)
         else:
             if group.is_main:
-                log.warning("%s, so only the weights%s and the schedule position are restored: AdamW moments "
-                            "restart from zero", self._partial_resume_reason(src, saved_meta, here, same),
-                            " and EMA" if ema is not None else "")
+                log.warning("%s, and %s, so only the weights%s and the schedule position are restored: the fp32 "
+                            "masters are taken from the weights and AdamW moments restart from zero (exp_avg, "
+                            "exp_avg_sq and step reset)", self._partial_resume_reason(src, saved_meta, here, same),
+                            elastic_failure, " and EMA" if ema is not None else "")
             trainable.refresh_masters()
             trainable.restore_counts(skipped_steps=saved_meta.skipped_steps,
                                      optimizer_steps=saved_meta.optimizer_steps, global_steps=saved_meta.global_steps)
@@ -257,11 +275,15 @@ class TrainingState:
         return _decode_state(saved["client_state"], tensors)
 
     @staticmethod
-    def _partial_resume_reason(src: Path, saved: EngineMeta, here: EngineMeta, same: bool) -> str:
+    def _layout_change(src: Path, saved: EngineMeta, here: EngineMeta) -> str:
+        return (f"checkpoint {src} was written by ZeRO-{saved.zero_stage}, {saved.precision}, "
+                f"{saved.world_size} process(es); this run is ZeRO-{here.zero_stage}, {here.precision}, "
+                f"{here.world_size} process(es)")
+
+    @classmethod
+    def _partial_resume_reason(cls, src: Path, saved: EngineMeta, here: EngineMeta, same: bool) -> str:
         if not same:
-            return (f"checkpoint {src} was written by ZeRO-{saved.zero_stage}, {saved.precision}, "
-                    f"{saved.world_size} process(es); this run is ZeRO-{here.zero_stage}, {here.precision}, "
-                    f"{here.world_size} process(es). DeepSpeed cannot re-shard its optimizer state")
+            return f"{cls._layout_change(src, saved, here)}; its per-rank optimizer partitions do not fit this layout"
         return (f"checkpoint {src} was written by an earlier flowmatch that kept the optimizer state in DeepSpeed's "
                 "pickled files, which are never loaded (unpickling a file can run code)")
 

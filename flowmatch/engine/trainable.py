@@ -212,8 +212,24 @@ class Trainable:
         holds the same whole state."""
         return self._zero_stage >= 1
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW (under ZeRO-3 its param groups are empty outside a step: see
+        :meth:`optimizer_with_masters`)."""
+        return self._optimizer
+
+    @property
+    def deepspeed_optimizer(self) -> Any:
+        """DeepSpeed's optimizer wrapper (ZeRO's, the bf16/fp16 one), or the torch AdamW itself where it has none."""
+        return self._ds.optimizer
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage the model was wrapped with."""
+        return self._zero_stage
+
     @contextlib.contextmanager
-    def _optimizer_with_masters(self) -> Iterator[torch.optim.Optimizer]:
+    def optimizer_with_masters(self) -> Iterator[torch.optim.Optimizer]:
         """The torch AdamW with this rank's fp32 masters in its param groups, as torch's state_dict expects.
 
         Below ZeRO-3 DeepSpeed leaves them there: the model's own parameters without a wrapper, the bf16/fp16
@@ -232,7 +248,9 @@ class Trainable:
         try:
             yield self._optimizer
         finally:
-            for group in groups:
+            # The optimizer's current groups: load_state_dict replaces the group dicts, and the flats left in new
+            # ones would be attached twice on the next call.
+            for group in self._optimizer.param_groups:
                 group["params"] = []
 
     def _loss_scalers(self) -> dict[str, Any]:
@@ -253,7 +271,7 @@ class Trainable:
         scale. :meth:`load_optimizer_state` restores them into a run of the same layout.
         """
         tensors: dict[str, torch.Tensor] = {}
-        with self._optimizer_with_masters() as opt:
+        with self.optimizer_with_masters() as opt:
             saved = opt.state_dict()
             masters = [p for group in opt.param_groups for p in group["params"]]
         if self.working_dtype != torch.float32:
@@ -266,11 +284,39 @@ class Trainable:
                     tensors[f"{_OPTIM_KEY}state.{index}.{key}"] = value.detach().cpu().contiguous()
                 else:
                     plain[str(index)][key] = value
+        info = {"masters": len(masters), "param_groups": saved["param_groups"], "state": plain,
+                **self.schedule_state()}
+        return tensors, info
+
+    def schedule_state(self) -> dict[str, Any]:
+        """What of the optimizer does not depend on the layout, as JSON: the LR schedule and the fp16 loss scale."""
         scalers = {name: {k: v for k, v in vars(obj).items() if v is None or isinstance(v, (bool, int, float))}
                    for name, obj in self._loss_scalers().items()}
-        info = {"masters": len(masters), "param_groups": saved["param_groups"], "state": plain,
-                "schedule": self._scheduler.state_dict(), "loss_scale": scalers}
-        return tensors, info
+        return {"schedule": self._scheduler.state_dict(), "loss_scale": scalers}
+
+    def load_schedule_state(self, info: Mapping[str, Any]) -> None:
+        """Restore what :meth:`schedule_state` returned."""
+        self._scheduler.load_state_dict(dict(info["schedule"]))
+        # The saved schedule holds the old peak lr: continue at the saved position with this run's peak.
+        self._scheduler.base_lrs = [group["initial_lr"] for group in self._optimizer.param_groups]
+        self._scheduler.set_position(self._scheduler.last_epoch)
+        for name, obj in self._loss_scalers().items():
+            for key, value in info["loss_scale"].get(name, {}).items():
+                setattr(obj, key, value)
+
+    @staticmethod
+    def load_into(opt: torch.optim.Optimizer, state: Mapping[int, Mapping[str, Any]],
+                  saved_groups: list[Mapping[str, Any]]) -> None:
+        """``opt.load_state_dict`` with ``state`` and ``saved_groups`` (read back from JSON), where the
+        hyper-parameters are this run's (a resumed recipe may change them) and each group's parameter indices are
+        this optimizer's own (this layout's)."""
+        here = opt.state_dict()["param_groups"]
+        if len(saved_groups) != len(here):
+            raise ValueError(f"the saved optimizer has {len(saved_groups)} param group(s), this one {len(here)}: it "
+                             "was written by another model or parameter grouping")
+        groups = [{**saved, **{k: live[k] for k in _HYPER if k in live}, "params": mine["params"]}
+                  for saved, live, mine in zip(saved_groups, opt.param_groups, here)]
+        opt.load_state_dict({"state": dict(state), "param_groups": groups})
 
     def load_optimizer_state(self, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> None:
         """Restore what :meth:`optimizer_state` returned on the same rank of a run of the same layout (ZeRO stage,
@@ -285,7 +331,7 @@ class Trainable:
         has_masters = any(key.startswith(f"{_OPTIM_KEY}master.") for key in tensors)
         if not has_masters:  # fp32: the masters equal the working weights, restored already
             self.refresh_masters()
-        with self._optimizer_with_masters() as opt:
+        with self.optimizer_with_masters() as opt:
             masters = [p for group in opt.param_groups for p in group["params"]]
             if len(masters) != info["masters"]:
                 raise ValueError(f"the saved optimizer state has {info['masters']} master tensor(s), this rank has "
@@ -297,14 +343,5 @@ class Trainable:
                         raise ValueError(f"saved master {i} has shape {tuple(saved.shape)}, this rank's has "
                                          f"{tuple(p.shape)}: it was written by another model or layout")
                     p.copy_(saved)
-            # The hyper-parameters are this run's (a resumed recipe may change them); the rest is the saved state.
-            groups = [{**saved_group, **{k: here[k] for k in _HYPER if k in here}}
-                      for saved_group, here in zip(info["param_groups"], opt.param_groups)]
-            opt.load_state_dict({"state": state, "param_groups": groups})
-        self._scheduler.load_state_dict(dict(info["schedule"]))
-        # The saved schedule holds the old peak lr: continue at the saved position with this run's peak.
-        self._scheduler.base_lrs = [group["initial_lr"] for group in self._optimizer.param_groups]
-        self._scheduler.set_position(self._scheduler.last_epoch)
-        for name, obj in self._loss_scalers().items():
-            for key, value in info["loss_scale"].get(name, {}).items():
-                setattr(obj, key, value)
+            self.load_into(opt, state, info["param_groups"])
+        self.load_schedule_state(info)

@@ -196,8 +196,9 @@ def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_di
     seed_everything(t.seed + engine.rank)
     encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=engine.device)
-    if engine.is_main:
-        ensure_cache(recipe.data, encoders, progress=recipe.logging.progress)
+    # Every rank encodes its share of a missing cache with its own encoders.
+    ensure_cache(recipe.data, encoders, rank=engine.rank, world_size=engine.world_size,
+                 progress=recipe.logging.progress and engine.is_main)
     engine.barrier()
     recipe = dataclasses.replace(recipe, model=encoders.fill_model_config(recipe.model))
     check_recipe(recipe)

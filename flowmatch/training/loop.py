@@ -188,7 +188,7 @@ class Trainer:
         if self.recipe.model.lora is not None:
             self.check_base(ckpt)
         self.step = self.saved_step = int(state["step"])
-        # Not strict: with another number of ranks the loader warns and starts the next epoch.
+        # Not strict: another number of ranks or workers resumes exactly; other data changes skip to the next epoch.
         run.loader.load_state_dict(state["loader"], strict=False)
         generators = state["generator"]  # one state per micro-batch slot of the global batch
         if len(generators) == e.world_size * run.accum:  # else: another layout, keep the fresh seeds
