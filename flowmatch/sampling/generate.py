@@ -3,8 +3,9 @@ and validation during training.
 
 Captions -> conditioning (the frozen encoders) -> noise from a CPU `torch.Generator` per image (seed + index, so
 the same seed gives the same image on any device and in any batch) -> `sample_ode` with classifier-free guidance
-on the schedule's shift -> decode -> images in [0, 1]. Loading a pipeline from a checkpoint lives in
-:mod:`flowmatch.pipeline`; writing images lives in :mod:`flowmatch.images`.
+on the schedule's shift -> decode -> images in [0, 1]. Loading a pipeline from a checkpoint or a diffusers folder
+lives a floor above, in :mod:`flowmatch.pipeline` (``flowmatch.Pipeline`` is this class with its loaders);
+writing images lives in :mod:`flowmatch.images`.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
 class Pipeline:
     """Generate images from captions with a trained model.
 
-    >>> pipe = Pipeline.from_checkpoint("runs/digits")
-    >>> images = pipe.generate(["a handwritten digit seven"] * 8, steps=20, seed=0)  # (8, C, H, W) in [0, 1]
+    Load one with ``flowmatch.Pipeline.from_checkpoint`` / ``from_diffusers`` (:mod:`flowmatch.pipeline`); this
+    class only generates, so validation during training uses it without the loaders.
 
     Args:
         model: the velocity model (an MMDiT, or the training engine's forward during validation).
@@ -132,7 +133,7 @@ class Pipeline:
             schedule (shift), ``model.patch_size`` and ``data.resolution`` the default image size.
         device: where noise and latents live.
         pipeline_grid: walk a diffusers pipeline's grid and timesteps instead of the schedule's (set by
-            :meth:`from_diffusers`).
+            :func:`flowmatch.pipeline.load_diffusers_pipeline`).
     """
 
     def __init__(self, model: VelocityModel, encoders: "FrozenEncoders", recipe: "Recipe", *,
@@ -146,25 +147,6 @@ class Pipeline:
         """What the model predicts on which path (``flow.path``, ``flow.prediction``)."""
         self.pipeline_grid = pipeline_grid
         self.last_nfe = 0
-
-    @classmethod
-    def from_checkpoint(cls, path, *, device: Optional[torch.device | str] = None,
-                        ema: Optional[bool | str] = None) -> "Pipeline":
-        """Load a run directory (its newest checkpoint) or one checkpoint directory; see
-        :func:`flowmatch.pipeline.load_pipeline`."""
-        from flowmatch.pipeline import load_pipeline
-
-        return load_pipeline(path, device=device, ema=ema)
-
-    @classmethod
-    def from_diffusers(cls, path, *, device: Optional[torch.device | str] = None,
-                       dtype: str = "fp32") -> "Pipeline":
-        """A diffusers SD3 / SD3.5 / FLUX pipeline folder (or hub id): its transformer, text encoders, tokenizers,
-        VAE and scheduler, generating the images its own pipeline class generates from the same prompt, noise,
-        steps, guidance and sigmas; see :func:`flowmatch.pipeline.load_diffusers_pipeline`."""
-        from flowmatch.pipeline import load_diffusers_pipeline
-
-        return load_diffusers_pipeline(path, device=device, dtype=dtype)
 
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of height x width pixels (the recipe's resolution by default)."""

@@ -27,6 +27,7 @@ from flowmatch.init_from import InitRecord
 from flowmatch.models.backbone import build_backbone
 from flowmatch.models.lora import apply_lora
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.run import record_paths, source_architecture
 from flowmatch.training.fewstep import check_recipe, load_teacher
 
 
@@ -97,6 +98,9 @@ class TrainingRun:
     """Where the starting weights came from (model.init_from), recorded in every checkpoint; None = random init."""
     teacher: Optional[Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]] = None
     """The frozen teacher of distillation (``flow.teacher``), ``teacher(x, t, cond) -> v``; None = from data."""
+    paths: Optional[dict[str, str]] = None
+    """Recipe key -> absolute path of each relative local path of the recipe (:func:`flowmatch.run.record_paths`),
+    recorded in every checkpoint so the run opens from any working directory."""
 
     @property
     def recipe_yaml(self) -> str:
@@ -153,7 +157,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     if recipe.model.init_from:  # the architecture comes from the weights: checked before anything starts
         located = init_from.locate(recipe.model.init_from)
         recipe = dataclasses.replace(recipe, model=init_from.with_architecture(
-            recipe.model, init_from.architecture(*located)))
+            recipe.model, source_architecture(*located)))
     engine = Engine(recipe.distributed)
     # Rank 0 hashes the weights (for a large model that takes a while) and every rank takes its record.
     init = None if located is None else engine.broadcast_object(
@@ -190,7 +194,8 @@ def assemble(recipe: Recipe) -> TrainingRun:
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
                        micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
-                       has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device))
+                       has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device),
+                       paths=record_paths(recipe))
 
 
 def describe_init(source: str, kind: str, path: Path) -> InitRecord:

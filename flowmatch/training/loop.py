@@ -22,13 +22,15 @@ from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.errors import UsageError
 from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.backbone import build_backbone
 from flowmatch.models.flops import counted_training_flops_per_step, training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
-from flowmatch.training.assembly import TrainingRun
+from flowmatch.config import Recipe
+from flowmatch.training.assembly import TrainingRun, assemble
 from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
 from flowmatch.training.validation import Validator
@@ -37,7 +39,7 @@ from flowmatch.training.validation import Validator
 LOSS_BUCKETS = 4
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RuntimeError, UsageError):
     """The run cannot go on (e.g. the loss stayed non-finite); the message says what happened and what to do."""
 
 
@@ -209,7 +211,8 @@ class Trainer:
         path = save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
                                keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0,
                                ema_default=self.validator.ema_better,
-                               init_from=None if run.init is None else dataclasses.asdict(run.init))
+                               init_from=None if run.init is None else dataclasses.asdict(run.init),
+                               paths=run.paths)
         self.saved_step = self.step
         return path
 
@@ -365,3 +368,10 @@ class Trainer:
                 values[f"loss_t{i}"] = v
         self.monitor.scalars(self.step, values, postfix=postfix)
         return loss
+
+
+def train(recipe: Recipe) -> TrainSummary:
+    """Train a recipe (resuming from run_dir's newest checkpoint) and return a summary."""
+    run = assemble(recipe)
+    with run.engine:  # shuts the process group down cleanly, so every rank exits 0 after a good run
+        return Trainer(run).fit()
