@@ -36,7 +36,7 @@ from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
 from flowmatch.data.shards import ShardSplit
 from flowmatch.data.shuffle import ShuffleBuffer, load_rng, save_rng, seeded
 from flowmatch.data.tarstream import BadRecord, RawSample, Record
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 
 log = logging.getLogger("flowmatch.data")
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from flowmatch.encoders.combine import TextPart
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 
 __all__ = ["drop_captions"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.data.pixels import model_to_unit, pixels_to_model
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, with_guidance
 from flowmatch.flow.timesteps import shift_time
 from flowmatch.sampling.diffusion import DIFFUSION_SAMPLERS, check_sampler, sample_diffusion

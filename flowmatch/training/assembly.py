@@ -17,7 +17,7 @@ from flowmatch.config import Recipe, to_yaml
 from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split, read_cache_info
 from flowmatch.encoders.autoencoder import ensure_autoencoder
 from flowmatch.encoders.cache import ensure_cache
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.errors import RecipeError

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch import Tensor
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.errors import RecipeError
 from flowmatch.flow import ObjectiveModels
 from flowmatch.models.mmdit import MMDiT

@@ -21,7 +21,7 @@ import torch
 from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.errors import UsageError
 from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.backbone import build_backbone

@@ -21,7 +21,7 @@ from flowmatch.sampling import Pipeline
 
 if TYPE_CHECKING:
     from flowmatch.data.config import DataConfig
-    from flowmatch.encoders.conditioning import Conditioning
+    from flowmatch.conditioning import Conditioning
     from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.monitor import Monitor
     from flowmatch.sampling.generate import VelocityModel
