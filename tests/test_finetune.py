@@ -17,7 +17,8 @@ from flowmatch.checkpoint import load_weights, read_meta
 from flowmatch.checkpoint.manifest import read_manifest, sha256_file
 from flowmatch.cli import main
 from flowmatch.config import RecipeError
-from flowmatch.init_from import architecture, load_weights as load_init, locate, record
+from flowmatch.init_from import load_weights as load_init, locate, record
+from flowmatch.run import source_architecture as architecture
 from flowmatch.models import from_diffusers
 from flowmatch.models.lora import is_adapter
 from flowmatch.training import train
