@@ -23,7 +23,7 @@ from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.conditioning import Conditioning
 from flowmatch.errors import UsageError
-from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
+from flowmatch.flow import FlowConfig, ObjectiveLoss, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.backbone import build_backbone
 from flowmatch.models.flops import counted_training_flops_per_step, training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
@@ -61,23 +61,11 @@ class TrainSummary:
     """The run stopped before max_steps on a stop signal (SIGTERM, SIGUSR1), after writing a checkpoint."""
 
 
-@dataclass
-class MicroLoss:
-    """One micro batch's loss."""
-
-    loss: torch.Tensor
-    """() scalar to backpropagate."""
-    per_sample: torch.Tensor
-    """(B,) per-sample (weighted) loss, detached."""
-    t: torch.Tensor
-    """(B,) the times the model saw."""
-
-
 def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Conditioning, null: Conditioning, *,
                schedule: TimeSchedule, flow: FlowConfig, patch_size: int, generator: torch.Generator,
                dropout_parts: Optional[Sequence[tuple[TextPart, float]]] = None,
                models: Optional[ObjectiveModels] = None, guided: bool = False,
-               jvp_backend: str = "exact") -> MicroLoss:
+               jvp_backend: str = "exact") -> ObjectiveLoss:
     """The loss of ``flow.objective`` on one micro batch x0 (B, C, h, w) with its conditioning.
 
     Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
@@ -90,10 +78,9 @@ def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Co
     ``flow.caption_dropout``.
     """
     b, _, h, w = x0.shape
-    out = objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
-                         seq_len=(h // patch_size) * (w // patch_size), generator=generator, guided=guided,
-                         jvp_backend=jvp_backend, dropout_parts=dropout_parts)
-    return MicroLoss(out.loss, out.per_sample, out.t)
+    return objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
+                          seq_len=(h // patch_size) * (w // patch_size), generator=generator, guided=guided,
+                          jvp_backend=jvp_backend, dropout_parts=dropout_parts)
 
 
 class LossWindow:
@@ -111,7 +98,7 @@ class LossWindow:
         self.steps = 0
         self.started = time.time()
 
-    def add(self, m: MicroLoss) -> None:
+    def add(self, m: ObjectiveLoss) -> None:
         p, nb = self.pending, self.buckets
         p[0] += m.loss.detach()
         p[1] += 1
@@ -152,7 +139,7 @@ class Trainer:
 
     # -- one micro batch -------------------------------------------------------------------------------------------
 
-    def micro_loss(self, batch, generator: torch.Generator) -> MicroLoss:
+    def micro_loss(self, batch, generator: torch.Generator) -> ObjectiveLoss:
         """Encode a loader batch (or take its cached features) and compute its loss with ``generator``."""
         run = self.run
         x0, cond = run.encoders.encode_batch(batch)
