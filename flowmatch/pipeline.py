@@ -21,7 +21,7 @@ from flowmatch.models import from_diffusers
 from flowmatch.models.config import ModelConfig
 from flowmatch.run import ENCODER_SECTIONS, checkpoint_model, open_run
 from flowmatch.sampling.diffusers_schedule import PipelineGrid
-from flowmatch.sampling.generate import SamplingConfig
+from flowmatch.sampling.generate import GenerationConfig, SamplingConfig
 
 __all__ = ["MODEL_INDEX", "Pipeline", "checkpoint_model", "load_diffusers_pipeline", "load_pipeline"]
 
@@ -74,7 +74,7 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
     recipe.model = encoders.fill_model_config(recipe.model)
     model = checkpoint_model(run.checkpoint, recipe.model, run.weights)
     model.to(device).eval().requires_grad_(False)
-    return Pipeline(model, encoders, recipe, device=device)
+    return Pipeline(model, encoders, GenerationConfig.of(recipe), device=device, recipe=recipe)
 
 
 def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device | str] = None,
@@ -106,7 +106,7 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
                     sampling=dataclasses.replace(SamplingConfig(), steps=configs.kind.steps,
                                                  guidance_scale=configs.kind.guidance_scale))
     model.to(device).eval().requires_grad_(False)
-    return Pipeline(model, encoders, recipe, device=device,
+    return Pipeline(model, encoders, GenerationConfig.of(recipe), device=device, recipe=recipe,
                     pipeline_grid=PipelineGrid(configs.scheduler, configs.kind.combine))
 
 
