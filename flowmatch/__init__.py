@@ -7,7 +7,7 @@
 
 from flowmatch.version import __version__
 
-__all__ = ["Pipeline", "Recipe", "load_recipe", "train"]
+__all__ = ["Pipeline", "Recipe", "__version__", "load_recipe", "train"]
 
 
 def __getattr__(name: str):

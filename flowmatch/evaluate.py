@@ -172,7 +172,8 @@ def compare_emas(ckpt_dir: str | os.PathLike[str], names: list[str], *,
                  relocate: Optional[Mapping[str, str]] = None) -> list[EmaScore]:
     """Score the raw weights, the training EMA (when the checkpoint has one) and the reconstructed EMAs ``names``
     of a checkpoint with the validation metric of training (:func:`~flowmatch.training.validation.fixed_time_loss`,
-    one held-out batch of ``train.batch_size``) and, for a task with a judge, with `flowmatch eval`'s metrics (`flowmatch ema --eval`)."""
+    one held-out batch of ``train.batch_size``) and, for a task with a judge, with `flowmatch eval`'s metrics
+    (`flowmatch ema --eval`)."""
     ckpt = resolve_checkpoint(ckpt_dir)
     candidates: list[tuple[str, bool | str]] = [("raw", False)]
     if read_meta(ckpt).ema:

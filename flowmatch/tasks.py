@@ -10,8 +10,9 @@ or calls `register_task` (tests, notebooks). Recipes name a task in `data.prepar
 `data.shards` holds none), `autoencoder.prepare` (train the autoencoder when its folder holds none) and
 `eval.task` (score generated images in `flowmatch eval`). The judge's contract (:class:`EvalPlan` in,
 :class:`TaskScores` of :class:`EvalRow` out, a :class:`Judged` pipeline) lives here, on the bottom floor beside
-errors and dtypes: data/ and encoders/ import this module, so it names nothing above them. `available_tasks()` lists the names without importing
-any plug-in, so validating a recipe stays cheap; `get_task(name)` imports the one asked for.
+errors and dtypes: data/ and encoders/ import this module, so it names nothing above them. `available_tasks()`
+lists the names without importing any plug-in, so validating a recipe stays cheap; `get_task(name)` imports the one
+asked for.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import os
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any, Optional
 
 from flowmatch.errors import nearest
@@ -84,7 +83,10 @@ def _set(recipe: Any, key: str, value: str) -> None:
     *parents, last = key.split(".")
     node = recipe
     for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part] if isinstance(node, dict) else getattr(node, part)
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
     setattr(node, last, value)
 
 
@@ -92,7 +94,8 @@ def relocated(recipe: Any, recorded: Optional[Mapping[str, str]], relocate: Opti
               ) -> tuple[Any, dict[str, tuple[str, str]]]:
     """``recipe`` with its recorded relative paths made absolute (``recorded``: a checkpoint's ``paths``) and the
     keys of ``relocate`` pointed at the paths it gives; returns it with the recorded assets that are gone (key ->
-    (the value the recipe gives, the absolute path looked for)), which :func:`require` turns into an error for the keys a reader needs.
+    (the value the recipe gives, the absolute path looked for)), which :func:`require` turns into an error for the
+    keys a reader needs.
 
     Raises:
         ValueError: ``relocate`` names a key that holds no path.
@@ -101,8 +104,8 @@ def relocated(recipe: Any, recorded: Optional[Mapping[str, str]], relocate: Opti
     for key in relocate or {}:
         if key not in keys:
             near = nearest(key, keys)
-            raise ValueError(f"relocate {key!r}: not a path of the recipe{f' (did you mean {near!r}?)' if near else ''};"
-                             f" paths: {', '.join(keys)}")
+            hint = f" (did you mean {near!r}?)" if near else ""
+            raise ValueError(f"relocate {key!r}: not a path of the recipe{hint}; paths: {', '.join(keys)}")
     written = dict(_leaves(recipe))
     recipe = copy.deepcopy(recipe)
     missing = {}
