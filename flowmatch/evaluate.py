@@ -25,8 +25,13 @@ from flowmatch.eval_config import GENERIC, EvalConfig
 from flowmatch.flow import with_guidance
 from flowmatch.pipeline import Pipeline, load_pipeline
 from flowmatch.run import read_meta, resolve_checkpoint
-from flowmatch.sampling import (PIXEL_DATA_SCALE_CORRECTION, bits_per_dim, dequantize_pixels, log_likelihood,
-                                steps_for_nfe)
+from flowmatch.sampling import (
+    PIXEL_DATA_SCALE_CORRECTION,
+    bits_per_dim,
+    dequantize_pixels,
+    log_likelihood,
+    steps_for_nfe,
+)
 from flowmatch.tasks import EvalPlan, EvalRow, TaskScores, get_task
 from flowmatch.training.validation import fixed_time_loss, heldout_batch
 

@@ -7,15 +7,17 @@ import pytest
 
 from flowmatch.checkpoint import CheckpointError
 from flowmatch.cli import main
-from flowmatch.data import EncoderMismatch
+from flowmatch.data import DataUnavailable, EncoderMismatch
 from flowmatch.engine.launch import LaunchError
 from flowmatch.errors import RecipeError, UsageError
+from flowmatch.runlock import RunLocked
 from flowmatch.training.loop import TrainingError
 
 
 def test_the_user_errors_share_one_base():
     """Bug caught: an error class left out of UsageError (the CLI would print its traceback)."""
-    for error in (RecipeError, CheckpointError, EncoderMismatch, LaunchError, TrainingError):
+    for error in (RecipeError, CheckpointError, EncoderMismatch, LaunchError, TrainingError, RunLocked,
+                  DataUnavailable):
         assert issubclass(error, UsageError), error
 
 

@@ -21,8 +21,8 @@ from flowmatch.config import Recipe, recipe_from_yaml
 from flowmatch.errors import RecipeError
 from flowmatch.init_from import from_meta, load_weights
 from flowmatch.models.backbone import build_backbone
-from flowmatch.models.convert import read_config
 from flowmatch.models.config import ModelConfig
+from flowmatch.models.convert import read_config
 from flowmatch.models.lora import apply_lora, is_adapter
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.posthoc import load_named_ema
@@ -71,7 +71,7 @@ def open_run(path: str | os.PathLike[str], *, ema: Optional[bool | str] = None, 
 
 def read_recipe(ckpt: Path, *, relocate: Optional[Mapping[str, str]] = None, needs: tuple[str, ...] = ()) -> Recipe:
     """The recipe of a verified checkpoint directory, its recorded relative paths resolved (:mod:`.paths`)."""
-    recipe = recipe_from_yaml((ckpt / RECIPE_FILE).read_text())
+    recipe = recipe_from_yaml((ckpt / RECIPE_FILE).read_text(), str(ckpt / RECIPE_FILE))
     recipe, missing = relocated(recipe, read_meta(ckpt).paths, relocate)
     require(missing, needs, where=str(ckpt))
     return recipe
