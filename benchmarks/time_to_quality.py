@@ -30,7 +30,7 @@ from flowmatch.data import build_loader, ensure_shards
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.evaluate import EvalPlan, evaluate
 from flowmatch.models.convert.sd3 import FIXED as SD3_FIXED
-from flowmatch.sampling import Pipeline
+from flowmatch.sampling import GenerationConfig, Pipeline
 from flowmatch.tasks import get_task
 from flowmatch.training import train
 
@@ -117,7 +117,7 @@ def main() -> None:
     velocity, base_steps, base_seconds = train_baseline(resolved, encoders, budget, args.seed)
     judge = get_task(resolved.eval.task, "eval.task").judge
     plan = EvalPlan({"euler": steps}, args.samples, resolved.sampling.guidance_scale)
-    theirs = judge(Pipeline(velocity, encoders, resolved), plan)
+    theirs = judge(Pipeline(velocity, encoders, GenerationConfig.of(resolved), recipe=resolved), plan)
 
     print(f"budget {budget:.0f} s of training; {args.samples} images per digit, guidance "
           f"{resolved.sampling.guidance_scale:g}, Euler; frechet floor {theirs.reference['frechet_floor']:.1f}")

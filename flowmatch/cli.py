@@ -1,6 +1,7 @@
 """The `flowmatch` command: train, sample, eval, check, export, ema. Each command parses, builds, runs and closes.
 
 `python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
+Each command imports what it runs when it runs (`flowmatch --help` and argument errors answer before torch loads).
 """
 
 from __future__ import annotations
@@ -13,14 +14,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from flowmatch.errors import RecipeError, UsageError
+from flowmatch.runlock import RunLock
 
-def _usage_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the user's input or files, printed without a traceback."""
-    from flowmatch.checkpoint import CheckpointError
-    from flowmatch.data import DataUnavailable
-    from flowmatch.runlock import RunLocked
-
-    return (ValueError, FileNotFoundError, CheckpointError, RunLocked, DataUnavailable)
+# Errors that are the user's input or files, printed without a traceback.
+USAGE_ERRORS = (ValueError, FileNotFoundError, UsageError)
 
 
 def positive_int(text: str) -> int:
@@ -52,15 +50,21 @@ def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
     return None, args
 
 
+def relocations(pairs: Optional[list[str]]) -> dict[str, str]:
+    """`--relocate KEY=PATH` options -> {recipe path key: path}."""
+    out = {}
+    for pair in pairs or []:
+        key, eq, path = pair.partition("=")
+        if not eq or not key or not path:
+            raise ValueError(f"--relocate takes KEY=PATH (e.g. autoencoder.name_or_path=/new/vae), got {pair!r}")
+        out[key] = path
+    return out
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
-    from flowmatch.checkpoint import CheckpointError
-    from flowmatch.config import RecipeError, load_recipe
-    from flowmatch.data import DataUnavailable, EncoderMismatch
-    from flowmatch.engine import run_guarded
-    from flowmatch.engine.launch import LaunchError
-    from flowmatch.runlock import RunLocked
-    from flowmatch.training import train
-    from flowmatch.training.loop import TrainingError
+    from flowmatch.config import load_recipe  # reason: CLI start-up cost
+    from flowmatch.engine import run_guarded  # reason: CLI start-up cost
+    from flowmatch.training.loop import train  # reason: CLI start-up cost
 
     path, overrides = split_recipe_args(ns.args)
     bad = [o for o in overrides if "=" not in o]
@@ -73,8 +77,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
             return train(recipe)
         # Problems of the recipe, the files or the run get a clear message and no traceback (other ranks stop
         # too); anything else is a bug and keeps its traceback.
-        except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError, LaunchError,
-                CheckpointError, RunLocked, DataUnavailable) as err:
+        except (FileNotFoundError, UsageError) as err:
             print(f"flowmatch train: {err}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         except OSError as err:
@@ -105,34 +108,32 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_sample(ns: argparse.Namespace) -> int:
-    from flowmatch.encoders.diffusers_folder import MODEL_INDEX
-    from flowmatch.images import image_grid, save_png
-    from flowmatch.pipeline import load_diffusers_pipeline, load_pipeline
+    from flowmatch import images, pipeline  # reason: CLI start-up cost
 
-    if (Path(ns.path) / MODEL_INDEX).is_file():  # a diffusers SD3 / FLUX pipeline folder
-        pipe = load_diffusers_pipeline(ns.path)
+    if (Path(ns.path) / pipeline.MODEL_INDEX).is_file():  # a diffusers SD3 / FLUX pipeline folder
+        pipe = pipeline.load_diffusers_pipeline(ns.path)
     else:
-        pipe = load_pipeline(ns.path, ema=False if ns.no_ema else ns.ema)
+        pipe = pipeline.load_pipeline(ns.path, ema=False if ns.no_ema else ns.ema, relocate=relocations(ns.relocate))
     prompts = [p for p in ns.prompt for _ in range(ns.num)]
-    images = pipe.generate(prompts, steps=ns.steps, solver=ns.solver, guidance_scale=ns.guidance, seed=ns.seed)
-    save_png(image_grid(images, rows=len(ns.prompt)), ns.out, scale=ns.scale)
+    grid = pipe.generate(prompts, steps=ns.steps, solver=ns.solver, guidance_scale=ns.guidance, seed=ns.seed)
+    images.save_png(images.image_grid(grid, rows=len(ns.prompt)), ns.out, scale=ns.scale)
     print(f"wrote {ns.out}: {len(ns.prompt)} rows x {ns.num} images, {pipe.last_nfe} velocity evaluations")
     return 0
 
 
 def trust_run_dir(ns: argparse.Namespace) -> None:
     """--trust-run-dir: the stored recipe may run the commands its shards name (flowmatch.data.trust)."""
-    from flowmatch.data.trust import TRUST_ENV
+    from flowmatch.data.trust import TRUST_ENV  # reason: CLI start-up cost (flowmatch.data loads torch)
 
     if ns.trust_run_dir:
         os.environ[TRUST_ENV] = "1"
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from flowmatch.evaluate import evaluate, format_report
+    from flowmatch import evaluate  # reason: CLI start-up cost
 
     trust_run_dir(ns)
-    report = evaluate(
+    report = evaluate.evaluate(
         ns.path,
         steps=[int(s) for s in ns.steps.split(",")] if ns.steps else None,
         solvers=ns.solvers.split(",") if ns.solvers else None,
@@ -141,22 +142,22 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         samples_per_prompt=ns.samples,
         likelihood_samples=ns.likelihood_samples,
         out=ns.out,
+        relocate=relocations(ns.relocate),
     )
-    print(format_report(report))
+    print(evaluate.format_report(report))
     return 0
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
-    from flowmatch.checkpoint import check_run, format_check, newest_is_damaged
+    from flowmatch import checkpoint  # reason: CLI start-up cost
 
-    statuses = check_run(ns.run)
-    print(format_check(statuses))
-    return 1 if newest_is_damaged(statuses) else 0
+    statuses = checkpoint.check_run(ns.run)
+    print(checkpoint.format_check(statuses))
+    return 1 if checkpoint.newest_is_damaged(statuses) else 0
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from flowmatch.export import export
-    from flowmatch.runlock import RunLock
+    from flowmatch.export import export  # reason: CLI start-up cost
 
     with RunLock(ns.out_dir, "flowmatch export"):
         print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype, lora=ns.lora,
@@ -165,21 +166,22 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def cmd_ema(ns: argparse.Namespace) -> int:
-    from flowmatch.checkpoint import resolve_checkpoint
-    from flowmatch.posthoc import compare_emas, reconstruct_ema
-    from flowmatch.runlock import RunLock
+    from flowmatch import checkpoint, posthoc  # reason: CLI start-up cost
 
     trust_run_dir(ns)
-    ckpt = resolve_checkpoint(ns.path)
+    ckpt = checkpoint.resolve_checkpoint(ns.path)
     run_dir = ckpt.parent.parent
     with RunLock(run_dir, "flowmatch ema"):  # it writes RUN_DIR/ema/
-        made = reconstruct_ema(run_dir, [float(s) for s in ns.sigma_rel.split(",")], step=ns.step)
+        made = posthoc.reconstruct_ema(run_dir, [float(s) for s in ns.sigma_rel.split(",")], step=ns.step)
     for m in made:
         print(f"wrote {m.path}: sigma_rel {m.sigma_rel:g} at step {m.step} from {m.snapshots} snapshots "
               f"(profile misfit {m.residual:.1e}); load it with ema={m.name!r}")
     if not ns.eval:
         return 0
-    scores = compare_emas(ckpt, [m.name for m in made], samples_per_prompt=ns.samples)
+    from flowmatch.evaluate import compare_emas  # reason: CLI start-up cost
+
+    scores = compare_emas(ckpt, [m.name for m in made], samples_per_prompt=ns.samples,
+                          relocate=relocations(ns.relocate))
     names = list(dict.fromkeys(k for s in scores for k in s.metrics))
     print(f"{'weights':>16} {'val_loss':>9} " + " ".join(f"{n:>9}" for n in names))
     for s in scores:
@@ -191,6 +193,8 @@ def cmd_ema(ns: argparse.Namespace) -> int:
     return 0
 
 
+RELOCATE_HELP = ("point the run at an asset moved since it was trained, e.g. autoencoder.name_or_path=/new/vae "
+                 "(repeat for more; relative paths the run recorded are otherwise read where it was trained)")
 TRUST_HELP = ("let the run's stored recipe run the pipe: commands its shards name (off: a run directory from "
               "elsewhere runs no code)")
 
@@ -217,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=positive_int, default=1, help="upscale the grid (nearest) for viewing")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights whatever the checkpoint's default")
     p.add_argument("--ema", default=None, help="an EMA reconstructed by `flowmatch ema`, e.g. sigma_rel-0.1")
+    p.add_argument("--relocate", action="append", metavar="KEY=PATH", help=RELOCATE_HELP)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="prompt accuracy, Frechet distance and bits/dim of a run")
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=None, help="images per class prompt")
     p.add_argument("--likelihood-samples", type=int, default=None, help="held-out images for bits/dim (0 = skip)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.add_argument("--relocate", action="append", metavar="KEY=PATH", help=RELOCATE_HELP)
     p.add_argument("--trust-run-dir", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
@@ -259,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="reconstruct at this snapshot's step (default: newest)")
     p.add_argument("--eval", action="store_true", help="also score raw, EMA and each reconstruction")
     p.add_argument("--samples", type=int, default=None, help="images per class prompt for the task's judge")
+    p.add_argument("--relocate", action="append", metavar="KEY=PATH", help=RELOCATE_HELP)
     p.add_argument("--trust-run-dir", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_ema)
     return parser
@@ -294,15 +301,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _main(argv: Optional[list[str]]) -> int:
-    from flowmatch.config import RecipeError
-
     ns = build_parser().parse_args(take_local_rank(sys.argv[1:] if argv is None else list(argv)))
     try:
         return ns.func(ns)
     except RecipeError as err:
         print(f"flowmatch: recipe error: {err}", file=sys.stderr)
         return 2
-    except _usage_errors() as err:
+    except USAGE_ERRORS as err:
         print(f"flowmatch {ns.command}: {err}", file=sys.stderr)
         return 1
 

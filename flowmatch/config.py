@@ -28,8 +28,9 @@ from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.errors import RecipeError, nearest
-from flowmatch.evaluate import EvalConfig
+from flowmatch.eval_config import EvalConfig
 from flowmatch.flow.timesteps import FlowConfig
+from flowmatch.init_from import stated_architecture
 from flowmatch.models.config import ModelConfig
 from flowmatch.models.presets import preset_values
 from flowmatch.monitor import LoggingConfig
@@ -175,8 +176,6 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
     recipe = build_dataclass(Recipe, tree, "")
     resolve_from_init(recipe, stated_preset="preset" in (tree.get("autoencoder") or {}))
     if recipe.model.init_from:
-        from flowmatch.init_from import stated_architecture
-
         # Checked against the weights' architecture when the run is assembled (flowmatch.init_from).
         recipe.model.stated = stated_architecture(model)
     return recipe

@@ -1,4 +1,4 @@
-"""Errors a user sees about their recipe, and the one "did you mean" helper every such message uses."""
+"""Errors a user sees about their recipe, files or run, and the one "did you mean" helper every such message uses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 
-class RecipeError(ValueError):
+class UsageError(Exception):
+    """Base of the errors that are the user's input, files or run rather than a bug (a checkpoint that cannot be
+    used, encoders that do not match a cache, a launcher's bad environment, a run that cannot go on): the command
+    line prints their message without a traceback."""
+
+
+class RecipeError(ValueError, UsageError):
     """A recipe key, type or value that cannot be used; the message says which and what to do."""
 
 

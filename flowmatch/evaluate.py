@@ -11,81 +11,32 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from flowmatch.sampling.diffusion import check_sampler
-from flowmatch.tasks import check_task_name, get_task
+from flowmatch.data import build_loader, has_val_split
+from flowmatch.eval_config import GENERIC, EvalConfig
+from flowmatch.flow import with_guidance
+from flowmatch.pipeline import Pipeline, load_pipeline
+from flowmatch.run import read_meta, resolve_checkpoint
+from flowmatch.sampling import (
+    PIXEL_DATA_SCALE_CORRECTION,
+    bits_per_dim,
+    dequantize_pixels,
+    log_likelihood,
+    steps_for_nfe,
+)
+from flowmatch.tasks import EvalPlan, EvalRow, TaskScores, get_task
+from flowmatch.training.validation import fixed_time_loss, heldout_batch
 
-if TYPE_CHECKING:
-    from flowmatch.sampling import Pipeline
-
-GENERIC = "generic"
-
-
-@dataclass
-class EvalConfig:
-    """The recipe's `eval` section: what `flowmatch eval` measures."""
-
-    task: str = GENERIC
-    """A task (flowmatch.tasks) whose judge scores generated images, e.g. digits; generic = bits/dim only."""
-    steps: list[int] = field(default_factory=lambda: [4, 8, 20, 50])
-    """Step counts to evaluate."""
-    solvers: list[str] = field(default_factory=lambda: ["euler"])
-    """Solvers to evaluate."""
-    samples_per_prompt: int = 50
-    """Generated images per prompt of the task's judge."""
-    likelihood_samples: int = 16
-    """Held-out images whose bits per dimension are measured (0 = skip)."""
-    likelihood_rtol: float = 1e-3
-    """Relative tolerance of the likelihood ODE solve (dopri5); 1e-4 moved the digits bits/dim by under 0.01."""
-    likelihood_atol: float = 1e-4
-    """Absolute tolerance of the likelihood ODE solve."""
-
-    def __post_init__(self) -> None:
-        check_task_name(self.task, "eval.task", also=(GENERIC,))
-        for solver in self.solvers:
-            check_sampler(solver, "eval.solvers")
-        if not self.steps or min(self.steps) < 1 or self.samples_per_prompt < 1 or self.likelihood_samples < 0:
-            raise ValueError("steps must be >= 1, samples_per_prompt >= 1 and likelihood_samples >= 0")
-
-
-@dataclass
-class EvalPlan:
-    """What a task's judge is asked to measure."""
-
-    steps: dict[str, list[int]]
-    """Solver -> step counts, one report row each (from eval.steps, or the steps that fit each --nfe budget)."""
-    samples_per_prompt: int
-    """Images to generate per prompt."""
-    guidance_scale: float
-    """Classifier-free guidance scale to generate with."""
-
-
-@dataclass
-class EvalRow:
-    """One solver at one step count: the velocity evaluations it took and the task's metrics."""
-
-    solver: str
-    steps: int
-    nfe: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class TaskScores:
-    """What a task's judge returns."""
-
-    rows: list[EvalRow] = field(default_factory=list)
-    reference: dict[str, float] = field(default_factory=dict)
-    """Values to read the rows against, e.g. the Frechet distance of real data to itself at the same sample size."""
-    note: str = ""
-    """One line for the printed report (what was generated and how it was judged)."""
-
+__all__ = ["EmaScore", "EvalConfig", "EvalPlan", "EvalReport", "EvalRow", "GENERIC", "TaskScores", "compare_emas",
+           "evaluate", "format_report", "frechet_distance", "heldout_bits_per_dim", "plan_steps"]
 
 @dataclass
 class EvalReport:
@@ -124,18 +75,17 @@ def evaluate(
     samples_per_prompt: Optional[int] = None,
     likelihood_samples: Optional[int] = None,
     out: Optional[str | Path] = None,
-    pipeline: Optional["Pipeline"] = None,
+    pipeline: Optional[Pipeline] = None,
+    relocate: Optional[Mapping[str, str]] = None,
 ) -> EvalReport:
     """Evaluate a run or checkpoint directory; None arguments take the recipe's `eval` section.
 
     `nfe` (velocity evaluations) replaces `steps`: each solver gets the most steps that fit the budget, so
-    solvers are compared at equal cost.
+    solvers are compared at equal cost. `relocate` (recipe path key -> path) points the run at assets moved since
+    it recorded them (:mod:`flowmatch.run.paths`).
     """
-    from flowmatch.checkpoint import resolve_checkpoint
-    from flowmatch.pipeline import load_pipeline
-
     ckpt = resolve_checkpoint(path)
-    pipe = pipeline or load_pipeline(ckpt)
+    pipe = pipeline or load_pipeline(ckpt, relocate=relocate)
     cfg = pipe.recipe.eval
     n = samples_per_prompt or cfg.samples_per_prompt
     scale = pipe.recipe.sampling.guidance_scale if guidance_scale is None else guidance_scale
@@ -155,12 +105,10 @@ def evaluate(
 
 def plan_steps(solvers: list[str], steps: list[int], nfe: Optional[list[int]]) -> dict[str, list[int]]:
     """Solver -> step counts: `steps` for every solver, or per solver the most steps within each `nfe` budget."""
-    from flowmatch.sampling import steps_for_nfe
-
     return {s: [steps_for_nfe(s, budget) for budget in nfe] if nfe else list(steps) for s in solvers}
 
 
-def heldout_bits_per_dim(pipe: "Pipeline", count: int) -> Optional[float]:
+def heldout_bits_per_dim(pipe: Pipeline, count: int) -> Optional[float]:
     """Bits per dimension of up to `count` held-out images under the conditional model (guidance off).
 
     Pixel space: the 8-bit images are dequantised with uniform noise and the density is reported per 8-bit
@@ -168,17 +116,12 @@ def heldout_bits_per_dim(pipe: "Pipeline", count: int) -> Optional[float]:
     continuous latent density (not comparable with pixel bits/dim). On a variance-preserving path the solve starts
     at t = 1e-3 (``Formulation.likelihood_start``): the density of the data's t = 1e-3 marginal at the data.
     """
-    from flowmatch.data import build_loader, has_val_split
-    from flowmatch.sampling import PIXEL_DATA_SCALE_CORRECTION, bits_per_dim, dequantize_pixels, log_likelihood
-
     if not has_val_split(pipe.recipe.data):
         return None
     loader = build_loader(pipe.recipe.data, rank=0, world_size=1, batch_size=count, seed=0, split="val",
                           max_batches=1, encoders=pipe.encoders.fingerprints())
     x0, cond = pipe.encoders.encode_batch(next(iter(loader)))
     if pipe.recipe.model.guidance_embed:  # a model that takes the guidance scale: 1 is guidance off
-        from flowmatch.flow import with_guidance
-
         cond = with_guidance(cond, 1.0)
     pixel_space = pipe.encoders.pixel_space
     if pixel_space:  # pixels k / 127.5 - 1, cached or not: spread each 8-bit level over its bin
@@ -215,3 +158,44 @@ def format_report(report: EvalReport) -> str:
     if report.bits_per_dim is not None and math.isfinite(report.bits_per_dim):
         lines.append(f"held-out bits per dimension: {report.bits_per_dim:.3f}")
     return "\n".join(lines)
+
+
+@dataclass
+class EmaScore:
+    """How one set of weights of a run does: the validation loss, and the task's metrics when it has a judge."""
+
+    weights: str
+    """``raw``, ``ema`` (the training EMA) or a reconstructed EMA's name."""
+    val_loss: float | None
+    """Held-out loss at the validation timesteps (None without a held-out split)."""
+    metrics: dict[str, float]
+    """The task judge's metrics at the recipe's sampling steps and solver (empty for the generic task)."""
+
+
+def compare_emas(ckpt_dir: str | os.PathLike[str], names: list[str], *,
+                 samples_per_prompt: int | None = None,
+                 relocate: Optional[Mapping[str, str]] = None) -> list[EmaScore]:
+    """Score the raw weights, the training EMA (when the checkpoint has one) and the reconstructed EMAs ``names``
+    of a checkpoint with the validation metric of training (:func:`~flowmatch.training.validation.fixed_time_loss`,
+    one held-out batch of ``train.batch_size``) and, for a task with a judge, with `flowmatch eval`'s metrics
+    (`flowmatch ema --eval`)."""
+    ckpt = resolve_checkpoint(ckpt_dir)
+    candidates: list[tuple[str, bool | str]] = [("raw", False)]
+    if read_meta(ckpt).ema:
+        candidates.append(("ema", True))
+    candidates += [(name, name) for name in names]
+    scores, batch = [], None
+    for label, choice in candidates:
+        pipe = load_pipeline(ckpt, ema=choice, relocate=relocate)
+        recipe = pipe.recipe
+        val_loss = None
+        if has_val_split(recipe.data):
+            batch = batch or heldout_batch(recipe.data, pipe.encoders, recipe.train.batch_size)
+            val_loss = float(fixed_time_loss(pipe.model, *batch, formulation=pipe.formulation))
+        metrics: dict[str, float] = {}
+        if recipe.eval.task != GENERIC:
+            report = evaluate(ckpt, pipeline=pipe, steps=[recipe.sampling.steps], solvers=[recipe.sampling.solver],
+                              samples_per_prompt=samples_per_prompt, likelihood_samples=0)
+            metrics = report.scores.rows[0].metrics
+        scores.append(EmaScore(label, val_loss, metrics))
+    return scores

@@ -34,9 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from flowmatch.checkpoint import load_weights
+from flowmatch.dtypes import DTYPES
+from flowmatch.engine.state import write_safetensors
+from flowmatch.errors import choice_error
 from flowmatch.flow import TimeSchedule
-from flowmatch.models.convert.lora import LORA_FILE
+from flowmatch.models.convert import architecture_of, save_original, to_diffusers
+from flowmatch.models.convert.lora import LORA_FILE, merge, to_diffusers_lora
+from flowmatch.models.lora import select
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
+from flowmatch.run import lora_base, open_run, read_meta
+from flowmatch.sampling.diffusers_schedule import scheduler_config
 
 WEIGHTS = ("ema", "raw")
 FORMATS = ("diffusers", "original")
@@ -102,10 +111,7 @@ def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
                 fmt: str, replace: list[Path]) -> tuple[list[Path], list[str]]:
     """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's (the `replace`
     parts removed first)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
-    from flowmatch.sampling.diffusers_schedule import scheduler_config
+    from diffusers import FlowMatchEulerDiscreteScheduler  # optional heavy dependency, loaded on use
 
     try:
         config = scheduler_config(schedule)
@@ -146,12 +152,6 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         overwrite: replace the output parts that already exist in `out_dir` and this export writes (nothing
             else in it is touched).
     """
-    from flowmatch.checkpoint import load_recipe_yaml, load_weights, read_meta, resolve_checkpoint
-    from flowmatch.config import recipe_from_yaml
-    from flowmatch.dtypes import DTYPES
-    from flowmatch.errors import choice_error
-    from flowmatch.models.convert import architecture_of, save_original, to_diffusers
-
     if fmt not in FORMATS:
         raise choice_error("--format", fmt, FORMATS)
     if weights is not None and weights not in WEIGHTS:
@@ -171,8 +171,8 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         raise ValueError(f"an export part already exists in {out}: {', '.join(p.name for p in existing)}; choose "
                          f"another output folder, or pass --overwrite to replace {them}")
 
-    ckpt = resolve_checkpoint(path)
-    recipe = recipe_from_yaml(load_recipe_yaml(ckpt))
+    opened = open_run(path, weights=False)
+    ckpt, recipe = opened.checkpoint, opened.recipe
     if recipe.model.kind != "mmdit":
         raise ValueError(f"flowmatch export writes MMDiT transformers; this run's model.kind is {recipe.model.kind!r} "
                          "(its weights under 'unet.' in model.safetensors are diffusers' UNet2DConditionModel's)")
@@ -223,10 +223,6 @@ def _remove(parts: list[Path]) -> None:
 
 def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:
     """`pytorch_lora_weights.safetensors` of a LoRA run's adapter weights, in diffusers' names."""
-    from flowmatch.engine.state import write_safetensors
-    from flowmatch.models.convert.lora import to_diffusers_lora
-    from flowmatch.models.lora import select
-
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
     tensors, metadata = to_diffusers_lora(adapters, chosen, model_cfg.lora)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -235,11 +231,6 @@ def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:
 
 def _merged(ckpt: Path, model_cfg, adapters: dict) -> dict:
     """The base weights a LoRA checkpoint records (their hash checked) with its adapters merged in."""
-    from flowmatch.checkpoint import read_meta
-    from flowmatch.init_from import from_meta, load_weights
-    from flowmatch.models.convert.lora import merge
-    from flowmatch.models.lora import select
-
-    base = load_weights(from_meta(read_meta(ckpt).init_from), verify=True)
+    base = lora_base(ckpt)
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
     return merge({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)

@@ -24,14 +24,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from safetensors.torch import load_file
+from torch import Tensor, nn
 
+from flowmatch.checkpoint import resolve_checkpoint, weights_file
+from flowmatch.checkpoint.layout import CHECKPOINTS_DIR, EMA_FILE, MODEL_FILE, names_a_checkpoint
+from flowmatch.checkpoint.manifest import read_manifest, sha256_file, structure_problem
 from flowmatch.errors import RecipeError
 from flowmatch.models.config import ARCHITECTURE_FIELDS, ModelConfig
-from flowmatch.models.mmdit import MMDiTConfig
+from flowmatch.models.convert import convert_diffusers, convert_original, diffusers_folder
+from flowmatch.models.embeddings import TimestepEmbedder
+from flowmatch.models.mmdit import EMBEDDER_INIT_STD, MMDiTConfig
 from flowmatch.models.presets import preset_values
 
-__all__ = ["KINDS", "NEW_EMBEDDERS", "InitRecord", "architecture", "cast", "from_meta", "load_weights", "locate", "record",
+__all__ = ["KINDS", "NEW_EMBEDDERS", "InitRecord", "cast", "from_meta", "load_weights", "locate", "record",
            "stated_architecture", "with_architecture", "with_new_embedders"]
 
 KINDS = ("checkpoint", "diffusers", "original")
@@ -68,11 +74,8 @@ def _hub_folder(repo_id: str) -> Path:
 
 
 def locate(source: str) -> tuple[str, Path]:
-    """(kind, local path) of an init_from value; a hub id is downloaded (or taken from the cache) first."""
-    from flowmatch.checkpoint import resolve_checkpoint
-    from flowmatch.checkpoint.layout import CHECKPOINTS_DIR, EMA_FILE, MODEL_FILE, names_a_checkpoint
-    from flowmatch.models.convert import diffusers_folder
-
+    """(kind, local path) of an init_from value; a hub id is downloaded (or taken from the cache) first. The
+    architecture of what it holds: :func:`flowmatch.run.source_architecture`."""
     p = Path(source)
     if p.is_file():
         return "original", _intact(source, p.resolve())
@@ -103,8 +106,6 @@ def locate(source: str) -> tuple[str, Path]:
 def _intact(source: str, path: Path) -> Path:
     """`path` once the safetensors files it is or holds have headers that agree with their lengths; a RecipeError
     names the damaged file."""
-    from flowmatch.checkpoint.manifest import structure_problem  # function-local as locate's checkpoint imports
-
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     for f in files:
         problem = structure_problem(f) if f.suffix == ".safetensors" else None
@@ -112,26 +113,6 @@ def _intact(source: str, path: Path) -> Path:
             raise RecipeError(f"model.init_from={source!r}: {f} is damaged ({problem}); download or copy the "
                               "weights again, or start from other weights")
     return path
-
-
-def _checkpoint_recipe(ckpt: Path):
-    from flowmatch.checkpoint import load_recipe_yaml
-    from flowmatch.config import recipe_from_yaml
-
-    return recipe_from_yaml(load_recipe_yaml(ckpt))
-
-
-def architecture(kind: str, path: Path) -> MMDiTConfig:
-    """The architecture of the weights at a located source, read without loading them."""
-    from flowmatch.models.convert import read_config
-
-    if kind != "checkpoint":
-        return read_config(path)
-    model = _checkpoint_recipe(path).model
-    if model.lora is not None:
-        raise RecipeError(f"model.init_from={str(path)!r} is a LoRA run (its checkpoints hold adapters only): "
-                          "merge them first with `flowmatch export RUN OUT --lora --merge` and start from OUT")
-    return model.architecture()
 
 
 # ------------------------------------------------------------------------------------------------- the recipe
@@ -177,11 +158,6 @@ def with_new_embedders(state: Mapping[str, Tensor], cfg: MMDiTConfig, seed: int)
     """``state`` completed with the :data:`NEW_EMBEDDERS` that ``cfg`` has and the weights lack, initialised as
     :meth:`MMDiT.init_weights` does (N(0, 0.02) weights, zero biases) but with the last layer zeroed: their output
     is 0, so the model computes what the weights did until training moves them. Seeded by ``seed``."""
-    from torch import nn
-
-    from flowmatch.models.embeddings import TimestepEmbedder
-    from flowmatch.models.mmdit import EMBEDDER_INIT_STD
-
     missing = [n for n in NEW_EMBEDDERS if getattr(cfg, n) and not any(k.startswith(n + ".") for k in state)]
     out = dict(state)
     if not missing:
@@ -203,8 +179,6 @@ def with_new_embedders(state: Mapping[str, Tensor], cfg: MMDiTConfig, seed: int)
 
 
 def _sha256(files: list[Path]) -> str:
-    from flowmatch.checkpoint.manifest import sha256_file
-
     digests = [sha256_file(f) for f in files]
     if len(files) == 1:
         return digests[0]
@@ -216,9 +190,6 @@ def record(source: str, kind: str, path: Path) -> InitRecord:
     """The :class:`InitRecord` of a located source: hashes its weights (a checkpoint's hash is its manifest's,
     verified on reading)."""
     if kind == "checkpoint":
-        from flowmatch.checkpoint import resolve_checkpoint, weights_file
-        from flowmatch.checkpoint.manifest import read_manifest
-
         name = weights_file(path, None)
         resolve_checkpoint(path, reads=lambda c: (name,))
         return InitRecord(source, kind, str(path), read_manifest(path)[name]["sha256"], name)
@@ -237,11 +208,7 @@ def load_weights(rec: InitRecord, *, verify: bool = False) -> dict[str, Tensor]:
             raise ValueError(f"the base weights at {path} changed since training (SHA-256 {now.sha256[:12]}..., "
                              f"recorded {rec.sha256[:12]}...): restore them, or retrain the adapters on these")
     if rec.kind == "checkpoint":
-        from safetensors.torch import load_file
-
         return load_file(str(path / rec.weights))
-    from flowmatch.models.convert import convert_diffusers, convert_original
-
     convert = convert_diffusers if rec.kind == "diffusers" else convert_original
     return convert(path).state_dict
 

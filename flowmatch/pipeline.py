@@ -1,24 +1,55 @@
-"""A ready :class:`~flowmatch.sampling.Pipeline` from a run directory or one checkpoint: the last stage of the data
-flow (checkpoint -> pipeline). Generation itself lives in :mod:`flowmatch.sampling.generate`.
+"""A ready :class:`Pipeline` from a run directory, one checkpoint or a diffusers pipeline folder: the last stage of
+the data flow (checkpoint -> pipeline). Generation itself lives in :mod:`flowmatch.sampling.generate` (the class
+this one extends with its loaders); opening a run lives in :mod:`flowmatch.run`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
-from flowmatch.sampling.generate import Pipeline
+from flowmatch import sampling
+from flowmatch.config import Recipe
+from flowmatch.data.config import DataConfig
+from flowmatch.encoders.diffusers_folder import MODEL_INDEX, encoder_configs_from_pipeline, read_pipeline_json
+from flowmatch.encoders.frozen import FrozenEncoders
+from flowmatch.models import from_diffusers
+from flowmatch.models.config import ModelConfig
+from flowmatch.run import ENCODER_SECTIONS, checkpoint_model, open_run
+from flowmatch.sampling.diffusers_schedule import PipelineGrid
+from flowmatch.sampling.generate import GenerationConfig, SamplingConfig
 
-if TYPE_CHECKING:
-    from flowmatch.models.config import ModelConfig
+__all__ = ["MODEL_INDEX", "Pipeline", "checkpoint_model", "load_diffusers_pipeline", "load_pipeline"]
 
-__all__ = ["Pipeline", "load_diffusers_pipeline", "load_pipeline"]
+
+class Pipeline(sampling.Pipeline):
+    """:class:`flowmatch.sampling.Pipeline` (generate images from captions) with its loaders.
+
+    >>> pipe = Pipeline.from_checkpoint("runs/digits")
+    >>> images = pipe.generate(["a handwritten digit seven"] * 8, steps=20, seed=0)  # (8, C, H, W) in [0, 1]
+    """
+
+    @classmethod
+    def from_checkpoint(cls, path, *, device: Optional[torch.device | str] = None, ema: Optional[bool | str] = None,
+                        relocate: Optional[Mapping[str, str]] = None) -> "Pipeline":
+        """Load a run directory (its newest checkpoint) or one checkpoint directory; see :func:`load_pipeline`."""
+        return load_pipeline(path, device=device, ema=ema, relocate=relocate)
+
+    @classmethod
+    def from_diffusers(cls, path, *, device: Optional[torch.device | str] = None,
+                       dtype: str = "fp32") -> "Pipeline":
+        """A diffusers SD3 / SD3.5 / FLUX pipeline folder (or hub id): its transformer, text encoders, tokenizers,
+        VAE and scheduler, generating the images its own pipeline class generates from the same prompt, noise,
+        steps, guidance and sigmas; see :func:`load_diffusers_pipeline`."""
+        return load_diffusers_pipeline(path, device=device, dtype=dtype)
 
 
 def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = None,
-                  ema: Optional[bool | str] = None) -> Pipeline:
+                  ema: Optional[bool | str] = None, relocate: Optional[Mapping[str, str]] = None) -> Pipeline:
     """The pipeline of a run directory (its newest intact checkpoint) or of one checkpoint directory.
 
     The recipe and weights files are verified against the checkpoint's manifest before they are used; from a run
@@ -31,54 +62,19 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
         ema: True for the EMA weights, False for the raw weights, None for the checkpoint's default (the weights
             validation found better, else the EMA when present), or the name of an EMA reconstructed by
             `flowmatch ema` (e.g. ``"sigma_rel-0.1"``, from ``RUN_DIR/ema/``).
+        relocate: recipe path key -> path, for assets moved since the run recorded them (e.g.
+            ``{"autoencoder.name_or_path": "/new/vae"}``); relative paths the run recorded are otherwise read where
+            it was trained (:mod:`flowmatch.run.paths`).
     """
-    from safetensors.torch import load_file
-
-    from flowmatch.checkpoint import RECIPE_FILE, resolve_checkpoint, weights_file
-    from flowmatch.config import recipe_from_yaml
-    from flowmatch.encoders.frozen import FrozenEncoders
-    from flowmatch.posthoc import load_named_ema
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    named = isinstance(ema, str)  # a reconstructed EMA lives in RUN_DIR/ema/, not in the checkpoint
-    ckpt = resolve_checkpoint(path, reads=lambda c: (RECIPE_FILE,) if named else (RECIPE_FILE, weights_file(c, ema)))
-    recipe = recipe_from_yaml((ckpt / RECIPE_FILE).read_text(), str(ckpt / RECIPE_FILE))
+    run = open_run(path, ema=ema, relocate=relocate, needs=ENCODER_SECTIONS)
+    recipe = run.recipe
     encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=device)
     recipe.model = encoders.fill_model_config(recipe.model)
-    weights = load_named_ema(ckpt, ema) if named else load_file(str(ckpt / weights_file(ckpt, ema)))
-    model = checkpoint_model(ckpt, recipe.model, weights)
+    model = checkpoint_model(run.checkpoint, recipe.model, run.weights)
     model.to(device).eval().requires_grad_(False)
-    return Pipeline(model, encoders, recipe, device=device)
-
-
-def checkpoint_model(ckpt: Path, model_cfg: "ModelConfig", weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The model of a checkpoint (``model.kind``'s backbone) given its weights file's tensors: the whole model, or
-    for a LoRA run (MMDiT only) the base weights its meta.json records (their hash checked) with the adapters
-    applied through peft."""
-    from flowmatch.checkpoint import read_meta
-    from flowmatch.init_from import from_meta, load_weights
-    from flowmatch.models.backbone import build_backbone
-    from flowmatch.models.lora import apply_lora, is_adapter
-    from flowmatch.models.mmdit import MMDiT
-
-    if model_cfg.lora is None:
-        model = build_backbone(model_cfg)
-        model.load_state_dict(weights)
-        return model
-    arch = model_cfg.architecture()
-    base = from_meta(read_meta(ckpt).init_from)
-    if base is None:
-        raise ValueError(f"{ckpt} is a LoRA run but its meta.json records no base weights (init_from)")
-    model = MMDiT(arch, device="meta")
-    model.load_state_dict(load_weights(base, verify=True), strict=True, assign=True)
-    apply_lora(model, model_cfg.lora)
-    loaded = model.load_state_dict(weights, strict=False)
-    missing = [k for k in loaded.missing_keys if is_adapter(k)]
-    if missing or loaded.unexpected_keys:
-        raise ValueError(f"{ckpt}'s adapters do not fit its recipe's model.lora: missing {missing[:4]}, unexpected "
-                         f"{loaded.unexpected_keys[:4]}")
-    return model
+    return Pipeline(model, encoders, GenerationConfig.of(recipe), device=device, recipe=recipe)
 
 
 def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device | str] = None,
@@ -97,23 +93,12 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
         dtype: the encoders' and VAE's weights (fp32, bf16 or fp16); the transformer keeps the folder's values
             in fp32.
     """
-    import dataclasses
-
-    from flowmatch.config import Recipe
-    from flowmatch.data.config import DataConfig
-    from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
-    from flowmatch.encoders.frozen import FrozenEncoders
-    from flowmatch.models import from_diffusers
-    from flowmatch.sampling.diffusers_schedule import PipelineGrid
-    from flowmatch.sampling.generate import SamplingConfig
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configs = encoder_configs_from_pipeline(path, dtype=dtype)
     model = from_diffusers(path).float()
     encoders = FrozenEncoders(configs.text_encoders, configs.autoencoder, image_channels=3, device=device)
     # The pipelines' default size: the transformer's sample_size (FLUX: 128) latents.
     sample_size = int(read_transformer_sample_size(path)) * encoders.downsample
-    from flowmatch.models.config import ModelConfig
 
     recipe = Recipe(model=encoders.fill_model_config(ModelConfig(**dataclasses.asdict(model.cfg))), flow=configs.flow,
                     text_encoders=configs.text_encoders, autoencoder=configs.autoencoder,
@@ -121,13 +106,11 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
                     sampling=dataclasses.replace(SamplingConfig(), steps=configs.kind.steps,
                                                  guidance_scale=configs.kind.guidance_scale))
     model.to(device).eval().requires_grad_(False)
-    return Pipeline(model, encoders, recipe, device=device,
+    return Pipeline(model, encoders, GenerationConfig.of(recipe), device=device, recipe=recipe,
                     pipeline_grid=PipelineGrid(configs.scheduler, configs.kind.combine))
 
 
 def read_transformer_sample_size(path: str | Path) -> int:
     """The latent size a pipeline generates by default: the transformer config's sample_size (FLUX has none and
     uses 128)."""
-    from flowmatch.encoders.diffusers_folder import read_pipeline_json
-
     return int(read_pipeline_json(path, "transformer/config.json").get("sample_size") or 128)

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from flowmatch.errors import UsageError
+
 try:
     import fcntl
 except ImportError:  # not on Windows: the PID record alone decides there
@@ -32,7 +34,7 @@ except ImportError:  # not on Windows: the PID record alone decides there
 LOCK_FILE = ".flowmatch.lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(RuntimeError, UsageError):
     """Another live process holds the folder's lock; the message names its host, PID and command."""
 
 

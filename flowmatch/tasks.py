@@ -8,26 +8,76 @@ naming a `Task` object::
 
 or calls `register_task` (tests, notebooks). Recipes name a task in `data.prepare` (build the shards when
 `data.shards` holds none), `autoencoder.prepare` (train the autoencoder when its folder holds none) and
-`eval.task` (score generated images in `flowmatch eval`). `available_tasks()` lists the names without importing
-any plug-in, so validating a recipe stays cheap; `get_task(name)` imports the one asked for.
+`eval.task` (score generated images in `flowmatch eval`). The judge's contract (:class:`EvalPlan` in,
+:class:`TaskScores` of :class:`EvalRow` out, a :class:`Judged` pipeline) lives here, on the bottom floor beside
+errors and dtypes: data/ and encoders/ import this module, so it names nothing above them. `available_tasks()`
+lists the names without importing any plug-in, so validating a recipe stays cheap; `get_task(name)` imports the one
+asked for.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from flowmatch.errors import nearest
 
-if TYPE_CHECKING:
-    from flowmatch.data.config import DataConfig
-    from flowmatch.evaluate import EvalPlan, TaskScores
-    from flowmatch.pipeline import Pipeline
-
 ENTRY_POINT_GROUP = "flowmatch.tasks"
 RESERVED_NAMES = ("", "generic")  # data.prepare '' = never build; eval.task generic = no task-specific judge
+
+
+@dataclass
+class EvalPlan:
+    """What a task's judge is asked to measure."""
+
+    steps: dict[str, list[int]]
+    """Solver -> step counts, one report row each (from eval.steps, or the steps that fit each --nfe budget)."""
+    samples_per_prompt: int
+    """Images to generate per prompt."""
+    guidance_scale: float
+    """Classifier-free guidance scale to generate with."""
+
+
+@dataclass
+class EvalRow:
+    """One solver at one step count: the velocity evaluations it took and the task's metrics."""
+
+    solver: str
+    steps: int
+    nfe: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TaskScores:
+    """What a task's judge returns."""
+
+    rows: list[EvalRow] = field(default_factory=list)
+    reference: dict[str, float] = field(default_factory=dict)
+    """Values to read the rows against, e.g. the Frechet distance of real data to itself at the same sample size."""
+    note: str = ""
+    """One line for the printed report (what was generated and how it was judged)."""
+
+
+class Judged(Protocol):
+    """What a judge may use of the pipeline it scores (:class:`flowmatch.sampling.Pipeline` is one): generate,
+    reconstruct, the velocity evaluations of the last call, and the run's recipe (its data and sampling sections).
+    Named here as a protocol so this bottom floor names nothing above it."""
+
+    recipe: Any
+    last_nfe: int
+
+    def generate(self, prompts: list[str], **kwargs: Any) -> Any: ...
+
+    def reconstruct(self, pixels: Any) -> Any: ...
+
+
+Judge = Callable[[Judged, EvalPlan], TaskScores]
+"""Score a model: generate through the pipeline's public API as the plan says."""
+Autoencoder = Callable[[Any, Path], Any]
+"""Train the task's autoencoder on a data section (:class:`flowmatch.data.DataConfig`) into a new directory."""
 
 
 @dataclass(frozen=True)
@@ -40,12 +90,12 @@ class Task:
     """One line for listings and errors."""
     build: Optional[Callable[[Path], Any]] = None
     """Write the task's shards (train-* and val-*, flowmatch.data.shardformat) into a new directory."""
-    autoencoder: Optional[Callable[["DataConfig", Path], Any]] = None
+    autoencoder: Optional[Autoencoder] = None
     """Train the task's autoencoder on the data section's shards (at its resolution and channels) and write it with
     save_pretrained into a new directory (autoencoder.prepare)."""
-    judge: Optional[Callable[["Pipeline", "EvalPlan"], "TaskScores"]] = None
-    """Score a model: generate through the Pipeline's public API (generate, reconstruct, last_nfe, recipe) as the plan
-    says."""
+    judge: Optional[Judge] = None
+    """Score a model: generate through the Pipeline's public API (generate, reconstruct, last_nfe, recipe: the
+    :class:`Judged` protocol) as the plan says."""
     prompts: tuple[str, ...] = ()
     """Prompts that suit the task, e.g. for validation grids (one row each)."""
 

@@ -255,7 +255,7 @@ def test_a_guidance_input_model_samples_guided_in_one_forward_per_step():
     recipe = load_recipe(ROOT / "recipes" / "digits.yaml", ["model.guidance_embed=true", "model.interval_embed=true",
                                                             "sampling.guidance_scale=1.75", "sampling.solver=average"])
     from flowmatch.encoders.frozen import FrozenEncoders
-    from flowmatch.sampling import Pipeline
+    from flowmatch.sampling import GenerationConfig, Pipeline
 
     encoders = FrozenEncoders(recipe.text_encoder, recipe.autoencoder, image_channels=recipe.data.channels)
 
@@ -263,7 +263,7 @@ def test_a_guidance_input_model_samples_guided_in_one_forward_per_step():
         calls.append((len(x), cond.extra["guidance"].tolist(), None if r is None else r.tolist()))
         return torch.zeros_like(x)
 
-    Pipeline(model, encoders, recipe).generate(["a handwritten 3", "a handwritten 4"], steps=2)
+    Pipeline(model, encoders, GenerationConfig.of(recipe)).generate(["a handwritten 3", "a handwritten 4"], steps=2)
     assert calls == [(2, [1.75, 1.75], [0.5, 0.5]), (2, [1.75, 1.75], [0.0, 0.0])]
 
 

@@ -11,7 +11,7 @@ from flowmatch.config import load_recipe
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.errors import RecipeError
 from flowmatch.flow import FlowConfig, TimeSchedule, loss_weight, shift_time
-from flowmatch.sampling import Pipeline
+from flowmatch.sampling import GenerationConfig, Pipeline
 from flowmatch.training import train
 from flowmatch.training.assembly import batch_plan
 from flowmatch.training.loop import micro_loss
@@ -126,7 +126,7 @@ def _toy_pipeline(recipe, calls: list):
         calls.append(t.clone())
         return x * t[:, None, None, None] + cond.pooled.mean(1)[:, None, None, None]
 
-    return Pipeline(model, encoders, recipe)
+    return Pipeline(model, encoders, GenerationConfig.of(recipe))
 
 
 def test_sampling_walks_the_recipes_shifted_grid_and_guidance():

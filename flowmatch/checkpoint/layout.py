@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from flowmatch.errors import UsageError
+
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -27,7 +29,7 @@ DAMAGED_SUFFIX = ".damaged"
 DAMAGE_NOTE = "DAMAGED.txt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UsageError):
     """A checkpoint cannot be written or used; the message names the directory, the file and what to do."""
 
 
@@ -51,6 +53,9 @@ class CheckpointMeta:
     init_from: dict | None = None
     """Where the run's starting weights came from (:class:`flowmatch.init_from.InitRecord`: source, kind, path,
     SHA-256); the base weights of a LoRA run, whose weights files hold only the adapters. None = random init."""
+    paths: dict | None = None
+    """Recipe key -> the absolute path each relative local path of ``recipe.yaml`` meant when it was written
+    (:mod:`flowmatch.run.paths`), so the run opens from any working directory. None = none recorded."""
 
 
 def parse_meta(text: str) -> CheckpointMeta:

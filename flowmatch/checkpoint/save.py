@@ -22,7 +22,6 @@ from typing import Any, Protocol
 
 import torch
 
-import flowmatch
 from flowmatch.checkpoint.layout import (
     CHECKPOINTS_DIR,
     EMA_FILE,
@@ -39,6 +38,7 @@ from flowmatch.checkpoint.layout import (
 )
 from flowmatch.checkpoint.manifest import describe_files, listed_bytes, write_manifest
 from flowmatch.engine.state import write_safetensors
+from flowmatch.version import __version__
 
 # A full disk, or a full quota.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -107,7 +107,7 @@ def _write_text(path: Path, text: str) -> Path:
 
 def _write_files(engine: EngineLike, tmp: Path, step: int, client_state: Mapping[str, Any], recipe_yaml: str,
                  ema: bool, ema_default: bool | None, init_from: Mapping[str, Any] | None,
-                 ) -> dict[str, dict[str, Any]]:
+                 paths: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Collective: every file of the checkpoint into ``tmp``; returns the manifest entries of this rank's files."""
     written = list(engine.save(tmp / STATE_DIR, client_state))
     weights = engine.model_state_dict()
@@ -119,9 +119,10 @@ def _write_files(engine: EngineLike, tmp: Path, step: int, client_state: Mapping
             written.append(write_safetensors(tmp / EMA_FILE, ema_weights, metadata))
         written.append(_write_text(tmp / RECIPE_FILE, recipe_yaml))
         meta = CheckpointMeta(step=step, ema=ema_weights is not None, created=time.time(),
-                              flowmatch_version=flowmatch.__version__,
+                              flowmatch_version=__version__,
                               ema_default=None if ema_weights is None else ema_default,
-                              init_from=None if init_from is None else dict(init_from))
+                              init_from=None if init_from is None else dict(init_from),
+                              paths=dict(paths) if paths else None)
         written.append(_write_text(tmp / META_FILE, json.dumps(asdict(meta), indent=1)))
     return describe_files(tmp, written, engine.rank)
 
@@ -147,7 +148,8 @@ def _no_space(root: Path, tmp: Path, step: int, err: OSError) -> CheckpointError
 
 def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: int, *,
                     client_state: Mapping[str, Any], recipe_yaml: str, keep: int, ema: bool,
-                    ema_default: bool | None = None, init_from: Mapping[str, Any] | None = None) -> Path:
+                    ema_default: bool | None = None, init_from: Mapping[str, Any] | None = None,
+                    paths: Mapping[str, str] | None = None) -> Path:
     """Collective: write checkpoint ``RUN_DIR/checkpoints/<step>/`` atomically, then keep only the newest ``keep``.
 
     Args:
@@ -162,6 +164,8 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
             found; None = not measured (the EMA when present).
         init_from: where the run's starting weights came from (:class:`flowmatch.init_from.InitRecord` as a dict),
             kept in ``meta.json``; the base of a LoRA run's adapters.
+        paths: recipe key -> absolute path of each relative local path in the recipe
+            (:func:`flowmatch.run.record_paths`), kept in ``meta.json`` so the run opens from any directory.
 
     Returns:
         The checkpoint directory.
@@ -184,7 +188,7 @@ def save_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], step: i
     engine.barrier()
     final = root / str(step)
     try:
-        files = _write_files(engine, tmp, step, client_state, recipe_yaml, ema, ema_default, init_from)
+        files = _write_files(engine, tmp, step, client_state, recipe_yaml, ema, ema_default, init_from, paths)
         everything = {k: v for part in engine.all_gather_object(files) for k, v in part.items()}
         if engine.is_main:
             write_manifest(tmp, step, everything)  # last: only a verified manifest makes a checkpoint complete

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 
 
 @dataclass

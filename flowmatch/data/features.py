@@ -23,6 +23,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from flowmatch.data import quantize
+from flowmatch.errors import UsageError
 
 EXT = "safetensors"
 FORMAT = "flowmatch-features-1"
@@ -38,7 +39,7 @@ MAX_HEADER_BYTES = 1 << 20
 TENSOR_RANKS = {"latents": 3, "hidden": 2, "pooled": 1}
 
 
-class EncoderMismatch(ValueError):
+class EncoderMismatch(ValueError, UsageError):
     """Cached features were made by other encoders than the ones training uses."""
 
 

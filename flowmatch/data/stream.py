@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.data import decode
 from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, nearest_bucket
@@ -37,7 +38,7 @@ from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
 from flowmatch.data.shards import ShardSplit
 from flowmatch.data.shuffle import ShuffleBuffer, load_rng, save_rng, seeded
 from flowmatch.data.tarstream import BadRecord, RawSample, Record
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.errors import UsageError
 
 log = logging.getLogger("flowmatch.data")
 
@@ -47,7 +48,7 @@ LOG_FIRST_BAD = 20
 LOG_EVERY_BAD = 1000
 
 
-class DataUnavailable(RuntimeError):
+class DataUnavailable(RuntimeError, UsageError):
     """No batch can be made: the shards failed to open, or hold nothing usable; the message is one paragraph."""
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 
 COMBINES = ("single", "sd3", "flux")
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.autoencoder import Autoencoder, AutoencoderConfig
 from flowmatch.encoders.combine import TextPart
-from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.encoders.text_set import TextEncoders, TextEncodersConfig
 from flowmatch.errors import RecipeError

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from flowmatch.dtypes import DTYPES, resolve_dtype
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.loading import load_pretrained
 from flowmatch.errors import choice_error
 

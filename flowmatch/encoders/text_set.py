@@ -25,7 +25,7 @@ import torch
 
 from flowmatch.encoders.combine import (COMBINES, EncoderShape, TextPart, combine_outputs, combined_sizes,
                                         parts)
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 from flowmatch.errors import choice_error
 

@@ -28,6 +28,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from flowmatch.errors import UsageError
+
 ENV_KEYS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 SLURM_PORT_BASE = 20000
 _JOINED = "flowmatch/rendezvous/joined/"
@@ -35,7 +37,7 @@ _ALL_JOINED = "flowmatch/rendezvous/complete"
 _POLL_S = 0.2
 
 
-class LaunchError(RuntimeError):
+class LaunchError(RuntimeError, UsageError):
     """The job was launched in a way that cannot work; the message says what to change."""
 
 

@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.combine import TextPart
-from flowmatch.encoders.conditioning import Conditioning
 
 __all__ = ["drop_captions"]
 

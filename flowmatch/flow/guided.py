@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.flow.path import expand_time
 
 __all__ = ["GUIDANCE_INPUT", "GuidanceInputConfig", "draw_guidance", "guided_teacher_velocity", "mix_guidance",

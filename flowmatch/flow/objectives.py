@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.flow.caption_dropout import drop_captions
 from flowmatch.flow.flowmap import teacher_average_velocity
 from flowmatch.flow.formulation import Formulation

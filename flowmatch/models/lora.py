@@ -27,6 +27,8 @@ from typing import Optional
 from torch import nn
 
 from flowmatch.errors import RecipeError, nearest
+from flowmatch.models.convert import architecture_of
+from flowmatch.models.convert.keymap import ConvPatch
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 
 #: The attention projections of a joint block, as diffusers names them.
@@ -88,8 +90,6 @@ class Projection:
 
 def projections(cfg: MMDiTConfig) -> list[Projection]:
     """Every linear of our model with its diffusers modules, from the converter's diffusers key table."""
-    from flowmatch.models.convert import architecture_of
-
     arch = architecture_of(cfg)
     linears = {name for name, m in MMDiT(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
     out = []
@@ -111,8 +111,6 @@ def select(cfg: MMDiTConfig, targets: Optional[list[str]]) -> list[Projection]:
     """Our projections the targets name (None = :func:`default_targets`); RecipeError for a target that names
     nothing, a fused projection named only in part, or a layer LoRA cannot adapt here (the patch embedding, a
     convolution in diffusers)."""
-    from flowmatch.models.convert.keymap import ConvPatch
-
     targets = default_targets(cfg) if targets is None else list(targets)
     if not targets:
         raise RecipeError("model.lora.targets is empty: name diffusers modules (e.g. to_q, to_k, to_v) or leave it "

@@ -15,7 +15,7 @@ import torch
 from timm.layers import RmsNorm
 from torch import Tensor, nn
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.models.embeddings import (
     RopeTable,
     TimestepEmbedder,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 
 if TYPE_CHECKING:
     from flowmatch.models.config import ModelConfig

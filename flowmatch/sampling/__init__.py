@@ -6,7 +6,14 @@ during training and the Python API share one implementation.
 """
 
 from flowmatch.sampling.fewstep import sample_average
-from flowmatch.sampling.generate import Pipeline, SamplingConfig, VelocityModel, image_noise, sample_latents
+from flowmatch.sampling.generate import (
+    GenerationConfig,
+    Pipeline,
+    SamplingConfig,
+    VelocityModel,
+    image_noise,
+    sample_latents,
+)
 from flowmatch.sampling.guidance import guided_velocity
 from flowmatch.sampling.likelihood import (
     PIXEL_DATA_SCALE_CORRECTION,
@@ -39,6 +46,7 @@ __all__ = [
     "AVERAGE_SOLVER",
     "FIXED_STEP_SOLVERS",
     "FixedStepSolver",
+    "GenerationConfig",
     "ODESolution",
     "PIXEL_DATA_SCALE_CORRECTION",
     "PIXEL_LEVEL_SCALE",

@@ -3,21 +3,22 @@ and validation during training.
 
 Captions -> conditioning (the frozen encoders) -> noise from a CPU `torch.Generator` per image (seed + index, so
 the same seed gives the same image on any device and in any batch) -> `sample_ode` with classifier-free guidance
-on the schedule's shift -> decode -> images in [0, 1]. Loading a pipeline from a checkpoint lives in
-:mod:`flowmatch.pipeline`; writing images lives in :mod:`flowmatch.images`.
+on the schedule's shift -> decode -> images in [0, 1]. Loading a pipeline from a checkpoint or a diffusers folder
+lives a floor above, in :mod:`flowmatch.pipeline` (``flowmatch.Pipeline`` is this class with its loaders);
+writing images lives in :mod:`flowmatch.images`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.data.pixels import model_to_unit, pixels_to_model
-from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, with_guidance
 from flowmatch.flow.timesteps import shift_time
 from flowmatch.sampling.diffusion import DIFFUSION_SAMPLERS, check_sampler, sample_diffusion
@@ -26,7 +27,6 @@ from flowmatch.sampling.guidance import guided_velocity
 from flowmatch.sampling.solvers import AVERAGE_SOLVER, sample_ode
 
 if TYPE_CHECKING:
-    from flowmatch.config import Recipe
     from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.sampling.diffusers_schedule import PipelineGrid
 
@@ -66,6 +66,29 @@ class SamplingConfig:
         check_sampler(self.solver, "sampling.solver")
         if self.steps < 1 or self.per_prompt < 1 or not self.prompts:
             raise ValueError("steps and per_prompt must be >= 1 and prompts must not be empty")
+
+
+@dataclass
+class GenerationConfig:
+    """What generation reads of a run's recipe, and nothing else: the pipeline takes these sections, not the recipe."""
+
+    flow: FlowConfig
+    """The time schedule (shift) and what the model predicts on which path."""
+    sampling: SamplingConfig
+    """Defaults of generation: steps, solver, guidance scale."""
+    patch_size: int
+    """The model's patch size: image sides must be multiples of it times the autoencoder's factor."""
+    guidance_embed: bool = False
+    """The model takes the guidance scale as an input (FLUX-dev, few-step models): no unconditional pass."""
+    size: tuple[int, int] = (256, 256)
+    """The default image (height, width) in pixels."""
+
+    @classmethod
+    def of(cls, recipe: Any) -> "GenerationConfig":
+        """The sections of a recipe (:class:`flowmatch.config.Recipe`): flow, sampling, the model's patch size and
+        guidance input, the data's image size."""
+        return cls(recipe.flow, recipe.sampling, recipe.model.patch_size, bool(recipe.model.guidance_embed),
+                   tuple(recipe.data.size))
 
 
 def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
@@ -122,55 +145,40 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
 class Pipeline:
     """Generate images from captions with a trained model.
 
-    >>> pipe = Pipeline.from_checkpoint("runs/digits")
-    >>> images = pipe.generate(["a handwritten digit seven"] * 8, steps=20, seed=0)  # (8, C, H, W) in [0, 1]
+    Load one with ``flowmatch.Pipeline.from_checkpoint`` / ``from_diffusers`` (:mod:`flowmatch.pipeline`); this
+    class only generates, so validation during training uses it without the loaders.
 
     Args:
         model: the velocity model (an MMDiT, or the training engine's forward during validation).
         encoders: the run's frozen encoders.
-        recipe: the run's resolved recipe: its ``sampling`` section gives the defaults, ``flow`` the time
-            schedule (shift), ``model.patch_size`` and ``data.resolution`` the default image size.
+        config: the sections generation reads (:meth:`GenerationConfig.of` a recipe): ``sampling`` gives the
+            defaults, ``flow`` the time schedule (shift), ``patch_size`` and ``size`` the default image size.
         device: where noise and latents live.
         pipeline_grid: walk a diffusers pipeline's grid and timesteps instead of the schedule's (set by
-            :meth:`from_diffusers`).
+            :func:`flowmatch.pipeline.load_diffusers_pipeline`).
+        recipe: the run's whole recipe, when the pipeline comes from a run (eval and the tasks' judges read its
+            data and eval sections); generation reads only ``config``.
     """
 
-    def __init__(self, model: VelocityModel, encoders: "FrozenEncoders", recipe: "Recipe", *,
-                 device: torch.device | str = "cpu", pipeline_grid: Optional["PipelineGrid"] = None) -> None:
+    def __init__(self, model: VelocityModel, encoders: "FrozenEncoders", config: GenerationConfig, *,
+                 device: torch.device | str = "cpu", pipeline_grid: Optional["PipelineGrid"] = None,
+                 recipe: Any = None) -> None:
         self.model = model
         self.encoders = encoders
+        self.config = config
         self.recipe = recipe
         self.device = torch.device(device)
-        self.schedule = TimeSchedule(recipe.flow)
-        self.formulation = Formulation(recipe.flow)
+        self.schedule = TimeSchedule(config.flow)
+        self.formulation = Formulation(config.flow)
         """What the model predicts on which path (``flow.path``, ``flow.prediction``)."""
         self.pipeline_grid = pipeline_grid
         self.last_nfe = 0
 
-    @classmethod
-    def from_checkpoint(cls, path, *, device: Optional[torch.device | str] = None,
-                        ema: Optional[bool | str] = None) -> "Pipeline":
-        """Load a run directory (its newest checkpoint) or one checkpoint directory; see
-        :func:`flowmatch.pipeline.load_pipeline`."""
-        from flowmatch.pipeline import load_pipeline
-
-        return load_pipeline(path, device=device, ema=ema)
-
-    @classmethod
-    def from_diffusers(cls, path, *, device: Optional[torch.device | str] = None,
-                       dtype: str = "fp32") -> "Pipeline":
-        """A diffusers SD3 / SD3.5 / FLUX pipeline folder (or hub id): its transformer, text encoders, tokenizers,
-        VAE and scheduler, generating the images its own pipeline class generates from the same prompt, noise,
-        steps, guidance and sigmas; see :func:`flowmatch.pipeline.load_diffusers_pipeline`."""
-        from flowmatch.pipeline import load_diffusers_pipeline
-
-        return load_diffusers_pipeline(path, device=device, dtype=dtype)
-
     def latent_shape(self, height: Optional[int] = None, width: Optional[int] = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for an image of height x width pixels (the recipe's resolution by default)."""
-        default_h, default_w = self.recipe.data.size
+        default_h, default_w = self.config.size
         h, w, f = height or default_h, width or default_w, self.encoders.downsample
-        p = self.recipe.model.patch_size
+        p = self.config.patch_size
         if h % (f * p) or w % (f * p):
             raise ValueError(f"height and width must be multiples of {f * p} (autoencoder factor x patch size)")
         return (self.encoders.latent_channels, h // f, w // f)
@@ -196,8 +204,8 @@ class Pipeline:
         the value it embeds, with no classifier-free guidance, as FluxPipeline does. :attr:`last_nfe` holds the
         velocity evaluations used.
         """
-        s = self.recipe.sampling
-        p = self.recipe.model.patch_size
+        s = self.config.sampling
+        p = self.config.patch_size
         if noise is None:
             c, h, w = self.latent_shape(height, width)
             noise = image_noise([seed + i for i in range(len(prompts))], (c, h, w))
@@ -215,7 +223,7 @@ class Pipeline:
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         shift = self.schedule.shift_for(seq_len)
         cond, null, model = self.encoders.encode_text(list(prompts)), self.encoders.null(), self.model
-        if self.recipe.model.guidance_embed:  # guidance as a model input (FLUX-dev, few-step): no unconditional pass
+        if self.config.guidance_embed:  # guidance as a model input (FLUX-dev, few-step): no unconditional pass
             cond, null, scale = with_guidance(cond, scale), None, None
         elif self.pipeline_grid is not None and not self.pipeline_grid.classifier_free:
             scale = None  # FLUX-schnell: FluxPipeline runs no unconditional pass whatever its guidance_scale

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 
 __all__ = ["guided_velocity"]
 

@@ -5,21 +5,18 @@ and held-out loss during training).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from flowmatch.training.config import TrainConfig
-
-if TYPE_CHECKING:
-    from flowmatch.config import Recipe
-    from flowmatch.training.loop import TrainSummary
 
 __all__ = ["TrainConfig", "train"]
 
 
-def train(recipe: "Recipe") -> "TrainSummary":
-    """Train a recipe (resuming from run_dir's newest checkpoint) and return a summary."""
-    from flowmatch.training.assembly import assemble
-    from flowmatch.training.loop import Trainer
+def __getattr__(name: str) -> Any:
+    # `train` (flowmatch.training.loop.train) is loaded on first use: the recipe tree imports training.config,
+    # and importing the recipe must not load the engine, the data pipeline and the loop.
+    if name == "train":
+        from flowmatch.training.loop import train  # reason: start-up cost (the recipe tree imports this package)
 
-    with assemble(recipe) as run:  # shuts the process group down cleanly and releases run_dir's lock
-        return Trainer(run).fit()
+        return train
+    raise AttributeError(f"module 'flowmatch.training' has no attribute {name!r}")

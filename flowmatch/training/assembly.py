@@ -17,7 +17,7 @@ from flowmatch.config import Recipe, to_yaml
 from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split, read_cache_info
 from flowmatch.encoders.autoencoder import ensure_autoencoder
 from flowmatch.encoders.cache import ensure_cache
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.errors import RecipeError
@@ -27,6 +27,7 @@ from flowmatch.init_from import InitRecord
 from flowmatch.models.backbone import build_backbone
 from flowmatch.models.lora import apply_lora
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.run import record_paths, source_architecture
 from flowmatch.runlock import RunLock
 from flowmatch.training.fewstep import check_recipe, load_teacher
 
@@ -98,6 +99,9 @@ class TrainingRun:
     """Where the starting weights came from (model.init_from), recorded in every checkpoint; None = random init."""
     teacher: Optional[Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]] = None
     """The frozen teacher of distillation (``flow.teacher``), ``teacher(x, t, cond) -> v``; None = from data."""
+    paths: Optional[dict[str, str]] = None
+    """Recipe key -> absolute path of each relative local path of the recipe (:func:`flowmatch.run.record_paths`),
+    recorded in every checkpoint so the run opens from any working directory."""
     lock: Optional[RunLock] = None
     """run_dir's lock, held by rank 0 until the run ends (flowmatch.runlock)."""
 
@@ -169,7 +173,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     if recipe.model.init_from:  # the architecture comes from the weights: checked before anything starts
         located = init_from.locate(recipe.model.init_from)
         recipe = dataclasses.replace(recipe, model=init_from.with_architecture(
-            recipe.model, init_from.architecture(*located)))
+            recipe.model, source_architecture(*located)))
     engine = Engine(recipe.distributed)
     # Rank 0 hashes the weights (for a large model that takes a while) and every rank takes its record.
     init = None if located is None else engine.broadcast_object(
@@ -219,7 +223,8 @@ def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_di
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
                        micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
-                       has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device), lock=lock)
+                       has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device), lock=lock,
+                       paths=record_paths(recipe))
 
 
 def describe_init(source: str, kind: str, path: Path) -> InitRecord:

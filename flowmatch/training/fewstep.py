@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch import Tensor
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.errors import RecipeError
 from flowmatch.flow import ObjectiveModels
 from flowmatch.models.mmdit import MMDiT
+from flowmatch.run import open_run
 
 if TYPE_CHECKING:
     from flowmatch.config import Recipe
@@ -94,13 +95,10 @@ def detached_fp32(engine: "Engine") -> Callable[..., Tensor]:
 
 def _checkpoint_model(path: str, what: str) -> tuple["Recipe", dict[str, Tensor]]:
     """The resolved recipe and default weights of a run or checkpoint directory (verified against its manifest)."""
-    from flowmatch.checkpoint import load_weights
-    from flowmatch.checkpoint.load import load_recipe_yaml
-    from flowmatch.config import recipe_from_yaml
-
     if not Path(path).exists():
         raise RecipeError(f"{what}: {path!r} does not exist; give a run directory or RUN_DIR/checkpoints/<step>")
-    return recipe_from_yaml(load_recipe_yaml(path)), load_weights(path)
+    run = open_run(path)
+    return run.recipe, run.weights
 
 
 def load_teacher(recipe: "Recipe", device: torch.device) -> Optional[Callable[[Tensor, Tensor, Conditioning], Tensor]]:

@@ -21,14 +21,16 @@ import torch
 from flowmatch.checkpoint import RECIPE_FILE, latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
-from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
+from flowmatch.conditioning import Conditioning
+from flowmatch.errors import UsageError
+from flowmatch.flow import FlowConfig, ObjectiveLoss, ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.models.backbone import build_backbone
 from flowmatch.models.flops import counted_training_flops_per_step, training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
-from flowmatch.training.assembly import TrainingRun
+from flowmatch.config import Recipe
+from flowmatch.training.assembly import TrainingRun, assemble
 from flowmatch.training.divergence import Diverged, DivergenceWatch
 from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
@@ -39,7 +41,7 @@ from flowmatch.training.validation import Validator
 LOSS_BUCKETS = 4
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RuntimeError, UsageError):
     """The run cannot go on (e.g. the loss stayed non-finite); the message says what happened and what to do."""
 
 
@@ -63,23 +65,11 @@ class TrainSummary:
     """The stop signal this process received (``SIGINT`` for Ctrl-C: the command then exits 130), if any."""
 
 
-@dataclass
-class MicroLoss:
-    """One micro batch's loss."""
-
-    loss: torch.Tensor
-    """() scalar to backpropagate."""
-    per_sample: torch.Tensor
-    """(B,) per-sample (weighted) loss, detached."""
-    t: torch.Tensor
-    """(B,) the times the model saw."""
-
-
 def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Conditioning, null: Conditioning, *,
                schedule: TimeSchedule, flow: FlowConfig, patch_size: int, generator: torch.Generator,
                dropout_parts: Optional[Sequence[tuple[TextPart, float]]] = None,
                models: Optional[ObjectiveModels] = None, guided: bool = False,
-               jvp_backend: str = "exact") -> MicroLoss:
+               jvp_backend: str = "exact") -> ObjectiveLoss:
     """The loss of ``flow.objective`` on one micro batch x0 (B, C, h, w) with its conditioning.
 
     Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
@@ -92,10 +82,9 @@ def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Co
     ``flow.caption_dropout``.
     """
     b, _, h, w = x0.shape
-    out = objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
-                         seq_len=(h // patch_size) * (w // patch_size), generator=generator, guided=guided,
-                         jvp_backend=jvp_backend, dropout_parts=dropout_parts)
-    return MicroLoss(out.loss, out.per_sample, out.t)
+    return objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
+                          seq_len=(h // patch_size) * (w // patch_size), generator=generator, guided=guided,
+                          jvp_backend=jvp_backend, dropout_parts=dropout_parts)
 
 
 class LossWindow:
@@ -114,7 +103,7 @@ class LossWindow:
         self.steps = 0
         self.started = time.time()
 
-    def add(self, m: MicroLoss) -> None:
+    def add(self, m: ObjectiveLoss) -> None:
         p, nb = self.pending, self.buckets
         p[0] += m.loss.detach()
         p[1] += 1
@@ -162,7 +151,7 @@ class Trainer:
 
     # -- one micro batch -------------------------------------------------------------------------------------------
 
-    def micro_loss(self, batch, generator: torch.Generator) -> MicroLoss:
+    def micro_loss(self, batch, generator: torch.Generator) -> ObjectiveLoss:
         """Encode a loader batch (or take its cached features) and compute its loss with ``generator``."""
         run = self.run
         x0, cond = run.encoders.encode_batch(batch)
@@ -234,7 +223,8 @@ class Trainer:
         path = save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
                                keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0,
                                ema_default=self.validator.ema_better,
-                               init_from=None if run.init is None else dataclasses.asdict(run.init))
+                               init_from=None if run.init is None else dataclasses.asdict(run.init),
+                               paths=run.paths)
         self.saved_step = self.step
         return path
 
@@ -406,3 +396,9 @@ class Trainer:
                                              "yet.")) from None
         if warning:
             self.monitor.message(f"warning: {warning}")
+
+
+def train(recipe: Recipe) -> TrainSummary:
+    """Train a recipe (resuming from run_dir's newest checkpoint) and return a summary."""
+    with assemble(recipe) as run:  # shuts the process group down cleanly and releases run_dir's lock
+        return Trainer(run).fit()

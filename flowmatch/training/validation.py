@@ -17,11 +17,11 @@ from flowmatch.data import build_loader
 from flowmatch.data.shards import val_source_names
 from flowmatch.flow import Formulation, flow_matching_loss, sample_path, with_guidance
 from flowmatch.images import image_grid, save_png
-from flowmatch.sampling import Pipeline
+from flowmatch.sampling import GenerationConfig, Pipeline
 
 if TYPE_CHECKING:
     from flowmatch.data.config import DataConfig
-    from flowmatch.encoders.conditioning import Conditioning
+    from flowmatch.conditioning import Conditioning
     from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.monitor import Monitor
     from flowmatch.sampling.generate import VelocityModel
@@ -105,7 +105,7 @@ class Validator:
     def sample_grid(self, step: int) -> None:
         run = self.run
         s = run.recipe.sampling
-        pipe = Pipeline(run.velocity, run.encoders, run.recipe, device=run.engine.device)
+        pipe = Pipeline(run.velocity, run.encoders, GenerationConfig.of(run.recipe), device=run.engine.device)
         images = pipe.generate([p for p in s.prompts for _ in range(s.per_prompt)], seed=s.seed)
         if run.engine.is_main:
             grid = image_grid(images, rows=len(s.prompts))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves
-from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config
+from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config, select
 from flowmatch.models.mmdit import MMDiTConfig
 
 #: The file name diffusers' `load_lora_weights` looks for.
@@ -86,6 +86,4 @@ def merge(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], chosen: li
 
 def lora_modules(cfg: MMDiTConfig, lora: LoraConfig) -> list[Projection]:
     """The projections a LoRA of this config adapts (see :func:`flowmatch.models.lora.select`)."""
-    from flowmatch.models.lora import select
-
     return select(cfg, lora.targets)
