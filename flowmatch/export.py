@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from flowmatch.families import family_of
 from flowmatch.flow import TimeSchedule
 from flowmatch.models.convert.lora import LORA_FILE
-from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+from flowmatch.models.mmdit import MMDiTConfig
 
 WEIGHTS = ("ema", "raw")
 FORMATS = ("diffusers", "original")
@@ -138,7 +139,7 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     from flowmatch.config import recipe_from_yaml
     from flowmatch.dtypes import DTYPES
     from flowmatch.errors import choice_error
-    from flowmatch.models.convert import architecture_of, save_original, to_diffusers
+    from flowmatch.families.convert import save_original, to_diffusers
 
     if fmt not in FORMATS:
         raise choice_error("--format", fmt, FORMATS)
@@ -155,9 +156,11 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
 
     ckpt = resolve_checkpoint(path)
     recipe = recipe_from_yaml(load_recipe_yaml(ckpt))
-    if recipe.model.kind != "mmdit":
+    family = family_of(recipe.model)
+    if family.converter is None:
         raise ValueError(f"flowmatch export writes MMDiT transformers; this run's model.kind is {recipe.model.kind!r} "
-                         "(its weights under 'unet.' in model.safetensors are diffusers' UNet2DConditionModel's)")
+                         f"(model.family {family.name}: {family.summary}; its weights in model.safetensors are "
+                         "flowmatch's only)")
     adapters = recipe.model.lora
     if adapters is None and (lora or merge):
         raise ValueError(f"{ckpt} is not a LoRA run (its recipe has no model.lora): export it without --lora/--merge")
@@ -169,16 +172,16 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     if lora:
         files = [_write_lora(recipe.model, state, target, DTYPES[dtype])]
         return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format="lora",
-                             architecture=architecture_of(recipe.model).DIFFUSERS_CLASS, files=files,
+                             architecture=family.converter.DIFFUSERS_CLASS, files=files,
                              notes=[f"LoRA rank {adapters.rank}, alpha {adapters.alpha:g}: load with "
                                     "pipe.load_lora_weights(OUT_DIR) (StableDiffusion3Pipeline / FluxPipeline) on "
                                     f"the base weights {read_meta(ckpt).init_from['source']}"])
     if merge:
         state = _merged(ckpt, recipe.model, state)
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    model = MMDiT(_sizes_from_weights(recipe.model.architecture(), state), device="meta")
+    model = family.build(_sizes_from_weights(recipe.model.architecture(), state), device="meta")
     model.load_state_dict(state, strict=True, assign=True)
-    arch = architecture_of(model.cfg)
+    arch = family.converter
 
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "diffusers":
@@ -195,7 +198,7 @@ def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:
     """`pytorch_lora_weights.safetensors` of a LoRA run's adapter weights, in diffusers' names."""
     from flowmatch.engine.state import write_safetensors
     from flowmatch.models.convert.lora import to_diffusers_lora
-    from flowmatch.models.lora import select
+    from flowmatch.families.lora import select
 
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
     tensors, metadata = to_diffusers_lora(adapters, chosen, model_cfg.lora)
@@ -208,7 +211,7 @@ def _merged(ckpt: Path, model_cfg, adapters: dict) -> dict:
     from flowmatch.checkpoint import read_meta
     from flowmatch.init_from import from_meta, load_weights
     from flowmatch.models.convert.lora import merge
-    from flowmatch.models.lora import select
+    from flowmatch.families.lora import select
 
     base = load_weights(from_meta(read_meta(ckpt).init_from), verify=True)
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from flowmatch.errors import RecipeError
-from flowmatch.models.config import ARCHITECTURE_FIELDS, ModelConfig
+from flowmatch.families import family_of, get_family
+from flowmatch.families.config import ARCHITECTURE_FIELDS, ModelConfig
+from flowmatch.families.presets import preset_values
 from flowmatch.models.mmdit import MMDiTConfig
-from flowmatch.models.presets import preset_values
 
 __all__ = ["KINDS", "NEW_EMBEDDERS", "InitRecord", "architecture", "cast", "from_meta", "load_weights", "locate", "record",
            "stated_architecture", "with_architecture", "with_new_embedders"]
@@ -71,7 +72,7 @@ def locate(source: str) -> tuple[str, Path]:
     """(kind, local path) of an init_from value; a hub id is downloaded (or taken from the cache) first."""
     from flowmatch.checkpoint import resolve_checkpoint
     from flowmatch.checkpoint.layout import CHECKPOINTS_DIR, names_a_checkpoint
-    from flowmatch.models.convert import diffusers_folder
+    from flowmatch.families.convert import diffusers_folder
 
     p = Path(source)
     if p.is_file():
@@ -109,11 +110,15 @@ def _checkpoint_recipe(ckpt: Path):
 
 def architecture(kind: str, path: Path) -> MMDiTConfig:
     """The architecture of the weights at a located source, read without loading them."""
-    from flowmatch.models.convert import read_config
+    from flowmatch.families.convert import read_config
 
     if kind != "checkpoint":
         return read_config(path)
     model = _checkpoint_recipe(path).model
+    family = family_of(model)
+    if not family.capabilities.init_from:
+        raise RecipeError(f"model.init_from={str(path)!r} is a model.family: {family.name} run ({family.summary}), "
+                          "whose weights no other model starts from: start from an sd3 or flux run or weights")
     if model.lora is not None:
         raise RecipeError(f"model.init_from={str(path)!r} is a LoRA run (its checkpoints hold adapters only): "
                           "merge them first with `flowmatch export RUN OUT --lora --merge` and start from OUT")
@@ -145,6 +150,12 @@ def with_architecture(model: ModelConfig, weights: MMDiTConfig) -> ModelConfig:
     :func:`flowmatch.config.recipe_from_dict`) something else. None values (sizes left to the encoders) and
     configs built in code, which state nothing, always agree."""
     stated: dict[str, tuple[Any, str]] = getattr(model, "stated", {})
+    theirs = family_of(weights)
+    if model.family is not None and get_family(model.family) is not theirs:
+        raise RecipeError(f"model.family: {model.family}, but model.init_from={model.init_from!r} holds "
+                          f"{theirs.name} weights ({weights.preset} layout): a {theirs.name} checkpoint does not load "
+                          f"as a {model.family} model; set model.family: {theirs.name} (or remove it: the family "
+                          f"comes from the weights) or start from {model.family} weights")
     added = {k for k in NEW_EMBEDDERS if getattr(model, k) and not getattr(weights, k)}
     for key, (value, where) in stated.items():
         if key in added:
@@ -152,8 +163,9 @@ def with_architecture(model: ModelConfig, weights: MMDiTConfig) -> ModelConfig:
         if value is not None and not _same(value, getattr(weights, key)):
             said = f"{where} gives {key}={value!r}" if "preset" in where else f"{where}={value!r}"
             raise RecipeError(f"{said}, but model.init_from={model.init_from!r} holds weights with "
-                              f"{key}={getattr(weights, key)!r} ({weights.preset} layout): remove {where.split('=')[0]}"
-                              " from the recipe (the architecture comes from the weights) or start from other weights")
+                              f"{key}={getattr(weights, key)!r} ({weights.preset} layout, {theirs.name} family): "
+                              f"remove {where.split('=')[0]} from the recipe (the architecture comes from the weights) "
+                              "or start from other weights")
     preset = model.preset if "preset" in stated else weights.preset
     return dataclasses.replace(model, preset=preset,
                                **{k: k in added or getattr(weights, k) for k in ARCHITECTURE_FIELDS})
@@ -226,7 +238,7 @@ def load_weights(rec: InitRecord, *, verify: bool = False) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path / rec.weights))
-    from flowmatch.models.convert import convert_diffusers, convert_original
+    from flowmatch.families.convert import convert_diffusers, convert_original
 
     convert = convert_diffusers if rec.kind == "diffusers" else convert_original
     return convert(path).state_dict

@@ -12,7 +12,7 @@ import torch
 from flowmatch.sampling.generate import Pipeline
 
 if TYPE_CHECKING:
-    from flowmatch.models.config import ModelConfig
+    from flowmatch.families.config import ModelConfig
 
 __all__ = ["Pipeline", "load_diffusers_pipeline", "load_pipeline"]
 
@@ -53,24 +53,23 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
 
 
 def checkpoint_model(ckpt: Path, model_cfg: "ModelConfig", weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The model of a checkpoint (``model.kind``'s backbone) given its weights file's tensors: the whole model, or
+    """The model of a checkpoint (its family's backbone) given its weights file's tensors: the whole model, or
     for a LoRA run (MMDiT only) the base weights its meta.json records (their hash checked) with the adapters
     applied through peft."""
     from flowmatch.checkpoint import read_meta
     from flowmatch.init_from import from_meta, load_weights
-    from flowmatch.models.backbone import build_backbone
-    from flowmatch.models.lora import apply_lora, is_adapter
-    from flowmatch.models.mmdit import MMDiT
+    from flowmatch.families import build_backbone
+    from flowmatch.families.lora import apply_lora
+    from flowmatch.models.lora import is_adapter
 
     if model_cfg.lora is None:
         model = build_backbone(model_cfg)
         model.load_state_dict(weights)
         return model
-    arch = model_cfg.architecture()
     base = from_meta(read_meta(ckpt).init_from)
     if base is None:
         raise ValueError(f"{ckpt} is a LoRA run but its meta.json records no base weights (init_from)")
-    model = MMDiT(arch, device="meta")
+    model = build_backbone(model_cfg, device="meta")
     model.load_state_dict(load_weights(base, verify=True), strict=True, assign=True)
     apply_lora(model, model_cfg.lora)
     loaded = model.load_state_dict(weights, strict=False)
@@ -103,7 +102,7 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
     from flowmatch.data.config import DataConfig
     from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
     from flowmatch.encoders.frozen import FrozenEncoders
-    from flowmatch.models import from_diffusers
+    from flowmatch.families.convert import from_diffusers
     from flowmatch.sampling.diffusers_schedule import PipelineGrid
     from flowmatch.sampling.generate import SamplingConfig
 
@@ -113,7 +112,7 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
     encoders = FrozenEncoders(configs.text_encoders, configs.autoencoder, image_channels=3, device=device)
     # The pipelines' default size: the transformer's sample_size (FLUX: 128) latents.
     sample_size = int(read_transformer_sample_size(path)) * encoders.downsample
-    from flowmatch.models.config import ModelConfig
+    from flowmatch.families.config import ModelConfig
 
     recipe = Recipe(model=encoders.fill_model_config(ModelConfig(**dataclasses.asdict(model.cfg))), flow=configs.flow,
                     text_encoders=configs.text_encoders, autoencoder=configs.autoencoder,
@@ -122,7 +121,7 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
                                                  guidance_scale=configs.kind.guidance_scale))
     model.to(device).eval().requires_grad_(False)
     return Pipeline(model, encoders, recipe, device=device,
-                    pipeline_grid=PipelineGrid(configs.scheduler, configs.kind.combine))
+                    pipeline_grid=PipelineGrid(configs.scheduler, configs.family))
 
 
 def read_transformer_sample_size(path: str | Path) -> int:

@@ -22,10 +22,8 @@ from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.families import family_of
 from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
-from flowmatch.models.backbone import build_backbone
-from flowmatch.models.flops import counted_training_flops_per_step, training_flops_per_step
-from flowmatch.models.mmdit import MMDiT
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.training.assembly import TrainingRun
@@ -319,18 +317,9 @@ class Trainer:
         f = run.encoders.downsample
         prompts = run.encoders.encode_text(r.sampling.prompts[:16])
         text_len = max(1, round(prompts.mask.sum().item() / len(prompts)))  # validation prompts' mean length
-        if r.model.kind != "mmdit":  # no analytic count: one meta-device forward, counted
-            m = r.model
-            with torch.device("meta"):
-                shape_model = build_backbone(m)
-                cond = Conditioning(torch.zeros(1, text_len, m.context_dim), torch.ones(1, text_len, dtype=torch.bool),
-                                    torch.zeros(1, m.pooled_dim))
-                inputs = (torch.zeros(1, m.in_channels, height // f, width // f), torch.full((1,), 0.5), cond)
-            return counted_training_flops_per_step(shape_model, inputs, batch_size=r.train.batch_size)
-        with torch.device("meta"):
-            shape_model = MMDiT(r.model.architecture())
-        return training_flops_per_step(shape_model, batch_size=r.train.batch_size,
-                                       latent_size=(height // f, width // f), text_len=text_len).total
+        family = family_of(r.model)  # an analytic count (MMDiT) or one counted meta-device forward (U-Net)
+        return family.flops(r.model, batch_size=r.train.batch_size, latent_size=(height // f, width // f),
+                            text_len=text_len)
 
     def log(self, window: LossWindow, result, flops_per_step: float) -> float:
         """Reduce the window's sums across ranks and record them: the loop's host sync, once per log interval."""

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves
 from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config
-from flowmatch.models.mmdit import MMDiTConfig
 
 #: The file name diffusers' `load_lora_weights` looks for.
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -83,9 +82,3 @@ def merge(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], chosen: li
         out[key] = (w.float() + lora.scale * (b.float() @ a.float())).to(w.dtype)
     return out
 
-
-def lora_modules(cfg: MMDiTConfig, lora: LoraConfig) -> list[Projection]:
-    """The projections a LoRA of this config adapts (see :func:`flowmatch.models.lora.select`)."""
-    from flowmatch.models.lora import select
-
-    return select(cfg, lora.targets)
