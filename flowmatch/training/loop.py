@@ -23,7 +23,7 @@ from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.families import family_of
-from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, objective_loss
+from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, get_objective, objective_loss
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.training.assembly import TrainingRun
@@ -143,7 +143,8 @@ class Trainer:
         self.validator = Validator(run)
         self.preemption = Preemption(run.engine.rank)
         self.jvp_backend = jvp_backend(run.recipe)
-        exact = run.recipe.flow.objective == "meanflow" and self.jvp_backend == "exact"
+        self.objective = get_objective(run.recipe.flow.objective)
+        exact = self.objective.uses_jvp and self.jvp_backend == "exact"
         self.models = objective_models(run.velocity, run.engine, exact_jvp=exact, teacher=run.teacher)
 
     # -- one micro batch -------------------------------------------------------------------------------------------
@@ -241,9 +242,8 @@ class Trainer:
         self.monitor = Monitor(run.run_dir, r.logging, enabled=e.is_main, total_steps=r.train.max_steps,
                                start_step=start_step)
         self.validator.monitor = self.monitor
-        if r.flow.objective != "flow" or r.flow.teacher:
-            self.monitor.message(f"objective {r.flow.objective}"
-                                 + (f", JVP backend {self.jvp_backend}" if r.flow.objective == "meanflow" else "")
+        if self.objective.interval or r.flow.teacher:
+            self.monitor.message(self.objective.describe(self.jvp_backend)
                                  + (f", teacher {r.flow.teacher}" if r.flow.teacher else "")
                                  + (f" (flow map, {r.flow.teacher_steps} midpoint steps)" if r.flow.teacher_steps else ""))
         batches = iter(run.loader)
