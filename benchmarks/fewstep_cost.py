@@ -30,7 +30,8 @@ from flowmatch.flow import (
     objective_loss,
     with_guidance,
 )
-from flowmatch.models import MMDiT, config_from_preset
+from flowmatch.families.presets import config_from_preset
+from flowmatch.models import MMDiT
 from flowmatch.training.assembly import EngineVelocity
 from flowmatch.training.fewstep import objective_models
 

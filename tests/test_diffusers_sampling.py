@@ -15,7 +15,8 @@ from flowmatch.config import load_recipe
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.flow import FlowConfig, TimeSchedule
-from flowmatch.models import MMDiT, from_diffusers
+from flowmatch.families.convert import from_diffusers
+from flowmatch.models import MMDiT
 from flowmatch.sampling.diffusers_schedule import (PipelineGrid, diffusers_default_sigmas, diffusers_sigmas, mu_for,
                                                    scheduler_config)
 from flowmatch.sampling.generate import Pipeline, image_noise, sample_latents

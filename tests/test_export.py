@@ -18,7 +18,8 @@ from flowmatch.cli import main
 from flowmatch.config import recipe_from_yaml
 from flowmatch.dtypes import DTYPES
 from flowmatch.export import _sizes_from_weights
-from flowmatch.models import MMDiT, from_diffusers, from_original
+from flowmatch.families.convert import from_diffusers, from_original
+from flowmatch.models import MMDiT
 from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.interop_models import rel_err

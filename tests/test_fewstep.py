@@ -24,7 +24,8 @@ from flowmatch.flow import (
 from flowmatch.flow.flowmap import teacher_average_velocity
 from flowmatch.flow.meanflow import meanflow_target
 from flowmatch.flow.shortcut import bootstrap_target, consistency_times
-from flowmatch.models import MMDiT, config_from_preset
+from flowmatch.families.presets import config_from_preset
+from flowmatch.models import MMDiT
 from flowmatch.sampling import sample_average, sample_latents
 
 ROOT = Path(__file__).resolve().parents[1]

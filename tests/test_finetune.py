@@ -18,7 +18,7 @@ from flowmatch.checkpoint.manifest import read_manifest, sha256_file
 from flowmatch.cli import main
 from flowmatch.config import RecipeError
 from flowmatch.init_from import architecture, load_weights as load_init, locate, record
-from flowmatch.models import from_diffusers
+from flowmatch.families.convert import from_diffusers
 from flowmatch.models.lora import is_adapter
 from flowmatch.training import train
 from flowmatch.training.assembly import assemble

@@ -13,7 +13,7 @@ from flowmatch.models.flops import count_parameters, mfu, training_flops_per_ste
 from flowmatch.models.layers import AdaLNModulation
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
-from flowmatch.models.presets import PRESETS, config_from_preset, preset_values
+from flowmatch.families.presets import PRESETS, config_from_preset, preset_values
 
 DIMS = dict(in_channels=4, context_dim=24, pooled_dim=12)
 
