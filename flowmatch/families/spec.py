@@ -113,6 +113,8 @@ class Family:
     """One line for listings and errors."""
     presets: Mapping[str, Mapping[str, Any]]
     """Named sizes, each as its difference from the config defaults (:mod:`flowmatch.families.presets`)."""
+    tiny: str
+    """The test-sized preset among them, which tests/test_families.py builds, runs and converts."""
     build: Callable[..., nn.Module]
     """``build(model_cfg, **kw) -> nn.Module``: the network of a recipe's model section."""
     claims: Callable[[Any], bool]

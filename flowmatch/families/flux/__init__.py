@@ -27,6 +27,7 @@ FAMILY = Family(
     kind=mmdit.KIND,
     summary="MMDiT with RoPE and single-stream blocks: FLUX.1 dev (guidance-distilled) and schnell",
     presets=PRESETS,
+    tiny="tiny-flux-dev",
     build=mmdit.build,
     claims=lambda cfg: mmdit.is_mmdit(cfg) and bool(cfg.rope),
     mismatch="model.kind: mmdit with model.rope: true",

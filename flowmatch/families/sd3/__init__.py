@@ -23,6 +23,7 @@ FAMILY = Family(
     kind=mmdit.KIND,
     summary="MMDiT with a sin-cos position grid: SD3, SD3.5 (medium: MMDiT-X) and flowmatch's own sizes",
     presets=PRESETS,
+    tiny="tiny-sd3.5-medium",
     build=mmdit.build,
     claims=lambda cfg: mmdit.is_mmdit(cfg) and not cfg.rope,
     mismatch="model.kind: mmdit with model.rope: false",

@@ -39,6 +39,7 @@ FAMILY = Family(
     kind=KIND,
     summary="diffusers' UNet2DConditionModel (DDPM / latent diffusion), trained from a random init",
     presets=PRESETS,
+    tiny="digits-unet",
     build=build,
     claims=lambda cfg: getattr(cfg, "kind", None) == KIND,
     mismatch="model.kind: unet",
