@@ -143,8 +143,8 @@ def test_the_scan_finds_a_kind_comparison():
 
 
 def test_no_module_outside_the_registries_compares_family_or_objective_names():
-    offenders = [f"{path.relative_to(PACKAGE).as_posix()}:{hit}"
-                 for path in sorted(PACKAGE.rglob("*.py")) if not path.relative_to(PACKAGE).as_posix().startswith(REGISTRIES)
+    modules = {path.relative_to(PACKAGE).as_posix(): path for path in sorted(PACKAGE.rglob("*.py"))}
+    offenders = [f"{name}:{hit}" for name, path in modules.items() if not name.startswith(REGISTRIES)
                  for hit in name_comparisons(path.read_text())]
     assert not offenders, "ask the family (flowmatch.families) or the objective (flowmatch.flow.get_objective):\n" + \
         "\n".join(offenders)

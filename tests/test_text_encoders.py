@@ -67,15 +67,16 @@ def test_sd3_layout_of_each_encoder():
             assert torch.equal(region, out.hidden) and torch.equal(cond.pooled[:, part.pooled], out.pooled)
     assert cond.hidden[:, :77, 80:].abs().max() == 0  # zero padding up to T5's width
     flux_shapes = {"clip_l": SD3_SHAPES["clip_l"], "t5": SD3_SHAPES["t5"]}
-    flux = combine_outputs(text_layout("flux"), {n: outputs[n] for n in flux_shapes}, {n: SD3_KINDS[n] for n in flux_shapes},
-                           guidance=1.0)
+    flux = combine_outputs(text_layout("flux"), {n: outputs[n] for n in flux_shapes},
+                           {n: SD3_KINDS[n] for n in flux_shapes}, guidance=1.0)
     assert torch.equal(flux.hidden, outputs["t5"].hidden) and torch.equal(flux.pooled, outputs["clip_l"].pooled)
     assert torch.equal(flux.extra["guidance"], torch.ones(2))
 
 
 def test_caption_dropout_drops_each_encoder_alone_and_independently():
     shapes = SD3_SHAPES
-    cond, null = combine_outputs(text_layout("sd3"), _outputs(64, 1), SD3_KINDS), combine_outputs(text_layout("sd3"), _outputs(1, 2), SD3_KINDS)
+    sd3 = text_layout("sd3")
+    cond, null = combine_outputs(sd3, _outputs(64, 1), SD3_KINDS), combine_outputs(sd3, _outputs(1, 2), SD3_KINDS)
     layout = parts(text_layout("sd3"), shapes)
     only_g = [(p, 1.0 if p.name == "clip_g" else 0.0) for p in layout]
     dropped = drop_captions(cond, null, 0.0, generator=torch.Generator().manual_seed(0), parts=only_g)

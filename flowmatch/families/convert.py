@@ -9,10 +9,10 @@
     converted = convert_diffusers(path)      # config and our state dict before building (to size or shard first)
 
 The family (:mod:`flowmatch.families`) is chosen by the diffusers class, by the original keys, or (going out) by
-our config (:func:`flowmatch.families.family_of`). Configs travel with the weights, and a converted config that equals a preset carries
-its name. Conversions there and back reproduce every tensor bit for bit; the few of theirs that never reach an
-output (SD3's last-block text queries, its stored position table) are kept on the converted model as
-`model.interop_inert` and written back from there (see :mod:`flowmatch.models.convert.keymap`).
+our config (:func:`flowmatch.families.family_of`). Configs travel with the weights, and a converted config that
+equals a preset carries its name. Conversions there and back reproduce every tensor bit for bit; the few of theirs
+that never reach an output (SD3's last-block text queries, its stored position table) are kept on the converted
+model as `model.interop_inert` and written back from there (see :mod:`flowmatch.models.convert.keymap`).
 
 Each family's key tables and config mappings live in its folder (``flowmatch/families/sd3/convert.py``,
 ``flowmatch/families/flux/convert.py``); the key-map machinery is :mod:`flowmatch.models.convert.keymap`.
