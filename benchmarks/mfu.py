@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from flowmatch.dtypes import DTYPES
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
+from flowmatch.families.presets import config_from_preset
 from flowmatch.models import MMDiT
 from flowmatch.models.flops import mfu, training_flops_per_step
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
-from flowmatch.families.presets import config_from_preset
 
 # Dense (no sparsity) bf16 tensor-core peaks, matched by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the PCIe H100 comes before the SXM one.

@@ -197,8 +197,8 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
 def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:
     """`pytorch_lora_weights.safetensors` of a LoRA run's adapter weights, in diffusers' names."""
     from flowmatch.engine.state import write_safetensors
-    from flowmatch.models.convert.lora import to_diffusers_lora
     from flowmatch.families.lora import select
+    from flowmatch.models.convert.lora import to_diffusers_lora
 
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
     tensors, metadata = to_diffusers_lora(adapters, chosen, model_cfg.lora)
@@ -209,9 +209,9 @@ def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:
 def _merged(ckpt: Path, model_cfg, adapters: dict) -> dict:
     """The base weights a LoRA checkpoint records (their hash checked) with its adapters merged in."""
     from flowmatch.checkpoint import read_meta
+    from flowmatch.families.lora import select
     from flowmatch.init_from import from_meta, load_weights
     from flowmatch.models.convert.lora import merge
-    from flowmatch.families.lora import select
 
     base = load_weights(from_meta(read_meta(ckpt).init_from), verify=True)
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)

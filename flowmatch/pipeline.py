@@ -57,9 +57,9 @@ def checkpoint_model(ckpt: Path, model_cfg: "ModelConfig", weights: dict[str, to
     for a LoRA run (MMDiT only) the base weights its meta.json records (their hash checked) with the adapters
     applied through peft."""
     from flowmatch.checkpoint import read_meta
-    from flowmatch.init_from import from_meta, load_weights
     from flowmatch.families import build_backbone
     from flowmatch.families.lora import apply_lora
+    from flowmatch.init_from import from_meta, load_weights
     from flowmatch.models.lora import is_adapter
 
     if model_cfg.lora is None:

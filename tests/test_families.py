@@ -17,8 +17,7 @@ from flowmatch.config import RecipeError, load_recipe
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.families import FAMILIES, MODEL_KINDS, build_backbone, family_of, get_family, text_layout
 from flowmatch.families.config import ModelConfig
-from flowmatch.families.convert import (convert_original, from_diffusers, from_original, to_diffusers,
-                                        to_original)
+from flowmatch.families.convert import convert_original, from_diffusers, from_original, to_diffusers, to_original
 from flowmatch.families.presets import PRESET_FAMILY, PRESETS, config_from_preset, preset_values
 from flowmatch.flow import OBJECTIVES, get_objective
 from flowmatch.init_from import with_architecture

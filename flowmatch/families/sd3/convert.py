@@ -21,8 +21,8 @@ Same inputs give the same outputs: our `model(x, t, Conditioning(hidden, mask, p
 
 The last block's text stream is context-pre-only: its queries (diffusers' `add_q_proj`, `norm_added_q`; the
 first third of the original `qkv` and its `ln_q`) and the stored position table never reach an output and are
-inert (see :mod:`flowmatch.models.convert.keymap`). The family is registered in :mod:`flowmatch.families.sd3`. diffusers' pre-only text modulation is (scale, shift), the
-original one (shift, scale) like ours.
+inert (see :mod:`flowmatch.models.convert.keymap`). diffusers' pre-only text modulation is (scale, shift), the
+original one (shift, scale) like ours. The family is registered in :mod:`flowmatch.families.sd3`.
 """
 
 from __future__ import annotations
