@@ -1,5 +1,8 @@
 """The training objectives, one loss per micro batch: ``flow.objective: flow | meanflow | shortcut``.
 
+Each is an :class:`Objective` registered in :data:`OBJECTIVES`; the trainer and the recipe checks ask it (does it
+train an interval, does it need a JVP, its log line) and never compare its name.
+
 Each draws its times, builds its targets from the path of :mod:`flowmatch.flow.path` (t = 0 data, t = 1 noise)
 and returns one loss; the model enters only as callables, so this layer stays model-agnostic:
 
