@@ -15,6 +15,11 @@ from flowmatch.models.lora import ATTENTION
 FLUX_EXTRA = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
+def claims(cfg) -> bool:
+    """An MMDiT with RoPE (how recipes before families said FLUX)."""
+    return mmdit.is_mmdit(cfg) and bool(cfg.rope)
+
+
 def lora_targets(cfg) -> list[str]:
     """The joint attention's projections, the feed-forward layers and the single blocks' projections
     (``proj_mlp``, ``proj_out``; as in peft, the suffix ``proj_out`` also names the final projection), as
@@ -29,7 +34,7 @@ FAMILY = Family(
     presets=PRESETS,
     tiny="tiny-flux-dev",
     build=mmdit.build,
-    claims=lambda cfg: mmdit.is_mmdit(cfg) and bool(cfg.rope),
+    claims=claims,
     mismatch="model.kind: mmdit with model.rope: true",
     capabilities=Capabilities(init_from=True, lora=True, interval_embed=True, block_transforms=True),
     time_scale=mmdit.TIME_SCALE,

@@ -12,6 +12,11 @@ from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, Lat
 from flowmatch.models.lora import ATTENTION, ATTENTION2
 
 
+def claims(cfg) -> bool:
+    """An MMDiT without RoPE: a sin-cos position grid (every recipe before families that says neither)."""
+    return mmdit.is_mmdit(cfg) and not cfg.rope
+
+
 def lora_targets(cfg) -> list[str]:
     """The joint attention's projections and MMDiT-X's second attention, as diffusers' DreamBooth LoRA script for
     SD3 (examples/dreambooth/train_dreambooth_lora_sd3.py) trains them."""
@@ -25,7 +30,7 @@ FAMILY = Family(
     presets=PRESETS,
     tiny="tiny-sd3.5-medium",
     build=mmdit.build,
-    claims=lambda cfg: mmdit.is_mmdit(cfg) and not cfg.rope,
+    claims=claims,
     mismatch="model.kind: mmdit with model.rope: false",
     capabilities=Capabilities(init_from=True, lora=True, interval_embed=True, block_transforms=True),
     time_scale=mmdit.TIME_SCALE,

@@ -23,6 +23,11 @@ def build(cfg: Any, **kwargs: Any) -> UNetBackbone:
     return UNetBackbone(cfg)
 
 
+def claims(cfg) -> bool:
+    """A section with ``model.kind: unet``."""
+    return getattr(cfg, "kind", None) == KIND
+
+
 def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> float:
     """Training FLOPs of one step, counted in one meta-device forward of a one-sample batch."""
     height, width = latent_size
@@ -41,7 +46,7 @@ FAMILY = Family(
     presets=PRESETS,
     tiny="digits-unet",
     build=build,
-    claims=lambda cfg: getattr(cfg, "kind", None) == KIND,
+    claims=claims,
     mismatch="model.kind: unet",
     capabilities=Capabilities(init_from=False, lora=False, interval_embed=False, block_transforms=False),
     time_scale=1000.0,  # DDPM's integer timestep at t = k / 1000 on a VP path
