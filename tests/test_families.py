@@ -21,6 +21,7 @@ from flowmatch.families.convert import convert_original, from_diffusers, from_or
 from flowmatch.families.presets import PRESET_FAMILY, PRESETS, config_from_preset, preset_values
 from flowmatch.flow import OBJECTIVES, get_objective
 from flowmatch.init_from import with_architecture
+from flowmatch.sampling.diffusers_schedule import PipelineGrid
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flowmatch"
 #: Sizes the encoders would fill in.
@@ -147,3 +148,20 @@ def test_no_module_outside_the_registries_compares_family_or_objective_names():
                  for hit in name_comparisons(path.read_text())]
     assert not offenders, "ask the family (flowmatch.families) or the objective (flowmatch.flow.get_objective):\n" + \
         "\n".join(offenders)
+
+
+def test_the_diffusers_schedule_follows_the_family():
+    """Bugs caught: FLUX's transformer time not rounded through float32 as FluxPipeline rounds it (a drift the
+    pipeline-parity tests' pixel tolerance hides), SD3's guidance not classifier-free, FLUX's default sigmas lost."""
+    config = dict(shift=3.0, use_dynamic_shifting=False)
+    sd3, flux = PipelineGrid(config, "sd3"), PipelineGrid({**config, "use_dynamic_shifting": True}, "flux")
+    t = torch.linspace(0, 1, 1001)
+    assert flux.model_time(t).dtype == torch.float32 and torch.equal(flux.model_time(t), (t * 1000) / 1000)
+    assert not torch.equal(flux.model_time(t), t) and sd3.model_time(t) is t
+    assert (sd3.classifier_free, flux.classifier_free) == (True, False)
+    assert flux.grid(4, seq_len=256) == flux.grid(4, seq_len=256, sigmas=[1.0, 0.75, 0.5, 0.25])
+    assert sd3.grid(4, seq_len=256) != sd3.grid(4, seq_len=256, sigmas=[1.0, 0.75, 0.5, 0.25])
+    with pytest.raises(ValueError, match="did you mean 'flux'"):
+        PipelineGrid(config, "flx")
+    with pytest.raises(ValueError, match="sd3, flux"):
+        PipelineGrid(config, "unet")  # a family without a diffusers pipeline
