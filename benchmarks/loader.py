@@ -107,8 +107,8 @@ def loader_rate(cfg: DataConfig, batch_size: int, batches: int) -> float:
 def trainer_step_rate(recipe_path: str, batch_size: int, device: str, steps: int = 10) -> float:
     """Steps/s of MMDiT forward + backward + AdamW at the recipe's shapes (what the loader has to keep up with)."""
     from flowmatch.config import load_recipe
-    from flowmatch.models.mmdit import MMDiT
     from flowmatch.encoders.frozen import FrozenEncoders
+    from flowmatch.models.mmdit import MMDiT
 
     recipe = load_recipe(recipe_path)
     encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels)

@@ -4,8 +4,8 @@ One step = forward, MSE loss, backward, AdamW. Timings of the two models are int
 first) in one run, so a shared or throttled machine slows both alike; the figure to read is the ratio of medians
 (ours / diffusers, lower is better), by wall time and by this process's CPU time (the latter is less disturbed by
 other processes on a shared machine), and of the fastest steps (the least disturbed ones: at 2 threads on a loaded
-machine a step's parallel regions wait for descheduled threads, which costs more the more kernels a step launches). Also reports the FLOP/s ours achieves (flowmatch.models.flops estimate) against
-this machine's measured matmul peak.
+machine a step's parallel regions wait for descheduled threads, which costs more the more kernels a step launches).
+Also reports the FLOP/s ours achieves (flowmatch.models.flops estimate) against this machine's measured matmul peak.
 
 Each side steps with the AdamW its own library trains with: ours the implementation the engine picks
 (flowmatch.engine.optim.adamw_implementation, fused), diffusers torch's default (the one its training examples

@@ -17,6 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -110,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[int, dict[str, float]]:
         with torch.inference_mode():
             run_ours(batches[0], image_noise(list(range(len(batches[0]))), (c, h, w)), 1)  # warm-up: loading, allocator
             run_theirs(batches[0], image_noise(list(range(len(batches[0]))), (c, h, w)), 1)
-            part_s = {name: sum(timed(device, lambda: fn(b)) for b in batches) for name, fn in parts.items()}
+            part_s = {name: sum(timed(device, partial(fn, b)) for b in batches) for name, fn in parts.items()}
             results: dict[int, dict[str, float]] = {}
             for steps in args.steps:
                 seconds = {"ours": [], "diffusers": []}
@@ -118,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[int, dict[str, float]]:
                     noise = image_noise(list(range(i * args.batch, i * args.batch + len(batch))), (c, h, w))
                     order = [("ours", run_ours), ("diffusers", run_theirs)]
                     for name, run in order if i % 2 == 0 else order[::-1]:
-                        seconds[name].append(timed(device, lambda: run(batch, noise, steps)))
+                        seconds[name].append(timed(device, partial(run, batch, noise, steps)))
                 per_s = {name: len(prompts) / sum(s) for name, s in seconds.items()}
                 paired = statistics.median(d / o for o, d in zip(seconds["ours"], seconds["diffusers"]))
                 results[steps] = {**per_s, "ratio": per_s["ours"] / per_s["diffusers"], "paired": paired}
@@ -128,7 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[int, dict[str, float]]:
         print("per image, in the totals above: text encoding "
               f"{part_s['ours encode'] / len(prompts) * 1e3:.1f} ms flowmatch / "
               f"{part_s['diffusers encode'] / len(prompts) * 1e3:.1f} ms diffusers; VAE decoding "
-              f"{part_s['ours decode'] / len(prompts) * 1e3:.1f} ms / {part_s['diffusers decode'] / len(prompts) * 1e3:.1f} ms")
+              f"{part_s['ours decode'] / len(prompts) * 1e3:.1f} ms / "
+              f"{part_s['diffusers decode'] / len(prompts) * 1e3:.1f} ms")
     return results
 
 

@@ -37,7 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--validate-every", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=0, help="training batch (0 = the recipe's)")
     p.add_argument("--warmup-steps", type=int, default=-1, help="LR warm-up steps (-1 = the recipe's)")
-    p.add_argument("--caches", default="", help="train from DIR/bf16 and DIR/int8 made earlier (reconstruction skipped)")
+    p.add_argument("--caches", default="",
+                   help="train from DIR/bf16 and DIR/int8 made earlier (reconstruction skipped)")
     return p.parse_args()
 
 

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,8 +17,32 @@ from typing import Optional
 def _usage_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's input or files, printed without a traceback."""
     from flowmatch.checkpoint import CheckpointError
+    from flowmatch.data import DataUnavailable
+    from flowmatch.runlock import RunLocked
 
-    return (ValueError, FileNotFoundError, CheckpointError)
+    return (ValueError, FileNotFoundError, CheckpointError, RunLocked, DataUnavailable)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
@@ -29,9 +55,10 @@ def split_recipe_args(args: list[str]) -> tuple[Optional[str], list[str]]:
 def cmd_train(ns: argparse.Namespace) -> int:
     from flowmatch.checkpoint import CheckpointError
     from flowmatch.config import RecipeError, load_recipe
-    from flowmatch.data import EncoderMismatch
+    from flowmatch.data import DataUnavailable, EncoderMismatch
     from flowmatch.engine import run_guarded
     from flowmatch.engine.launch import LaunchError
+    from flowmatch.runlock import RunLocked
     from flowmatch.training import train
     from flowmatch.training.loop import TrainingError
 
@@ -47,15 +74,27 @@ def cmd_train(ns: argparse.Namespace) -> int:
         # Problems of the recipe, the files or the run get a clear message and no traceback (other ranks stop
         # too); anything else is a bug and keeps its traceback.
         except (RecipeError, FileNotFoundError, EncoderMismatch, TrainingError, LaunchError,
-                CheckpointError) as err:
+                CheckpointError, RunLocked, DataUnavailable) as err:
             print(f"flowmatch train: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"flowmatch train: the disk is full ({err.strerror}) writing {err.filename or recipe.run_dir}: "
+                  "free some space or set run_dir= to another disk, then run the same command; checkpoints are "
+                  "written atomically, so it resumes from the newest intact one", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
 
     # On any failure run_guarded ends this process at once and tells the other ranks to stop, so no rank
     # hangs in a collective until its timeout.
     summary = run_guarded(guarded)
+    interrupted = summary.stop_signal == "SIGINT"  # Ctrl-C: the shell's status for it, after the checkpoint
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # one summary per job
-        return 0
+        return 130 if interrupted else 0
+    if interrupted:
+        print(f"flowmatch train: interrupted at step {summary.final_step}; checkpoint {summary.last_checkpoint}; run "
+              "the same command to resume", file=sys.stderr)
+        return 130
     print(
         f"{'stopped early' if summary.preempted else 'trained'} {summary.run_dir}: steps {summary.start_step} -> "
         f"{summary.final_step} in {summary.seconds:.0f} s, loss {summary.final_loss:.4f}, skipped "
@@ -81,9 +120,18 @@ def cmd_sample(ns: argparse.Namespace) -> int:
     return 0
 
 
+def trust_run_dir(ns: argparse.Namespace) -> None:
+    """--trust-run-dir: the stored recipe may run the commands its shards name (flowmatch.data.trust)."""
+    from flowmatch.data.trust import TRUST_ENV
+
+    if ns.trust_run_dir:
+        os.environ[TRUST_ENV] = "1"
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     from flowmatch.evaluate import evaluate, format_report
 
+    trust_run_dir(ns)
     report = evaluate(
         ns.path,
         steps=[int(s) for s in ns.steps.split(",")] if ns.steps else None,
@@ -108,19 +156,24 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 def cmd_export(ns: argparse.Namespace) -> int:
     from flowmatch.export import export
+    from flowmatch.runlock import RunLock
 
-    print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype, lora=ns.lora,
-                 merge=ns.merge).describe())
+    with RunLock(ns.out_dir, "flowmatch export"):
+        print(export(ns.path, ns.out_dir, weights=ns.weights, fmt=ns.format, dtype=ns.dtype, lora=ns.lora,
+                     merge=ns.merge, overwrite=ns.overwrite).describe())
     return 0
 
 
 def cmd_ema(ns: argparse.Namespace) -> int:
     from flowmatch.checkpoint import resolve_checkpoint
     from flowmatch.posthoc import compare_emas, reconstruct_ema
+    from flowmatch.runlock import RunLock
 
+    trust_run_dir(ns)
     ckpt = resolve_checkpoint(ns.path)
     run_dir = ckpt.parent.parent
-    made = reconstruct_ema(run_dir, [float(s) for s in ns.sigma_rel.split(",")], step=ns.step)
+    with RunLock(run_dir, "flowmatch ema"):  # it writes RUN_DIR/ema/
+        made = reconstruct_ema(run_dir, [float(s) for s in ns.sigma_rel.split(",")], step=ns.step)
     for m in made:
         print(f"wrote {m.path}: sigma_rel {m.sigma_rel:g} at step {m.step} from {m.snapshots} snapshots "
               f"(profile misfit {m.residual:.1e}); load it with ema={m.name!r}")
@@ -138,6 +191,10 @@ def cmd_ema(ns: argparse.Namespace) -> int:
     return 0
 
 
+TRUST_HELP = ("let the run's stored recipe run the pipe: commands its shards name (off: a run directory from "
+              "elsewhere runs no code)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmatch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,13 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory (newest checkpoint), one checkpoint directory, or a diffusers "
                                 "SD3 / FLUX pipeline folder")
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
-    p.add_argument("--num", type=int, default=8, help="images per prompt (one grid row each prompt)")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the recipe's)")
+    p.add_argument("--num", type=positive_int, default=8, help="images per prompt (one grid row each prompt)")
+    p.add_argument("--steps", type=positive_int, default=None, help="ODE steps (default: the recipe's)")
     p.add_argument("--solver", default=None, help="euler, heun, midpoint, rk4, dpm++2m, dopri5 ..., or ddim, ancestral, pc")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default="grid.png", help="output PNG")
-    p.add_argument("--scale", type=int, default=1, help="upscale the grid (nearest) for viewing")
+    p.add_argument("--scale", type=positive_int, default=1, help="upscale the grid (nearest) for viewing")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights whatever the checkpoint's default")
     p.add_argument("--ema", default=None, help="an EMA reconstructed by `flowmatch ema`, e.g. sigma_rel-0.1")
     p.set_defaults(func=cmd_sample)
@@ -166,11 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory or checkpoint directory")
     p.add_argument("--steps", default=None, help="comma-separated step counts (default: the recipe's eval.steps)")
     p.add_argument("--solvers", default=None, help="comma-separated solvers (default: the recipe's eval.solvers)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the recipe's)")
+    p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default: the recipe's)")
     p.add_argument("--nfe", default=None, help="comma-separated velocity-evaluation budgets (instead of --steps)")
-    p.add_argument("--samples", type=int, default=None, help="images per class prompt")
+    p.add_argument("--samples", type=positive_int, default=None, help="images per class prompt")
     p.add_argument("--likelihood-samples", type=int, default=None, help="held-out images for bits/dim (0 = skip)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.add_argument("--trust-run-dir", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("check", help="verify every checkpoint of a run (exit 1 when the newest is damaged)")
@@ -190,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "pytorch_lora_weights.safetensors, for diffusers' load_lora_weights")
     p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into its base weights, "
                    "written as a whole transformer (--format applies)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output parts (transformer, scheduler, "
+                   "pipeline components) that OUT_DIR already holds and this export writes; without it they are "
+                   "an error")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of other lengths from a run's snapshots")
@@ -198,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="reconstruct at this snapshot's step (default: newest)")
     p.add_argument("--eval", action="store_true", help="also score raw, EMA and each reconstruction")
     p.add_argument("--samples", type=int, default=None, help="images per class prompt for the task's judge")
+    p.add_argument("--trust-run-dir", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=cmd_ema)
     return parser
 
@@ -224,6 +286,14 @@ def take_local_rank(argv: list[str]) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports take seconds) or in a command
+        print("flowmatch: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[list[str]]) -> int:
     from flowmatch.config import RecipeError
 
     ns = build_parser().parse_args(take_local_rank(sys.argv[1:] if argv is None else list(argv)))
@@ -235,9 +305,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except _usage_errors() as err:
         print(f"flowmatch {ns.command}: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("flowmatch: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

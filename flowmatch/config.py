@@ -12,6 +12,7 @@ the CPU digits job is recipes/digits.yaml.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import yaml
 
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.autoencoder import AutoencoderConfig
+from flowmatch.encoders.diffusers_folder import MODEL_INDEX
 from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.engine import DistributedConfig, OptimConfig
@@ -37,6 +39,8 @@ from flowmatch.training.config import TrainConfig
 __all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_from_dict", "recipe_from_yaml", "to_yaml"]
 
 DEFAULT_PRESET = "sd3-medium"
+#: `name_or_path: from_init` (text encoders, autoencoder): the component of model.init_from's pipeline.
+FROM_INIT = "from_init"
 
 
 @dataclass
@@ -87,13 +91,29 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Optional[list[str]
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=100)")
-        set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        set_dotted(tree, key.strip(), parse_override(key.strip(), raw))
     return recipe_from_dict(tree)
 
 
-def recipe_from_yaml(text: str) -> Recipe:
-    """A recipe from YAML text (e.g. the one saved in a checkpoint)."""
-    return recipe_from_dict(yaml.safe_load(text) or {})
+def parse_override(key: str, raw: str) -> Any:
+    """The value of a `key=raw` override, read as YAML (`null` clears an optional key); a RecipeError names it."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        what = str(err).splitlines()[0]
+        raise RecipeError(f"override {key}={raw!r} is not a YAML value ({what}): write a plain number, word, "
+                          "true/false, null or [list]; quote text that holds YAML syntax, and note that tags "
+                          "such as !!python/object are never accepted") from None
+
+
+def recipe_from_yaml(text: str, stored_in: str = "a run, checkpoint or export folder") -> Recipe:
+    """A recipe read back from where a run stored it (`stored_in` names the place in messages): its shards may not
+    run commands unless the user trusts run directories (flowmatch.data.trust)."""
+    recipe = recipe_from_dict(yaml.safe_load(text) or {})
+    recipe.data.stored_in = stored_in
+    return recipe
 
 
 def read_yaml_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -114,6 +134,9 @@ def read_yaml_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = tree.pop("base", None)
     if base is None:
         return tree
+    if not isinstance(base, str) or not base.strip():
+        raise RecipeError(f"recipe file {str(path)!r}: base: {base!r} must name another recipe file (a path "
+                          "relative to this one, e.g. base: digits.yaml); remove the key for none")
     return merge(read_yaml_tree(path.parent / base, (*chain, resolved)), tree)
 
 
@@ -142,18 +165,45 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
     model = tree.get("model") or {}
     if not isinstance(model, dict):
         raise RecipeError("model: expected a mapping of model settings")
+    if "preset" in model and model["preset"] is None:  # `model.preset=null`: no preset stated (init_from says)
+        model = {k: v for k, v in model.items() if k != "preset"}
     preset = model.get("preset", DEFAULT_PRESET)
     try:
         tree["model"] = merge({**preset_values(preset), "preset": preset}, model)  # nested sections (unet) merge
     except ValueError as err:
         raise RecipeError(f"model.preset: {err}") from None
     recipe = build_dataclass(Recipe, tree, "")
+    resolve_from_init(recipe, stated_preset="preset" in (tree.get("autoencoder") or {}))
     if recipe.model.init_from:
         from flowmatch.init_from import stated_architecture
 
         # Checked against the weights' architecture when the run is assembled (flowmatch.init_from).
         recipe.model.stated = stated_architecture(model)
     return recipe
+
+
+def resolve_from_init(recipe: Recipe, *, stated_preset: bool) -> None:
+    """Point every `name_or_path: from_init` at model.init_from's pipeline (its folder, or the hub id); a VAE taken
+    so uses that folder's latent factors (`preset: config`) unless the recipe states a preset."""
+    sections = {"autoencoder": recipe.autoencoder, "text_encoder": recipe.text_encoder,
+                **{f"text_encoders.encoders.{n}": c for n, c in recipe.text_encoders.encoders.items()}}
+    named = {key: cfg for key, cfg in sections.items() if cfg.name_or_path == FROM_INIT}
+    if not named:
+        return
+    key, source = f"{next(iter(named))}.name_or_path", recipe.model.init_from
+    if not source:
+        raise RecipeError(f"{key}: {FROM_INIT} takes that component from model.init_from's pipeline, but "
+                          "model.init_from is not set: set it to a diffusers pipeline folder or hub id, or give "
+                          f"{key} a folder or hub id of its own")
+    path = Path(source).expanduser()
+    root = next((str(d) for d in (path, path.parent) if (d / MODEL_INDEX).is_file()), None)
+    if root is None and path.exists():
+        raise RecipeError(f"{key}: {FROM_INIT} needs model.init_from to be a diffusers pipeline folder (holding "
+                          f"{MODEL_INDEX}), but {source!r} is not one: give {key} the folder of that component")
+    for cfg in named.values():
+        cfg.name_or_path = root or source  # a hub id: the pipeline's repository
+    if "autoencoder" in named and not stated_preset:
+        recipe.autoencoder.preset = "config"
 
 
 def build_dataclass(cls: type, values: Any, where: str) -> Any:
@@ -207,6 +257,9 @@ def convert(hint: Any, value: Any, path: str) -> Any:
         return {str(k): build_dataclass(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is dict or hint is Any:
         return value
+    if value is None and hint in (bool, int, float, str):
+        raise RecipeError(f"{path}: cannot be null (it is not an optional key); give a value or leave the key out "
+                          "for its default")
     if hint is bool:
         if not isinstance(value, bool):
             raise RecipeError(f"{path}: expected true or false, got {value!r}")
@@ -216,14 +269,27 @@ def convert(hint: Any, value: Any, path: str) -> Any:
             raise RecipeError(f"{path}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        return finite_float(value, path)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise RecipeError(f"{path}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def finite_float(value: Any, path: str) -> float:
+    """A float key's value: a number, or text in scientific notation (YAML 1.1 reads `1e-4` as a string)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise RecipeError(f"{path}: expected a number (e.g. 0.0001 or 1e-4), got {value!r}")
+    if math.isnan(number):
+        raise RecipeError(f"{path}: got {value!r}, not a number; give a finite value (e.g. 0.0001 or 1e-4)")
+    return float(number)
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -43,6 +44,10 @@ FORMATS = ("diffusers", "original")
 TRANSFORMER_DIR = "transformer"
 ORIGINAL_FILE = "transformer.safetensors"
 SCHEDULER_DIR = "scheduler"
+#: What a whole-transformer export may write into OUT_DIR besides the transformer: the scheduler, and the rest of a
+#: pipeline folder when the run's encoders are a pipeline's (flowmatch.pipeline_folder.write_pipeline_components).
+PIPELINE_PARTS = (SCHEDULER_DIR, "model_index.json", "vae",
+                  *(f"{name}{n}" for name in ("text_encoder", "tokenizer") for n in ("", "_2", "_3")))
 
 
 @dataclass
@@ -95,8 +100,9 @@ def _transformer_only_note(why: str) -> str:
 
 
 def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
-                fmt: str) -> tuple[list[Path], list[str]]:
-    """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's."""
+                fmt: str, replace: list[Path]) -> tuple[list[Path], list[str]]:
+    """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's (the `replace`
+    parts removed first)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
@@ -112,9 +118,11 @@ def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
                                            " (the pipelines' default sigmas differ for a static shift)")]
     source, why = pipeline_source(recipe, arch_class)
     if source is not None and fmt == "diffusers":
+        _remove(replace)
         files = write_pipeline_components(source, out_dir, arch_class, config)
         return files, notes + [f"complete {source.pipeline_class} folder (encoders, tokenizers and VAE copied from "
                                f"{source.path}): DiffusionPipeline.from_pretrained({str(out_dir)!r})"]
+    _remove([p for p in replace if p.name == SCHEDULER_DIR])
     FlowMatchEulerDiscreteScheduler(**config).save_config(out_dir / SCHEDULER_DIR)
     if source is not None:
         why = "--format original writes single-file transformer keys"
@@ -122,18 +130,22 @@ def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
 
 
 def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Optional[str] = None,
-           fmt: str = "diffusers", dtype: str = "fp32", lora: bool = False, merge: bool = False) -> ExportSummary:
+           fmt: str = "diffusers", dtype: str = "fp32", lora: bool = False, merge: bool = False,
+           overwrite: bool = False) -> ExportSummary:
     """Write the transformer of a run directory (its newest checkpoint) or of one checkpoint to `out_dir`.
 
     Args:
         path: ``RUN_DIR`` or ``RUN_DIR/checkpoints/<step>``.
-        out_dir: created if missing; an existing export in it is an error.
+        out_dir: created if missing; an existing output part in it (transformer, scheduler, pipeline
+            component) is an error unless `overwrite`.
         weights: ``ema`` or ``raw``; None = EMA when the checkpoint has it.
         fmt: ``diffusers`` (a transformer folder) or ``original`` (one safetensors file of original keys).
         dtype: ``fp32`` (the checkpoint's), ``bf16`` or ``fp16``.
         lora: a LoRA run's adapters as ``OUT_DIR/pytorch_lora_weights.safetensors``, for diffusers'
             ``load_lora_weights`` (`fmt` does not apply).
         merge: a LoRA run's adapters merged into its base weights, written as a whole transformer in `fmt`.
+        overwrite: replace the output parts that already exist in `out_dir` and this export writes (nothing
+            else in it is touched).
     """
     from flowmatch.checkpoint import load_recipe_yaml, load_weights, read_meta, resolve_checkpoint
     from flowmatch.config import recipe_from_yaml
@@ -151,8 +163,14 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         raise ValueError("--lora writes the adapters, --merge the merged transformer: choose one")
     out = Path(out_dir)
     target = out / (LORA_FILE if lora else TRANSFORMER_DIR if fmt == "diffusers" else ORIGINAL_FILE)
-    if target.exists():
-        raise ValueError(f"{target} already exists: choose another output directory or remove it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"export output {out} is a file, not a folder: give a folder path (it is created if "
+                         "missing) or move the file away")
+    existing = [out / name for name in (target.name, *([] if lora else PIPELINE_PARTS)) if (out / name).exists()]
+    if existing and not overwrite:
+        them = "it" if len(existing) == 1 else "them"
+        raise ValueError(f"an export part already exists in {out}: {', '.join(p.name for p in existing)}; choose "
+                         f"another output folder, or pass --overwrite to replace {them}")
 
     ckpt = resolve_checkpoint(path)
     recipe = recipe_from_yaml(load_recipe_yaml(ckpt))
@@ -170,6 +188,7 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     weights = weights or ("ema" if read_meta(ckpt).ema else "raw")
     state = load_weights(ckpt, ema=weights == "ema")
     if lora:
+        _remove(existing)
         files = [_write_lora(recipe.model, state, target, DTYPES[dtype])]
         return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format="lora",
                              architecture=family.converter.DIFFUSERS_CLASS, files=files,
@@ -184,14 +203,25 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     arch = family.converter
 
     out.mkdir(parents=True, exist_ok=True)
+    _remove([p for p in existing if p == target])
     if fmt == "diffusers":
         to_diffusers(model, copy=False).save_pretrained(target, safe_serialization=True)
         files = sorted(f for f in target.iterdir() if f.is_file())
     else:
         files = [save_original(model, target)]
-    scheduler_files, notes = _write_rest(TimeSchedule(recipe.flow), out, recipe, arch.DIFFUSERS_CLASS, fmt)
+    scheduler_files, notes = _write_rest(TimeSchedule(recipe.flow), out, recipe, arch.DIFFUSERS_CLASS, fmt,
+                                         [p for p in existing if p != target])
     return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format=fmt,
                          architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files, notes=notes)
+
+
+def _remove(parts: list[Path]) -> None:
+    """Delete the output parts an `overwrite` export replaces."""
+    for part in parts:
+        if part.is_dir() and not part.is_symlink():
+            shutil.rmtree(part)
+        else:
+            part.unlink()
 
 
 def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:

@@ -71,21 +71,21 @@ def _hub_folder(repo_id: str) -> Path:
 def locate(source: str) -> tuple[str, Path]:
     """(kind, local path) of an init_from value; a hub id is downloaded (or taken from the cache) first."""
     from flowmatch.checkpoint import resolve_checkpoint
-    from flowmatch.checkpoint.layout import CHECKPOINTS_DIR, names_a_checkpoint
+    from flowmatch.checkpoint.layout import CHECKPOINTS_DIR, EMA_FILE, MODEL_FILE, names_a_checkpoint
     from flowmatch.families.convert import diffusers_folder
 
     p = Path(source)
     if p.is_file():
-        return "original", p.resolve()
+        return "original", _intact(source, p.resolve())
     if p.is_dir():
-        if names_a_checkpoint(p) or (p / CHECKPOINTS_DIR).is_dir():
-            return "checkpoint", resolve_checkpoint(p).resolve()
+        if names_a_checkpoint(p) or (p / CHECKPOINTS_DIR).is_dir():  # its weights hashed and checked too
+            return "checkpoint", resolve_checkpoint(p, reads=lambda _: (MODEL_FILE, EMA_FILE)).resolve()
         folder = diffusers_folder(p)
         if folder is None:
             raise RecipeError(f"model.init_from={source!r} is a folder with neither config.json (a diffusers "
                               "transformer folder), transformer/config.json (a pipeline folder) nor checkpoints/ "
                               "(a flowmatch run)")
-        return "diffusers", folder.resolve()
+        return "diffusers", _intact(source, folder.resolve())
     if source.count("/") == 1 and not source.startswith((".", "/")):
         try:
             hub = _hub_folder(source)
@@ -99,6 +99,20 @@ def locate(source: str) -> tuple[str, Path]:
             return "diffusers", folder
     raise RecipeError(f"model.init_from={source!r} does not exist: give a diffusers pipeline or transformer folder, "
                       "a hub id (org/name), an original .safetensors file, or a flowmatch run directory")
+
+
+def _intact(source: str, path: Path) -> Path:
+    """`path` once the safetensors files it is or holds have headers that agree with their lengths; a RecipeError
+    names the damaged file."""
+    from flowmatch.checkpoint.manifest import structure_problem  # function-local as locate's checkpoint imports
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    for f in files:
+        problem = structure_problem(f) if f.suffix == ".safetensors" else None
+        if problem:
+            raise RecipeError(f"model.init_from={source!r}: {f} is damaged ({problem}); download or copy the "
+                              "weights again, or start from other weights")
+    return path
 
 
 def _checkpoint_recipe(ckpt: Path):

@@ -42,7 +42,7 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     named = isinstance(ema, str)  # a reconstructed EMA lives in RUN_DIR/ema/, not in the checkpoint
     ckpt = resolve_checkpoint(path, reads=lambda c: (RECIPE_FILE,) if named else (RECIPE_FILE, weights_file(c, ema)))
-    recipe = recipe_from_yaml((ckpt / RECIPE_FILE).read_text())
+    recipe = recipe_from_yaml((ckpt / RECIPE_FILE).read_text(), str(ckpt / RECIPE_FILE))
     encoders = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels,
                               device=device)
     recipe.model = encoders.fill_model_config(recipe.model)

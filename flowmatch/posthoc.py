@@ -5,6 +5,8 @@ Layout, beside the checkpoints and written only here::
 
     RUN_DIR/ema/snapshots/<step>.safetensors   every profile's whole fp32 weights at that step (keys
                                                ``p<i>.<name>``); metadata: step, updates, the profiles' sigma_rel
+    RUN_DIR/ema/snapshots/manifest.json        each snapshot's size and SHA-256: readers verify, and set a damaged
+                                               one aside (:mod:`flowmatch.checkpoint.snapshots`)
     RUN_DIR/ema/<name>.safetensors             a reconstructed EMA (model keys, fp32) named e.g. ``sigma_rel-0.1``;
                                                metadata: sigma_rel, step, residual; loaded by
                                                ``load_pipeline(RUN_DIR, ema=name)``
@@ -31,14 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flowmatch.checkpoint.layout import CheckpointError
+from flowmatch.checkpoint.snapshots import EMA_DIR, SNAPSHOTS_DIR, record_snapshot, set_aside_damaged, snapshot_files
 from flowmatch.engine.power_ema import gamma_of, reconstruct
 from flowmatch.engine.state import write_safetensors
 
 if TYPE_CHECKING:
     from flowmatch.engine import Engine
 
-EMA_DIR = "ema"
-SNAPSHOTS_DIR = "snapshots"
 _SUFFIX = ".safetensors"
 
 
@@ -97,6 +98,7 @@ def write_snapshot(engine: "Engine", run_dir: str | os.PathLike[str], step: int,
             "Make room there (or set train.ema_profiles: [] to track no post-hoc EMA), then run the same command "
             "to resume from the last checkpoint.") from None
     os.replace(tmp, out / f"{step}{_SUFFIX}")
+    record_snapshot(out / f"{step}{_SUFFIX}")  # listed with its hash, verified by readers (checkpoint.snapshots)
 
 
 def read_snapshot_meta(path: Path) -> Snapshot:
@@ -108,12 +110,9 @@ def read_snapshot_meta(path: Path) -> Snapshot:
 
 
 def list_snapshots(run_dir: str | os.PathLike[str]) -> list[Snapshot]:
-    """The complete snapshots of a run, oldest first."""
-    folder = ema_dir(run_dir) / SNAPSHOTS_DIR
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.name.endswith(_SUFFIX) and p.name[:-len(_SUFFIX)].isdigit()]
-    return sorted((read_snapshot_meta(p) for p in found), key=lambda s: s.step)
+    """The complete snapshots of a run, oldest first (damaged ones are set aside first by the callers that read
+    them: :func:`~flowmatch.checkpoint.snapshots.set_aside_damaged`)."""
+    return [read_snapshot_meta(p) for p in snapshot_files(run_dir)]
 
 
 def snapshot_profiles(snapshot: Snapshot) -> list[dict[str, torch.Tensor]]:
@@ -130,6 +129,9 @@ def restore_profiles(engine: "Engine", run_dir: str | os.PathLike[str], step: in
     """Collective, on resume at ``step``: load the profiles from that step's snapshot, or start them over when there
     is none (or it tracked other profiles). Snapshots after ``step`` belong to a run that was abandoned and are
     deleted (rank 0). Returns a line saying what happened."""
+    if engine.is_main:  # the snapshot about to be read is hashed, the others' headers checked
+        set_aside_damaged(run_dir, hashed={step})
+    engine.barrier()  # before any rank lists them
     snapshots = list_snapshots(run_dir)
     engine.barrier()  # every rank has listed them before any is deleted
     if engine.is_main:
@@ -165,7 +167,9 @@ def reconstruct_ema(run_dir: str | os.PathLike[str], sigma_rels: list[float], *,
     snapshot of the same history up to it, and write each as ``RUN_DIR/ema/<name>.safetensors``.
 
     Sums are taken in float64: least-squares coefficients of close profiles can be large with opposite signs.
+    Damaged snapshots are set aside first (each named in a warning), and the reconstruction goes on without them.
     """
+    set_aside_damaged(run_dir, hashed=True)
     snapshots = list_snapshots(run_dir)
     if not snapshots:
         raise FileNotFoundError(f"no EMA snapshots under {ema_dir(run_dir) / SNAPSHOTS_DIR}: train with "

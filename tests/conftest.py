@@ -18,3 +18,30 @@ def digit_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     write_digits(out)
     return out
+
+
+# The tiny diffusers pipelines (tests/tiny_pipelines.py). Defined here, not imported into each test module: a
+# fixture imported into several modules is a separate fixture in each, built again for every one of them.
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline(tmp_path_factory):
+    """Folder of a tiny random SD3-medium-layout pipeline (see tests/tiny_pipelines.py), built once per session."""
+    from tests.tiny_pipelines import save_sd3_pipeline  # imports diffusers: only for the tests that ask for it
+
+    return save_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tmp_path_factory):
+    """Folder of a tiny random FLUX.1-dev-layout pipeline (see tests/tiny_pipelines.py), built once per session."""
+    from tests.tiny_pipelines import save_flux_pipeline  # imports diffusers: only for the tests that ask for it
+
+    return save_flux_pipeline(tmp_path_factory.mktemp("tiny-flux-dev"))
+
+
+@pytest.fixture(scope="session")
+def train_runs(tmp_path_factory, digit_shards):
+    """The real training launches of tests/test_train_distributed.py, each started on first use and shared by the
+    modules that compare with them (tests/test_launchers.py follows its one-process run): each costs seconds."""
+    from test_train_distributed import Runs  # the module beside this file (tests/ is on sys.path)
+
+    return Runs(tmp_path_factory.mktemp("train-runs"), digit_shards)

@@ -54,3 +54,27 @@ def launch(commands: list[list[str]], logs: list[Path], *, envs: list[dict[str, 
 def torchrun(*args: str) -> list[str]:
     """`python -m torch.distributed.run ARGS` with this interpreter."""
     return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def launch_jobs(jobs: dict[str, tuple[list[list[str]], list[Path]]], *,
+                envs: dict[str, list[dict[str, str]]] | None = None,
+                timeout_s: float = LAUNCH_TIMEOUT_S) -> dict[str, tuple[list[int], list[Path]]]:
+    """Start independent jobs (each: its commands and their logs) all together; each job's return codes and logs.
+
+    A launch spends seconds in start-up and rendezvous with a core idle: side by side, one job's start-up fills
+    the other's waits on the 2-core machine."""
+    envs = envs or {}
+    commands, logs, all_envs, spans = [], [], [], {}
+    for name, (cmds, job_logs) in jobs.items():
+        spans[name] = slice(len(commands), len(commands) + len(cmds))
+        commands += cmds
+        logs += job_logs
+        all_envs += envs.get(name) or [clean_env() for _ in cmds]
+    codes, _ = launch(commands, logs, envs=all_envs, timeout_s=timeout_s)
+    return {name: (codes[span], jobs[name][1]) for name, span in spans.items()}
+
+
+def assert_succeeded(job: tuple[list[int], list[Path]]) -> None:
+    """Every process of a job of :func:`launch_jobs` exited 0; otherwise fail with its logs."""
+    codes, logs = job
+    assert codes == [0] * len(codes), "".join(log.read_text() for log in logs)

@@ -67,6 +67,7 @@ def test_the_planned_schedule_reaches_the_budgeted_run(tmp_path, monkeypatch):
     assert (run.plan.max_steps, run.steps, run.seconds) == (100, 3, 30.0)
 
 
+@pytest.mark.slow  # real calibration and training runs of the CLI
 def test_the_benchmark_calibrates_trains_and_judges_for_real(tmp_path, digit_shards, capsys):
     results = bench.main(["--only", "rf-lognorm", "--budget", "300", "--calibration-steps", "4", "--steps", "1",
                           "--samples", "1", "--likelihood-samples", "0", "--shards", str(digit_shards),

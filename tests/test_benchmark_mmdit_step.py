@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 _SPEC = importlib.util.spec_from_file_location("mmdit_step_benchmark",
                                                Path(__file__).parents[1] / "benchmarks" / "mmdit_step.py")
 bench = importlib.util.module_from_spec(_SPEC)
@@ -17,6 +19,7 @@ TINY = ["--layers", "2", "--heads", "2", "--head-dim", "8", "--latent-size", "8"
         "--warmup", "1", "--peak-size", "64"]
 
 
+@pytest.mark.slow  # traces forward and backward of both models
 def test_eager_and_compiled_columns_time_equal_models(capsys):
     # aot_eager traces forward and backward as inductor does but generates no code: seconds, not minutes.
     results = bench.main([*TINY, "--compile", "--compile-backend", "aot_eager"])

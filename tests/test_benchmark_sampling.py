@@ -6,8 +6,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from tests.tiny_pipelines import tiny_sd3_pipeline  # noqa: F401 - the session fixture
-
 _SPEC = importlib.util.spec_from_file_location("sampling_benchmark",
                                                Path(__file__).parents[1] / "benchmarks" / "sampling.py")
 bench = importlib.util.module_from_spec(_SPEC)

@@ -16,13 +16,20 @@ from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DMode
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.families.convert import architecture_of, convert_diffusers, from_diffusers, to_diffusers, to_original
 from flowmatch.families.flux import convert as flux
+from flowmatch.families.presets import config_from_preset
 from flowmatch.families.sd3 import convert as sd3
 from flowmatch.models.convert.keymap import Inert, to_theirs
 from flowmatch.models.embeddings import rope_table, sincos_pos_embed_2d
 from flowmatch.models.mmdit import MMDiT
-from flowmatch.families.presets import config_from_preset
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.interop_models import KINDS, diffusers_model, ours_inputs, reference, rel_err, sample_inputs
+from tests.interop_models import (
+    KINDS,
+    diffusers_model,
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+    ours_inputs,
+    reference,
+    rel_err,
+    sample_inputs,
+)
 
 REL_TOL = 1e-4
 

@@ -16,8 +16,15 @@ from safetensors.torch import save_file
 
 from flowmatch.families.convert import architecture_of, from_diffusers, from_original, save_original, to_original
 from flowmatch.models.convert.keymap import Inert, Tail
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.interop_models import KINDS, diffusers_model, ours_inputs, reference, rel_err, sample_inputs
+from tests.interop_models import (
+    KINDS,
+    diffusers_model,
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+    ours_inputs,
+    reference,
+    rel_err,
+    sample_inputs,
+)
 
 REL_TOL = 1e-4
 SD3_KINDS = [k for k in KINDS if k.startswith("sd3")]
@@ -126,6 +133,7 @@ def test_config_is_inferred_from_keys_and_what_they_do_not_show_is_asked_for(tmp
         from_original(broken, rope_axes_dim=[4, 6, 6])
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_original_conversion_does_not_import_diffusers(tmp_path):
     path = save_original(from_diffusers(diffusers_model("flux-schnell")), tmp_path / "m.safetensors")
     code = ("import sys; from flowmatch.families.convert import from_original, to_original; "

@@ -44,9 +44,8 @@ def run_img2dataset(url_list: Path, out: Path) -> None:
 
 @pytest.mark.slow  # a real training run
 def test_training_reads_img2dataset_output_as_it_is(tmp_path):
-    from tests.test_train import tiny_recipe
-
     from flowmatch.training import train
+    from tests.test_train import tiny_recipe
 
     images = write_images(tmp_path / "images", 7)
     with ShardServer(tmp_path / "images") as server:
@@ -65,7 +64,8 @@ def test_training_reads_img2dataset_output_as_it_is(tmp_path):
 
     cfg = DataConfig(shards=str(out), prepare="", resolution=8, channels=3, num_workers=0)
     batches = list(build_loader(cfg, rank=0, world_size=1, batch_size=3, seed=0, epochs=1))
-    seen = {meta["url"].rsplit("/", 1)[1]: (caption, meta) for b in batches for caption, meta in zip(b.captions, b.meta)}
+    seen = {meta["url"].rsplit("/", 1)[1]: (caption, meta)
+            for b in batches for caption, meta in zip(b.captions, b.meta)}
     assert sorted(seen) == sorted(images)  # every image once; the failed one simply absent
     for name, (caption, meta) in seen.items():
         assert caption == f"a random picture number {name[3:-4]}" and meta["status"] == "success"

@@ -10,8 +10,8 @@ import pytest
 from flowmatch.config import load_recipe
 from flowmatch.data import DataConfig, build_loader
 from flowmatch.data.config import SourceConfig
-from flowmatch.errors import RecipeError
 from flowmatch.data.shardformat import ShardSink
+from flowmatch.errors import RecipeError
 from tests.test_data_loader import take
 from tests.test_data_resume import png
 
@@ -92,9 +92,8 @@ def test_sources_in_a_recipe(tmp_path):
 
 @pytest.mark.slow  # a real training run
 def test_training_logs_per_source_counts_and_validation(tmp_path):
-    from tests.test_train import read_metrics, tiny_recipe
-
     from flowmatch.training import train
+    from tests.test_train import read_metrics, tiny_recipe
 
     mixture(tmp_path)  # writes the two sources
     sources = [{"shards": str(tmp_path / "a"), "weight": 3, "name": "big"},

@@ -64,9 +64,11 @@ def test_http_shards_that_keep_failing_are_counted_and_skipped(tmp_path):
 def test_all_shards_failing_is_an_error_not_a_hang(tmp_path):
     write_shards(tmp_path, 2, 3)
     with ShardServer(tmp_path, broken={"train0-000000.tar", "train1-000000.tar"}) as server:
-        loader = build_loader(cfg_for(server.url("train{0..1}-000000.tar")), rank=0, world_size=1, batch_size=2,
-                              seed=0)
-        with pytest.raises(RuntimeError, match="made no batch"):
+        with pytest.raises(RuntimeError, match="2 of 2 shards could not be read"):  # found when detecting the format
+            build_loader(cfg_for(server.url("train{0..1}-000000.tar")), rank=0, world_size=1, batch_size=2, seed=0)
+        loader = build_loader(cfg_for(server.url("train{0..1}-000000.tar"), cached=False), rank=0, world_size=1,
+                              batch_size=2, seed=0)
+        with pytest.raises(RuntimeError, match="made no batch in a whole epoch: 2 of 2 shards could not be read"):
             next(iter(loader))
 
 
@@ -108,9 +110,8 @@ def test_permanent_http_errors_are_not_retried(tmp_path):
 
 @pytest.mark.slow  # a real training run
 def test_training_reads_shards_over_http(tmp_path, digit_shards):
-    from tests.test_train import read_metrics, tiny_recipe
-
     from flowmatch.training import train
+    from tests.test_train import read_metrics, tiny_recipe
 
     with ShardServer(digit_shards, fail_first=1) as server:
         shards = "::".join(server.url(p.name) for p in sorted(Path(digit_shards).iterdir()) if p.suffix == ".tar")

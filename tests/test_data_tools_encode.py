@@ -14,7 +14,6 @@ from data_tools.encode import EncodeSettings, encode_shards
 from flowmatch.data import DataConfig, EncoderMismatch, build_loader, features, read_cache_info
 from flowmatch.data.shardformat import ShardSink
 from flowmatch.data.tarstream import RawSample, read_shard
-from tests.tiny_pipelines import tiny_sd3_pipeline  # noqa: F401 - the fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "digits.yaml")

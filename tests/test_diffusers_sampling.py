@@ -14,14 +14,24 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from flowmatch.config import load_recipe
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
-from flowmatch.flow import FlowConfig, TimeSchedule
 from flowmatch.families.convert import from_diffusers
+from flowmatch.flow import FlowConfig, TimeSchedule
 from flowmatch.models import MMDiT
-from flowmatch.sampling.diffusers_schedule import (PipelineGrid, diffusers_default_sigmas, diffusers_sigmas, mu_for,
-                                                   scheduler_config)
+from flowmatch.sampling.diffusers_schedule import (
+    PipelineGrid,
+    diffusers_default_sigmas,
+    diffusers_sigmas,
+    mu_for,
+    scheduler_config,
+)
 from flowmatch.sampling.generate import Pipeline, image_noise, sample_latents
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.interop_models import CONTEXT_DIM, FLUX_VAE_FACTOR, POOLED_DIM, diffusers_model
+from tests.interop_models import (
+    CONTEXT_DIM,
+    FLUX_VAE_FACTOR,
+    POOLED_DIM,
+    diffusers_model,
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The scheduler config of black-forest-labs/FLUX.1-dev (scheduler/scheduler_config.json); `shift` is unused

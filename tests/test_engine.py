@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import clean_env, free_port, launch, torchrun
+from launching import assert_succeeded, clean_env, free_port, launch, launch_jobs, torchrun
 from safetensors.torch import load_file
 from torch import nn
 
@@ -303,40 +303,60 @@ class Runs:
         return json.loads((self.root / name / "result.json").read_text())
 
     @cached_property
+    def launched(self) -> dict[str, tuple[list[int], list[Path]]]:
+        """The runs that need nothing from another, launched side by side (one after the other, each launch's
+        start-up would leave a core of a 2-core machine idle): exit codes and logs by name.
+
+        - ref: one plain process, ZeRO-0, the trajectory everything else is compared with (EMA evaluation at 4);
+        - bf16: the same in bf16;
+        - resumed: one process killed by SIGKILL in the middle of the step-8 save (after a non-finite window
+          before step 2);
+        - zero2: torchrun --standalone, 2 processes (EMA evaluation at 4);
+        - zero3: two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window
+          before step 3 and an EMA evaluation at step 4.
+        """
+        singles = {"ref": ("--ema-eval-at", "4"), "bf16": ("--precision", "bf16"),
+                   "resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
+        jobs = {name: ([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]],
+                       [self.root / f"{name}.log"]) for name, args in singles.items()}
+        jobs["zero2"] = ([torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT), "--run-dir",
+                                   str(self.root / "zero2"), "--zero-stage", "2", "--ema-eval-at", "4")],
+                         [self.root / "zero2.log"])
+        port = str(free_port())
+        jobs["zero3"] = ([torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
+                                   "127.0.0.1", "--master_port", port, str(SCRIPT), "--run-dir",
+                                   str(self.root / "zero3"), "--zero-stage", "3", "--grad-accum", "2", "--nan-at",
+                                   "3", "--ema-eval-at", "4") for i in range(2)],
+                         [self.root / f"zero3-node{i}.log" for i in range(2)])
+        return launch_jobs(jobs)
+
+    @cached_property
+    def singles(self) -> dict[str, tuple[int, str]]:
+        """The one-process runs of :attr:`launched`: exit status and log by name."""
+        return {name: (self.launched[name][0][0], self.launched[name][1][0].read_text())
+                for name in ("ref", "bf16", "resumed")}
+
+    @cached_property
     def reference(self) -> dict:
-        """One plain process, ZeRO-0: the trajectory everything else is compared with (EMA evaluation at 4)."""
-        code, log = self._single("ref", "--ema-eval-at", "4")
+        code, log = self.singles["ref"]
         assert code == 0, log
         return self.result("ref")
 
     @cached_property
     def zero2_two_procs(self) -> dict:
-        log = self.root / "zero2.log"
-        (code,), seconds = launch([torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT),
-                                              "--run-dir", str(self.root / "zero2"), "--zero-stage", "2",
-                                              "--ema-eval-at", "4")], [log])
-        assert code == 0, log.read_text()
+        assert_succeeded(self.launched["zero2"])
         return self.result("zero2")
 
     @cached_property
     def zero3_two_nodes(self) -> dict:
-        """Two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window before
-        step 3 and an EMA evaluation at step 4."""
-        port = str(free_port())
-        logs = [self.root / f"zero3-node{i}.log" for i in range(2)]
-        commands = [torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
-                              "127.0.0.1", "--master_port", port, str(SCRIPT), "--run-dir", str(self.root / "zero3"),
-                              "--zero-stage", "3", "--grad-accum", "2", "--nan-at", "3", "--ema-eval-at", "4")
-                    for i in range(2)]
-        codes, _ = launch(commands, logs)
-        assert codes == [0, 0], "\n".join(log.read_text() for log in logs)
+        assert_succeeded(self.launched["zero3"])
         return self.result("zero3")
 
     @cached_property
     def killed_then_resumed(self) -> tuple[str, str]:
         """Killed by SIGKILL in the middle of the step-8 save (after a non-finite window before step 2), then
         the same command again."""
-        code, killed_log = self._single("resumed", "--nan-at", "2", "--kill-in-save-at", "8")
+        code, killed_log = self.singles["resumed"]
         assert code == -9, killed_log
         self.after_kill = sorted(p.name for p in (self.root / "resumed" / "checkpoints").iterdir())
         code, resumed_log = self._single("resumed")
@@ -434,7 +454,7 @@ def test_bf16_without_zero_follows_the_fp32_trajectory(runs):
     # bf16 rounding moves the losses by <= 0.3% here (measured). DeepSpeed's bf16 wrapper without ZeRO steps
     # AdamW once on zero gradients at start-up; left in, that skews AdamW's bias correction and moves the
     # losses by 1.4-3%, which this tolerance catches.
-    code, log = runs._single("bf16", "--precision", "bf16")
+    code, log = runs.singles["bf16"]
     assert code == 0, log
     ref, run = runs.reference, runs.result("bf16")
     for step, loss in ref["losses"].items():

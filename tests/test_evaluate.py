@@ -10,7 +10,8 @@ import torch
 from scipy import linalg
 
 from data_tools.digits import captions_for, heldout_prompts
-from data_tools.digits_task import TASK as DIGITS, to_digit_features
+from data_tools.digits_task import TASK as DIGITS
+from data_tools.digits_task import to_digit_features
 from flowmatch.config import load_recipe
 from flowmatch.evaluate import EvalPlan, EvalRow, TaskScores, evaluate, format_report, frechet_distance
 from flowmatch.tasks import Task, register_task, unregister_task

@@ -21,8 +21,10 @@ from flowmatch.export import _sizes_from_weights
 from flowmatch.families.convert import from_diffusers, from_original
 from flowmatch.models import MMDiT
 from flowmatch.training import train
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.interop_models import rel_err
+from tests.interop_models import (
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+    rel_err,
+)
 from tests.test_train import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from flowmatch.sampling.diffusers_schedule import diffusers_sigmas
 from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.test_train import tiny_recipe
-from tests.tiny_pipelines import LATENT_CHANNELS, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: F401
+from tests.tiny_pipelines import LATENT_CHANNELS
 
 SIZE = 32
 PROMPTS = ["a handwritten 3", "a photo of a cat"]

@@ -378,16 +378,17 @@ def test_gradients_are_equal_on_one_and_two_processes(tmp_path):
     from launching import launch, torchrun
 
     script = str(ROOT / "tests" / "dist_scripts" / "fewstep_grads.py")
-    runs = {"1-zero2-exact": ("2", "exact", 1), "2-zero2-exact": ("2", "exact", 2),
-            "1-zero2-fd": ("2", "finite_difference", 1), "2-zero3-fd": ("3", "finite_difference", 2),
-            "2-zero2-shortcut": ("2", "exact", 2), "1-zero2-shortcut": ("2", "exact", 1)}
+    # Two launches (one process, two processes), each training its three configurations in turn.
+    runs = {1: ["1-zero2-exact:2:exact:meanflow", "1-zero2-fd:2:finite_difference:meanflow",
+                "1-zero2-shortcut:2:exact:shortcut"],
+            2: ["2-zero2-exact:2:exact:meanflow", "2-zero3-fd:3:finite_difference:meanflow",
+                "2-zero2-shortcut:2:exact:shortcut"]}
     commands, logs = [], []
-    for name, (stage, jvp, procs) in runs.items():
-        objective = "shortcut" if "shortcut" in name else "meanflow"
-        args = [script, "--out", str(tmp_path / name), "--zero-stage", stage, "--jvp", jvp, "--objective", objective]
+    for procs, specs in runs.items():
+        args = [script, "--out", str(tmp_path), *(a for spec in specs for a in ("--config", spec))]
         commands.append(torchrun("--standalone", "--nproc_per_node", str(procs), *args) if procs > 1
                         else [sys.executable, *args])
-        logs.append(tmp_path / f"{name}.log")
+        logs.append(tmp_path / f"{procs}-procs.log")
     codes, _ = launch(commands, logs)
     assert codes == [0] * len(codes), "\n".join(log.read_text()[-3000:] for log in logs)
 

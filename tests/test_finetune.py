@@ -13,17 +13,20 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 
 import flowmatch
-from flowmatch.checkpoint import load_weights, read_meta
+from flowmatch.checkpoint import read_meta
 from flowmatch.checkpoint.manifest import read_manifest, sha256_file
 from flowmatch.cli import main
 from flowmatch.config import RecipeError
-from flowmatch.init_from import architecture, load_weights as load_init, locate, record
 from flowmatch.families.convert import from_diffusers
+from flowmatch.init_from import architecture, locate, record
+from flowmatch.init_from import load_weights as load_init
 from flowmatch.models.lora import is_adapter
 from flowmatch.training import train
 from flowmatch.training.assembly import assemble
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.interop_models import rel_err
+from tests.interop_models import (
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+    rel_err,
+)
 from tests.test_export import digits_inputs
 from tests.test_train import read_metrics, tiny_recipe
 
@@ -50,7 +53,7 @@ def test_init_from_a_run_starts_from_its_weights(base, tmp_path, digit_shards):
     """Bug caught: init_from read but the random init kept (or the other weights file taken)."""
     name, want = default_weights(base)
     run = assemble(tiny_recipe(tmp_path / "s2", digit_shards, **{"model.init_from": str(base)}))
-    with run.engine:
+    with run:
         got = run.engine.model_state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert (run.init.kind, run.init.weights) == ("checkpoint", name)
@@ -114,7 +117,8 @@ def test_init_from_diffusers_folders_and_original_files(base, tmp_path):
     """The same weights through each kind of source: architecture and tensors exactly the run's."""
     out = tmp_path / "export"
     assert main(["export", str(base), str(out), "--weights", "ema"]) == 0
-    assert main(["export", str(base), str(out), "--weights", "ema", "--format", "original"]) == 0
+    # beside it, and its scheduler/ again (an existing part is replaced only with --overwrite)
+    assert main(["export", str(base), str(out), "--weights", "ema", "--format", "original", "--overwrite"]) == 0
     ema = load_file(base / "checkpoints" / "2" / "ema.safetensors")
     run_arch = architecture(*locate(str(base)))
     for source, kind in ((out, "diffusers"), (out / "transformer", "diffusers"),

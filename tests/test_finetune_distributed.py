@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 import pytest
-from launching import free_port, launch, torchrun
+from launching import assert_succeeded, free_port, launch_jobs, torchrun
 from safetensors.torch import load_file
 
 from flowmatch.checkpoint import read_layout, read_meta
@@ -29,16 +29,14 @@ LORA = 'model.lora={"rank": 4, "alpha": 8}'
 
 
 class Runs:
-    """The base run and the runs started from it, each made on first use."""
+    """The base run (trained here) and the five runs started from it. The first use of any of them starts all five
+    side by side: they need nothing from each other, and each launch's start-up and rendezvous leave a core idle."""
 
     def __init__(self, root: Path, shards: Path) -> None:
         self.root, self.shards = root, shards
 
-    def _args(self, run: Path, *extra: str) -> list[str]:
-        return _train_args(run, self.shards, f"model.init_from={self.base}", *extra)
-
-    def _check(self, codes: list[int], *logs: str) -> None:
-        assert all(c == 0 for c in codes), "".join((self.root / log).read_text() for log in logs)
+    def _args(self, run: str, *extra: str) -> list[str]:
+        return _train_args(self.root / run, self.shards, f"model.init_from={self.base}", *extra)
 
     @cached_property
     def base(self) -> Path:
@@ -46,36 +44,42 @@ class Runs:
         train(tiny_recipe(run, self.shards, **{"train.max_steps": 2}))
         return run
 
-    def one(self, *extra: str, name: str = "one") -> Path:
-        run = self.root / name
-        codes, _ = launch([[sys.executable, *self._args(run, "data.num_workers=2", "train.micro_batch_size=8",
-                                                        *extra)]], [self.root / f"{name}.log"])
-        self._check(codes, f"{name}.log")
-        return run
+    def _one(self, name: str, *extra: str) -> tuple[list[list[str]], list[Path]]:
+        return ([[sys.executable, *self._args(name, "data.num_workers=2", "train.micro_batch_size=8", *extra)]],
+                [self.root / f"{name}.log"])
 
-    def zero3(self, *extra: str, name: str = "zero3") -> Path:
-        run, endpoint = self.root / name, f"127.0.0.1:{free_port()}"
+    def _zero3(self, name: str, *extra: str) -> tuple[list[list[str]], list[Path]]:
+        """Two one-process "nodes" meeting at a c10d rendezvous on localhost."""
         command = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                           endpoint, *self._args(run, "distributed.zero_stage=3", *extra))
-        codes, _ = launch([command, command], [self.root / f"{name}-node{i}.log" for i in range(2)])
-        self._check(codes, f"{name}-node0.log", f"{name}-node1.log")
-        return run
+                           f"127.0.0.1:{free_port()}", *self._args(name, "distributed.zero_stage=3", *extra))
+        return [command, command], [self.root / f"{name}-node{i}.log" for i in range(2)]
 
     @cached_property
+    def _launched(self) -> dict[str, tuple[list[int], list[Path]]]:
+        lora = ("optim.lr=0.02", LORA)
+        jobs = {"one": self._one("one"),
+                "zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
+                                    *self._args("zero2", "distributed.zero_stage=2"))], [self.root / "zero2.log"]),
+                "zero3": self._zero3("zero3"),
+                "lora-one": self._one("lora-one", *lora),
+                "lora-zero3": self._zero3("lora-zero3", *lora)}
+        return launch_jobs(jobs)
+
+    def run(self, name: str) -> Path:
+        assert_succeeded(self._launched[name])
+        return self.root / name
+
+    @property
     def full_one(self) -> Path:
-        return self.one()
+        return self.run("one")
 
-    @cached_property
+    @property
     def full_zero2(self) -> Path:
-        run = self.root / "zero2"
-        codes, _ = launch([torchrun("--standalone", "--nproc_per_node", "2",
-                                    *self._args(run, "distributed.zero_stage=2"))], [self.root / "zero2.log"])
-        self._check(codes, "zero2.log")
-        return run
+        return self.run("zero2")
 
-    @cached_property
+    @property
     def full_zero3(self) -> Path:
-        return self.zero3()
+        return self.run("zero3")
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +99,7 @@ def test_full_finetune_zero3_on_two_nodes_follows_one_process(runs):
 
 
 def test_lora_zero3_on_two_nodes_follows_one_process(runs):
-    lora = ("optim.lr=0.02", LORA)
-    zero3, one = runs.zero3(*lora, name="lora-zero3"), runs.one(*lora, name="lora-one")
+    zero3, one = runs.run("lora-zero3"), runs.run("lora-one")
     ckpt = zero3 / "checkpoints" / str(STEPS)
     saved = load_file(ckpt / "model.safetensors")
     assert saved and all(is_adapter(k) for k in saved)

@@ -22,12 +22,14 @@ from flowmatch.models.lora import LoraConfig
 from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.test_train import tiny_recipe
-from tests.tiny_pipelines import LATENT_CHANNELS, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: F401
+from tests.tiny_pipelines import LATENT_CHANNELS
 
 SIZE = 32
 PROMPTS = ["a handwritten 3", "a photo of a cat"]
 PIXEL_ATOL = 1e-3
 STEPS, GUIDANCE = 3, 3.0
+
+pytestmark = pytest.mark.slow  # whole pipelines: training, export, and both libraries generating
 
 
 def lora_run(pipeline: Path, run: Path, shards: Path) -> Path:
@@ -45,7 +47,8 @@ def lora_run(pipeline: Path, run: Path, shards: Path) -> Path:
 
 def same_images(pipeline: Path, run: Path, out: Path, pipeline_class) -> None:
     """diffusers' pipeline with the exported adapters, and with the merged export, against flowmatch's."""
-    assert export(run, out / "lora", lora=True, weights="raw").files == [out / "lora" / "pytorch_lora_weights.safetensors"]
+    exported = export(run, out / "lora", lora=True, weights="raw")
+    assert exported.files == [out / "lora" / "pytorch_lora_weights.safetensors"]
     export(run, out / "merged", merge=True, weights="raw")
     g = torch.Generator().manual_seed(0)
     channels = LATENT_CHANNELS

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.flow import (
     FlowConfig,
     TimeSchedule,
@@ -23,7 +24,6 @@ from flowmatch.flow import (
     velocity_target,
     x0_from_velocity,
 )
-from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.sampling import guided_velocity, sample_ode
 
 N_SAMPLES = 200_000

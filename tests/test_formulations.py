@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, sample_path
-from flowmatch.flow.parameterization import PREDICTIONS, Denoised, convert, denoise, error_scale, from_denoised, score
+from flowmatch.flow.parameterization import PREDICTIONS, Denoised, convert, denoise, from_denoised, score
 from flowmatch.flow.paths import PATHS, ddpm_betas, get_path
 from flowmatch.flow.weighting import eps_weight, loss_factor, sd3_weight, snr
 from flowmatch.sampling import sample_ode

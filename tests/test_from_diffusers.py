@@ -13,7 +13,7 @@ from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.sampling.diffusers_schedule import diffusers_sigmas
 from flowmatch.sampling.generate import image_noise
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.tiny_pipelines import LATENT_CHANNELS, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: F401
+from tests.tiny_pipelines import LATENT_CHANNELS
 
 PROMPTS = ["a photo of a cat", "a red apple on a wooden table"]
 PIXEL_ATOL = 1e-3
@@ -148,6 +148,7 @@ def test_flowmatch_sample_takes_a_pipeline_folder(tiny_sd3_pipeline, tmp_path, c
     from flowmatch.cli import main
 
     out = tmp_path / "grid.png"
-    args = ["sample", str(tiny_sd3_pipeline), "--prompt", "a red apple", "--num", "2", "--steps", "3", "--out", str(out)]
+    args = ["sample", str(tiny_sd3_pipeline), "--prompt", "a red apple", "--num", "2", "--steps", "3",
+            "--out", str(out)]
     assert main(args) == 0 and out.is_file()  # 32 x 32 pixels: the tiny transformer's sample_size x the VAE's 2
     assert "3 velocity evaluations" in capsys.readouterr().out

@@ -123,7 +123,7 @@ def train_assembled(recipe):
     from flowmatch.training.loop import Trainer
 
     run = assemble(recipe)
-    with run.engine:
+    with run:
         return run, Trainer(run).fit()
 
 

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from launching import clean_env, free_port, launch
-from test_train_distributed import Runs, _assert_same_trajectory, _train_args
+from launching import assert_succeeded, clean_env, free_port, launch_jobs
+from test_train_distributed import _assert_same_trajectory, _train_args
 
 from flowmatch.engine.launch import LaunchError, detect_launch, first_host
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, digit_shards) -> Path:
-    return Runs(tmp_path_factory.mktemp("reference"), digit_shards).one
+@pytest.fixture
+def reference(train_runs) -> Path:
+    """The one-process run of tests/test_train_distributed.py, shared through the session (tests/conftest.py)."""
+    return train_runs.one
 
 
 def _deepspeed(*args: str) -> list[str]:
@@ -71,58 +73,78 @@ def test_launch_variables_of_each_launcher():
 pytest_slow = pytest.mark.slow
 
 
-@pytest_slow
-def test_deepspeed_launcher_on_one_node(tmp_path, digit_shards, reference):
-    run, port = tmp_path / "run", free_port()
-    cmd = _deepspeed("--num_gpus", "2", "--master_port", str(port), "--module",
-                     *_train_args(run, digit_shards, "distributed.zero_stage=2")[1:])
-    (code,), _ = launch([cmd], [tmp_path / "log"])
-    assert code == 0, (tmp_path / "log").read_text()
-    _assert_same_trajectory(run, reference)
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, digit_shards) -> tuple[Path, dict[str, tuple[list[int], list[Path]]]]:
+    """Each launcher's ZeRO-2 run of 2 processes: the root of the run directories, each run's exit codes and logs.
+    The three need nothing from each other and start side by side (one after the other, each launch's start-up and
+    rendezvous leave a core idle)."""
+    root = tmp_path_factory.mktemp("launchers")
 
+    def args(name: str) -> list[str]:
+        return _train_args(root / name, digit_shards, "distributed.zero_stage=2")[1:]
 
-@pytest_slow
-def test_deepspeed_launcher_on_two_nodes_without_ssh(tmp_path, digit_shards, reference):
-    run, port = tmp_path / "run", free_port()
-    hostfile = tmp_path / "hostfile"
+    hostfile = root / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    commands = [_deepspeed("--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(r),
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), "--module",
-                           *_train_args(run, digit_shards, "distributed.zero_stage=2")[1:]) for r in range(2)]
-    logs = [tmp_path / f"node{r}.log" for r in range(2)]
-    codes, _ = launch(commands, logs)
-    assert codes == [0, 0], _read(logs)
-    _assert_same_trajectory(run, reference)
+    ports = {name: free_port() for name in ("one-node", "two-nodes", "slurm")}
+    jobs = {
+        "one-node": ([_deepspeed("--num_gpus", "2", "--master_port", str(ports["one-node"]), "--module",
+                                 *args("one-node"))], [root / "one-node.log"]),
+        # Two "nodes" started by hand on localhost, no ssh.
+        "two-nodes": ([_deepspeed("--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(r),
+                                  "--master_addr", "127.0.0.1", "--master_port", str(ports["two-nodes"]), "--module",
+                                  *args("two-nodes")) for r in range(2)],
+                      [root / f"two-nodes-node{r}.log" for r in range(2)]),
+        "slurm": ([[sys.executable, "-m", *args("slurm")]] * 2, [root / f"slurm-task{r}.log" for r in range(2)]),
+    }
+    return root, launch_jobs(jobs, envs={"slurm": [_slurm_env(r, ports["slurm"]) for r in range(2)]})
+
+
+def _run(launched, name: str) -> Path:
+    root, jobs = launched
+    assert_succeeded(jobs[name])
+    return root / name
 
 
 @pytest_slow
-def test_slurm_tasks(tmp_path, digit_shards, reference):
-    run, port = tmp_path / "run", free_port()
-    command = [sys.executable, *_train_args(run, digit_shards, "distributed.zero_stage=2")]
-    logs = [tmp_path / f"task{r}.log" for r in range(2)]
-    codes, _ = launch([command, command], logs, envs=[_slurm_env(r, port) for r in range(2)])
-    assert codes == [0, 0], _read(logs)
-    _assert_same_trajectory(run, reference)
-    assert _read(logs).count("trained ") == 1  # one summary per job
+def test_deepspeed_launcher_on_one_node(launched, reference):
+    _assert_same_trajectory(_run(launched, "one-node"), reference)
+
+
+@pytest_slow
+def test_deepspeed_launcher_on_two_nodes_without_ssh(launched, reference):
+    _assert_same_trajectory(_run(launched, "two-nodes"), reference)
+
+
+@pytest_slow
+def test_slurm_tasks(launched, reference):
+    _assert_same_trajectory(_run(launched, "slurm"), reference)
+    assert _read(launched[1]["slurm"][1]).count("trained ") == 1  # one summary per job
 
 
 @pytest_slow
 def test_launch_mistakes_are_messages_not_hangs(tmp_path, digit_shards):
-    command = [sys.executable, *_train_args(tmp_path / "run", digit_shards, "distributed.rendezvous_timeout_s=5")]
-    # A port someone else listens on.
+    def command(name: str) -> list[str]:
+        return [sys.executable, *_train_args(tmp_path / name, digit_shards, "distributed.rendezvous_timeout_s=5")]
+
+    # Two independent mistakes, launched side by side: the two tasks of a job whose port someone else listens
+    # on, and a job whose second task never starts (rank 0 names it after distributed.rendezvous_timeout_s).
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        logs = [tmp_path / f"busy{r}.log" for r in range(2)]
-        codes, seconds = launch([command, command], logs, envs=[_slurm_env(r, port) for r in range(2)],
-                                timeout_s=120)
+        jobs = {"busy": ([command("busy")] * 2, [tmp_path / f"busy{r}.log" for r in range(2)]),
+                "alone": ([command("alone")], [tmp_path / "alone.log"])}
+        start = time.monotonic()
+        results = launch_jobs(jobs, envs={"busy": [_slurm_env(r, port) for r in range(2)],
+                                          "alone": [_slurm_env(0, free_port())]}, timeout_s=120)
+        seconds = time.monotonic() - start
+    codes, logs = results["busy"]
     assert codes == [1, 1] and f"localhost:{port}" in logs[0].read_text() and "in use" in logs[0].read_text()
+    # Rank 0 names the port as its own problem (torch's EADDRINUSE text alone also holds "in use").
+    assert "rank 0 cannot host the rendezvous" in logs[0].read_text()
     assert "could not reach rank 0" in logs[1].read_text()
     assert "Traceback" not in logs[0].read_text()
-    # The second task never starts: rank 0 names it after distributed.rendezvous_timeout_s.
-    log = tmp_path / "alone.log"
-    (code,), seconds = launch([command], [log], envs=[_slurm_env(0, free_port())], timeout_s=120)
+    (code,), (log,) = results["alone"]
     text = log.read_text()
     assert code != 0 and "rank(s) 1 of 2 did not join" in text and "Traceback" not in text, text
     assert seconds < 60

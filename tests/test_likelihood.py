@@ -57,7 +57,7 @@ def test_exact_divergence_matches_jacobian_trace(flow_fn):
     torch.testing.assert_close(v, flow.velocity(x, t))
     torch.testing.assert_close(div, flow.divergence(x, t), rtol=1e-10, atol=1e-10)
     for b in range(4):
-        jac = torch.autograd.functional.jacobian(lambda xb: flow.velocity(xb[None], t[b : b + 1])[0], x[b])
+        jac = torch.autograd.functional.jacobian(lambda xb, b=b: flow.velocity(xb[None], t[b : b + 1])[0], x[b])
         torch.testing.assert_close(div[b], torch.trace(jac), rtol=1e-10, atol=1e-10)
 
 

@@ -18,8 +18,14 @@ from flowmatch.families.presets import config_from_preset
 from flowmatch.models.convert.lora import LORA_FILE, METADATA_KEY, merge, to_diffusers_lora
 from flowmatch.models.lora import LoraConfig, adapter_key, is_adapter
 from flowmatch.models.mmdit import MMDiT
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.interop_models import diffusers_model, ours_inputs, reference, rel_err, sample_inputs
+from tests.interop_models import (
+    diffusers_model,
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+    ours_inputs,
+    reference,
+    rel_err,
+    sample_inputs,
+)
 
 SIZES = dict(in_channels=4, context_dim=20, pooled_dim=12)
 #: Our LoRA model and diffusers' with the exported file run the same adapters in another order of float sums.
@@ -130,4 +136,5 @@ def test_trainable_parameters_of_the_released_shapes_on_the_meta_device():
 
 def test_adapter_keys_name_our_modules():
     assert adapter_key("joint_blocks.0.img.qkv", "A") == "joint_blocks.0.img.qkv.lora_A.default.weight"
-    assert is_adapter("joint_blocks.0.img.qkv.lora_B.default.weight") and not is_adapter("joint_blocks.0.img.qkv.weight")
+    assert is_adapter("joint_blocks.0.img.qkv.lora_B.default.weight")
+    assert not is_adapter("joint_blocks.0.img.qkv.weight")

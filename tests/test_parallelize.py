@@ -64,6 +64,7 @@ class CountingBackend:
         return aot(gm, example_inputs)
 
 
+@pytest.mark.slow  # traces every block's forward and backward: ~3 s of CPU each
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_blocks_match_eager_and_recompute_only_when_checkpointed(checkpointing):
     torch._dynamo.reset()
@@ -87,6 +88,7 @@ def test_compiled_blocks_match_eager_and_recompute_only_when_checkpointed(checkp
     assert backend.runs == {"forward": blocks, backward: blocks}
 
 
+@pytest.mark.slow  # a real training run with compiled blocks
 def test_training_run_executes_compiled_checkpointed_blocks(tmp_path, digit_shards, monkeypatch):
     torch._dynamo.reset()
     backend, compiled = CountingBackend(), []

@@ -102,7 +102,8 @@ def test_a_full_disk_stops_the_run_and_leaves_the_previous_checkpoint_loadable(t
     out = log.read_text()
     assert proc.returncode == 1, out
     root, previous = mnt / "run" / "checkpoints", mnt / "run" / "checkpoints" / "2"
-    size = sum(e["bytes"] for e in json.loads((kept / "checkpoints" / "2" / "manifest.json").read_text())["files"].values())
+    manifest = json.loads((kept / "checkpoints" / "2" / "manifest.json").read_text())
+    size = sum(e["bytes"] for e in manifest["files"].values())
     assert f"no space left on the device of {root} while writing checkpoint 4 (No space left on device)" in out
     assert f"({size:,} bytes, measured on {previous})" in out and f"The previous checkpoint {previous} is intact" in out
     assert "Traceback" not in out

@@ -7,7 +7,8 @@ its step-4 checkpoint is copied into a fresh run directory and resumed to step 8
 ``torch.load`` raises whatever it is given. The resumed run must end bit-identical to the uninterrupted one:
 losses of steps 5-8, weights, EMA and the saved optimizer state (fp32 masters, AdamW moments and steps). A
 resume that restored only the weights (moments from zero) or rebuilt the bf16 run's masters from its bf16
-weights would differ at step 5 already. Each configuration takes two launches of ~6 s on 2 cores.
+weights would differ at step 5 already. Each configuration takes two launches of ~6 s on 2 cores; the four
+configurations' launches run side by side (one process each).
 """
 
 from __future__ import annotations
@@ -33,10 +34,26 @@ SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
 CONFIGS = [(0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")]
 
 
-def _train(run_dir: Path, log: Path, *args: str) -> dict:
-    (code,), _ = launch([[sys.executable, str(SCRIPT), "--run-dir", str(run_dir), *args]], [log])
-    assert code == 0, log.read_text()
-    return json.loads((run_dir / "result.json").read_text())
+def _train_together(runs: dict[Path, tuple[str, ...]]) -> dict[Path, dict]:
+    """Launch one process per run directory at once (ARGS each), wait for all; their result.json by directory."""
+    logs = [run_dir.with_suffix(".log") for run_dir in runs]
+    codes, _ = launch([[sys.executable, str(SCRIPT), "--run-dir", str(d), *args] for d, args in runs.items()], logs)
+    assert codes == [0] * len(runs), "\n".join(log.read_text() for log in logs)
+    return {d: json.loads((d / "result.json").read_text()) for d in runs}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[tuple[int, str], Path]:
+    """Each configuration's uninterrupted run (ROOT/ref) and its resume from step 4 (ROOT/resumed), by
+    configuration. Every launch is one process: all references start together, then all resumes (one after the
+    other, each would leave a core of a 2-core machine idle)."""
+    roots = {config: tmp_path_factory.mktemp(f"zero{config[0]}-{config[1]}") for config in CONFIGS}
+    layouts = {config: ("--zero-stage", str(config[0]), "--precision", config[1]) for config in CONFIGS}
+    _train_together({roots[c] / "ref": layouts[c] for c in CONFIGS})
+    for root in roots.values():
+        shutil.copytree(root / "ref" / "checkpoints" / "4", root / "resumed" / "checkpoints" / "4")
+    _train_together({roots[c] / "resumed": (*layouts[c], "--refuse-torch-load") for c in CONFIGS})
+    return roots
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -45,16 +62,14 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, precision", CONFIGS, ids=[f"zero{s}-{p}" for s, p in CONFIGS])
-def test_resume_under_a_refusing_torch_load_is_bit_identical(tmp_path, stage, precision):
-    layout = ("--zero-stage", str(stage), "--precision", precision)
-    ref = _train(tmp_path / "ref", tmp_path / "ref.log", *layout)
-    run = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "ref" / "checkpoints" / "4", run / "checkpoints" / "4")
-    got = _train(run, tmp_path / "resumed.log", *layout, "--refuse-torch-load")
+def test_resume_under_a_refusing_torch_load_is_bit_identical(trained, stage, precision):
+    root = trained[(stage, precision)]
+    run = root / "resumed"
+    ref, got = (json.loads((root / name / "result.json").read_text()) for name in ("ref", "resumed"))
     assert got["resumed_from"] == str(run / "checkpoints" / "4")
     assert {k: got["losses"][k] for k in ("5", "6", "7", "8")} == {k: ref["losses"][k] for k in ("5", "6", "7", "8")}
     assert got["lrs"] == {k: ref["lrs"][k] for k in got["lrs"]}
-    ckpt, want = run / "checkpoints" / "8", tmp_path / "ref" / "checkpoints" / "8"
+    ckpt, want = run / "checkpoints" / "8", root / "ref" / "checkpoints" / "8"
     for name in ("model.safetensors", "ema.safetensors", "state/rank00000.safetensors"):
         assert _same(load_file(ckpt / name), load_file(want / name)), name
     optim = load_file(ckpt / "state" / "rank00000.safetensors")

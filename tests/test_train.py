@@ -1,5 +1,7 @@
 """A tiny train -> checkpoint -> resume -> generate run on CPU, in one process, through the real trainer."""
 
+import contextlib
+import io
 import json
 import math
 import subprocess
@@ -12,11 +14,13 @@ from safetensors.torch import load_file
 
 import flowmatch
 from flowmatch.checkpoint import read_meta
+from flowmatch.cli import main as cli_main
 from flowmatch.config import load_recipe
 from flowmatch.training import train
 from flowmatch.training.loop import Trainer, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "digits.yaml"
 
 
 def tiny_recipe(run_dir, shards, **extra):
@@ -118,14 +122,22 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, digit_shards,
     assert (tmp_path / "b" / "checkpoints" / "2" / "model.safetensors").is_file()  # the last good one is intact
 
 
-def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "flowmatch", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`flowmatch ARGS` in this process (`python -m flowmatch` is `sys.exit(main())`; a fresh interpreter would cost
+    seconds of imports): its exit status and what it printed. The `-m flowmatch` entry itself is launched by the
+    slow tests (tests/test_train_distributed.py)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli_main(list(args))
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code
+    return subprocess.CompletedProcess(["flowmatch", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_cli_train_sample_and_errors(tmp_path, digit_shards):
     run = tmp_path / "run"
-    res = run_cli("train", "recipes/digits.yaml", f"run_dir={run}", f"data.shards={digit_shards}",
+    res = run_cli("train", str(RECIPE), f"run_dir={run}", f"data.shards={digit_shards}",
                   "model.preset=tiny", "train.max_steps=2", "train.batch_size=8", "train.checkpoint_every=2",
                   "data.num_workers=0", "logging.tensorboard=false", "sampling.per_prompt=1", "sampling.steps=2")
     assert res.returncode == 0, res.stderr
@@ -139,7 +151,7 @@ def test_cli_train_sample_and_errors(tmp_path, digit_shards):
 
     assert Image.open(out).size == (3 * 8 + 4, 2 * 8 + 3)  # 3 columns, 2 rows, 1-pixel padding
 
-    res = run_cli("train", "recipes/digits.yaml", "train.max_step=3")
+    res = run_cli("train", str(RECIPE), "train.max_step=3")
     assert res.returncode == 2 and "Did you mean 'train.max_steps'" in res.stderr
     assert "Traceback" not in res.stderr
     res = run_cli("sample", str(tmp_path / "nothing"), "--prompt", "x")
@@ -152,7 +164,7 @@ def test_flowmatch_ema_reconstructs_from_a_run_and_pipelines_load_it_by_name(tmp
     0.1 is the sigma_rel 0.1 power profile, which post-hoc EMA reproduces from the snapshot that tracked it."""
     run = tmp_path / "run"
     train(tiny_recipe(run, digit_shards, **{"train.ema_profiles": [0.05, 0.1], "train.ema_snapshot_every": 1}))
-    assert sorted(int(p.stem) for p in (run / "ema" / "snapshots").iterdir()) == [1, 2, 3, 4]
+    assert sorted(int(p.stem) for p in (run / "ema" / "snapshots").glob("*.safetensors")) == [1, 2, 3, 4]
     res = run_cli("ema", str(run), "--sigma-rel", "0.1,0.07")
     assert res.returncode == 0, res.stderr
     assert "sigma_rel 0.07 at step 4 from 4 snapshots" in res.stdout and "ema='sigma_rel-0.1'" in res.stdout
@@ -165,7 +177,14 @@ def test_flowmatch_ema_reconstructs_from_a_run_and_pipelines_load_it_by_name(tmp
         flowmatch.Pipeline.from_checkpoint(run, ema="sigma_rel-0.2")
 
 
+def run_cli_process(*args) -> subprocess.CompletedProcess:
+    """`python -m flowmatch ARGS` in a fresh interpreter: for what ends the process (a failed run exits 1)."""
+    return subprocess.run([sys.executable, "-m", "flowmatch", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+@pytest.mark.slow  # a fresh interpreter: the failed run ends its process
 def test_missing_shards_without_a_builder_is_a_clear_error(tmp_path):
-    res = run_cli("train", f"run_dir={tmp_path / 'r'}", f"data.shards={tmp_path / 'none'}", "data.prepare=",
+    res = run_cli_process("train", f"run_dir={tmp_path / 'r'}", f"data.shards={tmp_path / 'none'}", "data.prepare=",
                   "model.preset=tiny")
     assert res.returncode == 1 and "flowmatch-data" in res.stderr and "Traceback" not in res.stderr

@@ -18,8 +18,8 @@ final weights, EMA and post-hoc EMA snapshots to atol 1e-5 (measured: <= 3.9e-7,
 weight per step).
 
 Also: one rank failing mid-run ends both "nodes" promptly with a non-zero status, and a ZeRO-2 checkpoint of 2
-processes resumes on 1 process. Launches cost ~6 s (1 process) to ~18 s (2 processes) each on 2 cores; the
-module takes about a minute.
+processes resumes on 1 process. Launches cost ~6 s (1 process) to ~18 s (2 processes) each on 2 cores, nearly
+all of it start-up: ``one``, ``zero2`` and ``zero3`` need nothing from each other and start side by side.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import free_port, launch, torchrun
+from launching import assert_succeeded, free_port, launch, launch_jobs, torchrun
 from safetensors.torch import load_file
 
 from flowmatch.checkpoint import read_layout, read_meta
@@ -78,47 +78,57 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 
 class Runs:
-    """The runs the tests share, each started on first use."""
+    """The runs the tests share. The first use of any of them starts all three side by side (they need nothing
+    from each other; one after the other, each launch's start-up and rendezvous leave a core idle)."""
 
     def __init__(self, root: Path, shards: Path) -> None:
         self.root, self.shards = root, shards
 
-    def _log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text()
+    def _jobs(self) -> dict[str, tuple[list[list[str]], list[Path]]]:
+        """Each run's commands and logs.
+
+        - one: 1 process, ZeRO-0: 2 loader workers (streams 0 and 1) feed the 2 micro-batches of each step;
+        - zero2: torchrun --standalone, 2 processes;
+        - zero3: two launchers meeting at a c10d rendezvous on localhost, one process each (node_rank only
+          matters to the static rendezvous: c10d ranks the nodes as they join).
+        """
+        endpoint = f"127.0.0.1:{free_port()}"
+        zero3 = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                         endpoint, *_train_args(self.root / "zero3", self.shards, "distributed.zero_stage=3"))
+        return {
+            "one": ([[sys.executable, *_train_args(self.root / "one", self.shards, "data.num_workers=2",
+                                                   "train.micro_batch_size=8")]], [self.root / "one.log"]),
+            "zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
+                                *_train_args(self.root / "zero2", self.shards, "distributed.zero_stage=2"))],
+                      [self.root / "zero2.log"]),
+            "zero3": ([zero3, zero3], [self.root / f"zero3-node{i}.log" for i in range(2)]),
+        }
 
     @cached_property
+    def _launched(self) -> dict[str, tuple[list[int], list[Path]]]:
+        return launch_jobs(self._jobs())
+
+    def _run(self, name: str) -> Path:
+        assert_succeeded(self._launched[name])
+        return self.root / name
+
+    @property
     def one(self) -> Path:
-        """1 process, ZeRO-0: 2 loader workers (streams 0 and 1) feed the 2 micro-batches of each step."""
-        run = self.root / "one"
-        (code,), _ = launch([[sys.executable, *_train_args(run, self.shards, "data.num_workers=2",
-                                                            "train.micro_batch_size=8")]], [self.root / "one.log"])
-        assert code == 0, self._log("one")
-        return run
+        return self._run("one")
 
-    @cached_property
+    @property
     def zero2(self) -> Path:
-        run = self.root / "zero2"
-        (code,), _ = launch([torchrun("--standalone", "--nproc_per_node", "2",
-                                        *_train_args(run, self.shards, "distributed.zero_stage=2"))],
-                             [self.root / "zero2.log"])
-        assert code == 0, self._log("zero2")
-        return run
+        return self._run("zero2")
 
-    @cached_property
+    @property
     def zero3(self) -> Path:
-        """Two launchers meeting at a c10d rendezvous on localhost, one process each (node_rank only matters to
-        the static rendezvous: c10d ranks the nodes as they join)."""
-        run, endpoint = self.root / "zero3", f"127.0.0.1:{free_port()}"
-        command = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
-                            endpoint, *_train_args(run, self.shards, "distributed.zero_stage=3"))
-        codes, _ = launch([command, command], [self.root / f"zero3-node{i}.log" for i in range(2)])
-        assert codes == [0, 0], self._log("zero3-node0") + self._log("zero3-node1")
-        return run
+        return self._run("zero3")
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, digit_shards) -> Runs:
-    return Runs(tmp_path_factory.mktemp("train-runs"), digit_shards)
+@pytest.fixture
+def runs(train_runs) -> Runs:
+    """The session's runs (tests/conftest.py): tests/test_launchers.py compares with the same one-process run."""
+    return train_runs
 
 
 def _assert_same_trajectory(run: Path, ref: Path, *, loss_falls: bool = True) -> None:

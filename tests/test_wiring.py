@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from flowmatch.config import load_recipe
 from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.errors import RecipeError
-from flowmatch.flow import FlowConfig, TimeSchedule, flow_matching_loss, loss_weight, shift_time
+from flowmatch.flow import FlowConfig, TimeSchedule, loss_weight, shift_time
 from flowmatch.sampling import Pipeline
 from flowmatch.training import train
 from flowmatch.training.assembly import batch_plan
@@ -59,6 +59,22 @@ def test_the_loss_uses_the_recipes_weighting():
     torch.testing.assert_close(weighted.t, unweighted.t)  # the same draws
     torch.testing.assert_close(weighted.per_sample, unweighted.per_sample * loss_weight(weighted.t, "logit_normal"))
     assert abs(weighted.loss.item() - unweighted.loss.item()) > 1e-3
+
+
+def test_the_loss_drops_captions_at_the_recipes_rate():
+    """Bug caught: caption dropout not applied in the loss (the model always sees the captions), or at another
+    rate than flow.caption_dropout."""
+    x0, null = torch.zeros(400, 1, 2, 2), _cond(1, seed=1)  # _loss's null conditioning
+    seen = {}
+
+    def record(x, t, cond):
+        seen["pooled"] = cond.pooled
+        return torch.zeros_like(x)
+
+    for p in (0.0, 0.25, 1.0):
+        _loss(record, x0, FlowConfig(caption_dropout=p))
+        dropped = (seen["pooled"] == null.pooled).all(dim=1).float().mean().item()  # rows the model saw as null
+        assert abs(dropped - p) < 0.07, (p, dropped)
 
 
 def test_training_times_carry_the_shift():

@@ -13,8 +13,9 @@ tests.interop_models.diffusers_model), so images depend on all of them.
     FLUX: CLIP-L (hidden 32, pooled 32) + T5 (d_model 64): context 64, pooled 32, 4 latent channels packed
           2x2 into 16, guidance embedding, VAE factor 2.
 
-Use the session fixtures ``tiny_sd3_pipeline`` / ``tiny_flux_pipeline`` (paths to the folders) by importing them
-into a test module, or call :func:`save_sd3_pipeline` / :func:`save_flux_pipeline` directly.
+Tests take the session fixtures ``tiny_sd3_pipeline`` / ``tiny_flux_pipeline`` (paths to the folders, defined in
+tests/conftest.py, built once per session) as arguments, or call :func:`save_sd3_pipeline` /
+:func:`save_flux_pipeline` directly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.interop_models import diffusers_model
@@ -160,15 +160,3 @@ def save_flux_pipeline(path: str | Path, *, kind: str = "flux-dev") -> Path:
                         tokenizer_2=tokenizer_2, transformer=transformer)
     pipe.save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_pipeline(tmp_path_factory) -> Path:
-    """Folder of a tiny random SD3-medium-layout pipeline (see the module docstring)."""
-    return save_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3"))
-
-
-@pytest.fixture(scope="session")
-def tiny_flux_pipeline(tmp_path_factory) -> Path:
-    """Folder of a tiny random FLUX.1-dev-layout pipeline (see the module docstring)."""
-    return save_flux_pipeline(tmp_path_factory.mktemp("tiny-flux-dev"))

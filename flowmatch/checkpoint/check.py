@@ -21,6 +21,12 @@ from flowmatch.checkpoint.layout import (
     step_dirs,
 )
 from flowmatch.checkpoint.manifest import Damage, verify_checkpoint
+from flowmatch.checkpoint.snapshots import (
+    is_listed,
+    quarantined_snapshots,
+    snapshot_files,
+    snapshot_problem,
+)
 
 COMPLETE, UNVERIFIED, DAMAGED, QUARANTINED, UNFINISHED = "complete", "unverified", "damaged", "quarantined", "unfinished"
 
@@ -43,7 +49,8 @@ def _size(path: Path) -> int:
 
 
 def check_run(run_dir: str | os.PathLike[str]) -> list[CheckpointStatus]:
-    """The state of every checkpoint of a run: step directories oldest first, then quarantined and unfinished ones.
+    """The state of every checkpoint of a run: step directories oldest first, then quarantined and unfinished ones,
+    then its EMA snapshots (:mod:`.snapshots`) and the quarantined ones.
 
     Raises:
         FileNotFoundError: ``run_dir`` has no ``checkpoints`` folder.
@@ -64,7 +71,24 @@ def check_run(run_dir: str | os.PathLike[str]) -> list[CheckpointStatus]:
                                                                      if ": " in line]))
     for tmp in sorted(root.glob(f"{TMP_PREFIX}*")):
         out.append(CheckpointStatus(tmp, UNFINISHED, _size(tmp)))
+    return out + _snapshot_statuses(run_dir)
+
+
+def _snapshot_statuses(run_dir: str | os.PathLike[str]) -> list[CheckpointStatus]:
+    """The EMA snapshots of a run (every one hashed), then the quarantined ones."""
+    out = []
+    for path in snapshot_files(run_dir):
+        problem = snapshot_problem(path, hashed=True)
+        state = DAMAGED if problem else COMPLETE if is_listed(path) else UNVERIFIED
+        out.append(CheckpointStatus(path, state, path.stat().st_size, [Damage(path.name, problem)] if problem else []))
+    for path, note in quarantined_snapshots(run_dir):
+        out.append(CheckpointStatus(path, QUARANTINED, path.stat().st_size, [Damage(path.name, note)] if note else []))
     return out
+
+
+def _label(s: CheckpointStatus) -> str:
+    """A checkpoint's directory name, or an EMA snapshot's path below the run (ema/snapshots/<step>.safetensors)."""
+    return s.path.name if s.path.parent.name == CHECKPOINTS_DIR else "/".join(s.path.parts[-3:])
 
 
 def newest_is_damaged(statuses: list[CheckpointStatus]) -> bool:
@@ -77,10 +101,10 @@ def format_check(statuses: list[CheckpointStatus]) -> str:
     """A plain-text table, one checkpoint per line, with what is wrong under the damaged ones."""
     if not statuses:
         return "no checkpoints"
-    width = max(len(s.path.name) for s in statuses)
+    width = max(len(_label(s)) for s in statuses)
     lines = []
     for s in statuses:
-        lines.append(f"{s.path.name:<{width}}  {human_bytes(s.bytes):>10}  {s.state}")
+        lines.append(f"{_label(s):<{width}}  {human_bytes(s.bytes):>10}  {s.state}")
         lines += [f"{'':<{width}}    {d}" for d in s.damage]
     intact = [s for s in statuses if s.path.name.isdigit() and s.state in (COMPLETE, UNVERIFIED)]
     lines.append(f"newest intact: {intact[-1].path}" if intact else "no intact checkpoint")

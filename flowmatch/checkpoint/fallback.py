@@ -21,6 +21,7 @@ from flowmatch.checkpoint.layout import (
     CHECKPOINTS_DIR,
     DAMAGE_NOTE,
     DAMAGED_SUFFIX,
+    META_FILE,
     CheckpointError,
     checkpoints_root,
     is_legacy,
@@ -61,6 +62,12 @@ def _warn_if_legacy(ckpt: Path) -> None:
                     "completeness only, their content cannot be verified", ckpt)
 
 
+def _damage(ckpt: Path, reads: Reads | None) -> list[Damage]:
+    """What is wrong with ``ckpt`` for a reader: meta.json first (choosing the files to read may parse it), then
+    the files ``reads`` names, hashed."""
+    return verify_checkpoint(ckpt, hashed=(META_FILE,)) or verify_checkpoint(ckpt, hashed=reads(ckpt) if reads else ())
+
+
 def resolve_checkpoint(path: str | os.PathLike[str], *, reads: Reads | None = None) -> Path:
     """A verified checkpoint directory from ``path``: a checkpoint itself, or a run directory (its newest intact one).
 
@@ -78,14 +85,14 @@ def resolve_checkpoint(path: str | os.PathLike[str], *, reads: Reads | None = No
         raise FileNotFoundError(f"{p} does not exist: expected a run directory (RUN_DIR) or a checkpoint "
                                 f"(RUN_DIR/{CHECKPOINTS_DIR}/<step>)")
     if names_a_checkpoint(p):
-        damage = verify_checkpoint(p, hashed=reads(p) if reads else ())
+        damage = _damage(p, reads)
         if damage:
             raise CheckpointError(damaged_message(p, damage))
         _warn_if_legacy(p)
         return p
     skipped: list[tuple[Path, list[Damage]]] = []
     for _, ckpt in reversed(step_dirs(checkpoints_root(p))):
-        damage = verify_checkpoint(ckpt, hashed=reads(ckpt) if reads else ())
+        damage = _damage(ckpt, reads)
         if damage:
             skipped.append((ckpt, damage))
             continue

@@ -7,6 +7,7 @@ one that came from elsewhere cannot run code.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,9 +104,16 @@ class Resumed:
     """This rank's client_state, as saved."""
 
 
-def resume_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str]) -> Resumed | None:
+def resume_checkpoint(engine: EngineLike, run_dir: str | os.PathLike[str], *,
+                      check: Callable[[Path], None] | None = None) -> Resumed | None:
     """Collective: restore the engine from the newest checkpoint of ``run_dir`` that verifies; None when the run
     has none yet. Damaged newer ones are quarantined and reported (:func:`~flowmatch.checkpoint.select_for_resume`).
+    ``check(ckpt)`` runs on every rank once the checkpoint has verified and before anything is loaded from it (to
+    refuse it with a clear error, e.g. a recipe that cannot resume it).
     """
     ckpt = select_for_resume(engine, run_dir)
-    return None if ckpt is None else Resumed(ckpt, _restore(engine, ckpt))
+    if ckpt is None:
+        return None
+    if check is not None:
+        check(ckpt)
+    return Resumed(ckpt, _restore(engine, ckpt))

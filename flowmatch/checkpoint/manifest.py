@@ -146,6 +146,8 @@ def verify_checkpoint(ckpt: Path, *, hashed: Iterable[str] | None = None, rank: 
         if digest != files[name][HASH]:
             damage.append(Damage(name, "content differs from the manifest (SHA-256 mismatch: the bytes changed "
                                        "after they were written)"))
+        elif problem := structure_problem(ckpt / name):  # a manifest rewritten to match planted bytes
+            damage.append(Damage(name, problem))
     return sorted(damage, key=lambda d: d.file)
 
 
@@ -169,6 +171,18 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def structure_problem(path: Path) -> str | None:
+    """What is structurally wrong with a checkpoint's JSON or safetensors file (None: nothing, or another kind)."""
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors_problem(path)
+        if path.suffix == ".json":
+            json.loads(path.read_bytes())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # a header of the wrong shape too
+        return f"{'not JSON' if path.suffix == '.json' else 'unreadable'} ({err})"
+    return None
+
+
 def legacy_damage(ckpt: Path) -> list[Damage]:
     """Structural checks of a checkpoint without a manifest: meta.json and every JSON file parse, every
     safetensors file is as long as its header says. DeepSpeed's pickled files are never read, so not checked."""
@@ -178,14 +192,7 @@ def legacy_damage(ckpt: Path) -> list[Damage]:
     except (OSError, ValueError, TypeError) as err:
         damage.append(Damage(META_FILE, f"unreadable ({err})"))
     for path in sorted(ckpt.rglob("*")):
-        name = path.relative_to(ckpt).as_posix()
-        try:
-            if path.suffix == ".safetensors":
-                problem = safetensors_problem(path)
-                if problem:
-                    damage.append(Damage(name, problem))
-            elif path.suffix == ".json" and path.name != META_FILE:
-                json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            damage.append(Damage(name, f"unreadable ({err})"))
+        problem = structure_problem(path) if path.name != META_FILE else None
+        if problem:
+            damage.append(Damage(path.relative_to(ckpt).as_posix(), problem))
     return damage

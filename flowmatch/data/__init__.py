@@ -20,10 +20,12 @@ from flowmatch.data.features import EncoderMismatch, FeatureHeader
 from flowmatch.data.loader import Loader, LoaderStats, build_loader, merge_loader_states, read_cache_info
 from flowmatch.data.opener import RetryPolicy
 from flowmatch.data.shards import ensure_shards, expand_shards, has_val_split, resolve_split
+from flowmatch.data.stream import DataUnavailable
 
 __all__ = [
     "Batch",
     "DataConfig",
+    "DataUnavailable",
     "EncoderMismatch",
     "FeatureHeader",
     "Loader",

@@ -8,7 +8,7 @@ recipes/digits.yaml does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import ClassVar, Union
 
 from flowmatch.data.opener import RetryPolicy
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB
@@ -105,6 +105,9 @@ class DataConfig:
     worker draws every next sample's source by weight (seeded, resumable); validation reads each source's split."""
     remote: RetryPolicy = field(default_factory=RetryPolicy)
     """Retries, back-off and timeout for http(s) and pipe: shards."""
+    stored_in: ClassVar[str] = ""
+    """Not a recipe key: where a recipe read back from disk was stored (set by flowmatch.config.recipe_from_yaml);
+    such a recipe's shards may not run commands (flowmatch.data.trust)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.shards, str) or not self.shards.strip():

@@ -14,8 +14,10 @@ Design anchors: torchtitan's stateful FLUX dataloader and MosaicML streaming's d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional
 
@@ -30,8 +32,18 @@ from flowmatch.data.features import EXT as FEATURE_EXT
 from flowmatch.data.features import FeatureHeader, check_encoders, read_header
 from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
 from flowmatch.data.shards import resolve_sources, resolve_split
-from flowmatch.data.stream import Position, StreamSpec, advance_epoch, run_stream, start_positions
+from flowmatch.data.stream import (
+    DataUnavailable,
+    Position,
+    StreamSpec,
+    advance_epoch,
+    run_stream,
+    shard_failure,
+    start_positions,
+    unreadable_message,
+)
 from flowmatch.data.tarstream import RawSample, read_shard
+from flowmatch.data.workers import die_with_parent
 
 log = logging.getLogger("flowmatch.data")
 
@@ -72,7 +84,10 @@ class _WorkerStreams(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stream = self.rank * self.workers + (worker + self.rotation) % self.workers
-        return run_stream(self.spec, self.starts[stream])
+        try:
+            yield from run_stream(self.spec, self.starts[stream])
+        except DataUnavailable as err:  # handed over as a value: the user sees its paragraph, not a worker traceback
+            yield err, None
 
 
 class Loader:
@@ -114,10 +129,13 @@ class Loader:
                     num_workers=self.workers,
                     prefetch_factor=self.prefetch_factor,
                     pin_memory=torch.cuda.is_available(),
+                    worker_init_fn=functools.partial(die_with_parent, os.getpid()),
                 )
             )
         handed = 0
         for batch, position in source:
+            if isinstance(batch, DataUnavailable):
+                raise DataUnavailable(str(batch)) from None
             self._positions[position.stream] = position
             # Workers take strict turns, so the stream after this one is due next; a resumed loader hands that
             # stream to worker 0, which the DataLoader asks first.
@@ -306,19 +324,29 @@ def loader_buckets(cfg: DataConfig) -> list[Bucket]:
     return make_buckets(height, width, cfg.buckets, max_aspect=cfg.bucket_max_aspect, multiple=cfg.bucket_multiple)
 
 
-def first_samples(urls: list[str], policy: RetryPolicy = RetryPolicy()) -> Iterator[RawSample]:
-    """The first sample of each of the first few readable shards."""
+def first_samples(urls: list[str], policy: RetryPolicy = RetryPolicy(),
+                  unreadable: Optional[dict[str, str]] = None) -> Iterator[RawSample]:
+    """The first sample of each of the first few readable shards; `unreadable` collects why the others failed."""
     for url in urls[:DETECT_SHARDS]:
         for record in read_shard(url, policy=policy):
             if isinstance(record, RawSample):
                 yield record
                 break
+            why = shard_failure(record)
+            if why is not None and unreadable is not None:
+                unreadable.setdefault(url, why)
 
 
 def detect_cached(urls: list[str], policy: RetryPolicy = RetryPolicy()) -> bool:
-    """Whether the shards hold cached features (looks at the first readable sample)."""
-    for sample in first_samples(urls, policy):
+    """Whether the shards hold cached features (looks at the first readable sample); DataUnavailable when none of
+    the shards looked at could be opened."""
+    unreadable: dict[str, str] = {}
+    for sample in first_samples(urls, policy, unreadable):
         return FEATURE_EXT in sample.files and not any(ext in sample.files for ext in decode.IMAGE_EXTS)
+    tried = min(len(urls), DETECT_SHARDS)
+    if unreadable and len(unreadable) == tried:
+        raise DataUnavailable(unreadable_message(f"the data loader looked at the first {tried} of {len(urls)} "
+                                                 "shards for a sample", unreadable, tried))
     log.warning("data: found no readable sample in %s; treating the shards as raw images", urls[:DETECT_SHARDS])
     return False
 

@@ -12,6 +12,11 @@ and counts as an "unreadable shard".
 Local uncompressed `.tar` files and `.tar` URLs can start at a byte offset (a seek, a range request): a resumed
 loader reads only the shards its saved position names, from where it names. Other schemes (gs://, s3:// through
 webdataset's gopen handlers) are opened by webdataset's `gopen` and read from the beginning.
+
+Commands: a `pipe:` shard is run without a shell, as the argument list `shlex` splits it into (no `;` chaining, no
+pipes, no redirection; `pipe:sh -c '...'` asks for a shell explicitly), and a URL that webdataset would paste into
+a shell command line (gs:, scp:, ...) may not hold a quote. `runs_command` says which shards run a program: a
+recipe read back from a run, a checkpoint or an export may name none of them (flowmatch.data.trust).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import http.client
 import logging
 import os
 import select
+import shlex
 import subprocess
 import time
 import urllib.error
@@ -91,6 +97,42 @@ def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and (len(scheme) <= 1 or scheme == "file")
 
 
+def runs_command(url: str) -> bool:
+    """Whether opening `url` runs a program: a pipe: command, or a scheme webdataset's gopen opens with one (gs:,
+    ais:, scp:, hf: ...). Local files and http(s) URLs are read by flowmatch itself."""
+    return url.startswith("pipe:") or not (is_local(url) or is_http(url))
+
+
+SHELL_OPERATORS = frozenset(";&|<>()")
+
+
+def pipe_argv(command: str) -> list[str]:
+    """The argument list a `pipe:` command runs as (no shell); ValueError naming what needs a shell."""
+    lexer = shlex.shlex(command, posix=False, punctuation_chars=True)  # quotes kept: operators stand alone
+    lexer.whitespace_split = True
+    try:
+        words = list(lexer)
+        argv = shlex.split(command)
+    except ValueError as err:
+        raise ValueError(f"pipe:{command}: {err}") from None
+    shell = [w for w in words if set(w) <= SHELL_OPERATORS or (w[0] not in "'\"" and ("`" in w or "$" in w))]
+    if shell or not argv:
+        raise ValueError(
+            f"pipe:{command}: " + (f"uses the shell ({' '.join(shell)})" if shell else "names no command") + ", "
+            "but pipe: commands run without a shell (as the argument list shlex splits them into: no ';' chaining, "
+            "pipes, redirection or $ expansion). Write one command, or ask for a shell explicitly: "
+            "pipe:sh -c '...'")
+    return argv
+
+
+def check_gopen_url(url: str) -> None:
+    """webdataset's gopen pastes a URL between single quotes into a shell command: one holding a quote or a line
+    break could run more than the download."""
+    if "'" in url or "\n" in url:
+        raise ValueError(f"shard URL {url!r} holds a quote or a line break, which webdataset's gopen would pass "
+                         "to a shell; rename the shard or read it through pipe:")
+
+
 def local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file:") else url
 
@@ -149,12 +191,12 @@ class HttpStream:
 
 
 class PipeStream:
-    """stdout of a shell command, with a stall timeout; a non-zero exit at the end is an error."""
+    """stdout of a command (run without a shell, see `pipe_argv`), with a stall timeout; a non-zero exit at the end
+    is an error."""
 
     def __init__(self, command: str, timeout_s: float) -> None:
         self.command, self.timeout_s = command, timeout_s
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     bufsize=0)
+        self.proc = subprocess.Popen(pipe_argv(command), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, bufsize=0)
         self.fd = self.proc.stdout.fileno()
 
     def read(self, n: int) -> bytes:
@@ -182,6 +224,7 @@ def open_pipe(url: str, offset: int, policy: RetryPolicy) -> tuple[BinaryIO, int
 def open_gopen(url: str, offset: int, policy: RetryPolicy) -> tuple[BinaryIO, int]:
     from webdataset.gopen import gopen
 
+    check_gopen_url(url)
     return gopen(url, "rb"), 0
 
 

@@ -22,6 +22,7 @@ import braceexpand
 
 from flowmatch.data.config import DataConfig
 from flowmatch.data.shardformat import SHARD_SUFFIXES, is_val_name
+from flowmatch.data.trust import UntrustedCommand, check_commands
 from flowmatch.tasks import available_tasks, get_task
 
 log = logging.getLogger("flowmatch.data")
@@ -104,6 +105,7 @@ def resolve_split(cfg: DataConfig, split: str) -> ShardSplit:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_commands(cfg)
     if cfg.sources:  # the shards of every source; each source's key filter is in resolve_sources
         return ShardSplit(tuple(u for part in resolve_sources(cfg, split) for u in part.urls))
     listed = expand_shards(cfg.read_from)
@@ -146,6 +148,7 @@ def resolve_sources(cfg: DataConfig, split: str) -> tuple[ShardSplit, ...]:
     ValueError when none has any."""
     if not cfg.sources:
         return (replace(resolve_split(cfg, split), caption_key=cfg.caption_key),)
+    check_commands(cfg)  # source_config's copies do not carry DataConfig.stored_in
     parts = []
     for i, src in enumerate(cfg.sources):
         try:
@@ -178,6 +181,8 @@ def has_val_split(cfg: DataConfig) -> bool:
     """
     try:
         resolve_sources(cfg, "val")
+    except UntrustedCommand:
+        raise  # a refusal, not an absence of held-out data
     except (FileNotFoundError, ValueError):
         return False
     return True

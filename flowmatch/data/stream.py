@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -30,7 +31,7 @@ import torch
 from flowmatch.data import decode
 from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, nearest_bucket
-from flowmatch.data.opener import RetryPolicy
+from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
 from flowmatch.data.plan import Place, Ref, SourceReader, fetch_records
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
 from flowmatch.data.shards import ShardSplit
@@ -44,6 +45,25 @@ log = logging.getLogger("flowmatch.data")
 # bury the training log); all of them are counted.
 LOG_FIRST_BAD = 20
 LOG_EVERY_BAD = 1000
+
+
+class DataUnavailable(RuntimeError):
+    """No batch can be made: the shards failed to open, or hold nothing usable; the message is one paragraph."""
+
+
+def shard_failure(record: BadRecord) -> Optional[str]:
+    """Why a record says its whole shard could not be read, or None for any other bad record."""
+    if record.reason not in (SHARD_FAILED, UNREADABLE):
+        return None
+    return f"{record.reason}: {record.detail}" if record.detail else record.reason
+
+
+def unreadable_message(what: str, failures: dict[str, str], tried: int) -> str:
+    """One paragraph on shards that could not be read: how many of those `tried`, why, and the first URL."""
+    why = "; ".join(f"{n} x {reason}" for reason, n in Counter(failures.values()).most_common(3))
+    return (f"{what}: {len(failures)} of {tried} shards could not be read ({why}); the first that failed: "
+            f"{next(iter(failures))}. Check the URLs and that the server is up (`flowmatch-data verify` reads "
+            "shards one by one); for a flaky server raise data.remote.retries or data.remote.timeout_s.")
 
 
 @dataclass(frozen=True)
@@ -258,7 +278,7 @@ class StreamState:
                     break
                 empty_epochs[i] += 1
                 if empty_epochs[i] > 1:
-                    raise RuntimeError(f"data source {self.spec.sources[i].name or i} gave stream {self.stream} no "
+                    raise DataUnavailable(f"data source {self.spec.sources[i].name or i} gave stream {self.stream} no "
                                        "record in a whole epoch: its shards are empty, unreadable or fewer than "
                                        "ranks x workers")
                 self.readers[i].next_epoch()
@@ -320,10 +340,16 @@ def run_stream(spec: StreamSpec, start: Position) -> Iterator[tuple[Batch, Posit
     per_source = list(start.sources) + [0] * (len(spec.sources) - len(start.sources))
     state = StreamState(spec, stream, start.epoch, start.detail)
 
+    seen: set[str] = set()  # the shards this epoch met
+    unreadable: dict[str, str] = {}  # those of them that could not be opened, and why, in the order they failed
+
     def emit(group: Group) -> Iterator[tuple[Batch, Position]]:
         nonlocal samples, batch_index
         batch, failed, sources = decode_group(spec, group) if group.samples else (None, [], [])
         for record in group.bad + failed:
+            why = shard_failure(record)
+            if why is not None:
+                unreadable.setdefault(record.url, why)
             bad[record.reason] = bad.get(record.reason, 0) + 1
             total = sum(bad.values())
             if total <= LOG_FIRST_BAD or total % LOG_EVERY_BAD == 0:
@@ -337,6 +363,7 @@ def run_stream(spec: StreamSpec, start: Position) -> Iterator[tuple[Batch, Posit
         yield batch, Position(stream, state.epoch, batch_index, samples, dict(bad), list(per_source), state.save())
 
     def take(record: Record, ref: Ref) -> Iterator[tuple[Batch, Position]]:
+        seen.add(record.url)
         out = state.buffer.push((record, ref))
         if out is not None:
             group = state.grouper.add(*out)
@@ -359,7 +386,10 @@ def run_stream(spec: StreamSpec, start: Position) -> Iterator[tuple[Batch, Posit
         for group in state.grouper.flush():
             yield from emit(group)
         if samples == made and start.detail is None and spec.epochs is None:
-            raise RuntimeError(
+            if unreadable and len(unreadable) == len(seen):
+                raise DataUnavailable(unreadable_message(f"data stream {stream} made no batch in a whole epoch",
+                                                         unreadable, len(seen)))
+            raise DataUnavailable(
                 f"data stream {stream} made no batch in a whole epoch of {list(spec.urls)[:4]}... "
                 f"(bad so far: {bad or 'none'}): the shards are empty or broken, or hold fewer samples than "
                 "ranks x workers (x batch size with data.drop_last); check them with `flowmatch-data verify`, "
@@ -369,6 +399,8 @@ def run_stream(spec: StreamSpec, start: Position) -> Iterator[tuple[Batch, Posit
         reader.next_epoch()
         state.buffer = ShuffleBuffer(state.buffer_size, seeded(f"samples/{spec.seed}/{epoch}/{stream}"))
         batch_index, start = 0, Position(stream)
+        seen.clear()
+        unreadable.clear()
 
 
 def start_positions(streams) -> dict[int, Position]:

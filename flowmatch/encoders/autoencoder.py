@@ -45,7 +45,8 @@ class AutoencoderConfig:
     kind: str = "vae"
     """vae (diffusers AutoencoderKL) or identity (train in pixel space)."""
     name_or_path: str = "stabilityai/stable-diffusion-3-medium-diffusers"
-    """Hub id or local directory of the VAE (pkg:<package>/<subdir> also works)."""
+    """Hub id or local directory of the VAE (pkg:<package>/<subdir> also works); from_init = model.init_from's
+    pipeline, whose VAE then keeps its own latent factors unless the recipe states a preset."""
     subfolder: str = "vae"
     """Subfolder of name_or_path holding the VAE ('' when the folder is the VAE itself)."""
     preset: str = "sd3"

@@ -41,7 +41,8 @@ class TextEncoderConfig:
     """t5 (transformers T5EncoderModel), clip (CLIPTextModel, the text tower of a CLIP checkpoint) or auto (any
     text encoder transformers.AutoModel loads: BERT, MiniLM, ...)."""
     name_or_path: str = "google/t5-v1_1-xxl"
-    """Hub id, local directory, or pkg:<python package>/<subdir> for a model shipped inside an installed package."""
+    """Hub id, local directory, or pkg:<python package>/<subdir> for a model shipped inside an installed package;
+    from_init = model.init_from's pipeline (flowmatch.config.resolve_from_init)."""
     subfolder: str = ""
     """Subfolder of name_or_path holding the encoder (a diffusers pipeline's text_encoder_2, ...); '' = itself."""
     tokenizer_subfolder: Optional[str] = None

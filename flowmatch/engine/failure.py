@@ -32,11 +32,11 @@ def _abort_key() -> str:
     return f"flowmatch/abort/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def _die(rank: int | str, message: str) -> None:
+def _die(rank: int | str, message: str, status: int = 1) -> None:
     sys.stderr.write(f"[flowmatch rank {rank}] {message}\n")
     sys.stderr.flush()
     sys.stdout.flush()
-    os._exit(1)
+    os._exit(status)
 
 
 class _AbortWatch:
@@ -112,7 +112,7 @@ def run_guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     On an exception (or a non-zero ``SystemExit``) the traceback is printed with the rank, a notice is left for
     the other ranks (see :class:`~flowmatch.engine.Engine`), and the process exits with status 1 at once,
     skipping interpreter teardown that could block on a half-finished collective. Returns ``fn``'s result
-    otherwise.
+    otherwise. Ctrl-C outside the training loop (which turns it into a clean stop) is one line and status 130.
     """
     try:
         return fn(*args, **kwargs)
@@ -120,6 +120,10 @@ def run_guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if exc.code in (None, 0):
             raise
         reason, details = f"exited with status {exc.code}", ""
+    except KeyboardInterrupt:
+        if _WATCH is not None:
+            _WATCH.publish(f"rank {os.environ.get('RANK', '0')} was interrupted (Ctrl-C)")
+        _die(os.environ.get("RANK", "0"), "interrupted (Ctrl-C): exiting with status 130", 130)
     except BaseException as exc:  # noqa: BLE001 - every failure must end the job, KeyboardInterrupt included
         reason, details = f"{type(exc).__name__}: {exc}", traceback.format_exc()
     rank = os.environ.get("RANK", "0")

@@ -24,6 +24,8 @@ from flowmatch.engine.optim import OptimConfig, SkippableAdamW, SkippableLambdaL
 _OPTIM_KEY = "optim."
 # Attributes of DeepSpeed's optimizer wrappers that hold the fp16 loss scale (ZeRO's, and the one without ZeRO).
 _LOSS_SCALE_HOLDERS = ("loss_scaler", "loss_scale_config")
+# AdamW hyper-parameters of a param group, set from the recipe: a resumed run keeps its own, not the saved ones.
+_HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")
 
 
 @dataclass
@@ -295,11 +297,14 @@ class Trainable:
                         raise ValueError(f"saved master {i} has shape {tuple(saved.shape)}, this rank's has "
                                          f"{tuple(p.shape)}: it was written by another model or layout")
                     p.copy_(saved)
-            # JSON turned tuples (AdamW's betas) into lists: give them back their type.
-            groups = [{k: tuple(v) if isinstance(here.get(k), tuple) else v for k, v in saved_group.items()}
+            # The hyper-parameters are this run's (a resumed recipe may change them); the rest is the saved state.
+            groups = [{**saved_group, **{k: here[k] for k in _HYPER if k in here}}
                       for saved_group, here in zip(info["param_groups"], opt.param_groups)]
             opt.load_state_dict({"state": state, "param_groups": groups})
         self._scheduler.load_state_dict(dict(info["schedule"]))
+        # The saved schedule holds the old peak lr: continue at the saved position with this run's peak.
+        self._scheduler.base_lrs = [group["initial_lr"] for group in self._optimizer.param_groups]
+        self._scheduler.set_position(self._scheduler.last_epoch)
         for name, obj in self._loss_scalers().items():
             for key, value in info["loss_scale"].get(name, {}).items():
                 setattr(obj, key, value)

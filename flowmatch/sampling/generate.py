@@ -209,6 +209,8 @@ class Pipeline:
             if tuple(noise.shape) != (len(prompts), c, h, w):
                 raise ValueError(f"noise must be (B={len(prompts)}, {c}, {h}, {w}) for {len(prompts)} prompts at "
                                  f"{h * f}x{w * f} pixels, got {tuple(noise.shape)}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
         steps, seq_len = steps or (len(sigmas) if sigmas is not None else s.steps), (h // p) * (w // p)
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         shift = self.schedule.shift_for(seq_len)

@@ -21,6 +21,5 @@ def train(recipe: "Recipe") -> "TrainSummary":
     from flowmatch.training.assembly import assemble
     from flowmatch.training.loop import Trainer
 
-    run = assemble(recipe)
-    with run.engine:  # shuts the process group down cleanly, so every rank exits 0 after a good run
+    with assemble(recipe) as run:  # shuts the process group down cleanly and releases run_dir's lock
         return Trainer(run).fit()

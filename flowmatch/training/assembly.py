@@ -27,6 +27,7 @@ from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.runlock import RunLock
 from flowmatch.training.fewstep import check_recipe, load_teacher
 
 
@@ -97,10 +98,25 @@ class TrainingRun:
     """Where the starting weights came from (model.init_from), recorded in every checkpoint; None = random init."""
     teacher: Optional[Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]] = None
     """The frozen teacher of distillation (``flow.teacher``), ``teacher(x, t, cond) -> v``; None = from data."""
+    lock: Optional[RunLock] = None
+    """run_dir's lock, held by rank 0 until the run ends (flowmatch.runlock)."""
 
     @property
     def recipe_yaml(self) -> str:
         return to_yaml(self.recipe)
+
+    def __enter__(self) -> "TrainingRun":
+        self.engine.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Shut the engine down (every rank exits 0 after a good run), then release run_dir's lock, also when the
+        engine's shutdown raises."""
+        try:
+            self.engine.__exit__(*exc)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] = None) -> torch.nn.Module:
@@ -161,6 +177,18 @@ def assemble(recipe: Recipe) -> TrainingRun:
     init = None if located is None else engine.broadcast_object(
         describe_init(recipe.model.init_from, *located) if engine.is_main else None)
     run_dir = Path(recipe.run_dir)
+    lock = RunLock(run_dir, "flowmatch train")
+    if engine.is_main:  # one writer per run: rank 0 holds the lock, the others wait for it at the barrier below
+        lock.acquire()
+    try:
+        return build_run(recipe, engine, init, run_dir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_dir: Path, lock: RunLock) -> TrainingRun:
+    """The rest of :func:`assemble`, once rank 0 holds run_dir's lock."""
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ensure_shards(recipe.data)
@@ -192,7 +220,7 @@ def assemble(recipe: Recipe) -> TrainingRun:
     return TrainingRun(recipe=recipe, run_dir=run_dir, engine=engine, encoders=encoders,
                        velocity=EngineVelocity(engine), loader=loader, schedule=TimeSchedule(recipe.flow),
                        micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
-                       has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device))
+                       has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device), lock=lock)
 
 
 def describe_init(source: str, kind: str, path: Path) -> InitRecord:

@@ -45,6 +45,13 @@ class TrainConfig:
     resume reads them); each holds one fp32 copy of the weights per profile; 0 = at checkpoints only."""
     max_bad_steps: int = 10
     """Stop after this many consecutive optimizer steps discarded for a non-finite loss."""
+    divergence_factor: float = 1000.0
+    """A log window diverges when its loss or gradient norm exceeds this many times the lowest seen so far (its
+    first step's loss included): a warning each time (flowmatch.training.divergence); 0 = only non-finite values
+    count."""
+    max_bad_windows: int = 3
+    """Stop after this many log windows in a row that diverged or skipped updates for a non-finite loss; 0 = warn
+    only."""
     compile: bool = False
     """torch.compile each transformer block."""
     activation_checkpointing: bool = False
@@ -64,5 +71,10 @@ class TrainConfig:
         if self.ema_snapshot_every < 0:
             raise ValueError(f"ema_snapshot_every must be >= 0 (0 = at checkpoints only), got "
                              f"{self.ema_snapshot_every}")
+        if self.divergence_factor != 0 and not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1 (e.g. 1000: three orders of magnitude) or 0 (off), got "
+                             f"{self.divergence_factor}")
+        if self.max_bad_windows < 0:
+            raise ValueError(f"max_bad_windows must be >= 0 (0 = warn only), got {self.max_bad_windows}")
         if self.log_every < 1 or self.validate_every < 0 or self.max_bad_steps < 1:
             raise ValueError("log_every and max_bad_steps must be >= 1 and validate_every >= 0")

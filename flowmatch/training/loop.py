@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from flowmatch.checkpoint import latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
+from flowmatch.checkpoint import RECIPE_FILE, latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
 from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.encoders.conditioning import Conditioning
@@ -27,8 +27,10 @@ from flowmatch.flow import FlowConfig, ObjectiveModels, TimeSchedule, get_object
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.training.assembly import TrainingRun
+from flowmatch.training.divergence import Diverged, DivergenceWatch
 from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
+from flowmatch.training.resume_policy import Change, changes_on_resume, refusal
 from flowmatch.training.validation import Validator
 
 # Loss is also logged per timestep bucket (quarters of [0, 1]) to see which noise levels train slowly.
@@ -54,7 +56,9 @@ class TrainSummary:
     compute_dtype: str
     """Dtype of the model's output during training, as observed (proves the recipe's precision took effect)."""
     preempted: bool = False
-    """The run stopped before max_steps on a stop signal (SIGTERM, SIGUSR1), after writing a checkpoint."""
+    """The run stopped before max_steps on a stop signal (SIGTERM, SIGUSR1, SIGINT), after writing a checkpoint."""
+    stop_signal: Optional[str] = None
+    """The stop signal this process received (``SIGINT`` for Ctrl-C: the command then exits 130), if any."""
 
 
 @dataclass
@@ -96,13 +100,14 @@ class LossWindow:
     """Sums of the logged losses since the last log step, kept on the device (no host sync to add to them).
 
     The micro batches of one optimizer step are held apart until the engine says whether it applied the update:
-    :meth:`commit` adds them to the sums, :meth:`discard` drops them (a window with a non-finite loss).
+    :meth:`commit` adds them to the sums, :meth:`discard` drops them (a window with a non-finite loss). The last
+    entry holds the mean loss of the window's first committed step (what divergence is measured against).
     """
 
     def __init__(self, device: torch.device, buckets: int = LOSS_BUCKETS) -> None:
         self.buckets = buckets
-        # loss sum, loss count, per-bucket sums, per-bucket counts
-        self.sums = torch.zeros(2 + 2 * buckets, device=device)
+        # loss sum, loss count, per-bucket sums, per-bucket counts, the first step's loss
+        self.sums = torch.zeros(3 + 2 * buckets, device=device)
         self.pending = torch.zeros_like(self.sums)
         self.steps = 0
         self.started = time.time()
@@ -117,6 +122,8 @@ class LossWindow:
 
     def commit(self) -> None:
         self.sums += self.pending
+        if self.steps == 0:
+            self.sums[-1] = self.pending[0] / self.pending[1].clamp(min=1)
         self.pending.zero_()
         self.steps += 1
 
@@ -139,9 +146,14 @@ class Trainer:
         self.step = 0
         self.saved_step: Optional[int] = None
         """Step of the newest checkpoint on disk (written or resumed from)."""
+        self.changed_on_resume: list[Change] = []
+        """Recipe keys that differ from the resumed checkpoint's and take effect (:mod:`.resume_policy`)."""
         self.monitor: Optional[Monitor] = None
         self.validator = Validator(run)
         self.preemption = Preemption(run.engine.rank)
+        self.divergence = DivergenceWatch(run.recipe.train.divergence_factor, run.recipe.train.max_bad_windows)
+        self.skipped_at_log = 0
+        """The engine's skipped-update count at the last log step."""
         self.jvp_backend = jvp_backend(run.recipe)
         self.objective = get_objective(run.recipe.flow.objective)
         exact = self.objective.uses_jvp and self.jvp_backend == "exact"
@@ -165,7 +177,7 @@ class Trainer:
         and set aside by :func:`~flowmatch.checkpoint.resume_checkpoint`); the EMA profiles come from the snapshot
         of its step (and snapshots newer than it, left by an abandoned attempt, go)."""
         run, e = self.run, self.engine
-        resumed = resume_checkpoint(e, run.run_dir)
+        resumed = resume_checkpoint(e, run.run_dir, check=self.check_recipe)
         profiles = self.recipe.train.ema_profiles
         if resumed is None:
             if profiles:
@@ -184,10 +196,21 @@ class Trainer:
                 g.set_state(generators[first_slot + m])
         if e.is_main:
             print(f"resuming from {ckpt} (step {self.step})", flush=True)
+            for change in self.changed_on_resume:
+                print(f"changed on resume: {change}", flush=True)
         if profiles:
             said = restore_profiles(e, run.run_dir, self.step, profiles)
             if e.is_main:
                 print(said, flush=True)
+
+    def check_recipe(self, ckpt: Path) -> None:
+        """Refuse to resume ``ckpt`` when the recipe changed a key that cannot change (:mod:`.resume_policy`);
+        note the keys that changed and take effect."""
+        changes = changes_on_resume((ckpt / RECIPE_FILE).read_text(), self.run.recipe_yaml)
+        refused = [c for c in changes if not c.safe]
+        if refused:
+            raise TrainingError(refusal(ckpt, refused))
+        self.changed_on_resume = changes
 
     def check_base(self, ckpt: Path) -> None:
         """A LoRA checkpoint's adapters belong to the base weights it records: resuming on others is an error."""
@@ -202,6 +225,8 @@ class Trainer:
     def checkpoint(self) -> Path:
         """Write a checkpoint of the current step (atomically; keeps the newest train.keep_checkpoints)."""
         run, e = self.run, self.engine
+        if self.recipe.train.ema_profiles:  # before the checkpoint that resumes from it, a stop's included
+            write_snapshot(e, run.run_dir, self.step, self.recipe.train.ema_profiles)
         loaders = merge_loader_states(e.all_gather_object(run.loader.state_dict()))
         slots = [s for states in e.all_gather_object([g.get_state() for g in run.generators]) for s in states]
         state = {"step": self.step, "loader": loaders, "generator": slots}
@@ -237,6 +262,7 @@ class Trainer:
         r, e, run = self.recipe, self.engine, self.run
         self.resume()
         start_step, started = self.step, time.time()
+        self.skipped_at_log = e.skipped_steps
         if e.is_main:
             (run.run_dir / "recipe.yaml").write_text(run.recipe_yaml)
         self.monitor = Monitor(run.run_dir, r.logging, enabled=e.is_main, total_steps=r.train.max_steps,
@@ -254,7 +280,8 @@ class Trainer:
             batches.close()  # stops the loader's worker processes
             self.monitor.close()
         return TrainSummary(run.run_dir, start_step, self.step, last_loss, e.skipped_steps, time.time() - started,
-                            last_ckpt or latest_checkpoint(run.run_dir), str(run.velocity.last_dtype), preempted)
+                            last_ckpt or latest_checkpoint(run.run_dir), str(run.velocity.last_dtype), preempted,
+                            self.preemption.received)
 
     def _loop(self, batches) -> tuple[float, Optional[Path], bool]:
         """(last logged loss, last checkpoint written, whether a stop signal ended the loop early)."""
@@ -299,8 +326,8 @@ class Trainer:
             if (t.validate_every and self.step % t.validate_every == 0) or self.step == t.max_steps:
                 self.validator.validate(self.step)
             checkpoint_now = self.step % t.checkpoint_every == 0 or self.step == t.max_steps
-            if t.ema_profiles and (checkpoint_now or (t.ema_snapshot_every and self.step % t.ema_snapshot_every == 0)):
-                write_snapshot(e, run.run_dir, self.step, t.ema_profiles)  # before the checkpoint that resumes from it
+            if t.ema_profiles and not checkpoint_now and t.ema_snapshot_every and self.step % t.ema_snapshot_every == 0:
+                write_snapshot(e, run.run_dir, self.step, t.ema_profiles)  # checkpoint() takes its own
             if checkpoint_now:
                 last_ckpt = self.checkpoint()
         if self.validator.last_step != self.step:  # a finished run resumed: nothing trained, validate anyway
@@ -353,4 +380,18 @@ class Trainer:
             if n > 0:  # a bucket no sample fell in this window has no loss to report
                 values[f"loss_t{i}"] = v
         self.monitor.scalars(self.step, values, postfix=postfix)
+        self.judge(loss, values.get("grad_norm"), (sums[-1] / e.world_size).item())
         return loss
+
+    def judge(self, loss: float, grad_norm: Optional[float], first_loss: float) -> None:
+        """Warn about a diverging log window; raise TrainingError after train.max_bad_windows in a row (values
+        already on the host: see :mod:`.divergence`)."""
+        skipped, self.skipped_at_log = self.engine.skipped_steps - self.skipped_at_log, self.engine.skipped_steps
+        try:
+            warning = self.divergence.judge(self.step, loss, grad_norm, first_loss, skipped)
+        except Diverged as err:
+            last = latest_checkpoint(self.run.run_dir)
+            raise TrainingError(f"{err} " + (f"The last checkpoint is {last}." if last else "No checkpoint was written "
+                                             "yet.")) from None
+        if warning:
+            self.monitor.message(f"warning: {warning}")

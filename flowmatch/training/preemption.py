@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM or SIGUSR1 ends a run after the current optimizer step, with a checkpoint and status 0.
+"""Preemption: SIGTERM or SIGUSR1 ends a run after the current optimizer step, with a checkpoint and status 0;
+Ctrl-C (SIGINT) does the same and the command exits 130.
 
 Schedulers stop jobs with SIGTERM and kill them some seconds later (SLURM's KillWait, Kubernetes'
 terminationGracePeriodSeconds, spot reclaim notices); SLURM can also send a chosen signal ahead of the time
@@ -10,7 +11,7 @@ checkpoint and return. Running the same command again resumes from it.
 A second SIGTERM exits at once (status 143), without a checkpoint. Signals that arrive within
 :data:`REPEAT_WINDOW_S` of the first count as the same request: a launcher forwarding the scheduler's signal to
 a rank that the scheduler signalled too (``srun torchrun``) delivers it twice at once. Repeated SIGUSR1 never
-exits: it only ever asks for a clean stop.
+exits: it only ever asks for a clean stop. A second Ctrl-C exits at once (status 130), like a second SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 
 # Repeats of a signal this soon after the first are the same request delivered twice (see the module docstring).
 REPEAT_WINDOW_S = 2.0
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# Signals whose repeat (after REPEAT_WINDOW_S) exits at once, without a checkpoint.
+_IMPATIENT = (signal.SIGTERM, signal.SIGINT)
 
 
 def _say(text: str) -> None:
@@ -59,8 +62,10 @@ class Preemption:
         self.received_at: float | None = None
         """time.monotonic() when it arrived."""
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> Preemption:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -74,14 +79,17 @@ class Preemption:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a data worker forked with this handler (Ctrl-C reaches the whole group)
+            return
         name = signal.Signals(signum).name
         now = time.monotonic()
         if self.received is None:
             self.received, self.received_at = name, now
+            again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             _say(f"[flowmatch rank {self.rank}] received {name}: finishing the current optimizer step, then writing "
-                 f"a checkpoint and exiting (a second SIGTERM exits at once, without one)\n")
-        elif signum == signal.SIGTERM and now - (self.received_at or now) >= REPEAT_WINDOW_S:
-            _say(f"[flowmatch rank {self.rank}] received SIGTERM again: exiting now, without a checkpoint\n")
+                 f"a checkpoint and exiting (a second {again} exits at once, without one)\n")
+        elif signum in _IMPATIENT and now - (self.received_at or now) >= REPEAT_WINDOW_S:
+            _say(f"[flowmatch rank {self.rank}] received {name} again: exiting now, without a checkpoint\n")
             os._exit(128 + signum)
 
     def agreed(self, engine: Engine) -> bool:
