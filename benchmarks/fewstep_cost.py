@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
+from flowmatch.families.presets import config_from_preset
 from flowmatch.flow import (
     FlowConfig,
     GuidanceInputConfig,
@@ -30,7 +31,7 @@ from flowmatch.flow import (
     objective_loss,
     with_guidance,
 )
-from flowmatch.models import MMDiT, config_from_preset
+from flowmatch.models import MMDiT
 from flowmatch.training.assembly import EngineVelocity
 from flowmatch.training.fewstep import objective_models
 

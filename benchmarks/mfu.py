@@ -30,13 +30,13 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.dtypes import DTYPES
-from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
+from flowmatch.families.presets import config_from_preset
 from flowmatch.models import MMDiT
 from flowmatch.models.flops import mfu, training_flops_per_step
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
-from flowmatch.models.presets import config_from_preset
 
 # Dense (no sparsity) bf16 tensor-core peaks, matched by a substring of torch.cuda.get_device_name(); the first
 # match wins, so the PCIe H100 comes before the SXM one.
@@ -56,7 +56,7 @@ OPEN_SIZES = dict(in_channels=16, context_dim=4096, pooled_dim=2048)
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="sd3-medium", help="an MMDiT preset (flowmatch.models.presets)")
+    parser.add_argument("--preset", default="sd3-medium", help="an MMDiT preset (flowmatch.families.presets)")
     parser.add_argument("--tokens", default="256,1024", help="image tokens per sample, comma-separated squares")
     parser.add_argument("--text-len", type=int, default=SD3_TEXT_TOKENS, help="text tokens per sample")
     parser.add_argument("--batch", type=int, default=8, help="samples per device and step")

@@ -28,9 +28,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.engine.optim import adamw_implementation
-from flowmatch.models.convert import from_diffusers
+from flowmatch.families.convert import from_diffusers
 from flowmatch.models.flops import mfu, training_flops_per_step
 from flowmatch.models.parallelize import apply_compile
 

@@ -29,7 +29,7 @@ from flowmatch.config import load_recipe
 from flowmatch.data import build_loader, ensure_shards
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.evaluate import EvalPlan, evaluate
-from flowmatch.models.convert.sd3 import FIXED as SD3_FIXED
+from flowmatch.families.sd3.convert import FIXED as SD3_FIXED
 from flowmatch.sampling import GenerationConfig, Pipeline
 from flowmatch.tasks import get_task
 from flowmatch.training import train

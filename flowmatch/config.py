@@ -29,10 +29,10 @@ from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.eval_config import EvalConfig
+from flowmatch.families.config import ModelConfig
+from flowmatch.families.presets import preset_values
 from flowmatch.flow.timesteps import FlowConfig
 from flowmatch.init_from import stated_architecture
-from flowmatch.models.config import ModelConfig
-from flowmatch.models.presets import preset_values
 from flowmatch.monitor import LoggingConfig
 from flowmatch.sampling.generate import SamplingConfig
 from flowmatch.training.config import TrainConfig
@@ -51,7 +51,7 @@ class Recipe:
     run_dir: str = "runs/default"
     """Where checkpoints, samples, logs and the resolved recipe go; training again with it resumes."""
     model: ModelConfig = field(default_factory=lambda: ModelConfig(**preset_values(DEFAULT_PRESET)))
-    """The MMDiT (flowmatch.models.config.ModelConfig); start from a preset with model.preset, or from weights
+    """The MMDiT (flowmatch.families.config.ModelConfig); start from a preset with model.preset, or from weights
     with model.init_from."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     """Rectified flow: time distribution, shift, loss weighting, caption dropout."""

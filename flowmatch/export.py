@@ -38,11 +38,12 @@ from flowmatch.checkpoint import load_weights
 from flowmatch.dtypes import DTYPES
 from flowmatch.engine.state import write_safetensors
 from flowmatch.errors import choice_error
+from flowmatch.families import family_of
+from flowmatch.families.convert import save_original, to_diffusers
+from flowmatch.families.lora import select
 from flowmatch.flow import TimeSchedule
-from flowmatch.models.convert import architecture_of, save_original, to_diffusers
 from flowmatch.models.convert.lora import LORA_FILE, merge, to_diffusers_lora
-from flowmatch.models.lora import select
-from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
 from flowmatch.run import lora_base, open_run, read_meta
 from flowmatch.sampling.diffusers_schedule import scheduler_config
@@ -173,9 +174,11 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
 
     opened = open_run(path, weights=False)
     ckpt, recipe = opened.checkpoint, opened.recipe
-    if recipe.model.kind != "mmdit":
+    family = family_of(recipe.model)
+    if family.converter is None:
         raise ValueError(f"flowmatch export writes MMDiT transformers; this run's model.kind is {recipe.model.kind!r} "
-                         "(its weights under 'unet.' in model.safetensors are diffusers' UNet2DConditionModel's)")
+                         f"(model.family {family.name}: {family.summary}; its weights in model.safetensors are "
+                         "flowmatch's only)")
     adapters = recipe.model.lora
     if adapters is None and (lora or merge):
         raise ValueError(f"{ckpt} is not a LoRA run (its recipe has no model.lora): export it without --lora/--merge")
@@ -188,16 +191,16 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         _remove(existing)
         files = [_write_lora(recipe.model, state, target, DTYPES[dtype])]
         return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format="lora",
-                             architecture=architecture_of(recipe.model).DIFFUSERS_CLASS, files=files,
+                             architecture=family.converter.DIFFUSERS_CLASS, files=files,
                              notes=[f"LoRA rank {adapters.rank}, alpha {adapters.alpha:g}: load with "
                                     "pipe.load_lora_weights(OUT_DIR) (StableDiffusion3Pipeline / FluxPipeline) on "
                                     f"the base weights {read_meta(ckpt).init_from['source']}"])
     if merge:
         state = _merged(ckpt, recipe.model, state)
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    model = MMDiT(_sizes_from_weights(recipe.model.architecture(), state), device="meta")
+    model = family.build(_sizes_from_weights(recipe.model.architecture(), state), device="meta")
     model.load_state_dict(state, strict=True, assign=True)
-    arch = architecture_of(model.cfg)
+    arch = family.converter
 
     out.mkdir(parents=True, exist_ok=True)
     _remove([p for p in existing if p == target])

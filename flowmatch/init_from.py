@@ -31,11 +31,12 @@ from flowmatch.checkpoint import resolve_checkpoint, weights_file
 from flowmatch.checkpoint.layout import CHECKPOINTS_DIR, EMA_FILE, MODEL_FILE, names_a_checkpoint
 from flowmatch.checkpoint.manifest import read_manifest, sha256_file, structure_problem
 from flowmatch.errors import RecipeError
-from flowmatch.models.config import ARCHITECTURE_FIELDS, ModelConfig
-from flowmatch.models.convert import convert_diffusers, convert_original, diffusers_folder
+from flowmatch.families import family_of, get_family
+from flowmatch.families.config import ARCHITECTURE_FIELDS, ModelConfig
+from flowmatch.families.convert import convert_diffusers, convert_original, diffusers_folder
+from flowmatch.families.presets import preset_values
 from flowmatch.models.embeddings import TimestepEmbedder
 from flowmatch.models.mmdit import EMBEDDER_INIT_STD, MMDiTConfig
-from flowmatch.models.presets import preset_values
 
 __all__ = ["KINDS", "NEW_EMBEDDERS", "InitRecord", "cast", "from_meta", "load_weights", "locate", "record",
            "stated_architecture", "with_architecture", "with_new_embedders"]
@@ -140,6 +141,12 @@ def with_architecture(model: ModelConfig, weights: MMDiTConfig) -> ModelConfig:
     :func:`flowmatch.config.recipe_from_dict`) something else. None values (sizes left to the encoders) and
     configs built in code, which state nothing, always agree."""
     stated: dict[str, tuple[Any, str]] = getattr(model, "stated", {})
+    theirs = family_of(weights)
+    if model.family is not None and get_family(model.family) is not theirs:
+        raise RecipeError(f"model.family: {model.family}, but model.init_from={model.init_from!r} holds "
+                          f"{theirs.name} weights ({weights.preset} layout): a {theirs.name} checkpoint does not load "
+                          f"as a {model.family} model; set model.family: {theirs.name} (or remove it: the family "
+                          f"comes from the weights) or start from {model.family} weights")
     added = {k for k in NEW_EMBEDDERS if getattr(model, k) and not getattr(weights, k)}
     for key, (value, where) in stated.items():
         if key in added:
@@ -147,8 +154,9 @@ def with_architecture(model: ModelConfig, weights: MMDiTConfig) -> ModelConfig:
         if value is not None and not _same(value, getattr(weights, key)):
             said = f"{where} gives {key}={value!r}" if "preset" in where else f"{where}={value!r}"
             raise RecipeError(f"{said}, but model.init_from={model.init_from!r} holds weights with "
-                              f"{key}={getattr(weights, key)!r} ({weights.preset} layout): remove {where.split('=')[0]}"
-                              " from the recipe (the architecture comes from the weights) or start from other weights")
+                              f"{key}={getattr(weights, key)!r} ({weights.preset} layout, {theirs.name} family): "
+                              f"remove {where.split('=')[0]} from the recipe (the architecture comes from the weights) "
+                              "or start from other weights")
     preset = model.preset if "preset" in stated else weights.preset
     return dataclasses.replace(model, preset=preset,
                                **{k: k in added or getattr(weights, k) for k in ARCHITECTURE_FIELDS})

@@ -17,8 +17,8 @@ from flowmatch.config import Recipe
 from flowmatch.data.config import DataConfig
 from flowmatch.encoders.diffusers_folder import MODEL_INDEX, encoder_configs_from_pipeline, read_pipeline_json
 from flowmatch.encoders.frozen import FrozenEncoders
-from flowmatch.models import from_diffusers
-from flowmatch.models.config import ModelConfig
+from flowmatch.families.config import ModelConfig
+from flowmatch.families.convert import from_diffusers
 from flowmatch.run import ENCODER_SECTIONS, checkpoint_model, open_run
 from flowmatch.sampling.diffusers_schedule import PipelineGrid
 from flowmatch.sampling.generate import GenerationConfig, SamplingConfig
@@ -107,7 +107,7 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
                                                  guidance_scale=configs.kind.guidance_scale))
     model.to(device).eval().requires_grad_(False)
     return Pipeline(model, encoders, GenerationConfig.of(recipe), device=device, recipe=recipe,
-                    pipeline_grid=PipelineGrid(configs.scheduler, configs.kind.combine))
+                    pipeline_grid=PipelineGrid(configs.scheduler, configs.family))
 
 
 def read_transformer_sample_size(path: str | Path) -> int:

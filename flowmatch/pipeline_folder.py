@@ -20,6 +20,7 @@ from typing import Optional
 from flowmatch.encoders.autoencoder import LATENT_PRESETS
 from flowmatch.encoders.diffusers_folder import (MODEL_INDEX, PipelineEncoderConfigs, encoder_configs_from_pipeline,
                                                  read_pipeline_json)
+from flowmatch.families import text_layout
 
 #: The encoder settings that decide the conditioning; a run that changed one of them has no diffusers pipeline.
 CONDITIONING_FIELDS = ("kind", "subfolder", "tokenizer_subfolder", "max_length", "padding", "hidden_layer",
@@ -33,7 +34,7 @@ def pipeline_source(recipe, transformer_class: Optional[str] = None,
     """(the pipeline whose components the run's encoders are, "") or (None, why they are not one's); with
     `transformer_class`, the pipeline's transformer must be of that diffusers class too."""
     text, vae = recipe.text, recipe.autoencoder
-    if text.combine not in ("sd3", "flux"):
+    if text_layout(text.combine).single:  # one encoder: no family's pipeline combines so
         (only,) = text.encoders.values()
         return None, (f"the run's text encoder ({only.kind} {only.name_or_path}) is not the set of a diffusers SD3 "
                       "or FLUX pipeline")

@@ -11,7 +11,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 from torch import Tensor
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 
 CONTEXT_DIM, POOLED_DIM = 20, 12
 LATENT_CHANNELS = 4

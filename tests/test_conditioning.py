@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 
 
 def _cond(batch: int, length: int, seed: int, real: int | None = None) -> Conditioning:

@@ -13,13 +13,14 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
-from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.models import from_diffusers, to_diffusers
-from flowmatch.models.convert import architecture_of, convert_diffusers, flux, sd3, to_original
+from flowmatch.conditioning import Conditioning
+from flowmatch.families.convert import architecture_of, convert_diffusers, from_diffusers, to_diffusers, to_original
+from flowmatch.families.flux import convert as flux
+from flowmatch.families.presets import config_from_preset
+from flowmatch.families.sd3 import convert as sd3
 from flowmatch.models.convert.keymap import Inert, to_theirs
 from flowmatch.models.embeddings import rope_table, sincos_pos_embed_2d
 from flowmatch.models.mmdit import MMDiT
-from flowmatch.models.presets import config_from_preset
 from tests.interop_models import (
     KINDS,
     diffusers_model,

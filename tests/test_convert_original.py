@@ -14,8 +14,7 @@ import torch
 from diffusers.loaders import single_file_utils
 from safetensors.torch import save_file
 
-from flowmatch.models import from_diffusers, from_original, save_original, to_original
-from flowmatch.models.convert import architecture_of
+from flowmatch.families.convert import architecture_of, from_diffusers, from_original, save_original, to_original
 from flowmatch.models.convert.keymap import Inert, Tail
 from tests.interop_models import (
     KINDS,
@@ -137,6 +136,6 @@ def test_config_is_inferred_from_keys_and_what_they_do_not_show_is_asked_for(tmp
 @pytest.mark.slow  # a fresh interpreter
 def test_original_conversion_does_not_import_diffusers(tmp_path):
     path = save_original(from_diffusers(diffusers_model("flux-schnell")), tmp_path / "m.safetensors")
-    code = ("import sys; from flowmatch.models import from_original, to_original; "
+    code = ("import sys; from flowmatch.families.convert import from_original, to_original; "
             f"m = from_original({str(path)!r}); to_original(m); assert 'diffusers' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

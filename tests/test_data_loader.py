@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.data import DataConfig, EncoderMismatch, build_loader, features, merge_loader_states
 from flowmatch.data.shardformat import ShardSink
-from flowmatch.encoders.conditioning import Conditioning
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-000000.tar.gz"
 

@@ -11,11 +11,12 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.config import load_recipe
-from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
+from flowmatch.families.convert import from_diffusers
 from flowmatch.flow import FlowConfig, TimeSchedule
-from flowmatch.models import MMDiT, from_diffusers
+from flowmatch.models import MMDiT
 from flowmatch.sampling.diffusers_schedule import (
     PipelineGrid,
     diffusers_default_sigmas,
@@ -23,7 +24,7 @@ from flowmatch.sampling.diffusers_schedule import (
     mu_for,
     scheduler_config,
 )
-from flowmatch.sampling.generate import Pipeline, image_noise, sample_latents
+from flowmatch.sampling.generate import GenerationConfig, Pipeline, image_noise, sample_latents
 from tests.interop_models import (
     CONTEXT_DIM,
     FLUX_VAE_FACTOR,
@@ -189,7 +190,7 @@ def digits_pipeline() -> Pipeline:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return Pipeline(model.eval(), encoders, recipe)
+    return Pipeline(model.eval(), encoders, GenerationConfig.of(recipe))
 
 
 def test_generate_starts_from_the_given_noise(digits_pipeline):

@@ -18,7 +18,8 @@ from flowmatch.cli import main
 from flowmatch.config import recipe_from_yaml
 from flowmatch.dtypes import DTYPES
 from flowmatch.export import _sizes_from_weights
-from flowmatch.models import MMDiT, from_diffusers, from_original
+from flowmatch.families.convert import from_diffusers, from_original
+from flowmatch.models import MMDiT
 from flowmatch.training import train
 from tests.interop_models import (
     one_thread,  # noqa: F401 - applies the module-wide fixture
@@ -46,7 +47,7 @@ def checkpoint_model(run: Path, ema: bool) -> MMDiT:
 
 
 def digits_inputs(model: MMDiT, batch=3, text_len=6):
-    from flowmatch.encoders.conditioning import Conditioning
+    from flowmatch.conditioning import Conditioning
 
     g = torch.Generator().manual_seed(0)
     cfg = model.cfg

@@ -17,7 +17,7 @@ from flowmatch import Pipeline
 from flowmatch.checkpoint import load_weights
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.export import export
-from flowmatch.models import from_diffusers
+from flowmatch.families.convert import from_diffusers
 from flowmatch.sampling.diffusers_schedule import diffusers_sigmas
 from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture

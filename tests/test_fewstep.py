@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.config import load_recipe
-from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.errors import RecipeError
+from flowmatch.families.presets import config_from_preset
 from flowmatch.flow import (
     FlowConfig,
     MeanFlowConfig,
@@ -24,7 +25,7 @@ from flowmatch.flow import (
 from flowmatch.flow.flowmap import teacher_average_velocity
 from flowmatch.flow.meanflow import meanflow_target
 from flowmatch.flow.shortcut import bootstrap_target, consistency_times
-from flowmatch.models import MMDiT, config_from_preset
+from flowmatch.models import MMDiT
 from flowmatch.sampling import sample_average, sample_latents
 
 ROOT = Path(__file__).resolve().parents[1]

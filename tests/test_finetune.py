@@ -17,9 +17,9 @@ from flowmatch.checkpoint import read_meta
 from flowmatch.checkpoint.manifest import read_manifest, sha256_file
 from flowmatch.cli import main
 from flowmatch.config import RecipeError
+from flowmatch.families.convert import from_diffusers
 from flowmatch.init_from import load_weights as load_init
 from flowmatch.init_from import locate, record
-from flowmatch.models import from_diffusers
 from flowmatch.models.lora import is_adapter
 from flowmatch.run import source_architecture as architecture
 from flowmatch.training import train

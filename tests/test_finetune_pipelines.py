@@ -17,7 +17,7 @@ from flowmatch import Pipeline
 from flowmatch.checkpoint import read_meta
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.export import export
-from flowmatch.models.config import ModelConfig
+from flowmatch.families.config import ModelConfig
 from flowmatch.models.lora import LoraConfig
 from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture

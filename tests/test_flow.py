@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
 from flowmatch.flow import (
     FlowConfig,
     TimeSchedule,

@@ -215,7 +215,7 @@ def _recorder(out):
 
 
 def _cond(b):
-    from flowmatch.encoders.conditioning import Conditioning
+    from flowmatch.conditioning import Conditioning
 
     return Conditioning(torch.zeros(b, 2, 4), torch.ones(b, 2, dtype=torch.bool), torch.zeros(b, 4))
 

@@ -12,9 +12,11 @@ from safetensors import safe_open
 
 from flowmatch.engine.state import write_safetensors
 from flowmatch.errors import RecipeError
-from flowmatch.models import config_from_preset, from_diffusers
+from flowmatch.families.convert import from_diffusers
+from flowmatch.families.lora import apply_lora, default_targets, select
+from flowmatch.families.presets import config_from_preset
 from flowmatch.models.convert.lora import LORA_FILE, METADATA_KEY, merge, to_diffusers_lora
-from flowmatch.models.lora import LoraConfig, adapter_key, apply_lora, default_targets, is_adapter, select
+from flowmatch.models.lora import LoraConfig, adapter_key, is_adapter
 from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import (
     diffusers_model,

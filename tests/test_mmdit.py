@@ -7,13 +7,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.conditioning import Conditioning
+from flowmatch.families.presets import PRESETS, config_from_preset, preset_values
 from flowmatch.models.embeddings import patchify, timestep_embedding, unpatchify
 from flowmatch.models.flops import count_parameters, mfu, training_flops_per_step
 from flowmatch.models.layers import AdaLNModulation
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
-from flowmatch.models.presets import PRESETS, config_from_preset, preset_values
 
 DIMS = dict(in_channels=4, context_dim=24, pooled_dim=12)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.config import RecipeError, load_recipe, recipe_from_yaml, to_yaml
 from flowmatch.encoders.combine import EncoderShape, combine_outputs, combined_sizes, parts
-from flowmatch.encoders.conditioning import Conditioning
+from flowmatch.families import text_layout
 from flowmatch.flow import drop_captions
 
 SD3_SHAPES = {"clip_l": EncoderShape("clip", 77, 32, 32), "clip_g": EncoderShape("clip", 77, 48, 48),
@@ -53,11 +54,11 @@ def test_recipe_with_several_encoders_round_trips_and_names_bad_keys():
 
 
 def test_sd3_layout_of_each_encoder():
-    assert combined_sizes("sd3", SD3_SHAPES) == (96, 80)
+    assert combined_sizes(text_layout("sd3"), SD3_SHAPES) == (96, 80)
     outputs = _outputs(2, 0)
-    cond = combine_outputs("sd3", outputs, SD3_KINDS)
+    cond = combine_outputs(text_layout("sd3"), outputs, SD3_KINDS)
     assert cond.hidden.shape == (2, 77 + 256, 96) and cond.pooled.shape == (2, 80)
-    for part in parts("sd3", SD3_SHAPES):
+    for part in parts(text_layout("sd3"), SD3_SHAPES):
         out = outputs[part.name]
         region = cond.hidden[:, part.tokens, part.hidden]
         if part.name == "t5":
@@ -66,16 +67,17 @@ def test_sd3_layout_of_each_encoder():
             assert torch.equal(region, out.hidden) and torch.equal(cond.pooled[:, part.pooled], out.pooled)
     assert cond.hidden[:, :77, 80:].abs().max() == 0  # zero padding up to T5's width
     flux_shapes = {"clip_l": SD3_SHAPES["clip_l"], "t5": SD3_SHAPES["t5"]}
-    flux = combine_outputs("flux", {n: outputs[n] for n in flux_shapes}, {n: SD3_KINDS[n] for n in flux_shapes},
-                           guidance=1.0)
+    flux = combine_outputs(text_layout("flux"), {n: outputs[n] for n in flux_shapes},
+                           {n: SD3_KINDS[n] for n in flux_shapes}, guidance=1.0)
     assert torch.equal(flux.hidden, outputs["t5"].hidden) and torch.equal(flux.pooled, outputs["clip_l"].pooled)
     assert torch.equal(flux.extra["guidance"], torch.ones(2))
 
 
 def test_caption_dropout_drops_each_encoder_alone_and_independently():
     shapes = SD3_SHAPES
-    cond, null = combine_outputs("sd3", _outputs(64, 1), SD3_KINDS), combine_outputs("sd3", _outputs(1, 2), SD3_KINDS)
-    layout = parts("sd3", shapes)
+    sd3 = text_layout("sd3")
+    cond, null = combine_outputs(sd3, _outputs(64, 1), SD3_KINDS), combine_outputs(sd3, _outputs(1, 2), SD3_KINDS)
+    layout = parts(text_layout("sd3"), shapes)
     only_g = [(p, 1.0 if p.name == "clip_g" else 0.0) for p in layout]
     dropped = drop_captions(cond, null, 0.0, generator=torch.Generator().manual_seed(0), parts=only_g)
     g = layout[1]
@@ -99,7 +101,7 @@ def test_caption_dropout_drops_each_encoder_alone_and_independently():
 def test_single_encoder_dropout_is_the_whole_row_as_before():
     cond = Conditioning(torch.randn(16, 5, 4), torch.ones(16, 5, dtype=torch.bool), torch.randn(16, 3))
     null = Conditioning(torch.randn(1, 2, 4), torch.ones(1, 2, dtype=torch.bool), torch.randn(1, 3))
-    (whole,) = parts("single", {"text_encoder": EncoderShape("auto", None, 4, 3)})
+    (whole,) = parts(text_layout("single"), {"text_encoder": EncoderShape("auto", None, 4, 3)})
     by_part = drop_captions(cond, null, 0.5, generator=torch.Generator().manual_seed(3), parts=[(whole, 0.5)])
     by_row = drop_captions(cond, null, 0.5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(by_part.hidden, by_row.hidden) and torch.equal(by_part.mask, by_row.mask)

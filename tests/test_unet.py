@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import flowmatch
+from flowmatch.conditioning import Conditioning
 from flowmatch.config import load_recipe
-from flowmatch.encoders.conditioning import Conditioning
-from flowmatch.models.backbone import build_backbone
+from flowmatch.families import build_backbone
 from flowmatch.training import train
 
 ROOT = Path(__file__).resolve().parents[1]

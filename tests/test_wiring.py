@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.config import load_recipe
-from flowmatch.encoders.conditioning import Conditioning
 from flowmatch.errors import RecipeError
 from flowmatch.flow import FlowConfig, TimeSchedule, loss_weight, shift_time
 from flowmatch.sampling import GenerationConfig, Pipeline

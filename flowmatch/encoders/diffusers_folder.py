@@ -6,7 +6,9 @@ tokenizer, combined as that pipeline combines them; the VAE with its scaling and
 shift as a flow section. Nothing is loaded but JSON files; the encoders load their own weights later from the
 same folder (``name_or_path`` + ``subfolder``).
 
-What each pipeline does, as its ``encode_prompt`` and ``__call__`` do it (diffusers 0.3x-0.4x):
+Which pipelines are read, and what each does, is its family's (``Family.diffusers``, ``Family.text`` in
+``flowmatch/families/<family>/__init__.py``); as their ``encode_prompt`` and ``__call__`` do it (diffusers
+0.3x-0.4x):
 
 - ``StableDiffusion3Pipeline`` (SD3, SD3.5): ``text_encoder`` and ``text_encoder_2`` are
   CLIPTextModelWithProjection, run on 77 tokens (the tokenizer's model_max_length) padded with the tokenizer's
@@ -30,40 +32,19 @@ from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.errors import choice_error
+from flowmatch.families import FAMILIES, Family
+from flowmatch.families.spec import DiffusersPipeline
 from flowmatch.flow.timesteps import FlowConfig
 
 __all__ = ["PIPELINES", "PipelineEncoderConfigs", "encoder_configs_from_pipeline", "read_pipeline_json"]
 
 MODEL_INDEX = "model_index.json"
-#: T5 sequence lengths the pipelines use by default (their `max_sequence_length` argument).
-SD3_T5_TOKENS, FLUX_T5_TOKENS = 256, 512
 #: CLIP's context length, when a tokenizer config does not state it.
 CLIP_TOKENS = 77
 #: FLUX-dev's guidance value in training, as the diffusers and kohya FLUX LoRA docs train it.
 FLUX_TRAIN_GUIDANCE = 1.0
-
-
-@dataclass(frozen=True)
-class PipelineKind:
-    """What flowmatch knows of one diffusers pipeline class."""
-
-    combine: str
-    """How its encoders combine (flowmatch.encoders.combine)."""
-    steps: int
-    """Its default num_inference_steps."""
-    guidance_scale: float
-    """Its default guidance_scale (FLUX: the embedded guidance value)."""
-    text_encoders: tuple[tuple[str, str, str], ...]
-    """(our name, encoder subfolder, tokenizer subfolder) in combination order."""
-
-
-PIPELINES = {
-    "StableDiffusion3Pipeline": PipelineKind("sd3", 28, 7.0, (("clip_l", "text_encoder", "tokenizer"),
-                                                             ("clip_g", "text_encoder_2", "tokenizer_2"),
-                                                             ("t5", "text_encoder_3", "tokenizer_3"))),
-    "FluxPipeline": PipelineKind("flux", 28, 3.5, (("clip_l", "text_encoder", "tokenizer"),
-                                                   ("t5", "text_encoder_2", "tokenizer_2"))),
-}
+#: The families with a diffusers pipeline, by its class name (each family's DiffusersPipeline says what it does).
+PIPELINES: dict[str, Family] = {f.diffusers.pipeline_class: f for f in FAMILIES.values() if f.diffusers}
 
 
 @dataclass
@@ -74,8 +55,10 @@ class PipelineEncoderConfigs:
     """The folder or hub id they were read from."""
     pipeline_class: str
     """StableDiffusion3Pipeline or FluxPipeline."""
-    kind: PipelineKind
-    """Its combination and default call."""
+    family: str
+    """The model family whose pipeline it is (flowmatch.families): its text combination and schedule."""
+    kind: DiffusersPipeline
+    """What the pipeline does: its encoders and default call."""
     text_encoders: TextEncodersConfig
     """Every text encoder and tokenizer (the recipe's text_encoders section)."""
     autoencoder: AutoencoderConfig
@@ -137,7 +120,8 @@ def encoder_configs_from_pipeline(path: str | os.PathLike, *, dtype: str = "auto
     name = index.get("_class_name", "")
     if name not in PIPELINES:
         raise choice_error(f"the pipeline class of {str(path)!r} ({MODEL_INDEX} _class_name)", name, PIPELINES)
-    kind = PIPELINES[name]
+    family = PIPELINES[name]
+    kind = family.diffusers
     where = str(path)
     encoders: dict[str, TextEncoderConfig] = {}
     for ours, sub, tok_sub in kind.text_encoders:
@@ -148,17 +132,14 @@ def encoder_configs_from_pipeline(path: str | os.PathLike, *, dtype: str = "auto
         if entry[1].startswith("CLIP"):
             tokens = int(_optional_json(path, f"{tok_sub}/tokenizer_config.json").get("model_max_length",
                                                                                       CLIP_TOKENS))
-            sd3 = kind.combine == "sd3"
             encoders[ours] = TextEncoderConfig(
                 kind="clip", name_or_path=where, subfolder=sub, tokenizer_subfolder=tok_sub,
-                max_length=min(tokens, CLIP_TOKENS), padding="max_length", hidden_layer=-2 if sd3 else None,
+                max_length=min(tokens, CLIP_TOKENS), padding="max_length", hidden_layer=kind.clip_hidden_layer,
                 pooling="projection" if entry[1] == "CLIPTextModelWithProjection" else "pooler", dtype=dtype)
         elif entry[1].startswith(("T5", "UMT5")):
             encoders[ours] = TextEncoderConfig(
                 kind="t5", name_or_path=where, subfolder=sub, tokenizer_subfolder=tok_sub,
-                max_length=SD3_T5_TOKENS if kind.combine == "sd3" else FLUX_T5_TOKENS, padding="max_length",
-                # The SD3 pipeline without its T5 feeds zeros of T5's shape: the null a dropped T5 gets.
-                dropped="zeros" if kind.combine == "sd3" else "empty", dtype=dtype)
+                max_length=kind.t5_tokens, padding="max_length", dropped=kind.t5_dropped, dtype=dtype)
         else:
             raise ValueError(f"{where}/{sub} is a {entry[1]}; flowmatch reads CLIP and T5 text encoders")
     transformer = _optional_json(path, "transformer/config.json")
@@ -166,8 +147,8 @@ def encoder_configs_from_pipeline(path: str | os.PathLike, *, dtype: str = "auto
     vae = read_pipeline_json(path, "vae/config.json")
     scheduler = read_pipeline_json(path, "scheduler/scheduler_config.json")
     return PipelineEncoderConfigs(
-        path=where, pipeline_class=name, kind=kind,
-        text_encoders=TextEncodersConfig(combine=kind.combine, encoders=encoders,
+        path=where, pipeline_class=name, family=family.name, kind=kind,
+        text_encoders=TextEncodersConfig(combine=family.text.name, encoders=encoders,
                                          guidance=FLUX_TRAIN_GUIDANCE if guidance_embed else None),
         autoencoder=AutoencoderConfig(kind="vae", name_or_path=where, subfolder="vae", preset="config",
                                       scaling_factor=float(vae.get("scaling_factor", 1.0)),

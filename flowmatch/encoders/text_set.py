@@ -23,11 +23,10 @@ from typing import Optional
 
 import torch
 
-from flowmatch.encoders.combine import (COMBINES, EncoderShape, TextPart, combine_outputs, combined_sizes,
-                                        parts)
 from flowmatch.conditioning import Conditioning
+from flowmatch.encoders.combine import EncoderShape, TextPart, combine_outputs, combined_sizes, parts
 from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
-from flowmatch.errors import choice_error
+from flowmatch.families import text_layout
 
 #: The name of a recipe's only encoder when it comes from the ``text_encoder`` section.
 SINGLE = "text_encoder"
@@ -38,7 +37,8 @@ class TextEncodersConfig:
     """The recipe's `text_encoders` section (empty = the `text_encoder` section alone)."""
 
     combine: str = "single"
-    """How the encoders' outputs form the model's conditioning: single, sd3 or flux (see flowmatch.encoders.combine)."""
+    """How the encoders' outputs form the model's conditioning: single, or a family's pipeline's combination (sd3,
+    flux; flowmatch.families.text_layout, flowmatch.encoders.combine)."""
     encoders: dict[str, TextEncoderConfig] = field(default_factory=dict)
     """The encoders by name, each with its own settings; their order is the order of combination."""
     guidance: Optional[float] = None
@@ -46,14 +46,13 @@ class TextEncodersConfig:
     docs train it); None for models without a guidance embedding. Sampling uses sampling.guidance_scale."""
 
     def __post_init__(self) -> None:
-        if self.combine not in COMBINES:
-            raise choice_error("text_encoders.combine", self.combine, COMBINES)
-        if self.combine == "single" and len(self.encoders) > 1:
+        layout = text_layout(self.combine)  # single, or a family's combination (flowmatch.families)
+        if layout.single and len(self.encoders) > 1:
             raise ValueError(f"text_encoders.combine=single takes one encoder, got {len(self.encoders)} "
                              f"({', '.join(self.encoders)}); set text_encoders.combine to sd3 or flux")
-        if self.combine != "single":
+        if not layout.single:
             # The roles and fixed lengths the combination needs, checked before any encoder loads (widths later).
-            parts(self.combine, {n: EncoderShape(c.kind, c.max_length if c.padding == "max_length" else None, 0, 0)
+            parts(layout, {n: EncoderShape(c.kind, c.max_length if c.padding == "max_length" else None, 0, 0)
                                  for n, c in self.encoders.items()})
 
     def resolved(self, single: TextEncoderConfig) -> "TextEncodersConfig":
@@ -76,12 +75,14 @@ class TextEncoders:
         shapes = {name: EncoderShape(c.kind, c.max_length if c.padding == "max_length" else None,
                                      self.encoders[name].hidden_size, self.encoders[name].pooled_size)
                   for name, c in cfg.encoders.items()}
-        self.hidden_size, self.pooled_size = combined_sizes(cfg.combine, shapes)
-        self.parts: list[TextPart] = parts(cfg.combine, shapes)
+        self.layout = text_layout(cfg.combine)
+        """How the outputs combine: one encoder's as it is, or as a family's pipeline combines them."""
+        self.hidden_size, self.pooled_size = combined_sizes(self.layout, shapes)
+        self.parts: list[TextPart] = parts(self.layout, shapes)
         """Where each encoder's output lies in the combined conditioning."""
         self._null: Optional[dict[str, Conditioning]] = None
         self._kept: Optional[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = None
-        self.single_name: Optional[str] = next(iter(cfg.encoders)) if cfg.combine == "single" else None
+        self.single_name: Optional[str] = next(iter(cfg.encoders)) if self.layout.single else None
         """The only encoder's name when there is one, whose cached features are stored unnamed."""
 
     def encode_each(self, captions: list[str]) -> dict[str, Conditioning]:
@@ -109,7 +110,7 @@ class TextEncoders:
 
     def combine(self, outputs: dict[str, Conditioning]) -> Conditioning:
         """Per-encoder outputs -> the model's conditioning (with the training guidance value, when set)."""
-        return combine_outputs(self.cfg.combine, outputs, self.kinds, self.cfg.guidance)
+        return combine_outputs(self.layout, outputs, self.kinds, self.cfg.guidance)
 
     def encode(self, captions: list[str]) -> Conditioning:
         """Captions -> the model's conditioning."""
@@ -139,7 +140,7 @@ class TextEncoders:
 
     def fingerprints(self) -> dict[str, str]:
         """Each encoder's fingerprint: ``text_encoder`` for a single one, ``text_encoder.NAME`` for several."""
-        if self.cfg.combine == "single":
+        if self.layout.single:
             (enc,) = self.encoders.values()
             return {SINGLE: enc.fingerprint()}
         return {f"{SINGLE}.{name}": enc.fingerprint() for name, enc in self.encoders.items()}

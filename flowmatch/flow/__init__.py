@@ -12,7 +12,14 @@ from flowmatch.flow.guided import GuidanceInputConfig, with_guidance
 from flowmatch.flow.jvp import JVP_BACKENDS, time_derivative
 from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
 from flowmatch.flow.meanflow import MeanFlowConfig
-from flowmatch.flow.objectives import OBJECTIVES, ObjectiveLoss, ObjectiveModels, objective_loss
+from flowmatch.flow.objectives import (
+    OBJECTIVES,
+    Objective,
+    ObjectiveLoss,
+    ObjectiveModels,
+    get_objective,
+    objective_loss,
+)
 from flowmatch.flow.path import (
     PathSample,
     interpolate,
@@ -40,9 +47,11 @@ __all__ = [
     "JVP_BACKENDS",
     "MeanFlowConfig",
     "OBJECTIVES",
+    "Objective",
     "ObjectiveLoss",
     "ObjectiveModels",
     "ShortcutConfig",
+    "get_objective",
     "objective_loss",
     "time_derivative",
     "with_guidance",

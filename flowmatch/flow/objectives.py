@@ -1,5 +1,8 @@
 """The training objectives, one loss per micro batch: ``flow.objective: flow | meanflow | shortcut``.
 
+Each is an :class:`Objective` registered in :data:`OBJECTIVES`; the trainer and the recipe checks ask it (does it
+train an interval, does it need a JVP, its log line) and never compare its name.
+
 Each draws its times, builds its targets from the path of :mod:`flowmatch.flow.path` (t = 0 data, t = 1 noise)
 and returns one loss; the model enters only as callables, so this layer stays model-agnostic:
 
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
+from flowmatch.errors import choice_error
 from flowmatch.flow.caption_dropout import drop_captions
 from flowmatch.flow.flowmap import teacher_average_velocity
 from flowmatch.flow.formulation import Formulation
@@ -45,9 +49,7 @@ if TYPE_CHECKING:
     from flowmatch.encoders.combine import TextPart
     from flowmatch.flow.timesteps import FlowConfig, TimeSchedule
 
-__all__ = ["OBJECTIVES", "ObjectiveLoss", "ObjectiveModels", "objective_loss"]
-
-OBJECTIVES = ("flow", "meanflow", "shortcut")
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveLoss", "ObjectiveModels", "get_objective", "objective_loss"]
 
 Model = Callable[..., Tensor]
 """``model(x (B, ...), t (B,), cond, r=r (B,)) -> (B, ...)``: the average velocity over [r, t]; called without
@@ -94,6 +96,93 @@ def _bind(model: Model, cond: Conditioning) -> Callable[[Tensor, Tensor, Tensor]
     return lambda x, t, r: model(x, t, cond, r=r)
 
 
+class Objective:
+    """What the trainer and the recipe checks ask of an objective (one instance per entry of :data:`OBJECTIVES`);
+    :func:`objective_loss` calls its steps. The base class is rectified flow's (``flow``)."""
+
+    name = "flow"
+    interval = False
+    """It trains an average velocity over [r, t] (a few-step objective): the model needs its interval input
+    (``model.interval_embed``), and the targets are written for the rectified path's velocity."""
+    uses_jvp = False
+    """Its target differentiates the model in t (a JVP, ``flow.meanflow.jvp``)."""
+
+    def times(self, t: Tensor, *, flow: "FlowConfig", schedule: "TimeSchedule", seq_len: int,
+              generator: torch.Generator) -> tuple[int, Tensor, Optional[Tensor]]:
+        """(n, t, r): the rows with self-made targets come first (n of them), with their interval starts r (None:
+        r = t everywhere). Draws from ``generator`` after the noise and t."""
+        return 0, t, None
+
+    def target(self, models: "ObjectiveModels", cond: Conditioning, x_t: Tensor, t: Tensor, r: Tensor, v: Tensor, *,
+               flow: "FlowConfig", jvp_backend: str) -> Tensor:
+        """The self-made target of the n interval rows (``cond`` their conditioning, ``v`` their velocity)."""
+        raise NotImplementedError(f"objective {self.name} has no interval rows")
+
+    def loss(self, pred: Tensor, target: Tensor, t: Tensor, flow: "FlowConfig") -> ObjectiveLoss:
+        """The loss of the interval objectives' prediction against their targets."""
+        out = flow_matching_loss(pred, target, t)
+        return ObjectiveLoss(out.loss, out.per_sample.detach(), t)
+
+    def describe(self, jvp_backend: str) -> str:
+        """One line for the training log."""
+        return f"objective {self.name}"
+
+
+class MeanFlow(Objective):
+    """The average velocity over [r, t] regresses ``v - (t - r) du/dt`` (:mod:`.meanflow`, :mod:`.jvp`)."""
+
+    name = "meanflow"
+    interval = True
+    uses_jvp = True
+
+    def times(self, t, *, flow, schedule, seq_len, generator):
+        n = interval_count(t.shape[0], flow.meanflow.interval_fraction)
+        t, r = order_times(t, schedule.sample(t.shape[0], seq_len=seq_len, generator=generator).to(t.device), n)
+        return n, t, r
+
+    def target(self, models, cond, x_t, t, r, v, *, flow, jvp_backend):
+        # The JVP runs on the interval rows only: at r = t the target is v.
+        tangent_model = models.tangent if jvp_backend == "exact" else models.frozen
+        u = _bind(_need(tangent_model, f"the {jvp_backend} JVP"), cond)
+        du_dt = time_derivative(u, x_t, t, r, v, backend=jvp_backend, step=flow.meanflow.fd_step)
+        return meanflow_target(v, du_dt, t, r)
+
+    def loss(self, pred, target, t, flow):
+        loss, per_sample = adaptive_loss(pred, target, power=flow.meanflow.adaptive_power,
+                                         eps=flow.meanflow.adaptive_eps)
+        return ObjectiveLoss(loss, per_sample, t)
+
+    def describe(self, jvp_backend):
+        return f"objective {self.name}, JVP backend {jvp_backend}"
+
+
+class Shortcut(Objective):
+    """The average velocity of a step regresses two half steps of the model (:mod:`.shortcut`)."""
+
+    name = "shortcut"
+    interval = True
+
+    def times(self, t, *, flow, schedule, seq_len, generator):
+        n = interval_count(t.shape[0], flow.shortcut.consistency_fraction)
+        t_sc, r_sc = consistency_times(n, flow.shortcut.levels, generator=generator)
+        return n, torch.cat([t_sc.to(t.device), t[n:]]), torch.cat([r_sc.to(t.device), t[n:]])
+
+    def target(self, models, cond, x_t, t, r, v, *, flow, jvp_backend):
+        u = _bind(_need(models.frozen, "shortcut targets"), cond)
+        return bootstrap_target(u, x_t, t, r, levels=flow.shortcut.levels)
+
+
+#: Every objective by its ``flow.objective`` name: a new one is a subclass of :class:`Objective` and one entry here.
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (Objective(), MeanFlow(), Shortcut())}
+
+
+def get_objective(name: str) -> Objective:
+    """The objective ``flow.objective`` names; ValueError naming the objectives and the nearest spelling."""
+    if name not in OBJECTIVES:
+        raise choice_error("flow.objective", name, OBJECTIVES)
+    return OBJECTIVES[name]
+
+
 def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null: Conditioning, *,
                    schedule: "TimeSchedule", flow: "FlowConfig", seq_len: int, generator: torch.Generator,
                    guided: bool = False, jvp_backend: str = "exact",
@@ -105,19 +194,13 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
     (``cond.extra["guidance"]``); ``jvp_backend`` the meanflow backend (:data:`~flowmatch.flow.jvp.JVP_BACKENDS`);
     ``dropout_parts`` each text encoder's share of ``cond`` with its own dropout (:func:`drop_captions`).
     """
+    objective = get_objective(flow.objective)
     cond = drop_captions(cond, null, flow.caption_dropout, generator=generator, parts=dropout_parts)
     b, device = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=generator).to(device)
     t = schedule.sample(b, seq_len=seq_len, generator=generator).to(device)
-    r: Optional[Tensor] = None
-    n = 0  # rows with self-made targets come first: r < t (meanflow), self-consistency (shortcut)
-    if flow.objective == "meanflow":
-        n = interval_count(b, flow.meanflow.interval_fraction)
-        t, r = order_times(t, schedule.sample(b, seq_len=seq_len, generator=generator).to(device), n)
-    elif flow.objective == "shortcut":
-        n = interval_count(b, flow.shortcut.consistency_fraction)
-        t_sc, r_sc = consistency_times(n, flow.shortcut.levels, generator=generator)
-        t, r = torch.cat([t_sc.to(device), t[n:]]), torch.cat([r_sc.to(device), t[n:]])
+    # rows with self-made targets come first: r < t (meanflow), self-consistency (shortcut)
+    n, t, r = objective.times(t, flow=flow, schedule=schedule, seq_len=seq_len, generator=generator)
     w = draw_guidance(b, flow.guidance, generator=generator).to(device) if guided else None
 
     formulation = Formulation(flow)
@@ -139,28 +222,17 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
     if guided:
         cond = with_guidance(cond, w)
 
-    if flow.objective == "flow":
+    if not objective.interval:
         out = formulation.reweight(schedule.loss(_call(models.student, x_t, t, cond, None), v, t), t)
         return ObjectiveLoss(out.loss, out.per_sample.detach(), t)
-    head = _rows(cond, n)
     target = v
     if jump is not None:
         target = torch.cat([jump, v[n:]])
-    elif n and flow.objective == "meanflow":  # the JVP runs on the interval rows only: at r = t the target is v
-        tangent_model = models.tangent if jvp_backend == "exact" else models.frozen
-        u = _bind(_need(tangent_model, f"the {jvp_backend} JVP"), head)
-        du_dt = time_derivative(u, x_t[:n], t[:n], r[:n], v[:n], backend=jvp_backend, step=flow.meanflow.fd_step)
-        target = torch.cat([meanflow_target(v[:n], du_dt, t[:n], r[:n]), v[n:]])
     elif n:
-        u = _bind(_need(models.frozen, "shortcut targets"), head)
-        target = torch.cat([bootstrap_target(u, x_t[:n], t[:n], r[:n], levels=flow.shortcut.levels), v[n:]])
-    pred = _call(models.student, x_t, t, cond, r)
-    if flow.objective == "meanflow":
-        loss, per_sample = adaptive_loss(pred, target, power=flow.meanflow.adaptive_power,
-                                         eps=flow.meanflow.adaptive_eps)
-        return ObjectiveLoss(loss, per_sample, t)
-    out = flow_matching_loss(pred, target, t)
-    return ObjectiveLoss(out.loss, out.per_sample.detach(), t)
+        own = objective.target(models, _rows(cond, n), x_t[:n], t[:n], r[:n], v[:n], flow=flow,
+                               jvp_backend=jvp_backend)
+        target = torch.cat([own, v[n:]])
+    return objective.loss(_call(models.student, x_t, t, cond, r), target, t, flow)
 
 
 def _need(model, what: str):

@@ -1,7 +1,9 @@
-"""LoRA adapters on the MMDiT through peft, with targets named as diffusers names its modules.
+"""LoRA adapters on the MMDiT through peft, with targets named as diffusers names its modules: the shared
+machinery. Which modules a family adapts by default and its key table come from the family
+(:mod:`flowmatch.families.lora` applies them).
 
-    lora = LoraConfig(rank=16, alpha=16)                  # targets None: the architecture's defaults below
-    chosen = apply_lora(model, lora)                      # injects peft adapters; only they require grad
+    lora = LoraConfig(rank=16, alpha=16)                  # targets None: the family's defaults
+    chosen = apply_lora(model, lora)                      # flowmatch.families.lora: injects peft adapters
 
 Targets are diffusers module names or dotted suffixes of them, matched the way peft matches `target_modules`
 (the whole name, or a suffix after a dot), e.g. ``to_q``, ``attn.to_out.0``, ``ff_context.net.2``, ``proj_mlp``.
@@ -12,11 +14,6 @@ namings meet), so targets never need our names. A LoRA ``B A`` on a fused projec
 diffusers module with the same ``A`` and the matching rows of ``B`` (same rank, same alpha), which is how
 :mod:`flowmatch.models.convert.lora` exports it. A fused projection is adapted whole: targeting some of its
 diffusers modules and not the others (``to_q`` without ``to_k``) is an error that names the rest.
-
-Defaults, as diffusers' DreamBooth LoRA scripts train (examples/dreambooth/train_dreambooth_lora_sd3.py and
-_flux.py): the joint attention's projections; MMDiT-X's second attention (``attn2``, SD3.5-medium); and for FLUX
-also the feed-forward layers and the single blocks' projections (``proj_mlp``, ``proj_out``; as in peft, the
-suffix ``proj_out`` also names the final projection).
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ from typing import Optional
 from torch import nn
 
 from flowmatch.errors import RecipeError, nearest
-from flowmatch.models.convert import architecture_of
-from flowmatch.models.convert.keymap import ConvPatch
+from flowmatch.models.convert.keymap import ConvPatch, Rule
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 
 #: The attention projections of a joint block, as diffusers names them.
@@ -36,8 +32,6 @@ ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
 #: MMDiT-X's image-only second attention (SD3.5-medium).
 ATTENTION2 = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
-#: FLUX's feed-forward layers and single-block projections.
-FLUX_EXTRA = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 #: Name of the one adapter flowmatch injects (peft's default).
 ADAPTER = "default"
 
@@ -69,13 +63,6 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
-def default_targets(cfg: MMDiTConfig) -> list[str]:
-    """The targets diffusers' LoRA scripts train for this architecture."""
-    if cfg.rope:  # FLUX
-        return ATTENTION + FLUX_EXTRA
-    return ATTENTION + (ATTENTION2 if cfg.dual_attention_layers else [])
-
-
 @dataclass(frozen=True)
 class Projection:
     """One linear of ours and the diffusers modules whose weights it holds."""
@@ -88,12 +75,11 @@ class Projection:
     """The converter's weight operation (:mod:`flowmatch.models.convert.keymap`): how their rows make ours."""
 
 
-def projections(cfg: MMDiTConfig) -> list[Projection]:
-    """Every linear of our model with its diffusers modules, from the converter's diffusers key table."""
-    arch = architecture_of(cfg)
+def projections(cfg: MMDiTConfig, rules: list[Rule]) -> list[Projection]:
+    """Every linear of our model with its diffusers modules, from the family's diffusers key table ``rules``."""
     linears = {name for name, m in MMDiT(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
     out = []
-    for rule in arch.diffusers_rules(cfg):
+    for rule in rules:
         if rule.ours is None or not rule.ours.endswith(".weight"):
             continue
         module = rule.ours[:-len(".weight")]
@@ -107,16 +93,16 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def select(cfg: MMDiTConfig, targets: Optional[list[str]]) -> list[Projection]:
-    """Our projections the targets name (None = :func:`default_targets`); RecipeError for a target that names
-    nothing, a fused projection named only in part, or a layer LoRA cannot adapt here (the patch embedding, a
-    convolution in diffusers)."""
-    targets = default_targets(cfg) if targets is None else list(targets)
+def select_from(available: list[Projection], targets: Optional[list[str]], defaults: list[str]) -> list[Projection]:
+    """The projections of ``available`` the targets name (None = ``defaults``); RecipeError for a target that
+    names nothing, a fused projection named only in part, or a layer LoRA cannot adapt here (the patch embedding,
+    a convolution in diffusers)."""
+    targets = list(defaults) if targets is None else list(targets)
     if not targets:
         raise RecipeError("model.lora.targets is empty: name diffusers modules (e.g. to_q, to_k, to_v) or leave it "
                           "null for the defaults")
     chosen, used = [], set()
-    for proj in projections(cfg):
+    for proj in available:
         hits = [[t for t in targets if _matches(name, t)] for name in proj.theirs]
         used.update(t for h in hits for t in h)
         if not any(hits):
@@ -133,27 +119,26 @@ def select(cfg: MMDiTConfig, targets: Optional[list[str]]) -> list[Projection]:
         chosen.append(proj)
     unknown = [t for t in targets if t not in used]
     if unknown:
-        names = sorted({".".join(n.split(".")[-k:]) for p in projections(cfg) for n in p.theirs for k in (1, 2)})
+        names = sorted({".".join(n.split(".")[-k:]) for p in available for n in p.theirs for k in (1, 2)})
         near = nearest(unknown[0], names)
         hint = f" (did you mean {near!r}?)" if near else ""
         raise RecipeError(f"model.lora.targets: {unknown[0]!r} names no diffusers module of this architecture"
-                          f"{hint}; e.g. {', '.join(default_targets(cfg))}")
+                          f"{hint}; e.g. {', '.join(defaults)}")
     return chosen
 
 
 def peft_config(lora: LoraConfig, modules: list[str]):
     """The peft.LoraConfig adapting exactly `modules` (full module names)."""
-    from peft import LoraConfig as PeftLoraConfig
+    from peft import LoraConfig as PeftLoraConfig  # peft loads transformers: only LoRA runs pay for it
 
     return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules)
 
 
-def apply_lora(model: MMDiT, lora: LoraConfig) -> list[Projection]:
-    """Freeze `model` and inject the adapters (peft, in place; A random, B zero, so the output is unchanged);
-    returns the adapted projections. Seed torch first: A is drawn from its generator."""
-    from peft import inject_adapter_in_model
+def inject(model: nn.Module, lora: LoraConfig, chosen: list[Projection]) -> list[Projection]:
+    """Freeze `model` and inject adapters on the `chosen` projections (peft, in place; A random, B zero, so the
+    output is unchanged); returns them. Seed torch first: A is drawn from its generator."""
+    from peft import inject_adapter_in_model  # peft loads transformers: only LoRA runs pay for it
 
-    chosen = select(model.cfg, lora.targets)
     model.requires_grad_(False)
     inject_adapter_in_model(peft_config(lora, [p.ours for p in chosen]), model, adapter_name=ADAPTER)
     return chosen

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from flowmatch.conditioning import Conditioning
 
 if TYPE_CHECKING:
-    from flowmatch.models.config import ModelConfig
+    from flowmatch.families.config import ModelConfig
 
 __all__ = ["UNetBackbone", "UNetConfig"]
 

@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 from flowmatch.checkpoint import RECIPE_FILE, read_meta, resolve_checkpoint, weights_file
 from flowmatch.config import Recipe, recipe_from_yaml
 from flowmatch.errors import RecipeError
+from flowmatch.families import build_backbone, family_of
+from flowmatch.families.config import ModelConfig
+from flowmatch.families.convert import read_config
+from flowmatch.families.lora import apply_lora
 from flowmatch.init_from import from_meta, load_weights
-from flowmatch.models.backbone import build_backbone
-from flowmatch.models.config import ModelConfig
-from flowmatch.models.convert import read_config
-from flowmatch.models.lora import apply_lora, is_adapter
-from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+from flowmatch.models.lora import is_adapter
+from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.posthoc import load_named_ema
 from flowmatch.run.paths import relocated, require
 
@@ -93,7 +94,7 @@ def checkpoint_model(ckpt: Path, model_cfg: ModelConfig, weights: dict[str, torc
         model = build_backbone(model_cfg)
         model.load_state_dict(weights)
         return model
-    model = MMDiT(model_cfg.architecture(), device="meta")
+    model = build_backbone(model_cfg, device="meta")
     model.load_state_dict(lora_base(ckpt), strict=True, assign=True)
     apply_lora(model, model_cfg.lora)
     loaded = model.load_state_dict(weights, strict=False)
@@ -111,6 +112,10 @@ def source_architecture(kind: str, path: Path) -> MMDiTConfig:
     if kind != "checkpoint":
         return read_config(path)
     model = read_recipe(resolve_checkpoint(path, reads=lambda c: (RECIPE_FILE,))).model
+    family = family_of(model)
+    if not family.capabilities.init_from:
+        raise RecipeError(f"model.init_from={str(path)!r} is a model.family: {family.name} run ({family.summary}), "
+                          "whose weights no other model starts from: start from an sd3 or flux run or weights")
     if model.lora is not None:
         raise RecipeError(f"model.init_from={str(path)!r} is a LoRA run (its checkpoints hold adapters only): "
                           "merge them first with `flowmatch export RUN OUT --lora --merge` and start from OUT")

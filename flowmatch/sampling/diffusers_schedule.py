@@ -39,6 +39,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from flowmatch.errors import choice_error
+from flowmatch.families import FAMILIES, get_family
 from flowmatch.flow import TimeSchedule
 from flowmatch.flow.timesteps import check_steps, shift_time
 
@@ -94,11 +96,6 @@ def scheduler_config(schedule: TimeSchedule, seq_len: Optional[int] = None) -> d
     return dict(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=schedule.shift_for(seq_len), use_dynamic_shifting=False)
 
 
-#: The pipelines whose grid :class:`PipelineGrid` reproduces, and the max_shift each assumes when the scheduler
-#: config has none (diffusers' StableDiffusion3Pipeline defaults to 1.16, FluxPipeline to 1.15).
-PIPELINE_MAX_SHIFT = {"sd3": 1.16, "flux": 1.15}
-
-
 class PipelineGrid:
     """The times a diffusers pipeline walks and the timesteps its transformer sees, reproduced to the last bit, so
     that flowmatch's Euler sampler from the same folder gives the pipeline's images.
@@ -106,6 +103,8 @@ class PipelineGrid:
     diffusers holds sigmas and timesteps in float32 (964.28564 for 964.28571), and with random tiny weights that
     rounding alone moves images by several 1e-3; so the grid comes from a `FlowMatchEulerDiscreteScheduler` built
     from the pipeline's own scheduler config, called as the pipeline calls it:
+
+    How each pipeline calls it is its family's (``Family.diffusers.schedule``, :mod:`flowmatch.families`):
 
     - ``sd3``: ``set_timesteps(N, sigmas=sigmas)`` (None: the scheduler's default grid, see the module), with
       ``mu`` from the image sequence length only for a dynamic-shift config; the transformer gets ``sigma * 1000``
@@ -116,22 +115,25 @@ class PipelineGrid:
 
     Args:
         scheduler_config: the pipeline's scheduler/scheduler_config.json as a mapping.
-        pipeline: ``sd3`` or ``flux``.
+        pipeline: the family whose pipeline it is, ``sd3`` or ``flux`` (one with a diffusers pipeline).
     """
 
     def __init__(self, scheduler_config: dict[str, Any], pipeline: str) -> None:
-        if pipeline not in PIPELINE_MAX_SHIFT:
-            raise ValueError(f"pipeline must be one of {tuple(PIPELINE_MAX_SHIFT)}, got {pipeline!r}")
+        family = get_family(pipeline, key="pipeline")
+        if family.diffusers is None:
+            raise choice_error("pipeline", pipeline, [f.name for f in FAMILIES.values() if f.diffusers])
         self.config = dict(scheduler_config)
         self.pipeline = pipeline
-        self.classifier_free = pipeline == "sd3"
+        self.schedule = family.diffusers.schedule
+        """How the family's pipeline walks the scheduler."""
+        self.classifier_free = self.schedule.classifier_free
         """Whether the pipeline's guidance scale is classifier-free guidance (SD3), not a model input (FLUX)."""
 
     def mu(self, seq_len: int) -> float:
         """The pipeline's ``mu`` for `seq_len` image tokens (diffusers' calculate_shift with its defaults)."""
         c = self.config
         base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
-        base, top = c.get("base_shift", 0.5), c.get("max_shift", PIPELINE_MAX_SHIFT[self.pipeline])
+        base, top = c.get("base_shift", 0.5), c.get("max_shift", self.schedule.max_shift)
         slope = (top - base) / (max_len - base_len)
         return seq_len * slope + (base - slope * base_len)
 
@@ -141,7 +143,7 @@ class PipelineGrid:
 
         steps = check_steps(steps)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.config)
-        if self.pipeline == "flux" and sigmas is None and not self.config.get("use_flow_sigmas"):
+        if self.schedule.default_sigmas and sigmas is None and not self.config.get("use_flow_sigmas"):
             sigmas = np.linspace(1.0, 1 / steps, steps)
         dynamic = bool(self.config.get("use_dynamic_shifting"))
         if sigmas is not None and len(sigmas) != steps:
@@ -152,6 +154,6 @@ class PipelineGrid:
 
     def model_time(self, t):
         """t (B,) float32 as the pipeline's transformer ends up embedding it (divided by 1000 after scaling)."""
-        if self.pipeline == "flux":
+        if self.schedule.time_rounded:
             return (t.float() * NUM_TRAIN_TIMESTEPS) / NUM_TRAIN_TIMESTEPS
         return t

@@ -29,14 +29,20 @@ from flowmatch.flow.parameterization import Denoised
 from flowmatch.flow.timesteps import check_steps, shifted_grid
 from flowmatch.sampling.solvers import ODESolution, available_solvers
 
-__all__ = ["DIFFUSION_SAMPLERS", "ancestral_step", "check_sampler", "ddim_step", "langevin_step",
-           "sample_diffusion"]
+__all__ = ["DIFFUSION_SAMPLERS", "ancestral_step", "check_sampler", "ddim_step", "is_diffusion_sampler",
+           "langevin_step", "sample_diffusion"]
 
 DIFFUSION_SAMPLERS = ("ddim", "ancestral", "pc")
 """Sampler names accepted wherever an ODE solver name is (``sampling.solver``, ``eval.solvers``)."""
 
 Prediction = Callable[[Tensor, Tensor], Tensor]
 """``predict(x (B, ...), t (B,)) -> the model's prediction (B, ...)`` (guidance already applied)."""
+
+
+def is_diffusion_sampler(name: str) -> bool:
+    """Whether sampler ``name`` is a diffusion sampler (it takes fresh noise and the formulation), not an ODE
+    solver."""
+    return name in DIFFUSION_SAMPLERS
 
 
 def check_sampler(name: str, key: str = "sampling.solver") -> str:

@@ -21,10 +21,10 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.data.pixels import model_to_unit, pixels_to_model
 from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, with_guidance
 from flowmatch.flow.timesteps import shift_time
-from flowmatch.sampling.diffusion import DIFFUSION_SAMPLERS, check_sampler, sample_diffusion
+from flowmatch.sampling.diffusion import check_sampler, is_diffusion_sampler, sample_diffusion
 from flowmatch.sampling.fewstep import sample_average
 from flowmatch.sampling.guidance import guided_velocity
-from flowmatch.sampling.solvers import AVERAGE_SOLVER, sample_ode
+from flowmatch.sampling.solvers import jumps_with_average, sample_ode
 
 if TYPE_CHECKING:
     from flowmatch.encoders.frozen import FrozenEncoders
@@ -116,7 +116,7 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
         raise ValueError("classifier-free guidance needs the empty caption's conditioning (null)")
-    if solver == AVERAGE_SOLVER:
+    if jumps_with_average(solver):
         if grid is not None:
             raise ValueError("the average solver walks the flow's own grid; it takes no grid or sigmas")
         if formulation is not None and not formulation.is_rectified_velocity:
@@ -128,7 +128,7 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
     # Guidance mixes outputs linearly, and every prediction is affine in every other at fixed (x, t): guiding the
     # model's own output is guiding its velocity.
     predict = guided_velocity(model, cond, null if guided else None, guidance_scale)
-    if solver in DIFFUSION_SAMPLERS:
+    if is_diffusion_sampler(solver):
         if grid is not None:
             raise ValueError(f"the {solver} sampler walks the flow's own grid; it takes no grid or sigmas")
         o = options or SamplingConfig()

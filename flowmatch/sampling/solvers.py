@@ -34,6 +34,7 @@ __all__ = [
     "SOLVERS",
     "Velocity",
     "available_solvers",
+    "jumps_with_average",
     "nfe_per_step",
     "sample_ode",
     "solver_order",
@@ -223,6 +224,12 @@ def check_solver(solver: str, key: str = "solver") -> str:
     if solver not in available_solvers():
         raise _unknown(solver, key)
     return solver
+
+
+def jumps_with_average(solver: str) -> bool:
+    """Whether sampler ``solver`` jumps with the model's average velocity u(x, t, r) (the few-step ``average``)
+    instead of integrating its velocity."""
+    return solver == AVERAGE_SOLVER
 
 
 def solver_order(solver: str) -> int:

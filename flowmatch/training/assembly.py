@@ -21,11 +21,11 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.errors import RecipeError
+from flowmatch.families import build_backbone, family_of
+from flowmatch.families.lora import apply_lora
 from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
-from flowmatch.models.backbone import build_backbone
-from flowmatch.models.lora import apply_lora
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.run import record_paths, source_architecture
 from flowmatch.runlock import RunLock
@@ -124,10 +124,10 @@ class TrainingRun:
 
 
 def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] = None) -> torch.nn.Module:
-    """The model (MMDiT, or the U-Net for model.kind: unet) with the same initial weights on every rank and stage
+    """The model (its family's backbone: an MMDiT, or the U-Net) with the same initial weights on every rank and stage
     (the `init` weights, else a seeded random init), its LoRA adapters when the recipe has them, and activation
     checkpointing and compile applied from outside the model as the recipe asks. init_from and LoRA are MMDiT-only
-    (ModelConfig rejects them for other kinds)."""
+    (ModelConfig rejects them for the families without those capabilities)."""
     seed = run_recipe.train.seed
     arch = run_recipe.model.architecture()
     torch.manual_seed(seed)  # identical initial weights on every rank
@@ -154,9 +154,11 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         # parameters would ignore; DeepSpeed partitions them when it wraps the model. Seeded: the same on every rank.
         torch.manual_seed(seed)
         apply_lora(model, run_recipe.model.lora)
-    if run_recipe.model.kind != "mmdit" and (run_recipe.train.activation_checkpointing or run_recipe.train.compile):
+    family = family_of(run_recipe.model)
+    if not family.capabilities.block_transforms and (run_recipe.train.activation_checkpointing
+                                                     or run_recipe.train.compile):
         raise RecipeError(f"train.activation_checkpointing and train.compile apply to model.kind: mmdit only; set "
-                          f"them to false for model.kind: {run_recipe.model.kind}")
+                          f"them to false for model.kind: {run_recipe.model.kind} (model.family {family.name})")
     if run_recipe.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if run_recipe.train.compile:

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.errors import RecipeError
-from flowmatch.flow import ObjectiveModels
-from flowmatch.models.mmdit import MMDiT
+from flowmatch.families import build_backbone, family_of
+from flowmatch.flow import ObjectiveModels, get_objective
 from flowmatch.run import open_run
 
 if TYPE_CHECKING:
@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 def check_recipe(recipe: "Recipe") -> None:
     """Rules across sections for the few-step objectives; each RecipeError names the key and a valid value."""
     flow, model = recipe.flow, recipe.model
+    objective, family = get_objective(flow.objective), family_of(model)
     rectified = flow.path == "rectified" and flow.prediction == "velocity"
-    if flow.objective != "flow" and not (rectified and flow.min_snr_gamma == 0):
+    if objective.interval and not (rectified and flow.min_snr_gamma == 0):
         raise RecipeError(f"flow.objective: {flow.objective} is written for the rectified path's velocity; it cannot "
                           f"train flow.path: {flow.path} with flow.prediction: {flow.prediction} and "
                           f"flow.min_snr_gamma: {flow.min_snr_gamma:g} (use flow.objective: flow, or flow.path: "
@@ -40,17 +41,18 @@ def check_recipe(recipe: "Recipe") -> None:
         raise RecipeError(f"flow.teacher distils a rectified-flow velocity; it cannot train flow.path: {flow.path} "
                           f"with flow.prediction: {flow.prediction} (remove flow.teacher, or use flow.path: rectified, "
                           "flow.prediction: velocity)")
-    if flow.teacher_steps and (flow.teacher is None or flow.objective == "flow"):
+    if flow.teacher_steps and (flow.teacher is None or not objective.interval):
         raise RecipeError(f"flow.teacher_steps: {flow.teacher_steps} distils the teacher's solve into the interval rows "
                           "of a few-step objective: set flow.teacher and flow.objective: meanflow or shortcut (or "
                           "flow.teacher_steps: 0)")
-    if flow.objective != "flow" and model.kind != "mmdit":
+    if objective.interval and not family.capabilities.interval_embed:
         raise RecipeError(f"flow.objective: {flow.objective} needs the interval input r, which only model.kind: mmdit "
-                          f"has (model.interval_embed); this recipe has model.kind: {model.kind}")
-    if flow.objective != "flow" and not model.interval_embed:
+                          f"has (model.interval_embed); this recipe has model.kind: {model.kind} (model.family: "
+                          f"{family.name})")
+    if objective.interval and not model.interval_embed:
         raise RecipeError(f"flow.objective: {flow.objective} trains an average velocity over [r, t]: set "
                           "model.interval_embed: true (or flow.objective: flow)")
-    if flow.objective == "meanflow" and jvp_backend(recipe) == "exact":
+    if objective.uses_jvp and jvp_backend(recipe) == "exact":
         if recipe.distributed.zero_stage == 3:
             raise RecipeError("flow.meanflow.jvp: exact cannot run under ZeRO-3 (functorch transforms break its "
                               "parameter gathering): use flow.meanflow.jvp: finite_difference (or auto)")
@@ -115,7 +117,7 @@ def load_teacher(recipe: "Recipe", device: torch.device) -> Optional[Callable[[T
     if teacher_recipe.model.guidance_embed or teacher_recipe.model.interval_embed:
         raise RecipeError(f"flow.teacher: {recipe.flow.teacher!r} is not an ordinary flow model (it takes a "
                           "guidance or interval input); distill from a flow.objective: flow run")
-    model = MMDiT(teacher_recipe.model)
+    model = build_backbone(teacher_recipe.model)
     model.load_state_dict(weights)
     model.to(device).eval().requires_grad_(False)
 

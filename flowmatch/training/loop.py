@@ -23,10 +23,8 @@ from flowmatch.data import merge_loader_states
 from flowmatch.encoders.combine import TextPart
 from flowmatch.conditioning import Conditioning
 from flowmatch.errors import UsageError
-from flowmatch.flow import FlowConfig, ObjectiveLoss, ObjectiveModels, TimeSchedule, objective_loss
-from flowmatch.models.backbone import build_backbone
-from flowmatch.models.flops import counted_training_flops_per_step, training_flops_per_step
-from flowmatch.models.mmdit import MMDiT
+from flowmatch.families import family_of
+from flowmatch.flow import FlowConfig, ObjectiveLoss, ObjectiveModels, TimeSchedule, get_objective, objective_loss
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import restore_profiles, write_snapshot
 from flowmatch.config import Recipe
@@ -146,7 +144,8 @@ class Trainer:
         self.skipped_at_log = 0
         """The engine's skipped-update count at the last log step."""
         self.jvp_backend = jvp_backend(run.recipe)
-        exact = run.recipe.flow.objective == "meanflow" and self.jvp_backend == "exact"
+        self.objective = get_objective(run.recipe.flow.objective)
+        exact = self.objective.uses_jvp and self.jvp_backend == "exact"
         self.models = objective_models(run.velocity, run.engine, exact_jvp=exact, teacher=run.teacher)
 
     # -- one micro batch -------------------------------------------------------------------------------------------
@@ -259,9 +258,8 @@ class Trainer:
         self.monitor = Monitor(run.run_dir, r.logging, enabled=e.is_main, total_steps=r.train.max_steps,
                                start_step=start_step)
         self.validator.monitor = self.monitor
-        if r.flow.objective != "flow" or r.flow.teacher:
-            self.monitor.message(f"objective {r.flow.objective}"
-                                 + (f", JVP backend {self.jvp_backend}" if r.flow.objective == "meanflow" else "")
+        if self.objective.interval or r.flow.teacher:
+            self.monitor.message(self.objective.describe(self.jvp_backend)
                                  + (f", teacher {r.flow.teacher}" if r.flow.teacher else "")
                                  + (f" (flow map, {r.flow.teacher_steps} midpoint steps)" if r.flow.teacher_steps else ""))
         batches = iter(run.loader)
@@ -336,18 +334,9 @@ class Trainer:
         f = run.encoders.downsample
         prompts = run.encoders.encode_text(r.sampling.prompts[:16])
         text_len = max(1, round(prompts.mask.sum().item() / len(prompts)))  # validation prompts' mean length
-        if r.model.kind != "mmdit":  # no analytic count: one meta-device forward, counted
-            m = r.model
-            with torch.device("meta"):
-                shape_model = build_backbone(m)
-                cond = Conditioning(torch.zeros(1, text_len, m.context_dim), torch.ones(1, text_len, dtype=torch.bool),
-                                    torch.zeros(1, m.pooled_dim))
-                inputs = (torch.zeros(1, m.in_channels, height // f, width // f), torch.full((1,), 0.5), cond)
-            return counted_training_flops_per_step(shape_model, inputs, batch_size=r.train.batch_size)
-        with torch.device("meta"):
-            shape_model = MMDiT(r.model.architecture())
-        return training_flops_per_step(shape_model, batch_size=r.train.batch_size,
-                                       latent_size=(height // f, width // f), text_len=text_len).total
+        family = family_of(r.model)  # an analytic count (MMDiT) or one counted meta-device forward (U-Net)
+        return family.flops(r.model, batch_size=r.train.batch_size, latent_size=(height // f, width // f),
+                            text_len=text_len)
 
     def log(self, window: LossWindow, result, flops_per_step: float) -> float:
         """Reduce the window's sums across ranks and record them: the loop's host sync, once per log interval."""

@@ -23,10 +23,11 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, so no install is needed
 
-from flowmatch.encoders.conditioning import Conditioning  # noqa: E402
+from flowmatch.conditioning import Conditioning  # noqa: E402
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig, run_guarded  # noqa: E402
+from flowmatch.families.presets import config_from_preset  # noqa: E402
 from flowmatch.flow import FlowConfig, MeanFlowConfig, ShortcutConfig, TimeSchedule, objective_loss  # noqa: E402
-from flowmatch.models import MMDiT, config_from_preset  # noqa: E402
+from flowmatch.models import MMDiT  # noqa: E402
 from flowmatch.training.assembly import EngineVelocity  # noqa: E402
 from flowmatch.training.fewstep import objective_models  # noqa: E402
 

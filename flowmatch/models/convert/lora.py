@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves
-from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config, select
-from flowmatch.models.mmdit import MMDiTConfig
+from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config
 
 #: The file name diffusers' `load_lora_weights` looks for.
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -83,7 +82,3 @@ def merge(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], chosen: li
         out[key] = (w.float() + lora.scale * (b.float() @ a.float())).to(w.dtype)
     return out
 
-
-def lora_modules(cfg: MMDiTConfig, lora: LoraConfig) -> list[Projection]:
-    """The projections a LoRA of this config adapts (see :func:`flowmatch.models.lora.select`)."""
-    return select(cfg, lora.targets)

@@ -22,7 +22,7 @@ Same inputs give the same outputs: our `model(x, t, Conditioning(hidden, mask, p
 The last block's text stream is context-pre-only: its queries (diffusers' `add_q_proj`, `norm_added_q`; the
 first third of the original `qkv` and its `ln_q`) and the stored position table never reach an output and are
 inert (see :mod:`flowmatch.models.convert.keymap`). diffusers' pre-only text modulation is (scale, shift), the
-original one (shift, scale) like ours.
+original one (shift, scale) like ours. The family is registered in :mod:`flowmatch.families.sd3`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from flowmatch.families.mmdit import TIME_SCALE
 from flowmatch.models.convert.keymap import ConvPatch, Copy, Inert, Rule, Stack, SwapHalves, Tail, linear, mlp, norm
 from flowmatch.models.embeddings import sincos_pos_embed_2d
 from flowmatch.models.mmdit import MMDiTConfig
@@ -41,7 +42,7 @@ DIFFUSERS_CLASS = "SD3Transformer2DModel"
 #: Single-file releases (sd3_medium.safetensors, sd3.5_large.safetensors) prefix the transformer's keys so.
 ORIGINAL_PREFIX = "model.diffusion_model."
 #: Fixed hyperparameters of SD3's transformer that MMDiTConfig exposes as fields.
-FIXED = dict(mlp_ratio=4.0, time_freq_dim=256, norm_eps=1e-6, time_scale=1000.0, rope=False, single_blocks=0,
+FIXED = dict(mlp_ratio=4.0, time_freq_dim=256, norm_eps=1e-6, time_scale=TIME_SCALE, rope=False, single_blocks=0,
              guidance_embed=False)
 #: Head width of every SD3 release; the original keys only show it through the QK-norm scales.
 HEAD_DIM = 64
@@ -195,7 +196,7 @@ def original_rules(cfg: MMDiTConfig) -> list[Rule]:
 def config_from_original(sd: Mapping[str, Tensor], head_dim: Optional[int] = None) -> MMDiTConfig:
     """Our config inferred from un-prefixed original SD3 keys. The head width shows only through QK-norm scales
     (`head_dim`, else 64 as in every release, without them) and sample_size not at all (SD3's 128 is assumed:
-    :func:`check_original_config` tells when the stored position table says otherwise)."""
+    :func:`check_original` tells when the stored position table says otherwise)."""
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("joint_blocks."))
     kernel = sd["x_embedder.proj.weight"]  # (D, C, p, p)
     width, in_channels, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
@@ -216,7 +217,7 @@ def config_from_original(sd: Mapping[str, Tensor], head_dim: Optional[int] = Non
     )
 
 
-def check_original_config(cfg: MMDiTConfig, sd: Mapping[str, Tensor]) -> None:
+def check_original(cfg: MMDiTConfig, sd: Mapping[str, Tensor]) -> None:
     """ValueError when the stored position table is not the one `cfg` computes (wrong sample_size or patch)."""
     stored = sd["pos_embed"].float()
     ours = _pos_embed(cfg)

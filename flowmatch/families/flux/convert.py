@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
+from flowmatch.families.mmdit import TIME_SCALE
 from flowmatch.models.convert.keymap import Copy, Packed, Rule, Stack, SwapHalves, linear, mlp, norm
 from flowmatch.models.mmdit import MMDiTConfig
 
@@ -44,7 +45,7 @@ ORIGINAL_PREFIX = ""
 #: FLUX packs 2x2 latent patches into the transformer's input features (FluxPipeline._pack_latents).
 PACK = 2
 #: Fixed hyperparameters of FLUX's transformer that MMDiTConfig exposes as fields.
-FIXED = dict(patch_size=PACK, mlp_ratio=4.0, time_freq_dim=256, norm_eps=1e-6, time_scale=1000.0, rope=True,
+FIXED = dict(patch_size=PACK, mlp_ratio=4.0, time_freq_dim=256, norm_eps=1e-6, time_scale=TIME_SCALE, rope=True,
              rope_theta=10000.0, qk_norm=True, dual_attention_layers=[])
 #: RoPE channels per position axis (image index, row, column) of FLUX.1's 128-channel heads.
 AXES_DIM = [16, 56, 56]
@@ -182,3 +183,10 @@ def config_from_original(sd: Mapping[str, Tensor], head_dim: Optional[int] = Non
         guidance_embed="guidance_in.in_layer.weight" in sd, rope_axes_dim=list(AXES_DIM) if head_dim == 128 else None,
         **{**FIXED, "mlp_ratio": sd["double_blocks.0.img_mlp.0.weight"].shape[0] / width},
     )
+
+
+def check_original(cfg: MMDiTConfig, sd: Mapping[str, Tensor]) -> None:
+    """ValueError when the RoPE split, which the original keys do not store, is unknown for these heads."""
+    if not (cfg.rope_axes_dim and len(cfg.rope_axes_dim) == 3):
+        raise ValueError(f"FLUX heads of {cfg.head_dim} channels: pass rope_axes_dim (three sizes, image index, "
+                         "rows, columns) as the model was trained; FLUX.1 uses (16, 56, 56) for 128")

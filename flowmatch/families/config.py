@@ -1,5 +1,5 @@
-"""The recipe's `model` section: the backbone (the MMDiT, or diffusers' U-Net), its architecture, the weights it
-starts from, and its LoRA adapters."""
+"""The recipe's `model` section: the family and its architecture (the MMDiT fields, or the U-Net's `unet`
+sub-section), the weights it starts from, and its LoRA adapters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from flowmatch.errors import choice_error
+from flowmatch.families import family_of, get_family
 from flowmatch.models.lora import LoraConfig
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.models.unet import UNetConfig
@@ -15,19 +15,20 @@ from flowmatch.models.unet import UNetConfig
 #: MMDiTConfig fields that describe the network (all but the preset's name).
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(MMDiTConfig) if f.name != "preset")
 
-#: The backbones model.kind names (flowmatch.models.backbone builds them).
-MODEL_KINDS = ("mmdit", "unet")
-
 
 @dataclass
 class ModelConfig(MMDiTConfig):
-    """The recipe's model section: an MMDiTConfig (from model.preset), the backbone kind and where its weights
+    """The recipe's model section: an MMDiTConfig (from model.preset), the family and where its weights
     come from."""
 
+    family: Optional[str] = None
+    """Model family (flowmatch.families): sd3 | flux | unet; null = inferred from model.kind and model.rope
+    (unet for model.kind: unet, flux for an MMDiT with rope: true, else sd3), as recipes before families say it."""
     kind: str = "mmdit"
-    """Backbone: mmdit (the MMDiTConfig fields) | unet (diffusers' UNet2DConditionModel, flowmatch/models/unet.py)."""
+    """Backbone: mmdit (the MMDiTConfig fields) | unet (diffusers' UNet2DConditionModel, flowmatch/models/unet.py);
+    follows model.family when that is set."""
     unet: UNetConfig = field(default_factory=UNetConfig)
-    """The U-Net's layout, used when kind is unet (its patch_size should be the U-Net's downsampling factor)."""
+    """The U-Net's layout, used by the unet family (its patch_size should be the U-Net's downsampling factor)."""
 
     init_from: Optional[str] = None
     """Start from these weights instead of a random init, at step 0 with a fresh optimizer: a diffusers pipeline
@@ -39,14 +40,16 @@ class ModelConfig(MMDiTConfig):
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):  # presets and asdict() round trips hand the section over as a mapping
             self.unet = UNetConfig(**self.unet)
-        if self.kind not in MODEL_KINDS:
-            raise choice_error("model.kind", self.kind, MODEL_KINDS)
-        if self.kind != "mmdit" and (self.init_from or self.lora is not None):
-            # init_from reads the architecture and weights of MMDiT checkpoints and pipelines; LoRA targets name
-            # the MMDiT's layers.
-            raise ValueError(f"model.init_from and model.lora load and adapt MMDiT weights; model.kind: {self.kind} "
-                             "trains from its random init: remove model.init_from / model.lora, or use "
-                             "model.kind: mmdit")
+        if self.family is not None:
+            self.kind = get_family(self.family).kind
+        family = family_of(self)  # ValueError for an unknown family or kind, or a section that does not fit it
+        can = family.capabilities
+        if (self.init_from and not can.init_from) or (self.lora is not None and not can.lora):
+            # init_from reads the architecture and weights of converted checkpoints and pipelines; LoRA targets
+            # name the family's diffusers modules.
+            raise ValueError(f"model.init_from and model.lora load and adapt MMDiT weights; model.family: "
+                             f"{family.name} (model.kind: {self.kind}) trains from its random init: remove "
+                             "model.init_from / model.lora, or use an sd3 or flux model")
         if self.lora is not None and not self.init_from:
             raise ValueError("model.lora adapts existing weights: set model.init_from (a pipeline, transformer, "
                              "single file or flowmatch run) or remove model.lora to train all weights")

@@ -1,0 +1,73 @@
+"""Model families: each is one folder holding what is particular to it (presets, converters, LoRA targets,
+text and latent layout, time convention, FLOP count, capabilities, diffusers pipeline), registered once here.
+Everything else asks the family of a model section (:func:`family_of`) and never compares family names.
+
+    FAMILIES                       name -> Family (sd3, flux, unet)
+    get_family("flux")             the Family, or a ValueError with the nearest name
+    family_of(recipe.model)        model.family when the recipe states it, else inferred (model.kind, model.rope)
+    build_backbone(recipe.model)   family_of(cfg).build(cfg): the network
+
+Adding a family is one folder beside these and one line in :data:`FAMILIES` (CONTRIBUTING.md lists its tests).
+The recipe key is ``model.family``; a section without it (every recipe and checkpoint written before families)
+is read as before: ``model.kind: unet`` is the U-Net, an MMDiT with ``model.rope: true`` is FLUX, else SD3.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from torch import nn
+
+from flowmatch.encoders.combine import SINGLE, SingleLayout, TextLayout
+from flowmatch.errors import choice_error
+from flowmatch.families import flux, sd3, unet
+from flowmatch.families.spec import Capabilities, Family
+
+__all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone", "family_of", "get_family",
+           "text_layout"]
+
+#: Every family, by name; the order is the order in which a section that names none is matched.
+FAMILIES: dict[str, Family] = {f.name: f for f in (sd3.FAMILY, flux.FAMILY, unet.FAMILY)}
+#: The backbones ``model.kind`` names (kept for recipes written before ``model.family``).
+MODEL_KINDS: tuple[str, ...] = tuple(dict.fromkeys(f.kind for f in FAMILIES.values()))
+#: ``text_encoders.combine`` values: one encoder as it is, or a family's pipeline's combination.
+TEXT_LAYOUTS: dict[str, Union[SingleLayout, TextLayout]] = {
+    SINGLE.name: SINGLE, **{f.name: f.text for f in FAMILIES.values() if f.text is not None}}
+
+
+def get_family(name: str, key: str = "model.family") -> Family:
+    """The family called ``name``; ValueError naming ``key``, the families and the nearest spelling."""
+    if name not in FAMILIES:
+        raise choice_error(key, name, FAMILIES)
+    return FAMILIES[name]
+
+
+def family_of(cfg: Any) -> Family:
+    """The family of a model section (or an MMDiTConfig, as converted weights give it): ``model.family`` when
+    stated, which the section must then fit, else the first family that claims it (``model.kind``, ``model.rope``).
+    ValueError naming what does not fit."""
+    name = getattr(cfg, "family", None)
+    if name is not None:
+        family = get_family(name)
+        if not family.claims(cfg):
+            found = next((f.name for f in FAMILIES.values() if f.claims(cfg)), None)
+            raise ValueError(f"model.family: {name} needs {family.mismatch}, but the model section is a {found} "
+                             f"model's: set model.family: {found} or give a {name} preset / weights")
+        return family
+    for family in FAMILIES.values():
+        if family.claims(cfg):
+            return family
+    raise choice_error("model.kind", getattr(cfg, "kind", None), MODEL_KINDS)
+
+
+def build_backbone(cfg: Any, **kwargs: Any) -> nn.Module:
+    """The one place a model section becomes a network: its family's ``build`` (``kwargs``, e.g. ``device``, go
+    to the MMDiT's constructor)."""
+    return family_of(cfg).build(cfg, **kwargs)
+
+
+def text_layout(name: str) -> Union[SingleLayout, TextLayout]:
+    """The text combination ``text_encoders.combine`` names: ``single`` or a family's (sd3, flux)."""
+    if name not in TEXT_LAYOUTS:
+        raise choice_error("text_encoders.combine", name, TEXT_LAYOUTS)
+    return TEXT_LAYOUTS[name]

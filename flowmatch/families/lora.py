@@ -1,0 +1,42 @@
+"""LoRA on a family's model: its default targets and its converter's diffusers key table, through the shared
+machinery of :mod:`flowmatch.models.lora`.
+
+    chosen = apply_lora(model, LoraConfig(rank=16, alpha=16))   # targets None: the family's defaults
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from flowmatch.errors import RecipeError
+from flowmatch.families import Family, family_of
+from flowmatch.models.lora import LoraConfig, Projection, inject, projections, select_from
+from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+
+__all__ = ["apply_lora", "default_targets", "select"]
+
+
+def _adaptable(cfg: MMDiTConfig) -> Family:
+    family = family_of(cfg)
+    if not family.capabilities.lora or family.converter is None or family.lora_targets is None:
+        raise RecipeError(f"model.lora: the {family.name} family has no LoRA targets ({family.summary})")
+    return family
+
+
+def default_targets(cfg: MMDiTConfig) -> list[str]:
+    """The targets diffusers' LoRA scripts train for this model's family."""
+    return _adaptable(cfg).lora_targets(cfg)
+
+
+def select(cfg: MMDiTConfig, targets: Optional[list[str]]) -> list[Projection]:
+    """Our projections the targets name (None = :func:`default_targets`); RecipeError for a target that names
+    nothing, a fused projection named only in part, or a layer LoRA cannot adapt here."""
+    family = _adaptable(cfg)
+    available = projections(cfg, family.converter.diffusers_rules(cfg))
+    return select_from(available, targets, family.lora_targets(cfg))
+
+
+def apply_lora(model: MMDiT, lora: LoraConfig) -> list[Projection]:
+    """Freeze `model` and inject the adapters (peft, in place; A random, B zero, so the output is unchanged);
+    returns the adapted projections. Seed torch first: A is drawn from its generator."""
+    return inject(model, lora, select(model.cfg, lora.targets))

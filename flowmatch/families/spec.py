@@ -1,0 +1,139 @@
+"""What a model family is: the :class:`Family` spec each folder of :mod:`flowmatch.families` registers once.
+
+A family bundles what is particular to one architecture line (torchtitan's per-model spec): its presets, how a
+recipe's model section becomes the network, its converters and LoRA targets, its text conditioning and latent
+layout, its time convention, its FLOP count, what the trainer may do with it, and how diffusers' pipeline of it
+behaves. Everything else (trainer, sampler, exporter, ``init_from``, the encoders) asks the family and never
+compares family names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+from torch import Tensor, nn
+
+from flowmatch.encoders.combine import TextLayout
+from flowmatch.models.convert.keymap import Rule
+
+
+class Converter(Protocol):
+    """A family's converter module (``flowmatch/families/<family>/convert.py``): its key tables and config mappings
+    against diffusers' transformer class and the release's original single-file keys."""
+
+    DIFFUSERS_CLASS: str
+    """The diffusers transformer class, e.g. SD3Transformer2DModel."""
+    ORIGINAL_PREFIX: str
+    """The prefix the releases' single files put before the transformer's keys."""
+
+    def is_original(self, keys) -> bool: ...
+    def config_from_diffusers(self, dcfg: Mapping[str, Any]): ...
+    def diffusers_config(self, cfg) -> dict[str, Any]: ...
+    def diffusers_rules(self, cfg) -> list[Rule]: ...
+    def original_rules(self, cfg) -> list[Rule]: ...
+    def config_from_original(self, sd: Mapping[str, Tensor], head_dim: Optional[int] = None): ...
+    def check_original(self, cfg, sd: Mapping[str, Tensor]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the trainer may do with a family's model."""
+
+    init_from: bool
+    """It starts from released or converted weights (``model.init_from``)."""
+    lora: bool
+    """LoRA adapters can be trained on it (``model.lora``)."""
+    interval_embed: bool
+    """It can take the interval input r of the few-step objectives (``model.interval_embed``)."""
+    block_transforms: bool
+    """Activation checkpointing and ``torch.compile`` apply to its blocks (``train.activation_checkpointing``,
+    ``train.compile``)."""
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """How the family's released pipeline lays out latents before the transformer."""
+
+    channels: Optional[int]
+    """Latent channels of the released autoencoder (None: whatever the recipe's autoencoder gives)."""
+    pack: int
+    """Side of the latent patches diffusers' pipeline packs into token features itself (FLUX 2; 1 = none, the
+    transformer patchifies). The per-channel scale and shift are the autoencoder's (``autoencoder`` section)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How diffusers' pipeline of a family walks ``FlowMatchEulerDiscreteScheduler``
+    (:class:`flowmatch.sampling.diffusers_schedule.PipelineGrid`)."""
+
+    max_shift: float
+    """The max_shift the pipeline assumes when the scheduler config has none."""
+    default_sigmas: bool
+    """The pipeline passes ``sigmas = linspace(1, 1/N, N)`` itself when the caller gives none (FLUX)."""
+    classifier_free: bool
+    """Its guidance scale is classifier-free guidance (SD3), not a model input (FLUX)."""
+    time_rounded: bool
+    """The transformer receives ``sigma * 1000 / 1000`` in float32 and scales it again (FLUX)."""
+
+
+@dataclass(frozen=True)
+class DiffusersPipeline:
+    """What flowmatch knows of a family's diffusers pipeline class (``encoders/diffusers_folder.py`` reads its
+    folders with it)."""
+
+    pipeline_class: str
+    """The diffusers pipeline class named in model_index.json."""
+    text_encoders: tuple[tuple[str, str, str], ...]
+    """(our name, encoder subfolder, tokenizer subfolder) in combination order."""
+    t5_tokens: int
+    """The T5 sequence length the pipeline uses by default (its max_sequence_length)."""
+    clip_hidden_layer: Optional[int]
+    """The CLIP hidden layer whose states it takes (-2: penultimate; None: CLIP's states are not used)."""
+    t5_dropped: str
+    """What a dropped T5 input becomes (text encoder ``dropped``): zeros of its shape, or the empty caption."""
+    steps: int
+    """Its default num_inference_steps."""
+    guidance_scale: float
+    """Its default guidance_scale (FLUX: the embedded guidance value)."""
+    schedule: Schedule
+    """How it walks the scheduler."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family, registered once in :data:`flowmatch.families.FAMILIES`."""
+
+    name: str
+    """The recipe's ``model.family``."""
+    kind: str
+    """The backbone it builds, as ``model.kind`` names it (recipes written before ``model.family``)."""
+    summary: str
+    """One line for listings and errors."""
+    presets: Mapping[str, Mapping[str, Any]]
+    """Named sizes, each as its difference from the config defaults (:mod:`flowmatch.families.presets`)."""
+    tiny: str
+    """The test-sized preset among them, which tests/test_families.py builds, runs and converts."""
+    build: Callable[..., nn.Module]
+    """``build(model_cfg, **kw) -> nn.Module``: the network of a recipe's model section."""
+    claims: Callable[[Any], bool]
+    """Whether a model section (or an MMDiTConfig) that names no family is this family's."""
+    mismatch: str
+    """What a model section must say to be this family's, for the error when it says otherwise."""
+    capabilities: Capabilities
+    """What the trainer may do with it."""
+    time_scale: float
+    """The model embeds ``t * time_scale`` (t in [0, 1], t = 1 noise); diffusers' timestep is the same number."""
+    flops: Callable[..., float]
+    """``flops(model_cfg, *, batch_size, latent_size, text_len) -> float``: training FLOPs of one step."""
+    latents: LatentLayout
+    """The latent layout of its released pipeline."""
+    converter: Optional[Converter] = None
+    """Its diffusers and original-key converter (None: its weights are saved only as flowmatch's)."""
+    lora_targets: Optional[Callable[[Any], list[str]]] = None
+    """The diffusers module names LoRA adapts by default (diffusers' DreamBooth LoRA scripts)."""
+    text: Optional[TextLayout] = None
+    """How its released pipeline combines several text encoders (``text_encoders.combine: <family>``)."""
+    diffusers: Optional[DiffusersPipeline] = None
+    """Its diffusers pipeline class and behaviour."""
