@@ -53,6 +53,8 @@ SAFE: dict[str, str] = {
     "train.activation_checkpointing": "the same computation, recomputed or stored",
     "data.val_shards": "validation only",
     "data.num_workers": "the saved streams are finished by the new workers, then the next epoch starts: exact",
+    "data.shuffle_buffer": "the saved streams are finished as they were buffered, then the next epoch starts with "
+                           "the new buffer: exact",
     "data.prefetch_factor": "loading speed only",
     "data.prepare": "used only when the shards are missing",
     "data.cache": "where the cached features are (they are checked against the encoders)",
@@ -85,7 +87,6 @@ REFUSED: dict[str, str] = {
     "data.resolution": "the images the model learned",
     "data.channels": "the images the model learned",
     "data.shuffle": "exact resume continues the saved data order",
-    "data.shuffle_buffer": "exact resume continues the saved data order",
     "data.resampled": "exact resume continues the saved data order",
     "data.buckets": "exact resume continues the saved batch layout",
     "data.bucket_max_aspect": "exact resume continues the saved batch layout",
