@@ -302,8 +302,8 @@ class Trainer:
                 continue
             bad_in_a_row = 0
             window.commit()
-            if t.ema_decay > 0:
-                e.ema_update()
+            if e.ema is not None:
+                e.ema.update()
             self.step += 1
             mon.advance()
             if self.step == 1:
