@@ -110,6 +110,28 @@ def test_reconstruction_is_exact_for_a_tracked_profile_and_a_weighted_average():
 # -------------------------------------------------------------------------------------------- the engine's EMA
 
 
+def test_engine_ema_is_none_until_init_and_refuses_training_while_swapped_in():
+    """Bugs caught: ``engine.ema`` not the object ``init_ema`` returned, an update, a training step or an export
+    of the training weights allowed while the EMA weights are in the model, or a swap that does not restore the training weights exactly."""
+    gen = torch.Generator().manual_seed(1)
+    with _toy_engine() as engine:
+        assert engine.ema is None
+        ema = engine.init_ema(0.5)
+        assert engine.ema is ema
+        _step(engine, gen)
+        live = _flat(engine.model_state_dict())
+        with ema.weights():
+            with pytest.raises(RuntimeError, match="swapped in"):
+                engine.model_state_dict()
+            with pytest.raises(RuntimeError, match="swapped in"):
+                ema.update()
+            with pytest.raises(RuntimeError, match="swapped in"):
+                engine.backward(engine.forward(torch.zeros(8, 3)).sum())
+        assert torch.equal(_flat(engine.model_state_dict()), live)
+        assert ema.updates == 1
+
+
+
 def test_warmup_ema_is_the_formulas_average_and_close_to_the_raw_weights_after_50_steps():
     """Bugs caught: no warm-up (the EMA still 95% initial weights after 50 updates at 0.999), a count that does
     not advance, or a decay other than the formula's."""
