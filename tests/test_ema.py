@@ -111,8 +111,9 @@ def test_reconstruction_is_exact_for_a_tracked_profile_and_a_weighted_average():
 
 
 def test_engine_ema_is_none_until_init_and_refuses_training_while_swapped_in():
-    """Bugs caught: ``engine.ema`` not the object ``init_ema`` returned, an update, a training step or an export
-    of the training weights allowed while the EMA weights are in the model, or a swap that does not restore the training weights exactly."""
+    """Bugs caught: ``engine.ema`` not the object ``init_ema`` returned; an update, a training step or an export
+    of the training weights allowed while the EMA weights are in the model; a swap that does not restore the
+    training weights exactly."""
     gen = torch.Generator().manual_seed(1)
     with _toy_engine() as engine:
         assert engine.ema is None
