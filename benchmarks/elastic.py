@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> None:
                             schedule="cosine", min_lr_ratio=0.1, grad_clip=1.0)
         total = args.resume_at + args.after
         engine.setup(model, model.parameters(), optim, max_steps=total, micro_batch_size=micro, grad_accum_steps=1)
-        engine.ema_init(0.9)
+        engine.init_ema(0.9)
         step, losses = 0, {}
         if args.resume_from:
             step = load_checkpoint(engine, args.resume_from)["step"]
@@ -102,7 +102,7 @@ def worker(args: argparse.Namespace) -> None:
             loss = F.mse_loss(engine.forward(x[lo:lo + micro].to(engine.dtype)).float(), y[lo:lo + micro])
             engine.backward(loss)
             engine.step()
-            engine.ema_update()
+            engine.ema.update()
             step += 1
             losses[step] = engine.all_reduce_mean(loss.detach()).item()
             if step == args.resume_at and not args.resume_from:

@@ -39,6 +39,7 @@ from flowmatch.engine.state import write_safetensors
 
 if TYPE_CHECKING:
     from flowmatch.engine import Engine
+    from flowmatch.engine.ema import Ema
 
 _SUFFIX = ".safetensors"
 
@@ -73,14 +74,21 @@ class Snapshot:
         return self.step - self.updates
 
 
+def _ema_of(engine: "Engine") -> "Ema":
+    if engine.ema is None:
+        raise RuntimeError("post-hoc EMA profiles need the engine's EMA: call engine.init_ema(...) first")
+    return engine.ema
+
+
 def write_snapshot(engine: "Engine", run_dir: str | os.PathLike[str], step: int, profiles: list[float]) -> None:
     """Collective: gather every tracked profile and write ``RUN_DIR/ema/snapshots/<step>.safetensors`` (rank 0)."""
-    states = engine.ema_profile_state_dicts()
+    ema = _ema_of(engine)
+    states = ema.profile_state_dicts()
     if not engine.is_main:
         return
     averaged = [name for name, p in engine.module.named_parameters() if p.requires_grad]
     tensors = {f"p{i}.{k}": v for i, state in enumerate(states) for k, v in state.items()}
-    meta = {"step": str(step), "updates": str(engine.ema_profile_updates), "profiles": json.dumps(profiles),
+    meta = {"step": str(step), "updates": str(ema.profile_updates), "profiles": json.dumps(profiles),
             "averaged": json.dumps(averaged)}
     out = ema_dir(run_dir) / SNAPSHOTS_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -139,10 +147,10 @@ def restore_profiles(engine: "Engine", run_dir: str | os.PathLike[str], step: in
             stale.path.unlink()
     match = next((s for s in snapshots if s.step == step and s.profiles == profiles), None)
     if match is None:
-        engine.ema_load_profiles(None)
+        _ema_of(engine).restart_profiles()
         return (f"no EMA snapshot of profiles {profiles} at step {step}: the profiles start over, so post-hoc EMA "
                 f"covers the run from step {step} on")
-    engine.ema_load_profiles(snapshot_profiles(match), match.updates)
+    _ema_of(engine).load_profiles(snapshot_profiles(match), match.updates)
     return f"EMA profiles restored from {match.path}"
 
 

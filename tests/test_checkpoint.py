@@ -74,8 +74,19 @@ class FakeEngine:
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         return {"w": torch.full((2, 3), self.weight), "b": torch.zeros(3)}
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        return {"w": torch.full((2, 3), self.weight / 2), "b": torch.zeros(3)}
+    @property
+    def ema(self) -> FakeEma:
+        return FakeEma(self.weight / 2)
+
+
+class FakeEma:
+    """The checkpoint-facing part of flowmatch.engine.ema.Ema."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"w": torch.full((2, 3), self.weight), "b": torch.zeros(3)}
 
 
 def _save(engine: FakeEngine, run_dir: Path, step: int, keep: int = 3, ema: bool = True) -> Path:
@@ -237,10 +248,10 @@ sys.path.insert(0, {tests!r})
 from test_checkpoint import FakeEngine, _save
 
 class Slow(FakeEngine):
-    def ema_state_dict(self):
+    def model_state_dict(self):
         Path({marker!r}).write_text("writing")  # state/ is on disk, the safetensors files are next
         time.sleep(60)
-        return super().ema_state_dict()
+        return super().model_state_dict()
 
 _save(FakeEngine(1.0), Path({run_dir!r}), 1)
 _save(Slow(5.0), Path({run_dir!r}), 2)

@@ -57,7 +57,7 @@ def _step(engine: Engine, gen: torch.Generator) -> None:
     y = x.sum(1, keepdim=True).sin()
     engine.backward((engine.forward(x) - y).pow(2).mean())
     assert engine.step().stepped
-    engine.ema_update()
+    engine.ema.update()
 
 
 def _flat(weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -110,19 +110,42 @@ def test_reconstruction_is_exact_for_a_tracked_profile_and_a_weighted_average():
 # -------------------------------------------------------------------------------------------- the engine's EMA
 
 
+def test_engine_ema_is_none_until_init_and_refuses_training_while_swapped_in():
+    """Bugs caught: ``engine.ema`` not the object ``init_ema`` returned; an update, a training step or an export
+    of the training weights allowed while the EMA weights are in the model; a swap that does not restore the
+    training weights exactly."""
+    gen = torch.Generator().manual_seed(1)
+    with _toy_engine() as engine:
+        assert engine.ema is None
+        ema = engine.init_ema(0.5)
+        assert engine.ema is ema
+        _step(engine, gen)
+        live = _flat(engine.model_state_dict())
+        with ema.weights():
+            with pytest.raises(RuntimeError, match="swapped in"):
+                engine.model_state_dict()
+            with pytest.raises(RuntimeError, match="swapped in"):
+                ema.update()
+            with pytest.raises(RuntimeError, match="swapped in"):
+                engine.backward(engine.forward(torch.zeros(8, 3)).sum())
+        assert torch.equal(_flat(engine.model_state_dict()), live)
+        assert ema.updates == 1
+
+
+
 def test_warmup_ema_is_the_formulas_average_and_close_to_the_raw_weights_after_50_steps():
     """Bugs caught: no warm-up (the EMA still 95% initial weights after 50 updates at 0.999), a count that does
     not advance, or a decay other than the formula's."""
     gen = torch.Generator().manual_seed(1)
     with _toy_engine() as engine:
-        engine.ema_init(0.999, warmup=0.1)
+        engine.init_ema(0.999, warmup=0.1)
         initial = _flat(engine.model_state_dict())
         trajectory = []
         for _ in range(50):
             _step(engine, gen)
             trajectory.append(_flat(engine.model_state_dict()))
-        ema = _flat(engine.ema_state_dict())
-        assert engine.ema_updates == 50
+        ema = _flat(engine.ema.state_dict())
+        assert engine.ema.updates == 50
     gamma, n = gamma_of(0.1), 50
     k = torch.arange(1, n + 1, dtype=torch.float64)
     weights = (k ** (gamma + 1) - (k - 1) ** (gamma + 1)) / n ** (gamma + 1)  # no weight left on the initial ones
@@ -141,26 +164,26 @@ def test_the_update_count_survives_resume_in_the_same_and_another_layout(tmp_pat
     would copy the weights). ZeRO-2 on resume takes the other-layout path (consolidated EMA + engine.json)."""
     gen = torch.Generator().manual_seed(2)
     with _toy_engine() as engine:
-        engine.ema_init(0.999, warmup=0.1)
+        engine.init_ema(0.999, warmup=0.1)
         for _ in range(3):
             _step(engine, gen)
-        saved_ema = engine.ema_state_dict()
+        saved_ema = engine.ema.state_dict()
         save_checkpoint(engine, tmp_path, 3, client_state={"step": 3}, recipe_yaml="", keep=1, ema=True)
     assert read_layout(tmp_path).ema_updates == 3
     with _toy_engine(zero_stage=resume_stage) as engine:
-        engine.ema_init(0.999, warmup=0.1)
+        engine.init_ema(0.999, warmup=0.1)
         load_checkpoint(engine, tmp_path / "checkpoints" / "3")
-        assert engine.ema_updates == 3
+        assert engine.ema.updates == 3
         _step(engine, gen)
         beta = warmup_decay(4, 0.999, gamma_of(0.1))
         expected = beta * _flat(saved_ema) + (1 - beta) * _flat(engine.model_state_dict())
-        torch.testing.assert_close(_flat(engine.ema_state_dict()), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(_flat(engine.ema.state_dict()), expected, rtol=0, atol=1e-6)
 
 
 def test_states_without_a_count_take_the_optimizer_steps(tmp_path):
     gen = torch.Generator().manual_seed(3)
     with _toy_engine() as engine:
-        engine.ema_init(0.999, warmup=0.1)
+        engine.init_ema(0.999, warmup=0.1)
         for _ in range(2):
             _step(engine, gen)
         save_checkpoint(engine, tmp_path, 2, client_state={"step": 2}, recipe_yaml="", keep=1, ema=True)
@@ -172,9 +195,9 @@ def test_states_without_a_count_take_the_optimizer_steps(tmp_path):
     files = {**read_manifest(ckpt), **describe_files(ckpt, [meta_file], rank=0)}  # the edit, as if written so
     write_manifest(ckpt, 2, files)
     with _toy_engine() as engine:
-        engine.ema_init(0.999, warmup=0.1)
+        engine.init_ema(0.999, warmup=0.1)
         load_checkpoint(engine, tmp_path / "checkpoints" / "2")
-        assert engine.ema_updates == 2
+        assert engine.ema.updates == 2
 
 
 # ----------------------------------------------------------------------------------------------- post-hoc EMA
@@ -187,7 +210,7 @@ def test_posthoc_ema_matches_a_directly_tracked_ema(tmp_path):
     targets = (0.075, 0.15)
     gen = torch.Generator().manual_seed(4)
     with _toy_engine() as engine:
-        engine.ema_init(0.999, warmup=0.1, profiles=[0.05, 0.10])
+        engine.init_ema(0.999, warmup=0.1, profiles=[0.05, 0.10])
         live = [p.detach() for p in engine.module.parameters()]
         direct = [ShadowEma(live, 0.0) for _ in targets]
         for step in range(1, 121):
@@ -197,7 +220,7 @@ def test_posthoc_ema_matches_a_directly_tracked_ema(tmp_path):
             if step % 10 == 0:
                 write_snapshot(engine, tmp_path, step, [0.05, 0.10])
         names = [name for name, _ in engine.module.named_parameters()]
-        tracked = [_flat(w) for w in engine.ema_profile_state_dicts()]
+        tracked = [_flat(w) for w in engine.ema.profile_state_dicts()]
     assert [s.step for s in list_snapshots(tmp_path)] == list(range(10, 121, 10))
     made = reconstruct_ema(tmp_path, [*targets, 0.10])
     assert [m.name for m in made] == [ema_name(s) for s in (*targets, 0.10)] and made[0].snapshots == 12
@@ -215,21 +238,21 @@ def test_resume_restores_the_profiles_of_its_step_and_drops_later_snapshots(tmp_
     left behind for `flowmatch ema` to mix into the resumed run's."""
     gen = torch.Generator().manual_seed(5)
     with _toy_engine() as engine:
-        engine.ema_init(0.999, profiles=[0.05, 0.10])
+        engine.init_ema(0.999, profiles=[0.05, 0.10])
         for step in range(1, 4):
             _step(engine, gen)
             write_snapshot(engine, tmp_path, step, [0.05, 0.10])
             if step == 2:
-                at_two = engine.ema_profile_state_dicts()
+                at_two = engine.ema.profile_state_dicts()
     with _toy_engine() as engine:
-        engine.ema_init(0.999, profiles=[0.05, 0.10])
+        engine.init_ema(0.999, profiles=[0.05, 0.10])
         said = restore_profiles(engine, tmp_path, 2, [0.05, 0.10])
-        assert "restored" in said and engine.ema_profile_updates == 2
+        assert "restored" in said and engine.ema.profile_updates == 2
         assert [s.step for s in list_snapshots(tmp_path)] == [1, 2]
-        for got, want in zip(engine.ema_profile_state_dicts(), at_two):
+        for got, want in zip(engine.ema.profile_state_dicts(), at_two):
             assert all(torch.equal(got[k], want[k]) for k in want)
         said = restore_profiles(engine, tmp_path, 2, [0.05, 0.20])  # other profiles: they start over
-        assert "start over" in said and engine.ema_profile_updates == 0
+        assert "start over" in said and engine.ema.profile_updates == 0
 
 
 def test_posthoc_needs_snapshots(tmp_path):
@@ -252,8 +275,9 @@ def test_a_full_disk_while_writing_a_snapshot_is_a_clear_error(tmp_path, monkeyp
 
     monkeypatch.setattr(posthoc, "write_safetensors", full)
     layer = torch.nn.Linear(2, 2)
-    engine = SimpleNamespace(is_main=True, module=layer, ema_profile_updates=3,
-                             ema_profile_state_dicts=lambda: [{k: v.detach() for k, v in layer.state_dict().items()}])
+    ema = SimpleNamespace(profile_updates=3,
+                          profile_state_dicts=lambda: [{k: v.detach() for k, v in layer.state_dict().items()}])
+    engine = SimpleNamespace(is_main=True, module=layer, ema=ema)
     with pytest.raises(CheckpointError, match="no space left on the device of .*EMA snapshot of step 7"):
         posthoc.write_snapshot(engine, tmp_path, 7, [0.1])
     assert not list((tmp_path / "ema" / "snapshots").iterdir())

@@ -216,18 +216,18 @@ def _train_step(engine: Engine, loss_scale: float = 1.0):
 
 
 def test_ema_is_the_decayed_average_of_the_weights_after_each_step():
-    # Fails if ema_update() does nothing, averages other weights (e.g. from before the step) or uses another decay.
+    # Fails if ema.update() does nothing, averages other weights (e.g. from before the step) or uses another decay.
     decay = 0.8
     with _engine() as engine:
-        engine.ema_init(decay)
+        engine.init_ema(decay)
         initial = engine.model_state_dict()
         expected = dict(initial)
         for _ in range(3):
             assert _train_step(engine).stepped
-            engine.ema_update()
+            engine.ema.update()
             weights = engine.model_state_dict()
             expected = {k: decay * expected[k] + (1 - decay) * weights[k] for k in weights}
-        ema = engine.ema_state_dict()
+        ema = engine.ema.state_dict()
     assert ema.keys() == initial.keys()
     assert all((ema[k] - initial[k]).abs().max() > 1e-3 for k in ema)  # every tensor moved
     for k in ema:
@@ -253,22 +253,22 @@ def test_bf16_runs_the_forward_in_bf16_and_exports_fp32_masters(zero_stage):
 
 def test_a_discarded_window_changes_nothing_and_its_count_survives_resume(tmp_path):
     with _engine() as engine:
-        engine.ema_init(0.5)
+        engine.init_ema(0.5)
         assert _train_step(engine).stepped
-        before, ema_before, lr = engine.model_state_dict(), engine.ema_state_dict(), engine.lr
+        before, ema_before, lr = engine.model_state_dict(), engine.ema.state_dict(), engine.lr
         result = _train_step(engine, loss_scale=float("inf"))
         assert (result.stepped, result.skipped, result.grad_norm) == (False, True, None)
         assert (engine.skipped_steps, engine.optimizer_steps, engine.lr) == (1, 1, lr)
         after = engine.model_state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
-        assert all(torch.equal(ema_before[k], v) for k, v in engine.ema_state_dict().items())
+        assert all(torch.equal(ema_before[k], v) for k, v in engine.ema.state_dict().items())
         assert _train_step(engine).stepped  # and training goes on
         save_checkpoint(engine, tmp_path, 2, client_state={"step": 2}, recipe_yaml="", keep=1, ema=True)
     layout = read_layout(tmp_path)  # engine.json: the one record of the layout and the engine's counters
     assert (layout.world_size, layout.zero_stage, layout.precision) == (1, 0, "fp32")
     assert (layout.optimizer_steps, layout.skipped_steps, layout.ema_decay) == (2, 1, 0.5)
     with _engine() as engine:
-        engine.ema_init(0.5)
+        engine.init_ema(0.5)
         assert load_checkpoint(engine, tmp_path) == {"step": 2}
         assert (engine.skipped_steps, engine.optimizer_steps) == (1, 2)
 

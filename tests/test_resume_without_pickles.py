@@ -87,18 +87,18 @@ def _engine_with_steps(seed: int, steps: int) -> Engine:
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     engine.setup(model, model.parameters(), OptimConfig(lr=0.05, warmup_steps=0, schedule="constant"), max_steps=10,
                  micro_batch_size=4, grad_accum_steps=1)
-    engine.ema_init(0.5)
+    engine.init_ema(0.5)
     for _ in range(steps):
         engine.backward(engine.forward(torch.randn(4, 4)).pow(2).mean())
         assert engine.step().stepped
-        engine.ema_update()
+        engine.ema.update()
     return engine
 
 
 def test_a_checkpoint_of_the_previous_format_resumes_without_its_pickles(tmp_path, monkeypatch, caplog):
     engine = _engine_with_steps(0, 1)
     ckpt = save_checkpoint(engine, tmp_path, 1, client_state={"step": 1}, recipe_yaml="", keep=1, ema=True)
-    weights, ema = engine.model_state_dict(), engine.ema_state_dict()
+    weights, ema = engine.model_state_dict(), engine.ema.state_dict()
     engine.shutdown()
     # What format 2 looked like: no manifest, DeepSpeed's pickled optimizer state, engine state format 1.
     (ckpt / "manifest.json").unlink()
@@ -123,7 +123,7 @@ def test_a_checkpoint_of_the_previous_format_resumes_without_its_pickles(tmp_pat
     assert "written before checkpoints carried a manifest" in caplog.text
     assert "DeepSpeed's pickled files, which are never loaded" in caplog.text
     assert "AdamW moments restart from zero" in caplog.text
-    got, got_ema = engine.model_state_dict(), engine.ema_state_dict()
+    got, got_ema = engine.model_state_dict(), engine.ema.state_dict()
     assert all(torch.equal(got[k], weights[k]) for k in weights) and all(torch.equal(got_ema[k], ema[k]) for k in ema)
     assert engine.optimizer_steps == 1
     engine.shutdown()

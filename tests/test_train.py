@@ -65,6 +65,7 @@ def test_train_checkpoint_and_generate(tmp_path, digit_shards):
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
     validation = [m for m in read_metrics(run) if "val_loss_ema" in m]
     assert [m["step"] for m in validation] == [4]
+    assert validation[0]["val_loss_ema"] != validation[0]["val_loss_raw"]  # the EMA loss is the EMA weights'
     ema_better = validation[0]["val_loss_ema"] <= validation[0]["val_loss_raw"]
     assert read_meta(run).ema_default is ema_better
     name = next(iter(raw))

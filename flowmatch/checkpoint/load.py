@@ -86,7 +86,7 @@ def load_checkpoint(engine: EngineLike, path: str | os.PathLike[str]) -> dict[st
     rank's client_state.
 
     Every file is verified first, all ranks sharing the hashing; a damaged checkpoint named explicitly raises
-    :class:`CheckpointError` on every rank. Call after ``engine.setup`` (and ``engine.ema_init`` when the run keeps
+    :class:`CheckpointError` on every rank. Call after ``engine.setup`` (and ``engine.init_ema`` when the run keeps
     an EMA). When the ZeRO stage, world size or precision differ from the run that wrote it, the engine re-shards
     the optimizer state from its whole tensors (see :meth:`flowmatch.engine.Engine.load`); when those alone are
     damaged, the resume goes on and, on another layout, resets the optimizer state with a warning.

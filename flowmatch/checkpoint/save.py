@@ -44,6 +44,12 @@ from flowmatch.version import __version__
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+class EmaLike(Protocol):
+    """The part of :class:`flowmatch.engine.ema.Ema` that checkpointing uses."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
 class EngineLike(Protocol):
     """The part of :class:`flowmatch.engine.Engine` that checkpointing uses."""
 
@@ -69,7 +75,8 @@ class EngineLike(Protocol):
 
     def model_state_dict(self) -> dict[str, torch.Tensor]: ...
 
-    def ema_state_dict(self) -> dict[str, torch.Tensor]: ...
+    @property
+    def ema(self) -> EmaLike | None: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,7 +118,11 @@ def _write_files(engine: EngineLike, tmp: Path, step: int, client_state: Mapping
     """Collective: every file of the checkpoint into ``tmp``; returns the manifest entries of this rank's files."""
     written = list(engine.save(tmp / STATE_DIR, client_state))
     weights = engine.model_state_dict()
-    ema_weights = engine.ema_state_dict() if ema else None
+    ema_weights = None
+    if ema:
+        if engine.ema is None:
+            raise RuntimeError("a checkpoint with its EMA needs the engine's EMA: call engine.init_ema(...) first")
+        ema_weights = engine.ema.state_dict()
     if engine.is_main:
         metadata = {"step": str(step)}
         written.append(write_safetensors(tmp / MODEL_FILE, weights, metadata))

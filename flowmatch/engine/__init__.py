@@ -37,7 +37,7 @@ Usage (every rank runs the same code; checkpoint files are laid out by :mod:`flo
                 model.init_weights()                  # rank 0's init is kept (a no-op wrapper below ZeRO-3)
             engine.setup(model, model.parameters(), recipe.optim, max_steps=max_steps, micro_batch_size=8,
                          grad_accum_steps=2)
-            engine.ema_init(0.9999)
+            ema = engine.init_ema(0.9999)              # engine.ema: update, weights(), state_dict(), profiles
             step, ckpt = 0, latest_checkpoint(run_dir)
             if ckpt is not None:                      # weights, AdamW, schedule, EMA, RNG; returns client_state
                 step = load_checkpoint(engine, ckpt)["step"]
@@ -48,7 +48,7 @@ Usage (every rank runs the same code; checkpoint files are laid out by :mod:`flo
                 result = engine.step()                # one update per window, like a torch optimizer
                 if result.skipped:                    # a non-finite loss somewhere: nothing changed
                     continue                          # (engine.skipped_steps counts these windows)
-                engine.ema_update()
+                ema.update()
                 step += 1
                 if step % checkpoint_every == 0:
                     save_checkpoint(engine, run_dir, step, client_state={"step": step, "data": loader.state_dict()},

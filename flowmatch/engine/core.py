@@ -161,13 +161,8 @@ class Engine:
     def _require_training_weights(self) -> Trainable:
         trainable = self._require_setup()
         if self._ema is not None and self._ema.swapped:
-            raise RuntimeError("EMA weights are swapped in: call ema_swap() again (or leave ema_weights()) first")
+            raise RuntimeError("EMA weights are swapped in: call ema.swap() again (or leave ema.weights()) first")
         return trainable
-
-    def _require_ema(self, method: str) -> Ema:
-        if self._ema is None:
-            raise RuntimeError(f"call Engine.ema_init(decay) before {method}()")
-        return self._ema
 
     # -- training step -----------------------------------------------------------------------------------------------
 
@@ -233,8 +228,9 @@ class Engine:
 
     # -- EMA -----------------------------------------------------------------------------------------------------------
 
-    def ema_init(self, decay: float, *, warmup: float = 0.0, profiles: Sequence[float] = ()) -> None:
-        """Start an fp32 EMA of the weights at their current values (call after :meth:`setup`).
+    def init_ema(self, decay: float, *, warmup: float = 0.0, profiles: Sequence[float] = ()) -> Ema:
+        """Start an fp32 EMA of the weights at their current values (call after :meth:`setup`); returns
+        :attr:`ema`, which the training loop, validation, checkpoints and post-hoc EMA then use directly.
 
         Args:
             decay: the cap of each update's decay (the decay of every update without warm-up).
@@ -243,62 +239,18 @@ class Engine:
 
         Under ZeRO-3 each rank averages only its own partition, so updates need no communication. The average
         is taken over the working weights, which are the fp32 masters in fp32 training and their bf16/fp16
-        copies otherwise (the accumulator itself is fp32 either way).
+        copies otherwise (the accumulator itself is fp32 either way). While its weights are swapped in
+        (:meth:`Ema.swap`, :meth:`Ema.weights`), only evaluation is allowed (``backward``/``step``/``save`` raise).
         """
         trainable = self._require_setup()
         self._ema = Ema(trainable.module, trainable.named_params, self._zero, decay, warmup=warmup,
                         profiles=profiles)
-
-    def ema_update(self, decay: float | None = None) -> None:
-        """Blend the current weights into the EMA and its profiles (call after each applied update); ``decay``
-        overrides the EMA's decay once."""
-        ema = self._require_ema("ema_update")
-        self._require_training_weights()
-        ema.update(decay)
+        return self._ema
 
     @property
-    def ema_updates(self) -> int:
-        """Updates blended into the EMA so far (restored by :meth:`load`); 0 without an EMA."""
-        return 0 if self._ema is None else self._ema.updates
-
-    @property
-    def ema_enabled(self) -> bool:
-        """Whether :meth:`ema_init` was called."""
-        return self._ema is not None
-
-    def ema_swap(self) -> None:
-        """Collective: put the EMA weights into the model, or (second call) restore the training weights exactly.
-
-        While swapped, only evaluation is allowed (``backward``/``step``/``save`` raise). Every rank must run the
-        same forward calls under ZeRO-3.
-        """
-        self._require_ema("ema_swap").swap()
-
-    def ema_weights(self) -> contextlib.AbstractContextManager[None]:
-        """Collective context in which the model holds the EMA weights (see :meth:`ema_swap`)."""
-        return self._require_ema("ema_weights").weights()
-
-    def ema_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the whole EMA model (fp32, CPU; buffers from the live model) on rank 0, ``{}`` elsewhere."""
-        return self._require_ema("ema_state_dict").state_dict()
-
-    @property
-    def ema_profile_updates(self) -> int:
-        """Updates blended into the tracked profiles so far; 0 without profiles."""
-        return 0 if self._ema is None else self._ema.profile_updates
-
-    def ema_profile_state_dicts(self) -> list[dict[str, torch.Tensor]]:
-        """Collective: each tracked profile's whole weights (fp32, CPU) on rank 0, ``{}`` each elsewhere."""
-        return self._require_ema("ema_profile_state_dicts").profile_state_dicts()
-
-    def ema_load_profiles(self, profiles: Sequence[Mapping[str, torch.Tensor]] | None, updates: int = 0) -> None:
-        """Restore the profiles from whole weights after ``updates`` updates (every rank passes them), or with
-        None start them over from the current weights."""
-        ema = self._require_ema("ema_load_profiles")
-        if profiles is None:
-            ema.restart_profiles()
-        else:
-            ema.load_profiles(profiles, updates)
+    def ema(self) -> Ema | None:
+        """The EMA of the weights (:class:`~flowmatch.engine.ema.Ema`), or None before :meth:`init_ema`."""
+        return self._ema
 
     # -- whole weights and the training state ---------------------------------------------------------------------------
 
@@ -328,7 +280,7 @@ class Engine:
         EMA partition under ZeRO-3; without ZeRO rank 0 alone writes the optimizer state), plus ``engine.json``
         (:class:`~flowmatch.engine.EngineMeta`: layout and counters) by rank 0. Nothing is pickled. The working
         weights and (below ZeRO-3) the EMA are not included: save :meth:`model_state_dict` and
-        :meth:`ema_state_dict` beside it and pass them to :meth:`load`. ``client_state`` is this rank's own
+        :meth:`Ema.state_dict` beside it and pass them to :meth:`load`. ``client_state`` is this rank's own
         (e.g. its data position): dicts with string keys, lists, tuples, numbers, strings, None and tensors. Call
         between updates (not inside an accumulation window). Returns the files this rank wrote.
         """
@@ -336,10 +288,10 @@ class Engine:
 
     def load(self, directory: str | os.PathLike[str], *, weights: str | os.PathLike[str],
              ema: str | os.PathLike[str] | None = None, elastic: bool = True) -> dict[str, Any]:
-        """Collective: restore what :meth:`save` wrote (call after :meth:`setup` and :meth:`ema_init`).
+        """Collective: restore what :meth:`save` wrote (call after :meth:`setup` and :meth:`init_ema`).
 
         ``weights`` is the consolidated safetensors file of :meth:`model_state_dict` saved with the state; ``ema``
-        the one of :meth:`ema_state_dict`, if any. With the same ZeRO stage, world size and precision everything
+        the one of :meth:`Ema.state_dict`, if any. With the same ZeRO stage, world size and precision everything
         is restored exactly from the per-rank files: weights, fp32 masters, AdamW state, schedule, EMA, RNG
         states, counters. On another layout the weights and EMA come from ``weights`` and ``ema``, and each rank
         takes its pieces of the fp32 masters and AdamW moments from their whole tensors

@@ -127,7 +127,10 @@ class Ema:
         return self._backup is not None
 
     def update(self, decay: float | None = None) -> None:
-        """Blend the current weights into the average and the profiles; ``decay`` overrides the EMA's this once."""
+        """Blend the current weights into the average and the profiles (call after each applied update); ``decay``
+        overrides the EMA's this once."""
+        if self.swapped:
+            raise RuntimeError("EMA weights are swapped in: call ema.swap() again (or leave ema.weights()) first")
         working = [t.detach().to(torch.float32) for t in self._working()]  # one widening for every shadow
         self.updates += 1
         if decay is None:
@@ -139,7 +142,11 @@ class Ema:
                 shadow.update(working, power_decay(self.profile_updates, gamma))
 
     def swap(self) -> None:
-        """Collective: put the EMA weights into the model, or (second call) restore the training weights exactly."""
+        """Collective: put the EMA weights into the model, or (second call) restore the training weights exactly.
+
+        While swapped, only evaluation is allowed (the engine's ``backward``/``step``/``save`` and :meth:`update`
+        raise). Every rank must run the same forward calls under ZeRO-3.
+        """
         restore = self._backup is not None
         if not restore:
             self._backup = [t.detach().clone() for t in self._working()]

@@ -1,6 +1,6 @@
 """Training: :mod:`.config` (the recipe's `train` section), :mod:`.assembly` (a run built from a recipe),
-:mod:`.loop` (the loss of a micro batch, the loop, resume and checkpoints) and :mod:`.validation` (sample grids
-and held-out loss during training).
+:mod:`.loop` (the loss of a micro batch and the loop), :mod:`.checkpointing` (resume, checkpoints and the stop
+checkpoint) and :mod:`.validation` (sample grids and held-out loss during training).
 """
 
 from __future__ import annotations

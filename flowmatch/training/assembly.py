@@ -214,7 +214,7 @@ def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_di
     engine.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim, max_steps=t.max_steps,
                  micro_batch_size=micro, grad_accum_steps=accum)
     if t.ema_decay > 0:
-        engine.ema_init(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
+        engine.init_ema(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
                           seed=t.seed, encoders=encoders.fingerprints())
     has_val = has_val_split(recipe.data)

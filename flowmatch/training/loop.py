@@ -9,7 +9,6 @@ the device until the log step reduces them.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,29 +17,23 @@ from typing import Callable, Optional
 
 import torch
 
-from flowmatch.checkpoint import RECIPE_FILE, latest_checkpoint, read_meta, resume_checkpoint, save_checkpoint
-from flowmatch.data import merge_loader_states
+from flowmatch.checkpoint import latest_checkpoint
 from flowmatch.encoders.combine import TextPart
 from flowmatch.conditioning import Conditioning
-from flowmatch.errors import UsageError
 from flowmatch.families import family_of
 from flowmatch.flow import FlowConfig, ObjectiveLoss, ObjectiveModels, TimeSchedule, get_objective, objective_loss
 from flowmatch.monitor import Monitor
-from flowmatch.posthoc import restore_profiles, write_snapshot
+from flowmatch.posthoc import write_snapshot
 from flowmatch.config import Recipe
 from flowmatch.training.assembly import TrainingRun, assemble
+from flowmatch.training.checkpointing import Checkpointing, TrainingError
 from flowmatch.training.divergence import Diverged, DivergenceWatch
 from flowmatch.training.fewstep import jvp_backend, objective_models
 from flowmatch.training.preemption import Preemption
-from flowmatch.training.resume_policy import Change, changes_on_resume, refusal
 from flowmatch.training.validation import Validator
 
 # Loss is also logged per timestep bucket (quarters of [0, 1]) to see which noise levels train slowly.
 LOSS_BUCKETS = 4
-
-
-class TrainingError(RuntimeError, UsageError):
-    """The run cannot go on (e.g. the loss stayed non-finite); the message says what happened and what to do."""
 
 
 @dataclass
@@ -133,12 +126,10 @@ class Trainer:
         self.recipe = run.recipe
         self.engine = run.engine
         self.step = 0
-        self.saved_step: Optional[int] = None
-        """Step of the newest checkpoint on disk (written or resumed from)."""
-        self.changed_on_resume: list[Change] = []
-        """Recipe keys that differ from the resumed checkpoint's and take effect (:mod:`.resume_policy`)."""
         self.monitor: Optional[Monitor] = None
         self.validator = Validator(run)
+        self.checkpoints = Checkpointing(run, self.validator)
+        """Resume, checkpoints and the stop checkpoint (:mod:`.checkpointing`)."""
         self.preemption = Preemption(run.engine.rank)
         self.divergence = DivergenceWatch(run.recipe.train.divergence_factor, run.recipe.train.max_bad_windows)
         self.skipped_at_log = 0
@@ -159,87 +150,6 @@ class Trainer:
                           dropout_parts=run.encoders.dropout_parts(self.recipe.flow.caption_dropout),
                           models=self.models, guided=self.recipe.model.guidance_embed, jvp_backend=self.jvp_backend)
 
-    # -- state ------------------------------------------------------------------------------------------------------
-
-    def resume(self) -> None:
-        """Load the newest checkpoint of run_dir that verifies, if any, and say so (damaged newer ones are reported
-        and set aside by :func:`~flowmatch.checkpoint.resume_checkpoint`); the EMA profiles come from the snapshot
-        of its step (and snapshots newer than it, left by an abandoned attempt, go)."""
-        run, e = self.run, self.engine
-        resumed = resume_checkpoint(e, run.run_dir, check=self.check_recipe)
-        profiles = self.recipe.train.ema_profiles
-        if resumed is None:
-            if profiles:
-                restore_profiles(e, run.run_dir, 0, profiles)
-            return
-        ckpt, state = resumed.path, resumed.client_state
-        if self.recipe.model.lora is not None:
-            self.check_base(ckpt)
-        self.step = self.saved_step = int(state["step"])
-        # Not strict: another number of ranks or workers resumes exactly; other data changes skip to the next epoch.
-        run.loader.load_state_dict(state["loader"], strict=False)
-        generators = state["generator"]  # one state per micro-batch slot of the global batch
-        if len(generators) == e.world_size * run.accum:  # else: another layout, keep the fresh seeds
-            first_slot = e.rank * run.accum
-            for m, g in enumerate(run.generators):
-                g.set_state(generators[first_slot + m])
-        if e.is_main:
-            print(f"resuming from {ckpt} (step {self.step})", flush=True)
-            for change in self.changed_on_resume:
-                print(f"changed on resume: {change}", flush=True)
-        if profiles:
-            said = restore_profiles(e, run.run_dir, self.step, profiles)
-            if e.is_main:
-                print(said, flush=True)
-
-    def check_recipe(self, ckpt: Path) -> None:
-        """Refuse to resume ``ckpt`` when the recipe changed a key that cannot change (:mod:`.resume_policy`);
-        note the keys that changed and take effect."""
-        changes = changes_on_resume((ckpt / RECIPE_FILE).read_text(), self.run.recipe_yaml)
-        refused = [c for c in changes if not c.safe]
-        if refused:
-            raise TrainingError(refusal(ckpt, refused))
-        self.changed_on_resume = changes
-
-    def check_base(self, ckpt: Path) -> None:
-        """A LoRA checkpoint's adapters belong to the base weights it records: resuming on others is an error."""
-        saved = read_meta(ckpt).init_from or {}
-        here = self.run.init
-        if here is None or saved.get("sha256") != here.sha256:
-            raise TrainingError(f"{ckpt} holds LoRA adapters trained on base weights with SHA-256 "
-                                f"{str(saved.get('sha256'))[:16]}... ({saved.get('source')}); model.init_from now gives "
-                                f"{'none' if here is None else here.sha256[:16] + '... (' + here.source + ')'}: point "
-                                "model.init_from at the original base, or use a new run_dir")
-
-    def checkpoint(self) -> Path:
-        """Write a checkpoint of the current step (atomically; keeps the newest train.keep_checkpoints)."""
-        run, e = self.run, self.engine
-        if self.recipe.train.ema_profiles:  # before the checkpoint that resumes from it, a stop's included
-            write_snapshot(e, run.run_dir, self.step, self.recipe.train.ema_profiles)
-        loaders = merge_loader_states(e.all_gather_object(run.loader.state_dict()))
-        slots = [s for states in e.all_gather_object([g.get_state() for g in run.generators]) for s in states]
-        state = {"step": self.step, "loader": loaders, "generator": slots}
-        path = save_checkpoint(e, run.run_dir, self.step, client_state=state, recipe_yaml=run.recipe_yaml,
-                               keep=self.recipe.train.keep_checkpoints, ema=self.recipe.train.ema_decay > 0,
-                               ema_default=self.validator.ema_better,
-                               init_from=None if run.init is None else dataclasses.asdict(run.init),
-                               paths=run.paths)
-        self.saved_step = self.step
-        return path
-
-    def stop(self) -> Optional[Path]:
-        """Collective: end the run early on a stop signal: a checkpoint of this step (unless one is on disk, or
-        no step was taken), and a line saying how to go on."""
-        started = time.time()
-        signal_name = self.preemption.received or "a stop signal (on another rank)"
-        if self.step == 0 and self.saved_step is None:
-            self.monitor.message(f"stopped by {signal_name} before the first step: nothing to save")
-            return None
-        ckpt = self.checkpoint() if self.saved_step != self.step else latest_checkpoint(self.run.run_dir)
-        self.monitor.message(f"stopped by {signal_name} at step {self.step}: checkpoint {ckpt} written in "
-                             f"{time.time() - started:.1f} s; run the same command to resume")
-        return ckpt
-
     # -- the loop ---------------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainSummary:
@@ -250,7 +160,7 @@ class Trainer:
 
     def _fit(self) -> TrainSummary:
         r, e, run = self.recipe, self.engine, self.run
-        self.resume()
+        self.step = self.checkpoints.resume()
         start_step, started = self.step, time.time()
         self.skipped_at_log = e.skipped_steps
         if e.is_main:
@@ -283,7 +193,8 @@ class Trainer:
         last_loss, last_ckpt = float("nan"), None
         while self.step < t.max_steps:
             if self.preemption.agreed(e):  # the same answer on every rank, once per optimizer step
-                return last_loss, self.stop(), True
+                signal_name = self.preemption.received or "a stop signal (on another rank)"
+                return last_loss, self.checkpoints.stop(self.step, signal_name, mon), True
             for generator in run.generators:
                 m = self.micro_loss(next(batches), generator)
                 e.backward(m.loss)
@@ -302,8 +213,8 @@ class Trainer:
                 continue
             bad_in_a_row = 0
             window.commit()
-            if t.ema_decay > 0:
-                e.ema_update()
+            if e.ema is not None:
+                e.ema.update()
             self.step += 1
             mon.advance()
             if self.step == 1:
@@ -317,9 +228,9 @@ class Trainer:
                 self.validator.validate(self.step)
             checkpoint_now = self.step % t.checkpoint_every == 0 or self.step == t.max_steps
             if t.ema_profiles and not checkpoint_now and t.ema_snapshot_every and self.step % t.ema_snapshot_every == 0:
-                write_snapshot(e, run.run_dir, self.step, t.ema_profiles)  # checkpoint() takes its own
+                write_snapshot(e, run.run_dir, self.step, t.ema_profiles)  # a checkpoint takes its own
             if checkpoint_now:
-                last_ckpt = self.checkpoint()
+                last_ckpt = self.checkpoints.save(self.step)
         if self.validator.last_step != self.step:  # a finished run resumed: nothing trained, validate anyway
             self.validator.validate(self.step)
         return last_loss, last_ckpt, False

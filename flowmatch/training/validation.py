@@ -75,6 +75,11 @@ class Validator:
         self.last_step: Optional[int] = None
         """The step of the latest validation."""
 
+    def _weights(self, ema: bool) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model holds the EMA weights when ``ema`` and the run keeps an EMA."""
+        engine_ema = self.run.engine.ema
+        return engine_ema.weights() if ema and engine_ema is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def validate(self, step: int) -> None:
         """Held-out loss at fixed timesteps of the raw (and EMA) weights, and a sample grid of the better ones."""
@@ -82,18 +87,18 @@ class Validator:
         e.eval()
         try:
             raw, ema = self.loss(), None
-            if e.ema_enabled:
-                with e.ema_weights():
+            if e.ema is not None:
+                with e.ema.weights():
                     ema = self.loss()
                 self.ema_better = None if raw is None or ema is None else ema <= raw
             # The grid shows what pipelines will load: the EMA unless validation found the raw weights better.
-            with e.ema_weights() if e.ema_enabled and self.ema_better is not False else contextlib.nullcontext():
+            with self._weights(self.ema_better is not False):
                 self.sample_grid(step)
             values = {} if raw is None else {"val_loss": raw}
             if ema is not None:
                 values = {"val_loss": min(raw, ema), "val_loss_raw": raw, "val_loss_ema": ema,
                           "ema_default": float(ema <= raw)}
-            with e.ema_weights() if e.ema_enabled and self.ema_better else contextlib.nullcontext():
+            with self._weights(bool(self.ema_better)):
                 for name in val_source_names(self.run.recipe.data):  # a mixture: each source's own held-out loss
                     values[f"val_loss_{name}"] = self.loss(name)
             if values and self.monitor is not None:

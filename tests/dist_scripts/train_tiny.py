@@ -111,7 +111,7 @@ def main() -> None:
                         min_lr_ratio=0.1, grad_clip=0.5)
     engine.setup(model, model.parameters(), optim, max_steps=args.steps, micro_batch_size=micro,
                  grad_accum_steps=args.grad_accum)
-    engine.ema_init(args.ema_decay)
+    engine.init_ema(args.ema_decay)
     xs, ys = dataset(args.steps)
     result: dict = {"world_size": world, "zero_stage": args.zero_stage, "losses": {}, "lrs": {}, "grad_norms": {},
                     "step_times": [], "resumed_from": None}
@@ -128,7 +128,7 @@ def main() -> None:
         if engine.is_main:
             print(f"resuming from {ckpt} at step {step}", flush=True)
         if args.check_loaded:
-            weights, ema = engine.model_state_dict(), engine.ema_state_dict()
+            weights, ema = engine.model_state_dict(), engine.ema.state_dict()
             if engine.is_main:
                 result["loaded_weights_match"] = _same(weights, load_weights(ckpt, ema=False))
                 result["loaded_ema_match"] = _same(ema, load_weights(ckpt, ema=True))
@@ -170,7 +170,7 @@ def main() -> None:
             losses.append(loss.detach())
         res = engine.step()
         assert res.stepped and not res.skipped and res.grad_norm is not None, res
-        engine.ema_update()
+        engine.ema.update()
         mean_loss = engine.all_reduce_mean(torch.stack(losses).mean()).item()
         result["step_times"].append(time.perf_counter() - t0)
         step += 1
@@ -225,16 +225,16 @@ def _bad_window(engine: Engine, args: argparse.Namespace, batch, step: int, resu
 
 
 def _check_ema_eval(engine: Engine, result: dict) -> None:
-    """The model under ema_weights() computes what a plain TinyNet with ema_state_dict() computes, and the
+    """The model under ema.weights() computes what a plain TinyNet with ema.state_dict() computes, and the
     training weights come back afterwards (the rest of the run must still match the reference)."""
     x = torch.randn(4, DIM, generator=torch.Generator().manual_seed(7))
     engine.eval()
     with torch.no_grad():
-        with engine.ema_weights():
+        with engine.ema.weights():
             out_ema = engine.forward(x)
         out_live = engine.forward(x)
     engine.train()
-    ema_sd, live_sd = engine.ema_state_dict(), engine.model_state_dict()
+    ema_sd, live_sd = engine.ema.state_dict(), engine.model_state_dict()
     if engine.is_main:
         with torch.random.fork_rng():  # rank 0 alone builds it: keep the ranks' RNG streams in step
             plain = TinyNet()
