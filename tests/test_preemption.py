@@ -93,14 +93,12 @@ def test_outside_the_main_thread_nothing_is_installed():
 # ------------------------------------------------------------------------------------------------- the trainer
 
 
-def test_the_step_in_flight_finishes_then_a_checkpoint_and_no_final_validation(tmp_path, digit_shards):
-    from test_train import tiny_recipe
-
+def fit_with_sigusr1_during_step_three(recipe):
+    """Train `recipe` in this process, sending SIGUSR1 while the loss of step 3 is computed; the summary."""
     from flowmatch.training.assembly import assemble
     from flowmatch.training.loop import Trainer
 
-    run = assemble(tiny_recipe(tmp_path / "run", digit_shards, **{"train.max_steps": 6,
-                                                                   "train.checkpoint_every": 100}))
+    run = assemble(recipe)
     trainer = Trainer(run)
     real = trainer.micro_loss
 
@@ -111,7 +109,15 @@ def test_the_step_in_flight_finishes_then_a_checkpoint_and_no_final_validation(t
 
     trainer.micro_loss = signal_during_step_three
     with run:
-        summary = trainer.fit()
+        return trainer.fit()
+
+
+def test_the_step_in_flight_finishes_then_a_checkpoint_and_no_final_validation(tmp_path, digit_shards):
+    from test_train import tiny_recipe
+
+
+    summary = fit_with_sigusr1_during_step_three(
+        tiny_recipe(tmp_path / "run", digit_shards, **{"train.max_steps": 6, "train.checkpoint_every": 100}))
     assert (summary.preempted, summary.final_step) == (True, 3)
     assert summary.last_checkpoint == tmp_path / "run" / "checkpoints" / "3"
     assert verify_checkpoint(summary.last_checkpoint) == []

@@ -22,9 +22,9 @@ from flowmatch.engine.optim import lr_factor
 from flowmatch.models.lora import LoraConfig
 from flowmatch.posthoc import list_snapshots, reconstruct_ema
 from flowmatch.training import train
-from flowmatch.training.assembly import assemble
-from flowmatch.training.loop import Trainer, TrainingError
+from flowmatch.training.loop import TrainingError
 from flowmatch.training.resume_policy import classify, compare_recipes, flatten
+from tests.test_preemption import fit_with_sigusr1_during_step_three
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,18 +95,8 @@ def test_the_stop_checkpoint_carries_the_ema_profiles(tmp_path, digit_shards, ca
     """Bug caught: the checkpoint written on SIGTERM/SIGUSR1 without a snapshot, so resume restarts the post-hoc EMA
     profiles at the stop step."""
     run_dir = tmp_path / "run"
-    run = assemble(tiny(run_dir, digit_shards, **{"train.max_steps": 6, "train.checkpoint_every": 100}))
-    trainer = Trainer(run)
-    real = trainer.micro_loss
-
-    def signal_during_step_three(batch, generator):
-        if trainer.step == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return real(batch, generator)
-
-    trainer.micro_loss = signal_during_step_three
-    with run:
-        summary = trainer.fit()
+    summary = fit_with_sigusr1_during_step_three(
+        tiny(run_dir, digit_shards, **{"train.max_steps": 6, "train.checkpoint_every": 100}))
     assert (summary.preempted, summary.final_step) == (True, 3)
     assert [s.step for s in list_snapshots(run_dir)] == [3]
     capsys.readouterr()
