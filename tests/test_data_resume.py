@@ -201,3 +201,22 @@ def test_a_changed_seed_cannot_resume_exactly_and_says_what_it_skips(tmp_path, c
     (position,) = state["streams"].values()
     held = len(position["detail"]["buffer"]) // 3 + sum(len(g) // 3 for g in position["detail"]["groups"]["pending"])
     assert held > 0 and f"skipped, {held} held in the saved buffers" in caplog.text
+
+
+def test_resume_in_the_middle_of_a_shard_hands_out_the_next_record_once(tmp_path):
+    # A buffer smaller than a shard saves places inside shards (offset > 0), which must point past the records
+    # already handed out: a place one record short replays a sample, one record long skips one.
+    keys = write_shards(tmp_path, shards=2, per_shard=20)
+    cfg = cfg_for(tmp_path, shuffle_buffer=2, num_workers=1, buckets=1)
+    reference = take(build_loader(cfg, rank=0, world_size=1, batch_size=2, seed=4, epochs=1), 20)
+    assert Counter(k for b in reference for k in b.keys) == Counter(keys)
+    for cut in (3, 7, 12):
+        first = build_loader(cfg, rank=0, world_size=1, batch_size=2, seed=4, epochs=1)
+        take(first, cut)
+        state = json.loads(json.dumps(first.state_dict()))
+        places = [p for s in state["streams"].values() for p in s["detail"]["places"]]
+        assert any(p[2] > 0 or p[3] > 0 for p in places), places  # inside a shard, not at its start
+        resumed = build_loader(cfg, rank=0, world_size=1, batch_size=2, seed=4, epochs=1)
+        resumed.load_state_dict(state)
+        rest = take(resumed, 20 - cut)
+        assert [b.keys for b in rest] == [b.keys for b in reference[cut:]], cut
