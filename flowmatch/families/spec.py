@@ -102,6 +102,9 @@ class DiffusersPipeline:
     """Its default guidance_scale (FLUX: the embedded guidance value)."""
     schedule: Schedule
     """How it walks the scheduler."""
+    reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None
+    """``reference_size(height, width, multiple) -> (height, width)``: the pixel size it resizes a reference image
+    to before encoding it (None: it takes no reference images)."""
 
 
 @dataclass(frozen=True)
