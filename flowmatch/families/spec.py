@@ -50,6 +50,9 @@ class Capabilities:
     block_transforms: bool
     """Activation checkpointing and ``torch.compile`` apply to its blocks (``train.activation_checkpointing``,
     ``train.compile``)."""
+    references: int = 0
+    """Reference images one sample may carry (image editing: ``Conditioning.reference``); 0 = none, a
+    text-to-image family."""
 
 
 @dataclass(frozen=True)
