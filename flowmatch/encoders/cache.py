@@ -109,8 +109,8 @@ def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: P
             latents = frozen.autoencoder.encode(decode.pixels_to_tensor(images).to(frozen.device)).cpu()
             ref_latents = [None] * len(kept)
             if refs:  # every sample of the group has the same number of references (it is part of the group key)
-                encoded = frozen.autoencoder.encode(decode.pixels_to_tensor(refs).to(frozen.device)).cpu()
-                ref_latents = list(encoded.reshape(len(kept), -1, *encoded.shape[1:]))
+                pixels = decode.pixels_to_tensor(refs)  # (B * R, C, H, W)
+                ref_latents = list(frozen.encode_references(pixels.reshape(len(kept), -1, *pixels.shape[1:])).cpu())
             captions = [info.caption for _, info in kept]
             # Each encoder's own output (a single one's stored unnamed), real tokens only.
             text = frozen.text
