@@ -6,6 +6,8 @@ family that takes none."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from diffusers import FluxKontextPipeline
@@ -57,13 +59,16 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def test_the_kontext_folder_reads_as_the_kontext_family(tiny_kontext_pipeline):
+def test_the_kontext_folder_reads_as_the_kontext_family(tiny_kontext_pipeline, tmp_path):
     configs = encoder_configs_from_pipeline(tiny_kontext_pipeline)
     assert configs.pipeline_class == "FluxKontextPipeline" and configs.family == "kontext"
     assert configs.text_encoders.combine == "flux" and configs.guidance_embed
-    cfg = read_config(tiny_kontext_pipeline)  # the same FluxTransformer2DModel is FLUX.1's outside this folder
-    assert family_of(cfg) is FAMILIES["kontext"] and cfg.references == 1
-    assert family_of(read_config(tiny_kontext_pipeline / "transformer")) is FAMILIES["flux"]
+    for folder in (tiny_kontext_pipeline, tiny_kontext_pipeline / "transformer"):
+        cfg = read_config(folder)
+        assert family_of(cfg) is FAMILIES["kontext"] and cfg.references == 1
+    # The same FluxTransformer2DModel is FLUX.1's outside a Kontext pipeline folder.
+    alone = shutil.copytree(tiny_kontext_pipeline / "transformer", tmp_path / "transformer")
+    assert family_of(read_config(alone)) is FAMILIES["flux"]
 
 
 def test_from_diffusers_gives_the_pipelines_images_with_reference_tensors(kontext, ours):
