@@ -14,7 +14,8 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.families.convert import architecture_of, convert_diffusers
-from flowmatch.flow import drop_captions
+from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions
+from flowmatch.flow.objectives import ObjectiveModels, objective_loss
 from flowmatch.models.convert.keymap import to_theirs
 from flowmatch.models.embeddings import rope_table
 from flowmatch.models.mmdit import MMDiT
@@ -141,3 +142,24 @@ def test_a_model_without_reference_support_rejects_references():
         plain(x, t, cond)
     with pytest.raises(ValueError, match="needs rope with three rope_axes_dim"):
         dataclasses.replace(ours.cfg, references=1, rope=False).validate()
+
+
+def test_every_model_call_of_a_training_step_sees_the_clean_references():
+    """Bugs caught: the unconditional input of guidance from data, or a teacher's, built without the batch's
+    references; caption dropout dropping them; the references noised or cut."""
+    seen = []
+
+    def model(x, t, c, r=None):
+        seen.append(c)
+        return torch.zeros_like(x)
+
+    cfg = FlowConfig(caption_dropout=1.0, time_dist="uniform")  # every caption dropped
+    cfg.guidance.low, cfg.guidance.high = 3.0, 3.0
+    cond = _cond(batch=4)
+    x0 = torch.zeros(4, LATENT_CHANNELS, 4, 4)
+    for models in (ObjectiveModels(student=model, frozen=model), ObjectiveModels(student=model, teacher=model)):
+        objective_loss(models, x0, cond, _null(), schedule=TimeSchedule(cfg), flow=cfg, seq_len=4,
+                       generator=torch.Generator().manual_seed(0), guided=True)
+    assert len(seen) == 4  # guidance from data: unconditional, student; the teacher's [cond; null], student
+    for c in seen:
+        assert torch.equal(c.reference[0], cond.reference[0].repeat(len(c) // 4, 1, 1, 1))
