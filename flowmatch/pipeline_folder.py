@@ -103,6 +103,7 @@ def write_pipeline_components(source: PipelineEncoderConfigs, out: Path, transfo
     scheduler.save_config(out / "scheduler")
     written.append(out / "scheduler" / "scheduler_config.json")
     index = {**index, "_class_name": pipeline_class or index["_class_name"],
-             "transformer": ["diffusers", transformer_class], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+             "transformer": ["diffusers", transformer_class],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return written + [out / MODEL_INDEX]

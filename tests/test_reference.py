@@ -11,9 +11,13 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from flowmatch.conditioning import Conditioning
+from flowmatch.families import get_family
 from flowmatch.families.convert import architecture_of, convert_diffusers
+from flowmatch.families.presets import config_from_preset
 from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions
 from flowmatch.flow.objectives import ObjectiveModels, objective_loss
 from flowmatch.models.convert.keymap import to_theirs
@@ -23,10 +27,12 @@ from flowmatch.sampling.guidance import guided_velocity
 from tests.interop_models import (
     LATENT_CHANNELS,
     diffusers_model,
-    reference as diffusers_velocity,
     one_thread,  # noqa: F401 - applies the module-wide fixture
     rel_err,
     sample_inputs,
+)
+from tests.interop_models import (
+    reference as diffusers_velocity,
 )
 
 REL_TOL = 1e-5
@@ -163,3 +169,18 @@ def test_every_model_call_of_a_training_step_sees_the_clean_references():
     assert len(seen) == 4  # guidance from data: unconditional, student; the teacher's [cond; null], student
     for c in seen:
         assert torch.equal(c.reference[0], cond.reference[0].repeat(len(c) // 4, 1, 1, 1))
+
+
+def test_the_kontext_flop_count_includes_the_reference_tokens():
+    """Bug caught: the family's FLOP count (MFU in the training log) sizing the target's tokens alone."""
+    family = get_family("kontext")
+    cfg = config_from_preset(family.tiny, in_channels=LATENT_CHANNELS, context_dim=5, pooled_dim=3)
+    model = MMDiT(cfg)
+    cond = _cond(batch=3, text_len=7, refs=((8, 12),))  # the target's size, as the loader sizes references
+    cond = Conditioning(cond.hidden, cond.mask, cond.pooled, {"guidance": torch.ones(3)}, cond.reference)
+    x = torch.randn(3, LATENT_CHANNELS, 8, 12)
+    # The math attention backend runs as bmm calls, which the counter sees (fused CPU kernels it does not).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, torch.rand(3), cond).sum().backward()
+    estimate = family.flops(cfg, batch_size=3, latent_size=(8, 12), text_len=7)
+    assert 0.95 < counter.get_total_flops() / estimate < 1.0

@@ -22,6 +22,15 @@ def claims(cfg) -> bool:
     return mmdit.is_mmdit(cfg) and bool(cfg.rope) and getattr(cfg, "references", 0) > 0
 
 
+def flops(cfg, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> float:
+    """Training FLOPs of one step with ``cfg.references`` reference images the target's size (as the loader sizes
+    them): the MMDiT's count over the target's and the references' tokens, taken as one image that many times as
+    wide (the final layer, which skips the references, is counted on them too: under 0.1% more)."""
+    height, width = latent_size
+    return mmdit.flops(cfg, batch_size=batch_size, latent_size=(height, width * (1 + cfg.references)),
+                       text_len=text_len)
+
+
 def reference_size(height: int, width: int, multiple: int) -> tuple[int, int]:
     """The (height, width) in pixels FluxKontextPipeline resizes a reference image of height x width to (its
     ``_auto_resize``): the released resolution of nearest aspect ratio, floored to a multiple of ``multiple``
@@ -51,7 +60,7 @@ FAMILY = Family(
     capabilities=Capabilities(init_from=True, lora=True, interval_embed=True, block_transforms=True,
                               references=convert.REFERENCES),
     time_scale=mmdit.TIME_SCALE,
-    flops=mmdit.flops,
+    flops=flops,
     latents=LatentLayout(channels=16, pack=convert.PACK),
     converter=convert,
     lora_targets=flux.lora_targets,
