@@ -217,7 +217,7 @@ def test_converted_configs_carry_their_preset_name():
         # Parameter counts equal diffusers' own model of that config, less the inert last-block text queries.
         with torch.device("meta"):
             theirs = (SD3Transformer2DModel if arch is sd3 else FluxTransformer2DModel)(**dcfg)
-        inert = 0 if arch in (flux, kontext) else cfg.width * cfg.width + cfg.width + (cfg.head_dim if cfg.qk_norm else 0)
+        inert = 0 if arch is not sd3 else cfg.width * cfg.width + cfg.width + (cfg.head_dim if cfg.qk_norm else 0)
         assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in theirs.parameters()) - inert
     theirs = diffusers_model("flux-dev")
     assert from_diffusers(theirs).cfg.preset == "custom"
