@@ -265,15 +265,14 @@ class Pipeline:
             check_references(get_family(self.config.family), max(len(r) for r in per_prompt),
                              "Pipeline.generate(images=...)")
         multiple = self.encoders.downsample * self.config.patch_size
-        if not auto_resize:
-            def size(h: int, w: int) -> tuple[int, int]:
+
+        def size(h: int, w: int) -> tuple[int, int]:  # a reference's pixel size before flooring to the grid
+            if not auto_resize:
                 return h, w
-        elif self.reference_size is not None:
-            def size(h: int, w: int) -> tuple[int, int]:
+            if self.reference_size is not None:
                 return self.reference_size(h, w, multiple)
-        else:
-            def size(h: int, w: int) -> tuple[int, int]:
-                return height, width
+            return height, width
+
         return [[reference_pixels(item, size, multiple) for item in refs] for refs in per_prompt]
 
     def _sample(self, prompts: list[str], noise: Tensor, reference: tuple[Tensor, ...], *, steps: int,
