@@ -184,3 +184,19 @@ def test_the_kontext_flop_count_includes_the_reference_tokens():
         model(x, torch.rand(3), cond).sum().backward()
     estimate = family.flops(cfg, batch_size=3, latent_size=(8, 12), text_len=7)
     assert 0.95 < counter.get_total_flops() / estimate < 1.0
+
+
+def test_several_references_are_told_apart_by_their_image_index():
+    """Bug caught: every reference at image index 1 (then their order, and which is which, would not matter)."""
+    _, ours = _kontext_pair()
+    two = MMDiT(dataclasses.replace(ours.cfg, references=2))
+    two.load_state_dict(ours.state_dict())
+    x, t, cond = _kontext_inputs()
+    a, b = cond.reference[0], torch.randn_like(cond.reference[0])
+    with torch.no_grad():
+        ab, ba = two(x, t, cond.with_reference([a, b])), two(x, t, cond.with_reference([b, a]))
+        assert rel_err(ab, ba) > 100 * REL_TOL
+        # The first reference sits where a one-reference model puts its only one: index 1.
+        assert rel_err(two(x, t, cond.with_reference([a])), ours(x, t, cond)) == 0
+    with pytest.raises(ValueError, match="3 reference image"):
+        two(x, t, cond.with_reference([a, b, a]))
