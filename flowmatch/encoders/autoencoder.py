@@ -145,15 +145,18 @@ class Autoencoder:
             self.vae.quant_conv = None
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """images (B, C, H, W) in [-1, 1] -> normalised latents (B, c, h, w), float32."""
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None, *,
+               mean: bool = False) -> torch.Tensor:
+        """images (B, C, H, W) in [-1, 1] -> normalised latents (B, c, h, w), float32: a posterior sample when
+        autoencoder.sample_posterior (training targets), its mean when it is off or ``mean`` (reference images,
+        which are never noised: FluxKontextPipeline encodes them with the mode)."""
         if self.vae is None:
             return images.float()
         if self.vae.encoder is None:
             raise RuntimeError("the autoencoder's encoder half was freed (training on cached latents): images cannot "
                                "be encoded in this process")
         dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if self.cfg.sample_posterior else dist.mean
+        z = dist.sample(generator) if self.cfg.sample_posterior and not mean else dist.mean
         return (z.float() - self.shift) * self.scale
 
     @torch.no_grad()

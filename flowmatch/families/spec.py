@@ -50,6 +50,9 @@ class Capabilities:
     block_transforms: bool
     """Activation checkpointing and ``torch.compile`` apply to its blocks (``train.activation_checkpointing``,
     ``train.compile``)."""
+    references: int = 0
+    """Reference images one sample may carry (image editing: ``Conditioning.reference``); 0 = none, a
+    text-to-image family."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class DiffusersPipeline:
     """Its default guidance_scale (FLUX: the embedded guidance value)."""
     schedule: Schedule
     """How it walks the scheduler."""
+    reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None
+    """``reference_size(height, width, multiple) -> (height, width)``: the pixel size it resizes a reference image
+    to before encoding it (None: it takes no reference images)."""
 
 
 @dataclass(frozen=True)
