@@ -246,12 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output directory: OUT_DIR/transformer/ (diffusers) or "
                                    "OUT_DIR/transformer.safetensors (original), and OUT_DIR/scheduler/")
     p.add_argument("--weights", choices=("ema", "raw"), default=None, help="default: EMA when the run kept one")
-    p.add_argument("--format", choices=("diffusers", "original"), default="diffusers",
-                   help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys")
+    p.add_argument("--format", default="diffusers",
+                   help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys; "
+                   "with --lora: diffusers (peft keys), comfyui (diffusion_model.* keys) or kohya (lora_unet_* keys)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="weights dtype of the export (the checkpoint's is fp32; the releases are bf16)")
-    p.add_argument("--lora", action="store_true", help="a LoRA run's adapters as OUT_DIR/"
-                   "pytorch_lora_weights.safetensors, for diffusers' load_lora_weights")
+    p.add_argument("--lora", action="store_true", help="a LoRA run's adapters: OUT_DIR/"
+                   "pytorch_lora_weights.safetensors for diffusers' load_lora_weights, or OUT_DIR/"
+                   "lora_<format>.safetensors with --format comfyui | kohya")
     p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into its base weights, "
                    "written as a whole transformer (--format applies)")
     p.add_argument("--overwrite", action="store_true", help="replace the output parts (transformer, scheduler, "

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+from torch import nn
+
 from flowmatch.errors import RecipeError
 from flowmatch.families import Family, family_of
+from flowmatch.models.convert.lora_read import read_lora_file, to_ours
 from flowmatch.models.lora import LoraConfig, Projection, inject, projections, select_from
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 
-__all__ = ["apply_lora", "default_targets", "select"]
+__all__ = ["apply_lora", "default_targets", "load_lora_file", "select"]
 
 
 def _adaptable(cfg: MMDiTConfig) -> Family:
@@ -40,3 +43,21 @@ def apply_lora(model: MMDiT, lora: LoraConfig) -> list[Projection]:
     """Freeze `model` and inject the adapters (peft, in place; A random, B zero, so the output is unchanged);
     returns the adapted projections. Seed torch first: A is drawn from its generator."""
     return inject(model, lora, select(model.cfg, lora.targets))
+
+
+def load_lora_file(model: MMDiT, lora: LoraConfig, path: str) -> str:
+    """Set the adapters :func:`apply_lora` injected to those of the LoRA file at ``path``, in any of the family's
+    formats (diffusers, ComfyUI, kohya, and the read-only layouts of other trainers); returns the format's name.
+    ValueError naming counts and examples of keys that do not land (nothing is loaded in part)."""
+    family = _adaptable(model.cfg)
+    tensors, metadata = read_lora_file(path)
+    fmt, adapters = to_ours(tensors, metadata, family.lora_formats, model.cfg, select(model.cfg, lora.targets), lora,
+                            what=f"model.lora.init_from={path!r}")
+    params = dict(model.named_parameters())
+    for key, value in adapters.items():
+        param: nn.Parameter = params[key]
+        if param.shape != value.shape:
+            raise ValueError(f"model.lora.init_from={path!r}: {key} is {tuple(value.shape)} in the file, "
+                             f"{tuple(param.shape)} in the model")
+        param.data.copy_(value.to(param.dtype))
+    return fmt
