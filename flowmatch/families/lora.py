@@ -12,7 +12,7 @@ from torch import nn
 
 from flowmatch.errors import RecipeError
 from flowmatch.families import Family, family_of
-from flowmatch.models.convert.lora_read import read_lora_file, to_ours
+from flowmatch.models.convert.lora_read import file_adapters, read_lora_file
 from flowmatch.models.lora import LoraConfig, Projection, inject, projections, select_from
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 
@@ -50,9 +50,9 @@ def load_lora_file(model: MMDiT, lora: LoraConfig, path: str) -> str:
     formats (diffusers, ComfyUI, kohya, and the read-only layouts of other trainers); returns the format's name.
     ValueError naming counts and examples of keys that do not land (nothing is loaded in part)."""
     family = _adaptable(model.cfg)
-    tensors, metadata = read_lora_file(path)
-    fmt, adapters = to_ours(tensors, metadata, family.lora_formats, model.cfg, select(model.cfg, lora.targets), lora,
-                            what=f"model.lora.init_from={path!r}")
+    what = f"model.lora.init_from={path!r}"
+    found = file_adapters(*read_lora_file(path), family.lora_formats, model.cfg, scale=lora.scale, what=what)
+    adapters = found.fit(select(model.cfg, lora.targets), lora, what=what)
     params = dict(model.named_parameters())
     for key, value in adapters.items():
         param: nn.Parameter = params[key]
@@ -60,4 +60,4 @@ def load_lora_file(model: MMDiT, lora: LoraConfig, path: str) -> str:
             raise ValueError(f"model.lora.init_from={path!r}: {key} is {tuple(value.shape)} in the file, "
                              f"{tuple(param.shape)} in the model")
         param.data.copy_(value.to(param.dtype))
-    return fmt
+    return found.format

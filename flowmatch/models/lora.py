@@ -48,6 +48,10 @@ class LoraConfig:
     """diffusers module names (or dotted suffixes) to adapt; None = the architecture's defaults."""
     dropout: float = 0.0
     """Dropout on the adapters' input during training."""
+    init_from: Optional[str] = None
+    """A LoRA .safetensors file the adapters start from instead of zero (B) and random (A): diffusers', ComfyUI's
+    or kohya's keys, or another trainer's (``flowmatch.models.convert.lora_read``). Its modules must be exactly the
+    targets' and its rank at most ``rank``."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:

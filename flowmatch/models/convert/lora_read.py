@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -108,16 +109,63 @@ def _fuse(place: Placement, parts: dict[int, tuple[Tensor, Tensor]]) -> tuple[Te
     raise ValueError(f"no LoRA conversion for {place.ours} ({type(op).__name__})")
 
 
-def to_ours(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], formats: Mapping[str, LoraFormat], cfg,
-            chosen: list[Projection], lora: LoraConfig, *, what: str = "the LoRA file") -> tuple[str, dict]:
-    """(the format's name, our adapter tensors keyed as the model's state dict) from a LoRA file's tensors, for
-    the model ``cfg`` describes with the adapters ``chosen`` at the recipe's ``lora`` rank and scale. ValueError
-    naming counts and examples of every key that does not land (``what`` names the file)."""
+@dataclass
+class FileAdapters:
+    """A LoRA file's adapters on our modules: what :func:`file_adapters` reads."""
+
+    format: str
+    """The name of the family's format the file uses."""
+    adapters: dict[str, tuple[Tensor, Tensor]]
+    """Our module -> (A (r, in), B (out, r)) with the file's scale alpha / r over :attr:`scale` folded into B (the
+    update is scale B A)."""
+    theirs: dict[str, str]
+    """Our module -> the file's name of (the first of) its module(s), for messages."""
+    scale: float
+    """The scale alpha / rank the adapters are meant for (B holds the rest)."""
+
+    def fit(self, chosen: list[Projection], lora: LoraConfig, *, what: str = "the LoRA file") -> dict[str, Tensor]:
+        """Our adapter tensors keyed as the model's state dict for the adapters ``chosen`` at the recipe's ``lora``
+        rank and scale; ValueError when the file's modules are not exactly the chosen ones or need a larger rank."""
+        if lora.scale != self.scale:
+            raise ValueError(f"adapters read for scale {self.scale:g} cannot be fitted at scale {lora.scale:g}")
+        wanted = {p.ours for p in chosen}
+        extra = sorted(self.theirs[o] for o in self.adapters.keys() - wanted)
+        if extra:
+            raise ValueError(f"{what} adapts {len(extra)} modules that model.lora.targets leaves out, e.g. "
+                             f"{_examples(extra)}: add them to model.lora.targets (or leave it null for the family's "
+                             "defaults if they are among them)")
+        uncovered = sorted(wanted - self.adapters.keys())
+        if uncovered:
+            raise ValueError(f"{what} holds no adapter for {len(uncovered)} of the {len(wanted)} modules "
+                             f"model.lora.targets adapts (flowmatch names), e.g. {_examples(uncovered)}: set "
+                             "model.lora.targets to the file's modules")
+        out: dict[str, Tensor] = {}
+        for ours, (a, b) in self.adapters.items():
+            if a.shape[0] > lora.rank:
+                raise ValueError(f"{what}: {self.theirs[ours]} needs rank {a.shape[0]} here (its modules fused into "
+                                 f"flowmatch's {ours}), more than model.lora.rank = {lora.rank}: set "
+                                 f"model.lora.rank: {a.shape[0]} or more")
+            pad = lora.rank - a.shape[0]
+            out[adapter_key(ours, "A")] = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+            out[adapter_key(ours, "B")] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+        return out
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of the adapters on our modules."""
+        return max(a.shape[0] for a, _ in self.adapters.values())
+
+
+def file_adapters(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], formats: Mapping[str, LoraFormat],
+                  cfg, *, scale: float = 1.0, what: str = "the LoRA file") -> FileAdapters:
+    """A LoRA file's tensors as adapters on the modules of the model ``cfg`` describes, in whichever of
+    ``formats`` the file uses, for the adapter scale ``scale`` (alpha / rank of the model's LoRA: the file's own
+    scale over it multiplies B; 1 when equal). ValueError naming counts and examples of every key that does not land (``what``
+    names the file)."""
     fmt, index = detect(tensors, formats, cfg)
-    by_ours = {place.ours: place for place, _ in index.values()}
-    wanted = {p.ours for p in chosen}
     grouped: dict[str, dict[int, dict[str, Tensor]]] = {}
-    unmatched, other_kind, not_targeted = [], [], set()
+    places: dict[str, Placement] = {}
+    unmatched, other_kind = [], []
     for key, value in tensors.items():
         parsed = split_key(key)
         if parsed is None or parsed[0] not in index:
@@ -128,9 +176,7 @@ def to_ours(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], formats:
             other_kind.append(key)
             continue
         place, i = index[module]
-        if place.ours not in wanted:
-            not_targeted.add(place.theirs[i])
-            continue
+        places[place.ours] = place
         grouped.setdefault(place.ours, {}).setdefault(i, {})[factor] = value
     if unmatched:
         raise ValueError(f"{what} ({fmt.name} format): {len(unmatched)} of its {len(tensors)} keys match no module "
@@ -139,20 +185,10 @@ def to_ours(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], formats:
     if other_kind:
         raise ValueError(f"{what}: {len(other_kind)} keys hold another adapter kind than LoRA, e.g. "
                          f"{_examples(other_kind)}")
-    if not_targeted:
-        raise ValueError(f"{what} adapts {len(not_targeted)} modules that model.lora.targets leaves out, e.g. "
-                         f"{_examples(not_targeted)}: add them to model.lora.targets (or leave it null for the "
-                         "family's defaults if they are among them)")
-    uncovered = sorted(wanted - grouped.keys())
-    if uncovered:
-        their = [by_ours[o].theirs[0] for o in uncovered]
-        raise ValueError(f"{what} holds no adapter for {len(uncovered)} of the {len(wanted)} modules "
-                         f"model.lora.targets adapts, e.g. {_examples(their)}: set model.lora.targets to the file's "
-                         "modules")
     lora_alpha, pattern = _alphas(metadata, fmt)
-    out: dict[str, Tensor] = {}
+    adapters = {}
     for ours, parts in grouped.items():
-        place = by_ours[ours]
+        place = places[ours]
         scaled = {}
         for i, factors in parts.items():
             name = place.theirs[i]
@@ -162,13 +198,6 @@ def to_ours(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], formats:
             a, b = factors["A"], factors["B"]
             rank = a.shape[0]
             alpha = factors["alpha"].item() if "alpha" in factors else pattern.get(name, lora_alpha or rank)
-            scaled[i] = (a, b * (alpha / rank / lora.scale))
-        a, b = _fuse(place, scaled)
-        if a.shape[0] > lora.rank:
-            raise ValueError(f"{what}: {place.theirs[0]} needs rank {a.shape[0]} here (its modules fused into "
-                             f"flowmatch's {ours}), more than model.lora.rank = {lora.rank}: set model.lora.rank: "
-                             f"{a.shape[0]} or more")
-        pad = lora.rank - a.shape[0]
-        out[adapter_key(ours, "A")] = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-        out[adapter_key(ours, "B")] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
-    return fmt.name, out
+            scaled[i] = (a, b * (alpha / rank / scale))
+        adapters[ours] = _fuse(place, scaled)
+    return FileAdapters(fmt.name, adapters, {o: fmt.module_key(p.theirs[0]) for o, p in places.items()}, scale)
