@@ -71,7 +71,9 @@ class LoraCheck:
 
     def describe(self) -> str:
         """A few lines for the command line, the verdict first."""
-        if self.effect < self.tolerance:
+        if self.reference == "none":
+            verdict = "FAIL: no reference applies the file (below: why)"
+        elif self.effect < self.tolerance:
             verdict = f"FAIL: the LoRA has no effect (it moves flowmatch's images by {self.effect:.2e})"
         elif self.max_diff >= self.tolerance or self.effect <= EFFECT_RATIO * self.max_diff:
             verdict = (f"FAIL: flowmatch and {self.reference} differ by {self.max_diff:.2e} (tolerance "
