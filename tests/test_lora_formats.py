@@ -13,7 +13,7 @@ from flowmatch.cli import main
 from flowmatch.engine.state import write_safetensors
 from flowmatch.families import family_of
 from flowmatch.families.convert import from_diffusers
-from flowmatch.families.lora import apply_lora, load_lora_file
+from flowmatch.families.lora import apply_file_adapters, apply_lora, load_lora_file
 from flowmatch.families.presets import config_from_preset
 from flowmatch.lora_check import check_lora
 from flowmatch.models.convert.lora import to_lora_file
@@ -179,3 +179,18 @@ def test_lora_check_command_exit_codes(lora_files, tmp_path, capsys):
     write_safetensors(tmp_path / "zero.safetensors", zero, {"format": "pt"})
     assert main(["lora", "check", str(tmp_path / "zero.safetensors"), *args]) == 1
     assert "no effect" in capsys.readouterr().out
+
+
+def test_lora_check_fails_when_the_two_differ(lora_files, monkeypatch):
+    """Bug caught: the verdict ignoring the difference (here flowmatch's side is made to apply twice the update)."""
+    import flowmatch.lora_check as lora_check
+
+    def doubled(model, found):
+        found.adapters = {k: (a, 2 * b) for k, (a, b) in found.adapters.items()}
+        return apply_file_adapters(model, found)
+
+    monkeypatch.setattr(lora_check, "apply_file_adapters", doubled)
+    pipeline, files = lora_files["flux-dev"]
+    result = check_lora(files["diffusers"], pipeline, **CHECK)
+    assert not result.passed and result.max_diff > 1e-2
+    assert result.describe().startswith("FAIL: flowmatch and diffusers differ")
