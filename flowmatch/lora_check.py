@@ -80,10 +80,11 @@ class LoraCheck:
                        f"{self.tolerance:g}, effect {self.effect:.2e})")
         else:
             verdict = "OK"
-        lines = [f"{verdict}", f"  file {self.file}: {self.family} family, {self.format} format",
-                 f"  max |flowmatch - {self.reference}| = {self.max_diff:.2e} (tolerance {self.tolerance:g})",
-                 f"  LoRA effect max |LoRA - base| = {self.effect:.2e} ({self.effect / max(self.max_diff, 1e-12):.0f}x "
-                 "the difference)"]
+        lines = [f"{verdict}", f"  file {self.file}: {self.family} family, {self.format} format"]
+        if self.reference != "none":
+            lines.append(f"  max |flowmatch - {self.reference}| = {self.max_diff:.2e} (tolerance {self.tolerance:g})")
+        ratio = "" if self.reference == "none" else f" ({self.effect / max(self.max_diff, 1e-12):.0f}x the difference)"
+        lines.append(f"  LoRA effect max |LoRA - base| = {self.effect:.2e}{ratio}")
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 
