@@ -43,7 +43,7 @@ from flowmatch.engine.state import write_safetensors
 from flowmatch.errors import choice_error
 from flowmatch.families import family_of
 from flowmatch.families.convert import save_original, to_diffusers
-from flowmatch.families.lora import select
+from flowmatch.families.lora import lora_formats, select
 from flowmatch.flow import TimeSchedule
 from flowmatch.models.convert.lora import LORA_FILE, merge, to_lora_file
 from flowmatch.models.mmdit import MMDiTConfig
@@ -243,7 +243,7 @@ def lora_file(fmt: str) -> str:
 
 def _lora_format(family, fmt: str):
     """The family's LoRA format ``fmt`` that export writes; ValueError naming the ones it has."""
-    writable = {name: f for name, f in family.lora_formats.items() if f.writes}
+    writable = {name: f for name, f in lora_formats(family).items() if f.writes}
     if fmt not in writable:
         raise choice_error(f"--format (LoRA formats of the {family.name} family)", fmt, writable)
     return writable[fmt]

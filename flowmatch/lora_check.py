@@ -29,7 +29,7 @@ from torch import Tensor
 from flowmatch.errors import choice_error
 from flowmatch.families import Family, family_of
 from flowmatch.families.convert import to_original
-from flowmatch.families.lora import apply_file_adapters
+from flowmatch.families.lora import apply_file_adapters, lora_formats
 from flowmatch.models.convert.keymap import to_ours
 from flowmatch.models.convert.lora_formats import split_key
 from flowmatch.models.convert.lora_read import file_adapters, read_lora_file
@@ -157,7 +157,7 @@ def check_lora(file: str | Path, base: str | Path, *, prompts: Optional[list[str
     tensors, metadata = read_lora_file(file)
     pipe = Pipeline.from_diffusers(base, device=device)
     family = family_of(pipe.model.cfg)
-    found = file_adapters(tensors, metadata, family.lora_formats, pipe.model.cfg, what=str(file))
+    found = file_adapters(tensors, metadata, lora_formats(family), pipe.model.cfg, what=str(file))
     prompts = prompts or ["a photo of a cat"]
     guidance = family.diffusers.guidance_scale if guidance is None else guidance
     noise = _noise(pipe, len(prompts), size, seed)

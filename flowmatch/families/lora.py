@@ -6,6 +6,7 @@ machinery of :mod:`flowmatch.models.lora`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -13,11 +14,13 @@ from torch import Tensor
 
 from flowmatch.errors import RecipeError
 from flowmatch.families import Family, family_of
+from flowmatch.models.convert.lora_formats import LoraFormat, diffusers_format
 from flowmatch.models.convert.lora_read import FileAdapters, file_adapters, read_lora_file
 from flowmatch.models.lora import LoraConfig, Projection, inject, projections, select_from
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 
-__all__ = ["apply_file_adapters", "apply_lora", "default_targets", "load_lora_file", "select", "set_adapters"]
+__all__ = ["apply_file_adapters", "apply_lora", "default_targets", "load_lora_file", "lora_formats", "select",
+           "set_adapters"]
 
 
 def _adaptable(cfg: MMDiTConfig) -> Family:
@@ -25,6 +28,14 @@ def _adaptable(cfg: MMDiTConfig) -> Family:
     if not family.capabilities.lora or family.converter is None or family.lora_targets is None:
         raise RecipeError(f"model.lora: the {family.name} family has no LoRA targets ({family.summary})")
     return family
+
+
+def lora_formats(family: Family) -> Mapping[str, LoraFormat]:
+    """The family's LoRA file formats; a family that declares none still has diffusers' (its converter's diffusers
+    key table), as LoRA export had before formats."""
+    if family.lora_formats:
+        return family.lora_formats
+    return {"diffusers": diffusers_format(family.converter.diffusers_rules)}
 
 
 def default_targets(cfg: MMDiTConfig) -> list[str]:
@@ -52,7 +63,7 @@ def load_lora_file(model: MMDiT, lora: LoraConfig, path: str) -> str:
     ValueError naming counts and examples of keys that do not land (nothing is loaded in part)."""
     family = _adaptable(model.cfg)
     what = f"model.lora.init_from={path!r}"
-    found = file_adapters(*read_lora_file(path), family.lora_formats, model.cfg, scale=lora.scale, what=what)
+    found = file_adapters(*read_lora_file(path), lora_formats(family), model.cfg, scale=lora.scale, what=what)
     set_adapters(model, found.fit(select(model.cfg, lora.targets), lora, what=what))
     return found.format
 

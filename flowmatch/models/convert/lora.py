@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves, Tail
-from flowmatch.models.convert.lora_formats import LoraFormat, placements
+from flowmatch.models.convert.lora_formats import DIFFUSERS_PREFIX, LoraFormat, diffusers_format, placements
 from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config
 
 #: The file name diffusers' `load_lora_weights` looks for.
@@ -27,11 +27,11 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 #: The safetensors metadata key diffusers reads the LoraConfig from.
 METADATA_KEY = "lora_adapter_metadata"
 #: The pipeline component the adapters belong to.
-PREFIX = "transformer"
-#: diffusers' layout: peft keys under the component, the LoraConfig in the header. Families declare it with their
-#: diffusers key table (``flowmatch/families/<family>/lora_formats.py``); here it writes projections that name
-#: diffusers' modules already.
-DIFFUSERS = LoraFormat("diffusers", rules=lambda cfg: [], prefix=PREFIX, alpha_keys=False, tool="diffusers")
+PREFIX = DIFFUSERS_PREFIX
+#: diffusers' layout. Families declare it with their diffusers key table
+#: (``flowmatch/families/<family>/lora_formats.py``); here it writes projections that name diffusers' modules
+#: already.
+DIFFUSERS = diffusers_format(lambda cfg: [])
 
 
 def adapted(adapters: Mapping[str, Tensor], chosen: list[Projection]) -> list[tuple[Projection, Tensor, Tensor]]:

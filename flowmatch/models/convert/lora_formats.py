@@ -29,6 +29,8 @@ from torch import Tensor
 from flowmatch.models.convert.keymap import Rule
 from flowmatch.models.lora import Projection, projections
 
+#: The pipeline component diffusers' LoRA keys start with.
+DIFFUSERS_PREFIX = "transformer"
 #: The factor names of each adapter kind, per naming style: our factor -> the file's suffix. Reading also accepts
 #: the other style's suffixes. The ``adapters`` branch adds LyCORIS kinds (lokr, loha) here.
 FACTOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
@@ -108,13 +110,19 @@ def split_key(key: str, kinds: Optional[list[str]] = None) -> Optional[tuple[str
     return None
 
 
+def diffusers_format(rules: Callable[[Any], list[Rule]]) -> LoraFormat:
+    """diffusers' layout over a family's diffusers key table: peft keys under ``transformer.``, the LoraConfig in the
+    safetensors header."""
+    return LoraFormat("diffusers", rules, prefix=DIFFUSERS_PREFIX, alpha_keys=False,
+                      tool="diffusers' load_lora_weights")
+
+
 def released_formats(diffusers_rules: Callable[[Any], list[Rule]], original_rules: Callable[[Any], list[Rule]],
                      ) -> dict[str, LoraFormat]:
     """The three formats of a family whose diffusers key table and release single-file key table are given:
     diffusers (split q/k/v), ComfyUI and kohya (the release's fused modules)."""
     return {
-        "diffusers": LoraFormat("diffusers", diffusers_rules, prefix="transformer", alpha_keys=False,
-                                tool="diffusers' load_lora_weights"),
+        "diffusers": diffusers_format(diffusers_rules),
         "comfyui": LoraFormat("comfyui", original_rules, prefix="diffusion_model", tool="ComfyUI's LoraLoader"),
         "kohya": LoraFormat("kohya", original_rules, prefix="lora_unet", style="kohya",
                             tool="kohya sd-scripts and the tools that read its files"),
