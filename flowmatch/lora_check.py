@@ -95,22 +95,23 @@ def _noise(pipe: Pipeline, n: int, size: int, seed: int) -> Tensor:
 
 
 def _diffusers_images(base: Path, file: Path, family: Family, prompts: list[str], noise: Tensor, steps: int,
-                      guidance: float, size: int) -> tuple[Optional[Tensor], str]:
+                      guidance: float, size: int, device: str) -> tuple[Optional[Tensor], str]:
     """diffusers' LoRA images, or (None, why diffusers did not apply the file)."""
     from diffusers import DiffusionPipeline  # optional heavy dependency, loaded on use
     from peft.tuners.tuners_utils import BaseTunerLayer  # comes with diffusers' LoRA support
 
-    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe = DiffusionPipeline.from_pretrained(base).to(device)
     pipe.set_progress_bar_config(disable=True)
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)
     except Exception as err:  # noqa: BLE001 - any failure of diffusers' loader is the finding reported
-        return None, f"diffusers' {type(pipe).__name__}.load_lora_weights fails on it: {type(err).__name__}: {err}"
+        return None, (f"diffusers' {type(pipe).__name__}.load_lora_weights fails on it: {type(err).__name__}: "
+                      f"{str(err) or '(no message)'}")
     loaded = sum(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
     if not loaded:
         return None, (f"diffusers' {type(pipe).__name__}.load_lora_weights loads nothing from it (no LoRA layer "
                       "in its transformer): diffusers would run it silently without effect")
-    latents = noise.clone()
+    latents = noise.to(device)
     if family.latents.pack > 1:
         b, c, h, w = noise.shape
         latents = type(pipe)._pack_latents(latents, b, c, h, w)
@@ -174,7 +175,7 @@ def check_lora(file: str | Path, base: str | Path, *, prompts: Optional[list[str
              f"guidance {guidance:g}, {size}x{size}, seed {seed}"]
     theirs, used = None, "none"
     if reference in ("auto", "diffusers"):
-        theirs, why = _diffusers_images(base, file, family, prompts, noise, steps, guidance, size)
+        theirs, why = _diffusers_images(base, file, family, prompts, noise, steps, guidance, size, device)
         used = "diffusers" if theirs is not None else used
         if why:
             notes.append(why)

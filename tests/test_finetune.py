@@ -251,3 +251,8 @@ def test_lora_exports_in_each_format_start_a_new_run_with_the_same_adapters(lora
             got = run.engine.model_state_dict()
         assert raw.keys() <= got.keys() and all(torch.equal(got[k], raw[k]) for k in raw), fmt
     assert main(["export", str(lora_run), str(tmp_path / "x"), "--lora", "--format", "comfy"]) == 1
+    with pytest.raises(FileNotFoundError, match="model.lora.init_from=.*is not a file"):
+        assemble(lora_recipe(tmp_path / "missing", digit_shards, base,
+                             **{"model.lora": {**LORA, "init_from": str(tmp_path / "gone.safetensors")}}))
+    with pytest.raises(RecipeError, match="init_from must be a .safetensors"):
+        lora_recipe(tmp_path / "pickle", digit_shards, base, **{"model.lora": {**LORA, "init_from": "lora.pt"}})

@@ -60,6 +60,9 @@ class LoraConfig:
             raise ValueError(f"lora.alpha must be > 0 (the update is alpha / rank x B A), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_from is not None and not str(self.init_from).endswith(".safetensors"):
+            raise ValueError(f"lora.init_from must be a .safetensors LoRA file (other files may be pickles, which "
+                             f"can run code: convert them first), got {self.init_from!r}")
 
     @property
     def scale(self) -> float:

@@ -174,6 +174,10 @@ def assemble(recipe: Recipe) -> TrainingRun:
     cached features frees the text encoders and the autoencoder's encoder half once the empty caption and the
     sampling prompts are encoded."""
     located = None
+    lora = recipe.model.lora
+    if lora is not None and lora.init_from and not Path(lora.init_from).is_file():  # before the base loads
+        raise FileNotFoundError(f"model.lora.init_from={lora.init_from!r} is not a file: give the path of a LoRA "
+                                ".safetensors file (diffusers', ComfyUI's or kohya's keys)")
     if recipe.model.init_from:  # the architecture comes from the weights: checked before anything starts
         located = init_from.locate(recipe.model.init_from)
         recipe = dataclasses.replace(recipe, model=init_from.with_architecture(
