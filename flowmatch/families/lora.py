@@ -72,7 +72,8 @@ def apply_file_adapters(model: MMDiT, found: FileAdapters) -> list[Projection]:
     """Freeze ``model`` and inject exactly the adapters a LoRA file holds (read with scale 1), at its largest rank
     (smaller ones padded with zeros); returns the adapted projections."""
     family = _adaptable(model.cfg)
-    chosen = [p for p in projections(model.cfg, family.converter.diffusers_rules(model.cfg)) if p.ours in found.adapters]
+    available = projections(model.cfg, family.converter.diffusers_rules(model.cfg))
+    chosen = [p for p in available if p.ours in found.adapters]
     lora = LoraConfig(rank=found.rank, alpha=found.rank)
     inject(model, lora, chosen)
     set_adapters(model, found.fit(chosen, lora))

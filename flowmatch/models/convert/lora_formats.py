@@ -24,10 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from torch import Tensor
-
 from flowmatch.models.convert.keymap import Rule
-from flowmatch.models.lora import Projection, projections
+from flowmatch.models.lora import projections
 
 #: The pipeline component diffusers' LoRA keys start with.
 DIFFUSERS_PREFIX = "transformer"

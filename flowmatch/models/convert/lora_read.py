@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves, Tail
@@ -42,8 +42,12 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA file {path}: only .safetensors files are read (a {path.suffix or 'suffix-less'} "
                          "file may be a pickle, which can run code); convert it to safetensors first")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k).float() for k in f.keys()}, dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k).float() for k in f.keys()}, dict(f.metadata() or {})
+    except SafetensorError as err:
+        raise ValueError(f"LoRA file {path} is not a readable safetensors file ({err}): it may be truncated; "
+                         "download or export it again") from None
 
 
 def _examples(keys) -> str:
@@ -160,8 +164,8 @@ def file_adapters(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], fo
                   cfg, *, scale: float = 1.0, what: str = "the LoRA file") -> FileAdapters:
     """A LoRA file's tensors as adapters on the modules of the model ``cfg`` describes, in whichever of
     ``formats`` the file uses, for the adapter scale ``scale`` (alpha / rank of the model's LoRA: the file's own
-    scale over it multiplies B; 1 when equal). ValueError naming counts and examples of every key that does not land (``what``
-    names the file)."""
+    scale over it multiplies B; 1 when equal). ValueError naming counts and examples of every key that does not
+    land (``what`` names the file)."""
     fmt, index = detect(tensors, formats, cfg)
     grouped: dict[str, dict[int, dict[str, Tensor]]] = {}
     places: dict[str, Placement] = {}
