@@ -48,6 +48,10 @@ class LoraConfig:
     """diffusers module names (or dotted suffixes) to adapt; None = the architecture's defaults."""
     dropout: float = 0.0
     """Dropout on the adapters' input during training."""
+    init_from: Optional[str] = None
+    """A LoRA .safetensors file the adapters start from instead of zero (B) and random (A): diffusers', ComfyUI's
+    or kohya's keys, or another trainer's (``flowmatch.models.convert.lora_read``). Its modules must be exactly the
+    targets' and its rank at most ``rank``."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -56,6 +60,9 @@ class LoraConfig:
             raise ValueError(f"lora.alpha must be > 0 (the update is alpha / rank x B A), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_from is not None and not str(self.init_from).endswith(".safetensors"):
+            raise ValueError(f"lora.init_from must be a .safetensors LoRA file (other files may be pickles, which "
+                             f"can run code: convert them first), got {self.init_from!r}")
 
     @property
     def scale(self) -> float:

@@ -22,7 +22,7 @@ from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.errors import RecipeError
 from flowmatch.families import build_backbone, family_of
-from flowmatch.families.lora import apply_lora
+from flowmatch.families.lora import apply_lora, load_lora_file
 from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
@@ -154,6 +154,8 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         # parameters would ignore; DeepSpeed partitions them when it wraps the model. Seeded: the same on every rank.
         torch.manual_seed(seed)
         apply_lora(model, run_recipe.model.lora)
+        if run_recipe.model.lora.init_from:  # the same file on every rank; a resumed run's checkpoint overrides it
+            load_lora_file(model, run_recipe.model.lora, run_recipe.model.lora.init_from)
     family = family_of(run_recipe.model)
     if not family.capabilities.block_transforms and (run_recipe.train.activation_checkpointing
                                                      or run_recipe.train.compile):
@@ -172,6 +174,10 @@ def assemble(recipe: Recipe) -> TrainingRun:
     cached features frees the text encoders and the autoencoder's encoder half once the empty caption and the
     sampling prompts are encoded."""
     located = None
+    lora = recipe.model.lora
+    if lora is not None and lora.init_from and not Path(lora.init_from).is_file():  # before the base loads
+        raise FileNotFoundError(f"model.lora.init_from={lora.init_from!r} is not a file: give the path of a LoRA "
+                                ".safetensors file (diffusers', ComfyUI's or kohya's keys)")
     if recipe.model.init_from:  # the architecture comes from the weights: checked before anything starts
         located = init_from.locate(recipe.model.init_from)
         recipe = dataclasses.replace(recipe, model=init_from.with_architecture(
