@@ -42,7 +42,8 @@ from flowmatch.families import family_of
 from flowmatch.families.convert import save_original, to_diffusers
 from flowmatch.families.lora import select
 from flowmatch.flow import TimeSchedule
-from flowmatch.models.convert.lora import LORA_FILE, merge, to_diffusers_lora
+from flowmatch.models.convert.adapters import ExportError, merge_adapters, to_diffusers_adapters
+from flowmatch.models.convert.lora import LORA_FILE
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
 from flowmatch.run import lora_base, open_run, read_meta
@@ -192,9 +193,9 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         files = [_write_lora(recipe.model, state, target, DTYPES[dtype])]
         return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format="lora",
                              architecture=family.converter.DIFFUSERS_CLASS, files=files,
-                             notes=[f"LoRA rank {adapters.rank}, alpha {adapters.alpha:g}: load with "
-                                    "pipe.load_lora_weights(OUT_DIR) (StableDiffusion3Pipeline / FluxPipeline) on "
-                                    f"the base weights {read_meta(ckpt).init_from['source']}"])
+                             notes=[f"{adapters.kind} rank {adapters.rank}, alpha {adapters.alpha:g}: load with "
+                                    f"{_loader(adapters.kind)} on the base weights "
+                                    f"{read_meta(ckpt).init_from['source']}"])
     if merge:
         state = _merged(ckpt, recipe.model, state)
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
@@ -227,7 +228,10 @@ def _remove(parts: list[Path]) -> None:
 def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:
     """`pytorch_lora_weights.safetensors` of a LoRA run's adapter weights, in diffusers' names."""
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
-    tensors, metadata = to_diffusers_lora(adapters, chosen, model_cfg.lora)
+    try:
+        tensors, metadata = to_diffusers_adapters(adapters, chosen, model_cfg.lora)
+    except ExportError as e:
+        raise ValueError(str(e).replace("(--merge)", "(flowmatch export RUN OUT --merge)")) from None
     target.parent.mkdir(parents=True, exist_ok=True)
     return write_safetensors(target, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, metadata)
 
@@ -236,4 +240,12 @@ def _merged(ckpt: Path, model_cfg, adapters: dict) -> dict:
     """The base weights a LoRA checkpoint records (their hash checked) with its adapters merged in."""
     base = lora_base(ckpt)
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
-    return merge({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)
+    return merge_adapters({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)
+
+
+def _loader(kind: str) -> str:
+    """How diffusers users load an exported adapter file of this kind."""
+    if kind in ("lora", "dora"):
+        return "pipe.load_lora_weights(OUT_DIR) (StableDiffusion3Pipeline / FluxPipeline)"
+    return ("flowmatch.models.convert.adapters.load_into(pipe.transformer, *safetensors' tensors and metadata) "
+            f"(peft's {kind} tuner: diffusers' load_lora_weights does not build it)")

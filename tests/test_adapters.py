@@ -1,0 +1,102 @@
+"""LoRA's siblings through peft (``model.lora.kind``: dora, loha, lokr) on the MMDiT: injected on the same
+diffusers-named targets, written per diffusers module as peft names them and loaded onto diffusers' own tiny
+transformers with the same outputs, merged by peft, and refused with a pointer to ``--merge`` where a format
+cannot express them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from flowmatch.errors import RecipeError
+from flowmatch.families.convert import from_diffusers
+from flowmatch.families.lora import apply_lora
+from flowmatch.models.convert.adapters import ExportError, load_into, merge_adapters, to_diffusers_adapters
+from flowmatch.models.lora import LoraConfig, is_adapter
+from flowmatch.models.mmdit import MMDiT
+from tests.interop_models import (
+    diffusers_model,
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+    ours_inputs,
+    reference,
+    rel_err,
+    sample_inputs,
+)
+from tests.test_lora import REL_TOL, randomise_adapters
+
+KINDS = ["dora", "loha", "lokr"]
+
+
+def adapted(family: str, lora: LoraConfig):
+    ours = from_diffusers(diffusers_model(family))
+    torch.manual_seed(0)
+    chosen = apply_lora(ours, lora)
+    return ours, chosen
+
+
+def test_adapters_start_as_the_identity_and_train_only_themselves():
+    base = from_diffusers(diffusers_model("sd3-medium"))
+    x, t, cond = sample_inputs(8, 8)
+    with torch.no_grad():
+        before = base(x, t, ours_inputs(base, cond))
+    for kind in KINDS:
+        ours = copy.deepcopy(base)
+        torch.manual_seed(0)
+        apply_lora(ours, LoraConfig(rank=2, alpha=4.0, kind=kind))
+        trained = [n for n, p in ours.named_parameters() if p.requires_grad]
+        assert trained and all(is_adapter(n) for n in trained), kind
+        assert all(is_adapter(n) == p.requires_grad for n, p in ours.named_parameters()), kind
+        with torch.no_grad():
+            assert torch.equal(ours(x, t, ours_inputs(ours, cond)), before), kind
+
+
+def test_kinds_and_factors_are_checked_with_the_fix():
+    with pytest.raises(ValueError, match=r"model.lora.kind: 'lokrr'.*did you mean 'lokr'"):
+        LoraConfig(kind="lokrr")
+    with pytest.raises(ValueError, match="factor"):
+        LoraConfig(kind="lokr", factor=0)
+
+
+def test_a_lokr_on_a_fused_projection_is_refused_with_merge_as_the_way_out():
+    lora = LoraConfig(rank=2, alpha=3.0, kind="lokr")  # default targets: SD3's fused Q, K, V
+    ours, chosen = adapted("sd3-medium", lora)
+    adapters = {k: v for k, v in ours.state_dict().items() if is_adapter(k)}
+    with pytest.raises(ExportError, match=r"joint_blocks.0.img.qkv.*attn.to_q, .*--merge"):
+        to_diffusers_adapters(adapters, chosen, lora)
+
+
+def test_dora_on_an_all_zero_row_is_refused():
+    """DoRA divides by each output row's norm: a zero-initialised layer (an untrained final layer) gives NaN."""
+    model = MMDiT(from_diffusers(diffusers_model("sd3-medium")).cfg)  # init_weights zeroes the final layer
+    with pytest.raises(RecipeError, match=r"dora.*final.linear.*model.lora.targets"):
+        apply_lora(model, LoraConfig(rank=2, kind="dora", targets=["proj_out"]))
+
+
+@pytest.mark.parametrize("family,kind,targets", [
+    ("sd3-medium", "dora", None), ("flux-dev", "loha", None),
+    ("flux-dev", "lokr", ["attn.to_out.0", "ff.net.2"])])
+def test_exported_adapters_load_onto_diffusers_with_the_same_outputs(family, kind, targets):
+    """Bugs caught: a row-side factor (B, the magnitude, hada_w*_a, lokr_w1) not split or split in the wrong
+    order, a column-side factor permuted like a row one, factors written under the wrong peft names, the kind
+    lost from the header, merging without DoRA's rescaling."""
+    lora = LoraConfig(rank=2, alpha=3.0, kind=kind, targets=targets)
+    ours, chosen = adapted(family, lora)
+    randomise_adapters(ours)
+    adapters = {k: v for k, v in ours.state_dict().items() if is_adapter(k)}
+    tensors, metadata = to_diffusers_adapters(adapters, chosen, lora)
+    theirs = diffusers_model(family)
+    load_into(theirs, tensors, metadata)
+    x, t, cond = sample_inputs(8, 8)
+    with torch.no_grad():
+        ref = reference(theirs, x, t, cond)
+        out = ours(x, t, ours_inputs(ours, cond))
+        base = reference(diffusers_model(family), x, t, cond)
+    assert rel_err(out, ref) < REL_TOL
+    assert rel_err(base, ref) > 100 * REL_TOL  # the adapters do change the output
+    merged = MMDiT(ours.cfg)
+    merged.load_state_dict(merge_adapters(from_diffusers(diffusers_model(family)).state_dict(), adapters, chosen,
+                                          lora))
+    with torch.no_grad():
+        assert rel_err(merged(x, t, ours_inputs(ours, cond)), out) < REL_TOL
