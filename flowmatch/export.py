@@ -42,7 +42,7 @@ from flowmatch.families import family_of
 from flowmatch.families.convert import save_original, to_diffusers
 from flowmatch.families.lora import select
 from flowmatch.flow import TimeSchedule
-from flowmatch.models.convert.adapters import ExportError, merge_adapters, to_diffusers_adapters
+from flowmatch.models.convert.adapters import ExportError, loader_of, merge_adapters, to_diffusers_adapters
 from flowmatch.models.convert.lora import LORA_FILE
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
@@ -194,7 +194,7 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format="lora",
                              architecture=family.converter.DIFFUSERS_CLASS, files=files,
                              notes=[f"{adapters.kind} rank {adapters.rank}, alpha {adapters.alpha:g}: load with "
-                                    f"{_loader(adapters.kind)} on the base weights "
+                                    f"{loader_of(adapters.kind)} on the base weights "
                                     f"{read_meta(ckpt).init_from['source']}"])
     if merge:
         state = _merged(ckpt, recipe.model, state)
@@ -242,10 +242,3 @@ def _merged(ckpt: Path, model_cfg, adapters: dict) -> dict:
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
     return merge_adapters({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)
 
-
-def _loader(kind: str) -> str:
-    """How diffusers users load an exported adapter file of this kind."""
-    if kind in ("lora", "dora"):
-        return "pipe.load_lora_weights(OUT_DIR) (StableDiffusion3Pipeline / FluxPipeline)"
-    return ("flowmatch.models.convert.adapters.load_into(pipe.transformer, *safetensors' tensors and metadata) "
-            f"(peft's {kind} tuner: diffusers' load_lora_weights does not build it)")

@@ -31,6 +31,9 @@ class Batch:
     """Per-sample JSON metadata when the shard stores it (e.g. the digits' {"label": 7}), else empty dicts."""
     text_parts: Optional[dict[str, Conditioning]] = None
     """Each text encoder's cached output by name, when the features hold several."""
+    masks: Optional[torch.Tensor] = None
+    """(B, 1, H, W) float32 in [0, 1]: where each sample's loss counts (its mask.png or alpha channel; ones for a
+    sample without), None when no sample of the batch has one (the loss counts everywhere)."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -44,7 +47,8 @@ class Batch:
         text = None if self.text is None else self.text.to(device, non_blocking=non_blocking)
         parts = None if self.text_parts is None else {
             n: c.to(device, non_blocking=non_blocking) for n, c in self.text_parts.items()}
-        return Batch(self.captions, self.keys, move(self.images), move(self.latents), text, self.meta, parts)
+        return Batch(self.captions, self.keys, move(self.images), move(self.latents), text, self.meta, parts,
+                     move(self.masks))
 
     def pin_memory(self) -> "Batch":
         """Page-locked copy; torch's DataLoader calls this from its pin-memory thread."""
@@ -54,4 +58,5 @@ class Batch:
 
         text = None if self.text is None else self.text.pin_memory()
         parts = None if self.text_parts is None else {n: c.pin_memory() for n, c in self.text_parts.items()}
-        return Batch(self.captions, self.keys, pin(self.images), pin(self.latents), text, self.meta, parts)
+        return Batch(self.captions, self.keys, pin(self.images), pin(self.latents), text, self.meta, parts,
+                     pin(self.masks))

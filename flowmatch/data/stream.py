@@ -32,6 +32,7 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.data import decode
 from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, nearest_bucket
+from flowmatch.data.masks import decode_mask, masks_to_tensor
 from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
 from flowmatch.data.plan import Place, Ref, SourceReader, fetch_records
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
@@ -89,6 +90,8 @@ class StreamSpec:
     """Stop after this epoch (exclusive); None = run forever."""
     max_pixels: int = MAX_IMAGE_PIXELS
     max_member_bytes: int = MAX_MEMBER_BYTES
+    masks: bool = False
+    """Decode each sample's loss mask (flowmatch.data.masks) into Batch.masks."""
     expect_encoders: Optional[dict[str, str]] = None
     policy: RetryPolicy = RetryPolicy()
     urls: tuple[str, ...] = field(init=False)
@@ -298,6 +301,7 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
     each kept sample."""
     kept: list[tuple[RawSample, decode.SampleInfo]] = []
     tensors: list = []
+    masks: list = []
     failed: list[BadRecord] = []
     for record, info in group.samples:
         try:
@@ -306,12 +310,12 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
             else:
                 target = spec.buckets[group.bucket]
                 data = record.files[info.image_ext]
-                tensors.append(
-                    decode.decode_pixels(
-                        data, height=target.height, width=target.width, channels=spec.channels,
-                        max_pixels=spec.max_pixels,
-                    )
-                )
+                pixels = decode.decode_pixels(data, height=target.height, width=target.width,
+                                              channels=spec.channels, max_pixels=spec.max_pixels)
+                if spec.masks:
+                    masks.append(decode_mask(record, info.image_ext, height=target.height, width=target.width,
+                                             max_pixels=spec.max_pixels))
+                tensors.append(pixels)
             kept.append((record, info))
         except decode.BadSample as err:
             failed.append(BadRecord(record.url, record.key, err.reason, err.detail))
@@ -329,7 +333,9 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
             return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts), failed, sources
         text = Conditioning.from_rows([f.hidden for f in tensors], [f.pooled for f in tensors])
         return Batch(captions, keys, latents=latents, text=text, meta=meta), failed, sources
-    return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta), failed, sources
+    size = spec.buckets[group.bucket]
+    return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta,
+                 masks=masks_to_tensor(masks, size.height, size.width) if masks else None), failed, sources
 
 
 def sample_meta(record: RawSample) -> dict:

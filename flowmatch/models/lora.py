@@ -70,6 +70,11 @@ class LoraConfig:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
     @property
+    def reads_base(self) -> bool:
+        """Whether injecting reads the base weights (DoRA's magnitude starts at their row norms)."""
+        return self.kind == "dora"
+
+    @property
     def scale(self) -> float:
         """alpha / rank: peft's scaling of B A."""
         return self.alpha / self.rank

@@ -31,7 +31,7 @@ from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves
 from flowmatch.models.convert.lora import METADATA_KEY, PREFIX, merge, to_diffusers_lora
 from flowmatch.models.lora import ADAPTER, LoraConfig, Projection, peft_config
 
-__all__ = ["ExportError", "factors_of", "load_into", "merge_adapters", "to_diffusers_adapters"]
+__all__ = ["ExportError", "factors_of", "load_into", "loader_of", "merge_adapters", "to_diffusers_adapters"]
 
 #: Factors on a projection's output side (their first axis is the weight's rows).
 ROWS = ("lora_B", "lora_magnitude_vector", "hada_w1_a", "hada_w2_a")
@@ -39,6 +39,14 @@ ROWS = ("lora_B", "lora_magnitude_vector", "hada_w1_a", "hada_w2_a")
 COLUMNS = ("lora_A", "hada_w1_b", "hada_w2_b")
 #: LoKr's Kronecker factors: w1 (or w1_a) holds the row blocks, w2 the rows within a block.
 KRON_OUTER = ("lokr_w1", "lokr_w1_a")
+
+
+def loader_of(kind: str) -> str:
+    """How a diffusers user loads an exported file of this adapter kind."""
+    if kind in ("lora", "dora"):
+        return "pipe.load_lora_weights(OUT_DIR) (StableDiffusion3Pipeline / FluxPipeline)"
+    return (f"flowmatch.models.convert.adapters.load_into(pipe.transformer, tensors, metadata) (peft's {kind} "
+            "tuner; diffusers' load_lora_weights does not build it)")
 
 
 class ExportError(ValueError):
