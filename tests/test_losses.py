@@ -107,15 +107,15 @@ def png(image: Image.Image) -> bytes:
 
 
 def test_masks_from_a_folder_and_an_alpha_channel_reach_the_batch(tmp_path):
-    """NAME.mask.png of another size is resized (left half white -> left half 1), an alpha channel is a mask, a
+    """NAME.mask.png of another size is resized to the image (its left quarter white -> the left quarter 1), an alpha channel is a mask, a
     sample with neither counts everywhere. Bugs caught: the mask file left out of the shard, read as its own
     sample, not resized, alpha ignored, data.masks off by default."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.png").write_bytes(png(Image.new("RGB", (16, 16), (200, 30, 60))))
     (src / "a.txt").write_text("masked by a file")
-    half = np.zeros((32, 32), dtype=np.uint8)
-    half[:, :16] = 255
+    half = np.zeros((16, 32), dtype=np.uint8)  # twice as wide as the image: cropped unless resized to it first
+    half[:, :8] = 255  # the left quarter
     (src / "a.mask.png").write_bytes(png(Image.fromarray(half)))
     rgba = np.zeros((16, 16, 4), dtype=np.uint8)
     rgba[8:, :, 3] = 255  # lower half opaque
@@ -131,6 +131,6 @@ def test_masks_from_a_folder_and_an_alpha_channel_reach_the_batch(tmp_path):
     (batch,) = list(loader)
     masks = dict(zip(batch.keys, batch.masks))
     a, b = masks["a"][0], masks["b"][0]  # (8, 8); the resize softens the one edge row or column on each side
-    assert torch.all(a[:, :3] == 1) and torch.all(a[:, 5:] == 0) and torch.all(a[:, 3] > a[:, 4])
+    assert torch.all(a[:, 0] == 1) and torch.all(a[:, 3:] == 0) and torch.all(a[:, 1] > a[:, 2])
     assert torch.all(b[5:] == 1) and torch.all(b[:3] == 0)
     assert torch.equal(masks["c"], torch.ones(1, 8, 8))
