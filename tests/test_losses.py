@@ -134,3 +134,23 @@ def test_masks_from_a_folder_and_an_alpha_channel_reach_the_batch(tmp_path):
     assert torch.all(a[:, 0] == 1) and torch.all(a[:, 3:] == 0) and torch.all(a[:, 1] > a[:, 2])
     assert torch.all(b[5:] == 1) and torch.all(b[:3] == 0)
     assert torch.equal(masks["c"], torch.ones(1, 8, 8))
+
+
+def test_the_trainer_hands_the_batchs_masks_to_the_loss(monkeypatch):
+    """Bug caught: Trainer.micro_loss not passing Batch.masks on (every sample's loss over the whole image)."""
+    from types import SimpleNamespace
+
+    from flowmatch.data.batch import Batch
+    from flowmatch.training import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "micro_loss", lambda *a, **kw: seen.append(kw["mask"]))
+    x0 = torch.zeros(1, 4, 2, 2)
+    encoders = SimpleNamespace(encode_batch=lambda batch: (x0, None), dropout_parts=lambda p: None)
+    run = SimpleNamespace(encoders=encoders, velocity=None, null=None, schedule=None)
+    recipe = SimpleNamespace(flow=FlowConfig(), model=SimpleNamespace(patch_size=1, guidance_embed=False))
+    trainer = SimpleNamespace(run=run, recipe=recipe, models=None, jvp_backend="exact")
+    mask = torch.rand(1, 1, 8, 8)
+    loop.Trainer.micro_loss(trainer, Batch(["c"], ["k"], masks=mask), torch.Generator())
+    loop.Trainer.micro_loss(trainer, Batch(["c"], ["k"]), torch.Generator())
+    assert torch.equal(seen[0], mask) and seen[1] is None
