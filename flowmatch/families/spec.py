@@ -10,13 +10,14 @@ compares family names.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from torch import Tensor, nn
 
 from flowmatch.encoders.combine import TextLayout
 from flowmatch.models.convert.keymap import Rule
+from flowmatch.models.convert.lora_formats import LoraFormat
 
 
 class Converter(Protocol):
@@ -133,6 +134,9 @@ class Family:
     """Its diffusers and original-key converter (None: its weights are saved only as flowmatch's)."""
     lora_targets: Optional[Callable[[Any], list[str]]] = None
     """The diffusers module names LoRA adapts by default (diffusers' DreamBooth LoRA scripts)."""
+    lora_formats: Mapping[str, LoraFormat] = field(default_factory=dict)
+    """Its LoRA file layouts by name (``flowmatch/families/<family>/lora_formats.py``): those ``flowmatch export
+    --lora --format`` writes, and those ``model.lora.init_from`` reads."""
     text: Optional[TextLayout] = None
     """How its released pipeline combines several text encoders (``text_encoders.combine: <family>``)."""
     diffusers: Optional[DiffusersPipeline] = None

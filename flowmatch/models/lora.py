@@ -54,12 +54,19 @@ class LoraConfig:
     """lora | dora (weight-decomposed LoRA) | loha (Hadamard product of two LoRAs) | lokr (Kronecker product)."""
     factor: int = -1
     """lokr: the Kronecker factor's size along each axis (peft's decompose_factor); -1 = near the square root."""
+    init_from: Optional[str] = None
+    """A LoRA .safetensors file the adapters start from instead of zero (B) and random (A): diffusers', ComfyUI's
+    or kohya's keys, or another trainer's (``flowmatch.models.convert.lora_read``). Its modules must be exactly the
+    targets' and its rank at most ``rank``."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             near = nearest(self.kind, list(KINDS))
             hint = f" (did you mean {near!r}?)" if near else ""
             raise ValueError(f"model.lora.kind: {self.kind!r} is not an adapter kind{hint}; allowed: {', '.join(KINDS)}")
+        if self.init_from and self.kind != "lora":
+            raise ValueError(f"model.lora.init_from starts LoRA adapters from a LoRA file; kind {self.kind} starts "
+                             "from peft's own initialisation: remove init_from or use kind lora")
         if self.factor == 0 or self.factor < -1:
             raise ValueError(f"lora.factor must be -1 (near the square root) or >= 1, got {self.factor}")
         if self.rank < 1:

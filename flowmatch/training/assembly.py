@@ -24,7 +24,7 @@ from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.errors import RecipeError
 from flowmatch.families import build_backbone, family_of
-from flowmatch.families.lora import apply_lora
+from flowmatch.families.lora import apply_lora, load_lora_file
 from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
@@ -158,6 +158,8 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         # DoRA's magnitude starts at the base rows' norms: under ZeRO-3 the base is partitioned, gather it to read.
         with engine.gathered_params(model) if run_recipe.model.lora.reads_base else contextlib.nullcontext():
             apply_lora(model, run_recipe.model.lora)
+        if run_recipe.model.lora.init_from:  # the same file on every rank; a resumed run's checkpoint overrides it
+            load_lora_file(model, run_recipe.model.lora, run_recipe.model.lora.init_from)
     family = family_of(run_recipe.model)
     if not family.capabilities.block_transforms and (run_recipe.train.activation_checkpointing
                                                      or run_recipe.train.compile):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from flowmatch.encoders.combine import TextLayout
 from flowmatch.families import mmdit
-from flowmatch.families.flux import convert
+from flowmatch.families.flux import convert, lora_formats
 from flowmatch.families.flux.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.models.lora import ATTENTION
@@ -42,6 +42,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=convert.PACK),
     converter=convert,
     lora_targets=lora_targets,
+    lora_formats=lora_formats.FORMATS,
     # FluxPipeline.encode_prompt: context = T5's states, pooled = the one CLIP's pooler output.
     text=TextLayout("flux", clip_states=False, one_clip=True),
     diffusers=DiffusersPipeline(

@@ -28,10 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves
-from flowmatch.models.convert.lora import METADATA_KEY, PREFIX, merge, to_diffusers_lora
+from flowmatch.models.convert.lora import METADATA_KEY, PREFIX, merge, peft_header, to_diffusers_lora, to_lora_file
+from flowmatch.models.convert.lora_formats import LoraFormat, placements
 from flowmatch.models.lora import ADAPTER, LoraConfig, Projection, peft_config
 
-__all__ = ["ExportError", "factors_of", "load_into", "loader_of", "merge_adapters", "to_diffusers_adapters"]
+__all__ = ["ExportError", "factors_of", "load_into", "loader_of", "to_adapter_file", "merge_adapters", "to_diffusers_adapters"]
 
 #: Factors on a projection's output side (their first axis is the weight's rows).
 ROWS = ("lora_B", "lora_magnitude_vector", "hada_w1_a", "hada_w2_a")
@@ -137,10 +138,33 @@ def to_diffusers_adapters(adapters: Mapping[str, Tensor], chosen: list[Projectio
         for name, fs in _their_factors(proj, factors_of(adapters, proj.ours), lora):
             tensors.update({_peft_key(name, f): t for f, t in fs.items()})
     modules = sorted({k[len(PREFIX) + 1:].rsplit(".", 2 if k.endswith(".weight") else 1)[0] for k in tensors})
-    config = peft_config(lora, modules).to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    header = json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True, default=str)
-    return tensors, {"format": "pt", METADATA_KEY: header}
+    return tensors, peft_header(lora, modules)
+
+
+def to_adapter_file(adapters: Mapping[str, Tensor], chosen: list[Projection], lora: LoraConfig, fmt: LoraFormat,
+                    cfg) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of our adapters of any kind in a family's LoRA format ``fmt`` (``cfg`` the
+    model's MMDiTConfig): lora by :func:`flowmatch.models.convert.lora.to_lora_file`; the others in diffusers'
+    peft names (:func:`to_diffusers_adapters`) or, in the ComfyUI and kohya layouts, under LyCORIS' factor names
+    with an ``alpha`` tensor per module. ValueError (ExportError) when the format cannot express the kind."""
+    if lora.kind == "lora":
+        return to_lora_file(adapters, chosen, lora, fmt, cfg)
+    if not fmt.alpha_keys:  # diffusers: the peft header carries rank and alpha
+        return to_diffusers_adapters(adapters, chosen, lora)
+    table, tensors = placements(fmt, cfg), {}
+    for proj in chosen:
+        if proj.ours not in table:
+            raise ExportError(f"the {fmt.name} LoRA format has no module for flowmatch's {proj.ours}: export with "
+                              "--merge (a whole transformer) or --format diffusers")
+        for name, fs in _their_factors(table[proj.ours], factors_of(adapters, proj.ours), lora):
+            key = fmt.module_key(name)
+            if lora.kind == "lokr" and "lokr_w1" in fs and "lokr_w2" in fs:
+                # LyCORIS readers scale two whole Kronecker factors by 1, not alpha / rank: fold peft's scale in.
+                fs = {**fs, "lokr_w2": fs["lokr_w2"] * lora.scale}
+            for factor, t in fs.items():
+                tensors[f"{key}.{fmt.suffix(lora.kind, factor)}"] = t
+            tensors[f"{key}.{fmt.suffix(lora.kind, 'alpha')}"] = torch.tensor(float(lora.alpha))
+    return tensors, {"format": "pt"}
 
 
 def load_into(transformer: nn.Module, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
