@@ -100,3 +100,55 @@ def test_exported_adapters_load_onto_diffusers_with_the_same_outputs(family, kin
                                           lora))
     with torch.no_grad():
         assert rel_err(merged(x, t, ours_inputs(ours, cond)), out) < REL_TOL
+
+
+def lycoris_delta(fs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weight update of one module's LyCORIS factors as ComfyUI's loader computes it: alpha / dim times
+    kron(w1, w2) (LoKr, dim the rank of a decomposed factor, else scale 1) or (w1a w1b) * (w2a w2b) (LoHa)."""
+    alpha = fs["alpha"].item()
+    if "hada_w1_a" in fs:
+        return (fs["hada_w1_a"] @ fs["hada_w1_b"]) * (fs["hada_w2_a"] @ fs["hada_w2_b"]) * alpha / fs["hada_w1_b"].shape[0]
+    w1 = fs["lokr_w1"] if "lokr_w1" in fs else fs["lokr_w1_a"] @ fs["lokr_w1_b"]
+    w2 = fs["lokr_w2"] if "lokr_w2" in fs else fs["lokr_w2_a"] @ fs["lokr_w2_b"]
+    dim = fs["lokr_w1_b"].shape[0] if "lokr_w1_b" in fs else fs["lokr_w2_b"].shape[0] if "lokr_w2_b" in fs else None
+    return torch.kron(w1, w2) * (alpha / dim if dim else 1.0)
+
+
+@pytest.mark.parametrize("kind,rank", [("lokr", 2), ("lokr", 64), ("loha", 2)])
+def test_comfyui_files_hold_lycoris_factors_on_the_fused_release_modules(kind, rank, tmp_path):
+    """The ComfyUI file's factors, applied as ComfyUI's LyCORIS loader applies them to the release's single-file
+    weights, give the merged model's weights (rank 64: LoKr's two whole factors, scaled by 1 there). Bugs
+    caught: factors under other names or modules, alpha / rank lost or applied twice, dora written where the
+    format has no name for it."""
+    from safetensors.torch import load_file
+
+    from flowmatch.families import family_of
+    from flowmatch.families.convert import save_original
+    from flowmatch.models.convert.adapters import to_adapter_file
+
+    lora = LoraConfig(rank=rank, alpha=3.0, kind=kind)
+    ours, chosen = adapted("sd3-medium", lora)
+    randomise_adapters(ours)
+    adapters = {k: v for k, v in ours.state_dict().items() if is_adapter(k)}
+    fmt = family_of(ours.cfg).lora_formats["comfyui"]
+    tensors, _ = to_adapter_file(adapters, chosen, lora, fmt, ours.cfg)
+    base_model = from_diffusers(diffusers_model("sd3-medium"))
+    merged = MMDiT(ours.cfg)
+    merged.load_state_dict(merge_adapters(base_model.state_dict(), adapters, chosen, lora))
+    base = load_file(save_original(base_model, tmp_path / "base.safetensors", prefix=""))
+    want = load_file(save_original(merged, tmp_path / "merged.safetensors", prefix=""))
+    modules: dict[str, dict] = {}
+    for key, t in tensors.items():
+        assert key.startswith("diffusion_model.")
+        module, factor = key[len("diffusion_model."):].rsplit(".", 1)
+        modules.setdefault(module, {})[factor] = t
+    assert any(m.endswith("attn.qkv") for m in modules) and len(modules) == len(chosen)
+    for module, fs in modules.items():
+        got = base[f"{module}.weight"] + lycoris_delta(fs)
+        assert rel_err(got, want[f"{module}.weight"]) < REL_TOL, module
+    untouched = set(base) - {f"{m}.weight" for m in modules}
+    assert all(torch.equal(base[k], want[k]) for k in untouched)
+    dora = LoraConfig(rank=2, kind="dora")
+    ours, chosen = adapted("sd3-medium", dora)
+    with pytest.raises(ValueError, match="comfyui LoRA format cannot express dora.*--merge"):
+        to_adapter_file({k: v for k, v in ours.state_dict().items() if is_adapter(k)}, chosen, dora, fmt, ours.cfg)
