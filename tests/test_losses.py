@@ -154,3 +154,33 @@ def test_the_trainer_hands_the_batchs_masks_to_the_loss(monkeypatch):
     loop.Trainer.micro_loss(trainer, Batch(["c"], ["k"], masks=mask), torch.Generator())
     loop.Trainer.micro_loss(trainer, Batch(["c"], ["k"]), torch.Generator())
     assert torch.equal(seen[0], mask) and seen[1] is None
+
+
+@pytest.mark.slow  # a real training run (about 10 s)
+def test_prior_preservation_sources_reach_the_loss_in_their_weights(tmp_path, monkeypatch):
+    """Prior preservation is a second data source with its own captions and a weight (recipes/sd3-lora-prior.yaml):
+    the micro batches the loss sees hold each source's samples in the weights' proportion, captions included.
+    Bug caught: the mixture's weights not reaching the trainer's loader (every source equally likely)."""
+    from flowmatch.training import loop, train
+    from flowmatch.data.config import DEFAULT_SHARDS
+    from tests.test_data_mixture import mixture
+    from tests.test_train import tiny_recipe
+
+    mixture(tmp_path)  # "a": 30 instance samples, weight 3; "b": 14 prior samples with .caption captions, weight 1
+    seen: list[str] = []
+    real = loop.Trainer.micro_loss
+
+    def record(self, batch, generator):
+        seen.extend(batch.captions)
+        return real(self, batch, generator)
+
+    monkeypatch.setattr(loop.Trainer, "micro_loss", record)
+    sources = [{"shards": str(tmp_path / "a"), "weight": 1, "name": "instance"},
+               {"shards": str(tmp_path / "b"), "weight": 3, "caption_key": "caption", "name": "prior"}]
+    train(tiny_recipe(tmp_path / "run", DEFAULT_SHARDS, **{"data.prepare": "", "data.sources": sources,
+                                                     "train.max_steps": 2, "train.batch_size": 64,
+                                                     "train.checkpoint_every": 2, "train.validate_every": 0,
+                                                     "train.ema_profiles": []}))
+    prior = sum(c.startswith("b caption") for c in seen)
+    assert len(seen) == 128 and all(c.startswith(("a caption", "b caption")) for c in seen)
+    assert abs(prior / len(seen) - 0.75) < 4 * math.sqrt(0.75 * 0.25 / len(seen))
