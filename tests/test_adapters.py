@@ -13,6 +13,7 @@ import torch
 from flowmatch.errors import RecipeError
 from flowmatch.families.convert import from_diffusers
 from flowmatch.families.lora import apply_lora
+from flowmatch.families.presets import config_from_preset
 from flowmatch.models.convert.adapters import ExportError, load_into, merge_adapters, to_diffusers_adapters
 from flowmatch.models.lora import LoraConfig, is_adapter
 from flowmatch.models.mmdit import MMDiT
@@ -152,3 +153,21 @@ def test_comfyui_files_hold_lycoris_factors_on_the_fused_release_modules(kind, r
     ours, chosen = adapted("sd3-medium", dora)
     with pytest.raises(ValueError, match="comfyui LoRA format cannot express dora.*--merge"):
         to_adapter_file({k: v for k, v in ours.state_dict().items() if is_adapter(k)}, chosen, dora, fmt, ours.cfg)
+
+
+
+def test_parameter_counts_of_each_kind_follow_their_shapes(monkeypatch):
+    """benchmarks/adapter_params.py's counts on a tiny shape: DoRA adds one magnitude per output row to LoRA, LoHa
+    is two LoRAs, LoKr's Kronecker factors are far fewer. Bug caught: counting the frozen base or another kind."""
+    from benchmarks import adapter_params
+
+    monkeypatch.setitem(adapter_params.SHAPES, "tiny-sd3-medium", dict(in_channels=4, context_dim=20, pooled_dim=12))
+    count = {k: adapter_params.trainable("tiny-sd3-medium", LoraConfig(rank=2, kind=k))[0] for k in KINDS + ["lora"]}
+    model = MMDiT(config_from_preset("tiny-sd3-medium", **adapter_params.SHAPES["tiny-sd3-medium"]), device="meta")
+    chosen = apply_lora(model, LoraConfig(rank=2))
+    linears = dict(model.named_modules())
+    rows = sum(linears[p.ours].base_layer.out_features for p in chosen)
+    assert count["lora"] == sum(2 * (m.in_features + m.out_features) for m in
+                                (linears[p.ours].base_layer for p in chosen))
+    assert count["dora"] == count["lora"] + rows and count["loha"] == 2 * count["lora"]
+    assert 0 < count["lokr"] < count["lora"]
