@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves
+from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves, Tail
 from flowmatch.models.convert.lora import METADATA_KEY, PREFIX, merge, peft_header, to_diffusers_lora, to_lora_file
 from flowmatch.models.convert.lora_formats import LoraFormat, placements
 from flowmatch.models.lora import ADAPTER, LoraConfig, Projection, peft_config
@@ -70,7 +70,7 @@ def factors_of(adapters: Mapping[str, Tensor], module: str) -> dict[str, Tensor]
 def _rowwise(op, t: Tensor, n: int) -> list[Tensor]:
     if isinstance(op, Stack):
         return [p.clone() for p in t.split(op.sizes, dim=0)]
-    if isinstance(op, SwapHalves) or (isinstance(op, Packed) and op.axis == 0):
+    if isinstance(op, (SwapHalves, Tail)) or (isinstance(op, Packed) and op.axis == 0):
         (theirs,) = op.to_theirs(t, None, t.dtype)
         return [theirs.contiguous()]
     return [t.clone() for _ in range(n)]
@@ -83,8 +83,9 @@ def _columnwise(op, t: Tensor, n: int) -> list[Tensor]:
     return [t.clone() for _ in range(n)]
 
 
-def _kron_parts(proj: Projection, fs: dict[str, Tensor], lora: LoraConfig) -> list[dict]:
-    """The per-module factors of a LoKr adapter on `proj`, or ExportError when its rows cannot be split."""
+def _kron_parts(proj: Projection, fs: dict[str, Tensor], lora: LoraConfig, peft_shapes: bool) -> list[dict]:
+    """The per-module factors of a LoKr adapter on `proj`, or ExportError when its rows cannot be split.
+    ``peft_shapes``: each part must also be the shape peft gives that module (a file peft loads)."""
     from peft.tuners.lokr.layer import factorization  # peft loads transformers: LoKr exports only
 
     op, n = proj.op, len(proj.theirs)
@@ -92,24 +93,30 @@ def _kron_parts(proj: Projection, fs: dict[str, Tensor], lora: LoraConfig) -> li
         return [{k: v.clone() for k, v in fs.items()}]
     outer = next(k for k in KRON_OUTER if k in fs)
     block = fs.get("lokr_w2", fs.get("lokr_w2_a")).shape[0]  # rows of w2: the rows within one outer row
-    sizes = op.sizes if isinstance(op, Stack) else ()
+    sizes = op.sizes if isinstance(op, Stack) else (op.head,) if isinstance(op, Tail) else ()
     # peft factors each diffusers module's rows itself: the larger factor must be w2's rows again.
-    splits = all(s % block == 0 and factorization(s, lora.factor)[1] == block for s in sizes)
-    if not sizes or not splits:
+    fits = all(s % block == 0 and (not peft_shapes or factorization(s, lora.factor)[1] == block) for s in sizes)
+    if not sizes or not fits:
         raise ExportError(
-            f"a LoKr adapter on flowmatch's {proj.ours} (diffusers' {', '.join(proj.theirs)} fused) is one Kronecker "
-            f"product whose rows do not split into one LoKr per diffusers module at model.lora.factor="
-            f"{lora.factor}: export it merged (--merge), or train LoKr on unfused targets")
+            f"a LoKr adapter on flowmatch's {proj.ours} is one Kronecker product whose rows do not map onto "
+            f"{', '.join(proj.theirs)} ({type(op).__name__}) as one LoKr each at model.lora.factor={lora.factor}: "
+            "export it merged (--merge), or train LoKr on targets whose rows flowmatch keeps in their order")
+    rest = {k: v.clone() for k, v in fs.items() if k != outer}
+    if isinstance(op, Tail):  # their leading rows never reach an output: zero outer rows, so no update there
+        head = fs[outer].new_zeros(op.head // block, fs[outer].shape[1])
+        return [{**rest, outer: torch.cat([head, fs[outer]])}]
     parts = fs[outer].split([s // block for s in sizes], dim=0)
-    return [{**{k: v.clone() for k, v in fs.items() if k != outer}, outer: p.clone()} for p in parts[:n]]
+    return [{**rest, outer: p.clone()} for p in parts[:n]]
 
 
-def _their_factors(proj: Projection, fs: dict[str, Tensor], lora: LoraConfig) -> list[tuple[str, dict]]:
-    """(diffusers module, factor name -> tensor) for one adapter of ours."""
+def _their_factors(proj: Projection, fs: dict[str, Tensor], lora: LoraConfig, peft_shapes: bool = True,
+                   ) -> list[tuple[str, dict]]:
+    """(their module, factor name -> tensor) for one adapter of ours (``proj`` a Projection or a format's
+    Placement)."""
     n = len(proj.theirs)
     if lora.kind == "lokr":
-        return list(zip(proj.theirs, _kron_parts(proj, fs, lora)))
-    if not isinstance(proj.op, (Copy, Stack, SwapHalves, Packed)) or (type(proj.op) is Copy and n != 1):
+        return list(zip(proj.theirs, _kron_parts(proj, fs, lora, peft_shapes)))
+    if not isinstance(proj.op, (Copy, Stack, SwapHalves, Packed, Tail)) or (type(proj.op) is Copy and n != 1):
         raise ExportError(f"no {lora.kind} conversion for {proj.ours} ({type(proj.op).__name__})")
     per: list[dict] = [{} for _ in range(n)]
     for name, t in fs.items():
@@ -156,7 +163,7 @@ def to_adapter_file(adapters: Mapping[str, Tensor], chosen: list[Projection], lo
         if proj.ours not in table:
             raise ExportError(f"the {fmt.name} LoRA format has no module for flowmatch's {proj.ours}: export with "
                               "--merge (a whole transformer) or --format diffusers")
-        for name, fs in _their_factors(table[proj.ours], factors_of(adapters, proj.ours), lora):
+        for name, fs in _their_factors(table[proj.ours], factors_of(adapters, proj.ours), lora, peft_shapes=False):
             key = fmt.module_key(name)
             if lora.kind == "lokr" and "lokr_w1" in fs and "lokr_w2" in fs:
                 # LyCORIS readers scale two whole Kronecker factors by 1, not alpha / rank: fold peft's scale in.
