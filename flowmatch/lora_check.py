@@ -71,17 +71,20 @@ class LoraCheck:
 
     def describe(self) -> str:
         """A few lines for the command line, the verdict first."""
-        if self.effect < self.tolerance:
+        if self.reference == "none":
+            verdict = "FAIL: no reference applies the file (below: why)"
+        elif self.effect < self.tolerance:
             verdict = f"FAIL: the LoRA has no effect (it moves flowmatch's images by {self.effect:.2e})"
         elif self.max_diff >= self.tolerance or self.effect <= EFFECT_RATIO * self.max_diff:
             verdict = (f"FAIL: flowmatch and {self.reference} differ by {self.max_diff:.2e} (tolerance "
                        f"{self.tolerance:g}, effect {self.effect:.2e})")
         else:
             verdict = "OK"
-        lines = [f"{verdict}", f"  file {self.file}: {self.family} family, {self.format} format",
-                 f"  max |flowmatch - {self.reference}| = {self.max_diff:.2e} (tolerance {self.tolerance:g})",
-                 f"  LoRA effect max |LoRA - base| = {self.effect:.2e} ({self.effect / max(self.max_diff, 1e-12):.0f}x "
-                 "the difference)"]
+        lines = [f"{verdict}", f"  file {self.file}: {self.family} family, {self.format} format"]
+        if self.reference != "none":
+            lines.append(f"  max |flowmatch - {self.reference}| = {self.max_diff:.2e} (tolerance {self.tolerance:g})")
+        ratio = "" if self.reference == "none" else f" ({self.effect / max(self.max_diff, 1e-12):.0f}x the difference)"
+        lines.append(f"  LoRA effect max |LoRA - base| = {self.effect:.2e}{ratio}")
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 

@@ -38,7 +38,7 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]
     pickle from elsewhere could run code: it is never loaded)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist (model.lora.init_from takes a .safetensors file)")
+        raise FileNotFoundError(f"LoRA file {path} does not exist (give the path of a .safetensors LoRA file)")
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA file {path}: only .safetensors files are read (a {path.suffix or 'suffix-less'} "
                          "file may be a pickle, which can run code); convert it to safetensors first")
@@ -179,9 +179,10 @@ def file_adapters(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], fo
         places[place.ours] = place
         grouped.setdefault(place.ours, {}).setdefault(i, {})[factor] = value
     if unmatched:
+        modules = {parsed[0] if (parsed := split_key(k)) else k for k in unmatched}
         raise ValueError(f"{what} ({fmt.name} format): {len(unmatched)} of its {len(tensors)} keys match no module "
-                         f"of this model, e.g. {_examples(unmatched)}; it is not loaded in part: use a LoRA made for "
-                         "this model (family and size)")
+                         f"of this model ({len(modules)} modules, e.g. {_examples(modules)}); it is not loaded in "
+                         "part: use a LoRA made for this model (family and size)")
     if other_kind:
         raise ValueError(f"{what}: {len(other_kind)} keys hold another adapter kind than LoRA, e.g. "
                          f"{_examples(other_kind)}")
