@@ -1,11 +1,11 @@
 """`flowmatch-data folder SRC OUT`: a folder of images with same-name captions -> shards.
 
 `cats/01.jpg` + `cats/01.txt` (or `cats/01.json` with a "caption" field) become sample `cats_01` with members
-jpg, txt and json (the source path, plus the .json's own fields); a `cats/01.mask.png` beside them becomes its
-`mask.png` member (where the loss counts: white in, black out; flowmatch.data.masks). The image bytes are stored as they are (no
-re-encoding), after a full decode proves them sound. Bad entries never stop the build: an undecodable or
-oversized image, an image without a caption, a caption without an image, an empty caption are skipped and
-listed in OUT/report.json and the printed summary.
+jpg, txt and json (the source path, plus the .json's own fields); a `cats/01.mask.png` beside them becomes
+its `mask.png` member (where the loss counts: white in, black out; flowmatch.data.masks). The image bytes are
+stored as they are (no re-encoding), after a full decode proves them sound. Bad entries never stop the build:
+an undecodable or oversized image, an image without a caption, a caption without an image, an empty caption are
+skipped and listed in OUT/report.json and the printed summary.
 """
 
 from __future__ import annotations

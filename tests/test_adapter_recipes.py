@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flowmatch import Pipeline
-from flowmatch.config import load_recipe
 from flowmatch.conditioning import Conditioning
+from flowmatch.config import load_recipe
 from flowmatch.export import export
 from flowmatch.models.convert.adapters import load_into
 from flowmatch.models.convert.lora import LORA_FILE

@@ -108,7 +108,8 @@ def lycoris_delta(fs: dict[str, torch.Tensor]) -> torch.Tensor:
     kron(w1, w2) (LoKr, dim the rank of a decomposed factor, else scale 1) or (w1a w1b) * (w2a w2b) (LoHa)."""
     alpha = fs["alpha"].item()
     if "hada_w1_a" in fs:
-        return (fs["hada_w1_a"] @ fs["hada_w1_b"]) * (fs["hada_w2_a"] @ fs["hada_w2_b"]) * alpha / fs["hada_w1_b"].shape[0]
+        rank = fs["hada_w1_b"].shape[0]
+        return (fs["hada_w1_a"] @ fs["hada_w1_b"]) * (fs["hada_w2_a"] @ fs["hada_w2_b"]) * alpha / rank
     w1 = fs["lokr_w1"] if "lokr_w1" in fs else fs["lokr_w1_a"] @ fs["lokr_w1_b"]
     w2 = fs["lokr_w2"] if "lokr_w2" in fs else fs["lokr_w2_a"] @ fs["lokr_w2_b"]
     dim = fs["lokr_w1_b"].shape[0] if "lokr_w1_b" in fs else fs["lokr_w2_b"].shape[0] if "lokr_w2_b" in fs else None

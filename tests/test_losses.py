@@ -18,8 +18,8 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.data import DataConfig, build_loader
 from flowmatch.flow import FlowConfig, TimeSchedule
 from flowmatch.flow.loss import LossConfig, flow_matching_loss
-from flowmatch.models.lora import LoraConfig, Projection, inject, is_adapter
 from flowmatch.models.convert.keymap import Copy
+from flowmatch.models.lora import LoraConfig, Projection, inject, is_adapter
 from flowmatch.training.loop import micro_loss
 
 
@@ -107,7 +107,8 @@ def png(image: Image.Image) -> bytes:
 
 
 def test_masks_from_a_folder_and_an_alpha_channel_reach_the_batch(tmp_path):
-    """NAME.mask.png of another size is resized to the image (its left quarter white -> the left quarter 1), an alpha channel is a mask, a
+    """NAME.mask.png of another size is resized to the image (its left quarter white -> the left quarter 1), an
+    alpha channel is a mask, a
     sample with neither counts everywhere. Bugs caught: the mask file left out of the shard, read as its own
     sample, not resized, alpha ignored, data.masks off by default."""
     src = tmp_path / "src"
@@ -161,8 +162,8 @@ def test_prior_preservation_sources_reach_the_loss_in_their_weights(tmp_path, mo
     """Prior preservation is a second data source with its own captions and a weight (recipes/sd3-lora-prior.yaml):
     the micro batches the loss sees hold each source's samples in the weights' proportion, captions included.
     Bug caught: the mixture's weights not reaching the trainer's loader (every source equally likely)."""
-    from flowmatch.training import loop, train
     from flowmatch.data.config import DEFAULT_SHARDS
+    from flowmatch.training import loop, train
     from tests.test_data_mixture import mixture
     from tests.test_train import tiny_recipe
 

@@ -63,7 +63,8 @@ class LoraConfig:
         if self.kind not in KINDS:
             near = nearest(self.kind, list(KINDS))
             hint = f" (did you mean {near!r}?)" if near else ""
-            raise ValueError(f"model.lora.kind: {self.kind!r} is not an adapter kind{hint}; allowed: {', '.join(KINDS)}")
+            raise ValueError(f"model.lora.kind: {self.kind!r} is not an adapter kind{hint}; allowed: "
+                             f"{', '.join(KINDS)}")
         if self.init_from and self.kind != "lora":
             raise ValueError(f"model.lora.init_from starts LoRA adapters from a LoRA file; kind {self.kind} starts "
                              "from peft's own initialisation: remove init_from or use kind lora")
@@ -154,14 +155,14 @@ def select_from(available: list[Projection], targets: Optional[list[str]], defau
 def peft_config(lora: LoraConfig, modules: list[str]):
     """The peft config of ``lora.kind`` (LoraConfig, with use_dora for dora; LoHaConfig; LoKrConfig) adapting
     exactly `modules` (full module names)."""
-    from peft import LoHaConfig, LoKrConfig, LoraConfig as PeftLoraConfig  # peft loads transformers: LoRA runs only
+    import peft  # peft loads transformers: only LoRA runs pay for it
 
     if lora.kind == "loha":
-        return LoHaConfig(r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=modules)
+        return peft.LoHaConfig(r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=modules)
     if lora.kind == "lokr":
-        return LoKrConfig(r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=modules,
+        return peft.LoKrConfig(r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=modules,
                           decompose_factor=lora.factor)
-    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules,
+    return peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules,
                           use_dora=lora.kind == "dora")
 
 

@@ -32,7 +32,8 @@ from flowmatch.models.convert.lora import METADATA_KEY, PREFIX, merge, peft_head
 from flowmatch.models.convert.lora_formats import LoraFormat, placements
 from flowmatch.models.lora import ADAPTER, LoraConfig, Projection, peft_config
 
-__all__ = ["ExportError", "factors_of", "load_into", "loader_of", "to_adapter_file", "merge_adapters", "to_diffusers_adapters"]
+__all__ = ["ExportError", "factors_of", "load_into", "loader_of", "merge_adapters", "to_adapter_file",
+           "to_diffusers_adapters"]
 
 #: Factors on a projection's output side (their first axis is the weight's rows).
 ROWS = ("lora_B", "lora_magnitude_vector", "hada_w1_a", "hada_w2_a")
