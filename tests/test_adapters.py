@@ -10,11 +10,13 @@ import copy
 import pytest
 import torch
 
+from flowmatch.engine.state import write_safetensors
 from flowmatch.errors import RecipeError
 from flowmatch.families.convert import from_diffusers
 from flowmatch.families.lora import apply_lora
 from flowmatch.families.presets import config_from_preset
 from flowmatch.models.convert.adapters import ExportError, load_into, merge_adapters, to_diffusers_adapters
+from flowmatch.models.convert.lora import LORA_FILE
 from flowmatch.models.lora import LoraConfig, is_adapter
 from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import (
@@ -78,17 +80,22 @@ def test_dora_on_an_all_zero_row_is_refused():
 @pytest.mark.parametrize("family,kind,targets", [
     ("sd3-medium", "dora", None), ("flux-dev", "loha", None),
     ("flux-dev", "lokr", ["attn.to_out.0", "ff.net.2"])])
-def test_exported_adapters_load_onto_diffusers_with_the_same_outputs(family, kind, targets):
+def test_exported_adapters_load_onto_diffusers_with_the_same_outputs(family, kind, targets, tmp_path):
     """Bugs caught: a row-side factor (B, the magnitude, hada_w*_a, lokr_w1) not split or split in the wrong
     order, a column-side factor permuted like a row one, factors written under the wrong peft names, the kind
-    lost from the header, merging without DoRA's rescaling."""
+    lost from the header, merging without DoRA's rescaling. DoRA goes through diffusers' own load_lora_adapter,
+    the others through peft (load_into)."""
     lora = LoraConfig(rank=2, alpha=3.0, kind=kind, targets=targets)
     ours, chosen = adapted(family, lora)
     randomise_adapters(ours)
     adapters = {k: v for k, v in ours.state_dict().items() if is_adapter(k)}
     tensors, metadata = to_diffusers_adapters(adapters, chosen, lora)
     theirs = diffusers_model(family)
-    load_into(theirs, tensors, metadata)
+    if kind == "dora":  # diffusers' own loader reads DoRA's magnitudes
+        write_safetensors(tmp_path / LORA_FILE, tensors, metadata)
+        theirs.load_lora_adapter(str(tmp_path), weight_name=LORA_FILE, prefix="transformer")
+    else:
+        load_into(theirs, tensors, metadata)
     x, t, cond = sample_inputs(8, 8)
     with torch.no_grad():
         ref = reference(theirs, x, t, cond)
