@@ -45,7 +45,8 @@ from flowmatch.families import family_of
 from flowmatch.families.convert import save_original, to_diffusers
 from flowmatch.families.lora import lora_formats, select
 from flowmatch.flow import TimeSchedule
-from flowmatch.models.convert.lora import LORA_FILE, merge, to_lora_file
+from flowmatch.models.convert.adapters import ExportError, loader_of, merge_adapters, to_adapter_file
+from flowmatch.models.convert.lora import LORA_FILE
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
 from flowmatch.run import lora_base, open_run, read_meta
@@ -195,19 +196,21 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     if lora:
         pipeline_name = family.diffusers.pipeline_class if family.diffusers else "its diffusers pipeline"
         lora_format = _lora_format(family, fmt)
-        tensors, metadata = to_lora_file(state, select(recipe.model.architecture(), adapters.targets), adapters,
-                                         lora_format, recipe.model.architecture())
+        try:
+            tensors, metadata = to_adapter_file(state, select(recipe.model.architecture(), adapters.targets),
+                                                adapters, lora_format, recipe.model.architecture())
+        except ExportError as e:
+            raise ValueError(f"{e} (flowmatch export RUN OUT --merge)") from None
         _remove(existing)
         out.mkdir(parents=True, exist_ok=True)
         files = [write_safetensors(target, {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()},
                                    metadata)]
-        how = (f"pipe.load_lora_weights(OUT_DIR) ({pipeline_name})" if fmt == "diffusers"
-               else f"{lora_format.tool}")
+        how = loader_of(adapters.kind, pipeline_name) if fmt == "diffusers" else f"{lora_format.tool}"
         return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype,
                              format="lora" if fmt == "diffusers" else f"lora-{fmt}",
                              architecture=family.converter.DIFFUSERS_CLASS, files=files,
-                             notes=[f"LoRA rank {adapters.rank}, alpha {adapters.alpha:g}, {fmt} keys: load with "
-                                    f"{how} on the base weights {read_meta(ckpt).init_from['source']}; check it "
+                             notes=[f"{adapters.kind} rank {adapters.rank}, alpha {adapters.alpha:g}, {fmt} keys: load "
+                                    f"with {how} on the base weights {read_meta(ckpt).init_from['source']}; check it "
                                     f"with `flowmatch lora check {target} --base PIPELINE_DIR`"])
     if merge:
         state = _merged(ckpt, recipe.model, state)
@@ -256,4 +259,5 @@ def _merged(ckpt: Path, model_cfg, adapters: dict) -> dict:
     """The base weights a LoRA checkpoint records (their hash checked) with its adapters merged in."""
     base = lora_base(ckpt)
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
-    return merge({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)
+    return merge_adapters({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)
+

@@ -4,6 +4,8 @@ schedule and the noise generators, each built from its own recipe section.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import random
 from dataclasses import dataclass
@@ -153,7 +155,9 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         # Outside model_init: peft initialises the adapters after building them, which zero.Init's partitioned
         # parameters would ignore; DeepSpeed partitions them when it wraps the model. Seeded: the same on every rank.
         torch.manual_seed(seed)
-        apply_lora(model, run_recipe.model.lora)
+        # DoRA's magnitude starts at the base rows' norms: under ZeRO-3 the base is partitioned, gather it to read.
+        with engine.gathered_params(model) if run_recipe.model.lora.reads_base else contextlib.nullcontext():
+            apply_lora(model, run_recipe.model.lora)
         if run_recipe.model.lora.init_from:  # the same file on every rank; a resumed run's checkpoint overrides it
             load_lora_file(model, run_recipe.model.lora, run_recipe.model.lora.init_from)
     family = family_of(run_recipe.model)

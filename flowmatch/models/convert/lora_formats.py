@@ -36,6 +36,12 @@ FACTOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
         "peft": {"A": "lora_A.weight", "B": "lora_B.weight", "alpha": "alpha"},
         "kohya": {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"},
     },
+    # LyCORIS' names, which peft's tuners share (flowmatch.models.convert.adapters writes them): the same in both
+    # styles, ComfyUI's loader and kohya-style tools read them.
+    **{kind: dict.fromkeys(("peft", "kohya"), {**{f: f for f in factors}, "alpha": "alpha"}) for kind, factors in {
+        "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+        "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+    }.items()},
 }
 
 
