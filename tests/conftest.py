@@ -39,6 +39,14 @@ def tiny_flux_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_pipeline(tmp_path_factory):
+    """Folder of a tiny random QwenImagePipeline (see tests/tiny_pipelines_qwen.py), built once per session."""
+    from tests.tiny_pipelines_qwen import save_qwen_pipeline  # imports diffusers: only for the tests that ask for it
+
+    return save_qwen_pipeline(tmp_path_factory.mktemp("tiny-qwen-image"))
+
+
+@pytest.fixture(scope="session")
 def train_runs(tmp_path_factory, digit_shards):
     """The real training launches of tests/test_train_distributed.py, each started on first use and shared by the
     modules that compare with them (tests/test_launchers.py follows its one-process run): each costs seconds."""

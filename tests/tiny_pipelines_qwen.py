@@ -4,8 +4,8 @@ Laid out as Qwen/Qwen-Image is (model_index.json, transformer/, vae/, scheduler/
 the releases' classes: QwenImageTransformer2DModel, AutoencoderKLQwenImage (a causal 3D VAE, used with one
 frame, with per-channel latents_mean / latents_std), Qwen2_5_VLForConditionalGeneration as the text encoder and a
 real Qwen2Tokenizer (byte-level BPE) made from a small vocabulary: the 256 byte symbols, merges trained on the
-pipeline's chat template and :data:`WORDS` that spell each of their words whole, and the chat special tokens. The template's
-system prefix is then 34 tokens, as with the released tokenizer, which QwenImagePipeline drops
+pipeline's chat template and :data:`WORDS` that spell each of their words whole, and the chat special tokens.
+The template's system prefix is then 34 tokens, as with the released tokenizer, which QwenImagePipeline drops
 (``prompt_template_encode_start_idx``). Only the widths and depths are tiny: text width 16, 4 latent channels
 packed 2x2 into 16, VAE factor 4 (two spatial downsamplings). Every transformer weight is perturbed, so images
 depend on all of them.
