@@ -19,6 +19,7 @@ from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.data.pixels import model_to_unit, pixels_to_model
+from flowmatch.families import family_of
 from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, with_guidance
 from flowmatch.flow.timesteps import shift_time
 from flowmatch.sampling.diffusion import check_sampler, is_diffusion_sampler, sample_diffusion
@@ -82,13 +83,18 @@ class GenerationConfig:
     """The model takes the guidance scale as an input (FLUX-dev, few-step models): no unconditional pass."""
     size: tuple[int, int] = (256, 256)
     """The default image (height, width) in pixels."""
+    guidance_renorm: int = 0
+    """Rescale each p x p latent patch's guided velocity to the conditional one's norm (p = this; 0 = plain
+    classifier-free guidance): the family's pipeline guides so (Qwen-Image's true CFG)."""
 
     @classmethod
     def of(cls, recipe: Any) -> "GenerationConfig":
         """The sections of a recipe (:class:`flowmatch.config.Recipe`): flow, sampling, the model's patch size and
-        guidance input, the data's image size."""
+        guidance input, the data's image size, and how the model's family guides."""
+        family = family_of(recipe.model)
+        renorm = family.latents.pack if family.diffusers and family.diffusers.schedule.guidance_renorm else 0
         return cls(recipe.flow, recipe.sampling, recipe.model.patch_size, bool(recipe.model.guidance_embed),
-                   tuple(recipe.data.size))
+                   tuple(recipe.data.size), renorm)
 
 
 def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
@@ -102,7 +108,7 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
                    steps: int, solver: str, guidance_scale: Optional[float], shift: float,
                    grid: Optional[list[float]] = None, formulation: Optional[Formulation] = None,
                    options: Optional[SamplingConfig] = None,
-                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, int]:
+                   generator: Optional[torch.Generator] = None, renorm: int = 0) -> tuple[Tensor, int]:
     """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, model evaluations).
 
     With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
@@ -111,7 +117,7 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
     others integrate its velocity at r = t. ``formulation`` (default: rectified flow, velocity) says what the
     model predicts: an ODE solver integrates its probability-flow velocity; a diffusion sampler (``solver`` in
     ``ddim | ancestral | pc``) takes eta and the corrector settings from ``options`` and its fresh noise from
-    ``generator``.
+    ``generator``. ``renorm`` p rescales the guided velocity per p x p patch (:func:`guided_velocity`).
     """
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
@@ -122,12 +128,12 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
         if formulation is not None and not formulation.is_rectified_velocity:
             raise ValueError("the average solver needs a rectified-flow model's average velocity; this model "
                              f"predicts {formulation.prediction} on the {formulation.path.name} path")
-        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True)
+        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True, renorm=renorm)
         solution = sample_average(velocity, noise, steps=steps, shift=shift)
         return solution.x, solution.nfe
     # Guidance mixes outputs linearly, and every prediction is affine in every other at fixed (x, t): guiding the
     # model's own output is guiding its velocity.
-    predict = guided_velocity(model, cond, null if guided else None, guidance_scale)
+    predict = guided_velocity(model, cond, null if guided else None, guidance_scale, renorm=renorm)
     if is_diffusion_sampler(solver):
         if grid is not None:
             raise ValueError(f"the {solver} sampler walks the flow's own grid; it takes no grid or sigmas")
@@ -194,15 +200,18 @@ class Pipeline:
     def generate(self, prompts: list[str], *, steps: Optional[int] = None, solver: Optional[str] = None,
                  guidance_scale: Optional[float] = None, seed: int = 0, height: Optional[int] = None,
                  width: Optional[int] = None, noise: Optional[Tensor] = None,
-                 sigmas: Optional[list[float]] = None) -> Tensor:
+                 sigmas: Optional[list[float]] = None,
+                 negative_prompt: Optional[str | list[str]] = None) -> Tensor:
         """Images (B, C, H, W) in [0, 1] for B prompts; None arguments take the recipe's sampling defaults.
 
         Image i starts from noise seeded with ``seed + i``, or from ``noise[i]`` when ``noise`` (B, C, h, w), the
         latents at t = 1, is given (to start another library's sampler from the same latents); its size then sets
         the image size. ``sigmas`` (one per step, unshifted, as diffusers' pipelines take them) sets the grid:
         the shift applied to them, then 0. For a model with a guidance embedding (FLUX-dev) the guidance scale is
-        the value it embeds, with no classifier-free guidance, as FluxPipeline does. :attr:`last_nfe` holds the
-        velocity evaluations used.
+        the value it embeds, with no classifier-free guidance, as FluxPipeline does. Classifier-free guidance
+        contrasts the prompts with ``negative_prompt`` (one for all, or one per prompt; QwenImagePipeline's
+        negative prompt), by default with the empty caption. :attr:`last_nfe` holds the velocity evaluations
+        used.
         """
         s = self.config.sampling
         p = self.config.patch_size
@@ -223,6 +232,11 @@ class Pipeline:
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         shift = self.schedule.shift_for(seq_len)
         cond, null, model = self.encoders.encode_text(list(prompts)), self.encoders.null(), self.model
+        if negative_prompt is not None:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) not in (1, len(prompts)):
+                raise ValueError(f"negative_prompt: give one, or one per prompt ({len(prompts)}), got {len(negatives)}")
+            null = self.encoders.encode_text(negatives)
         if self.config.guidance_embed:  # guidance as a model input (FLUX-dev, few-step): no unconditional pass
             cond, null, scale = with_guidance(cond, scale), None, None
         elif self.pipeline_grid is not None and not self.pipeline_grid.classifier_free:
@@ -236,7 +250,8 @@ class Pipeline:
         latents, self.last_nfe = sample_latents(model, cond, null, noise.to(self.device, torch.float32), steps=steps,
                                                 solver=solver or s.solver, guidance_scale=scale, shift=shift,
                                                 grid=grid, formulation=self.formulation, options=s,
-                                                generator=torch.Generator().manual_seed(seed))
+                                                generator=torch.Generator().manual_seed(seed),
+                                                renorm=self.config.guidance_renorm)
         return model_to_unit(self.encoders.decode(latents))
 
 
