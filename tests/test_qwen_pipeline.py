@@ -45,11 +45,15 @@ def test_reading_the_qwen_folder(tiny_qwen_pipeline, ours):
     assert configs.flow.shift_mode == "sequence" and configs.flow.max_shift == 0.9
     assert ours.recipe.model.pooled_dim == 0 and ours.recipe.sampling.steps == 50
     assert ours.config.guidance_renorm == 2 and ours.encoders.downsample == VAE_FACTOR
+    # QwenImagePipeline hands its transformer timestep / 1000 in float32, which embeds t * 1000 again: rounded.
+    t = torch.linspace(0, 1, 1001)
+    assert torch.equal(ours.pipeline_grid.model_time(t), (t * 1000) / 1000)
+    assert not torch.equal(ours.pipeline_grid.model_time(t), t)
 
 
 def test_from_diffusers_generates_the_pipelines_images(ours, qwen):
     """Bugs caught: the negative prompt ignored (guided against the empty caption), the per-token renormalisation
-    of true CFG left out, the per-channel latent statistics not undone, the pipeline's time rounding lost."""
+    of true CFG left out, the per-channel latent statistics not undone."""
     h = w = SIZE // VAE_FACTOR
     noise = image_noise([0, 1], (LATENT_CHANNELS, h, w))
     packed = QwenImagePipeline._pack_latents(noise, 2, LATENT_CHANNELS, h, w)
