@@ -34,6 +34,19 @@ def ours(tiny_qwen_pipeline):
     return Pipeline.from_diffusers(tiny_qwen_pipeline, device="cpu")
 
 
+def test_the_family_and_recipe_encode_text_as_the_pipeline(qwen):
+    """The template and dropped prefix flowmatch states (the family, the recipe) are the pipeline's own."""
+    from flowmatch.config import load_recipe
+    from flowmatch.families.qwen_image import TEXT_ENCODER
+    from tests.test_train import ROOT
+
+    assert TEXT_ENCODER["template"] == qwen.prompt_template_encode
+    assert TEXT_ENCODER["drop_tokens"] == qwen.prompt_template_encode_start_idx
+    recipe = load_recipe(ROOT / "recipes" / "qwen-image-lora.yaml", [])
+    encoder = recipe.text_encoders.encoders["qwen"]
+    assert {k: getattr(encoder, k) for k in TEXT_ENCODER} == TEXT_ENCODER
+
+
 def test_reading_the_qwen_folder(tiny_qwen_pipeline, ours):
     configs = encoder_configs_from_pipeline(tiny_qwen_pipeline)
     (name, text), = configs.text_encoders.encoders.items()

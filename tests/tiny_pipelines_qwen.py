@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
+from flowmatch.families.qwen_image import PROMPT_TEMPLATE
+
 #: Words the small vocabulary spells out whole (the rest falls back to bytes).
 WORDS = ("a", "photo", "of", "cat", "dog", "red", "apple", "on", "wooden", "table", "blurry", "bad", "quality")
-#: QwenImagePipeline's prompt template (its prompt_template_encode); its words are spelt out whole.
-TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-            "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-            "<|im_start|>assistant\n")
+#: QwenImagePipeline's prompt template (the family's copy, checked against the pipeline's in test_qwen_pipeline).
+TEMPLATE = PROMPT_TEMPLATE
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 LATENT_CHANNELS = 4
 TEXT_WIDTH = 16
