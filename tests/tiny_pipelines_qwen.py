@@ -66,6 +66,7 @@ def qwen_text_encoder(tokenizer, *, seed: int):
         text_config=dict(hidden_size=TEXT_WIDTH, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=2, vocab_size=len(tokenizer), rope_theta=1000000.0,
                          eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                         bos_token_id=ids("<|endoftext|>"),
                          rope_scaling=dict(mrope_section=[1, 1, 2], rope_type="default", type="default")),
         vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=TEXT_WIDTH),
         hidden_size=TEXT_WIDTH, vocab_size=len(tokenizer), eos_token_id=ids("<|im_end|>"),
