@@ -6,7 +6,6 @@ noise, steps, negative prompt and true CFG."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -15,13 +14,9 @@ import torch
 from diffusers import DiffusionPipeline, QwenImagePipeline
 
 from flowmatch import Pipeline
-from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.export import export
-from flowmatch.families.config import ModelConfig
-from flowmatch.models.lora import LoraConfig
-from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.test_train import tiny_recipe
+from tests.test_finetune_pipelines import lora_run
 from tests.tiny_pipelines_qwen import LATENT_CHANNELS
 
 SIZE = 32
@@ -35,17 +30,9 @@ pytestmark = pytest.mark.slow  # whole pipelines: training, export, and both lib
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_qwen_pipeline, digit_shards, tmp_path_factory) -> Path:
+def qwen_lora_run(tiny_qwen_pipeline, digit_shards, tmp_path_factory) -> Path:
     """Two steps of rank-4, alpha-8 adapters on the pipeline's transformer, with its encoder, VAE and shift."""
-    run = tmp_path_factory.mktemp("qwen-lora") / "run"
-    configs = encoder_configs_from_pipeline(tiny_qwen_pipeline)
-    recipe = tiny_recipe(run, digit_shards, **{"train.max_steps": 2, "train.batch_size": 4, "data.channels": 3,
-                                               "data.resolution": SIZE, "sampling.steps": 1, "optim.lr": 0.05,
-                                               "optim.schedule": "constant"})
-    model = ModelConfig(init_from=str(tiny_qwen_pipeline), lora=LoraConfig(rank=4, alpha=8))
-    train(dataclasses.replace(recipe, model=model, text_encoders=configs.text_encoders,
-                              autoencoder=configs.autoencoder, flow=configs.flow))
-    return run
+    return lora_run(tiny_qwen_pipeline, tmp_path_factory.mktemp("qwen-lora") / "run", digit_shards)
 
 
 def _generate(pipe, latents, **kwargs):
@@ -54,12 +41,12 @@ def _generate(pipe, latents, **kwargs):
                 num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="pt", **kwargs).images
 
 
-def test_lora_and_merged_exports_generate_flowmatchs_images(lora_run, tiny_qwen_pipeline, tmp_path):
+def test_lora_and_merged_exports_generate_flowmatchs_images(qwen_lora_run, tiny_qwen_pipeline, tmp_path):
     """Bugs caught: adapters exported under the wrong diffusers names (load_lora_weights would skip them), a
     merged export that loses them, an export folder whose encoder or VAE is not the run's."""
-    lora = export(lora_run, tmp_path / "lora", lora=True, weights="raw")
+    lora = export(qwen_lora_run, tmp_path / "lora", lora=True, weights="raw")
     assert lora.files == [tmp_path / "lora" / "pytorch_lora_weights.safetensors"]
-    merged_summary = export(lora_run, tmp_path / "merged", merge=True, weights="raw", dtype="fp32")
+    merged_summary = export(qwen_lora_run, tmp_path / "merged", merge=True, weights="raw", dtype="fp32")
     assert any("complete QwenImagePipeline folder" in n for n in merged_summary.notes), merged_summary.notes
     index = json.loads((tmp_path / "merged" / "model_index.json").read_text())
     assert index["transformer"] == ["diffusers", "QwenImageTransformer2DModel"]
@@ -69,7 +56,7 @@ def test_lora_and_merged_exports_generate_flowmatchs_images(lora_run, tiny_qwen_
     packed = QwenImagePipeline._pack_latents(noise, len(PROMPTS), LATENT_CHANNELS, h, w)
     ours = Pipeline.from_diffusers(tiny_qwen_pipeline, device="cpu")
     base = ours.generate(PROMPTS, steps=STEPS, guidance_scale=GUIDANCE, noise=noise, negative_prompt=NEGATIVE)
-    ours.model = Pipeline.from_checkpoint(lora_run, ema=False, device="cpu").model  # the run's own LoRA model
+    ours.model = Pipeline.from_checkpoint(qwen_lora_run, ema=False, device="cpu").model  # the run's own LoRA model
     want = ours.generate(PROMPTS, steps=STEPS, guidance_scale=GUIDANCE, noise=noise, negative_prompt=NEGATIVE)
 
     theirs = QwenImagePipeline.from_pretrained(tiny_qwen_pipeline)
