@@ -61,7 +61,7 @@ def to_diffusers_lora(adapters: Mapping[str, Tensor], chosen: list[Projection], 
     modules = []
     for proj, a, b in adapted(adapters, chosen):
         for name, a_t, b_t in _their_factors(proj, a, b):
-            tensors[f"{name}.lora_A.weight"] = a_t
+            tensors[f"{PREFIX}.{name}.lora_A.weight"] = a_t
             tensors[f"{PREFIX}.{name}.lora_B.weight"] = b_t
             modules.append(name)
     config = peft_config(lora, sorted(modules)).to_dict()
