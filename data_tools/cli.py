@@ -22,6 +22,8 @@ def parser() -> argparse.ArgumentParser:
     folder.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     folder.add_argument("--keep-order", action="store_true", help="keep the sorted file order instead of shuffling")
     folder.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    folder.add_argument("--reference-field", default="reference",
+                        help="the .json field naming an entry's reference image(s) for paired (editing) data")
 
     digits = sub.add_parser("digits", help="scikit-learn's 8x8 digits with varied captions -> train-*/val-* shards")
     digits.add_argument("out")
@@ -34,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     jsonl.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     jsonl.add_argument("--threads", type=int, default=8, help="parallel downloads for URL rows")
     jsonl.add_argument("--overwrite", action="store_true")
+    jsonl.add_argument("--reference-field", default="reference",
+                       help="the row field naming its reference image(s), path or URL, for paired (editing) data")
 
     encode = sub.add_parser("encode", help="precompute latents and text embeddings into new shards (resumable)")
     encode.add_argument("src", metavar="IN", help="raw shards: directory, glob or brace pattern")
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         from data_tools.folder import build_folder
 
         report = build_folder(args.src, args.out, shard_size=args.shard_size, seed=args.seed,
-                              shuffle=not args.keep_order, overwrite=args.overwrite)
+                              shuffle=not args.keep_order, overwrite=args.overwrite,
+                              reference_field=args.reference_field)
         print(report.summary())
     elif args.command == "digits":
         from data_tools.digits import write_digits
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         from data_tools.jsonl import build_jsonl
 
         report = build_jsonl(args.file, args.out, shard_size=args.shard_size, threads=args.threads,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, reference_field=args.reference_field)
         print(report.summary())
     elif args.command == "encode":
         from data_tools.encode import EncodeSettings, encode_shards, launcher_rank

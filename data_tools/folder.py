@@ -5,6 +5,11 @@ jpg, txt and json (the source path, plus the .json's own fields). The image byte
 re-encoding), after a full decode proves them sound. Bad entries never stop the build: an undecodable or
 oversized image, an image without a caption, a caption without an image, an empty caption are skipped and
 listed in OUT/report.json and the printed summary.
+
+Paired (editing) samples: the .json's `reference` field (`--reference-field`) names the reference image(s), a
+path or a list of paths relative to the entry's folder; they are stored as `ref.EXT`, `ref_1.EXT`, ... beside the
+target (flowmatch.data.shardformat), and the caption is the instruction. An entry whose reference is missing or
+undecodable is skipped and reported; images serving only as references are not reported as uncaptioned.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from data_tools.images import SOURCE_EXTS, ImageRejected, check_image
+from data_tools.images import (
+    REFERENCE_FIELD,
+    SOURCE_EXTS,
+    ImageRejected,
+    check_image,
+    reference_files,
+    reference_sources,
+)
 from data_tools.report import BuildReport
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB, ShardSink, safe_key
 
@@ -84,20 +96,44 @@ def read_caption(entry: Entry) -> tuple[str, dict]:
     return caption, meta
 
 
+def read_bounded(path: Path) -> bytes:
+    """The file's bytes; ValueError when it is larger than a shard member may be (OSError when unreadable)."""
+    if path.stat().st_size > MAX_MEMBER_BYTES:
+        raise ValueError(f"oversized file ({path.stat().st_size // MIB} MiB)")
+    return path.read_bytes()
+
+
+def referenced_images(entries: list[Entry], field: str) -> set[Path]:
+    """Every image some entry's .json names as its reference (unreadable metadata is reported with its entry)."""
+    found: set[Path] = set()
+    for entry in entries:
+        if entry.json is None:
+            continue
+        try:
+            meta = json.loads(entry.json.read_text(encoding="utf-8"))
+            names = reference_sources(meta, field) if isinstance(meta, dict) else []
+        except (ValueError, UnicodeDecodeError):
+            continue
+        found.update((entry.json.parent / name).resolve() for name in names)
+    return found
+
+
 def build_folder(src: str | Path, out: str | Path, *, shard_size: int = 1000, seed: int = 0, shuffle: bool = True,
-                 max_pixels: int = MAX_IMAGE_PIXELS, overwrite: bool = False) -> BuildReport:
+                 max_pixels: int = MAX_IMAGE_PIXELS, overwrite: bool = False,
+                 reference_field: str = REFERENCE_FIELD) -> BuildReport:
     """Write the shards and OUT/report.json; returns the report. Raises only for unusable SRC/OUT."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise NotADirectoryError(f"{src} is not a directory of images")
     report = BuildReport()
     entries = scan(src, report)
+    referenced = referenced_images(entries, reference_field)
     if shuffle:  # folders are often sorted by class; mix them so each shard is a fair sample
         random.Random(seed).shuffle(entries)
     used: set[str] = set()
     with ShardSink(out, prefix="shard", shard_size=shard_size, overwrite=overwrite) as sink:
         for entry in entries:
-            written = write_entry(entry, sink, used, report, src, max_pixels)
+            written = write_entry(entry, sink, used, report, src, max_pixels, reference_field, referenced)
             report.written += written
     report.shards = [p.name for p in sink.paths]
     report.save(out / "report.json")
@@ -105,7 +141,8 @@ def build_folder(src: str | Path, out: str | Path, *, shard_size: int = 1000, se
 
 
 def write_entry(entry: Entry, sink: ShardSink, used: set[str], report: BuildReport, src: Path,
-                max_pixels: int) -> int:
+                max_pixels: int, reference_field: str = REFERENCE_FIELD,
+                referenced: frozenset | set = frozenset()) -> int:
     """Write one entry (1) or report why not (0)."""
     captions = [p for p in (entry.txt, entry.json) if p is not None]
     if not entry.images:
@@ -117,21 +154,28 @@ def write_entry(entry: Entry, sink: ShardSink, used: set[str], report: BuildRepo
     for extra in entry.images[1:]:
         report.skip(extra.relative_to(src).as_posix(), f"second image for {entry.stem} (kept {image_path.name})")
     if not captions:
-        report.skip(rel, "image without caption")
+        if image_path.resolve() not in referenced:
+            report.skip(rel, "image without caption")
         return 0
     try:
         caption, meta = read_caption(entry)
     except ValueError as err:
         report.skip(rel, str(err))
         return 0
-    if image_path.stat().st_size > MAX_MEMBER_BYTES:
-        report.skip(rel, f"oversized file ({image_path.stat().st_size // MIB} MiB)")
+    try:
+        data = read_bounded(image_path)
+    except ValueError as err:
+        report.skip(rel, str(err))
         return 0
-    data = image_path.read_bytes()
     try:
         ext = check_image(data, max_pixels=max_pixels)
-    except ImageRejected as err:
+        names = reference_sources(meta, reference_field)
+        refs = reference_files([read_bounded(image_path.parent / name) for name in names], max_pixels=max_pixels)
+    except (ImageRejected, ValueError) as err:
         report.skip(rel, str(err))
+        return 0
+    except OSError as err:
+        report.skip(rel, f"unreadable reference ({type(err).__name__}: {err})")
         return 0
     key = safe_key(entry.stem)
     base, n = key, 1
@@ -139,5 +183,6 @@ def write_entry(entry: Entry, sink: ShardSink, used: set[str], report: BuildRepo
         n += 1
         key = f"{base}_{n}"
     used.add(key)
-    sink.write(key, {ext: data, "txt": caption, "json": json.dumps({"source": rel, **meta}, ensure_ascii=False)})
+    sink.write(key, {ext: data, "txt": caption, **refs,
+                     "json": json.dumps({"source": rel, **meta}, ensure_ascii=False)})
     return 1

@@ -4,6 +4,10 @@ Accepted field names: image / url / path for the image, caption / text for the c
 in the sample's .json. Relative paths are relative to FILE's folder. URLs (http, https) are fetched with a
 timeout and a size cap, a few at a time. Bad rows (unparsable, missing fields, unreachable or undecodable
 images) are skipped and listed in OUT/report.json, like the folder tool.
+
+Paired (editing) rows: a `reference` field (`--reference-field`) names the reference image(s), a path or URL or a
+list of them (read as the image is); they are stored as `ref.EXT`, `ref_1.EXT`, ... (flowmatch.data.shardformat)
+and the caption is the instruction. A row whose reference cannot be read or decoded is skipped and reported.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
-from data_tools.images import ImageRejected, check_image
+from data_tools.images import REFERENCE_FIELD, ImageRejected, check_image, reference_files, reference_sources
 from data_tools.report import BuildReport
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB, ShardSink
 
@@ -69,7 +73,8 @@ def fetch(source: str, base: Path) -> bytes:
 
 
 def build_jsonl(file: str | Path, out: str | Path, *, shard_size: int = 1000, threads: int = 8,
-                max_pixels: int = MAX_IMAGE_PIXELS, overwrite: bool = False) -> BuildReport:
+                max_pixels: int = MAX_IMAGE_PIXELS, overwrite: bool = False,
+                reference_field: str = REFERENCE_FIELD) -> BuildReport:
     """Write the shards and OUT/report.json; returns the report."""
     file, out = Path(file), Path(out)
     if not file.is_file():
@@ -82,28 +87,38 @@ def build_jsonl(file: str | Path, out: str | Path, *, shard_size: int = 1000, th
         if image is None or caption is None:
             report.skip(where, "row without image" if image is None else "row without caption")
             continue
-        jobs.append((number, where, image, caption, row))
-
-    def load(job: tuple) -> tuple[tuple, Optional[bytes], str]:
         try:
-            return job, fetch(job[2], file.parent), ""
+            references = reference_sources(row, reference_field)
+        except ValueError as err:
+            report.skip(where, str(err))
+            continue
+        jobs.append((number, where, image, caption, row, references))
+
+    def load(job: tuple) -> tuple[tuple, Optional[bytes], list[bytes], str]:
+        try:
+            data = fetch(job[2], file.parent)
         except (OSError, ValueError) as err:
-            return job, None, f"unreadable image ({type(err).__name__}: {err})"
+            return job, None, [], f"unreadable image ({type(err).__name__}: {err})"
+        try:
+            return job, data, [fetch(source, file.parent) for source in job[5]], ""
+        except (OSError, ValueError) as err:
+            return job, None, [], f"unreadable reference ({type(err).__name__}: {err})"
 
     with ShardSink(out, prefix="shard", shard_size=shard_size, overwrite=overwrite) as sink, \
             ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for (number, where, image, caption, row), data, error in pool.map(load, jobs):  # map keeps row order
+        for (number, where, image, caption, row, _), data, references, error in pool.map(load, jobs):  # in order
             if data is None:
                 report.skip(where, error)
                 continue
             try:
                 ext = check_image(data, max_pixels=max_pixels)
+                refs = reference_files(references, max_pixels=max_pixels)
             except ImageRejected as err:
                 report.skip(where, str(err))
                 continue
             extra = {k: v for k, v in row.items() if k not in IMAGE_FIELDS + CAPTION_FIELDS}
             meta = json.dumps({"source": image, **extra}, ensure_ascii=False)
-            sink.write(f"row-{number:09d}", {ext: data, "txt": caption, "json": meta})
+            sink.write(f"row-{number:09d}", {ext: data, "txt": caption, **refs, "json": meta})
             report.written += 1
     report.shards = [p.name for p in sink.paths]
     report.save(out / "report.json")

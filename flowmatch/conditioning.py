@@ -14,6 +14,14 @@ Fields (B = batch, L = text tokens, D = hidden width, Dp = pooled width)::
     mask    (B, L)    bool    True = real token
     pooled  (B, Dp)   float   one vector per caption
     extra   {name: (B, ...)}  further per-sample model inputs (e.g. a guidance value), batch-first
+    reference ((B, C, h_k, w_k), ...)  clean reference-image latents (image editing), one tensor per reference
+
+The references travel with the image, not with the caption: they are latents of the same autoencoder as the
+target, normalised the same way (``Autoencoder.encode``: ``(z - shift) * scale``), never noised. Dropping a
+caption (:meth:`where`) keeps them, and the unconditional input of classifier-free guidance is the empty caption
+*with the references* (:meth:`unconditional`): an editing model's unconditional pass still sees the image it
+edits. A batch has one reference count and one size per reference; samples with other counts or sizes go in
+other batches (grouped, never padded). ``()`` is a model input without references (text-to-image).
 
 This module needs only torch, so the model, the loader and the flow math can import it cheaply.
 """
@@ -21,7 +29,7 @@ This module needs only torch, so the model, the loader and the flow math can imp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -36,6 +44,7 @@ class Conditioning:
     mask: Tensor
     pooled: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)
+    reference: tuple[Tensor, ...] = ()
 
     def __post_init__(self) -> None:
         b, length = self.hidden.shape[:2]
@@ -47,6 +56,11 @@ class Conditioning:
         for name, value in self.extra.items():
             if value.shape[:1] != (b,):
                 raise ValueError(f"extra input {name!r} must be batch-first with batch {b}, got {tuple(value.shape)}")
+        self.reference = tuple(self.reference)
+        for k, ref in enumerate(self.reference):
+            if ref.ndim != 4 or ref.shape[0] != b or not ref.is_floating_point():
+                raise ValueError(f"reference {k} must be float latents (B={b}, C, h, w), got {ref.dtype} "
+                                 f"{tuple(ref.shape)}")
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
@@ -57,8 +71,22 @@ class Conditioning:
         return self.hidden.shape[1]
 
     def _map(self, fn) -> "Conditioning":
-        """Apply ``fn`` to every tensor (hidden, mask, pooled, extras)."""
-        return Conditioning(fn(self.hidden), fn(self.mask), fn(self.pooled), {k: fn(v) for k, v in self.extra.items()})
+        """Apply ``fn`` to every tensor (hidden, mask, pooled, extras, references)."""
+        return Conditioning(fn(self.hidden), fn(self.mask), fn(self.pooled), {k: fn(v) for k, v in self.extra.items()},
+                            tuple(fn(r) for r in self.reference))
+
+    def rows(self, n: int) -> "Conditioning":
+        """The first ``n`` rows (references included)."""
+        return self._map(lambda x: x[:n])
+
+    def with_reference(self, reference: Sequence[Tensor]) -> "Conditioning":
+        """The same caption inputs with ``reference`` (each (B, C, h_k, w_k)) as the reference latents."""
+        return replace(self, extra=dict(self.extra), reference=tuple(reference))
+
+    def unconditional(self, null: "Conditioning") -> "Conditioning":
+        """The unconditional input matching this batch: ``null`` (the empty caption, batch 1 or B) expanded to
+        this batch, with this batch's references (classifier-free guidance drops the caption, not the image)."""
+        return null.expand(len(self)).with_reference(self.reference)
 
     def to(self, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None, *,
            non_blocking: bool = False) -> "Conditioning":
@@ -83,7 +111,7 @@ class Conditioning:
             return self
         hidden = torch.nn.functional.pad(self.hidden, (0, 0, 0, extra))
         mask = torch.nn.functional.pad(self.mask, (0, extra), value=False)
-        return Conditioning(hidden, mask, self.pooled, dict(self.extra))
+        return Conditioning(hidden, mask, self.pooled, dict(self.extra), self.reference)
 
     def expand(self, batch: int) -> "Conditioning":
         """A batch-1 conditioning repeated to ``batch`` rows (a view); a batch of ``batch`` rows as it is."""
@@ -95,12 +123,17 @@ class Conditioning:
 
     @staticmethod
     def cat(items: Sequence["Conditioning"]) -> "Conditioning":
-        """Concatenate along the batch, right-padding every item to the longest token length."""
+        """Concatenate along the batch, right-padding every item to the longest token length. References are
+        never padded: every item must carry as many references, of the same sizes (group samples first)."""
         if not items:
             raise ValueError("Conditioning.cat needs at least one item")
         keys = set(items[0].extra)
         if any(set(c.extra) != keys for c in items):
             raise ValueError(f"conditionings carry different extra inputs: {[sorted(c.extra) for c in items]}")
+        layouts = [reference_layout(c.reference) for c in items]
+        if any(layout != layouts[0] for layout in layouts):
+            raise ValueError(f"conditionings carry different references (count, then (C, h, w) each): {layouts}; "
+                             "batch samples with the same reference count and sizes together instead of padding")
         length = max(c.length for c in items)
         padded = [c.pad_to(length) for c in items]
         device = padded[0].hidden.device
@@ -109,6 +142,7 @@ class Conditioning:
             torch.cat([c.mask.to(device) for c in padded]),
             torch.cat([c.pooled.to(device) for c in padded]),
             {k: torch.cat([c.extra[k].to(device) for c in padded]) for k in sorted(keys)},
+            tuple(torch.cat([c.reference[k].to(device) for c in padded]) for k in range(len(layouts[0]))),
         )
 
     @staticmethod
@@ -127,7 +161,8 @@ class Conditioning:
         return Conditioning(out, mask, torch.stack(list(pooled)).float())
 
     def where(self, replace: Tensor, other: "Conditioning") -> "Conditioning":
-        """Rows i with ``replace[i]`` True taken from ``other`` (batch 1, broadcast, or B), the rest from self.
+        """Rows i with ``replace[i]`` True taken from ``other`` (batch 1, broadcast, or B), the rest from self;
+        the references are always self's (caption dropout swaps the caption, never the image being edited).
 
         Both are padded to the longer token length first. ``replace`` is a (B,) bool tensor on any device; no
         host synchronisation happens.
@@ -146,4 +181,9 @@ class Conditioning:
             return torch.where(replace.reshape((b,) + (1,) * (x.ndim - 1)), y.to(device=device, dtype=x.dtype), x)
 
         return Conditioning(pick(a.hidden, o.hidden), pick(a.mask, o.mask), pick(a.pooled, o.pooled),
-                            {k: pick(v, o.extra[k]) for k, v in a.extra.items()})
+                            {k: pick(v, o.extra[k]) for k, v in a.extra.items()}, self.reference)
+
+
+def reference_layout(reference: Sequence[Tensor]) -> tuple[tuple[int, ...], ...]:
+    """(C, h, w) of each reference: what must agree between samples of one batch (the grouping key)."""
+    return tuple(tuple(r.shape[1:]) for r in reference)

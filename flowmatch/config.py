@@ -29,6 +29,7 @@ from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.engine import DistributedConfig, OptimConfig
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.eval_config import EvalConfig
+from flowmatch.families import check_references, family_of
 from flowmatch.families.config import ModelConfig
 from flowmatch.families.presets import preset_values
 from flowmatch.flow.timesteps import FlowConfig
@@ -174,11 +175,29 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
     except ValueError as err:
         raise RecipeError(f"model.preset: {err}") from None
     recipe = build_dataclass(Recipe, tree, "")
+    check_paired(recipe)
     resolve_from_init(recipe, stated_preset="preset" in (tree.get("autoencoder") or {}))
     if recipe.model.init_from:
         # Checked against the weights' architecture when the run is assembled (flowmatch.init_from).
         recipe.model.stated = stated_architecture(model)
     return recipe
+
+
+def check_paired(recipe: Recipe) -> None:
+    """Paired (editing) data goes with a family that takes reference images, and such a family with paired data:
+    a RecipeError naming data.paired and model.family otherwise."""
+    family = family_of(recipe.model)
+    if recipe.data.paired:
+        try:
+            check_references(family, 1, "data.paired: true (samples carry reference images)")
+        except ValueError as err:
+            raise RecipeError(f"{err} (model.family)") from None
+    elif family.capabilities.references:
+        raise RecipeError(f"model.family: {family.name} is an editing family (it takes up to "
+                          f"{family.capabilities.references} reference image(s) per sample) but data.paired is "
+                          "false: train it on paired shards (data.paired: true; samples with ref.EXT members, "
+                          "written by flowmatch-data folder|jsonl from a reference field) or use a text-to-image "
+                          "family")
 
 
 def resolve_from_init(recipe: Recipe, *, stated_preset: bool) -> None:

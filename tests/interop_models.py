@@ -53,7 +53,7 @@ def sample_inputs(height=8, width=8, batch=2, text_len=7, seed=1, guidance=True)
 
 
 def without_guidance(cond: Conditioning) -> Conditioning:
-    return Conditioning(cond.hidden, cond.mask, cond.pooled)
+    return Conditioning(cond.hidden, cond.mask, cond.pooled, reference=cond.reference)
 
 
 def reference(theirs, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -61,16 +61,24 @@ def reference(theirs, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
 
     SD3 takes the text tensors positionally and timestep = 1000 t. FLUX takes 2x2-packed latents, position ids
     (0, row, column) for the image and zeros for the text, t itself and the raw guidance value (it multiplies
-    both by 1000), and returns packed velocities.
+    both by 1000), and returns packed velocities. Reference latents (cond.reference) go in as FluxKontextPipeline
+    sends them: packed, after the image's tokens, with ids (1, row, column), the output cut to the image's tokens.
     """
     if isinstance(theirs, SD3Transformer2DModel):
         return theirs(x, cond.hidden, cond.pooled, t * 1000).sample
     b, c, h, w = x.shape
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    tokens = FluxPipeline._pack_latents(x, b, c, h, w)
+    n = tokens.shape[1]
+    for ref in cond.reference:
+        rh, rw = ref.shape[2:]
+        ref_ids = FluxPipeline._prepare_latent_image_ids(b, rh // 2, rw // 2, x.device, x.dtype)
+        ref_ids[..., 0] = 1
+        tokens = torch.cat([tokens, FluxPipeline._pack_latents(ref, b, c, rh, rw)], dim=1)
+        img_ids = torch.cat([img_ids, ref_ids])
     txt_ids = torch.zeros(cond.length, 3)
     guidance = cond.extra.get("guidance") if theirs.config.guidance_embeds else None
-    packed = theirs(FluxPipeline._pack_latents(x, b, c, h, w), cond.hidden, cond.pooled, t, img_ids, txt_ids,
-                    guidance).sample
+    packed = theirs(tokens, cond.hidden, cond.pooled, t, img_ids, txt_ids, guidance).sample[:, :n]
     return FluxPipeline._unpack_latents(packed, h * FLUX_VAE_FACTOR, w * FLUX_VAE_FACTOR, FLUX_VAE_FACTOR)
 
 

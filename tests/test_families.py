@@ -38,7 +38,7 @@ def _tiny(family) -> ModelConfig:
 
 
 def test_the_registry_lists_each_family_once_with_its_presets():
-    assert list(FAMILIES) == ["sd3", "flux", "qwen_image", "unet"] and set(MODEL_KINDS) == {"mmdit", "unet"}
+    assert list(FAMILIES) == ["sd3", "flux", "kontext", "qwen_image", "unet"] and set(MODEL_KINDS) == {"mmdit", "unet"}
     assert {name for f in FAMILIES.values() for name in f.presets} == set(PRESETS)
     assert all(PRESET_FAMILY[f.tiny] is f for f in FAMILIES.values())
     with pytest.raises(ValueError, match="model.family.*did you mean 'flux'"):
@@ -57,6 +57,8 @@ def test_every_family_builds_and_runs_its_tiny_preset(name):
                         torch.randn(2, cfg.pooled_dim))
     if cfg.guidance_embed:
         cond = Conditioning(cond.hidden, cond.mask, cond.pooled, {"guidance": torch.full((2,), 3.5)})
+    if family.capabilities.references:  # an editing family: with as many reference images as it takes
+        cond = cond.with_reference([torch.randn(2, cfg.in_channels, 4, 6)] * family.capabilities.references)
     with torch.no_grad():
         assert model(x, torch.rand(2), cond).shape == x.shape
     flops = family.flops(cfg, batch_size=4, latent_size=(8, 8), text_len=5)
@@ -70,9 +72,12 @@ def test_every_converter_round_trips_its_tiny_preset_bit_for_bit(name):
     ours = family.build(_tiny(family).architecture())
     theirs = to_diffusers(ours)
     assert type(theirs).__name__ == family.converter.DIFFUSERS_CLASS
-    # The original keys store neither SD3's sample_size nor FLUX's RoPE split: given as the model has them.
-    unstored = dict(sample_size=ours.cfg.sample_size, rope_axes_dim=ours.cfg.rope_axes_dim)
-    for back in (from_diffusers(theirs), from_original(to_original(ours), **unstored)):
+    # The original keys store neither SD3's sample_size, FLUX's RoPE split nor Kontext's reference count: given as
+    # the model has them. A diffusers transformer shared by two families (FLUX, Kontext) is told by its pipeline.
+    unstored = dict(sample_size=ours.cfg.sample_size, rope_axes_dim=ours.cfg.rope_axes_dim,
+                    references=ours.cfg.references)
+    for back in (from_diffusers(theirs, pipeline_class=family.diffusers.pipeline_class),
+                 from_original(to_original(ours), **unstored)):
         assert family_of(back.cfg) is family
         for (key, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
             assert torch.equal(a, b), key
@@ -101,6 +106,12 @@ def test_a_checkpoint_of_one_family_is_refused_as_another_naming_both():
     with pytest.raises(RecipeError, match="model.family: sd3.*flux weights"):
         with_architecture(model, weights)
     assert with_architecture(dataclasses.replace(model, family=None), weights).rope  # the family follows the weights
+    # FLUX.1-layout weights say nothing of reference images: a Kontext recipe takes them as Kontext's.
+    kontext = ModelConfig(**{**preset_values("tiny-flux-kontext-dev"), **SIZES}, family="kontext",
+                          init_from="flux1-kontext-dev.safetensors")
+    assert with_architecture(kontext, weights).references == 1
+    with pytest.raises(RecipeError, match="model.family: sd3.*kontext weights"):
+        with_architecture(model, dataclasses.replace(weights, references=1))
 
 
 def test_objectives_and_text_layouts_answer_for_their_names():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -19,7 +19,10 @@ class Batch:
     (B, L, D) zero-padded to the longest caption of the batch, mask (B, L) bool True = real token, pooled (B, Dp)),
     or, from features of several text encoders, `text_parts`: one such Conditioning per encoder, by name, which the
     encoders combine (flowmatch.encoders.combine). `captions` and `keys` are always there; B can be smaller than the
-    batch size at the end of an epoch or when samples were bad.
+    batch size at the end of an epoch or when samples were bad. Paired (editing) data adds the reference images:
+    `ref_images` (B, R, C, H, W) in [-1, 1] from raw shards, `ref_latents` (B, R, c, h, w) from cached ones; every
+    sample of a batch has the same number R of references (the loader groups by it), and the captions are the
+    instructions.
     """
 
     captions: list[str]
@@ -31,6 +34,10 @@ class Batch:
     """Per-sample JSON metadata when the shard stores it (e.g. the digits' {"label": 7}), else empty dicts."""
     text_parts: Optional[dict[str, Conditioning]] = None
     """Each text encoder's cached output by name, when the features hold several."""
+    ref_images: Optional[torch.Tensor] = None
+    """(B, R, C, H, W) float32 in [-1, 1]: the reference images of paired raw samples, at the target's size."""
+    ref_latents: Optional[torch.Tensor] = None
+    """(B, R, c, h, w) float32: the cached reference latents of paired samples."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -44,7 +51,8 @@ class Batch:
         text = None if self.text is None else self.text.to(device, non_blocking=non_blocking)
         parts = None if self.text_parts is None else {
             n: c.to(device, non_blocking=non_blocking) for n, c in self.text_parts.items()}
-        return Batch(self.captions, self.keys, move(self.images), move(self.latents), text, self.meta, parts)
+        return replace(self, images=move(self.images), latents=move(self.latents), text=text, text_parts=parts,
+                       ref_images=move(self.ref_images), ref_latents=move(self.ref_latents))
 
     def pin_memory(self) -> "Batch":
         """Page-locked copy; torch's DataLoader calls this from its pin-memory thread."""
@@ -54,4 +62,5 @@ class Batch:
 
         text = None if self.text is None else self.text.pin_memory()
         parts = None if self.text_parts is None else {n: c.pin_memory() for n, c in self.text_parts.items()}
-        return Batch(self.captions, self.keys, pin(self.images), pin(self.latents), text, self.meta, parts)
+        return replace(self, images=pin(self.images), latents=pin(self.latents), text=text, text_parts=parts,
+                       ref_images=pin(self.ref_images), ref_latents=pin(self.ref_latents))

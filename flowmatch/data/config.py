@@ -100,6 +100,10 @@ class DataConfig:
     """Tar members larger than this many MiB are skipped unread."""
     caption_key: str = ""
     """Where the caption is: a member extension (txt) or a field of the .json; '' = .txt, else .json caption/text."""
+    paired: bool = False
+    """Editing data: each sample pairs its target image with reference images (ref.EXT, ref_1.EXT, ...;
+    flowmatch.data.shardformat) and an instruction caption; samples without them are skipped as bad. Only for a
+    family with reference support."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A weighted mixture instead of data.shards: [{shards, weight, caption_key, val_shards, name}, ...]; each
     worker draws every next sample's source by weight (seeded, resumable); validation reads each source's split."""

@@ -1,7 +1,9 @@
 """Turn raw samples into training tensors: captions, images in [-1, 1] (flowmatch.data.pixels), cached features.
 
 `peek_*` reads only what batching needs (caption, image header or feature header), cheap enough to run again on
-the samples a resumed loader reads back into its partial batches; `decode_*` does the full work.
+the samples a resumed loader reads back into its partial batches; `decode_*` does the full work. A paired
+(editing) sample also names its reference images (flowmatch.data.shardformat.reference_members); one without
+them, or with a gap in their numbering, is a bad sample ("missing reference") like a corrupt one.
 Every problem raises `BadSample` with a short reason that becomes a counter name.
 """
 
@@ -19,6 +21,7 @@ from PIL import Image, ImageOps
 
 from flowmatch.data import features
 from flowmatch.data.pixels import pixels_to_model
+from flowmatch.data.shardformat import reference_members
 from flowmatch.data.tarstream import RawSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -45,13 +48,15 @@ class BadSample(Exception):
 class SampleInfo:
     """What batching needs to know about a sample before decoding it.
 
-    size: (width, height) of the image after EXIF rotation (raw), or None; shape: feature shape (cached).
+    size: (width, height) of the image after EXIF rotation (raw), or None; feature_key: the feature shapes
+    (cached); references: the member extensions of a paired sample's reference images, in order.
     """
 
     caption: str
     image_ext: str = ""
     size: Optional[tuple[int, int]] = None
     feature_key: tuple = ()
+    references: tuple[str, ...] = ()
 
 
 def read_caption(sample: RawSample, caption_key: str = "") -> str:
@@ -100,10 +105,27 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def peek_raw(sample: RawSample, *, max_pixels: int, need_size: bool, caption_key: str = "") -> SampleInfo:
-    """Caption and image member (and, for buckets, the upright image size) without decoding pixels."""
+MISSING_REFERENCE = "missing reference"
+UNDECODABLE_REFERENCE = "undecodable reference"
+
+
+def paired_references(sample: RawSample) -> tuple[str, ...]:
+    """The member extensions of a paired sample's reference images; BadSample("missing reference") when it has
+    none or their numbering has a gap."""
+    refs, gap = reference_members(sample.files)
+    if not refs or gap:
+        found = ", ".join(sorted(sample.files)) or "none"
+        raise BadSample(MISSING_REFERENCE, f"a paired sample needs ref.EXT (then ref_1.EXT, ...); members: {found}")
+    return tuple(refs)
+
+
+def peek_raw(sample: RawSample, *, max_pixels: int, need_size: bool, caption_key: str = "",
+             paired: bool = False) -> SampleInfo:
+    """Caption and image member (and, for buckets, the upright image size) without decoding pixels; with
+    `paired`, the reference members too (the target's size alone decides the bucket)."""
     caption = read_caption(sample, caption_key)
     ext = image_member(sample)
+    references = paired_references(sample) if paired else ()
     size = None
     if need_size:
         image = open_image(sample.files[ext], max_pixels)
@@ -113,7 +135,7 @@ def peek_raw(sample: RawSample, *, max_pixels: int, need_size: bool, caption_key
                 size = (size[1], size[0])
         except Exception:  # unreadable EXIF: decode ignores it the same way
             pass
-    return SampleInfo(caption, ext, size)
+    return SampleInfo(caption, ext, size, references=references)
 
 
 def decode_pixels(data: bytes, *, height: int, width: int, channels: int, max_pixels: int) -> np.ndarray:
@@ -144,6 +166,17 @@ def pixels_to_tensor(pixels: list[np.ndarray]) -> torch.Tensor:
     return pixels_to_model(torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)).contiguous()
 
 
+def decode_references(sample: RawSample, info: SampleInfo, *, height: int, width: int, channels: int,
+                      max_pixels: int) -> np.ndarray:
+    """A paired sample's reference images at the target's size: (R, height, width, C) uint8 (see decode_pixels);
+    BadSample("undecodable reference") when one of them does not decode."""
+    try:
+        return np.stack([decode_pixels(sample.files[ext], height=height, width=width, channels=channels,
+                                       max_pixels=max_pixels) for ext in info.references])
+    except BadSample as err:
+        raise BadSample(UNDECODABLE_REFERENCE, f"{err.reason}: {err.detail}") from None
+
+
 def decode_image(data: bytes, *, height: int, width: int, channels: int, max_pixels: int) -> torch.Tensor:
     """One image as (C, height, width) float32 in [-1, 1] (see decode_pixels)."""
     pixels = decode_pixels(data, height=height, width=width, channels=channels, max_pixels=max_pixels)
@@ -162,8 +195,10 @@ def resize_cover(image: Image.Image, height: int, width: int) -> Image.Image:
     return image
 
 
-def peek_cached(sample: RawSample, expect_encoders: Optional[dict[str, str]]) -> SampleInfo:
-    """Caption and feature shapes of a cached sample; raises features.EncoderMismatch for foreign features."""
+def peek_cached(sample: RawSample, expect_encoders: Optional[dict[str, str]], paired: bool = False) -> SampleInfo:
+    """Caption and feature shapes of a cached sample (the reference latents' shape among them); raises
+    features.EncoderMismatch for foreign features. With `paired`, features without reference latents are a
+    missing reference."""
     if features.EXT not in sample.files:
         raise BadSample("missing features", f"no .{features.EXT} member (is this a raw shard?)")
     try:
@@ -172,11 +207,13 @@ def peek_cached(sample: RawSample, expect_encoders: Optional[dict[str, str]]) ->
         raise BadSample("unreadable features", str(err)) from None
     if expect_encoders is not None:
         features.check_encoders(header.encoders, expect_encoders, sample.url)
+    if paired and not header.reference_shape:
+        raise BadSample(MISSING_REFERENCE, "cached features without reference latents in a paired data set")
     try:
         caption = read_caption(sample)
     except BadSample:
         caption = ""  # captions are informational once the text is encoded
-    return SampleInfo(caption, feature_key=tuple(header.latent_shape))
+    return SampleInfo(caption, feature_key=(tuple(header.latent_shape), tuple(header.reference_shape)))
 
 
 def decode_cached(sample: RawSample) -> features.Features:

@@ -6,9 +6,10 @@ from a different text encoder or autoencoder. A run with several text encoders s
 own name instead: `hidden.NAME` (n_i, D_i) and `pooled.NAME` (Dp_i,), fingerprinted as `text_encoder.NAME`; the
 loader re-pads each and the encoders combine them (flowmatch.encoders.combine). With `text_quant` each hidden state
 is stored as one-byte codes (int8 or fp8 e4m3) plus a per-token `hidden_scale` (n,) (`hidden_scale.NAME` beside
-`hidden.NAME`; flowmatch.data.quantize) and read back as float32. safetensors rather than numpy or
-torch.save: it stores bf16, and reading it never unpickles anything. The header alone (shapes, metadata) can be read
-without the data.
+`hidden.NAME`; flowmatch.data.quantize) and read back as float32. A paired (editing) sample adds `references`
+(R, c, h', w'): its reference images' latents, made by the same autoencoder as `latents`. safetensors rather than
+numpy or torch.save: it stores bf16, and reading it never unpickles anything. The header alone (shapes, metadata)
+can be read without the data.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "I8": "int8"
 HEADER_LEN = struct.Struct("<Q")
 MAX_HEADER_BYTES = 1 << 20
 TENSOR_RANKS = {"latents": 3, "hidden": 2, "pooled": 1}
+REFERENCES = "references"
+"""A paired sample's reference latents (R, c, h', w'), when it has any."""
 
 
 class EncoderMismatch(ValueError, UsageError):
@@ -60,6 +63,8 @@ class FeatureHeader:
     """The text encoders' names when each is stored on its own (empty for a single encoder)."""
     text_dtype: str = ""
     """The stored dtype of the hidden states (int8 / fp8 when quantised)."""
+    reference_shape: tuple[int, ...] = ()
+    """(R, c, h', w') of a paired sample's reference latents; () when it has none."""
 
 
 @dataclass
@@ -71,6 +76,8 @@ class Features:
     hidden: Optional[torch.Tensor]
     pooled: Optional[torch.Tensor]
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    references: Optional[torch.Tensor] = None
+    """(R, c, h', w') reference latents of a paired sample, else None."""
 
 
 def _text_names(encoders: Mapping[str, str]) -> list[str]:
@@ -79,11 +86,12 @@ def _text_names(encoders: Mapping[str, str]) -> list[str]:
 
 def encode(latents: torch.Tensor, hidden: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None, *,
            dtype: str, encoders: Mapping[str, str],
-           parts: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None, text_quant: str = "") -> bytes:
+           parts: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None, text_quant: str = "",
+           references: Optional[torch.Tensor] = None) -> bytes:
     """Serialize one sample. latents (c, h, w); hidden (n, D) real tokens only; pooled (Dp,). With several text
     encoders, ``parts`` {name: (hidden (n_i, D_i), pooled (Dp_i,))} instead, each fingerprinted in ``encoders``
     as ``text_encoder.NAME``. ``text_quant``: "" stores hidden states in ``dtype``; "int8" or "fp8" stores
-    per-token quantised codes and scales."""
+    per-token quantised codes and scales. ``references`` (R, c, h', w'): a paired sample's reference latents."""
     if dtype not in DTYPES:
         raise ValueError(f"feature dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     texts = {f".{name}": pair for name, pair in parts.items()} if parts else {"": (hidden, pooled)}
@@ -93,6 +101,10 @@ def encode(latents: torch.Tensor, hidden: Optional[torch.Tensor] = None, pooled:
         raise ValueError(f"encoders must name {need}, missing {missing}")
     cast = DTYPES[dtype]
     tensors = {"latents": latents.detach().to("cpu", cast).contiguous()}
+    if references is not None:
+        if references.dim() != 4 or references.shape[0] < 1:
+            raise ValueError(f"expected references (R, c, h, w) with R >= 1, got {tuple(references.shape)}")
+        tensors[REFERENCES] = references.detach().to("cpu", cast).contiguous()
     for suffix, (h, p) in texts.items():
         if latents.dim() != 3 or h is None or p is None or h.dim() != 2 or p.dim() != 1:
             raise ValueError(
@@ -142,7 +154,9 @@ def read_header(data: bytes) -> FeatureHeader:
     parts = tuple(k[len("hidden."):] for k in header if k.startswith("hidden."))
     hidden_keys = [f"hidden.{n}" for n in parts] if parts else ["hidden"]
     ranks = {"latents": 3, **{f"{t}.{n}": TENSOR_RANKS[t] for n in parts for t in ("hidden", "pooled")}} \
-        if parts else TENSOR_RANKS
+        if parts else dict(TENSOR_RANKS)
+    if REFERENCES in header:
+        ranks[REFERENCES] = 4
     try:
         dtype = str(header["latents"]["dtype"])
         shapes = {name: tuple(int(v) for v in header[name]["shape"]) for name in ranks}
@@ -162,6 +176,8 @@ def read_header(data: bytes) -> FeatureHeader:
     # Checked here, before batching, so a cut-off blob is counted without costing a batch its slot.
     if data_end != len(data) - HEADER_LEN.size - length:
         raise ValueError(f"features data is {len(data) - HEADER_LEN.size - length} bytes, the header says {data_end}")
+    if REFERENCES in shapes and shapes[REFERENCES][0] < 1:
+        raise ValueError("features hold an empty references tensor")
     hidden = [shapes[k] for k in shapes if k.startswith("hidden")]
     pooled = [shapes[k] for k in shapes if k.startswith("pooled")]
     return FeatureHeader(
@@ -174,6 +190,7 @@ def read_header(data: bytes) -> FeatureHeader:
         {f: str(meta.get(f, "")) for f in ENCODER_FIELDS},
         parts=parts,
         text_dtype=SAFETENSORS_DTYPES.get(text_dtype, text_dtype),
+        reference_shape=shapes.get(REFERENCES, ()),
     )
 
 
@@ -185,10 +202,11 @@ def decode(data: bytes) -> Features:
         raise ValueError(f"corrupt features: {err}") from None
     try:
         names = [k[len("hidden."):] for k in tensors if k.startswith("hidden.")]
+        references = tensors.get(REFERENCES)
         if names:
             return Features(tensors["latents"], None, None,
-                            {n: (_hidden(tensors, f".{n}"), tensors[f"pooled.{n}"]) for n in names})
-        return Features(tensors["latents"], _hidden(tensors, ""), tensors["pooled"])
+                            {n: (_hidden(tensors, f".{n}"), tensors[f"pooled.{n}"]) for n in names}, references)
+        return Features(tensors["latents"], _hidden(tensors, ""), tensors["pooled"], references=references)
     except KeyError as err:
         raise ValueError(f"features lack tensor {err}") from None
 
@@ -206,7 +224,7 @@ def _hidden(tensors: Mapping[str, torch.Tensor], suffix: str) -> torch.Tensor:
 
 def check_finite(f: Features) -> None:
     """ValueError naming the tensors holding NaN or infinity (bytes damaged inside the tensor data load fine)."""
-    named = {"latents": f.latents, "hidden": f.hidden, "pooled": f.pooled,
+    named = {"latents": f.latents, "hidden": f.hidden, "pooled": f.pooled, REFERENCES: f.references,
              **{f"{t}.{n}": pair[i] for n, pair in f.parts.items() for i, t in enumerate(("hidden", "pooled"))}}
     bad = [name for name, x in named.items() if x is not None and not bool(torch.isfinite(x).all())]
     if bad:

@@ -363,6 +363,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
         max_member_bytes=cfg.max_member_bytes,
         expect_encoders=expect,
         policy=cfg.remote,
+        paired=cfg.paired,
     )
     layout = {
         "shards": hashlib.sha1("\n".join(urls).encode()).hexdigest()[:16],
@@ -379,6 +380,8 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
         "resampled": spec.resampled,
         "drop_last": spec.drop_last,
     }
+    if spec.paired:  # only then: the positions of unpaired runs saved before paired data existed stay exact
+        layout["paired"] = True
     return Loader(spec, rank=rank, world_size=world_size, processes=cfg.num_workers,
                   prefetch_factor=cfg.prefetch_factor, resumable=train, max_batches=max_batches, layout=layout)
 

@@ -2,7 +2,9 @@
 
 A shard is a tar file (plain, or gzip/bzip2/xz compressed) of samples. A sample is the consecutive members sharing
 a key: `dir/abc.jpg`, `dir/abc.txt` -> key `dir/abc`, files {"jpg": ..., "txt": ...} (the WebDataset convention:
-the extension is everything after the first dot of the file name). A key is written only if the reader gives it
+the extension is everything after the first dot of the file name). A paired (editing) sample adds its reference
+images as `abc.ref.jpg`, `abc.ref_1.png`, ... (`reference_ext`, `reference_members`): its own image is the
+target and its caption the instruction. A key is written only if the reader gives it
 back unchanged and it is safe to extract (`check_key`); new keys are made of letters, digits, '_' and '-'
 (`safe_key`). Shards whose file name starts with `val-` hold out data: they are never trained on. Every reader and writer takes its limits from
 here, so a shard the writers accept is one the loader reads.
@@ -45,8 +47,45 @@ GZIP_LEVEL = 9
 MEMBER_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 META_RE = re.compile(r"(^|/)__[^/]*__($|/)")
 PREFIX_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
-EXT_OK = re.compile(r"^[a-z0-9]+(\.[a-z0-9]+)*$")
+EXT_OK = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
 UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_\-]+")
+
+
+REFERENCE = "ref"
+"""The reference images of a paired sample: member extensions `ref.EXT`, `ref_1.EXT`, `ref_2.EXT`, ..."""
+REFERENCE_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_REFERENCES = 8
+"""Most reference images one paired sample may name (the writers refuse more; the loader reads no further)."""
+
+
+def reference_ext(index: int, image_ext: str) -> str:
+    """The member extension of reference `index` (0-based) stored as `image_ext`: `ref.png`, `ref_1.png`, ..."""
+    if not 0 <= index < MAX_REFERENCES:
+        raise ValueError(f"reference index {index} outside [0, {MAX_REFERENCES})")
+    return f"{REFERENCE}.{image_ext}" if index == 0 else f"{REFERENCE}_{index}.{image_ext}"
+
+
+def reference_members(exts) -> tuple[list[str], bool]:
+    """(the member extensions of a sample's references in order, whether that sequence has a gap).
+
+    `exts` are the sample's member extensions. References count from `ref` up through `ref_1`, `ref_2`, ...; a
+    sample naming `ref_2` without `ref_1` (or `ref_1` without `ref`) has a gap: one of its references is missing.
+    """
+    by_index: dict[int, str] = {}
+    for ext in exts:
+        name, _, image = ext.partition(".")
+        if image not in REFERENCE_IMAGE_EXTS:
+            continue
+        if name == REFERENCE:
+            by_index.setdefault(0, ext)
+        elif name.startswith(REFERENCE + "_") and name[len(REFERENCE) + 1:].isdigit():
+            index = int(name[len(REFERENCE) + 1:])
+            if 0 < index < MAX_REFERENCES:
+                by_index.setdefault(index, ext)
+    count = 0
+    while count in by_index:
+        count += 1
+    return [by_index[i] for i in range(count)], len(by_index) != count
 
 
 def unsafe_name(name: str) -> bool:
@@ -125,7 +164,7 @@ class ShardFile:
         sample: dict[str, Union[str, bytes]] = {"__key__": key}
         for ext, value in files.items():
             if not EXT_OK.match(ext):
-                raise ValueError(f"sample {key!r}: bad extension {ext!r} (lower-case letters and digits)")
+                raise ValueError(f"sample {key!r}: bad extension {ext!r} (lower-case letters, digits and '_')")
             data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
             if len(data) > MAX_MEMBER_BYTES:
                 raise ValueError(f"sample {key!r}: {ext} is {len(data) / MIB:.0f} MiB, over the "

@@ -7,8 +7,9 @@ makes the loader exact to resume and its coverage testable:
    mixture of sources (data.sources) draws each next record's source with a seeded generator, and each source
    starts its next epoch on its own.
 2. A seeded shuffle buffer (flowmatch.data.shuffle); in epoch mode it drains at the end of the epoch.
-3. Groups: samples collect per bucket (image aspect, or cached latent shape) until one holds batch_size; the
-   end of an epoch flushes partial groups. Bad records ride along and are counted with the next group.
+3. Groups: samples collect per bucket (image aspect, or cached latent shape; for paired data also the number
+   of references, so a batch never mixes counts) until one holds batch_size; the end of an epoch flushes partial
+   groups. Bad records ride along and are counted with the next group.
 4. Decoding of a group into a Batch (bad samples found here drop out of it).
 
 A `Position` is what the stream holds between two batches, by reference: each reader's Place, the shuffle
@@ -91,6 +92,8 @@ class StreamSpec:
     max_member_bytes: int = MAX_MEMBER_BYTES
     expect_encoders: Optional[dict[str, str]] = None
     policy: RetryPolicy = RetryPolicy()
+    paired: bool = False
+    """Samples are paired (editing) data: each carries reference images (data.paired)."""
     urls: tuple[str, ...] = field(init=False)
     """Every source's shards, one after the other (Refs index into this)."""
     url_source: tuple[int, ...] = field(init=False)
@@ -167,13 +170,15 @@ class Grouper:
         self.need_size = not spec.cached and len(spec.buckets) > 1
 
     def peek(self, record: RawSample) -> tuple[decode.SampleInfo, Any]:
+        """The sample's info and its group key: the cached shapes, or (bucket index, reference count)."""
         spec = self.spec
         if spec.cached:
-            info = decode.peek_cached(record, spec.expect_encoders)
+            info = decode.peek_cached(record, spec.expect_encoders, spec.paired)
             return info, info.feature_key
         info = decode.peek_raw(record, max_pixels=spec.max_pixels, need_size=self.need_size,
-                               caption_key=spec.sources[record.source].caption_key)
-        return info, nearest_bucket(list(spec.buckets), *info.size) if self.need_size else 0
+                               caption_key=spec.sources[record.source].caption_key, paired=spec.paired)
+        bucket = nearest_bucket(list(spec.buckets), *info.size) if self.need_size else 0
+        return info, (bucket, len(info.references))
 
     def add(self, record: Record, ref: Ref) -> Optional[Group]:
         """Take one record; the group it completes, if any."""
@@ -298,20 +303,20 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
     each kept sample."""
     kept: list[tuple[RawSample, decode.SampleInfo]] = []
     tensors: list = []
+    refs: list = []
     failed: list[BadRecord] = []
     for record, info in group.samples:
         try:
             if spec.cached:
                 tensors.append(decode.decode_cached(record))
             else:
-                target = spec.buckets[group.bucket]
-                data = record.files[info.image_ext]
-                tensors.append(
-                    decode.decode_pixels(
-                        data, height=target.height, width=target.width, channels=spec.channels,
-                        max_pixels=spec.max_pixels,
-                    )
-                )
+                target = spec.buckets[group.bucket[0]]
+                size = dict(height=target.height, width=target.width, channels=spec.channels,
+                            max_pixels=spec.max_pixels)
+                pixels = decode.decode_pixels(record.files[info.image_ext], **size)
+                if info.references:
+                    refs.append(decode.decode_references(record, info, **size))
+                tensors.append(pixels)
             kept.append((record, info))
         except decode.BadSample as err:
             failed.append(BadRecord(record.url, record.key, err.reason, err.detail))
@@ -323,13 +328,21 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
     sources = [record.source for record, _ in kept]
     if spec.cached:
         latents = torch.stack([f.latents for f in tensors]).float()
+        ref_latents = torch.stack([f.references for f in tensors]).float() if spec.paired else None
         if tensors[0].parts:  # several text encoders: each re-padded on its own, combined by the encoders
             parts = {n: Conditioning.from_rows([f.parts[n][0] for f in tensors], [f.parts[n][1] for f in tensors])
                      for n in tensors[0].parts}
-            return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts), failed, sources
+            return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts,
+                         ref_latents=ref_latents), failed, sources
         text = Conditioning.from_rows([f.hidden for f in tensors], [f.pooled for f in tensors])
-        return Batch(captions, keys, latents=latents, text=text, meta=meta), failed, sources
-    return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta), failed, sources
+        return Batch(captions, keys, latents=latents, text=text, meta=meta, ref_latents=ref_latents), failed, sources
+    ref_images = None
+    if refs:  # (B, R, H, W, C) uint8 -> (B, R, C, H, W) in [-1, 1], one conversion per batch
+        b, r = len(refs), len(refs[0])
+        ref_images = decode.pixels_to_tensor([p for sample in refs for p in sample])
+        ref_images = ref_images.reshape(b, r, *ref_images.shape[1:])
+    return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta,
+                 ref_images=ref_images), failed, sources
 
 
 def sample_meta(record: RawSample) -> dict:

@@ -173,8 +173,11 @@ class Autoencoder:
             self.vae.quant_conv = None
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """images (B, C, H, W) in [-1, 1] -> normalised latents (B, c, h, w), float32."""
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None, *,
+               mean: bool = False) -> torch.Tensor:
+        """images (B, C, H, W) in [-1, 1] -> normalised latents (B, c, h, w), float32: a posterior sample when
+        autoencoder.sample_posterior (training targets), its mean when it is off or ``mean`` (reference images,
+        which are never noised: FluxKontextPipeline encodes them with the mode)."""
         if self.vae is None:
             return images.float()
         if self.vae.encoder is None:
@@ -182,7 +185,7 @@ class Autoencoder:
                                "be encoded in this process")
         x = images.to(self.device, self.vae.dtype)
         dist = self.vae.encode(x[:, :, None] if self.video else x).latent_dist
-        z = dist.sample(generator) if self.cfg.sample_posterior else dist.mean
+        z = dist.sample(generator) if self.cfg.sample_posterior and not mean else dist.mean
         z = z[:, :, 0] if self.video else z
         return (z.float() - self.shift) * self.scale
 

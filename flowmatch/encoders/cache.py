@@ -2,7 +2,8 @@
 
 For every input shard (train-* and val-* alike; names are kept, so the held-out split stays held out) the
 images are decoded as training would (the data section: channels, resolution or aspect buckets) and run through
-the frozen autoencoder (latents scaled and shifted by its preset) and text encoder(s) (hidden states truncated to
+the frozen autoencoder (latents scaled and shifted by its preset; a paired sample's reference images too, at its
+target's size, stored as its `references`) and text encoder(s) (hidden states truncated to
 each caption's real tokens, and the pooled vector; with several, each encoder's under its name); each sample
 becomes `key.safetensors` (flowmatch.data.features) beside its caption and any .json metadata. Each output shard is written as
 `NAME.partial` and renamed when complete (flowmatch.data.shardformat.ShardFile), and OUT/features.json records
@@ -85,25 +86,31 @@ def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: P
     buckets = loader_buckets(data)
     need_size = len(buckets) > 1
     bad: Counter = Counter()
-    pending: dict[int, list[tuple[RawSample, decode.SampleInfo]]] = {}
+    pending: dict[tuple[int, int], list[tuple[RawSample, decode.SampleInfo]]] = {}
     with ShardFile(target) as sink:
 
-        def flush(bucket: int) -> None:
+        def flush(bucket: tuple[int, int]) -> None:  # (aspect bucket, reference count)
             group = pending.pop(bucket, [])
-            size = buckets[bucket]
-            images, kept = [], []
+            bucket_size = buckets[bucket[0]]
+            size = dict(height=bucket_size.height, width=bucket_size.width, channels=data.channels,
+                        max_pixels=data.max_image_pixels)
+            images, refs, kept = [], [], []
             for record, info in group:
                 try:
-                    images.append(decode.decode_pixels(
-                        record.files[info.image_ext], height=size.height, width=size.width,
-                        channels=data.channels, max_pixels=data.max_image_pixels,
-                    ))
+                    pixels = decode.decode_pixels(record.files[info.image_ext], **size)
+                    if info.references:
+                        refs.extend(decode.decode_references(record, info, **size))
+                    images.append(pixels)
                     kept.append((record, info))
                 except decode.BadSample as err:
                     bad[err.reason] += 1
             if not kept:
                 return
             latents = frozen.autoencoder.encode(decode.pixels_to_tensor(images).to(frozen.device)).cpu()
+            ref_latents = [None] * len(kept)
+            if refs:  # every sample of the group has the same number of references (it is part of the group key)
+                pixels = decode.pixels_to_tensor(refs)  # (B * R, C, H, W)
+                ref_latents = list(frozen.encode_references(pixels.reshape(len(kept), -1, *pixels.shape[1:])).cpu())
             captions = [info.caption for _, info in kept]
             # Each encoder's own output (a single one's stored unnamed), real tokens only.
             text = frozen.text
@@ -113,7 +120,8 @@ def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: P
             for i, (record, info) in enumerate(kept):
                 rows = {n: (c.hidden[i][c.mask[i]], c.pooled[i]) for n, c in texts.items()}
                 blob = features.encode(latents[i], *rows.get("", (None, None)), dtype=dtype, encoders=fingerprints,
-                                       parts=None if "" in rows else rows, text_quant=text_quant)
+                                       parts=None if "" in rows else rows, text_quant=text_quant,
+                                       references=ref_latents[i])
                 files = {features.EXT: blob, "txt": info.caption}
                 if "json" in record.files:
                     files["json"] = record.files["json"]
@@ -124,11 +132,12 @@ def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: P
                 bad[record.reason] += 1
                 continue
             try:
-                info = decode.peek_raw(record, max_pixels=data.max_image_pixels, need_size=need_size)
+                info = decode.peek_raw(record, max_pixels=data.max_image_pixels, need_size=need_size,
+                                       paired=data.paired)
             except decode.BadSample as err:
                 bad[err.reason] += 1
                 continue
-            bucket = nearest_bucket(buckets, *info.size) if need_size else 0
+            bucket = (nearest_bucket(buckets, *info.size) if need_size else 0, len(info.references))
             pending.setdefault(bucket, []).append((record, info))
             if len(pending[bucket]) >= batch_size:
                 flush(bucket)

@@ -175,4 +175,4 @@ def combine_outputs(layout: Layout, outputs: Mapping[str, Conditioning], kinds: 
     if guidance is None:
         return cond
     return Conditioning(cond.hidden, cond.mask, cond.pooled,
-                        {**cond.extra, "guidance": cond.pooled.new_full((len(cond),), float(guidance))})
+                        {**cond.extra, "guidance": cond.pooled.new_full((len(cond),), float(guidance))}, cond.reference)

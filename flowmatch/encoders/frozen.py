@@ -92,11 +92,20 @@ class FrozenEncoders:
         flow.caption_dropout, for encoders that set none)."""
         return self.text.dropout_parts(default)
 
+    def encode_references(self, images: torch.Tensor) -> torch.Tensor:
+        """Reference images (B, R, C, H, W) in [-1, 1] -> their latents (B, R, c, h, w) float32 on :attr:`device`:
+        the autoencoder's posterior mean, normalised like the targets (references are never noised)."""
+        b, r = images.shape[:2]
+        latents = self.autoencoder.encode(images.flatten(0, 1).to(self.device), mean=True)
+        return latents.reshape(b, r, *latents.shape[1:])
+
     def encode_batch(self, batch: "Batch") -> tuple[torch.Tensor, Conditioning]:
         """A loader batch -> (latents (B, C, h, w) float32, conditioning), both on :attr:`device`.
 
         Cached features the batch carries are used as they are (several encoders' combined as the recipe says);
-        raw images and captions go through the encoders.
+        raw images and captions go through the encoders. A paired batch's reference images (cached latents, or
+        pixels encoded here) become ``cond.reference``, one (B, c, h, w) tensor per reference; ``x0`` is the
+        target's latents only.
         """
         x0 = batch.latents if batch.latents is not None else self.autoencoder.encode(batch.images.to(self.device))
         if batch.text_parts is not None:
@@ -105,7 +114,11 @@ class FrozenEncoders:
             cond = self.text.combine({self.text.single_name: batch.text}) if self.text.single_name else batch.text
         else:
             cond = self.encode_text(batch.captions)
-        return x0.to(self.device).float(), cond.to(self.device)
+        cond = cond.to(self.device)
+        refs = batch.ref_latents if batch.ref_images is None else self.encode_references(batch.ref_images)
+        if refs is not None:
+            cond = cond.with_reference(refs.to(self.device).float().unbind(1))
+        return x0.to(self.device).float(), cond
 
     # -- images ----------------------------------------------------------------------------------------------------
 

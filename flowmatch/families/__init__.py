@@ -2,10 +2,11 @@
 text and latent layout, time convention, FLOP count, capabilities, diffusers pipeline), registered once here.
 Everything else asks the family of a model section (:func:`family_of`) and never compares family names.
 
-    FAMILIES                       name -> Family (sd3, flux, qwen_image, unet)
+    FAMILIES                       name -> Family (sd3, flux, kontext, qwen_image, unet)
     get_family("flux")             the Family, or a ValueError with the nearest name
     family_of(recipe.model)        model.family when the recipe states it, else inferred (model.kind, model.rope)
     build_backbone(recipe.model)   family_of(cfg).build(cfg): the network
+    check_references(family, n)    ValueError naming the family when it takes fewer than n reference images
 
 Adding a family is one folder beside these and one line in :data:`FAMILIES` (CONTRIBUTING.md lists its tests).
 The recipe key is ``model.family``; a section without it (every recipe and checkpoint written before families)
@@ -20,14 +21,15 @@ from torch import nn
 
 from flowmatch.encoders.combine import SINGLE, SingleLayout, TextLayout
 from flowmatch.errors import choice_error
-from flowmatch.families import flux, qwen_image, sd3, unet
+from flowmatch.families import flux, kontext, qwen_image, sd3, unet
 from flowmatch.families.spec import Capabilities, Family
 
-__all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone", "family_of", "get_family",
-           "text_layout"]
+__all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone", "check_references", "family_of",
+           "get_family", "text_layout"]
 
 #: Every family, by name; the order is the order in which a section that names none is matched.
-FAMILIES: dict[str, Family] = {f.name: f for f in (sd3.FAMILY, flux.FAMILY, qwen_image.FAMILY, unet.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (sd3.FAMILY, flux.FAMILY, kontext.FAMILY, qwen_image.FAMILY,
+                                                   unet.FAMILY)}
 #: The backbones ``model.kind`` names (kept for recipes written before ``model.family``).
 MODEL_KINDS: tuple[str, ...] = tuple(dict.fromkeys(f.kind for f in FAMILIES.values()))
 #: ``text_encoders.combine`` values: one encoder as it is, or a family's pipeline's combination.
@@ -71,3 +73,16 @@ def text_layout(name: str) -> Union[SingleLayout, TextLayout]:
     if name not in TEXT_LAYOUTS:
         raise choice_error("text_encoders.combine", name, TEXT_LAYOUTS)
     return TEXT_LAYOUTS[name]
+
+
+def check_references(family: Family, count: int, what: str = "reference images") -> None:
+    """ValueError naming ``family`` when a sample carries ``count`` reference images and it takes fewer; ``what``
+    names where they came from (a recipe key, an argument), for the message."""
+    most = family.capabilities.references
+    if count <= most:
+        return
+    editing = [f.name for f in FAMILIES.values() if f.capabilities.references >= count]
+    takes = f"at most {most}" if most else "none (a text-to-image family)"
+    instead = f"an editing family ({', '.join(editing)})" if editing else "fewer references"
+    raise ValueError(f"{what}: {count} per sample, but model family {family.name!r} takes {takes}; use "
+                     f"{instead} or drop the references")

@@ -40,11 +40,19 @@ if TYPE_CHECKING:
     from diffusers import ModelMixin
 
 __all__ = ["INERT_ATTR", "Converted", "architecture_of", "convert_diffusers", "convert_original", "diffusers_folder",
+           "family_of_diffusers", "pipeline_class_of",
            "from_diffusers", "from_original", "load_diffusers", "load_original", "read_config", "save_original",
            "to_diffusers", "to_original"]
 
-#: The families with a converter, by their diffusers transformer class.
-ARCHITECTURES: dict[str, Family] = {f.converter.DIFFUSERS_CLASS: f for f in FAMILIES.values() if f.converter}
+#: The families with a converter, by their diffusers transformer class; a class several families share
+#: (FluxTransformer2DModel: FLUX.1 and FLUX.1 Kontext) is the first's unless the pipeline folder names another's
+#: pipeline (:func:`family_of_diffusers`).
+ARCHITECTURES: dict[str, Family] = {}
+for _family in FAMILIES.values():
+    if _family.converter:
+        ARCHITECTURES.setdefault(_family.converter.DIFFUSERS_CLASS, _family)
+#: The pipeline folder's index, naming its pipeline class.
+MODEL_INDEX = "model_index.json"
 #: Attribute of a converted model holding the source's inert tensors, per format ("diffusers", "original").
 INERT_ATTR = "interop_inert"
 #: Key prefixes of original single-file checkpoints (SD3 releases, ComfyUI saves), stripped on loading.
@@ -119,6 +127,36 @@ def _diffusers_class(name: str):
     return getattr(diffusers, name)
 
 
+def family_of_diffusers(class_name: str, pipeline_class: Optional[str] = None) -> Family:
+    """The family of a diffusers transformer class: the one whose pipeline is ``pipeline_class`` (the folder's
+    model_index.json) among those converting that class, else the class's first (:data:`ARCHITECTURES`);
+    ValueError naming the supported classes."""
+    for family in FAMILIES.values():
+        if (family.converter and family.diffusers and family.converter.DIFFUSERS_CLASS == class_name
+                and family.diffusers.pipeline_class == pipeline_class):
+            return family
+    if class_name not in ARCHITECTURES:
+        _diffusers_class(class_name)  # raises, naming the supported classes
+    return ARCHITECTURES[class_name]
+
+
+def pipeline_class_of(path_or_id: Union[str, os.PathLike]) -> Optional[str]:
+    """The pipeline class a diffusers pipeline folder (or a cached hub id) names in model_index.json, also for
+    its transformer/ subfolder; None for a transformer folder of its own, a single file or a hub id without one."""
+    path = Path(path_or_id)
+    if path.exists():
+        for index in (path / MODEL_INDEX, path.parent / MODEL_INDEX):
+            if index.is_file() and (index.parent == path or path.name in json.loads(index.read_text())):
+                return json.loads(index.read_text()).get("_class_name")
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(str(path_or_id), MODEL_INDEX)).read_text()).get("_class_name")
+    except Exception:  # huggingface_hub raises several types for a missing repo, file or cache entry
+        return None
+
+
 def _hub_config(repo_id: str) -> tuple[str, Optional[str]]:
     """(path of the transformer's config.json, subfolder) of a hub repository: a transformer repository or a
     pipeline one (its transformer/); downloaded files are cached, and an offline cache is used as it is."""
@@ -146,9 +184,7 @@ def read_config(path: Union[str, os.PathLike]) -> MMDiTConfig:
     folder = diffusers_folder(path)
     if folder is not None:
         dcfg = json.loads((folder / "config.json").read_text())
-        family = ARCHITECTURES.get(dcfg.get("_class_name", ""))
-        if family is None:
-            _diffusers_class(dcfg.get("_class_name", ""))  # raises, naming the supported classes
+        family = family_of_diffusers(dcfg.get("_class_name", ""), pipeline_class_of(path))
         return _named(family.converter.config_from_diffusers(dcfg))
     from safetensors import safe_open
 
@@ -181,14 +217,18 @@ def load_diffusers(path_or_id: Union[str, os.PathLike]) -> "ModelMixin":
     return _diffusers_class(class_name).from_pretrained(str(path_or_id), subfolder=subfolder, use_safetensors=True)
 
 
-def from_diffusers(module_or_path: Union[nn.Module, str, os.PathLike]) -> MMDiT:
-    """An MMDiT with the config and weights of a diffusers SD3/SD3.5 or FLUX transformer, given as a module or
-    as anything :func:`load_diffusers` reads. A module's weights are copied; ValueError for variants flowmatch's
-    MMDiT does not implement."""
-    return convert_diffusers(module_or_path).build()
+def from_diffusers(module_or_path: Union[nn.Module, str, os.PathLike], *, pipeline_class: Optional[str] = None,
+                   ) -> MMDiT:
+    """An MMDiT with the config and weights of a diffusers SD3/SD3.5, FLUX or FLUX Kontext transformer, given as
+    a module or as anything :func:`load_diffusers` reads. A module's weights are copied; ValueError for variants
+    flowmatch's MMDiT does not implement. The family is the transformer class's, told apart by the pipeline class
+    where several share one (a FluxTransformer2DModel in a FluxKontextPipeline folder is Kontext's): read from
+    the folder's model_index.json, or ``pipeline_class`` for a module."""
+    return convert_diffusers(module_or_path, pipeline_class=pipeline_class).build()
 
 
-def convert_diffusers(module_or_path: Union[nn.Module, str, os.PathLike]) -> Converted:
+def convert_diffusers(module_or_path: Union[nn.Module, str, os.PathLike], *, pipeline_class: Optional[str] = None,
+                      ) -> Converted:
     """:func:`from_diffusers` without building the model."""
     if isinstance(module_or_path, nn.Module):
         module = module_or_path
@@ -196,9 +236,8 @@ def convert_diffusers(module_or_path: Union[nn.Module, str, os.PathLike]) -> Con
     else:
         module = load_diffusers(module_or_path)
         theirs = {k: v.detach() for k, v in module.state_dict().items()}  # the module is dropped: no copy needed
-    family = ARCHITECTURES.get(type(module).__name__)
-    if family is None:
-        _diffusers_class(type(module).__name__)  # raises, naming the supported classes
+        pipeline_class = pipeline_class or pipeline_class_of(module_or_path)
+    family = family_of_diffusers(type(module).__name__, pipeline_class)
     arch = family.converter
     cfg = arch.config_from_diffusers(dict(module.config))
     ours, inert = to_ours(theirs, arch.diffusers_rules(cfg), what=f"this {arch.DIFFUSERS_CLASS}")

@@ -50,6 +50,9 @@ class Capabilities:
     block_transforms: bool
     """Activation checkpointing and ``torch.compile`` apply to its blocks (``train.activation_checkpointing``,
     ``train.compile``)."""
+    references: int = 0
+    """Reference images one sample may carry (image editing: ``Conditioning.reference``); 0 = none, a
+    text-to-image family."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ class DiffusersPipeline:
     """The TextEncoderConfig values of its decoder-LLM text encoder (kind decoder_llm: chat template, dropped
     prefix, hidden layer, length, pooling), for the encoder whose class is no CLIP or T5 (Qwen-Image's
     Qwen2.5-VL); None = CLIP and T5 only."""
+    reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None
+    """``reference_size(height, width, multiple) -> (height, width)``: the pixel size it resizes a reference image
+    to before encoding it (None: it takes no reference images)."""
 
 
 @dataclass(frozen=True)

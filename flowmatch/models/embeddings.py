@@ -143,20 +143,28 @@ class RopeTable:
 
 
 def rope_table(
-    grid_h: int, grid_w: int, text_len: int, *, head_dim: int, axes_dim: Sequence[int], theta: float, device
+    grid_h: int, grid_w: int, text_len: int, *, head_dim: int, axes_dim: Sequence[int], theta: float, device,
+    references: Sequence[tuple[int, int]] = (),
 ) -> RopeTable:
     """RoPE angles as in FLUX, over position ids with one entry per axis.
 
     With two axes an image token (i, j) has ids (i, j); with three, FLUX's (0, i, j), whose first axis (an image
-    index, 0 for the generated image) leaves its channels unrotated. Axis k rotates the next axes_dim[k] channels
+    index, 0 for the generated image) leaves its channels unrotated. ``references`` are the (rows, columns) token
+    grids of reference images whose tokens follow the image's: reference k's token (i, j) has ids (k + 1, i, j)
+    (FLUX.1 Kontext: index 1, rows and columns from 0, as the target's); they need the image-index axis. Axis k
+    rotates the next axes_dim[k] channels
     at frequencies theta^(-2m / axes_dim[k]); text tokens have all ids 0 (no rotation); channels past the axes
     are not rotated. Angles are computed in float64 where the device has it (as FLUX's reference does), then the
     cosines and sines are stored in float32.
     """
+    if references and len(axes_dim) != 3:
+        raise ValueError(f"reference images need RoPE's image-index axis (three rope_axes_dim), got {list(axes_dim)}")
     dtype = _trig_dtype(torch.device(device))
-    rows = torch.arange(grid_h, device=device, dtype=dtype).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w, device=device, dtype=dtype).repeat(grid_h)
-    ids = [torch.zeros_like(rows)] * (len(axes_dim) - 2) + [rows, cols]
+    grids = [(0, grid_h, grid_w)] + [(k + 1, h, w) for k, (h, w) in enumerate(references)]
+    index = torch.cat([torch.full((h * w,), float(i), device=device, dtype=dtype) for i, h, w in grids])
+    rows = torch.cat([torch.arange(h, device=device, dtype=dtype).repeat_interleave(w) for _, h, w in grids])
+    cols = torch.cat([torch.arange(w, device=device, dtype=dtype).repeat(h) for _, h, w in grids])
+    ids = [index] * (len(axes_dim) - 2) + [rows, cols]
     parts = []
     for pos, d in zip(ids, axes_dim):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=dtype) / d)
@@ -168,23 +176,28 @@ def rope_table(
 
 
 def msrope_table(
-    grid_h: int, grid_w: int, text_len: int, *, head_dim: int, axes_dim: Sequence[int], theta: float, device
+    grid_h: int, grid_w: int, text_len: int, *, head_dim: int, axes_dim: Sequence[int], theta: float, device,
+    references: Sequence[tuple[int, int]] = (),
 ) -> RopeTable:
-    """RoPE angles as in Qwen-Image's MSRoPE (Qwen-Image technical report, section 2.3), rows [image, text].
+    """RoPE angles as in Qwen-Image's MSRoPE (Qwen-Image technical report, section 2.3), rows [image,
+    references, text].
 
     Three axes (frame, row, column): an image token (i, j) of the generated image has positions
-    (0, i - ceil(h / 2), j - ceil(w / 2)), a grid centred on the origin; text token k has position
-    max(h // 2, w // 2) + k on all three axes, on the diagonal just past the image. Axis a rotates the next
-    axes_dim[a] channels at frequencies theta^(-2m / axes_dim[a]). Angles are products of float32 positions and
-    float32 frequencies, as QwenImageTransformer2DModel's tables are, so the rotations agree bit for bit in the
-    angles; channels past the axes are not rotated.
+    (0, i - ceil(h / 2), j - ceil(w / 2)), a grid centred on the origin; reference k's (rows, columns) grid in
+    ``references`` is centred the same way at frame k + 1 (Qwen-Image-Edit's image index); text token n has
+    position m + n on all three axes, m = the largest max(h // 2, w // 2) of the grids, on the diagonal just past
+    the images. Axis a rotates the next axes_dim[a] channels at frequencies theta^(-2m / axes_dim[a]). Angles are
+    products of float32 positions and float32 frequencies, as QwenImageTransformer2DModel's tables are; channels
+    past the axes are not rotated.
     """
     if len(axes_dim) != 3:
         raise ValueError(f"MSRoPE rotates three axes (frame, row, column), got axes_dim={list(axes_dim)}")
-    rows = torch.arange(grid_h, device=device).repeat_interleave(grid_w) - (grid_h - grid_h // 2)
-    cols = torch.arange(grid_w, device=device).repeat(grid_h) - (grid_w - grid_w // 2)
-    text = max(grid_h // 2, grid_w // 2) + torch.arange(text_len, device=device)
-    ids = [torch.cat([image, text]).float() for image in (torch.zeros_like(rows), rows, cols)]  # 3 x (S,)
+    grids = [(grid_h, grid_w), *references]
+    frames = torch.cat([torch.full((h * w,), k, device=device) for k, (h, w) in enumerate(grids)])
+    rows = torch.cat([torch.arange(h, device=device).repeat_interleave(w) - (h - h // 2) for h, w in grids])
+    cols = torch.cat([torch.arange(w, device=device).repeat(h) - (w - w // 2) for h, w in grids])
+    text = max(max(h // 2, w // 2) for h, w in grids) + torch.arange(text_len, device=device)
+    ids = [torch.cat([image, text]).float() for image in (frames, rows, cols)]  # 3 x (S,)
     parts = []
     for pos, d in zip(ids, axes_dim):
         freqs = 1.0 / torch.pow(theta, torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)

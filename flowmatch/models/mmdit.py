@@ -94,6 +94,10 @@ class MMDiTConfig:
     (Qwen-Image's weights have them, though nothing reads their output); False = SD3's context-pre-only block."""
     guidance_embed: bool = False
     """Embed a guidance value, cond.extra["guidance"] (B,) times time_scale, like the timestep (FLUX.1-dev)."""
+    references: int = 0
+    """Reference images (clean latents, cond.reference) a sample may carry: their tokens join the image stream
+    with RoPE image index 1, 2, ... and the velocity is predicted for the target's tokens only (FLUX.1 Kontext: 1;
+    0 = a text-to-image model)."""
     interval_embed: bool = False
     """Embed the interval t - r of a second time r <= t like the timestep (few-step models: MeanFlow, shortcut);
     its last layer starts at zero, so a flow checkpoint loaded into it gives the same outputs."""
@@ -129,6 +133,11 @@ class MMDiTConfig:
                 raise ValueError(f"MMDiTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.pooled_dim < 0:
             raise ValueError(f"MMDiTConfig.pooled_dim must be >= 0 (0: no pooled vector), got {self.pooled_dim}")
+        if self.references < 0:
+            raise ValueError(f"MMDiTConfig.references must be >= 0, got {self.references}")
+        if self.references and not (self.rope and len(self.axes_dim) == 3):
+            raise ValueError(f"MMDiTConfig.references={self.references} needs rope with three rope_axes_dim (image "
+                             "index, rows, columns): reference tokens are told apart by the image index")
         if self.single_blocks < 0:
             raise ValueError(f"MMDiTConfig.single_blocks must be >= 0, got {self.single_blocks}")
         if self.time_freq_dim % 2:
@@ -163,8 +172,12 @@ class MMDiT(nn.Module):
 
     forward(x (B, C, H, W), t (B,) in [0, 1], cond: Conditioning with hidden (B, L, context_dim),
     mask (B, L) bool, pooled (B, pooled_dim) and, with guidance_embed, extra["guidance"] (B,); no other extra
-    inputs; r (B,) <= t or None = t) -> velocity (B, C_out, H, W): with interval_embed, the average velocity over
+    inputs; up to ``references`` reference latents cond.reference, each (B, C, h_k, w_k); r (B,) <= t or None = t)
+    -> velocity (B, C_out, H, W) of the target's tokens only: with interval_embed, the average velocity over
     [r, t] (``x_r = x_t - (t - r) u``); at r = t, and always without interval_embed, the instantaneous one.
+
+    Reference tokens are patchified by the same ``patch_embed``, appended to the image stream after the target's,
+    never noised, and modulated by the sample's t like every token (FLUX.1 Kontext: one modulation per sample).
     """
 
     def __init__(self, cfg: MMDiTConfig, *, device=None, dtype=None) -> None:
@@ -265,6 +278,13 @@ class MMDiT(nn.Module):
             raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
         if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
             raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        if len(cond.reference) > cfg.references:
+            raise ValueError(f"cond carries {len(cond.reference)} reference image(s); this MMDiT takes at most "
+                             f"{cfg.references} (model.references)")
+        for k, ref in enumerate(cond.reference):
+            if ref.shape[:2] != (b, cfg.in_channels) or ref.shape[2] % cfg.patch_size or ref.shape[3] % cfg.patch_size:
+                raise ValueError(f"cond.reference[{k}] must be ({b}, {cfg.in_channels}, h, w) latents with h, w "
+                                 f"divisible by patch_size={cfg.patch_size}, got {tuple(ref.shape)}")
         takes = {"guidance"} if cfg.guidance_embed else set()
         if set(cond.extra) - takes:
             raise ValueError(f"cond.extra has inputs this MMDiT does not take: {sorted(set(cond.extra) - takes)}; "
@@ -286,10 +306,16 @@ class MMDiT(nn.Module):
         gh, gw = height // cfg.patch_size, width // cfg.patch_size
 
         img = self.patch_embed(patchify(x, cfg.patch_size))  # (B, N, D)
+        n = img.shape[1]  # the target's tokens: the only ones whose velocity is returned
         if not cfg.rope:
             pos = sincos_pos_embed_2d(gh, gw, cfg.width, base_size=cfg.sample_size // cfg.patch_size,
                                       max_size=cfg.pos_embed_max_size, device=x.device)
             img = (img + pos).to(img.dtype)
+        # references need RoPE (validate()); the sin-cos grid above is the target's alone
+        ref_grids = [(r.shape[2] // cfg.patch_size, r.shape[3] // cfg.patch_size) for r in cond.reference]
+        if cond.reference:  # clean reference tokens after the target's: (B, N + sum N_k, D)
+            refs = [self.patch_embed(patchify(r.to(x.dtype), cfg.patch_size)) for r in cond.reference]
+            img = torch.cat([img, *refs], dim=1)
         vec = self.time_embed(t.float() * self.time_input_scale)  # (B, D)
         if self.guidance_embed is not None:  # (time + guidance) + pooled: FLUX's order of the sums
             vec = vec + self.guidance_embed(cond.extra["guidance"].float() * cfg.time_scale)
@@ -301,20 +327,20 @@ class MMDiT(nn.Module):
         hidden = self.context_norm(cond.hidden) if self.context_norm is not None else cond.hidden
         ctx = self.context_embed(hidden)  # (B, L, D)
 
-        n, text_len = img.shape[1], ctx.shape[1]
-        # Image keys are always visible; only the text keys are masked.
-        mask = torch.cat([cond.mask.new_ones(b, n), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, N + L)
+        image_len, text_len = img.shape[1], ctx.shape[1]
+        # Image (and reference) keys are always visible; only the text keys are masked.
+        mask = torch.cat([cond.mask.new_ones(b, image_len), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
         rope: Optional[RopeTable] = None
         if cfg.rope:
             rope = ROPE_LAYOUTS[cfg.rope_layout](gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
-                                                 theta=cfg.rope_theta, device=x.device)
+                                                 theta=cfg.rope_theta, device=x.device, references=ref_grids)
 
         for block in self.joint_blocks:
             img, ctx = block(img, ctx, vec, mask, rope)
         if len(self.single_blocks):
-            seq = torch.cat([img, ctx], dim=1)  # (B, N + L, D)
+            seq = torch.cat([img, ctx], dim=1)  # (B, N + N_ref + L, D)
             for block in self.single_blocks:
                 seq = block(seq, vec, mask, rope)
-            img = seq[:, :n]
-        out = self.final(img, vec)  # (B, N, p * p * C_out)
+            img = seq[:, :image_len]
+        out = self.final(img[:, :n], vec)  # (B, N, p * p * C_out): the loss sees the target's tokens only
         return unpatchify(out, gh, gw, cfg.patch_size)

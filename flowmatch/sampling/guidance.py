@@ -45,7 +45,7 @@ def guided_velocity(
         return lambda x, t: model_fn(x, t, cond)
     if uncond is None:
         raise ValueError(f"guidance scale {scale} needs the unconditional (empty caption) inputs; got uncond=None")
-    both = Conditioning.cat([cond, uncond.expand(len(cond))])
+    both = Conditioning.cat([cond, cond.unconditional(uncond)])  # the unconditional pass keeps the references
 
     def velocity(x: Tensor, t: Tensor, r_: Tensor | None = None) -> Tensor:
         extra = {} if r_ is None else {"r": torch.cat([r_, r_])}

@@ -18,8 +18,10 @@ FLUX_EXTRA = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.
 
 
 def claims(cfg) -> bool:
-    """An MMDiT with RoPE in FLUX's layout (how recipes before families said FLUX)."""
-    return mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == ROPE_LAYOUT
+    """An MMDiT with RoPE in FLUX's layout (how recipes before families said FLUX) that takes no reference images
+    (those are FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`)."""
+    return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == ROPE_LAYOUT
+            and not getattr(cfg, "references", 0))
 
 
 def lora_targets(cfg) -> list[str]:

@@ -1,0 +1,73 @@
+"""The FLUX.1 Kontext family (``model.family: kontext``): FLUX.1's MMDiT taking clean reference-image latents
+(``Conditioning.reference``) as extra image tokens at RoPE image index 1, the velocity predicted for the
+target's tokens only (Labs et al. 2025, "FLUX.1 Kontext"; diffusers' FluxKontextPipeline). Converters in
+:mod:`.convert` (FLUX's key tables), presets in :mod:`.presets`.
+
+Any MMDiT with RoPE over (image index, rows, columns) and ``model.references >= 1`` is this family's: the released
+FLUX.1 Kontext [dev] and models trained from scratch with Kontext-style conditioning (recipes/digits-edit.yaml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flowmatch.families import flux, mmdit
+from flowmatch.families.kontext import convert
+from flowmatch.families.kontext.presets import PRESETS
+from flowmatch.families.spec import Capabilities, Family, LatentLayout
+
+
+def claims(cfg) -> bool:
+    """An MMDiT with RoPE in FLUX's layout that takes reference images (``model.references``)."""
+    return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == flux.ROPE_LAYOUT
+            and getattr(cfg, "references", 0) > 0)
+
+
+def flops(cfg, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> float:
+    """Training FLOPs of one step with ``cfg.references`` reference images the target's size (as the loader sizes
+    them): the MMDiT's count over the target's and the references' tokens, taken as one image that many times as
+    wide (the final layer, which skips the references, is counted on them too: under 0.1% more)."""
+    height, width = latent_size
+    return mmdit.flops(cfg, batch_size=batch_size, latent_size=(height, width * (1 + cfg.references)),
+                       text_len=text_len)
+
+
+def reference_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """The (height, width) in pixels FluxKontextPipeline resizes a reference image of height x width to (its
+    ``_auto_resize``): the released resolution of nearest aspect ratio, floored to a multiple of ``multiple``
+    (the VAE's factor times the 2x2 packing)."""
+    aspect = width / height
+    _, w, h = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
+    return h // multiple * multiple, w // multiple * multiple
+
+
+#: (width, height) of the resolutions FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS,
+#: from BFL's flux repository), each about one megapixel.
+KONTEXT_RESOLUTIONS = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)
+
+FAMILY = Family(
+    name="kontext",
+    kind=mmdit.KIND,
+    summary="FLUX.1 Kontext: FLUX.1 with clean reference-image tokens at RoPE image index 1 (image editing)",
+    presets=PRESETS,
+    tiny="tiny-flux-kontext-dev",
+    build=mmdit.build,
+    claims=claims,
+    mismatch="model.kind: mmdit with model.rope: true and model.references >= 1",
+    capabilities=Capabilities(init_from=True, lora=True, interval_embed=True, block_transforms=True,
+                              references=convert.REFERENCES),
+    time_scale=mmdit.TIME_SCALE,
+    flops=flops,
+    latents=LatentLayout(channels=16, pack=convert.PACK),
+    converter=convert,
+    lora_targets=flux.lora_targets,
+    text=flux.FAMILY.text,  # FluxKontextPipeline.encode_prompt is FluxPipeline's
+    # FluxKontextPipeline encodes prompts, walks the grid (its shift from the target's tokens alone) and embeds
+    # guidance as FluxPipeline does, with the same defaults (28 steps, guidance 3.5); it resizes references.
+    diffusers=dataclasses.replace(flux.FAMILY.diffusers, pipeline_class="FluxKontextPipeline",
+                                  reference_size=reference_size),
+)
