@@ -146,3 +146,31 @@ def test_released_shape_has_diffusers_parameter_count():
 def test_unsupported_variants_raise():
     with pytest.raises(ValueError, match="zero_cond_t"):
         from_diffusers(diffusers_qwen(zero_cond_t=True))
+
+
+def test_reference_tokens_match_diffusers_fed_as_the_edit_pipeline_feeds_it():
+    """Qwen-Image-Edit's use of the transformer: the clean reference latents packed after the target's, each image
+    its own centred MSRoPE grid at frame 1, 2, ..., the velocity of the target's tokens only. Bugs caught: the
+    reference at frame 0, its grid not centred, the text not past the largest grid."""
+    import dataclasses
+
+    theirs = diffusers_qwen()
+    converted = from_diffusers(theirs)
+    ours = MMDiT(dataclasses.replace(converted.cfg, references=1))
+    ours.load_state_dict(converted.state_dict())
+    x, t, cond = inputs(6, 10)
+    ref = torch.randn(2, LATENT_CHANNELS, 10, 8, generator=torch.Generator().manual_seed(3))
+    b, c, h, w = x.shape
+    packed = torch.cat([QwenImagePipeline._pack_latents(x, b, c, h, w),
+                        QwenImagePipeline._pack_latents(ref, b, c, 10, 8)], dim=1)
+    with torch.no_grad():
+        out = theirs(packed, cond.hidden, cond.mask, t, img_shapes=[[(1, h // 2, w // 2), (1, 5, 4)]] * b).sample
+        want = QwenImagePipeline._unpack_latents(out[:, :h * w // 4], h * VAE_FACTOR, w * VAE_FACTOR,
+                                                 VAE_FACTOR)[:, :, 0]
+        got = ours(x, t, cond.pad_to(9).with_reference([ref]))
+    assert rel_err(got, want) < REL_TOL
+    axes = [8, 4, 4]
+    img, txt = QwenEmbedRope(10000, axes, scale_rope=True)([[(1, 3, 5), (1, 7, 2)]], device="cpu", max_txt_seq_len=4)
+    table = msrope_table(3, 5, 4, head_dim=16, axes_dim=axes, theta=10000.0, device="cpu", references=[(7, 2)])
+    torch.testing.assert_close(table.cos[:, 0], torch.cat([img, txt]).real, rtol=0, atol=2e-7)
+    torch.testing.assert_close(table.sin[:, 0], torch.cat([img, txt]).imag, rtol=0, atol=2e-7)
