@@ -88,3 +88,26 @@ def test_bad_settings_name_the_key(tiny_qwen_pipeline):
     too_many = build_text_encoder(qwen_config(tiny_qwen_pipeline, drop_tokens=200))
     with pytest.raises(ValueError, match="drop_tokens=200 drops every token"):
         too_many.encode(["a cat"])
+
+
+def test_the_vl_encoder_sees_the_reference_image_as_the_edit_pipeline_shows_it(tiny_qwen_edit_pipeline):
+    """Qwen-Image-Edit's conditioning: the instruction and the reference image through the processor (its image
+    placeholder expanded to the image's patches), the LLM's states without the 64-token prefix. Bug caught: the
+    image not shown to the LLM (pixel values not passed on)."""
+    from diffusers import QwenImageEditPipeline
+    from PIL import Image
+
+    pipe = QwenImageEditPipeline.from_pretrained(tiny_qwen_edit_pipeline)
+    encoder = build_text_encoder(qwen_config(tiny_qwen_edit_pipeline, template=pipe.prompt_template_encode,
+                                             drop_tokens=pipe.prompt_template_encode_start_idx,
+                                             processor_subfolder="processor"))
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(size, generator=g) * 255).byte().numpy()) for size in ((32, 32, 3),) * 2]
+    got = encoder.encode_with_images(CAPTIONS[:2], images)
+    embeds, mask = pipe.encode_prompt(CAPTIONS[:2], image=images, device="cpu")
+    assert got.hidden.shape == embeds.shape and (got.hidden - embeds).abs().max() < 1e-6
+    assert mask is None or torch.equal(got.mask, mask.bool())
+    other = [Image.fromarray(255 - (torch.rand((32, 32, 3), generator=g) * 255).byte().numpy())] * 2
+    assert (encoder.encode_with_images(CAPTIONS[:2], other).hidden - got.hidden).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="processor_subfolder"):
+        build_text_encoder(qwen_config(tiny_qwen_edit_pipeline)).encode_with_images(CAPTIONS[:1], images[:1])

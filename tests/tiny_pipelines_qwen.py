@@ -27,7 +27,8 @@ from flowmatch.families.qwen_image import PROMPT_TEMPLATE
 WORDS = ("a", "photo", "of", "cat", "dog", "red", "apple", "on", "wooden", "table", "blurry", "bad", "quality")
 #: QwenImagePipeline's prompt template (the family's copy, checked against the pipeline's in test_qwen_pipeline).
 TEMPLATE = PROMPT_TEMPLATE
-SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>")
 LATENT_CHANNELS = 4
 TEXT_WIDTH = 16
 #: Qwen/Qwen-Image scheduler/scheduler_config.json.
@@ -72,6 +73,7 @@ def qwen_text_encoder(tokenizer, *, seed: int):
         hidden_size=TEXT_WIDTH, vocab_size=len(tokenizer), eos_token_id=ids("<|im_end|>"),
         pad_token_id=ids("<|endoftext|>"), vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"), image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
     )
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -105,5 +107,23 @@ def save_qwen_pipeline(path: str | Path) -> Path:
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=qwen_vae(5),
                              text_encoder=qwen_text_encoder(tokenizer, seed=1), tokenizer=tokenizer,
                              transformer=qwen_transformer(4))
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_qwen_edit_pipeline(path: str | Path) -> Path:
+    """Save a tiny random QwenImageEditPipeline to `path`: the Qwen-Image components and a Qwen2VLProcessor (the
+    default image and video processors, this tokenizer) through which its Qwen2.5-VL sees the reference image."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as vocab:
+        tokenizer = qwen_tokenizer(Path(vocab))
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER), vae=qwen_vae(5),
+                                 text_encoder=qwen_text_encoder(tokenizer, seed=1), tokenizer=tokenizer,
+                                 processor=processor, transformer=qwen_transformer(4))
     pipe.save_pretrained(path)
     return path

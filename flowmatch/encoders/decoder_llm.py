@@ -14,12 +14,17 @@ What the recipe says (``text_encoder`` or ``text_encoders.encoders.NAME``, :clas
     pooling: none          # no pooled vector (width 0); mean also works
     dtype: bf16            # weights dtype; the states are returned in float32
     model_class: null      # the transformers class; null = the checkpoint's architectures[0]
+    processor_subfolder: null  # a VL processor: encode_with_images also shows the LLM images (Qwen-Image-Edit)
 
 How it runs, as ``QwenImagePipeline._get_qwen_prompt_embeds`` does: the templated texts of a batch are
 tokenized together, padded to the longest and truncated at ``drop_tokens + max_length`` tokens, the LLM runs
 with the attention mask, each text's real tokens are taken and its first ``drop_tokens`` dropped, and the rows are
 right-padded into a :class:`Conditioning` whose mask marks the kept tokens. A causal LLM's states of the first n
 tokens do not depend on the tokens after them, so truncating before the LLM runs or after gives the same states.
+With a processor (``processor_subfolder``), :meth:`DecoderLLMEncoder.encode_with_images` runs the texts and one
+image per text through it (its image placeholder tokens expanded to the image's patches, as
+``QwenImageEditPipeline._get_qwen_prompt_embeds`` does) and the LLM sees both; the kept states are cut to
+``max_length`` after the prefix.
 
 The long, wide states (3584 channels for Qwen2.5-VL-7B) are cached like any encoder's
 (:mod:`flowmatch.encoders.cache`): real tokens only, in the compact int8 / fp8 text cache (``data.text_quant``).
@@ -33,6 +38,7 @@ import torch
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.dtypes import resolve_dtype
+from flowmatch.encoders.loading import load_pretrained
 from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 
 __all__ = ["DecoderLLMEncoder"]
@@ -51,6 +57,15 @@ class DecoderLLMEncoder(TextEncoder):
             raise ValueError("text_encoder.padding=max_length is not how decoder LLM pipelines run them: their "
                              "texts are padded to the longest and masked; use padding: longest")
         super().__init__(cfg, device=device)
+        self.processor = None
+        if cfg.processor_subfolder is not None:
+            # reason: transformers' import costs seconds; only runs that load an encoder pay it.
+            from transformers import AutoProcessor
+
+            self.processor = load_pretrained(
+                "text encoder's processor", cfg.name_or_path,
+                lambda path: AutoProcessor.from_pretrained(path, subfolder=cfg.processor_subfolder),
+                key="text_encoder.name_or_path")
 
     def _load(self, path: str):
         # reason: transformers' import costs seconds; only runs that load an encoder pay it.
@@ -78,7 +93,8 @@ class DecoderLLMEncoder(TextEncoder):
     def _make_fingerprint(self) -> str:
         c = self.cfg
         template = hashlib.sha256(c.template.encode()).hexdigest()[:12]
-        return f"{super()._make_fingerprint()}:llm:t{template}:drop{c.drop_tokens}:layers{self.layers}"
+        seen = f":images:{c.processor_subfolder}" if c.processor_subfolder else ""
+        return f"{super()._make_fingerprint()}:llm:t{template}:drop{c.drop_tokens}:layers{self.layers}{seen}"
 
     @torch.no_grad()
     def _encode_batch(self, captions: list[str]) -> Conditioning:
@@ -86,9 +102,28 @@ class DecoderLLMEncoder(TextEncoder):
         texts = [c.template.replace("{}", caption) for caption in captions]
         tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=c.drop_tokens + c.max_length,
                                 return_tensors="pt").to(self.device)
-        mask = tokens["attention_mask"].bool()
-        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                         output_hidden_states=True)
+        return self._states(tokens, captions)
+
+    @torch.no_grad()
+    def encode_with_images(self, captions: list[str], images: list) -> Conditioning:
+        """Captions, each with one image (a PIL image or (C, H, W) tensor in [0, 1]) the LLM sees through the
+        processor -> Conditioning as :meth:`encode`'s."""
+        if self.processor is None:
+            raise ValueError("this decoder LLM has no processor: set text_encoder.processor_subfolder (a "
+                             "vision-language pipeline's processor) to show it images")
+        if len(images) != len(captions):
+            raise ValueError(f"encode_with_images takes one image per caption, got {len(images)} for {len(captions)}")
+        texts = [self.cfg.template.replace("{}", caption) for caption in captions]
+        inputs = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt").to(self.device)
+        return self._states(inputs, captions)
+
+    def _states(self, inputs, captions: list[str]) -> Conditioning:
+        """The LLM on tokenized (and processed) inputs -> the kept states of each text, as a Conditioning."""
+        c = self.cfg
+        mask = inputs["attention_mask"].bool()
+        extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         output_hidden_states=True, **extra)
         layers = [out.hidden_states[k] if k is not None else out.hidden_states[-1] for k in self.layers]
         states = torch.cat(layers, dim=-1)  # (B, T, D * k)
         short = [i for i, n in enumerate(mask.sum(1).tolist()) if n <= c.drop_tokens]
@@ -96,7 +131,8 @@ class DecoderLLMEncoder(TextEncoder):
             raise ValueError(f"text_encoder.drop_tokens={c.drop_tokens} drops every token of caption "
                              f"{captions[short[0]]!r} as templated: the template's prefix is shorter than that; "
                              "count its tokens with the tokenizer and set drop_tokens to it")
-        rows = [states[i][mask[i]][c.drop_tokens:] for i in range(len(texts))]  # each (n_i, D * k)
+        rows = [states[i][mask[i]][c.drop_tokens:c.drop_tokens + c.max_length]  # each (n_i, D * k)
+                for i in range(len(captions))]
         cond = Conditioning.from_rows(rows, [row.new_zeros(0) for row in rows])
         cond = Conditioning(cond.hidden.to(self.device), cond.mask.to(self.device),
                             self._pool(cond.hidden, cond.mask, out).to(self.device))
