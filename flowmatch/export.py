@@ -103,7 +103,8 @@ def _sizes_from_weights(cfg: MMDiTConfig, state: dict) -> MMDiTConfig:
     p = cfg.patch_size
     found = dict(in_channels=state["patch_embed.weight"].shape[1] // (p * p),
                  context_dim=state["context_embed.weight"].shape[1],
-                 pooled_dim=state["pooled_embed.fc1.weight"].shape[1])
+                 # A model without a pooled vector (Qwen-Image) has no pooled embedder.
+                 pooled_dim=state["pooled_embed.fc1.weight"].shape[1] if "pooled_embed.fc1.weight" in state else 0)
     return dataclasses.replace(cfg, **{k: v for k, v in found.items() if getattr(cfg, k) is None})
 
 

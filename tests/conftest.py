@@ -47,6 +47,22 @@ def tiny_flux_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen_pipeline(tmp_path_factory):
+    """Folder of a tiny random QwenImagePipeline (see tests/tiny_pipelines_qwen.py), built once per session."""
+    from tests.tiny_pipelines_qwen import save_qwen_pipeline  # imports diffusers: only for the tests that ask for it
+
+    return save_qwen_pipeline(tmp_path_factory.mktemp("tiny-qwen-image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_edit_pipeline(tmp_path_factory):
+    """Folder of a tiny random QwenImageEditPipeline (tests/tiny_pipelines_qwen.py), built once per session."""
+    from tests.tiny_pipelines_qwen import save_qwen_edit_pipeline  # imports diffusers: only for the tests that ask
+
+    return save_qwen_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-image-edit"))
+
+
+@pytest.fixture(scope="session")
 def tiny_kontext_pipeline(tmp_path_factory):
     """Folder of a tiny random FLUX.1 Kontext [dev] pipeline (see tests/tiny_pipelines_kontext.py), built once per
     session."""

@@ -80,6 +80,9 @@ class Schedule:
     """Its guidance scale is classifier-free guidance (SD3), not a model input (FLUX)."""
     time_rounded: bool
     """The transformer receives ``sigma * 1000 / 1000`` in float32 and scales it again (FLUX)."""
+    guidance_renorm: bool = False
+    """Classifier-free guidance rescales each token's guided velocity to the conditional one's norm over its packed
+    features (QwenImagePipeline's true CFG: ``comb * ||cond|| / ||comb||``)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ class DiffusersPipeline:
     """Its default guidance_scale (FLUX: the embedded guidance value)."""
     schedule: Schedule
     """How it walks the scheduler."""
+    decoder_llm: Optional[Mapping[str, Any]] = None
+    """The TextEncoderConfig values of its decoder-LLM text encoder (kind decoder_llm: chat template, dropped
+    prefix, hidden layer, length, pooling), for the encoder whose class is no CLIP or T5 (Qwen-Image's
+    Qwen2.5-VL); None = CLIP and T5 only."""
     reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None
     """``reference_size(height, width, multiple) -> (height, width)``: the pixel size it resizes a reference image
     to before encoding it (None: it takes no reference images)."""

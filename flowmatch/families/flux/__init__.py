@@ -11,14 +11,17 @@ from flowmatch.families.flux.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.models.lora import ATTENTION
 
+#: Where FLUX's RoPE puts the tokens (``model.rope_layout``).
+ROPE_LAYOUT = "flux"
 #: FLUX's feed-forward layers and single-block projections, which diffusers' FLUX LoRA script adapts too.
 FLUX_EXTRA = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
 def claims(cfg) -> bool:
-    """An MMDiT with RoPE (how recipes before families said FLUX) that takes no reference images (those are
-    FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`)."""
-    return mmdit.is_mmdit(cfg) and bool(cfg.rope) and not getattr(cfg, "references", 0)
+    """An MMDiT with RoPE in FLUX's layout (how recipes before families said FLUX) that takes no reference images
+    (those are FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`)."""
+    return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == ROPE_LAYOUT
+            and not getattr(cfg, "references", 0))
 
 
 def lora_targets(cfg) -> list[str]:
