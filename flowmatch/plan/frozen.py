@@ -44,6 +44,10 @@ RELEASED: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+#: The autoencoder's name among the frozen parts.
+AUTOENCODER = "autoencoder"
+
+
 @dataclass(frozen=True)
 class FrozenPart:
     """One frozen network: its parameter elements, and the bytes per element it is loaded in on each device."""
@@ -127,5 +131,5 @@ def autoencoder(cfg: AutoencoderConfig) -> AutoencoderShape:
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(values)
     params = sum(p.numel() for p in vae.parameters())
-    return AutoencoderShape(FrozenPart("autoencoder", params, cfg.dtype),
+    return AutoencoderShape(FrozenPart(AUTOENCODER, params, cfg.dtype),
                             2 ** (len(vae.config.block_out_channels) - 1), int(vae.config.latent_channels))

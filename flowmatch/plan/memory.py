@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from flowmatch.dtypes import DTYPES
+from flowmatch.plan.frozen import AUTOENCODER, FrozenPart
 from flowmatch.plan.trace import Activations, ParamCount
 
 #: Bytes per weight of a quantised frozen base: int8 and fp8 one byte; nf4 half a byte plus one fp32 scale per
@@ -59,8 +60,6 @@ class Settings:
     """adamw | adamw8bit (not in flowmatch yet: a suggestion)."""
     ema_copies: int = 0
     """fp32 copies the EMA keeps: the EMA itself and each post-hoc profile."""
-    encoder_dtype: str = "fp32"
-    """The frozen encoders' dtype on this device (their recipe dtype, auto resolved)."""
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -85,8 +84,8 @@ class ModelCost:
     """Frozen elements in the linear layers' weights (what a quantised base stores in fewer bits)."""
     act1: Activations
     act2: Activations
-    encoders: dict[str, int]
-    """Frozen network name -> parameter elements (text encoders, autoencoder)."""
+    encoders: list[FrozenPart]
+    """The frozen networks: text encoders, then the autoencoder."""
 
     def activations(self, micro: int, checkpointing: bool) -> int:
         one, two = ((a.checkpointed if checkpointing else a.plain) for a in (self.act1, self.act2))
@@ -130,18 +129,24 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
     act = cost.activations(s.micro_batch, s.checkpointing)
     lines.append(Line("activations", act, f"micro batch {s.micro_batch}, "
                       + ("checkpointed" if s.checkpointing else "no checkpointing")))
-    enc_note, enc = "freed after caching", 0
-    if not s.cached:
-        ebytes = dtype_bytes(s.encoder_dtype)
-        q = QUANT_BYTES[s.encoder_quant] if s.encoder_quant else ebytes
-        enc = int(sum(count * (q if name != "autoencoder" else ebytes) for name, count in cost.encoders.items()))
-        enc_note = f"{s.encoder_dtype}" + (f", text encoders {s.encoder_quant} (suggestion)" if s.encoder_quant else "")
-    lines.append(Line("frozen encoders", enc, enc_note if cost.encoders else "none"))
+    enc, notes = 0, []
+    for part in cost.encoders:
+        dtype = ("bf16" if cuda else "fp32") if part.dtype == "auto" else part.dtype  # flowmatch.dtypes' auto
+        text = part.name != AUTOENCODER
+        if text and s.cached:  # freed once the empty caption and the sampling prompts are encoded
+            notes.append(f"{part.name} freed")
+            continue
+        quant = s.encoder_quant if text else None
+        enc += int(part.params * (QUANT_BYTES[quant] if quant else dtype_bytes(dtype)))
+        notes.append(f"{part.name} {part.params / 1e6:.0f}M {quant + ' (suggestion)' if quant else dtype}")
+    lines.append(Line("frozen encoders", enc, ", ".join(notes) or "none"))
     comm = 0
     if n > 1:
         comm = min(p.trainable, REDUCE_BUCKET) * w * (2 if s.zero_stage in (1, 2) else 1)
-        if s.zero_stage == 3:  # a block gathered whole, and the next prefetched
-            comm += 2 * min(p.largest_block, PREFETCH_BUCKET) * w
+    if s.offload_params:  # the block in use and the next, fetched whole from the host
+        comm += 2 * p.largest_block * w
+    elif s.zero_stage == 3 and n > 1:  # a block gathered whole, and the next prefetched
+        comm += 2 * min(p.largest_block, PREFETCH_BUCKET) * w
     lines.append(Line("communication buffers", int(comm), f"ZeRO-{s.zero_stage} over {n} processes"))
     if cuda:
         tensors = sum(line.bytes for line in lines)

@@ -51,13 +51,13 @@ def model_cost(recipe: Recipe) -> tuple[ModelCost, Sequence, Recipe]:
     """Count the recipe's model: returns its cost, its sequence and the recipe with the model's input sizes filled
     in from the encoders (as the trainer fills them)."""
     text = recipe.text
-    parts, shapes = {}, {}
+    parts, shapes = [], {}
     for name, cfg in text.encoders.items():
         part, shapes[name] = frozen.text_encoder(name, cfg, f"text_encoders.encoders.{name}.name_or_path")
-        parts[name] = part.params
+        parts.append(part)
     ae = frozen.autoencoder(recipe.autoencoder)
     if ae.part is not None:
-        parts["autoencoder"] = ae.part.params
+        parts.append(ae.part)
     side = recipe.data.resolution // ae.downsample
     channels = ae.channels or recipe.data.channels
     with torch.device("meta"):
