@@ -34,6 +34,8 @@ class Lever:
     """The settings with the lever applied; None where it does not apply (already set, or not possible)."""
     kind: str
     """APPLIED, MANUAL or SUGGESTION."""
+    slow: bool = False
+    """It moves state over the host link every step (offload): tried last."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,10 @@ LEVERS: tuple[Lever, ...] = (
           and s.encoder_quant is None else None, kind=SUGGESTION),
     Lever("optimizer offload", "distributed.offload_optimizer: true",
           lambda s, room: s.replace(offload_optimizer=True, zero_stage=max(1, s.zero_stage))
-          if not s.offload_optimizer else None, kind=APPLIED),
+          if not s.offload_optimizer else None, kind=APPLIED, slow=True),
     Lever("parameter offload", "distributed.offload_params: true (zero_stage 3)",
           lambda s, room: s.replace(offload_params=True, zero_stage=3) if not s.offload_params else None,
-          kind=APPLIED),
+          kind=APPLIED, slow=True),
 )
 
 
@@ -108,12 +110,12 @@ def _apply(s: Settings, room: Room, levers: list[Lever]) -> tuple[Settings, list
     return s, used
 
 
-def fit(cost: ModelCost, s: Settings, budget: int, room: Room, *, cuda: bool, applied_only: bool = False
-        ) -> Optional[Fit]:
+def fit(cost: ModelCost, s: Settings, budget: int, room: Room, *, cuda: bool, applied_only: bool = False,
+        fast_only: bool = False) -> Optional[Fit]:
     """Levers under which ``s`` (its micro batch) fits: the shortest run in :data:`LEVERS` order that fits, less
     any lever the others fit without; None when all of them together do not. ``applied_only``: only those
-    ``flowmatch train`` applies."""
-    candidates = [lv for lv in LEVERS if lv.kind == APPLIED or not applied_only]
+    ``flowmatch train`` applies; ``fast_only``: no offload."""
+    candidates = [lv for lv in LEVERS if (lv.kind == APPLIED or not applied_only) and not (fast_only and lv.slow)]
     chosen: list[Lever] = []
     for lever in [None, *candidates]:
         if lever is not None:

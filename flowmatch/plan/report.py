@@ -11,8 +11,9 @@ from flowmatch.plan.levers import MANUAL, SUGGESTION, Lever
 from flowmatch.plan.planner import Plan
 
 
-def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+def size(n: float) -> str:
+    """Bytes as GiB (two decimals), or MiB below one GiB."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def per_block(plan: Plan) -> list[int]:
@@ -44,29 +45,29 @@ def format_plan(plan: Plan, title: str) -> str:
            f"{'es' if s.world > 1 else ''}",
            f"model: {(p.trainable + p.frozen) / 1e6:.1f}M parameters ({p.trainable / 1e6:.1f}M trained); per sample "
            f"{seq.image_tokens} image + {seq.text_tokens} text tokens, input {'x'.join(map(str, seq.latent))}",
-           f"peak per rank at micro batch {s.micro_batch}: {gib(plan.peak)} of {gib(plan.budget)}: "
-           + ("fits" if plan.fits else f"does NOT fit, over by {gib(plan.peak - plan.budget)}")]
+           f"peak per rank at micro batch {s.micro_batch}: {size(plan.peak)} of {size(plan.budget)}: "
+           + ("fits" if plan.fits else f"does NOT fit, over by {size(plan.peak - plan.budget)}")]
     width = max(len(line.name) for line in plan.lines)
-    out += [f"  {line.name:<{width}} {gib(line.bytes):>12}  {line.note}" for line in plan.lines]
+    out += [f"  {line.name:<{width}} {size(line.bytes):>12}  {line.note}" for line in plan.lines]
     a1 = plan.cost.activations(1, False), plan.cost.activations(1, True)
-    out.append(f"activations per sample: {gib(a1[0])} without checkpointing, {gib(a1[1])} with it")
+    out.append(f"activations per sample: {size(a1[0])} without checkpointing, {size(a1[1])} with it")
     blocks = per_block(plan)
     if blocks:
-        runs = ", ".join(f"block{'s' if a != b else ''} {a}{'-' + str(b) if a != b else ''}: {gib(v)}"
+        runs = ", ".join(f"block{'s' if a != b else ''} {a}{'-' + str(b) if a != b else ''}: {size(v)}"
                          for a, b, v in _runs(blocks))
         out.append(f"  per block at micro batch {s.micro_batch} (kept without checkpointing): {runs}")
     out.append(f"largest micro batch that fits as the recipe is: {plan.max_micro or 'none (not even 1)'}")
     if plan.fit is not None and plan.fit.levers:
         out.append(f"to fit micro batch {s.micro_batch}: " + "; ".join(_lever(lv) for lv in plan.fit.levers)
-                   + f" -> peak {gib(plan.fit.peak)}")
+                   + f" -> peak {size(plan.fit.peak)}")
     elif plan.fit is None and plan.fit_micro:
         out.append(f"micro batch {s.micro_batch} does not fit with every lever; the largest that does: "
                    f"{plan.fit_micro} (raise the gradient accumulation: train.micro_batch_size)")
     elif plan.fit is None:
-        out.append(f"cannot fit, not even micro batch 1 with every lever: over by {gib(plan.shortfall)}")
+        out.append(f"cannot fit, not even micro batch 1 with every lever: over by {size(plan.shortfall)}")
     if not plan.fits and plan.largest is not None:
         lever, saved = plan.largest
-        out.append(f"largest single lever: {_lever(lever)}, saves {gib(saved)}")
+        out.append(f"largest single lever: {_lever(lever)}, saves {size(saved)}")
     return "\n".join(out)
 
 
