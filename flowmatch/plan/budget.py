@@ -42,7 +42,8 @@ def apply_budget(recipe: Recipe, world: int, *, cuda: bool) -> Budgeted:
     found = None
     for fast_only in (True, False):
         for micro in _divisors_down(per_rank, plan.settings.micro_batch):
-            found = fit(plan.cost, plan.settings.replace(micro_batch=micro), plan.budget, plan.room,
+            settings = plan.settings.replace(micro_batch=micro, accumulating=micro * world < recipe.train.batch_size)
+            found = fit(plan.cost, settings, plan.budget, plan.room,
                         cuda=cuda, applied_only=True, fast_only=fast_only)
             if found is not None:
                 break

@@ -58,6 +58,9 @@ class Settings:
     """Quantised frozen text encoders (not in flowmatch yet: a suggestion)."""
     optimizer: str = "adamw"
     """adamw | adamw8bit (not in flowmatch yet: a suggestion)."""
+    accumulating: bool = False
+    """Gradient accumulation over several micro batches: the earlier ones' gradients stay while the next forward's
+    activations build up (without it the backward frees activations as the gradients fill)."""
     ema_copies: int = 0
     """fp32 copies the EMA keeps: the EMA itself and each post-hoc profile."""
 
@@ -112,8 +115,8 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
     if s.offload_params:  # ZeRO-3 keeps what it has not gathered on the host
         weights, base_note = 0, base_note + ", offloaded to the CPU"
     lines.append(Line("weights", int(weights), base_note))
-    lines.append(Line("gradients", int(p.trainable * w / shard_g), f"{s.precision}" + (
-        f", sharded over {n}" if shard_g > 1 else "")))
+    grads = int(p.trainable * w / shard_g)
+    lines.append(Line("gradients", grads, f"{s.precision}" + (f", sharded over {n}" if shard_g > 1 else "")))
     on_host = s.offload_optimizer
     if s.precision != "fp32":
         lines.append(Line("master weights", 0 if on_host else int(p.trainable * 4 / shard_o),
@@ -129,6 +132,9 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
     act = cost.activations(s.micro_batch, s.checkpointing)
     lines.append(Line("activations", act, f"micro batch {s.micro_batch}, "
                       + ("checkpointed" if s.checkpointing else "no checkpointing")))
+    if not s.accumulating:  # the backward frees a block's activations as it makes that block's gradients
+        lines.append(Line("backward overlap", -min(act, grads), "activations freed as the gradients fill "
+                          "(no gradient accumulation)"))
     enc, notes = 0, []
     for part in cost.encoders:
         dtype = ("bf16" if cuda else "fp32") if part.dtype == "auto" else part.dtype  # flowmatch.dtypes' auto

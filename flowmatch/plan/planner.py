@@ -21,8 +21,9 @@ from flowmatch.plan.shape import Sequence, model_cost
 def recipe_settings(recipe: Recipe, world: int) -> Settings:
     """The settings a recipe trains with on ``world`` processes."""
     t, d = recipe.train, recipe.distributed
+    micro = t.micro_batch_size or max(1, t.batch_size // world)
     return Settings(
-        micro_batch=t.micro_batch_size or max(1, t.batch_size // world), checkpointing=t.activation_checkpointing,
+        micro_batch=micro, checkpointing=t.activation_checkpointing, accumulating=t.batch_size > micro * world,
         zero_stage=d.zero_stage, precision=d.precision, world=world, offload_optimizer=d.offload_optimizer,
         offload_params=d.offload_params, cached=recipe.data.cached is True or bool(recipe.data.cache),
         ema_copies=(1 + len(t.ema_profiles)) if t.ema_decay > 0 else 0)
