@@ -183,6 +183,14 @@ def test_plan_cli_json_and_text(capsys):
     assert code == 1 and "did you mean 'rtx4090'" in out.err
 
 
+def test_plan_reads_the_recipes_settings():
+    plan = make_plan(digits("train.activation_checkpointing=true", "train.ema_profiles=[0.05]",
+                            "distributed.zero_stage=2", "train.micro_batch_size=4"), get_device("h100"), world=2)
+    s = plan.settings
+    assert (s.checkpointing, s.ema_copies, s.zero_stage, s.micro_batch, s.accumulating) == (True, 2, 2, 4, True)
+    assert {line.name: line.bytes for line in plan.lines}["activations"] == plan.cost.activations(4, True)
+
+
 def test_device_table_names_its_sources():
     assert get_device("h200").memory_bytes == 141 * GIB and get_device("rtx4080").memory_gib == 16
     assert all(d.source for d in (get_device(n) for n in ("h100", "a100-40", "a100-80", "l40s", "rtx4090")))
