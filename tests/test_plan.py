@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import tiny_recipe
 
 from flowmatch.cli import main
 from flowmatch.conditioning import Conditioning
@@ -21,6 +22,7 @@ from flowmatch.plan.levers import LEVERS, Room, fit, largest_lever, max_micro
 from flowmatch.plan.memory import ModelCost, Settings, breakdown, peak
 from flowmatch.plan.planner import make_plan
 from flowmatch.plan.trace import Activations, ParamCount, count_params, trace_activations
+from flowmatch.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 B, C, SIDE, L = 2, 4, 8, 6  # batch, latent channels, latent side, text tokens
@@ -217,9 +219,6 @@ def test_budget_sets_checkpointing_and_micro_batch():
 
 def test_train_applies_the_budget(tmp_path, digit_shards, capsys):
     """distributed.memory_budget_gb reaches the trainer: the run's saved recipe holds what the planner chose."""
-    from test_train import tiny_recipe  # the module beside this file (tests/ is on sys.path)
-    from flowmatch.training.loop import train
-
     recipe = tiny_recipe(tmp_path / "run", digit_shards, **{"train.max_steps": 1, "train.checkpoint_every": 1})
     plan = make_plan(recipe, budget_device(1024, cuda=False))
     want = peak(plan.cost, plan.settings.replace(micro_batch=4, checkpointing=True, accumulating=True), cuda=False)

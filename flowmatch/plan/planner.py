@@ -86,5 +86,6 @@ def make_plan(recipe: Recipe, device: Device, world: int = 1, cost: Optional[tup
     everything, _ = all_levers(s, room)
     return Plan(device=device, settings=s, lines=breakdown(counted, s, cuda=cuda), cost=counted, sequence=seq,
                 room=room, max_micro=max_micro(counted, s, budget, cuda=cuda),
-                fit=fit(counted, s, budget, room, cuda=cuda), fit_micro=max_micro(counted, everything, budget, cuda=cuda),
+                fit=fit(counted, s, budget, room, cuda=cuda),
+                fit_micro=max_micro(counted, everything, budget, cuda=cuda),
                 largest=largest_lever(counted, s, room, cuda=cuda))
