@@ -201,7 +201,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     path, overrides = split_recipe_args(ns.args)
     device = devices.budget_device(ns.memory_gb) if ns.memory_gb is not None else devices.get_device(ns.device)
-    plan = planner.make_plan(load_recipe(path, overrides), device, ns.gpus)
+    plan = planner.make_plan(load_recipe(path, overrides), device, ns.gpus,
+                             assume={"base_quant": ns.quantize, "optimizer": ns.optimizer})
     print(json.dumps(report.plan_json(plan), indent=1) if ns.json else report.format_plan(plan, path or "recipe"))
     return 0
 
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--memory-gb", type=finite_float, default=None, help="plan for this many GiB per GPU")
     p.add_argument("--gpus", type=positive_int, default=1, help="processes (GPUs) the job runs on")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (peak_bytes, fits, breakdown, ...)")
+    p.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
+                   help="plan a LoRA run's frozen base quantised so (not in flowmatch yet: a what-if)")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw",
+                   help="plan with this optimizer's state (adamw8bit is not in flowmatch yet: a what-if)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sample", help="generate an image grid from a run, a checkpoint or a diffusers pipeline")

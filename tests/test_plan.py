@@ -191,6 +191,8 @@ def test_plan_reads_the_recipes_settings():
     s = plan.settings
     assert (s.checkpointing, s.ema_copies, s.zero_stage, s.micro_batch, s.accumulating) == (True, 2, 2, 4, True)
     assert {line.name: line.bytes for line in plan.lines}["activations"] == plan.cost.activations(4, True)
+    with pytest.raises(ValueError, match="trains every weight"):  # a quantised base needs a frozen one
+        make_plan(digits(), get_device("h100"), assume={"base_quant": "nf4"}, cost=(plan.cost, plan.sequence))
 
 
 def test_device_table_names_its_sources():

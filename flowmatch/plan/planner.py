@@ -8,7 +8,7 @@ that make it fit, and when nothing does, by how much and which lever matters mos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from flowmatch.config import Recipe
 from flowmatch.families import family_of
@@ -70,16 +70,20 @@ class Plan:
         return sum(line.bytes for line in breakdown(self.cost, best, cuda=self.device.cuda)) - self.budget
 
 
-def make_plan(recipe: Recipe, device: Device, world: int = 1, cost: Optional[tuple[ModelCost, Sequence]] = None
-              ) -> Plan:
-    """Plan ``recipe`` on ``world`` processes of ``device`` (``cost``: the model's count when already made)."""
+def make_plan(recipe: Recipe, device: Device, world: int = 1, cost: Optional[tuple[ModelCost, Sequence]] = None,
+              assume: Optional[dict[str, Any]] = None) -> Plan:
+    """Plan ``recipe`` on ``world`` processes of ``device`` (``cost``: the model's count when already made;
+    ``assume``: :class:`Settings` fields for what flowmatch has no recipe key for yet, e.g. ``base_quant``)."""
     if world < 1:
         raise ValueError(f"the number of GPUs must be at least 1, got {world}")
     if cost is None:
         counted, seq, recipe = model_cost(recipe)
     else:
         counted, seq = cost
-    s = recipe_settings(recipe, world)
+    s = recipe_settings(recipe, world).replace(**{k: v for k, v in (assume or {}).items() if v is not None})
+    if s.base_quant and not counted.params.frozen:
+        raise ValueError(f"--quantize {s.base_quant} quantises a LoRA run's frozen base, but this recipe trains "
+                         "every weight: set model.lora (and model.init_from) or leave --quantize out")
     room = Room(checkpointable=family_of(recipe.model).capabilities.block_transforms,
                 frozen_base=counted.params.frozen > 0, encoders=bool(counted.encoders))
     cuda, budget = device.cuda, device.memory_bytes
