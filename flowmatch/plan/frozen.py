@@ -94,7 +94,7 @@ def text_encoder(name: str, cfg: TextEncoderConfig, key: str) -> tuple[FrozenPar
     from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # reason: as above
 
     config = _text_config(cfg, key)
-    model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "auto": AutoModel}[cfg.kind]
+    model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel}.get(cfg.kind, AutoModel)
     if cfg.pooling == "projection":
         model_cls = CLIPTextModelWithProjection
     with torch.device("meta"):
