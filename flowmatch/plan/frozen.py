@@ -23,6 +23,8 @@ from flowmatch.encoders.text import TextEncoderConfig
 # tower (SD3's text_encoder_2), and the 16-channel VAE of SD3 and FLUX.1 (their vae/config.json).
 _T5_XXL = dict(model_type="t5", d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
                feed_forward_proj="gated-gelu")
+_T5_XL = dict(model_type="t5", d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu")  # google/flan-t5-xl
 _CLIP_L = dict(model_type="clip_text_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                num_attention_heads=12, max_position_embeddings=77, vocab_size=49408, projection_dim=768)
 _CLIP_G = dict(model_type="clip_text_model", hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
@@ -40,6 +42,7 @@ RELEASED: dict[str, dict[str, dict[str, Any]]] = {
     "black-forest-labs/FLUX.1-dev": _FLUX,
     "black-forest-labs/FLUX.1-schnell": _FLUX,
     "google/t5-v1_1-xxl": {"": _T5_XXL},
+    "google/flan-t5-xl": {"": _T5_XL},
     "openai/clip-vit-large-patch14": {"": _CLIP_L},
 }
 

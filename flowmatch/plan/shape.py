@@ -34,11 +34,14 @@ class Sequence:
 
 def _conditioning(recipe: Recipe, shapes: dict[str, frozen.TextShape], batch: int) -> Conditioning:
     """The model's conditioning of ``batch`` captions at the encoders' max_length, combined as the recipe combines
-    it (meta tensors)."""
+    it; a model that embeds a guidance value gets one (guided distillation feeds it from the objective)."""
     text = recipe.text
     outputs = {name: Conditioning(torch.zeros(batch, s.tokens, s.hidden), torch.ones(batch, s.tokens, dtype=torch.bool),
                                   torch.zeros(batch, s.pooled)) for name, s in shapes.items()}
-    return combine_outputs(text_layout(text.combine), outputs, {n: s.kind for n, s in shapes.items()}, text.guidance)
+    cond = combine_outputs(text_layout(text.combine), outputs, {n: s.kind for n, s in shapes.items()}, text.guidance)
+    if getattr(recipe.model, "guidance_embed", False) and "guidance" not in cond.extra:
+        cond = Conditioning(cond.hidden, cond.mask, cond.pooled, {**cond.extra, "guidance": torch.ones(batch)})
+    return cond
 
 
 def _quantisable(model: nn.Module) -> int:
