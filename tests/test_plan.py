@@ -195,6 +195,11 @@ def test_plan_reads_the_recipes_settings():
         make_plan(digits(), get_device("h100"), assume={"base_quant": "nf4"}, cost=(plan.cost, plan.sequence))
 
 
+def test_a_budget_must_be_a_positive_number():
+    with pytest.raises(RecipeError, match="memory_budget_gb must be a positive number"):
+        digits("distributed.memory_budget_gb=0")
+
+
 def test_device_table_names_its_sources():
     assert get_device("h200").memory_bytes == 141 * GIB and get_device("rtx4080").memory_gib == 16
     assert all(d.source for d in (get_device(n) for n in ("h100", "a100-40", "a100-80", "l40s", "rtx4090")))

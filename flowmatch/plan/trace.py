@@ -13,7 +13,7 @@ matrix that the meta device's reference path would keep.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +107,7 @@ def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: tuple, 
     per_block: list[dict[int, int]] = []
     inputs_seen: dict[int, int] = {}
     handles = []
+    open_blocks = ExitStack()  # the recording of the block running now (blocks do not nest)
 
     def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
         for value in (*args, *kwargs.values()):
@@ -114,12 +115,10 @@ def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: tuple, 
                 key, nbytes = _storage_key(t)
                 inputs_seen.setdefault(key, nbytes)
         per_block.append({})
-        module._plan_ctx = _recording(params, per_block[-1])
-        module._plan_ctx.__enter__()
+        open_blocks.enter_context(_recording(params, per_block[-1]))
 
     def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        module._plan_ctx.__exit__(None, None, None)
-        del module._plan_ctx
+        open_blocks.close()
 
     for block in blocks:
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
@@ -128,6 +127,7 @@ def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: tuple, 
         with _recording(params, everything):
             loss(model(*inputs))
     finally:
+        open_blocks.close()
         for h in handles:
             h.remove()
     inside = {key: n for block in per_block for key, n in block.items()}
