@@ -1,4 +1,4 @@
-"""The `flowmatch` command: train, plan, sample, eval, check, export, ema. Each command parses, builds, runs and closes.
+"""The `flowmatch` command: train, sample, eval, check, export, ema. Each command parses, builds, runs and closes.
 
 `python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
 Each command imports what it runs when it runs (`flowmatch --help` and argument errors answer before torch loads).
