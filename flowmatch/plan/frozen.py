@@ -105,7 +105,9 @@ def text_encoder(name: str, cfg: TextEncoderConfig, key: str) -> tuple[FrozenPar
     params = sum(p.numel() for p in model.parameters())
     inner = getattr(config, "text_config", config)
     hidden = int(inner.hidden_size if hasattr(inner, "hidden_size") else inner.d_model)
-    pooled = int(config.projection_dim) if cfg.pooling == "projection" else hidden
+    pooled = int({"projection": getattr(config, "projection_dim", hidden), "none": 0}.get(cfg.pooling, hidden))
+    # Encoders that stack several layers' states side by side are as wide as all of them.
+    hidden *= len(getattr(cfg, "stack_layers", None) or [None])
     return FrozenPart(name, params, cfg.dtype), TextShape(cfg.kind, cfg.max_length, hidden, pooled)
 
 
