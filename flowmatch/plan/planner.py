@@ -48,6 +48,8 @@ class Plan:
     """The largest micro batch that fits with every lever (0: none)."""
     largest: Optional[tuple[Lever, int]]
     """The lever that lowers the recipe's peak most on its own, and the bytes it saves."""
+    architecture: str = ""
+    """Where the planned architecture comes from, when the recipe starts from weights."""
 
     @property
     def peak(self) -> int:
@@ -92,4 +94,13 @@ def make_plan(recipe: Recipe, device: Device, world: int = 1, cost: Optional[tup
                 room=room, max_micro=max_micro(counted, s, budget, cuda=cuda),
                 fit=fit(counted, s, budget, room, cuda=cuda),
                 fit_micro=max_micro(counted, everything, budget, cuda=cuda),
-                largest=largest_lever(counted, s, room, cuda=cuda))
+                largest=largest_lever(counted, s, room, cuda=cuda), architecture=_architecture(recipe))
+
+
+def _architecture(recipe: Recipe) -> str:
+    # Reading the architecture of init_from's weights may mean hashing gigabytes (flowmatch.init_from.locate):
+    # the plan takes the recipe's model section, as training checks it against the weights.
+    if not recipe.model.init_from:
+        return ""
+    return (f"architecture: model.preset {recipe.model.preset} and the recipe's model keys (model.init_from's "
+            "weights are not read: give their preset if they differ)")

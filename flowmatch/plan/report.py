@@ -45,6 +45,7 @@ def format_plan(plan: Plan, title: str) -> str:
            f"{'es' if s.world > 1 else ''}",
            f"model: {(p.trainable + p.frozen) / 1e6:.1f}M parameters ({p.trainable / 1e6:.1f}M trained); per sample "
            f"{seq.image_tokens} image + {seq.text_tokens} text tokens, input {'x'.join(map(str, seq.latent))}",
+           *([plan.architecture] if plan.architecture else []),
            f"peak per rank at micro batch {s.micro_batch}: {size(plan.peak)} of {size(plan.budget)}: "
            + ("fits" if plan.fits else f"does NOT fit, over by {size(plan.peak - plan.budget)}")]
     width = max(len(line.name) for line in plan.lines)
