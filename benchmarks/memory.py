@@ -117,9 +117,10 @@ def child_env() -> dict[str, str]:
 def report(name: str, r: dict) -> str:
     mib = 2**20
     parts = ", ".join(f"{k} {v / mib:.0f}" for k, v in r["breakdown"].items() if v)
+    # In-process (the smoke path) the allocator may reuse memory freed earlier: nothing new is resident, no ratio.
+    ratio = f"{r['planned'] / r['measured']:.3f}" if r["measured"] > 0 else "-"
     return (f"{name:>7}: {r['parameters'] / 1e6:7.1f}M params ({r['trained'] / 1e6:.1f}M trained)  planned "
-            f"{r['planned'] / mib:7.1f} MiB  measured {r['measured'] / mib:7.1f} MiB  ratio "
-            f"{r['planned'] / r['measured']:.3f}   [MiB: {parts}]")
+            f"{r['planned'] / mib:7.1f} MiB  measured {r['measured'] / mib:7.1f} MiB  ratio {ratio}   [MiB: {parts}]")
 
 
 def main(argv: list[str] | None = None) -> int | dict:

@@ -15,7 +15,7 @@ from flowmatch.families import family_of
 from flowmatch.plan.devices import Device
 from flowmatch.plan.levers import Fit, Lever, Room, all_levers, fit, largest_lever, max_micro
 from flowmatch.plan.memory import Line, ModelCost, Settings, breakdown
-from flowmatch.plan.shape import Sequence, model_cost
+from flowmatch.plan.shape import SampleShape, model_cost
 
 
 def recipe_settings(recipe: Recipe, world: int) -> Settings:
@@ -38,7 +38,7 @@ class Plan:
     """The recipe's settings."""
     lines: list[Line]
     cost: ModelCost
-    sequence: Sequence
+    sequence: SampleShape
     room: Room
     max_micro: int
     """The largest micro batch that fits under the recipe's other settings (0: none)."""
@@ -72,8 +72,8 @@ class Plan:
         return sum(line.bytes for line in breakdown(self.cost, best, cuda=self.device.cuda)) - self.budget
 
 
-def make_plan(recipe: Recipe, device: Device, world: int = 1, cost: Optional[tuple[ModelCost, Sequence]] = None,
-              assume: Optional[dict[str, Any]] = None) -> Plan:
+def make_plan(recipe: Recipe, device: Device, world: int = 1,
+              cost: Optional[tuple[ModelCost, SampleShape]] = None, assume: Optional[dict[str, Any]] = None) -> Plan:
     """Plan ``recipe`` on ``world`` processes of ``device`` (``cost``: the model's count when already made;
     ``assume``: :class:`Settings` fields for what flowmatch has no recipe key for yet, e.g. ``base_quant``)."""
     if world < 1:

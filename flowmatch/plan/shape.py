@@ -23,7 +23,7 @@ from flowmatch.plan.trace import count_params, trace_activations
 
 
 @dataclass(frozen=True)
-class Sequence:
+class SampleShape:
     """The token counts one sample puts through the model."""
 
     image_tokens: int
@@ -50,7 +50,7 @@ def _quantisable(model: nn.Module) -> int:
                if isinstance(m, nn.Linear) and not m.weight.requires_grad)
 
 
-def model_cost(recipe: Recipe) -> tuple[ModelCost, Sequence, Recipe]:
+def model_cost(recipe: Recipe) -> tuple[ModelCost, SampleShape, Recipe]:
     """Count the recipe's model: returns its cost, its sequence and the recipe with the model's input sizes filled
     in from the encoders (as the trainer fills them)."""
     text = recipe.text
@@ -89,6 +89,6 @@ def model_cost(recipe: Recipe) -> tuple[ModelCost, Sequence, Recipe]:
     cost = ModelCost(params=count_params(model, blocks), quantisable=_quantisable(model), act1=trace(1),
                      act2=trace(2), encoders=parts)
     patch = getattr(model_cfg, "patch_size", 1) or 1
-    seq = Sequence(image_tokens=(side // patch) ** 2, text_tokens=int(probe.hidden.shape[1]),
+    seq = SampleShape(image_tokens=(side // patch) ** 2, text_tokens=int(probe.hidden.shape[1]),
                    latent=(channels, side, side))
     return cost, seq, recipe
