@@ -220,7 +220,7 @@ def test_budget_sets_checkpointing_and_micro_batch():
     budgeted = apply_budget(digits(f"distributed.memory_budget_gb={want / GIB}"), 1, cuda=False)
     assert budgeted.recipe.train.micro_batch_size == 8 and budgeted.recipe.train.activation_checkpointing
     assert "train.micro_batch_size: 8" in budgeted.message
-    with pytest.raises(RecipeError, match="over by .* largest lever"):
+    with pytest.raises(RecipeError, match="over by .* the largest lever left is cached features"):
         apply_budget(digits("distributed.memory_budget_gb=0.001"), 1, cuda=False)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from flowmatch.config import Recipe
 from flowmatch.errors import RecipeError
 from flowmatch.plan.devices import budget_device
-from flowmatch.plan.levers import Fit, all_levers, fit
+from flowmatch.plan.levers import MANUAL, Fit, all_levers, fit, largest_lever
 from flowmatch.plan.memory import peak
 from flowmatch.plan.planner import make_plan
 from flowmatch.plan.report import size
@@ -50,10 +50,12 @@ def apply_budget(recipe: Recipe, world: int, *, cuda: bool) -> Budgeted:
         if found is not None:
             break
     if found is None:
-        lever = "" if plan.largest is None else (f"; the largest lever is {plan.largest[0].name} "
-                                                 f"({plan.largest[0].setting}, saves {size(plan.largest[1])})")
         best, _ = all_levers(plan.settings.replace(micro_batch=1), plan.room, applied_only=True)
         over = peak(plan.cost, best, cuda=cuda) - plan.budget
+        rest = largest_lever(plan.cost, best, plan.room, cuda=cuda)  # among what train cannot set itself
+        lever = "" if rest is None else (f"; the largest lever left is {rest[0].name} ({rest[0].setting}"
+                                         f"{'' if rest[0].kind == MANUAL else ', not in flowmatch yet'}, saves "
+                                         f"{size(rest[1])})")
         raise RecipeError(f"distributed.memory_budget_gb: {budget_gb:g}: the recipe does not fit, not even micro "
                           f"batch 1 with activation checkpointing, ZeRO and offload: over by {size(over)}{lever}; "
                           "run flowmatch plan for the breakdown")
