@@ -202,6 +202,20 @@ def cmd_ema(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    import json  # reason: CLI start-up cost (only --json needs it)
+
+    from flowmatch.config import load_recipe  # reason: CLI start-up cost
+    from flowmatch.plan import devices, planner, report  # reason: CLI start-up cost
+
+    path, overrides = split_recipe_args(ns.args)
+    device = devices.budget_device(ns.memory_gb) if ns.memory_gb is not None else devices.get_device(ns.device)
+    plan = planner.make_plan(load_recipe(path, overrides), device, ns.gpus,
+                             assume={"base_quant": ns.quantize, "optimizer": ns.optimizer})
+    print(json.dumps(report.plan_json(plan), indent=1) if ns.json else report.format_plan(plan, path or "recipe"))
+    return 0
+
+
 RELOCATE_HELP = ("point the run at an asset moved since it was trained, e.g. autoencoder.name_or_path=/new/vae "
                  "(repeat for more; relative paths the run recorded are otherwise read where it was trained)")
 TRUST_HELP = ("let the run's stored recipe run the pipe: commands its shards name (off: a run directory from "
@@ -216,6 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="[RECIPE] [section.key=value ...]",
                    help="a recipe YAML (default: the built-in digits recipe) and dotted overrides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="peak memory per GPU of a recipe, and what to change so that it fits")
+    p.add_argument("args", nargs="*", metavar="[RECIPE] [section.key=value ...]",
+                   help="a recipe YAML and dotted overrides, as for train")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", default="h100", help="h100, h200, a100-40, a100-80, l40s, rtx4090, rtx4080 "
+                                                        "(default h100)")
+    where.add_argument("--memory-gb", type=finite_float, default=None, help="plan for this many GiB per GPU")
+    p.add_argument("--gpus", type=positive_int, default=1, help="processes (GPUs) the job runs on")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (peak_bytes, fits, breakdown, ...)")
+    p.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
+                   help="plan a LoRA run's frozen base quantised so (not in flowmatch yet: a what-if)")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw",
+                   help="plan with this optimizer's state (adamw8bit is not in flowmatch yet: a what-if)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sample", help="generate an image grid from a run, a checkpoint or a diffusers pipeline")
     p.add_argument("path", help="a run directory (newest checkpoint), one checkpoint directory, or a diffusers "

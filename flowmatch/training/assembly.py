@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import dataclasses
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from flowmatch.encoders.cache import ensure_cache
 from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
+from flowmatch.engine.launch import detect_launch
 from flowmatch.errors import RecipeError
 from flowmatch.families import build_backbone, family_of
 from flowmatch.families.lora import apply_lora, load_lora_file
@@ -29,6 +31,7 @@ from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.plan.budget import apply_budget
 from flowmatch.run import record_paths, source_architecture
 from flowmatch.runlock import RunLock
 from flowmatch.training.fewstep import check_recipe, load_teacher
@@ -186,7 +189,13 @@ def assemble(recipe: Recipe) -> TrainingRun:
         located = init_from.locate(recipe.model.init_from)
         recipe = dataclasses.replace(recipe, model=init_from.with_architecture(
             recipe.model, source_architecture(*located)))
+    budgeted = None
+    if recipe.distributed.memory_budget_gb is not None:
+        budgeted = apply_budget(recipe, detect_launch(os.environ).world_size, cuda=torch.cuda.is_available())
+        recipe = budgeted.recipe
     engine = Engine(recipe.distributed)
+    if budgeted is not None and engine.is_main:
+        print(budgeted.message, flush=True)
     # Rank 0 hashes the weights (for a large model that takes a while) and every rank takes its record.
     init = None if located is None else engine.broadcast_object(
         describe_init(recipe.model.init_from, *located) if engine.is_main else None)
