@@ -203,16 +203,11 @@ def cmd_ema(ns: argparse.Namespace) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace) -> int:
-    import json  # reason: CLI start-up cost (only --json needs it)
-
-    from flowmatch.config import load_recipe  # reason: CLI start-up cost
-    from flowmatch.plan import devices, planner, report  # reason: CLI start-up cost
+    from flowmatch.plan.report import plan_command  # reason: CLI start-up cost
 
     path, overrides = split_recipe_args(ns.args)
-    device = devices.budget_device(ns.memory_gb) if ns.memory_gb is not None else devices.get_device(ns.device)
-    plan = planner.make_plan(load_recipe(path, overrides), device, ns.gpus,
-                             assume={"base_quant": ns.quantize, "optimizer": ns.optimizer})
-    print(json.dumps(report.plan_json(plan), indent=1) if ns.json else report.format_plan(plan, path or "recipe"))
+    print(plan_command(path, overrides, device=ns.device, memory_gb=ns.memory_gb, gpus=ns.gpus,
+                       quantize=ns.quantize, optimizer=ns.optimizer, as_json=ns.json))
     return 0
 
 

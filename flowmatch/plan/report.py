@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
+from flowmatch.config import load_recipe
+from flowmatch.plan import devices
 from flowmatch.plan.devices import GIB
 from flowmatch.plan.levers import MANUAL, SUGGESTION, Lever
-from flowmatch.plan.planner import Plan
+from flowmatch.plan.planner import Plan, make_plan
 
 
 def size(n: float) -> str:
@@ -96,3 +99,13 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "shortfall_bytes": plan.shortfall,
         "largest_lever": None if plan.largest is None else {**lever(plan.largest[0]), "saves_bytes": plan.largest[1]},
     }
+
+
+def plan_command(path: str | None, overrides: list[str], *, device: str, memory_gb: float | None, gpus: int,
+                 quantize: str | None, optimizer: str | None, as_json: bool) -> str:
+    """What ``flowmatch plan`` prints: the plan of the recipe at ``path`` (with ``overrides``) on ``device`` (or
+    ``memory_gb`` of memory), as text or JSON."""
+    target = devices.budget_device(memory_gb) if memory_gb is not None else devices.get_device(device)
+    plan = make_plan(load_recipe(path, overrides), target, gpus, assume={"base_quant": quantize,
+                                                                         "optimizer": optimizer})
+    return json.dumps(plan_json(plan), indent=1) if as_json else format_plan(plan, path or "recipe")
