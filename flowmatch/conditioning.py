@@ -14,6 +14,13 @@ Fields (B = batch, L = text tokens, D = hidden width, Dp = pooled width)::
     mask    (B, L)    bool    True = real token
     pooled  (B, Dp)   float   one vector per caption
     extra   {name: (B, ...)}  further per-sample model inputs (e.g. a guidance value), batch-first
+    all_valid  bool           a host-side fact: every mask entry is True (no token is padding)
+
+``all_valid`` lets the model pass no mask to attention, which is what makes the flash kernels of
+``scaled_dot_product_attention`` eligible on CUDA (a boolean or float mask rules them out). It is decided where the
+mask is made, from what the host already knows (the text padding policy, the rows' lengths), and carried through
+every operation here; it is never found by reading the mask back from the device. False is always correct (the
+mask is then used as it is); True promises that the mask is all True.
 
 This module needs only torch, so the model, the loader and the flow math can import it cheaply.
 """
@@ -36,6 +43,8 @@ class Conditioning:
     mask: Tensor
     pooled: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)
+    all_valid: bool = False
+    """Every mask entry is True, known on the host (see the module docstring); False = use the mask."""
 
     def __post_init__(self) -> None:
         b, length = self.hidden.shape[:2]
@@ -58,7 +67,16 @@ class Conditioning:
 
     def _map(self, fn) -> "Conditioning":
         """Apply ``fn`` to every tensor (hidden, mask, pooled, extras)."""
-        return Conditioning(fn(self.hidden), fn(self.mask), fn(self.pooled), {k: fn(v) for k, v in self.extra.items()})
+        return Conditioning(fn(self.hidden), fn(self.mask), fn(self.pooled), {k: fn(v) for k, v in self.extra.items()},
+                            self.all_valid)
+
+    def rows(self, n: int) -> "Conditioning":
+        """The first ``n`` rows."""
+        return self._map(lambda x: x[:n])
+
+    def with_extra(self, extra: dict[str, Tensor]) -> "Conditioning":
+        """The same text conditioning with the extra inputs ``extra`` instead of its own."""
+        return Conditioning(self.hidden, self.mask, self.pooled, dict(extra), self.all_valid)
 
     def to(self, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None, *,
            non_blocking: bool = False) -> "Conditioning":
@@ -83,7 +101,7 @@ class Conditioning:
             return self
         hidden = torch.nn.functional.pad(self.hidden, (0, 0, 0, extra))
         mask = torch.nn.functional.pad(self.mask, (0, extra), value=False)
-        return Conditioning(hidden, mask, self.pooled, dict(self.extra))
+        return Conditioning(hidden, mask, self.pooled, dict(self.extra))  # the new positions are padding
 
     def expand(self, batch: int) -> "Conditioning":
         """A batch-1 conditioning repeated to ``batch`` rows (a view); a batch of ``batch`` rows as it is."""
@@ -109,6 +127,7 @@ class Conditioning:
             torch.cat([c.mask.to(device) for c in padded]),
             torch.cat([c.pooled.to(device) for c in padded]),
             {k: torch.cat([c.extra[k].to(device) for c in padded]) for k in sorted(keys)},
+            all(c.all_valid for c in padded),
         )
 
     @staticmethod
@@ -124,7 +143,9 @@ class Conditioning:
         for i, h in enumerate(hidden):
             out[i, :h.shape[0]].copy_(h)
             mask[i, :h.shape[0]] = True
-        return Conditioning(out, mask, torch.stack(list(pooled)).float())
+        # All rows of one length (cached features of a fixed-length encoder) leave no padding: known from shapes.
+        all_valid = all(h.shape[0] == length for h in hidden)
+        return Conditioning(out, mask, torch.stack(list(pooled)).float(), all_valid=all_valid)
 
     def where(self, replace: Tensor, other: "Conditioning") -> "Conditioning":
         """Rows i with ``replace[i]`` True taken from ``other`` (batch 1, broadcast, or B), the rest from self.
@@ -146,4 +167,4 @@ class Conditioning:
             return torch.where(replace.reshape((b,) + (1,) * (x.ndim - 1)), y.to(device=device, dtype=x.dtype), x)
 
         return Conditioning(pick(a.hidden, o.hidden), pick(a.mask, o.mask), pick(a.pooled, o.pooled),
-                            {k: pick(v, o.extra[k]) for k, v in a.extra.items()})
+                            {k: pick(v, o.extra[k]) for k, v in a.extra.items()}, a.all_valid and o.all_valid)

@@ -188,7 +188,10 @@ class TextEncoder:
             pooled = out.pooler_output.float()
         if self.cfg.normalize_pooled:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return Conditioning(hidden, mask, pooled)
+        # No padding, known without reading the mask: fixed-length padding attends to every position, and one
+        # caption padded to its own length has none.
+        all_valid = self.cfg.padding == "max_length" or len(captions) == 1
+        return Conditioning(hidden, mask, pooled, all_valid=all_valid)
 
     def encode(self, captions: list[str]) -> Conditioning:
         """Encode captions. hidden (B, L, D) with L the longest caption's token count, mask (B, L), pooled (B, Dp)."""

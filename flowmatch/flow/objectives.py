@@ -83,11 +83,6 @@ class ObjectiveLoss:
     """(B,) the times the model saw."""
 
 
-def _rows(cond: Conditioning, n: int) -> Conditioning:
-    """The first ``n`` rows of ``cond``."""
-    return Conditioning(cond.hidden[:n], cond.mask[:n], cond.pooled[:n], {k: v[:n] for k, v in cond.extra.items()})
-
-
 def _call(model: Model, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor]) -> Tensor:
     return model(x, t, cond) if r is None else model(x, t, cond, r=r)
 
@@ -211,7 +206,7 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
         scale = w if w is not None else torch.ones_like(t)
         v = guided_teacher_velocity(models.teacher, x_t, t, cond, null, scale)
         if flow.teacher_steps and n:
-            plain, teacher = _rows(cond, n), models.teacher
+            plain, teacher = cond.rows(n), models.teacher
             jump = teacher_average_velocity(
                 lambda x, s: guided_teacher_velocity(teacher, x, s, plain, null, scale[:n]),
                 x_t[:n], t[:n], r[:n], steps=flow.teacher_steps, v0=v[:n])
@@ -229,7 +224,7 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
     if jump is not None:
         target = torch.cat([jump, v[n:]])
     elif n:
-        own = objective.target(models, _rows(cond, n), x_t[:n], t[:n], r[:n], v[:n], flow=flow,
+        own = objective.target(models, cond.rows(n), x_t[:n], t[:n], r[:n], v[:n], flow=flow,
                                jvp_backend=jvp_backend)
         target = torch.cat([own, v[n:]])
     return objective.loss(_call(models.student, x_t, t, cond, r), target, t, flow)

@@ -275,8 +275,11 @@ class MMDiT(nn.Module):
         ctx = self.context_embed(cond.hidden)  # (B, L, D)
 
         n, text_len = img.shape[1], ctx.shape[1]
-        # Image keys are always visible; only the text keys are masked.
-        mask = torch.cat([cond.mask.new_ones(b, n), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, N + L)
+        # Image keys are always visible; only the text keys are masked. With no padding (known on the host) no mask
+        # reaches attention, which keeps SDPA's flash kernels eligible.
+        mask: Optional[Tensor] = None
+        if not cond.all_valid:
+            mask = torch.cat([cond.mask.new_ones(b, n), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, N + L)
         rope: Optional[RopeTable] = None
         if cfg.rope:
             rope = rope_table(gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
