@@ -137,6 +137,16 @@ class MMDiTConfig:
             )
 
 
+def _owned(x: Tensor) -> Tensor:
+    """``x`` as a tensor of its own when it is a view (a linear layer's output on (B, S, F) inputs is one).
+
+    Every block then receives inputs of one kind: a block compiled for dynamic sequence lengths guards on the base
+    of an input view, so view inputs of the first block would need a graph of their own (one recompile more per
+    block type and bucket change). The copy is one (B, S, D) pass, next to a block's many.
+    """
+    return x.clone() if x._base is not None else x
+
+
 class MMDiT(nn.Module):
     """Multimodal diffusion transformer predicting rectified-flow velocities.
 
@@ -273,6 +283,7 @@ class MMDiT(nn.Module):
             vec = vec + self.interval_embed(interval * cfg.time_scale)
         vec = vec + self.pooled_embed(cond.pooled)
         ctx = self.context_embed(cond.hidden)  # (B, L, D)
+        img, ctx = _owned(img), _owned(ctx)
 
         n, text_len = img.shape[1], ctx.shape[1]
         # Image keys are always visible; only the text keys are masked. With no padding (known on the host) no mask
