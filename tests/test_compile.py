@@ -18,7 +18,7 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.families import FAMILIES
 from flowmatch.families.config import ModelConfig
 from flowmatch.families.lora import apply_lora
-from flowmatch.families.presets import preset_values
+from flowmatch.families.presets import PRESET_FAMILY, preset_values
 from flowmatch.models.lora import LoraConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 
@@ -29,7 +29,7 @@ COMPILED = [name for name, f in FAMILIES.items() if f.capabilities.block_transfo
 def _build(preset: str, *, lora: bool = False, checkpointing: bool = False):
     cfg = ModelConfig(**{**preset_values(preset), **SIZES})
     torch.manual_seed(0)
-    model = FAMILIES[cfg.family or _family_of_preset(preset)].build(cfg)
+    model = PRESET_FAMILY[preset].build(cfg)
     with torch.no_grad():  # zero-initialised parts perturbed, so every weight gets a gradient
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -39,10 +39,6 @@ def _build(preset: str, *, lora: bool = False, checkpointing: bool = False):
     if checkpointing:
         apply_activation_checkpointing(model)
     return cfg, model
-
-
-def _family_of_preset(preset: str) -> str:
-    return next(name for name, f in FAMILIES.items() if preset in f.presets)
 
 
 def _cond(cfg, batch: int, length: int, *, padded: bool = False, seed: int = 0) -> Conditioning:
