@@ -213,7 +213,10 @@ class TextEncoder:
         mask = out.mask
         states = out.last_hidden_state if self.cfg.hidden_layer is None else out.hidden_states[self.cfg.hidden_layer]
         hidden = states.float() * mask[..., None]  # (B, L, D), zero at padding
-        return Conditioning(hidden, mask, self._pool(hidden, mask, out))
+        # No padding, known without reading the mask: fixed-length padding attends to every position, and one
+        # caption padded to its own length has none.
+        all_valid = self.cfg.padding == "max_length" or len(captions) == 1
+        return Conditioning(hidden, mask, self._pool(hidden, mask, out), all_valid=all_valid)
 
     def _pool(self, hidden, mask, out) -> torch.Tensor:
         """The pooled vector (B, Dp) of zero-padded states hidden (B, L, D) with mask (B, L)."""

@@ -136,7 +136,8 @@ class TextEncoders:
     def dropout_null(self) -> Conditioning:
         """What training puts in place of a dropped caption (batch 1): per encoder, its encoded empty caption or,
         with ``dropped: zeros``, zeros of its shape."""
-        outputs = {name: (Conditioning(torch.zeros_like(c.hidden), c.mask, torch.zeros_like(c.pooled))
+        outputs = {name: (Conditioning(torch.zeros_like(c.hidden), c.mask, torch.zeros_like(c.pooled),
+                                        all_valid=c.all_valid)
                           if self.cfg.encoders[name].dropped == "zeros" else c)
                    for name, c in self._empty().items()}
         return self.combine(outputs)

@@ -167,6 +167,16 @@ class MMDiTConfig:
             )
 
 
+def _owned(x: Tensor) -> Tensor:
+    """``x`` as a tensor of its own when it is a view (a linear layer's output on (B, S, F) inputs is one).
+
+    Every block then receives inputs of one kind: a block compiled for dynamic sequence lengths guards on the base
+    of an input view, so view inputs of the first block would need a graph of their own (one recompile more per
+    block type and bucket change). The copy is one (B, S, D) pass, next to a block's many.
+    """
+    return x.clone() if x._base is not None else x
+
+
 class MMDiT(nn.Module):
     """Multimodal diffusion transformer predicting rectified-flow velocities.
 
@@ -326,10 +336,14 @@ class MMDiT(nn.Module):
             vec = vec + self.pooled_embed(cond.pooled)
         hidden = self.context_norm(cond.hidden) if self.context_norm is not None else cond.hidden
         ctx = self.context_embed(hidden)  # (B, L, D)
+        img, ctx = _owned(img), _owned(ctx)
 
         image_len, text_len = img.shape[1], ctx.shape[1]
-        # Image (and reference) keys are always visible; only the text keys are masked.
-        mask = torch.cat([cond.mask.new_ones(b, image_len), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
+        # Image (and reference) keys are always visible; only the text keys are masked. With no padding (known on
+        # the host) no mask reaches attention, which keeps SDPA's flash kernels eligible.
+        mask: Optional[Tensor] = None
+        if not cond.all_valid:
+            mask = torch.cat([cond.mask.new_ones(b, image_len), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
         rope: Optional[RopeTable] = None
         if cfg.rope:
             rope = ROPE_LAYOUTS[cfg.rope_layout](gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
