@@ -3,6 +3,7 @@ editing job's judge. Each test names the one-line bug it catches."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -118,6 +119,33 @@ def test_the_validation_grid_shows_each_reference_beside_its_edits(tmp_path, pai
     scale, cell = 4, 9  # GRID_SCALE, 8 pixels + 1 of padding
     first_column = [int(grid[(1 + row * cell + 4) * scale, (1 + 4) * scale]) for row in range(2)]
     assert first_column == [5, 15]  # val00 and val01's references (values 10 j + 5), one per prompt row
+
+
+def test_the_cache_stores_each_samples_reference_latents_and_training_reads_them(tmp_path, paired_shards):
+    """Bugs caught: the cache writing features without the references (or another sample's), and encode_batch
+    ignoring a cached batch's reference latents."""
+    from flowmatch.data import build_loader, features
+    from flowmatch.data.tarstream import read_shard
+    from flowmatch.encoders.cache import encode_shard
+    from flowmatch.encoders.frozen import FrozenEncoders
+
+    recipe = tiny(tmp_path / "run", paired_shards)
+    frozen = FrozenEncoders(recipe.text, recipe.autoencoder, image_channels=recipe.data.channels)
+    out = tmp_path / "cache"
+    out.mkdir()
+    result = encode_shard(frozen, recipe.data, str(paired_shards / "train-000000.tar"), out / "train-000000.tar",
+                          dtype="fp32", batch_size=5)
+    assert result.samples == 11 and result.bad == {"missing reference": 1}
+    for sample in read_shard(str(out / "train-000000.tar")):
+        stored = features.decode(sample.files[features.EXT])
+        assert stored.references.shape == (1, 1, 8, 8)  # identity autoencoder: latents are the pixels
+        torch.testing.assert_close(stored.references[0], stored.latents + 5 / 127.5)  # this sample's reference
+    cached = dataclasses.replace(recipe.data, shards=str(out))
+    batch = next(iter(build_loader(cached, rank=0, world_size=1, batch_size=4, seed=0, epochs=1)))
+    x0, cond = frozen.encode_batch(batch)
+    assert batch.ref_latents is not None and batch.ref_images is None
+    torch.testing.assert_close(cond.reference[0], batch.ref_latents[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(x0, batch.latents, rtol=0, atol=0)
 
 
 class OraclePipeline:
