@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.digits import DIGIT_WORDS, load_digits_arrays, to_png
-from data_tools.digits_edit import heldout_references
+from data_tools.digits import DIGIT_WORDS, is_val, load_digits_arrays, to_png
+from data_tools.digits_edit import ADDENDS, HELDOUT_TEMPLATES, PARAPHRASES, edit_pairs, heldout_references, instruction
 from data_tools.digits_edit_task import TASK as EDIT_TASK
 from data_tools.digits_edit_task import judge
 from flowmatch.config import load_recipe
@@ -146,6 +146,22 @@ def test_the_cache_stores_each_samples_reference_latents_and_training_reads_them
     assert batch.ref_latents is not None and batch.ref_images is None
     torch.testing.assert_close(cond.reference[0], batch.ref_latents[:, 0], rtol=0, atol=0)
     torch.testing.assert_close(x0, batch.latents, rtol=0, atol=0)
+
+
+def test_the_digits_edit_pairs_each_reference_with_another_real_digit_d_plus_k():
+    """Bugs caught: a target of the wrong digit (d, or d + K without the mod), the reference reused as the target,
+    a target or reference crossing the held-out split, a held-out wording leaking into training instructions."""
+    _, labels = load_digits_arrays()
+    edits = edit_pairs(labels)
+    assert len(edits) == len(ADDENDS) * len(labels) and {e.k for e in edits} == set(ADDENDS)
+    for e in edits:
+        assert labels[e.target] == (labels[e.reference] + e.k) % 10 and e.target != e.reference
+        assert e.val == is_val(e.reference) == is_val(e.target)
+    trained = {e.text for e in edits if not e.val}
+    assert {instruction(k) for k in ADDENDS} <= trained  # canonical wordings are trained ...
+    assert {instruction(k, t) for k in ADDENDS for t in PARAPHRASES} <= trained  # ... and every paraphrase
+    assert not trained & {instruction(k, t) for k in ADDENDS for t in HELDOUT_TEMPLATES}
+    assert {e.text for e in edits if e.val} == {instruction(k) for k in ADDENDS}
 
 
 class OraclePipeline:
