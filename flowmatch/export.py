@@ -109,9 +109,9 @@ def _transformer_only_note(why: str) -> str:
 
 
 def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
-                fmt: str, replace: list[Path]) -> tuple[list[Path], list[str]]:
+                fmt: str, replace: list[Path], pipeline_class: Optional[str]) -> tuple[list[Path], list[str]]:
     """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's (the `replace`
-    parts removed first)."""
+    parts removed first), as a `pipeline_class` folder (the family's; None: the source's)."""
     from diffusers import FlowMatchEulerDiscreteScheduler  # optional heavy dependency, loaded on use
 
     try:
@@ -125,8 +125,9 @@ def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
     source, why = pipeline_source(recipe, arch_class)
     if source is not None and fmt == "diffusers":
         _remove(replace)
-        files = write_pipeline_components(source, out_dir, arch_class, config)
-        return files, notes + [f"complete {source.pipeline_class} folder (encoders, tokenizers and VAE copied from "
+        pipeline_class = pipeline_class or source.pipeline_class
+        files = write_pipeline_components(source, out_dir, arch_class, config, pipeline_class)
+        return files, notes + [f"complete {pipeline_class} folder (encoders, tokenizers and VAE copied from "
                                f"{source.path}): DiffusionPipeline.from_pretrained({str(out_dir)!r})"]
     _remove([p for p in replace if p.name == SCHEDULER_DIR])
     FlowMatchEulerDiscreteScheduler(**config).save_config(out_dir / SCHEDULER_DIR)
@@ -188,12 +189,13 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     weights = weights or ("ema" if read_meta(ckpt).ema else "raw")
     state = load_weights(ckpt, ema=weights == "ema")
     if lora:
+        pipeline_name = family.diffusers.pipeline_class if family.diffusers else "its diffusers pipeline"
         _remove(existing)
         files = [_write_lora(recipe.model, state, target, DTYPES[dtype])]
         return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format="lora",
                              architecture=family.converter.DIFFUSERS_CLASS, files=files,
                              notes=[f"LoRA rank {adapters.rank}, alpha {adapters.alpha:g}: load with "
-                                    "pipe.load_lora_weights(OUT_DIR) (StableDiffusion3Pipeline / FluxPipeline) on "
+                                    f"pipe.load_lora_weights(OUT_DIR) ({pipeline_name}) on "
                                     f"the base weights {read_meta(ckpt).init_from['source']}"])
     if merge:
         state = _merged(ckpt, recipe.model, state)
@@ -210,7 +212,8 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     else:
         files = [save_original(model, target)]
     scheduler_files, notes = _write_rest(TimeSchedule(recipe.flow), out, recipe, arch.DIFFUSERS_CLASS, fmt,
-                                         [p for p in existing if p != target])
+                                         [p for p in existing if p != target],
+                                         family.diffusers.pipeline_class if family.diffusers else None)
     return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format=fmt,
                          architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files, notes=notes)
 

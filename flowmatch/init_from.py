@@ -141,6 +141,11 @@ def with_architecture(model: ModelConfig, weights: MMDiTConfig) -> ModelConfig:
     :func:`flowmatch.config.recipe_from_dict`) something else. None values (sizes left to the encoders) and
     configs built in code, which state nothing, always agree."""
     stated: dict[str, tuple[Any, str]] = getattr(model, "stated", {})
+    if model.references and not weights.references:
+        # Weights whose format does not say whether they take reference images (a FLUX.1 single file or bare
+        # transformer folder is FLUX.1 Kontext's layout too, and FLUX.1-dev can be trained into an editing model)
+        # take the recipe's model.references.
+        weights = dataclasses.replace(weights, references=model.references)
     theirs = family_of(weights)
     if model.family is not None and get_family(model.family) is not theirs:
         raise RecipeError(f"model.family: {model.family}, but model.init_from={model.init_from!r} holds "

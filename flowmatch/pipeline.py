@@ -42,9 +42,9 @@ class Pipeline(sampling.Pipeline):
     @classmethod
     def from_diffusers(cls, path, *, device: Optional[torch.device | str] = None,
                        dtype: str = "fp32") -> "Pipeline":
-        """A diffusers SD3 / SD3.5 / FLUX pipeline folder (or hub id): its transformer, text encoders, tokenizers,
-        VAE and scheduler, generating the images its own pipeline class generates from the same prompt, noise,
-        steps, guidance and sigmas; see :func:`load_diffusers_pipeline`."""
+        """A diffusers SD3 / SD3.5 / FLUX / FLUX Kontext pipeline folder (or hub id): its transformer, text
+        encoders, tokenizers, VAE and scheduler, generating the images its own pipeline class generates from the
+        same prompt, noise, steps, guidance, sigmas (and reference images); see :func:`load_diffusers_pipeline`."""
         return load_diffusers_pipeline(path, device=device, dtype=dtype)
 
 
@@ -79,7 +79,8 @@ def load_pipeline(path: str | Path, *, device: Optional[torch.device | str] = No
 
 def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device | str] = None,
                             dtype: str = "fp32") -> Pipeline:
-    """A :class:`Pipeline` from a diffusers StableDiffusion3Pipeline / FluxPipeline folder (or cached hub id).
+    """A :class:`Pipeline` from a diffusers StableDiffusion3Pipeline / FluxPipeline / FluxKontextPipeline folder
+    (or cached hub id); a Kontext pipeline resizes reference images as FluxKontextPipeline does.
 
     The transformer is converted by :func:`flowmatch.models.from_diffusers`; the text encoders, tokenizers, VAE
     and scheduler shift come from :func:`flowmatch.encoders.diffusers_folder.encoder_configs_from_pipeline`; the
@@ -107,7 +108,8 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
                                                  guidance_scale=configs.kind.guidance_scale))
     model.to(device).eval().requires_grad_(False)
     return Pipeline(model, encoders, GenerationConfig.of(recipe), device=device, recipe=recipe,
-                    pipeline_grid=PipelineGrid(configs.scheduler, configs.family))
+                    pipeline_grid=PipelineGrid(configs.scheduler, configs.family),
+                    reference_size=configs.kind.reference_size)
 
 
 def read_transformer_sample_size(path: str | Path) -> int:

@@ -84,10 +84,11 @@ def _component_folder(source: str, sub: str) -> Path:
 
 
 def write_pipeline_components(source: PipelineEncoderConfigs, out: Path, transformer_class: str,
-                              scheduler_config: dict) -> list[Path]:
+                              scheduler_config: dict, pipeline_class: Optional[str] = None) -> list[Path]:
     """Copy every component of `source` but the transformer and scheduler into `out`, write the scheduler with
-    `scheduler_config` over the source's own settings, and model_index.json naming `transformer_class` (check
-    it with :func:`pipeline_source` first); returns the files written."""
+    `scheduler_config` over the source's own settings, and model_index.json naming `transformer_class` and
+    `pipeline_class` (the run's family's, e.g. FluxKontextPipeline for a Kontext model trained with a FluxPipeline's
+    encoders; None: the source's) (check it with :func:`pipeline_source` first); returns the files written."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     index = read_pipeline_json(source.path, MODEL_INDEX)
@@ -101,7 +102,7 @@ def write_pipeline_components(source: PipelineEncoderConfigs, out: Path, transfo
     scheduler = FlowMatchEulerDiscreteScheduler.from_config({**source.scheduler, **scheduler_config})
     scheduler.save_config(out / "scheduler")
     written.append(out / "scheduler" / "scheduler_config.json")
-    index = {**index, "transformer": ["diffusers", transformer_class],
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    index = {**index, "_class_name": pipeline_class or index["_class_name"],
+             "transformer": ["diffusers", transformer_class], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return written + [out / MODEL_INDEX]

@@ -39,6 +39,15 @@ def tiny_flux_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_kontext_pipeline(tmp_path_factory):
+    """Folder of a tiny random FLUX.1 Kontext [dev] pipeline (see tests/tiny_pipelines_kontext.py), built once per
+    session."""
+    from tests.tiny_pipelines_kontext import save_kontext_pipeline  # imports diffusers: only for the tests that ask
+
+    return save_kontext_pipeline(tmp_path_factory.mktemp("tiny-flux-kontext"))
+
+
+@pytest.fixture(scope="session")
 def train_runs(tmp_path_factory, digit_shards):
     """The real training launches of tests/test_train_distributed.py, each started on first use and shared by the
     modules that compare with them (tests/test_launchers.py follows its one-process run): each costs seconds."""

@@ -16,6 +16,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DMode
 from flowmatch.conditioning import Conditioning
 from flowmatch.families.convert import architecture_of, convert_diffusers, from_diffusers, to_diffusers, to_original
 from flowmatch.families.flux import convert as flux
+from flowmatch.families.kontext import convert as kontext
 from flowmatch.families.presets import config_from_preset
 from flowmatch.families.sd3 import convert as sd3
 from flowmatch.models.convert.keymap import Inert, to_theirs
@@ -206,15 +207,17 @@ def test_converted_configs_carry_their_preset_name():
                          guidance_embeds=True, axes_dims_rope=[16, 56, 56]),
     }
     released["flux-schnell"] = {**released["flux-dev"], "guidance_embeds": False}
+    # black-forest-labs/FLUX.1-Kontext-dev's transformer config is FLUX.1-dev's; its pipeline class says Kontext.
+    released["flux-kontext-dev"] = dict(released["flux-dev"])
     for name, dcfg in released.items():
-        arch = flux if name.startswith("flux") else sd3
+        arch = kontext if name.startswith("flux-kontext") else flux if name.startswith("flux") else sd3
         cfg = arch.config_from_diffusers(dcfg)
         assert cfg == config_from_preset(name, preset="custom"), name
         built = MMDiT(cfg, device="meta")
         # Parameter counts equal diffusers' own model of that config, less the inert last-block text queries.
         with torch.device("meta"):
-            theirs = (FluxTransformer2DModel if arch is flux else SD3Transformer2DModel)(**dcfg)
-        inert = 0 if arch is flux else cfg.width * cfg.width + cfg.width + (cfg.head_dim if cfg.qk_norm else 0)
+            theirs = (SD3Transformer2DModel if arch is sd3 else FluxTransformer2DModel)(**dcfg)
+        inert = 0 if arch in (flux, kontext) else cfg.width * cfg.width + cfg.width + (cfg.head_dim if cfg.qk_norm else 0)
         assert sum(p.numel() for p in built.parameters()) == sum(p.numel() for p in theirs.parameters()) - inert
     theirs = diffusers_model("flux-dev")
     assert from_diffusers(theirs).cfg.preset == "custom"

@@ -105,6 +105,12 @@ def test_a_checkpoint_of_one_family_is_refused_as_another_naming_both():
     with pytest.raises(RecipeError, match="model.family: sd3.*flux weights"):
         with_architecture(model, weights)
     assert with_architecture(dataclasses.replace(model, family=None), weights).rope  # the family follows the weights
+    # FLUX.1-layout weights say nothing of reference images: a Kontext recipe takes them as Kontext's.
+    kontext = ModelConfig(**{**preset_values("tiny-flux-kontext-dev"), **SIZES}, family="kontext",
+                          init_from="flux1-kontext-dev.safetensors")
+    assert with_architecture(kontext, weights).references == 1
+    with pytest.raises(RecipeError, match="model.family: sd3.*kontext weights"):
+        with_architecture(model, dataclasses.replace(weights, references=1))
 
 
 def test_objectives_and_text_layouts_answer_for_their_names():

@@ -280,7 +280,8 @@ def test_released_layout_options_and_their_errors():
 
 
 @pytest.mark.parametrize("name, low, high", [("sd3-medium", 1.9e9, 2.2e9), ("sd3.5-medium", 2.2e9, 2.3e9),
-                                             ("sd3.5-large", 7.8e9, 8.4e9), ("flux-dev", 11.8e9, 12.0e9)])
+                                             ("sd3.5-large", 7.8e9, 8.4e9), ("flux-dev", 11.8e9, 12.0e9),
+                                             ("flux-kontext-dev", 11.8e9, 12.0e9)])
 def test_large_preset_parameter_counts_on_meta(name, low, high):
     model = MMDiT(config_from_preset(name), device="meta")
     counts = count_parameters(model)

@@ -145,9 +145,17 @@ def save_sd3_pipeline(path: str | Path, *, kind: str = "sd3-medium") -> Path:
 
 def save_flux_pipeline(path: str | Path, *, kind: str = "flux-dev") -> Path:
     """Save a tiny random FluxPipeline to `path`; `kind` is flux-dev (guidance embedding) or flux-schnell."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxPipeline
 
     path = Path(path)
+    FluxPipeline(**flux_components(kind)).save_pretrained(path)
+    return path
+
+
+def flux_components(kind: str = "flux-dev") -> dict:
+    """The components of a tiny random FLUX.1 pipeline (FluxPipeline's and FluxKontextPipeline's arguments)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     with tempfile.TemporaryDirectory() as vocab:
         tokenizer = clip_tokenizer(Path(vocab))
     tokenizer_2 = t5_tokenizer(512)
@@ -155,8 +163,6 @@ def save_flux_pipeline(path: str | Path, *, kind: str = "flux-dev") -> Path:
     text_encoder_2 = t5_encoder(tokenizer_2, d_model=64, seed=3)
     transformer = diffusers_model(kind, seed=4, in_channels=4 * LATENT_CHANNELS, joint_attention_dim=64,
                                   pooled_projection_dim=32)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae(FLUX_VAE_FACTORS, 5),
-                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-                        tokenizer_2=tokenizer_2, transformer=transformer)
-    pipe.save_pretrained(path)
-    return path
+    return dict(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae(FLUX_VAE_FACTORS, 5),
+                text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                transformer=transformer)

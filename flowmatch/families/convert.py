@@ -141,12 +141,14 @@ def family_of_diffusers(class_name: str, pipeline_class: Optional[str] = None) -
 
 
 def pipeline_class_of(path_or_id: Union[str, os.PathLike]) -> Optional[str]:
-    """The pipeline class a diffusers pipeline folder (or a cached hub id) names in model_index.json; None for a
-    transformer folder, a single file or a hub id without one."""
+    """The pipeline class a diffusers pipeline folder (or a cached hub id) names in model_index.json, also for
+    its transformer/ subfolder; None for a transformer folder of its own, a single file or a hub id without one."""
     path = Path(path_or_id)
-    if path.is_dir() or path.exists():
-        index = path / MODEL_INDEX
-        return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if path.exists():
+        for index in (path / MODEL_INDEX, path.parent / MODEL_INDEX):
+            if index.is_file() and (index.parent == path or path.name in json.loads(index.read_text())):
+                return json.loads(index.read_text()).get("_class_name")
+        return None
     from huggingface_hub import hf_hub_download
 
     try:

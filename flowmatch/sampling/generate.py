@@ -19,11 +19,19 @@ from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.data.pixels import model_to_unit, pixels_to_model
+from flowmatch.families import check_references, family_of, get_family
 from flowmatch.flow import FlowConfig, Formulation, TimeSchedule, with_guidance
 from flowmatch.flow.timesteps import shift_time
 from flowmatch.sampling.diffusion import check_sampler, is_diffusion_sampler, sample_diffusion
 from flowmatch.sampling.fewstep import sample_average
 from flowmatch.sampling.guidance import guided_velocity
+from flowmatch.sampling.references import (
+    ReferenceImages,
+    group_rows,
+    reference_pixels,
+    references_per_prompt,
+    stack_references,
+)
 from flowmatch.sampling.solvers import jumps_with_average, sample_ode
 
 if TYPE_CHECKING:
@@ -82,13 +90,15 @@ class GenerationConfig:
     """The model takes the guidance scale as an input (FLUX-dev, few-step models): no unconditional pass."""
     size: tuple[int, int] = (256, 256)
     """The default image (height, width) in pixels."""
+    family: Optional[str] = None
+    """The model's family (flowmatch.families): whether, and how many, reference images it takes."""
 
     @classmethod
     def of(cls, recipe: Any) -> "GenerationConfig":
-        """The sections of a recipe (:class:`flowmatch.config.Recipe`): flow, sampling, the model's patch size and
-        guidance input, the data's image size."""
+        """The sections of a recipe (:class:`flowmatch.config.Recipe`): flow, sampling, the model's patch size,
+        guidance input and family, the data's image size."""
         return cls(recipe.flow, recipe.sampling, recipe.model.patch_size, bool(recipe.model.guidance_embed),
-                   tuple(recipe.data.size))
+                   tuple(recipe.data.size), family_of(recipe.model).name)
 
 
 def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
@@ -158,12 +168,17 @@ class Pipeline:
             :func:`flowmatch.pipeline.load_diffusers_pipeline`).
         recipe: the run's whole recipe, when the pipeline comes from a run (eval and the tasks' judges read its
             data and eval sections); generation reads only ``config``.
+        reference_size: ``(height, width, multiple) -> (height, width)``, the pixel size a reference image is
+            resized to (a diffusers pipeline's rule, e.g. FluxKontextPipeline's released resolutions); None: the
+            generated image's size, as training's loader sizes references to their target.
     """
 
     def __init__(self, model: VelocityModel, encoders: "FrozenEncoders", config: GenerationConfig, *,
                  device: torch.device | str = "cpu", pipeline_grid: Optional["PipelineGrid"] = None,
-                 recipe: Any = None) -> None:
+                 recipe: Any = None,
+                 reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None) -> None:
         self.model = model
+        self.reference_size = reference_size
         self.encoders = encoders
         self.config = config
         self.recipe = recipe
@@ -191,10 +206,11 @@ class Pipeline:
         return model_to_unit(self.encoders.decode(latents))
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], *, steps: Optional[int] = None, solver: Optional[str] = None,
+    def generate(self, prompts: list[str], *, images: Optional[ReferenceImages] = None,
+                 steps: Optional[int] = None, solver: Optional[str] = None,
                  guidance_scale: Optional[float] = None, seed: int = 0, height: Optional[int] = None,
                  width: Optional[int] = None, noise: Optional[Tensor] = None,
-                 sigmas: Optional[list[float]] = None) -> Tensor:
+                 sigmas: Optional[list[float]] = None, auto_resize: bool = True) -> Tensor:
         """Images (B, C, H, W) in [0, 1] for B prompts; None arguments take the recipe's sampling defaults.
 
         Image i starts from noise seeded with ``seed + i``, or from ``noise[i]`` when ``noise`` (B, C, h, w), the
@@ -202,10 +218,18 @@ class Pipeline:
         the image size. ``sigmas`` (one per step, unshifted, as diffusers' pipelines take them) sets the grid:
         the shift applied to them, then 0. For a model with a guidance embedding (FLUX-dev) the guidance scale is
         the value it embeds, with no classifier-free guidance, as FluxPipeline does. :attr:`last_nfe` holds the
-        velocity evaluations used.
+        velocity evaluations used (per image).
+
+        ``images`` are reference images for an editing family (FLUX.1 Kontext): a (B, C, H, W) tensor in [0, 1]
+        (one per prompt), or per prompt a PIL image, a (C, H, W) tensor or a list of them
+        (:mod:`flowmatch.sampling.references`). Each is resized as the pipeline does (:attr:`reference_size`;
+        ``auto_resize=False`` keeps its own size floored to the patch grid, diffusers' ``_auto_resize=False``),
+        encoded by the autoencoder's posterior mean and given to the model unnoised, the unconditional pass
+        included. Prompts whose references differ in count or size are sampled as separate batches, never padded.
+        The image size is ``height`` x ``width`` as given (FluxKontextPipeline first rescales them to its
+        ``max_area``).
         """
         s = self.config.sampling
-        p = self.config.patch_size
         if noise is None:
             c, h, w = self.latent_shape(height, width)
             noise = image_noise([seed + i for i in range(len(prompts))], (c, h, w))
@@ -219,10 +243,51 @@ class Pipeline:
                                  f"{h * f}x{w * f} pixels, got {tuple(noise.shape)}")
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        steps, seq_len = steps or (len(sigmas) if sigmas is not None else s.steps), (h // p) * (w // p)
+        steps = steps or (len(sigmas) if sigmas is not None else s.steps)
+        pixels = self._reference_pixels(images, len(prompts), h * self.encoders.downsample,
+                                        w * self.encoders.downsample, auto_resize)
+        out: list[Optional[Tensor]] = [None] * len(prompts)
+        for rows in group_rows([tuple(tuple(r.shape) for r in refs) for refs in pixels]):
+            reference = stack_references([pixels[i] for i in rows]) if pixels[rows[0]] else ()
+            decoded = self._sample([prompts[i] for i in rows], noise[rows], reference, steps=steps, solver=solver,
+                                   guidance_scale=guidance_scale, seed=seed, sigmas=sigmas)
+            for i, image in zip(rows, decoded):
+                out[i] = image
+        return torch.stack(out)
+
+    def _reference_pixels(self, images: Optional[ReferenceImages], prompts: int, height: int, width: int,
+                          auto_resize: bool) -> list[list[Tensor]]:
+        """Per prompt, its references resized and in [-1, 1] ((C, h_k, w_k) each; none without ``images``)."""
+        if images is None:
+            return [[] for _ in range(prompts)]
+        per_prompt = references_per_prompt(images, prompts)
+        if self.config.family is not None:
+            check_references(get_family(self.config.family), max(len(r) for r in per_prompt),
+                             "Pipeline.generate(images=...)")
+        multiple = self.encoders.downsample * self.config.patch_size
+        if not auto_resize:
+            def size(h: int, w: int) -> tuple[int, int]:
+                return h, w
+        elif self.reference_size is not None:
+            def size(h: int, w: int) -> tuple[int, int]:
+                return self.reference_size(h, w, multiple)
+        else:
+            def size(h: int, w: int) -> tuple[int, int]:
+                return height, width
+        return [[reference_pixels(item, size, multiple) for item in refs] for refs in per_prompt]
+
+    def _sample(self, prompts: list[str], noise: Tensor, reference: tuple[Tensor, ...], *, steps: int,
+                solver: Optional[str], guidance_scale: Optional[float], seed: int,
+                sigmas: Optional[list[float]]) -> Tensor:
+        """One batch of one reference layout: noise (B, C, h, w), each reference's pixels (B, C, H_k, W_k) in
+        [-1, 1] -> images (B, C, H, W) in [0, 1]."""
+        s = self.config.sampling
+        seq_len = (noise.shape[-2] // self.config.patch_size) * (noise.shape[-1] // self.config.patch_size)
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
-        shift = self.schedule.shift_for(seq_len)
+        shift = self.schedule.shift_for(seq_len)  # the target's tokens alone, as FluxKontextPipeline's mu
         cond, null, model = self.encoders.encode_text(list(prompts)), self.encoders.null(), self.model
+        if reference:  # (B, R, C, H, W) -> one (B, c, h, w) latent per reference: the trainer's encoding
+            cond = cond.with_reference([self.encoders.encode_references(r[:, None])[:, 0] for r in reference])
         if self.config.guidance_embed:  # guidance as a model input (FLUX-dev, few-step): no unconditional pass
             cond, null, scale = with_guidance(cond, scale), None, None
         elif self.pipeline_grid is not None and not self.pipeline_grid.classifier_free:
