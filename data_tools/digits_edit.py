@@ -3,9 +3,9 @@
 A sample pairs a reference digit d (`ref.png`, a real 8x8 digit from scikit-learn's set) and an instruction
 "add K" (K a digit word, one to nine) with a target: another real digit, (d + K) mod 10, drawn at random from the
 same split (scikit-learn's copy keeps no writer ids, so "another writer" means another sample). Every reference
-image appears with every K. Training instructions mix the canonical wording ("add three") with paraphrases
-("plus three", "three more", ...); `HELDOUT_TEMPLATES` never occur in training, to check that the model follows
-unseen wordings. References of the held-out split (`val-*.tar`) are the digits `data_tools.digits.is_val` holds out,
+image appears with every K; training also has K = 0 ("add zero", see TRAIN_ADDENDS), the held-out split only
+1-9. Training instructions mix the canonical wording ("add three") with paraphrases ("plus three", "three more",
+...); `HELDOUT_TEMPLATES` never occur in training, to check that the model follows unseen wordings. References of the held-out split (`val-*.tar`) are the digits `data_tools.digits.is_val` holds out,
 so evaluation edits images never trained on. Images are stored as `data_tools.digits.to_png` stores them.
 `data_tools.digits_edit_task` makes this the `digits-edit` task (recipes/digits-edit.yaml).
 """
@@ -23,6 +23,10 @@ from data_tools.digits import DIGIT_WORDS, is_val, load_digits_arrays, to_png
 from flowmatch.data.shardformat import TRAIN_PREFIX, VAL_PREFIX, ShardSink, reference_ext
 
 ADDENDS = range(1, 10)
+"""The addends evaluated: "add one" ... "add nine"."""
+TRAIN_ADDENDS = range(0, 10)
+"""The addends trained: also "add zero" (another real digit d), which ties the output to the reference's digit; for
+K >= 1 neither the reference's digit nor the addend alone says anything about the target's digit."""
 CANONICAL = "add {w}"
 # Training paraphrases of "add K" ({w} the word, {n} the numeral); the canonical wording is drawn as often as all
 # of them together, so that the eval's canonical prompts are the ones trained most.
@@ -77,12 +81,12 @@ def edit_pairs(labels: np.ndarray, seed: int = DEFAULT_SEED) -> list[Edit]:
     pools: dict[bool, list[list[int]]] = {val: [[] for _ in range(10)] for val in (False, True)}
     for index, label in enumerate(labels):
         pools[is_val(index)][int(label)].append(index)
-    pairs = [(index, k) for index in range(len(labels)) for k in ADDENDS]
+    pairs = [(index, k) for index in range(len(labels)) for k in (ADDENDS if is_val(index) else TRAIN_ADDENDS)]
     rng.shuffle(pairs)  # shards should each be a fair mix of digits and addends
     edits = []
     for index, k in pairs:
         val = is_val(index)
-        target = rng.choice(pools[val][edited(int(labels[index]), k)])
+        target = rng.choice([i for i in pools[val][edited(int(labels[index]), k)] if i != index])
         text = instruction(k) if val else training_instruction(k, rng)
         edits.append(Edit(index, k, text, target, val))
     return edits

@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 from data_tools.digits import DIGIT_WORDS, is_val, load_digits_arrays, to_png
-from data_tools.digits_edit import ADDENDS, HELDOUT_TEMPLATES, PARAPHRASES, edit_pairs, heldout_references, instruction
+from data_tools.digits_edit import (
+    ADDENDS,
+    HELDOUT_TEMPLATES,
+    PARAPHRASES,
+    TRAIN_ADDENDS,
+    edit_pairs,
+    heldout_references,
+    instruction,
+)
 from data_tools.digits_edit_task import TASK as EDIT_TASK
 from data_tools.digits_edit_task import judge
 from flowmatch.config import load_recipe
@@ -153,14 +161,16 @@ def test_the_digits_edit_pairs_each_reference_with_another_real_digit_d_plus_k()
     a target or reference crossing the held-out split, a held-out wording leaking into training instructions."""
     _, labels = load_digits_arrays()
     edits = edit_pairs(labels)
-    assert len(edits) == len(ADDENDS) * len(labels) and {e.k for e in edits} == set(ADDENDS)
+    val = sum(is_val(i) for i in range(len(labels)))
+    assert len(edits) == len(ADDENDS) * val + len(TRAIN_ADDENDS) * (len(labels) - val)
+    assert {e.k for e in edits if e.val} == set(ADDENDS) and {e.k for e in edits if not e.val} == set(TRAIN_ADDENDS)
     for e in edits:
         assert labels[e.target] == (labels[e.reference] + e.k) % 10 and e.target != e.reference
         assert e.val == is_val(e.reference) == is_val(e.target)
     trained = {e.text for e in edits if not e.val}
-    assert {instruction(k) for k in ADDENDS} <= trained  # canonical wordings are trained ...
-    assert {instruction(k, t) for k in ADDENDS for t in PARAPHRASES} <= trained  # ... and every paraphrase
-    assert not trained & {instruction(k, t) for k in ADDENDS for t in HELDOUT_TEMPLATES}
+    assert {instruction(k) for k in TRAIN_ADDENDS} <= trained  # canonical wordings are trained ...
+    assert {instruction(k, t) for k in TRAIN_ADDENDS for t in PARAPHRASES} <= trained  # ... and every paraphrase
+    assert not trained & {instruction(k, t) for k in TRAIN_ADDENDS for t in HELDOUT_TEMPLATES}
     assert {e.text for e in edits if e.val} == {instruction(k) for k in ADDENDS}
 
 
