@@ -5,8 +5,9 @@ A sample pairs a reference digit d (`ref.png`, a real 8x8 digit from scikit-lear
 same split (scikit-learn's copy keeps no writer ids, so "another writer" means another sample). Every reference
 image appears with every K; training also has K = 0 ("add zero", see TRAIN_ADDENDS), the held-out split only
 1-9. Training instructions mix the canonical wording ("add three") with paraphrases ("plus three", "three more",
-...); `HELDOUT_TEMPLATES` never occur in training, to check that the model follows unseen wordings. References of the held-out split (`val-*.tar`) are the digits `data_tools.digits.is_val` holds out,
-so evaluation edits images never trained on. Images are stored as `data_tools.digits.to_png` stores them.
+...); `HELDOUT_TEMPLATES` never occur in training, to check that the model follows unseen wordings. References
+of the held-out split (`val-*.tar`) are the digits `data_tools.digits.is_val` holds out, so evaluation edits
+images never trained on. Images are stored as `data_tools.digits.to_png` stores them.
 `data_tools.digits_edit_task` makes this the `digits-edit` task (recipes/digits-edit.yaml).
 """
 
