@@ -38,6 +38,7 @@ SAFE: dict[str, str] = {
     "optim.weight_decay": "an AdamW hyper-parameter, read at every update",
     "optim.betas": "an AdamW hyper-parameter, read at every update",
     "optim.eps": "an AdamW hyper-parameter, read at every update",
+    "optim.fused_backward": "the same optimizer state, applied inside backward or after it",
     "train.max_steps": "the schedule's length follows it",
     "train.micro_batch_size": "the global batch stays; the per-slot noise streams are re-seeded",
     "train.checkpoint_every": "read by the loop",
@@ -76,6 +77,7 @@ SAFE: dict[str, str] = {
 
 # Keys that cannot change on resume, with the reason the error gives.
 REFUSED: dict[str, str] = {
+    "optim.name": "the optimizer whose state the checkpoint holds (8-bit, factored and AdamW moments differ)",
     "model": "the architecture (and LoRA layout) the checkpoint's weights have",
     "flow": "what the weights were trained to predict",
     "text_encoder": "the conditioning the model learned",
