@@ -27,6 +27,7 @@ from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.models.quantize import quantize_frozen
 from flowmatch.run import record_paths, source_architecture
 from flowmatch.runlock import RunLock
 from flowmatch.training.fewstep import check_recipe, load_teacher
@@ -154,6 +155,11 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         # parameters would ignore; DeepSpeed partitions them when it wraps the model. Seeded: the same on every rank.
         torch.manual_seed(seed)
         apply_lora(model, run_recipe.model.lora)
+        if run_recipe.model.quantize is not None:
+            if engine.cfg.zero_stage == 3:
+                raise RecipeError(f"model.quantize: {run_recipe.model.quantize} with distributed.zero_stage: 3: the "
+                                  "frozen base is partitioned there and cannot be quantised whole; use zero_stage 0-2")
+            quantize_frozen(model, run_recipe.model.quantize)
     family = family_of(run_recipe.model)
     if not family.capabilities.block_transforms and (run_recipe.train.activation_checkpointing
                                                      or run_recipe.train.compile):

@@ -77,6 +77,7 @@ SAFE: dict[str, str] = {
 
 # Keys that cannot change on resume, with the reason the error gives.
 REFUSED: dict[str, str] = {
+    "model.quantize": "the quantised base the adapters were trained against",
     "optim.name": "the optimizer whose state the checkpoint holds (8-bit, factored and AdamW moments differ)",
     "model": "the architecture (and LoRA layout) the checkpoint's weights have",
     "flow": "what the weights were trained to predict",
