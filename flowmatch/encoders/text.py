@@ -24,6 +24,7 @@ from flowmatch.dtypes import DTYPES, resolve_dtype
 from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.loading import load_pretrained
 from flowmatch.errors import choice_error
+from flowmatch.quantize import QUANTIZATIONS, missing_backend, quantize_frozen
 
 KINDS = ("t5", "clip", "auto")
 POOLINGS = ("mean", "pooler", "first", "projection")
@@ -70,6 +71,9 @@ class TextEncoderConfig:
     dropped: str = "empty"
     """This encoder's output for a dropped caption: empty (its encoding of the empty caption, the pipelines'
     negative prompt) or zeros (as StableDiffusion3Pipeline gives without its T5)."""
+    quantize: Optional[str] = None
+    """Hold the encoder's linear weights quantised: int8 | fp8 (torchao, weight-only, per row) | nf4
+    (bitsandbytes); null = in its dtype. Its features change slightly, so caches record it."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -91,6 +95,13 @@ class TextEncoderConfig:
             raise choice_error("text_encoder.dtype", self.dtype, ("auto", *DTYPES))
         if self.cache_size < 0:
             raise ValueError(f"text_encoder.cache_size must be >= 0, got {self.cache_size}")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZATIONS:
+                raise choice_error("text_encoder.quantize", self.quantize, QUANTIZATIONS)
+            package = missing_backend(self.quantize)
+            if package is not None:
+                raise ValueError(f"text_encoder.quantize: {self.quantize} needs the {package} package, which is "
+                                 f"not installed: pip install {package} (or remove quantize)")
 
 
 class TextEncoder:
@@ -121,6 +132,8 @@ class TextEncoder:
         self.tokenizer, self.model = load_pretrained("text encoder", cfg.name_or_path, load,
                                                      key="text_encoder.name_or_path")
         self.model.to(self.device).eval().requires_grad_(False)
+        if cfg.quantize is not None:
+            quantize_frozen(self.model, cfg.quantize)
         if cfg.pooling == "pooler" and getattr(self._run(["a photo"]), "pooler_output", None) is None:
             raise ValueError(f"text_encoder.pooling=pooler but {cfg.name_or_path!r} has no pooler output; use mean")
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -157,6 +170,7 @@ class TextEncoder:
         where = f"{c.name_or_path}/{c.subfolder}" if c.subfolder else c.name_or_path
         # The pre-existing settings keep their old spelling, so features cached before the new ones existed stay valid.
         extras = "" if (c.padding, c.hidden_layer) == ("longest", None) else f":{c.padding}:layer{c.hidden_layer}"
+        extras += "" if c.quantize is None else f":{c.quantize}"
         return f"{c.kind}:{where}:len{c.max_length}:{c.pooling}:norm{int(c.normalize_pooled)}{extras}:{digest}"
 
     @torch.no_grad()

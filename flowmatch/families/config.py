@@ -11,7 +11,7 @@ from flowmatch.families import family_of, get_family
 from flowmatch.errors import choice_error
 from flowmatch.models.lora import LoraConfig
 from flowmatch.models.mmdit import MMDiTConfig
-from flowmatch.models.quantize import QUANTIZATIONS, missing_backend
+from flowmatch.quantize import QUANTIZATIONS, missing_backend
 from flowmatch.models.unet import UNetConfig
 
 #: MMDiTConfig fields that describe the network (all but the preset's name).

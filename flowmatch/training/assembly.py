@@ -27,7 +27,7 @@ from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
-from flowmatch.models.quantize import quantize_frozen
+from flowmatch.quantize import quantize_frozen
 from flowmatch.run import record_paths, source_architecture
 from flowmatch.runlock import RunLock
 from flowmatch.training.fewstep import check_recipe, load_teacher

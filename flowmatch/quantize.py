@@ -1,4 +1,5 @@
-"""A quantised frozen base, applied from outside the model (like :mod:`.parallelize`): every frozen ``nn.Linear``
+"""A quantised frozen model, applied from outside it (like :mod:`flowmatch.models.parallelize`), to the base of a
+LoRA run (``model.quantize``) and to frozen text encoders (``text_encoder.quantize``): every frozen ``nn.Linear``
 becomes a :class:`QuantizedLinear` that keeps its weight as weight-only int8, float8 or nf4 codes and dequantises
 it for each forward. LoRA adapters (and anything else trainable) stay as they are, in full precision.
 
