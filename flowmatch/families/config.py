@@ -7,12 +7,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from flowmatch.families import family_of, get_family
 from flowmatch.errors import choice_error
+from flowmatch.families import family_of, get_family
 from flowmatch.models.lora import LoraConfig
 from flowmatch.models.mmdit import MMDiTConfig
-from flowmatch.quantize import QUANTIZATIONS, missing_backend
 from flowmatch.models.unet import UNetConfig
+from flowmatch.quantize import QUANTIZATIONS, missing_backend
 
 #: MMDiTConfig fields that describe the network (all but the preset's name).
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(MMDiTConfig) if f.name != "preset")
