@@ -69,10 +69,10 @@ def main() -> None:
         name = quant or "bf16"
         run = out / f"lora-{name}"
         overrides = [*common, f"run_dir={run}", f"model.init_from={base}", f"data.shards={reworded}",
-                     "data.prepare=null", f'model.lora={{"rank": {args.rank}, "alpha": {args.rank}}}',
+                     "data.prepare=''", f'model.lora={{"rank": {args.rank}, "alpha": {args.rank}}}',
                      f"model.quantize={quant or 'null'}", "distributed.precision=bf16", f"optim.lr={args.lr}",
                      "optim.warmup_steps=10", f"train.max_steps={args.steps}",
-                     f"train.checkpoint_every={args.steps}", "train.ema_decay=0"]
+                     f"train.checkpoint_every={args.steps}"]
         start = time.process_time()
         summary = train(load_recipe(args.recipe, overrides))
         cpu = time.process_time() - start

@@ -62,16 +62,19 @@ def test_the_trainer_quantises_the_base_keeps_adapters_only_and_refuses_another_
         base, tmp_path, digit_shards):  # noqa: F811
     # Fails if build_model forgets quantize_frozen (the base stays in nn.Linear), if the codes leak into the
     # checkpoint, or if a resume may change model.quantize.
-    run_dir = tmp_path / "run"
-    run = assemble(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "int8"}))
+    # Block swap rides along (train.block_swap): the trainer applies it to the last block, under checkpointing.
+    run_dir, swap = tmp_path / "run", {"train.block_swap": 1, "train.activation_checkpointing": True}
+    run = assemble(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "int8", **swap}))
     with run:
         quantised, frozen = _layers(run.engine.module)
+        swapped = [hasattr(block, "_flowmatch_block_swap") for block in run.engine.module.blocks()]
     assert quantised > 0 and frozen == 0
-    train(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "int8", "train.max_steps": 2}))
+    assert swapped == [False] * (len(swapped) - 1) + [True]
+    train(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "int8", "train.max_steps": 2, **swap}))
     saved = load_file(Path(run_dir) / "checkpoints" / "2" / "model.safetensors")
     assert saved and all(is_adapter(k) for k in saved)
     with pytest.raises(TrainingError, match="model.quantize 'int8' -> 'nf4'"):
-        train(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "nf4", "train.max_steps": 3}))
+        train(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "nf4", "train.max_steps": 3, **swap}))
 
 
 def test_quantize_needs_a_lora_run_and_its_backend(base, tmp_path, digit_shards, monkeypatch):  # noqa: F811

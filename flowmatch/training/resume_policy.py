@@ -39,6 +39,7 @@ SAFE: dict[str, str] = {
     "optim.betas": "an AdamW hyper-parameter, read at every update",
     "optim.eps": "an AdamW hyper-parameter, read at every update",
     "optim.fused_backward": "the same optimizer state, applied inside backward or after it",
+    "train.block_swap": "where the frozen weights wait between uses, not what they hold",
     "train.max_steps": "the schedule's length follows it",
     "train.micro_batch_size": "the global batch stays; the per-slot noise streams are re-seeded",
     "train.checkpoint_every": "read by the loop",
