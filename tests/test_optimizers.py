@@ -139,3 +139,23 @@ def test_fused_backward_refuses_clipping():
 def test_combinations_that_cannot_work_are_refused(optim, distributed, words):
     with pytest.raises(RecipeError, match=words):
         _engine(optim, seed=0, **distributed)
+
+
+def test_another_layout_restarts_a_lean_optimizer_state_saying_why(tmp_path, caplog):
+    # Fails if the elastic path reads AdamW rows for an 8-bit optimizer (a KeyError or garbage moments) instead of
+    # restarting its state with a warning that names the optimizer.
+    engine = _engine(_optim("adamw8bit"), seed=0)
+    _steps(engine, 2, seed=1)
+    engine.save(tmp_path / "state", {})
+    save_file(engine.model_state_dict(), str(tmp_path / "model.safetensors"))
+    assert not list((tmp_path / "state").glob("optim-full*"))  # only AdamW's state has a whole-tensor form
+    want = engine.model_state_dict()
+    engine.shutdown()
+    engine = _engine(_optim("adamw8bit"), seed=7, zero_stage=1)
+    with caplog.at_level("WARNING"):
+        engine.load(tmp_path / "state", weights=tmp_path / "model.safetensors")
+    assert "optim.name adamw8bit keeps a state whose layout follows the ZeRO partitions" in caplog.text
+    got = engine.model_state_dict()
+    assert engine.optimizer_steps == 2 and all(torch.equal(got[k], want[k]) for k in want)
+    _steps(engine, 1, seed=2)  # and it trains on
+    engine.shutdown()
