@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from flowmatch.cli import main
 from flowmatch.config import RecipeError
 from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 from flowmatch.families import config as family_config
@@ -73,6 +74,10 @@ def test_the_trainer_quantises_the_base_keeps_adapters_only_and_refuses_another_
     train(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "int8", "train.max_steps": 2, **swap}))
     saved = load_file(Path(run_dir) / "checkpoints" / "2" / "model.safetensors")
     assert saved and all(is_adapter(k) for k in saved)
+    # Export writes the adapters for the unquantised base in diffusers' layout, as for any LoRA run.
+    assert main(["export", str(run_dir), str(tmp_path / "lora"), "--lora", "--weights", "raw"]) == 0
+    exported = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    assert exported and all(".lora_A." in k or ".lora_B." in k for k in exported)
     with pytest.raises(TrainingError, match="model.quantize 'int8' -> 'nf4'"):
         train(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "nf4", "train.max_steps": 3, **swap}))
 
