@@ -82,6 +82,8 @@ def main() -> None:
         results[name] = (last_val_loss(run), metrics["accuracy"], metrics["paraphrase_accuracy"], cpu,
                          summary.final_step)
 
+    base_metrics = evaluate(base, steps=[20], solvers=["euler"], samples_per_prompt=args.samples,
+                            likelihood_samples=0).scores.rows[0].metrics  # before adapting: what the LoRA changed
     ref_loss, ref_acc, ref_para = results["bf16"][:3]
     print(f"LoRA rank {args.rank}, {args.steps} steps on the reworded digits from {base}; judge: 20 Euler steps, "
           f"{args.samples} images per prompt")
@@ -89,6 +91,8 @@ def main() -> None:
     for name, (loss, acc, para, cpu, _) in results.items():
         print(f"{name:>6} {loss:>9.4f} {loss / ref_loss:>7.3f} {acc:>9.3f} {para:>9.3f} "
               f"{para / ref_para if ref_para else float('nan'):>7.3f} {cpu:>7.0f}")
+    print(f"{'none':>6} {'':>9} {'':>7} {base_metrics['accuracy']:>9.3f} {base_metrics['paraphrase_accuracy']:>9.3f}"
+          "   (the base before the LoRA)")
     worst = max(results[n][0] / ref_loss for n in results)
     print(f"worst validation-loss ratio to bf16: {worst:.3f} (target <= 1.05); accuracy bf16 {ref_acc:.3f}")
 
