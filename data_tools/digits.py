@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,10 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_digits(out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = DEFAULT_SEED,
-                 overwrite: bool = False) -> dict[str, int]:
-    """Write train-*.tar and val-*.tar into `out`; returns {"train": n, "val": m}."""
+                 overwrite: bool = False, captions: Callable[[int], list[str]] | None = None) -> dict[str, int]:
+    """Write train-*.tar and val-*.tar into `out`; returns {"train": n, "val": m}. ``captions(digit)`` gives the
+    wordings a sample's caption is drawn from (default :func:`captions_for`, the training wordings)."""
+    captions = captions_for if captions is None else captions
     images, labels = load_digits_arrays()
     rng = random.Random(seed)
     order = list(range(len(images)))
@@ -106,7 +109,7 @@ def write_digits(out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, seed:
             ShardSink(out, prefix=VAL_PREFIX, shard_size=shard_size, overwrite=overwrite) as val:
         for index in order:
             label = int(labels[index])
-            caption = rng.choice(captions_for(label))
+            caption = rng.choice(captions(label))
             split = "val" if is_val(index) else "train"
             sink = val if split == "val" else train
             meta = {"label": label, "caption": caption, "index": index}

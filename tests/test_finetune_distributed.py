@@ -74,8 +74,16 @@ class Runs:
         assert_succeeded(self._dora_launched[f"dora-{how}"])
         return self.root / f"dora-{how}"
 
+    def _quantised(self) -> dict[str, tuple[list[int], list[Path]]]:
+        """A LoRA on an nf4 base: one process, and ZeRO-2 on two (one torchrun job); launched on first use."""
+        qlora = ("optim.lr=0.02", LORA, "model.quantize=nf4")
+        return launch_jobs({"qlora-one": self._one("qlora-one", *qlora),
+                            "qlora-zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
+                                                      *self._args("qlora-zero2", "distributed.zero_stage=2", *qlora))],
+                                            [self.root / "qlora-zero2.log"])})
+
     def run(self, name: str) -> Path:
-        assert_succeeded(self._launched[name])
+        assert_succeeded((self._quantised if name.startswith("qlora") else self._launched)[name])
         return self.root / name
 
     @property
@@ -135,3 +143,14 @@ def test_dora_zero3_on_two_nodes_follows_one_process(runs):
     assert saved and all(is_adapter(k) for k in saved)
     assert any(".lora_magnitude_vector." in k for k in saved)
     _assert_same_trajectory(zero3, one, loss_falls=False)
+
+
+def test_lora_on_an_nf4_base_under_zero2_on_two_processes_follows_one_process(runs):
+    # Fails if a rank quantises another base (the ranks' forwards disagree), if ZeRO-2 partitions or saves the
+    # frozen codes, or if the quantised base stops the adapters from training.
+    zero2, one = runs.run("qlora-zero2"), runs.run("qlora-one")
+    assert (read_layout(zero2).world_size, read_layout(zero2).zero_stage) == (2, 2)
+    saved = load_file(zero2 / "checkpoints" / str(STEPS) / "model.safetensors")
+    assert saved and all(is_adapter(k) for k in saved)
+    assert any(t.abs().max() > 0 for k, t in saved.items() if ".lora_B." in k)
+    _assert_same_trajectory(zero2, one, loss_falls=False)

@@ -122,7 +122,7 @@ class DecoderLLMEncoder(TextEncoder):
         c = self.cfg
         mask = inputs["attention_mask"].bool()
         extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-        out = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+        out = self._call(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                          output_hidden_states=True, **extra)
         layers = [out.hidden_states[k] if k is not None else out.hidden_states[-1] for k in self.layers]
         states = torch.cat(layers, dim=-1)  # (B, T, D * k)

@@ -25,6 +25,7 @@ from flowmatch.dtypes import DTYPES, resolve_dtype
 from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.loading import load_pretrained
 from flowmatch.errors import choice_error
+from flowmatch.quantize import QUANTIZATIONS, missing_backend, quantize_frozen
 
 KINDS = ("t5", "clip", "auto", "decoder_llm")
 POOLINGS = ("mean", "pooler", "first", "projection", "none")
@@ -88,6 +89,13 @@ class TextEncoderConfig:
     processor_subfolder: Optional[str] = None
     """decoder_llm: subfolder of the processor (Qwen2VLProcessor) through which a vision-language LLM also sees
     images (Qwen-Image-Edit's reference image; the template then holds its image placeholder); None = text only."""
+    quantize: Optional[str] = None
+    """Hold the encoder's linear weights quantised: int8 | fp8 (torchao, weight-only, per row) | nf4
+    (bitsandbytes); null = in its dtype. Its features change slightly, so caches record it."""
+    offload: bool = False
+    """Keep the encoder in CPU memory between uses and move it to the device for each batch of captions: its
+    device memory is free while the model trains, for a copy per encode (not needed with cached features, which
+    free the encoders)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -120,6 +128,13 @@ class TextEncoderConfig:
             raise ValueError(f"text_encoder.template must hold one {{}} where the caption goes, got {self.template!r}")
         if self.drop_tokens < 0:
             raise ValueError(f"text_encoder.drop_tokens must be >= 0, got {self.drop_tokens}")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZATIONS:
+                raise choice_error("text_encoder.quantize", self.quantize, QUANTIZATIONS)
+            package = missing_backend(self.quantize)
+            if package is not None:
+                raise ValueError(f"text_encoder.quantize: {self.quantize} needs the {package} package, which is "
+                                 f"not installed: pip install {package} (or remove quantize)")
 
 
 class TextEncoder:
@@ -128,9 +143,12 @@ class TextEncoder:
     def __init__(self, cfg: TextEncoderConfig, *, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.device = torch.device(device)
+        self._home = torch.device("cpu") if cfg.offload else self.device  # where the weights wait between uses
         self.tokenizer, self.model = load_pretrained("text encoder", cfg.name_or_path, self._load,
                                                      key="text_encoder.name_or_path")
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model.to(self._home).eval().requires_grad_(False)
+        if cfg.quantize is not None:
+            quantize_frozen(self.model, cfg.quantize)
         if cfg.pooling == "pooler" and getattr(self._run(["a photo"]), "pooler_output", None) is None:
             raise ValueError(f"text_encoder.pooling=pooler but {cfg.name_or_path!r} has no pooler output; use mean")
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -192,6 +210,7 @@ class TextEncoder:
         where = f"{c.name_or_path}/{c.subfolder}" if c.subfolder else c.name_or_path
         # The pre-existing settings keep their old spelling, so features cached before the new ones existed stay valid.
         extras = "" if (c.padding, c.hidden_layer) == ("longest", None) else f":{c.padding}:layer{c.hidden_layer}"
+        extras += "" if c.quantize is None else f":{c.quantize}"
         return f"{c.kind}:{where}:len{c.max_length}:{c.pooling}:norm{int(c.normalize_pooled)}{extras}:{digest}"
 
     @torch.no_grad()
@@ -202,10 +221,19 @@ class TextEncoder:
                                 max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
         # The pipelines run their encoders without an attention mask: padding positions attend and are attended to.
         mask = torch.ones_like(tokens["input_ids"], dtype=torch.bool) if fixed else tokens["attention_mask"].bool()
-        out = self.model(input_ids=tokens["input_ids"], attention_mask=None if fixed else tokens["attention_mask"],
+        out = self._call(input_ids=tokens["input_ids"], attention_mask=None if fixed else tokens["attention_mask"],
                          output_hidden_states=self.cfg.hidden_layer is not None)
         out.mask = mask
         return out
+
+    def _call(self, **inputs):
+        """The model on ``inputs``; with ``offload`` it is moved in for this call and back to the CPU after it
+        (otherwise it is already on the device and both moves are no-ops)."""
+        self.model.to(self.device)
+        try:
+            return self.model(**inputs)
+        finally:
+            self.model.to(self._home)
 
     @torch.no_grad()
     def _encode_batch(self, captions: list[str]) -> Conditioning:

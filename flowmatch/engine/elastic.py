@@ -43,6 +43,8 @@ ELASTIC_INDEX = "optim-full.json"
 _FILE = "optim-full-{rank:05d}.safetensors"
 _ROWS = ("master", "exp_avg", "exp_avg_sq")
 _FORMAT = 1
+# The optimizer whose state these files hold (``optim.name``): the rows above are AdamW's.
+_OPTIMIZER = "adamw"
 
 
 class ElasticStateError(ValueError):
@@ -154,8 +156,14 @@ class ElasticState:
             yield state.get(key)
 
     def save(self, directory: str | os.PathLike[str]) -> list[Path]:
-        """Collective: write this rank's share of the whole optimizer state into ``directory``; returns its files."""
+        """Collective: write this rank's share of the whole optimizer state into ``directory``; returns its files.
+
+        Only AdamW's state is written: the other optimizers' state (8-bit blocks cut at partition boundaries,
+        factored moments) has no whole-tensor form to re-shard, so nothing is written and a resume on another
+        layout restarts their state from zero, saying why (:meth:`load`)."""
         group, trainable = self._group, self._trainable
+        if trainable.optimizer_name != _OPTIMIZER:
+            return []
         rank, world = group.rank, group.world_size
         named = trainable.named_params
         mine = pieces(trainable, rank)
@@ -262,6 +270,9 @@ class ElasticState:
         working weights are restored. Returns None, or (on every rank, with nothing changed) why it could not."""
         loaded: _Loaded | None = None
         reason = ""
+        if self._trainable.optimizer_name != _OPTIMIZER:
+            return (f"optim.name {self._trainable.optimizer_name} keeps a state whose layout follows the ZeRO "
+                    "partitions (only adamw's is saved as whole tensors), so it cannot move to another layout")
         try:
             loaded = self._read(Path(directory))
         except ElasticStateError as err:

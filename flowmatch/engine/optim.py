@@ -1,6 +1,6 @@
-"""The optimizer side of a run: the recipe's ``optim`` section, the learning-rate schedules, and the torch AdamW
-and LambdaLR the engine hands DeepSpeed, both able to skip their next step so that a discarded accumulation
-window changes nothing.
+"""The optimizer side of a run: the recipe's ``optim`` section, the learning-rate schedules, and the LambdaLR the
+engine hands DeepSpeed, able to skip its next step (as the optimizers of :mod:`.optimizers` are) so that a
+discarded accumulation window changes nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from flowmatch.engine.optimizers import OPTIMIZER_NAMES, missing_backend
+from flowmatch.errors import choice_error
 
 
 def _constant(progress: float, floor: float) -> float:
@@ -28,8 +31,11 @@ SCHEDULES: dict[str, Callable[[float, float], float]] = {"cosine": _cosine, "con
 
 @dataclass
 class OptimConfig:
-    """The recipe's `optim` section (AdamW)."""
+    """The recipe's `optim` section: the optimizer, its schedule and gradient clipping."""
 
+    name: str = "adamw"
+    """adamw (torch), adamw8bit (bitsandbytes' block-wise 8-bit moments) or adafactor (torch; factored second
+    moment, no first: betas do not apply)."""
     lr: float = 1e-3
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -46,8 +52,20 @@ class OptimConfig:
     """Final lr of the cosine schedule as a fraction of lr."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
+    fused_backward: bool = False
+    """Apply each parameter's update inside backward and free its gradient at once (saves the gradients'
+    memory); needs zero_stage 0 on one process and grad_clip 0."""
 
     def __post_init__(self) -> None:
+        if self.name not in OPTIMIZER_NAMES:
+            raise choice_error("name", self.name, OPTIMIZER_NAMES)
+        package = missing_backend(self.name)
+        if package is not None:
+            raise ValueError(f"name: {self.name} needs the {package} package, which is not installed: "
+                             f"pip install {package} (or choose name: adamw)")
+        if self.fused_backward and self.grad_clip > 0:
+            raise ValueError(f"fused_backward: true needs grad_clip: 0 (got {self.grad_clip}): each parameter is "
+                             "updated as soon as its gradient is ready, so no global gradient norm exists to clip by")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0:
@@ -83,23 +101,6 @@ def adamw_implementation(device: torch.device, *, offload: bool = False) -> dict
     if offload:
         return {"foreach": True}
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
-
-
-class SkippableAdamW(torch.optim.AdamW):
-    """torch AdamW whose next ``step()`` can be made a no-op by setting ``overflow``.
-
-    DeepSpeed reads ``overflow`` from an unwrapped optimizer (ZeRO stage 0, fp32) to skip the scheduler and
-    count a skipped step; under ZeRO wrappers the flag is a second guard that the inner update never runs.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.overflow = False
-
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        if self.overflow:
-            return None
-        return super().step(closure)
 
 
 class SkippableLambdaLR(torch.optim.lr_scheduler.LambdaLR):

@@ -18,14 +18,32 @@ import torch
 from flowmatch.engine.config import DistributedConfig, build_deepspeed_config
 from flowmatch.engine.group import ProcessGroup
 from flowmatch.engine.nonfinite import FiniteWindow
-from flowmatch.engine.optim import OptimConfig, SkippableAdamW, SkippableLambdaLR, adamw_implementation, lr_factor
+from flowmatch.engine.optim import OptimConfig, SkippableLambdaLR, adamw_implementation, lr_factor
+from flowmatch.engine.optimizers import FusedBackward, build_optimizer
+from flowmatch.errors import RecipeError
 
 # Prefix of the optimizer state among a rank's saved tensors.
 _OPTIM_KEY = "optim."
+# Joins the keys of a nested optimizer state (bitsandbytes keeps its 8-bit blocks in a dict per parameter).
+_NESTED = "/"
 # Attributes of DeepSpeed's optimizer wrappers that hold the fp16 loss scale (ZeRO's, and the one without ZeRO).
 _LOSS_SCALE_HOLDERS = ("loss_scaler", "loss_scale_config")
 # AdamW hyper-parameters of a param group, set from the recipe: a resumed run keeps its own, not the saved ones.
 _HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+
+
+def _split_state(state: Mapping[str, Any], tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+    """One parameter's optimizer state without its tensors, which go into ``tensors`` under ``prefix`` + their key
+    (nested dicts, as bitsandbytes' quantisation state, by keys joined with :data:`_NESTED`)."""
+    plain: dict[str, Any] = {}
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            tensors[f"{prefix}{key}"] = value.detach().cpu().contiguous()
+        elif isinstance(value, Mapping):
+            plain[key] = _split_state(value, tensors, f"{prefix}{key}{_NESTED}")
+        else:
+            plain[key] = value
+    return plain
 
 
 @dataclass
@@ -74,9 +92,21 @@ class Trainable:
             ds_config["gradient_clipping"] = 0.0
         if cfg.zero_stage != 3:
             model = model.to(group.device)
-        optimizer = SkippableAdamW(list(params), lr=optim.lr, betas=optim.betas, eps=optim.eps,
-                                   weight_decay=optim.weight_decay,
-                                   **adamw_implementation(group.device, offload=cfg.offload_optimizer))
+        if optim.name == "adafactor" and cfg.zero_stage > 0:
+            raise RecipeError(f"optim.name: adafactor with distributed.zero_stage: {cfg.zero_stage}: ZeRO hands the "
+                              "optimizer flat partitions, on which Adafactor cannot factor its second moment by rows "
+                              "and columns; use zero_stage: 0, or optim.name: adamw8bit to save optimizer memory")
+        if optim.fused_backward and (cfg.zero_stage > 0 or group.world_size > 1 or cfg.precision != "fp32"):
+            raise RecipeError(f"optim.fused_backward: true needs distributed.zero_stage: 0 and precision: fp32 on one "
+                              f"process (got zero_stage {cfg.zero_stage}, {cfg.precision}, {group.world_size} "
+                              "process(es)): ZeRO and data parallelism reduce the gradients after backward, when the "
+                              "update inside backward has already run, and bf16/fp16 update fp32 master copies the "
+                              "backward hooks never see; set fused_backward: false")
+        make = functools.partial(build_optimizer, optim.name, lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                 weight_decay=optim.weight_decay,
+                                 implementation=adamw_implementation(group.device, offload=cfg.offload_optimizer))
+        optimizer = FusedBackward(params, make) if optim.fused_backward else make(params)
+        self.optimizer_name = optim.name
         factor = functools.partial(lr_factor, optim=optim, max_steps=max_steps)
         made: list[SkippableLambdaLR] = []
 
@@ -94,11 +124,17 @@ class Trainable:
         finally:
             optimizer.overflow = False
         self._optimizer, self._scheduler = optimizer, made[0]
+        self._fused = optimizer if isinstance(optimizer, FusedBackward) else None
+        if self._fused is not None:
+            # One process without ZeRO: there is nothing to reduce, and the gradients are gone by then anyway
+            # (DeepSpeed would allocate zeros for them).
+            self._ds.enable_backward_allreduce = False
         self._zero_stage = cfg.zero_stage
         self._accum = grad_accum_steps
         self._micro = 0  # backward() calls in the current accumulation window
         self._window = FiniteWindow(group)
         self._skipped_steps = 0
+        self._fused_skip = False
         # Frozen parameters (a LoRA's base weights) stay in the model, partitioned under ZeRO-3 like the others, but
         # have no optimizer state, no EMA and no place in the checkpoint's weights.
         self._named_params = [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
@@ -140,7 +176,17 @@ class Trainable:
         if self._micro == self._accum:
             raise RuntimeError(f"backward() called {self._accum + 1} times without step(): this engine accumulates "
                                f"{self._accum} micro-batch(es) per update")
-        self._ds.backward(self._window.record(loss))
+        loss = self._window.record(loss)
+        if self._fused is not None and self._micro + 1 == self._accum:
+            # The updates run inside this backward: the window's verdict is read first (the read-back step()
+            # makes otherwise), and a discarded window's last backward leaves the parameters alone.
+            self._fused_skip = not self._window.agree()
+            self._fused.armed = not self._fused_skip
+        try:
+            self._ds.backward(loss)
+        finally:
+            if self._fused is not None:
+                self._fused.armed = False
         self._micro += 1
         if self._micro < self._accum:
             # DeepSpeed counts micro-batches by its own step() calls (a no-op before the boundary); making that call
@@ -152,9 +198,10 @@ class Trainable:
         if self._micro != self._accum:
             raise RuntimeError(f"step() after {self._micro} backward() call(s): this engine accumulates "
                                f"{self._accum} micro-batch(es) per update, call backward() once for each")
-        skip = not self._window.agree()  # the step's one read-back of the window's verdict
+        # The step's one read-back of the window's verdict (with fused backward, read before the last backward).
+        skip = self._fused_skip if self._fused is not None else not self._window.agree()
         norm: Any = None
-        if self._own_clip is not None and not skip:
+        if self._own_clip is not None and not skip and self._fused is None:
             params = [p for _, p in self.named_params if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self._own_clip)
         self._optimizer.overflow = self._scheduler.skip_next = skip
@@ -166,7 +213,7 @@ class Trainable:
         if skip:
             self._skipped_steps += 1
             return StepResult(stepped=False, skipped=True, grad_norm=None)
-        if norm is None:
+        if norm is None and self._fused is None:  # with fused backward no global norm exists
             norm = self._ds.get_global_grad_norm()
         return StepResult(stepped=True, skipped=False, grad_norm=norm)
 
@@ -278,12 +325,7 @@ class Trainable:
             tensors.update({f"{_OPTIM_KEY}master.{i}": p.detach().cpu().contiguous() for i, p in enumerate(masters)})
         plain: dict[str, dict[str, Any]] = {}
         for index, state in saved["state"].items():
-            plain[str(index)] = {}
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    tensors[f"{_OPTIM_KEY}state.{index}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    plain[str(index)][key] = value
+            plain[str(index)] = _split_state(state, tensors, f"{_OPTIM_KEY}state.{index}.")
         info = {"masters": len(masters), "param_groups": saved["param_groups"], "state": plain,
                 **self.schedule_state()}
         return tensors, info
@@ -327,7 +369,11 @@ class Trainable:
         for key, value in tensors.items():
             if key.startswith(prefix):
                 index, name = key[len(prefix):].split(".", 1)
-                state[int(index)][name] = value
+                *outer, last = name.split(_NESTED)
+                inner = state[int(index)]
+                for part in outer:
+                    inner = inner.setdefault(part, {})
+                inner[last] = value
         has_masters = any(key.startswith(f"{_OPTIM_KEY}master.") for key in tensors)
         if not has_masters:  # fp32: the masters equal the working weights, restored already
             self.refresh_masters()

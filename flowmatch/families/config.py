@@ -7,10 +7,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from flowmatch.errors import choice_error
 from flowmatch.families import family_of, get_family
 from flowmatch.models.lora import LoraConfig
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.models.unet import UNetConfig
+from flowmatch.quantize import QUANTIZATIONS, missing_backend
 
 #: MMDiTConfig fields that describe the network (all but the preset's name).
 ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(MMDiTConfig) if f.name != "preset")
@@ -36,6 +38,9 @@ class ModelConfig(MMDiTConfig):
     directory; the architecture is read from them (flowmatch.init_from)."""
     lora: Optional[LoraConfig] = None
     """Train LoRA adapters on the frozen init_from weights instead of the weights themselves; null = full training."""
+    quantize: Optional[str] = None
+    """Hold the frozen base of a LoRA run quantised: int8 | fp8 (torchao, weight-only, per row) | nf4
+    (bitsandbytes); null = in the training precision. The adapters stay in full precision."""
 
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):  # presets and asdict() round trips hand the section over as a mapping
@@ -53,6 +58,20 @@ class ModelConfig(MMDiTConfig):
         if self.lora is not None and not self.init_from:
             raise ValueError("model.lora adapts existing weights: set model.init_from (a pipeline, transformer, "
                              "single file or flowmatch run) or remove model.lora to train all weights")
+        self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        if self.quantize is None:
+            return
+        if self.quantize not in QUANTIZATIONS:
+            raise choice_error("model.quantize", self.quantize, QUANTIZATIONS)
+        if self.lora is None:
+            raise ValueError(f"model.quantize: {self.quantize} quantises the frozen base of a LoRA run, and this run "
+                             "trains every weight: set model.lora, or remove model.quantize")
+        package = missing_backend(self.quantize)
+        if package is not None:
+            raise ValueError(f"model.quantize: {self.quantize} needs the {package} package, which is not installed: "
+                             f"pip install {package} (or remove model.quantize)")
 
     def architecture(self) -> MMDiTConfig:
         """The plain MMDiTConfig the model is built from."""

@@ -30,8 +30,10 @@ from flowmatch.families.lora import apply_lora, load_lora_file
 from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
+from flowmatch.models.offload import BlockSwap, apply_block_swap, settle_block_swap
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.plan.budget import apply_budget
+from flowmatch.quantize import quantize_frozen
 from flowmatch.run import record_paths, source_architecture
 from flowmatch.runlock import RunLock
 from flowmatch.training.fewstep import check_recipe, load_teacher
@@ -163,11 +165,18 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
             apply_lora(model, run_recipe.model.lora)
         if run_recipe.model.lora.init_from:  # the same file on every rank; a resumed run's checkpoint overrides it
             load_lora_file(model, run_recipe.model.lora, run_recipe.model.lora.init_from)
+        if run_recipe.model.quantize is not None:
+            if engine.cfg.zero_stage == 3:
+                raise RecipeError(f"model.quantize: {run_recipe.model.quantize} with distributed.zero_stage: 3: the "
+                                  "frozen base is partitioned there and cannot be quantised whole; use zero_stage 0-2")
+            quantize_frozen(model, run_recipe.model.quantize)
     family = family_of(run_recipe.model)
     if not family.capabilities.block_transforms and (run_recipe.train.activation_checkpointing
                                                      or run_recipe.train.compile):
         raise RecipeError(f"train.activation_checkpointing and train.compile apply to model.kind: mmdit only; set "
                           f"them to false for model.kind: {run_recipe.model.kind} (model.family {family.name})")
+    if run_recipe.train.block_swap:  # before checkpointing: its recomputation must run the swapping forward
+        swap_blocks(run_recipe, engine, model)
     if run_recipe.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if run_recipe.train.compile:
@@ -232,6 +241,8 @@ def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_di
     seed_everything(t.seed + engine.rank)  # back to per-rank streams (data workers, posterior samples)
     engine.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim, max_steps=t.max_steps,
                  micro_batch_size=micro, grad_accum_steps=accum)
+    if t.block_swap:
+        settle_block_swap(engine.module.blocks())  # DeepSpeed moved (and cast) every tensor to the device
     if t.ema_decay > 0:
         engine.init_ema(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
@@ -246,6 +257,22 @@ def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_di
                        micro_batch=micro, accum=accum, generators=generators, null=encoders.dropout_null(),
                        has_val=has_val, init=init, teacher=load_teacher(recipe, engine.device), lock=lock,
                        paths=record_paths(recipe))
+
+
+def swap_blocks(recipe: Recipe, engine: Engine, model: torch.nn.Module) -> BlockSwap:
+    """train.block_swap: the last blocks' frozen weights in CPU memory, streamed to the device per use. The engine
+    still moves the whole model to the device once when it wraps it; the swapped blocks go back to CPU memory right
+    after (:func:`settle_block_swap` in :func:`build_run`)."""
+    t, family = recipe.train, family_of(recipe.model)
+    if recipe.model.lora is None or engine.cfg.zero_stage == 3 or not family.capabilities.block_transforms:
+        raise RecipeError(f"train.block_swap: {t.block_swap} streams the frozen base weights of a LoRA run "
+                          f"(model.lora) without ZeRO-3 on a block-structured model; this run has model.lora "
+                          f"{'set' if recipe.model.lora else 'unset'}, zero_stage {engine.cfg.zero_stage}, "
+                          f"model.family {family.name}: set train.block_swap: 0")
+    blocks = model.blocks()
+    if t.block_swap > len(blocks):
+        raise RecipeError(f"train.block_swap: {t.block_swap} is more than the model's {len(blocks)} blocks")
+    return apply_block_swap(blocks, t.block_swap, engine.device)
 
 
 def describe_init(source: str, kind: str, path: Path) -> InitRecord:

@@ -56,6 +56,9 @@ class TrainConfig:
     """torch.compile each transformer block."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
+    block_swap: int = 0
+    """Keep the frozen weights of this many transformer blocks (the last ones) in CPU memory and stream each to the
+    device just before it runs (flowmatch.models.offload); for a LoRA run on one GPU; 0 = off."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -76,5 +79,7 @@ class TrainConfig:
                              f"{self.divergence_factor}")
         if self.max_bad_windows < 0:
             raise ValueError(f"max_bad_windows must be >= 0 (0 = warn only), got {self.max_bad_windows}")
+        if self.block_swap < 0:
+            raise ValueError(f"block_swap must be >= 0 (0 = off), got {self.block_swap}")
         if self.log_every < 1 or self.validate_every < 0 or self.max_bad_steps < 1:
             raise ValueError("log_every and max_bad_steps must be >= 1 and validate_every >= 0")

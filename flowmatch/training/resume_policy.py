@@ -38,6 +38,9 @@ SAFE: dict[str, str] = {
     "optim.weight_decay": "an AdamW hyper-parameter, read at every update",
     "optim.betas": "an AdamW hyper-parameter, read at every update",
     "optim.eps": "an AdamW hyper-parameter, read at every update",
+    "optim.fused_backward": "the same optimizer state, applied inside backward or after it",
+    "train.block_swap": "where the frozen weights wait between uses, not what they hold",
+    "text_encoder.offload": "where the encoder waits between uses, not what it computes",
     "train.max_steps": "the schedule's length follows it",
     "train.micro_batch_size": "the global batch stays; the per-slot noise streams are re-seeded",
     "train.checkpoint_every": "read by the loop",
@@ -76,6 +79,8 @@ SAFE: dict[str, str] = {
 
 # Keys that cannot change on resume, with the reason the error gives.
 REFUSED: dict[str, str] = {
+    "model.quantize": "the quantised base the adapters were trained against",
+    "optim.name": "the optimizer whose state the checkpoint holds (8-bit, factored and AdamW moments differ)",
     "model": "the architecture (and LoRA layout) the checkpoint's weights have",
     "flow": "what the weights were trained to predict",
     "text_encoder": "the conditioning the model learned",

@@ -1,0 +1,149 @@
+"""Block swap, applied from outside the model (like :mod:`.parallelize`): the frozen weights of the last
+``count`` transformer blocks live in CPU memory and are copied to the device just before each block runs, then
+dropped from the device after it, so one GPU holds only a few blocks of a frozen base at a time (a LoRA run on a
+model larger than the card). Trainable tensors (the adapters) stay on the device, where the optimizer has them.
+
+On CUDA the copy of the next swapped block starts on a side stream while the current block computes (pinned CPU
+memory, ``non_blocking``), and a block waits for its own copy before it runs. Under activation checkpointing the
+recomputation in backward runs the block's (wrapped) forward again, which copies it in again; without
+checkpointing autograd keeps the device copies its backward needs alive until then (the saving is smaller).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# Marks a swapped block with its BlockSwap (as parallelize marks checkpointed blocks).
+_SWAPPED = "_flowmatch_block_swap"
+
+
+@dataclass
+class _Resident:
+    """The frozen tensors of one block: where each lives in the block, and its CPU copy."""
+
+    slots: list[tuple[nn.Module, str, bool]]  # (owning module, attribute name, is a parameter)
+    cpu: list[torch.Tensor]
+    ready: torch.cuda.Event | None = None  # the side-stream copy in flight, on CUDA
+    staged: list[torch.Tensor] = field(default_factory=list)
+
+
+class BlockSwap:
+    """The swapping forwards of :func:`apply_block_swap` and their counters.
+
+    Attributes:
+        moves_in: block copies made to the device (one per swapped block per forward, recomputations included).
+        moves_out: blocks dropped from the device after their forward.
+    """
+
+    def __init__(self, blocks: list[nn.Module], device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.moves_in = self.moves_out = 0
+        self._blocks = blocks
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._resident = [self._take(block) for block in blocks]
+        # The forward itself is wrapped, not hooked: activation checkpointing's recomputation calls the block's
+        # forward function directly, past any module hook, and must find the weights on the device too.
+        self._forwards = [block.forward for block in blocks]
+        for i, block in enumerate(blocks):
+            block.forward = functools.partial(self._run, i)
+            setattr(block, _SWAPPED, self)
+
+    def _run(self, i: int, *args: Any, **kwargs: Any) -> Any:
+        self._enter(i)
+        try:
+            return self._forwards[i](*args, **kwargs)
+        finally:
+            self._leave(i)
+
+    def settle(self) -> None:
+        """Take the CPU copies again from the blocks as they are now, and put them back in place: call after
+        something moved or cast the whole model (DeepSpeed's initialisation moves it to the device, and casts it
+        to bf16/fp16)."""
+        for i, block in enumerate(self._blocks):
+            self._resident[i] = self._take(block)
+
+    def _take(self, block: nn.Module) -> _Resident:
+        """Move ``block``'s frozen parameters and its buffers to (pinned) CPU memory."""
+        slots, cpu = [], []
+        pin = self._stream is not None
+        for module in block.modules():
+            tensors = [(name, p, True) for name, p in module._parameters.items()
+                       if p is not None and not p.requires_grad]
+            tensors += [(name, b, False) for name, b in module._buffers.items() if b is not None]
+            for name, tensor, is_param in tensors:
+                host = tensor.detach().to("cpu", copy=True)
+                host = host.pin_memory() if pin else host
+                slots.append((module, name, is_param))
+                cpu.append(host)
+        resident = _Resident(slots, cpu)
+        self._place(resident, cpu)
+        return resident
+
+    @staticmethod
+    def _place(resident: _Resident, tensors: list[torch.Tensor]) -> None:
+        for (module, name, is_param), tensor in zip(resident.slots, tensors):
+            if is_param:
+                module._parameters[name].data = tensor
+            else:
+                module._buffers[name] = tensor
+
+    def _copy(self, i: int) -> None:
+        """Start copying block ``i`` to the device (on the side stream on CUDA)."""
+        resident = self._resident[i]
+        if resident.staged:
+            return
+        if self._stream is None:
+            resident.staged = [t.to(self.device, copy=True) for t in resident.cpu]  # a real copy on CPU too
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            resident.staged = [t.to(self.device, non_blocking=True) for t in resident.cpu]
+            resident.ready = torch.cuda.Event()
+            resident.ready.record(self._stream)
+
+    def _enter(self, i: int) -> None:
+        self._copy(i)
+        resident = self._resident[i]
+        if resident.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(resident.ready)
+            for t in resident.staged:  # used on the compute stream now: not to be reused before it is done
+                t.record_stream(torch.cuda.current_stream(self.device))
+            resident.ready = None
+        self._place(resident, resident.staged)
+        self.moves_in += 1
+        if i + 1 < len(self._resident):
+            self._copy(i + 1)  # ahead of use, while block i computes
+
+    def _leave(self, i: int) -> None:
+        resident = self._resident[i]
+        self._place(resident, resident.cpu)
+        resident.staged = []
+        self.moves_out += 1
+
+    def remove(self) -> None:
+        """Restore the blocks' own forwards; the swapped tensors stay in CPU memory."""
+        for block, forward in zip(self._blocks, self._forwards):
+            block.forward = forward
+            delattr(block, _SWAPPED)
+
+
+def apply_block_swap(blocks: list[nn.Module], count: int, device: torch.device | str) -> BlockSwap:
+    """Keep the frozen weights of the last ``count`` of ``blocks`` (execution order, e.g. ``model.blocks()``) in
+    CPU memory and stream them to ``device`` ahead of use; returns the :class:`BlockSwap`. Apply before
+    activation checkpointing (whose recomputation must run the swapping forward), and call
+    :func:`settle_block_swap` after the model is moved to the device."""
+    if not 0 < count <= len(blocks):
+        raise ValueError(f"block swap count must be in 1..{len(blocks)} (the model's blocks), got {count}")
+    return BlockSwap(blocks[len(blocks) - count:], torch.device(device))
+
+
+def settle_block_swap(blocks: list[nn.Module]) -> None:
+    """:meth:`BlockSwap.settle` of the swap applied to ``blocks``, if any."""
+    swaps = {id(s): s for s in (getattr(b, _SWAPPED, None) for b in blocks) if s is not None}
+    for swap in swaps.values():
+        swap.settle()
