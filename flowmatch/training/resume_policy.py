@@ -72,6 +72,8 @@ SAFE: dict[str, str] = {
     "distributed.rendezvous_timeout_s": "how long the start may wait",
     "distributed.zero3_persistence_threshold": "a ZeRO-3 memory trade-off",
     "distributed.elastic_checkpoints": "what the checkpoints written from now on hold",
+    "distributed.memory_budget_gb": "it chooses settings the resume checks one by one (micro batch, checkpointing, "
+                                    "ZeRO stage, offload), each of which may change",
     "sampling": "validation grids and sampling defaults",
     "logging": "what is logged",
     "eval": "what flowmatch eval measures",
@@ -98,6 +100,7 @@ REFUSED: dict[str, str] = {
     "data.bucket_multiple": "exact resume continues the saved batch layout",
     "data.drop_last": "exact resume continues the saved batch layout",
     "data.caption_key": "the captions the model learned",
+    "data.paired": "the reference images the model learned to edit from, and the saved batch layout",
     "data.masks": "where each sample's loss counts, as flow.loss is what it measures",
     "data.cached": "the features the model learned from (quantised or not)",
     "data.cache_dtype": "the precision of the features the model learned from",
