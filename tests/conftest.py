@@ -1,5 +1,6 @@
 """Tests never reach a model hub: everything they load is made on the spot or shipped in a package."""
 
+import collections
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,3 +79,39 @@ def train_runs(tmp_path_factory, digit_shards):
     from test_train_distributed import Runs  # the module beside this file (tests/ is on sys.path)
 
     return Runs(tmp_path_factory.mktemp("train-runs"), digit_shards)
+
+
+
+# pytest-xdist (`-n logical --dist loadfile` in pyproject.toml): each worker is a process with its own session
+# fixtures and its own tmp directory. A module's tests stay on one worker (its module fixtures are built once), and
+# the modules that share an expensive session fixture of launched runs share a worker (the runs launch once).
+SHARED_WORKER = {  # module -> the worker group it joins
+    "tests/test_train_distributed.py": "train_runs",
+    "tests/test_launchers.py": "train_runs",
+}
+
+
+def _group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0]
+    return SHARED_WORKER.get(module, module)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups with the most slow tests first (xdist hands groups out in this order, `--no-loadscope-reorder`): a
+    launch-heavy module started last would leave the other workers idle while it runs."""
+    slow = collections.Counter(_group(item.nodeid) for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[_group(item.nodeid)])  # stable: the order within a group is kept
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the modules of :data:`SHARED_WORKER` on one worker."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling  # reason: an optional plugin; this hook runs only under it
+
+    class ModuleGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return ModuleGroups(config, log)

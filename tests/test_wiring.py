@@ -167,6 +167,22 @@ def _tiny(tmp_path, shards, *more):
     return load_recipe(ROOT / "recipes" / "digits.yaml", overrides)
 
 
+def test_the_trainer_drops_captions_at_the_recipes_rate(tmp_path, digit_shards, monkeypatch):
+    """Bug caught: the trainer handing the loss another caption dropout than flow.caption_dropout (e.g. 0, or the
+    encoders' defaults): the loss is pinned above, this pins what the trainer gives it."""
+    from flowmatch.training import loop
+
+    rates = []
+
+    def recording(*args, dropout_parts=None, flow=None, **kwargs):
+        rates.append([p for _, p in dropout_parts] if dropout_parts is not None else [flow.caption_dropout])
+        return micro_loss(*args, dropout_parts=dropout_parts, flow=flow, **kwargs)
+
+    monkeypatch.setattr(loop, "micro_loss", recording)
+    train(_tiny(tmp_path, digit_shards, "train.max_steps=1", "flow.caption_dropout=0.37"))
+    assert rates and all(r and set(r) == {0.37} for r in rates), rates
+
+
 @pytest.mark.parametrize("warmup", [0.1, 0.0])
 def test_the_ema_follows_each_update(tmp_path, digit_shards, monkeypatch, warmup):
     """Bugs caught: the EMA update not being called by the trainer, or with another decay than the recipe's

@@ -3,8 +3,8 @@
 It calls the flow layer for the math (:func:`micro_loss`), the engine for everything distributed, including
 what a non-finite loss does, and :mod:`flowmatch.checkpoint` for files; it never re-derives any of them. SIGTERM
 or SIGUSR1 stops it cleanly after the current optimizer step, with a checkpoint (:mod:`.preemption`).
-Between log intervals the loop reads nothing back from the device: logged sums stay in a :class:`LossWindow` on
-the device until the log step reduces them.
+Between log intervals the loop reads nothing back from the device: logged sums stay on the device until the log
+step reduces them (:mod:`.metrics`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,10 @@ from flowmatch.posthoc import write_snapshot
 from flowmatch.config import Recipe
 from flowmatch.training.assembly import TrainingRun, assemble
 from flowmatch.training.checkpointing import Checkpointing, TrainingError
-from flowmatch.training.divergence import Diverged, DivergenceWatch
 from flowmatch.training.fewstep import jvp_backend, objective_models
+from flowmatch.training.metrics import Metrics
 from flowmatch.training.preemption import Preemption
 from flowmatch.training.validation import Validator
-
-# Loss is also logged per timestep bucket (quarters of [0, 1]) to see which noise levels train slowly.
-LOSS_BUCKETS = 4
 
 
 @dataclass
@@ -79,46 +76,6 @@ def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Co
                           jvp_backend=jvp_backend, dropout_parts=dropout_parts, mask=mask)
 
 
-class LossWindow:
-    """Sums of the logged losses since the last log step, kept on the device (no host sync to add to them).
-
-    The micro batches of one optimizer step are held apart until the engine says whether it applied the update:
-    :meth:`commit` adds them to the sums, :meth:`discard` drops them (a window with a non-finite loss). The last
-    entry holds the mean loss of the window's first committed step (what divergence is measured against).
-    """
-
-    def __init__(self, device: torch.device, buckets: int = LOSS_BUCKETS) -> None:
-        self.buckets = buckets
-        # loss sum, loss count, per-bucket sums, per-bucket counts, the first step's loss
-        self.sums = torch.zeros(3 + 2 * buckets, device=device)
-        self.pending = torch.zeros_like(self.sums)
-        self.steps = 0
-        self.started = time.time()
-
-    def add(self, m: ObjectiveLoss) -> None:
-        p, nb = self.pending, self.buckets
-        p[0] += m.loss.detach()
-        p[1] += 1
-        bucket = (m.t * nb).long().clamp(max=nb - 1)
-        p[2:2 + nb].index_add_(0, bucket, m.per_sample)
-        p[2 + nb:].index_add_(0, bucket, torch.ones_like(m.per_sample))
-
-    def commit(self) -> None:
-        self.sums += self.pending
-        if self.steps == 0:
-            self.sums[-1] = self.pending[0] / self.pending[1].clamp(min=1)
-        self.pending.zero_()
-        self.steps += 1
-
-    def discard(self) -> None:
-        self.pending.zero_()
-
-    def reset(self) -> None:
-        self.sums.zero_()
-        self.steps = 0
-        self.started = time.time()
-
-
 class Trainer:
     """Trains an assembled run to ``train.max_steps``, resuming from its newest checkpoint."""
 
@@ -132,9 +89,8 @@ class Trainer:
         self.checkpoints = Checkpointing(run, self.validator)
         """Resume, checkpoints and the stop checkpoint (:mod:`.checkpointing`)."""
         self.preemption = Preemption(run.engine.rank)
-        self.divergence = DivergenceWatch(run.recipe.train.divergence_factor, run.recipe.train.max_bad_windows)
-        self.skipped_at_log = 0
-        """The engine's skipped-update count at the last log step."""
+        self.metrics: Optional[Metrics] = None
+        """Logged losses: summed on the device, reduced, recorded and judged at each log step (:mod:`.metrics`)."""
         self.jvp_backend = jvp_backend(run.recipe)
         self.objective = get_objective(run.recipe.flow.objective)
         exact = self.objective.uses_jvp and self.jvp_backend == "exact"
@@ -164,7 +120,6 @@ class Trainer:
         r, e, run = self.recipe, self.engine, self.run
         self.step = self.checkpoints.resume()
         start_step, started = self.step, time.time()
-        self.skipped_at_log = e.skipped_steps
         if e.is_main:
             (run.run_dir / "recipe.yaml").write_text(run.recipe_yaml)
         self.monitor = Monitor(run.run_dir, r.logging, enabled=e.is_main, total_steps=r.train.max_steps,
@@ -189,8 +144,8 @@ class Trainer:
         """(last logged loss, last checkpoint written, whether a stop signal ended the loop early)."""
         r, e, run, mon = self.recipe, self.engine, self.run, self.monitor
         t = r.train
-        window = LossWindow(e.device)
-        flops = self.flops_per_step()
+        self.metrics = Metrics(e, run.loader, t, r.logging.peak_tflops, mon, run.run_dir, self.flops_per_step())
+        window = self.metrics.window
         bad_in_a_row = 0
         last_loss, last_ckpt = float("nan"), None
         while self.step < t.max_steps:
@@ -223,8 +178,7 @@ class Trainer:
                 mon.record(self.step, {"precision": r.distributed.precision, "weights_dtype": str(e.working_dtype),
                                        "compute_dtype": str(run.velocity.last_dtype)})
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                last_loss = self.log(window, result, flops)
-                window.reset()
+                last_loss = self.metrics.log(self.step, result)
             # The last validation comes before the last checkpoint, which records the weights it found better.
             if (t.validate_every and self.step % t.validate_every == 0) or self.step == t.max_steps:
                 self.validator.validate(self.step)
@@ -250,54 +204,6 @@ class Trainer:
         family = family_of(r.model)  # an analytic count (MMDiT) or one counted meta-device forward (U-Net)
         return family.flops(r.model, batch_size=r.train.batch_size, latent_size=(height // f, width // f),
                             text_len=text_len)
-
-    def log(self, window: LossWindow, result, flops_per_step: float) -> float:
-        """Reduce the window's sums across ranks and record them: the loop's host sync, once per log interval."""
-        e, r = self.engine, self.recipe
-        nb = window.buckets
-        data = self.run.loader.stats  # this rank's counters: bad records, failed shards, samples per source
-        sums = e.all_reduce_sum(window.sums).cpu()
-        # float64: sample counts pass 2^24 early in a large run
-        tallies = e.all_reduce_sum(torch.tensor([data.bad, data.failed_shards, *data.sources.values()],
-                                                dtype=torch.float64, device=e.device)).cpu()
-        seconds = max(time.time() - window.started, 1e-9)
-        loss = (sums[0] / sums[1].clamp(min=1)).item()
-        counts = sums[2 + nb:2 + 2 * nb]
-        buckets = sums[2:2 + nb] / counts.clamp(min=1)
-        samples_per_s = window.steps * r.train.batch_size / seconds
-        tflops = window.steps * flops_per_step / seconds / 1e12
-        values = {"loss": loss, "lr": e.lr, "samples_per_s": samples_per_s, "tflops_per_s": tflops}
-        postfix = {"loss": f"{loss:.4f}", "lr": f"{e.lr:.2e}", "samples/s": f"{samples_per_s:.0f}"}
-        if r.logging.peak_tflops > 0:
-            values["mfu"] = tflops / (r.logging.peak_tflops * e.world_size)
-            postfix["mfu"] = f"{values['mfu']:.1%}"
-        values["bad_samples"] = tallies[0].item()
-        values["failed_shards"] = tallies[1].item()
-        if len(data.sources) > 1:  # a mixture: how many samples each source has given so far
-            for name, total in zip(data.sources, tallies[2:].tolist()):
-                values[f"samples_{name}"] = total
-        values["skipped_steps"] = float(e.skipped_steps)
-        if result is not None and result.grad_norm is not None:
-            values["grad_norm"] = float(result.grad_norm)
-        for i, (v, n) in enumerate(zip(buckets.tolist(), counts.tolist())):
-            if n > 0:  # a bucket no sample fell in this window has no loss to report
-                values[f"loss_t{i}"] = v
-        self.monitor.scalars(self.step, values, postfix=postfix)
-        self.judge(loss, values.get("grad_norm"), (sums[-1] / e.world_size).item())
-        return loss
-
-    def judge(self, loss: float, grad_norm: Optional[float], first_loss: float) -> None:
-        """Warn about a diverging log window; raise TrainingError after train.max_bad_windows in a row (values
-        already on the host: see :mod:`.divergence`)."""
-        skipped, self.skipped_at_log = self.engine.skipped_steps - self.skipped_at_log, self.engine.skipped_steps
-        try:
-            warning = self.divergence.judge(self.step, loss, grad_norm, first_loss, skipped)
-        except Diverged as err:
-            last = latest_checkpoint(self.run.run_dir)
-            raise TrainingError(f"{err} " + (f"The last checkpoint is {last}." if last else "No checkpoint was written "
-                                             "yet.")) from None
-        if warning:
-            self.monitor.message(f"warning: {warning}")
 
 
 def train(recipe: Recipe) -> TrainSummary:

@@ -24,6 +24,7 @@ from flowmatch.posthoc import list_snapshots, reconstruct_ema
 from flowmatch.training import train
 from flowmatch.training.loop import TrainingError
 from flowmatch.training.resume_policy import classify, compare_recipes, flatten
+from tests.launching import LAUNCH_TIMEOUT_S
 from tests.test_preemption import fit_with_sigusr1_during_step_three
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,13 +173,17 @@ def test_ctrl_c_writes_a_checkpoint_and_exits_130_with_no_traceback(tmp_path, di
     env.pop("RANK", None)
     cmd = [sys.executable, "-m", "flowmatch", "train", str(ROOT / "recipes" / "digits.yaml"),
            *_cli_overrides(run_dir, digit_shards, **{"train.max_steps": 10_000, "train.checkpoint_every": 10_000})]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Output to a file, not a pipe nobody reads until the end (a full pipe would block the run before step 2).
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
     try:
-        _wait_for_step(proc, run_dir, 2)
+        _wait_for_step(proc, run_dir, 2, timeout_s=LAUNCH_TIMEOUT_S)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        proc.wait(timeout=LAUNCH_TIMEOUT_S)
     finally:
         proc.kill()
+    err = log.read_text()
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "flowmatch train: interrupted at step" in err

@@ -27,6 +27,7 @@ from flowmatch.data.trust import TRUST_ENV
 from flowmatch.evaluate import evaluate
 from flowmatch.runlock import LOCK_FILE, RunLock, RunLocked
 from flowmatch.training import train
+from tests.test_train import run_cli  # the CLI in this process: its exit status and output
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = RetryPolicy(retries=1, backoff_s=0.01, max_backoff_s=0.02, timeout_s=5.0)
@@ -60,11 +61,6 @@ def trained_run(tmp_path_factory, digit_shards) -> Path:
     return run
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flowmatch", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-
-
 # ------------------------------------------------------------------------ 1. a run from elsewhere runs no command
 
 
@@ -93,17 +89,18 @@ def test_trust_run_dir_lets_the_stored_command_run(trained_run, digit_shards, mo
     assert report.bits_per_dim is not None and report.bits_per_dim > 0
 
 
-@pytest.mark.slow
-def test_flowmatch_eval_refuses_a_stored_command_and_trust_run_dir_allows_it(trained_run, digit_shards, tmp_path):
+def test_flowmatch_eval_refuses_a_stored_command_and_trust_run_dir_allows_it(trained_run, digit_shards, tmp_path,
+                                                                              monkeypatch):
     """The command line: one paragraph naming the key, the command and the flag, exit 2; --trust-run-dir runs it."""
     pwned = tmp_path / "PWNED"
     tamper_recipe(trained_run / "checkpoints" / "2", val_shards=f"pipe:touch {pwned}")
-    res = run_cli("eval", str(trained_run), "--likelihood-samples", "2", env={TRUST_ENV: ""})
+    monkeypatch.setenv(TRUST_ENV, "")  # restored after the test: --trust-run-dir sets it in this process
+    res = run_cli("eval", str(trained_run), "--likelihood-samples", "2")
     assert res.returncode == 2 and not pwned.exists(), res.stderr
     assert "Traceback" not in res.stderr and "data.val_shards" in res.stderr and "--trust-run-dir" in res.stderr
     val = sorted(Path(digit_shards).glob("val-*.tar"))[0]
     tamper_recipe(trained_run / "checkpoints" / "2", val_shards=f"pipe:cat {val}")
-    res = run_cli("eval", str(trained_run), "--likelihood-samples", "2", "--trust-run-dir", env={TRUST_ENV: ""})
+    res = run_cli("eval", str(trained_run), "--likelihood-samples", "2", "--trust-run-dir")
     assert res.returncode == 0 and "bits/dim" in res.stdout.lower().replace("bits per dim", "bits/dim"), res.stderr
 
 
@@ -167,7 +164,6 @@ def test_a_second_trainer_on_a_run_is_refused_and_a_dead_holder_is_taken_over(tm
     assert not (run / LOCK_FILE).exists()  # released: gone
 
 
-@pytest.mark.slow
 def test_the_lock_is_released_after_a_run_and_guards_ema_and_export(trained_run, tmp_path):
     """Bugs caught: the trainer keeping the lock after it returns, `flowmatch ema` or `export` not taking it."""
     assert not (trained_run / LOCK_FILE).exists()
