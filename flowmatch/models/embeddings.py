@@ -3,11 +3,12 @@
 Positions and timesteps are computed on the fly from the input size, on the input's device, so the model has
 no buffers: meta-device construction needs nothing recomputed, and any resolution up to the position grid works.
 
-The two-layer embedder MLP is timm's `Mlp`. The position tables are written here because timm's do not have
-these layouts: its sin-cos grid (`build_sincos2d_pos_embed`) has neither SD3's scaled, centre-cropped grid nor
-its channel order, and its rotary tables (`build_rotary_pos_embed`) give every axis the same bands over the whole
-head, where FLUX's layout takes per-axis channel counts (`rope_axes_dim`), unrotated tail channels and text tokens
-at position 0. timm has no DDPM-style timestep embedding.
+The two-layer embedder MLP is :class:`flowmatch.models.mlp.Mlp` (timm's `Mlp` computed alike). The position
+tables are written here because timm's do not have these layouts: its sin-cos grid (`build_sincos2d_pos_embed`)
+has neither SD3's scaled, centre-cropped grid nor its channel order, and its rotary tables
+(`build_rotary_pos_embed`) give every axis the same bands over the whole head, where FLUX's layout takes per-axis
+channel counts (`rope_axes_dim`), unrotated tail channels and text tokens at position 0. timm has no DDPM-style
+timestep embedding.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
 from torch import Tensor, nn
+
+from flowmatch.models.mlp import Mlp
 
 #: Sinusoid period used by DDPM/SD3 timestep embeddings and by SD3's sin-cos position grid.
 SINUSOID_MAX_PERIOD = 10000.0
@@ -107,7 +109,7 @@ def timestep_embedding(t: Tensor, dim: int, scale: float = 1.0) -> Tensor:
 
 
 def mlp_embedder(in_dim: int, dim: int, *, device=None, dtype=None) -> Mlp:
-    """Two-layer SiLU MLP (timm's `Mlp`, hidden width `dim`) mapping a per-sample vector to the model width:
+    """Two-layer SiLU MLP (`Mlp`, hidden width `dim`) mapping a per-sample vector to the model width:
     (B, in_dim) -> (B, dim). SD3's timestep and pooled-text embedders."""
     return Mlp(in_dim, hidden_features=dim, out_features=dim, act_layer=nn.SiLU, device=device, dtype=dtype)
 

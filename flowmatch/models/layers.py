@@ -8,9 +8,9 @@ Layout conventions used throughout:
   (shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp), each (B, 1, D), followed in MMDiT-X blocks
   by (shift_attn2, scale_attn2, gate_attn2) for the second, image-only attention (SD3.5-medium).
 
-Layers timm has are taken from timm: `Mlp` (fc1 -> act -> fc2; its dropouts are p = 0 and its norm is
-nn.Identity, so it is exactly the two-layer MLP, with the fc1 / fc2 names the converter maps) and `RmsNorm` for
-QK-norm (x * rsqrt(mean(x^2) + eps) * weight, the operation order of diffusers' RMSNorm, equal to it in float32).
+The two-layer MLP (fc1 -> act -> fc2, the names the converter maps) and `RmsNorm` for QK-norm
+(x * rsqrt(mean(x^2) + eps) * weight, the operation order of diffusers' RMSNorm, equal to it in float32) come from
+:mod:`flowmatch.models.mlp` (timm's layers computed alike; that module says why they are not timm's own).
 Written here are the pieces timm has no equivalent of: adaLN modulation, the joint two-stream attention with
 MMDiT-X's optional image-only attention, and the single-stream block with its fused input projection.
 """
@@ -22,10 +22,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, RmsNorm
 from torch import Tensor, nn
 
 from flowmatch.models.embeddings import RopeTable, apply_rope
+from flowmatch.models.mlp import Mlp, RmsNorm
 
 #: The MLP activation of SD3 and FLUX: tanh-approximated GELU.
 GELU_TANH = partial(nn.GELU, approximate="tanh")

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from timm.layers import RmsNorm
 from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
@@ -27,6 +26,7 @@ from flowmatch.models.embeddings import (
     unpatchify,
 )
 from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
+from flowmatch.models.mlp import RmsNorm
 
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
 EMBEDDER_INIT_STD = 0.02
