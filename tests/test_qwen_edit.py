@@ -21,9 +21,9 @@ from flowmatch import Pipeline
 from flowmatch.data.batch import Batch
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.families import family_of
+from flowmatch.families.convert import architecture_of
 from flowmatch.families.presets import config_from_preset
 from flowmatch.families.qwen_image_edit import TEXT_ENCODER, reference_size
-from flowmatch.families.convert import architecture_of
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.sampling.generate import image_noise
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture

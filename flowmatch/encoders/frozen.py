@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 _SIZE_SOURCES = {"in_channels": "autoencoder", "context_dim": "text encoder", "pooled_dim": "text encoder"}
 
 
+def seen_references(ref_images: torch.Tensor) -> list[torch.Tensor]:
+    """Reference images (B, R, C, H, W) in [-1, 1] -> each sample's first as a (C, H, W) tensor in [0, 1]: what a
+    text encoder that sees images reads with the caption (QwenImageEditPipeline shows its Qwen2.5-VL the reference
+    image it encodes)."""
+    return [((refs[0].float() + 1) / 2).clamp(0, 1) for refs in ref_images]
+
+
 class FrozenEncoders:
     """The text encoder(s) and the autoencoder of a run; never trained, never inside the engine.
 
@@ -132,14 +139,13 @@ class FrozenEncoders:
         return x0.to(self.device).float(), cond
 
     def _seen_references(self, batch: "Batch") -> list[torch.Tensor]:
-        """Each sample's first reference image as a (C, H, W) tensor in [0, 1], for a text encoder that sees it
-        (QwenImageEditPipeline shows its encoder the reference image it encodes)."""
+        """Each sample's first reference image, for a text encoder that sees it (:func:`seen_references`)."""
         if batch.ref_images is None:
             raise RecipeError("the text encoder reads each caption with its reference image (text_encoder."
                               "processor_subfolder), but the batch has no reference pixels: use data.paired: true "
-                              "with shards holding the reference images (cached reference latents alone are "
-                              "not enough), or remove processor_subfolder")
-        return [((refs[0].float() + 1) / 2).clamp(0, 1) for refs in batch.ref_images]
+                              "with shards holding the reference images (or features cached by flowmatch-data "
+                              "encode with this recipe), or remove processor_subfolder")
+        return seen_references(batch.ref_images)
 
     # -- images ----------------------------------------------------------------------------------------------------
 

@@ -29,8 +29,8 @@ from flowmatch.sampling.references import (
     ReferenceImages,
     group_rows,
     reference_pixels,
-    resized_reference,
     references_per_prompt,
+    resized_reference,
     stack_references,
 )
 from flowmatch.sampling.solvers import jumps_with_average, sample_ode

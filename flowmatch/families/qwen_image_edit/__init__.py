@@ -16,7 +16,6 @@ import math
 from flowmatch.families import kontext, mmdit, qwen_image
 from flowmatch.families.qwen_image_edit import convert
 from flowmatch.families.qwen_image_edit.presets import PRESETS
-from flowmatch.families.spec import Capabilities
 
 #: QwenImageEditPipeline's prompt_template_encode (diffusers 0.42): the chat turns its Qwen2.5-VL reads, the
 #: reference image's placeholder (expanded by the processor to the image's patches) before the instruction.
