@@ -18,6 +18,7 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
 from PIL import Image
 
 from flowmatch import Pipeline
+from flowmatch.config import load_recipe
 from flowmatch.data.batch import Batch
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.families import family_of
@@ -27,6 +28,7 @@ from flowmatch.families.qwen_image_edit import TEXT_ENCODER, reference_size
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.sampling.generate import image_noise
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.test_train import ROOT
 from tests.tiny_pipelines_qwen import LATENT_CHANNELS
 
 PROMPTS = ["a red apple", "a photo of a dog"]
@@ -65,9 +67,13 @@ def references(seed: int, height: int = 40, width: int = 60) -> list:
     return [Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).byte().numpy()) for _ in PROMPTS]
 
 
-def test_the_family_states_the_edit_pipelines_encoding_and_resize(edit):
+def test_the_family_and_recipe_state_the_edit_pipelines_encoding_and_resize(edit):
     assert TEXT_ENCODER["template"] == edit.prompt_template_encode
     assert TEXT_ENCODER["drop_tokens"] == edit.prompt_template_encode_start_idx
+    recipe = load_recipe(ROOT / "recipes" / "qwen-image-edit-lora.yaml", [])
+    encoder = recipe.text_encoders.encoders["qwen"]
+    assert {k: getattr(encoder, k) for k in TEXT_ENCODER} == TEXT_ENCODER
+    assert recipe.data.paired and family_of(recipe.model).name == "qwen_image_edit"
     for height, width in ((40, 60), (1000, 333), (768, 1366), (512, 512)):
         w, h, _ = pipeline_qwenimage_edit.calculate_dimensions(1024 * 1024, width / height)
         assert reference_size(height, width, 16) == (h, w)
