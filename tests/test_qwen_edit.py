@@ -10,7 +10,9 @@ use a small area on both sides: diffusers' module-level function patched here, o
 from __future__ import annotations
 
 import functools
+import io
 
+import numpy as np
 import pytest
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageTransformer2DModel
@@ -19,7 +21,12 @@ from PIL import Image
 
 from flowmatch import Pipeline
 from flowmatch.config import load_recipe
+from flowmatch.data import features
 from flowmatch.data.batch import Batch
+from flowmatch.data.config import DataConfig
+from flowmatch.data.shardformat import reference_ext
+from flowmatch.data.tarstream import read_shard
+from flowmatch.encoders.cache import encode_shard
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.families import family_of
 from flowmatch.families.convert import architecture_of
@@ -28,6 +35,7 @@ from flowmatch.families.qwen_image_edit import TEXT_ENCODER, reference_size
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.sampling.generate import image_noise
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.test_kontext_lora import write_edit_pairs
 from tests.test_train import ROOT
 from tests.tiny_pipelines_qwen import LATENT_CHANNELS
 
@@ -142,6 +150,28 @@ def test_the_trainer_shows_the_encoder_each_samples_reference(ours):
     assert cond.hidden.shape != ours.encoders.encode_text(PROMPTS).hidden.shape or not torch.allclose(
         cond.hidden, ours.encoders.encode_text(PROMPTS).hidden)
     assert torch.equal(cond.reference[0], ours.encoders.encode_references(ref_images)[:, 0])
+
+
+def test_cached_text_reads_each_caption_with_its_reference(ours, tmp_path):
+    """flowmatch-data encode on paired shards caches the VL encoder's states of each caption read with its
+    sample's reference, as the trainer encodes raw batches. Bug caught: the cache encoding the captions alone."""
+    src = write_edit_pairs(tmp_path / "shards", count=2)
+    (url,) = [str(p) for p in src.glob("*.tar")]
+    target = tmp_path / "cached" / "000000.tar"
+    target.parent.mkdir()
+    encode_shard(ours.encoders, DataConfig(shards=url, resolution=SIZE, channels=3, paired=True), url, target,
+                 dtype="fp32")
+    cached = {r.key: features.decode(r.files[features.EXT]) for r in read_shard(str(target))}
+    records = list(read_shard(url))
+    assert sorted(cached) == sorted(r.key for r in records)
+    for record in records:
+        ref = torch.from_numpy(np.array(Image.open(io.BytesIO(record.files[reference_ext(0, "png")]))))
+        caption = record.files["txt"].decode()
+        want = ours.encoders.encode_text([caption], [ref.permute(2, 0, 1).float() / 255])
+        blind = ours.encoders.encode_text([caption])
+        got = cached[record.key].hidden
+        assert got.shape == want.hidden[0].shape and (got - want.hidden[0]).abs().max() < 1e-5
+        assert got.shape != blind.hidden[0].shape
 
 
 def test_released_shape_has_diffusers_parameter_count():
