@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import io
 
-import numpy as np
 import pytest
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageTransformer2DModel
@@ -154,7 +153,8 @@ def test_the_trainer_shows_the_encoder_each_samples_reference(ours):
 
 def test_cached_text_reads_each_caption_with_its_reference(ours, tmp_path):
     """flowmatch-data encode on paired shards caches the VL encoder's states of each caption read with its
-    sample's reference, as the trainer encodes raw batches. Bug caught: the cache encoding the captions alone."""
+    sample's reference, as the trainer encodes raw batches and the sampler a PIL image. Bugs caught: the cache
+    encoding the captions alone, a tensor in [0, 1] given to the processor as it is (it rescales by 1/255)."""
     src = write_edit_pairs(tmp_path / "shards", count=2)
     (url,) = [str(p) for p in src.glob("*.tar")]
     target = tmp_path / "cached" / "000000.tar"
@@ -165,9 +165,9 @@ def test_cached_text_reads_each_caption_with_its_reference(ours, tmp_path):
     records = list(read_shard(url))
     assert sorted(cached) == sorted(r.key for r in records)
     for record in records:
-        ref = torch.from_numpy(np.array(Image.open(io.BytesIO(record.files[reference_ext(0, "png")]))))
+        ref = Image.open(io.BytesIO(record.files[reference_ext(0, "png")]))
         caption = record.files["txt"].decode()
-        want = ours.encoders.encode_text([caption], [ref.permute(2, 0, 1).float() / 255])
+        want = ours.encoders.encode_text([caption], [ref])  # the image as a PIL image reads as its tensor
         blind = ours.encoders.encode_text([caption])
         got = cached[record.key].hidden
         assert got.shape == want.hidden[0].shape and (got - want.hidden[0]).abs().max() < 1e-5

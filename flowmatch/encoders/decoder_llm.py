@@ -118,8 +118,10 @@ class DecoderLLMEncoder(TextEncoder):
         if len(images) != len(captions):
             raise ValueError(f"encode_with_images takes one image per caption, got {len(images)} for {len(captions)}")
         texts = [self.cfg.template.replace("{}", caption) for caption in captions]
-        # The processor rescales pixels by 1/255 as it does a PIL image's bytes: tensors in [0, 1] go in as 0-255.
-        images = [image.float() * 255 if isinstance(image, torch.Tensor) else image for image in images]
+        # The processor reads a PIL image's bytes; a tensor in [0, 1] goes in as those bytes (a uint8 tensor reads
+        # as the PIL image does; a float one is resized otherwise).
+        images = [(image.float() * 255).round().clamp(0, 255).to(torch.uint8) if isinstance(image, torch.Tensor)
+                  else image for image in images]
         inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.device)
         return self._states(inputs, captions)
 
