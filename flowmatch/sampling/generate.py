@@ -229,14 +229,15 @@ class Pipeline:
         ``negative_prompt`` (one for all, or one per prompt; QwenImagePipeline's negative prompt), by default with
         the empty caption.
 
-        ``images`` are reference images for an editing family (FLUX.1 Kontext): a (B, C, H, W) tensor in [0, 1]
-        (one per prompt), or per prompt a PIL image, a (C, H, W) tensor or a list of them
+        ``images`` are reference images for an editing family (FLUX.1 Kontext, Qwen-Image-Edit): a (B, C, H, W) tensor
+        in [0, 1] (one per prompt), or per prompt a PIL image, a (C, H, W) tensor or a list of them
         (:mod:`flowmatch.sampling.references`). Each is resized as the pipeline does (:attr:`reference_size`;
-        ``auto_resize=False`` keeps its own size floored to the patch grid, diffusers' ``_auto_resize=False``),
-        encoded by the autoencoder's posterior mean and given to the model unnoised, the unconditional pass
-        included. Prompts whose references differ in count or size are sampled as separate batches, never padded.
-        The image size is ``height`` x ``width`` as given (FluxKontextPipeline first rescales them to its
-        ``max_area``).
+        ``auto_resize=False`` keeps its own size floored to the patch grid, diffusers' ``_auto_resize=False``), encoded
+        by the autoencoder's posterior mean and given to the model unnoised, the unconditional pass included. A text
+        encoder that sees images (Qwen-Image-Edit's Qwen2.5-VL) reads each prompt, and its negative prompt, with the
+        prompt's first reference as resized, as QwenImageEditPipeline shows it. Prompts whose references differ in count
+        or size are sampled as separate batches, never padded. The image size is ``height`` x ``width`` as given
+        (FluxKontextPipeline first rescales them to its ``max_area``).
         """
         s = self.config.sampling
         if noise is None:
