@@ -38,7 +38,8 @@ def _tiny(family) -> ModelConfig:
 
 
 def test_the_registry_lists_each_family_once_with_its_presets():
-    assert list(FAMILIES) == ["sd3", "flux", "kontext", "qwen_image", "unet"] and set(MODEL_KINDS) == {"mmdit", "unet"}
+    assert list(FAMILIES) == ["sd3", "flux", "kontext", "qwen_image", "qwen_image_edit", "unet"]
+    assert set(MODEL_KINDS) == {"mmdit", "unet"}
     assert {name for f in FAMILIES.values() for name in f.presets} == set(PRESETS)
     assert all(PRESET_FAMILY[f.tiny] is f for f in FAMILIES.values())
     with pytest.raises(ValueError, match="model.family.*did you mean 'flux'"):
@@ -93,6 +94,8 @@ def test_sections_without_a_family_keep_theirs_and_a_stated_one_must_fit():
     assert family_of(load_recipe(None, ["model.preset=digits-unet"]).model).name == "unet"
     assert family_of(config_from_preset("tiny", rope=True)).name == "flux"  # converted configs have no kind
     assert family_of(config_from_preset("tiny-qwen-image")).name == "qwen_image"  # MSRoPE, not FLUX's RoPE
+    # MSRoPE with a reference image: Qwen-Image-Edit, not Qwen-Image (nor Kontext, whose RoPE is FLUX's)
+    assert family_of(config_from_preset("tiny-qwen-image", references=1)).name == "qwen_image_edit"
     assert load_recipe(None, ["model.preset=digits-unet", "model.family=unet"]).model.kind == "unet"
     with pytest.raises(ValueError, match="model.family: flux.*sd3"):
         load_recipe(None, ["model.preset=tiny", "model.family=flux"])

@@ -106,7 +106,8 @@ def test_references_are_resized_as_the_pipeline_resizes_them(ours):
 
 def test_references_are_refused_by_a_family_that_takes_none(tiny_flux_pipeline):
     flux = Pipeline.from_diffusers(tiny_flux_pipeline, device="cpu")
-    with pytest.raises(ValueError, match="model family 'flux' takes none.*editing family \\(kontext\\)"):
+    with pytest.raises(ValueError,
+                       match="model family 'flux' takes none.*editing family \\(kontext, qwen_image_edit\\)"):
         flux.generate(PROMPTS, images=torch.rand(2, 3, SIZE, SIZE), steps=1)
 
 

@@ -37,6 +37,8 @@ from flowmatch.data.loader import loader_buckets
 from flowmatch.data.shardformat import SHARD_SUFFIXES, ShardFile
 from flowmatch.data.shards import expand_shards, shard_name
 from flowmatch.data.tarstream import BadRecord, RawSample, read_shard
+from flowmatch.encoders.frozen import seen_references
+from flowmatch.errors import RecipeError
 
 if TYPE_CHECKING:
     from flowmatch.encoders.frozen import FrozenEncoders
@@ -107,15 +109,23 @@ def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: P
             if not kept:
                 return
             latents = frozen.autoencoder.encode(decode.pixels_to_tensor(images).to(frozen.device)).cpu()
-            ref_latents = [None] * len(kept)
+            ref_latents, seen = [None] * len(kept), None
             if refs:  # every sample of the group has the same number of references (it is part of the group key)
                 pixels = decode.pixels_to_tensor(refs)  # (B * R, C, H, W)
-                ref_latents = list(frozen.encode_references(pixels.reshape(len(kept), -1, *pixels.shape[1:])).cpu())
+                pixels = pixels.reshape(len(kept), -1, *pixels.shape[1:])
+                ref_latents = list(frozen.encode_references(pixels).cpu())
+                seen = seen_references(pixels) if frozen.sees_images else None
+            elif frozen.sees_images:
+                raise RecipeError("the text encoder reads each caption with its reference image (text_encoder."
+                                  "processor_subfolder), but these samples have none: set data.paired: true on "
+                                  "paired shards, or remove processor_subfolder")
             captions = [info.caption for _, info in kept]
-            # Each encoder's own output (a single one's stored unnamed), real tokens only.
+            # Each encoder's own output (a single one's stored unnamed), real tokens only; an encoder that sees
+            # images reads each caption with the sample's first reference (Qwen-Image-Edit).
             text = frozen.text
-            texts = ({"": text.encoders[text.single_name].encode(captions)} if text.single_name
-                     else text.encode_each(captions))
+            texts = text.encode_each(captions, seen)
+            if text.single_name:
+                texts = {"": texts[text.single_name]}
             texts = {n: c.to("cpu") for n, c in texts.items()}
             for i, (record, info) in enumerate(kept):
                 rows = {n: (c.hidden[i][c.mask[i]], c.pooled[i]) for n, c in texts.items()}

@@ -82,6 +82,10 @@ class DecoderLLMEncoder(TextEncoder):
                 model_cls.from_pretrained(path, subfolder=cfg.subfolder, dtype=resolve_dtype(cfg.dtype, self.device)))
 
     @property
+    def sees_images(self) -> bool:
+        return self.processor is not None
+
+    @property
     def layers(self) -> list[int]:
         """The hidden_states indices whose states are concatenated (None: the model's last_hidden_state)."""
         return list(self.cfg.stack_layers) or [self.cfg.hidden_layer]
@@ -114,7 +118,11 @@ class DecoderLLMEncoder(TextEncoder):
         if len(images) != len(captions):
             raise ValueError(f"encode_with_images takes one image per caption, got {len(images)} for {len(captions)}")
         texts = [self.cfg.template.replace("{}", caption) for caption in captions]
-        inputs = self.processor(text=texts, images=list(images), padding=True, return_tensors="pt").to(self.device)
+        # The processor reads a PIL image's bytes; a tensor in [0, 1] goes in as those bytes (a uint8 tensor reads
+        # as the PIL image does; a float one is resized otherwise).
+        images = [(image.float() * 255).round().clamp(0, 255).to(torch.uint8) if isinstance(image, torch.Tensor)
+                  else image for image in images]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.device)
         return self._states(inputs, captions)
 
     def _states(self, inputs, captions: list[str]) -> Conditioning:

@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 _SIZE_SOURCES = {"in_channels": "autoencoder", "context_dim": "text encoder", "pooled_dim": "text encoder"}
 
 
+def seen_references(ref_images: torch.Tensor) -> list[torch.Tensor]:
+    """Reference images (B, R, C, H, W) in [-1, 1] -> each sample's first as a (C, H, W) tensor in [0, 1]: what a
+    text encoder that sees images reads with the caption (QwenImageEditPipeline shows its Qwen2.5-VL the reference
+    image it encodes)."""
+    return [((refs[0].float() + 1) / 2).clamp(0, 1) for refs in ref_images]
+
+
 class FrozenEncoders:
     """The text encoder(s) and the autoencoder of a run; never trained, never inside the engine.
 
@@ -52,9 +59,18 @@ class FrozenEncoders:
 
     # -- conditioning ----------------------------------------------------------------------------------------------
 
-    def encode_text(self, captions: list[str]) -> Conditioning:
-        """Captions -> conditioning on :attr:`device` (hidden (B, L, D) float32, mask (B, L), pooled (B, Dp))."""
-        return self.text.encode(list(captions)).to(self.device)
+    def encode_text(self, captions: list[str], images: Optional[list] = None) -> Conditioning:
+        """Captions -> conditioning on :attr:`device` (hidden (B, L, D) float32, mask (B, L), pooled (B, Dp)).
+
+        ``images``: one reference image per caption (a PIL image or a (C, H, W) tensor in [0, 1]), which a
+        text encoder that sees images (:attr:`sees_images`: Qwen-Image-Edit's Qwen2.5-VL) reads with the caption
+        through its processor; the other encoders ignore them."""
+        return self.text.encode(list(captions), list(images) if images is not None else None).to(self.device)
+
+    @property
+    def sees_images(self) -> bool:
+        """Whether a text encoder reads the reference image with the caption (:meth:`encode_text`'s images)."""
+        return self.text.sees_images
 
     def release(self, keep: Sequence[str]) -> None:
         """Free the text encoders' weights and the autoencoder's encoder half once training reads cached features.
@@ -112,6 +128,8 @@ class FrozenEncoders:
             cond = self.text.combine(batch.text_parts)
         elif batch.text is not None:
             cond = self.text.combine({self.text.single_name: batch.text}) if self.text.single_name else batch.text
+        elif self.sees_images:
+            cond = self.encode_text(batch.captions, self._seen_references(batch))
         else:
             cond = self.encode_text(batch.captions)
         cond = cond.to(self.device)
@@ -119,6 +137,15 @@ class FrozenEncoders:
         if refs is not None:
             cond = cond.with_reference(refs.to(self.device).float().unbind(1))
         return x0.to(self.device).float(), cond
+
+    def _seen_references(self, batch: "Batch") -> list[torch.Tensor]:
+        """Each sample's first reference image, for a text encoder that sees it (:func:`seen_references`)."""
+        if batch.ref_images is None:
+            raise RecipeError("the text encoder reads each caption with its reference image (text_encoder."
+                              "processor_subfolder), but the batch has no reference pixels: use data.paired: true "
+                              "with shards holding the reference images (or features cached by flowmatch-data "
+                              "encode with this recipe), or remove processor_subfolder")
+        return seen_references(batch.ref_images)
 
     # -- images ----------------------------------------------------------------------------------------------------
 

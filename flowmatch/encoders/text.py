@@ -178,6 +178,12 @@ class TextEncoder:
         return self.cfg.subfolder if self.cfg.tokenizer_subfolder is None else self.cfg.tokenizer_subfolder
 
     @property
+    def sees_images(self) -> bool:
+        """Whether it also reads an image per caption (a vision-language LLM with its processor:
+        ``encode_with_images``); plain text encoders do not."""
+        return False
+
+    @property
     def hidden_size(self) -> int:
         """D of `Conditioning.hidden`."""
         config = getattr(self.model.config, "text_config", self.model.config)  # two-tower configs nest it

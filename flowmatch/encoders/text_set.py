@@ -93,8 +93,19 @@ class TextEncoders:
         self.single_name: Optional[str] = next(iter(cfg.encoders)) if self.layout.single else None
         """The only encoder's name when there is one, whose cached features are stored unnamed."""
 
-    def encode_each(self, captions: list[str]) -> dict[str, Conditioning]:
-        """Every encoder's own output for the captions, by name."""
+    @property
+    def sees_images(self) -> bool:
+        """Whether an encoder also reads an image per caption (Qwen-Image-Edit's vision-language LLM)."""
+        return any(enc.sees_images for enc in self.encoders.values())
+
+    def encode_each(self, captions: list[str], images: Optional[list] = None) -> dict[str, Conditioning]:
+        """Every encoder's own output for the captions, by name; ``images`` (one per caption, a PIL image or a
+        (C, H, W) tensor in [0, 1]) go to the encoders that see images, the others read the captions alone."""
+        if images is not None:
+            if len(images) != len(captions):
+                raise ValueError(f"give one image per caption, got {len(images)} for {len(captions)} captions")
+            return {name: enc.encode_with_images(list(captions), list(images)) if enc.sees_images
+                    else enc.encode(list(captions)) for name, enc in self.encoders.items()}
         if self._kept is None:
             return {name: enc.encode(list(captions)) for name, enc in self.encoders.items()}
         missing = [c for c in captions if c not in self._kept]
@@ -120,9 +131,9 @@ class TextEncoders:
         """Per-encoder outputs -> the model's conditioning (with the training guidance value, when set)."""
         return combine_outputs(self.layout, outputs, self.kinds, self.cfg.guidance)
 
-    def encode(self, captions: list[str]) -> Conditioning:
-        """Captions -> the model's conditioning."""
-        return self.combine(self.encode_each(captions))
+    def encode(self, captions: list[str], images: Optional[list] = None) -> Conditioning:
+        """Captions (with an image each for the encoders that see images) -> the model's conditioning."""
+        return self.combine(self.encode_each(captions, images))
 
     def _empty(self) -> dict[str, Conditioning]:
         if self._null is None:

@@ -30,6 +30,7 @@ from flowmatch.sampling.references import (
     group_rows,
     reference_pixels,
     references_per_prompt,
+    resized_reference,
     stack_references,
 )
 from flowmatch.sampling.solvers import jumps_with_average, sample_ode
@@ -228,14 +229,15 @@ class Pipeline:
         ``negative_prompt`` (one for all, or one per prompt; QwenImagePipeline's negative prompt), by default with
         the empty caption.
 
-        ``images`` are reference images for an editing family (FLUX.1 Kontext): a (B, C, H, W) tensor in [0, 1]
-        (one per prompt), or per prompt a PIL image, a (C, H, W) tensor or a list of them
+        ``images`` are reference images for an editing family (FLUX.1 Kontext, Qwen-Image-Edit): a (B, C, H, W) tensor
+        in [0, 1] (one per prompt), or per prompt a PIL image, a (C, H, W) tensor or a list of them
         (:mod:`flowmatch.sampling.references`). Each is resized as the pipeline does (:attr:`reference_size`;
-        ``auto_resize=False`` keeps its own size floored to the patch grid, diffusers' ``_auto_resize=False``),
-        encoded by the autoencoder's posterior mean and given to the model unnoised, the unconditional pass
-        included. Prompts whose references differ in count or size are sampled as separate batches, never padded.
-        The image size is ``height`` x ``width`` as given (FluxKontextPipeline first rescales them to its
-        ``max_area``).
+        ``auto_resize=False`` keeps its own size floored to the patch grid, diffusers' ``_auto_resize=False``), encoded
+        by the autoencoder's posterior mean and given to the model unnoised, the unconditional pass included. A text
+        encoder that sees images (Qwen-Image-Edit's Qwen2.5-VL) reads each prompt, and its negative prompt, with the
+        prompt's first reference as resized, as QwenImageEditPipeline shows it. Prompts whose references differ in count
+        or size are sampled as separate batches, never padded. The image size is ``height`` x ``width`` as given
+        (FluxKontextPipeline first rescales them to its ``max_area``).
         """
         s = self.config.sampling
         if noise is None:
@@ -258,14 +260,17 @@ class Pipeline:
             if len(negatives) not in (1, len(prompts)):
                 raise ValueError(f"negative_prompt: give one, or one per prompt ({len(prompts)}), got {len(negatives)}")
             negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-        pixels = self._reference_pixels(images, len(prompts), h * self.encoders.downsample,
-                                        w * self.encoders.downsample, auto_resize)
+        resized = self._resized_references(images, len(prompts), h * self.encoders.downsample,
+                                           w * self.encoders.downsample, auto_resize)
+        pixels = self._pixels(resized)
         out: list[Optional[Tensor]] = [None] * len(prompts)
         for rows in group_rows([tuple(tuple(r.shape) for r in refs) for refs in pixels]):
             reference = stack_references([pixels[i] for i in rows]) if pixels[rows[0]] else ()
+            # A text encoder that sees images reads each prompt with its first reference, resized (Qwen-Image-Edit).
+            seen = [_unit_image(resized[i][0]) for i in rows] if reference and self.encoders.sees_images else None
             decoded = self._sample([prompts[i] for i in rows], noise[rows], reference, steps=steps, solver=solver,
                                    guidance_scale=guidance_scale, seed=seed, sigmas=sigmas,
-                                   negatives=None if negatives is None else [negatives[i] for i in rows])
+                                   negatives=None if negatives is None else [negatives[i] for i in rows], seen=seen)
             for i, image in zip(rows, decoded):
                 out[i] = image
         return torch.stack(out)
@@ -273,6 +278,17 @@ class Pipeline:
     def _reference_pixels(self, images: Optional[ReferenceImages], prompts: int, height: int, width: int,
                           auto_resize: bool) -> list[list[Tensor]]:
         """Per prompt, its references resized and in [-1, 1] ((C, h_k, w_k) each; none without ``images``)."""
+        return self._pixels(self._resized_references(images, prompts, height, width, auto_resize))
+
+    def _pixels(self, resized: list[list[Any]]) -> list[list[Tensor]]:
+        """Resized references (per prompt) -> their pixels (C, h_k, w_k) in [-1, 1]."""
+        multiple = self.encoders.downsample * self.config.patch_size
+        return [[reference_pixels(item, multiple) for item in refs] for refs in resized]
+
+    def _resized_references(self, images: Optional[ReferenceImages], prompts: int, height: int, width: int,
+                            auto_resize: bool) -> list[list[Any]]:
+        """Per prompt, its references resized as the pipeline does (PIL images or (1, C, h_k, w_k) tensors in
+        [0, 1]; none without ``images``)."""
         if images is None:
             return [[] for _ in range(prompts)]
         per_prompt = references_per_prompt(images, prompts)
@@ -288,27 +304,33 @@ class Pipeline:
                 return self.reference_size(h, w, multiple)
             return height, width
 
-        return [[reference_pixels(item, size, multiple) for item in refs] for refs in per_prompt]
+        return [[resized_reference(item, size, multiple) for item in refs] for refs in per_prompt]
 
     def _sample(self, prompts: list[str], noise: Tensor, reference: tuple[Tensor, ...], *, steps: int,
                 solver: Optional[str], guidance_scale: Optional[float], seed: int,
-                sigmas: Optional[list[float]], negatives: Optional[list[str]] = None) -> Tensor:
+                sigmas: Optional[list[float]], negatives: Optional[list[str]] = None,
+                seen: Optional[list[Any]] = None) -> Tensor:
         """One batch of one reference layout: noise (B, C, h, w), each reference's pixels (B, C, H_k, W_k) in
         [-1, 1] -> images (B, C, H, W) in [0, 1]; ``negatives``: one negative prompt per row (None: the empty
-        caption)."""
+        caption); ``seen``: per row, the image a text encoder that sees images reads with the prompt and with the
+        negative prompt (QwenImageEditPipeline shows both the reference)."""
         s = self.config.sampling
         seq_len = (noise.shape[-2] // self.config.patch_size) * (noise.shape[-1] // self.config.patch_size)
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         shift = self.schedule.shift_for(seq_len)  # the target's tokens alone, as FluxKontextPipeline's mu
-        cond, null, model = self.encoders.encode_text(list(prompts)), self.encoders.null(), self.model
-        if negatives is not None:
-            null = self.encoders.encode_text(negatives)
+        cond, model = self.encoders.encode_text(list(prompts), seen), self.model
         if reference:  # (B, R, C, H, W) -> one (B, c, h, w) latent per reference: the trainer's encoding
             cond = cond.with_reference([self.encoders.encode_references(r[:, None])[:, 0] for r in reference])
         if self.config.guidance_embed:  # guidance as a model input (FLUX-dev, few-step): no unconditional pass
-            cond, null, scale = with_guidance(cond, scale), None, None
+            cond, scale = with_guidance(cond, scale), None
         elif self.pipeline_grid is not None and not self.pipeline_grid.classifier_free:
             scale = None  # FLUX-schnell: FluxPipeline runs no unconditional pass whatever its guidance_scale
+        null = None
+        if scale is not None and scale != 1.0:  # the unconditional input, encoded only when guidance uses it
+            if negatives is None and seen is None:
+                null = self.encoders.null()
+            else:
+                null = self.encoders.encode_text(negatives or [""] * len(prompts), seen)
         grid = None
         if self.pipeline_grid is not None:
             grid = self.pipeline_grid.grid(steps, seq_len=seq_len, sigmas=sigmas)
@@ -321,6 +343,11 @@ class Pipeline:
                                                 generator=torch.Generator().manual_seed(seed),
                                                 renorm=self.config.guidance_renorm)
         return model_to_unit(self.encoders.decode(latents))
+
+
+def _unit_image(resized: Any) -> Any:
+    """A resized reference as a text encoder takes it: a PIL image as it is, a (1, C, H, W) tensor as (C, H, W)."""
+    return resized[0] if isinstance(resized, Tensor) else resized
 
 
 def _timed(model: VelocityModel, model_time: Callable[[Tensor], Tensor]) -> VelocityModel:

@@ -16,7 +16,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-__all__ = ["ReferenceImages", "group_rows", "reference_pixels", "references_per_prompt", "stack_references"]
+__all__ = ["ReferenceImages", "group_rows", "reference_pixels", "references_per_prompt", "resized_reference",
+           "stack_references"]
 
 ReferenceImages = Union[Tensor, Sequence[Any]]
 """A (B, C, H, W) tensor in [0, 1], or per prompt a PIL image, a (C, H, W) tensor or a list of them."""
@@ -69,9 +70,10 @@ def _size(item: Any) -> tuple[int, int]:
     return (item.height, item.width) if _is_pil(item) else (item.shape[2], item.shape[3])
 
 
-def reference_pixels(item: Any, size: Callable[[int, int], tuple[int, int]], multiple: int) -> Tensor:
+def resized_reference(item: Any, size: Callable[[int, int], tuple[int, int]], multiple: int) -> Any:
     """One reference resized to ``size(height, width)`` (floored to a multiple of ``multiple``: the
-    autoencoder's factor times the patch size) and mapped to [-1, 1]: (C, h, w) float32."""
+    autoencoder's factor times the patch size): a PIL image stays one, a (1, C, H, W) tensor stays one in [0, 1].
+    What QwenImageEditPipeline shows its vision-language text encoder."""
     # reason: diffusers is a heavy import, needed only when references are given
     from diffusers.image_processor import VaeImageProcessor
 
@@ -80,9 +82,17 @@ def reference_pixels(item: Any, size: Callable[[int, int], tuple[int, int]], mul
     if height < multiple or width < multiple:
         raise ValueError(f"a reference image of {_size(item)} pixels is smaller than {multiple}x{multiple}, the "
                          "smallest size the model's patches allow")
-    processor = VaeImageProcessor(vae_scale_factor=multiple)
-    # FluxKontextPipeline's order: resize, then preprocess (to float, [-1, 1]) at the same size.
-    return processor.preprocess(processor.resize(item, height, width), height, width)[0].float()
+    return VaeImageProcessor(vae_scale_factor=multiple).resize(item, height, width)
+
+
+def reference_pixels(resized: Any, multiple: int) -> Tensor:
+    """A reference :func:`resized_reference` gave, mapped to [-1, 1] at its size: (C, h, w) float32 (the
+    pipelines' order: resize, then preprocess to float at the same size)."""
+    # reason: diffusers is a heavy import, needed only when references are given
+    from diffusers.image_processor import VaeImageProcessor
+
+    height, width = _size(resized)
+    return VaeImageProcessor(vae_scale_factor=multiple).preprocess(resized, height, width)[0].float()
 
 
 def group_rows(keys: Sequence[Any]) -> list[list[int]]:

@@ -24,8 +24,9 @@ TEXT_ENCODER = dict(template=PROMPT_TEMPLATE, drop_tokens=34, hidden_layer=-1, m
 
 
 def claims(cfg) -> bool:
-    """An MMDiT whose RoPE is MSRoPE."""
-    return mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == ROPE_LAYOUT
+    """An MMDiT whose RoPE is MSRoPE, taking no reference images (those are Qwen-Image-Edit's)."""
+    return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == ROPE_LAYOUT
+            and getattr(cfg, "references", 0) == 0)
 
 
 def lora_targets(cfg) -> list[str]:
@@ -43,7 +44,7 @@ FAMILY = Family(
     tiny="tiny-qwen-image",
     build=mmdit.build,
     claims=claims,
-    mismatch=f"model.kind: mmdit with model.rope: true and model.rope_layout: {ROPE_LAYOUT}",
+    mismatch=f"model.kind: mmdit with model.rope: true, model.rope_layout: {ROPE_LAYOUT} and no model.references",
     capabilities=Capabilities(init_from=True, lora=True, interval_embed=True, block_transforms=True),
     time_scale=mmdit.TIME_SCALE,
     flops=mmdit.flops,
