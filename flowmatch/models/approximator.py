@@ -70,14 +70,18 @@ class ModulationApproximator(nn.Module):
         self.layers = nn.ModuleList(ResidualMlp(hidden, **kw) for _ in range(layers))
         self.out_proj = nn.Linear(hidden, dim, **kw)
 
+    def row_inputs(self, device) -> Tensor:
+        """The row indices' sinusoids (rows, channels / 2) float32, the same for every sample and step."""
+        index = torch.arange(self.rows, device=device, dtype=torch.float32) * ROW_INDEX_SCALE
+        return timestep_embedding(index, self.channels // 2)
+
     def inputs(self, t: Tensor) -> Tensor:
         """(B,) scaled timesteps -> (B, rows, channels) float32: [time, guidance = 0, row index] sinusoids."""
         quarter = self.channels // 4
         b = t.shape[0]
         time = timestep_embedding(t, quarter)  # (B, C/4)
         guidance = timestep_embedding(torch.zeros_like(t, dtype=torch.float32), quarter)  # (B, C/4)
-        index = torch.arange(self.rows, device=t.device, dtype=torch.float32) * ROW_INDEX_SCALE
-        rows = timestep_embedding(index, 2 * quarter)  # (M, C/2)
+        rows = self.row_inputs(t.device)  # (M, C/2)
         per_sample = torch.cat([time, guidance], dim=-1)[:, None].expand(b, self.rows, 2 * quarter)
         return torch.cat([per_sample, rows[None].expand(b, -1, -1)], dim=-1)
 

@@ -17,8 +17,9 @@ FLUX_EXTRA = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.
 
 def claims(cfg) -> bool:
     """An MMDiT with RoPE (how recipes before families said FLUX) that takes no reference images (those are
-    FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`)."""
-    return mmdit.is_mmdit(cfg) and bool(cfg.rope) and not getattr(cfg, "references", 0)
+    FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`) and whose blocks modulate themselves (not Chroma's)."""
+    return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and not getattr(cfg, "references", 0)
+            and getattr(cfg, "modulation", "adaln") == "adaln")
 
 
 def lora_targets(cfg) -> list[str]:
