@@ -102,6 +102,9 @@ class DiffusersPipeline:
     """Its default guidance_scale (FLUX: the embedded guidance value)."""
     schedule: Schedule
     """How it walks the scheduler."""
+    t5_padding: str = "max_length"
+    """How it pads and masks its T5 (``text_encoder.padding``): max_length (SD3, FLUX) or max_length_plus_one
+    (Chroma: the encoder given the mask, one padding token left visible to the transformer)."""
     reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None
     """``reference_size(height, width, multiple) -> (height, width)``: the pixel size it resizes a reference image
     to before encoding it (None: it takes no reference images)."""

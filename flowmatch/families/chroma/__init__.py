@@ -14,7 +14,7 @@ from __future__ import annotations
 from flowmatch.families import flux, mmdit
 from flowmatch.families.chroma import convert
 from flowmatch.families.chroma.presets import PRESETS
-from flowmatch.families.spec import Capabilities, Family, LatentLayout
+from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 
 
 def claims(cfg) -> bool:
@@ -38,4 +38,11 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=convert.PACK),
     converter=convert,
     lora_targets=flux.lora_targets,  # the same diffusers module names as FLUX's blocks
+    # ChromaPipeline: T5 alone (no text layout: the one encoder is the conditioning), FLUX's grid and time rounding,
+    # true classifier-free guidance against the empty negative prompt; 35 steps at guidance 5.0 by default.
+    diffusers=DiffusersPipeline(
+        pipeline_class="ChromaPipeline", text_encoders=(("t5", "text_encoder", "tokenizer"),),
+        t5_tokens=512, clip_hidden_layer=None, t5_dropped="empty", steps=35, guidance_scale=5.0,
+        schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True),
+        t5_padding="max_length_plus_one"),
 )
