@@ -98,8 +98,9 @@ def _sizes_from_weights(cfg: MMDiTConfig, state: dict) -> MMDiTConfig:
     exporting never loads an encoder."""
     p = cfg.patch_size
     found = dict(in_channels=state["patch_embed.weight"].shape[1] // (p * p),
-                 context_dim=state["context_embed.weight"].shape[1],
-                 pooled_dim=state["pooled_embed.fc1.weight"].shape[1])
+                 context_dim=state["context_embed.weight"].shape[1])
+    if "pooled_embed.fc1.weight" in state:  # a model whose modulation comes from the approximator takes no pooled
+        found["pooled_dim"] = state["pooled_embed.fc1.weight"].shape[1]
     return dataclasses.replace(cfg, **{k: v for k, v in found.items() if getattr(cfg, k) is None})
 
 

@@ -34,10 +34,11 @@ def pipeline_source(recipe, transformer_class: Optional[str] = None,
     """(the pipeline whose components the run's encoders are, "") or (None, why they are not one's); with
     `transformer_class`, the pipeline's transformer must be of that diffusers class too."""
     text, vae = recipe.text, recipe.autoencoder
-    if text_layout(text.combine).single:  # one encoder: no family's pipeline combines so
+    # one encoder not from a pipeline's folder: no family's pipeline takes it (Chroma's T5 is its text_encoder)
+    if text_layout(text.combine).single and not next(iter(text.encoders.values())).subfolder:
         (only,) = text.encoders.values()
-        return None, (f"the run's text encoder ({only.kind} {only.name_or_path}) is not the set of a diffusers SD3 "
-                      "or FLUX pipeline")
+        return None, (f"the run's text encoder ({only.kind} {only.name_or_path}) is not the set of a diffusers "
+                      "pipeline")
     folders = {c.name_or_path for c in text.encoders.values()} | {vae.name_or_path}
     if len(folders) != 1 or vae.kind != "vae":
         return None, f"the run's encoders and VAE come from several places ({', '.join(sorted(folders))})"
