@@ -4,16 +4,22 @@ single-file keys both ways, and the parameter count at the released shape."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import ChromaTransformer2DModel, FluxPipeline
 from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
+from flowmatch.config import recipe_from_dict
+from flowmatch.errors import RecipeError
 from flowmatch.families import family_of
 from flowmatch.families.chroma import convert as chroma
 from flowmatch.families.convert import convert_diffusers, from_diffusers, from_original, to_diffusers, to_original
-from flowmatch.families.presets import config_from_preset
+from flowmatch.families.config import ModelConfig
+from flowmatch.families.presets import config_from_preset, preset_values
+from flowmatch.init_from import with_architecture
 from flowmatch.models.convert.keymap import to_theirs
 from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import FLUX_VAE_FACTOR, LATENT_CHANNELS, diffusers_converter, rel_err
@@ -139,3 +145,35 @@ def test_tiny_preset_exports_and_starts_at_zero():
     theirs = to_diffusers(ours)
     assert type(theirs) is ChromaTransformer2DModel
     assert theirs.config.approximator_hidden_dim == cfg.approximator_hidden
+
+
+def _recipe(**model) -> dict:
+    return {"model": model, "text_encoders": {"combine": "single", "encoders": {"t5": {"kind": "t5"}}}}
+
+
+def test_a_recipe_whose_encoders_the_family_cannot_take_names_both():
+    # a pooled-vector family from released weights without a pooled (CLIP) encoder
+    with pytest.raises(RecipeError, match=r"model.family: flux reads a pooled CLIP vector.*t5 \(t5\).*kind clip"):
+        recipe_from_dict(_recipe(preset="tiny-flux-schnell", init_from="weights/"))
+    # Chroma takes no pooled vector: a CLIP encoder beside its T5 is refused
+    flux_text = {"combine": "flux", "encoders": {
+        "clip_l": {"kind": "clip", "padding": "max_length", "max_length": 77, "pooling": "pooler"},
+        "t5": {"kind": "t5", "padding": "max_length", "max_length": 512}}}
+    with pytest.raises(RecipeError, match=r"model.family: chroma takes no pooled text vector.*clip_l \(kind clip\)"):
+        recipe_from_dict({"model": {"preset": "tiny-chroma"}, "text_encoders": flux_text})
+    assert recipe_from_dict(_recipe(preset="tiny-chroma", init_from="weights/")).model.modulation == "approximator"
+    # trained from scratch, a pooled-vector family may pool its one encoder (the digits recipes)
+    assert recipe_from_dict(_recipe(preset="tiny-flux-schnell")).model.family is None
+
+
+def test_weights_of_one_family_are_refused_as_another():
+    chroma_weights = convert_diffusers(chroma_model()).cfg
+    flux_model = ModelConfig(**{**preset_values("tiny-flux-schnell"), "family": "flux", "init_from": "w/"})
+    with pytest.raises(RecipeError, match=r"model.family: flux.*holds chroma weights.*chroma checkpoint does not "
+                                          r"load as a flux model"):
+        with_architecture(flux_model, chroma_weights)
+    flux_weights = config_from_preset("tiny-flux-schnell", in_channels=4, context_dim=20, pooled_dim=12)
+    chroma_cfg = ModelConfig(**{**preset_values("tiny-chroma"), "family": "chroma", "init_from": "w/"})
+    with pytest.raises(RecipeError, match=r"model.family: chroma.*holds flux weights"):
+        with_architecture(chroma_cfg, flux_weights)
+    assert with_architecture(dataclasses.replace(chroma_cfg), chroma_weights).approximator_hidden == 24

@@ -111,6 +111,11 @@ class MMDiTConfig:
         return int(self.width * self.mlp_ratio)
 
     @property
+    def takes_pooled(self) -> bool:
+        """Whether the model reads the pooled text vector (not with the modulation approximator)."""
+        return self.modulation == "adaln"
+
+    @property
     def axes_dim(self) -> list[int]:
         """RoPE channels per position axis, resolved from rope_axes_dim."""
         if self.rope_axes_dim is not None:
@@ -133,7 +138,7 @@ class MMDiTConfig:
                     raise ValueError(f"MMDiTConfig.{name} must be positive (channels divisible by 4), got "
                                      f"{getattr(self, name)}")
         # the approximator's model takes no pooled text vector
-        needed = ("in_channels", "context_dim") if given else ("in_channels", "context_dim", "pooled_dim")
+        needed = ("in_channels", "context_dim", "pooled_dim") if self.takes_pooled else ("in_channels", "context_dim")
         for name in needed:
             if getattr(self, name) is None:
                 raise ValueError(
