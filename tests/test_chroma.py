@@ -154,7 +154,7 @@ def _recipe(**model) -> dict:
 def test_a_recipe_whose_encoders_the_family_cannot_take_names_both():
     # a pooled-vector family from released weights without a pooled (CLIP) encoder
     with pytest.raises(RecipeError, match=r"model.family: flux reads a pooled CLIP vector.*t5 \(t5\).*kind clip"):
-        recipe_from_dict(_recipe(preset="tiny-flux-schnell", init_from="weights/"))
+        recipe_from_dict(_recipe(preset="flux-schnell", init_from="weights/"))
     # Chroma takes no pooled vector: a CLIP encoder beside its T5 is refused
     flux_text = {"combine": "flux", "encoders": {
         "clip_l": {"kind": "clip", "padding": "max_length", "max_length": 77, "pooling": "pooler"},
@@ -162,8 +162,10 @@ def test_a_recipe_whose_encoders_the_family_cannot_take_names_both():
     with pytest.raises(RecipeError, match=r"model.family: chroma takes no pooled text vector.*clip_l \(kind clip\)"):
         recipe_from_dict({"model": {"preset": "tiny-chroma"}, "text_encoders": flux_text})
     assert recipe_from_dict(_recipe(preset="tiny-chroma", init_from="weights/")).model.modulation == "approximator"
-    # trained from scratch, a pooled-vector family may pool its one encoder (the digits recipes)
-    assert recipe_from_dict(_recipe(preset="tiny-flux-schnell")).model.family is None
+    # trained from scratch or from a flowmatch run (no released pooled width), a pooled-vector family may pool its
+    # one encoder (the digits recipes)
+    assert recipe_from_dict(_recipe(preset="flux-schnell")).model.family is None
+    assert recipe_from_dict(_recipe(preset="tiny-flux-schnell", init_from="runs/x")).model.family is None
 
 
 def test_weights_of_one_family_are_refused_as_another():
