@@ -10,6 +10,8 @@ import pytest
 import torch
 from diffusers import ChromaTransformer2DModel, FluxPipeline
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.config import recipe_from_dict
@@ -21,6 +23,7 @@ from flowmatch.families.config import ModelConfig
 from flowmatch.families.presets import config_from_preset, preset_values
 from flowmatch.init_from import with_architecture
 from flowmatch.models.convert.keymap import to_theirs
+from flowmatch.models.flops import training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import FLUX_VAE_FACTOR, LATENT_CHANNELS, diffusers_converter, rel_err
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
@@ -179,3 +182,15 @@ def test_weights_of_one_family_are_refused_as_another():
     with pytest.raises(RecipeError, match=r"model.family: chroma.*holds flux weights"):
         with_architecture(chroma_cfg, flux_weights)
     assert with_architecture(dataclasses.replace(chroma_cfg), chroma_weights).approximator_hidden == 24
+
+
+def test_flop_estimate_counts_the_approximator_once_per_modulation_row():
+    cfg = config_from_preset("tiny-chroma", in_channels=LATENT_CHANNELS, context_dim=CONTEXT_DIM,
+                             approximator_hidden=64)
+    model = from_diffusers(to_diffusers(MMDiT(cfg)))  # nonzero weights throughout
+    x, t, cond = inputs(height=8, width=12, batch=3)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, t, cond).sum().backward()
+    estimate = training_flops_per_step(model, batch_size=3, latent_size=(8, 12), text_len=7)
+    # the estimate also counts biases, norm weights and the first layers' input gradients: a small excess
+    assert 0.9 < counter.get_total_flops() / estimate.total < 1.0

@@ -10,6 +10,8 @@ given its own prompt embeddings and the same mask as booleans.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import ChromaPipeline, FluxPipeline
@@ -47,6 +49,12 @@ def test_conditioning_is_encode_prompt_with_one_padding_token_visible(tiny_chrom
     assert torch.equal(cond.mask.sum(1), real + 1)  # every real token and the first padding token
     visible = mask.bool()[..., None]
     torch.testing.assert_close(cond.hidden, hidden * visible, rtol=0, atol=EMBED_ATOL)
+    # remembered captions keep the same visible tokens (the padding past them is padding again)
+    cached = dataclasses.replace(configs.text_encoders, encoders={"t5": dataclasses.replace(t5, cache_size=4)})
+    again = FrozenEncoders(cached, configs.autoencoder, image_channels=3, device="cpu").encode_text(PROMPTS)
+    kept = again.length  # the longest visible row
+    assert torch.equal(again.mask, cond.mask[:, :kept]) and not cond.mask[:, kept:].any()
+    torch.testing.assert_close(again.hidden, cond.hidden[:, :kept], rtol=0, atol=EMBED_ATOL)
 
 
 def test_from_diffusers_generates_the_pipelines_images(tiny_chroma_pipeline, chroma):
