@@ -144,7 +144,10 @@ def test_tiny_preset_exports_and_starts_at_zero():
     cfg = config_from_preset("tiny-chroma", in_channels=LATENT_CHANNELS, context_dim=CONTEXT_DIM)
     ours = MMDiT(cfg)
     x, t, cond = inputs()
-    assert torch.count_nonzero(ours(x, t, cond)) == 0  # adaLN-Zero: the approximator's last layer is zero
+    assert torch.count_nonzero(ours(x, t, cond)) == 0  # adaLN-Zero: zero final layer
+    mods = ours.approximator(t * 1000)  # and every block's modulation zero: each block starts as the identity
+    assert all(torch.count_nonzero(m) == 0 for m in (*mods.joint, *mods.single, mods.final))
+    assert len(mods.joint) == 2 and mods.joint[0].shape == (2, 12, cfg.width) and mods.single[0].shape[1] == 3
     theirs = to_diffusers(ours)
     assert type(theirs) is ChromaTransformer2DModel
     assert theirs.config.approximator_hidden_dim == cfg.approximator_hidden
