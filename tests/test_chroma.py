@@ -18,15 +18,20 @@ from flowmatch.config import recipe_from_dict
 from flowmatch.errors import RecipeError
 from flowmatch.families import family_of
 from flowmatch.families.chroma import convert as chroma
-from flowmatch.families.convert import convert_diffusers, from_diffusers, from_original, to_diffusers, to_original
 from flowmatch.families.config import ModelConfig
+from flowmatch.families.convert import convert_diffusers, from_diffusers, from_original, to_diffusers, to_original
 from flowmatch.families.presets import config_from_preset, preset_values
 from flowmatch.init_from import with_architecture
 from flowmatch.models.convert.keymap import to_theirs
 from flowmatch.models.flops import training_flops_per_step
 from flowmatch.models.mmdit import MMDiT
-from tests.interop_models import FLUX_VAE_FACTOR, LATENT_CHANNELS, diffusers_converter, rel_err
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import (
+    FLUX_VAE_FACTOR,
+    LATENT_CHANNELS,
+    diffusers_converter,
+    one_thread,  # noqa: F401 - applies the module-wide fixture
+    rel_err,
+)
 
 CONTEXT_DIM = 20
 REL_TOL = 1e-5

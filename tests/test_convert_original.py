@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from flowmatch.families.convert import architecture_of, from_diffusers, from_original, save_original, to_original
 from flowmatch.models.convert.keymap import Inert, Tail
 from tests.interop_models import (
-    diffusers_converter,
     KINDS,
+    diffusers_converter,
     diffusers_model,
     one_thread,  # noqa: F401 - applies the module-wide fixture
     ours_inputs,

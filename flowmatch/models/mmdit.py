@@ -1,7 +1,8 @@
 """The MMDiT velocity model (SD3: Esser et al. 2024, "Scaling Rectified Flow Transformers", sections 4 and B),
 with the options that make the released SD3.5 and FLUX.1 architectures: MMDiT-X blocks (a second, image-only
 attention; SD3.5-medium), FLUX single-stream blocks, RoPE over 2 or 3 position axes, a guidance embedding
-(FLUX.1-dev) and the modulation approximator in place of per-block modulation (Chroma). `flowmatch.families` names each released layout (its presets).
+(FLUX.1-dev) and the modulation approximator in place of per-block modulation (Chroma). `flowmatch.families`
+names each released layout (its presets).
 
 Time convention (flowmatch-wide): t = 0 is data, t = 1 is noise; the model predicts the velocity noise - x0.
 """

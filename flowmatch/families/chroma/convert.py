@@ -6,11 +6,11 @@ The blocks, embedders and final projection are FLUX.1's, so their key tables are
 (:mod:`flowmatch.families.flux.convert`, which leaves out the per-block modulation and the timestep and pooled
 embedders for this layout); this module adds the approximator's:
 
-    flowmatch                               diffusers                                       original
-    approximator.in_proj                    distilled_guidance_layer.in_proj                 (same)
-    approximator.layers.k.norm              distilled_guidance_layer.norms.k                 .norms.k (.scale)
-    approximator.layers.k.mlp.fc1 / fc2     distilled_guidance_layer.layers.k.linear_1 / 2   .layers.k.in_layer / out_layer
-    approximator.out_proj                   distilled_guidance_layer.out_proj                (same)
+    flowmatch                            diffusers (distilled_guidance_layer.)  original (the same prefix)
+    approximator.in_proj                 in_proj                                 in_proj
+    approximator.layers.k.norm           norms.k                                 norms.k (.scale)
+    approximator.layers.k.mlp.fc1 / fc2  layers.k.linear_1 / linear_2            layers.k.in_layer / out_layer
+    approximator.out_proj                out_proj                                out_proj
 
 The final layer's (shift, scale) come from the approximator in that order in both layouts (no swap, unlike
 FLUX's norm_out.linear). Same inputs give the same outputs: our ``model(x, t, Conditioning(hidden, mask, _))``
