@@ -1,16 +1,24 @@
-"""Training speed of an MMDiT preset through the training engine: step time, TFLOP/s, MFU, peak memory, breakdown.
+"""Training speed of every family's model through the training engine: step time, TFLOP/s, MFU, peak memory.
 
 Each step is what ``flowmatch train`` runs on the model: the engine's forward (DeepSpeed-wrapped, in the recipe
-precision), an MSE loss, the engine's backward and step (AdamW, ZeRO stage of ``--zero``). Inputs are random
-latents of ``--tokens`` image tokens and ``--text-len`` text tokens. Reported per image-token count:
+precision), an MSE loss, the engine's backward and step (AdamW, ZeRO stage of ``--zero``), on every parameter or,
+with ``--lora RANK``, on LoRA adapters of the frozen base. Inputs are random latents of ``--tokens`` image tokens
+and the family's text length (its pipeline's: SD3 77 CLIP + 256 T5 tokens, FLUX 512 T5 tokens), none of them
+padding, so no attention mask is passed (SDPA's flash kernels stay eligible). ``--preset`` names one preset of
+each family (default: the released sizes, and the U-Net's only preset). Reported per preset and image-token count:
 
+- the training FLOPs of one step as the family counts them (``Family.flops``) beside an independent count of one
+  forward and backward on a meta-device copy under ``torch.utils.flop_counter.FlopCounterMode``, and their
+  difference (within 2% for full training; with LoRA the counted step skips the frozen weights' gradients and is
+  what the MFU uses);
 - step time (median), split into forward, backward and optimizer (each timed between device synchronisations);
-- achieved TFLOP/s (flowmatch.models.flops estimate) and MFU against the device's dense bf16 peak from the table
-  below (its source named) and against this machine's measured matmul peak in the benchmark dtype;
+- achieved TFLOP/s and MFU against the device's dense bf16 peak from the table below (its source named) and
+  against this machine's measured matmul peak in the benchmark dtype;
 - peak memory (CUDA allocator; on CPU the process's maximum resident size);
 - with ``--profile``, the busiest operators of one step from ``torch.profiler``.
 
-    python benchmarks/mfu.py --preset sd3-medium --tokens 256,1024 --dtype bf16 --compile      # one GPU
+    python benchmarks/mfu.py --tokens 256,1024 --dtype bf16 --compile                # every family, one GPU
+    python benchmarks/mfu.py --tokens 256,1024 --dtype bf16 --compile --lora 16      # LoRA on each that has it
     torchrun --nproc-per-node 8 benchmarks/mfu.py --preset sd3-medium --tokens 1024 --dtype bf16 --zero 2
     python benchmarks/mfu.py --preset tiny --tokens 16 --device cpu --dtype fp32 --steps 2     # the CPU smoke path
 
@@ -29,13 +37,18 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.dtypes import DTYPES
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
-from flowmatch.families.presets import config_from_preset
-from flowmatch.models import MMDiT
-from flowmatch.models.flops import mfu, training_flops_per_step
+from flowmatch.families import FAMILIES, Family, family_of
+from flowmatch.families.config import ModelConfig
+from flowmatch.families.lora import apply_lora
+from flowmatch.families.presets import PRESET_FAMILY, preset_values
+from flowmatch.models.flops import mfu
+from flowmatch.models.lora import LoraConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 
 # Dense (no sparsity) bf16 tensor-core peaks, matched by a substring of torch.cuda.get_device_name(); the first
@@ -48,17 +61,30 @@ PEAKS: list[tuple[str, float, str]] = [
     ("L40S", 362e12, "NVIDIA L40S datasheet: 362 TFLOPS bf16 dense (733 with sparsity)"),
     ("A10G", 70e12, "NVIDIA A10G (AWS) : 70 TFLOPS bf16 dense"),
 ]
-# SD3's pipelines give the MMDiT 77 CLIP tokens followed by 256 T5 tokens (max_sequence_length 256).
-SD3_TEXT_TOKENS = 77 + 256
-# Encoder-dependent sizes the test-sized presets leave open: SD3's (16-channel VAE, T5-XXL, CLIP-L + CLIP-G).
-OPEN_SIZES = dict(in_channels=16, context_dim=4096, pooled_dim=2048)
+#: CLIP's token length: SD3's pipeline puts 77 CLIP tokens before T5's (a family whose text layout has CLIP states).
+CLIP_TOKENS = 77
+#: The preset each family is measured at by default: its released size (the U-Net has only its digits size).
+RELEASE_PRESETS = {"sd3": "sd3-medium", "flux": "flux-dev", "unet": "digits-unet"}
+#: Encoder-dependent sizes presets leave open: a 16-channel VAE, T5-XXL states, and the pooled CLIP width of the
+#: family's pipeline (SD3: CLIP-L + CLIP-G projections; FLUX: CLIP-L's pooler output).
+OPEN_SIZES = dict(in_channels=16, context_dim=4096)
+POOLED_SIZES = {True: 768, False: 768 + 1280}  # by TextLayout.one_clip
+
+
+def release_preset(family: Family) -> str:
+    """The preset a family is measured at by default (a family missing from RELEASE_PRESETS: its first)."""
+    return RELEASE_PRESETS.get(family.name) or next(iter(family.presets))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="sd3-medium", help="an MMDiT preset (flowmatch.families.presets)")
+    parser.add_argument("--preset", default=",".join(release_preset(f) for f in FAMILIES.values()),
+                        help="comma-separated presets of any families (flowmatch.families.presets)")
     parser.add_argument("--tokens", default="256,1024", help="image tokens per sample, comma-separated squares")
-    parser.add_argument("--text-len", type=int, default=SD3_TEXT_TOKENS, help="text tokens per sample")
+    parser.add_argument("--text-len", type=int, default=None,
+                        help="text tokens per sample (default: the family's pipeline's)")
+    parser.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank on the frozen base "
+                        "(families that have LoRA; 0 = full training)")
     parser.add_argument("--batch", type=int, default=8, help="samples per device and step")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="the engine's precision")
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
@@ -71,6 +97,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the square matmul timed for the peak")
     args = parser.parse_args(argv)
     args.tokens = [int(n) for n in args.tokens.split(",")]
+    args.preset = args.preset.split(",")
+    unknown = [p for p in args.preset if p not in PRESET_FAMILY]
+    if unknown:
+        parser.error(f"--preset: unknown {unknown} (allowed: {', '.join(sorted(PRESET_FAMILY))})")
     for n in args.tokens:
         if math.isqrt(n) ** 2 != n:
             parser.error(f"--tokens must be square numbers (a square latent grid), got {n}")
@@ -79,15 +109,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 @dataclass
 class Measurement:
-    """Medians over the timed steps of one image-token count, in seconds, and the peak memory in bytes."""
+    """Medians over the timed steps of one preset and image-token count, in seconds, FLOPs of one step and the
+    peak memory in bytes."""
 
+    preset: str
     tokens: int
     step: float
     forward: float
     backward: float
     optimizer: float
     flops: float
+    """The training FLOPs of one step as the family counts them (full training: every weight's gradient)."""
+    counted_flops: float
+    """FlopCounterMode's count of the same step's forward and backward (with LoRA: no frozen weights' gradients)."""
+    lora: bool
+    """Whether only LoRA adapters trained."""
     peak_memory: int
+
+    @property
+    def used_flops(self) -> float:
+        """What the MFU divides: the family's count for full training, the counted step with LoRA (cheaper)."""
+        return self.counted_flops if self.lora else self.flops
 
 
 def sync(device: torch.device) -> None:
@@ -123,20 +165,47 @@ def peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def training_step(engine: Engine, model: MMDiT, tokens: int, args: argparse.Namespace
-                  ) -> Callable[[], tuple[float, float, float]]:
+def model_inputs(cfg: ModelConfig, batch: int, tokens: int, text_len: int, *, device=None,
+                 dtype: Optional[torch.dtype] = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    """Random (x, t, cond) of ``tokens`` image tokens and ``text_len`` text tokens, none of them padding."""
+    side = math.isqrt(tokens) * cfg.patch_size
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, side, side, generator=g)
+    t = torch.rand(batch, generator=g)
+    extra = {"guidance": torch.full((batch,), 3.5)} if cfg.guidance_embed else {}
+    cond = Conditioning(torch.randn(batch, text_len, cfg.context_dim, generator=g),
+                        torch.ones(batch, text_len, dtype=torch.bool), torch.randn(batch, cfg.pooled_dim, generator=g),
+                        extra, all_valid=True)
+    return x.to(device, dtype), t.to(device, dtype), cond.to(device, dtype)
+
+
+def counted_step_flops(cfg: ModelConfig, lora: int, batch: int, tokens: int, text_len: int) -> float:
+    """FlopCounterMode's count of one training step's forward and backward, on a meta-device copy (nothing is
+    computed or allocated); with ``lora``, only the adapters (and activations) receive gradients.
+
+    The inputs require gradients too: the 6 x parameters x tokens convention of the families' counts includes the
+    input gradient of every weight, the first layers' as well (a real step skips those, 2 FLOPs per weight and
+    token of the input layers: negligible at release sizes, not at test sizes)."""
+    with torch.device("meta"):
+        model = family_of(cfg).build(cfg)
+        if lora:
+            apply_lora(model, LoraConfig(rank=lora, alpha=lora))
+        x, t, cond = model_inputs(cfg, batch, tokens, text_len)
+        x, t = x.requires_grad_(), t.requires_grad_()
+        for tensor in (cond.hidden, cond.pooled, *cond.extra.values()):
+            tensor.requires_grad_()
+        with FlopCounterMode(display=False) as counter:
+            model(x, t, cond).float().square().mean().backward()
+    return float(counter.get_total_flops())
+
+
+def training_step(engine: Engine, model: nn.Module, cfg: ModelConfig, tokens: int, text_len: int,
+                  args: argparse.Namespace) -> Callable[[], tuple[float, float, float]]:
     """One training step on fixed random inputs of ``tokens`` image tokens; returns its (forward, backward,
     optimizer) seconds, each timed between device synchronisations."""
-    cfg, device, dtype = model.cfg, engine.device, engine.dtype
-    side = math.isqrt(tokens) * cfg.patch_size
-    g = torch.Generator().manual_seed(engine.rank)
-    b = args.batch
-    x = torch.randn(b, cfg.in_channels, side, side, generator=g).to(device, dtype)
-    target = torch.randn(b, cfg.in_channels, side, side, generator=g).to(device)
-    t = torch.rand(b, generator=g).to(device, dtype)
-    cond = Conditioning(torch.randn(b, args.text_len, cfg.context_dim, generator=g),
-                        torch.ones(b, args.text_len, dtype=torch.bool),
-                        torch.randn(b, cfg.pooled_dim, generator=g)).to(device, dtype)
+    device = engine.device
+    x, t, cond = model_inputs(cfg, args.batch, tokens, text_len, device=device, dtype=engine.dtype, seed=engine.rank)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(engine.rank + 1)).to(device)
 
     def timed(fn: Callable[[], object]) -> tuple[object, float]:
         sync(device)
@@ -154,10 +223,11 @@ def training_step(engine: Engine, model: MMDiT, tokens: int, args: argparse.Name
     return step
 
 
-def measure(engine: Engine, model: MMDiT, tokens: int, args: argparse.Namespace) -> Measurement:
+def measure(engine: Engine, model: nn.Module, cfg: ModelConfig, preset: str, tokens: int, text_len: int,
+            args: argparse.Namespace) -> Measurement:
     """Train ``args.warmup + args.steps`` steps of ``tokens`` image tokens; medians of the timed ones."""
     device = engine.device
-    step = training_step(engine, model, tokens, args)
+    step = training_step(engine, model, cfg, tokens, text_len, args)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     phases: list[tuple[float, float, float]] = []
@@ -166,47 +236,73 @@ def measure(engine: Engine, model: MMDiT, tokens: int, args: argparse.Namespace)
         if i >= args.warmup:
             phases.append(seconds)
     fwd, bwd, opt = (statistics.median(p) for p in zip(*phases))
-    side = math.isqrt(tokens) * model.cfg.patch_size
-    with torch.device("meta"):  # sized on a copy: under ZeRO-3 the engine's model is partitioned
-        shape_model = MMDiT(model.cfg)
-    flops = training_flops_per_step(shape_model, batch_size=args.batch, latent_size=(side, side),
-                                    text_len=args.text_len).total
-    return Measurement(tokens, statistics.median(sum(p) for p in phases), fwd, bwd, opt, flops=flops,
-                       peak_memory=peak_memory(device))
+    side = math.isqrt(tokens) * cfg.patch_size
+    flops = family_of(cfg).flops(cfg, batch_size=args.batch, latent_size=(side, side), text_len=text_len)
+    counted = counted_step_flops(cfg, args.lora, args.batch, tokens, text_len)
+    return Measurement(preset, tokens, statistics.median(sum(p) for p in phases), fwd, bwd, opt, flops=flops,
+                       counted_flops=counted, lora=bool(args.lora), peak_memory=peak_memory(device))
 
 
-def build_model(args: argparse.Namespace, engine: Engine) -> MMDiT:
-    open_sizes = {k: v for k, v in OPEN_SIZES.items() if config_from_preset(args.preset).__dict__[k] is None}
-    cfg = config_from_preset(args.preset, **open_sizes)
+def model_config(preset: str) -> ModelConfig:
+    """The preset's model section, with the sizes its encoders would fill (:data:`OPEN_SIZES`) where it has none."""
+    family = PRESET_FAMILY[preset]
+    values = preset_values(preset)
+    pooled = POOLED_SIZES[family.text.one_clip] if family.text is not None else POOLED_SIZES[True]
+    open_sizes = {**OPEN_SIZES, "pooled_dim": pooled}
+    return ModelConfig(**{**values, **{k: v for k, v in open_sizes.items() if values.get(k) is None}})
+
+
+def text_length(family: Family, args: argparse.Namespace) -> int:
+    """``--text-len``, else the family's pipeline's (T5's tokens, after CLIP's where its layout has CLIP states)."""
+    if args.text_len is not None:
+        return args.text_len
+    if family.diffusers is None:
+        return CLIP_TOKENS
+    return family.diffusers.t5_tokens + (CLIP_TOKENS if family.text.clip_states else 0)
+
+
+def build_model(cfg: ModelConfig, args: argparse.Namespace, engine: Engine) -> nn.Module:
+    family = family_of(cfg)
     with engine.model_init():
-        model = MMDiT(cfg)
+        model = family.build(cfg)
     with engine.gathered_params(model, modify=True):
         model.init_weights()
-    if args.checkpointing:
-        apply_activation_checkpointing(model)
-    if args.compile:
-        apply_compile(model)
+    if args.lora:
+        torch.manual_seed(0)
+        apply_lora(model, LoraConfig(rank=args.lora, alpha=args.lora))
+    if family.capabilities.block_transforms:
+        if args.checkpointing:
+            apply_activation_checkpointing(model)
+        if args.compile:
+            apply_compile(model)
+    elif args.compile:
+        model.compile()  # no block transforms (the U-Net): the whole model, as one compiled module
     return model
 
 
 def report(m: Measurement, peaks: list[tuple[str, float]]) -> str:
-    tflops = m.flops / m.step / 1e12
-    utilisation = ", ".join(f"MFU {mfu(m.flops, m.step, peak):.1%} of {name}" for name, peak in peaks)
-    return (f"tokens {m.tokens:>5}: step {m.step * 1e3:9.1f} ms (forward {m.forward * 1e3:.1f}, backward "
-            f"{m.backward * 1e3:.1f}, optimizer {m.optimizer * 1e3:.1f}), {tflops:.3f} TFLOP/s per device, "
-            f"{utilisation}; peak memory {m.peak_memory / 2**30:.2f} GiB")
+    tflops = m.used_flops / m.step / 1e12
+    utilisation = ", ".join(f"MFU {mfu(m.used_flops, m.step, peak):.1%} of {name}" for name, peak in peaks)
+    return (f"{m.preset} tokens {m.tokens:>5}: FLOPs/step {m.flops / 1e12:.4g} T (family) vs "
+            f"{m.counted_flops / 1e12:.4g} T (FlopCounterMode, {m.counted_flops / m.flops - 1:+.2%}); step "
+            f"{m.step * 1e3:9.1f} ms (forward {m.forward * 1e3:.1f}, backward {m.backward * 1e3:.1f}, optimizer "
+            f"{m.optimizer * 1e3:.1f}), {tflops:.3f} TFLOP/s per device, {utilisation}; peak memory "
+            f"{m.peak_memory / 2**30:.2f} GiB")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[Measurement]:
-    args = parse_args(argv)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    dist = DistributedConfig(zero_stage=args.zero, precision=args.dtype,
-                             backend="nccl" if args.device == "cuda" else "gloo")
+def measure_preset(preset: str, args: argparse.Namespace, dist: DistributedConfig) -> list[Measurement]:
+    """Every token count of one preset, on a fresh engine."""
+    cfg = model_config(preset)
+    family = family_of(cfg)
+    if args.lora and not family.capabilities.lora:
+        print(f"{preset}: skipped, the {family.name} family has no LoRA")
+        return []
+    text_len = text_length(family, args)
     results = []
     with Engine(dist) as engine:
-        model = build_model(args, engine)
-        engine.setup(model, model.parameters(), OptimConfig(lr=1e-5, warmup_steps=0),
+        model = build_model(cfg, args, engine)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        engine.setup(model, trainable, OptimConfig(lr=1e-5, warmup_steps=0),
                      max_steps=len(args.tokens) * (args.warmup + args.steps) + 1, micro_batch_size=args.batch,
                      grad_accum_steps=1)
         device = engine.device
@@ -218,11 +314,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Measurement]:
         if engine.is_main:
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
             params = sum(p.numel() for p in model.parameters()) if args.zero < 3 else float("nan")
-            print(f"{args.preset}: {params / 1e6:.1f}M parameters; {name} x {engine.world_size}, {args.dtype}, "
+            trained = sum(p.numel() for p in trainable) if args.zero < 3 else float("nan")
+            print(f"{preset} ({family.name}): {params / 1e6:.1f}M parameters, {trained / 1e6:.1f}M trained "
+                  f"({f'LoRA rank {args.lora}' if args.lora else 'full'}); {name} x {engine.world_size}, {args.dtype}, "
                   f"ZeRO-{args.zero}, compile {args.compile}, checkpointing {args.checkpointing}, batch "
-                  f"{args.batch} per device, {args.text_len} text tokens, torch {torch.__version__}")
+                  f"{args.batch} per device, {text_len} text tokens, torch {torch.__version__}")
         for tokens in args.tokens:
-            m = measure(engine, model, tokens, args)
+            m = measure(engine, model, cfg, preset, tokens, text_len, args)
             results.append(m)
             if engine.is_main:
                 print(report(m, peaks), flush=True)
@@ -230,13 +328,22 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Measurement]:
             from torch.profiler import ProfilerActivity, profile
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            step = training_step(engine, model, args.tokens[-1], args)
+            step = training_step(engine, model, cfg, args.tokens[-1], text_len, args)
             with profile(activities=activities) as prof:
                 step()
             if engine.is_main:
                 key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
                 print(prof.key_averages().table(sort_by=key, row_limit=15))
     return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[Measurement]:
+    args = parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    dist = DistributedConfig(zero_stage=args.zero, precision=args.dtype,
+                             backend="nccl" if args.device == "cuda" else "gloo")
+    return [m for preset in args.preset for m in measure_preset(preset, args, dist)]
 
 
 if __name__ == "__main__":

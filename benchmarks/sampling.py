@@ -4,9 +4,16 @@ Both load one diffusers pipeline folder (an SD3 / SD3.5 folder, or one written b
 generate the same prompts from the same starting latents, at each step count, with classifier-free guidance (one
 batched forward of cond + uncond per step on both sides). Batches alternate which library goes first, so a busy
 machine slows both alike. Printed per step count: images/s of each and the ratio (flowmatch / diffusers, higher is
-better), and, timed separately on the same batches, the text encoding and the VAE decoding of each.
+better), and the components of each per image: the text encoding and the VAE decoding (timed separately on the
+same batches) and the transformer steps (the rest of the time).
+
+Text features are encoded once per call and reused by every step; the conditional and unconditional passes run
+as one batch; with fixed-length text (the pipelines' encoders) no attention mask reaches SDPA. ``--compile``
+compiles the transformer's blocks for sampling too (inductor: minutes of compilation on CPU; the warm-up call
+compiles, and each image size compiles once).
 
     python benchmarks/sampling.py --pipeline PATH_OR_HUB_ID --steps 8,28 --prompts 64 --batch 8 --size 1024
+    python benchmarks/sampling.py --pipeline PATH --steps 28 --compile    # ours with compiled blocks (one GPU)
     python benchmarks/sampling.py --tiny        # the tiny random SD3 pipeline of tests/tiny_pipelines.py (CPU)
 """
 
@@ -24,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from flowmatch import Pipeline
+from flowmatch.models.parallelize import apply_compile
 from flowmatch.sampling.generate import image_noise
 
 #: Captions of several lengths and subjects, cycled to the requested number of prompts.
@@ -45,6 +53,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="weights and compute dtype of both (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile flowmatch's transformer blocks")
     args = parser.parse_args(argv)
     args.steps = [int(s) for s in args.steps.split(",")]
     return args
@@ -83,13 +92,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[int, dict[str, float]]:
         folder = tiny_pipeline_folder(Path(tmp)) if args.tiny else args.pipeline
         size = args.size or (32 if args.tiny else 1024)
         ours = Pipeline.from_diffusers(folder, device=device, dtype=dtype_name)
+        if args.compile:
+            apply_compile(ours.model)
         theirs = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype).to(device)
         theirs.set_progress_bar_config(disable=True)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
         batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
         c, h, w = ours.latent_shape(size, size)
         print(f"{folder}: {len(prompts)} prompts in batches of {args.batch}, {size}x{size} pixels, guidance "
-              f"{args.guidance:g}, {device} {dtype_name}, torch threads {torch.get_num_threads()}")
+              f"{args.guidance:g}, {device} {dtype_name}, torch threads {torch.get_num_threads()}, compile "
+              f"{args.compile}")
 
         def run_ours(batch: list[str], noise: torch.Tensor, steps: int) -> None:
             ours.generate(batch, steps=steps, guidance_scale=args.guidance, noise=noise)
@@ -122,15 +134,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[int, dict[str, float]]:
                         seconds[name].append(timed(device, partial(run, batch, noise, steps)))
                 per_s = {name: len(prompts) / sum(s) for name, s in seconds.items()}
                 paired = statistics.median(d / o for o, d in zip(seconds["ours"], seconds["diffusers"]))
-                results[steps] = {**per_s, "ratio": per_s["ours"] / per_s["diffusers"], "paired": paired}
+                # Per image: the transformer steps are what encoding and decoding leave of the total.
+                per_image = {name: {"total": sum(s) / len(prompts),
+                                    "encode": part_s[f"{name} encode"] / len(prompts),
+                                    "decode": part_s[f"{name} decode"] / len(prompts)}
+                             for name, s in seconds.items()}
+                for p in per_image.values():
+                    p["steps"] = p["total"] - p["encode"] - p["decode"]
+                results[steps] = {**per_s, "ratio": per_s["ours"] / per_s["diffusers"], "paired": paired,
+                                  "components": per_image}
                 print(f"{steps:>3} steps: flowmatch {per_s['ours']:8.2f} images/s, diffusers "
                       f"{per_s['diffusers']:8.2f} images/s; flowmatch / diffusers {results[steps]['ratio']:.3f} "
                       f"(median of paired batches {paired:.3f})", flush=True)
-        print("per image, in the totals above: text encoding "
-              f"{part_s['ours encode'] / len(prompts) * 1e3:.1f} ms flowmatch / "
-              f"{part_s['diffusers encode'] / len(prompts) * 1e3:.1f} ms diffusers; VAE decoding "
-              f"{part_s['ours decode'] / len(prompts) * 1e3:.1f} ms / "
-              f"{part_s['diffusers decode'] / len(prompts) * 1e3:.1f} ms")
+                print("      per image, flowmatch / diffusers: " + "; ".join(
+                    f"{part} {per_image['ours'][key] * 1e3:.1f} / {per_image['diffusers'][key] * 1e3:.1f} ms"
+                    for part, key in (("text encoding", "encode"), ("transformer steps", "steps"),
+                                      ("VAE decoding", "decode"))), flush=True)
     return results
 
 

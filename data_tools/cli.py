@@ -30,6 +30,12 @@ def parser() -> argparse.ArgumentParser:
     digits.add_argument("--shard-size", type=int, default=256)
     digits.add_argument("--overwrite", action="store_true")
 
+    edit = sub.add_parser("digits-edit", help="the digits editing job: reference digit + 'add K' -> (d + K) mod 10 "
+                          "(paired train-*/val-* shards)")
+    edit.add_argument("out")
+    edit.add_argument("--shard-size", type=int, default=2048)
+    edit.add_argument("--overwrite", action="store_true")
+
     jsonl = sub.add_parser("jsonl", help='rows of {"image": path or url, "caption": text} -> shards')
     jsonl.add_argument("file")
     jsonl.add_argument("out")
@@ -103,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
 
         counts = write_digits(args.out, shard_size=args.shard_size, overwrite=args.overwrite)
         print(f"wrote {counts['train']} train and {counts['val']} val digits to {args.out}")
+    elif args.command == "digits-edit":
+        from data_tools.digits_edit import write_digits_edit
+
+        counts = write_digits_edit(args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+        print(f"wrote {counts['train']} train and {counts['val']} val edits to {args.out}")
     elif args.command == "jsonl":
         from data_tools.jsonl import build_jsonl
 

@@ -3,10 +3,11 @@
 A sample pairs a reference digit d (`ref.png`, a real 8x8 digit from scikit-learn's set) and an instruction
 "add K" (K a digit word, one to nine) with a target: another real digit, (d + K) mod 10, drawn at random from the
 same split (scikit-learn's copy keeps no writer ids, so "another writer" means another sample). Every reference
-image appears with every K. Training instructions mix the canonical wording ("add three") with paraphrases
-("plus three", "three more", ...); `HELDOUT_TEMPLATES` never occur in training, to check that the model follows
-unseen wordings. References of the held-out split (`val-*.tar`) are the digits `data_tools.digits.is_val` holds out,
-so evaluation edits images never trained on. Images are stored as `data_tools.digits.to_png` stores them.
+image appears with every K; training also has K = 0 ("add zero", see TRAIN_ADDENDS), the held-out split only
+1-9. Training instructions mix the canonical wording ("add three") with paraphrases ("plus three", "three more",
+...); `HELDOUT_TEMPLATES` never occur in training, to check that the model follows unseen wordings. References
+of the held-out split (`val-*.tar`) are the digits `data_tools.digits.is_val` holds out, so evaluation edits
+images never trained on. Images are stored as `data_tools.digits.to_png` stores them.
 `data_tools.digits_edit_task` makes this the `digits-edit` task (recipes/digits-edit.yaml).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,10 @@ from data_tools.digits import DIGIT_WORDS, is_val, load_digits_arrays, to_png
 from flowmatch.data.shardformat import TRAIN_PREFIX, VAL_PREFIX, ShardSink, reference_ext
 
 ADDENDS = range(1, 10)
+"""The addends evaluated: "add one" ... "add nine"."""
+TRAIN_ADDENDS = range(0, 10)
+"""The addends trained: also "add zero" (another real digit d), which ties the output to the reference's digit; for
+K >= 1 neither the reference's digit nor the addend alone says anything about the target's digit."""
 CANONICAL = "add {w}"
 # Training paraphrases of "add K" ({w} the word, {n} the numeral); the canonical wording is drawn as often as all
 # of them together, so that the eval's canonical prompts are the ones trained most.
@@ -57,32 +63,52 @@ def training_instruction(k: int, rng: random.Random) -> str:
     return instruction(k, CANONICAL if rng.random() < 0.5 else rng.choice(PARAPHRASES))
 
 
+@dataclass(frozen=True)
+class Edit:
+    """One paired sample: reference image `reference` (an index into the digits), addend `k`, instruction `text`,
+    target image `target` (another digit, of label (d + K) mod 10), held out or not."""
+
+    reference: int
+    k: int
+    text: str
+    target: int
+    val: bool
+
+
+def edit_pairs(labels: np.ndarray, seed: int = DEFAULT_SEED) -> list[Edit]:
+    """Every digit as the reference of every addend, shuffled, each with a target drawn from its own split and an
+    instruction (canonical for held-out samples, canonical or paraphrased for training ones)."""
+    rng = random.Random(seed)
+    pools: dict[bool, list[list[int]]] = {val: [[] for _ in range(10)] for val in (False, True)}
+    for index, label in enumerate(labels):
+        pools[is_val(index)][int(label)].append(index)
+    pairs = [(index, k) for index in range(len(labels)) for k in (ADDENDS if is_val(index) else TRAIN_ADDENDS)]
+    rng.shuffle(pairs)  # shards should each be a fair mix of digits and addends
+    edits = []
+    for index, k in pairs:
+        val = is_val(index)
+        target = rng.choice([i for i in pools[val][edited(int(labels[index]), k)] if i != index])
+        text = instruction(k) if val else training_instruction(k, rng)
+        edits.append(Edit(index, k, text, target, val))
+    return edits
+
+
 def write_digits_edit(out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, seed: int = DEFAULT_SEED,
                       overwrite: bool = False) -> dict[str, int]:
     """Write train-*.tar and val-*.tar into `out`; returns {"train": n, "val": m} (samples)."""
     images, labels = load_digits_arrays()
-    rng = random.Random(seed)
-    pools: dict[str, list[list[int]]] = {split: [[] for _ in range(10)] for split in ("train", "val")}
-    for index, label in enumerate(labels):
-        pools["val" if is_val(index) else "train"][int(label)].append(index)
-    pairs = [(index, k) for index in range(len(images)) for k in ADDENDS]
-    rng.shuffle(pairs)  # shards should each be a fair mix of digits and addends
     counts = {"train": 0, "val": 0}
     pngs = [to_png(image) for image in images]
     with ShardSink(out, prefix=TRAIN_PREFIX, shard_size=shard_size, overwrite=overwrite) as train, \
             ShardSink(out, prefix=VAL_PREFIX, shard_size=shard_size, overwrite=overwrite) as val:
-        for index, k in pairs:
-            split = "val" if is_val(index) else "train"
-            digit = int(labels[index])
-            want = edited(digit, k)
-            target = rng.choice(pools[split][want])
-            text = instruction(k) if split == "val" else training_instruction(k, rng)
-            meta = {"label": want, "reference_label": digit, "add": k, "reference": index, "index": target,
-                    "caption": text}
-            sink = val if split == "val" else train
-            sink.write(f"edit-{index:04d}-{k}", {"png": pngs[target], reference_ext(0, "png"): pngs[index],
-                                                 "txt": text, "json": json.dumps(meta)})
-            counts[split] += 1
+        for e in edit_pairs(labels, seed):
+            meta = {"label": int(labels[e.target]), "reference_label": int(labels[e.reference]), "add": e.k,
+                    "reference": e.reference, "index": e.target, "caption": e.text}
+            sink = val if e.val else train
+            files = {"png": pngs[e.target], reference_ext(0, "png"): pngs[e.reference], "txt": e.text,
+                     "json": json.dumps(meta)}
+            sink.write(f"edit-{e.reference:04d}-{e.k}", files)
+            counts["val" if e.val else "train"] += 1
     return counts
 
 

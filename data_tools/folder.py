@@ -1,10 +1,11 @@
 """`flowmatch-data folder SRC OUT`: a folder of images with same-name captions -> shards.
 
 `cats/01.jpg` + `cats/01.txt` (or `cats/01.json` with a "caption" field) become sample `cats_01` with members
-jpg, txt and json (the source path, plus the .json's own fields). The image bytes are stored as they are (no
-re-encoding), after a full decode proves them sound. Bad entries never stop the build: an undecodable or
-oversized image, an image without a caption, a caption without an image, an empty caption are skipped and
-listed in OUT/report.json and the printed summary.
+jpg, txt and json (the source path, plus the .json's own fields); a `cats/01.mask.png` beside them becomes
+its `mask.png` member (where the loss counts: white in, black out; flowmatch.data.masks). The image bytes are
+stored as they are (no re-encoding), after a full decode proves them sound. Bad entries never stop the build:
+an undecodable or oversized image, an image without a caption, a caption without an image, an empty caption are
+skipped and listed in OUT/report.json and the printed summary.
 
 Paired (editing) samples: the .json's `reference` field (`--reference-field`) names the reference image(s), a
 path or a list of paths relative to the entry's folder; they are stored as `ref.EXT`, `ref_1.EXT`, ... beside the
@@ -33,6 +34,8 @@ from data_tools.report import BuildReport
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MIB, ShardSink, safe_key
 
 CAPTION_EXTS = (".txt", ".json")
+#: A training mask's file name ending, beside its image: NAME.mask.png.
+MASK_SUFFIX = ".mask.png"
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Entry:
     images: list[Path] = field(default_factory=list)
     txt: Optional[Path] = None
     json: Optional[Path] = None
+    mask: Optional[Path] = None
 
 
 def scan(src: Path, report: BuildReport) -> list[Entry]:
@@ -55,6 +59,9 @@ def scan(src: Path, report: BuildReport) -> list[Entry]:
                 continue
             path = Path(root) / name
             rel = path.relative_to(src).as_posix()
+            if rel.lower().endswith(MASK_SUFFIX):
+                entries.setdefault(rel[:-len(MASK_SUFFIX)], Entry(rel[:-len(MASK_SUFFIX)])).mask = path
+                continue
             stem, ext = os.path.splitext(rel)
             ext = ext.lower()
             if ext not in SOURCE_EXTS + CAPTION_EXTS:
@@ -146,7 +153,7 @@ def write_entry(entry: Entry, sink: ShardSink, used: set[str], report: BuildRepo
     """Write one entry (1) or report why not (0)."""
     captions = [p for p in (entry.txt, entry.json) if p is not None]
     if not entry.images:
-        for path in captions:
+        for path in captions + ([entry.mask] if entry.mask else []):
             report.skip(path.relative_to(src).as_posix(), "caption without image")
         return 0
     image_path = entry.images[0]
@@ -177,12 +184,21 @@ def write_entry(entry: Entry, sink: ShardSink, used: set[str], report: BuildRepo
     except OSError as err:
         report.skip(rel, f"unreadable reference ({type(err).__name__}: {err})")
         return 0
+    members = {ext: data, "txt": caption, **refs, "json": json.dumps({"source": rel, **meta}, ensure_ascii=False)}
+    if entry.mask is not None:
+        mask = entry.mask.read_bytes()
+        try:
+            if check_image(mask, max_pixels=max_pixels) != "png":
+                raise ImageRejected("not a png")
+        except ImageRejected as err:
+            report.skip(entry.mask.relative_to(src).as_posix(), f"{err} (the image is kept without a mask)")
+        else:
+            members["mask.png"] = mask
     key = safe_key(entry.stem)
     base, n = key, 1
     while key in used:  # two stems may sanitize alike ("a b" and "a_b")
         n += 1
         key = f"{base}_{n}"
     used.add(key)
-    sink.write(key, {ext: data, "txt": caption, **refs,
-                     "json": json.dumps({"source": rel, **meta}, ensure_ascii=False)})
+    sink.write(key, members)
     return 1

@@ -1,4 +1,4 @@
-"""The `flowmatch` command: train, sample, eval, check, export, ema. Each command parses, builds, runs and closes.
+"""The `flowmatch` command: train, sample, eval, check, export, lora check, ema. Each command parses, builds, runs and closes.
 
 `python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
 Each command imports what it runs when it runs (`flowmatch --help` and argument errors answer before torch loads).
@@ -165,6 +165,15 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lora_check(ns: argparse.Namespace) -> int:
+    from flowmatch.lora_check import check_lora  # reason: CLI start-up cost
+
+    result = check_lora(ns.file, ns.base, prompts=ns.prompt, steps=ns.steps, size=ns.size, seed=ns.seed,
+                        guidance=ns.guidance, reference=ns.reference, tolerance=ns.tolerance, device=ns.device)
+    print(result.describe())
+    return 0 if result.passed else 1
+
+
 def cmd_ema(ns: argparse.Namespace) -> int:
     from flowmatch import checkpoint, posthoc  # reason: CLI start-up cost
 
@@ -193,6 +202,15 @@ def cmd_ema(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    from flowmatch.plan.report import plan_command  # reason: CLI start-up cost
+
+    path, overrides = split_recipe_args(ns.args)
+    print(plan_command(path, overrides, device=ns.device, memory_gb=ns.memory_gb, gpus=ns.gpus,
+                       quantize=ns.quantize, optimizer=ns.optimizer, as_json=ns.json))
+    return 0
+
+
 RELOCATE_HELP = ("point the run at an asset moved since it was trained, e.g. autoencoder.name_or_path=/new/vae "
                  "(repeat for more; relative paths the run recorded are otherwise read where it was trained)")
 TRUST_HELP = ("let the run's stored recipe run the pipe: commands its shards name (off: a run directory from "
@@ -207,6 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="[RECIPE] [section.key=value ...]",
                    help="a recipe YAML (default: the built-in digits recipe) and dotted overrides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="peak memory per GPU of a recipe, and what to change so that it fits")
+    p.add_argument("args", nargs="*", metavar="[RECIPE] [section.key=value ...]",
+                   help="a recipe YAML and dotted overrides, as for train")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--device", default="h100", help="h100, h200, a100-40, a100-80, l40s, rtx4090, rtx4080 "
+                                                        "(default h100)")
+    where.add_argument("--memory-gb", type=finite_float, default=None, help="plan for this many GiB per GPU")
+    p.add_argument("--gpus", type=positive_int, default=1, help="processes (GPUs) the job runs on")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (peak_bytes, fits, breakdown, ...)")
+    p.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
+                   help="plan a LoRA run's frozen base quantised so (not in flowmatch yet: a what-if)")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw",
+                   help="plan with this optimizer's state (adamw8bit is not in flowmatch yet: a what-if)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sample", help="generate an image grid from a run, a checkpoint or a diffusers pipeline")
     p.add_argument("path", help="a run directory (newest checkpoint), one checkpoint directory, or a diffusers "
@@ -246,18 +279,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output directory: OUT_DIR/transformer/ (diffusers) or "
                                    "OUT_DIR/transformer.safetensors (original), and OUT_DIR/scheduler/")
     p.add_argument("--weights", choices=("ema", "raw"), default=None, help="default: EMA when the run kept one")
-    p.add_argument("--format", choices=("diffusers", "original"), default="diffusers",
-                   help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys")
+    p.add_argument("--format", default="diffusers",
+                   help="diffusers: a folder from_pretrained loads; original: SD3 joint_blocks.* / BFL FLUX keys; "
+                   "with --lora: diffusers (peft keys), comfyui (diffusion_model.* keys) or kohya (lora_unet_* keys)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="weights dtype of the export (the checkpoint's is fp32; the releases are bf16)")
-    p.add_argument("--lora", action="store_true", help="a LoRA run's adapters as OUT_DIR/"
-                   "pytorch_lora_weights.safetensors, for diffusers' load_lora_weights")
+    p.add_argument("--lora", action="store_true", help="a LoRA run's adapters: OUT_DIR/"
+                   "pytorch_lora_weights.safetensors for diffusers' load_lora_weights, or OUT_DIR/"
+                   "lora_<format>.safetensors with --format comfyui | kohya")
     p.add_argument("--merge", action="store_true", help="a LoRA run's adapters merged into its base weights, "
                    "written as a whole transformer (--format applies)")
     p.add_argument("--overwrite", action="store_true", help="replace the output parts (transformer, scheduler, "
                    "pipeline components) that OUT_DIR already holds and this export writes; without it they are "
                    "an error")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("lora", help="LoRA files: `lora check FILE --base PIPELINE_DIR`")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True)
+    p = lora_sub.add_parser("check", help="generate with a LoRA file in flowmatch and in diffusers (or merged as "
+                            "ComfyUI merges it) from the same noise; exit 1 when they differ or it has no effect")
+    p.add_argument("file", help="a LoRA .safetensors file: diffusers', ComfyUI's or kohya's keys, or another "
+                                "trainer's")
+    p.add_argument("--base", required=True, help="the diffusers pipeline folder the LoRA was made for")
+    p.add_argument("--prompt", action="append", default=None, help="a caption; repeat for more (default: one)")
+    p.add_argument("--steps", type=positive_int, default=4, help="sampling steps (default 4)")
+    p.add_argument("--size", type=positive_int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shared latent noise")
+    p.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--reference", choices=("auto", "diffusers", "merged"), default="auto",
+                   help="diffusers: load_lora_weights; merged: merged into the release's weights as ComfyUI does; "
+                   "auto: diffusers when it applies the file, else merged")
+    p.add_argument("--tolerance", type=finite_float, default=1e-3, help="largest max pixel difference that passes")
+    p.add_argument("--device", default="cpu", help="where both generate (default cpu)")
+    p.set_defaults(func=cmd_lora_check)
 
     p = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMAs of other lengths from a run's snapshots")
     p.add_argument("path", help="a run directory trained with train.ema_profiles (or one of its checkpoints)")

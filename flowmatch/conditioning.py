@@ -15,6 +15,7 @@ Fields (B = batch, L = text tokens, D = hidden width, Dp = pooled width)::
     pooled  (B, Dp)   float   one vector per caption
     extra   {name: (B, ...)}  further per-sample model inputs (e.g. a guidance value), batch-first
     reference ((B, C, h_k, w_k), ...)  clean reference-image latents (image editing), one tensor per reference
+    all_valid  bool           a host-side fact: every mask entry is True (no token is padding)
 
 The references travel with the image, not with the caption: they are latents of the same autoencoder as the
 target, normalised the same way (``Autoencoder.encode``: ``(z - shift) * scale``), never noised. Dropping a
@@ -22,6 +23,12 @@ caption (:meth:`where`) keeps them, and the unconditional input of classifier-fr
 *with the references* (:meth:`unconditional`): an editing model's unconditional pass still sees the image it
 edits. A batch has one reference count and one size per reference; samples with other counts or sizes go in
 other batches (grouped, never padded). ``()`` is a model input without references (text-to-image).
+
+``all_valid`` lets the model pass no mask to attention, which is what makes the flash kernels of
+``scaled_dot_product_attention`` eligible on CUDA (a boolean or float mask rules them out). It is decided where the
+mask is made, from what the host already knows (the text padding policy, the rows' lengths), and carried through
+every operation here; it is never found by reading the mask back from the device. False is always correct (the
+mask is then used as it is); True promises that the mask is all True.
 
 This module needs only torch, so the model, the loader and the flow math can import it cheaply.
 """
@@ -45,6 +52,8 @@ class Conditioning:
     pooled: Tensor
     extra: dict[str, Tensor] = field(default_factory=dict)
     reference: tuple[Tensor, ...] = ()
+    all_valid: bool = False
+    """Every mask entry is True, known on the host (see the module docstring); False = use the mask."""
 
     def __post_init__(self) -> None:
         b, length = self.hidden.shape[:2]
@@ -73,7 +82,7 @@ class Conditioning:
     def _map(self, fn) -> "Conditioning":
         """Apply ``fn`` to every tensor (hidden, mask, pooled, extras, references)."""
         return Conditioning(fn(self.hidden), fn(self.mask), fn(self.pooled), {k: fn(v) for k, v in self.extra.items()},
-                            tuple(fn(r) for r in self.reference))
+                            tuple(fn(r) for r in self.reference), all_valid=self.all_valid)
 
     def rows(self, n: int) -> "Conditioning":
         """The first ``n`` rows (references included)."""
@@ -82,6 +91,10 @@ class Conditioning:
     def with_reference(self, reference: Sequence[Tensor]) -> "Conditioning":
         """The same caption inputs with ``reference`` (each (B, C, h_k, w_k)) as the reference latents."""
         return replace(self, extra=dict(self.extra), reference=tuple(reference))
+
+    def with_extra(self, extra: dict[str, Tensor]) -> "Conditioning":
+        """The same conditioning with the extra inputs ``extra`` instead of its own."""
+        return replace(self, extra=dict(extra))
 
     def unconditional(self, null: "Conditioning") -> "Conditioning":
         """The unconditional input matching this batch: ``null`` (the empty caption, batch 1 or B) expanded to
@@ -111,6 +124,7 @@ class Conditioning:
             return self
         hidden = torch.nn.functional.pad(self.hidden, (0, 0, 0, extra))
         mask = torch.nn.functional.pad(self.mask, (0, extra), value=False)
+        # the new positions are padding, so all_valid is False
         return Conditioning(hidden, mask, self.pooled, dict(self.extra), self.reference)
 
     def expand(self, batch: int) -> "Conditioning":
@@ -143,6 +157,7 @@ class Conditioning:
             torch.cat([c.pooled.to(device) for c in padded]),
             {k: torch.cat([c.extra[k].to(device) for c in padded]) for k in sorted(keys)},
             tuple(torch.cat([c.reference[k].to(device) for c in padded]) for k in range(len(layouts[0]))),
+            all_valid=all(c.all_valid for c in padded),
         )
 
     @staticmethod
@@ -158,7 +173,9 @@ class Conditioning:
         for i, h in enumerate(hidden):
             out[i, :h.shape[0]].copy_(h)
             mask[i, :h.shape[0]] = True
-        return Conditioning(out, mask, torch.stack(list(pooled)).float())
+        # All rows of one length (cached features of a fixed-length encoder) leave no padding: known from shapes.
+        all_valid = all(h.shape[0] == length for h in hidden)
+        return Conditioning(out, mask, torch.stack(list(pooled)).float(), all_valid=all_valid)
 
     def where(self, replace: Tensor, other: "Conditioning") -> "Conditioning":
         """Rows i with ``replace[i]`` True taken from ``other`` (batch 1, broadcast, or B), the rest from self;
@@ -181,7 +198,8 @@ class Conditioning:
             return torch.where(replace.reshape((b,) + (1,) * (x.ndim - 1)), y.to(device=device, dtype=x.dtype), x)
 
         return Conditioning(pick(a.hidden, o.hidden), pick(a.mask, o.mask), pick(a.pooled, o.pooled),
-                            {k: pick(v, o.extra[k]) for k, v in a.extra.items()}, self.reference)
+                            {k: pick(v, o.extra[k]) for k, v in a.extra.items()}, self.reference,
+                            all_valid=a.all_valid and o.all_valid)
 
 
 def reference_layout(reference: Sequence[Tensor]) -> tuple[tuple[int, ...], ...]:

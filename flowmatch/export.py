@@ -9,6 +9,9 @@
     OUT_DIR/pytorch_lora_weights.safetensors  --lora, a LoRA run's adapters in diffusers' peft keys with the
                                          lora_adapter_metadata header (flowmatch.models.convert.lora); --merge
                                          writes the transformer with them merged into the base weights instead
+    OUT_DIR/lora_comfyui.safetensors     --lora --format comfyui: diffusion_model.<release module> keys, fused q/k/v
+    OUT_DIR/lora_kohya.safetensors       --lora --format kohya: lora_unet_* keys with alpha tensors, fused q/k/v
+                                         (each family's formats: flowmatch/families/<family>/lora_formats.py)
     OUT_DIR/model_index.json, text_encoder*/, tokenizer*/, vae/
                                          --format diffusers, when the run's encoders are a diffusers pipeline's
                                          components (flowmatch.pipeline_folder): a complete pipeline folder,
@@ -40,9 +43,10 @@ from flowmatch.engine.state import write_safetensors
 from flowmatch.errors import choice_error
 from flowmatch.families import family_of
 from flowmatch.families.convert import save_original, to_diffusers
-from flowmatch.families.lora import select
+from flowmatch.families.lora import lora_formats, select
 from flowmatch.flow import TimeSchedule
-from flowmatch.models.convert.lora import LORA_FILE, merge, to_diffusers_lora
+from flowmatch.models.convert.adapters import ExportError, loader_of, merge_adapters, to_adapter_file
+from flowmatch.models.convert.lora import LORA_FILE
 from flowmatch.models.mmdit import MMDiTConfig
 from flowmatch.pipeline_folder import pipeline_source, write_pipeline_components
 from flowmatch.run import lora_base, open_run, read_meta
@@ -72,7 +76,7 @@ class ExportSummary:
     dtype: str
     """fp32 | bf16 | fp16."""
     format: str
-    """diffusers | original | lora."""
+    """diffusers | original | lora (diffusers' keys) | lora-comfyui | lora-kohya ..."""
     architecture: str
     """The diffusers class the transformer belongs to (SD3Transformer2DModel or FluxTransformer2DModel)."""
     files: list[Path]
@@ -98,9 +102,9 @@ def _sizes_from_weights(cfg: MMDiTConfig, state: dict) -> MMDiTConfig:
     exporting never loads an encoder."""
     p = cfg.patch_size
     found = dict(in_channels=state["patch_embed.weight"].shape[1] // (p * p),
-                 context_dim=state["context_embed.weight"].shape[1])
-    if "pooled_embed.fc1.weight" in state:  # a model whose modulation comes from the approximator takes no pooled
-        found["pooled_dim"] = state["pooled_embed.fc1.weight"].shape[1]
+                 context_dim=state["context_embed.weight"].shape[1],
+                 # A model without a pooled vector (Qwen-Image) has no pooled embedder.
+                 pooled_dim=state["pooled_embed.fc1.weight"].shape[1] if "pooled_embed.fc1.weight" in state else 0)
     return dataclasses.replace(cfg, **{k: v for k, v in found.items() if getattr(cfg, k) is None})
 
 
@@ -147,15 +151,16 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
         out_dir: created if missing; an existing output part in it (transformer, scheduler, pipeline
             component) is an error unless `overwrite`.
         weights: ``ema`` or ``raw``; None = EMA when the checkpoint has it.
-        fmt: ``diffusers`` (a transformer folder) or ``original`` (one safetensors file of original keys).
+        fmt: ``diffusers`` (a transformer folder) or ``original`` (one safetensors file of original keys); with
+            `lora`, one of the family's LoRA formats: ``diffusers``, ``comfyui``, ``kohya``.
         dtype: ``fp32`` (the checkpoint's), ``bf16`` or ``fp16``.
-        lora: a LoRA run's adapters as ``OUT_DIR/pytorch_lora_weights.safetensors``, for diffusers'
-            ``load_lora_weights`` (`fmt` does not apply).
+        lora: a LoRA run's adapters in the LoRA format `fmt`: ``OUT_DIR/pytorch_lora_weights.safetensors`` for
+            diffusers' ``load_lora_weights``, ``OUT_DIR/lora_<fmt>.safetensors`` for the others.
         merge: a LoRA run's adapters merged into its base weights, written as a whole transformer in `fmt`.
         overwrite: replace the output parts that already exist in `out_dir` and this export writes (nothing
             else in it is touched).
     """
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and not lora:
         raise choice_error("--format", fmt, FORMATS)
     if weights is not None and weights not in WEIGHTS:
         raise choice_error("--weights", weights, WEIGHTS)
@@ -164,7 +169,7 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     if lora and merge:
         raise ValueError("--lora writes the adapters, --merge the merged transformer: choose one")
     out = Path(out_dir)
-    target = out / (LORA_FILE if lora else TRANSFORMER_DIR if fmt == "diffusers" else ORIGINAL_FILE)
+    target = out / (lora_file(fmt) if lora else TRANSFORMER_DIR if fmt == "diffusers" else ORIGINAL_FILE)
     if out.exists() and not out.is_dir():
         raise ValueError(f"export output {out} is a file, not a folder: give a folder path (it is created if "
                          "missing) or move the file away")
@@ -191,13 +196,23 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     state = load_weights(ckpt, ema=weights == "ema")
     if lora:
         pipeline_name = family.diffusers.pipeline_class if family.diffusers else "its diffusers pipeline"
+        lora_format = _lora_format(family, fmt)
+        try:
+            tensors, metadata = to_adapter_file(state, select(recipe.model.architecture(), adapters.targets),
+                                                adapters, lora_format, recipe.model.architecture())
+        except ExportError as e:
+            raise ValueError(f"{e} (flowmatch export RUN OUT --merge)") from None
         _remove(existing)
-        files = [_write_lora(recipe.model, state, target, DTYPES[dtype])]
-        return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format="lora",
+        out.mkdir(parents=True, exist_ok=True)
+        files = [write_safetensors(target, {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()},
+                                   metadata)]
+        how = loader_of(adapters.kind, pipeline_name) if fmt == "diffusers" else f"{lora_format.tool}"
+        return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype,
+                             format="lora" if fmt == "diffusers" else f"lora-{fmt}",
                              architecture=family.converter.DIFFUSERS_CLASS, files=files,
-                             notes=[f"LoRA rank {adapters.rank}, alpha {adapters.alpha:g}: load with "
-                                    f"pipe.load_lora_weights(OUT_DIR) ({pipeline_name}) on "
-                                    f"the base weights {read_meta(ckpt).init_from['source']}"])
+                             notes=[f"{adapters.kind} rank {adapters.rank}, alpha {adapters.alpha:g}, {fmt} keys: load "
+                                    f"with {how} on the base weights {read_meta(ckpt).init_from['source']}; check it "
+                                    f"with `flowmatch lora check {target} --base PIPELINE_DIR`"])
     if merge:
         state = _merged(ckpt, recipe.model, state)
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
@@ -228,16 +243,22 @@ def _remove(parts: list[Path]) -> None:
             part.unlink()
 
 
-def _write_lora(model_cfg, adapters: dict, target: Path, dtype) -> Path:
-    """`pytorch_lora_weights.safetensors` of a LoRA run's adapter weights, in diffusers' names."""
-    chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
-    tensors, metadata = to_diffusers_lora(adapters, chosen, model_cfg.lora)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return write_safetensors(target, {k: v.to(dtype).contiguous() for k, v in tensors.items()}, metadata)
+def lora_file(fmt: str) -> str:
+    """The file name ``--lora --format fmt`` writes in OUT_DIR."""
+    return LORA_FILE if fmt == "diffusers" else f"lora_{fmt}.safetensors"
+
+
+def _lora_format(family, fmt: str):
+    """The family's LoRA format ``fmt`` that export writes; ValueError naming the ones it has."""
+    writable = {name: f for name, f in lora_formats(family).items() if f.writes}
+    if fmt not in writable:
+        raise choice_error(f"--format (LoRA formats of the {family.name} family)", fmt, writable)
+    return writable[fmt]
 
 
 def _merged(ckpt: Path, model_cfg, adapters: dict) -> dict:
     """The base weights a LoRA checkpoint records (their hash checked) with its adapters merged in."""
     base = lora_base(ckpt)
     chosen = select(model_cfg.architecture(), model_cfg.lora.targets)
-    return merge({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)
+    return merge_adapters({k: v.float() for k, v in base.items()}, adapters, chosen, model_cfg.lora)
+

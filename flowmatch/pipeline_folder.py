@@ -24,7 +24,7 @@ from flowmatch.families import text_layout
 
 #: The encoder settings that decide the conditioning; a run that changed one of them has no diffusers pipeline.
 CONDITIONING_FIELDS = ("kind", "subfolder", "tokenizer_subfolder", "max_length", "padding", "hidden_layer",
-                       "pooling", "normalize_pooled")
+                       "pooling", "normalize_pooled", "template", "drop_tokens", "stack_layers")
 #: Components the export writes itself.
 OWN_COMPONENTS = ("transformer", "scheduler")
 
@@ -34,9 +34,8 @@ def pipeline_source(recipe, transformer_class: Optional[str] = None,
     """(the pipeline whose components the run's encoders are, "") or (None, why they are not one's); with
     `transformer_class`, the pipeline's transformer must be of that diffusers class too."""
     text, vae = recipe.text, recipe.autoencoder
-    # one encoder not from a pipeline's folder: no family's pipeline takes it (Chroma's T5 is its text_encoder)
-    if text_layout(text.combine).single and not next(iter(text.encoders.values())).subfolder:
-        (only,) = text.encoders.values()
+    if text_layout(text.combine).single and not _pipeline_folder(next(iter(text.encoders.values())).name_or_path):
+        (only,) = text.encoders.values()  # one encoder of its own (MiniLM, a lone T5): no pipeline's
         return None, (f"the run's text encoder ({only.kind} {only.name_or_path}) is not the set of a diffusers "
                       "pipeline")
     folders = {c.name_or_path for c in text.encoders.values()} | {vae.name_or_path}
@@ -64,6 +63,12 @@ def pipeline_source(recipe, transformer_class: Optional[str] = None,
     if vae.subfolder != "vae" or (scale, shift) not in (want, (None, None)):
         return None, f"the run's VAE ({vae.subfolder}, scale {scale}, shift {shift}) is not the pipeline's {want}"
     return expected, ""
+
+
+def _pipeline_folder(path: str) -> bool:
+    """Whether `path` is a local folder holding a diffusers pipeline (its one encoder may then be the pipeline's,
+    as Qwen-Image's Qwen2.5-VL is)."""
+    return (Path(path) / MODEL_INDEX).is_file()
 
 
 def _factors(vae) -> tuple[Optional[float], Optional[float]]:

@@ -31,11 +31,35 @@ def tiny_sd3_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd35_pipeline(tmp_path_factory):
+    """Folder of a tiny random SD3.5-medium-layout pipeline (MMDiT-X, QK-norm; tests/tiny_pipelines.py)."""
+    from tests.tiny_pipelines import save_sd3_pipeline  # imports diffusers: only for the tests that ask for it
+
+    return save_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3.5-medium"), kind="sd3.5-medium")
+
+
+@pytest.fixture(scope="session")
 def tiny_flux_pipeline(tmp_path_factory):
     """Folder of a tiny random FLUX.1-dev-layout pipeline (see tests/tiny_pipelines.py), built once per session."""
     from tests.tiny_pipelines import save_flux_pipeline  # imports diffusers: only for the tests that ask for it
 
     return save_flux_pipeline(tmp_path_factory.mktemp("tiny-flux-dev"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_pipeline(tmp_path_factory):
+    """Folder of a tiny random QwenImagePipeline (see tests/tiny_pipelines_qwen.py), built once per session."""
+    from tests.tiny_pipelines_qwen import save_qwen_pipeline  # imports diffusers: only for the tests that ask for it
+
+    return save_qwen_pipeline(tmp_path_factory.mktemp("tiny-qwen-image"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_edit_pipeline(tmp_path_factory):
+    """Folder of a tiny random QwenImageEditPipeline (tests/tiny_pipelines_qwen.py), built once per session."""
+    from tests.tiny_pipelines_qwen import save_qwen_edit_pipeline  # imports diffusers: only for the tests that ask
+
+    return save_qwen_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-image-edit"))
 
 
 @pytest.fixture(scope="session")

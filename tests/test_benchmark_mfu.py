@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowmatch.families import FAMILIES
+
 _SPEC = importlib.util.spec_from_file_location("mfu", Path(__file__).parents[1] / "benchmarks" / "mfu.py")
 mfu = importlib.util.module_from_spec(_SPEC)
 sys.modules["mfu"] = mfu  # dataclasses look their module up there
@@ -16,19 +18,46 @@ _SPEC.loader.exec_module(mfu)
 
 SMOKE = ["--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--text-len", "8", "--batch", "2",
          "--warmup", "1", "--steps", "1", "--peak-size", "64"]
+#: Every family's test-sized preset: the CPU path covers each registered family.
+TINY = ",".join(f.tiny for f in FAMILIES.values())
 
 
-def test_the_cpu_path_trains_and_reports_each_token_count(capsys):
-    results = mfu.main([*SMOKE, "--tokens", "16,64"])
-    assert [m.tokens for m in results] == [16, 64]
+def test_the_cpu_path_trains_every_family_and_counts_its_flops_twice(capsys):
+    """Bugs caught: a family's FLOP count off by a term (a block's attention, the single blocks, the backward
+    factor) against FlopCounterMode's independent count; a family the benchmark cannot build or feed."""
+    results = mfu.main([*SMOKE, "--preset", TINY, "--tokens", "16,64"])
+    assert [(m.preset, m.tokens) for m in results] == [(f.tiny, n) for f in FAMILIES.values() for n in (16, 64)]
     for m in results:
         # One timed step: its time is the sum of its phases, each of which ran.
         assert m.step == pytest.approx(m.forward + m.backward + m.optimizer)
         assert min(m.forward, m.backward, m.optimizer) > 0 and m.peak_memory > 0
-    # Four times the image tokens cost more FLOPs (the estimate sees the token count).
-    assert results[1].flops > 2 * results[0].flops
+        assert m.counted_flops == pytest.approx(m.flops, rel=0.02), m.preset
+    for small, large in zip(results[::2], results[1::2]):
+        # Four times the image tokens cost more FLOPs (the counts see the token count).
+        assert large.flops > 2 * small.flops
     out = capsys.readouterr().out
-    assert out.count("MFU") == 2 and "of the measured fp32 matmul peak" in out
+    assert out.count("MFU") == len(results) and "of the measured fp32 matmul peak" in out
+    assert out.count("FlopCounterMode") == len(results)
+
+
+def test_the_default_presets_are_one_per_family():
+    assert [mfu.PRESET_FAMILY[p] for p in mfu.parse_args([]).preset] == list(FAMILIES.values())
+
+
+def test_lora_trains_only_the_adapters_and_counts_the_cheaper_backward(monkeypatch):
+    """With --lora the engine is given the adapters only, and the MFU uses the counted step, which has no gradient
+    of the frozen weights (about two thirds of full training)."""
+    given = {}
+    setup = mfu.Engine.setup
+
+    def keep(self, model, params, *args, **kwargs):
+        given["names"] = {n for n, p in model.named_parameters() if any(p is q for q in params)}
+        return setup(self, model, params, *args, **kwargs)
+
+    monkeypatch.setattr(mfu.Engine, "setup", keep)
+    (m,) = mfu.main([*SMOKE, "--tokens", "16", "--lora", "2"])
+    assert given["names"] and all("lora_" in n for n in given["names"])
+    assert 0.5 * m.flops < m.counted_flops == m.used_flops < 0.8 * m.flops
 
 
 def test_each_step_updates_the_weights(monkeypatch):
@@ -36,8 +65,8 @@ def test_each_step_updates_the_weights(monkeypatch):
     seen = {}
     build = mfu.build_model
 
-    def keep(args, engine):
-        model = build(args, engine)
+    def keep(cfg, args, engine):
+        model = build(cfg, args, engine)
         seen["model"], seen["before"] = model, [p.detach().clone() for p in model.parameters()]
         return model
 

@@ -6,6 +6,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 _SPEC = importlib.util.spec_from_file_location("sampling_benchmark",
                                                Path(__file__).parents[1] / "benchmarks" / "sampling.py")
 bench = importlib.util.module_from_spec(_SPEC)
@@ -19,5 +21,8 @@ def test_both_libraries_generate_and_the_ratio_is_theirs(tiny_sd3_pipeline, caps
     assert sorted(results) == [1, 2]
     for r in results.values():
         assert r["ours"] > 0 and r["diffusers"] > 0 and abs(r["ratio"] - r["ours"] / r["diffusers"]) < 1e-12
+        for c in r["components"].values():  # the components add up to each library's time per image
+            assert c["encode"] > 0 and c["decode"] > 0
+            assert c["steps"] == pytest.approx(c["total"] - c["encode"] - c["decode"])
     out = capsys.readouterr().out
-    assert out.count("images/s") == 4 and "text encoding" in out
+    assert out.count("images/s") == 4 and out.count("transformer steps") == 2 and "text encoding" in out

@@ -112,7 +112,7 @@ def test_reference_latents_round_trip_and_a_paired_cache_needs_them(tmp_path):
     assert sorted(k for b in batches for k in b.keys) == ["c0", "c1", "c2", "c3", "c5", "c6"]
     for batch in batches:
         assert batch.ref_latents.shape[:2] == (len(batch), 1 + int(batch.keys[0][1:]) % 2)
-        for key, latents, refs in zip(batch.keys, batch.latents, batch.ref_latents):
+        for latents, refs in zip(batch.latents, batch.ref_latents):
             assert torch.equal(refs, (latents + 1).expand_as(refs))
     assert loader.stats.reasons == {"missing reference": 1}
 

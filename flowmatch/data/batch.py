@@ -38,6 +38,9 @@ class Batch:
     """(B, R, C, H, W) float32 in [-1, 1]: the reference images of paired raw samples, at the target's size."""
     ref_latents: Optional[torch.Tensor] = None
     """(B, R, c, h, w) float32: the cached reference latents of paired samples."""
+    masks: Optional[torch.Tensor] = None
+    """(B, 1, H, W) float32 in [0, 1]: where each sample's loss counts (its mask.png or alpha channel; ones for a
+    sample without), None when no sample of the batch has one (the loss counts everywhere)."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -52,7 +55,7 @@ class Batch:
         parts = None if self.text_parts is None else {
             n: c.to(device, non_blocking=non_blocking) for n, c in self.text_parts.items()}
         return replace(self, images=move(self.images), latents=move(self.latents), text=text, text_parts=parts,
-                       ref_images=move(self.ref_images), ref_latents=move(self.ref_latents))
+                       ref_images=move(self.ref_images), ref_latents=move(self.ref_latents), masks=move(self.masks))
 
     def pin_memory(self) -> "Batch":
         """Page-locked copy; torch's DataLoader calls this from its pin-memory thread."""
@@ -63,4 +66,4 @@ class Batch:
         text = None if self.text is None else self.text.pin_memory()
         parts = None if self.text_parts is None else {n: c.pin_memory() for n, c in self.text_parts.items()}
         return replace(self, images=pin(self.images), latents=pin(self.latents), text=text, text_parts=parts,
-                       ref_images=pin(self.ref_images), ref_latents=pin(self.ref_latents))
+                       ref_images=pin(self.ref_images), ref_latents=pin(self.ref_latents), masks=pin(self.masks))

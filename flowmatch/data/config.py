@@ -63,6 +63,9 @@ class DataConfig:
     """Training image size in pixels: the side of a square, or [height, width]; with buckets, their common area."""
     channels: int = 3
     """Image channels the model sees: 1 (grayscale) or 3 (RGB); images are converted on load."""
+    masks: bool = True
+    """Read per-sample loss masks (a sample's mask.png, else its image's alpha; flowmatch/data/masks.py): the loss
+    then counts inside them only. Raw images only (cached features hold no masks)."""
     shuffle: bool = True
     """Shuffle shards and samples (seeded, reproducible); the val split is never shuffled."""
     shuffle_buffer: int = 1000

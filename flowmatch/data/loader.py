@@ -354,6 +354,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
         buckets=tuple(loader_buckets(cfg)),
         channels=cfg.channels,
         cached=cached,
+        masks=cfg.masks,
         shuffle=cfg.shuffle and train,
         shuffle_buffer=cfg.shuffle_buffer,
         resampled=cfg.resampled and train,

@@ -33,6 +33,7 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.data import decode
 from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, nearest_bucket
+from flowmatch.data.masks import decode_mask, masks_to_tensor
 from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
 from flowmatch.data.plan import Place, Ref, SourceReader, fetch_records
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
@@ -90,6 +91,8 @@ class StreamSpec:
     """Stop after this epoch (exclusive); None = run forever."""
     max_pixels: int = MAX_IMAGE_PIXELS
     max_member_bytes: int = MAX_MEMBER_BYTES
+    masks: bool = False
+    """Decode each sample's loss mask (flowmatch.data.masks) into Batch.masks."""
     expect_encoders: Optional[dict[str, str]] = None
     policy: RetryPolicy = RetryPolicy()
     paired: bool = False
@@ -304,6 +307,7 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
     kept: list[tuple[RawSample, decode.SampleInfo]] = []
     tensors: list = []
     refs: list = []
+    masks: list = []
     failed: list[BadRecord] = []
     for record, info in group.samples:
         try:
@@ -316,6 +320,9 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
                 pixels = decode.decode_pixels(record.files[info.image_ext], **size)
                 if info.references:
                     refs.append(decode.decode_references(record, info, **size))
+                if spec.masks:
+                    masks.append(decode_mask(record, info.image_ext, height=target.height, width=target.width,
+                                             max_pixels=spec.max_pixels))
                 tensors.append(pixels)
             kept.append((record, info))
         except decode.BadSample as err:
@@ -341,8 +348,9 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
         b, r = len(refs), len(refs[0])
         ref_images = decode.pixels_to_tensor([p for sample in refs for p in sample])
         ref_images = ref_images.reshape(b, r, *ref_images.shape[1:])
-    return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta,
-                 ref_images=ref_images), failed, sources
+    size = spec.buckets[group.bucket[0]]
+    return Batch(captions, keys, images=decode.pixels_to_tensor(tensors), meta=meta, ref_images=ref_images,
+                 masks=masks_to_tensor(masks, size.height, size.width) if masks else None), failed, sources
 
 
 def sample_meta(record: RawSample) -> dict:

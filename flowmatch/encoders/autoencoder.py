@@ -1,7 +1,10 @@
 """Frozen autoencoders between pixels and the space the flow is trained in.
 
 `vae` wraps `diffusers.AutoencoderKL` and normalises its latents as `(z - shift) * scale` with the factors of a
-named preset; `identity` trains in pixel space (images in [-1, 1] are the "latents").
+named preset; `identity` trains in pixel space (images in [-1, 1] are the "latents"). A folder holding
+`AutoencoderKLQwenImage` (Qwen-Image's causal 3D VAE) is used with one frame, and its config's per-channel
+``latents_mean`` / ``latents_std`` are the shift and 1 / scale (preset ``config``), as QwenImagePipeline applies
+them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ LATENT_PRESETS: dict[str, tuple[float, float]] = {
     "config": (float("nan"), float("nan")),  # read scaling_factor / shift_factor from the VAE's own config
 }
 KINDS = ("vae", "identity")
+#: The diffusers VAE classes a `vae` folder may hold; the video ones encode and decode one frame.
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage")
+VIDEO_VAES = ("AutoencoderKLQwenImage",)
 
 
 @dataclass
@@ -73,6 +79,18 @@ class AutoencoderConfig:
             raise choice_error("autoencoder.dtype", self.dtype, ("auto", *DTYPES))
 
 
+def _load_vae(path: str, subfolder: str, dtype: torch.dtype):
+    """The diffusers VAE of a folder, of the class its config names (:data:`VAE_CLASSES`)."""
+    # reason: diffusers' import costs seconds; only runs that load a VAE pay it.
+    import diffusers
+
+    found = diffusers.AutoencoderKL.load_config(path, subfolder=subfolder or None).get("_class_name",
+                                                                                      "AutoencoderKL")
+    if found not in VAE_CLASSES:
+        raise ValueError(f"autoencoder.name_or_path holds a {found}; flowmatch reads {', '.join(VAE_CLASSES)}")
+    return getattr(diffusers, found).from_pretrained(path, subfolder=subfolder or None, torch_dtype=dtype)
+
+
 def ensure_autoencoder(cfg: AutoencoderConfig, data: "DataConfig") -> None:
     """Train the VAE with the `cfg.prepare` task's builder when its local folder holds none (call on rank 0, with the
     shards built, before anyone loads it); the builder writes into a new folder renamed into place."""
@@ -98,41 +116,51 @@ class Autoencoder:
         self.device = torch.device(device)
         self.image_channels = image_channels
         self.vae = None
+        self.video = False
         if cfg.kind == "identity":
             self.scale, self.shift = 1.0, 0.0
             self._fingerprint = f"identity:c{image_channels}"
             return
-        from diffusers import AutoencoderKL
-
         dtype = resolve_dtype(cfg.dtype, self.device)
         self.vae = load_pretrained(
-            f"VAE (subfolder {cfg.subfolder!r})", cfg.name_or_path,
-            lambda path: AutoencoderKL.from_pretrained(path, subfolder=cfg.subfolder or None, torch_dtype=dtype),
+            f"VAE (subfolder {cfg.subfolder!r})", cfg.name_or_path, lambda path: _load_vae(path, cfg.subfolder, dtype),
             key="autoencoder.name_or_path", hint=", or use autoencoder.kind=identity for pixel space",
         )
         self.vae.to(self.device).eval().requires_grad_(False)
+        config = self.vae.config
+        self.video = type(self.vae).__name__ in VIDEO_VAES  # (B, C, T, H, W) videos: images go as one frame
         scale, shift = LATENT_PRESETS[cfg.preset]
-        if cfg.preset == "config":
-            scale = self.vae.config.scaling_factor
-            shift = self.vae.config.shift_factor or 0.0
+        if cfg.preset == "config" and config.get("latents_std") is not None:
+            # Per-channel statistics (c, 1, 1), computed as QwenImagePipeline computes them (1 / std in float32).
+            scale = (1.0 / torch.tensor(config.latents_std)).view(-1, 1, 1).to(self.device)
+            shift = torch.tensor(config.latents_mean).view(-1, 1, 1).to(self.device)
+        elif cfg.preset == "config":
+            scale = config.scaling_factor
+            shift = config.get("shift_factor") or 0.0
         self.scale = cfg.scaling_factor if cfg.scaling_factor is not None else scale
         self.shift = cfg.shift_factor if cfg.shift_factor is not None else shift
-        if self.vae.config.in_channels != image_channels:
-            raise ValueError(
-                f"the VAE takes {self.vae.config.in_channels}-channel images but data.channels is {image_channels}"
-            )
-        digest = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode()).hexdigest()
-        self._fingerprint = f"vae:{cfg.name_or_path}/{cfg.subfolder}:{self.scale}:{self.shift}:{digest[:12]}"
+        in_channels = config.get("in_channels", config.get("input_channels"))
+        if in_channels != image_channels:
+            raise ValueError(f"the VAE takes {in_channels}-channel images but data.channels is {image_channels}")
+        digest = hashlib.sha256(json.dumps(dict(config), sort_keys=True, default=str).encode()).hexdigest()
+        factors = [f.flatten().tolist() if isinstance(f, torch.Tensor) else f for f in (self.scale, self.shift)]
+        self._fingerprint = f"vae:{cfg.name_or_path}/{cfg.subfolder}:{factors[0]}:{factors[1]}:{digest[:12]}"
 
     @property
     def latent_channels(self) -> int:
         """Channels of the latents the flow model sees."""
-        return self.image_channels if self.vae is None else int(self.vae.config.latent_channels)
+        if self.vae is None:
+            return self.image_channels
+        return int(self.vae.config.get("latent_channels") or self.vae.config.z_dim)
 
     @property
     def downsample(self) -> int:
         """Spatial reduction factor from pixels to latents."""
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.vae is None:
+            return 1
+        if self.video:  # one spatial halving per entry of temperal_downsample (QwenImagePipeline's factor)
+            return 2 ** len(self.vae.config.temperal_downsample)
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def fingerprint(self) -> str:
         """Identifies the autoencoder and its latent normalisation, so cached latents from another are refused."""
@@ -155,8 +183,10 @@ class Autoencoder:
         if self.vae.encoder is None:
             raise RuntimeError("the autoencoder's encoder half was freed (training on cached latents): images cannot "
                                "be encoded in this process")
-        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
+        x = images.to(self.device, self.vae.dtype)
+        dist = self.vae.encode(x[:, :, None] if self.video else x).latent_dist
         z = dist.sample(generator) if self.cfg.sample_posterior and not mean else dist.mean
+        z = z[:, :, 0] if self.video else z
         return (z.float() - self.shift) * self.scale
 
     @torch.no_grad()
@@ -165,4 +195,6 @@ class Autoencoder:
         if self.vae is None:
             return latents.float().clamp(-1, 1)
         z = latents.to(self.device, self.vae.dtype) / self.scale + self.shift
+        if self.video:
+            return self.vae.decode(z[:, :, None].to(self.vae.dtype)).sample[:, :, 0].float().clamp(-1, 1)
         return self.vae.decode(z).sample.float().clamp(-1, 1)

@@ -141,12 +141,13 @@ class TextLayout:
         clips = [n for n in kinds if kinds[n] == "clip"]
         t5 = outputs[next(n for n in kinds if kinds[n] == "t5")]
         if not self.clip_states:
-            return Conditioning(t5.hidden, t5.mask, outputs[clips[0]].pooled)
+            return Conditioning(t5.hidden, t5.mask, outputs[clips[0]].pooled, all_valid=t5.all_valid)
         clip_hidden = torch.cat([outputs[n].hidden for n in clips], dim=-1)  # (B, 77, sum of CLIP widths)
         clip_hidden = torch.nn.functional.pad(clip_hidden, (0, t5.hidden.shape[-1] - clip_hidden.shape[-1]))
         return Conditioning(torch.cat([clip_hidden, t5.hidden], dim=1),  # (B, 77 + L_t5, D_t5)
                             torch.cat([outputs[clips[0]].mask, t5.mask], dim=1),
-                            torch.cat([outputs[n].pooled for n in clips], dim=-1))
+                            torch.cat([outputs[n].pooled for n in clips], dim=-1),
+                            all_valid=outputs[clips[0]].all_valid and t5.all_valid)
 
 
 #: The layout of one encoder; the several-encoder layouts are the families' (flowmatch.families.text_layout).
@@ -174,5 +175,4 @@ def combine_outputs(layout: Layout, outputs: Mapping[str, Conditioning], kinds: 
     cond = layout.combine(outputs, kinds)
     if guidance is None:
         return cond
-    return Conditioning(cond.hidden, cond.mask, cond.pooled,
-                        {**cond.extra, "guidance": cond.pooled.new_full((len(cond),), float(guidance))}, cond.reference)
+    return cond.with_extra({**cond.extra, "guidance": cond.pooled.new_full((len(cond),), float(guidance))})

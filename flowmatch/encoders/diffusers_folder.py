@@ -21,6 +21,10 @@ Which pipelines are read, and what each does, is its family's (``Family.diffuser
 - ``ChromaPipeline``: ``text_encoder`` is T5 alone on 512 tokens, given its attention mask, the transformer seeing
   the first padding token too (``padding: max_length_plus_one``); no pooled vector. Its default call: 35 steps,
   classifier-free guidance 5.0 against the empty negative prompt.
+- ``QwenImagePipeline`` (Qwen-Image): ``text_encoder`` is Qwen2.5-VL, a decoder LLM behind the pipeline's chat
+  template (:mod:`flowmatch.encoders.decoder_llm`, the family's ``decoder_llm`` settings), the only encoder; its
+  VAE is AutoencoderKLQwenImage with per-channel statistics. Its default call: 50 steps, true CFG 4.0 with a
+  negative prompt, the guided velocity rescaled per token to the conditional one's norm.
 """
 
 from __future__ import annotations
@@ -142,21 +146,30 @@ def encoder_configs_from_pipeline(path: str | os.PathLike, *, dtype: str = "auto
         elif entry[1].startswith(("T5", "UMT5")):
             encoders[ours] = TextEncoderConfig(
                 kind="t5", name_or_path=where, subfolder=sub, tokenizer_subfolder=tok_sub,
-                max_length=kind.t5_tokens, padding=kind.t5_padding, dropped=kind.t5_dropped, dtype=dtype)
+                max_length=kind.t5_tokens, padding=kind.t5_padding, dropped=kind.t5_dropped, dtype=dtype,
+                # T5 alone (no text layout, Chroma): its transformer reads no pooled vector
+                pooling="none" if family.text is None else "mean")
+        elif kind.decoder_llm is not None:
+            encoders[ours] = TextEncoderConfig(kind="decoder_llm", name_or_path=where, subfolder=sub,
+                                               tokenizer_subfolder=tok_sub, model_class=entry[1], dtype=dtype,
+                                               **kind.decoder_llm)
         else:
-            raise ValueError(f"{where}/{sub} is a {entry[1]}; flowmatch reads CLIP and T5 text encoders")
+            raise ValueError(f"{where}/{sub} is a {entry[1]}; flowmatch reads CLIP and T5 text encoders"
+                             + ", and decoder LLMs for the pipelines that use one")
     transformer = _optional_json(path, "transformer/config.json")
     guidance_embed = bool(transformer.get("guidance_embeds", False))
     vae = read_pipeline_json(path, "vae/config.json")
     scheduler = read_pipeline_json(path, "scheduler/scheduler_config.json")
+    # Per-channel statistics (AutoencoderKLQwenImage) are read from the VAE's config by preset "config" itself.
+    per_channel = vae.get("latents_std") is not None
+    factors = (None, None) if per_channel else (float(vae.get("scaling_factor", 1.0)),
+                                                float(vae.get("shift_factor") or 0.0))
     return PipelineEncoderConfigs(
         path=where, pipeline_class=name, family=family.name, kind=kind,
-        # a family without a text layout takes its one encoder as it is (Chroma's T5)
         text_encoders=TextEncodersConfig(combine=family.text.name if family.text else "single", encoders=encoders,
                                          guidance=FLUX_TRAIN_GUIDANCE if guidance_embed else None),
         autoencoder=AutoencoderConfig(kind="vae", name_or_path=where, subfolder="vae", preset="config",
-                                      scaling_factor=float(vae.get("scaling_factor", 1.0)),
-                                      shift_factor=float(vae.get("shift_factor") or 0.0), dtype=dtype),
+                                      scaling_factor=factors[0], shift_factor=factors[1], dtype=dtype),
         flow=_flow(scheduler), scheduler={k: v for k, v in scheduler.items() if not k.startswith("_")},
         guidance_embed=guidance_embed)
 

@@ -1,4 +1,5 @@
-"""Frozen text encoders: T5 and CLIP (as SD3 and FLUX use them) or any encoder `transformers.AutoModel` loads.
+"""Frozen text encoders: T5 and CLIP (as SD3 and FLUX use them) or any encoder `transformers.AutoModel` loads;
+decoder LLMs behind a chat template (kind ``decoder_llm``) are :mod:`flowmatch.encoders.decoder_llm`'s.
 
 One encoder turns captions into per-token hidden states, the padding mask and one pooled vector per caption, as
 a :class:`Conditioning` of its own; :mod:`flowmatch.encoders.text_set` combines several. It never trains:
@@ -17,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -27,8 +28,8 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.loading import load_pretrained
 from flowmatch.errors import choice_error
 
-KINDS = ("t5", "clip", "auto")
-POOLINGS = ("mean", "pooler", "first", "projection")
+KINDS = ("t5", "clip", "auto", "decoder_llm")
+POOLINGS = ("mean", "pooler", "first", "projection", "none")
 PADDINGS = ("longest", "max_length", "max_length_plus_one")
 DROPPED = ("empty", "zeros")
 # transformers model types each kind's class loads faithfully.
@@ -40,8 +41,9 @@ class TextEncoderConfig:
     """The recipe's `text_encoder` section."""
 
     kind: str = "t5"
-    """t5 (transformers T5EncoderModel), clip (CLIPTextModel, the text tower of a CLIP checkpoint) or auto (any
-    text encoder transformers.AutoModel loads: BERT, MiniLM, ...)."""
+    """t5 (transformers T5EncoderModel), clip (CLIPTextModel, the text tower of a CLIP checkpoint), auto (any
+    text encoder transformers.AutoModel loads: BERT, MiniLM, ...) or decoder_llm (a causal LLM behind a chat
+    template: Qwen2.5-VL for Qwen-Image; flowmatch.encoders.decoder_llm)."""
     name_or_path: str = "google/t5-v1_1-xxl"
     """Hub id, local directory, or pkg:<python package>/<subdir> for a model shipped inside an installed package;
     from_init = model.init_from's pipeline (flowmatch.config.resolve_from_init)."""
@@ -60,7 +62,8 @@ class TextEncoderConfig:
     (-2 = the penultimate layer, as SD3 takes from CLIP)."""
     pooling: str = "mean"
     """Pooled vector: mean (masked mean of hidden states), pooler (the model's pooler output, e.g. CLIP), first
-    token, or projection (CLIPTextModelWithProjection's projected pooled output, as SD3)."""
+    token, projection (CLIPTextModelWithProjection's projected pooled output, as SD3), or none (no pooled vector:
+    width 0, for models that take none, e.g. Qwen-Image)."""
     normalize_pooled: bool = False
     """L2-normalise the pooled vector (sentence-transformers' MiniLM is trained with normalised embeddings)."""
     dtype: str = "auto"
@@ -73,6 +76,21 @@ class TextEncoderConfig:
     dropped: str = "empty"
     """This encoder's output for a dropped caption: empty (its encoding of the empty caption, the pipelines'
     negative prompt) or zeros (as StableDiffusion3Pipeline gives without its T5)."""
+    template: str = "{}"
+    """decoder_llm: the text the LLM reads, with {} where the caption goes (a chat template: Qwen-Image's system
+    prompt and turns)."""
+    drop_tokens: int = 0
+    """decoder_llm: leading tokens of every text whose states are dropped (the template's fixed prefix:
+    QwenImagePipeline's drop_idx, 34); max_length counts the tokens after them."""
+    stack_layers: list[int] = field(default_factory=list)
+    """decoder_llm: hidden layers whose states are concatenated along the width, in this order (FLUX.2 takes
+    three); [] = hidden_layer's states alone."""
+    model_class: Optional[str] = None
+    """decoder_llm: the transformers class to load (e.g. Qwen2_5_VLForConditionalGeneration); None = the
+    checkpoint config's architectures[0]."""
+    processor_subfolder: Optional[str] = None
+    """decoder_llm: subfolder of the processor (Qwen2VLProcessor) through which a vision-language LLM also sees
+    images (Qwen-Image-Edit's reference image; the template then holds its image placeholder); None = text only."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -94,40 +112,55 @@ class TextEncoderConfig:
             raise choice_error("text_encoder.dtype", self.dtype, ("auto", *DTYPES))
         if self.cache_size < 0:
             raise ValueError(f"text_encoder.cache_size must be >= 0, got {self.cache_size}")
+        llm_only = {"template": self.template != "{}", "drop_tokens": self.drop_tokens != 0,
+                    "stack_layers": bool(self.stack_layers), "model_class": self.model_class is not None,
+                    "processor_subfolder": self.processor_subfolder is not None}
+        if self.kind != "decoder_llm" and any(llm_only.values()):
+            wrong = [k for k, v in llm_only.items() if v]
+            raise ValueError(f"text_encoder.{wrong[0]} is for text_encoder.kind=decoder_llm (a chat-template LLM), "
+                             f"got kind={self.kind!r}: remove it or set kind: decoder_llm")
+        if self.template.count("{}") != 1:
+            raise ValueError(f"text_encoder.template must hold one {{}} where the caption goes, got {self.template!r}")
+        if self.drop_tokens < 0:
+            raise ValueError(f"text_encoder.drop_tokens must be >= 0, got {self.drop_tokens}")
 
 
 class TextEncoder:
     """A frozen caption encoder. `encode(captions) -> Conditioning` on `device`, hidden/pooled in float32."""
 
     def __init__(self, cfg: TextEncoderConfig, *, device: torch.device | str = "cpu") -> None:
-        from transformers import (AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection,
-                                  T5EncoderModel)
-
         self.cfg = cfg
         self.device = torch.device(device)
-        dtype = resolve_dtype(cfg.dtype, self.device)
-        model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "auto": AutoModel}[cfg.kind]
-        if cfg.pooling == "projection":
-            model_cls = CLIPTextModelWithProjection
-        sub = cfg.subfolder
-        tokenizer_sub = cfg.subfolder if cfg.tokenizer_subfolder is None else cfg.tokenizer_subfolder
-
-        def load(path: str):
-            # A T5 or CLIP class would load another architecture's checkpoint with random weights and a warning.
-            found = AutoConfig.from_pretrained(path, subfolder=sub).model_type
-            if cfg.kind in MODEL_TYPES and found not in MODEL_TYPES[cfg.kind]:
-                raise ValueError(f"text_encoder.kind={cfg.kind} but {cfg.name_or_path!r} is a {found!r} model; "
-                                 f"set text_encoder.kind=auto (any AutoModel encoder) or point at a {cfg.kind} model")
-            return (AutoTokenizer.from_pretrained(path, subfolder=tokenizer_sub),
-                    model_cls.from_pretrained(path, subfolder=sub, dtype=dtype))
-
-        self.tokenizer, self.model = load_pretrained("text encoder", cfg.name_or_path, load,
+        self.tokenizer, self.model = load_pretrained("text encoder", cfg.name_or_path, self._load,
                                                      key="text_encoder.name_or_path")
         self.model.to(self.device).eval().requires_grad_(False)
         if cfg.pooling == "pooler" and getattr(self._run(["a photo"]), "pooler_output", None) is None:
             raise ValueError(f"text_encoder.pooling=pooler but {cfg.name_or_path!r} has no pooler output; use mean")
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._fingerprint = self._make_fingerprint()
+
+    def _load(self, path: str):
+        """(tokenizer, model) of the resolved path, the model in the recipe's dtype."""
+        # reason: transformers' import costs seconds; only runs that load an encoder pay it.
+        from transformers import (AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection,
+                                  T5EncoderModel)
+
+        cfg = self.cfg
+        model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "auto": AutoModel}[cfg.kind]
+        if cfg.pooling == "projection":
+            model_cls = CLIPTextModelWithProjection
+        # A T5 or CLIP class would load another architecture's checkpoint with random weights and a warning.
+        found = AutoConfig.from_pretrained(path, subfolder=cfg.subfolder).model_type
+        if cfg.kind in MODEL_TYPES and found not in MODEL_TYPES[cfg.kind]:
+            raise ValueError(f"text_encoder.kind={cfg.kind} but {cfg.name_or_path!r} is a {found!r} model; "
+                             f"set text_encoder.kind=auto (any AutoModel encoder) or point at a {cfg.kind} model")
+        return (AutoTokenizer.from_pretrained(path, subfolder=self.tokenizer_subfolder),
+                model_cls.from_pretrained(path, subfolder=cfg.subfolder, dtype=resolve_dtype(cfg.dtype, self.device)))
+
+    @property
+    def tokenizer_subfolder(self) -> str:
+        """Where the tokenizer is: its own subfolder, else the encoder's."""
+        return self.cfg.subfolder if self.cfg.tokenizer_subfolder is None else self.cfg.tokenizer_subfolder
 
     @property
     def hidden_size(self) -> int:
@@ -137,7 +170,9 @@ class TextEncoder:
 
     @property
     def pooled_size(self) -> int:
-        """Dp of `Conditioning.pooled` (same as hidden_size except for CLIP's projection)."""
+        """Dp of `Conditioning.pooled` (same as hidden_size except for CLIP's projection, and 0 for none)."""
+        if self.cfg.pooling == "none":
+            return 0
         if self.cfg.pooling == "projection":
             return int(self.model.config.projection_dim)
         return self.hidden_size
@@ -190,6 +225,15 @@ class TextEncoder:
         mask = out.mask
         states = out.last_hidden_state if self.cfg.hidden_layer is None else out.hidden_states[self.cfg.hidden_layer]
         hidden = states.float() * mask[..., None]  # (B, L, D), zero at padding
+        # No padding, known without reading the mask: fixed-length padding attends to every position, and one
+        # caption padded to its own length has none.
+        all_valid = self.cfg.padding == "max_length" or len(captions) == 1
+        return Conditioning(hidden, mask, self._pool(hidden, mask, out), all_valid=all_valid)
+
+    def _pool(self, hidden, mask, out) -> torch.Tensor:
+        """The pooled vector (B, Dp) of zero-padded states hidden (B, L, D) with mask (B, L)."""
+        if self.cfg.pooling == "none":
+            return hidden.new_zeros(hidden.shape[0], 0)
         if self.cfg.pooling == "mean":
             pooled = hidden.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         elif self.cfg.pooling == "first":
@@ -200,7 +244,7 @@ class TextEncoder:
             pooled = out.pooler_output.float()
         if self.cfg.normalize_pooled:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return Conditioning(hidden, mask, pooled)
+        return pooled
 
     def encode(self, captions: list[str]) -> Conditioning:
         """Encode captions. hidden (B, L, D) with L the longest caption's token count, mask (B, L), pooled (B, Dp)."""

@@ -25,11 +25,19 @@ import torch
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.combine import EncoderShape, TextPart, combine_outputs, combined_sizes, parts
+from flowmatch.encoders.decoder_llm import DecoderLLMEncoder
 from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 from flowmatch.families import text_layout
 
 #: The name of a recipe's only encoder when it comes from the ``text_encoder`` section.
 SINGLE = "text_encoder"
+#: The encoder class of each kind that is not a plain TextEncoder.
+ENCODER_CLASSES = {"decoder_llm": DecoderLLMEncoder}
+
+
+def build_text_encoder(cfg: TextEncoderConfig, *, device: torch.device | str = "cpu") -> TextEncoder:
+    """The frozen encoder of one sub-config: a decoder LLM behind its chat template, or a T5 / CLIP / AutoModel."""
+    return ENCODER_CLASSES.get(cfg.kind, TextEncoder)(cfg, device=device)
 
 
 @dataclass
@@ -70,7 +78,7 @@ class TextEncoders:
             raise ValueError("TextEncoders needs at least one encoder: use TextEncodersConfig.resolved")
         self.cfg = cfg
         self.device = torch.device(device)
-        self.encoders = {name: TextEncoder(c, device=self.device) for name, c in cfg.encoders.items()}
+        self.encoders = {name: build_text_encoder(c, device=self.device) for name, c in cfg.encoders.items()}
         self.kinds = {name: c.kind for name, c in cfg.encoders.items()}
         shapes = {name: EncoderShape(c.kind, c.max_length if c.padding == "max_length" else None,
                                      self.encoders[name].hidden_size, self.encoders[name].pooled_size)
@@ -128,7 +136,8 @@ class TextEncoders:
     def dropout_null(self) -> Conditioning:
         """What training puts in place of a dropped caption (batch 1): per encoder, its encoded empty caption or,
         with ``dropped: zeros``, zeros of its shape."""
-        outputs = {name: (Conditioning(torch.zeros_like(c.hidden), c.mask, torch.zeros_like(c.pooled))
+        outputs = {name: (Conditioning(torch.zeros_like(c.hidden), c.mask, torch.zeros_like(c.pooled),
+                                        all_valid=c.all_valid)
                           if self.cfg.encoders[name].dropped == "zeros" else c)
                    for name, c in self._empty().items()}
         return self.combine(outputs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from flowmatch.dtypes import DTYPES
 
@@ -40,6 +40,10 @@ class DistributedConfig:
     has its timeouts); then it names the missing ranks and the job stops."""
     zero3_persistence_threshold: int = 100_000
     """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's default, 1e5)."""
+    memory_budget_gb: Optional[float] = None
+    """GiB of accelerator memory per process the run must fit: flowmatch train asks the memory planner
+    (flowmatch plan) and sets activation checkpointing, the ZeRO stage, offload and the micro batch so that it does,
+    and logs what it chose; null = train as the recipe says."""
     elastic_checkpoints: bool = True
     """Also save the optimizer state as whole tensors by parameter name (12 bytes a parameter), so that the run can
     resume on another number of processes, ZeRO stage or precision without resetting AdamW's moments."""
@@ -68,6 +72,9 @@ class DistributedConfig:
         for field in ("timeout_s", "rendezvous_timeout_s"):
             if not is_number(getattr(self, field), (int, float)) or not getattr(self, field) > 0:
                 raise bad(field, "a positive number of seconds")
+        if self.memory_budget_gb is not None and not (is_number(self.memory_budget_gb, (int, float))
+                                                      and self.memory_budget_gb > 0):
+            raise bad("memory_budget_gb", "a positive number of GiB per process, or null")
         if not is_number(self.zero3_persistence_threshold, int) or self.zero3_persistence_threshold < 0:
             raise bad("zero3_persistence_threshold", "an integer >= 0")
 

@@ -22,7 +22,7 @@ class ModelConfig(MMDiTConfig):
     come from."""
 
     family: Optional[str] = None
-    """Model family (flowmatch.families): sd3 | flux | unet; null = inferred from model.kind and model.rope
+    """Model family (flowmatch.families): sd3 | flux | qwen_image | unet; null = inferred from model.kind and model.rope
     (unet for model.kind: unet, flux for an MMDiT with rope: true, else sd3), as recipes before families say it."""
     kind: str = "mmdit"
     """Backbone: mmdit (the MMDiTConfig fields) | unet (diffusers' UNet2DConditionModel, flowmatch/models/unet.py);

@@ -6,14 +6,21 @@ machinery of :mod:`flowmatch.models.lora`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Optional
+
+import torch
+from torch import Tensor
 
 from flowmatch.errors import RecipeError
 from flowmatch.families import Family, family_of
+from flowmatch.models.convert.lora_formats import LoraFormat, diffusers_format
+from flowmatch.models.convert.lora_read import FileAdapters, file_adapters, read_lora_file
 from flowmatch.models.lora import LoraConfig, Projection, inject, projections, select_from
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 
-__all__ = ["apply_lora", "default_targets", "select"]
+__all__ = ["apply_file_adapters", "apply_lora", "default_targets", "load_lora_file", "lora_formats", "select",
+           "set_adapters"]
 
 
 def _adaptable(cfg: MMDiTConfig) -> Family:
@@ -21,6 +28,14 @@ def _adaptable(cfg: MMDiTConfig) -> Family:
     if not family.capabilities.lora or family.converter is None or family.lora_targets is None:
         raise RecipeError(f"model.lora: the {family.name} family has no LoRA targets ({family.summary})")
     return family
+
+
+def lora_formats(family: Family) -> Mapping[str, LoraFormat]:
+    """The family's LoRA file formats; a family that declares none still has diffusers' (its converter's diffusers
+    key table), as LoRA export had before formats."""
+    if family.lora_formats:
+        return family.lora_formats
+    return {"diffusers": diffusers_format(family.converter.diffusers_rules)}
 
 
 def default_targets(cfg: MMDiTConfig) -> list[str]:
@@ -40,3 +55,39 @@ def apply_lora(model: MMDiT, lora: LoraConfig) -> list[Projection]:
     """Freeze `model` and inject the adapters (peft, in place; A random, B zero, so the output is unchanged);
     returns the adapted projections. Seed torch first: A is drawn from its generator."""
     return inject(model, lora, select(model.cfg, lora.targets))
+
+
+def load_lora_file(model: MMDiT, lora: LoraConfig, path: str) -> str:
+    """Set the adapters :func:`apply_lora` injected to those of the LoRA file at ``path``, in any of the family's
+    formats (diffusers, ComfyUI, kohya, and the read-only layouts of other trainers); returns the format's name.
+    ValueError naming counts and examples of keys that do not land (nothing is loaded in part)."""
+    family = _adaptable(model.cfg)
+    what = f"model.lora.init_from={path!r}"
+    found = file_adapters(*read_lora_file(path), lora_formats(family), model.cfg, scale=lora.scale, what=what)
+    set_adapters(model, found.fit(select(model.cfg, lora.targets), lora, what=what))
+    return found.format
+
+
+def apply_file_adapters(model: MMDiT, found: FileAdapters) -> list[Projection]:
+    """Freeze ``model`` and inject exactly the adapters a LoRA file holds (read with scale 1), at its largest rank
+    (smaller ones padded with zeros); returns the adapted projections."""
+    family = _adaptable(model.cfg)
+    available = projections(model.cfg, family.converter.diffusers_rules(model.cfg))
+    chosen = [p for p in available if p.ours in found.adapters]
+    lora = LoraConfig(rank=found.rank, alpha=found.rank)
+    inject(model, lora, chosen)
+    set_adapters(model, found.fit(chosen, lora))
+    return chosen
+
+
+def set_adapters(model: MMDiT, adapters: dict[str, Tensor]) -> None:
+    """Copy adapter tensors (keyed as the model's state dict) into the injected adapters; ValueError on a shape
+    that differs."""
+    params = dict(model.named_parameters())
+    for key, value in adapters.items():
+        param = params[key]
+        if param.shape != value.shape:
+            raise ValueError(f"LoRA adapter {key} is {tuple(value.shape)} in the file, {tuple(param.shape)} in the "
+                             "model")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

@@ -10,13 +10,14 @@ compares family names.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
 from torch import Tensor, nn
 
 from flowmatch.encoders.combine import TextLayout
 from flowmatch.models.convert.keymap import Rule
+from flowmatch.models.convert.lora_formats import LoraFormat
 
 
 class Converter(Protocol):
@@ -79,6 +80,9 @@ class Schedule:
     """Its guidance scale is classifier-free guidance (SD3), not a model input (FLUX)."""
     time_rounded: bool
     """The transformer receives ``sigma * 1000 / 1000`` in float32 and scales it again (FLUX)."""
+    guidance_renorm: bool = False
+    """Classifier-free guidance rescales each token's guided velocity to the conditional one's norm over its packed
+    features (QwenImagePipeline's true CFG: ``comb * ||cond|| / ||comb||``)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,10 @@ class DiffusersPipeline:
     t5_padding: str = "max_length"
     """How it pads and masks its T5 (``text_encoder.padding``): max_length (SD3, FLUX) or max_length_plus_one
     (Chroma: the encoder given the mask, one padding token left visible to the transformer)."""
+    decoder_llm: Optional[Mapping[str, Any]] = None
+    """The TextEncoderConfig values of its decoder-LLM text encoder (kind decoder_llm: chat template, dropped
+    prefix, hidden layer, length, pooling), for the encoder whose class is no CLIP or T5 (Qwen-Image's
+    Qwen2.5-VL); None = CLIP and T5 only."""
     reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None
     """``reference_size(height, width, multiple) -> (height, width)``: the pixel size it resizes a reference image
     to before encoding it (None: it takes no reference images)."""
@@ -142,6 +150,9 @@ class Family:
     """Its diffusers and original-key converter (None: its weights are saved only as flowmatch's)."""
     lora_targets: Optional[Callable[[Any], list[str]]] = None
     """The diffusers module names LoRA adapts by default (diffusers' DreamBooth LoRA scripts)."""
+    lora_formats: Mapping[str, LoraFormat] = field(default_factory=dict)
+    """Its LoRA file layouts by name (``flowmatch/families/<family>/lora_formats.py``): those ``flowmatch export
+    --lora --format`` writes, and those ``model.lora.init_from`` reads."""
     text: Optional[TextLayout] = None
     """How its released pipeline combines several text encoders (``text_encoders.combine: <family>``)."""
     diffusers: Optional[DiffusersPipeline] = None

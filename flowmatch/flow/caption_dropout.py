@@ -45,7 +45,7 @@ def _replace_part(cond: Conditioning, rows: torch.Tensor, null: Conditioning, pa
     return Conditioning(torch.where(rows[:, None, None] & region, null.hidden.to(cond.hidden.dtype), cond.hidden),
                         torch.where(rows[:, None] & tokens, null.mask, cond.mask),
                         torch.where(rows[:, None] & pooled, null.pooled.to(cond.pooled.dtype), cond.pooled),
-                        dict(cond.extra), cond.reference)
+                        dict(cond.extra), cond.reference, all_valid=cond.all_valid and null.all_valid)
 
 
 def drop_captions(cond: Conditioning, null: Conditioning, p: float, *, generator: torch.Generator | None = None,

@@ -51,7 +51,7 @@ def with_guidance(cond: Conditioning, scale: Tensor | float) -> Conditioning:
     b, device = len(cond), cond.hidden.device
     w = torch.as_tensor(scale, dtype=torch.float32, device=device)
     w = w.expand(b) if w.ndim == 0 else w.to(device)
-    return Conditioning(cond.hidden, cond.mask, cond.pooled, {**cond.extra, GUIDANCE_INPUT: w}, cond.reference)
+    return cond.with_extra({**cond.extra, GUIDANCE_INPUT: w})
 
 
 def draw_guidance(n: int, cfg: GuidanceInputConfig, *, generator: torch.Generator | None = None) -> Tensor:
@@ -72,8 +72,7 @@ def guided_teacher_velocity(teacher: Callable[[Tensor, Tensor, Conditioning], Te
 
     ``cond`` must carry no guidance input (the teacher is an ordinary flow model); ``null`` has batch 1 or B.
     """
-    plain = Conditioning(cond.hidden, cond.mask, cond.pooled,
-                         {k: v for k, v in cond.extra.items() if k != GUIDANCE_INPUT}, cond.reference)
+    plain = cond.with_extra({k: v for k, v in cond.extra.items() if k != GUIDANCE_INPUT})
     both = Conditioning.cat([plain, plain.unconditional(null)])
     with torch.no_grad():
         v_cond, v_uncond = teacher(torch.cat([x, x]), torch.cat([t, t]), both).float().chunk(2)

@@ -181,15 +181,20 @@ def get_objective(name: str) -> Objective:
 def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null: Conditioning, *,
                    schedule: "TimeSchedule", flow: "FlowConfig", seq_len: int, generator: torch.Generator,
                    guided: bool = False, jvp_backend: str = "exact",
-                   dropout_parts: Optional[Sequence[tuple["TextPart", float]]] = None) -> ObjectiveLoss:
+                   dropout_parts: Optional[Sequence[tuple["TextPart", float]]] = None,
+                   mask: Optional[Tensor] = None) -> ObjectiveLoss:
     """The loss of ``flow.objective`` on data x0 (B, C, h, w) with its conditioning.
 
     ``null`` is the empty caption's conditioning (caption dropout's replacement and the unconditional input);
     ``seq_len`` the image tokens (for the time shift); ``guided`` whether the model takes a guidance scale
     (``cond.extra["guidance"]``); ``jvp_backend`` the meanflow backend (:data:`~flowmatch.flow.jvp.JVP_BACKENDS`);
-    ``dropout_parts`` each text encoder's share of ``cond`` with its own dropout (:func:`drop_captions`).
+    ``dropout_parts`` each text encoder's share of ``cond`` with its own dropout (:func:`drop_captions`);
+    ``mask`` (B, 1, H, W) in [0, 1] the region each sample's loss averages over (None = all; ``flow`` only).
     """
     objective = get_objective(flow.objective)
+    if mask is not None and objective.interval:
+        raise ValueError(f"a masked loss (the samples' masks) applies to flow.objective flow, not "
+                         f"{flow.objective}: train without masks (remove the .mask.png files or alpha channels)")
     cond = drop_captions(cond, null, flow.caption_dropout, generator=generator, parts=dropout_parts)
     b, device = x0.shape[0], x0.device
     noise = torch.randn(x0.shape, generator=generator).to(device)
@@ -218,7 +223,7 @@ def objective_loss(models: ObjectiveModels, x0: Tensor, cond: Conditioning, null
         cond = with_guidance(cond, w)
 
     if not objective.interval:
-        out = formulation.reweight(schedule.loss(_call(models.student, x_t, t, cond, None), v, t), t)
+        out = formulation.reweight(schedule.loss(_call(models.student, x_t, t, cond, None), v, t, mask), t)
         return ObjectiveLoss(out.loss, out.per_sample.detach(), t)
     target = v
     if jump is not None:

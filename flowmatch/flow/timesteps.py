@@ -23,7 +23,7 @@ from torch import Tensor
 from flowmatch.errors import choice_error
 from flowmatch.flow.formulation import check_formulation
 from flowmatch.flow.guided import GuidanceInputConfig
-from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossOutput, flow_matching_loss, loss_weight
+from flowmatch.flow.loss import LOSS_WEIGHTINGS, LossConfig, LossOutput, flow_matching_loss, loss_weight
 from flowmatch.flow.meanflow import MeanFlowConfig
 from flowmatch.flow.objectives import OBJECTIVES
 from flowmatch.flow.shortcut import ShortcutConfig
@@ -93,6 +93,8 @@ class FlowConfig:
     """Shortcut-model settings: self-consistency fraction, step levels."""
     guidance: GuidanceInputConfig = field(default_factory=GuidanceInputConfig)
     """Guidance scales drawn in training when the model takes one (model.guidance_embed)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The elementwise error: mse, l1 or pseudo-Huber with its delta schedule (flow/loss.py)."""
     teacher: Optional[str] = None
     """Run or checkpoint directory of a frozen flow model whose guided velocity replaces noise - x0
     (distillation); None = learn from data."""
@@ -228,9 +230,11 @@ class TimeSchedule:
         cfg = self.cfg
         return loss_weight(t, cfg.loss_weighting, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std)
 
-    def loss(self, velocity_pred: Tensor, target: Tensor, t: Tensor) -> LossOutput:
-        """:func:`flow_matching_loss` with the recipe's weighting; shapes (B, ...), (B, ...), (B,)."""
+    def loss(self, velocity_pred: Tensor, target: Tensor, t: Tensor, mask: Optional[Tensor] = None) -> LossOutput:
+        """:func:`flow_matching_loss` with the recipe's weighting and error; shapes (B, ...), (B, ...), (B,) and
+        the optional per-sample mask (B, 1, H, W)."""
         cfg = self.cfg
         return flow_matching_loss(
-            velocity_pred, target, t, cfg.loss_weighting, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std
+            velocity_pred, target, t, cfg.loss_weighting, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+            loss=cfg.loss, mask=mask,
         )

@@ -90,15 +90,19 @@ def sincos_pos_embed_2d(
     return emb.reshape(grid_h * grid_w, dim).float()
 
 
-def timestep_embedding(t: Tensor, dim: int) -> Tensor:
-    """Sinusoidal embedding of (already scaled) timesteps, always in float32.
+def timestep_embedding(t: Tensor, dim: int, scale: float = 1.0) -> Tensor:
+    """Sinusoidal embedding of timesteps, always in float32.
 
-    t: (B,) -> (B, dim) laid out as [cos(t * f_i), sin(t * f_i)], f_i = 10000^(-i / (dim / 2)), the layout of
-    SD3's `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`.
+    t: (B,) -> (B, dim) laid out as [cos(a_i), sin(a_i)], a_i = (t * f_i) * scale, f_i = 10000^(-i / (dim / 2)),
+    the layout of SD3's `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`; `scale` is its `scale`
+    argument (Qwen-Image's 1000), applied after the product as there, which float32 rounds differently from
+    scaling t first (6e-5 apart at t * 1000 ~ 1000).
     """
     half = dim // 2
     freqs = torch.exp(-math.log(SINUSOID_MAX_PERIOD) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None, :]
+    if scale != 1.0:
+        angles = angles * scale
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
@@ -109,15 +113,16 @@ def mlp_embedder(in_dim: int, dim: int, *, device=None, dtype=None) -> Mlp:
 
 
 class TimestepEmbedder(nn.Module):
-    """t (B,) already multiplied by the time scale -> (B, dim); the sinusoid stays float32 even under bf16."""
+    """t (B,) -> (B, dim); the sinusoid stays float32 even under bf16. `scale` multiplies the sinusoid's angles
+    (:func:`timestep_embedding`); with the default 1, t comes already multiplied by the time scale."""
 
-    def __init__(self, freq_dim: int, dim: int, *, device=None, dtype=None) -> None:
+    def __init__(self, freq_dim: int, dim: int, *, scale: float = 1.0, device=None, dtype=None) -> None:
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale
         self.mlp = mlp_embedder(freq_dim, dim, device=device, dtype=dtype)
 
     def forward(self, t: Tensor) -> Tensor:
-        freqs = timestep_embedding(t, self.freq_dim)
+        freqs = timestep_embedding(t, self.freq_dim, self.scale)
         # Cast only after the sinusoid: bf16 cannot resolve t * 1000 to better than a few units.
         return self.mlp(freqs.to(self.mlp.fc1.weight.dtype))
 
@@ -168,6 +173,41 @@ def rope_table(
     unrotated = head_dim // 2 - angles.shape[1]
     angles = F.pad(angles, (0, unrotated, 0, text_len))  # (S, head_dim / 2)
     return RopeTable(torch.cos(angles).float()[:, None, :], torch.sin(angles).float()[:, None, :])
+
+
+def msrope_table(
+    grid_h: int, grid_w: int, text_len: int, *, head_dim: int, axes_dim: Sequence[int], theta: float, device,
+    references: Sequence[tuple[int, int]] = (),
+) -> RopeTable:
+    """RoPE angles as in Qwen-Image's MSRoPE (Qwen-Image technical report, section 2.3), rows [image,
+    references, text].
+
+    Three axes (frame, row, column): an image token (i, j) of the generated image has positions
+    (0, i - ceil(h / 2), j - ceil(w / 2)), a grid centred on the origin; reference k's (rows, columns) grid in
+    ``references`` is centred the same way at frame k + 1 (Qwen-Image-Edit's image index); text token n has
+    position m + n on all three axes, m = the largest max(h // 2, w // 2) of the grids, on the diagonal just past
+    the images. Axis a rotates the next axes_dim[a] channels at frequencies theta^(-2m / axes_dim[a]). Angles are
+    products of float32 positions and float32 frequencies, as QwenImageTransformer2DModel's tables are; channels
+    past the axes are not rotated.
+    """
+    if len(axes_dim) != 3:
+        raise ValueError(f"MSRoPE rotates three axes (frame, row, column), got axes_dim={list(axes_dim)}")
+    grids = [(grid_h, grid_w), *references]
+    frames = torch.cat([torch.full((h * w,), k, device=device) for k, (h, w) in enumerate(grids)])
+    rows = torch.cat([torch.arange(h, device=device).repeat_interleave(w) - (h - h // 2) for h, w in grids])
+    cols = torch.cat([torch.arange(w, device=device).repeat(h) - (w - w // 2) for h, w in grids])
+    text = max(max(h // 2, w // 2) for h, w in grids) + torch.arange(text_len, device=device)
+    ids = [torch.cat([image, text]).float() for image in (frames, rows, cols)]  # 3 x (S,)
+    parts = []
+    for pos, d in zip(ids, axes_dim):
+        freqs = 1.0 / torch.pow(theta, torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        parts.append(pos[:, None] * freqs[None, :])  # (S, d / 2)
+    angles = F.pad(torch.cat(parts, dim=1), (0, head_dim // 2 - sum(axes_dim) // 2))  # (S, head_dim / 2)
+    return RopeTable(torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :])
+
+
+#: How token positions become RoPE angles, by ``MMDiTConfig.rope_layout``.
+ROPE_LAYOUTS = {"flux": rope_table, "msrope": msrope_table}
 
 
 def apply_rope(x: Tensor, table: Optional[RopeTable]) -> Tensor:

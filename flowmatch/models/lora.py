@@ -34,6 +34,8 @@ ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 ATTENTION2 = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 #: Name of the one adapter flowmatch injects (peft's default).
 ADAPTER = "default"
+#: The adapter kinds ``model.lora.kind`` names (:mod:`flowmatch.models.adapters` builds their peft configs).
+KINDS = ("lora", "dora", "loha", "lokr")
 
 
 @dataclass
@@ -47,15 +49,41 @@ class LoraConfig:
     targets: Optional[list[str]] = None
     """diffusers module names (or dotted suffixes) to adapt; None = the architecture's defaults."""
     dropout: float = 0.0
-    """Dropout on the adapters' input during training."""
+    """Dropout during training: on the adapters' input (lora, dora), on their rank components (loha, lokr)."""
+    kind: str = "lora"
+    """lora | dora (weight-decomposed LoRA) | loha (Hadamard product of two LoRAs) | lokr (Kronecker product)."""
+    factor: int = -1
+    """lokr: the Kronecker factor's size along each axis (peft's decompose_factor); -1 = near the square root."""
+    init_from: Optional[str] = None
+    """A LoRA .safetensors file the adapters start from instead of zero (B) and random (A): diffusers', ComfyUI's
+    or kohya's keys, or another trainer's (``flowmatch.models.convert.lora_read``). Its modules must be exactly the
+    targets' and its rank at most ``rank``."""
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            near = nearest(self.kind, list(KINDS))
+            hint = f" (did you mean {near!r}?)" if near else ""
+            raise ValueError(f"model.lora.kind: {self.kind!r} is not an adapter kind{hint}; allowed: "
+                             f"{', '.join(KINDS)}")
+        if self.init_from and self.kind != "lora":
+            raise ValueError(f"model.lora.init_from starts LoRA adapters from a LoRA file; kind {self.kind} starts "
+                             "from peft's own initialisation: remove init_from or use kind lora")
+        if self.factor == 0 or self.factor < -1:
+            raise ValueError(f"lora.factor must be -1 (near the square root) or >= 1, got {self.factor}")
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
             raise ValueError(f"lora.alpha must be > 0 (the update is alpha / rank x B A), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_from is not None and not str(self.init_from).endswith(".safetensors"):
+            raise ValueError(f"lora.init_from must be a .safetensors LoRA file (other files may be pickles, which "
+                             f"can run code: convert them first), got {self.init_from!r}")
+
+    @property
+    def reads_base(self) -> bool:
+        """Whether injecting reads the base weights (DoRA's magnitude starts at their row norms)."""
+        return self.kind == "dora"
 
     @property
     def scale(self) -> float:
@@ -128,10 +156,17 @@ def select_from(available: list[Projection], targets: Optional[list[str]], defau
 
 
 def peft_config(lora: LoraConfig, modules: list[str]):
-    """The peft.LoraConfig adapting exactly `modules` (full module names)."""
-    from peft import LoraConfig as PeftLoraConfig  # peft loads transformers: only LoRA runs pay for it
+    """The peft config of ``lora.kind`` (LoraConfig, with use_dora for dora; LoHaConfig; LoKrConfig) adapting
+    exactly `modules` (full module names)."""
+    import peft  # peft loads transformers: only LoRA runs pay for it
 
-    return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules)
+    if lora.kind == "loha":
+        return peft.LoHaConfig(r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=modules)
+    if lora.kind == "lokr":
+        return peft.LoKrConfig(r=lora.rank, alpha=lora.alpha, rank_dropout=lora.dropout, target_modules=modules,
+                          decompose_factor=lora.factor)
+    return peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=modules,
+                          use_dora=lora.kind == "dora")
 
 
 def inject(model: nn.Module, lora: LoraConfig, chosen: list[Projection]) -> list[Projection]:
@@ -141,7 +176,20 @@ def inject(model: nn.Module, lora: LoraConfig, chosen: list[Projection]) -> list
 
     model.requires_grad_(False)
     inject_adapter_in_model(peft_config(lora, [p.ours for p in chosen]), model, adapter_name=ADAPTER)
+    if lora.kind == "dora":
+        _check_magnitudes(model)
     return chosen
+
+
+def _check_magnitudes(model: nn.Module) -> None:
+    """DoRA divides by each output row's weight norm, which peft starts its magnitude at: a zero row (a
+    zero-initialised, untrained layer) would make the output NaN."""
+    for name, p in model.named_parameters():
+        if ".lora_magnitude_vector." in name and p.device.type != "meta" and p.numel() and not bool(p.all()):
+            module = name.split(".lora_magnitude_vector.")[0]
+            raise RecipeError(f"model.lora.kind: dora divides by the norm of each output row of the weight, and "
+                              f"{module} has all-zero rows (a zero-initialised layer that was never trained): "
+                              "remove its diffusers name from model.lora.targets or use kind lora")
 
 
 def adapter_key(module: str, factor: str) -> str:
@@ -150,5 +198,5 @@ def adapter_key(module: str, factor: str) -> str:
 
 
 def is_adapter(name: str) -> bool:
-    """Whether a parameter name is an adapter factor's."""
-    return ".lora_A." in name or ".lora_B." in name
+    """Whether a parameter name is an adapter's (any kind: peft names each ``<module>.<factor>.default[.weight]``)."""
+    return f".{ADAPTER}." in f"{name}."

@@ -1,8 +1,9 @@
 """The MMDiT velocity model (SD3: Esser et al. 2024, "Scaling Rectified Flow Transformers", sections 4 and B),
-with the options that make the released SD3.5 and FLUX.1 architectures: MMDiT-X blocks (a second, image-only
-attention; SD3.5-medium), FLUX single-stream blocks, RoPE over 2 or 3 position axes, a guidance embedding
-(FLUX.1-dev) and the modulation approximator in place of per-block modulation (Chroma). `flowmatch.families`
-names each released layout (its presets).
+with the options that make the released SD3.5, FLUX.1 and Qwen-Image architectures: MMDiT-X blocks (a second,
+image-only attention; SD3.5-medium), FLUX single-stream blocks, RoPE over 2 or 3 position axes in FLUX's or
+Qwen-Image's MSRoPE layout, a guidance embedding (FLUX.1-dev), no pooled text vector and an RMS-normalised text
+input (Qwen-Image), and the modulation approximator in place of per-block modulation (Chroma).
+`flowmatch.families` names each released layout (its presets).
 
 Time convention (flowmatch-wide): t = 0 is data, t = 1 is noise; the model predicts the velocity noise - x0.
 """
@@ -19,11 +20,11 @@ from torch import Tensor, nn
 from flowmatch.conditioning import Conditioning
 from flowmatch.models.approximator import ModulationApproximator, Modulations
 from flowmatch.models.embeddings import (
+    ROPE_LAYOUTS,
     RopeTable,
     TimestepEmbedder,
     mlp_embedder,
     patchify,
-    rope_table,
     sincos_pos_embed_2d,
     unpatchify,
 )
@@ -58,7 +59,11 @@ class MMDiTConfig:
     context_dim: Optional[int] = None
     """Width of the text encoder's token embeddings; None = filled in from the text encoder."""
     pooled_dim: Optional[int] = None
-    """Width of the pooled text vector; None = filled in from the text encoder."""
+    """Width of the pooled text vector; 0 = the model takes none (Qwen-Image); None = filled in from the text
+    encoder."""
+    context_norm: bool = False
+    """RMS-normalise the text encoder's states, with a learned scale, before projecting them (Qwen-Image's
+    txt_norm: a decoder LLM's last hidden states are not normalised)."""
     sample_size: int = 128
     """Base latent side the sin-cos position grid is scaled to (diffusers' sample_size)."""
     pos_embed_max_size: int = 192
@@ -71,6 +76,9 @@ class MMDiTConfig:
     """Channels of the sinusoidal timestep embedding."""
     time_scale: float = 1000.0
     """The model embeds t * time_scale (SD3/FLUX; diffusers takes timestep = t * 1000)."""
+    time_scale_last: bool = False
+    """Apply time_scale to the timestep sinusoid's angles (t * f_i) * time_scale rather than to t (Qwen-Image's
+    Timesteps(scale=1000)); the same in exact arithmetic, not in float32."""
     single_blocks: int = 0
     """FLUX-style single-stream blocks after the joint ones (0 = SD3: last joint block is context-pre-only)."""
     rope: bool = False
@@ -80,8 +88,14 @@ class MMDiTConfig:
     rope_axes_dim: Optional[list[int]] = None
     """Head channels rotated per position axis: (row, column), or FLUX's (image index, row, column) whose first
     axis is always 0 here; None = half of head_dim each for row and column."""
+    rope_layout: str = "flux"
+    """Where tokens sit on the RoPE axes: flux (image rows and columns from 0, text at 0) | msrope (Qwen-Image:
+    three axes, the image grid centred on 0, text on the diagonal after it); see flowmatch.models.embeddings."""
     dual_attention_layers: list[int] = field(default_factory=list)
     """Indices of the joint blocks whose image stream has MMDiT-X's second, image-only attention (SD3.5-medium)."""
+    text_last_block: bool = False
+    """Keep the text stream's attention output and MLP in the last joint block when there are no single blocks
+    (Qwen-Image's weights have them, though nothing reads their output); False = SD3's context-pre-only block."""
     guidance_embed: bool = False
     """Embed a guidance value, cond.extra["guidance"] (B,) times time_scale, like the timestep (FLUX.1-dev)."""
     references: int = 0
@@ -113,8 +127,8 @@ class MMDiTConfig:
 
     @property
     def takes_pooled(self) -> bool:
-        """Whether the model reads the pooled text vector (not with the modulation approximator)."""
-        return self.modulation == "adaln"
+        """Whether the model reads the pooled text vector (pooled_dim 0: none, as with the approximator)."""
+        return self.pooled_dim != 0
 
     @property
     def axes_dim(self) -> list[int]:
@@ -134,22 +148,25 @@ class MMDiTConfig:
             if extras or self.single_blocks < 1:
                 raise ValueError(f"MMDiTConfig.modulation=approximator (Chroma) takes single blocks and none of "
                                  f"{extras or ['single_blocks=0']}: its modulation rows cover the timestep alone")
+            if self.pooled_dim != 0:
+                raise ValueError(f"MMDiTConfig.modulation=approximator (Chroma) takes no pooled text vector: set "
+                                 f"pooled_dim to 0, got {self.pooled_dim}")
             for name in ("approximator_channels", "approximator_hidden", "approximator_layers"):
                 if getattr(self, name) <= 0 or (name == "approximator_channels" and getattr(self, name) % 4):
                     raise ValueError(f"MMDiTConfig.{name} must be positive (channels divisible by 4), got "
                                      f"{getattr(self, name)}")
-        # the approximator's model takes no pooled text vector
-        needed = ("in_channels", "context_dim", "pooled_dim") if self.takes_pooled else ("in_channels", "context_dim")
-        for name in needed:
+        for name in ("in_channels", "context_dim", "pooled_dim"):
             if getattr(self, name) is None:
                 raise ValueError(
                     f"MMDiTConfig.{name} is None; set it, or let the trainer fill it from the "
                     f"{'autoencoder' if name == 'in_channels' else 'text encoder'} before building the model"
                 )
         for name in ("patch_size", "depth", "num_heads", "head_dim", "sample_size", "pos_embed_max_size",
-                     "time_freq_dim", *needed):
+                     "time_freq_dim", "in_channels", "context_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"MMDiTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.pooled_dim < 0:
+            raise ValueError(f"MMDiTConfig.pooled_dim must be >= 0 (0: no pooled vector), got {self.pooled_dim}")
         if self.references < 0:
             raise ValueError(f"MMDiTConfig.references must be >= 0, got {self.references}")
         if self.references and not (self.rope and len(self.axes_dim) == 3):
@@ -166,6 +183,11 @@ class MMDiTConfig:
         if self.single_blocks == 0 and self.depth - 1 in self.dual_attention_layers:
             raise ValueError("MMDiTConfig.dual_attention_layers cannot include the last joint block when there are "
                              "no single blocks: its text stream is context-pre-only")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"MMDiTConfig.rope_layout={self.rope_layout!r} must be one of {sorted(ROPE_LAYOUTS)}")
+        if self.rope_layout == "msrope" and (not self.rope or len(self.axes_dim) != 3):
+            raise ValueError("MMDiTConfig.rope_layout=msrope needs rope: true and three rope_axes_dim (frame, "
+                             f"rows, columns), got rope={self.rope}, rope_axes_dim={self.rope_axes_dim}")
         if self.rope:
             axes = self.axes_dim
             if len(axes) not in (2, 3) or any(d <= 0 or d % 2 for d in axes) or sum(axes) > self.head_dim:
@@ -177,6 +199,16 @@ class MMDiTConfig:
             raise ValueError(
                 f"the sin-cos position embedding needs num_heads * head_dim divisible by 4, got {self.width}"
             )
+
+
+def _owned(x: Tensor) -> Tensor:
+    """``x`` as a tensor of its own when it is a view (a linear layer's output on (B, S, F) inputs is one).
+
+    Every block then receives inputs of one kind: a block compiled for dynamic sequence lengths guards on the base
+    of an input view, so view inputs of the first block would need a graph of their own (one recompile more per
+    block type and bucket change). The copy is one (B, S, D) pass, next to a block's many.
+    """
+    return x.clone() if x._base is not None else x
 
 
 class MMDiT(nn.Module):
@@ -211,13 +243,17 @@ class MMDiT(nn.Module):
         self.approximator = ModulationApproximator(
             cfg.depth, cfg.single_blocks, d, channels=cfg.approximator_channels, hidden=cfg.approximator_hidden,
             layers=cfg.approximator_layers, **kw) if given else None
-        self.time_embed = None if given else TimestepEmbedder(cfg.time_freq_dim, d, **kw)
+        # Where the time scale applies: to t (SD3, FLUX) or to the sinusoid's angles (time_scale_last).
+        self.time_input_scale = 1.0 if cfg.time_scale_last else cfg.time_scale
+        self.time_embed = None if given else TimestepEmbedder(
+            cfg.time_freq_dim, d, scale=cfg.time_scale if cfg.time_scale_last else 1.0, **kw)
         self.guidance_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.guidance_embed else None
         self.interval_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.interval_embed else None
-        self.pooled_embed = None if given else mlp_embedder(cfg.pooled_dim, d, **kw)
+        self.pooled_embed = mlp_embedder(cfg.pooled_dim, d, **kw) if cfg.pooled_dim else None
+        self.context_norm = RmsNorm(cfg.context_dim, eps=cfg.norm_eps, **kw) if cfg.context_norm else None
         self.context_embed = nn.Linear(cfg.context_dim, d, **kw)
         # Without single blocks the text stream of the last joint block is never read again (SD3).
-        last_pre_only = cfg.single_blocks == 0
+        last_pre_only = cfg.single_blocks == 0 and not cfg.text_last_block
         self.joint_blocks = nn.ModuleList(
             JointBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden,
                        context_pre_only=last_pre_only and i == cfg.depth - 1,
@@ -246,7 +282,8 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, (RmsNorm, nn.RMSNorm)):
                 module.reset_parameters()
-        embedders = [] if self.approximator is not None else [self.time_embed.mlp, self.pooled_embed]
+        embedders = [] if self.approximator is not None else [self.time_embed.mlp]
+        embedders += [self.pooled_embed] if self.pooled_embed is not None else []
         if self.approximator is not None:  # its last layer zero: every modulation row starts at zero (adaLN-Zero)
             embedders += [self.approximator.in_proj, *(layer.mlp for layer in self.approximator.layers)]
             nn.init.zeros_(self.approximator.out_proj.weight)
@@ -321,13 +358,14 @@ class MMDiT(nn.Module):
         cfg = self.cfg
         if self.approximator is not None:
             return self.approximator(t.float() * cfg.time_scale)
-        vec = self.time_embed(t.float() * cfg.time_scale)  # (B, D)
+        vec = self.time_embed(t.float() * self.time_input_scale)  # (B, D)
         if self.guidance_embed is not None:  # (time + guidance) + pooled: FLUX's order of the sums
             vec = vec + self.guidance_embed(cond.extra["guidance"].float() * cfg.time_scale)
         if self.interval_embed is not None:  # the interval t - r (MeanFlow's (t, t - r) inputs); r = None is r = t
             interval = t.float() - r.float() if r is not None else torch.zeros_like(t, dtype=torch.float32)
             vec = vec + self.interval_embed(interval * cfg.time_scale)
-        vec = vec + self.pooled_embed(cond.pooled)
+        if self.pooled_embed is not None:
+            vec = vec + self.pooled_embed(cond.pooled)
         return Modulations(joint=[vec] * len(self.joint_blocks), single=[vec] * len(self.single_blocks), final=vec)
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor] = None) -> Tensor:
@@ -350,15 +388,20 @@ class MMDiT(nn.Module):
             refs = [self.patch_embed(patchify(r.to(x.dtype), cfg.patch_size)) for r in cond.reference]
             img = torch.cat([img, *refs], dim=1)
         mods = self._modulation(t, cond, r)
-        ctx = self.context_embed(cond.hidden)  # (B, L, D)
+        hidden = self.context_norm(cond.hidden) if self.context_norm is not None else cond.hidden
+        ctx = self.context_embed(hidden)  # (B, L, D)
+        img, ctx = _owned(img), _owned(ctx)
 
         image_len, text_len = img.shape[1], ctx.shape[1]
-        # Image (and reference) keys are always visible; only the text keys are masked.
-        mask = torch.cat([cond.mask.new_ones(b, image_len), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
+        # Image (and reference) keys are always visible; only the text keys are masked. With no padding (known on
+        # the host) no mask reaches attention, which keeps SDPA's flash kernels eligible.
+        mask: Optional[Tensor] = None
+        if not cond.all_valid:
+            mask = torch.cat([cond.mask.new_ones(b, image_len), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
         rope: Optional[RopeTable] = None
         if cfg.rope:
-            rope = rope_table(gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
-                              theta=cfg.rope_theta, device=x.device, references=ref_grids)
+            rope = ROPE_LAYOUTS[cfg.rope_layout](gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
+                                                 theta=cfg.rope_theta, device=x.device, references=ref_grids)
 
         for block, vec in zip(self.joint_blocks, mods.joint):
             img, ctx = block(img, ctx, vec, mask, rope)

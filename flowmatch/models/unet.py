@@ -98,7 +98,8 @@ class UNetBackbone(nn.Module):
             x,                                        # (B, C, H, W)
             timestep=t * self.time_scale,             # (B,)
             encoder_hidden_states=cond.hidden,        # (B, L, context_dim)
-            encoder_attention_mask=cond.mask,         # (B, L) True = a real token
+            # (B, L) True = a real token; none without padding, which keeps SDPA's flash kernels eligible
+            encoder_attention_mask=None if cond.all_valid else cond.mask,
             class_labels=cond.pooled,                 # (B, pooled_dim), added to the time embedding
         ).sample
         return out                                    # (B, C', H, W)

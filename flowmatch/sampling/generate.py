@@ -92,13 +92,18 @@ class GenerationConfig:
     """The default image (height, width) in pixels."""
     family: Optional[str] = None
     """The model's family (flowmatch.families): whether, and how many, reference images it takes."""
+    guidance_renorm: int = 0
+    """Rescale each p x p latent patch's guided velocity to the conditional one's norm (p = this; 0 = plain
+    classifier-free guidance): the family's pipeline guides so (Qwen-Image's true CFG)."""
 
     @classmethod
     def of(cls, recipe: Any) -> "GenerationConfig":
         """The sections of a recipe (:class:`flowmatch.config.Recipe`): flow, sampling, the model's patch size,
-        guidance input and family, the data's image size."""
+        guidance input and family (and how it guides), the data's image size."""
+        family = family_of(recipe.model)
+        renorm = family.latents.pack if family.diffusers and family.diffusers.schedule.guidance_renorm else 0
         return cls(recipe.flow, recipe.sampling, recipe.model.patch_size, bool(recipe.model.guidance_embed),
-                   tuple(recipe.data.size), family_of(recipe.model).name)
+                   tuple(recipe.data.size), family.name, renorm)
 
 
 def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
@@ -112,7 +117,7 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
                    steps: int, solver: str, guidance_scale: Optional[float], shift: float,
                    grid: Optional[list[float]] = None, formulation: Optional[Formulation] = None,
                    options: Optional[SamplingConfig] = None,
-                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, int]:
+                   generator: Optional[torch.Generator] = None, renorm: int = 0) -> tuple[Tensor, int]:
     """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, model evaluations).
 
     With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
@@ -121,7 +126,7 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
     others integrate its velocity at r = t. ``formulation`` (default: rectified flow, velocity) says what the
     model predicts: an ODE solver integrates its probability-flow velocity; a diffusion sampler (``solver`` in
     ``ddim | ancestral | pc``) takes eta and the corrector settings from ``options`` and its fresh noise from
-    ``generator``.
+    ``generator``. ``renorm`` p rescales the guided velocity per p x p patch (:func:`guided_velocity`).
     """
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
@@ -132,12 +137,12 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
         if formulation is not None and not formulation.is_rectified_velocity:
             raise ValueError("the average solver needs a rectified-flow model's average velocity; this model "
                              f"predicts {formulation.prediction} on the {formulation.path.name} path")
-        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True)
+        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True, renorm=renorm)
         solution = sample_average(velocity, noise, steps=steps, shift=shift)
         return solution.x, solution.nfe
     # Guidance mixes outputs linearly, and every prediction is affine in every other at fixed (x, t): guiding the
     # model's own output is guiding its velocity.
-    predict = guided_velocity(model, cond, null if guided else None, guidance_scale)
+    predict = guided_velocity(model, cond, null if guided else None, guidance_scale, renorm=renorm)
     if is_diffusion_sampler(solver):
         if grid is not None:
             raise ValueError(f"the {solver} sampler walks the flow's own grid; it takes no grid or sigmas")
@@ -210,7 +215,8 @@ class Pipeline:
                  steps: Optional[int] = None, solver: Optional[str] = None,
                  guidance_scale: Optional[float] = None, seed: int = 0, height: Optional[int] = None,
                  width: Optional[int] = None, noise: Optional[Tensor] = None,
-                 sigmas: Optional[list[float]] = None, auto_resize: bool = True) -> Tensor:
+                 sigmas: Optional[list[float]] = None, auto_resize: bool = True,
+                 negative_prompt: Optional[str | list[str]] = None) -> Tensor:
         """Images (B, C, H, W) in [0, 1] for B prompts; None arguments take the recipe's sampling defaults.
 
         Image i starts from noise seeded with ``seed + i``, or from ``noise[i]`` when ``noise`` (B, C, h, w), the
@@ -218,7 +224,9 @@ class Pipeline:
         the image size. ``sigmas`` (one per step, unshifted, as diffusers' pipelines take them) sets the grid:
         the shift applied to them, then 0. For a model with a guidance embedding (FLUX-dev) the guidance scale is
         the value it embeds, with no classifier-free guidance, as FluxPipeline does. :attr:`last_nfe` holds the
-        velocity evaluations used (per image).
+        velocity evaluations used (per image). Classifier-free guidance contrasts the prompts with
+        ``negative_prompt`` (one for all, or one per prompt; QwenImagePipeline's negative prompt), by default with
+        the empty caption.
 
         ``images`` are reference images for an editing family (FLUX.1 Kontext): a (B, C, H, W) tensor in [0, 1]
         (one per prompt), or per prompt a PIL image, a (C, H, W) tensor or a list of them
@@ -244,13 +252,20 @@ class Pipeline:
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         steps = steps or (len(sigmas) if sigmas is not None else s.steps)
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) not in (1, len(prompts)):
+                raise ValueError(f"negative_prompt: give one, or one per prompt ({len(prompts)}), got {len(negatives)}")
+            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
         pixels = self._reference_pixels(images, len(prompts), h * self.encoders.downsample,
                                         w * self.encoders.downsample, auto_resize)
         out: list[Optional[Tensor]] = [None] * len(prompts)
         for rows in group_rows([tuple(tuple(r.shape) for r in refs) for refs in pixels]):
             reference = stack_references([pixels[i] for i in rows]) if pixels[rows[0]] else ()
             decoded = self._sample([prompts[i] for i in rows], noise[rows], reference, steps=steps, solver=solver,
-                                   guidance_scale=guidance_scale, seed=seed, sigmas=sigmas)
+                                   guidance_scale=guidance_scale, seed=seed, sigmas=sigmas,
+                                   negatives=None if negatives is None else [negatives[i] for i in rows])
             for i, image in zip(rows, decoded):
                 out[i] = image
         return torch.stack(out)
@@ -277,14 +292,17 @@ class Pipeline:
 
     def _sample(self, prompts: list[str], noise: Tensor, reference: tuple[Tensor, ...], *, steps: int,
                 solver: Optional[str], guidance_scale: Optional[float], seed: int,
-                sigmas: Optional[list[float]]) -> Tensor:
+                sigmas: Optional[list[float]], negatives: Optional[list[str]] = None) -> Tensor:
         """One batch of one reference layout: noise (B, C, h, w), each reference's pixels (B, C, H_k, W_k) in
-        [-1, 1] -> images (B, C, H, W) in [0, 1]."""
+        [-1, 1] -> images (B, C, H, W) in [0, 1]; ``negatives``: one negative prompt per row (None: the empty
+        caption)."""
         s = self.config.sampling
         seq_len = (noise.shape[-2] // self.config.patch_size) * (noise.shape[-1] // self.config.patch_size)
         scale = s.guidance_scale if guidance_scale is None else guidance_scale
         shift = self.schedule.shift_for(seq_len)  # the target's tokens alone, as FluxKontextPipeline's mu
         cond, null, model = self.encoders.encode_text(list(prompts)), self.encoders.null(), self.model
+        if negatives is not None:
+            null = self.encoders.encode_text(negatives)
         if reference:  # (B, R, C, H, W) -> one (B, c, h, w) latent per reference: the trainer's encoding
             cond = cond.with_reference([self.encoders.encode_references(r[:, None])[:, 0] for r in reference])
         if self.config.guidance_embed:  # guidance as a model input (FLUX-dev, few-step): no unconditional pass
@@ -300,7 +318,8 @@ class Pipeline:
         latents, self.last_nfe = sample_latents(model, cond, null, noise.to(self.device, torch.float32), steps=steps,
                                                 solver=solver or s.solver, guidance_scale=scale, shift=shift,
                                                 grid=grid, formulation=self.formulation, options=s,
-                                                generator=torch.Generator().manual_seed(seed))
+                                                generator=torch.Generator().manual_seed(seed),
+                                                renorm=self.config.guidance_renorm)
         return model_to_unit(self.encoders.decode(latents))
 
 

@@ -24,6 +24,7 @@ def guided_velocity(
     scale: float | None,
     *,
     r: bool = False,
+    renorm: int = 0,
 ) -> Callable[..., Tensor]:
     """A velocity field ``v(x, t)`` with classifier-free guidance, for :func:`flowmatch.sampling.sample_ode`;
     with ``r=True`` an average velocity ``u(x, t, r)`` for :func:`flowmatch.sampling.sample_average`, the model
@@ -33,6 +34,10 @@ def guided_velocity(
     ``uncond``; both come from ONE forward on the batch [x; x] of size 2B (``uncond`` may have batch 1, and
     token lengths may differ: :meth:`Conditioning.cat` pads). ``scale`` None or 1 is plain conditional sampling
     with a single forward of size B; ``uncond`` may then be None. x (B, ...), t (B,).
+
+    ``renorm`` p > 0 rescales the guided velocity of each p x p patch (all channels: one token of a pipeline that
+    packs p x p latent patches) to the conditional velocity's norm there, as QwenImagePipeline's true CFG does:
+    ``g * ||v_c|| / ||g||``; x is then (B, C, H, W) with H and W multiples of p.
     """
     if scale is None or scale == 1.0:
         if r:
@@ -45,6 +50,17 @@ def guided_velocity(
     def velocity(x: Tensor, t: Tensor, r_: Tensor | None = None) -> Tensor:
         extra = {} if r_ is None else {"r": torch.cat([r_, r_])}
         v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), both, **extra).chunk(2)
-        return v_uncond + scale * (v_cond - v_uncond)
+        guided = v_uncond + scale * (v_cond - v_uncond)
+        if renorm:
+            guided = guided * (_patch_norms(v_cond, renorm) / _patch_norms(guided, renorm))
+        return guided
 
     return velocity
+
+
+def _patch_norms(v: Tensor, p: int) -> Tensor:
+    """The L2 norm of each p x p patch of v (B, C, H, W) over its channels and pixels, broadcast back to v's shape."""
+    b, c, h, w = v.shape
+    patches = v.reshape(b, c, h // p, p, w // p, p)
+    norms = patches.square().sum(dim=(1, 3, 5), keepdim=True).sqrt()  # (B, 1, h/p, 1, w/p, 1)
+    return norms.expand_as(patches).reshape(b, c, h, w)

@@ -4,7 +4,10 @@ schedule and the noise generators, each built from its own recipe section.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +23,15 @@ from flowmatch.encoders.cache import ensure_cache
 from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
+from flowmatch.engine.launch import detect_launch
 from flowmatch.errors import RecipeError
 from flowmatch.families import build_backbone, family_of
-from flowmatch.families.lora import apply_lora
+from flowmatch.families.lora import apply_lora, load_lora_file
 from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.plan.budget import apply_budget
 from flowmatch.run import record_paths, source_architecture
 from flowmatch.runlock import RunLock
 from flowmatch.training.fewstep import check_recipe, load_teacher
@@ -153,7 +158,11 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
         # Outside model_init: peft initialises the adapters after building them, which zero.Init's partitioned
         # parameters would ignore; DeepSpeed partitions them when it wraps the model. Seeded: the same on every rank.
         torch.manual_seed(seed)
-        apply_lora(model, run_recipe.model.lora)
+        # DoRA's magnitude starts at the base rows' norms: under ZeRO-3 the base is partitioned, gather it to read.
+        with engine.gathered_params(model) if run_recipe.model.lora.reads_base else contextlib.nullcontext():
+            apply_lora(model, run_recipe.model.lora)
+        if run_recipe.model.lora.init_from:  # the same file on every rank; a resumed run's checkpoint overrides it
+            load_lora_file(model, run_recipe.model.lora, run_recipe.model.lora.init_from)
     family = family_of(run_recipe.model)
     if not family.capabilities.block_transforms and (run_recipe.train.activation_checkpointing
                                                      or run_recipe.train.compile):
@@ -172,11 +181,21 @@ def assemble(recipe: Recipe) -> TrainingRun:
     cached features frees the text encoders and the autoencoder's encoder half once the empty caption and the
     sampling prompts are encoded."""
     located = None
+    lora = recipe.model.lora
+    if lora is not None and lora.init_from and not Path(lora.init_from).is_file():  # before the base loads
+        raise FileNotFoundError(f"model.lora.init_from={lora.init_from!r} is not a file: give the path of a LoRA "
+                                ".safetensors file (diffusers', ComfyUI's or kohya's keys)")
     if recipe.model.init_from:  # the architecture comes from the weights: checked before anything starts
         located = init_from.locate(recipe.model.init_from)
         recipe = dataclasses.replace(recipe, model=init_from.with_architecture(
             recipe.model, source_architecture(*located)))
+    budgeted = None
+    if recipe.distributed.memory_budget_gb is not None:
+        budgeted = apply_budget(recipe, detect_launch(os.environ).world_size, cuda=torch.cuda.is_available())
+        recipe = budgeted.recipe
     engine = Engine(recipe.distributed)
+    if budgeted is not None and engine.is_main:
+        print(budgeted.message, flush=True)
     # Rank 0 hashes the weights (for a large model that takes a while) and every rank takes its record.
     init = None if located is None else engine.broadcast_object(
         describe_init(recipe.model.init_from, *located) if engine.is_main else None)

@@ -60,8 +60,9 @@ def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Co
                schedule: TimeSchedule, flow: FlowConfig, patch_size: int, generator: torch.Generator,
                dropout_parts: Optional[Sequence[tuple[TextPart, float]]] = None,
                models: Optional[ObjectiveModels] = None, guided: bool = False,
-               jvp_backend: str = "exact") -> ObjectiveLoss:
-    """The loss of ``flow.objective`` on one micro batch x0 (B, C, h, w) with its conditioning.
+               jvp_backend: str = "exact", mask: Optional[torch.Tensor] = None) -> ObjectiveLoss:
+    """The loss of ``flow.objective`` on one micro batch x0 (B, C, h, w) with its conditioning (and the batch's
+    per-sample masks (B, 1, H, W), None = all).
 
     Caption dropout, noise and times all draw from ``generator`` (a CPU generator: the same seed gives the same
     run on any device), in that order. For rectified flow the model sees ``x_t = (1 - t) x0 + t noise`` and
@@ -75,7 +76,7 @@ def micro_loss(velocity: Callable[..., torch.Tensor], x0: torch.Tensor, cond: Co
     b, _, h, w = x0.shape
     return objective_loss(models or ObjectiveModels(student=velocity), x0, cond, null, schedule=schedule, flow=flow,
                           seq_len=(h // patch_size) * (w // patch_size), generator=generator, guided=guided,
-                          jvp_backend=jvp_backend, dropout_parts=dropout_parts)
+                          jvp_backend=jvp_backend, dropout_parts=dropout_parts, mask=mask)
 
 
 class LossWindow:
@@ -148,7 +149,8 @@ class Trainer:
         return micro_loss(run.velocity, x0, cond, run.null, schedule=run.schedule, flow=self.recipe.flow,
                           patch_size=self.recipe.model.patch_size, generator=generator,
                           dropout_parts=run.encoders.dropout_parts(self.recipe.flow.caption_dropout),
-                          models=self.models, guided=self.recipe.model.guidance_embed, jvp_backend=self.jvp_backend)
+                          models=self.models, guided=self.recipe.model.guidance_embed, jvp_backend=self.jvp_backend,
+                          mask=None if batch.masks is None else batch.masks.to(x0.device))
 
     # -- the loop ---------------------------------------------------------------------------------------------------
 

@@ -93,6 +93,7 @@ REFUSED: dict[str, str] = {
     "data.bucket_multiple": "exact resume continues the saved batch layout",
     "data.drop_last": "exact resume continues the saved batch layout",
     "data.caption_key": "the captions the model learned",
+    "data.masks": "where each sample's loss counts, as flow.loss is what it measures",
     "data.cached": "the features the model learned from (quantised or not)",
     "data.cache_dtype": "the precision of the features the model learned from",
     "data.cache_text_quant": "the quantisation of the features the model learned from",

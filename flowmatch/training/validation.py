@@ -2,7 +2,9 @@
 sample grid of the better ones.
 
 The grid comes from the same :class:`~flowmatch.sampling.Pipeline` as `flowmatch sample`, run on the engine's
-model. The loss (:func:`fixed_time_loss`) is also how `flowmatch ema --eval` compares reconstructed EMAs.
+model. With paired (editing) data each row is one sampling prompt applied to a held-out sample's reference image:
+the reference first, then the outputs. The loss (:func:`fixed_time_loss`) is also how `flowmatch ema --eval`
+compares reconstructed EMAs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from flowmatch.data import build_loader
+from flowmatch.data import build_loader, has_val_split
+from flowmatch.data.pixels import model_to_unit
 from flowmatch.data.shards import val_source_names
 from flowmatch.flow import Formulation, flow_matching_loss, sample_path, with_guidance
 from flowmatch.images import image_grid, save_png
@@ -41,6 +44,19 @@ def heldout_batch(data: "DataConfig", encoders: "FrozenEncoders", batch_size: in
     loader = build_loader(data, rank=rank, world_size=world_size, batch_size=batch_size, seed=0, split="val",
                           max_batches=1, encoders=encoders.fingerprints(), source=source)
     return encoders.encode_batch(next(iter(loader)))
+
+
+@torch.no_grad()
+def grid_references(data: "DataConfig", encoders: "FrozenEncoders", count: int) -> torch.Tensor:
+    """The first reference image of the first ``count`` held-out samples (of the training split when there is no
+    held-out one), cycled when there are fewer: (count, C, H, W) in [0, 1], for the rows of an editing grid."""
+    split = "val" if has_val_split(data) else "train"
+    loader = build_loader(data, rank=0, world_size=1, batch_size=count, seed=0, split=split, max_batches=1,
+                          encoders=encoders.fingerprints())
+    batch = next(iter(loader))
+    first = batch.ref_images[:, 0] if batch.ref_images is not None else encoders.decode(
+        batch.ref_latents[:, 0].to(encoders.device))
+    return model_to_unit(first.cpu()).clamp(0, 1)[torch.arange(count) % len(batch)]
 
 
 @torch.no_grad()
@@ -111,7 +127,14 @@ class Validator:
         run = self.run
         s = run.recipe.sampling
         pipe = Pipeline(run.velocity, run.encoders, GenerationConfig.of(run.recipe), device=run.engine.device)
-        images = pipe.generate([p for p in s.prompts for _ in range(s.per_prompt)], seed=s.seed)
+        prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
+        if run.recipe.data.paired:  # each row: a held-out reference, then the prompt's edits of it
+            refs = grid_references(run.recipe.data, run.encoders, len(s.prompts))
+            images = pipe.generate(prompts, images=refs.repeat_interleave(s.per_prompt, 0), seed=s.seed)
+            images = torch.cat([refs[:, None], images.cpu().reshape(len(refs), s.per_prompt, *images.shape[1:])], 1)
+            images = images.flatten(0, 1)
+        else:
+            images = pipe.generate(prompts, seed=s.seed)
         if run.engine.is_main:
             grid = image_grid(images, rows=len(s.prompts))
             save_png(grid, run.run_dir / "samples" / f"step{step:07d}.png", scale=GRID_SCALE)

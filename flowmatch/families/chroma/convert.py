@@ -66,7 +66,7 @@ def config_from_diffusers(dcfg: Mapping[str, Any]) -> MMDiTConfig:
         in_channels=dcfg["in_channels"] // packed, out_channels=None if out * packed == dcfg["in_channels"] else out,
         depth=dcfg["num_layers"], single_blocks=dcfg["num_single_layers"],
         num_heads=dcfg["num_attention_heads"], head_dim=dcfg["attention_head_dim"],
-        context_dim=dcfg["joint_attention_dim"], rope_axes_dim=axes,
+        context_dim=dcfg["joint_attention_dim"], pooled_dim=0, rope_axes_dim=axes,
         approximator_channels=dcfg.get("approximator_num_channels", APPROXIMATOR["approximator_channels"]),
         approximator_hidden=dcfg.get("approximator_hidden_dim", APPROXIMATOR["approximator_hidden"]),
         approximator_layers=dcfg.get("approximator_layers", APPROXIMATOR["approximator_layers"]), **FIXED,
@@ -131,7 +131,8 @@ def config_from_original(sd: Mapping[str, Tensor], head_dim: Optional[int] = Non
     return MMDiTConfig(
         in_channels=img_in.shape[1] // packed, out_channels=None if out == img_in.shape[1] // packed else out,
         depth=depth, single_blocks=singles, num_heads=width // head_dim, head_dim=head_dim,
-        context_dim=sd["txt_in.weight"].shape[1], rope_axes_dim=list(AXES_DIM) if head_dim == 128 else None,
+        context_dim=sd["txt_in.weight"].shape[1], pooled_dim=0,
+        rope_axes_dim=list(AXES_DIM) if head_dim == 128 else None,
         approximator_channels=in_proj.shape[1], approximator_hidden=in_proj.shape[0], approximator_layers=layers,
         **{**FIXED, "mlp_ratio": sd["double_blocks.0.img_mlp.0.weight"].shape[0] / width},
     )

@@ -6,20 +6,23 @@ from __future__ import annotations
 
 from flowmatch.encoders.combine import TextLayout
 from flowmatch.families import mmdit
-from flowmatch.families.flux import convert
+from flowmatch.families.flux import convert, lora_formats
 from flowmatch.families.flux.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.models.lora import ATTENTION
 
+#: Where FLUX's RoPE puts the tokens (``model.rope_layout``).
+ROPE_LAYOUT = "flux"
 #: FLUX's feed-forward layers and single-block projections, which diffusers' FLUX LoRA script adapts too.
 FLUX_EXTRA = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 
 
 def claims(cfg) -> bool:
-    """An MMDiT with RoPE (how recipes before families said FLUX) that takes no reference images (those are
-    FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`) and whose blocks modulate themselves (not Chroma's)."""
-    return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and not getattr(cfg, "references", 0)
-            and getattr(cfg, "modulation", "adaln") == "adaln")
+    """An MMDiT with RoPE in FLUX's layout (how recipes before families said FLUX) that takes no reference images
+    (those are FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`) and whose blocks modulate themselves (not
+    Chroma's)."""
+    return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == ROPE_LAYOUT
+            and not getattr(cfg, "references", 0) and getattr(cfg, "modulation", "adaln") == "adaln")
 
 
 def lora_targets(cfg) -> list[str]:
@@ -44,6 +47,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=convert.PACK),
     converter=convert,
     lora_targets=lora_targets,
+    lora_formats=lora_formats.FORMATS,
     # FluxPipeline.encode_prompt: context = T5's states, pooled = the one CLIP's pooler output.
     text=TextLayout("flux", clip_states=False, one_clip=True),
     diffusers=DiffusersPipeline(

@@ -18,8 +18,9 @@ from flowmatch.families.spec import Capabilities, Family, LatentLayout
 
 
 def claims(cfg) -> bool:
-    """An MMDiT with RoPE that takes reference images (``model.references``)."""
-    return mmdit.is_mmdit(cfg) and bool(cfg.rope) and getattr(cfg, "references", 0) > 0
+    """An MMDiT with RoPE in FLUX's layout that takes reference images (``model.references``)."""
+    return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == flux.ROPE_LAYOUT
+            and getattr(cfg, "references", 0) > 0)
 
 
 def flops(cfg, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> float:

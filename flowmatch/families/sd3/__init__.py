@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from flowmatch.encoders.combine import TextLayout
 from flowmatch.families import mmdit
-from flowmatch.families.sd3 import convert
+from flowmatch.families.sd3 import convert, lora_formats
 from flowmatch.families.sd3.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.models.lora import ATTENTION, ATTENTION2
@@ -38,6 +38,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=1),
     converter=convert,
     lora_targets=lora_targets,
+    lora_formats=lora_formats.FORMATS,
     # StableDiffusion3Pipeline.encode_prompt: CLIP-L and CLIP-G states side by side, padded to T5's width, then T5's
     # tokens; pooled = both CLIP projections.
     text=TextLayout("sd3", clip_states=True, one_clip=False),

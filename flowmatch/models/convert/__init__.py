@@ -1,4 +1,6 @@
-"""The shared weight-conversion machinery: :mod:`.keymap` (key maps applied both ways, bit for bit) and :mod:`.lora`
-(adapters in diffusers' names, and merged). Each family's key tables live in its folder
-(``flowmatch/families/<family>/convert.py``); :mod:`flowmatch.families.convert` converts whole models.
+"""The shared weight-conversion machinery: :mod:`.keymap` (key maps applied both ways, bit for bit), :mod:`.lora`
+(adapters written in a LoRA file format, and merged), :mod:`.lora_formats` (what a format is, family-agnostic) and
+:mod:`.lora_read` (a LoRA file in any of a family's formats read back as our adapters). Each family's key tables
+(``flowmatch/families/<family>/convert.py``) and LoRA formats (``lora_formats.py``) live in its folder;
+:mod:`flowmatch.families.convert` converts whole models.
 """

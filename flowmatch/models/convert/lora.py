@@ -18,7 +18,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves
+from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves, Tail
+from flowmatch.models.convert.lora_formats import DIFFUSERS_PREFIX, LoraFormat, diffusers_format, placements
 from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config
 
 #: The file name diffusers' `load_lora_weights` looks for.
@@ -26,7 +27,11 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 #: The safetensors metadata key diffusers reads the LoraConfig from.
 METADATA_KEY = "lora_adapter_metadata"
 #: The pipeline component the adapters belong to.
-PREFIX = "transformer"
+PREFIX = DIFFUSERS_PREFIX
+#: diffusers' layout. Families declare it with their diffusers key table
+#: (``flowmatch/families/<family>/lora_formats.py``); here it writes projections that name diffusers' modules
+#: already.
+DIFFUSERS = diffusers_format(lambda cfg: [])
 
 
 def adapted(adapters: Mapping[str, Tensor], chosen: list[Projection]) -> list[tuple[Projection, Tensor, Tensor]]:
@@ -38,8 +43,9 @@ def adapted(adapters: Mapping[str, Tensor], chosen: list[Projection]) -> list[tu
     return out
 
 
-def _their_factors(proj: Projection, a: Tensor, b: Tensor) -> list[tuple[str, Tensor, Tensor]]:
-    """(diffusers module, A, B) for one adapter of ours."""
+def their_factors(proj, a: Tensor, b: Tensor) -> list[tuple[str, Tensor, Tensor]]:
+    """(their module, A, B) for one adapter of ours; ``proj`` is a :class:`Projection` or a format's
+    :class:`~flowmatch.models.convert.lora_formats.Placement` (our module, their modules, the key-table op)."""
     op = proj.op
     if isinstance(op, Stack):
         return [(name, a.clone(), part.clone()) for name, part in zip(proj.theirs, b.split(op.sizes, dim=0))]
@@ -49,25 +55,57 @@ def _their_factors(proj: Projection, a: Tensor, b: Tensor) -> list[tuple[str, Te
     if isinstance(op, Packed) and op.axis == 1:
         (a_theirs,) = op.to_theirs(a, None, a.dtype)
         return [(proj.theirs[0], a_theirs.contiguous(), b.clone())]
+    if isinstance(op, Tail):  # their rows ahead of ours never reach an output: no update there
+        return [(proj.theirs[0], a.clone(), torch.cat([b.new_zeros(op.head, b.shape[1]), b]))]
     if type(op) is Copy:
         return [(proj.theirs[0], a.clone(), b.clone())]
     raise ValueError(f"no LoRA conversion for {proj.ours} ({type(op).__name__})")
 
 
-def to_diffusers_lora(adapters: Mapping[str, Tensor], chosen: list[Projection], lora: LoraConfig,
-                      ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) of `pytorch_lora_weights.safetensors` for our adapter weights."""
-    tensors: dict[str, Tensor] = {}
-    modules = []
-    for proj, a, b in adapted(adapters, chosen):
-        for name, a_t, b_t in _their_factors(proj, a, b):
-            tensors[f"{PREFIX}.{name}.lora_A.weight"] = a_t
-            tensors[f"{PREFIX}.{name}.lora_B.weight"] = b_t
-            modules.append(name)
+def peft_header(lora: LoraConfig, modules: list[str], prefix: str = PREFIX) -> dict[str, str]:
+    """The safetensors metadata diffusers reads the LoraConfig from: peft's config adapting `modules`, each key
+    prefixed with the pipeline component."""
     config = peft_config(lora, sorted(modules)).to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    header = json.dumps({f"{PREFIX}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True, default=str)
-    return tensors, {"format": "pt", METADATA_KEY: header}
+    header = json.dumps({f"{prefix}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True, default=str)
+    return {"format": "pt", METADATA_KEY: header}
+
+
+def to_diffusers_lora(adapters: Mapping[str, Tensor], chosen: list[Projection], lora: LoraConfig,
+                      ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of `pytorch_lora_weights.safetensors` for our adapter weights (`chosen`
+    name diffusers' modules already)."""
+    return _write([(proj, proj, a, b) for proj, a, b in adapted(adapters, chosen)], DIFFUSERS, lora)
+
+
+def to_lora_file(adapters: Mapping[str, Tensor], chosen: list[Projection], lora: LoraConfig, fmt: LoraFormat,
+                 cfg) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of our adapter weights in ``fmt`` (a family's format; ``cfg`` the model's
+    MMDiTConfig): alpha as 0-d tensors beside each module, or (``fmt.alpha_keys`` off) in the peft header
+    diffusers reads. ValueError when the format has no module for an adapted projection."""
+    table = placements(fmt, cfg)
+    missing = [proj.ours for proj in chosen if proj.ours not in table]
+    if missing:
+        raise ValueError(f"the {fmt.name} LoRA format has no module for flowmatch's {missing[0]} ({len(missing)} "
+                         "adapted projections without one): export with --merge (a whole transformer) or --format "
+                         "diffusers")
+    return _write([(proj, table[proj.ours], a, b) for proj, a, b in adapted(adapters, chosen)], fmt, lora)
+
+
+def _write(items: list[tuple[Projection, object, Tensor, Tensor]], fmt: LoraFormat, lora: LoraConfig,
+           ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The file's tensors and metadata for (projection, its placement in ``fmt``, A, B) items."""
+    tensors: dict[str, Tensor] = {}
+    modules = []
+    for _, place, a, b in items:
+        for name, a_t, b_t in their_factors(place, a, b):
+            key = fmt.module_key(name)
+            tensors[f"{key}.{fmt.suffix('lora', 'A')}"] = a_t
+            tensors[f"{key}.{fmt.suffix('lora', 'B')}"] = b_t
+            modules.append(name)
+            if fmt.alpha_keys:
+                tensors[f"{key}.{fmt.suffix('lora', 'alpha')}"] = torch.tensor(float(lora.alpha))
+    return tensors, {"format": "pt"} if fmt.alpha_keys else peft_header(lora, modules, fmt.prefix)
 
 
 @torch.no_grad()

@@ -1,0 +1,148 @@
+"""The memory planner (flowmatch plan) against measurement on this machine's CPU: for each case, the planned peak
+of one training process and the peak it really reaches, and their ratio (planned / measured).
+
+Each case runs in a fresh process: its recipe is counted by the planner (flowmatch.plan), then its model is built
+on the CPU as the trainer builds it (its family's network, LoRA adapters, activation checkpointing), with the
+engine's AdamW and an fp32 EMA of every copy the recipe keeps, and trained for a few steps on random inputs of
+the recipe's shapes (the text at its encoders' max_length). The encoders are not loaded: the inputs stand for
+cached features, and the plan is read without its frozen-encoder term (which is their configs' parameter count
+times their dtype).
+
+Measured = the process's peak resident memory (VmHWM, reset through /proc/self/clear_refs just before the model
+is built) minus its resident memory at that moment, so imports and the interpreter are not counted. glibc's
+malloc is told to return every block of 64 KiB or more to the system when freed (MALLOC_MMAP_THRESHOLD_), so
+resident memory follows what the tensors hold rather than the allocator's caching.
+
+    python benchmarks/memory.py                  # digits recipe, LoRA and full fine-tune of a 150M sd3-family model
+    python benchmarks/memory.py --case lora      # one case
+    python benchmarks/memory.py --smoke          # tiny sizes, in this process: the test suite's path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from flowmatch.conditioning import Conditioning
+from flowmatch.config import load_recipe
+from flowmatch.engine.ema import ShadowEma
+from flowmatch.engine.optim import adamw_implementation
+from flowmatch.families import build_backbone
+from flowmatch.families.lora import apply_lora
+from flowmatch.models.parallelize import apply_activation_checkpointing
+from flowmatch.plan.devices import budget_device
+from flowmatch.plan.memory import peak
+from flowmatch.plan.planner import make_plan, recipe_settings
+from flowmatch.plan.shape import model_cost
+
+ROOT = Path(__file__).resolve().parents[1]
+# A mid-size sd3-family MMDiT: 4 joint blocks of 16 heads x 64 (width 1024), about 150M parameters, on 1-channel
+# 32 x 32 inputs (16 x 16 tokens of 2 x 2) and the digits recipe's MiniLM text encoder (384 wide) at 32 tokens.
+_MID = ["model.preset=digits", "model.depth=4", "model.num_heads=16", "model.head_dim=64", "model.sample_size=16",
+        "model.pos_embed_max_size=16", "data.resolution=32", "text_encoder.max_length=32", "train.batch_size=4",
+        "train.ema_profiles=[]"]
+CASES: dict[str, list[str]] = {
+    # The digits recipe as it trains: full training in fp32, micro batch 128, an EMA and two post-hoc profiles.
+    "digits": [],
+    # LoRA rank 16 on the default targets of the frozen mid-size model, activation checkpointing, no EMA.
+    "lora": [*_MID, "model.init_from=random", "model.lora.rank=16", "train.activation_checkpointing=true",
+             "train.ema_decay=0", "train.ema_profiles=[]"],
+    # Full fine-tune of the mid-size model: AdamW and one fp32 EMA, micro batch 2.
+    "full": [*_MID, "train.batch_size=2", "data.resolution=16", "text_encoder.max_length=16"],
+}
+SMOKE = ["model.preset=tiny", "train.batch_size=4", "text_encoder.max_length=8", "train.ema_profiles=[]"]
+STEPS = 2
+
+
+def rss_kib(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure(overrides: list[str], steps: int = STEPS) -> dict[str, float]:
+    """Plan and train one case in this process: {planned, measured} bytes."""
+    recipe = load_recipe(ROOT / "recipes" / "digits.yaml", overrides)
+    cost, seq, recipe = model_cost(recipe)
+    settings = recipe_settings(recipe, 1).replace(cached=True)  # the encoders are not loaded here
+    planned = peak(cost, settings, cuda=False)
+    # The same plan through make_plan (as flowmatch plan prints it) for the breakdown.
+    plan = make_plan(recipe, budget_device(1024, cuda=False), 1, cost=(cost, seq))
+    cfg, micro = recipe.model, settings.micro_batch
+    channels, side, _ = seq.latent
+    torch.manual_seed(0)
+
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    baseline = rss_kib("VmRSS")
+    model = build_backbone(cfg)
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora)
+    if recipe.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, **adamw_implementation(torch.device("cpu")))
+    emas = [ShadowEma(params, 0.999) for _ in range(settings.ema_copies)]
+    x = torch.randn(micro, channels, side, side)
+    cond = Conditioning(torch.randn(micro, seq.text_tokens, cfg.context_dim),
+                        torch.ones(micro, seq.text_tokens, dtype=torch.bool), torch.randn(micro, cfg.pooled_dim))
+    for _ in range(steps):
+        t = torch.rand(micro)
+        noise = torch.randn_like(x)
+        xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+        loss = (model(xt, t, cond) - (noise - x)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for ema in emas:
+            ema.update(params)
+    measured = (rss_kib("VmHWM") - baseline) * 1024
+    return {"planned": planned, "measured": measured, "trained": sum(p.numel() for p in params),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "breakdown": {line.name: line.bytes for line in plan.lines if line.name != "frozen encoders"}}
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(64 * 1024),
+            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def report(name: str, r: dict) -> str:
+    mib = 2**20
+    parts = ", ".join(f"{k} {v / mib:.0f}" for k, v in r["breakdown"].items() if v)
+    # In-process (the smoke path) the allocator may reuse memory freed earlier: nothing new is resident, no ratio.
+    ratio = f"{r['planned'] / r['measured']:.3f}" if r["measured"] > 0 else "-"
+    return (f"{name:>7}: {r['parameters'] / 1e6:7.1f}M params ({r['trained'] / 1e6:.1f}M trained)  planned "
+            f"{r['planned'] / mib:7.1f} MiB  measured {r['measured'] / mib:7.1f} MiB  ratio {ratio}   [MiB: {parts}]")
+
+
+def main(argv: list[str] | None = None) -> int | dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: every case")
+    parser.add_argument("--smoke", action="store_true", help="a tiny case in this process (the test suite's)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    ns = parser.parse_args(argv)
+    if ns.child:
+        print(json.dumps(measure(CASES[ns.child])))
+        return 0
+    if ns.smoke:
+        result = measure(SMOKE, steps=1)
+        print(report("smoke", result))
+        return result
+    print("planned / measured peak of one CPU training process (VmHWM minus resident memory before the model)")
+    for name in ns.case or list(CASES):
+        out = subprocess.run([sys.executable, __file__, "--child", name], env=child_env(), check=True,
+                             capture_output=True, text=True)
+        print(report(name, json.loads(out.stdout.strip().splitlines()[-1])), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

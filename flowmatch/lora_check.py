@@ -1,0 +1,193 @@
+"""`flowmatch lora check FILE --base PIPELINE_DIR`: does a LoRA file do, in another tool, what it does in flowmatch?
+
+The same prompts are generated from the same latent noise, steps and guidance four ways: the base pipeline and
+the pipeline with the LoRA, each in flowmatch (the file read by :mod:`flowmatch.models.convert.lora_read`, applied
+through peft) and in a reference:
+
+    diffusers  diffusers' own pipeline class from PIPELINE_DIR with ``pipe.load_lora_weights(FILE)`` (diffusers
+               converts the layouts it knows itself)
+    merged     the file merged into the release's single-file weights as ComfyUI and kohya's tools merge it
+               (W += alpha / rank x up @ down on the weight each key names, found by the key alone), loaded back
+               through the release's key table: for files in the release's module names (comfyui, kohya, fal)
+
+``auto`` (the default) takes diffusers when it applies the file, else the merge, and says why. The check passes
+when the LoRA images of flowmatch and of the reference differ by less than the tolerance (max absolute pixel
+difference, images in [0, 1]) and the LoRA moves flowmatch's images by at least the tolerance and by more than
+ten times that difference. A file diffusers loads nothing from is a failure under ``--reference diffusers``:
+that is the silent no-op users meet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from flowmatch.errors import choice_error
+from flowmatch.families import Family, family_of
+from flowmatch.families.convert import to_original
+from flowmatch.families.lora import apply_file_adapters, lora_formats
+from flowmatch.models.convert.keymap import to_ours
+from flowmatch.models.convert.lora_formats import split_key
+from flowmatch.models.convert.lora_read import file_adapters, read_lora_file
+from flowmatch.pipeline import Pipeline
+
+REFERENCES = ("auto", "diffusers", "merged")
+#: The LoRA must move the images by more than this many times the difference between the two tools.
+EFFECT_RATIO = 10.0
+#: ComfyUI's and kohya's spellings of an original-key module (generic peft keys, kohya's underscored names).
+MERGE_PREFIXES = ("diffusion_model.", "lora_unet_")
+
+
+@dataclass
+class LoraCheck:
+    """What :func:`check_lora` measured."""
+
+    file: Path
+    """The LoRA file."""
+    family: str
+    """The base pipeline's model family."""
+    format: str
+    """The family's LoRA format the file uses."""
+    reference: str
+    """diffusers | merged | none (no reference could apply the file)."""
+    max_diff: float
+    """Max |flowmatch - reference| over the LoRA images' pixels (inf without a reference)."""
+    effect: float
+    """Max |LoRA - base| over flowmatch's images' pixels."""
+    tolerance: float
+    """The largest max_diff that passes."""
+    notes: list[str] = field(default_factory=list)
+    """How the reference was chosen, what did not apply."""
+
+    @property
+    def passed(self) -> bool:
+        """The two agree and the LoRA has an effect well above their difference."""
+        return (self.max_diff < self.tolerance and self.effect >= self.tolerance
+                and self.effect > EFFECT_RATIO * self.max_diff)
+
+    def describe(self) -> str:
+        """A few lines for the command line, the verdict first."""
+        if self.reference == "none":
+            verdict = "FAIL: no reference applies the file (below: why)"
+        elif self.effect < self.tolerance:
+            verdict = f"FAIL: the LoRA has no effect (it moves flowmatch's images by {self.effect:.2e})"
+        elif self.max_diff >= self.tolerance or self.effect <= EFFECT_RATIO * self.max_diff:
+            verdict = (f"FAIL: flowmatch and {self.reference} differ by {self.max_diff:.2e} (tolerance "
+                       f"{self.tolerance:g}, effect {self.effect:.2e})")
+        else:
+            verdict = "OK"
+        lines = [f"{verdict}", f"  file {self.file}: {self.family} family, {self.format} format"]
+        if self.reference != "none":
+            lines.append(f"  max |flowmatch - {self.reference}| = {self.max_diff:.2e} (tolerance {self.tolerance:g})")
+        ratio = "" if self.reference == "none" else f" ({self.effect / max(self.max_diff, 1e-12):.0f}x the difference)"
+        lines.append(f"  LoRA effect max |LoRA - base| = {self.effect:.2e}{ratio}")
+        return "\n".join(lines + [f"  {n}" for n in self.notes])
+
+
+def _noise(pipe: Pipeline, n: int, size: int, seed: int) -> Tensor:
+    """(n, C, h, w) latent noise for size x size images from a CPU generator."""
+    c, h, w = pipe.latent_shape(size, size)
+    return torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def _diffusers_images(base: Path, file: Path, family: Family, prompts: list[str], noise: Tensor, steps: int,
+                      guidance: float, size: int, device: str) -> tuple[Optional[Tensor], str]:
+    """diffusers' LoRA images, or (None, why diffusers did not apply the file)."""
+    from diffusers import DiffusionPipeline  # optional heavy dependency, loaded on use
+    from peft.tuners.tuners_utils import BaseTunerLayer  # comes with diffusers' LoRA support
+
+    pipe = DiffusionPipeline.from_pretrained(base).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    except Exception as err:  # noqa: BLE001 - any failure of diffusers' loader is the finding reported
+        return None, (f"diffusers' {type(pipe).__name__}.load_lora_weights fails on it: {type(err).__name__}: "
+                      f"{str(err) or '(no message)'}")
+    loaded = sum(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+    if not loaded:
+        return None, (f"diffusers' {type(pipe).__name__}.load_lora_weights loads nothing from it (no LoRA layer "
+                      "in its transformer): diffusers would run it silently without effect")
+    latents = noise.to(device)
+    if family.latents.pack > 1:
+        b, c, h, w = noise.shape
+        latents = type(pipe)._pack_latents(latents, b, c, h, w)
+    images = pipe(prompts, latents=latents, num_inference_steps=steps, guidance_scale=guidance, height=size,
+                  width=size, output_type="pt").images
+    return images.float().cpu(), ""
+
+
+def _merged_model(pipe: Pipeline, family: Family, tensors: dict[str, Tensor]) -> tuple[Optional[torch.nn.Module],
+                                                                                       str]:
+    """A copy of the base model with the file merged into its release single-file weights, key by key, or (None,
+    why the file does not name the release's modules)."""
+    cfg = pipe.model.cfg
+    original = to_original(pipe.model, prefix="")
+    modules = {k[:-len(".weight")] for k in original if k.endswith(".weight")}
+    named = {f"{p}{m if p.endswith('.') else m.replace('.', '_')}": m for m in modules for p in MERGE_PREFIXES}
+    factors: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        parsed = split_key(key)
+        if parsed is None or parsed[0] not in named:
+            return None, f"its key {key} names no module of the release's single-file weights"
+        factors.setdefault(named[parsed[0]], {})[parsed[2]] = value
+    merged = dict(original)
+    for module, f in factors.items():
+        rank = f["A"].shape[0]
+        alpha = f["alpha"].item() if "alpha" in f else rank
+        weight = original[f"{module}.weight"]
+        merged[f"{module}.weight"] = weight + (alpha / rank) * (f["B"].double() @ f["A"].double()).to(weight.dtype)
+    ours, _ = to_ours(merged, family.converter.original_rules(cfg), what="the merged release weights")
+    model = family.build(cfg, device="meta")
+    model.load_state_dict(ours, strict=True, assign=True)
+    device = next(pipe.model.parameters()).device
+    return model.to(device).eval().requires_grad_(False), ""
+
+
+def check_lora(file: str | Path, base: str | Path, *, prompts: Optional[list[str]] = None, steps: int = 4,
+               size: int = 256, seed: int = 0, guidance: Optional[float] = None, reference: str = "auto",
+               tolerance: float = 1e-3, device: str = "cpu") -> LoraCheck:
+    """Generate with and without the LoRA ``file`` on the diffusers pipeline folder ``base``, in flowmatch and in
+    the ``reference`` (auto | diffusers | merged), from the same noise; see the module docstring."""
+    if reference not in REFERENCES:
+        raise choice_error("--reference", reference, REFERENCES)
+    file, base = Path(file), Path(base)
+    tensors, metadata = read_lora_file(file)
+    pipe = Pipeline.from_diffusers(base, device=device)
+    family = family_of(pipe.model.cfg)
+    found = file_adapters(tensors, metadata, lora_formats(family), pipe.model.cfg, what=str(file))
+    prompts = prompts or ["a photo of a cat"]
+    guidance = family.diffusers.guidance_scale if guidance is None else guidance
+    noise = _noise(pipe, len(prompts), size, seed)
+
+    def generate() -> Tensor:
+        return pipe.generate(prompts, steps=steps, guidance_scale=guidance, noise=noise).float().cpu()
+
+    base_images = generate()
+    merged, why_not_merged = (None, "") if reference == "diffusers" else _merged_model(pipe, family, tensors)
+    base_model = pipe.model
+    apply_file_adapters(pipe.model, found)
+    ours = generate()
+    notes = [f"{len(found.adapters)} adapted projections, rank {found.rank}; {len(prompts)} prompts, {steps} steps, "
+             f"guidance {guidance:g}, {size}x{size}, seed {seed}"]
+    theirs, used = None, "none"
+    if reference in ("auto", "diffusers"):
+        theirs, why = _diffusers_images(base, file, family, prompts, noise, steps, guidance, size, device)
+        used = "diffusers" if theirs is not None else used
+        if why:
+            notes.append(why)
+    if theirs is None and reference in ("auto", "merged"):
+        if merged is None:
+            notes.append(f"merged reference: {why_not_merged}")
+        else:
+            pipe.model = merged
+            theirs, used = generate(), "merged"
+            pipe.model = base_model
+            notes.append("reference: the file merged into the release's single-file weights as ComfyUI and kohya's "
+                         "tools merge it")
+    max_diff = float("inf") if theirs is None else (theirs - ours).abs().max().item()
+    return LoraCheck(file=file, family=family.name, format=found.format, reference=used, max_diff=max_diff,
+                     effect=(ours - base_images).abs().max().item(), tolerance=tolerance, notes=notes)

@@ -1,0 +1,140 @@
+"""The frozen parts' sizes for the planner: each text encoder's and the autoencoder's parameter count, widths and
+downsampling, read from their configs (a meta-device model of the config counts the parameters; nothing is
+loaded).
+
+A config is read where the recipe points (a local folder, a ``pkg:`` folder, a hub id in the local cache); a hub id
+that is not cached is looked up in :data:`RELEASED`, the released pipelines' own config values, so a plan for SD3
+or FLUX needs no download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from flowmatch.encoders.autoencoder import AutoencoderConfig
+from flowmatch.encoders.loading import resolve_model_path
+from flowmatch.encoders.text import TextEncoderConfig
+
+# Released configs (the config.json of each named folder on huggingface.co): T5-v1.1-XXL's encoder
+# (google/t5-v1_1-xxl), CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14), OpenCLIP ViT-bigG/14's text
+# tower (SD3's text_encoder_2), and the 16-channel VAE of SD3 and FLUX.1 (their vae/config.json).
+_T5_XXL = dict(model_type="t5", d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+               feed_forward_proj="gated-gelu")
+_T5_XL = dict(model_type="t5", d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu")  # google/flan-t5-xl
+_CLIP_L = dict(model_type="clip_text_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77, vocab_size=49408, projection_dim=768)
+_CLIP_G = dict(model_type="clip_text_model", hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+               num_attention_heads=20, max_position_embeddings=77, vocab_size=49408, projection_dim=1280)
+_VAE16 = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+              layers_per_block=2, down_block_types=["DownEncoderBlock2D"] * 4,
+              up_block_types=["UpDecoderBlock2D"] * 4, use_quant_conv=False, use_post_quant_conv=False)
+_SD3 = {"text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G, "text_encoder_3": _T5_XXL, "vae": _VAE16}
+_FLUX = {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL, "vae": _VAE16}
+#: hub id -> subfolder -> config values, for released pipelines not in the local cache.
+RELEASED: dict[str, dict[str, dict[str, Any]]] = {
+    "stabilityai/stable-diffusion-3-medium-diffusers": _SD3,
+    "stabilityai/stable-diffusion-3.5-medium": _SD3,
+    "stabilityai/stable-diffusion-3.5-large": _SD3,
+    "black-forest-labs/FLUX.1-dev": _FLUX,
+    "black-forest-labs/FLUX.1-schnell": _FLUX,
+    "google/t5-v1_1-xxl": {"": _T5_XXL},
+    "google/flan-t5-xl": {"": _T5_XL},
+    "openai/clip-vit-large-patch14": {"": _CLIP_L},
+}
+
+
+#: The autoencoder's name among the frozen parts.
+AUTOENCODER = "autoencoder"
+
+
+@dataclass(frozen=True)
+class FrozenPart:
+    """One frozen network: its parameter elements, and the bytes per element it is loaded in on each device."""
+
+    name: str
+    params: int
+    dtype: str
+    """Its recipe dtype (auto: bf16 on a GPU, fp32 on the CPU)."""
+
+
+@dataclass(frozen=True)
+class TextShape:
+    """A text encoder's output as the model sees it."""
+
+    kind: str
+    tokens: int
+    hidden: int
+    pooled: int
+
+
+def _released(name_or_path: str, subfolder: str, key: str) -> dict[str, Any]:
+    values = RELEASED.get(name_or_path, {}).get(subfolder or "")
+    if values is None:
+        raise FileNotFoundError(f"{key}: cannot read the config of {name_or_path!r} (subfolder {subfolder!r}): it "
+                                "is neither a local folder nor in the local Hugging Face cache, and not a released "
+                                f"pipeline the planner knows ({', '.join(RELEASED)}); point {key} at a local copy")
+    return dict(values)
+
+
+def _text_config(cfg: TextEncoderConfig, key: str):
+    from transformers import AutoConfig, CLIPTextConfig, T5Config  # reason: transformers' start-up cost
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), subfolder=cfg.subfolder,
+                                          local_files_only=True)
+    except OSError:
+        values = _released(cfg.name_or_path, cfg.subfolder, key)
+        kind = values.pop("model_type")
+        return T5Config(**values) if kind == "t5" else CLIPTextConfig(**values)
+
+
+def text_encoder(name: str, cfg: TextEncoderConfig, key: str) -> tuple[FrozenPart, TextShape]:
+    """The size and output widths of text encoder ``name`` (``key`` is its recipe section, for errors)."""
+    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # reason: as above
+
+    config = _text_config(cfg, key)
+    model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel}.get(cfg.kind, AutoModel)
+    if cfg.pooling == "projection":
+        model_cls = CLIPTextModelWithProjection
+    with torch.device("meta"):
+        model = model_cls.from_config(config) if model_cls is AutoModel else model_cls(config)
+    params = sum(p.numel() for p in model.parameters())
+    inner = getattr(config, "text_config", config)
+    hidden = int(inner.hidden_size if hasattr(inner, "hidden_size") else inner.d_model)
+    pooled = int({"projection": getattr(config, "projection_dim", hidden), "none": 0}.get(cfg.pooling, hidden))
+    # Encoders that stack several layers' states side by side are as wide as all of them.
+    hidden *= len(getattr(cfg, "stack_layers", None) or [None])
+    return FrozenPart(name, params, cfg.dtype), TextShape(cfg.kind, cfg.max_length, hidden, pooled)
+
+
+@dataclass(frozen=True)
+class AutoencoderShape:
+    """The autoencoder's size and what it makes of images."""
+
+    part: Optional[FrozenPart]
+    """None for pixel space (``kind: identity``)."""
+    downsample: int
+    channels: Optional[int]
+    """Latent channels (None: the image's)."""
+
+
+def autoencoder(cfg: AutoencoderConfig) -> AutoencoderShape:
+    """The autoencoder's parameter count, downsampling and latent channels (pixel space: none, 1, the image's)."""
+    if cfg.kind == "identity":
+        return AutoencoderShape(None, 1, None)
+    from diffusers import AutoencoderKL  # reason: diffusers' start-up cost
+
+    try:
+        values = dict(AutoencoderKL.load_config(resolve_model_path(cfg.name_or_path), subfolder=cfg.subfolder or None,
+                                                local_files_only=True))
+    except OSError:
+        values = _released(cfg.name_or_path, cfg.subfolder, "autoencoder.name_or_path")
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(values)
+    params = sum(p.numel() for p in vae.parameters())
+    return AutoencoderShape(FrozenPart(AUTOENCODER, params, cfg.dtype),
+                            2 ** (len(vae.config.block_out_channels) - 1), int(vae.config.latent_channels))

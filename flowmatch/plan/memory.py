@@ -1,0 +1,166 @@
+"""Peak memory of one training rank: the bytes of each kind of state under a set of :class:`Settings`, from the
+model's own counts (:mod:`flowmatch.plan.trace`).
+
+Every term is a product of counted elements and bytes per element; the ZeRO stage divides what it shards by the
+number of processes (stage 1: optimizer state and fp32 masters; 2: also gradients; 3: also weights and the EMA,
+which follows the weights' partition). Quantised bases and 8-bit optimizers are priced here before flowmatch has
+them (:data:`QUANT_BYTES`, :data:`OPTIMIZER_BYTES`): the planner offers them as suggestions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from flowmatch.dtypes import DTYPES
+from flowmatch.plan.frozen import AUTOENCODER, FrozenPart
+from flowmatch.plan.trace import Activations, ParamCount
+
+#: Bytes per weight of a quantised frozen base: int8 and fp8 one byte; nf4 half a byte plus one fp32 scale per
+#: block of 64 (bitsandbytes' 4-bit layout without double quantisation).
+QUANT_BYTES: dict[str, float] = {"int8": 1.0, "fp8": 1.0, "nf4": 0.5 + 4 / 64}
+#: Optimizer state bytes per trained parameter: AdamW's two fp32 moments; 8-bit AdamW's two int8 moments plus an
+#: fp32 scale per block of 256 of each (torchao's low-bit optimizers).
+OPTIMIZER_BYTES: dict[str, float] = {"adamw": 8.0, "adamw8bit": 2.0 + 2 * 4 / 256}
+#: DeepSpeed's default bucket sizes in elements (reduce_bucket_size, allgather_bucket_size: 5e8; ZeRO-3's
+#: stage3_prefetch_bucket_size: 5e7), which flowmatch's DeepSpeed config leaves as they are.
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000
+#: What a CUDA process holds beyond tensors: the context and cuBLAS/cuDNN workspaces (a planner's allowance, not
+#: measured here), and the caching allocator's fragmentation as a share of the tensors' peak.
+CUDA_CONTEXT = 768 * 2**20
+FRAGMENTATION = 0.10
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a precision name (fp32, bf16, fp16)."""
+    return DTYPES[name].itemsize
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The recipe settings the peak depends on; :mod:`flowmatch.plan.levers` changes them to fit."""
+
+    micro_batch: int
+    checkpointing: bool
+    zero_stage: int
+    precision: str
+    """Working weights and activations (distributed.precision)."""
+    world: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    cached: bool = False
+    """Training reads cached features: the text encoders and the autoencoder are freed before the first step."""
+    base_quant: Optional[str] = None
+    """A quantised frozen base (LoRA only): int8 | fp8 | nf4 (not in flowmatch yet: a suggestion)."""
+    encoder_quant: Optional[str] = None
+    """Quantised frozen text encoders (not in flowmatch yet: a suggestion)."""
+    optimizer: str = "adamw"
+    """adamw | adamw8bit (not in flowmatch yet: a suggestion)."""
+    accumulating: bool = False
+    """Gradient accumulation over several micro batches: the earlier ones' gradients stay while the next forward's
+    activations build up (without it the backward frees activations as the gradients fill)."""
+    ema_copies: int = 0
+    """fp32 copies the EMA keeps: the EMA itself and each post-hoc profile."""
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One term of the peak."""
+
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What a recipe's model and frozen parts cost, counted once; activations at micro batches 1 and 2 give the
+    per-sample slope (the step's activations are affine in the micro batch)."""
+
+    params: ParamCount
+    quantisable: int
+    """Frozen elements in the linear layers' weights (what a quantised base stores in fewer bits)."""
+    act1: Activations
+    act2: Activations
+    encoders: list[FrozenPart]
+    """The frozen networks: text encoders, then the autoencoder."""
+
+    def activations(self, micro: int, checkpointing: bool) -> int:
+        one, two = ((a.checkpointed if checkpointing else a.plain) for a in (self.act1, self.act2))
+        return int(one + (two - one) * (micro - 1))
+
+
+def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
+    """The peak of one rank under ``s``, term by term (bytes on the device; offloaded state counts zero)."""
+    n, w = s.world, dtype_bytes(s.precision)
+    p = cost.params
+    shard_w = n if s.zero_stage == 3 else 1
+    shard_o = n if s.zero_stage >= 1 else 1
+    shard_g = n if s.zero_stage >= 2 else 1
+    lines: list[Line] = []
+    base_note = f"{p.trainable / 1e6:.1f}M trained in {s.precision}"
+    frozen_bytes = p.frozen * w
+    if p.frozen:
+        if s.base_quant:
+            frozen_bytes = (cost.quantisable * QUANT_BYTES[s.base_quant] + (p.frozen - cost.quantisable) * w)
+            base_note += f", {p.frozen / 1e6:.1f}M frozen ({s.base_quant} linears, suggestion)"
+        else:
+            base_note += f", {p.frozen / 1e6:.1f}M frozen in {s.precision}"
+    weights = (p.trainable * w + frozen_bytes) / shard_w
+    if s.offload_params:  # ZeRO-3 keeps what it has not gathered on the host
+        weights, base_note = 0, base_note + ", offloaded to the CPU"
+    lines.append(Line("weights", int(weights), base_note))
+    grads = int(p.trainable * w / shard_g)
+    lines.append(Line("gradients", grads, f"{s.precision}" + (f", sharded over {n}" if shard_g > 1 else "")))
+    on_host = s.offload_optimizer
+    if s.precision != "fp32":
+        lines.append(Line("master weights", 0 if on_host else int(p.trainable * 4 / shard_o),
+                          "fp32" + (", offloaded" if on_host else "")))
+        lines.append(Line("master gradients", 0 if on_host else int(p.trainable * 4 / shard_o),
+                          "fp32, what the optimizer steps on" + (", offloaded" if on_host else "")))
+    opt = OPTIMIZER_BYTES[s.optimizer]
+    lines.append(Line("optimizer state", 0 if on_host else int(p.trainable * opt / shard_o),
+                      f"{s.optimizer} {opt:g} B/param" + (" (suggestion)" if s.optimizer != "adamw" else "")
+                      + (", offloaded" if on_host else "")))
+    lines.append(Line("EMA", int(p.trainable * 4 * s.ema_copies / shard_w),
+                      f"{s.ema_copies} fp32 cop{'y' if s.ema_copies == 1 else 'ies'}"))
+    act = cost.activations(s.micro_batch, s.checkpointing)
+    lines.append(Line("activations", act, f"micro batch {s.micro_batch}, "
+                      + ("checkpointed" if s.checkpointing else "no checkpointing")))
+    if not s.accumulating:  # the backward frees a block's activations as it makes that block's gradients
+        lines.append(Line("backward overlap", -min(act, grads), "activations freed as the gradients fill "
+                          "(no gradient accumulation)"))
+    enc, notes = 0, []
+    for part in cost.encoders:
+        dtype = ("bf16" if cuda else "fp32") if part.dtype == "auto" else part.dtype  # flowmatch.dtypes' auto
+        text = part.name != AUTOENCODER
+        if text and s.cached:  # freed once the empty caption and the sampling prompts are encoded
+            notes.append(f"{part.name} freed")
+            continue
+        quant = s.encoder_quant if text else None
+        enc += int(part.params * (QUANT_BYTES[quant] if quant else dtype_bytes(dtype)))
+        notes.append(f"{part.name} {part.params / 1e6:.0f}M {quant + ' (suggestion)' if quant else dtype}")
+    lines.append(Line("frozen encoders", enc, ", ".join(notes) or "none"))
+    comm = 0
+    if n > 1:
+        comm = min(p.trainable, REDUCE_BUCKET) * w * (2 if s.zero_stage in (1, 2) else 1)
+    if s.offload_params:  # the block in use and the next, fetched whole from the host
+        comm += 2 * p.largest_block * w
+    elif s.zero_stage == 3 and n > 1:  # a block gathered whole, and the next prefetched
+        comm += 2 * min(p.largest_block, PREFETCH_BUCKET) * w
+    lines.append(Line("communication buffers", int(comm), f"ZeRO-{s.zero_stage} over {n} processes"))
+    if cuda:
+        tensors = sum(line.bytes for line in lines)
+        lines.append(Line("allocator headroom", int(CUDA_CONTEXT + FRAGMENTATION * tensors),
+                          f"CUDA context {CUDA_CONTEXT / 2**30:.2f} GiB + {FRAGMENTATION:.0%} fragmentation"))
+    return lines
+
+
+def peak(cost: ModelCost, s: Settings, *, cuda: bool) -> int:
+    """The peak bytes of one rank under ``s``."""
+    return sum(line.bytes for line in breakdown(cost, s, cuda=cuda))

@@ -1,0 +1,94 @@
+"""A recipe's model as the planner counts it: the frozen parts' sizes (:mod:`flowmatch.plan.frozen`), the model
+built on the meta device by its family with its LoRA adapters, and its activations traced at the recipe's
+sequence length (:mod:`flowmatch.plan.trace`) for micro batches 1 and 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flowmatch.conditioning import Conditioning
+from flowmatch.config import Recipe
+from flowmatch.dtypes import DTYPES
+from flowmatch.encoders.combine import combine_outputs
+from flowmatch.families import build_backbone, family_of, text_layout
+from flowmatch.families.lora import apply_lora
+from flowmatch.plan import frozen
+from flowmatch.plan.memory import ModelCost
+from flowmatch.plan.trace import count_params, trace_activations
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """The token counts one sample puts through the model."""
+
+    image_tokens: int
+    text_tokens: int
+    latent: tuple[int, int, int]
+    """(channels, height, width) of the model's input."""
+
+
+def _conditioning(recipe: Recipe, shapes: dict[str, frozen.TextShape], batch: int) -> Conditioning:
+    """The model's conditioning of ``batch`` captions at the encoders' max_length, combined as the recipe combines
+    it; a model that embeds a guidance value gets one (guided distillation feeds it from the objective)."""
+    text = recipe.text
+    outputs = {name: Conditioning(torch.zeros(batch, s.tokens, s.hidden), torch.ones(batch, s.tokens, dtype=torch.bool),
+                                  torch.zeros(batch, s.pooled)) for name, s in shapes.items()}
+    cond = combine_outputs(text_layout(text.combine), outputs, {n: s.kind for n, s in shapes.items()}, text.guidance)
+    if getattr(recipe.model, "guidance_embed", False) and "guidance" not in cond.extra:
+        cond = Conditioning(cond.hidden, cond.mask, cond.pooled, {**cond.extra, "guidance": torch.ones(batch)})
+    return cond
+
+
+def _quantisable(model: nn.Module) -> int:
+    """Frozen elements of the linear layers' weights."""
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) and not m.weight.requires_grad)
+
+
+def model_cost(recipe: Recipe) -> tuple[ModelCost, SampleShape, Recipe]:
+    """Count the recipe's model: returns its cost, its sequence and the recipe with the model's input sizes filled
+    in from the encoders (as the trainer fills them)."""
+    text = recipe.text
+    parts, shapes = [], {}
+    for name, cfg in text.encoders.items():
+        part, shapes[name] = frozen.text_encoder(name, cfg, f"text_encoders.encoders.{name}.name_or_path")
+        parts.append(part)
+    ae = frozen.autoencoder(recipe.autoencoder)
+    if ae.part is not None:
+        parts.append(ae.part)
+    side = recipe.data.resolution // ae.downsample
+    channels = ae.channels or recipe.data.channels
+    with torch.device("meta"):
+        probe = _conditioning(recipe, shapes, 1)
+    sizes = {"in_channels": channels, "context_dim": probe.hidden.shape[2], "pooled_dim": probe.pooled.shape[1]}
+    model_cfg = dataclasses.replace(recipe.model, **{k: v for k, v in sizes.items()
+                                                     if getattr(recipe.model, k) is None})
+    recipe = dataclasses.replace(recipe, model=model_cfg)
+    family = family_of(model_cfg)
+    dtype = DTYPES[recipe.distributed.precision]
+    with torch.device("meta"):
+        model = build_backbone(model_cfg).to(dtype)
+        if model_cfg.lora is not None:
+            apply_lora(model, model_cfg.lora)
+            model.to(dtype)
+    blocks = list(model.blocks()) if family.capabilities.block_transforms else []
+
+    def trace(batch: int):
+        with torch.device("meta"):
+            x = torch.zeros(batch, channels, side, side, dtype=dtype)
+            t = torch.full((batch,), 0.5)
+            cond = _conditioning(recipe, shapes, batch).to(dtype=dtype)
+            target = torch.zeros(batch, channels, side, side)
+        return trace_activations(model, blocks, (x, t, cond), lambda v: (v.float() - target).square().mean())
+
+    cost = ModelCost(params=count_params(model, blocks), quantisable=_quantisable(model), act1=trace(1),
+                     act2=trace(2), encoders=parts)
+    patch = getattr(model_cfg, "patch_size", 1) or 1
+    seq = SampleShape(image_tokens=(side // patch) ** 2, text_tokens=int(probe.hidden.shape[1]),
+                   latent=(channels, side, side))
+    return cost, seq, recipe

@@ -1,0 +1,150 @@
+"""What a model costs, read from the model itself on the meta device: its parameter bytes, and the exact bytes
+autograd keeps for the backward pass in one forward (saved-tensor hooks), per block and outside the blocks.
+
+Nothing is allocated: the network is built on the meta device (its family's ``build``), run once on meta inputs of
+the training batch's shapes, and every tensor autograd saves is recorded by its storage, so views of one tensor
+count once and the parameters autograd keeps a reference to count as weights, not activations.
+
+Attention is traced as the fused kernels run it (PyTorch's flash attention on CPU, flash or memory-efficient
+attention on CUDA): they keep q, k, v, the output and a float32 log-sum-exp per query row, never the L x L
+matrix that the meta device's reference path would keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameter elements of a model, split by whether the optimizer trains them."""
+
+    trainable: int
+    frozen: int
+    largest_block: int
+    """Elements of the largest transformer block (ZeRO-3 gathers one block at a time)."""
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes autograd keeps for one forward of a given batch (backward not yet run)."""
+
+    blocks: list[int]
+    """Per transformer block, in execution order: what it saves."""
+    in_blocks: int
+    """What all the blocks save together (a tensor several blocks save, such as the conditioning, once)."""
+    block_inputs: int
+    """What activation checkpointing keeps instead: every block's inputs (shared ones once)."""
+    outside: int
+    """What the embedders, the final layer and the loss's inputs save outside the blocks."""
+
+    @property
+    def plain(self) -> int:
+        """Kept at the end of the forward without activation checkpointing."""
+        return self.outside + self.in_blocks
+
+    @property
+    def checkpointed(self) -> int:
+        """The peak with activation checkpointing: the blocks' inputs, plus one block recomputed in backward."""
+        return self.outside + self.block_inputs + max(self.blocks, default=0)
+
+
+def _storage_key(t: Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage._cdata, storage.nbytes()
+
+
+def count_params(model: nn.Module, blocks: list[nn.Module]) -> ParamCount:
+    """Trainable and frozen parameter elements of ``model`` (each tensor once)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    largest = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)
+    return ParamCount(trainable, frozen, largest)
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` to the flash kernel (it has meta shapes), so the trace keeps what
+    fused attention keeps; a boolean mask becomes the additive mask that kernel takes."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)
+        return out
+
+
+@contextmanager
+def _recording(params: set[int], saved: dict[int, int]) -> Iterator[None]:
+    def pack(t: Tensor) -> Tensor:
+        key, nbytes = _storage_key(t)
+        if key not in params:
+            saved.setdefault(key, nbytes)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttention():
+        yield
+
+
+def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: tuple, loss: Callable[[Tensor], Tensor]
+                      ) -> Activations:
+    """Run ``loss(model(*inputs))`` once (meta tensors) and return the bytes autograd keeps, per block (each
+    block's forward records into its own set), for the blocks' inputs, and outside the blocks."""
+    params = {_storage_key(p)[0] for p in model.parameters()}
+    everything: dict[int, int] = {}
+    per_block: list[dict[int, int]] = []
+    inputs_seen: dict[int, int] = {}
+    handles = []
+    open_blocks = ExitStack()  # the recording of the block running now (blocks do not nest)
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for value in (*args, *kwargs.values()):
+            for t in _tensors(value):
+                key, nbytes = _storage_key(t)
+                inputs_seen.setdefault(key, nbytes)
+        per_block.append({})
+        open_blocks.enter_context(_recording(params, per_block[-1]))
+
+    def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        open_blocks.close()
+
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(block.register_forward_hook(post, with_kwargs=True))
+    try:
+        with _recording(params, everything):
+            loss(model(*inputs))
+    finally:
+        open_blocks.close()
+        for h in handles:
+            h.remove()
+    inside = {key: n for block in per_block for key, n in block.items()}
+    outside = sum(n for key, n in everything.items() if key not in inside)
+    return Activations(blocks=[sum(b.values()) for b in per_block], in_blocks=sum(inside.values()),
+                       block_inputs=sum(inputs_seen.values()), outside=outside)
+
+
+def _tensors(value: Any) -> Iterator[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif hasattr(value, "__dataclass_fields__"):  # a Conditioning or a RoPE table
+        for name in value.__dataclass_fields__:
+            yield from _tensors(getattr(value, name))

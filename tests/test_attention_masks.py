@@ -1,0 +1,159 @@
+"""No attention mask reaches ``scaled_dot_product_attention`` when no text token is padding, for every family.
+
+A boolean or float mask rules out SDPA's flash kernels on CUDA. ``Conditioning.all_valid`` carries "no padding"
+from where the mask is made (fixed-length encoders, cached rows of one length) through caption dropout, guidance's
+[cond; null] batch and every other Conditioning operation, decided on the host; the models then pass no mask. The
+tests intercept every SDPA call of a training step (caption dropout included) and of guided sampling of each
+registered family's tiny preset, so a family registered in ``flowmatch.families.FAMILIES`` is covered here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowmatch.conditioning import Conditioning
+from flowmatch.encoders.combine import SINGLE, TextPart, combine_outputs
+from flowmatch.families import FAMILIES
+from flowmatch.families.config import ModelConfig
+from flowmatch.families.presets import preset_values
+from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions
+from flowmatch.flow.guided import with_guidance
+from flowmatch.sampling.generate import sample_latents
+from flowmatch.training.loop import micro_loss
+
+#: Sizes the encoders would fill in.
+SIZES = dict(in_channels=4, context_dim=16, pooled_dim=12)
+
+
+@contextlib.contextmanager
+def attention_masks():
+    """Record the ``attn_mask`` of every ``F.scaled_dot_product_attention`` call (flowmatch's and diffusers')."""
+    seen: list = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
+        return sdpa(*args, **kwargs)
+
+    F.scaled_dot_product_attention = recording
+    try:
+        yield seen
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def _model(name: str):
+    cfg = ModelConfig(**{**preset_values(FAMILIES[name].tiny), **SIZES})
+    torch.manual_seed(0)
+    return cfg, FAMILIES[name].build(cfg)
+
+
+def _cond(cfg, lengths, seed=0) -> Conditioning:
+    """Text features as the loader stacks cached rows (``from_rows``), with FLUX-dev's guidance value if embedded."""
+    g = torch.Generator().manual_seed(seed)
+    cond = Conditioning.from_rows([torch.randn(n, cfg.context_dim, generator=g) for n in lengths],
+                                  [torch.randn(cfg.pooled_dim, generator=g) for _ in lengths])
+    return with_guidance(cond, 3.5) if cfg.guidance_embed else cond
+
+
+def _train_step_and_sample(name: str, lengths: list[int], null_length: int) -> list:
+    """The masks SDPA received in one training step (caption dropout 0.5) and two guided sampling steps."""
+    cfg, model = _model(name)
+    cond, null = _cond(cfg, lengths), _cond(cfg, [null_length], seed=1)
+    flow = FlowConfig(caption_dropout=0.5)
+    x0 = torch.randn(len(lengths), cfg.in_channels, 8, 8)
+    with attention_masks() as seen:
+        out = micro_loss(model, x0, cond, null, schedule=TimeSchedule(flow), flow=flow, patch_size=cfg.patch_size,
+                         generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        trained = len(seen)
+        sample_latents(model.eval(), cond, null, torch.randn_like(x0), steps=2, solver="euler",
+                       guidance_scale=2.0, shift=1.0)
+    assert 0 < trained < len(seen), "the step and the sampler both ran attention"
+    return seen
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_unpadded_text_reaches_attention_without_a_mask(name):
+    """Bugs caught: the model building its mask whatever ``all_valid`` says; caption dropout, ``where`` or ``cat``
+    (guidance's [cond; null]) dropping the fact; ``from_rows`` not deciding it from equal row lengths."""
+    seen = _train_step_and_sample(name, [5, 5], null_length=5)
+    assert all(mask is None for mask in seen), f"{sum(m is not None for m in seen)} of {len(seen)} calls masked"
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_padded_text_is_masked(name):
+    """Bug caught: ``all_valid`` claimed for rows of different lengths, or for a shorter null padded into the batch
+    (padding would then be attended to)."""
+    for lengths, null_length in (([3, 5], 5), ([5, 5], 2)):
+        seen = _train_step_and_sample(name, lengths, null_length)
+        assert any(mask is not None for mask in seen)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_dropping_the_mask_of_unpadded_text_changes_nothing(name):
+    cfg, model = _model(name)
+    cond = _cond(cfg, [4, 4])
+    assert cond.all_valid and bool(cond.mask.all())
+    masked = Conditioning(cond.hidden, cond.mask, cond.pooled, dict(cond.extra), all_valid=False)
+    x, t = torch.randn(2, cfg.in_channels, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, cond), model(x, t, masked))
+
+
+def _rows(*lengths) -> Conditioning:
+    return Conditioning.from_rows([torch.ones(n, 3) for n in lengths], [torch.ones(2) for _ in lengths])
+
+
+def test_all_valid_is_kept_exactly_while_no_padding_appears():
+    """Each operation keeps the fact when it adds no padding and drops it when it does; it never claims a mask
+    with a False entry. Bugs caught: ``pad_to`` keeping it, ``cat``/``where`` ignoring one side or the lengths,
+    ``_map`` (``to``, ``expand``, ``rows``) or ``with_extra`` losing it."""
+    equal, ragged = _rows(4, 4), _rows(2, 4)
+    assert equal.all_valid and not ragged.all_valid and not _rows(0, 0).all_valid
+    drop = torch.tensor([True, False])
+    cases = {
+        "to": (equal.to("cpu", torch.float64), True),
+        "expand": (_rows(4).expand(3), True),
+        "rows": (equal.rows(1), True),
+        "with_extra": (equal.with_extra({"guidance": torch.ones(2)}), True),
+        "pad_to same": (equal.pad_to(4), True),
+        "pad_to longer": (equal.pad_to(6), False),
+        "cat equal": (Conditioning.cat([equal, _rows(4)]), True),
+        "cat longer": (Conditioning.cat([equal, _rows(6)]), False),
+        "cat ragged": (Conditioning.cat([ragged, _rows(4)]), False),
+        "where equal": (equal.where(drop, _rows(4)), True),
+        "where shorter null": (equal.where(drop, _rows(1)), False),
+        "where ragged": (ragged.where(drop, _rows(4)), False),
+    }
+    for what, (cond, expected) in cases.items():
+        assert cond.all_valid is expected, what
+        if cond.all_valid:
+            assert bool(cond.mask.all()), what
+
+
+def test_combined_encoders_are_unpadded_only_when_each_is():
+    """SD3's layout concatenates CLIP's and T5's tokens; FLUX's takes T5's: the fact follows the token sources."""
+    fixed, ragged = _rows(4, 4), _rows(2, 4)
+    assert combine_outputs(SINGLE, {"t": fixed}, {"t": "auto"}, guidance=3.5).all_valid
+    for family in ("sd3", "flux"):
+        layout = FAMILIES[family].text
+        both = {"clip_l": fixed, "t5": fixed}
+        if not layout.one_clip:
+            both["clip_g"] = fixed
+        kinds = {n: "t5" if n == "t5" else "clip" for n in both}
+        assert combine_outputs(layout, both, kinds).all_valid, family
+        assert not combine_outputs(layout, {**both, "t5": ragged}, kinds).all_valid, family
+
+
+def test_dropping_one_encoders_share_keeps_the_fact_of_both_sides():
+    """Per-encoder caption dropout (several encoders) replaces a token range by the null's: its padding counts."""
+    part = [(TextPart("t5", slice(2, None), slice(None), slice(None)), 1.0)]
+    equal = _rows(4, 4)
+    padded_null = _rows(2).pad_to(4)
+    assert drop_captions(equal, _rows(4), 0.0, parts=part).all_valid
+    assert not drop_captions(equal, padded_null, 0.0, parts=part).all_valid
