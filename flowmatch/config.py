@@ -176,6 +176,7 @@ def recipe_from_dict(tree: dict[str, Any]) -> Recipe:
         raise RecipeError(f"model.preset: {err}") from None
     recipe = build_dataclass(Recipe, tree, "")
     check_paired(recipe)
+    check_text(recipe, stated="preset" in model or "family" in model)
     resolve_from_init(recipe, stated_preset="preset" in (tree.get("autoencoder") or {}))
     if recipe.model.init_from:
         # Checked against the weights' architecture when the run is assembled (flowmatch.init_from).
@@ -198,6 +199,27 @@ def check_paired(recipe: Recipe) -> None:
                           "false: train it on paired shards (data.paired: true; samples with ref.EXT members, "
                           "written by flowmatch-data folder|jsonl from a reference field) or use a text-to-image "
                           "family")
+
+
+def check_text(recipe: Recipe, *, stated: bool) -> None:
+    """The text encoders give what the model reads: a RecipeError naming model.family and the encoder otherwise.
+    A model without a pooled input (modulation from the timestep alone) takes no CLIP encoder, whose only share
+    is a pooled vector; released weights that read a pooled CLIP vector (``init_from`` with a stated preset of a
+    family whose pipeline combines CLIP and T5, the preset fixing the pooled width) need a CLIP encoder."""
+    family = family_of(recipe.model)
+    kinds = {name: c.kind for name, c in recipe.text.encoders.items()}
+    listed = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
+    clips = [name for name, kind in kinds.items() if kind == "clip"]
+    if not recipe.model.takes_pooled and clips:
+        raise RecipeError(f"model.family: {family.name} takes no pooled text vector, but text encoder {clips[0]} "
+                          f"(kind clip) is there for one (text encoders: {listed}): condition it on one t5 "
+                          "encoder (text_encoders.combine: single) or use a family with a pooled input")
+    released = stated and recipe.model.init_from and recipe.model.pooled_dim is not None
+    if released and recipe.model.takes_pooled and family.text is not None and not clips:
+        raise RecipeError(f"model.family: {family.name} reads a pooled CLIP vector from its released weights "
+                          f"(model.init_from), but the text encoders ({listed}) have no encoder of kind clip: add "
+                          f"the pipeline's CLIP (text_encoders.combine: {family.text.name}) or start from weights "
+                          "of a family without a pooled input")
 
 
 def resolve_from_init(recipe: Recipe, *, stated_preset: bool) -> None:

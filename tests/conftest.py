@@ -73,6 +73,14 @@ def tiny_kontext_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_chroma_pipeline(tmp_path_factory):
+    """Folder of a tiny random Chroma pipeline (see tests/tiny_pipelines_chroma.py), built once per session."""
+    from tests.tiny_pipelines_chroma import save_chroma_pipeline  # imports diffusers: only for the tests that ask
+
+    return save_chroma_pipeline(tmp_path_factory.mktemp("tiny-chroma"))
+
+
+@pytest.fixture(scope="session")
 def train_runs(tmp_path_factory, digit_shards):
     """The real training launches of tests/test_train_distributed.py, each started on first use and shared by the
     modules that compare with them (tests/test_launchers.py follows its one-process run): each costs seconds."""

@@ -6,9 +6,12 @@ zero-initialised ones included, is perturbed, so outputs and gradients depend on
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers.loaders import single_file_utils
 from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
@@ -85,6 +88,21 @@ def reference(theirs, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
 def ours_inputs(model, cond: Conditioning) -> Conditioning:
     """`cond` as our model takes it: the guidance value only for a model that embeds it."""
     return cond if model.cfg.guidance_embed else without_guidance(cond)
+
+
+def diffusers_converter(model):
+    """diffusers' original -> diffusers key converter for `model`'s architecture. Its FLUX and Chroma converters
+    hard-code FLUX.1's width (3072) to split the single blocks' fused projection; the tiny models' width is put in
+    its place, the code is otherwise diffusers' own."""
+    if not model.cfg.rope:
+        return single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers
+    name = ("convert_chroma_transformer_checkpoint_to_diffusers" if model.approximator is not None
+            else "convert_flux_transformer_checkpoint_to_diffusers")
+    source = inspect.getsource(getattr(single_file_utils, name))
+    assert "inner_dim = 3072" in source
+    namespace = dict(vars(single_file_utils))
+    exec(source.replace("inner_dim = 3072", f"inner_dim = {model.cfg.width}"), namespace)  # noqa: S102
+    return namespace[name]
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:

@@ -5,19 +5,18 @@ layout, and by bitwise round trips."""
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 
 import pytest
 import torch
-from diffusers.loaders import single_file_utils
 from safetensors.torch import save_file
 
 from flowmatch.families.convert import architecture_of, from_diffusers, from_original, save_original, to_original
 from flowmatch.models.convert.keymap import Inert, Tail
 from tests.interop_models import (
     KINDS,
+    diffusers_converter,
     diffusers_model,
     one_thread,  # noqa: F401 - applies the module-wide fixture
     ours_inputs,
@@ -28,19 +27,6 @@ from tests.interop_models import (
 
 REL_TOL = 1e-4
 SD3_KINDS = [k for k in KINDS if k.startswith("sd3")]
-
-
-def diffusers_converter(model):
-    """diffusers' original -> diffusers key converter for `model`'s architecture. Its FLUX converter hard-codes
-    FLUX.1's width (3072) to split the single blocks' fused projection; the tiny models' width is put in its
-    place, the code is otherwise diffusers' own."""
-    if not model.cfg.rope:
-        return single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers
-    source = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
-    assert "inner_dim = 3072" in source
-    namespace = dict(vars(single_file_utils))
-    exec(source.replace("inner_dim = 3072", f"inner_dim = {model.cfg.width}"), namespace)  # noqa: S102
-    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
 
 
 def inert_parts(model, fmt: str) -> dict[str, int]:

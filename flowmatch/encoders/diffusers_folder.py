@@ -18,6 +18,9 @@ Which pipelines are read, and what each does, is its family's (``Family.diffuser
 - ``FluxPipeline`` (FLUX.1 dev, schnell): ``text_encoder`` is CLIPTextModel (its pooler output), 77 tokens;
   ``text_encoder_2`` is T5 on 512 tokens; combined as ``flux``. Its default call: 28 steps, guidance 3.5 (the
   value FLUX-dev embeds).
+- ``ChromaPipeline``: ``text_encoder`` is T5 alone on 512 tokens, given its attention mask, the transformer seeing
+  the first padding token too (``padding: max_length_plus_one``); no pooled vector. Its default call: 35 steps,
+  classifier-free guidance 5.0 against the empty negative prompt.
 - ``QwenImagePipeline`` (Qwen-Image): ``text_encoder`` is Qwen2.5-VL, a decoder LLM behind the pipeline's chat
   template (:mod:`flowmatch.encoders.decoder_llm`, the family's ``decoder_llm`` settings), the only encoder; its
   VAE is AutoencoderKLQwenImage with per-channel statistics. Its default call: 50 steps, true CFG 4.0 with a
@@ -143,7 +146,9 @@ def encoder_configs_from_pipeline(path: str | os.PathLike, *, dtype: str = "auto
         elif entry[1].startswith(("T5", "UMT5")):
             encoders[ours] = TextEncoderConfig(
                 kind="t5", name_or_path=where, subfolder=sub, tokenizer_subfolder=tok_sub,
-                max_length=kind.t5_tokens, padding="max_length", dropped=kind.t5_dropped, dtype=dtype)
+                max_length=kind.t5_tokens, padding=kind.t5_padding, dropped=kind.t5_dropped, dtype=dtype,
+                # T5 alone (no text layout, Chroma): its transformer reads no pooled vector
+                pooling="none" if family.text is None else "mean")
         elif kind.decoder_llm is not None:
             encoders[ours] = TextEncoderConfig(kind="decoder_llm", name_or_path=where, subfolder=sub,
                                                tokenizer_subfolder=tok_sub, model_class=entry[1], dtype=dtype,

@@ -5,10 +5,12 @@ One encoder turns captions into per-token hidden states, the padding mask and on
 a :class:`Conditioning` of its own; :mod:`flowmatch.encoders.text_set` combines several. It never trains:
 parameters are frozen and every call runs under `torch.no_grad`.
 
-Two ways to pad (``padding``): ``longest`` pads a batch to its longest caption, gives the encoder the attention
+Three ways to pad (``padding``): ``longest`` pads a batch to its longest caption, gives the encoder the attention
 mask and masks the padding out of the model's attention (and out of cached features); ``max_length`` is how
 diffusers' SD3 and FLUX pipelines run their encoders: every caption padded to ``max_length``, no attention mask,
-and every position, padding included, a token the model attends to.
+and every position, padding included, a token the model attends to; ``max_length_plus_one`` is how Chroma's
+pipeline runs its T5: padded to ``max_length``, the encoder given the attention mask, and the model attending to
+the real tokens and the first padding token only (the rest masked out, as ``longest`` masks them).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from flowmatch.quantize import QUANTIZATIONS, missing_backend, quantize_frozen
 
 KINDS = ("t5", "clip", "auto", "decoder_llm")
 POOLINGS = ("mean", "pooler", "first", "projection", "none")
-PADDINGS = ("longest", "max_length")
+PADDINGS = ("longest", "max_length", "max_length_plus_one")
 DROPPED = ("empty", "zeros")
 # transformers model types each kind's class loads faithfully.
 MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
@@ -53,8 +55,9 @@ class TextEncoderConfig:
     max_length: int = 256
     """Longest caption in tokens; longer ones are truncated (SD3 uses 256 T5 tokens, FLUX 512, CLIP 77)."""
     padding: str = "longest"
-    """longest (attention mask, padding masked out) or max_length (no mask, every position a token: the
-    SD3 / FLUX pipelines' way); see the module docstring."""
+    """longest (attention mask, padding masked out), max_length (no mask, every position a token: the
+    SD3 / FLUX pipelines' way) or max_length_plus_one (attention mask, the first padding token kept visible:
+    Chroma's pipeline); see the module docstring."""
     hidden_layer: Optional[int] = None
     """Per-token states: None = the model's output (after any final norm), or an index into its hidden states
     (-2 = the penultimate layer, as SD3 takes from CLIP)."""
@@ -222,12 +225,21 @@ class TextEncoder:
     @torch.no_grad()
     def _run(self, captions: list[str]):
         """Tokenize and run the model: (the model's output, attention mask (B, L) bool)."""
-        fixed = self.cfg.padding == "max_length"
-        tokens = self.tokenizer(captions, padding="max_length" if fixed else "longest", truncation=True,
-                                max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
-        # The pipelines run their encoders without an attention mask: padding positions attend and are attended to.
-        mask = torch.ones_like(tokens["input_ids"], dtype=torch.bool) if fixed else tokens["attention_mask"].bool()
-        out = self._call(input_ids=tokens["input_ids"], attention_mask=None if fixed else tokens["attention_mask"],
+        padding = self.cfg.padding
+        fixed = padding == "max_length"
+        tokens = self.tokenizer(captions, padding="longest" if padding == "longest" else "max_length",
+                                truncation=True, max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
+        given = tokens["attention_mask"]
+        # The SD3 / FLUX pipelines run their encoders without an attention mask: padding positions attend and are
+        # attended to. Chroma's gives its T5 the mask, then lets the model see one padding token past the caption.
+        if fixed:
+            mask = torch.ones_like(tokens["input_ids"], dtype=torch.bool)
+        elif padding == "max_length_plus_one":
+            positions = torch.arange(given.shape[1], device=given.device)
+            mask = positions[None, :] <= given.sum(dim=1, keepdim=True)  # (B, L): real tokens and the first pad
+        else:
+            mask = given.bool()
+        out = self._call(input_ids=tokens["input_ids"], attention_mask=None if fixed else given,
                          output_hidden_states=self.cfg.hidden_layer is not None)
         out.mask = mask
         return out
@@ -248,8 +260,8 @@ class TextEncoder:
         states = out.last_hidden_state if self.cfg.hidden_layer is None else out.hidden_states[self.cfg.hidden_layer]
         hidden = states.float() * mask[..., None]  # (B, L, D), zero at padding
         # No padding, known without reading the mask: fixed-length padding attends to every position, and one
-        # caption padded to its own length has none.
-        all_valid = self.cfg.padding == "max_length" or len(captions) == 1
+        # caption padded to its own length has none (Chroma's max_length_plus_one pads and masks whatever the count).
+        all_valid = self.cfg.padding == "max_length" or (self.cfg.padding == "longest" and len(captions) == 1)
         return Conditioning(hidden, mask, self._pool(hidden, mask, out), all_valid=all_valid)
 
     def _pool(self, hidden, mask, out) -> torch.Tensor:
@@ -277,7 +289,8 @@ class TextEncoder:
         # or a resumed run, whose cache starts empty, would drift from an uninterrupted one.
         for caption in missing:
             fresh = self._encode_batch([caption])
-            self._cache[caption] = (fresh.hidden[0].clone(), fresh.pooled[0].clone())
+            # the visible tokens only (a prefix): the masked-out padding is padding again when rows are stacked
+            self._cache[caption] = (fresh.hidden[0][fresh.mask[0]].clone(), fresh.pooled[0].clone())
         for caption in captions:
             self._cache.move_to_end(caption)
         hidden, pooled = zip(*(self._cache[c] for c in captions))

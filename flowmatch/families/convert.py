@@ -258,6 +258,10 @@ def to_diffusers(model: MMDiT, *, copy: bool = True) -> "ModelMixin":
     with torch.device("meta"):
         module = _diffusers_class(arch.DIFFUSERS_CLASS)(**dcfg)
     module.load_state_dict(theirs, strict=True, assign=True)
+    # tensors diffusers keeps outside the state dict (non-persistent buffers), where a family has them (Chroma)
+    for name, value in getattr(arch, "diffusers_buffers", lambda _: {})(model).items():
+        owner, _, leaf = name.rpartition(".")
+        module.get_submodule(owner).register_buffer(leaf, value, persistent=False)
     left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{arch.DIFFUSERS_CLASS} tensors not set by the conversion: {left[:6]}")

@@ -106,6 +106,9 @@ class DiffusersPipeline:
     """Its default guidance_scale (FLUX: the embedded guidance value)."""
     schedule: Schedule
     """How it walks the scheduler."""
+    t5_padding: str = "max_length"
+    """How it pads and masks its T5 (``text_encoder.padding``): max_length (SD3, FLUX) or max_length_plus_one
+    (Chroma: the encoder given the mask, one padding token left visible to the transformer)."""
     decoder_llm: Optional[Mapping[str, Any]] = None
     """The TextEncoderConfig values of its decoder-LLM text encoder (kind decoder_llm: chat template, dropped
     prefix, hidden layer, length, pooling), for the encoder whose class is no CLIP or T5 (Qwen-Image's

@@ -68,7 +68,7 @@ class StepFlops:
 
 
 def _group(name: str) -> str:
-    if ".mod." in name or name.startswith(("time_embed.", "guidance_embed.", "pooled_embed.")):
+    if ".mod." in name or name.startswith(("time_embed.", "guidance_embed.", "pooled_embed.", "approximator.")):
         return "per_sample"
     if name.startswith("single_blocks."):
         return "joint_token"
@@ -95,7 +95,11 @@ def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple
     p = count_parameters(model)
     tokens = p.image_token * n_img + p.text_token * text_len + p.joint_token * seq
     token_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * tokens
-    sample_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * p.per_sample
+    # the modulation approximator (Chroma) runs once per modulation row of each sample, not once per sample
+    approximator = model.approximator
+    extra_rows = 0 if approximator is None else (approximator.rows - 1) * sum(
+        param.numel() for param in approximator.parameters())
+    sample_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * (p.per_sample + extra_rows)
     entries = 0
     for block in model.joint_blocks:
         queries = n_img if block.context_pre_only else seq

@@ -43,6 +43,23 @@ class AdaLNModulation(nn.Module):
         return self.linear(F.silu(vec))[:, None, :].chunk(self.chunks, dim=-1)
 
 
+class GivenModulation(nn.Module):
+    """Modulation vectors handed in from outside (the modulation approximator's, Chroma) instead of computed from
+    the conditioning vector: rows [start, start + chunks) of a (B, K, D) stack -> chunks x (B, 1, D). No weights."""
+
+    def __init__(self, chunks: int, start: int = 0) -> None:
+        super().__init__()
+        self.chunks, self.start = chunks, start
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        return vec[:, self.start:self.start + self.chunks, None].unbind(dim=1)
+
+
+def modulation(dim: int, chunks: int, *, given: bool, start: int = 0, device=None, dtype=None) -> nn.Module:
+    """A block's modulation: its own adaLN linear, or, when ``given``, rows ``start``.. of a stack from outside."""
+    return GivenModulation(chunks, start) if given else AdaLNModulation(dim, chunks, device=device, dtype=dtype)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     """Parameter-free LayerNorm then adaLN: LN(x) * (1 + scale) + shift; x (B, S, D), shift/scale (B, 1, D)."""
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
@@ -91,14 +108,15 @@ class StreamWeights(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
-        pre_only: bool = False, dual: bool = False, device=None, dtype=None,
+        pre_only: bool = False, dual: bool = False, given_mod: bool = False, mod_start: int = 0, device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         if pre_only and dual:
             raise ValueError("a context-pre-only stream cannot have a second attention")
         self.num_heads, self.head_dim, self.pre_only = num_heads, head_dim, pre_only
         kw = dict(device=device, dtype=dtype)
-        self.mod = AdaLNModulation(dim, 2 if pre_only else 9 if dual else 6, **kw)
+        self.mod = modulation(dim, 2 if pre_only else 9 if dual else 6, given=given_mod, start=mod_start, **kw)
         # One matmul for Q, K and V (K and V only when pre_only): fewer, larger GEMMs than three projections.
         self.qkv = nn.Linear(dim, (2 if pre_only else 3) * dim, **kw)
         self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm and not pre_only else None
@@ -123,20 +141,22 @@ class JointBlock(nn.Module):
     """SD3 MMDiT block: separate weights per stream, one attention over [image, text] tokens; with `dual`, the
     MMDiT-X block of SD3.5-medium, whose image stream adds a self-attention over image tokens alone.
 
-    forward(x (B, N, D), ctx (B, L, D), vec (B, D), mask (B, 1, 1, N + L) bool or None, rope) ->
+    forward(x (B, N, D), ctx (B, L, D), vec (B, D) or, with given_mod, (B, 12, D) modulation rows,
+    mask (B, 1, 1, N + L) bool or None, rope) ->
     (x (B, N, D), ctx (B, L, D), or None when the text stream is pre-only).
     """
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
-        context_pre_only: bool = False, dual: bool = False, device=None, dtype=None,
+        context_pre_only: bool = False, dual: bool = False, given_mod: bool = False, device=None, dtype=None,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.context_pre_only = context_pre_only
-        kw = dict(qk_norm=qk_norm, eps=eps, device=device, dtype=dtype)
+        kw = dict(qk_norm=qk_norm, eps=eps, given_mod=given_mod, device=device, dtype=dtype)
         self.img = StreamWeights(dim, num_heads, head_dim, mlp_hidden, dual=dual, **kw)
-        self.txt = StreamWeights(dim, num_heads, head_dim, mlp_hidden, pre_only=context_pre_only, **kw)
+        # given_mod: vec is (B, 6 + 6, D), the image stream's modulation rows then the text stream's
+        self.txt = StreamWeights(dim, num_heads, head_dim, mlp_hidden, pre_only=context_pre_only, mod_start=6, **kw)
 
     def forward(
         self, x: Tensor, ctx: Tensor, vec: Tensor, mask: Optional[Tensor] = None, rope: Optional[RopeTable] = None
@@ -173,18 +193,18 @@ class SingleBlock(nn.Module):
     """FLUX single-stream block: shared weights over the joint sequence, attention and MLP computed in parallel
     from one input projection and merged by one output projection.
 
-    forward(h (B, S, D), vec (B, D), mask (B, 1, 1, S) or None, rope) -> (B, S, D)
+    forward(h (B, S, D), vec (B, D), or (B, 3, D) with given_mod, mask (B, 1, 1, S) or None, rope) -> (B, S, D)
     """
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
-        device=None, dtype=None,
+        given_mod: bool = False, device=None, dtype=None,
     ) -> None:
         super().__init__()
         self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, head_dim, eps
         self.mlp_hidden = mlp_hidden
         kw = dict(device=device, dtype=dtype)
-        self.mod = AdaLNModulation(dim, 3, **kw)
+        self.mod = modulation(dim, 3, given=given_mod, **kw)
         self.linear_in = nn.Linear(dim, 3 * dim + mlp_hidden, **kw)
         self.linear_out = nn.Linear(dim + mlp_hidden, dim, **kw)
         self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
@@ -205,12 +225,14 @@ class SingleBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map of image tokens to patch pixels: (B, N, D) -> (B, N, p * p * C_out)."""
+    """adaLN (shift, scale) then a linear map of image tokens to patch pixels: (B, N, D) -> (B, N, p * p * C_out);
+    vec (B, D), or the (B, 2, D) shift and scale with given_mod."""
 
-    def __init__(self, dim: int, out_features: int, *, eps: float, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, out_features: int, *, eps: float, given_mod: bool = False, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.eps = eps
-        self.mod = AdaLNModulation(dim, 2, device=device, dtype=dtype)
+        self.mod = modulation(dim, 2, given=given_mod, device=device, dtype=dtype)
         self.linear = nn.Linear(dim, out_features, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 with the options that make the released SD3.5, FLUX.1 and Qwen-Image architectures: MMDiT-X blocks (a second,
 image-only attention; SD3.5-medium), FLUX single-stream blocks, RoPE over 2 or 3 position axes in FLUX's or
 Qwen-Image's MSRoPE layout, a guidance embedding (FLUX.1-dev), no pooled text vector and an RMS-normalised text
-input (Qwen-Image). `flowmatch.families` names each released layout (its presets).
+input (Qwen-Image), and the modulation approximator in place of per-block modulation (Chroma).
+`flowmatch.families` names each released layout (its presets).
 
 Time convention (flowmatch-wide): t = 0 is data, t = 1 is noise; the model predicts the velocity noise - x0.
 """
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
+from flowmatch.models.approximator import ModulationApproximator, Modulations
 from flowmatch.models.embeddings import (
     ROPE_LAYOUTS,
     RopeTable,
@@ -28,6 +30,8 @@ from flowmatch.models.embeddings import (
 from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
 from flowmatch.models.mlp import RmsNorm
 
+#: Where the blocks' modulation comes from (MMDiTConfig.modulation).
+MODULATIONS = ("adaln", "approximator")
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
 EMBEDDER_INIT_STD = 0.02
 
@@ -98,6 +102,15 @@ class MMDiTConfig:
     """Reference images (clean latents, cond.reference) a sample may carry: their tokens join the image stream
     with RoPE image index 1, 2, ... and the velocity is predicted for the target's tokens only (FLUX.1 Kontext: 1;
     0 = a text-to-image model)."""
+    modulation: str = "adaln"
+    """Where the blocks' adaLN modulation comes from: adaln (each block's own linear of the timestep + pooled-text
+    vector: SD3, FLUX) | approximator (one MLP of the timestep for every block, no pooled text: Chroma)."""
+    approximator_channels: int = 64
+    """modulation: approximator: input channels per modulation row (time, guidance and row-index sinusoids)."""
+    approximator_hidden: int = 5120
+    """modulation: approximator: the approximator MLP's width."""
+    approximator_layers: int = 5
+    """modulation: approximator: its residual layers."""
     interval_embed: bool = False
     """Embed the interval t - r of a second time r <= t like the timestep (few-step models: MeanFlow, shortcut);
     its last layer starts at zero, so a flow checkpoint loaded into it gives the same outputs."""
@@ -113,6 +126,11 @@ class MMDiTConfig:
         return int(self.width * self.mlp_ratio)
 
     @property
+    def takes_pooled(self) -> bool:
+        """Whether the model reads the pooled text vector (pooled_dim 0: none, as with the approximator)."""
+        return self.pooled_dim != 0
+
+    @property
     def axes_dim(self) -> list[int]:
         """RoPE channels per position axis, resolved from rope_axes_dim."""
         if self.rope_axes_dim is not None:
@@ -121,6 +139,22 @@ class MMDiTConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
+        if self.modulation not in MODULATIONS:
+            raise ValueError(f"MMDiTConfig.modulation must be one of {MODULATIONS}, got {self.modulation!r}")
+        given = self.modulation == "approximator"
+        if given:
+            extras = [n for n in ("guidance_embed", "interval_embed", "references", "dual_attention_layers")
+                      if getattr(self, n)]
+            if extras or self.single_blocks < 1:
+                raise ValueError(f"MMDiTConfig.modulation=approximator (Chroma) takes single blocks and none of "
+                                 f"{extras or ['single_blocks=0']}: its modulation rows cover the timestep alone")
+            if self.pooled_dim != 0:
+                raise ValueError(f"MMDiTConfig.modulation=approximator (Chroma) takes no pooled text vector: set "
+                                 f"pooled_dim to 0, got {self.pooled_dim}")
+            for name in ("approximator_channels", "approximator_hidden", "approximator_layers"):
+                if getattr(self, name) <= 0 or (name == "approximator_channels" and getattr(self, name) % 4):
+                    raise ValueError(f"MMDiTConfig.{name} must be positive (channels divisible by 4), got "
+                                     f"{getattr(self, name)}")
         for name in ("in_channels", "context_dim", "pooled_dim"):
             if getattr(self, name) is None:
                 raise ValueError(
@@ -203,10 +237,16 @@ class MMDiT(nn.Module):
         # the linear keeps the weight's name and (D, p * p * C) shape that existing checkpoints hold, and its
         # (p_row, p_col, C) feature order is the one the final layer produces for `unpatchify`.
         self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, **kw)
+        given = cfg.modulation == "approximator"
+        # Either one vector per sample (time + pooled text) that each block modulates from, or the approximator
+        # giving every block its modulation rows from the timestep (Chroma; no pooled text).
+        self.approximator = ModulationApproximator(
+            cfg.depth, cfg.single_blocks, d, channels=cfg.approximator_channels, hidden=cfg.approximator_hidden,
+            layers=cfg.approximator_layers, **kw) if given else None
         # Where the time scale applies: to t (SD3, FLUX) or to the sinusoid's angles (time_scale_last).
         self.time_input_scale = 1.0 if cfg.time_scale_last else cfg.time_scale
-        self.time_embed = TimestepEmbedder(cfg.time_freq_dim, d,
-                                           scale=cfg.time_scale if cfg.time_scale_last else 1.0, **kw)
+        self.time_embed = None if given else TimestepEmbedder(
+            cfg.time_freq_dim, d, scale=cfg.time_scale if cfg.time_scale_last else 1.0, **kw)
         self.guidance_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.guidance_embed else None
         self.interval_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.interval_embed else None
         self.pooled_embed = mlp_embedder(cfg.pooled_dim, d, **kw) if cfg.pooled_dim else None
@@ -217,13 +257,14 @@ class MMDiT(nn.Module):
         self.joint_blocks = nn.ModuleList(
             JointBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden,
                        context_pre_only=last_pre_only and i == cfg.depth - 1,
-                       dual=i in cfg.dual_attention_layers, **block_kw)
+                       dual=i in cfg.dual_attention_layers, given_mod=given, **block_kw)
             for i in range(cfg.depth)
         )
         self.single_blocks = nn.ModuleList(
-            SingleBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden, **block_kw) for _ in range(cfg.single_blocks)
+            SingleBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden, given_mod=given, **block_kw)
+            for _ in range(cfg.single_blocks)
         )
-        self.final = FinalLayer(d, p * p * self.out_channels, eps=cfg.norm_eps, **kw)
+        self.final = FinalLayer(d, p * p * self.out_channels, eps=cfg.norm_eps, given_mod=given, **kw)
         # Parameters on the meta device, or already partitioned away (numel 0) by ZeRO-3's zero.Init, are
         # initialised by the caller once they are whole.
         if not any(param.is_meta or param.numel() == 0 for param in self.parameters()):
@@ -239,15 +280,19 @@ class MMDiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, RmsNorm):
+            elif isinstance(module, (RmsNorm, nn.RMSNorm)):
                 module.reset_parameters()
-        embedders = [self.time_embed.mlp] + ([self.pooled_embed] if self.pooled_embed is not None else [])
+        embedders = [] if self.approximator is not None else [self.time_embed.mlp]
+        embedders += [self.pooled_embed] if self.pooled_embed is not None else []
+        if self.approximator is not None:  # its last layer zero: every modulation row starts at zero (adaLN-Zero)
+            embedders += [self.approximator.in_proj, *(layer.mlp for layer in self.approximator.layers)]
+            nn.init.zeros_(self.approximator.out_proj.weight)
         if self.guidance_embed is not None:
             embedders.append(self.guidance_embed.mlp)
         if self.interval_embed is not None:
             embedders.append(self.interval_embed.mlp)
         for embedder in embedders:
-            for linear in (embedder.fc1, embedder.fc2):
+            for linear in (embedder.fc1, embedder.fc2) if hasattr(embedder, "fc1") else (embedder,):
                 nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
         if self.interval_embed is not None:
             self.zero_embedder("interval_embed")
@@ -284,7 +329,7 @@ class MMDiT(nn.Module):
         hidden, mask, pooled = cond.hidden, cond.mask, cond.pooled
         if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
             raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
-        if pooled.shape != (b, cfg.pooled_dim):
+        if self.pooled_embed is not None and pooled.shape != (b, cfg.pooled_dim):
             raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
         if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
             raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
@@ -307,6 +352,22 @@ class MMDiT(nn.Module):
             if guidance.shape != (b,):
                 raise ValueError(f"cond.extra['guidance'] must be ({b},), got {tuple(guidance.shape)}")
 
+    def _modulation(self, t: Tensor, cond: Conditioning, r: Optional[Tensor]) -> Modulations:
+        """What each block modulates from: the approximator's rows, or the one vector (B, D) of the timestep,
+        guidance, interval and pooled text that every block's own linear reads."""
+        cfg = self.cfg
+        if self.approximator is not None:
+            return self.approximator(t.float() * cfg.time_scale)
+        vec = self.time_embed(t.float() * self.time_input_scale)  # (B, D)
+        if self.guidance_embed is not None:  # (time + guidance) + pooled: FLUX's order of the sums
+            vec = vec + self.guidance_embed(cond.extra["guidance"].float() * cfg.time_scale)
+        if self.interval_embed is not None:  # the interval t - r (MeanFlow's (t, t - r) inputs); r = None is r = t
+            interval = t.float() - r.float() if r is not None else torch.zeros_like(t, dtype=torch.float32)
+            vec = vec + self.interval_embed(interval * cfg.time_scale)
+        if self.pooled_embed is not None:
+            vec = vec + self.pooled_embed(cond.pooled)
+        return Modulations(joint=[vec] * len(self.joint_blocks), single=[vec] * len(self.single_blocks), final=vec)
+
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor] = None) -> Tensor:
         """Velocity at (x, t) given the caption conditioning (averaged over [r, t] with interval_embed); text tokens
         where cond.mask is False (padding or dropped tokens) are never attended to."""
@@ -326,14 +387,7 @@ class MMDiT(nn.Module):
         if cond.reference:  # clean reference tokens after the target's: (B, N + sum N_k, D)
             refs = [self.patch_embed(patchify(r.to(x.dtype), cfg.patch_size)) for r in cond.reference]
             img = torch.cat([img, *refs], dim=1)
-        vec = self.time_embed(t.float() * self.time_input_scale)  # (B, D)
-        if self.guidance_embed is not None:  # (time + guidance) + pooled: FLUX's order of the sums
-            vec = vec + self.guidance_embed(cond.extra["guidance"].float() * cfg.time_scale)
-        if self.interval_embed is not None:  # the interval t - r (MeanFlow's (t, t - r) inputs); r = None is r = t
-            interval = t.float() - r.float() if r is not None else torch.zeros_like(t, dtype=torch.float32)
-            vec = vec + self.interval_embed(interval * cfg.time_scale)
-        if self.pooled_embed is not None:
-            vec = vec + self.pooled_embed(cond.pooled)
+        mods = self._modulation(t, cond, r)
         hidden = self.context_norm(cond.hidden) if self.context_norm is not None else cond.hidden
         ctx = self.context_embed(hidden)  # (B, L, D)
         img, ctx = _owned(img), _owned(ctx)
@@ -349,12 +403,12 @@ class MMDiT(nn.Module):
             rope = ROPE_LAYOUTS[cfg.rope_layout](gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
                                                  theta=cfg.rope_theta, device=x.device, references=ref_grids)
 
-        for block in self.joint_blocks:
+        for block, vec in zip(self.joint_blocks, mods.joint):
             img, ctx = block(img, ctx, vec, mask, rope)
         if len(self.single_blocks):
             seq = torch.cat([img, ctx], dim=1)  # (B, N + N_ref + L, D)
-            for block in self.single_blocks:
+            for block, vec in zip(self.single_blocks, mods.single):
                 seq = block(seq, vec, mask, rope)
             img = seq[:, :image_len]
-        out = self.final(img[:, :n], vec)  # (B, N, p * p * C_out): the loss sees the target's tokens only
+        out = self.final(img[:, :n], mods.final)  # (B, N, p * p * C_out): the loss sees the target's tokens only
         return unpatchify(out, gh, gw, cfg.patch_size)

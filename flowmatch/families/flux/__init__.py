@@ -19,9 +19,10 @@ FLUX_EXTRA = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.
 
 def claims(cfg) -> bool:
     """An MMDiT with RoPE in FLUX's layout (how recipes before families said FLUX) that takes no reference images
-    (those are FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`)."""
+    (those are FLUX.1 Kontext's: :mod:`flowmatch.families.kontext`) and whose blocks modulate themselves (not
+    Chroma's)."""
     return (mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == ROPE_LAYOUT
-            and not getattr(cfg, "references", 0))
+            and not getattr(cfg, "references", 0) and getattr(cfg, "modulation", "adaln") == "adaln")
 
 
 def lora_targets(cfg) -> list[str]:

@@ -46,14 +46,15 @@ ORIGINAL_PREFIX = ""
 PACK = 2
 #: Fixed hyperparameters of FLUX's transformer that MMDiTConfig exposes as fields.
 FIXED = dict(patch_size=PACK, mlp_ratio=4.0, time_freq_dim=256, norm_eps=1e-6, time_scale=TIME_SCALE, rope=True,
-             rope_theta=10000.0, qk_norm=True, dual_attention_layers=[])
+             rope_theta=10000.0, qk_norm=True, dual_attention_layers=[], modulation="adaln")
 #: RoPE channels per position axis (image index, row, column) of FLUX.1's 128-channel heads.
 AXES_DIM = [16, 56, 56]
 
 
 def is_original(keys) -> bool:
-    """Whether un-prefixed original keys are FLUX's."""
-    return "double_blocks.0.img_attn.qkv.weight" in keys
+    """Whether un-prefixed original keys are FLUX's (double blocks with their own modulation: Chroma's have
+    none)."""
+    return "double_blocks.0.img_attn.qkv.weight" in keys and "double_blocks.0.img_mod.lin.weight" in keys
 
 
 def config_from_diffusers(dcfg: Mapping[str, Any]) -> MMDiTConfig:
@@ -104,13 +105,21 @@ def _embedders(cfg: MMDiTConfig, names: dict[str, str], layers: tuple[str, str])
             for rule in mlp(ours, theirs, layers)]
 
 
+def _own_modulation(cfg: MMDiTConfig) -> bool:
+    """Whether the blocks have their own modulation linears and the model its timestep and pooled-text embedders
+    (else the modulation approximator gives them: Chroma, whose tables add its keys to these)."""
+    return cfg.modulation == "adaln"
+
+
 def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
     d, c_in = cfg.width, cfg.in_channels
     c_out = cfg.out_channels or cfg.in_channels
+    own = _own_modulation(cfg)
     rules = linear("patch_embed", "x_embedder", op=Packed(PACK, c_in, axis=1), bias_op=Copy())
-    rules += _embedders(cfg, {"time_embed.mlp": "time_text_embed.timestep_embedder",
-                              "guidance_embed.mlp": "time_text_embed.guidance_embedder",
-                              "pooled_embed": "time_text_embed.text_embedder"}, ("linear_1", "linear_2"))
+    if own:
+        rules += _embedders(cfg, {"time_embed.mlp": "time_text_embed.timestep_embedder",
+                                  "guidance_embed.mlp": "time_text_embed.guidance_embedder",
+                                  "pooled_embed": "time_text_embed.text_embedder"}, ("linear_1", "linear_2"))
     rules += linear("context_embed", "context_embedder")
     qkv = Stack((d, d, d))
     for i in range(cfg.depth):
@@ -120,7 +129,7 @@ def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
             ("txt", "norm1_context", "add_", "to_add_out", "ff_context", "norm_added_q", "norm_added_k"),
         ):
             names = [f"{theirs}.attn.{proj}{x}" + ("_proj" if stream == "txt" else "") for x in "qkv"]
-            rules += linear(f"{ours}.{stream}.mod.linear", f"{theirs}.{mod}.linear")
+            rules += linear(f"{ours}.{stream}.mod.linear", f"{theirs}.{mod}.linear") if own else []
             rules += linear(f"{ours}.{stream}.qkv", *names, op=qkv)
             rules += [norm(f"{ours}.{stream}.q_norm", f"{theirs}.attn.{nq}.weight"),
                       norm(f"{ours}.{stream}.k_norm", f"{theirs}.attn.{nk}.weight")]
@@ -129,12 +138,12 @@ def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
     fused = Stack((d, d, d, cfg.mlp_hidden))
     for i in range(cfg.single_blocks):
         ours, theirs = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
-        rules += linear(f"{ours}.mod.linear", f"{theirs}.norm.linear")
+        rules += linear(f"{ours}.mod.linear", f"{theirs}.norm.linear") if own else []
         rules += linear(f"{ours}.linear_in", *(f"{theirs}.attn.to_{x}" for x in "qkv"), f"{theirs}.proj_mlp", op=fused)
         rules += [norm(f"{ours}.q_norm", f"{theirs}.attn.norm_q.weight"),
                   norm(f"{ours}.k_norm", f"{theirs}.attn.norm_k.weight")]
         rules += linear(f"{ours}.linear_out", f"{theirs}.proj_out")
-    rules += linear("final.mod.linear", "norm_out.linear", op=SwapHalves())
+    rules += linear("final.mod.linear", "norm_out.linear", op=SwapHalves()) if own else []
     rules += linear("final.linear", "proj_out", op=Packed(PACK, c_out, axis=0))
     return rules
 
@@ -142,14 +151,16 @@ def diffusers_rules(cfg: MMDiTConfig) -> list[Rule]:
 def original_rules(cfg: MMDiTConfig) -> list[Rule]:
     c_in = cfg.in_channels
     c_out = cfg.out_channels or cfg.in_channels
+    own = _own_modulation(cfg)
     rules = linear("patch_embed", "img_in", op=Packed(PACK, c_in, axis=1), bias_op=Copy())
-    rules += _embedders(cfg, {"time_embed.mlp": "time_in", "guidance_embed.mlp": "guidance_in",
-                              "pooled_embed": "vector_in"}, ("in_layer", "out_layer"))
+    if own:
+        rules += _embedders(cfg, {"time_embed.mlp": "time_in", "guidance_embed.mlp": "guidance_in",
+                                  "pooled_embed": "vector_in"}, ("in_layer", "out_layer"))
     rules += linear("context_embed", "txt_in")
     for i in range(cfg.depth):
         ours, theirs = f"joint_blocks.{i}", f"double_blocks.{i}"
         for stream in ("img", "txt"):
-            rules += linear(f"{ours}.{stream}.mod.linear", f"{theirs}.{stream}_mod.lin")
+            rules += linear(f"{ours}.{stream}.mod.linear", f"{theirs}.{stream}_mod.lin") if own else []
             rules += linear(f"{ours}.{stream}.qkv", f"{theirs}.{stream}_attn.qkv")
             rules += [norm(f"{ours}.{stream}.q_norm", f"{theirs}.{stream}_attn.norm.query_norm.scale"),
                       norm(f"{ours}.{stream}.k_norm", f"{theirs}.{stream}_attn.norm.key_norm.scale")]
@@ -157,12 +168,12 @@ def original_rules(cfg: MMDiTConfig) -> list[Rule]:
             rules += mlp(f"{ours}.{stream}.mlp", f"{theirs}.{stream}_mlp", ("0", "2"))
     for i in range(cfg.single_blocks):
         ours, theirs = f"single_blocks.{i}", f"single_blocks.{i}"
-        rules += linear(f"{ours}.mod.linear", f"{theirs}.modulation.lin")
+        rules += linear(f"{ours}.mod.linear", f"{theirs}.modulation.lin") if own else []
         rules += linear(f"{ours}.linear_in", f"{theirs}.linear1")
         rules += [norm(f"{ours}.q_norm", f"{theirs}.norm.query_norm.scale"),
                   norm(f"{ours}.k_norm", f"{theirs}.norm.key_norm.scale")]
         rules += linear(f"{ours}.linear_out", f"{theirs}.linear2")
-    rules += linear("final.mod.linear", "final_layer.adaLN_modulation.1")
+    rules += linear("final.mod.linear", "final_layer.adaLN_modulation.1") if own else []
     rules += linear("final.linear", "final_layer.linear", op=Packed(PACK, c_out, axis=0))
     return rules
 
