@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import Mlp
 from torch import Tensor, nn
 
 from flowmatch.models.embeddings import timestep_embedding
+from flowmatch.models.mlp import Mlp
 
 #: Step between the row indices' sinusoid inputs (the released model's).
 ROW_INDEX_SCALE = 1000.0
