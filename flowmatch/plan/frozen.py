@@ -19,8 +19,9 @@ from flowmatch.encoders.loading import resolve_model_path
 from flowmatch.encoders.text import TextEncoderConfig
 
 # Released configs (the architecture values of the config.json of each named folder on huggingface.co):
-# T5-v1.1-XXL's encoder (google/t5-v1_1-xxl), CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14), OpenCLIP ViT-bigG/14's text
-# tower (SD3's text_encoder_2), and the 16-channel VAE of SD3 and FLUX.1 (their vae/config.json).
+# T5-v1.1-XXL's encoder (google/t5-v1_1-xxl), CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14),
+# OpenCLIP ViT-bigG/14's text tower (SD3's text_encoder_2), and the 16-channel VAE of SD3 and FLUX.1 (their
+# vae/config.json).
 _T5_XXL = dict(model_type="t5", d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
                feed_forward_proj="gated-gelu")
 _T5_XL = dict(model_type="t5", d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, vocab_size=32128,
