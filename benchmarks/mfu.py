@@ -258,11 +258,14 @@ def model_config(preset: str) -> ModelConfig:
 
 
 def text_length(family: Family, args: argparse.Namespace) -> int:
-    """``--text-len``, else the family's pipeline's (T5's tokens, after CLIP's where its layout has CLIP states)."""
+    """``--text-len``, else the family's pipeline's (T5's tokens, after CLIP's where its layout has CLIP states; a
+    decoder LLM's max_length)."""
     if args.text_len is not None:
         return args.text_len
     if family.diffusers is None:
         return CLIP_TOKENS
+    if family.diffusers.decoder_llm is not None:
+        return int(family.diffusers.decoder_llm["max_length"])
     return family.diffusers.t5_tokens + (CLIP_TOKENS if family.text.clip_states else 0)
 
 
