@@ -112,16 +112,16 @@ def _text_config(cfg: TextEncoderConfig, key: str):
 def text_encoder(name: str, cfg: TextEncoderConfig, key: str) -> tuple[FrozenPart, TextShape]:
     """The size and output widths of text encoder ``name`` (``key`` is its recipe section, for errors)."""
     import transformers  # reason: as above
-    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     config = _text_config(cfg, key)
-    model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel}.get(cfg.kind, AutoModel)
+    auto = transformers.AutoModel
+    model_cls = {"t5": transformers.T5EncoderModel, "clip": transformers.CLIPTextModel}.get(cfg.kind, auto)
     if cfg.pooling == "projection":
-        model_cls = CLIPTextModelWithProjection
+        model_cls = transformers.CLIPTextModelWithProjection
     if cfg.kind == "decoder_llm":  # the class the encoder loads (DecoderLLMEncoder._load): the whole checkpoint
-        model_cls = getattr(transformers, cfg.model_class or (config.architectures or [""])[0], AutoModel)
+        model_cls = getattr(transformers, cfg.model_class or (config.architectures or [""])[0], auto)
     with torch.device("meta"):
-        model = model_cls.from_config(config) if model_cls is AutoModel else model_cls(config)
+        model = model_cls.from_config(config) if model_cls is auto else model_cls(config)
     params = sum(p.numel() for p in model.parameters())
     inner = getattr(config, "text_config", config)
     hidden = int(inner.hidden_size if hasattr(inner, "hidden_size") else inner.d_model)
