@@ -93,6 +93,8 @@ def measure(overrides: list[str], steps: int = STEPS) -> dict[str, float]:
     x = torch.randn(micro, channels, side, side)
     cond = Conditioning(torch.randn(micro, seq.text_tokens, cfg.context_dim),
                         torch.ones(micro, seq.text_tokens, dtype=torch.bool), torch.randn(micro, cfg.pooled_dim))
+    if seq.references:  # the references the plan counted, each the target's size
+        cond = cond.with_reference([torch.randn_like(x) for _ in range(seq.references)])
     for _ in range(steps):
         t = torch.rand(micro)
         noise = torch.randn_like(x)

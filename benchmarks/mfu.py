@@ -64,7 +64,8 @@ PEAKS: list[tuple[str, float, str]] = [
 #: CLIP's token length: SD3's pipeline puts 77 CLIP tokens before T5's (a family whose text layout has CLIP states).
 CLIP_TOKENS = 77
 #: The preset each family is measured at by default: its released size (the U-Net has only its digits size).
-RELEASE_PRESETS = {"sd3": "sd3-medium", "flux": "flux-dev", "unet": "digits-unet"}
+RELEASE_PRESETS = {"sd3": "sd3-medium", "flux": "flux-dev", "kontext": "flux-kontext-dev", "qwen_image": "qwen-image",
+                   "unet": "digits-unet"}
 #: Encoder-dependent sizes presets leave open: a 16-channel VAE, T5-XXL states, and the pooled CLIP width of the
 #: family's pipeline (SD3: CLIP-L + CLIP-G projections; FLUX: CLIP-L's pooler output).
 OPEN_SIZES = dict(in_channels=16, context_dim=4096)
@@ -167,7 +168,9 @@ def peak_memory(device: torch.device) -> int:
 
 def model_inputs(cfg: ModelConfig, batch: int, tokens: int, text_len: int, *, device=None,
                  dtype: Optional[torch.dtype] = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
-    """Random (x, t, cond) of ``tokens`` image tokens and ``text_len`` text tokens, none of them padding."""
+    """Random (x, t, cond) of ``tokens`` image tokens and ``text_len`` text tokens, none of them padding; a family
+    that takes reference images gets as many as it declares, each the target's size (as the loader sizes them), so
+    that the step measured and counted is the one its FLOP count describes."""
     side = math.isqrt(tokens) * cfg.patch_size
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_channels, side, side, generator=g)
@@ -176,6 +179,8 @@ def model_inputs(cfg: ModelConfig, batch: int, tokens: int, text_len: int, *, de
     cond = Conditioning(torch.randn(batch, text_len, cfg.context_dim, generator=g),
                         torch.ones(batch, text_len, dtype=torch.bool), torch.randn(batch, cfg.pooled_dim, generator=g),
                         extra, all_valid=True)
+    references = [torch.randn(x.shape, generator=g) for _ in range(family_of(cfg).capabilities.references)]
+    cond = cond.with_reference(references) if references else cond
     return x.to(device, dtype), t.to(device, dtype), cond.to(device, dtype)
 
 
@@ -253,11 +258,14 @@ def model_config(preset: str) -> ModelConfig:
 
 
 def text_length(family: Family, args: argparse.Namespace) -> int:
-    """``--text-len``, else the family's pipeline's (T5's tokens, after CLIP's where its layout has CLIP states)."""
+    """``--text-len``, else the family's pipeline's (T5's tokens, after CLIP's where its layout has CLIP states; a
+    decoder LLM's max_length)."""
     if args.text_len is not None:
         return args.text_len
     if family.diffusers is None:
         return CLIP_TOKENS
+    if family.diffusers.decoder_llm is not None:
+        return int(family.diffusers.decoder_llm["max_length"])
     return family.diffusers.t5_tokens + (CLIP_TOKENS if family.text.clip_states else 0)
 
 

@@ -21,6 +21,17 @@ def digit_shards(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def digit_edit_shards(tmp_path_factory):
+    """The paired digits-edit shards (a reference digit, "add K", the target digit), built once per test session:
+    the data of an editing family (one whose ``capabilities.references`` is above 0)."""
+    from data_tools.digits_edit import write_digits_edit
+
+    out = tmp_path_factory.mktemp("digits-edit")
+    write_digits_edit(out)
+    return out
+
+
 # The tiny diffusers pipelines (tests/tiny_pipelines.py). Defined here, not imported into each test module: a
 # fixture imported into several modules is a separate fixture in each, built again for every one of them.
 @pytest.fixture(scope="session")

@@ -47,7 +47,8 @@ def attention_masks():
 
 
 def _model(name: str):
-    cfg = ModelConfig(**{**preset_values(FAMILIES[name].tiny), **SIZES})
+    values = preset_values(FAMILIES[name].tiny)  # the sizes it leaves open (a model without a pooled vector keeps none)
+    cfg = ModelConfig(**{**values, **{k: v for k, v in SIZES.items() if values.get(k) is None}})
     torch.manual_seed(0)
     return cfg, FAMILIES[name].build(cfg)
 

@@ -47,6 +47,14 @@ def test_states_and_mask_equal_the_pipelines_prompt_embeds(encoder, qwen_pipe):
     assert encoder.hidden_size == 16 and encoder.pooled_size == 0
 
 
+def test_captions_of_one_length_carry_no_padding(encoder):
+    """Bug caught: the encoder dropping ``all_valid`` (so Qwen-Image's attention always gets a mask, which rules
+    out the flash kernels) or claiming it for captions of different lengths."""
+    equal, ragged = encoder.encode([CAPTIONS[1], CAPTIONS[1]]), encoder.encode(CAPTIONS)
+    assert equal.all_valid and bool(equal.mask.all())
+    assert not ragged.all_valid and not bool(ragged.mask.all())
+
+
 def test_max_length_truncates_as_max_sequence_length(encoder, qwen_pipe):
     short = build_text_encoder(qwen_config(encoder.cfg.name_or_path, max_length=4))
     embeds, _ = qwen_pipe.encode_prompt(CAPTIONS[:1], device="cpu", max_sequence_length=4)

@@ -80,18 +80,31 @@ def test_the_only_read_between_log_steps_is_the_engines_verdict(tmp_path, digit_
     assert extra == VERDICTS, extra
 
 
+def _family_data(family, request) -> tuple[Path, list[str]]:
+    """The digits data and recipe keys a family's tiny preset trains on, decided from what it declares: an editing
+    family (``capabilities.references`` > 0) gets the paired digits-edit shards, a model without a pooled vector
+    (``pooled_dim: 0``) a text encoder that pools nothing."""
+    overrides = [f"model.preset={family.tiny}"]
+    if family.presets[family.tiny].get("pooled_dim") == 0:
+        overrides.append("text_encoder.pooling=none")
+    if family.capabilities.references:
+        return request.getfixturevalue("digit_edit_shards"), [*overrides, "data.paired=true"]
+    return request.getfixturevalue("digit_shards"), overrides
+
+
 @pytest.mark.slow  # two tiny training runs per family (and two more with LoRA): ~5 s of CPU each
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n != "sd3"] + [f"{n}+lora" for n, f in FAMILIES.items()
                                                                         if f.capabilities.lora])
-def test_every_family_and_lora_reads_only_the_verdict(name, tmp_path, digit_shards):
+def test_every_family_and_lora_reads_only_the_verdict(name, tmp_path, request):
     """The same for each registered family's tiny preset (sd3's is the test above with flowmatch's own tiny
     MMDiT), and for LoRA on it, started from a 3-step run of the family: a family's model, its conditioning or the
-    adapters must not read back from the device either (e.g. a mask built with ``if mask.all():``)."""
+    adapters must not read back from the device either (e.g. a mask built with ``if mask.all():``). An editing
+    family trains on paired data, so its reference images pass through the step too."""
     family = FAMILIES[name.removesuffix("+lora")]
-    overrides = [f"model.preset={family.tiny}"]
+    shards, overrides = _family_data(family, request)
     if name.endswith("+lora"):
         base = tmp_path / "base"
-        _reads_of_a_run(base, digit_shards, 3, overrides)
+        _reads_of_a_run(base, shards, 3, overrides)
         overrides += [f"model.init_from={base}", "model.lora={rank: 2, alpha: 2}"]
-    extra = _extra_reads(tmp_path, digit_shards, overrides)
+    extra = _extra_reads(tmp_path, shards, overrides)
     assert extra == VERDICTS, extra

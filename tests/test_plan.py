@@ -1,6 +1,7 @@
 """The memory planner: its counts against the real model, its terms against hand-computed known answers, its
 levers, `flowmatch plan`, and `distributed.memory_budget_gb` reaching the trainer."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,16 +12,20 @@ from test_train import tiny_recipe
 from flowmatch.cli import main
 from flowmatch.conditioning import Conditioning
 from flowmatch.config import load_recipe
+from flowmatch.encoders.autoencoder import AutoencoderConfig
+from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.errors import RecipeError
 from flowmatch.families import build_backbone
 from flowmatch.families.lora import apply_lora
 from flowmatch.families.presets import config_from_preset
 from flowmatch.models.lora import LoraConfig
+from flowmatch.plan import frozen
 from flowmatch.plan.budget import apply_budget
 from flowmatch.plan.devices import GIB, budget_device, get_device
 from flowmatch.plan.levers import LEVERS, Room, fit, largest_lever, max_micro
 from flowmatch.plan.memory import ModelCost, Settings, breakdown, peak
 from flowmatch.plan.planner import make_plan
+from flowmatch.plan.shape import model_cost
 from flowmatch.plan.trace import Activations, ParamCount, count_params, trace_activations
 from flowmatch.training.loop import train
 
@@ -234,3 +239,25 @@ def test_train_applies_the_budget(tmp_path, digit_shards, capsys):
     saved = load_recipe(tmp_path / "run" / "recipe.yaml")
     assert saved.train.micro_batch_size == 4 and saved.train.activation_checkpointing
     assert "memory budget" in capsys.readouterr().out
+
+
+def test_paired_data_adds_the_reference_tokens_to_the_trace():
+    """Bug caught: the trace feeding an editing family no reference image (its activations planned as a
+    text-to-image model's). Kontext's tiny preset on paired digits: one reference of the target's 16 tokens."""
+    recipe = digits("model.preset=tiny-flux-kontext-dev", "data.paired=true")
+    cost, seq, _ = model_cost(recipe)
+    unpaired, _, _ = model_cost(dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, paired=False)))
+    assert (seq.references, seq.reference_tokens, seq.image_tokens) == (1, 16, 16)
+    assert cost.activations(1, False) > unpaired.activations(1, False)
+    assert cost.act2.plain > unpaired.act2.plain
+
+
+def test_released_qwen_image_and_kontext_folders_are_known():
+    """Bugs caught: Qwen-Image's text encoder counted without its vision tower or head, its VAE read as an
+    AutoencoderKL (or its downsampling taken from a key it has not), Kontext's folders unknown."""
+    part, shape = frozen.text_encoder("qwen", TextEncoderConfig(kind="decoder_llm", name_or_path="Qwen/Qwen-Image",
+                                                                subfolder="text_encoder", pooling="none"), "key")
+    assert part.params == 8_292_166_656 and (shape.hidden, shape.pooled) == (3584, 0)  # the model card's 8.29B
+    vae = frozen.autoencoder(AutoencoderConfig(kind="vae", name_or_path="Qwen/Qwen-Image", subfolder="vae"))
+    assert (vae.downsample, vae.channels) == (8, 16) and 120e6 < vae.part.params < 130e6
+    assert frozen.RELEASED["black-forest-labs/FLUX.1-Kontext-dev"] == frozen.RELEASED["black-forest-labs/FLUX.1-dev"]

@@ -157,6 +157,11 @@ def test_recipe_errors_for_a_batch_clash_and_an_input_size_mismatch(tmp_path, di
                                                             "model.preset=tiny", "model.context_dim=17"])
     with pytest.raises(RecipeError, match="model.context_dim=17 but the text encoder gives 384"):
         train(recipe)
+    # A model without a pooled vector (Qwen-Image's presets say pooled_dim: 0) names the encoder setting to change.
+    recipe = load_recipe(ROOT / "recipes" / "digits.yaml", [f"run_dir={tmp_path / 'q'}", f"data.shards={digit_shards}",
+                                                            "model.preset=tiny-qwen-image"])
+    with pytest.raises(RecipeError, match="model.pooled_dim=0 .* but the text encoder gives 384: set pooling: none"):
+        train(recipe)
 
 
 def _tiny(tmp_path, shards, *more):

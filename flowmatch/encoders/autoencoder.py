@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 
@@ -77,6 +77,15 @@ class AutoencoderConfig:
             raise choice_error("autoencoder.preset", self.preset, LATENT_PRESETS)
         if self.dtype not in ("auto", *DTYPES):
             raise choice_error("autoencoder.dtype", self.dtype, ("auto", *DTYPES))
+
+
+def vae_sizes(class_name: str, config: Mapping[str, Any]) -> tuple[int, int]:
+    """(spatial downsampling, latent channels) of a diffusers VAE config of class ``class_name`` (one of
+    :data:`VAE_CLASSES`)."""
+    channels = int(config.get("latent_channels") or config["z_dim"])
+    if class_name in VIDEO_VAES:  # one spatial halving per entry of temperal_downsample (QwenImagePipeline's factor)
+        return 2 ** len(config["temperal_downsample"]), channels
+    return 2 ** (len(config["block_out_channels"]) - 1), channels
 
 
 def _load_vae(path: str, subfolder: str, dtype: torch.dtype):
@@ -151,16 +160,14 @@ class Autoencoder:
         """Channels of the latents the flow model sees."""
         if self.vae is None:
             return self.image_channels
-        return int(self.vae.config.get("latent_channels") or self.vae.config.z_dim)
+        return vae_sizes(type(self.vae).__name__, self.vae.config)[1]
 
     @property
     def downsample(self) -> int:
         """Spatial reduction factor from pixels to latents."""
         if self.vae is None:
             return 1
-        if self.video:  # one spatial halving per entry of temperal_downsample (QwenImagePipeline's factor)
-            return 2 ** len(self.vae.config.temperal_downsample)
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_sizes(type(self.vae).__name__, self.vae.config)[0]
 
     def fingerprint(self) -> str:
         """Identifies the autoencoder and its latent normalisation, so cached latents from another are refused."""

@@ -142,6 +142,7 @@ class DecoderLLMEncoder(TextEncoder):
         rows = [states[i][mask[i]][c.drop_tokens:c.drop_tokens + c.max_length]  # each (n_i, D * k)
                 for i in range(len(captions))]
         cond = Conditioning.from_rows(rows, [row.new_zeros(0) for row in rows])
-        cond = Conditioning(cond.hidden.to(self.device), cond.mask.to(self.device),
-                            self._pool(cond.hidden, cond.mask, out).to(self.device))
-        return cond
+        # from_rows knows from the rows' lengths (host-side) whether any token is padding: kept, so that captions
+        # of one length reach attention with no mask, as every other encoder's do.
+        return Conditioning(cond.hidden.to(self.device), cond.mask.to(self.device),
+                            self._pool(cond.hidden, cond.mask, out).to(self.device), all_valid=cond.all_valid)

@@ -189,6 +189,9 @@ class FrozenEncoders:
         sizes = self.input_sizes()
         for name, value in sizes.items():
             given = getattr(model_cfg, name)
+            if name == "pooled_dim" and given == 0 and value:
+                raise RecipeError(f"model.pooled_dim=0 (this model takes no pooled text vector) but the text encoder "
+                                  f"gives {value}: set pooling: none on its text encoder")
             if given is not None and given != value:
                 raise RecipeError(f"model.{name}={given} but the {_SIZE_SOURCES[name]} gives {value}: remove "
                                   f"model.{name} from the recipe to take it from the encoder")

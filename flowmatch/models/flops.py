@@ -3,7 +3,10 @@
 The estimate is the usual 6 x parameters x tokens (forward 2, backward 4 FLOPs per weight and token; Kaplan et
 al. 2020), applied to each weight with the tokens it actually sees: image-stream weights see image tokens,
 text-stream weights text tokens, single-stream weights both, and the conditioning path (timestep, guidance and
-pooled-text MLPs, every adaLN modulation) runs once per sample. Attention adds 12 x B x queries x keys x width per
+pooled-text MLPs, every adaLN modulation) runs once per sample. Normalisation scales (QK-norm, the text input norm)
+multiply elementwise and are not counted. A text stream whose output nothing reads (the last joint block's, when
+no single block follows and the block keeps its whole text stream, as Qwen-Image's) runs its output projection and
+MLP forward only: 2 FLOPs per weight and token, no backward. Attention adds 12 x B x queries x keys x width per
 block (and per MMDiT-X image-only attention).
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
 Works on a meta-device model, so sizing a large preset allocates nothing.
@@ -43,11 +46,13 @@ class ParamCount:
     """Applied to every token of the joint sequence (single-stream blocks)."""
     per_sample: int
     """Applied once per sample (timestep and pooled MLPs, adaLN modulations)."""
+    elementwise: int = 0
+    """Normalisation scales (QK-norm, the text input norm): elementwise products, no matmul FLOPs."""
 
     @property
     def total(self) -> int:
         """All parameters."""
-        return self.image_token + self.text_token + self.joint_token + self.per_sample
+        return self.image_token + self.text_token + self.joint_token + self.per_sample + self.elementwise
 
 
 @dataclass
@@ -68,6 +73,8 @@ class StepFlops:
 
 
 def _group(name: str) -> str:
+    if name.endswith("norm.weight"):
+        return "elementwise"
     if ".mod." in name or name.startswith(("time_embed.", "guidance_embed.", "pooled_embed.", "approximator.")):
         return "per_sample"
     if name.startswith("single_blocks."):
@@ -79,7 +86,7 @@ def _group(name: str) -> str:
 
 def count_parameters(model: MMDiT) -> ParamCount:
     """Count `model`'s parameters by group (meta-device models work)."""
-    counts = dict(image_token=0, text_token=0, joint_token=0, per_sample=0)
+    counts = dict(image_token=0, text_token=0, joint_token=0, per_sample=0, elementwise=0)
     for name, param in model.named_parameters():
         counts[_group(name)] += param.numel()
     return ParamCount(**counts)
@@ -95,6 +102,12 @@ def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple
     p = count_parameters(model)
     tokens = p.image_token * n_img + p.text_token * text_len + p.joint_token * seq
     token_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * tokens
+    last = model.joint_blocks[-1] if len(model.joint_blocks) else None
+    if last is not None and not len(model.single_blocks) and not last.context_pre_only:
+        # The final layer reads image tokens only: the last text stream's output projection and MLP get no
+        # backward (their forward is 2 of the 6 FLOPs per weight and token counted above).
+        unread = sum(w.numel() for module in (last.txt.proj, last.txt.mlp) for w in module.parameters())
+        token_flops -= (TRAIN_FLOPS_PER_PARAM_TOKEN - 2) * batch_size * unread * text_len
     # the modulation approximator (Chroma) runs once per modulation row of each sample, not once per sample
     approximator = model.approximator
     extra_rows = 0 if approximator is None else (approximator.rows - 1) * sum(

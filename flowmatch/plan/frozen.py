@@ -14,13 +14,14 @@ from typing import Any, Optional
 
 import torch
 
-from flowmatch.encoders.autoencoder import AutoencoderConfig
+from flowmatch.encoders.autoencoder import VAE_CLASSES, AutoencoderConfig, vae_sizes
 from flowmatch.encoders.loading import resolve_model_path
 from flowmatch.encoders.text import TextEncoderConfig
 
-# Released configs (the config.json of each named folder on huggingface.co): T5-v1.1-XXL's encoder
-# (google/t5-v1_1-xxl), CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14), OpenCLIP ViT-bigG/14's text
-# tower (SD3's text_encoder_2), and the 16-channel VAE of SD3 and FLUX.1 (their vae/config.json).
+# Released configs (the architecture values of the config.json of each named folder on huggingface.co):
+# T5-v1.1-XXL's encoder (google/t5-v1_1-xxl), CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14),
+# OpenCLIP ViT-bigG/14's text tower (SD3's text_encoder_2), and the 16-channel VAE of SD3 and FLUX.1 (their
+# vae/config.json).
 _T5_XXL = dict(model_type="t5", d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
                feed_forward_proj="gated-gelu")
 _T5_XL = dict(model_type="t5", d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, vocab_size=32128,
@@ -32,6 +33,19 @@ _CLIP_G = dict(model_type="clip_text_model", hidden_size=1280, intermediate_size
 _VAE16 = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
               layers_per_block=2, down_block_types=["DownEncoderBlock2D"] * 4,
               up_block_types=["UpDecoderBlock2D"] * 4, use_quant_conv=False, use_post_quant_conv=False)
+# Qwen-Image's text_encoder is Qwen2.5-VL-7B-Instruct (Qwen/Qwen2.5-VL-7B-Instruct config.json: the 28-layer
+# 3584-wide text model and the 32-block vision tower, loaded whole as Qwen2_5_VLForConditionalGeneration); its vae
+# is AutoencoderKLQwenImage (Qwen/Qwen-Image vae/config.json: the class's own defaults, written out).
+_QWEN25_VL_7B = dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+                     tie_word_embeddings=False,
+                     text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                      max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=False),
+                     vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                        out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                                        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]))
+_QWEN_VAE = dict(_class_name="AutoencoderKLQwenImage", base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4],
+                 num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True])
 _SD3 = {"text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G, "text_encoder_3": _T5_XXL, "vae": _VAE16}
 _FLUX = {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL, "vae": _VAE16}
 #: hub id -> subfolder -> config values, for released pipelines not in the local cache.
@@ -41,6 +55,10 @@ RELEASED: dict[str, dict[str, dict[str, Any]]] = {
     "stabilityai/stable-diffusion-3.5-large": _SD3,
     "black-forest-labs/FLUX.1-dev": _FLUX,
     "black-forest-labs/FLUX.1-schnell": _FLUX,
+    # FLUX.1 Kontext [dev] ships FLUX.1-dev's text encoders and VAE (its text_encoder, text_encoder_2, vae folders).
+    "black-forest-labs/FLUX.1-Kontext-dev": _FLUX,
+    "Qwen/Qwen-Image": {"text_encoder": _QWEN25_VL_7B, "vae": _QWEN_VAE},
+    "Qwen/Qwen2.5-VL-7B-Instruct": {"": _QWEN25_VL_7B},
     "google/t5-v1_1-xxl": {"": _T5_XXL},
     "google/flan-t5-xl": {"": _T5_XL},
     "openai/clip-vit-large-patch14": {"": _CLIP_L},
@@ -81,27 +99,29 @@ def _released(name_or_path: str, subfolder: str, key: str) -> dict[str, Any]:
 
 
 def _text_config(cfg: TextEncoderConfig, key: str):
-    from transformers import AutoConfig, CLIPTextConfig, T5Config  # reason: transformers' start-up cost
+    from transformers import AutoConfig  # reason: transformers' start-up cost
 
     try:
         return AutoConfig.from_pretrained(resolve_model_path(cfg.name_or_path), subfolder=cfg.subfolder,
                                           local_files_only=True)
     except OSError:
         values = _released(cfg.name_or_path, cfg.subfolder, key)
-        kind = values.pop("model_type")
-        return T5Config(**values) if kind == "t5" else CLIPTextConfig(**values)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def text_encoder(name: str, cfg: TextEncoderConfig, key: str) -> tuple[FrozenPart, TextShape]:
     """The size and output widths of text encoder ``name`` (``key`` is its recipe section, for errors)."""
-    from transformers import AutoModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel  # reason: as above
+    import transformers  # reason: as above
 
     config = _text_config(cfg, key)
-    model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel}.get(cfg.kind, AutoModel)
+    auto = transformers.AutoModel
+    model_cls = {"t5": transformers.T5EncoderModel, "clip": transformers.CLIPTextModel}.get(cfg.kind, auto)
     if cfg.pooling == "projection":
-        model_cls = CLIPTextModelWithProjection
+        model_cls = transformers.CLIPTextModelWithProjection
+    if cfg.kind == "decoder_llm":  # the class the encoder loads (DecoderLLMEncoder._load): the whole checkpoint
+        model_cls = getattr(transformers, cfg.model_class or (config.architectures or [""])[0], auto)
     with torch.device("meta"):
-        model = model_cls.from_config(config) if model_cls is AutoModel else model_cls(config)
+        model = model_cls.from_config(config) if model_cls is auto else model_cls(config)
     params = sum(p.numel() for p in model.parameters())
     inner = getattr(config, "text_config", config)
     hidden = int(inner.hidden_size if hasattr(inner, "hidden_size") else inner.d_model)
@@ -126,15 +146,18 @@ def autoencoder(cfg: AutoencoderConfig) -> AutoencoderShape:
     """The autoencoder's parameter count, downsampling and latent channels (pixel space: none, 1, the image's)."""
     if cfg.kind == "identity":
         return AutoencoderShape(None, 1, None)
-    from diffusers import AutoencoderKL  # reason: diffusers' start-up cost
+    import diffusers  # reason: diffusers' start-up cost
 
     try:
-        values = dict(AutoencoderKL.load_config(resolve_model_path(cfg.name_or_path), subfolder=cfg.subfolder or None,
-                                                local_files_only=True))
+        values = dict(diffusers.AutoencoderKL.load_config(resolve_model_path(cfg.name_or_path),
+                                                          subfolder=cfg.subfolder or None, local_files_only=True))
     except OSError:
         values = _released(cfg.name_or_path, cfg.subfolder, "autoencoder.name_or_path")
+    name = values.get("_class_name", "AutoencoderKL")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"autoencoder.name_or_path holds a {name}; flowmatch reads {', '.join(VAE_CLASSES)}")
     with torch.device("meta"):
-        vae = AutoencoderKL.from_config(values)
+        vae = getattr(diffusers, name).from_config(values)
     params = sum(p.numel() for p in vae.parameters())
-    return AutoencoderShape(FrozenPart(AUTOENCODER, params, cfg.dtype),
-                            2 ** (len(vae.config.block_out_channels) - 1), int(vae.config.latent_channels))
+    downsample, channels = vae_sizes(name, vae.config)
+    return AutoencoderShape(FrozenPart(AUTOENCODER, params, cfg.dtype), downsample, channels)

@@ -47,7 +47,9 @@ def format_plan(plan: Plan, title: str) -> str:
     out = [f"{title} on {dev.name} ({dev.memory_gib:g} GiB; source: {dev.source}), {s.world} process"
            f"{'es' if s.world > 1 else ''}",
            f"model: {(p.trainable + p.frozen) / 1e6:.1f}M parameters ({p.trainable / 1e6:.1f}M trained); per sample "
-           f"{seq.image_tokens} image + {seq.text_tokens} text tokens, input {'x'.join(map(str, seq.latent))}",
+           f"{seq.image_tokens} image + "
+           + (f"{seq.reference_tokens} reference ({seq.references} image) + " if seq.references else "")
+           + f"{seq.text_tokens} text tokens, input {'x'.join(map(str, seq.latent))}",
            *([plan.architecture] if plan.architecture else []),
            f"peak per rank at micro batch {s.micro_batch}: {size(plan.peak)} of {size(plan.budget)}: "
            + ("fits" if plan.fits else f"does NOT fit, over by {size(plan.peak - plan.budget)}")]
@@ -88,7 +90,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "breakdown": {line.name: line.bytes for line in plan.lines},
         "notes": {line.name: line.note for line in plan.lines},
         "parameters": dataclasses.asdict(plan.cost.params),
-        "tokens": {"image": plan.sequence.image_tokens, "text": plan.sequence.text_tokens},
+        "tokens": {"image": plan.sequence.image_tokens, "reference": plan.sequence.reference_tokens,
+                   "text": plan.sequence.text_tokens},
         "activations_per_block": per_block(plan),
         "activations_per_sample": {"plain": plan.cost.activations(1, False),
                                    "checkpointed": plan.cost.activations(1, True)},

@@ -30,6 +30,13 @@ class SampleShape:
     text_tokens: int
     latent: tuple[int, int, int]
     """(channels, height, width) of the model's input."""
+    references: int = 0
+    """Reference images per sample (paired data for a family that takes them), each of the target's latent size."""
+
+    @property
+    def reference_tokens(self) -> int:
+        """Image tokens the references add to the image stream."""
+        return self.references * self.image_tokens
 
 
 def _conditioning(recipe: Recipe, shapes: dict[str, frozen.TextShape], batch: int) -> Conditioning:
@@ -77,12 +84,16 @@ def model_cost(recipe: Recipe) -> tuple[ModelCost, SampleShape, Recipe]:
             apply_lora(model, model_cfg.lora)
             model.to(dtype)
     blocks = list(model.blocks()) if family.capabilities.block_transforms else []
+    # Paired data gives each sample the references its family takes, resized to the target's size by the loader.
+    references = family.capabilities.references if recipe.data.paired else 0
 
     def trace(batch: int):
         with torch.device("meta"):
             x = torch.zeros(batch, channels, side, side, dtype=dtype)
             t = torch.full((batch,), 0.5)
             cond = _conditioning(recipe, shapes, batch).to(dtype=dtype)
+            if references:
+                cond = cond.with_reference([torch.zeros_like(x) for _ in range(references)])
             target = torch.zeros(batch, channels, side, side)
         return trace_activations(model, blocks, (x, t, cond), lambda v: (v.float() - target).square().mean())
 
@@ -90,5 +101,5 @@ def model_cost(recipe: Recipe) -> tuple[ModelCost, SampleShape, Recipe]:
                      act2=trace(2), encoders=parts)
     patch = getattr(model_cfg, "patch_size", 1) or 1
     seq = SampleShape(image_tokens=(side // patch) ** 2, text_tokens=int(probe.hidden.shape[1]),
-                   latent=(channels, side, side))
+                   latent=(channels, side, side), references=references)
     return cost, seq, recipe
