@@ -74,6 +74,7 @@ class Runs:
         assert_succeeded(self._dora_launched[f"dora-{how}"])
         return self.root / f"dora-{how}"
 
+    @cached_property
     def _quantised(self) -> dict[str, tuple[list[int], list[Path]]]:
         """A LoRA on an nf4 base: one process, and ZeRO-2 on two (one torchrun job); launched on first use."""
         qlora = ("optim.lr=0.02", LORA, "model.quantize=nf4")
