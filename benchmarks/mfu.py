@@ -65,7 +65,7 @@ PEAKS: list[tuple[str, float, str]] = [
 CLIP_TOKENS = 77
 #: The preset each family is measured at by default: its released size (the U-Net has only its digits size).
 RELEASE_PRESETS = {"sd3": "sd3-medium", "flux": "flux-dev", "kontext": "flux-kontext-dev", "qwen_image": "qwen-image",
-                   "unet": "digits-unet"}
+                   "qwen_image_edit": "qwen-image-edit", "chroma": "chroma", "unet": "digits-unet"}
 #: Encoder-dependent sizes presets leave open: a 16-channel VAE, T5-XXL states, and the pooled CLIP width of the
 #: family's pipeline (SD3: CLIP-L + CLIP-G projections; FLUX: CLIP-L's pooler output).
 OPEN_SIZES = dict(in_channels=16, context_dim=4096)
@@ -266,7 +266,8 @@ def text_length(family: Family, args: argparse.Namespace) -> int:
         return CLIP_TOKENS
     if family.diffusers.decoder_llm is not None:
         return int(family.diffusers.decoder_llm["max_length"])
-    return family.diffusers.t5_tokens + (CLIP_TOKENS if family.text.clip_states else 0)
+    clip_states = family.text is not None and family.text.clip_states  # a T5-only family (Chroma) has no layout
+    return family.diffusers.t5_tokens + (CLIP_TOKENS if clip_states else 0)
 
 
 def build_model(cfg: ModelConfig, args: argparse.Namespace, engine: Engine) -> nn.Module:
