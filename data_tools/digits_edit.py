@@ -51,8 +51,9 @@ HELDOUT_TEMPLATES = (
 # digit is the one named whatever the reference ("make it a three"). Never evaluated, never in the held-out split.
 COPY_TEMPLATES = ("keep it", "the same digit", "leave it as it is")
 ABSOLUTE_TEMPLATES = ("make it a {w}", "turn it into a {w}", "change it to {w}", "write a {n}")
-COPIES_PER_REFERENCE = 1
-"""Copy samples per training reference, beside its "add zero"."""
+COPIES_PER_REFERENCE = 4
+"""Copy samples per training reference, beside its "add zero" (4 instead of 1: the output kept the reference's
+class 0.35 of the time after 800 steps instead of 0.13 after 1,200)."""
 ABSOLUTES_PER_REFERENCE = 3
 """Absolute samples per training reference, each naming a random digit."""
 DEFAULT_SEED = 0
