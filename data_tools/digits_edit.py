@@ -17,6 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -44,6 +45,17 @@ HELDOUT_TEMPLATES = (
     "go up by {w}",
     "raise it by {w}",
 )
+# Training-only samples that give each input a signal of its own (for K >= 1 neither input alone says anything
+# about the target's digit, and a model trained on "add K" alone stayed at chance): copies, whose digit is the
+# reference's whatever the wording ("keep it" and the like; "add zero" is one), and absolute instructions, whose
+# digit is the one named whatever the reference ("make it a three"). Never evaluated, never in the held-out split.
+COPY_TEMPLATES = ("keep it", "the same digit", "leave it as it is")
+ABSOLUTE_TEMPLATES = ("make it a {w}", "turn it into a {w}", "change it to {w}", "write a {n}")
+COPIES_PER_REFERENCE = 4
+"""Copy samples per training reference, beside its "add zero" (4 instead of 1: the output kept the reference's
+class 0.35 of the time after 800 steps instead of 0.13 after 1,200)."""
+ABSOLUTES_PER_REFERENCE = 3
+"""Absolute samples per training reference, each naming a random digit."""
 DEFAULT_SEED = 0
 DEFAULT_SHARD_SIZE = 2048
 
@@ -66,10 +78,11 @@ def training_instruction(k: int, rng: random.Random) -> str:
 @dataclass(frozen=True)
 class Edit:
     """One paired sample: reference image `reference` (an index into the digits), addend `k`, instruction `text`,
-    target image `target` (another digit, of label (d + K) mod 10), held out or not."""
+    target image `target` (another digit, of label (d + K) mod 10), held out or not. A training-only absolute
+    sample ("make it a three") has `k` None and a target of the digit it names."""
 
     reference: int
-    k: int
+    k: Optional[int]
     text: str
     target: int
     val: bool
@@ -77,19 +90,32 @@ class Edit:
 
 def edit_pairs(labels: np.ndarray, seed: int = DEFAULT_SEED) -> list[Edit]:
     """Every digit as the reference of every addend, shuffled, each with a target drawn from its own split and an
-    instruction (canonical for held-out samples, canonical or paraphrased for training ones)."""
+    instruction (canonical for held-out samples, canonical or paraphrased for training ones); training references
+    also get COPIES_PER_REFERENCE copies and ABSOLUTES_PER_REFERENCE absolute samples."""
     rng = random.Random(seed)
     pools: dict[bool, list[list[int]]] = {val: [[] for _ in range(10)] for val in (False, True)}
     for index, label in enumerate(labels):
         pools[is_val(index)][int(label)].append(index)
-    pairs = [(index, k) for index in range(len(labels)) for k in (ADDENDS if is_val(index) else TRAIN_ADDENDS)]
-    rng.shuffle(pairs)  # shards should each be a fair mix of digits and addends
+    # (reference, addend or None, template or None: the canonical-or-paraphrase draw of an "add K")
+    jobs: list[tuple[int, Optional[int], Optional[str]]] = []
+    for index in range(len(labels)):
+        if is_val(index):
+            jobs += [(index, k, CANONICAL) for k in ADDENDS]
+            continue
+        jobs += [(index, k, None) for k in TRAIN_ADDENDS]
+        jobs += [(index, 0, rng.choice(COPY_TEMPLATES)) for _ in range(COPIES_PER_REFERENCE)]
+        jobs += [(index, None, rng.choice(ABSOLUTE_TEMPLATES)) for _ in range(ABSOLUTES_PER_REFERENCE)]
+    rng.shuffle(jobs)  # shards should each be a fair mix of digits, addends and kinds
     edits = []
-    for index, k in pairs:
-        val = is_val(index)
-        target = rng.choice([i for i in pools[val][edited(int(labels[index]), k)] if i != index])
-        text = instruction(k) if val else training_instruction(k, rng)
-        edits.append(Edit(index, k, text, target, val))
+    for index, k, template in jobs:
+        if k is None:  # absolute: a random digit, named
+            digit = rng.randrange(10)
+            text = instruction(digit, template)
+        else:
+            digit = edited(int(labels[index]), k)
+            text = training_instruction(k, rng) if template is None else instruction(k, template)
+        target = rng.choice([i for i in pools[is_val(index)][digit] if i != index])
+        edits.append(Edit(index, k, text, target, is_val(index)))
     return edits
 
 
@@ -101,13 +127,13 @@ def write_digits_edit(out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, 
     pngs = [to_png(image) for image in images]
     with ShardSink(out, prefix=TRAIN_PREFIX, shard_size=shard_size, overwrite=overwrite) as train, \
             ShardSink(out, prefix=VAL_PREFIX, shard_size=shard_size, overwrite=overwrite) as val:
-        for e in edit_pairs(labels, seed):
+        for n, e in enumerate(edit_pairs(labels, seed)):
             meta = {"label": int(labels[e.target]), "reference_label": int(labels[e.reference]), "add": e.k,
                     "reference": e.reference, "index": e.target, "caption": e.text}
             sink = val if e.val else train
             files = {"png": pngs[e.target], reference_ext(0, "png"): pngs[e.reference], "txt": e.text,
                      "json": json.dumps(meta)}
-            sink.write(f"edit-{e.reference:04d}-{e.k}", files)
+            sink.write(f"edit-{n:06d}-{e.reference:04d}", files)  # several samples share a reference
             counts["val" if e.val else "train"] += 1
     return counts
 

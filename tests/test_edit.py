@@ -14,7 +14,11 @@ from PIL import Image
 
 from data_tools.digits import DIGIT_WORDS, is_val, load_digits_arrays, to_png
 from data_tools.digits_edit import (
+    ABSOLUTE_TEMPLATES,
+    ABSOLUTES_PER_REFERENCE,
     ADDENDS,
+    COPIES_PER_REFERENCE,
+    COPY_TEMPLATES,
     HELDOUT_TEMPLATES,
     PARAPHRASES,
     TRAIN_ADDENDS,
@@ -157,19 +161,27 @@ def test_the_cache_stores_each_samples_reference_latents_and_training_reads_them
 
 
 def test_the_digits_edit_pairs_each_reference_with_another_real_digit_d_plus_k():
-    """Bugs caught: a target of the wrong digit (d, or d + K without the mod), the reference reused as the target,
-    a target or reference crossing the held-out split, a held-out wording leaking into training instructions."""
+    """Bugs caught: a target of the wrong digit (d, or d + K without the mod; an absolute sample's digit not the one
+    it names), the reference reused as the target, a target or reference crossing the held-out split, a held-out
+    wording leaking into training instructions, copy or absolute samples leaking into the held-out split."""
     _, labels = load_digits_arrays()
     edits = edit_pairs(labels)
     val = sum(is_val(i) for i in range(len(labels)))
-    assert len(edits) == len(ADDENDS) * val + len(TRAIN_ADDENDS) * (len(labels) - val)
-    assert {e.k for e in edits if e.val} == set(ADDENDS) and {e.k for e in edits if not e.val} == set(TRAIN_ADDENDS)
+    per_train = len(TRAIN_ADDENDS) + COPIES_PER_REFERENCE + ABSOLUTES_PER_REFERENCE
+    assert len(edits) == len(ADDENDS) * val + per_train * (len(labels) - val)
+    assert {e.k for e in edits if e.val} == set(ADDENDS)
+    assert {e.k for e in edits if not e.val} == set(TRAIN_ADDENDS) | {None}
     for e in edits:
-        assert labels[e.target] == (labels[e.reference] + e.k) % 10 and e.target != e.reference
-        assert e.val == is_val(e.reference) == is_val(e.target)
+        if e.k is None:  # absolute: the digit named, whatever the reference
+            named = next(d for d, w in enumerate(DIGIT_WORDS) if w in e.text.split() or str(d) in e.text.split())
+            assert labels[e.target] == named
+        else:
+            assert labels[e.target] == (labels[e.reference] + e.k) % 10
+        assert e.target != e.reference and e.val == is_val(e.reference) == is_val(e.target)
     trained = {e.text for e in edits if not e.val}
     assert {instruction(k) for k in TRAIN_ADDENDS} <= trained  # canonical wordings are trained ...
     assert {instruction(k, t) for k in TRAIN_ADDENDS for t in PARAPHRASES} <= trained  # ... and every paraphrase
+    assert set(COPY_TEMPLATES) <= trained and {instruction(d, t) for d in range(10) for t in ABSOLUTE_TEMPLATES} <= trained
     assert not trained & {instruction(k, t) for k in TRAIN_ADDENDS for t in HELDOUT_TEMPLATES}
     assert {e.text for e in edits if e.val} == {instruction(k) for k in ADDENDS}
 
