@@ -204,8 +204,8 @@ def check_paired(recipe: Recipe) -> None:
 def check_text(recipe: Recipe, *, stated: bool) -> None:
     """The text encoders give what the model reads: a RecipeError naming model.family and the encoder otherwise.
     A model without a pooled input (modulation from the timestep alone) takes no CLIP encoder, whose only share
-    is a pooled vector; released weights that read a pooled CLIP vector (``init_from`` with a stated preset of a
-    family whose pipeline combines CLIP and T5, the preset fixing the pooled width) need a CLIP encoder."""
+    is a pooled vector; a model with a pooled input needs an encoder that pools (any kind: the pooled width is
+    checked against the model's when the encoders are built). ``stated``: the recipe states its preset."""
     family = family_of(recipe.model)
     kinds = {name: c.kind for name, c in recipe.text.encoders.items()}
     listed = ", ".join(f"{name} ({kind})" for name, kind in kinds.items())
@@ -214,12 +214,12 @@ def check_text(recipe: Recipe, *, stated: bool) -> None:
         raise RecipeError(f"model.family: {family.name} takes no pooled text vector, but text encoder {clips[0]} "
                           f"(kind clip) is there for one (text encoders: {listed}): condition it on one t5 "
                           "encoder (text_encoders.combine: single) or use a family with a pooled input")
-    released = stated and recipe.model.init_from and recipe.model.pooled_dim is not None
-    if released and recipe.model.takes_pooled and family.text is not None and not clips:
-        raise RecipeError(f"model.family: {family.name} reads a pooled CLIP vector from its released weights "
-                          f"(model.init_from), but the text encoders ({listed}) have no encoder of kind clip: add "
-                          f"the pipeline's CLIP (text_encoders.combine: {family.text.name}) or start from weights "
-                          "of a family without a pooled input")
+    pooling = [c.pooling for c in recipe.text.encoders.values()]
+    if recipe.model.takes_pooled and pooling and all(p == "none" for p in pooling):
+        raise RecipeError(f"model.family: {family.name} reads a pooled text vector, but no text encoder pools "
+                          f"(text encoders: {listed}, each pooling: none): add an encoder that pools (its "
+                          f"pipeline's CLIP, text_encoders.combine: {family.text.name if family.text else 'single'})"
+                          " or use a family without a pooled input")
 
 
 def resolve_from_init(recipe: Recipe, *, stated_preset: bool) -> None:

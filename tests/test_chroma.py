@@ -158,21 +158,24 @@ def test_tiny_preset_exports_and_starts_at_zero():
     assert theirs.config.approximator_hidden_dim == cfg.approximator_hidden
 
 
-def _recipe(**model) -> dict:
-    return {"model": model, "text_encoders": {"combine": "single", "encoders": {"t5": {"kind": "t5"}}}}
+def _recipe(pooling: str = "mean", **model) -> dict:
+    return {"model": model, "text_encoders": {"combine": "single", "encoders": {"t5": {"kind": "t5",
+                                                                                        "pooling": pooling}}}}
 
 
 def test_a_recipe_whose_encoders_the_family_cannot_take_names_both():
-    # a pooled-vector family from released weights without a pooled (CLIP) encoder
-    with pytest.raises(RecipeError, match=r"model.family: flux reads a pooled CLIP vector.*t5 \(t5\).*kind clip"):
-        recipe_from_dict(_recipe(preset="flux-schnell", init_from="weights/"))
+    # a pooled-vector family without an encoder that pools
+    with pytest.raises(RecipeError, match=r"model.family: flux reads a pooled text vector.*t5 \(t5\).*pooling: none"):
+        recipe_from_dict(_recipe(pooling="none", preset="flux-schnell", init_from="weights/"))
+    assert recipe_from_dict(_recipe(preset="flux-schnell", init_from="weights/")).model.rope  # any pooling encoder
     # Chroma takes no pooled vector: a CLIP encoder beside its T5 is refused
     flux_text = {"combine": "flux", "encoders": {
         "clip_l": {"kind": "clip", "padding": "max_length", "max_length": 77, "pooling": "pooler"},
         "t5": {"kind": "t5", "padding": "max_length", "max_length": 512}}}
     with pytest.raises(RecipeError, match=r"model.family: chroma takes no pooled text vector.*clip_l \(kind clip\)"):
         recipe_from_dict({"model": {"preset": "tiny-chroma"}, "text_encoders": flux_text})
-    assert recipe_from_dict(_recipe(preset="tiny-chroma", init_from="weights/")).model.modulation == "approximator"
+    assert recipe_from_dict(_recipe(pooling="none", preset="tiny-chroma", init_from="weights/")
+                            ).model.modulation == "approximator"
     # trained from scratch or from a flowmatch run (no released pooled width), a pooled-vector family may pool its
     # one encoder (the digits recipes)
     assert recipe_from_dict(_recipe(preset="flux-schnell")).model.family is None

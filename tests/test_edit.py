@@ -181,7 +181,8 @@ def test_the_digits_edit_pairs_each_reference_with_another_real_digit_d_plus_k()
     trained = {e.text for e in edits if not e.val}
     assert {instruction(k) for k in TRAIN_ADDENDS} <= trained  # canonical wordings are trained ...
     assert {instruction(k, t) for k in TRAIN_ADDENDS for t in PARAPHRASES} <= trained  # ... and every paraphrase
-    assert set(COPY_TEMPLATES) <= trained and {instruction(d, t) for d in range(10) for t in ABSOLUTE_TEMPLATES} <= trained
+    assert set(COPY_TEMPLATES) <= trained
+    assert {instruction(d, t) for d in range(10) for t in ABSOLUTE_TEMPLATES} <= trained
     assert not trained & {instruction(k, t) for k in TRAIN_ADDENDS for t in HELDOUT_TEMPLATES}
     assert {e.text for e in edits if e.val} == {instruction(k) for k in ADDENDS}
 
