@@ -52,24 +52,11 @@ def is_original(keys) -> bool:
 
 def config_from_diffusers(dcfg: Mapping[str, Any]) -> MMDiTConfig:
     """Our config for a diffusers `ChromaTransformer2DModel` config; ValueError for variants we do not implement."""
-    packed = PACK * PACK
-    if dcfg.get("patch_size", 1) != 1 or dcfg["in_channels"] % packed:
-        raise ValueError(f"Chroma transformers with patch_size={dcfg.get('patch_size')} or in_channels="
-                         f"{dcfg['in_channels']} (not 2x2-packed latents) are not supported")
-    if dcfg["num_single_layers"] < 1:
-        raise ValueError("Chroma transformers without single-stream blocks are not supported")
-    axes = list(dcfg.get("axes_dims_rope") or AXES_DIM)
-    if len(axes) != 3 or sum(axes) != dcfg["attention_head_dim"]:
-        raise ValueError(f"axes_dims_rope={axes} must be three sizes summing to attention_head_dim")
-    out = (dcfg.get("out_channels") or dcfg["in_channels"]) // packed
     return MMDiTConfig(
-        in_channels=dcfg["in_channels"] // packed, out_channels=None if out * packed == dcfg["in_channels"] else out,
-        depth=dcfg["num_layers"], single_blocks=dcfg["num_single_layers"],
-        num_heads=dcfg["num_attention_heads"], head_dim=dcfg["attention_head_dim"],
-        context_dim=dcfg["joint_attention_dim"], pooled_dim=0, rope_axes_dim=axes,
+        **{**flux.packed_fields(dcfg, "Chroma"), **FIXED}, pooled_dim=0,
         approximator_channels=dcfg.get("approximator_num_channels", APPROXIMATOR["approximator_channels"]),
         approximator_hidden=dcfg.get("approximator_hidden_dim", APPROXIMATOR["approximator_hidden"]),
-        approximator_layers=dcfg.get("approximator_layers", APPROXIMATOR["approximator_layers"]), **FIXED,
+        approximator_layers=dcfg.get("approximator_layers", APPROXIMATOR["approximator_layers"]),
     )
 
 

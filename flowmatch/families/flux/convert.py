@@ -57,25 +57,30 @@ def is_original(keys) -> bool:
     return "double_blocks.0.img_attn.qkv.weight" in keys and "double_blocks.0.img_mod.lin.weight" in keys
 
 
-def config_from_diffusers(dcfg: Mapping[str, Any]) -> MMDiTConfig:
-    """Our config for a diffusers `FluxTransformer2DModel` config; ValueError for variants we do not implement."""
+def packed_fields(dcfg: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The MMDiTConfig fields a FLUX-layout diffusers config (FLUX.1, Chroma) gives alike: 2x2-packed channels,
+    block counts, heads and 3-axis RoPE; ValueError naming ``name`` for the variants we do not implement."""
     packed = PACK * PACK
     if dcfg.get("patch_size", 1) != 1 or dcfg["in_channels"] % packed:
-        raise ValueError(f"FLUX transformers with patch_size={dcfg.get('patch_size')} or in_channels="
+        raise ValueError(f"{name} transformers with patch_size={dcfg.get('patch_size')} or in_channels="
                          f"{dcfg['in_channels']} (not 2x2-packed latents) are not supported")
     if dcfg["num_single_layers"] < 1:
-        raise ValueError("FLUX transformers without single-stream blocks are not supported")
+        raise ValueError(f"{name} transformers without single-stream blocks are not supported")
     axes = list(dcfg.get("axes_dims_rope") or AXES_DIM)
     if len(axes) != 3 or sum(axes) != dcfg["attention_head_dim"]:
         raise ValueError(f"axes_dims_rope={axes} must be three sizes summing to attention_head_dim")
     out = (dcfg.get("out_channels") or dcfg["in_channels"]) // packed
-    return MMDiTConfig(
+    return dict(
         in_channels=dcfg["in_channels"] // packed, out_channels=None if out * packed == dcfg["in_channels"] else out,
         depth=dcfg["num_layers"], single_blocks=dcfg["num_single_layers"],
         num_heads=dcfg["num_attention_heads"], head_dim=dcfg["attention_head_dim"],
-        context_dim=dcfg["joint_attention_dim"], pooled_dim=dcfg["pooled_projection_dim"],
-        guidance_embed=bool(dcfg.get("guidance_embeds")), rope_axes_dim=axes, **FIXED,
-    )
+        context_dim=dcfg["joint_attention_dim"], rope_axes_dim=axes, **FIXED)
+
+
+def config_from_diffusers(dcfg: Mapping[str, Any]) -> MMDiTConfig:
+    """Our config for a diffusers `FluxTransformer2DModel` config; ValueError for variants we do not implement."""
+    return MMDiTConfig(**packed_fields(dcfg, "FLUX"), pooled_dim=dcfg["pooled_projection_dim"],
+                       guidance_embed=bool(dcfg.get("guidance_embeds")))
 
 
 def diffusers_config(cfg: MMDiTConfig) -> dict[str, Any]:
