@@ -90,7 +90,8 @@ class MMDiTConfig:
     axis is always 0 here; None = half of head_dim each for row and column."""
     rope_layout: str = "flux"
     """Where tokens sit on the RoPE axes: flux (image rows and columns from 0, text at 0) | msrope (Qwen-Image:
-    three axes, the image grid centred on 0, text on the diagonal after it); see flowmatch.models.embeddings."""
+    three axes, the image grid centred on 0, text on the diagonal after it); see flowmatch.models.embeddings |
+    zimage (text on the first axis from 1, the image after it: flowmatch.models.zimage, not an MMDiT's)."""
     dual_attention_layers: list[int] = field(default_factory=list)
     """Indices of the joint blocks whose image stream has MMDiT-X's second, image-only attention (SD3.5-medium)."""
     text_last_block: bool = False
@@ -114,6 +115,9 @@ class MMDiTConfig:
     interval_embed: bool = False
     """Embed the interval t - r of a second time r <= t like the timestep (few-step models: MeanFlow, shortcut);
     its last layer starts at zero, so a flow checkpoint loaded into it gives the same outputs."""
+    refiner_layers: int = 0
+    """Refiner blocks that see one modality alone before the joint sequence: that many over the image tokens and
+    as many over the text tokens (Z-Image: 2; flowmatch.models.zimage). The MMDiT has none."""
 
     @property
     def width(self) -> int:
@@ -172,6 +176,9 @@ class MMDiTConfig:
         if self.references and not (self.rope and len(self.axes_dim) == 3):
             raise ValueError(f"MMDiTConfig.references={self.references} needs rope with three rope_axes_dim (image "
                              "index, rows, columns): reference tokens are told apart by the image index")
+        if self.refiner_layers:
+            raise ValueError(f"MMDiTConfig.refiner_layers={self.refiner_layers}: the MMDiT has no refiner blocks "
+                             "(Z-Image has: model.family: zimage)")
         if self.single_blocks < 0:
             raise ValueError(f"MMDiTConfig.single_blocks must be >= 0, got {self.single_blocks}")
         if self.time_freq_dim % 2:
