@@ -29,7 +29,7 @@ def zimage_model(seed: int = 0, **overrides) -> ZImageTransformer2DModel:
     included, so all of them reach the output)."""
     torch.manual_seed(seed)
     kwargs = dict(in_channels=CHANNELS, dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4,
-                  cap_feat_dim=CONTEXT_DIM, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32])
+                  cap_feat_dim=CONTEXT_DIM, axes_dims=[4, 6, 6])
     model = ZImageTransformer2DModel(**{**kwargs, **overrides})
     with torch.no_grad():
         for p in model.parameters():
@@ -68,10 +68,14 @@ def test_forward_with_padded_text_matches_diffusers():
         # the padded tokens are read by nothing: changing them changes nothing
         noisy = Conditioning(torch.where(cond.mask[..., None], cond.hidden, 7.0), cond.mask, cond.pooled)
         moved = ours(x, t, noisy)
+        # padding first (its valid tokens in order after it) reads as the same caption
+        left = Conditioning(cond.hidden[1:2].roll(5, 1), cond.mask[1:2].roll(5, 1), cond.pooled[1:2])
+        left_out = ours(x[1:2], t[1:2], left)
     assert out.shape == ref.shape == x.shape
     assert rel_err(out, ref) < REL_TOL
     assert rel_err(out[1:2], alone) < REL_TOL
     assert torch.equal(moved, out)
+    assert rel_err(left_out, out[1:2]) < REL_TOL
 
 
 def test_unpadded_text_matches_diffusers_with_no_mask_and_an_odd_image():
@@ -102,9 +106,7 @@ def test_weights_both_ways_are_bitwise():
     back = to_diffusers(from_diffusers(theirs))
     assert type(back) is ZImageTransformer2DModel
     public = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (theirs, back)]
-    public[0]["axes_lens"] = list(zimage.AXES_LENS)  # not ours: flowmatch computes the angles of any position
-    assert public[0] == {k: (list(v) if isinstance(v, tuple) else v) for k, v in public[1].items()} or \
-        public[0] == public[1]
+    assert public[0] == public[1]
     sd, back_sd = theirs.state_dict(), back.state_dict()
     assert set(sd) == set(back_sd) and all(torch.equal(sd[k], back_sd[k]) for k in sd)
 
