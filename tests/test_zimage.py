@@ -17,6 +17,7 @@ from flowmatch.families.convert import from_diffusers, from_original, to_diffuse
 from flowmatch.families.presets import config_from_preset
 from flowmatch.families.zimage import convert as zimage
 from flowmatch.models.convert.keymap import to_theirs
+from flowmatch.models.flops import counted_training_flops_per_step
 from tests.interop_models import one_thread, rel_err  # noqa: F401 - one_thread applies the module-wide fixture
 
 CONTEXT_DIM = 20
@@ -133,3 +134,19 @@ def test_parameter_count_equals_diffusers_at_the_released_shape():
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(ours) == count(theirs) == 6_154_908_736
     assert zimage.config_from_diffusers(theirs.config) == config_from_preset("zimage", preset="custom")
+
+
+def test_flop_count_equals_flop_counter_mode_at_the_released_shape():
+    """Bugs caught: a term left out of the count (the refiners, their padded lengths, the attention of padded
+    sequences), measured against FlopCounterMode's independent count of one meta-device forward."""
+    cfg = config_from_preset("zimage")
+    family = family_of(cfg)
+    height, width, text_len = 94, 80, 300  # 1880 image tokens padded to 1888, text to 320 tokens
+    with torch.device("meta"):
+        model = family.build(cfg)
+        cond = Conditioning(torch.zeros(1, text_len, cfg.context_dim), torch.ones(1, text_len, dtype=torch.bool),
+                            torch.zeros(1, 0), all_valid=True)
+        counted = counted_training_flops_per_step(
+            model, (torch.zeros(1, cfg.in_channels, height, width), torch.full((1,), 0.5), cond), batch_size=2)
+    assert family.flops(cfg, batch_size=2, latent_size=(height, width), text_len=text_len) == pytest.approx(
+        counted, rel=1e-3)
