@@ -5,6 +5,8 @@ shape."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import ZImageTransformer2DModel
@@ -12,12 +14,17 @@ from diffusers.loaders.single_file_utils import convert_z_image_transformer_chec
 from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
+from flowmatch.config import recipe_from_dict
+from flowmatch.errors import RecipeError
 from flowmatch.families import family_of
-from flowmatch.families.convert import from_diffusers, from_original, to_diffusers, to_original
-from flowmatch.families.presets import config_from_preset
+from flowmatch.families.config import ModelConfig
+from flowmatch.families.convert import convert_diffusers, from_diffusers, from_original, to_diffusers, to_original
+from flowmatch.families.presets import config_from_preset, preset_values
+from flowmatch.init_from import with_architecture
 from flowmatch.families.zimage import convert as zimage
 from flowmatch.models.convert.keymap import to_theirs
 from flowmatch.models.flops import counted_training_flops_per_step
+from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import one_thread, rel_err  # noqa: F401 - one_thread applies the module-wide fixture
 
 CONTEXT_DIM = 20
@@ -150,3 +157,26 @@ def test_flop_count_equals_flop_counter_mode_at_the_released_shape():
             model, (torch.zeros(1, cfg.in_channels, height, width), torch.full((1,), 0.5), cond), batch_size=2)
     assert family.flops(cfg, batch_size=2, latent_size=(height, width), text_len=text_len) == pytest.approx(
         counted, rel=1e-9)  # both count every matmul exactly
+
+
+def test_bad_input_names_the_family_and_what_it_cannot_take():
+    # a CLIP encoder, whose only share is a pooled vector, beside the decoder LLM: refused naming both
+    text = {"combine": "single", "encoders": {"clip_l": {"kind": "clip", "padding": "max_length", "max_length": 77,
+                                                         "pooling": "pooler"}}}
+    with pytest.raises(RecipeError, match=r"model.family: zimage takes no pooled text vector.*clip_l \(kind clip\)"):
+        recipe_from_dict({"model": {"preset": "tiny-zimage"}, "text_encoders": text})
+    # weights of one family loaded as another: refused naming both, either way
+    zimage_weights = convert_diffusers(zimage_model()).cfg
+    flux_model = ModelConfig(**{**preset_values("tiny-flux-schnell"), "family": "flux", "init_from": "w/"})
+    with pytest.raises(RecipeError, match=r"model.family: flux.*holds zimage weights"):
+        with_architecture(flux_model, zimage_weights)
+    zimage_cfg = ModelConfig(**{**preset_values("tiny-zimage"), "family": "zimage", "init_from": "w/"})
+    flux_weights = config_from_preset("tiny-flux-schnell", in_channels=4, context_dim=20, pooled_dim=12)
+    with pytest.raises(RecipeError, match=r"model.family: zimage.*holds flux weights"):
+        with_architecture(zimage_cfg, flux_weights)
+    assert with_architecture(zimage_cfg, zimage_weights).refiner_layers == 1
+    # the MMDiT refuses refiner blocks, and Z-Image what it does not have, each naming the field
+    with pytest.raises(ValueError, match="refiner_layers=1.*model.family: zimage"):
+        MMDiT(config_from_preset("tiny", in_channels=4, context_dim=20, pooled_dim=12, refiner_layers=1))
+    with pytest.raises(ValueError, match="pooled_dim"):
+        family_of(zimage_weights).build(dataclasses.replace(zimage_weights, pooled_dim=12))
