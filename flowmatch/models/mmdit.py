@@ -208,6 +208,24 @@ class MMDiTConfig:
             )
 
 
+def check_latents_and_text(cfg: MMDiTConfig, x: Tensor, t: Tensor, cond: Conditioning) -> int:
+    """ValueError naming the input whose shape does not fit ``cfg``: latents x (B, in_channels, H, W) with sides
+    divisible by the patch size, t (B,), text cond.hidden (B, L, context_dim) with a bool mask (B, L). Returns B."""
+    if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+        raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    if h % cfg.patch_size or w % cfg.patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
+    if t.shape != (b,):
+        raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
+    hidden, mask = cond.hidden, cond.mask
+    if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
+        raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
+    if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
+        raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+    return b
+
+
 def _owned(x: Tensor) -> Tensor:
     """``x`` as a tensor of its own when it is a view (a linear layer's output on (B, S, F) inputs is one).
 
@@ -324,22 +342,11 @@ class MMDiT(nn.Module):
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor]) -> None:
         cfg = self.cfg
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
-        if t.shape != (b,):
-            raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
+        b = check_latents_and_text(cfg, x, t, cond)
         if r is not None and r.shape != (b,):
             raise ValueError(f"r must be ({b},) or None, got {tuple(r.shape)}")
-        hidden, mask, pooled = cond.hidden, cond.mask, cond.pooled
-        if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
-            raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
-        if self.pooled_embed is not None and pooled.shape != (b, cfg.pooled_dim):
-            raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
-        if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        if self.pooled_embed is not None and cond.pooled.shape != (b, cfg.pooled_dim):
+            raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(cond.pooled.shape)}")
         if len(cond.reference) > cfg.references:
             raise ValueError(f"cond carries {len(cond.reference)} reference image(s); this MMDiT takes at most "
                              f"{cfg.references} (model.references)")

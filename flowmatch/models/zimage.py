@@ -27,7 +27,7 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.models.embeddings import RopeTable, apply_rope, patchify, timestep_embedding, unpatchify
 from flowmatch.models.layers import attention
 from flowmatch.models.mlp import Mlp, RmsNorm
-from flowmatch.models.mmdit import EMBEDDER_INIT_STD, MMDiTConfig
+from flowmatch.models.mmdit import EMBEDDER_INIT_STD, MMDiTConfig, check_latents_and_text
 
 #: Every sample's image and text sequences are padded to a multiple of this many tokens (diffusers' SEQ_MULTI_OF).
 SEQ_MULTIPLE = 32
@@ -230,19 +230,7 @@ class ZImage(nn.Module):
         return [*self.noise_refiner, *self.context_refiner, *self.layers]
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Conditioning) -> None:
-        cfg = self.cfg
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
-        if t.shape != (b,):
-            raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
-        hidden, mask = cond.hidden, cond.mask
-        if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
-            raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
-        if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        check_latents_and_text(self.cfg, x, t, cond)
         if cond.extra or cond.reference:
             raise ValueError("Z-Image takes text and the noisy latents only: cond.extra and cond.reference must be "
                              f"empty, got extra {sorted(cond.extra)} and {len(cond.reference)} reference image(s)")
