@@ -15,15 +15,19 @@ from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.config import recipe_from_dict
+from flowmatch.engine.state import write_safetensors
 from flowmatch.errors import RecipeError
 from flowmatch.families import family_of
 from flowmatch.families.config import ModelConfig
 from flowmatch.families.convert import convert_diffusers, from_diffusers, from_original, to_diffusers, to_original
+from flowmatch.families.lora import apply_lora, load_lora_file
 from flowmatch.families.presets import config_from_preset, preset_values
-from flowmatch.init_from import with_architecture
 from flowmatch.families.zimage import convert as zimage
+from flowmatch.init_from import with_architecture
 from flowmatch.models.convert.keymap import to_theirs
+from flowmatch.models.convert.lora import to_lora_file
 from flowmatch.models.flops import counted_training_flops_per_step
+from flowmatch.models.lora import LoraConfig, is_adapter
 from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import one_thread, rel_err  # noqa: F401 - one_thread applies the module-wide fixture
 
@@ -138,8 +142,7 @@ def test_parameter_count_equals_diffusers_at_the_released_shape():
     with torch.device("meta"):
         theirs = ZImageTransformer2DModel()  # its defaults are Z-Image(-Turbo)'s
         ours = family_of(config_from_preset("zimage")).build(config_from_preset("zimage"))
-    count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(ours) == count(theirs) == 6_154_908_736
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters()) == 6_154_908_736
     assert zimage.config_from_diffusers(theirs.config) == config_from_preset("zimage", preset="custom")
 
 
@@ -180,3 +183,33 @@ def test_bad_input_names_the_family_and_what_it_cannot_take():
         MMDiT(config_from_preset("tiny", in_channels=4, context_dim=20, pooled_dim=12, refiner_layers=1))
     with pytest.raises(ValueError, match="pooled_dim"):
         family_of(zimage_weights).build(dataclasses.replace(zimage_weights, pooled_dim=12))
+
+
+def test_every_lora_format_reads_back_bit_for_bit(tmp_path):
+    """Bugs caught: the fused q, k, v rows written in another order than read, the shared A of the split diffusers
+    modules not recognised, alpha lost, the single file's module names (attention.qkv, attention.out) not used."""
+    cfg = convert_diffusers(zimage_model()).cfg
+    family, lora = family_of(cfg), LoraConfig(rank=3, alpha=7.0)  # alpha != rank: a lost scale shows
+
+    def adapted(seed):
+        model = family.build(cfg)
+        torch.manual_seed(0)
+        chosen = apply_lora(model, lora)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if is_adapter(name):
+                    p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + len(name))))
+        return model, chosen, {k: v.detach().clone() for k, v in model.state_dict().items() if is_adapter(k)}
+
+    _, chosen, want = adapted(1)
+    assert set(family.lora_formats) == {"diffusers", "comfyui", "kohya"}
+    for name, fmt in family.lora_formats.items():
+        tensors, metadata = to_lora_file(want, chosen, lora, fmt, cfg)
+        fused = any(".attention.qkv." in k or "_attention_qkv." in k for k in tensors)
+        assert fused == (name != "diffusers"), name
+        path = tmp_path / f"{name}.safetensors"
+        write_safetensors(path, tensors, metadata)
+        model, _, _ = adapted(2)
+        assert load_lora_file(model, lora, str(path)) == name
+        got = {k: v for k, v in model.state_dict().items() if is_adapter(k)}
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name

@@ -15,7 +15,7 @@ import torch
 
 from flowmatch.families import mmdit
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
-from flowmatch.families.zimage import convert
+from flowmatch.families.zimage import convert, lora_formats
 from flowmatch.families.zimage.presets import PRESETS
 from flowmatch.models.flops import TRAIN_FLOPS_PER_ATTENTION_ENTRY, TRAIN_FLOPS_PER_PARAM_TOKEN
 from flowmatch.models.zimage import ZImage, padded_length
@@ -52,10 +52,15 @@ def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: 
     height, width = latent_size
     n = (height // cfg.patch_size) * (width // cfg.patch_size)
     n_pad, l_pad = padded_length(n), padded_length(text_len)
-    size = lambda *modules: sum(p.numel() for m in modules for p in m.parameters() if p.ndim == 2)
+
+    def size(*modules) -> int:  # matmul weights only: norm scales and pad tokens multiply elementwise
+        return sum(p.numel() for m in modules for p in m.parameters() if p.ndim == 2)
+
+    def blocks(blocks) -> int:
+        return sum(size(b.attn.qkv, b.attn.proj, b.mlp) for b in blocks)
+
     per_sample = size(model.time_embed, model.final.modulation,
                       *(b.modulation for b in model.blocks() if b.modulation is not None))
-    blocks = lambda blocks: sum(size(b.attn.qkv, b.attn.proj, b.mlp) for b in blocks)
     tokens = (size(model.patch_embed, model.final.linear) * n + size(model.context_embed) * text_len
               + blocks(model.noise_refiner) * n_pad + blocks(model.context_refiner) * l_pad
               + blocks(model.layers) * (n_pad + l_pad))
@@ -80,6 +85,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=1),
     converter=convert,
     lora_targets=lora_targets,
+    lora_formats=lora_formats.FORMATS,
     diffusers=DiffusersPipeline(
         pipeline_class="ZImagePipeline", text_encoders=(("qwen", "text_encoder", "tokenizer"),),
         # ZImagePipeline's guidance_scale g (5.0 by default) guides as cond + g (cond - uncond), which is

@@ -142,7 +142,9 @@ def config_from_original(sd: Mapping[str, Tensor], head_dim: Optional[int] = Non
     given too); nor are ``norm_eps``, ``rope_theta`` and the time scale (the release's are taken)."""
     width, patch_features = sd["x_embedder.weight"].shape
     head_dim = head_dim or sd["layers.0.attention.q_norm.weight"].shape[0]
-    count = lambda name: 1 + max((int(k.split(".")[1]) for k in sd if k.startswith(f"{name}.")), default=-1)
+    def count(name: str) -> int:
+        return 1 + max((int(k.split(".")[1]) for k in sd if k.startswith(f"{name}.")), default=-1)
+
     return MMDiTConfig(
         in_channels=patch_features // (PATCH * PATCH), depth=count("layers"), refiner_layers=count("noise_refiner"),
         num_heads=width // head_dim, head_dim=head_dim, context_dim=sd["cap_embedder.1.weight"].shape[1],
