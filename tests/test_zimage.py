@@ -178,9 +178,9 @@ def test_bad_input_names_the_family_and_what_it_cannot_take():
     with pytest.raises(RecipeError, match=r"model.family: zimage.*holds flux weights"):
         with_architecture(zimage_cfg, flux_weights)
     assert with_architecture(zimage_cfg, zimage_weights).refiner_layers == 1
-    # the MMDiT refuses refiner blocks, and Z-Image what it does not have, each naming the field
-    with pytest.raises(ValueError, match="refiner_layers=1.*model.family: zimage"):
-        MMDiT(config_from_preset("tiny", in_channels=4, context_dim=20, pooled_dim=12, refiner_layers=1))
+    # the MMDiT refuses Z-Image's layout, and Z-Image what it does not have, each naming the field
+    with pytest.raises(ValueError, match="rope_layout='zimage'"):
+        MMDiT(zimage_weights)
     with pytest.raises(ValueError, match="pooled_dim"):
         family_of(zimage_weights).build(dataclasses.replace(zimage_weights, pooled_dim=12))
 

@@ -117,7 +117,7 @@ class MMDiTConfig:
     its last layer starts at zero, so a flow checkpoint loaded into it gives the same outputs."""
     refiner_layers: int = 0
     """Refiner blocks that see one modality alone before the joint sequence: that many over the image tokens and
-    as many over the text tokens (Z-Image: 2; flowmatch.models.zimage). The MMDiT has none."""
+    as many over the text tokens (Z-Image: 2; flowmatch.models.zimage). The MMDiT reads none."""
 
     @property
     def width(self) -> int:
@@ -176,9 +176,6 @@ class MMDiTConfig:
         if self.references and not (self.rope and len(self.axes_dim) == 3):
             raise ValueError(f"MMDiTConfig.references={self.references} needs rope with three rope_axes_dim (image "
                              "index, rows, columns): reference tokens are told apart by the image index")
-        if self.refiner_layers:
-            raise ValueError(f"MMDiTConfig.refiner_layers={self.refiner_layers}: the MMDiT has no refiner blocks "
-                             "(Z-Image has: model.family: zimage)")
         if self.single_blocks < 0:
             raise ValueError(f"MMDiTConfig.single_blocks must be >= 0, got {self.single_blocks}")
         if self.time_freq_dim % 2:

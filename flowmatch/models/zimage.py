@@ -29,6 +29,9 @@ from flowmatch.models.layers import attention
 from flowmatch.models.mlp import Mlp, RmsNorm
 from flowmatch.models.mmdit import EMBEDDER_INIT_STD, MMDiTConfig, check_latents_and_text
 
+#: MMDiTConfig.rope_layout of a Z-Image model: text on the first axis from 1, each sample's image after its padded
+#: text (the MMDiT's validation refuses it: only this network places tokens so).
+ROPE_LAYOUT = "zimage"
 #: Every sample's image and text sequences are padded to a multiple of this many tokens (diffusers' SEQ_MULTI_OF).
 SEQ_MULTIPLE = 32
 #: Width of the time embedding every modulation reads (diffusers' ADALN_EMBED_DIM; min(width, this)).
@@ -156,10 +159,11 @@ def validate(cfg: MMDiTConfig) -> None:
                          f"must be three positive even sizes summing to head_dim={cfg.head_dim}")
     extras = {n: getattr(cfg, n) for n in ("pooled_dim", "guidance_embed", "interval_embed", "references",
                                            "dual_attention_layers", "single_blocks") if getattr(cfg, n)}
-    if extras or cfg.modulation != "adaln" or not cfg.rope:
+    if extras or cfg.modulation != "adaln" or not cfg.rope or cfg.rope_layout != ROPE_LAYOUT:
         raise ValueError(f"Z-Image takes text states alone (no pooled vector, guidance, interval, references, "
-                         f"MMDiT-X or single blocks), modulates its own blocks and uses RoPE; this config has "
-                         f"{extras or dict(modulation=cfg.modulation, rope=cfg.rope)}")
+                         f"MMDiT-X or single blocks), modulates its own blocks and uses RoPE in its layout "
+                         f"({ROPE_LAYOUT}); this config has "
+                         f"{extras or dict(modulation=cfg.modulation, rope=cfg.rope, rope_layout=cfg.rope_layout)}")
 
 
 def padded_length(n, multiple: int = SEQ_MULTIPLE):

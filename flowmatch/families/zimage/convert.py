@@ -32,6 +32,7 @@ from torch import Tensor
 from flowmatch.families.mmdit import TIME_SCALE
 from flowmatch.models.convert.keymap import Copy, Rule, Stack, linear, norm
 from flowmatch.models.mmdit import MMDiTConfig
+from flowmatch.models.zimage import ROPE_LAYOUT  # the value of rope_layout that tells a Z-Image section apart
 
 DIFFUSERS_CLASS = "ZImageTransformer2DModel"
 #: ComfyUI's single files prefix the transformer's keys so.
@@ -41,8 +42,6 @@ PATCH = 2
 #: The RoPE table lengths per axis diffusers precomputes (its default axes_lens); flowmatch computes angles
 #: directly, so any position works, and writes these back.
 AXES_LENS = (1024, 512, 512)
-#: Where the position axes put the tokens: the value of ``rope_layout`` that tells a Z-Image section apart.
-ROPE_LAYOUT = "zimage"
 #: Fixed hyperparameters of the release that MMDiTConfig exposes as fields.
 FIXED = dict(patch_size=PATCH, mlp_ratio=8 / 3, time_freq_dim=256, time_scale=TIME_SCALE, rope=True,
              rope_layout=ROPE_LAYOUT, qk_norm=True, pooled_dim=0, single_blocks=0, guidance_embed=False)
