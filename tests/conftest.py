@@ -75,6 +75,14 @@ def tiny_qwen_edit_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_zimage_pipeline(tmp_path_factory):
+    """Folder of a tiny random ZImagePipeline (see tests/tiny_pipelines_zimage.py), built once per session."""
+    from tests.tiny_pipelines_zimage import save_zimage_pipeline  # imports diffusers: only for the tests that ask
+
+    return save_zimage_pipeline(tmp_path_factory.mktemp("tiny-zimage"))
+
+
+@pytest.fixture(scope="session")
 def tiny_kontext_pipeline(tmp_path_factory):
     """Folder of a tiny random FLUX.1 Kontext [dev] pipeline (see tests/tiny_pipelines_kontext.py), built once per
     session."""

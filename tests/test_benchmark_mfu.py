@@ -33,8 +33,9 @@ def test_the_cpu_path_trains_every_family_and_counts_its_flops_twice(capsys):
         assert min(m.forward, m.backward, m.optimizer) > 0 and m.peak_memory > 0
         assert m.counted_flops == pytest.approx(m.flops, rel=0.02), m.preset
     for small, large in zip(results[::2], results[1::2]):
-        # Four times the image tokens cost more FLOPs (the counts see the token count).
-        assert large.flops > 2 * small.flops
+        # Four times the image tokens cost more FLOPs (the counts see the token count; Z-Image pads 16 of them to
+        # 32, so its count grows by half).
+        assert large.flops > 1.4 * small.flops
     out = capsys.readouterr().out
     assert out.count("MFU") == len(results) and "of the measured fp32 matmul peak" in out
     assert out.count("FlopCounterMode") == len(results)

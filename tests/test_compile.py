@@ -80,11 +80,14 @@ def _released_block_classes(preset: str) -> set[str]:
         return {key[0] for key in _types_of(PRESET_FAMILY[preset].build(_config(preset.removeprefix("tiny-"))))}
 
 
+def _key(block) -> tuple:
+    return type(block).__name__, tuple(name for name, _ in block.named_modules())
+
+
 def _types_of(model) -> dict[tuple, int]:
     types: dict[tuple, int] = {}
     for i, block in enumerate(model.blocks()):
-        key = (type(block).__name__, tuple(name for name, _ in block.named_modules()))
-        types.setdefault(key, i)
+        types.setdefault(_key(block), i)
     return types
 
 
@@ -154,6 +157,12 @@ def test_aspect_buckets_recompile_each_block_type_at_most_once(name):
     (fixed-length encoders) never recompile when the captions change."""
     cfg, model = _build(FAMILIES[name].tiny)
     types = len({(type(b).__name__, tuple(n for n, _ in b.named_modules())) for b in model.blocks()})
+    # A block type that runs at two sequence lengths in one forward (Z-Image's modulated blocks: the noise refiner
+    # over the image, the main blocks over image and text) turns dynamic in the first forward: one graph more.
+    lengths: dict[tuple, set[int]] = {}
+    for i, args in _block_inputs(cfg, model, _cond(cfg, 2, 6)):  # the first forward's inputs (8 x 8 latents)
+        lengths.setdefault(_key(model.blocks()[i]), set()).add(args[0].shape[1])
+    first = sum(min(2, len(seen)) for seen in lengths.values())
     torch._dynamo.reset()
     counter = CompileCounter()
     apply_compile(model, backend=counter)
@@ -162,6 +171,6 @@ def test_aspect_buckets_recompile_each_block_type_at_most_once(name):
         x = torch.randn(2, cfg.in_channels, height, width)
         model(x, torch.rand(2), _cond(cfg, 2, 6, seed=seed))
         compiles.append(counter.compiles)
-    assert compiles[0] == types, compiles  # one graph per block type, shared across depth
+    assert compiles[0] == first, compiles  # one graph per block type, shared across depth
     assert compiles[-1] <= 2 * types, compiles  # at most one recompile per type after the first ...
     assert compiles[-1] == compiles[1], compiles  # ... and once the sequence length is dynamic, no more

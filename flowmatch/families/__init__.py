@@ -21,7 +21,7 @@ from torch import nn
 
 from flowmatch.encoders.combine import SINGLE, SingleLayout, TextLayout
 from flowmatch.errors import choice_error
-from flowmatch.families import chroma, flux, kontext, qwen_image, qwen_image_edit, sd3, unet
+from flowmatch.families import chroma, flux, kontext, qwen_image, qwen_image_edit, sd3, unet, zimage
 from flowmatch.families.spec import Capabilities, Family
 
 __all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone", "check_references", "family_of",
@@ -29,7 +29,8 @@ __all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone"
 
 #: Every family, by name; the order is the order in which a section that names none is matched.
 FAMILIES: dict[str, Family] = {f.name: f for f in (sd3.FAMILY, flux.FAMILY, kontext.FAMILY, qwen_image.FAMILY,
-                                                   qwen_image_edit.FAMILY, chroma.FAMILY, unet.FAMILY)}
+                                                   qwen_image_edit.FAMILY, chroma.FAMILY, zimage.FAMILY,
+                                                   unet.FAMILY)}
 #: The backbones ``model.kind`` names (kept for recipes written before ``model.family``).
 MODEL_KINDS: tuple[str, ...] = tuple(dict.fromkeys(f.kind for f in FAMILIES.values()))
 #: ``text_encoders.combine`` values: one encoder as it is, or a family's pipeline's combination.

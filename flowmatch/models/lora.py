@@ -26,6 +26,8 @@ from torch import nn
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.models.convert.keymap import ConvPatch, Rule
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
+from flowmatch.models.zimage import ROPE_LAYOUT as ZIMAGE_ROPE_LAYOUT
+from flowmatch.models.zimage import ZImage
 
 #: The attention projections of a joint block, as diffusers names them.
 ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -105,7 +107,8 @@ class Projection:
 
 def projections(cfg: MMDiTConfig, rules: list[Rule]) -> list[Projection]:
     """Every linear of our model with its diffusers modules, from the family's diffusers key table ``rules``."""
-    linears = {name for name, m in MMDiT(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
+    network = ZImage if cfg.rope_layout == ZIMAGE_ROPE_LAYOUT else MMDiT  # the modules the config describes
+    linears = {name for name, m in network(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
     out = []
     for rule in rules:
         if rule.ours is None or not rule.ours.endswith(".weight"):

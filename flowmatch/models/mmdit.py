@@ -90,7 +90,8 @@ class MMDiTConfig:
     axis is always 0 here; None = half of head_dim each for row and column."""
     rope_layout: str = "flux"
     """Where tokens sit on the RoPE axes: flux (image rows and columns from 0, text at 0) | msrope (Qwen-Image:
-    three axes, the image grid centred on 0, text on the diagonal after it); see flowmatch.models.embeddings."""
+    three axes, the image grid centred on 0, text on the diagonal after it); see flowmatch.models.embeddings |
+    zimage (text on the first axis from 1, the image after it: flowmatch.models.zimage, not an MMDiT's)."""
     dual_attention_layers: list[int] = field(default_factory=list)
     """Indices of the joint blocks whose image stream has MMDiT-X's second, image-only attention (SD3.5-medium)."""
     text_last_block: bool = False
@@ -114,6 +115,9 @@ class MMDiTConfig:
     interval_embed: bool = False
     """Embed the interval t - r of a second time r <= t like the timestep (few-step models: MeanFlow, shortcut);
     its last layer starts at zero, so a flow checkpoint loaded into it gives the same outputs."""
+    refiner_layers: int = 0
+    """Refiner blocks that see one modality alone before the joint sequence: that many over the image tokens and
+    as many over the text tokens (Z-Image: 2; flowmatch.models.zimage). The MMDiT reads none."""
 
     @property
     def width(self) -> int:
@@ -199,6 +203,24 @@ class MMDiTConfig:
             raise ValueError(
                 f"the sin-cos position embedding needs num_heads * head_dim divisible by 4, got {self.width}"
             )
+
+
+def check_latents_and_text(cfg: MMDiTConfig, x: Tensor, t: Tensor, cond: Conditioning) -> int:
+    """ValueError naming the input whose shape does not fit ``cfg``: latents x (B, in_channels, H, W) with sides
+    divisible by the patch size, t (B,), text cond.hidden (B, L, context_dim) with a bool mask (B, L). Returns B."""
+    if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+        raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    if h % cfg.patch_size or w % cfg.patch_size:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
+    if t.shape != (b,):
+        raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
+    hidden, mask = cond.hidden, cond.mask
+    if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
+        raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
+    if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
+        raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+    return b
 
 
 def _owned(x: Tensor) -> Tensor:
@@ -317,22 +339,11 @@ class MMDiT(nn.Module):
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor]) -> None:
         cfg = self.cfg
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
-        if t.shape != (b,):
-            raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
+        b = check_latents_and_text(cfg, x, t, cond)
         if r is not None and r.shape != (b,):
             raise ValueError(f"r must be ({b},) or None, got {tuple(r.shape)}")
-        hidden, mask, pooled = cond.hidden, cond.mask, cond.pooled
-        if hidden.ndim != 3 or hidden.shape[0] != b or hidden.shape[2] != cfg.context_dim:
-            raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(hidden.shape)}")
-        if self.pooled_embed is not None and pooled.shape != (b, cfg.pooled_dim):
-            raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(pooled.shape)}")
-        if mask.shape != hidden.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"cond.mask must be bool {tuple(hidden.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}")
+        if self.pooled_embed is not None and cond.pooled.shape != (b, cfg.pooled_dim):
+            raise ValueError(f"cond.pooled must be ({b}, {cfg.pooled_dim}), got {tuple(cond.pooled.shape)}")
         if len(cond.reference) > cfg.references:
             raise ValueError(f"cond carries {len(cond.reference)} reference image(s); this MMDiT takes at most "
                              f"{cfg.references} (model.references)")

@@ -46,6 +46,11 @@ _QWEN25_VL_7B = dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForCondi
                                         temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]))
 _QWEN_VAE = dict(_class_name="AutoencoderKLQwenImage", base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4],
                  num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True])
+# Z-Image's text_encoder is Qwen3-4B (Qwen/Qwen3-4B config.json: 36 layers 2560 wide, tied embeddings); its vae is
+# FLUX.1's.
+_QWEN3_4B = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=2560, intermediate_size=9728,
+                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                 max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)
 _SD3 = {"text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G, "text_encoder_3": _T5_XXL, "vae": _VAE16}
 _FLUX = {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL, "vae": _VAE16}
 #: hub id -> subfolder -> config values, for released pipelines not in the local cache.
@@ -59,6 +64,7 @@ RELEASED: dict[str, dict[str, dict[str, Any]]] = {
     "black-forest-labs/FLUX.1-Kontext-dev": _FLUX,
     "Qwen/Qwen-Image": {"text_encoder": _QWEN25_VL_7B, "vae": _QWEN_VAE},
     "Qwen/Qwen2.5-VL-7B-Instruct": {"": _QWEN25_VL_7B},
+    "Tongyi-MAI/Z-Image-Turbo": {"text_encoder": _QWEN3_4B, "vae": _VAE16},
     "google/t5-v1_1-xxl": {"": _T5_XXL},
     "google/flan-t5-xl": {"": _T5_XL},
     "openai/clip-vit-large-patch14": {"": _CLIP_L},
