@@ -26,6 +26,7 @@ def recipe_settings(recipe: Recipe, world: int) -> Settings:
         micro_batch=micro, checkpointing=t.activation_checkpointing, accumulating=t.batch_size > micro * world,
         zero_stage=d.zero_stage, precision=d.precision, world=world, offload_optimizer=d.offload_optimizer,
         offload_params=d.offload_params, cached=recipe.data.cached is True or bool(recipe.data.cache),
+        optimizer=recipe.optim.name,
         ema_copies=(1 + len(t.ema_profiles)) if t.ema_decay > 0 else 0)
 
 
