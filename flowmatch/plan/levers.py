@@ -4,8 +4,8 @@ fits.
 
 Levers are tried in order of what they cost the run (none first, then compute, then communication, then
 precision, then host transfers). ``flowmatch train`` applies only the ones it can set itself (:data:`APPLIED`);
-cached features and 8-bit AdamW are the user's to set, and some are not in flowmatch yet (a quantised base,
-quantised text encoders): those are priced and named as suggestions.
+cached features and 8-bit AdamW are the user's to set, and a quantised base and quantised text encoders are priced
+and named as suggestions.
 """
 
 from __future__ import annotations
