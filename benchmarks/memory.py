@@ -39,12 +39,12 @@ from flowmatch.families import build_backbone
 from flowmatch.families.lora import apply_lora
 from flowmatch.flow import ObjectiveModels, TimeSchedule, objective_loss
 from flowmatch.flow.jvp import fp32_call
-from flowmatch.training.fewstep import jvp_backend
 from flowmatch.models.parallelize import apply_activation_checkpointing
 from flowmatch.plan.devices import budget_device
 from flowmatch.plan.memory import peak
 from flowmatch.plan.planner import make_plan, recipe_settings
 from flowmatch.plan.shape import model_cost
+from flowmatch.training.fewstep import jvp_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 # A mid-size sd3-family MMDiT: 4 joint blocks of 16 heads x 64 (width 1024), about 150M parameters, on 1-channel

@@ -5,7 +5,7 @@ Every term is a product of counted elements and bytes per element; the ZeRO stag
 number of processes (stage 1: optimizer state and fp32 masters; 2: also gradients; 3: also weights and the EMA,
 which follows the weights' partition). Optimizer state is the recipe's optimizer's, read from its state on the
 model's trained shapes (:func:`flowmatch.plan.trace.optimizer_state_bytes`); a few-step objective adds what it
-holds while it makes its own targets (a JVP's tangents, no-grad forwards) where that exceeds the activations.
+holds while it makes its own targets (a JVP's tangents, no-grad forwards) where that exceeds the trained step.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.config import Recipe
 from flowmatch.dtypes import DTYPES
 from flowmatch.encoders.combine import combine_outputs
+from flowmatch.engine.optimizers import OPTIMIZER_NAMES
 from flowmatch.families import build_backbone, family_of, text_layout
 from flowmatch.families.lora import apply_lora
-from flowmatch.engine.optimizers import OPTIMIZER_NAMES
 from flowmatch.flow import ObjectiveModels, get_objective
 from flowmatch.flow.jvp import fp32_call
 from flowmatch.plan import frozen
