@@ -129,3 +129,18 @@ def test_targets_count_where_they_exceed_the_trained_step():
     assert terms["objective targets"] == 5000 - 1000
     terms = {line.name: line.bytes for line in breakdown(c, s.replace(micro_batch=1), cuda=False)}
     assert "objective targets" not in terms  # no interval rows
+
+
+def test_caption_dropout_keeps_the_batchs_conditioning_beside_its_copy():
+    """Known answer: with caption dropout the model takes (and saves) a copy of the batch's text features, so the
+    batch's own stay beside it: hidden (L, D) fp32, mask (L,) bool and pooled (P,) fp32 per sample; none without."""
+    tiny = ["model.preset=tiny", "train.batch_size=4"]
+    cost, seq, recipe = model_cost(load_recipe(ROOT / "recipes" / "digits.yaml", tiny))
+    assert recipe.flow.caption_dropout > 0
+    per_sample = seq.text_tokens * (recipe.model.context_dim * 4 + 1) + recipe.model.pooled_dim * 4
+    assert cost.conditioning == (per_sample, 2 * per_sample)
+    s = Settings(micro_batch=3, checkpointing=False, zero_stage=0, precision="fp32", world=1)
+    assert {line.name: line.bytes for line in breakdown(cost, s, cuda=False)}["batch conditioning"] == 3 * per_sample
+    cost, _, _ = model_cost(load_recipe(ROOT / "recipes" / "digits.yaml", [*tiny, "flow.caption_dropout=0"]))
+    assert cost.conditioning == (0, 0)
+    assert "batch conditioning" not in {line.name for line in breakdown(cost, s, cuda=False)}

@@ -101,6 +101,9 @@ class ModelCost:
     interval_rows: Callable[[int], int] = field(default=lambda micro: 0)
     """How many rows of a micro batch get the objective's own targets."""
     targets_note: str = ""
+    conditioning: tuple[int, int] = (0, 0)
+    """Bytes of a micro batch's conditioning as the encoders or the cache deliver it, at micro batches 1 and 2,
+    where caption dropout makes the copy the model takes (and keeps) a second one; (0, 0) without dropout."""
 
     def optimizer_bytes(self, name: str) -> int:
         """The state optimizer ``name`` keeps for the trained parameters."""
@@ -167,6 +170,10 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
         lines.append(Line("objective targets", max(0, targets - forward),
                           f"{cost.targets_note}: {targets / 2**20:.1f} MiB alive at once before the trained "
                           "forward; the excess over the trained forward and backward"))
+    if any(cost.conditioning):  # the model saves the dropped copy (in the activations); the batch's stays too
+        one, two = cost.conditioning
+        lines.append(Line("batch conditioning", int(one + (two - one) * (s.micro_batch - 1)),
+                          "the batch's text features beside their caption-dropped copy"))
     enc, notes = 0, []
     for part in cost.encoders:
         dtype = ("bf16" if cuda else "fp32") if part.dtype == "auto" else part.dtype  # flowmatch.dtypes' auto

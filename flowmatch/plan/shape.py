@@ -64,6 +64,12 @@ def _quantisable(model: nn.Module) -> int:
                if isinstance(m, nn.Linear) and not m.weight.requires_grad)
 
 
+def _conditioning_bytes(recipe: Recipe, shapes: dict[str, frozen.TextShape], batch: int) -> int:
+    with torch.device("meta"):
+        cond = _conditioning(recipe, shapes, batch).to(dtype=DTYPES[recipe.distributed.precision])
+    return sum(t.nbytes for t in (cond.hidden, cond.mask, cond.pooled))
+
+
 def _target_cost(recipe: Recipe, model: nn.Module, shapes: dict[str, frozen.TextShape], latent: tuple[int, ...],
                  dtype: torch.dtype) -> Optional[tuple[int, int]]:
     """Bytes alive at once while ``flow.objective`` makes its own targets for 1 and 2 rows (the objective's own
@@ -137,6 +143,10 @@ def model_cost(recipe: Recipe) -> tuple[ModelCost, SampleShape, Recipe]:
     extra = {} if targets is None else dict(
         targets=targets, interval_rows=functools.partial(objective.interval_rows, flow=recipe.flow),
         targets_note=f"{objective.describe(recipe.flow.meanflow.backend(recipe.distributed.zero_stage))} targets")
+    dropout = [recipe.flow.caption_dropout if c.caption_dropout is None else c.caption_dropout
+               for c in text.encoders.values()]
+    if any(p > 0 for p in dropout):
+        extra["conditioning"] = tuple(_conditioning_bytes(recipe, shapes, b) for b in (1, 2))
     cost = ModelCost(params=count_params(model, blocks), quantisable=_quantisable(model), act1=trace(1),
                      act2=trace(2), encoders=parts,
                      optimizer_state={name: optimizer_state_bytes(name, trained) for name in OPTIMIZER_NAMES},
