@@ -144,3 +144,10 @@ def test_caption_dropout_keeps_the_batchs_conditioning_beside_its_copy():
     cost, _, _ = model_cost(load_recipe(ROOT / "recipes" / "digits.yaml", [*tiny, "flow.caption_dropout=0"]))
     assert cost.conditioning == (0, 0)
     assert "batch conditioning" not in {line.name for line in breakdown(cost, s, cuda=False)}
+
+
+def test_the_exact_jvp_is_not_offered_activation_checkpointing():
+    """The trainer refuses the exact JVP with activation checkpointing, so the plan does not propose it."""
+    cost = model_cost(meanflow())[:2]
+    assert not make_plan(meanflow(), get_device("h100"), cost=cost).room.checkpointable
+    assert make_plan(meanflow("flow.meanflow.jvp=finite_difference"), get_device("h100"), cost=cost).room.checkpointable
