@@ -3,8 +3,9 @@ of one training process and the peak it really reaches, and their ratio (planned
 
 Each case runs in a fresh process: its recipe is counted by the planner (flowmatch.plan), then its model is built
 on the CPU as the trainer builds it (its family's network, LoRA adapters, activation checkpointing), with the
-engine's AdamW and an fp32 EMA of every copy the recipe keeps, and trained for a few steps on random inputs of
-the recipe's shapes (the text at its encoders' max_length). The encoders are not loaded: the inputs stand for
+engine's optimizer (``optim.name``) and an fp32 EMA of every copy the recipe keeps, and trained for a few steps of
+the recipe's objective (``flowmatch.flow.objective_loss``, the trainer's) on random inputs of the recipe's shapes
+(the text at its encoders' max_length). The encoders are not loaded: the inputs stand for
 cached features, and the plan is read without its frozen-encoder term (which is their configs' parameter count
 times their dtype).
 
@@ -13,7 +14,7 @@ is built) minus its resident memory at that moment, so imports and the interpret
 malloc is told to return every block of 64 KiB or more to the system when freed (MALLOC_MMAP_THRESHOLD_), so
 resident memory follows what the tensors hold rather than the allocator's caching.
 
-    python benchmarks/memory.py                  # digits recipe, LoRA and full fine-tune of a 150M sd3-family model
+    python benchmarks/memory.py                  # every case below
     python benchmarks/memory.py --case lora      # one case
     python benchmarks/memory.py --smoke          # tiny sizes, in this process: the test suite's path
 """
@@ -33,13 +34,17 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.config import load_recipe
 from flowmatch.engine.ema import ShadowEma
 from flowmatch.engine.optim import adamw_implementation
+from flowmatch.engine.optimizers import build_optimizer
 from flowmatch.families import build_backbone
 from flowmatch.families.lora import apply_lora
+from flowmatch.flow import ObjectiveModels, TimeSchedule, objective_loss
+from flowmatch.flow.jvp import fp32_call
 from flowmatch.models.parallelize import apply_activation_checkpointing
 from flowmatch.plan.devices import budget_device
 from flowmatch.plan.memory import peak
 from flowmatch.plan.planner import make_plan, recipe_settings
 from flowmatch.plan.shape import model_cost
+from flowmatch.training.fewstep import jvp_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 # A mid-size sd3-family MMDiT: 4 joint blocks of 16 heads x 64 (width 1024), about 150M parameters, on 1-channel
@@ -55,6 +60,14 @@ CASES: dict[str, list[str]] = {
              "train.ema_decay=0", "train.ema_profiles=[]"],
     # Full fine-tune of the mid-size model: AdamW and one fp32 EMA, micro batch 2.
     "full": [*_MID, "train.batch_size=2", "data.resolution=16", "text_encoder.max_length=16"],
+    # The same with Adafactor: factored second moments (a row and a column per matrix) instead of AdamW's two.
+    "adafactor": [*_MID, "train.batch_size=2", "data.resolution=16", "text_encoder.max_length=16",
+                  "optim.name=adafactor"],
+    # MeanFlow with the exact JVP on the digits model at 64 x 64 (1,024 image tokens), every row on an interval:
+    # the JVP's math attention (scores and their tangents, fp32) holds more than the trained step that follows.
+    "meanflow": ["data.resolution=64", "model.sample_size=32", "model.pos_embed_max_size=32",
+                 "model.interval_embed=true", "flow.objective=meanflow", "flow.meanflow.interval_fraction=1.0",
+                 "train.batch_size=4", "train.ema_decay=0", "train.ema_profiles=[]"],
 }
 SMOKE = ["model.preset=tiny", "train.batch_size=4", "text_encoder.max_length=8", "train.ema_profiles=[]"]
 STEPS = 2
@@ -88,18 +101,29 @@ def measure(overrides: list[str], steps: int = STEPS) -> dict[str, float]:
     if recipe.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, **adamw_implementation(torch.device("cpu")))
+    o = recipe.optim
+    opt = build_optimizer(o.name, params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                          implementation=adamw_implementation(torch.device("cpu")))
     emas = [ShadowEma(params, 0.999) for _ in range(settings.ema_copies)]
     x = torch.randn(micro, channels, side, side)
     cond = Conditioning(torch.randn(micro, seq.text_tokens, cfg.context_dim),
                         torch.ones(micro, seq.text_tokens, dtype=torch.bool), torch.randn(micro, cfg.pooled_dim))
     if seq.references:  # the references the plan counted, each the target's size
         cond = cond.with_reference([torch.randn_like(x) for _ in range(seq.references)])
+    null = Conditioning(torch.zeros_like(cond.hidden[:1]), cond.mask[:1], torch.zeros_like(cond.pooled[:1]))
+
+    def velocity(x, t, cond, r=None):
+        return model(x, t, cond) if r is None else model(x, t, cond, r=r)
+
+    def frozen(x, t, cond, r=None):
+        with torch.no_grad():
+            return velocity(x, t, cond, r)
+
+    models = ObjectiveModels(student=velocity, frozen=frozen, tangent=lambda *a, **k: fp32_call(model, *a, **k))
+    generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        t = torch.rand(micro)
-        noise = torch.randn_like(x)
-        xt = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
-        loss = (model(xt, t, cond) - (noise - x)).square().mean()
+        loss = objective_loss(models, x, cond, null, schedule=TimeSchedule(recipe.flow), flow=recipe.flow,
+                              seq_len=seq.image_tokens, generator=generator, jvp_backend=jvp_backend(recipe)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -13,6 +13,12 @@ Target: validation loss within 5% of bf16's, accuracy kept.
     python benchmarks/quantized_lora.py --out /tmp/qlora --base runs/digits  # reuse a digits run as the base
 
 Losses are deterministic for a seed; the judge's accuracy has sampling noise of about 1/sqrt(10 * samples).
+
+Cost at the defaults (base 300 steps at the recipe's batch 128, three LoRAs of 150 steps, four judge runs of
+20 images per prompt): 257 s of user CPU time and 10 s of system time with OMP_NUM_THREADS=1, about 4.5 minutes
+on one quiet core (measured with /usr/bin/time on the 2-core CPU, shards already built). Each LoRA fine-tune
+itself takes 35-37 CPU seconds; the base run and the judge take the rest. Printed at those defaults: validation
+loss bf16 0.4340, int8 0.4339 (1.000), nf4 0.4356 (1.004); judge accuracy 1.000 for every base.
 """
 
 from __future__ import annotations

@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON (peak_bytes, fits, breakdown, ...)")
     p.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
                    help="plan a LoRA run's frozen base quantised so (not in flowmatch yet: a what-if)")
-    p.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw",
-                   help="plan with this optimizer's state (adamw8bit is not in flowmatch yet: a what-if)")
+    p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "adafactor"), default=None,
+                   help="plan with this optimizer's state (default: the recipe's optim.name)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("sample", help="generate an image grid from a run, a checkpoint or a diffusers pipeline")

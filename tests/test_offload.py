@@ -9,13 +9,15 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 from flowmatch.families.lora import apply_lora
 from flowmatch.families.presets import config_from_preset
 from flowmatch.models.lora import LoraConfig
 from flowmatch.models.mmdit import MMDiT
-from flowmatch.models.offload import apply_block_swap
+from flowmatch.models.offload import apply_block_swap, held_on_host
 from flowmatch.models.parallelize import apply_activation_checkpointing
 from tests.test_export import digits_inputs
 
@@ -65,6 +67,35 @@ def test_block_swap_moves_each_block_in_and_out_and_changes_nothing(checkpointin
     assert torch.equal(got, want)
     assert got_grads.keys() == want_grads.keys()
     assert all(torch.equal(got_grads[k], want_grads[k]) for k in want_grads)
+
+
+class DeviceBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor made on the meta device (the stand-in for the accelerator)."""
+
+    made = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += sum(t.nbytes for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_meta)
+        return out
+
+
+def test_moving_the_model_leaves_the_swapped_blocks_on_the_host():
+    # The "device" is meta: every byte the move puts there is counted as it is made (an upper bound of the peak).
+    # Fails if the stand-ins keep the weights (the whole model lands on the device), or if the CPU copies do not
+    # take the cast made while they were out (a bf16 model would compute with fp32 swapped blocks).
+    model = _lora_model()
+    blocks = model.blocks()
+    apply_block_swap(blocks, 2, "meta")
+    swapped = [t for b in blocks[-2:] for t in (*b.buffers(), *(p for p in b.parameters() if not p.requires_grad))]
+    rest = sum(t.nbytes for t in (*model.parameters(), *model.buffers())) - sum(t.nbytes for t in swapped)
+    with held_on_host(blocks), DeviceBytes() as device:
+        model.to("meta", torch.bfloat16)
+    assert device.made == rest // 2  # the rest, in bf16; nothing of the swapped blocks
+    assert sum(t.nbytes for t in (*model.parameters(), *model.buffers()) if t.is_meta) == rest // 2
+    for b in blocks[-2:]:
+        for t in (*b.buffers(), *(p for p in b.parameters() if not p.requires_grad)):
+            assert t.device.type == "cpu" and t.numel() > 0 and (t.dtype == torch.bfloat16 or not t.is_floating_point())
 
 
 def test_block_swap_names_the_valid_count():

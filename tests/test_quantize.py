@@ -14,6 +14,7 @@ from torch import nn
 from flowmatch.cli import main
 from flowmatch.config import RecipeError
 from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
+from flowmatch.engine import Engine
 from flowmatch.families import config as family_config
 from flowmatch.models.lora import is_adapter
 from flowmatch.quantize import QuantizedLinear, quantize_frozen
@@ -59,18 +60,35 @@ def _layers(module: nn.Module) -> tuple[int, int]:
     return quantised, frozen
 
 
+def _swapped_elements(model: nn.Module) -> int:
+    """Elements of the swapped blocks' frozen tensors as they sit in the model now."""
+    return sum(t.numel() for block in model.blocks() if hasattr(block, "_flowmatch_block_swap")
+               for t in (*block.buffers(), *(p for p in block.parameters() if not p.requires_grad)))
+
+
 def test_the_trainer_quantises_the_base_keeps_adapters_only_and_refuses_another_quantisation(
-        base, tmp_path, digit_shards):  # noqa: F811
+        base, tmp_path, digit_shards, monkeypatch):  # noqa: F811
     # Fails if build_model forgets quantize_frozen (the base stays in nn.Linear), if the codes leak into the
     # checkpoint, or if a resume may change model.quantize.
-    # Block swap rides along (train.block_swap): the trainer applies it to the last block, under checkpointing.
+    # Block swap rides along (train.block_swap): the trainer applies it to the last block, under checkpointing,
+    # and the engine's setup (which moves the whole model to the device) never sees the swapped weights.
     run_dir, swap = tmp_path / "run", {"train.block_swap": 1, "train.activation_checkpointing": True}
+    at_setup, setup = [], Engine.setup
+
+    def recording_setup(self, model, *args, **kwargs):
+        at_setup.append(_swapped_elements(model))
+        return setup(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "setup", recording_setup)
     run = assemble(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "int8", **swap}))
     with run:
         quantised, frozen = _layers(run.engine.module)
         swapped = [hasattr(block, "_flowmatch_block_swap") for block in run.engine.module.blocks()]
+        after = _swapped_elements(run.engine.module)
     assert quantised > 0 and frozen == 0
     assert swapped == [False] * (len(swapped) - 1) + [True]
+    assert at_setup == [0] and after > 0
+    monkeypatch.undo()
     train(lora_recipe(run_dir, digit_shards, base, **{"model.quantize": "int8", "train.max_steps": 2, **swap}))
     saved = load_file(Path(run_dir) / "checkpoints" / "2" / "model.safetensors")
     assert saved and all(is_adapter(k) for k in saved)

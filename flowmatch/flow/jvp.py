@@ -19,14 +19,16 @@ gradient hooks, e.g. ZeRO-2 reduction, see every gradient).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.errors import choice_error
 
-__all__ = ["JVP_BACKENDS", "time_derivative"]
+__all__ = ["JVP_BACKENDS", "fp32_call", "time_derivative"]
 
 JVP_BACKENDS = ("exact", "finite_difference")
 
@@ -60,3 +62,11 @@ def time_derivative(u: AverageVelocity, x: Tensor, t: Tensor, r: Tensor, v: Tens
         return (ahead - behind) / (2 * step)
     raise choice_error("flow.meanflow.jvp", backend, JVP_BACKENDS)
 
+
+def fp32_call(module: nn.Module, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor] = None
+              ) -> Tensor:
+    """``module``'s average velocity on detached fp32 copies of its weights (a plain function of its inputs, as
+    :func:`torch.func.jvp` needs): (B, ...) float32."""
+    params = {name: p.detach().float() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, params, (x.float(), t.float(), cond.to(dtype=torch.float32)),
+                                      {"r": r.float() if r is not None else None}).float()

@@ -102,6 +102,10 @@ class Objective:
     uses_jvp = False
     """Its target differentiates the model in t (a JVP, ``flow.meanflow.jvp``)."""
 
+    def interval_rows(self, batch: int, flow: "FlowConfig") -> int:
+        """How many of ``batch`` rows get self-made targets (the n of :meth:`times`)."""
+        return 0
+
     def times(self, t: Tensor, *, flow: "FlowConfig", schedule: "TimeSchedule", seq_len: int,
               generator: torch.Generator) -> tuple[int, Tensor, Optional[Tensor]]:
         """(n, t, r): the rows with self-made targets come first (n of them), with their interval starts r (None:
@@ -130,8 +134,11 @@ class MeanFlow(Objective):
     interval = True
     uses_jvp = True
 
+    def interval_rows(self, batch, flow):
+        return interval_count(batch, flow.meanflow.interval_fraction)
+
     def times(self, t, *, flow, schedule, seq_len, generator):
-        n = interval_count(t.shape[0], flow.meanflow.interval_fraction)
+        n = self.interval_rows(t.shape[0], flow)
         t, r = order_times(t, schedule.sample(t.shape[0], seq_len=seq_len, generator=generator).to(t.device), n)
         return n, t, r
 
@@ -157,8 +164,11 @@ class Shortcut(Objective):
     name = "shortcut"
     interval = True
 
+    def interval_rows(self, batch, flow):
+        return interval_count(batch, flow.shortcut.consistency_fraction)
+
     def times(self, t, *, flow, schedule, seq_len, generator):
-        n = interval_count(t.shape[0], flow.shortcut.consistency_fraction)
+        n = self.interval_rows(t.shape[0], flow)
         t_sc, r_sc = consistency_times(n, flow.shortcut.levels, generator=generator)
         return n, torch.cat([t_sc.to(t.device), t[n:]]), torch.cat([r_sc.to(t.device), t[n:]])
 

@@ -7,11 +7,16 @@ On CUDA the copy of the next swapped block starts on a side stream while the cur
 memory, ``non_blocking``), and a block waits for its own copy before it runs. Under activation checkpointing the
 recomputation in backward runs the block's (wrapped) forward again, which copies it in again; without
 checkpointing autograd keeps the device copies its backward needs alive until then (the saving is smaller).
+
+The swapped weights never sit on the device all at once, not even at start: whatever moves or casts the whole
+model (the engine's initialisation) runs inside :func:`held_on_host`, where they are empty stand-ins.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +25,10 @@ from torch import nn
 
 # Marks a swapped block with its BlockSwap (as parallelize marks checkpointed blocks).
 _SWAPPED = "_flowmatch_block_swap"
+
+
+def _pinned(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    return t.pin_memory() if pin else t
 
 
 @dataclass
@@ -60,12 +69,32 @@ class BlockSwap:
         finally:
             self._leave(i)
 
-    def settle(self) -> None:
-        """Take the CPU copies again from the blocks as they are now, and put them back in place: call after
-        something moved or cast the whole model (DeepSpeed's initialisation moves it to the device, and casts it
-        to bf16/fp16)."""
-        for i, block in enumerate(self._blocks):
-            self._resident[i] = self._take(block)
+    @contextmanager
+    def held_on_host(self) -> Iterator[None]:
+        """While open, each swapped tensor is an empty stand-in in its block, so whatever moves or casts the whole
+        model (DeepSpeed's initialisation: ``module.to(device)``, then bf16/fp16) never copies the swapped blocks
+        to the device; on exit each CPU copy takes the dtype its stand-in was cast to and goes back in place."""
+        stand_ins = [[torch.empty(0, dtype=t.dtype) for t in resident.cpu] for resident in self._resident]
+        for resident, empties in zip(self._resident, stand_ins):
+            self._place(resident, empties)
+        try:
+            yield
+        finally:
+            pin = self._stream is not None
+            for resident in self._resident:
+                cast = [self._slot(slot).dtype for slot in resident.slots]
+                resident.cpu = [t if t.dtype == dtype else _pinned(t.to(dtype), pin)
+                                for t, dtype in zip(resident.cpu, cast)]
+                for (module, name, is_param), host in zip(resident.slots, resident.cpu):
+                    if is_param and not torch._has_compatible_shallow_copy_type(module._parameters[name], host):
+                        # a stand-in moved to a device whose tensors cannot take CPU data in place (meta)
+                        module._parameters[name] = nn.Parameter(host, requires_grad=False)
+                self._place(resident, resident.cpu)
+
+    @staticmethod
+    def _slot(slot: tuple[nn.Module, str, bool]) -> torch.Tensor:
+        module, name, is_param = slot
+        return module._parameters[name] if is_param else module._buffers[name]
 
     def _take(self, block: nn.Module) -> _Resident:
         """Move ``block``'s frozen parameters and its buffers to (pinned) CPU memory."""
@@ -76,8 +105,7 @@ class BlockSwap:
                        if p is not None and not p.requires_grad]
             tensors += [(name, b, False) for name, b in module._buffers.items() if b is not None]
             for name, tensor, is_param in tensors:
-                host = tensor.detach().to("cpu", copy=True)
-                host = host.pin_memory() if pin else host
+                host = _pinned(tensor.detach().to("cpu", copy=True), pin)
                 slots.append((module, name, is_param))
                 cpu.append(host)
         resident = _Resident(slots, cpu)
@@ -135,15 +163,19 @@ class BlockSwap:
 def apply_block_swap(blocks: list[nn.Module], count: int, device: torch.device | str) -> BlockSwap:
     """Keep the frozen weights of the last ``count`` of ``blocks`` (execution order, e.g. ``model.blocks()``) in
     CPU memory and stream them to ``device`` ahead of use; returns the :class:`BlockSwap`. Apply before
-    activation checkpointing (whose recomputation must run the swapping forward), and call
-    :func:`settle_block_swap` after the model is moved to the device."""
+    activation checkpointing (whose recomputation must run the swapping forward), and move the model to the device
+    inside :func:`held_on_host`."""
     if not 0 < count <= len(blocks):
         raise ValueError(f"block swap count must be in 1..{len(blocks)} (the model's blocks), got {count}")
     return BlockSwap(blocks[len(blocks) - count:], torch.device(device))
 
 
-def settle_block_swap(blocks: list[nn.Module]) -> None:
-    """:meth:`BlockSwap.settle` of the swap applied to ``blocks``, if any."""
-    swaps = {id(s): s for s in (getattr(b, _SWAPPED, None) for b in blocks) if s is not None}
-    for swap in swaps.values():
-        swap.settle()
+@contextmanager
+def held_on_host(blocks: list[nn.Module]) -> Iterator[None]:
+    """:meth:`BlockSwap.held_on_host` of the swap applied to ``blocks``, if any: open it around whatever moves or
+    casts the whole model."""
+    swaps = list({id(s): s for s in (getattr(b, _SWAPPED, None) for b in blocks) if s is not None}.values())
+    with ExitStack() as stack:
+        for swap in swaps:
+            stack.enter_context(swap.held_on_host())
+        yield

@@ -1,7 +1,8 @@
 """The memory planner: will a recipe fit a device, and what to change so that it does, derived from the model
 itself (parameters counted and activations traced on the meta device).
 
-    trace.py    parameter counts and saved-tensor bytes of one meta-device forward
+    trace.py    parameter counts, saved-tensor bytes of one meta-device forward, optimizer state
+    live.py     the bytes alive at once while a function runs (a few-step objective's targets)
     frozen.py   the text encoders' and the autoencoder's sizes from their configs
     shape.py    a recipe's model, counted: ModelCost and its sequence
     memory.py   the peak of one rank under Settings, term by term

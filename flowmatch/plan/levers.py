@@ -4,8 +4,8 @@ fits.
 
 Levers are tried in order of what they cost the run (none first, then compute, then communication, then
 precision, then host transfers). ``flowmatch train`` applies only the ones it can set itself (:data:`APPLIED`);
-cached features need a cache first, and some are not in flowmatch yet (a quantised base, quantised text encoders,
-8-bit AdamW): those are priced and named as suggestions.
+cached features and 8-bit AdamW are the user's to set, and a quantised base and quantised text encoders are priced
+and named as suggestions.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ LEVERS: tuple[Lever, ...] = (
           kind=APPLIED),
     Lever("ZeRO-2", "distributed.zero_stage: 2", _zero(2), kind=APPLIED),
     Lever("8-bit AdamW", "optim.name: adamw8bit",
-          lambda s, room: s.replace(optimizer="adamw8bit") if s.optimizer != "adamw8bit" else None, kind=SUGGESTION),
+          lambda s, room: s.replace(optimizer="adamw8bit") if s.optimizer == "adamw" else None, kind=MANUAL),
     Lever("int8 base", "model.quantize: int8", _base("int8"), kind=SUGGESTION),
     Lever("ZeRO-3", "distributed.zero_stage: 3", _zero(3), kind=APPLIED),
     Lever("nf4 base", "model.quantize: nf4", _base("nf4"), kind=SUGGESTION),

@@ -1,16 +1,18 @@
 """Peak memory of one training rank: the bytes of each kind of state under a set of :class:`Settings`, from the
-model's own counts (:mod:`flowmatch.plan.trace`).
+model's own counts (:mod:`flowmatch.plan.trace`, :mod:`flowmatch.plan.live`).
 
 Every term is a product of counted elements and bytes per element; the ZeRO stage divides what it shards by the
 number of processes (stage 1: optimizer state and fp32 masters; 2: also gradients; 3: also weights and the EMA,
-which follows the weights' partition). Quantised bases and 8-bit optimizers are priced here before flowmatch has
-them (:data:`QUANT_BYTES`, :data:`OPTIMIZER_BYTES`): the planner offers them as suggestions only.
+which follows the weights' partition). Optimizer state is the recipe's optimizer's, read from its state on the
+model's trained shapes (:func:`flowmatch.plan.trace.optimizer_state_bytes`); a few-step objective adds what it
+holds while it makes its own targets (a JVP's tangents, no-grad forwards) where that exceeds the trained step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Optional
 
 from flowmatch.dtypes import DTYPES
@@ -20,8 +22,8 @@ from flowmatch.plan.trace import Activations, ParamCount
 #: Bytes per weight of a quantised frozen base: int8 and fp8 one byte; nf4 half a byte plus one fp32 scale per
 #: block of 64 (bitsandbytes' 4-bit layout without double quantisation).
 QUANT_BYTES: dict[str, float] = {"int8": 1.0, "fp8": 1.0, "nf4": 0.5 + 4 / 64}
-#: Optimizer state bytes per trained parameter: AdamW's two fp32 moments; 8-bit AdamW's two int8 moments plus an
-#: fp32 scale per block of 256 of each (torchao's low-bit optimizers).
+#: Optimizer state bytes per trained parameter, for a cost counted without the model's shapes: AdamW's two fp32
+#: moments; 8-bit AdamW's two uint8 moments plus an fp32 scale per block of 256 of each.
 OPTIMIZER_BYTES: dict[str, float] = {"adamw": 8.0, "adamw8bit": 2.0 + 2 * 4 / 256}
 #: DeepSpeed's default bucket sizes in elements (reduce_bucket_size, allgather_bucket_size: 5e8; ZeRO-3's
 #: stage3_prefetch_bucket_size: 5e7), which flowmatch's DeepSpeed config leaves as they are.
@@ -57,7 +59,7 @@ class Settings:
     encoder_quant: Optional[str] = None
     """Quantised frozen text encoders (not in flowmatch yet: a suggestion)."""
     optimizer: str = "adamw"
-    """adamw | adamw8bit (not in flowmatch yet: a suggestion)."""
+    """optim.name: adamw | adamw8bit | adafactor."""
     accumulating: bool = False
     """Gradient accumulation over several micro batches: the earlier ones' gradients stay while the next forward's
     activations build up (without it the backward frees activations as the gradients fill)."""
@@ -89,6 +91,32 @@ class ModelCost:
     act2: Activations
     encoders: list[FrozenPart]
     """The frozen networks: text encoders, then the autoencoder."""
+
+    optimizer_state: dict[str, int] = field(default_factory=dict)
+    """Bytes of each optimizer's state (by optim.name) for the trained parameters; a name not here is priced per
+    parameter (:data:`OPTIMIZER_BYTES`)."""
+    targets: tuple[int, int] = (0, 0)
+    """Bytes alive at once while the objective makes its own targets for 1 and 2 rows (before the trained
+    forward): a JVP's tangents and its fp32 weights, or the no-grad forwards of shortcut targets."""
+    interval_rows: Callable[[int], int] = field(default=lambda micro: 0)
+    """How many rows of a micro batch get the objective's own targets."""
+    targets_note: str = ""
+    conditioning: tuple[int, int] = (0, 0)
+    """Bytes of a micro batch's conditioning as the encoders or the cache deliver it, at micro batches 1 and 2,
+    where caption dropout makes the copy the model takes (and keeps) a second one; (0, 0) without dropout."""
+
+    def optimizer_bytes(self, name: str) -> int:
+        """The state optimizer ``name`` keeps for the trained parameters."""
+        if name in self.optimizer_state:
+            return self.optimizer_state[name]
+        if name not in OPTIMIZER_BYTES:
+            raise ValueError(f"optimizer {name} is priced from the model's trained shapes, which this cost lacks")
+        return int(self.params.trainable * OPTIMIZER_BYTES[name])
+
+    def target_bytes(self, micro: int) -> int:
+        """Bytes alive at once while the objective makes the targets of a micro batch's interval rows."""
+        n = self.interval_rows(micro)
+        return 0 if n == 0 else int(self.targets[0] + (self.targets[1] - self.targets[0]) * (n - 1))
 
     def activations(self, micro: int, checkpointing: bool) -> int:
         one, two = ((a.checkpointed if checkpointing else a.plain) for a in (self.act1, self.act2))
@@ -123,10 +151,9 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
                           "fp32" + (", offloaded" if on_host else "")))
         lines.append(Line("master gradients", 0 if on_host else int(p.trainable * 4 / shard_o),
                           "fp32, what the optimizer steps on" + (", offloaded" if on_host else "")))
-    opt = OPTIMIZER_BYTES[s.optimizer]
-    lines.append(Line("optimizer state", 0 if on_host else int(p.trainable * opt / shard_o),
-                      f"{s.optimizer} {opt:g} B/param" + (" (suggestion)" if s.optimizer != "adamw" else "")
-                      + (", offloaded" if on_host else "")))
+    opt = cost.optimizer_bytes(s.optimizer)
+    lines.append(Line("optimizer state", 0 if on_host else int(opt / shard_o),
+                      f"{s.optimizer} {opt / max(p.trainable, 1):.3g} B/param" + (", offloaded" if on_host else "")))
     lines.append(Line("EMA", int(p.trainable * 4 * s.ema_copies / shard_w),
                       f"{s.ema_copies} fp32 cop{'y' if s.ema_copies == 1 else 'ies'}"))
     act = cost.activations(s.micro_batch, s.checkpointing)
@@ -135,6 +162,18 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
     if not s.accumulating:  # the backward frees a block's activations as it makes that block's gradients
         lines.append(Line("backward overlap", -min(act, grads), "activations freed as the gradients fill "
                           "(no gradient accumulation)"))
+    targets = cost.target_bytes(s.micro_batch)
+    if targets:  # made before the trained forward: they count only where they exceed what it and its backward
+        # add (activations and, without accumulation, the gradients that replace them; with accumulation the
+        # earlier micro batches' gradients are there in both phases)
+        forward = max(act, grads) if not s.accumulating else act
+        lines.append(Line("objective targets", max(0, targets - forward),
+                          f"{cost.targets_note}: {targets / 2**20:.1f} MiB alive at once before the trained "
+                          "forward; the excess over the trained forward and backward"))
+    if any(cost.conditioning):  # the model saves the dropped copy (in the activations); the batch's stays too
+        one, two = cost.conditioning
+        lines.append(Line("batch conditioning", int(one + (two - one) * (s.micro_batch - 1)),
+                          "the batch's text features beside their caption-dropped copy"))
     enc, notes = 0, []
     for part in cost.encoders:
         dtype = ("bf16" if cuda else "fp32") if part.dtype == "auto" else part.dtype  # flowmatch.dtypes' auto

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from flowmatch.config import Recipe
 from flowmatch.families import family_of
+from flowmatch.flow import get_objective
 from flowmatch.plan.devices import Device
 from flowmatch.plan.levers import Fit, Lever, Room, all_levers, fit, largest_lever, max_micro
 from flowmatch.plan.memory import Line, ModelCost, Settings, breakdown
@@ -26,6 +27,7 @@ def recipe_settings(recipe: Recipe, world: int) -> Settings:
         micro_batch=micro, checkpointing=t.activation_checkpointing, accumulating=t.batch_size > micro * world,
         zero_stage=d.zero_stage, precision=d.precision, world=world, offload_optimizer=d.offload_optimizer,
         offload_params=d.offload_params, cached=recipe.data.cached is True or bool(recipe.data.cache),
+        optimizer=recipe.optim.name,
         ema_copies=(1 + len(t.ema_profiles)) if t.ema_decay > 0 else 0)
 
 
@@ -86,7 +88,10 @@ def make_plan(recipe: Recipe, device: Device, world: int = 1,
     if s.base_quant and not counted.params.frozen:
         raise ValueError(f"--quantize {s.base_quant} quantises a LoRA run's frozen base, but this recipe trains "
                          "every weight: set model.lora (and model.init_from) or leave --quantize out")
-    room = Room(checkpointable=family_of(recipe.model).capabilities.block_transforms,
+    # The exact JVP runs without activation checkpointing (flowmatch.training.fewstep refuses the two together).
+    exact_jvp = (get_objective(recipe.flow.objective).uses_jvp and not recipe.flow.teacher_steps
+                 and recipe.flow.meanflow.backend(recipe.distributed.zero_stage) == "exact")
+    room = Room(checkpointable=family_of(recipe.model).capabilities.block_transforms and not exact_jvp,
                 frozen_base=counted.params.frozen > 0, encoders=bool(counted.encoders))
     cuda, budget = device.cuda, device.memory_bytes
     everything, _ = all_levers(s, room)

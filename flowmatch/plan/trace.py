@@ -12,7 +12,7 @@ matrix that the meta device's reference path would keep.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from flowmatch.engine.optimizers import build_optimizer
+
+#: bitsandbytes' 8-bit AdamW layout: tensors under this many elements keep two fp32 moments; larger ones two uint8
+#: moments with one fp32 absmax per block of this many values each, and two 256-entry fp32 code tables shared by
+#: every tensor (bitsandbytes.optim.Optimizer8bit: min_8bit_size 4096, block-wise quantisation in blocks of 256).
+ADAMW8BIT_MIN_SIZE, ADAMW8BIT_BLOCK = 4096, 256
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,36 @@ def count_params(model: nn.Module, blocks: list[nn.Module]) -> ParamCount:
     return ParamCount(trainable, frozen, largest)
 
 
-class _FusedAttention(TorchFunctionMode):
+def optimizer_state_bytes(name: str, shapes: Sequence[torch.Size]) -> int:
+    """Bytes of the state optimizer ``name`` (``optim.name``) keeps for fp32 parameters of ``shapes`` (what the
+    optimizer steps: the parameters in fp32, or their fp32 masters).
+
+    torch's optimizers (adamw, adafactor) are built as the engine builds them, over meta parameters, and stepped
+    once on meta gradients; their state tensors are counted by storage. 8-bit AdamW's is its layout
+    (:data:`ADAMW8BIT_MIN_SIZE`, :data:`ADAMW8BIT_BLOCK`) applied to the shapes: importing bitsandbytes to plan costs
+    seconds (``tests/test_plan.py`` checks the layout against its optimizer's state).
+    """
+    if name == "adamw8bit":
+        tables = 2 * 256 * 4 if any(s.numel() >= ADAMW8BIT_MIN_SIZE for s in shapes) else 0
+        return tables + sum(8 * s.numel() if s.numel() < ADAMW8BIT_MIN_SIZE
+                            else 2 * s.numel() + 2 * 4 * -(-s.numel() // ADAMW8BIT_BLOCK) for s in shapes)
+    params = [nn.Parameter(torch.empty(shape, device="meta")) for shape in shapes]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = build_optimizer(name, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, implementation={})
+    try:
+        opt.step()
+    except (NotImplementedError, RuntimeError):
+        pass  # meta tensors have no values: Adafactor's step reads one (.item()) once its state is made
+    if len(opt.state) != len(params):
+        raise RuntimeError(f"optimizer {name} made state for {len(opt.state)} of {len(params)} meta parameters: "
+                           "the planner cannot read its state shapes")
+    seen = {_storage_key(v)[0]: v.untyped_storage().nbytes() for state in opt.state.values()
+            for v in state.values() if isinstance(v, Tensor)}
+    return sum(seen.values())
+
+
+class FusedAttention(TorchFunctionMode):
     """Routes ``F.scaled_dot_product_attention`` to the flash kernel (it has meta shapes), so the trace keeps what
     fused attention keeps; a boolean mask becomes the additive mask that kernel takes."""
 
@@ -94,7 +130,7 @@ def _recording(params: set[int], saved: dict[int, int]) -> Iterator[None]:
             saved.setdefault(key, nbytes)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _FusedAttention():
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FusedAttention():
         yield
 
 

@@ -30,7 +30,7 @@ from flowmatch.families.lora import apply_lora, load_lora_file
 from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
-from flowmatch.models.offload import BlockSwap, apply_block_swap, settle_block_swap
+from flowmatch.models.offload import BlockSwap, apply_block_swap, held_on_host
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.plan.budget import apply_budget
 from flowmatch.quantize import quantize_frozen
@@ -239,10 +239,10 @@ def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_di
     micro, accum = batch_plan(t.batch_size, t.micro_batch_size, engine.world_size)
     model = build_model(recipe, engine, init)
     seed_everything(t.seed + engine.rank)  # back to per-rank streams (data workers, posterior samples)
-    engine.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim, max_steps=t.max_steps,
-                 micro_batch_size=micro, grad_accum_steps=accum)
-    if t.block_swap:
-        settle_block_swap(engine.module.blocks())  # DeepSpeed moved (and cast) every tensor to the device
+    # The engine moves (and casts) the whole model to the device: the swapped blocks' weights stay on the host.
+    with held_on_host(model.blocks() if t.block_swap else []):
+        engine.setup(model, [p for p in model.parameters() if p.requires_grad], recipe.optim,
+                     max_steps=t.max_steps, micro_batch_size=micro, grad_accum_steps=accum)
     if t.ema_decay > 0:
         engine.init_ema(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
@@ -260,9 +260,8 @@ def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_di
 
 
 def swap_blocks(recipe: Recipe, engine: Engine, model: torch.nn.Module) -> BlockSwap:
-    """train.block_swap: the last blocks' frozen weights in CPU memory, streamed to the device per use. The engine
-    still moves the whole model to the device once when it wraps it; the swapped blocks go back to CPU memory right
-    after (:func:`settle_block_swap` in :func:`build_run`)."""
+    """train.block_swap: the last blocks' frozen weights in CPU memory, streamed to the device per use; the engine
+    moves the rest of the model to the device (:func:`held_on_host` in :func:`build_run`)."""
     t, family = recipe.train, family_of(recipe.model)
     if recipe.model.lora is None or engine.cfg.zero_stage == 3 or not family.capabilities.block_transforms:
         raise RecipeError(f"train.block_swap: {t.block_swap} streams the frozen base weights of a LoRA run "

@@ -20,6 +20,7 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.errors import RecipeError
 from flowmatch.families import build_backbone, family_of
 from flowmatch.flow import ObjectiveModels, get_objective
+from flowmatch.flow.jvp import fp32_call
 from flowmatch.run import open_run
 
 if TYPE_CHECKING:
@@ -87,12 +88,10 @@ def detached_fp32(engine: "Engine") -> Callable[..., Tensor]:
     what :func:`torch.func.jvp` differentiates (no parameter gradients, forward-mode in fp32)."""
 
     def u(x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor] = None) -> Tensor:
-        module = engine.module
-        params = {name: p.detach().float() for name, p in module.named_parameters()}
-        return torch.func.functional_call(module, params, (x.float(), t.float(), cond.to(dtype=torch.float32)),
-                                          {"r": r.float() if r is not None else None}).float()
+        return fp32_call(engine.module, x, t, cond, r)
 
     return u
+
 
 
 def _checkpoint_model(path: str, what: str) -> tuple["Recipe", dict[str, Tensor]]:
