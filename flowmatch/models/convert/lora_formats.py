@@ -43,6 +43,10 @@ FACTOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
         "kohya": {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"},
         "comfyui": {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"},
     },
+    # DoRA: LoRA's factors and peft's magnitude (one per output row), in peft's names only (diffusers' and peft's
+    # files); ComfyUI's and kohya's layouts have no name for it.
+    "dora": {"peft": {"A": "lora_A.weight", "B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector",
+                      "alpha": "alpha"}},
     # LyCORIS' names, which peft's tuners share (flowmatch.models.convert.adapters writes them): the same in both
     # styles, ComfyUI's loader and kohya-style tools read them.
     **{kind: dict.fromkeys(STYLES, {**{f: f for f in factors}, "alpha": "alpha"}) for kind, factors in {
