@@ -12,7 +12,8 @@ Printed per family and format, weight by weight of diffusers' transformer:
 
     max |dW diffusers - dW flowmatch|   diffusers' update (peft's ``get_delta_weight`` of each LoRA layer it made)
                                         against ours (scale B A of each adapter, taken to diffusers' names by the
-                                        family's key table, as the base weights are)
+                                        family's key table, as the base weights are), over every weight either
+                                        updates, and over those both update
     effect max |dW flowmatch|           the size of the update itself
     modules                             LoRA layers diffusers made / diffusers modules our adapters reach
 
@@ -25,6 +26,7 @@ A loader that refuses the file, or loads nothing from it, is printed as such (th
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -84,26 +86,25 @@ def our_updates(model, chosen, family, cfg) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def their_updates(transformer, adapter: str) -> dict[str, torch.Tensor]:
-    """diffusers weight name -> the update of each LoRA layer named ``adapter`` that its loader made."""
-    out = {}
+def their_updates(transformer, adapter: str):
+    """(diffusers weight name, update) of each LoRA layer named ``adapter`` that its loader made, one at a time."""
     for name, module in transformer.named_modules():
         if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {}):
-            out[f"{name}.weight"] = module.get_delta_weight(adapter).float()
-    return out
+            yield f"{name}.weight", module.get_delta_weight(adapter).float()
 
 
-def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(max |theirs - ours| over every weight either updates, max |ours|)."""
-    diff = 0.0
-    for key in ours.keys() | theirs.keys():
-        want, got = ours.get(key), theirs.get(key)
-        if want is None:
-            want = torch.zeros_like(got)
-        if got is None:
-            got = torch.zeros_like(want)
-        diff = max(diff, (got - want).abs().max().item())
-    return diff, max(v.abs().max().item() for v in ours.values())
+def compare(ours: dict[str, torch.Tensor], theirs) -> tuple[int, list[str], float, float]:
+    """(LoRA layers diffusers made, the weights we update that it does not, max |theirs - ours| over the weights
+    both update, the same over every weight either updates)."""
+    applied, overall, seen = 0.0, 0.0, set()
+    for key, got in theirs:
+        seen.add(key)
+        diff = (got - ours[key] if key in ours else got).abs().max().item()
+        applied, overall = (max(applied, diff), max(overall, diff)) if key in ours else (applied, max(overall, diff))
+    missing = sorted(ours.keys() - seen)
+    for key in missing:
+        overall = max(overall, ours[key].abs().max().item())
+    return len(seen), missing, applied, overall
 
 
 def run_family(name: str, seed: int, folder: Path) -> list[str]:
@@ -121,6 +122,7 @@ def run_family(name: str, seed: int, folder: Path) -> list[str]:
                 p.copy_(FACTOR_SCALE * torch.randn(p.shape, generator=g))
     adapters = {k: v.detach() for k, v in model.state_dict().items() if is_adapter(k)}
     ours = our_updates(model, chosen, family, cfg)
+    effect = max(v.abs().max().item() for v in ours.values())
     pipe = bare_pipeline(pipeline_class, transformer)
     lines = [f"{name} ({preset} widths, {blocks}, {sum(p.numel() for p in transformer.parameters()) / 1e6:.0f}M "
              f"parameters; {len(chosen)} adapted projections, {len(ours)} diffusers modules): {pipeline_class}"]
@@ -134,14 +136,12 @@ def run_family(name: str, seed: int, folder: Path) -> list[str]:
         except Exception as err:  # noqa: BLE001 - the loader's refusal is the finding
             lines.append(f"  {fmt_name:9s} refused: {type(err).__name__}: {str(err).splitlines()[0][:160] or '-'}")
             continue
-        theirs = their_updates(transformer, fmt_name)
-        if not theirs:
+        made, missing, applied, diff = compare(ours, their_updates(transformer, fmt_name))
+        if not made:
             lines.append(f"  {fmt_name:9s} loads nothing (no LoRA layer made): a silent no-op")
             continue
-        diff, effect = compare(ours, theirs)
-        missing = sorted(ours.keys() - theirs.keys())
-        lines.append(f"  {fmt_name:9s} max |dW diffusers - dW flowmatch| {diff:.2e}, effect {effect:.2e} "
-                     f"({f'{effect / diff:.1e}x' if diff else 'equal'}), modules {len(theirs)}/{len(ours)}"
+        lines.append(f"  {fmt_name:9s} max |dW diffusers - dW flowmatch| {diff:.2e} (over the modules diffusers "
+                     f"applies {applied:.2e}), effect {effect:.2e}, modules {made}/{len(ours)}"
                      + (f"; not applied: {', '.join(missing[:3])}" if missing else ""))
         pipe.delete_adapters(fmt_name)
     return lines
@@ -153,6 +153,7 @@ def main() -> None:
         for name in args.families:
             start = time.process_time()
             lines = run_family(name, args.seed, Path(tmp))
+            gc.collect()  # one family's transformer at a time
             print("\n".join(lines), f"\n  ({time.process_time() - start:.0f} s CPU)", flush=True)
 
 
