@@ -14,9 +14,8 @@ cached sample's own ``mask.png`` (:func:`mask_png`), read back by :func:`cached_
 
 from __future__ import annotations
 
-from typing import Optional
-
 import io
+from typing import Optional
 
 import numpy as np
 import torch

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves, Tail
 from flowmatch.models.convert.lora import METADATA_KEY
-from flowmatch.models.convert.lora_formats import LoraFormat, Placement
+from flowmatch.models.convert.lora_formats import FACTOR_NAMES, LoraFormat, Placement
 from flowmatch.models.convert.lora_read import _examples, detect, group
 from flowmatch.models.lora import ADAPTER, LoraConfig, Projection
 
@@ -33,8 +33,8 @@ from flowmatch.models.lora import ADAPTER, LoraConfig, Projection
 PEFT_NAMES = {"A": "lora_A", "B": "lora_B"}
 ROWS = {"B", "lora_magnitude_vector", "hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w1_a"}
 #: The factors that tell each kind (a DoRA file holds LoRA's A and B besides its magnitude).
-KIND_OF = {"lora_magnitude_vector": "dora", **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), "loha"),
-           **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"), "lokr")}
+KIND_OF = {factor: kind for kind, styles in FACTOR_NAMES.items() for factor in styles["peft"]
+           if factor not in FACTOR_NAMES["lora"]["peft"]}
 #: The factor each kind's scale is folded into.
 SCALED = {"dora": "B", "loha": "hada_w1_a", "lokr": "lokr_w2"}
 

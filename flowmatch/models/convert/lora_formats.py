@@ -36,7 +36,7 @@ STYLES = ("peft", "comfyui", "kohya")
 #: The pipeline component diffusers' LoRA keys start with.
 DIFFUSERS_PREFIX = "transformer"
 #: The factor names of each adapter kind, per naming style: our factor -> the file's suffix. Reading also accepts
-#: the other style's suffixes. The ``adapters`` branch adds LyCORIS kinds (lokr, loha) here.
+#: the other styles' suffixes (DoRA's magnitude has a name in peft's style only).
 FACTOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "lora": {
         "peft": {"A": "lora_A.weight", "B": "lora_B.weight", "alpha": "alpha"},
