@@ -235,18 +235,22 @@ def test_lora_check_fails_when_the_two_differ(lora_files, monkeypatch):
     assert result.describe().startswith("FAIL: flowmatch and diffusers differ")
 
 
-def test_flux_kohya_names_are_the_ones_diffusers_kohya_converter_reads():
-    """diffusers converts kohya FLUX files itself; every module its converter finds gets the update of our diffusers
-    format (its converter hard-codes FLUX.1's single-block widths, so the single blocks' linear1 is left out at
-    these sizes). Bugs caught: a kohya module name diffusers (and sd-scripts) spell otherwise, alpha not written."""
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_flux_kohya_and_comfyui_names_are_the_ones_diffusers_converter_reads(fmt):
+    """diffusers converts kohya and ComfyUI FLUX files itself (ComfyUI's by its kohya suffixes: lora_down /
+    lora_up); every module its converter finds gets the update of our diffusers format (its converter hard-codes
+    FLUX.1's single-block widths, so the single blocks' linear1 is left out at these sizes). Bugs caught: a module
+    name diffusers (and sd-scripts, ComfyUI) spell otherwise, alpha not written, ComfyUI's file under peft's
+    factor names (which diffusers' FLUX loader loads nothing from)."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     cfg = config_from_preset("tiny-flux-dev", **SIZES)
     _, chosen, adapters = adapted_model(cfg)
     formats = family_of(cfg).lora_formats
-    kohya = {k: v for k, v in to_lora_file(adapters, chosen, LORA, formats["kohya"], cfg)[0].items()
-             if "_linear1." not in k}
-    theirs = _convert_kohya_flux_lora_to_diffusers(kohya)
+    tensors = {k: v for k, v in to_lora_file(adapters, chosen, LORA, formats[fmt], cfg)[0].items()
+               if "_linear1." not in k and ".linear1." not in k}
+    assert any(".lora_down.weight" in k for k in tensors)  # what diffusers' FLUX loader takes for kohya-converted
+    theirs = _convert_kohya_flux_lora_to_diffusers(tensors)
     ours = to_lora_file(adapters, chosen, LORA, formats["diffusers"], cfg)[0]
     fused_singles = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".proj_mlp")
     want = {k[:-len(".lora_A.weight")] for k in ours if k.endswith(".lora_A.weight")
