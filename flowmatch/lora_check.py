@@ -19,6 +19,7 @@ that is the silent no-op users meet.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -115,9 +116,30 @@ def _diffusers_images(base: Path, file: Path, family: Family, prompts: list[str]
     if family.latents.pack > 1:
         b, c, h, w = noise.shape
         latents = type(pipe)._pack_latents(latents, b, c, h, w)
-    images = pipe(prompts, latents=latents, num_inference_steps=steps, guidance_scale=guidance, height=size,
-                  width=size, output_type="pt").images
+    try:
+        images = pipe(**_prompt_inputs(pipe, family, prompts, guidance), latents=latents, num_inference_steps=steps,
+                      height=size, width=size, output_type="pt").images
+    except Exception as err:  # noqa: BLE001 - e.g. an editing pipeline that needs a reference image
+        return None, (f"diffusers' {type(pipe).__name__} fails to generate with it: {type(err).__name__}: "
+                      f"{str(err) or '(no message)'}")
     return images.float().cpu(), ""
+
+
+def _prompt_inputs(pipe, family: Family, prompts: list[str], guidance: float) -> dict:
+    """The prompt and guidance arguments of a diffusers pipeline's call that make it guide and mask as flowmatch
+    does (a classifier-free family guides against the empty caption unless told otherwise)."""
+    params = inspect.signature(type(pipe).__call__).parameters
+    negative = [""] * len(prompts)
+    if family.diffusers.schedule.classifier_free and "true_cfg_scale" in params:
+        # Qwen-Image: its classifier-free guidance is true_cfg_scale, only against a negative prompt it is given
+        return dict(prompt=prompts, guidance_scale=guidance, true_cfg_scale=guidance, negative_prompt=negative)
+    if "negative_prompt_attention_mask" in params:
+        # ChromaPipeline hands the transformer its text mask as floats, which attention adds to the scores instead
+        # of masking (diffusers issue #12116): it is given its own embeddings with the mask as booleans.
+        embeds, _, mask, neg, _, neg_mask = pipe.encode_prompt(prompts, negative_prompt=negative)
+        return dict(prompt_embeds=embeds, prompt_attention_mask=mask.bool(), negative_prompt_embeds=neg,
+                    negative_prompt_attention_mask=neg_mask.bool(), guidance_scale=guidance)
+    return dict(prompt=prompts, guidance_scale=guidance)
 
 
 def _merged_model(pipe: Pipeline, family: Family, tensors: dict[str, Tensor]) -> tuple[Optional[torch.nn.Module],

@@ -90,9 +90,10 @@ def test_training_reads_cached_shards_and_refuses_other_encoders(encoded, encode
         build_loader(cfg, rank=0, world_size=1, batch_size=4, seed=0, encoders={**fingerprints, "text_encoder": "t5"})
 
 
-def test_training_steps_on_cached_shards(encoded, tmp_path, monkeypatch):
+def test_training_steps_on_cached_shards(encoded, tmp_path, monkeypatch, capsys):
     """Also: with cached train and val features the trainer frees the text encoders after encoding the sampling
-    prompts (bug caught: the encoders kept in memory for a whole cached run)."""
+    prompts (bug caught: the encoders kept in memory for a whole cached run), and says which loss masks it uses
+    (bug caught: an RGBA dataset masked, or not, without a word)."""
     from flowmatch.config import load_recipe
     from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.training import train
@@ -114,6 +115,7 @@ def test_training_steps_on_cached_shards(encoded, tmp_path, monkeypatch):
     recipe = load_recipe(RECIPE, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     summary = train(recipe)  # batches carry the loader's Conditioning into encode_batch and caption dropout
     assert summary.final_step == 2 and summary.skipped_steps == 0
+    assert "loss masks: each sample's mask.png (NAME.mask.png), alpha channels are not masks" in capsys.readouterr().out
     assert released == [recipe.sampling.prompts]
     assert list((tmp_path / "run" / "samples").glob("*.png"))  # the sample grid still drawn, from the kept prompts
 

@@ -23,7 +23,14 @@ from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 
 SIZES = dict(in_channels=4, context_dim=20, pooled_dim=12)
-PRESETS = ("tiny-sd3-medium", "tiny-sd3.5-medium", "tiny-flux-dev")
+#: Each family's tiny preset and the release's name of its first block's image q projection (fused or split).
+PRESETS = {"tiny-sd3-medium": "joint_blocks.0.x_block.attn.qkv",
+           "tiny-sd3.5-medium": "joint_blocks.0.x_block.attn.qkv",
+           "tiny-flux-dev": "double_blocks.0.img_attn.qkv",
+           "tiny-flux-kontext-dev": "double_blocks.0.img_attn.qkv",
+           "tiny-chroma": "double_blocks.0.img_attn.qkv",
+           "tiny-qwen-image": "transformer_blocks.0.attn.to_q",
+           "tiny-qwen-image-edit": "transformer_blocks.0.attn.to_q"}
 LORA = LoraConfig(rank=3, alpha=7.0)  # alpha != rank: a lost scale shows
 CHECK = dict(prompts=["a photo of a cat", "a red apple"], steps=2, size=32, guidance=3.0)
 
@@ -52,18 +59,22 @@ def fresh(cfg, lora: LoraConfig = LORA) -> MMDiT:
 def test_every_format_reads_back_bit_for_bit(preset, tmp_path):
     """Bugs caught: a fused projection's B rows stacked in another order than written, the shared A of split
     modules not recognised (rank tripled), alpha not folded or folded twice, kohya names built differently by the
-    writer and the reader, SD3's last text block's Tail rows not dropped, the format guessed wrong."""
-    cfg = config_from_preset(preset, **SIZES)
+    writer and the reader, SD3's last text block's Tail rows not dropped, the format guessed wrong, a family's
+    table not registered (only diffusers' format found), ComfyUI's files under peft's factor names."""
+    pooled = config_from_preset(preset).pooled_dim != 0  # Chroma and Qwen-Image take no pooled vector
+    cfg = config_from_preset(preset, **{k: v for k, v in SIZES.items() if pooled or k != "pooled_dim"})
     _, chosen, want = adapted_model(cfg)
     family = family_of(cfg)
+    assert {"diffusers", "comfyui", "kohya"} <= family.lora_formats.keys()
     for name, fmt in family.lora_formats.items():
         tensors, metadata = to_lora_file(want, chosen, LORA, fmt, cfg)
         if name == "kohya":
             assert all(k.startswith("lora_unet_") for k in tensors)
-            assert any(k.endswith("_attn_qkv.lora_down.weight") for k in tensors)  # fused q/k/v
+            assert f"lora_unet_{PRESETS[preset].replace('.', '_')}.lora_down.weight" in tensors
             assert {v.item() for k, v in tensors.items() if k.endswith(".alpha")} == {7.0}
-        if name == "comfyui":
-            assert all(k.startswith("diffusion_model.") for k in tensors)
+        if name == "comfyui":  # ComfyUI's own LoRA writer's names: dotted modules, kohya's factor names
+            assert all(k.startswith("diffusion_model.") for k in tensors) and not any(".lora_A." in k for k in tensors)
+            assert f"diffusion_model.{PRESETS[preset]}.lora_down.weight" in tensors
         if name == "diffusers":
             assert not any(".qkv." in k for k in tensors) and any(".attn.to_k.lora_A" in k for k in tensors)
         path = tmp_path / f"{name}.safetensors"
@@ -135,42 +146,65 @@ def test_files_that_do_not_fit_are_errors_naming_counts_and_examples(tmp_path):
         load_lora_file(fresh(sd3), LORA, str(truncated))
 
 
+#: Family kind -> its tiny pipeline's session fixture (tests/conftest.py).
+PIPELINES = {"sd3-medium": "tiny_sd3_pipeline", "sd3.5-medium": "tiny_sd35_pipeline", "flux-dev": "tiny_flux_pipeline",
+             "kontext": "tiny_kontext_pipeline", "chroma": "tiny_chroma_pipeline", "qwen-image": "tiny_qwen_pipeline",
+             "qwen-image-edit": "tiny_qwen_edit_pipeline"}
+
+
 @pytest.fixture(scope="module")
-def lora_files(tiny_sd3_pipeline, tiny_sd35_pipeline, tiny_flux_pipeline, tmp_path_factory) -> dict:
-    """family kind -> (pipeline folder, {format: file}) of random rank-4, alpha-8 adapters on its transformer."""
+def lora_files(request, tmp_path_factory):
+    """``files(kind) -> (pipeline folder, {format: file})`` of random rank-4, alpha-8 adapters on the transformer of
+    the family's tiny pipeline, each pipeline built and its files written on first use."""
     out = {}
     lora = LoraConfig(rank=4, alpha=8.0)
-    for kind, pipeline in (("sd3-medium", tiny_sd3_pipeline), ("sd3.5-medium", tiny_sd35_pipeline),
-                           ("flux-dev", tiny_flux_pipeline)):
-        model = from_diffusers(pipeline)
-        _, chosen, adapters = adapted_model(model.cfg, lora)
-        folder = tmp_path_factory.mktemp(f"lora-{kind}")
-        files = {}
-        for name, fmt in family_of(model.cfg).lora_formats.items():
-            if fmt.writes:
-                files[name] = folder / f"{name}.safetensors"
-                write_safetensors(files[name], *to_lora_file(adapters, chosen, lora, fmt, model.cfg))
-        out[kind] = (pipeline, files)
-    return out
+
+    def files(kind: str) -> tuple[Path, dict]:
+        if kind not in out:
+            pipeline = request.getfixturevalue(PIPELINES[kind])
+            model = from_diffusers(pipeline)
+            _, chosen, adapters = adapted_model(model.cfg, lora)
+            folder = tmp_path_factory.mktemp(f"lora-{kind}")
+            written = {}
+            for name, fmt in family_of(model.cfg).lora_formats.items():
+                if fmt.writes:
+                    written[name] = folder / f"{name}.safetensors"
+                    write_safetensors(written[name], *to_lora_file(adapters, chosen, lora, fmt, model.cfg))
+            out[kind] = (pipeline, written)
+        return out[kind]
+
+    return files
 
 
-@pytest.mark.parametrize("kind", ["sd3-medium", "sd3.5-medium", "flux-dev"])
-@pytest.mark.parametrize("fmt", ["diffusers", "comfyui", "kohya"])
-def test_lora_check_agrees_for_every_family_and_format(lora_files, kind, fmt, capsys):
-    """The parity figures: flowmatch's LoRA images against diffusers' load_lora_weights (diffusers format) or
-    the ComfyUI-style merge into the release weights (comfyui, kohya), same noise."""
-    pipeline, files = lora_files[kind]
+#: (family kind, format, the reference that applies it). diffusers converts Qwen-Image's ComfyUI and kohya files
+#: itself; it has no converter for SD3's, and its FLUX converter (which Kontext and Chroma use) hard-codes FLUX.1's
+#: widths (benchmarks/lora_formats_diffusers.py runs it at those): the merge stands in. The editing pipelines
+#: share their base family's tables; one format each, text to image.
+CHECKS = [(kind, fmt, "diffusers" if fmt == "diffusers" else "merged") for kind in ("sd3-medium", "sd3.5-medium",
+                                                                                    "flux-dev", "chroma")
+          for fmt in ("diffusers", "comfyui", "kohya")]
+CHECKS += [("qwen-image", fmt, "diffusers") for fmt in ("diffusers", "comfyui", "kohya")]
+CHECKS += [("kontext", "kohya", "merged"), ("qwen-image-edit", "comfyui", "merged")]
+
+
+@pytest.mark.parametrize("kind, fmt, reference", CHECKS)
+def test_lora_check_agrees_for_every_family_and_format(lora_files, kind, fmt, reference, capsys):
+    """The parity figures: flowmatch's LoRA images against diffusers' load_lora_weights or the ComfyUI-style merge
+    into the release weights, same noise. Bugs caught: a family's kohya or ComfyUI names that its tools spell
+    otherwise (diffusers' Qwen-Image converter, the merge by name), ChromaPipeline's float mask or Qwen-Image's
+    unguided default taken as a LoRA difference."""
+    pipeline, files = lora_files(kind)
     result = check_lora(files[fmt], pipeline, **CHECK)
     print(f"{kind} {fmt}: reference {result.reference}, max diff {result.max_diff:.2e}, effect {result.effect:.2e}")
     assert result.format == fmt and result.passed, result.describe()
-    assert result.reference == ("diffusers" if fmt == "diffusers" else "merged")
+    assert result.reference == reference, result.describe()
 
 
 def test_lora_check_command_exit_codes(lora_files, tmp_path, capsys):
     """Exit 0 when both agree; 1 when diffusers cannot apply the file (its SD3 loader reads no ComfyUI keys), and 1
     for a file without effect. Bugs caught: the verdict not reaching the exit status, diffusers' no-op
     taken as agreement."""
-    pipeline, files = lora_files["sd3-medium"]
+    pipeline, files = lora_files("sd3-medium")
     args = ["--base", str(pipeline), "--steps", "2", "--size", "32"]
     assert main(["lora", "check", str(files["kohya"]), *args]) == 0
     assert "OK" in capsys.readouterr().out
@@ -195,24 +229,28 @@ def test_lora_check_fails_when_the_two_differ(lora_files, monkeypatch):
         return apply_file_adapters(model, found)
 
     monkeypatch.setattr(lora_check, "apply_file_adapters", doubled)
-    pipeline, files = lora_files["flux-dev"]
+    pipeline, files = lora_files("flux-dev")
     result = check_lora(files["diffusers"], pipeline, **CHECK)
     assert not result.passed and 1e-3 < result.max_diff < result.effect / 10
     assert result.describe().startswith("FAIL: flowmatch and diffusers differ")
 
 
-def test_flux_kohya_names_are_the_ones_diffusers_kohya_converter_reads():
-    """diffusers converts kohya FLUX files itself; every module its converter finds gets the update of our diffusers
-    format (its converter hard-codes FLUX.1's single-block widths, so the single blocks' linear1 is left out at
-    these sizes). Bugs caught: a kohya module name diffusers (and sd-scripts) spell otherwise, alpha not written."""
+@pytest.mark.parametrize("fmt", ["kohya", "comfyui"])
+def test_flux_kohya_and_comfyui_names_are_the_ones_diffusers_converter_reads(fmt):
+    """diffusers converts kohya and ComfyUI FLUX files itself (ComfyUI's by its kohya suffixes: lora_down /
+    lora_up); every module its converter finds gets the update of our diffusers format (its converter hard-codes
+    FLUX.1's single-block widths, so the single blocks' linear1 is left out at these sizes). Bugs caught: a module
+    name diffusers (and sd-scripts, ComfyUI) spell otherwise, alpha not written, ComfyUI's file under peft's
+    factor names (which diffusers' FLUX loader loads nothing from)."""
     from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
 
     cfg = config_from_preset("tiny-flux-dev", **SIZES)
     _, chosen, adapters = adapted_model(cfg)
     formats = family_of(cfg).lora_formats
-    kohya = {k: v for k, v in to_lora_file(adapters, chosen, LORA, formats["kohya"], cfg)[0].items()
-             if "_linear1." not in k}
-    theirs = _convert_kohya_flux_lora_to_diffusers(kohya)
+    tensors = {k: v for k, v in to_lora_file(adapters, chosen, LORA, formats[fmt], cfg)[0].items()
+               if "_linear1." not in k and ".linear1." not in k}
+    assert any(".lora_down.weight" in k for k in tensors)  # what diffusers' FLUX loader takes for kohya-converted
+    theirs = _convert_kohya_flux_lora_to_diffusers(tensors)
     ours = to_lora_file(adapters, chosen, LORA, formats["diffusers"], cfg)[0]
     fused_singles = (".attn.to_q", ".attn.to_k", ".attn.to_v", ".proj_mlp")
     want = {k[:-len(".lora_A.weight")] for k in ours if k.endswith(".lora_A.weight")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,11 +107,9 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def test_masks_from_a_folder_and_an_alpha_channel_reach_the_batch(tmp_path):
-    """NAME.mask.png of another size is resized to the image (its left quarter white -> the left quarter 1), an
-    alpha channel is a mask, a
-    sample with neither counts everywhere. Bugs caught: the mask file left out of the shard, read as its own
-    sample, not resized, alpha ignored, data.masks off by default."""
+def masked_folder(tmp_path) -> Path:
+    """Shards of three 16x16 samples: "a" with a NAME.mask.png twice as wide as its image (the left quarter
+    white), "b" RGBA with its lower half opaque, "c" with neither."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.png").write_bytes(png(Image.new("RGB", (16, 16), (200, 30, 60))))
@@ -126,15 +125,46 @@ def test_masks_from_a_folder_and_an_alpha_channel_reach_the_batch(tmp_path):
     (src / "c.txt").write_text("no mask")
     report = build_folder(src, tmp_path / "out", shuffle=False)
     assert report.written == 3 and not report.skipped
-    loader = build_loader(DataConfig(shards=str(tmp_path / "out"), prepare="", resolution=8, channels=3,
-                                     num_workers=0, shuffle=False), rank=0, world_size=1, batch_size=3, seed=0,
-                          epochs=1)
+    return tmp_path / "out"
+
+
+def batch_masks(shards: Path, **data) -> dict[str, torch.Tensor]:
+    loader = build_loader(DataConfig(shards=str(shards), prepare="", resolution=8, channels=3, num_workers=0,
+                                     shuffle=False, **data), rank=0, world_size=1, batch_size=3, seed=0, epochs=1)
     (batch,) = list(loader)
-    masks = dict(zip(batch.keys, batch.masks))
-    a, b = masks["a"][0], masks["b"][0]  # (8, 8); the resize softens the one edge row or column on each side
+    return dict(zip(batch.keys, batch.masks))
+
+
+def test_masks_from_a_folder_and_an_alpha_channel_reach_the_batch(tmp_path):
+    """NAME.mask.png of another size is resized to the image (its left quarter white -> the left quarter 1); an
+    alpha channel is a mask only with data.alpha_masks; a sample with neither counts everywhere. Bugs caught: the
+    mask file left out of the shard, read as its own sample, not resized, alpha taken by default (a transparent
+    product photo trained on the object alone) or ignored when asked for, data.masks off by default."""
+    shards = masked_folder(tmp_path)
+    masks = batch_masks(shards)
+    a = masks["a"][0]  # (8, 8); the resize softens the one edge row or column on each side
     assert torch.all(a[:, 0] == 1) and torch.all(a[:, 3:] == 0) and torch.all(a[:, 1] > a[:, 2])
+    assert torch.equal(masks["b"], torch.ones(1, 8, 8)) and torch.equal(masks["c"], torch.ones(1, 8, 8))
+    b = batch_masks(shards, alpha_masks=True)["b"][0]
     assert torch.all(b[5:] == 1) and torch.all(b[:3] == 0)
-    assert torch.equal(masks["c"], torch.ones(1, 8, 8))
+
+
+def test_cached_features_carry_the_masks(tmp_path):
+    """`flowmatch-data encode` stores each sample's mask as cropped to its image, and training on the cache gets
+    the raw loader's masks. Bug caught: the masks silently dropped from the cache (the loss then counts
+    everywhere)."""
+    from data_tools.encode import EncodeSettings, encode_shards
+
+    shards = masked_folder(tmp_path)
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "digits.yaml")
+    settings = EncodeSettings(recipe, ("data.channels=3", "data.resolution=8", "data.alpha_masks=true"), batch_size=3,
+                              dtype="fp16", device="cpu")
+    (shard,) = sorted(shards.glob("*.tar*"))
+    report = encode_shards(str(shard), tmp_path / "cached", settings, progress=False)
+    assert report.samples == 3 and report.bad == {}
+    want, got = batch_masks(shards, alpha_masks=True), batch_masks(tmp_path / "cached")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["a"], torch.ones(1, 8, 8))
 
 
 def test_the_trainer_hands_the_batchs_masks_to_the_loss(monkeypatch):

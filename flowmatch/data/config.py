@@ -64,8 +64,13 @@ class DataConfig:
     channels: int = 3
     """Image channels the model sees: 1 (grayscale) or 3 (RGB); images are converted on load."""
     masks: bool = True
-    """Read per-sample loss masks (a sample's mask.png, else its image's alpha; flowmatch/data/masks.py): the loss
-    then counts inside them only. Raw images only (cached features hold no masks)."""
+    """Read per-sample loss masks (a sample's mask.png: ``flowmatch-data folder`` stores NAME.mask.png as it;
+    flowmatch/data/masks.py): the loss then counts inside them only. Cached features carry them
+    (``flowmatch-data encode``)."""
+    alpha_masks: bool = False
+    """With ``masks``, a sample without a mask.png takes its image's alpha channel as its mask. Off by default:
+    transparency is often not meant as one (product photos cut out on a transparent background would train on
+    the object alone); a NAME.mask.png is."""
     shuffle: bool = True
     """Shuffle shards and samples (seeded, reproducible); the val split is never shuffled."""
     shuffle_buffer: int = 1000

@@ -355,6 +355,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, batch_size: int
         channels=cfg.channels,
         cached=cached,
         masks=cfg.masks,
+        alpha_masks=cfg.alpha_masks,
         shuffle=cfg.shuffle and train,
         shuffle_buffer=cfg.shuffle_buffer,
         resampled=cfg.resampled and train,

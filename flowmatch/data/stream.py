@@ -33,7 +33,7 @@ from flowmatch.conditioning import Conditioning
 from flowmatch.data import decode
 from flowmatch.data.batch import Batch
 from flowmatch.data.buckets import Bucket, nearest_bucket
-from flowmatch.data.masks import decode_mask, masks_to_tensor
+from flowmatch.data.masks import cached_mask, decode_mask, masks_to_tensor
 from flowmatch.data.opener import SHARD_FAILED, UNREADABLE, RetryPolicy
 from flowmatch.data.plan import Place, Ref, SourceReader, fetch_records
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES
@@ -93,6 +93,8 @@ class StreamSpec:
     max_member_bytes: int = MAX_MEMBER_BYTES
     masks: bool = False
     """Decode each sample's loss mask (flowmatch.data.masks) into Batch.masks."""
+    alpha_masks: bool = False
+    """With masks, an image's alpha channel is the mask of a sample without a mask.png."""
     expect_encoders: Optional[dict[str, str]] = None
     policy: RetryPolicy = RetryPolicy()
     paired: bool = False
@@ -313,6 +315,8 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
         try:
             if spec.cached:
                 tensors.append(decode.decode_cached(record))
+                if spec.masks:
+                    masks.append(cached_mask(record, spec.max_pixels))
             else:
                 target = spec.buckets[group.bucket[0]]
                 size = dict(height=target.height, width=target.width, channels=spec.channels,
@@ -322,7 +326,7 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
                     refs.append(decode.decode_references(record, info, **size))
                 if spec.masks:
                     masks.append(decode_mask(record, info.image_ext, height=target.height, width=target.width,
-                                             max_pixels=spec.max_pixels))
+                                             max_pixels=spec.max_pixels, alpha=spec.alpha_masks))
                 tensors.append(pixels)
             kept.append((record, info))
         except decode.BadSample as err:
@@ -335,14 +339,17 @@ def decode_group(spec: StreamSpec, group: Group) -> tuple[Optional[Batch], list[
     sources = [record.source for record, _ in kept]
     if spec.cached:
         latents = torch.stack([f.latents for f in tensors]).float()
+        shown = [m for m in masks if m is not None]  # a cached group shares one latent shape: one pixel size
+        cached_masks = masks_to_tensor(masks, *shown[0].shape) if shown else None
         ref_latents = torch.stack([f.references for f in tensors]).float() if spec.paired else None
         if tensors[0].parts:  # several text encoders: each re-padded on its own, combined by the encoders
             parts = {n: Conditioning.from_rows([f.parts[n][0] for f in tensors], [f.parts[n][1] for f in tensors])
                      for n in tensors[0].parts}
-            return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts,
-                         ref_latents=ref_latents), failed, sources
+            return Batch(captions, keys, latents=latents, meta=meta, text_parts=parts, ref_latents=ref_latents,
+                         masks=cached_masks), failed, sources
         text = Conditioning.from_rows([f.hidden for f in tensors], [f.pooled for f in tensors])
-        return Batch(captions, keys, latents=latents, text=text, meta=meta, ref_latents=ref_latents), failed, sources
+        return Batch(captions, keys, latents=latents, text=text, meta=meta, ref_latents=ref_latents,
+                     masks=cached_masks), failed, sources
     ref_images = None
     if refs:  # (B, R, H, W, C) uint8 -> (B, R, C, H, W) in [-1, 1], one conversion per batch
         b, r = len(refs), len(refs[0])

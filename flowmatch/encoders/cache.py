@@ -34,6 +34,7 @@ from flowmatch.data import decode, features
 from flowmatch.data.buckets import nearest_bucket
 from flowmatch.data.config import DataConfig
 from flowmatch.data.loader import loader_buckets
+from flowmatch.data.masks import MASK_MEMBER, decode_mask, mask_png
 from flowmatch.data.shardformat import SHARD_SUFFIXES, ShardFile
 from flowmatch.data.shards import expand_shards, shard_name
 from flowmatch.data.tarstream import BadRecord, RawSample, read_shard
@@ -96,13 +97,17 @@ def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: P
             bucket_size = buckets[bucket[0]]
             size = dict(height=bucket_size.height, width=bucket_size.width, channels=data.channels,
                         max_pixels=data.max_image_pixels)
-            images, refs, kept = [], [], []
+            images, refs, kept, masks = [], [], [], []
             for record, info in group:
                 try:
                     pixels = decode.decode_pixels(record.files[info.image_ext], **size)
                     if info.references:
                         refs.extend(decode.decode_references(record, info, **size))
+                    # the loss mask, cropped as the image: training on the cache reads it back (data.masks)
+                    mask = decode_mask(record, info.image_ext, height=bucket_size.height, width=bucket_size.width,
+                                       max_pixels=data.max_image_pixels, alpha=data.alpha_masks) if data.masks else None
                     images.append(pixels)
+                    masks.append(mask)
                     kept.append((record, info))
                 except decode.BadSample as err:
                     bad[err.reason] += 1
@@ -133,6 +138,8 @@ def encode_shard(frozen: "FrozenEncoders", data: DataConfig, url: str, target: P
                                        parts=None if "" in rows else rows, text_quant=text_quant,
                                        references=ref_latents[i])
                 files = {features.EXT: blob, "txt": info.caption}
+                if masks[i] is not None:
+                    files[MASK_MEMBER] = mask_png(masks[i])
                 if "json" in record.files:
                     files["json"] = record.files["json"]
                 sink.write(record.key, files)

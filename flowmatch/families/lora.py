@@ -14,6 +14,7 @@ from torch import Tensor
 
 from flowmatch.errors import RecipeError
 from flowmatch.families import Family, family_of
+from flowmatch.models.convert.adapters_read import fit, read_adapters
 from flowmatch.models.convert.lora_formats import LoraFormat, diffusers_format
 from flowmatch.models.convert.lora_read import FileAdapters, file_adapters, read_lora_file
 from flowmatch.models.lora import LoraConfig, Projection, inject, projections, select_from
@@ -58,14 +59,21 @@ def apply_lora(model: MMDiT, lora: LoraConfig) -> list[Projection]:
 
 
 def load_lora_file(model: MMDiT, lora: LoraConfig, path: str) -> str:
-    """Set the adapters :func:`apply_lora` injected to those of the LoRA file at ``path``, in any of the family's
-    formats (diffusers, ComfyUI, kohya, and the read-only layouts of other trainers); returns the format's name.
+    """Set the adapters :func:`apply_lora` injected to those of the adapter file at ``path``, of the recipe's kind
+    (lora, or dora / loha / lokr: :mod:`flowmatch.models.convert.adapters_read`), in any of the family's formats
+    (diffusers, ComfyUI, kohya, and the read-only layouts of other trainers); returns the format's name.
     ValueError naming counts and examples of keys that do not land (nothing is loaded in part)."""
     family = _adaptable(model.cfg)
     what = f"model.lora.init_from={path!r}"
-    found = file_adapters(*read_lora_file(path), lora_formats(family), model.cfg, scale=lora.scale, what=what)
-    set_adapters(model, found.fit(select(model.cfg, lora.targets), lora, what=what))
-    return found.format
+    tensors, metadata = read_lora_file(path)
+    chosen = select(model.cfg, lora.targets)
+    if lora.kind != "lora":
+        fmt, found = read_adapters(tensors, metadata, lora_formats(family), model.cfg, lora, what=what)
+        set_adapters(model, fit(found, dict(model.named_parameters()), chosen, what))
+        return fmt
+    adapters = file_adapters(tensors, metadata, lora_formats(family), model.cfg, scale=lora.scale, what=what)
+    set_adapters(model, adapters.fit(chosen, lora, what=what))
+    return adapters.format
 
 
 def apply_file_adapters(model: MMDiT, found: FileAdapters) -> list[Projection]:

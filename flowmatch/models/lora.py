@@ -57,9 +57,10 @@ class LoraConfig:
     factor: int = -1
     """lokr: the Kronecker factor's size along each axis (peft's decompose_factor); -1 = near the square root."""
     init_from: Optional[str] = None
-    """A LoRA .safetensors file the adapters start from instead of zero (B) and random (A): diffusers', ComfyUI's
-    or kohya's keys, or another trainer's (``flowmatch.models.convert.lora_read``). Its modules must be exactly the
-    targets' and its rank at most ``rank``."""
+    """An adapter .safetensors file of this ``kind`` the adapters start from instead of peft's initialisation:
+    diffusers', ComfyUI's or kohya's keys, or another trainer's (LoRA: ``flowmatch.models.convert.lora_read``, its
+    rank at most ``rank``; dora, loha, lokr: ``flowmatch.models.convert.adapters_read``, its shapes the model's).
+    Its modules must be exactly the targets'."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,9 +68,6 @@ class LoraConfig:
             hint = f" (did you mean {near!r}?)" if near else ""
             raise ValueError(f"model.lora.kind: {self.kind!r} is not an adapter kind{hint}; allowed: "
                              f"{', '.join(KINDS)}")
-        if self.init_from and self.kind != "lora":
-            raise ValueError(f"model.lora.init_from starts LoRA adapters from a LoRA file; kind {self.kind} starts "
-                             "from peft's own initialisation: remove init_from or use kind lora")
         if self.factor == 0 or self.factor < -1:
             raise ValueError(f"lora.factor must be -1 (near the square root) or >= 1, got {self.factor}")
         if self.rank < 1:

@@ -18,6 +18,7 @@ import torch
 
 from flowmatch.config import Recipe, to_yaml
 from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split, read_cache_info
+from flowmatch.data.masks import describe_masks
 from flowmatch.encoders.autoencoder import ensure_autoencoder
 from flowmatch.encoders.cache import ensure_cache
 from flowmatch.conditioning import Conditioning
@@ -247,6 +248,8 @@ def build_run(recipe: Recipe, engine: Engine, init: Optional[InitRecord], run_di
         engine.init_ema(t.ema_decay, warmup=t.ema_warmup, profiles=t.ema_profiles)
     loader = build_loader(recipe.data, rank=engine.rank, world_size=engine.world_size, batch_size=micro,
                           seed=t.seed, encoders=encoders.fingerprints())
+    if engine.is_main:
+        print(describe_masks(recipe.data.masks, recipe.data.alpha_masks), flush=True)
     has_val = has_val_split(recipe.data)
     if loader.cached and (not has_val or read_cache_info(recipe.data, "val") is not None):
         encoders.release(keep=recipe.sampling.prompts)  # the features hold every caption's encoding

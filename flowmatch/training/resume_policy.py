@@ -102,6 +102,7 @@ REFUSED: dict[str, str] = {
     "data.caption_key": "the captions the model learned",
     "data.paired": "the reference images the model learned to edit from, and the saved batch layout",
     "data.masks": "where each sample's loss counts, as flow.loss is what it measures",
+    "data.alpha_masks": "where each sample's loss counts, as flow.loss is what it measures",
     "data.cached": "the features the model learned from (quantised or not)",
     "data.cache_dtype": "the precision of the features the model learned from",
     "data.cache_text_quant": "the quantisation of the features the model learned from",

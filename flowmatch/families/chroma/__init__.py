@@ -12,7 +12,7 @@ Its text: T5's states with the pipeline's mask, every real token and the first p
 from __future__ import annotations
 
 from flowmatch.families import flux, mmdit
-from flowmatch.families.chroma import convert
+from flowmatch.families.chroma import convert, lora_formats
 from flowmatch.families.chroma.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 
@@ -38,6 +38,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=convert.PACK),
     converter=convert,
     lora_targets=flux.lora_targets,  # the same diffusers module names as FLUX's blocks
+    lora_formats=lora_formats.FORMATS,
     # ChromaPipeline: T5 alone (no text layout: the one encoder is the conditioning), FLUX's grid and time rounding,
     # true classifier-free guidance against the empty negative prompt; 35 steps at guidance 5.0 by default.
     diffusers=DiffusersPipeline(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from flowmatch.families import flux, mmdit
-from flowmatch.families.kontext import convert
+from flowmatch.families.kontext import convert, lora_formats
 from flowmatch.families.kontext.presets import PRESETS
 from flowmatch.families.spec import Capabilities, Family, LatentLayout
 from flowmatch.models.flops import TRAIN_FLOPS_PER_PARAM_TOKEN
@@ -73,6 +73,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=convert.PACK),
     converter=convert,
     lora_targets=flux.lora_targets,
+    lora_formats=lora_formats.FORMATS,
     text=flux.FAMILY.text,  # FluxKontextPipeline.encode_prompt is FluxPipeline's
     # FluxKontextPipeline encodes prompts, walks the grid (its shift from the target's tokens alone) and embeds
     # guidance as FluxPipeline does, with the same defaults (28 steps, guidance 3.5); it resizes references.

@@ -6,7 +6,7 @@ Converters in :mod:`.convert`, presets in :mod:`.presets`."""
 from __future__ import annotations
 
 from flowmatch.families import mmdit
-from flowmatch.families.qwen_image import convert
+from flowmatch.families.qwen_image import convert, lora_formats
 from flowmatch.families.qwen_image.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.models.lora import ATTENTION
@@ -51,6 +51,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=convert.PACK),
     converter=convert,
     lora_targets=lora_targets,
+    lora_formats=lora_formats.FORMATS,
     diffusers=DiffusersPipeline(
         pipeline_class="QwenImagePipeline",
         text_encoders=(("qwen", "text_encoder", "tokenizer"),),

@@ -14,7 +14,7 @@ import dataclasses
 import math
 
 from flowmatch.families import kontext, mmdit, qwen_image
-from flowmatch.families.qwen_image_edit import convert
+from flowmatch.families.qwen_image_edit import convert, lora_formats
 from flowmatch.families.qwen_image_edit.presets import PRESETS
 
 #: QwenImageEditPipeline's prompt_template_encode (diffusers 0.42): the chat turns its Qwen2.5-VL reads, the
@@ -69,6 +69,7 @@ FAMILY = dataclasses.replace(
     # The references' tokens counted as Kontext counts them (references the target's size).
     flops=kontext.flops,
     converter=convert,
+    lora_formats=lora_formats.FORMATS,
     # QwenImageEditPipeline walks the grid (its shift from the target's tokens alone) and guides (true CFG with a
     # negative prompt, renormalised) as QwenImagePipeline does, with the same defaults (50 steps, 4.0).
     diffusers=dataclasses.replace(qwen_image.FAMILY.diffusers, pipeline_class="QwenImageEditPipeline",

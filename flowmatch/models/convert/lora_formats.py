@@ -7,14 +7,17 @@ nothing here knows a family.
 
     diffusers  transformer.<diffusers module>.lora_A.weight / .lora_B.weight, the peft header
                ``lora_adapter_metadata`` (rank, alpha, targets): split q/k/v, as diffusers' models name them
-    comfyui    diffusion_model.<original module>.lora_A.weight / .lora_B.weight / .alpha: the release's single-file
-               modules, fused q/k/v (what ComfyUI's key map accepts for SD3 and FLUX)
+    comfyui    diffusion_model.<original module>.lora_down.weight / .lora_up.weight / .alpha: the release's
+               single-file modules, fused q/k/v, under the names ComfyUI's own LoRA writer uses (its LoraSave node;
+               ComfyUI's key map reads these for every family, and diffusers' FLUX and Qwen-Image loaders convert
+               them)
     kohya      lora_unet_<original module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha (a
                0-d tensor): kohya sd-scripts' layout, fused q/k/v
 
 Each factor of a module is written under the suffix its style gives: LoRA's ``A`` (rank, in) and ``B`` (out,
-rank) are ``lora_A`` / ``lora_B`` (peft) or ``lora_down`` / ``lora_up`` (kohya); ``alpha`` is the scale numerator
-(the update is alpha / rank x B A). Other adapter kinds plug their factor names in through :data:`FACTOR_NAMES`.
+rank) are ``lora_A`` / ``lora_B`` (peft) or ``lora_down`` / ``lora_up`` (kohya, comfyui); ``alpha`` is the scale
+numerator (the update is alpha / rank x B A). Other adapter kinds plug their factor names in through
+:data:`FACTOR_NAMES`.
 Reading accepts either spelling in either style (files from other trainers mix them).
 """
 
@@ -27,18 +30,26 @@ from typing import Any, Optional
 from flowmatch.models.convert.keymap import Rule
 from flowmatch.models.lora import projections
 
+#: How a format spells its keys: module names dotted with peft's factor names (peft), dotted with kohya's factor
+#: names (comfyui), underscored with kohya's (kohya).
+STYLES = ("peft", "comfyui", "kohya")
 #: The pipeline component diffusers' LoRA keys start with.
 DIFFUSERS_PREFIX = "transformer"
 #: The factor names of each adapter kind, per naming style: our factor -> the file's suffix. Reading also accepts
-#: the other style's suffixes. The ``adapters`` branch adds LyCORIS kinds (lokr, loha) here.
+#: the other styles' suffixes (DoRA's magnitude has a name in peft's style only).
 FACTOR_NAMES: dict[str, dict[str, dict[str, str]]] = {
     "lora": {
         "peft": {"A": "lora_A.weight", "B": "lora_B.weight", "alpha": "alpha"},
         "kohya": {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"},
+        "comfyui": {"A": "lora_down.weight", "B": "lora_up.weight", "alpha": "alpha"},
     },
+    # DoRA: LoRA's factors and peft's magnitude (one per output row), in peft's names only (diffusers' and peft's
+    # files); ComfyUI's and kohya's layouts have no name for it.
+    "dora": {"peft": {"A": "lora_A.weight", "B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector",
+                      "alpha": "alpha"}},
     # LyCORIS' names, which peft's tuners share (flowmatch.models.convert.adapters writes them): the same in both
     # styles, ComfyUI's loader and kohya-style tools read them.
-    **{kind: dict.fromkeys(("peft", "kohya"), {**{f: f for f in factors}, "alpha": "alpha"}) for kind, factors in {
+    **{kind: dict.fromkeys(STYLES, {**{f: f for f in factors}, "alpha": "alpha"}) for kind, factors in {
         "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
         "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
     }.items()},
@@ -56,7 +67,8 @@ class LoraFormat:
     prefix: str
     """What comes before the module name: ``transformer`` (joined with a dot), ``lora_unet`` (with an underscore)."""
     style: str = "peft"
-    """``peft``: ``<prefix>.<module>.<factor>``; ``kohya``: ``<prefix>_<module with _ for .>.<factor>``."""
+    """One of :data:`STYLES`. ``peft`` and ``comfyui``: ``<prefix>.<module>.<factor>``; ``kohya``:
+    ``<prefix>_<module with _ for .>.<factor>``."""
     alpha_keys: bool = True
     """Write each module's alpha as a 0-d tensor ``<module key>.alpha`` (diffusers' format carries the peft header
     instead)."""
@@ -127,7 +139,8 @@ def released_formats(diffusers_rules: Callable[[Any], list[Rule]], original_rule
     diffusers (split q/k/v), ComfyUI and kohya (the release's fused modules)."""
     return {
         "diffusers": diffusers_format(diffusers_rules),
-        "comfyui": LoraFormat("comfyui", original_rules, prefix="diffusion_model", tool="ComfyUI's LoraLoader"),
+        "comfyui": LoraFormat("comfyui", original_rules, prefix="diffusion_model", style="comfyui",
+                              tool="ComfyUI's LoraLoader"),
         "kohya": LoraFormat("kohya", original_rules, prefix="lora_unet", style="kohya",
                             tool="kohya sd-scripts and the tools that read its files"),
     }

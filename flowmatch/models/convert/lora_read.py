@@ -160,25 +160,20 @@ class FileAdapters:
         return max(a.shape[0] for a, _ in self.adapters.values())
 
 
-def file_adapters(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], formats: Mapping[str, LoraFormat],
-                  cfg, *, scale: float = 1.0, what: str = "the LoRA file") -> FileAdapters:
-    """A LoRA file's tensors as adapters on the modules of the model ``cfg`` describes, in whichever of
-    ``formats`` the file uses, for the adapter scale ``scale`` (alpha / rank of the model's LoRA: the file's own
-    scale over it multiplies B; 1 when equal). ValueError naming counts and examples of every key that does not
-    land (``what`` names the file)."""
-    fmt, index = detect(tensors, formats, cfg)
+def group(tensors: Mapping[str, Tensor], index: Mapping[str, tuple[Placement, int]], fmt: LoraFormat, what: str,
+          ) -> tuple[dict[str, dict[int, dict[str, Tensor]]], dict[str, Placement]]:
+    """The file's factors by our module and position among its placement's modules (``{ours: {i: {factor:
+    tensor}}}``, factors named as :data:`~flowmatch.models.convert.lora_formats.FACTOR_NAMES` keys them), and
+    each module's placement; ValueError counting and naming the keys that name no module of the model."""
     grouped: dict[str, dict[int, dict[str, Tensor]]] = {}
     places: dict[str, Placement] = {}
-    unmatched, other_kind = [], []
+    unmatched = []
     for key, value in tensors.items():
         parsed = split_key(key)
         if parsed is None or parsed[0] not in index:
             unmatched.append(key)
             continue
-        module, kind, factor = parsed
-        if kind != "lora":
-            other_kind.append(key)
-            continue
+        module, _, factor = parsed
         place, i = index[module]
         places[place.ours] = place
         grouped.setdefault(place.ours, {}).setdefault(i, {})[factor] = value
@@ -187,9 +182,22 @@ def file_adapters(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], fo
         raise ValueError(f"{what} ({fmt.name} format): {len(unmatched)} of its {len(tensors)} keys match no module "
                          f"of this model ({len(modules)} modules, e.g. {_examples(modules)}); it is not loaded in "
                          "part: use a LoRA made for this model (family and size)")
+    return grouped, places
+
+
+def file_adapters(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], formats: Mapping[str, LoraFormat],
+                  cfg, *, scale: float = 1.0, what: str = "the LoRA file") -> FileAdapters:
+    """A LoRA file's tensors as adapters on the modules of the model ``cfg`` describes, in whichever of
+    ``formats`` the file uses, for the adapter scale ``scale`` (alpha / rank of the model's LoRA: the file's own
+    scale over it multiplies B; 1 when equal). ValueError naming counts and examples of every key that does not
+    land (``what`` names the file)."""
+    fmt, index = detect(tensors, formats, cfg)
+    grouped, places = group(tensors, index, fmt, what)
+    other_kind = sorted(f"{fmt.module_key(places[o].theirs[i])}.{factor}" for o, parts in grouped.items()
+                        for i, factors in parts.items() for factor in factors if factor not in ("A", "B", "alpha"))
     if other_kind:
         raise ValueError(f"{what}: {len(other_kind)} keys hold another adapter kind than LoRA, e.g. "
-                         f"{_examples(other_kind)}")
+                         f"{_examples(other_kind)}: set model.lora.kind to the file's kind")
     lora_alpha, pattern = _alphas(metadata, fmt)
     adapters = {}
     for ours, parts in grouped.items():
