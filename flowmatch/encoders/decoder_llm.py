@@ -44,6 +44,10 @@ from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 __all__ = ["DecoderLLMEncoder"]
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 class DecoderLLMEncoder(TextEncoder):
     """A frozen decoder LLM behind a chat template. ``encode(captions) -> Conditioning``: hidden (B, L, D * k)
     float32 with L the longest kept caption (k = the stacked layers, 1 without), mask (B, L), pooled (B, 0) with
@@ -78,7 +82,11 @@ class DecoderLLMEncoder(TextEncoder):
         if model_cls is None:
             raise ValueError(f"text_encoder.model_class: transformers has no class {name!r} for {cfg.name_or_path!r}; "
                              "name the LLM's class (e.g. Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM)")
-        return (transformers.AutoTokenizer.from_pretrained(path, subfolder=self.tokenizer_subfolder),
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, subfolder=self.tokenizer_subfolder)
+        # Right padding, as the pipelines run them (Lumina2Pipeline sets it; Gemma's tokenizer pads left): the LLM's
+        # positions count from the first token, so left padding would move every real token's position.
+        tokenizer.padding_side = "right"
+        return (tokenizer,
                 model_cls.from_pretrained(path, subfolder=cfg.subfolder, dtype=resolve_dtype(cfg.dtype, self.device)))
 
     @property
@@ -96,14 +104,17 @@ class DecoderLLMEncoder(TextEncoder):
 
     def _make_fingerprint(self) -> str:
         c = self.cfg
-        template = hashlib.sha256(c.template.encode()).hexdigest()[:12]
+        template = _digest(c.template)
         seen = f":images:{c.processor_subfolder}" if c.processor_subfolder else ""
-        return f"{super()._make_fingerprint()}:llm:t{template}:drop{c.drop_tokens}:layers{self.layers}{seen}"
+        empty = "" if c.empty_template is None else f":empty{_digest(c.empty_template)}"
+        return (f"{super()._make_fingerprint()}:llm:t{template}:drop{c.drop_tokens}:layers{self.layers}{seen}"
+                f"{empty}")
 
     @torch.no_grad()
     def _encode_batch(self, captions: list[str]) -> Conditioning:
         c = self.cfg
-        texts = [c.template.replace("{}", caption) for caption in captions]
+        texts = [c.empty_template if not caption and c.empty_template is not None else c.template.replace("{}", caption)
+                 for caption in captions]
         tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=c.drop_tokens + c.max_length,
                                 return_tensors="pt").to(self.device)
         return self._states(tokens, captions)

@@ -83,6 +83,10 @@ class Schedule:
     guidance_renorm: bool = False
     """Classifier-free guidance rescales each token's guided velocity to the conditional one's norm over its packed
     features (QwenImagePipeline's true CFG: ``comb * ||cond|| / ||comb||``)."""
+    guidance_renorm_rows: bool = False
+    """Classifier-free guidance rescales the guided velocity of each latent row (one channel, one row of (B, C, H,
+    W) latents, across the width) to the conditional one's norm there (Lumina2Pipeline's cfg_normalization:
+    ``torch.norm(dim=-1)`` of its unpacked latents)."""
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,19 @@ from flowmatch.families import mmdit
 from flowmatch.families.lumina2 import convert
 from flowmatch.families.lumina2.flops import flops
 from flowmatch.families.lumina2.presets import PRESETS
-from flowmatch.families.spec import Capabilities, Family, LatentLayout
+from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.models.lumina2 import Lumina2
 
+#: Lumina2Pipeline's system_prompt (diffusers 0.42), which it puts before every prompt (not the negative one).
+SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the superior degree of image-text "
+                 "alignment based on textual prompts or user prompts.")
+#: How Lumina2Pipeline runs its Gemma-2 (``_get_gemma_prompt_embeds``): ``system_prompt + " <Prompt Start> " +
+#: prompt``, the system prompt's tokens kept in the states (nothing dropped), the second-to-last hidden layer, at
+#: most 256 tokens in all (max_sequence_length's default; the pipeline pads to it, flowmatch to the longest: the
+#: transformer masks padding either way), no pooled vector; the empty negative prompt read without the system
+#: prompt.
+TEXT_ENCODER = dict(template=SYSTEM_PROMPT + " <Prompt Start> {}", drop_tokens=0, hidden_layer=-2, max_length=256,
+                    pooling="none", empty_template="")
 #: Where its RoPE puts the tokens (``model.rope_layout``): the field that tells a Lumina-Image-2 section apart.
 ROPE_LAYOUT = convert.FIXED["rope_layout"]
 
@@ -46,4 +56,14 @@ FAMILY = Family(
     flops=flops,
     latents=LatentLayout(channels=16, pack=1),
     converter=convert,
+    # Lumina2Pipeline: sigmas linspace(1, 1/N, N) through the scheduler's shift; the transformer gets
+    # 1 - (sigma * 1000) / 1000 in float32 (the module's 1 - t of the rounded t); classifier-free guidance against
+    # the empty negative prompt, renormalised per latent row (cfg_normalization's default, True), on every step
+    # (cfg_trunc_ratio's default, 1.0, truncates none); 30 steps at guidance 4.0 by default.
+    diffusers=DiffusersPipeline(
+        pipeline_class="Lumina2Pipeline", text_encoders=(("gemma", "text_encoder", "tokenizer"),),
+        t5_tokens=0, clip_hidden_layer=None, t5_dropped="empty", steps=30, guidance_scale=4.0,
+        schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True,
+                          guidance_renorm_rows=True),
+        decoder_llm=TEXT_ENCODER),
 )
