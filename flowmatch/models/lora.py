@@ -25,6 +25,8 @@ from torch import nn
 
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.models.convert.keymap import ConvPatch, Rule
+from flowmatch.models.lumina2 import ROPE_LAYOUT as LUMINA2_ROPE_LAYOUT
+from flowmatch.models.lumina2 import Lumina2
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 
 #: The attention projections of a joint block, as diffusers names them.
@@ -105,7 +107,8 @@ class Projection:
 
 def projections(cfg: MMDiTConfig, rules: list[Rule]) -> list[Projection]:
     """Every linear of our model with its diffusers modules, from the family's diffusers key table ``rules``."""
-    linears = {name for name, m in MMDiT(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
+    network = Lumina2 if cfg.rope_layout == LUMINA2_ROPE_LAYOUT else MMDiT  # the modules the config describes
+    linears = {name for name, m in network(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
     out = []
     for rule in rules:
         if rule.ours is None or not rule.ours.endswith(".weight"):

@@ -31,6 +31,8 @@ from flowmatch.models.layers import AdaLNModulation
 from flowmatch.models.mlp import RmsNorm
 from flowmatch.models.mmdit import MMDiTConfig
 
+#: The ``MMDiTConfig.rope_layout`` that describes this network rather than an MMDiT.
+ROPE_LAYOUT = "lumina2"
 #: Width of the time vector every modulation reads: min(width, TIME_WIDTH) (Lumina2CombinedTimestepCaptionEmbedding).
 TIME_WIDTH = 1024
 #: Epsilon of the QK-norm (the release's attention, whatever norm_eps says).

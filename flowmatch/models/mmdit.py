@@ -32,7 +32,7 @@ from flowmatch.models.mlp import RmsNorm
 
 #: RoPE layouts whose positions depend on each caption's length, computed by their own backbone (Lumina-Image-2's
 #: captions-first sequence, flowmatch.models.lumina2), not by the MMDiT's position tables.
-SEQUENCE_ROPE_LAYOUTS = ("lumina2",)
+SEQUENCE_ROPE_LAYOUTS = ("lumina2",)  # flowmatch.models.lumina2.ROPE_LAYOUT
 #: Where the blocks' modulation comes from (MMDiTConfig.modulation).
 MODULATIONS = ("adaln", "approximator")
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).

@@ -14,6 +14,7 @@ from flowmatch.families.lumina2 import convert
 from flowmatch.families.lumina2.flops import flops
 from flowmatch.families.lumina2.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
+from flowmatch.models.lora import ATTENTION
 from flowmatch.models.lumina2 import Lumina2
 
 #: Lumina2Pipeline's system_prompt (diffusers 0.42), which it puts before every prompt (not the negative one).
@@ -41,6 +42,12 @@ def claims(cfg) -> bool:
     return mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == ROPE_LAYOUT
 
 
+def lora_targets(cfg) -> list[str]:
+    """The attention projections of every block (refiners included), as diffusers'
+    examples/dreambooth/train_dreambooth_lora_lumina2.py trains them by default (to_q, to_k, to_v, to_out.0)."""
+    return list(ATTENTION[:4])
+
+
 FAMILY = Family(
     name="lumina2",
     kind=mmdit.KIND,
@@ -56,6 +63,7 @@ FAMILY = Family(
     flops=flops,
     latents=LatentLayout(channels=16, pack=1),
     converter=convert,
+    lora_targets=lora_targets,
     # Lumina2Pipeline: sigmas linspace(1, 1/N, N) through the scheduler's shift; the transformer gets
     # 1 - (sigma * 1000) / 1000 in float32 (the module's 1 - t of the rounded t); classifier-free guidance against
     # the empty negative prompt, renormalised per latent row (cfg_normalization's default, True), on every step

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from flowmatch.models.convert.keymap import Copy, Inert, Op, Rule, Stack, linear, mlp, norm
+from flowmatch.models.lumina2 import ROPE_LAYOUT
 from flowmatch.models.mmdit import MMDiTConfig
 
 DIFFUSERS_CLASS = "Lumina2Transformer2DModel"
@@ -51,7 +52,7 @@ PATCH = 2
 #: The LuminaFeedForward inner width before its multiplier: 4 x the model width.
 FFN_BASE_RATIO = 4.0
 #: Fixed hyperparameters of the release that MMDiTConfig exposes as fields.
-FIXED = dict(time_freq_dim=256, time_scale=1.0, rope=True, rope_layout="lumina2", rope_theta=10000.0, qk_norm=True,
+FIXED = dict(time_freq_dim=256, time_scale=1.0, rope=True, rope_layout=ROPE_LAYOUT, rope_theta=10000.0, qk_norm=True,
              dual_attention_layers=[], single_blocks=0, pooled_dim=0, context_norm=True, guidance_embed=False,
              modulation="adaln", interval_embed=False, references=0)
 #: The key only Lumina-Image-2's original checkpoints have.
@@ -198,15 +199,15 @@ def original_rules(cfg: MMDiTConfig) -> list[Rule]:
 
 
 def config_from_original(sd: Mapping[str, Tensor], head_dim: Optional[int] = None) -> MMDiTConfig:
-    """Our config inferred from un-prefixed single-file keys. Neither the head width nor the RoPE split is
-    stored: the release's 96-channel heads split (32, 32, 32) unless ``head_dim`` is given (other widths need
-    ``rope_axes_dim`` given too, :func:`check_original`). The SwiGLU width is read as it is (multiple 1)."""
+    """Our config inferred from un-prefixed single-file keys. The RoPE split is not stored: the release's
+    (32, 32, 32) is taken for 96-channel heads; other head widths need ``rope_axes_dim`` given
+    (:func:`check_original`). The SwiGLU width is read as it is (multiple 1)."""
     def count(prefix: str) -> int:
         return 1 + max((int(k.split(".")[1]) for k in sd if k.startswith(prefix)), default=-1)
 
     x_embed = sd["x_embedder.weight"]  # (D, p p C)
     width = x_embed.shape[0]
-    head_dim = head_dim or RELEASE_HEAD_DIM
+    head_dim = head_dim or sd["layers.0.attention.q_norm.weight"].shape[0]  # the QK-norm scale is per head channel
     out_features = sd["final_layer.linear.weight"].shape[0]
     kv = (sd["layers.0.attention.qkv.weight"].shape[0] - width) // (2 * head_dim)
     hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
