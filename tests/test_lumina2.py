@@ -17,9 +17,11 @@ from torch import Tensor
 from flowmatch.conditioning import Conditioning
 from flowmatch.families import family_of
 from flowmatch.families.convert import convert_diffusers, from_diffusers, from_original, to_diffusers, to_original
+from flowmatch.families.lumina2 import FAMILY as lumina2_family
 from flowmatch.families.lumina2 import convert as lumina2
 from flowmatch.families.presets import config_from_preset
 from flowmatch.models.convert.keymap import to_theirs
+from flowmatch.models.flops import counted_training_flops_per_step
 from flowmatch.models.lumina2 import Lumina2, lumina2_rope
 from tests.interop_models import (
     LATENT_CHANNELS,
@@ -189,3 +191,19 @@ def test_rope_puts_image_tokens_after_each_caption():
     assert torch.allclose(first, torch.tensor([[0.0, 1, 2, 3, 3, 3, 3], [0, 1, 2, 1, 1, 1, 1]]))
     rows = torch.atan2(table.sin[0, :, 0, 1], table.cos[0, :, 0, 1])
     assert torch.allclose(rows, torch.tensor([0.0, 0, 0, 0, 0, 1, 1]))
+
+
+@pytest.mark.parametrize("preset, latent, text_len, rel", [("tiny-lumina2", (8, 6), 5, 0.02),
+                                                          ("lumina2", (128, 128), 256, 1e-3)])
+def test_flop_count_agrees_with_flop_counter_mode(preset, latent, text_len, rel):
+    """Bugs caught: a block list left out of the count (the refiners), the joint blocks' attention over the
+    image tokens alone, the grouped key/value projections counted at the query width."""
+    cfg = config_from_preset(preset, in_channels=LATENT_CHANNELS, context_dim=CONTEXT_DIM)
+    with torch.device("meta"):
+        model = Lumina2(cfg)
+        cond = Conditioning(torch.zeros(1, text_len, CONTEXT_DIM), torch.ones(1, text_len, dtype=torch.bool),
+                            torch.zeros(1, 0), all_valid=True)
+        inputs = (torch.zeros(1, LATENT_CHANNELS, *latent), torch.full((1,), 0.5), cond)
+    counted = counted_training_flops_per_step(model, inputs, batch_size=4)
+    assert lumina2_family.flops(cfg, batch_size=4, latent_size=latent, text_len=text_len) == pytest.approx(
+        counted, rel=rel)
