@@ -120,6 +120,12 @@ class Lumina2Block(nn.Module):
         return x + gate_ffn.tanh() * self.ffn_norm_out(ffn)
 
 
+class NoiseRefinerBlock(Lumina2Block):
+    """A modulated block over the image tokens alone, before they meet the caption: never given a mask. A class of
+    its own because it is called with other inputs than the joint blocks (no mask, the image rows of the RoPE table),
+    so it compiles to a graph of its own (``model.blocks()``'s types are its compiled graphs)."""
+
+
 class Lumina2FinalLayer(nn.Module):
     """Parameter-free LayerNorm scaled (no shift) from the time vector, then a linear map to patch pixels:
     (B, N, D) -> (B, N, p * p * C_out)."""
@@ -182,7 +188,8 @@ class Lumina2(nn.Module):
         self.context_embed = nn.Linear(cfg.context_dim, d, **kw)
         self.context_refiner = nn.ModuleList(Lumina2Block(cfg, modulated=False, **kw)
                                              for _ in range(cfg.refiner_layers))
-        self.noise_refiner = nn.ModuleList(Lumina2Block(cfg, modulated=True, **kw) for _ in range(cfg.refiner_layers))
+        self.noise_refiner = nn.ModuleList(NoiseRefinerBlock(cfg, modulated=True, **kw)
+                                           for _ in range(cfg.refiner_layers))
         self.layers = nn.ModuleList(Lumina2Block(cfg, modulated=True, **kw) for _ in range(cfg.depth))
         self.final = Lumina2FinalLayer(d, p * p * self.out_channels, **kw)
         if not any(param.is_meta or param.numel() == 0 for param in self.parameters()):
