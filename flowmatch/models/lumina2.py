@@ -254,10 +254,7 @@ class Lumina2(nn.Module):
         # With no padding (known on the host) no mask reaches attention, which keeps SDPA's flash kernels eligible.
         cap_mask = joint_mask = None
         if not cond.all_valid:
-            # A caption with no valid token lets its (discarded) caption queries see every caption key rather than
-            # none: a row with no visible key is NaN, which would reach the image through the masked values.
-            empty = ~cond.mask.any(dim=1, keepdim=True)
-            cap_mask = (cond.mask | empty)[:, None, None, :]  # (B, 1, 1, L)
+            cap_mask = cond.mask[:, None, None, :]  # (B, 1, 1, L); a caption with no valid token: SDPA gives zeros
             joint_mask = torch.cat([cond.mask, cond.mask.new_ones(b, img.shape[1])], dim=1)[:, None, None, :]
         for block in self.context_refiner:
             ctx = block(ctx, cap_mask, cap_rope)
