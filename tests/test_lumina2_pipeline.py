@@ -47,6 +47,9 @@ def test_reading_the_lumina2_folder(tiny_lumina2_pipeline, lumina, ours):
     assert configs.flow.shift_mode == "fixed" and configs.flow.shift == 6.0
     assert family_of(ours.recipe.model).name == "lumina2" and ours.recipe.sampling.steps == 30
     assert ours.config.guidance_renorm_rows and ours.encoders.downsample == VAE_FACTOR
+    # Lumina2Pipeline hands its transformer 1 - timestep / 1000 in float32: the module's 1 - t of a rounded t.
+    t = torch.linspace(0, 1, 1001)
+    assert torch.equal(ours.pipeline_grid.model_time(t), (t * 1000) / 1000)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

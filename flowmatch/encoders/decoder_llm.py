@@ -82,11 +82,7 @@ class DecoderLLMEncoder(TextEncoder):
         if model_cls is None:
             raise ValueError(f"text_encoder.model_class: transformers has no class {name!r} for {cfg.name_or_path!r}; "
                              "name the LLM's class (e.g. Qwen2_5_VLForConditionalGeneration, Qwen3ForCausalLM)")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, subfolder=self.tokenizer_subfolder)
-        # Right padding, as the pipelines run them (Lumina2Pipeline sets it; Gemma's tokenizer pads left): the LLM's
-        # positions count from the first token, so left padding would move every real token's position.
-        tokenizer.padding_side = "right"
-        return (tokenizer,
+        return (transformers.AutoTokenizer.from_pretrained(path, subfolder=self.tokenizer_subfolder),
                 model_cls.from_pretrained(path, subfolder=cfg.subfolder, dtype=resolve_dtype(cfg.dtype, self.device)))
 
     @property
