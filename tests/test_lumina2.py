@@ -15,11 +15,15 @@ from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
 from torch import Tensor
 
 from flowmatch.conditioning import Conditioning
+from flowmatch.config import recipe_from_dict
+from flowmatch.errors import RecipeError
 from flowmatch.families import family_of
+from flowmatch.families.config import ModelConfig
 from flowmatch.families.convert import convert_diffusers, from_diffusers, from_original, to_diffusers, to_original
 from flowmatch.families.lumina2 import FAMILY as lumina2_family
 from flowmatch.families.lumina2 import convert as lumina2
-from flowmatch.families.presets import config_from_preset
+from flowmatch.families.presets import config_from_preset, preset_values
+from flowmatch.init_from import with_architecture
 from flowmatch.models.convert.keymap import to_theirs
 from flowmatch.models.flops import counted_training_flops_per_step
 from flowmatch.models.lumina2 import Lumina2, lumina2_rope
@@ -209,3 +213,25 @@ def test_flop_count_agrees_with_flop_counter_mode(preset, latent, text_len, rel)
     counted = counted_training_flops_per_step(model, inputs, batch_size=4)
     assert lumina2_family.flops(cfg, batch_size=4, latent_size=latent, text_len=text_len) == pytest.approx(
         counted, rel=rel)
+
+
+def test_a_recipe_whose_encoders_lumina2_cannot_take_names_both():
+    """Lumina-Image-2 reads no pooled vector: a CLIP beside its text encoder is refused, naming the family and the
+    encoder."""
+    flux_text = {"combine": "flux", "encoders": {
+        "clip_l": {"kind": "clip", "padding": "max_length", "max_length": 77, "pooling": "pooler"},
+        "t5": {"kind": "t5", "padding": "max_length", "max_length": 512}}}
+    with pytest.raises(RecipeError, match=r"model.family: lumina2 takes no pooled text vector.*clip_l \(kind clip\)"):
+        recipe_from_dict({"model": {"preset": "tiny-lumina2"}, "text_encoders": flux_text})
+
+
+def test_weights_of_another_family_are_refused_as_lumina2_and_back():
+    lumina2_weights = convert_diffusers(lumina2_model()).cfg
+    flux_model = ModelConfig(**{**preset_values("tiny-flux-schnell"), "family": "flux", "init_from": "w/"})
+    with pytest.raises(RecipeError, match=r"model.family: flux.*holds lumina2 weights"):
+        with_architecture(flux_model, lumina2_weights)
+    flux_weights = config_from_preset("tiny-flux-schnell", in_channels=4, context_dim=20, pooled_dim=12)
+    lumina2_cfg = ModelConfig(**{**preset_values("tiny-lumina2"), "family": "lumina2", "init_from": "w/"})
+    with pytest.raises(RecipeError, match=r"model.family: lumina2.*holds flux weights"):
+        with_architecture(lumina2_cfg, flux_weights)
+    assert with_architecture(lumina2_cfg, lumina2_weights).kv_heads == 2
