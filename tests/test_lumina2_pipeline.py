@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import Lumina2Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
 
 from flowmatch import Pipeline
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.families import family_of
 from flowmatch.families.lumina2 import TEXT_ENCODER
+from flowmatch.sampling.diffusers_schedule import PipelineGrid
 from flowmatch.sampling.generate import image_noise
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.tiny_pipelines_lumina2 import LATENT_CHANNELS, VAE_FACTOR, VAE_FACTORS
@@ -73,3 +74,18 @@ def test_from_diffusers_generates_the_pipelines_images(ours, lumina):
     assert _max_diff(guided, reference) < PIXEL_ATOL
     assert _max_diff(ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=1.0), plain) < PIXEL_ATOL
     assert _max_diff(reference, plain) > 100 * PIXEL_ATOL  # guidance moves the images far more than the tolerance
+
+
+def test_a_dynamic_shift_scheduler_walks_the_pipelines_grid(lumina):
+    """Lumina2Pipeline computes a dynamic shift's mu from latents.shape[1], its latents' channel count, not the
+    image's token count. Bug caught: mu from the token count (the grid FLUX's pipeline walks)."""
+    dynamic = dict(lumina.scheduler.config, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = Lumina2Pipeline(**{**lumina.components, "scheduler": FlowMatchEulerDiscreteScheduler.from_config(dynamic)})
+    pipe.set_progress_bar_config(disable=True)
+    steps, latent_h, latent_w = 4, 8, 4
+    noise = image_noise([0], (LATENT_CHANNELS, latent_h, latent_w))
+    pipe(PROMPTS[:1], latents=noise, num_inference_steps=steps, height=latent_h * VAE_FACTOR,
+         width=latent_w * VAE_FACTOR, output_type="latent", guidance_scale=1.0)
+    grid = PipelineGrid(dynamic, "lumina2").grid(steps, seq_len=(latent_h // 2) * (latent_w // 2),
+                                                 channels=LATENT_CHANNELS)
+    assert grid == pipe.scheduler.sigmas.double().tolist()

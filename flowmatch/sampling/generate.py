@@ -341,7 +341,7 @@ class Pipeline:
                 null = self.encoders.encode_text(negatives or [""] * len(prompts), seen)
         grid = None
         if self.pipeline_grid is not None:
-            grid = self.pipeline_grid.grid(steps, seq_len=seq_len, sigmas=sigmas)
+            grid = self.pipeline_grid.grid(steps, seq_len=seq_len, sigmas=sigmas, channels=noise.shape[1])
             model = _timed(self.model, self.pipeline_grid.model_time)
         elif sigmas is not None:
             grid = [*shift_time(torch.tensor(sigmas, dtype=torch.float64), shift).tolist(), 0.0]

@@ -67,11 +67,12 @@ FAMILY = Family(
     # Lumina2Pipeline: sigmas linspace(1, 1/N, N) through the scheduler's shift; the transformer gets
     # 1 - (sigma * 1000) / 1000 in float32 (the module's 1 - t of the rounded t); classifier-free guidance against
     # the empty negative prompt, renormalised per latent row (cfg_normalization's default, True), on every step
-    # (cfg_trunc_ratio's default, 1.0, truncates none); 30 steps at guidance 4.0 by default.
+    # (cfg_trunc_ratio's default, 1.0, truncates none); 30 steps at guidance 4.0 by default. A dynamic-shift
+    # scheduler's mu comes from the latent channel count (its image_seq_len is latents.shape[1]).
     diffusers=DiffusersPipeline(
         pipeline_class="Lumina2Pipeline", text_encoders=(("gemma", "text_encoder", "tokenizer"),),
         t5_tokens=0, clip_hidden_layer=None, t5_dropped="empty", steps=30, guidance_scale=4.0,
         schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True,
-                          guidance_renorm_rows=True),
+                          guidance_renorm_rows=True, mu_from_channels=True),
         decoder_llm=TEXT_ENCODER),
 )
