@@ -67,6 +67,14 @@ def tiny_qwen_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_lumina2_pipeline(tmp_path_factory):
+    """Folder of a tiny random Lumina2Pipeline (tests/tiny_pipelines_lumina2.py), built once per session."""
+    from tests.tiny_pipelines_lumina2 import save_lumina2_pipeline  # imports diffusers: only for the tests that ask
+
+    return save_lumina2_pipeline(tmp_path_factory.mktemp("tiny-lumina2"))
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen_edit_pipeline(tmp_path_factory):
     """Folder of a tiny random QwenImageEditPipeline (tests/tiny_pipelines_qwen.py), built once per session."""
     from tests.tiny_pipelines_qwen import save_qwen_edit_pipeline  # imports diffusers: only for the tests that ask

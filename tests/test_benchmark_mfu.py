@@ -95,8 +95,8 @@ def test_every_family_has_a_release_preset_and_its_pipelines_text_length():
     length the default path cannot tell (a decoder-LLM family has no T5 tokens): known answers per family."""
     args = mfu.parse_args([])
     lengths = {name: mfu.text_length(f, args) for name, f in FAMILIES.items()}
-    assert {n: lengths[n] for n in ("sd3", "flux", "kontext", "qwen_image", "chroma")} == {
-        "sd3": 77 + 256, "flux": 512, "kontext": 512, "qwen_image": 512, "chroma": 512}
+    assert {n: lengths[n] for n in ("sd3", "flux", "kontext", "qwen_image", "chroma", "lumina2")} == {
+        "sd3": 77 + 256, "flux": 512, "kontext": 512, "qwen_image": 512, "chroma": 512, "lumina2": 256}
     # A family with more than its test size is measured at another (the U-Net's one preset is both).
     assert all(mfu.release_preset(f) in f.presets and (mfu.release_preset(f) != f.tiny or len(f.presets) == 1)
                for f in FAMILIES.values()), {n: (mfu.release_preset(f), f.tiny) for n, f in FAMILIES.items()}

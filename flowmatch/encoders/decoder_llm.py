@@ -44,6 +44,10 @@ from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 __all__ = ["DecoderLLMEncoder"]
 
 
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 class DecoderLLMEncoder(TextEncoder):
     """A frozen decoder LLM behind a chat template. ``encode(captions) -> Conditioning``: hidden (B, L, D * k)
     float32 with L the longest kept caption (k = the stacked layers, 1 without), mask (B, L), pooled (B, 0) with
@@ -96,14 +100,17 @@ class DecoderLLMEncoder(TextEncoder):
 
     def _make_fingerprint(self) -> str:
         c = self.cfg
-        template = hashlib.sha256(c.template.encode()).hexdigest()[:12]
+        template = _digest(c.template)
         seen = f":images:{c.processor_subfolder}" if c.processor_subfolder else ""
-        return f"{super()._make_fingerprint()}:llm:t{template}:drop{c.drop_tokens}:layers{self.layers}{seen}"
+        empty = "" if c.empty_template is None else f":empty{_digest(c.empty_template)}"
+        return (f"{super()._make_fingerprint()}:llm:t{template}:drop{c.drop_tokens}:layers{self.layers}{seen}"
+                f"{empty}")
 
     @torch.no_grad()
     def _encode_batch(self, captions: list[str]) -> Conditioning:
         c = self.cfg
-        texts = [c.template.replace("{}", caption) for caption in captions]
+        texts = [c.empty_template if not caption and c.empty_template is not None else c.template.replace("{}", caption)
+                 for caption in captions]
         tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=c.drop_tokens + c.max_length,
                                 return_tensors="pt").to(self.device)
         return self._states(tokens, captions)

@@ -89,6 +89,10 @@ class TextEncoderConfig:
     model_class: Optional[str] = None
     """decoder_llm: the transformers class to load (e.g. Qwen2_5_VLForConditionalGeneration); None = the
     checkpoint config's architectures[0]."""
+    empty_template: Optional[str] = None
+    """decoder_llm: the text the LLM reads for the empty caption (the unconditional input, caption dropout's
+    replacement); None = the template with nothing in it. Lumina2Pipeline reads its empty negative prompt as ''
+    alone, without the system prompt its prompts get."""
     processor_subfolder: Optional[str] = None
     """decoder_llm: subfolder of the processor (Qwen2VLProcessor) through which a vision-language LLM also sees
     images (Qwen-Image-Edit's reference image; the template then holds its image placeholder); None = text only."""
@@ -122,7 +126,8 @@ class TextEncoderConfig:
             raise ValueError(f"text_encoder.cache_size must be >= 0, got {self.cache_size}")
         llm_only = {"template": self.template != "{}", "drop_tokens": self.drop_tokens != 0,
                     "stack_layers": bool(self.stack_layers), "model_class": self.model_class is not None,
-                    "processor_subfolder": self.processor_subfolder is not None}
+                    "processor_subfolder": self.processor_subfolder is not None,
+                    "empty_template": self.empty_template is not None}
         if self.kind != "decoder_llm" and any(llm_only.values()):
             wrong = [k for k, v in llm_only.items() if v]
             raise ValueError(f"text_encoder.{wrong[0]} is for text_encoder.kind=decoder_llm (a chat-template LLM), "

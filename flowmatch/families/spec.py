@@ -83,6 +83,13 @@ class Schedule:
     guidance_renorm: bool = False
     """Classifier-free guidance rescales each token's guided velocity to the conditional one's norm over its packed
     features (QwenImagePipeline's true CFG: ``comb * ||cond|| / ||comb||``)."""
+    guidance_renorm_rows: bool = False
+    """Classifier-free guidance rescales the guided velocity of each latent row (one channel, one row of (B, C, H,
+    W) latents, across the width) to the conditional one's norm there (Lumina2Pipeline's cfg_normalization:
+    ``torch.norm(dim=-1)`` of its unpacked latents)."""
+    mu_from_channels: bool = False
+    """A dynamic-shift scheduler's ``mu`` is computed from the latents' channel count where the image sequence
+    length belongs (Lumina2Pipeline passes ``latents.shape[1]`` of its (B, C, H, W) latents as image_seq_len)."""
 
 
 @dataclass(frozen=True)

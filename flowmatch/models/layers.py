@@ -32,12 +32,13 @@ GELU_TANH = partial(nn.GELU, approximate="tanh")
 
 
 class AdaLNModulation(nn.Module):
-    """SiLU + linear map of the conditioning vector to `chunks` modulation vectors: (B, D) -> chunks x (B, 1, D)."""
+    """SiLU + linear map of the conditioning vector to `chunks` modulation vectors: (B, in_dim) -> chunks x
+    (B, 1, D); ``in_dim`` None = D."""
 
-    def __init__(self, dim: int, chunks: int, *, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, chunks: int, *, in_dim: Optional[int] = None, device=None, dtype=None) -> None:
         super().__init__()
         self.chunks = chunks
-        self.linear = nn.Linear(dim, chunks * dim, device=device, dtype=dtype)
+        self.linear = nn.Linear(in_dim or dim, chunks * dim, device=device, dtype=dtype)
 
     def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
         return self.linear(F.silu(vec))[:, None, :].chunk(self.chunks, dim=-1)

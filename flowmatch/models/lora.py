@@ -25,6 +25,8 @@ from torch import nn
 
 from flowmatch.errors import RecipeError, nearest
 from flowmatch.models.convert.keymap import ConvPatch, Rule
+from flowmatch.models.lumina2 import ROPE_LAYOUT as LUMINA2_ROPE_LAYOUT
+from flowmatch.models.lumina2 import Lumina2
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.models.zimage import ROPE_LAYOUT as ZIMAGE_ROPE_LAYOUT
 from flowmatch.models.zimage import ZImage
@@ -105,7 +107,8 @@ class Projection:
 
 def projections(cfg: MMDiTConfig, rules: list[Rule]) -> list[Projection]:
     """Every linear of our model with its diffusers modules, from the family's diffusers key table ``rules``."""
-    network = ZImage if cfg.rope_layout == ZIMAGE_ROPE_LAYOUT else MMDiT  # the modules the config describes
+    # the modules the config describes: MMDiT unless its RoPE layout is one of the single-stream networks'
+    network = {ZIMAGE_ROPE_LAYOUT: ZImage, LUMINA2_ROPE_LAYOUT: Lumina2}.get(cfg.rope_layout, MMDiT)
     linears = {name for name, m in network(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
     out = []
     for rule in rules:

@@ -30,6 +30,9 @@ from flowmatch.models.embeddings import (
 from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
 from flowmatch.models.mlp import RmsNorm
 
+#: RoPE layouts whose positions depend on each caption's length, computed by their own backbone (Lumina-Image-2's
+#: captions-first sequence, flowmatch.models.lumina2), not by the MMDiT's position tables.
+SEQUENCE_ROPE_LAYOUTS = ("lumina2",)  # flowmatch.models.lumina2.ROPE_LAYOUT
 #: Where the blocks' modulation comes from (MMDiTConfig.modulation).
 MODULATIONS = ("adaln", "approximator")
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
@@ -115,9 +118,15 @@ class MMDiTConfig:
     interval_embed: bool = False
     """Embed the interval t - r of a second time r <= t like the timestep (few-step models: MeanFlow, shortcut);
     its last layer starts at zero, so a flow checkpoint loaded into it gives the same outputs."""
+    kv_heads: Optional[int] = None
+    """Key/value heads of grouped-query attention (Lumina-Image-2); None = num_heads."""
     refiner_layers: int = 0
     """Refiner blocks that see one modality alone before the joint sequence: that many over the image tokens and
-    as many over the text tokens (Z-Image: 2; flowmatch.models.zimage). The MMDiT reads none."""
+    as many over the text tokens (Z-Image: 2, flowmatch.models.zimage; Lumina-Image-2, flowmatch.models.lumina2).
+    The MMDiT reads none."""
+    ffn_multiple_of: int = 1
+    """The SwiGLU hidden width int(mlp_ratio * width) is rounded up to a multiple of this (Lumina-Image-2's
+    multiple_of)."""
 
     @property
     def width(self) -> int:
@@ -187,8 +196,9 @@ class MMDiTConfig:
         if self.single_blocks == 0 and self.depth - 1 in self.dual_attention_layers:
             raise ValueError("MMDiTConfig.dual_attention_layers cannot include the last joint block when there are "
                              "no single blocks: its text stream is context-pre-only")
-        if self.rope_layout not in ROPE_LAYOUTS:
-            raise ValueError(f"MMDiTConfig.rope_layout={self.rope_layout!r} must be one of {sorted(ROPE_LAYOUTS)}")
+        if self.rope_layout not in (*ROPE_LAYOUTS, *SEQUENCE_ROPE_LAYOUTS):
+            raise ValueError(f"MMDiTConfig.rope_layout={self.rope_layout!r} must be one of "
+                             f"{sorted((*ROPE_LAYOUTS, *SEQUENCE_ROPE_LAYOUTS))}")
         if self.rope_layout == "msrope" and (not self.rope or len(self.axes_dim) != 3):
             raise ValueError("MMDiTConfig.rope_layout=msrope needs rope: true and three rope_axes_dim (frame, "
                              f"rows, columns), got rope={self.rope}, rope_axes_dim={self.rope_axes_dim}")

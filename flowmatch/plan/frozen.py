@@ -51,6 +51,10 @@ _QWEN_VAE = dict(_class_name="AutoencoderKLQwenImage", base_dim=96, z_dim=16, di
 _QWEN3_4B = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=2560, intermediate_size=9728,
                  num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                  max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)
+# Lumina-Image-2's text_encoder is Gemma-2-2B's decoder (Gemma2Model; google/gemma-2-2b config.json: 26 layers of
+# width 2304, 8 query and 4 key/value heads of 256, a 9216-wide gated MLP, 256000 tokens); its vae is FLUX.1's.
+_GEMMA2_2B = dict(model_type="gemma2", architectures=["Gemma2Model"], hidden_size=2304, intermediate_size=9216,
+                  num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000)
 _SD3 = {"text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G, "text_encoder_3": _T5_XXL, "vae": _VAE16}
 _FLUX = {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL, "vae": _VAE16}
 #: hub id -> subfolder -> config values, for released pipelines not in the local cache.
@@ -65,6 +69,7 @@ RELEASED: dict[str, dict[str, dict[str, Any]]] = {
     "Qwen/Qwen-Image": {"text_encoder": _QWEN25_VL_7B, "vae": _QWEN_VAE},
     "Qwen/Qwen2.5-VL-7B-Instruct": {"": _QWEN25_VL_7B},
     "Tongyi-MAI/Z-Image-Turbo": {"text_encoder": _QWEN3_4B, "vae": _VAE16},
+    "Alpha-VLLM/Lumina-Image-2.0": {"text_encoder": _GEMMA2_2B, "vae": _VAE16},
     "google/t5-v1_1-xxl": {"": _T5_XXL},
     "google/flan-t5-xl": {"": _T5_XL},
     "openai/clip-vit-large-patch14": {"": _CLIP_L},

@@ -137,8 +137,10 @@ class PipelineGrid:
         slope = (top - base) / (max_len - base_len)
         return seq_len * slope + (base - slope * base_len)
 
-    def grid(self, steps: int, *, seq_len: int, sigmas: Optional[list[float]] = None) -> list[float]:
-        """The ``steps + 1`` sigmas (float32 values, last 0) the pipeline walks for images of `seq_len` tokens."""
+    def grid(self, steps: int, *, seq_len: int, sigmas: Optional[list[float]] = None,
+             channels: Optional[int] = None) -> list[float]:
+        """The ``steps + 1`` sigmas (float32 values, last 0) the pipeline walks for images of `seq_len` tokens of
+        `channels` latent channels (which take the sequence length's place in ``mu`` where the pipeline does so)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         steps = check_steps(steps)
@@ -149,8 +151,16 @@ class PipelineGrid:
         if sigmas is not None and len(sigmas) != steps:
             raise ValueError(f"sigmas= must hold one value per step ({steps}), got {len(sigmas)}")
         scheduler.set_timesteps(steps, sigmas=None if sigmas is None else list(sigmas),
-                                mu=self.mu(seq_len) if dynamic else None)
+                                mu=self.mu(self._mu_length(seq_len, channels)) if dynamic else None)
         return scheduler.sigmas.double().tolist()
+
+    def _mu_length(self, seq_len: int, channels: Optional[int]) -> int:
+        """The length the pipeline computes ``mu`` from: the image's tokens, or its latent channels."""
+        if not self.schedule.mu_from_channels:
+            return seq_len
+        if channels is None:
+            raise ValueError(f"the {self.pipeline} pipeline computes mu from the latent channels: pass channels=")
+        return channels
 
     def model_time(self, t):
         """t (B,) float32 as the pipeline's transformer ends up embedding it (divided by 1000 after scaling)."""

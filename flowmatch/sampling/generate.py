@@ -96,15 +96,19 @@ class GenerationConfig:
     guidance_renorm: int = 0
     """Rescale each p x p latent patch's guided velocity to the conditional one's norm (p = this; 0 = plain
     classifier-free guidance): the family's pipeline guides so (Qwen-Image's true CFG)."""
+    guidance_renorm_rows: bool = False
+    """Rescale each latent row's guided velocity (one channel, across the width) to the conditional one's norm:
+    the family's pipeline guides so (Lumina2Pipeline's cfg_normalization)."""
 
     @classmethod
     def of(cls, recipe: Any) -> "GenerationConfig":
         """The sections of a recipe (:class:`flowmatch.config.Recipe`): flow, sampling, the model's patch size,
         guidance input and family (and how it guides), the data's image size."""
         family = family_of(recipe.model)
-        renorm = family.latents.pack if family.diffusers and family.diffusers.schedule.guidance_renorm else 0
+        schedule = family.diffusers.schedule if family.diffusers else None
+        renorm = family.latents.pack if schedule and schedule.guidance_renorm else 0
         return cls(recipe.flow, recipe.sampling, recipe.model.patch_size, bool(recipe.model.guidance_embed),
-                   tuple(recipe.data.size), family.name, renorm)
+                   tuple(recipe.data.size), family.name, renorm, bool(schedule and schedule.guidance_renorm_rows))
 
 
 def image_noise(seeds: list[int], shape: tuple[int, ...]) -> Tensor:
@@ -118,7 +122,8 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
                    steps: int, solver: str, guidance_scale: Optional[float], shift: float,
                    grid: Optional[list[float]] = None, formulation: Optional[Formulation] = None,
                    options: Optional[SamplingConfig] = None,
-                   generator: Optional[torch.Generator] = None, renorm: int = 0) -> tuple[Tensor, int]:
+                   generator: Optional[torch.Generator] = None, renorm: int = 0,
+                   renorm_rows: bool = False) -> tuple[Tensor, int]:
     """Integrate noise (B, C, h, w) at t = 1 to latents at t = 0; returns (latents, model evaluations).
 
     With a guidance scale other than 1 the conditional and unconditional (``null``) inputs run as one batch.
@@ -127,7 +132,8 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
     others integrate its velocity at r = t. ``formulation`` (default: rectified flow, velocity) says what the
     model predicts: an ODE solver integrates its probability-flow velocity; a diffusion sampler (``solver`` in
     ``ddim | ancestral | pc``) takes eta and the corrector settings from ``options`` and its fresh noise from
-    ``generator``. ``renorm`` p rescales the guided velocity per p x p patch (:func:`guided_velocity`).
+    ``generator``. ``renorm`` p rescales the guided velocity per p x p patch, ``renorm_rows`` per latent row
+    (:func:`guided_velocity`).
     """
     guided = guidance_scale is not None and guidance_scale != 1.0
     if guided and null is None:
@@ -138,12 +144,14 @@ def sample_latents(model: VelocityModel, cond: Conditioning, null: Optional[Cond
         if formulation is not None and not formulation.is_rectified_velocity:
             raise ValueError("the average solver needs a rectified-flow model's average velocity; this model "
                              f"predicts {formulation.prediction} on the {formulation.path.name} path")
-        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True, renorm=renorm)
+        velocity = guided_velocity(model, cond, null if guided else None, guidance_scale, r=True, renorm=renorm,
+                                   renorm_rows=renorm_rows)
         solution = sample_average(velocity, noise, steps=steps, shift=shift)
         return solution.x, solution.nfe
     # Guidance mixes outputs linearly, and every prediction is affine in every other at fixed (x, t): guiding the
     # model's own output is guiding its velocity.
-    predict = guided_velocity(model, cond, null if guided else None, guidance_scale, renorm=renorm)
+    predict = guided_velocity(model, cond, null if guided else None, guidance_scale, renorm=renorm,
+                              renorm_rows=renorm_rows)
     if is_diffusion_sampler(solver):
         if grid is not None:
             raise ValueError(f"the {solver} sampler walks the flow's own grid; it takes no grid or sigmas")
@@ -333,7 +341,7 @@ class Pipeline:
                 null = self.encoders.encode_text(negatives or [""] * len(prompts), seen)
         grid = None
         if self.pipeline_grid is not None:
-            grid = self.pipeline_grid.grid(steps, seq_len=seq_len, sigmas=sigmas)
+            grid = self.pipeline_grid.grid(steps, seq_len=seq_len, sigmas=sigmas, channels=noise.shape[1])
             model = _timed(self.model, self.pipeline_grid.model_time)
         elif sigmas is not None:
             grid = [*shift_time(torch.tensor(sigmas, dtype=torch.float64), shift).tolist(), 0.0]
@@ -341,7 +349,8 @@ class Pipeline:
                                                 solver=solver or s.solver, guidance_scale=scale, shift=shift,
                                                 grid=grid, formulation=self.formulation, options=s,
                                                 generator=torch.Generator().manual_seed(seed),
-                                                renorm=self.config.guidance_renorm)
+                                                renorm=self.config.guidance_renorm,
+                                                renorm_rows=self.config.guidance_renorm_rows)
         return model_to_unit(self.encoders.decode(latents))
 
 

@@ -25,6 +25,7 @@ def guided_velocity(
     *,
     r: bool = False,
     renorm: int = 0,
+    renorm_rows: bool = False,
 ) -> Callable[..., Tensor]:
     """A velocity field ``v(x, t)`` with classifier-free guidance, for :func:`flowmatch.sampling.sample_ode`;
     with ``r=True`` an average velocity ``u(x, t, r)`` for :func:`flowmatch.sampling.sample_average`, the model
@@ -37,7 +38,9 @@ def guided_velocity(
 
     ``renorm`` p > 0 rescales the guided velocity of each p x p patch (all channels: one token of a pipeline that
     packs p x p latent patches) to the conditional velocity's norm there, as QwenImagePipeline's true CFG does:
-    ``g * ||v_c|| / ||g||``; x is then (B, C, H, W) with H and W multiples of p.
+    ``g * ||v_c|| / ||g||``; x is then (B, C, H, W) with H and W multiples of p. ``renorm_rows`` rescales each
+    row of (B, C, H, W) velocities (one channel, one latent row, across the width) so, as Lumina2Pipeline's
+    cfg_normalization does.
     """
     if scale is None or scale == 1.0:
         if r:
@@ -53,6 +56,8 @@ def guided_velocity(
         guided = v_uncond + scale * (v_cond - v_uncond)
         if renorm:
             guided = guided * (_patch_norms(v_cond, renorm) / _patch_norms(guided, renorm))
+        if renorm_rows:
+            guided = guided * (v_cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
         return guided
 
     return velocity
