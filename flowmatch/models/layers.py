@@ -66,7 +66,10 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+AttentionMask = Optional[Tensor]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """Multi-head attention through SDPA.
 
     q: (B, Sq, H, hd), k/v: (B, Sk, H, hd), mask: (B, 1, 1, Sk) bool (True = attend) or None -> (B, Sq, H * hd).
@@ -76,26 +79,38 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused QKV projection and optional QK-norm: (B, S, D) -> (B, S, D).
+    """Multi-head self-attention with a fused QKV projection, optional QK-norm, RoPE and grouped key/value heads:
+    x (B, S, D), mask (B, 1, 1, S) bool, a BlockMask or None, rope or None -> (B, S, D).
 
-    MMDiT-X's second attention of the image stream (SD3.5-medium's `attn2`), over image tokens only.
+    MMDiT-X's second attention of the image stream (SD3.5-medium's `attn2`, over image tokens only), and the
+    attention of the single-stream families: Z-Image (no biases) and Lumina-Image-2 (no biases, ``kv_heads`` key /
+    value heads shared by groups of query heads). The fused projection's rows are queries, then keys, then values.
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, *, qk_norm: bool, eps: float, device=None,
-                 dtype=None) -> None:
+    def __init__(self, dim: int, num_heads: int, head_dim: int, *, qk_norm: bool, eps: float,
+                 kv_heads: Optional[int] = None, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
+        kv_heads = kv_heads or num_heads
+        if num_heads % kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of kv_heads={kv_heads}")
+        self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
         kw = dict(device=device, dtype=dtype)
-        self.qkv = nn.Linear(dim, 3 * dim, **kw)
+        self.qkv = nn.Linear(dim, (num_heads + 2 * kv_heads) * head_dim, bias=bias, **kw)
         self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
         self.k_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
-        self.proj = nn.Linear(dim, dim, **kw)
+        self.proj = nn.Linear(num_heads * head_dim, dim, bias=bias, **kw)
 
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(dim=2)  # (B, S, H, hd)
+    def forward(self, x: Tensor, mask: AttentionMask = None, rope: Optional[RopeTable] = None) -> Tensor:
+        heads = self.qkv(x).unflatten(-1, (-1, self.head_dim))  # (B, S, H + 2 KV, hd)
+        q, k, v = heads.split([self.num_heads, self.kv_heads, self.kv_heads], dim=2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.proj(attention(q, k, v, None))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        group = self.num_heads // self.kv_heads
+        if group > 1:  # query head h reads key/value head h // group
+            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        return self.proj(attention(q, k, v, mask))
 
 
 class StreamWeights(nn.Module):

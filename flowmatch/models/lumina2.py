@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
-from flowmatch.models.embeddings import RopeTable, TimestepEmbedder, apply_rope, patchify, unpatchify
-from flowmatch.models.layers import AdaLNModulation
-from flowmatch.models.mlp import RmsNorm
+from flowmatch.models.embeddings import RopeTable, TimestepEmbedder, patchify, unpatchify
+from flowmatch.models.layers import AdaLNModulation, SelfAttention
+from flowmatch.models.mlp import RmsNorm, SwiGLU
 from flowmatch.models.mmdit import MMDiTConfig
 
 #: The ``MMDiTConfig.rope_layout`` that describes this network rather than an MMDiT.
@@ -48,49 +48,6 @@ def ffn_hidden(cfg: MMDiTConfig) -> int:
     return m * ((cfg.mlp_hidden + m - 1) // m)
 
 
-class SwiGLU(nn.Module):
-    """fc2(silu(fc1(x)) * fc3(x)) without biases, the SiLU in float32: (..., D) -> (..., D)."""
-
-    def __init__(self, dim: int, hidden: int, *, device=None, dtype=None) -> None:
-        super().__init__()
-        kw = dict(bias=False, device=device, dtype=dtype)
-        self.fc1 = nn.Linear(dim, hidden, **kw)
-        self.fc2 = nn.Linear(hidden, dim, **kw)
-        self.fc3 = nn.Linear(dim, hidden, **kw)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate = self.fc1(x)
-        return self.fc2(F.silu(gate.float()).to(gate.dtype) * self.fc3(x))
-
-
-class GroupedAttention(nn.Module):
-    """Self-attention with ``kv_heads`` key/value heads shared by groups of query heads, QK-norm and RoPE, no
-    biases: x (B, S, D), mask (B, 1, 1, S) bool or None, rope -> (B, S, D)."""
-
-    def __init__(self, dim: int, num_heads: int, kv_heads: int, head_dim: int, *, device=None, dtype=None) -> None:
-        super().__init__()
-        if num_heads % kv_heads:
-            raise ValueError(f"num_heads={num_heads} must be a multiple of kv_heads={kv_heads}")
-        self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
-        kw = dict(bias=False, device=device, dtype=dtype)
-        # One matmul for Q, K and V (rows in that order), as the original checkpoint stores them.
-        self.qkv = nn.Linear(dim, (num_heads + 2 * kv_heads) * head_dim, **kw)
-        self.q_norm = RmsNorm(head_dim, eps=QK_NORM_EPS, device=device, dtype=dtype)
-        self.k_norm = RmsNorm(head_dim, eps=QK_NORM_EPS, device=device, dtype=dtype)
-        self.proj = nn.Linear(num_heads * head_dim, dim, **kw)
-
-    def forward(self, x: Tensor, mask: Optional[Tensor], rope: RopeTable) -> Tensor:
-        heads = self.qkv(x).unflatten(-1, (-1, self.head_dim))  # (B, S, H + 2 KV, hd)
-        q, k, v = heads.split([self.num_heads, self.kv_heads, self.kv_heads], dim=2)
-        q, k = self.q_norm(q), self.k_norm(k)  # (B, S, H, hd), (B, S, KV, hd)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        group = self.num_heads // self.kv_heads
-        if group > 1:  # query head h reads key/value head h // group
-            k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return self.proj(out.transpose(1, 2).flatten(2))
-
-
 class Lumina2Block(nn.Module):
     """Sandwich-normalised block with tanh-gated residuals; ``modulated`` blocks scale their inputs and gate their
     outputs from the time vector (noise refiners and joint blocks), the others do neither (context refiners).
@@ -102,8 +59,9 @@ class Lumina2Block(nn.Module):
         super().__init__()
         d, kw = cfg.width, dict(device=device, dtype=dtype)
         self.mod = AdaLNModulation(d, 4, in_dim=min(d, TIME_WIDTH), **kw) if modulated else None
-        self.attn = GroupedAttention(d, cfg.num_heads, cfg.kv_heads or cfg.num_heads, cfg.head_dim, **kw)
-        self.ffn = SwiGLU(d, ffn_hidden(cfg), **kw)
+        self.attn = SelfAttention(d, cfg.num_heads, cfg.head_dim, qk_norm=True, eps=QK_NORM_EPS, kv_heads=cfg.kv_heads,
+                                  bias=False, **kw)
+        self.ffn = SwiGLU(d, ffn_hidden(cfg), gate_fp32=True, **kw)
         self.attn_norm_in = RmsNorm(d, eps=cfg.norm_eps, **kw)
         self.attn_norm_out = RmsNorm(d, eps=cfg.norm_eps, **kw)
         self.ffn_norm_in = RmsNorm(d, eps=cfg.norm_eps, **kw)

@@ -1,4 +1,4 @@
-"""The two small layers every block uses: the two-layer MLP and RMS normalisation.
+"""The small layers every block uses: the two-layer MLP, the bias-free SwiGLU and RMS normalisation.
 
 They are what timm's ``Mlp`` (with p = 0 dropouts and no inner norm) and ``RmsNorm`` (without apex) compute, with
 the same parameter names (``fc1``, ``fc2``, ``weight``) and the same operation order, written here because
@@ -9,6 +9,7 @@ launched training process and test paid for these two layers alone.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -25,6 +26,24 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) without biases: (..., dim) -> (..., dim). The single-stream families' feed-forward
+    (Z-Image, Lumina-Image-2); ``gate_fp32`` takes the SiLU in float32 as Lumina-Image-2 does."""
+
+    def __init__(self, dim: int, hidden: int, *, gate_fp32: bool = False, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_fp32 = gate_fp32
+        self.w1 = nn.Linear(dim, hidden, **kw)
+        self.w2 = nn.Linear(hidden, dim, **kw)
+        self.w3 = nn.Linear(dim, hidden, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.w1(x)
+        act = F.silu(gate.float()).to(gate.dtype) if self.gate_fp32 else F.silu(gate)
+        return self.w2(act * self.w3(x))
 
 
 class RmsNorm(nn.Module):

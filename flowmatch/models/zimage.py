@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
-from flowmatch.models.embeddings import RopeTable, apply_rope, patchify, timestep_embedding, unpatchify
-from flowmatch.models.layers import attention
-from flowmatch.models.mlp import Mlp, RmsNorm
+from flowmatch.models.embeddings import RopeTable, patchify, timestep_embedding, unpatchify
+from flowmatch.models.layers import SelfAttention
+from flowmatch.models.mlp import Mlp, RmsNorm, SwiGLU
 from flowmatch.models.mmdit import EMBEDDER_INIT_STD, MMDiTConfig, check_latents_and_text
 
 #: MMDiTConfig.rope_layout of a Z-Image model: text on the first axis from 1, each sample's image after its padded
@@ -66,40 +66,6 @@ def rope_from_ids(ids: Tensor, axes_dim: Sequence[int], theta: float) -> RopeTab
     return RopeTable(torch.cos(angles), torch.sin(angles))
 
 
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x), no biases: (..., dim) -> (..., dim)."""
-
-    def __init__(self, dim: int, hidden: int, *, device=None, dtype=None) -> None:
-        super().__init__()
-        kw = dict(bias=False, device=device, dtype=dtype)
-        self.w1 = nn.Linear(dim, hidden, **kw)
-        self.w2 = nn.Linear(hidden, dim, **kw)
-        self.w3 = nn.Linear(dim, hidden, **kw)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class Attention(nn.Module):
-    """Self-attention with one bias-free fused Q, K, V projection, a bias-free output projection, per-head RMS
-    QK-norm and RoPE: (B, S, D) -> (B, S, D); mask (B, 1, 1, S) bool (True = attend) or None."""
-
-    def __init__(self, dim: int, num_heads: int, head_dim: int, *, qk_norm: bool, device=None, dtype=None) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
-        kw = dict(device=device, dtype=dtype)
-        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=False, **kw)
-        self.proj = nn.Linear(num_heads * head_dim, dim, bias=False, **kw)
-        self.norm_q = RmsNorm(head_dim, eps=QK_NORM_EPS, **kw) if qk_norm else None
-        self.norm_k = RmsNorm(head_dim, eps=QK_NORM_EPS, **kw) if qk_norm else None
-
-    def forward(self, x: Tensor, mask: Optional[Tensor], rope: RopeTable) -> Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(dim=2)  # (B, S, H, hd)
-        if self.norm_q is not None:
-            q, k = self.norm_q(q), self.norm_k(k)
-        return self.proj(attention(apply_rope(q, rope), apply_rope(k, rope), v, mask))
-
-
 class ZImageBlock(nn.Module):
     """Sandwich-normed single-stream block: ``x + g_a * post_a(attn(pre_a(x) * s_a))`` then
     ``x + g_m * post_m(mlp(pre_m(x) * s_m))``, with (s_a, g_a, s_m, g_m) = (1 + ., tanh, 1 + ., tanh) of one
@@ -112,7 +78,7 @@ class ZImageBlock(nn.Module):
                  eps: float, device=None, dtype=None) -> None:
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.attn = Attention(dim, num_heads, head_dim, qk_norm=qk_norm, **kw)
+        self.attn = SelfAttention(dim, num_heads, head_dim, qk_norm=qk_norm, eps=QK_NORM_EPS, bias=False, **kw)
         self.mlp = SwiGLU(dim, hidden, **kw)
         self.norm_attn, self.norm_attn_out = RmsNorm(dim, eps=eps, **kw), RmsNorm(dim, eps=eps, **kw)
         self.norm_mlp, self.norm_mlp_out = RmsNorm(dim, eps=eps, **kw), RmsNorm(dim, eps=eps, **kw)

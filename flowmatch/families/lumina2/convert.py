@@ -16,7 +16,7 @@ reversed time and velocity; the latents are not packed, the transformer patchifi
     <blocks>.i.attn.q_norm / k_norm          <blocks>.i.attn.norm_q / norm_k
     <blocks>.i.attn_norm_out                 <blocks>.i.norm2
     <blocks>.i.ffn_norm_in / ffn_norm_out    <blocks>.i.ffn_norm1 / ffn_norm2
-    <blocks>.i.ffn.fc1 / fc2 / fc3           <blocks>.i.feed_forward.linear_1 / linear_2 / linear_3
+    <blocks>.i.ffn.w1 / w2 / w3              <blocks>.i.feed_forward.linear_1 / linear_2 / linear_3
     final.mod.linear / final.linear          norm_out.linear_1 / linear_2
 
 with <blocks> one of context_refiner, noise_refiner and layers (the same names on both sides). The modulation
@@ -177,7 +177,7 @@ def _rules(cfg: MMDiTConfig, n: Names) -> list[Rule]:
             rules += [norm(f"{b}.attn_norm_out", f"{b}.{n.norm_out}.weight"),
                       norm(f"{b}.ffn_norm_in", f"{b}.{n.ffn_norms[0]}.weight"),
                       norm(f"{b}.ffn_norm_out", f"{b}.{n.ffn_norms[1]}.weight")]
-            rules += [_weight(f"{b}.ffn.fc{k}", f"{b}.{theirs}") for k, theirs in zip((1, 2, 3), n.ffn)]
+            rules += [_weight(f"{b}.ffn.w{k}", f"{b}.{theirs}") for k, theirs in zip((1, 2, 3), n.ffn)]
     rules += linear("final.mod.linear", n.final[0])
     rules += linear("final.linear", n.final[1])
     return rules

@@ -13,7 +13,7 @@ diffusers' ``model(list(x[:, :, None]), 1 - t, [hidden[i][mask[i]] for i in rang
     image_pad / text_pad              x_pad_token / cap_pad_token           (the same)
     <blocks>.i.attn.qkv               <blocks>.i.attention.to_q|to_k|to_v   .attention.qkv
       .attn.proj                      .attention.to_out.0                   .attention.out
-      .attn.norm_q / norm_k           .attention.norm_q / norm_k            .attention.q_norm / k_norm
+      .attn.q_norm / k_norm           .attention.norm_q / norm_k            .attention.q_norm / k_norm
       .mlp.w1 / w2 / w3               .feed_forward.w1 / w2 / w3            (the same)
       .norm_attn / norm_attn_out      .attention_norm1 / attention_norm2    (the same)
       .norm_mlp / norm_mlp_out        .ffn_norm1 / ffn_norm2                (the same)
@@ -100,8 +100,8 @@ def _block_rules(ours: str, theirs: str, *, modulated: bool, width: int, origina
     rules = [Rule(f"{ours}.attn.qkv.weight", qkv, Copy() if original else Stack((width,) * 3))]
     out, qn, kn = (("out", "q_norm", "k_norm") if original else ("to_out.0", "norm_q", "norm_k"))
     rules += [Rule(f"{ours}.attn.proj.weight", (f"{theirs}.attention.{out}.weight",)),
-              norm(f"{ours}.attn.norm_q", f"{theirs}.attention.{qn}.weight"),
-              norm(f"{ours}.attn.norm_k", f"{theirs}.attention.{kn}.weight")]
+              norm(f"{ours}.attn.q_norm", f"{theirs}.attention.{qn}.weight"),
+              norm(f"{ours}.attn.k_norm", f"{theirs}.attention.{kn}.weight")]
     rules += [Rule(f"{ours}.mlp.{w}.weight", (f"{theirs}.feed_forward.{w}.weight",)) for w in ("w1", "w2", "w3")]
     rules += [norm(f"{ours}.{a}", f"{theirs}.{b}.weight") for a, b in (
         ("norm_attn", "attention_norm1"), ("norm_attn_out", "attention_norm2"), ("norm_mlp", "ffn_norm1"),
