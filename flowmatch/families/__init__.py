@@ -2,7 +2,7 @@
 text and latent layout, time convention, FLOP count, capabilities, diffusers pipeline), registered once here.
 Everything else asks the family of a model section (:func:`family_of`) and never compares family names.
 
-    FAMILIES                       name -> Family (sd3, flux, kontext, qwen_image, qwen_image_edit, chroma, unet)
+    FAMILIES                       name -> Family (sd3, flux, kontext, qwen_image, qwen_image_edit, chroma, flux2, unet)
     get_family("flux")             the Family, or a ValueError with the nearest name
     family_of(recipe.model)        model.family when the recipe states it, else inferred (model.kind, model.rope)
     build_backbone(recipe.model)   family_of(cfg).build(cfg): the network
@@ -21,7 +21,7 @@ from torch import nn
 
 from flowmatch.encoders.combine import SINGLE, SingleLayout, TextLayout
 from flowmatch.errors import choice_error
-from flowmatch.families import chroma, flux, kontext, qwen_image, qwen_image_edit, sd3, unet
+from flowmatch.families import chroma, flux, flux2, kontext, qwen_image, qwen_image_edit, sd3, unet
 from flowmatch.families.spec import Capabilities, Family
 
 __all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone", "check_references", "family_of",
@@ -29,7 +29,7 @@ __all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone"
 
 #: Every family, by name; the order is the order in which a section that names none is matched.
 FAMILIES: dict[str, Family] = {f.name: f for f in (sd3.FAMILY, flux.FAMILY, kontext.FAMILY, qwen_image.FAMILY,
-                                                   qwen_image_edit.FAMILY, chroma.FAMILY, unet.FAMILY)}
+                                                   qwen_image_edit.FAMILY, chroma.FAMILY, flux2.FAMILY, unet.FAMILY)}
 #: The backbones ``model.kind`` names (kept for recipes written before ``model.family``).
 MODEL_KINDS: tuple[str, ...] = tuple(dict.fromkeys(f.kind for f in FAMILIES.values()))
 #: ``text_encoders.combine`` values: one encoder as it is, or a family's pipeline's combination.
