@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowmatch.families.flux2.convert import FIXED
+from flowmatch.families.flux2.convert import AXES_DIM, FIXED
 from flowmatch.families.mmdit import TINY
 
 #: What every FLUX.2 release shares (Flux2Transformer2DModel's defaults, diffusers 0.42): 32 latent channels
-#: packed 2x2 into 128 features, heads of 128 channels, no pooled text vector.
-_FLUX2 = dict(**FIXED, in_channels=32, pooled_dim=0, head_dim=128)
+#: packed 2x2 into 128 features, heads of 128 channels rotated (32, 32, 32, 32) over (time, row, column,
+#: sequence), no pooled text vector.
+_FLUX2 = dict(**FIXED, in_channels=32, pooled_dim=0, head_dim=128, rope_axes_dim=AXES_DIM)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # black-forest-labs/FLUX.2-dev (transformer/config.json): 8 double and 48 single blocks of 48 heads x 128 over
