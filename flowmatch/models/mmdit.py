@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from flowmatch.conditioning import Conditioning
 from flowmatch.models.approximator import ModulationApproximator, Modulations
 from flowmatch.models.embeddings import (
+    ROPE_AXES,
     ROPE_LAYOUTS,
     RopeTable,
     TimestepEmbedder,
@@ -203,17 +204,14 @@ class MMDiTConfig:
         if self.rope_layout == "msrope" and (not self.rope or len(self.axes_dim) != 3):
             raise ValueError("MMDiTConfig.rope_layout=msrope needs rope: true and three rope_axes_dim (frame, "
                              f"rows, columns), got rope={self.rope}, rope_axes_dim={self.rope_axes_dim}")
-        if (self.rope_layout == "flux2") != (self.rope and len(self.axes_dim) == 4):
-            raise ValueError("MMDiTConfig.rope_layout=flux2 and four rope_axes_dim (time, rows, columns, sequence) go "
-                             f"together, with rope: true; got rope={self.rope}, rope_layout={self.rope_layout!r}, "
-                             f"rope_axes_dim={self.rope_axes_dim}")
         if self.rope:
-            axes = self.axes_dim
-            if len(axes) not in (2, 3, 4) or any(d <= 0 or d % 2 for d in axes) or sum(axes) > self.head_dim:
+            axes, counts = self.axes_dim, ROPE_AXES[self.rope_layout]
+            if len(axes) not in counts or any(d <= 0 or d % 2 for d in axes) or sum(axes) > self.head_dim:
                 raise ValueError(
-                    f"MMDiTConfig.rope_axes_dim={self.rope_axes_dim} must be two (rows, columns), three (image "
-                    f"index, rows, columns) or, with rope_layout flux2, four positive even sizes summing to at most "
-                    f"head_dim={self.head_dim}"
+                    f"MMDiTConfig.rope_axes_dim={self.rope_axes_dim} must be {' or '.join(map(str, counts))} positive "
+                    f"even sizes summing to at most head_dim={self.head_dim} for rope_layout {self.rope_layout} "
+                    "(flux: rows, columns or image index, rows, columns; msrope: frame, rows, columns; flux2: time, "
+                    "rows, columns, sequence)"
                 )
         elif self.width % 4:
             raise ValueError(
