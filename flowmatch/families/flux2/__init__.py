@@ -14,9 +14,17 @@ from __future__ import annotations
 from flowmatch.families import mmdit
 from flowmatch.families.flux2 import convert
 from flowmatch.families.flux2.presets import PRESETS
-from flowmatch.families.spec import Capabilities, Family, LatentLayout
+from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.models.lora import ATTENTION
 
+#: Flux2KleinPipeline's chat turn as Qwen3's template renders it (add_generation_prompt, enable_thinking=False).
+KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+#: How Flux2KleinPipeline runs Qwen3 (diffusers 0.42): the template, nothing dropped, hidden_states 9, 18 and 27
+#: side by side, 512 tokens, no pooled vector. It pads every caption to 512 tokens and passes no mask to the
+#: transformer (padding states are seen); flowmatch's decoder LLM masks its padding instead, so pipeline-level
+#: parity needs a max-length padding mode there (not built yet).
+KLEIN_TEXT_ENCODER = dict(template=KLEIN_TEMPLATE, drop_tokens=0, stack_layers=[9, 18, 27], max_length=512,
+                          pooling="none")
 #: FLUX.2's feed-forward layers and single-block projections (diffusers' names), which
 #: examples/dreambooth/train_dreambooth_lora_flux2.py adapts beside the attention.
 FLUX2_EXTRA = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
@@ -48,4 +56,13 @@ FAMILY = Family(
     latents=LatentLayout(channels=32, pack=convert.PACK),
     converter=convert,
     lora_targets=lora_targets,
+    # Flux2KleinPipeline: Qwen3 alone, sigmas linspace(1, 1/N, N) shifted by an empirical mu of the image length
+    # and the step count (compute_empirical_mu, not the scheduler's base/max shift: not reproduced by
+    # PipelineGrid yet), t / 1000 rounded in float32 to the transformer, true CFG 4.0 for the base models
+    # (is_distilled: none); 50 steps by default.
+    diffusers=DiffusersPipeline(
+        pipeline_class="Flux2KleinPipeline", text_encoders=(("qwen3", "text_encoder", "tokenizer"),),
+        t5_tokens=0, clip_hidden_layer=None, t5_dropped="empty", steps=50, guidance_scale=4.0,
+        schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True),
+        decoder_llm=KLEIN_TEXT_ENCODER),
 )
