@@ -83,6 +83,9 @@ class Schedule:
     guidance_renorm: bool = False
     """Classifier-free guidance rescales each token's guided velocity to the conditional one's norm over its packed
     features (QwenImagePipeline's true CFG: ``comb * ||cond|| / ||comb||``)."""
+    mu: Optional[Callable[[int, int], float]] = None
+    """``mu(image_seq_len, steps)``: the dynamic shift's mu the pipeline passes in place of the scheduler config's
+    linear one (FLUX.2's compute_empirical_mu); None = the config's."""
 
 
 @dataclass(frozen=True)

@@ -148,8 +148,8 @@ class PipelineGrid:
         dynamic = bool(self.config.get("use_dynamic_shifting"))
         if sigmas is not None and len(sigmas) != steps:
             raise ValueError(f"sigmas= must hold one value per step ({steps}), got {len(sigmas)}")
-        scheduler.set_timesteps(steps, sigmas=None if sigmas is None else list(sigmas),
-                                mu=self.mu(seq_len) if dynamic else None)
+        mu = self.schedule.mu(seq_len, steps) if self.schedule.mu is not None else self.mu(seq_len)
+        scheduler.set_timesteps(steps, sigmas=None if sigmas is None else list(sigmas), mu=mu if dynamic else None)
         return scheduler.sigmas.double().tolist()
 
     def model_time(self, t):

@@ -20,11 +20,28 @@ from flowmatch.models.lora import ATTENTION
 #: Flux2KleinPipeline's chat turn as Qwen3's template renders it (add_generation_prompt, enable_thinking=False).
 KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 #: How Flux2KleinPipeline runs Qwen3 (diffusers 0.42): the template, nothing dropped, hidden_states 9, 18 and 27
-#: side by side, 512 tokens, no pooled vector. It pads every caption to 512 tokens and passes no mask to the
-#: transformer (padding states are seen); flowmatch's decoder LLM masks its padding instead, so pipeline-level
-#: parity needs a max-length padding mode there (not built yet).
+#: side by side, every caption padded to 512 tokens, all of which (padding included) the transformer sees, no
+#: pooled vector.
 KLEIN_TEXT_ENCODER = dict(template=KLEIN_TEMPLATE, drop_tokens=0, stack_layers=[9, 18, 27], max_length=512,
-                          pooling="none")
+                          padding="max_length", pooling="none")
+#: FLUX.2's empirical mu (Flux2Pipeline's compute_empirical_mu, diffusers 0.42): lines in the image sequence
+#: length fitted at 10 and 200 steps, interpolated linearly in the step count; past this many tokens the 200-step
+#: line alone.
+MU_LONG_SEQ = 4300
+MU_AT_10_STEPS = (8.73809524e-05, 1.89833333)  # (slope per token, intercept)
+MU_AT_200_STEPS = (0.00016927, 0.45666666)
+
+
+def empirical_mu(seq_len: int, steps: int) -> float:
+    """The dynamic shift's mu FLUX.2's pipelines use for ``seq_len`` packed image tokens and ``steps`` steps."""
+    at_200 = MU_AT_200_STEPS[0] * seq_len + MU_AT_200_STEPS[1]
+    if seq_len > MU_LONG_SEQ:
+        return float(at_200)
+    at_10 = MU_AT_10_STEPS[0] * seq_len + MU_AT_10_STEPS[1]
+    per_step = (at_200 - at_10) / 190.0
+    return float(per_step * steps + (at_200 - 200.0 * per_step))
+
+
 #: FLUX.2's feed-forward layers and single-block projections (diffusers' names), which
 #: examples/dreambooth/train_dreambooth_lora_flux2.py adapts beside the attention.
 FLUX2_EXTRA = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
@@ -57,12 +74,12 @@ FAMILY = Family(
     converter=convert,
     lora_targets=lora_targets,
     # Flux2KleinPipeline: Qwen3 alone, sigmas linspace(1, 1/N, N) shifted by an empirical mu of the image length
-    # and the step count (compute_empirical_mu, not the scheduler's base/max shift: not reproduced by
-    # PipelineGrid yet), t / 1000 rounded in float32 to the transformer, true CFG 4.0 for the base models
-    # (is_distilled: none); 50 steps by default.
+    # and the step count (not the scheduler's base/max shift), t / 1000 rounded in float32 to the transformer,
+    # true CFG 4.0 against the empty prompt for the base models (the distilled ones: none); 50 steps by default.
     diffusers=DiffusersPipeline(
         pipeline_class="Flux2KleinPipeline", text_encoders=(("qwen3", "text_encoder", "tokenizer"),),
         t5_tokens=0, clip_hidden_layer=None, t5_dropped="empty", steps=50, guidance_scale=4.0,
-        schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True),
+        schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True,
+                          mu=empirical_mu),
         decoder_llm=KLEIN_TEXT_ENCODER),
 )
