@@ -176,7 +176,7 @@ def test_released_parameter_counts_equal_diffusers_on_meta(preset, context_dim, 
 
 
 def test_tiny_preset_starts_at_zero_and_exports():
-    cfg = config_from_preset("tiny-flux2", in_channels=LATENT_CHANNELS, context_dim=CONTEXT_DIM)
+    cfg = config_from_preset("tiny-flux2-klein-4b", in_channels=LATENT_CHANNELS, context_dim=CONTEXT_DIM)
     ours = MMDiT(cfg)
     x, t, cond = inputs()
     assert torch.count_nonzero(ours(x, t, ours_cond(ours, cond))) == 0  # adaLN-Zero: zero final layer

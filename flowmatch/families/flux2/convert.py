@@ -10,22 +10,26 @@ img_ids (0, row, column, 0) and txt_ids (0, 0, 0, n) (:func:`flowmatch.models.em
 Both embed t * 1000 (and g * 1000). Their sequence is [text, image], ours [image, text]; the pipelines pass no
 mask (every text token, padding included, is seen), which is our ``all_valid`` conditioning.
 
-    flowmatch                        diffusers                                     BFL original
-    patch_embed ((pr, pc, C) cols)   x_embedder ((C, pr, pc) columns)              img_in
-    time_embed.mlp.fc1 / fc2         time_guidance_embed.timestep_embedder.linear_1/2  time_in.in_layer / out_layer
-    guidance_embed.mlp.fc1 / fc2     time_guidance_embed.guidance_embedder.*       guidance_in.*
-    shared_mod.img / txt / single    double_stream_modulation_img / _txt.linear,   double_stream_modulation_img /
-                                     single_stream_modulation.linear               _txt.lin, single_stream_modulation.lin
-    context_embed                    context_embedder                              txt_in
-    joint_blocks.i.img.qkv           transformer_blocks.i.attn.to_q | to_k | to_v  double_blocks.i.img_attn.qkv
-      .img.q_norm / k_norm           .attn.norm_q / norm_k                         .img_attn.norm.query_norm / key_norm
-      .img.proj, .img.mlp.fc1 / fc2  .attn.to_out.0, .ff.linear_in / linear_out    .img_attn.proj, .img_mlp.0 / 2
-      .txt.* (as .img)               .attn.add_*_proj, norm_added_*, to_add_out,   .txt_attn.*, .txt_mlp.*
-                                     .ff_context.*
-    single_blocks.i.linear_in        single_transformer_blocks.i.attn.to_qkv_mlp_proj  single_blocks.i.linear1
-      .q_norm / k_norm, .linear_out  .attn.norm_q / norm_k, .attn.to_out           .norm.query_norm/key_norm, .linear2
-    final.mod.linear (shift, scale)  norm_out.linear (scale, shift)                final_layer.adaLN_modulation.1
-    final.linear ((pr, pc, C) rows)  proj_out ((C, pr, pc) rows)                   final_layer.linear
+    flowmatch                        diffusers                                BFL original
+    patch_embed ((pr, pc, C) cols)   x_embedder ((C, pr, pc) columns)         img_in
+    time_embed.mlp.fc1 / fc2         time_guidance_embed.timestep_embedder.*  time_in.in_layer / out_layer
+    guidance_embed.mlp.fc1 / fc2     time_guidance_embed.guidance_embedder.*  guidance_in.*
+    shared_mod.img / txt             double_stream_modulation_img / _txt      double_stream_modulation_img / _txt
+    shared_mod.single                single_stream_modulation                 single_stream_modulation
+                                     (.linear)                                (.lin)
+    context_embed                    context_embedder                         txt_in
+    joint_blocks.i.img.qkv           transformer_blocks.i.attn.to_q|k|v       double_blocks.i.img_attn.qkv
+      .img.q_norm / k_norm           .attn.norm_q / norm_k                    .img_attn.norm.query_norm / key_norm
+      .img.proj                      .attn.to_out.0                           .img_attn.proj
+      .img.mlp.fc1 / fc2             .ff.linear_in / linear_out               .img_mlp.0 / 2
+      .txt.* (as .img)               .attn.add_*_proj, norm_added_*,          .txt_attn.*, .txt_mlp.*
+                                     to_add_out, .ff_context.*
+    single_blocks.i.linear_in        single_transformer_blocks.i.attn         single_blocks.i.linear1
+                                     .to_qkv_mlp_proj
+      .q_norm / k_norm               .attn.norm_q / norm_k                    .norm.query_norm / key_norm
+      .linear_out                    .attn.to_out                             .linear2
+    final.mod.linear (shift, scale)  norm_out.linear (scale, shift)           final_layer.adaLN_modulation.1
+    final.linear ((pr, pc, C) rows)  proj_out ((C, pr, pc) rows)              final_layer.linear
 
 No tensor has a bias. QK-norm weights are ``.scale`` in the original keys.
 """

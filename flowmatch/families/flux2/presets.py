@@ -26,5 +26,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The test size: klein's modules at test size; the RoPE split (32, 32, 32, 32) of 128 head channels becomes
 # (4, 4, 4, 4) of 16.
-PRESETS["tiny-flux2"] = {**PRESETS["flux2-klein-4b"], **TINY, "pooled_dim": 0, "single_blocks": 2,
+PRESETS["tiny-flux2-klein-4b"] = {**PRESETS["flux2-klein-4b"], **TINY, "pooled_dim": 0, "single_blocks": 2,
                          "rope_axes_dim": [4, 4, 4, 4]}
