@@ -6,8 +6,8 @@ text-stream weights text tokens, single-stream weights both, and the conditionin
 pooled-text MLPs, every adaLN modulation, FLUX.2's shared one) runs once per sample. Normalisation scales (QK-norm,
 the text input norm) multiply elementwise and are not counted. A text stream whose output nothing reads (the last
 joint block's, when no single block follows and the block keeps its whole text stream, as Qwen-Image's) runs its
-output projection and MLP forward only: 2 FLOPs per weight and token, no backward. Attention adds 12 x B x queries x keys x width per
-block (and per MMDiT-X image-only attention).
+output projection and MLP forward only: 2 FLOPs per weight and token, no backward. Attention adds
+12 x B x queries x keys x width per block (and per MMDiT-X image-only attention).
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
 Works on a meta-device model, so sizing a large preset allocates nothing.
 
