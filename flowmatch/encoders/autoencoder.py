@@ -46,6 +46,8 @@ KINDS = ("vae", "identity")
 #: The diffusers VAE classes a `vae` folder may hold; the video ones encode and decode one frame.
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2")
 VIDEO_VAES = ("AutoencoderKLQwenImage",)
+#: The VAE classes normalised by statistics held in their weights (preset ``config``), not by config factors.
+STATISTICS_VAES = ("AutoencoderKLFlux2",)
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Autoencoder:
         config = self.vae.config
         self.video = type(self.vae).__name__ in VIDEO_VAES  # (B, C, T, H, W) videos: images go as one frame
         scale, shift = LATENT_PRESETS[cfg.preset]
-        if cfg.preset == "config" and type(self.vae).__name__ == "AutoencoderKLFlux2":
+        if cfg.preset == "config" and type(self.vae).__name__ in STATISTICS_VAES:
             scale, shift = _patch_statistics(self.vae)
         elif cfg.preset == "config" and config.get("latents_std") is not None:
             # Per-channel statistics (c, 1, 1), computed as QwenImagePipeline computes them (1 / std in float32).
