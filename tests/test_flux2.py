@@ -47,7 +47,8 @@ def inputs(height=8, width=6, batch=2, text_len=7, seed=1, padded=True) -> tuple
     mask = torch.ones(batch, text_len, dtype=torch.bool)
     if padded:
         mask[1, 3:] = False
-    return x, t, Conditioning(hidden, mask, torch.zeros(batch, 0), {"guidance": 1 + 4 * torch.rand(batch, generator=g)})
+    guidance = 1 + 4 * torch.rand(batch, generator=g)
+    return x, t, Conditioning(hidden, mask, torch.zeros(batch, 0), {"guidance": guidance})
 
 
 def reference(theirs: Flux2Transformer2DModel, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -186,3 +187,17 @@ def test_tiny_preset_starts_at_zero_and_exports():
     theirs = to_diffusers(ours)
     assert type(theirs) is Flux2Transformer2DModel and not theirs.config.guidance_embeds
     assert convert_diffusers(flux2_model()).cfg.preset == "custom"
+
+
+def test_flop_count_agrees_with_flop_counter_mode():
+    """Bug caught: the shared modulation counted per image token (it runs once per sample)."""
+    from flowmatch.families import FAMILIES
+    from flowmatch.models.flops import counted_training_flops_per_step
+
+    cfg = config_from_preset("tiny-flux2-klein-4b", in_channels=LATENT_CHANNELS, context_dim=CONTEXT_DIM)
+    estimate = FAMILIES["flux2"].flops(cfg, batch_size=2, latent_size=(16, 16), text_len=8)
+    with torch.device("meta"):  # SDPA is counted there as on an accelerator
+        model = MMDiT(cfg)
+        cond = Conditioning(torch.zeros(1, 8, CONTEXT_DIM), torch.ones(1, 8, dtype=torch.bool), torch.zeros(1, 0))
+        args = (torch.zeros(1, LATENT_CHANNELS, 16, 16), torch.full((1,), 0.5), cond)
+    assert abs(estimate / counted_training_flops_per_step(model, args, batch_size=2) - 1) < 0.02

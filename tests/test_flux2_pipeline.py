@@ -82,3 +82,19 @@ def test_from_diffusers_generates_the_pipelines_images(ours, klein):
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape
     return (a - b).abs().max().item()
+
+
+def test_the_grid_is_the_pipelines_with_its_empirical_mu():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    from flowmatch.sampling.diffusers_schedule import PipelineGrid
+    from tests.tiny_pipelines_flux2 import FLUX2_SCHEDULER
+
+    grid = PipelineGrid(FLUX2_SCHEDULER, "flux2")
+    for seq_len, steps in ((64, 3), (1024, 28), (4096, 50)):
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)
+        scheduler.set_timesteps(steps, sigmas=[1 - i / steps for i in range(steps)],
+                                mu=compute_empirical_mu(seq_len, steps))
+        assert grid.grid(steps, seq_len=seq_len) == scheduler.sigmas.double().tolist()
+    assert grid.mu(64) != compute_empirical_mu(64, 3)  # the config's linear mu is another one: the test can fail
