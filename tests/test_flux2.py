@@ -201,3 +201,36 @@ def test_flop_count_agrees_with_flop_counter_mode():
         cond = Conditioning(torch.zeros(1, 8, CONTEXT_DIM), torch.ones(1, 8, dtype=torch.bool), torch.zeros(1, 0))
         args = (torch.zeros(1, LATENT_CHANNELS, 16, 16), torch.full((1,), 0.5), cond)
     assert abs(estimate / counted_training_flops_per_step(model, args, batch_size=2) - 1) < 0.02
+
+
+def test_a_recipe_whose_encoders_flux2_cannot_take_names_both():
+    from flowmatch.config import recipe_from_dict
+    from flowmatch.errors import RecipeError
+
+    flux_text = {"combine": "flux", "encoders": {
+        "clip_l": {"kind": "clip", "padding": "max_length", "max_length": 77, "pooling": "pooler"},
+        "t5": {"kind": "t5", "padding": "max_length", "max_length": 512}}}
+    with pytest.raises(RecipeError, match=r"model.family: flux2 takes no pooled text vector.*clip_l \(kind clip\)"):
+        recipe_from_dict({"model": {"preset": "tiny-flux2-klein-4b"}, "text_encoders": flux_text})
+    t5_alone = {"combine": "single", "encoders": {"t5": {"kind": "t5", "pooling": "none"}}}
+    assert recipe_from_dict({"model": {"preset": "tiny-flux2-klein-4b"}, "text_encoders": t5_alone}
+                            ).model.modulation == "shared"
+
+
+def test_weights_of_one_family_are_refused_as_another():
+    import dataclasses
+
+    from flowmatch.errors import RecipeError
+    from flowmatch.families.config import ModelConfig
+    from flowmatch.families.presets import preset_values
+    from flowmatch.init_from import with_architecture
+
+    flux2_weights = convert_diffusers(flux2_model()).cfg
+    flux_model = ModelConfig(**{**preset_values("tiny-flux-schnell"), "family": "flux", "init_from": "w/"})
+    with pytest.raises(RecipeError, match=r"model.family: flux.*holds flux2 weights"):
+        with_architecture(flux_model, flux2_weights)
+    flux_weights = config_from_preset("tiny-flux-schnell", in_channels=4, context_dim=20, pooled_dim=12)
+    flux2_cfg = ModelConfig(**{**preset_values("tiny-flux2-klein-4b"), "family": "flux2", "init_from": "w/"})
+    with pytest.raises(RecipeError, match=r"model.family: flux2.*holds flux weights"):
+        with_architecture(flux2_cfg, flux_weights)
+    assert with_architecture(dataclasses.replace(flux2_cfg), flux2_weights).guidance_embed
