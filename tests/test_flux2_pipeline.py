@@ -98,3 +98,15 @@ def test_the_grid_is_the_pipelines_with_its_empirical_mu():
                                 mu=compute_empirical_mu(seq_len, steps))
         assert grid.grid(steps, seq_len=seq_len) == scheduler.sigmas.double().tolist()
     assert grid.mu(64) != compute_empirical_mu(64, 3)  # the config's linear mu is another one: the test can fail
+
+
+def test_the_latent_layout_says_how_the_vae_normalises(tiny_flux2_pipeline):
+    from flowmatch.encoders.autoencoder import STATISTICS_VAES
+    from flowmatch.families import FAMILIES
+
+    layout = FAMILIES["flux2"].latents
+    assert (layout.channels, layout.pack, layout.patch_statistics) == (32, 2, True)
+    configs = encoder_configs_from_pipeline(tiny_flux2_pipeline)  # no config factor overrides the statistics
+    assert (configs.autoencoder.preset, configs.autoencoder.scaling_factor, configs.autoencoder.shift_factor) == (
+        "config", None, None)
+    assert "AutoencoderKLFlux2" in STATISTICS_VAES

@@ -65,6 +65,10 @@ class LatentLayout:
     pack: int
     """Side of the latent patches diffusers' pipeline packs into token features itself (FLUX 2; 1 = none, the
     transformer patchifies). The per-channel scale and shift are the autoencoder's (``autoencoder`` section)."""
+    patch_statistics: bool = False
+    """The released VAE's latents are normalised per packed feature (channel, patch row, patch column) by
+    statistics held in its weights (FLUX.2: AutoencoderKLFlux2's batch norm over 2x2 patches), not by its config's
+    scale and shift; the autoencoder reads them itself (``autoencoder.preset: config``)."""
 
 
 @dataclass(frozen=True)

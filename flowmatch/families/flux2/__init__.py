@@ -42,8 +42,8 @@ def empirical_mu(seq_len: int, steps: int) -> float:
     return float(per_step * steps + (at_200 - 200.0 * per_step))
 
 
-#: FLUX.2's feed-forward layers and single-block projections (diffusers' names), which
-#: examples/dreambooth/train_dreambooth_lora_flux2.py adapts beside the attention.
+#: FLUX.2's feed-forward layers and single-block fused projections (diffusers' names), adapted beside the attention
+#: as FLUX.1's feed-forward and single-block projections are (:data:`flowmatch.families.flux.FLUX_EXTRA`).
 FLUX2_EXTRA = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
                "attn.to_qkv_mlp_proj", "attn.to_out"]
 
@@ -70,7 +70,7 @@ FAMILY = Family(
     capabilities=Capabilities(init_from=True, lora=True, interval_embed=True, block_transforms=True),
     time_scale=mmdit.TIME_SCALE,
     flops=mmdit.flops,
-    latents=LatentLayout(channels=32, pack=convert.PACK),
+    latents=LatentLayout(channels=32, pack=convert.PACK, patch_statistics=True),
     converter=convert,
     lora_targets=lora_targets,
     # Flux2KleinPipeline: Qwen3 alone, sigmas linspace(1, 1/N, N) shifted by an empirical mu of the image length
