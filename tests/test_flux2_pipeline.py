@@ -110,3 +110,31 @@ def test_the_latent_layout_says_how_the_vae_normalises(tiny_flux2_pipeline):
     assert (configs.autoencoder.preset, configs.autoencoder.scaling_factor, configs.autoencoder.shift_factor) == (
         "config", None, None)
     assert "AutoencoderKLFlux2" in STATISTICS_VAES
+
+
+def test_pipeline_latents_are_the_pipelines_patchified():
+    from flowmatch.families.flux2 import pipeline_latents
+
+    x = torch.randn(2, LATENT_CHANNELS, 6, 8)
+    assert torch.equal(pipeline_latents(x), Flux2KleinPipeline._patchify_latents(x))
+
+
+@pytest.mark.slow  # a LoRA file on each side of the tiny pipeline, per format: several seconds each
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui", "kohya"])
+def test_lora_check_agrees_for_every_format(tiny_flux2_pipeline, fmt, tmp_path):
+    from flowmatch.engine.state import write_safetensors
+    from flowmatch.families import family_of
+    from flowmatch.families.convert import from_diffusers
+    from flowmatch.lora_check import check_lora
+    from flowmatch.models.convert.lora import to_lora_file
+    from flowmatch.models.lora import LoraConfig
+    from tests.test_lora_formats import adapted_model
+
+    lora = LoraConfig(rank=4, alpha=8.0)
+    cfg = from_diffusers(tiny_flux2_pipeline).cfg
+    _, chosen, adapters = adapted_model(cfg, lora)
+    file = tmp_path / f"{fmt}.safetensors"
+    write_safetensors(file, *to_lora_file(adapters, chosen, lora, family_of(cfg).lora_formats[fmt], cfg))
+    result = check_lora(file, tiny_flux2_pipeline, prompts=PROMPTS, steps=2, size=SIZE, guidance=3.0)
+    print(f"flux2 {fmt}: reference {result.reference}, max diff {result.max_diff:.2e}, effect {result.effect:.2e}")
+    assert result.format == fmt and result.passed, result.describe()

@@ -123,6 +123,9 @@ class DiffusersPipeline:
     reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None
     """``reference_size(height, width, multiple) -> (height, width)``: the pixel size it resizes a reference image
     to before encoding it (None: it takes no reference images)."""
+    pack_latents: Optional[Callable[[Tensor], Tensor]] = None
+    """``pack_latents(x (B, C, H, W)) -> latents``: what its ``__call__`` takes as ``latents=`` for our noise
+    (None: FLUX.1's ``_pack_latents(x, B, C, H, W)`` when the family packs, else x itself)."""
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ latent channel.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from flowmatch.families import mmdit
-from flowmatch.families.flux2 import convert
+from flowmatch.families.flux2 import convert, lora_formats
 from flowmatch.families.flux2.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.models.lora import ATTENTION
@@ -40,6 +42,14 @@ def empirical_mu(seq_len: int, steps: int) -> float:
     at_10 = MU_AT_10_STEPS[0] * seq_len + MU_AT_10_STEPS[1]
     per_step = (at_200 - at_10) / 190.0
     return float(per_step * steps + (at_200 - 200.0 * per_step))
+
+
+def pipeline_latents(x: Tensor) -> Tensor:
+    """Our latents (B, C, H, W) as FLUX.2's pipelines take ``latents=``: 2x2 patches as (C, p_row, p_col) features,
+    (B, 4 C, H / 2, W / 2) (Flux2Pipeline._patchify_latents)."""
+    b, c, h, w = x.shape
+    p = convert.PACK
+    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, h // p, w // p)
 
 
 #: FLUX.2's feed-forward layers and single-block fused projections (diffusers' names), adapted beside the attention
@@ -73,6 +83,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=32, pack=convert.PACK, patch_statistics=True),
     converter=convert,
     lora_targets=lora_targets,
+    lora_formats=lora_formats.FORMATS,
     # Flux2KleinPipeline: Qwen3 alone, sigmas linspace(1, 1/N, N) shifted by an empirical mu of the image length
     # and the step count (not the scheduler's base/max shift), t / 1000 rounded in float32 to the transformer,
     # true CFG 4.0 against the empty prompt for the base models (the distilled ones: none); 50 steps by default.
@@ -81,5 +92,5 @@ FAMILY = Family(
         t5_tokens=0, clip_hidden_layer=None, t5_dropped="empty", steps=50, guidance_scale=4.0,
         schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True,
                           mu=empirical_mu),
-        decoder_llm=KLEIN_TEXT_ENCODER),
+        decoder_llm=KLEIN_TEXT_ENCODER, pack_latents=pipeline_latents),
 )
