@@ -257,8 +257,8 @@ class MMDiT(nn.Module):
         bias = cfg.bias
         self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, bias=bias, **kw)
         given = cfg.modulation != "adaln"
-        # Either one vector per sample (time + pooled text) that each block modulates from, or the approximator
-        # giving every block its modulation rows from the timestep (Chroma; no pooled text).
+        # Either one vector per sample (time + pooled text) that each block modulates from, or rows handed to the
+        # blocks: the approximator's from the timestep (Chroma; no pooled text) or the shared linears' (FLUX.2).
         self.approximator = ModulationApproximator(
             cfg.depth, cfg.single_blocks, d, channels=cfg.approximator_channels, hidden=cfg.approximator_hidden,
             layers=cfg.approximator_layers, **kw) if cfg.modulation == "approximator" else None
