@@ -66,7 +66,7 @@ CLIP_TOKENS = 77
 #: The preset each family is measured at by default: its released size (the U-Net has only its digits size).
 RELEASE_PRESETS = {"sd3": "sd3-medium", "flux": "flux-dev", "kontext": "flux-kontext-dev", "qwen_image": "qwen-image",
                    "qwen_image_edit": "qwen-image-edit", "chroma": "chroma", "zimage": "zimage",
-                   "lumina2": "lumina2",
+                   "lumina2": "lumina2", "flux2": "flux2-klein-4b",
                    "unet": "digits-unet"}
 #: Encoder-dependent sizes presets leave open: a 16-channel VAE, T5-XXL states, and the pooled CLIP width of the
 #: family's pipeline (SD3: CLIP-L + CLIP-G projections; FLUX: CLIP-L's pooler output).

@@ -113,7 +113,9 @@ def _diffusers_images(base: Path, file: Path, family: Family, prompts: list[str]
         return None, (f"diffusers' {type(pipe).__name__}.load_lora_weights loads nothing from it (no LoRA layer "
                       "in its transformer): diffusers would run it silently without effect")
     latents = noise.to(device)
-    if family.latents.pack > 1:
+    if family.diffusers is not None and family.diffusers.pack_latents is not None:
+        latents = family.diffusers.pack_latents(latents)
+    elif family.latents.pack > 1:
         b, c, h, w = noise.shape
         latents = type(pipe)._pack_latents(latents, b, c, h, w)
     try:

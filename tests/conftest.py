@@ -108,6 +108,14 @@ def tiny_chroma_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux2_pipeline(tmp_path_factory):
+    """Folder of a tiny random FLUX.2 [klein] pipeline (see tests/tiny_pipelines_flux2.py), built once per session."""
+    from tests.tiny_pipelines_flux2 import save_flux2_pipeline  # imports diffusers: only for the tests that ask
+
+    return save_flux2_pipeline(tmp_path_factory.mktemp("tiny-flux2"))
+
+
+@pytest.fixture(scope="session")
 def train_runs(tmp_path_factory, digit_shards):
     """The real training launches of tests/test_train_distributed.py, each started on first use and shared by the
     modules that compare with them (tests/test_launchers.py follows its one-process run): each costs seconds."""

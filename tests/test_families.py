@@ -38,7 +38,8 @@ def _tiny(family) -> ModelConfig:
 
 
 def test_the_registry_lists_each_family_once_with_its_presets():
-    assert list(FAMILIES) == ["sd3", "flux", "kontext", "qwen_image", "qwen_image_edit", "chroma", "zimage", "lumina2", "unet"]
+    assert list(FAMILIES) == ["sd3", "flux", "kontext", "qwen_image", "qwen_image_edit", "chroma", "zimage", "lumina2",
+                              "flux2", "unet"]
     assert set(MODEL_KINDS) == {"mmdit", "unet"}
     assert {name for f in FAMILIES.values() for name in f.presets} == set(PRESETS)
     assert all(PRESET_FAMILY[f.tiny] is f for f in FAMILIES.values())

@@ -4,7 +4,11 @@
 named preset; `identity` trains in pixel space (images in [-1, 1] are the "latents"). A folder holding
 `AutoencoderKLQwenImage` (Qwen-Image's causal 3D VAE) is used with one frame, and its config's per-channel
 ``latents_mean`` / ``latents_std`` are the shift and 1 / scale (preset ``config``), as QwenImagePipeline applies
-them.
+them. A folder holding `AutoencoderKLFlux2` (FLUX.2's 32-channel VAE) is normalised by its batch-norm statistics
+(``bn.running_mean``, ``bn.running_var``), which Flux2Pipeline applies per feature of 2x2-patchified latents: here
+the same numbers act on the unpatchified latents, each channel's 2x2 statistics tiled over the latent grid (the
+feature (c, row % 2, column % 2) of a latent value), so the latents keep their 32 channels and the family packs
+them as FLUX.1's (preset ``config``).
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ LATENT_PRESETS: dict[str, tuple[float, float]] = {
 }
 KINDS = ("vae", "identity")
 #: The diffusers VAE classes a `vae` folder may hold; the video ones encode and decode one frame.
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage", "AutoencoderKLFlux2")
 VIDEO_VAES = ("AutoencoderKLQwenImage",)
+#: The VAE classes normalised by statistics held in their weights (preset ``config``), not by config factors.
+STATISTICS_VAES = ("AutoencoderKLFlux2",)
 
 
 @dataclass
@@ -139,7 +145,9 @@ class Autoencoder:
         config = self.vae.config
         self.video = type(self.vae).__name__ in VIDEO_VAES  # (B, C, T, H, W) videos: images go as one frame
         scale, shift = LATENT_PRESETS[cfg.preset]
-        if cfg.preset == "config" and config.get("latents_std") is not None:
+        if cfg.preset == "config" and type(self.vae).__name__ in STATISTICS_VAES:
+            scale, shift = _patch_statistics(self.vae)
+        elif cfg.preset == "config" and config.get("latents_std") is not None:
             # Per-channel statistics (c, 1, 1), computed as QwenImagePipeline computes them (1 / std in float32).
             scale = (1.0 / torch.tensor(config.latents_std)).view(-1, 1, 1).to(self.device)
             shift = torch.tensor(config.latents_mean).view(-1, 1, 1).to(self.device)
@@ -194,14 +202,35 @@ class Autoencoder:
         dist = self.vae.encode(x[:, :, None] if self.video else x).latent_dist
         z = dist.sample(generator) if self.cfg.sample_posterior and not mean else dist.mean
         z = z[:, :, 0] if self.video else z
-        return (z.float() - self.shift) * self.scale
+        return (z.float() - _tiled(self.shift, z)) * _tiled(self.scale, z)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, c, h, w) -> images (B, C, H, W) in [-1, 1], float32."""
         if self.vae is None:
             return latents.float().clamp(-1, 1)
-        z = latents.to(self.device, self.vae.dtype) / self.scale + self.shift
+        z = latents.to(self.device, self.vae.dtype) / _tiled(self.scale, latents) + _tiled(self.shift, latents)
         if self.video:
             return self.vae.decode(z[:, :, None].to(self.vae.dtype)).sample[:, :, 0].float().clamp(-1, 1)
         return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+
+def _patch_statistics(vae) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / std, mean), each (c, 2, 2), of an AutoencoderKLFlux2's batch-norm over its 2x2-patchified latents,
+    whose feature order is (channel, row, column) (Flux2Pipeline._patchify_latents); std = sqrt(var + eps)."""
+    channels = vae.config.latent_channels
+    std = torch.sqrt(vae.bn.running_var.float() + vae.config.batch_norm_eps)
+    return (1.0 / std).view(channels, 2, 2), vae.bn.running_mean.float().view(channels, 2, 2)
+
+
+def _tiled(factor, z: torch.Tensor):
+    """A latent factor as it applies to latents z (B, c, h, w): a number or (c, 1, 1) as it is, a (c, p, p) patch
+    statistic tiled over the h x w grid."""
+    if not isinstance(factor, torch.Tensor) or factor.shape[-1] == 1:
+        return factor
+    p = factor.shape[-1]
+    h, w = z.shape[-2:]
+    if h % p or w % p:
+        raise ValueError(f"latents of {h}x{w} cannot take {p}x{p}-patch statistics: use sizes divisible by "
+                         f"{p} latent pixels")
+    return factor.repeat(1, h // p, w // p).to(z.device)

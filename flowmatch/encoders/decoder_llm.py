@@ -17,10 +17,12 @@ What the recipe says (``text_encoder`` or ``text_encoders.encoders.NAME``, :clas
     processor_subfolder: null  # a VL processor: encode_with_images also shows the LLM images (Qwen-Image-Edit)
 
 How it runs, as ``QwenImagePipeline._get_qwen_prompt_embeds`` does: the templated texts of a batch are
-tokenized together, padded to the longest and truncated at ``drop_tokens + max_length`` tokens, the LLM runs
-with the attention mask, each text's real tokens are taken and its first ``drop_tokens`` dropped, and the rows are
-right-padded into a :class:`Conditioning` whose mask marks the kept tokens. A causal LLM's states of the first n
-tokens do not depend on the tokens after them, so truncating before the LLM runs or after gives the same states.
+tokenized together, padded to the longest (``padding: max_length``: to ``drop_tokens + max_length``, every
+position then kept as a token, as ``Flux2KleinPipeline`` does) and truncated at ``drop_tokens + max_length``
+tokens, the LLM runs with the attention mask, each text's real tokens are taken and its first ``drop_tokens``
+dropped, and the rows are right-padded into a :class:`Conditioning` whose mask marks the kept tokens. A causal
+LLM's states of the first n tokens do not depend on the tokens after them, so truncating before the LLM runs or
+after gives the same states.
 With a processor (``processor_subfolder``), :meth:`DecoderLLMEncoder.encode_with_images` runs the texts and one
 image per text through it (its image placeholder tokens expanded to the image's patches, as
 ``QwenImageEditPipeline._get_qwen_prompt_embeds`` does) and the LLM sees both; the kept states are cut to
@@ -43,6 +45,10 @@ from flowmatch.encoders.text import TextEncoder, TextEncoderConfig
 
 __all__ = ["DecoderLLMEncoder"]
 
+#: The paddings a decoder LLM takes: longest (real tokens kept, padding masked) or max_length (FLUX.2's pipelines:
+#: every text padded to drop_tokens + max_length tokens, the LLM given its mask, every position a token).
+FIXED_PADDINGS = ("longest", "max_length")
+
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -57,9 +63,10 @@ class DecoderLLMEncoder(TextEncoder):
         if cfg.pooling in ("pooler", "projection"):
             raise ValueError(f"text_encoder.pooling={cfg.pooling} needs a pooler or projection, which a decoder LLM "
                              "has not: use pooling: none (no pooled vector) or mean")
-        if cfg.padding != "longest":
-            raise ValueError("text_encoder.padding=max_length is not how decoder LLM pipelines run them: their "
-                             "texts are padded to the longest and masked; use padding: longest")
+        if cfg.padding not in FIXED_PADDINGS:
+            raise ValueError(f"text_encoder.padding={cfg.padding} is not how decoder LLM pipelines run them: their "
+                             "texts are padded to the longest and masked (padding: longest), or to max_length with "
+                             "every position seen by the model (padding: max_length, FLUX.2's)")
         super().__init__(cfg, device=device)
         self.processor = None
         if cfg.processor_subfolder is not None:
@@ -111,7 +118,7 @@ class DecoderLLMEncoder(TextEncoder):
         c = self.cfg
         texts = [c.empty_template if not caption and c.empty_template is not None else c.template.replace("{}", caption)
                  for caption in captions]
-        tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=c.drop_tokens + c.max_length,
+        tokens = self.tokenizer(texts, padding=c.padding, truncation=True, max_length=c.drop_tokens + c.max_length,
                                 return_tensors="pt").to(self.device)
         return self._states(tokens, captions)
 
@@ -146,7 +153,9 @@ class DecoderLLMEncoder(TextEncoder):
             raise ValueError(f"text_encoder.drop_tokens={c.drop_tokens} drops every token of caption "
                              f"{captions[short[0]]!r} as templated: the template's prefix is shorter than that; "
                              "count its tokens with the tokenizer and set drop_tokens to it")
-        rows = [states[i][mask[i]][c.drop_tokens:c.drop_tokens + c.max_length]  # each (n_i, D * k)
+        # max_length: every position, padding included, is a token (FLUX.2's pipelines hand the model all of them)
+        keep = torch.ones_like(mask) if c.padding == "max_length" else mask
+        rows = [states[i][keep[i]][c.drop_tokens:c.drop_tokens + c.max_length]  # each (n_i, D * k)
                 for i in range(len(captions))]
         cond = Conditioning.from_rows(rows, [row.new_zeros(0) for row in rows])
         # from_rows knows from the rows' lengths (host-side) whether any token is padding: kept, so that captions

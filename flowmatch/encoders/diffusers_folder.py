@@ -163,8 +163,9 @@ def encoder_configs_from_pipeline(path: str | os.PathLike, *, dtype: str = "auto
     guidance_embed = bool(transformer.get("guidance_embeds", False))
     vae = read_pipeline_json(path, "vae/config.json")
     scheduler = read_pipeline_json(path, "scheduler/scheduler_config.json")
-    # Per-channel statistics (AutoencoderKLQwenImage) are read from the VAE's config by preset "config" itself.
-    per_channel = vae.get("latents_std") is not None
+    # Per-channel statistics (AutoencoderKLQwenImage's config, the batch-norm weights of a family whose latents
+    # have patch statistics: FLUX.2's AutoencoderKLFlux2) are read by preset "config" itself.
+    per_channel = vae.get("latents_std") is not None or family.latents.patch_statistics
     factors = (None, None) if per_channel else (float(vae.get("scaling_factor", 1.0)),
                                                 float(vae.get("shift_factor") or 0.0))
     return PipelineEncoderConfigs(

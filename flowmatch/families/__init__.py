@@ -3,7 +3,7 @@ text and latent layout, time convention, FLOP count, capabilities, diffusers pip
 Everything else asks the family of a model section (:func:`family_of`) and never compares family names.
 
     FAMILIES                       name -> Family (sd3, flux, kontext, qwen_image, qwen_image_edit, chroma,
-                                   lumina2, unet)
+                                   zimage, lumina2, flux2, unet)
     get_family("flux")             the Family, or a ValueError with the nearest name
     family_of(recipe.model)        model.family when the recipe states it, else inferred (model.kind, model.rope)
     build_backbone(recipe.model)   family_of(cfg).build(cfg): the network
@@ -22,7 +22,7 @@ from torch import nn
 
 from flowmatch.encoders.combine import SINGLE, SingleLayout, TextLayout
 from flowmatch.errors import choice_error
-from flowmatch.families import chroma, flux, kontext, lumina2, qwen_image, qwen_image_edit, sd3, unet, zimage
+from flowmatch.families import chroma, flux, flux2, kontext, lumina2, qwen_image, qwen_image_edit, sd3, unet, zimage
 from flowmatch.families.spec import Capabilities, Family
 
 __all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone", "check_references", "family_of",
@@ -31,7 +31,7 @@ __all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone"
 #: Every family, by name; the order is the order in which a section that names none is matched.
 FAMILIES: dict[str, Family] = {f.name: f for f in (sd3.FAMILY, flux.FAMILY, kontext.FAMILY, qwen_image.FAMILY,
                                                    qwen_image_edit.FAMILY, chroma.FAMILY, zimage.FAMILY,
-                                                   lumina2.FAMILY, unet.FAMILY)}
+                                                   lumina2.FAMILY, flux2.FAMILY, unet.FAMILY)}
 #: The backbones ``model.kind`` names (kept for recipes written before ``model.family``).
 MODEL_KINDS: tuple[str, ...] = tuple(dict.fromkeys(f.kind for f in FAMILIES.values()))
 #: ``text_encoders.combine`` values: one encoder as it is, or a family's pipeline's combination.

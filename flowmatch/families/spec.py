@@ -65,6 +65,10 @@ class LatentLayout:
     pack: int
     """Side of the latent patches diffusers' pipeline packs into token features itself (FLUX 2; 1 = none, the
     transformer patchifies). The per-channel scale and shift are the autoencoder's (``autoencoder`` section)."""
+    patch_statistics: bool = False
+    """The released VAE's latents are normalised per packed feature (channel, patch row, patch column) by
+    statistics held in its weights (FLUX.2: AutoencoderKLFlux2's batch norm over 2x2 patches), not by its config's
+    scale and shift; the autoencoder reads them itself (``autoencoder.preset: config``)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,9 @@ class Schedule:
     mu_from_channels: bool = False
     """A dynamic-shift scheduler's ``mu`` is computed from the latents' channel count where the image sequence
     length belongs (Lumina2Pipeline passes ``latents.shape[1]`` of its (B, C, H, W) latents as image_seq_len)."""
+    mu: Optional[Callable[[int, int], float]] = None
+    """``mu(image_seq_len, steps)``: the dynamic shift's mu the pipeline passes in place of the scheduler config's
+    linear one (FLUX.2's compute_empirical_mu); None = the config's."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,9 @@ class DiffusersPipeline:
     reference_size: Optional[Callable[[int, int, int], tuple[int, int]]] = None
     """``reference_size(height, width, multiple) -> (height, width)``: the pixel size it resizes a reference image
     to before encoding it (None: it takes no reference images)."""
+    pack_latents: Optional[Callable[[Tensor], Tensor]] = None
+    """``pack_latents(x (B, C, H, W)) -> latents``: what its ``__call__`` takes as ``latents=`` for our noise
+    (None: FLUX.1's ``_pack_latents(x, B, C, H, W)`` when the family packs, else x itself)."""
 
 
 @dataclass(frozen=True)

@@ -108,20 +108,22 @@ def timestep_embedding(t: Tensor, dim: int, scale: float = 1.0) -> Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def mlp_embedder(in_dim: int, dim: int, *, device=None, dtype=None) -> Mlp:
+def mlp_embedder(in_dim: int, dim: int, *, bias: bool = True, device=None, dtype=None) -> Mlp:
     """Two-layer SiLU MLP (`Mlp`, hidden width `dim`) mapping a per-sample vector to the model width:
-    (B, in_dim) -> (B, dim). SD3's timestep and pooled-text embedders."""
-    return Mlp(in_dim, hidden_features=dim, out_features=dim, act_layer=nn.SiLU, device=device, dtype=dtype)
+    (B, in_dim) -> (B, dim). SD3's timestep and pooled-text embedders (FLUX.2's without biases)."""
+    return Mlp(in_dim, hidden_features=dim, out_features=dim, act_layer=nn.SiLU, bias=bias, device=device,
+               dtype=dtype)
 
 
 class TimestepEmbedder(nn.Module):
     """t (B,) -> (B, dim); the sinusoid stays float32 even under bf16. `scale` multiplies the sinusoid's angles
     (:func:`timestep_embedding`); with the default 1, t comes already multiplied by the time scale."""
 
-    def __init__(self, freq_dim: int, dim: int, *, scale: float = 1.0, device=None, dtype=None) -> None:
+    def __init__(self, freq_dim: int, dim: int, *, scale: float = 1.0, bias: bool = True, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.freq_dim, self.scale = freq_dim, scale
-        self.mlp = mlp_embedder(freq_dim, dim, device=device, dtype=dtype)
+        self.mlp = mlp_embedder(freq_dim, dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, t: Tensor) -> Tensor:
         freqs = timestep_embedding(t, self.freq_dim, self.scale)
@@ -208,8 +210,37 @@ def msrope_table(
     return RopeTable(torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :])
 
 
+def flux2_rope_table(
+    grid_h: int, grid_w: int, text_len: int, *, head_dim: int, axes_dim: Sequence[int], theta: float, device,
+    references: Sequence[tuple[int, int]] = (),
+) -> RopeTable:
+    """RoPE angles as in FLUX.2, rows [image, text], over four axes (time, row, column, sequence): an image
+    token (i, j) has ids (0, i, j, 0) and text token n has (0, 0, 0, n), so, unlike FLUX.1, text tokens are
+    rotated by their place in the caption. Axis a rotates the next axes_dim[a] channels at frequencies
+    theta^(-2m / axes_dim[a]), computed in float64 where the device has it (as Flux2PosEmbed does); channels past
+    the axes are not rotated. No reference images (FLUX.2's editing inputs are not implemented)."""
+    if len(axes_dim) != 4 or references:
+        raise ValueError(f"FLUX.2's RoPE rotates four axes (time, row, column, sequence) and takes no reference "
+                         f"images here, got axes_dim={list(axes_dim)}, {len(references)} reference(s)")
+    dtype = _trig_dtype(torch.device(device))
+    rows = torch.arange(grid_h, device=device, dtype=dtype).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device, dtype=dtype).repeat(grid_h)
+    zeros_img, zeros_txt = rows.new_zeros(grid_h * grid_w), rows.new_zeros(text_len)
+    seq = torch.arange(text_len, device=device, dtype=dtype)
+    ids = [torch.cat([zeros_img, zeros_txt]), torch.cat([rows, zeros_txt]), torch.cat([cols, zeros_txt]),
+           torch.cat([zeros_img, seq])]  # 4 x (S,)
+    parts = []
+    for pos, d in zip(ids, axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=dtype) / d)
+        parts.append(pos[:, None] * freqs[None, :])  # (S, d / 2)
+    angles = F.pad(torch.cat(parts, dim=1), (0, head_dim // 2 - sum(axes_dim) // 2))  # (S, head_dim / 2)
+    return RopeTable(torch.cos(angles).float()[:, None, :], torch.sin(angles).float()[:, None, :])
+
+
 #: How token positions become RoPE angles, by ``MMDiTConfig.rope_layout``.
-ROPE_LAYOUTS = {"flux": rope_table, "msrope": msrope_table}
+ROPE_LAYOUTS = {"flux": rope_table, "msrope": msrope_table, "flux2": flux2_rope_table}
+#: How many position axes (``MMDiTConfig.rope_axes_dim`` entries) each layout takes.
+ROPE_AXES = {"flux": (2, 3), "msrope": (3,), "flux2": (4,)}
 
 
 def apply_rope(x: Tensor, table: Optional[RopeTable]) -> Tensor:

@@ -3,11 +3,11 @@
 The estimate is the usual 6 x parameters x tokens (forward 2, backward 4 FLOPs per weight and token; Kaplan et
 al. 2020), applied to each weight with the tokens it actually sees: image-stream weights see image tokens,
 text-stream weights text tokens, single-stream weights both, and the conditioning path (timestep, guidance and
-pooled-text MLPs, every adaLN modulation) runs once per sample. Normalisation scales (QK-norm, the text input norm)
-multiply elementwise and are not counted. A text stream whose output nothing reads (the last joint block's, when
-no single block follows and the block keeps its whole text stream, as Qwen-Image's) runs its output projection and
-MLP forward only: 2 FLOPs per weight and token, no backward. Attention adds 12 x B x queries x keys x width per
-block (and per MMDiT-X image-only attention).
+pooled-text MLPs, every adaLN modulation, FLUX.2's shared one) runs once per sample. Normalisation scales (QK-norm,
+the text input norm) multiply elementwise and are not counted. A text stream whose output nothing reads (the last
+joint block's, when no single block follows and the block keeps its whole text stream, as Qwen-Image's) runs its
+output projection and MLP forward only: 2 FLOPs per weight and token, no backward. Attention adds
+12 x B x queries x keys x width per block (and per MMDiT-X image-only attention).
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
 Works on a meta-device model, so sizing a large preset allocates nothing.
 
@@ -75,7 +75,8 @@ class StepFlops:
 def _group(name: str) -> str:
     if name.endswith("norm.weight"):
         return "elementwise"
-    if ".mod." in name or name.startswith(("time_embed.", "guidance_embed.", "pooled_embed.", "approximator.")):
+    if ".mod." in name or name.startswith((
+            "time_embed.", "guidance_embed.", "pooled_embed.", "approximator.", "shared_mod.")):
         return "per_sample"
     if name.startswith("single_blocks."):
         return "joint_token"

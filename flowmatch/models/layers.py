@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmatch.models.embeddings import RopeTable, apply_rope
+from flowmatch.models.flux2 import GatedMlp, SwiGLU
 from flowmatch.models.mlp import Mlp, RmsNorm
 
 #: The MLP activation of SD3 and FLUX: tanh-approximated GELU.
@@ -35,10 +36,11 @@ class AdaLNModulation(nn.Module):
     """SiLU + linear map of the conditioning vector to `chunks` modulation vectors: (B, in_dim) -> chunks x
     (B, 1, D); ``in_dim`` None = D."""
 
-    def __init__(self, dim: int, chunks: int, *, in_dim: Optional[int] = None, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, chunks: int, *, in_dim: Optional[int] = None, bias: bool = True, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.chunks = chunks
-        self.linear = nn.Linear(in_dim or dim, chunks * dim, device=device, dtype=dtype)
+        self.linear = nn.Linear(in_dim or dim, chunks * dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
         return self.linear(F.silu(vec))[:, None, :].chunk(self.chunks, dim=-1)
@@ -56,9 +58,11 @@ class GivenModulation(nn.Module):
         return vec[:, self.start:self.start + self.chunks, None].unbind(dim=1)
 
 
-def modulation(dim: int, chunks: int, *, given: bool, start: int = 0, device=None, dtype=None) -> nn.Module:
+def modulation(dim: int, chunks: int, *, given: bool, start: int = 0, bias: bool = True, device=None,
+               dtype=None) -> nn.Module:
     """A block's modulation: its own adaLN linear, or, when ``given``, rows ``start``.. of a stack from outside."""
-    return GivenModulation(chunks, start) if given else AdaLNModulation(dim, chunks, device=device, dtype=dtype)
+    return GivenModulation(chunks, start) if given else AdaLNModulation(dim, chunks, bias=bias, device=device,
+                                                                         dtype=dtype)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
@@ -119,28 +123,31 @@ class StreamWeights(nn.Module):
     A `pre_only` stream (the text stream of SD3's last joint block) only supplies keys and values: its own
     outputs would be discarded, so it has no query, output projection or MLP, and only shift/scale modulation.
     A `dual` stream (the image stream of an MMDiT-X block) has a second attention, `attn2`, over its own tokens,
-    with three more modulation vectors.
+    with three more modulation vectors. ``bias`` False drops every linear's bias and ``gated`` makes the MLP
+    FLUX.2's SwiGLU (:class:`flowmatch.models.flux2.GatedMlp`).
     """
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
-        pre_only: bool = False, dual: bool = False, given_mod: bool = False, mod_start: int = 0, device=None,
-        dtype=None,
+        pre_only: bool = False, dual: bool = False, given_mod: bool = False, mod_start: int = 0, bias: bool = True,
+        gated: bool = False, device=None, dtype=None,
     ) -> None:
         super().__init__()
         if pre_only and dual:
             raise ValueError("a context-pre-only stream cannot have a second attention")
         self.num_heads, self.head_dim, self.pre_only = num_heads, head_dim, pre_only
         kw = dict(device=device, dtype=dtype)
-        self.mod = modulation(dim, 2 if pre_only else 9 if dual else 6, given=given_mod, start=mod_start, **kw)
+        self.mod = modulation(dim, 2 if pre_only else 9 if dual else 6, given=given_mod, start=mod_start, bias=bias,
+                              **kw)
         # One matmul for Q, K and V (K and V only when pre_only): fewer, larger GEMMs than three projections.
-        self.qkv = nn.Linear(dim, (2 if pre_only else 3) * dim, **kw)
+        self.qkv = nn.Linear(dim, (2 if pre_only else 3) * dim, bias=bias, **kw)
         self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm and not pre_only else None
         self.k_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
         if not pre_only:
-            self.proj = nn.Linear(dim, dim, **kw)
+            self.proj = nn.Linear(dim, dim, bias=bias, **kw)
             # Position-wise feed-forward: (B, S, D) -> (B, S, D).
-            self.mlp = Mlp(dim, hidden_features=mlp_hidden, act_layer=GELU_TANH, **kw)
+            self.mlp = (GatedMlp(dim, mlp_hidden, bias=bias, **kw) if gated
+                        else Mlp(dim, hidden_features=mlp_hidden, act_layer=GELU_TANH, bias=bias, **kw))
         self.attn2 = SelfAttention(dim, num_heads, head_dim, qk_norm=qk_norm, eps=eps, **kw) if dual else None
 
     def heads(self, x: Tensor) -> tuple[Optional[Tensor], Tensor, Tensor]:
@@ -164,12 +171,13 @@ class JointBlock(nn.Module):
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
-        context_pre_only: bool = False, dual: bool = False, given_mod: bool = False, device=None, dtype=None,
+        context_pre_only: bool = False, dual: bool = False, given_mod: bool = False, bias: bool = True,
+        gated: bool = False, device=None, dtype=None,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.context_pre_only = context_pre_only
-        kw = dict(qk_norm=qk_norm, eps=eps, given_mod=given_mod, device=device, dtype=dtype)
+        kw = dict(qk_norm=qk_norm, eps=eps, given_mod=given_mod, bias=bias, gated=gated, device=device, dtype=dtype)
         self.img = StreamWeights(dim, num_heads, head_dim, mlp_hidden, dual=dual, **kw)
         # given_mod: vec is (B, 6 + 6, D), the image stream's modulation rows then the text stream's
         self.txt = StreamWeights(dim, num_heads, head_dim, mlp_hidden, pre_only=context_pre_only, mod_start=6, **kw)
@@ -207,31 +215,33 @@ class JointBlock(nn.Module):
 
 class SingleBlock(nn.Module):
     """FLUX single-stream block: shared weights over the joint sequence, attention and MLP computed in parallel
-    from one input projection and merged by one output projection.
+    from one input projection and merged by one output projection; ``gated``: FLUX.2's, whose MLP part of the
+    input projection is 2 * mlp_hidden wide, gated by SwiGLU.
 
     forward(h (B, S, D), vec (B, D), or (B, 3, D) with given_mod, mask (B, 1, 1, S) or None, rope) -> (B, S, D)
     """
 
     def __init__(
         self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *, qk_norm: bool, eps: float,
-        given_mod: bool = False, device=None, dtype=None,
+        given_mod: bool = False, bias: bool = True, gated: bool = False, device=None, dtype=None,
     ) -> None:
         super().__init__()
         self.dim, self.num_heads, self.head_dim, self.eps = dim, num_heads, head_dim, eps
         self.mlp_hidden = mlp_hidden
+        self.mlp_in = 2 * mlp_hidden if gated else mlp_hidden  # the MLP's share of linear_in
         kw = dict(device=device, dtype=dtype)
-        self.mod = modulation(dim, 3, given=given_mod, **kw)
-        self.linear_in = nn.Linear(dim, 3 * dim + mlp_hidden, **kw)
-        self.linear_out = nn.Linear(dim + mlp_hidden, dim, **kw)
+        self.mod = modulation(dim, 3, given=given_mod, bias=bias, **kw)
+        self.linear_in = nn.Linear(dim, 3 * dim + self.mlp_in, bias=bias, **kw)
+        self.linear_out = nn.Linear(dim + mlp_hidden, dim, bias=bias, **kw)
         self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
         self.k_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
-        self.mlp_act = GELU_TANH()
+        self.mlp_act = SwiGLU() if gated else GELU_TANH()
 
     def forward(
         self, h: Tensor, vec: Tensor, mask: Optional[Tensor] = None, rope: Optional[RopeTable] = None
     ) -> Tensor:
         shift, scale, gate = self.mod(vec)
-        qkv, mlp = self.linear_in(modulate(h, shift, scale, self.eps)).split([3 * self.dim, self.mlp_hidden], -1)
+        qkv, mlp = self.linear_in(modulate(h, shift, scale, self.eps)).split([3 * self.dim, self.mlp_in], -1)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(dim=2)  # (B, S, H, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -244,12 +254,12 @@ class FinalLayer(nn.Module):
     """adaLN (shift, scale) then a linear map of image tokens to patch pixels: (B, N, D) -> (B, N, p * p * C_out);
     vec (B, D), or the (B, 2, D) shift and scale with given_mod."""
 
-    def __init__(self, dim: int, out_features: int, *, eps: float, given_mod: bool = False, device=None,
-                 dtype=None) -> None:
+    def __init__(self, dim: int, out_features: int, *, eps: float, given_mod: bool = False, bias: bool = True,
+                 device=None, dtype=None) -> None:
         super().__init__()
         self.eps = eps
-        self.mod = modulation(dim, 2, given=given_mod, device=device, dtype=dtype)
-        self.linear = nn.Linear(dim, out_features, device=device, dtype=dtype)
+        self.mod = modulation(dim, 2, given=given_mod, bias=bias, device=device, dtype=dtype)
+        self.linear = nn.Linear(dim, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.mod(vec)

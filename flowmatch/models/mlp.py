@@ -17,12 +17,12 @@ class Mlp(nn.Module):
     """fc1 -> act -> fc2: (..., in_features) -> (..., out_features)."""
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
-                 act_layer: type[nn.Module] = nn.GELU, *, device=None, dtype=None) -> None:
+                 act_layer: type[nn.Module] = nn.GELU, *, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, device=device, dtype=dtype)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -2,7 +2,8 @@
 with the options that make the released SD3.5, FLUX.1 and Qwen-Image architectures: MMDiT-X blocks (a second,
 image-only attention; SD3.5-medium), FLUX single-stream blocks, RoPE over 2 or 3 position axes in FLUX's or
 Qwen-Image's MSRoPE layout, a guidance embedding (FLUX.1-dev), no pooled text vector and an RMS-normalised text
-input (Qwen-Image), and the modulation approximator in place of per-block modulation (Chroma).
+input (Qwen-Image), the modulation approximator in place of per-block modulation (Chroma), and FLUX.2's
+modulation shared by all blocks, SwiGLU MLPs, bias-free linears and four-axis RoPE (:mod:`flowmatch.models.flux2`).
 `flowmatch.families` names each released layout (its presets).
 
 Time convention (flowmatch-wide): t = 0 is data, t = 1 is noise; the model predicts the velocity noise - x0.
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from flowmatch.conditioning import Conditioning
 from flowmatch.models.approximator import ModulationApproximator, Modulations
 from flowmatch.models.embeddings import (
+    ROPE_AXES,
     ROPE_LAYOUTS,
     RopeTable,
     TimestepEmbedder,
@@ -27,6 +29,7 @@ from flowmatch.models.embeddings import (
     sincos_pos_embed_2d,
     unpatchify,
 )
+from flowmatch.models.flux2 import SharedModulation
 from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
 from flowmatch.models.mlp import RmsNorm
 
@@ -34,7 +37,9 @@ from flowmatch.models.mlp import RmsNorm
 #: captions-first sequence, flowmatch.models.lumina2), not by the MMDiT's position tables.
 SEQUENCE_ROPE_LAYOUTS = ("lumina2",)  # flowmatch.models.lumina2.ROPE_LAYOUT
 #: Where the blocks' modulation comes from (MMDiTConfig.modulation).
-MODULATIONS = ("adaln", "approximator")
+MODULATIONS = ("adaln", "approximator", "shared")
+#: The MLPs' form (MMDiTConfig.mlp).
+MLPS = ("gelu", "swiglu")
 #: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
 EMBEDDER_INIT_STD = 0.02
 
@@ -108,7 +113,8 @@ class MMDiTConfig:
     0 = a text-to-image model)."""
     modulation: str = "adaln"
     """Where the blocks' adaLN modulation comes from: adaln (each block's own linear of the timestep + pooled-text
-    vector: SD3, FLUX) | approximator (one MLP of the timestep for every block, no pooled text: Chroma)."""
+    vector: SD3, FLUX) | approximator (one MLP of the timestep for every block, no pooled text: Chroma) | shared
+    (one linear per stream type of the time + guidance vector, its output given to every block: FLUX.2)."""
     approximator_channels: int = 64
     """modulation: approximator: input channels per modulation row (time, guidance and row-index sinusoids)."""
     approximator_hidden: int = 5120
@@ -127,6 +133,11 @@ class MMDiTConfig:
     ffn_multiple_of: int = 1
     """The SwiGLU hidden width int(mlp_ratio * width) is rounded up to a multiple of this (Lumina-Image-2's
     multiple_of)."""
+    bias: bool = True
+    """Linear layers carry biases (False: none has one, FLUX.2)."""
+    mlp: str = "gelu"
+    """The MLPs: gelu (fc1, tanh-GELU, fc2: SD3, FLUX.1) | swiglu (fc1 to twice the hidden width, its halves
+    gated as silu(a) * b, fc2: FLUX.2)."""
 
     @property
     def width(self) -> int:
@@ -154,6 +165,11 @@ class MMDiTConfig:
         """Raise ValueError naming the first inconsistent field."""
         if self.modulation not in MODULATIONS:
             raise ValueError(f"MMDiTConfig.modulation must be one of {MODULATIONS}, got {self.modulation!r}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"MMDiTConfig.mlp must be one of {MLPS}, got {self.mlp!r}")
+        if self.modulation == "shared" and (self.dual_attention_layers or self.single_blocks < 1):
+            raise ValueError("MMDiTConfig.modulation=shared (FLUX.2) gives joint and single blocks one modulation "
+                             "each: it takes single blocks and no dual_attention_layers")
         given = self.modulation == "approximator"
         if given:
             extras = [n for n in ("guidance_embed", "interval_embed", "references", "dual_attention_layers")
@@ -203,11 +219,13 @@ class MMDiTConfig:
             raise ValueError("MMDiTConfig.rope_layout=msrope needs rope: true and three rope_axes_dim (frame, "
                              f"rows, columns), got rope={self.rope}, rope_axes_dim={self.rope_axes_dim}")
         if self.rope:
-            axes = self.axes_dim
-            if len(axes) not in (2, 3) or any(d <= 0 or d % 2 for d in axes) or sum(axes) > self.head_dim:
+            axes, counts = self.axes_dim, ROPE_AXES[self.rope_layout]
+            if len(axes) not in counts or any(d <= 0 or d % 2 for d in axes) or sum(axes) > self.head_dim:
                 raise ValueError(
-                    f"MMDiTConfig.rope_axes_dim={self.rope_axes_dim} must be two (rows, columns) or three (image "
-                    f"index, rows, columns) positive even sizes summing to at most head_dim={self.head_dim}"
+                    f"MMDiTConfig.rope_axes_dim={self.rope_axes_dim} must be {' or '.join(map(str, counts))} positive "
+                    f"even sizes summing to at most head_dim={self.head_dim} for rope_layout {self.rope_layout} "
+                    "(flux: rows, columns or image index, rows, columns; msrope: frame, rows, columns; flux2: time, "
+                    "rows, columns, sequence)"
                 )
         elif self.width % 4:
             raise ValueError(
@@ -268,24 +286,28 @@ class MMDiT(nn.Module):
         # A linear over patchified tokens rather than timm's `PatchEmbed`, a strided conv computing the same map:
         # the linear keeps the weight's name and (D, p * p * C) shape that existing checkpoints hold, and its
         # (p_row, p_col, C) feature order is the one the final layer produces for `unpatchify`.
-        self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, **kw)
-        given = cfg.modulation == "approximator"
-        # Either one vector per sample (time + pooled text) that each block modulates from, or the approximator
-        # giving every block its modulation rows from the timestep (Chroma; no pooled text).
+        bias = cfg.bias
+        self.patch_embed = nn.Linear(p * p * cfg.in_channels, d, bias=bias, **kw)
+        given = cfg.modulation != "adaln"
+        # Either one vector per sample (time + pooled text) that each block modulates from, or rows handed to the
+        # blocks: the approximator's from the timestep (Chroma; no pooled text) or the shared linears' (FLUX.2).
         self.approximator = ModulationApproximator(
             cfg.depth, cfg.single_blocks, d, channels=cfg.approximator_channels, hidden=cfg.approximator_hidden,
-            layers=cfg.approximator_layers, **kw) if given else None
+            layers=cfg.approximator_layers, **kw) if cfg.modulation == "approximator" else None
+        self.shared_mod = SharedModulation(d, cfg.depth, cfg.single_blocks, bias=bias, **kw
+                                           ) if cfg.modulation == "shared" else None
         # Where the time scale applies: to t (SD3, FLUX) or to the sinusoid's angles (time_scale_last).
         self.time_input_scale = 1.0 if cfg.time_scale_last else cfg.time_scale
-        self.time_embed = None if given else TimestepEmbedder(
-            cfg.time_freq_dim, d, scale=cfg.time_scale if cfg.time_scale_last else 1.0, **kw)
-        self.guidance_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.guidance_embed else None
-        self.interval_embed = TimestepEmbedder(cfg.time_freq_dim, d, **kw) if cfg.interval_embed else None
-        self.pooled_embed = mlp_embedder(cfg.pooled_dim, d, **kw) if cfg.pooled_dim else None
+        self.time_embed = None if self.approximator is not None else TimestepEmbedder(
+            cfg.time_freq_dim, d, scale=cfg.time_scale if cfg.time_scale_last else 1.0, bias=bias, **kw)
+        self.guidance_embed = TimestepEmbedder(cfg.time_freq_dim, d, bias=bias, **kw) if cfg.guidance_embed else None
+        self.interval_embed = TimestepEmbedder(cfg.time_freq_dim, d, bias=bias, **kw) if cfg.interval_embed else None
+        self.pooled_embed = mlp_embedder(cfg.pooled_dim, d, bias=bias, **kw) if cfg.pooled_dim else None
         self.context_norm = RmsNorm(cfg.context_dim, eps=cfg.norm_eps, **kw) if cfg.context_norm else None
-        self.context_embed = nn.Linear(cfg.context_dim, d, **kw)
+        self.context_embed = nn.Linear(cfg.context_dim, d, bias=bias, **kw)
         # Without single blocks the text stream of the last joint block is never read again (SD3).
         last_pre_only = cfg.single_blocks == 0 and not cfg.text_last_block
+        block_kw.update(bias=bias, gated=cfg.mlp == "swiglu")
         self.joint_blocks = nn.ModuleList(
             JointBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden,
                        context_pre_only=last_pre_only and i == cfg.depth - 1,
@@ -296,7 +318,9 @@ class MMDiT(nn.Module):
             SingleBlock(d, cfg.num_heads, cfg.head_dim, cfg.mlp_hidden, given_mod=given, **block_kw)
             for _ in range(cfg.single_blocks)
         )
-        self.final = FinalLayer(d, p * p * self.out_channels, eps=cfg.norm_eps, given_mod=given, **kw)
+        # FLUX.2's final layer keeps its own adaLN linear; the approximator gives Chroma's its rows too.
+        self.final = FinalLayer(d, p * p * self.out_channels, eps=cfg.norm_eps,
+                                given_mod=self.approximator is not None, bias=bias, **kw)
         # Parameters on the meta device, or already partitioned away (numel 0) by ZeRO-3's zero.Init, are
         # initialised by the caller once they are whole.
         if not any(param.is_meta or param.numel() == 0 for param in self.parameters()):
@@ -311,7 +335,8 @@ class MMDiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, (RmsNorm, nn.RMSNorm)):
                 module.reset_parameters()
         embedders = [] if self.approximator is not None else [self.time_embed.mlp]
@@ -328,12 +353,13 @@ class MMDiT(nn.Module):
                 nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
         if self.interval_embed is not None:
             self.zero_embedder("interval_embed")
-        for module in self.modules():
-            if isinstance(module, AdaLNModulation):
-                nn.init.zeros_(module.linear.weight)
-                nn.init.zeros_(module.linear.bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        zeroed = [m.linear for m in self.modules() if isinstance(m, AdaLNModulation)] + [self.final.linear]
+        if self.shared_mod is not None:
+            zeroed += [self.shared_mod.img, self.shared_mod.txt, self.shared_mod.single]
+        for linear in zeroed:
+            nn.init.zeros_(linear.weight)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
 
     @torch.no_grad()
     def zero_embedder(self, name: str) -> None:
@@ -341,7 +367,8 @@ class MMDiT(nn.Module):
         model computes what it did without it, until training moves it."""
         fc2 = getattr(self, name).mlp.fc2
         nn.init.zeros_(fc2.weight)
-        nn.init.zeros_(fc2.bias)
+        if fc2.bias is not None:
+            nn.init.zeros_(fc2.bias)
 
     def blocks(self) -> list[nn.Module]:
         """All transformer blocks in execution order (the units of checkpointing and compilation)."""
@@ -387,6 +414,8 @@ class MMDiT(nn.Module):
             vec = vec + self.interval_embed(interval * cfg.time_scale)
         if self.pooled_embed is not None:
             vec = vec + self.pooled_embed(cond.pooled)
+        if self.shared_mod is not None:
+            return self.shared_mod(vec)
         return Modulations(joint=[vec] * len(self.joint_blocks), single=[vec] * len(self.single_blocks), final=vec)
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor] = None) -> Tensor:

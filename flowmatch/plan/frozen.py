@@ -46,8 +46,8 @@ _QWEN25_VL_7B = dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForCondi
                                         temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]))
 _QWEN_VAE = dict(_class_name="AutoencoderKLQwenImage", base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4],
                  num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True])
-# Z-Image's text_encoder is Qwen3-4B (Qwen/Qwen3-4B config.json: 36 layers 2560 wide, tied embeddings); its vae is
-# FLUX.1's.
+# Z-Image's and FLUX.2 [klein] 4B's text_encoder is Qwen3-4B (Qwen/Qwen3-4B config.json: 36 layers 2560 wide, tied
+# embeddings); Z-Image's vae is FLUX.1's.
 _QWEN3_4B = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=2560, intermediate_size=9728,
                  num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                  max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -55,6 +55,10 @@ _QWEN3_4B = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_
 # width 2304, 8 query and 4 key/value heads of 256, a 9216-wide gated MLP, 256000 tokens); its vae is FLUX.1's.
 _GEMMA2_2B = dict(model_type="gemma2", architectures=["Gemma2Model"], hidden_size=2304, intermediate_size=9216,
                   num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000)
+# FLUX.2's vae is AutoencoderKLFlux2 (the class's defaults: 32 latent channels, factor 8).
+_FLUX2_VAE = dict(_class_name="AutoencoderKLFlux2", in_channels=3, out_channels=3, latent_channels=32,
+                  block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 _SD3 = {"text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G, "text_encoder_3": _T5_XXL, "vae": _VAE16}
 _FLUX = {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL, "vae": _VAE16}
 #: hub id -> subfolder -> config values, for released pipelines not in the local cache.
@@ -70,6 +74,7 @@ RELEASED: dict[str, dict[str, dict[str, Any]]] = {
     "Qwen/Qwen2.5-VL-7B-Instruct": {"": _QWEN25_VL_7B},
     "Tongyi-MAI/Z-Image-Turbo": {"text_encoder": _QWEN3_4B, "vae": _VAE16},
     "Alpha-VLLM/Lumina-Image-2.0": {"text_encoder": _GEMMA2_2B, "vae": _VAE16},
+    "black-forest-labs/FLUX.2-klein-base-4B": {"text_encoder": _QWEN3_4B, "vae": _FLUX2_VAE},
     "google/t5-v1_1-xxl": {"": _T5_XXL},
     "google/flan-t5-xl": {"": _T5_XL},
     "openai/clip-vit-large-patch14": {"": _CLIP_L},

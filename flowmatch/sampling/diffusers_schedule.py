@@ -150,8 +150,9 @@ class PipelineGrid:
         dynamic = bool(self.config.get("use_dynamic_shifting"))
         if sigmas is not None and len(sigmas) != steps:
             raise ValueError(f"sigmas= must hold one value per step ({steps}), got {len(sigmas)}")
-        scheduler.set_timesteps(steps, sigmas=None if sigmas is None else list(sigmas),
-                                mu=self.mu(self._mu_length(seq_len, channels)) if dynamic else None)
+        mu = (self.schedule.mu(seq_len, steps) if self.schedule.mu is not None
+              else self.mu(self._mu_length(seq_len, channels)))
+        scheduler.set_timesteps(steps, sigmas=None if sigmas is None else list(sigmas), mu=mu if dynamic else None)
         return scheduler.sigmas.double().tolist()
 
     def _mu_length(self, seq_len: int, channels: Optional[int]) -> int:

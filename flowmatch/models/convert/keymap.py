@@ -154,15 +154,19 @@ class Rule:
     op: Op = Copy()
 
 
-def linear(ours: str, *theirs: str, op: Op = Copy(), bias_op: Optional[Op] = None) -> list[Rule]:
-    """Rules for a linear layer's weight and bias (`bias_op` defaults to `op`)."""
-    return [Rule(f"{ours}.weight", tuple(f"{t}.weight" for t in theirs), op),
-            Rule(f"{ours}.bias", tuple(f"{t}.bias" for t in theirs), op if bias_op is None else bias_op)]
+def linear(ours: str, *theirs: str, op: Op = Copy(), bias_op: Optional[Op] = None, bias: bool = True,
+           ) -> list[Rule]:
+    """Rules for a linear layer's weight and bias (`bias_op` defaults to `op`; `bias` False: it has none)."""
+    weight = Rule(f"{ours}.weight", tuple(f"{t}.weight" for t in theirs), op)
+    if not bias:
+        return [weight]
+    return [weight, Rule(f"{ours}.bias", tuple(f"{t}.bias" for t in theirs), op if bias_op is None else bias_op)]
 
 
-def mlp(ours: str, theirs: str, layers: tuple[str, str]) -> list[Rule]:
+def mlp(ours: str, theirs: str, layers: tuple[str, str], bias: bool = True) -> list[Rule]:
     """Rules for a two-layer MLP: our fc1 / fc2 and their two named layers under `theirs`."""
-    return linear(f"{ours}.fc1", f"{theirs}.{layers[0]}") + linear(f"{ours}.fc2", f"{theirs}.{layers[1]}")
+    return (linear(f"{ours}.fc1", f"{theirs}.{layers[0]}", bias=bias)
+            + linear(f"{ours}.fc2", f"{theirs}.{layers[1]}", bias=bias))
 
 
 def norm(ours: str, theirs: str) -> Rule:
