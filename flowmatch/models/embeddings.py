@@ -239,8 +239,9 @@ def flux2_rope_table(
 
 #: How token positions become RoPE angles, by ``MMDiTConfig.rope_layout``.
 ROPE_LAYOUTS = {"flux": rope_table, "msrope": msrope_table, "flux2": flux2_rope_table}
-#: How many position axes (``MMDiTConfig.rope_axes_dim`` entries) each layout takes.
-ROPE_AXES = {"flux": (2, 3), "msrope": (3,), "flux2": (4,)}
+#: How many position axes (``MMDiTConfig.rope_axes_dim`` entries) each layout takes, those whose tables their own
+#: networks build (lumina2, zimage: flowmatch.models.lumina2 / zimage) included.
+ROPE_AXES = {"flux": (2, 3), "msrope": (3,), "flux2": (4,), "lumina2": (3,), "zimage": (3,)}
 
 
 def apply_rope(x: Tensor, table: Optional[RopeTable]) -> Tensor:
