@@ -36,6 +36,7 @@ DIM = 16
 WIDTH = 48
 SEED = 0
 NOISE_SCALE = 0.05
+RUN_MARK = "=== train_tiny run "  # starts each run's output when one process trains several (`--then`)
 
 
 class TinyNet(nn.Module):
@@ -257,5 +258,8 @@ if __name__ == "__main__":
             runs.append([])
         else:
             runs[-1].append(arg)
-    for run in runs:
+    for i, run in enumerate(runs):
+        if len(runs) > 1:  # a line a test splits the shared log at (tests/test_engine.py: Runs.in_turn)
+            sys.stderr.flush()
+            print(f"{RUN_MARK}{i}", flush=True)
         run_guarded(main, run)
