@@ -134,7 +134,9 @@ def _launch(work: Path, name: str, layout: tuple[int, int], precision: str, args
             resume_from: Path | None = None) -> str:
     procs, stage = layout
     run_dir = work / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+    # One process needs no launcher (torchrun's own interpreter costs seconds of start-up).
+    launcher = [] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+    cmd = [sys.executable, *launcher,
            str(Path(__file__).resolve()), "--worker", "--run-dir", str(run_dir), "--zero-stage", str(stage),
            "--precision", precision, "--resume-at", str(args.resume_at), "--after", str(args.after)]
     if resume_from is not None:

@@ -12,16 +12,19 @@ the trainer, its checkpoints and torchrun.)
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import sys
+import logging
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from dist_scripts.train_keys import record_keys, stamp_epochs
 from launching import assert_succeeded, launch_jobs, torchrun
 from PIL import Image
 
+from flowmatch.cli import main as cli_main
 from flowmatch.data.shardformat import ShardSink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,15 +49,29 @@ def _write_shards(out: Path) -> list[str]:
     return keys
 
 
+def _overrides(run_dir: Path, shards: Path, max_steps: int) -> list[str]:
+    return [str(RECIPE), f"run_dir={run_dir}", f"data.shards={shards}", "data.prepare=", "data.num_workers=0",
+            "model.preset=tiny", f"train.max_steps={max_steps}", f"train.batch_size={GLOBAL_BATCH}",
+            "train.checkpoint_every=2", "optim.warmup_steps=0", "train.ema_decay=0", "train.ema_profiles=[]",
+            "logging.tensorboard=false", "logging.progress=false", "sampling.per_prompt=1", "sampling.steps=1",
+            "sampling.prompts=[a square]"]
+
+
 def _command(processes: int, keys_dir: Path, run_dir: Path, shards: Path, max_steps: int) -> list[str]:
-    args = [str(SCRIPT), str(keys_dir), str(RECIPE), f"run_dir={run_dir}", f"data.shards={shards}", "data.prepare=",
-            "data.num_workers=0", "model.preset=tiny", f"train.max_steps={max_steps}",
-            f"train.batch_size={GLOBAL_BATCH}", "train.checkpoint_every=2", "optim.warmup_steps=0",
-            "train.ema_decay=0", "train.ema_profiles=[]", "logging.tensorboard=false", "logging.progress=false",
-            "sampling.per_prompt=1", "sampling.steps=1", "sampling.prompts=[a square]"]
-    if processes == 1:
-        return [sys.executable, *args]
-    return torchrun("--standalone", "--nproc_per_node", str(processes), *args)
+    return torchrun("--standalone", "--nproc_per_node", str(processes), str(SCRIPT), str(keys_dir),
+                    *_overrides(run_dir, shards, max_steps))
+
+
+def _train_here(monkeypatch, caplog, keys_dir: Path, run_dir: Path, shards: Path, max_steps: int) -> str:
+    """A one-process leg in this process (no launch start-up), recording its keys as train_keys.py does: what it
+    printed and logged."""
+    out = io.StringIO()
+    caplog.clear()
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING), contextlib.redirect_stdout(out):
+        stamp_epochs(patched.setattr)
+        record_keys(keys_dir, patched.setattr)
+        assert cli_main(["train", *_overrides(run_dir, shards, max_steps)]) == 0
+    return out.getvalue() + caplog.text
 
 
 def _consumed(keys_dir: Path) -> tuple[dict[int, Counter], dict[int, int], int]:
@@ -71,22 +88,24 @@ def _consumed(keys_dir: Path) -> tuple[dict[int, Counter], dict[int, int], int]:
     return by_epoch, dict(per_step), len(files)
 
 
-def test_two_then_one_then_three_processes_train_on_each_sample_once(tmp_path):
+def test_two_then_one_then_three_processes_train_on_each_sample_once(tmp_path, monkeypatch, caplog):
     shards = tmp_path / "shards"
     all_keys = _write_shards(shards)
     run, whole = tmp_path / "run", tmp_path / "whole"
     legs = [tmp_path / f"keys-{i}-{n}proc" for i, (n, _) in enumerate(LEGS)]
-    # The uninterrupted run (1 process, all the steps) starts beside the first leg: neither needs the other.
-    jobs = launch_jobs({
-        "whole": ([_command(1, tmp_path / "keys-whole", whole, shards, LEGS[-1][1])], [tmp_path / "whole.log"]),
-        "leg0": ([_command(LEGS[0][0], legs[0], run, shards, LEGS[0][1])], [tmp_path / "leg0.log"]),
-    })
-    assert_succeeded(jobs["whole"])
-    assert_succeeded(jobs["leg0"])
-    for i, (processes, max_steps) in enumerate(LEGS[1:], start=1):
-        log = tmp_path / f"leg{i}.log"
-        assert_succeeded(launch_jobs({"leg": ([_command(processes, legs[i], run, shards, max_steps)], [log])})["leg"])
-        out = log.read_text()
+    # The one-process runs (the uninterrupted one, the middle leg) train in this process; the others are torchrun
+    # jobs of train_keys.py.
+    _train_here(monkeypatch, caplog, tmp_path / "keys-whole", whole, shards, LEGS[-1][1])
+    for i, (processes, max_steps) in enumerate(LEGS):
+        if processes == 1:
+            out = _train_here(monkeypatch, caplog, legs[i], run, shards, max_steps)
+        else:
+            log = tmp_path / f"leg{i}.log"
+            job = ([_command(processes, legs[i], run, shards, max_steps)], [log])
+            assert_succeeded(launch_jobs({"leg": job})["leg"])
+            out = log.read_text()
+        if i == 0:
+            continue
         assert f"resuming from {run / 'checkpoints' / str(LEGS[i - 1][1])}" in out
         assert "no sample is skipped or repeated" in out  # the change of layout was taken as an elastic one
 

@@ -19,6 +19,7 @@ and two bare processes given RANK/WORLD_SIZE by hand. Every configuration sees t
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import shutil
@@ -29,6 +30,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_scripts.train_tiny import RUN_MARK
+from dist_scripts.train_tiny import main as train_tiny
 from launching import assert_succeeded, clean_env, free_port, launch, launch_jobs, launch_timed, torchrun
 from safetensors.torch import load_file
 from torch import nn
@@ -300,6 +303,16 @@ class Runs:
         (code,), _ = launch([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]], [log])
         return code, log.read_text()
 
+    def in_turn(self, runs: dict[str, tuple[str, ...]]) -> dict[str, tuple[int, str]]:
+        """The runs one after the other in one launched process (a launch's start-up costs more than a run):
+        by name, the process's exit status and the run's own part of the log."""
+        args = [a for i, (name, extra) in enumerate(runs.items())
+                for a in (["--then"] if i else []) + ["--run-dir", str(self.root / name), *extra]]
+        log = self.root / f"{next(iter(runs))}.log"
+        (code,), _ = launch([[sys.executable, str(SCRIPT), *args]], [log])
+        parts = log.read_text().split(RUN_MARK)[1:]
+        return {name: (code, parts[i] if i < len(parts) else "") for i, name in enumerate(runs)}
+
     def result(self, name: str) -> dict:
         return json.loads((self.root / name / "result.json").read_text())
 
@@ -316,7 +329,9 @@ class Runs:
         - zero3: two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window
           before step 3 and an EMA evaluation at step 4.
         """
-        singles = {"ref": ("--ema-eval-at", "4"), "bf16": ("--precision", "bf16"),
+        # ref, then bf16 in the same process (`--then`: one start-up for both).
+        singles = {"ref": ("--ema-eval-at", "4", "--then", "--run-dir", str(self.root / "bf16"), "--precision",
+                           "bf16"),
                    "resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
         jobs = {name: ([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]],
                        [self.root / f"{name}.log"]) for name, args in singles.items()}
@@ -334,8 +349,8 @@ class Runs:
     @cached_property
     def singles(self) -> dict[str, tuple[int, str]]:
         """The one-process runs of :attr:`launched`: exit status and log by name."""
-        return {name: (self.launched[name][0][0], self.launched[name][1][0].read_text())
-                for name in ("ref", "bf16", "resumed")}
+        out = {name: (self.launched[name][0][0], self.launched[name][1][0].read_text()) for name in ("ref", "resumed")}
+        return {**out, "bf16": out["ref"]}  # one process trained both
 
     @cached_property
     def reference(self) -> dict:
@@ -360,9 +375,10 @@ class Runs:
         code, killed_log = self.singles["resumed"]
         assert code == -9, killed_log
         self.after_kill = sorted(p.name for p in (self.root / "resumed" / "checkpoints").iterdir())
-        code, resumed_log = self._single("resumed")
-        assert code == 0, resumed_log
-        return killed_log, resumed_log
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # the resume, a ZeRO-0 run, in this process: no launch start-up
+            train_tiny(["--run-dir", str(self.root / "resumed")])
+        return killed_log, out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -439,9 +455,14 @@ def test_sigkill_mid_save_then_resume_is_bit_identical(runs):
 @pytest.mark.slow
 def test_zero2_two_process_checkpoint_resumes_on_one_zero3_process(runs):
     runs.zero2_two_procs  # noqa: B018 - writes the checkpoint
-    run_dir = runs.root / "regrouped"
+    run_dir, damaged_dir = runs.root / "regrouped", runs.root / "damaged-optimizer"
     shutil.copytree(runs.root / "zero2" / "checkpoints" / "4", run_dir / "checkpoints" / "4")
-    code, log = runs._single("regrouped", "--zero-stage", "3", "--check-loaded")
+    # The same checkpoint with its optimizer's whole tensors damaged: it still resumes, resetting the moments only.
+    shutil.copytree(runs.root / "zero2" / "checkpoints" / "4", damaged_dir / "checkpoints" / "4")
+    (damaged_dir / "checkpoints" / "4" / "state" / "optim-full-00001.safetensors").write_bytes(b"not tensors")
+    layout = ("--zero-stage", "3", "--check-loaded")
+    logs = runs.in_turn({"regrouped": layout, "damaged-optimizer": layout})
+    code, log = logs["regrouped"]
     assert code == 0, log
     assert "restart from zero" not in log and "re-sharded from their whole tensors" in log
     run = runs.result("regrouped")
@@ -451,11 +472,7 @@ def test_zero2_two_process_checkpoint_resumes_on_one_zero3_process(runs):
     for step in ("5", "6", "7", "8"):
         assert run["losses"][step] == pytest.approx(runs.reference["losses"][step], rel=LOSS_RTOL), step
         assert run["lrs"][step] == pytest.approx(runs.reference["lrs"][step])  # schedule position restored
-    # Its optimizer's whole tensors damaged, the same checkpoint still resumes, resetting the moments only.
-    damaged_dir = runs.root / "damaged-optimizer"
-    shutil.copytree(runs.root / "zero2" / "checkpoints" / "4", damaged_dir / "checkpoints" / "4")
-    (damaged_dir / "checkpoints" / "4" / "state" / "optim-full-00001.safetensors").write_bytes(b"not tensors")
-    code, log = runs._single("damaged-optimizer", "--zero-stage", "3", "--check-loaded")
+    code, log = logs["damaged-optimizer"]
     assert code == 0, log
     assert "state/optim-full-00001.safetensors" in log and "AdamW moments restart from zero (exp_avg" in log
     damaged = runs.result("damaged-optimizer")

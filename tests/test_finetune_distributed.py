@@ -9,7 +9,6 @@ the same global batches (see tests/test_train_distributed.py, whose settings and
 from __future__ import annotations
 
 import json
-import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from launching import assert_succeeded, free_port, launch_jobs, torchrun
 from safetensors.torch import load_file
 
 from flowmatch.checkpoint import read_layout, read_meta
+from flowmatch.cli import main as cli_main
 from flowmatch.models.lora import is_adapter
 from flowmatch.training import train
 from tests.test_train import tiny_recipe
@@ -26,11 +26,17 @@ from tests.test_train_distributed import STEPS, _assert_same_trajectory, _train_
 pytestmark = pytest.mark.slow
 
 LORA = 'model.lora={"rank": 4, "alpha": 8}'
+LORA_ARGS = ("optim.lr=0.02", LORA)
+DORA_ARGS = ("optim.lr=0.02", 'model.lora={"rank": 4, "alpha": 8, "kind": "dora"}')
+QLORA_ARGS = (*LORA_ARGS, "model.quantize=nf4")
+# The one-process references (trained in this process) by name: their overrides.
+ONE_PROCESS = {"one": (), "lora-one": LORA_ARGS, "qlora-one": QLORA_ARGS}
 
 
 class Runs:
-    """The base run (trained here) and the five runs started from it. The first use of any of them starts all five
-    side by side: they need nothing from each other, and each launch's start-up and rendezvous leave a core idle."""
+    """The base run and the one-process references (trained here), and the distributed runs started from the
+    base. The first use of any of the three plain/LoRA distributed runs starts all three side by side: they need
+    nothing from each other, and each launch's start-up and rendezvous leave a core idle."""
 
     def __init__(self, root: Path, shards: Path) -> None:
         self.root, self.shards = root, shards
@@ -44,9 +50,13 @@ class Runs:
         train(tiny_recipe(run, self.shards, **{"train.max_steps": 2}))
         return run
 
-    def _one(self, name: str, *extra: str) -> tuple[list[list[str]], list[Path]]:
-        return ([[sys.executable, *self._args(name, "data.num_workers=2", "train.micro_batch_size=8", *extra)]],
-                [self.root / f"{name}.log"])
+    def _here(self, name: str, *extra: str) -> Path:
+        """A one-process reference, trained in this process (a launch would add seconds of start-up): 2 loader
+        workers feed its 2 micro-batches of 8, as the 2 ranks' streams feed theirs."""
+        if not (self.root / name / "checkpoints" / str(STEPS)).is_dir():
+            args = self._args(name, "data.num_workers=2", "train.micro_batch_size=8", *extra)
+            assert cli_main(args[args.index("train"):]) == 0, name
+        return self.root / name
 
     def _zero3(self, name: str, *extra: str) -> tuple[list[list[str]], list[Path]]:
         """Two one-process "nodes" meeting at a c10d rendezvous on localhost."""
@@ -56,34 +66,33 @@ class Runs:
 
     @cached_property
     def _launched(self) -> dict[str, tuple[list[int], list[Path]]]:
-        lora = ("optim.lr=0.02", LORA)
-        jobs = {"one": self._one("one"),
-                "zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
+        jobs = {"zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
                                     *self._args("zero2", "distributed.zero_stage=2"))], [self.root / "zero2.log"]),
                 "zero3": self._zero3("zero3"),
-                "lora-one": self._one("lora-one", *lora),
-                "lora-zero3": self._zero3("lora-zero3", *lora)}
+                "lora-zero3": self._zero3("lora-zero3", *LORA_ARGS)}
         return launch_jobs(jobs)
 
     @cached_property
     def _dora_launched(self) -> dict[str, tuple[list[int], list[Path]]]:
-        dora = ("optim.lr=0.02", 'model.lora={"rank": 4, "alpha": 8, "kind": "dora"}')
-        return launch_jobs({"dora-one": self._one("dora-one", *dora), "dora-zero3": self._zero3("dora-zero3", *dora)})
+        return launch_jobs({"dora-zero3": self._zero3("dora-zero3", *DORA_ARGS)})
 
     def dora(self, how: str) -> Path:
+        if how == "one":
+            return self._here("dora-one", *DORA_ARGS)
         assert_succeeded(self._dora_launched[f"dora-{how}"])
         return self.root / f"dora-{how}"
 
     @cached_property
     def _quantised(self) -> dict[str, tuple[list[int], list[Path]]]:
-        """A LoRA on an nf4 base: one process, and ZeRO-2 on two (one torchrun job); launched on first use."""
-        qlora = ("optim.lr=0.02", LORA, "model.quantize=nf4")
-        return launch_jobs({"qlora-one": self._one("qlora-one", *qlora),
-                            "qlora-zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
-                                                      *self._args("qlora-zero2", "distributed.zero_stage=2", *qlora))],
+        """A LoRA on an nf4 base under ZeRO-2 on two processes (one torchrun job); launched on first use."""
+        return launch_jobs({"qlora-zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
+                                                      *self._args("qlora-zero2", "distributed.zero_stage=2",
+                                                                  *QLORA_ARGS))],
                                             [self.root / "qlora-zero2.log"])})
 
     def run(self, name: str) -> Path:
+        if name in ONE_PROCESS:
+            return self._here(name, *ONE_PROCESS[name])
         assert_succeeded((self._quantised if name.startswith("qlora") else self._launched)[name])
         return self.root / name
 

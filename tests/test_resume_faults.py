@@ -1,4 +1,5 @@
-"""What real clusters do to a run's checkpoints, tried on real `flowmatch train` processes (1 process, CPU).
+"""What real clusters do to a run's checkpoints, tried on real `flowmatch train` runs (1 process, CPU; the run that
+meets a full disk is a process of its own, in a user namespace, the others train in this process).
 
 - Damaged newest checkpoints (a truncated engine state file, a truncated weights file, a missing manifest):
   readers skip them and say so, `flowmatch check` names each file and exits 1, and the next `flowmatch train`
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import clean_env, launch
+from launching import clean_env
 
 import flowmatch
 from flowmatch.checkpoint import latest_checkpoint, load_weights, verify_checkpoint
@@ -38,11 +39,9 @@ def _args(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
             "sampling.per_prompt=1", "sampling.steps=2", "sampling.prompts=[a handwritten 3]", *overrides]
 
 
-def _train(run_dir: Path, shards: Path, log: Path, *overrides: str) -> str:
-    (code,), _ = launch([_args(run_dir, shards, *overrides)], [log])
-    out = log.read_text()
-    assert code == 0, out
-    return out
+def _train_here(run_dir: Path, shards: Path, *overrides: str) -> int:
+    """`flowmatch train` in this process (no interpreter start-up): its exit status."""
+    return cli_main(_args(run_dir, shards, *overrides)[3:])
 
 
 def _truncate(path: Path) -> None:
@@ -51,8 +50,8 @@ def _truncate(path: Path) -> None:
 
 def test_damaged_newest_checkpoints_are_skipped_said_and_set_aside(tmp_path, digit_shards, caplog, capsys):
     run = tmp_path / "run"
-    # The run to damage is trained in this process (a launch costs seconds of start-up); the resume is launched.
-    assert cli_main(_args(run, digit_shards, "train.max_steps=8", "train.keep_checkpoints=4")[3:]) == 0
+    # Both runs train in this process (a launch costs seconds of start-up, and what is checked is what they say).
+    assert _train_here(run, digit_shards, "train.max_steps=8", "train.keep_checkpoints=4") == 0
     capsys.readouterr()
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["2", "4", "6", "8"]
@@ -73,11 +72,13 @@ def test_damaged_newest_checkpoints_are_skipped_said_and_set_aside(tmp_path, dig
     report = capsys.readouterr().out
     assert all(fault in report for fault in faults.values()) and f"newest intact: {root / '2'}" in report
 
-    out = _train(run, digit_shards, tmp_path / "resumed.log", "train.max_steps=10", "train.keep_checkpoints=4")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _train_here(run, digit_shards, "train.max_steps=10", "train.keep_checkpoints=4") == 0
     for step, fault in faults.items():
-        assert f"skipping damaged checkpoint {root / step}: {fault}" in out
-        assert f"Moved it to {root / (step + '.damaged')}" in out
-    assert f"resuming from {root / '2'} (step 2)" in out
+        assert f"skipping damaged checkpoint {root / step}: {fault}" in caplog.text
+        assert f"Moved it to {root / (step + '.damaged')}" in caplog.text
+    assert f"resuming from {root / '2'} (step 2)" in capsys.readouterr().out
     assert sorted(p.name for p in root.iterdir()) == ["10", "4", "4.damaged", "6", "6.damaged", "8", "8.damaged"]
     assert verify_checkpoint(root / "10") == [] and cli_main(["check", str(run)]) == 0
 
@@ -88,7 +89,7 @@ def _can_mount_a_tmpfs(where: Path) -> bool:
     return probe.returncode == 0
 
 
-def test_a_full_disk_stops_the_run_and_leaves_the_previous_checkpoint_loadable(tmp_path, digit_shards):
+def test_a_full_disk_stops_the_run_and_leaves_the_previous_checkpoint_loadable(tmp_path, digit_shards, capsys):
     mnt, kept = tmp_path / "small-disk", tmp_path / "copied"
     mnt.mkdir()
     if shutil.which("unshare") is None or not _can_mount_a_tmpfs(mnt):
@@ -111,5 +112,6 @@ def test_a_full_disk_stops_the_run_and_leaves_the_previous_checkpoint_loadable(t
     assert "Traceback" not in out
     assert sorted(p.name for p in (kept / "checkpoints").iterdir()) == ["2"]  # the unfinished save is gone
     assert verify_checkpoint(kept / "checkpoints" / "2") == [] and latest_checkpoint(kept) == kept / "checkpoints" / "2"
-    out = _train(kept, digit_shards, tmp_path / "resumed.log", "train.max_steps=4", "train.keep_checkpoints=1")
-    assert f"resuming from {kept / 'checkpoints' / '2'} (step 2)" in out
+    capsys.readouterr()
+    assert _train_here(kept, digit_shards, "train.max_steps=4", "train.keep_checkpoints=1") == 0
+    assert f"resuming from {kept / 'checkpoints' / '2'} (step 2)" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, so no install is needed
 
@@ -22,8 +23,10 @@ from flowmatch.cli import main  # noqa: E402
 from flowmatch.data import loader  # noqa: E402
 from flowmatch.training.loop import Trainer  # noqa: E402
 
+Patch = Callable[[Any, str, Any], None]  # setattr, or a test's monkeypatch.setattr (undone after the run)
 
-def stamp_epochs() -> None:
+
+def stamp_epochs(patch: Patch = setattr) -> None:
     """Each batch's ``meta`` says the epoch its stream position is in (the epoch the batch was drawn from)."""
     real = loader._WorkerStreams.__iter__
 
@@ -33,10 +36,10 @@ def stamp_epochs() -> None:
                 batch.meta = [{"epoch": position.epoch} for _ in batch.keys]
             yield batch, stream, drain, position
 
-    loader._WorkerStreams.__iter__ = iterate  # type: ignore[method-assign]
+    patch(loader._WorkerStreams, "__iter__", iterate)
 
 
-def record_keys(out: Path) -> None:
+def record_keys(out: Path, patch: Patch = setattr) -> None:
     """Wrap Trainer.micro_loss so that each batch's keys go to this rank's file before its loss is computed."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"rank{os.environ.get('RANK', '0')}-of{os.environ.get('WORLD_SIZE', '1')}.jsonl"
@@ -48,7 +51,7 @@ def record_keys(out: Path) -> None:
                                 "epochs": [m["epoch"] for m in batch.meta]}) + "\n")
         return real(self, batch, generator)
 
-    Trainer.micro_loss = micro_loss  # type: ignore[method-assign]
+    patch(Trainer, "micro_loss", micro_loss)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ DIM = 16
 WIDTH = 48
 SEED = 0
 NOISE_SCALE = 0.05
+RUN_MARK = "=== train_tiny run "  # starts each run's output when one process trains several (`--then`)
 
 
 class TinyNet(nn.Module):
@@ -60,7 +61,7 @@ def dataset(n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.sin(x @ w)
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--run-dir", required=True)
     p.add_argument("--zero-stage", type=int, default=0)
@@ -82,7 +83,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ema-eval-at", type=int, default=-1, help="check EMA swapping against a plain model here")
     p.add_argument("--check-loaded", action="store_true", help="compare the restored weights with the checkpoint")
     p.add_argument("--refuse-torch-load", action="store_true", help="make torch.load raise: nothing may be unpickled")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def _refuse_torch_load() -> None:
@@ -93,8 +94,8 @@ def _refuse_torch_load() -> None:
     torch.load = torch.serialization.load = refuse
 
 
-def main() -> None:
-    args = parse()
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     run_dir = Path(args.run_dir)
     if args.refuse_torch_load:
         _refuse_torch_load()
@@ -249,4 +250,16 @@ def _check_ema_eval(engine: Engine, result: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_guarded(main)
+    # `ARGS --then ARGS ...`: one process trains the runs one after the other (each its own engine), which saves a
+    # launch's start-up per run where the runs need no process of their own.
+    runs = [[]]
+    for arg in sys.argv[1:]:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for i, run in enumerate(runs):
+        if len(runs) > 1:  # a line a test splits the shared log at (tests/test_engine.py: Runs.in_turn)
+            sys.stderr.flush()
+            print(f"{RUN_MARK}{i}", flush=True)
+        run_guarded(main, run)
