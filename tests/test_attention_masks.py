@@ -26,6 +26,7 @@ from flowmatch.flow.guided import with_guidance
 from flowmatch.models import key_padding, layers
 from flowmatch.models.parallelize import set_attention
 from flowmatch.sampling.generate import sample_latents
+from flowmatch.training.config import TrainConfig
 from flowmatch.training.loop import micro_loss
 
 #: Sizes the encoders would fill in.
@@ -239,3 +240,15 @@ def test_the_block_mask_skips_padding_blocks_and_keeps_each_rows_keys():
         flexed = layers.attention(q, k, v, key_padding.key_padding_mask(keep, length, flex=True))
         masked = layers.attention(q, k, v, key_padding.key_padding_mask(keep, length, flex=False))
     torch.testing.assert_close(flexed, masked)
+
+
+def test_the_attention_setting_names_the_kernels():
+    """A misspelt train.attention names the allowed kernels and the nearest one; auto picks flex only on CUDA with
+    compiled blocks (eager flex materialises the scores; CPU flex has no backward)."""
+    assert TrainConfig().attention == "auto"
+    with pytest.raises(ValueError, match=r"attention = 'flx' is not one of auto, sdpa, flex \(did you mean 'flex'"):
+        TrainConfig(attention="flx")
+    picks = {(kernel, device, compiled): key_padding.uses_flex(kernel, device_type=device, compiled=compiled)
+             for kernel in key_padding.ATTENTION_KERNELS for device in ("cpu", "cuda") for compiled in (False, True)}
+    assert {k for k, flex in picks.items() if flex} == {("auto", "cuda", True), *(("flex", d, c) for d in (
+        "cpu", "cuda") for c in (False, True))}

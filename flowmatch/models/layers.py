@@ -200,7 +200,8 @@ class SingleBlock(nn.Module):
     """FLUX single-stream block: shared weights over the joint sequence, attention and MLP computed in parallel
     from one input projection and merged by one output projection.
 
-    forward(h (B, S, D), vec (B, D), or (B, 3, D) with given_mod, mask (B, 1, 1, S), a BlockMask or None, rope) -> (B, S, D)
+    forward(h (B, S, D), vec (B, D), or (B, 3, D) with given_mod, mask (B, 1, 1, S), a BlockMask or None, rope)
+    -> (B, S, D)
     """
 
     def __init__(
