@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.families import FAMILIES
+from flowmatch.training.loop import Trainer
 
 _SPEC = importlib.util.spec_from_file_location("mfu", Path(__file__).parents[1] / "benchmarks" / "mfu.py")
 mfu = importlib.util.module_from_spec(_SPEC)
@@ -112,3 +115,20 @@ def test_every_family_has_a_release_preset_and_its_pipelines_text_length():
     # A family with more than its test size is measured at another (the U-Net's one preset is both).
     assert all(mfu.release_preset(f) in f.presets and (mfu.release_preset(f) != f.tiny or len(f.presets) == 1)
                for f in FAMILIES.values()), {n: (mfu.release_preset(f), f.tiny) for n, f in FAMILIES.items()}
+
+
+def test_the_trainers_mfu_log_counts_a_lora_runs_adapters():
+    """The trainer's FLOPs per step (its TFLOP/s and MFU log) is the LoRA-aware count for a LoRA run. Bug caught:
+    the trainer asking the family for full training's count (``lora`` not passed)."""
+    values = {**mfu.preset_values("tiny-flux-dev"), "in_channels": 4, "context_dim": 16, "pooled_dim": 12}
+    lora = mfu.LoraConfig(rank=4, alpha=4)
+    cfg = mfu.ModelConfig(**values, init_from="base", lora=lora)
+    hidden = torch.zeros(2, 6, 16)
+    text = Conditioning(hidden, torch.ones(2, 6, dtype=torch.bool), torch.zeros(2, 12))
+    trainer = SimpleNamespace(
+        recipe=SimpleNamespace(model=cfg, data=SimpleNamespace(size=(32, 32)), train=SimpleNamespace(batch_size=4),
+                               sampling=SimpleNamespace(prompts=["a", "b"])),
+        run=SimpleNamespace(encoders=SimpleNamespace(downsample=4, encode_text=lambda prompts: text)))
+    sizes = dict(batch_size=4, latent_size=(8, 8), text_len=6)
+    assert Trainer.flops_per_step(trainer) == mfu.training_flops(cfg, lora, **sizes) < 0.95 * mfu.training_flops(
+        cfg, None, **sizes)
