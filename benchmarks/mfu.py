@@ -9,8 +9,8 @@ each family (default: the released sizes, and the U-Net's only preset). Reported
 
 - the training FLOPs of one step as the family counts them (``Family.flops``) beside an independent count of one
   forward and backward on a meta-device copy under ``torch.utils.flop_counter.FlopCounterMode``, and their
-  difference (within 2% for full training; with LoRA the counted step skips the frozen weights' gradients and is
-  what the MFU uses);
+  difference (within 2%; with ``--lora`` both count the frozen base, which computes no weight gradients, and the
+  adapters: ``flowmatch.families.lora.training_flops``); the MFU divides the family's count;
 - step time (median), split into forward, backward and optimizer (each timed between device synchronisations);
 - achieved TFLOP/s and MFU against the device's dense bf16 peak from the table below (its source named) and
   against this machine's measured matmul peak in the benchmark dtype;
@@ -45,7 +45,7 @@ from flowmatch.dtypes import DTYPES
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
 from flowmatch.families import FAMILIES, Family, family_of
 from flowmatch.families.config import ModelConfig
-from flowmatch.families.lora import apply_lora
+from flowmatch.families.lora import apply_lora, training_flops
 from flowmatch.families.presets import PRESET_FAMILY, preset_values
 from flowmatch.models.flops import mfu
 from flowmatch.models.lora import LoraConfig
@@ -122,7 +122,7 @@ class Measurement:
     backward: float
     optimizer: float
     flops: float
-    """The training FLOPs of one step as the family counts them (full training: every weight's gradient)."""
+    """The training FLOPs of one step as the family counts them (with LoRA: the frozen base and the adapters)."""
     counted_flops: float
     """FlopCounterMode's count of the same step's forward and backward (with LoRA: no frozen weights' gradients)."""
     lora: bool
@@ -131,8 +131,8 @@ class Measurement:
 
     @property
     def used_flops(self) -> float:
-        """What the MFU divides: the family's count for full training, the counted step with LoRA (cheaper)."""
-        return self.counted_flops if self.lora else self.flops
+        """What the MFU divides: the family's count."""
+        return self.flops
 
 
 def sync(device: torch.device) -> None:
@@ -186,7 +186,12 @@ def model_inputs(cfg: ModelConfig, batch: int, tokens: int, text_len: int, *, de
     return x.to(device, dtype), t.to(device, dtype), cond.to(device, dtype)
 
 
-def counted_step_flops(cfg: ModelConfig, lora: int, batch: int, tokens: int, text_len: int) -> float:
+def lora_config(args: argparse.Namespace) -> Optional[LoraConfig]:
+    """The adapters of ``--lora RANK`` (the family's default targets, alpha = rank), or None for full training."""
+    return LoraConfig(rank=args.lora, alpha=args.lora) if args.lora else None
+
+
+def counted_step_flops(cfg: ModelConfig, lora: Optional[LoraConfig], batch: int, tokens: int, text_len: int) -> float:
     """FlopCounterMode's count of one training step's forward and backward, on a meta-device copy (nothing is
     computed or allocated); with ``lora``, only the adapters (and activations) receive gradients.
 
@@ -195,8 +200,8 @@ def counted_step_flops(cfg: ModelConfig, lora: int, batch: int, tokens: int, tex
     token of the input layers: negligible at release sizes, not at test sizes)."""
     with torch.device("meta"):
         model = family_of(cfg).build(cfg)
-        if lora:
-            apply_lora(model, LoraConfig(rank=lora, alpha=lora))
+        if lora is not None:
+            apply_lora(model, lora)
         x, t, cond = model_inputs(cfg, batch, tokens, text_len)
         x, t = x.requires_grad_(), t.requires_grad_()
         for tensor in (cond.hidden, cond.pooled, *cond.extra.values()):
@@ -244,8 +249,9 @@ def measure(engine: Engine, model: nn.Module, cfg: ModelConfig, preset: str, tok
             phases.append(seconds)
     fwd, bwd, opt = (statistics.median(p) for p in zip(*phases))
     side = math.isqrt(tokens) * cfg.patch_size
-    flops = family_of(cfg).flops(cfg, batch_size=args.batch, latent_size=(side, side), text_len=text_len)
-    counted = counted_step_flops(cfg, args.lora, args.batch, tokens, text_len)
+    flops = training_flops(cfg, lora_config(args), batch_size=args.batch, latent_size=(side, side),
+                           text_len=text_len)
+    counted = counted_step_flops(cfg, lora_config(args), args.batch, tokens, text_len)
     return Measurement(preset, tokens, statistics.median(sum(p) for p in phases), fwd, bwd, opt, flops=flops,
                        counted_flops=counted, lora=bool(args.lora), peak_memory=peak_memory(device))
 
@@ -280,7 +286,7 @@ def build_model(cfg: ModelConfig, args: argparse.Namespace, engine: Engine) -> n
         model.init_weights()
     if args.lora:
         torch.manual_seed(0)
-        apply_lora(model, LoraConfig(rank=args.lora, alpha=args.lora))
+        apply_lora(model, lora_config(args))
     if family.capabilities.block_transforms:
         if args.checkpointing:
             apply_activation_checkpointing(model)

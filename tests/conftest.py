@@ -9,6 +9,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 import pytest  # noqa: E402 - after the environment above, which must be set before anything imports transformers
+import torch.nn.attention.flex_attention as flex  # noqa: E402
+
+
+@pytest.fixture
+def cpu_flex_backward(monkeypatch):
+    """Lets FlexAttention run its backward pass on CPU, so tests can compare flex's gradients with SDPA's: torch
+    refuses CPU inputs that need gradients up front (its compiled CPU kernel has no backward), while the eager dense
+    implementation it would run computes them."""
+    monkeypatch.setattr(flex, "_validate_device", lambda query, key, value: None)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.combine import SINGLE, TextPart, combine_outputs
@@ -22,7 +23,10 @@ from flowmatch.families.config import ModelConfig
 from flowmatch.families.presets import preset_values
 from flowmatch.flow import FlowConfig, TimeSchedule, drop_captions
 from flowmatch.flow.guided import with_guidance
+from flowmatch.models import key_padding, layers
+from flowmatch.models.parallelize import set_attention
 from flowmatch.sampling.generate import sample_latents
+from flowmatch.training.config import TrainConfig
 from flowmatch.training.loop import micro_loss
 
 #: Sizes the encoders would fill in.
@@ -31,7 +35,8 @@ SIZES = dict(in_channels=4, context_dim=16, pooled_dim=12)
 
 @contextlib.contextmanager
 def attention_masks():
-    """Record the ``attn_mask`` of every ``F.scaled_dot_product_attention`` call (flowmatch's and diffusers')."""
+    """Record the ``attn_mask`` of every ``F.scaled_dot_product_attention`` call (flowmatch's and diffusers') and
+    the ``block_mask`` (a BlockMask) of every flex_attention call of flowmatch's attention."""
     seen: list = []
     sdpa = F.scaled_dot_product_attention
 
@@ -39,11 +44,15 @@ def attention_masks():
         seen.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
         return sdpa(*args, **kwargs)
 
-    F.scaled_dot_product_attention = recording
+    def recording_flex(*args, **kwargs):
+        seen.append(kwargs["block_mask"])
+        return flex_attention(*args, **kwargs)
+
+    F.scaled_dot_product_attention, layers.flex_attention = recording, recording_flex
     try:
         yield seen
     finally:
-        F.scaled_dot_product_attention = sdpa
+        F.scaled_dot_product_attention, layers.flex_attention = sdpa, flex_attention
 
 
 def _model(name: str):
@@ -61,9 +70,12 @@ def _cond(cfg, lengths, seed=0) -> Conditioning:
     return with_guidance(cond, 3.5) if cfg.guidance_embed else cond
 
 
-def _train_step_and_sample(name: str, lengths: list[int], null_length: int) -> list:
-    """The masks SDPA received in one training step (caption dropout 0.5) and two guided sampling steps."""
+def _train_step_and_sample(name: str, lengths: list[int], null_length: int, kernel: str = "auto") -> list:
+    """The masks SDPA received in one training step (caption dropout 0.5) and two guided sampling steps, the
+    model's attention set to ``kernel``."""
     cfg, model = _model(name)
+    if hasattr(model, "attention_kernel"):
+        set_attention(model, kernel)
     cond, null = _cond(cfg, lengths), _cond(cfg, [null_length], seed=1)
     flow = FlowConfig(caption_dropout=0.5)
     x0 = torch.randn(len(lengths), cfg.in_channels, 8, 8)
@@ -158,3 +170,85 @@ def test_dropping_one_encoders_share_keeps_the_fact_of_both_sides():
     padded_null = _rows(2).pad_to(4)
     assert drop_captions(equal, _rows(4), 0.0, parts=part).all_valid
     assert not drop_captions(equal, padded_null, 0.0, parts=part).all_valid
+
+
+# FlexAttention for padded text (train.attention: flex, or auto on CUDA with compiled blocks): the same attention as
+# the masked SDPA path, with no mask reaching SDPA.
+MMDIT_FAMILIES = [name for name, f in FAMILIES.items() if f.capabilities.block_transforms]
+
+
+def _perturbed(name: str):
+    """The family's tiny model with its zero-initialised parts perturbed (every weight gets a gradient)."""
+    cfg, model = _model(name)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return cfg, model
+
+
+@pytest.mark.parametrize("name", MMDIT_FAMILIES)
+def test_flex_attention_equals_masked_sdpa(name, cpu_flex_backward, monkeypatch):
+    """Padded rows of three lengths: flex's outputs and the gradients of every weight and of the input equal SDPA's,
+    and the block mask is built once per forward (twice with a pre-only block, SD3's last: its queries are the
+    image tokens alone). Bugs caught: the block mask reading the wrong row (``keep[0, kv]``, ``keep[h, kv]``),
+    attending to padding (the image's ones extended over the text), the mask built in every block."""
+    cfg, model = _perturbed(name)
+    cond = _cond(cfg, [3, 6, 1])
+    x, t = torch.randn(3, cfg.in_channels, 8, 8), torch.rand(3)
+    built = []
+    create = key_padding.create_block_mask
+    monkeypatch.setattr(key_padding, "create_block_mask", lambda *a, **k: built.append(a[3]) or create(*a, **k))
+    results = []
+    for kernel in ("sdpa", "flex"):
+        set_attention(model, kernel)
+        model.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        out = model(xg, t, cond)
+        out.square().mean().backward()
+        results.append((out.detach(), xg.grad, {n: p.grad for n, p in model.named_parameters()}))
+    pre_only = any(block.context_pre_only for block in model.joint_blocks)
+    assert len(built) == 1 + pre_only, built
+    (sdpa_out, sdpa_dx, sdpa_grads), (flex_out, flex_dx, flex_grads) = results
+    torch.testing.assert_close(flex_out, sdpa_out)
+    torch.testing.assert_close(flex_dx, sdpa_dx)
+    for n, grad in sdpa_grads.items():
+        torch.testing.assert_close(flex_grads[n], grad, msg=n)
+
+
+@pytest.mark.parametrize("name", MMDIT_FAMILIES)
+def test_padded_text_with_flex_passes_no_mask_to_sdpa(name, cpu_flex_backward):
+    """A training step and guided sampling of padded text with ``flex`` selected: every SDPA call is unmasked
+    (the flash kernels stay eligible) and the text masks go to flex_attention as block masks. Bug caught: a path
+    (training, guidance's [cond; null] batch) still building the SDPA mask with flex selected."""
+    seen = _train_step_and_sample(name, [3, 5], null_length=5, kernel="flex")
+    sdpa = [mask for mask in seen if not isinstance(mask, BlockMask)]
+    assert all(mask is None for mask in sdpa), f"{sum(m is not None for m in sdpa)} of {len(sdpa)} SDPA calls masked"
+    assert len(sdpa) < len(seen)
+
+
+def test_the_block_mask_skips_padding_blocks_and_keeps_each_rows_keys():
+    """Sequences longer than flex's 128-token blocks: a key block wholly padding in one row, a partial one in
+    another, none in a third; flex with the block mask equals SDPA with the boolean mask row by row. Bugs caught: a
+    fully padded block attended, a partial block treated as full, rows swapped."""
+    g = torch.Generator().manual_seed(0)
+    b, heads, length, hd = 3, 2, 300, 8
+    keep = torch.zeros(b, length, dtype=torch.bool)
+    for row, valid in enumerate((100, 290, 300)):
+        keep[row, :valid] = True
+    q, k, v = (torch.randn(b, length, heads, hd, generator=g) for _ in range(3))
+    with torch.no_grad():
+        flexed = layers.attention(q, k, v, key_padding.key_padding_mask(keep, length, flex=True))
+        masked = layers.attention(q, k, v, key_padding.key_padding_mask(keep, length, flex=False))
+    torch.testing.assert_close(flexed, masked)
+
+
+def test_the_attention_setting_names_the_kernels():
+    """A misspelt train.attention names the allowed kernels and the nearest one; auto picks flex only on CUDA with
+    compiled blocks (eager flex materialises the scores; CPU flex has no backward)."""
+    assert TrainConfig().attention == "auto"
+    with pytest.raises(ValueError, match=r"attention = 'flx' is not one of auto, sdpa, flex \(did you mean 'flex'"):
+        TrainConfig(attention="flx")
+    picks = {(kernel, device, compiled): key_padding.uses_flex(kernel, device_type=device, compiled=compiled)
+             for kernel in key_padding.ATTENTION_KERNELS for device in ("cpu", "cuda") for compiled in (False, True)}
+    assert {k for k, flex in picks.items() if flex} == {("auto", "cuda", True), *(("flex", d, c) for d in (
+        "cpu", "cuda") for c in (False, True))}

@@ -15,9 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.attention.flex_attention as flex_attention_module
 
+from flowmatch.conditioning import Conditioning
 from flowmatch.config import load_recipe
 from flowmatch.families import FAMILIES
+from flowmatch.families.config import ModelConfig
+from flowmatch.families.presets import preset_values
+from flowmatch.models.parallelize import set_attention
 from flowmatch.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,16 +31,18 @@ READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "
 
 
 @contextlib.contextmanager
-def host_reads():
-    """Count the tensor-to-host reads made directly by flowmatch code, as 'file:line method'."""
+def host_reads(roots: tuple[str, ...] = (PACKAGE,)):
+    """Count the tensor-to-host reads made directly by code under ``roots`` (flowmatch's), as 'file:function
+    method'."""
     seen: Counter[str] = Counter()
     originals = {name: getattr(torch.Tensor, name) for name in READS}
 
     def counting(name, read):
         def wrapper(self, *args, **kwargs):
             caller = sys._getframe(1)
-            if caller.f_code.co_filename.startswith(PACKAGE):
-                where = Path(caller.f_code.co_filename).relative_to(ROOT)
+            if caller.f_code.co_filename.startswith(roots):
+                path = Path(caller.f_code.co_filename)
+                where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
                 seen[f"{where}:{caller.f_code.co_name} {name}"] += 1
             return read(self, *args, **kwargs)
 
@@ -108,3 +115,28 @@ def test_every_family_and_lora_reads_only_the_verdict(name, tmp_path, request):
         overrides += [f"model.init_from={base}", "model.lora={rank: 2, alpha: 2}"]
     extra = _extra_reads(tmp_path, shards, overrides)
     assert extra == VERDICTS, extra
+
+
+#: torch's FlexAttention (the block mask's construction and the attention itself), in Python.
+FLEX_SOURCES = str(Path(flex_attention_module.__file__).parent)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])  # every block class: joint, pre-only, MMDiT-X, single
+def test_flex_attention_reads_nothing_back(name, cpu_flex_backward):
+    """A padded forward and backward with ``train.attention: flex``: building the batch's block mask and running
+    flex read nothing back, in flowmatch or in torch's flex code. Bug caught: a mask built from host values (e.g.
+    ``int(mask.sum())`` for the real length, or ``if mask.all():``)."""
+    family = FAMILIES[name]
+    values = preset_values(family.tiny)
+    cfg = ModelConfig(**{**values, **{k: v for k, v in dict(in_channels=4, context_dim=16, pooled_dim=12).items()
+                                      if values.get(k) is None}})
+    model = set_attention(family.build(cfg), "flex")
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning.from_rows([torch.randn(n, 16, generator=g) for n in (3, 5)],
+                                  [torch.randn(12, generator=g) for _ in range(2)])
+    if cfg.guidance_embed:
+        cond = cond.with_extra({"guidance": torch.full((2,), 3.5)})
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with host_reads((PACKAGE, FLEX_SOURCES)) as seen:
+        model(x, torch.rand(2), cond).square().mean().backward()
+    assert x.grad is not None and not seen, seen

@@ -58,6 +58,17 @@ def apply_lora(model: MMDiT, lora: LoraConfig) -> list[Projection]:
     return inject(model, lora, select(model.cfg, lora.targets))
 
 
+def training_flops(cfg: MMDiTConfig, lora: Optional[LoraConfig], *, batch_size: int, latent_size: tuple[int, int],
+                   text_len: int) -> float:
+    """Training FLOPs of one step of the model section ``cfg``: its family's count (every weight trained), or with
+    ``lora`` the count of the frozen base and the adapters the recipe injects (the same targets and rank)."""
+    family = family_of(cfg)
+    sizes = dict(batch_size=batch_size, latent_size=latent_size, text_len=text_len)
+    if lora is None:
+        return family.flops(cfg, **sizes)
+    return family.flops(cfg, **sizes, adapt=lambda model: apply_lora(model, lora))
+
+
 def load_lora_file(model: MMDiT, lora: LoraConfig, path: str) -> str:
     """Set the adapters :func:`apply_lora` injected to those of the adapter file at ``path``, of the recipe's kind
     (lora, or dora / loha / lokr: :mod:`flowmatch.models.convert.adapters_read`), in any of the family's formats

@@ -3,7 +3,7 @@ analytic FLOP count, and the test-sized blocks their tiny presets use."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -29,10 +29,14 @@ def build(cfg: Any, **kwargs: Any) -> MMDiT:
     return MMDiT(arch, **kwargs)
 
 
-def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> float:
+def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: int,
+          adapt: Optional[Callable[[MMDiT], object]] = None) -> float:
     """The analytic training FLOPs of one step (:func:`flowmatch.models.flops.training_flops_per_step`), sized on
-    a meta-device model."""
+    a meta-device model; ``adapt`` (e.g. injecting LoRA adapters: :func:`flowmatch.families.lora.training_flops`)
+    changes it in place first."""
     with torch.device("meta"):
         shape_model = build(cfg)
+        if adapt is not None:
+            adapt(shape_model)
     return training_flops_per_step(shape_model, batch_size=batch_size, latent_size=latent_size,
                                    text_len=text_len).total

@@ -160,7 +160,8 @@ class Family:
     time_scale: float
     """The model embeds ``t * time_scale`` (t in [0, 1], t = 1 noise); diffusers' timestep is the same number."""
     flops: Callable[..., float]
-    """``flops(model_cfg, *, batch_size, latent_size, text_len) -> float``: training FLOPs of one step."""
+    """``flops(model_cfg, *, batch_size, latent_size, text_len, adapt=None) -> float``: training FLOPs of one
+    step; ``adapt(model)`` changes the meta-device model counted first (LoRA: ``families.lora.training_flops``)."""
     latents: LatentLayout
     """The latent layout of its released pipeline."""
     converter: Optional[Converter] = None

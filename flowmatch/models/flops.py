@@ -9,6 +9,13 @@ joint block's, when no single block follows and the block keeps its whole text s
 output projection and MLP forward only: 2 FLOPs per weight and token, no backward. Attention adds
 12 x B x queries x keys x width per block (and per MMDiT-X image-only attention).
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
+
+A frozen weight (``requires_grad`` False: the base of a LoRA run) costs 4 FLOPs per token instead of 6: its forward
+and the gradient of its input, no gradient of its own. Adapters (peft's ``lora_A`` / ``lora_B`` of rank r on a
+targeted linear of in x out features: r (in + out) weights) train, 6 FLOPs per adapter weight and token, counted
+with the tokens their linear sees and reported apart (``StepFlops.adapter_weights``). The input gradients of every
+layer are counted in both cases, as the independent count does with inputs that need gradients. DoRA's weight
+norms, LoHa's and LoKr's products are not counted (LoRA's factors only).
 Works on a meta-device model, so sizing a large preset allocates nothing.
 
 Backbones without such a count (diffusers' U-Net, ``model.kind: unet``) are counted instead:
@@ -19,11 +26,12 @@ Backbones without such a count (diffusers' U-Net, ``model.kind: unet``) are coun
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from flowmatch.models.lora import is_adapter
 from flowmatch.models.mmdit import MMDiT
 
 #: Forward + backward FLOPs per weight per token (2 forward, 4 backward).
@@ -32,6 +40,10 @@ TRAIN_FLOPS_PER_PARAM_TOKEN = 6
 TRAIN_FLOPS_PER_ATTENTION_ENTRY = 12
 #: Training FLOPs per forward FLOP: the backward computes the gradients of both the inputs and the weights.
 TRAIN_FLOPS_PER_FORWARD_FLOP = 3
+#: Forward + backward FLOPs per frozen weight per token: forward 2, the input's gradient 2, no weight gradient.
+FROZEN_FLOPS_PER_PARAM_TOKEN = 4
+#: Forward FLOPs per weight per token.
+FORWARD_FLOPS_PER_PARAM_TOKEN = 2
 
 
 @dataclass
@@ -65,11 +77,13 @@ class StepFlops:
     """Conditioning path, once per sample."""
     attention: float
     """Attention scores and weighted sums."""
+    adapter_weights: float = 0.0
+    """LoRA adapters' matmuls (their tokens and the per-sample ones), forward and backward."""
 
     @property
     def total(self) -> float:
         """All FLOPs of the step."""
-        return self.token_weights + self.sample_weights + self.attention
+        return self.token_weights + self.sample_weights + self.attention + self.adapter_weights
 
 
 def _group(name: str) -> str:
@@ -85,12 +99,31 @@ def _group(name: str) -> str:
     return "image_token"
 
 
-def count_parameters(model: MMDiT) -> ParamCount:
-    """Count `model`'s parameters by group (meta-device models work)."""
+def count_parameters(model: MMDiT, keep: Callable[[str, nn.Parameter], bool] = lambda name, param: True
+                     ) -> ParamCount:
+    """Count `model`'s parameters by group (meta-device models work); only those ``keep(name, param)`` accepts."""
     counts = dict(image_token=0, text_token=0, joint_token=0, per_sample=0, elementwise=0)
     for name, param in model.named_parameters():
-        counts[_group(name)] += param.numel()
+        if keep(name, param):
+            counts[_group(name)] += param.numel()
     return ParamCount(**counts)
+
+
+def _trained_base(name: str, param: nn.Parameter) -> bool:
+    return param.requires_grad and not is_adapter(name)
+
+
+def _frozen_base(name: str, param: nn.Parameter) -> bool:
+    return not param.requires_grad and not is_adapter(name)
+
+
+def _adapter(name: str, param: nn.Parameter) -> bool:
+    return is_adapter(name)
+
+
+def _per_weight(param: nn.Parameter) -> int:
+    """Training FLOPs per token of one weight: trained (adapters included) or frozen."""
+    return TRAIN_FLOPS_PER_PARAM_TOKEN if param.requires_grad else FROZEN_FLOPS_PER_PARAM_TOKEN
 
 
 def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> StepFlops:
@@ -100,20 +133,31 @@ def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple
     height, width = latent_size
     n_img = (height // cfg.patch_size) * (width // cfg.patch_size)
     seq = n_img + text_len
-    p = count_parameters(model)
-    tokens = p.image_token * n_img + p.text_token * text_len + p.joint_token * seq
-    token_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * tokens
+    trained, frozen, adapters = (count_parameters(model, keep) for keep in (_trained_base, _frozen_base, _adapter))
+
+    def token_count(p: ParamCount) -> int:
+        return p.image_token * n_img + p.text_token * text_len + p.joint_token * seq
+
+    token_flops = batch_size * (TRAIN_FLOPS_PER_PARAM_TOKEN * token_count(trained)
+                                + FROZEN_FLOPS_PER_PARAM_TOKEN * token_count(frozen))
+    adapter_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * (token_count(adapters) + adapters.per_sample)
     last = model.joint_blocks[-1] if len(model.joint_blocks) else None
     if last is not None and not len(model.single_blocks) and not last.context_pre_only:
-        # The final layer reads image tokens only: the last text stream's output projection and MLP get no
-        # backward (their forward is 2 of the 6 FLOPs per weight and token counted above).
-        unread = sum(w.numel() for module in (last.txt.proj, last.txt.mlp) for w in module.parameters())
-        token_flops -= (TRAIN_FLOPS_PER_PARAM_TOKEN - 2) * batch_size * unread * text_len
+        # The final layer reads image tokens only: the last text stream's output projection and MLP (and their
+        # adapters) get no backward; only their forward counts.
+        for module in (last.txt.proj, last.txt.mlp):
+            for name, w in module.named_parameters():
+                unread = (_per_weight(w) - FORWARD_FLOPS_PER_PARAM_TOKEN) * batch_size * w.numel() * text_len
+                if is_adapter(name):
+                    adapter_flops -= unread
+                else:
+                    token_flops -= unread
     # the modulation approximator (Chroma) runs once per modulation row of each sample, not once per sample
     approximator = model.approximator
     extra_rows = 0 if approximator is None else (approximator.rows - 1) * sum(
-        param.numel() for param in approximator.parameters())
-    sample_flops = TRAIN_FLOPS_PER_PARAM_TOKEN * batch_size * (p.per_sample + extra_rows)
+        _per_weight(param) * param.numel() for param in approximator.parameters())
+    sample_flops = batch_size * (TRAIN_FLOPS_PER_PARAM_TOKEN * trained.per_sample
+                                 + FROZEN_FLOPS_PER_PARAM_TOKEN * frozen.per_sample + extra_rows)
     entries = 0
     for block in model.joint_blocks:
         queries = n_img if block.context_pre_only else seq
@@ -122,7 +166,8 @@ def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple
             entries += n_img * n_img
     entries += len(model.single_blocks) * seq * seq
     attn_flops = TRAIN_FLOPS_PER_ATTENTION_ENTRY * batch_size * entries * cfg.width
-    return StepFlops(token_weights=float(token_flops), sample_weights=float(sample_flops), attention=float(attn_flops))
+    return StepFlops(token_weights=float(token_flops), sample_weights=float(sample_flops), attention=float(attn_flops),
+                     adapter_weights=float(adapter_flops))
 
 
 def counted_training_flops_per_step(model: nn.Module, inputs: tuple[Any, ...], *, batch_size: int) -> float:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from flowmatch.models.approximator import JOINT_STREAM, SINGLE, Modulations
 
 
-class SwiGLU(nn.Module):
+class SiluGate(nn.Module):
     """silu(x[..., :H]) * x[..., H:]: (..., 2H) -> (..., H). No weights."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -29,12 +29,12 @@ class SwiGLU(nn.Module):
 
 
 class GatedMlp(nn.Module):
-    """fc1 -> SwiGLU -> fc2: (..., dim) -> (..., dim) with ``hidden`` gated channels (fc1 is 2 * hidden wide)."""
+    """fc1 -> SiluGate -> fc2: (..., dim) -> (..., dim) with ``hidden`` gated channels (fc1 is 2 * hidden wide)."""
 
     def __init__(self, dim: int, hidden: int, *, bias: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden, bias=bias, device=device, dtype=dtype)
-        self.act = SwiGLU()
+        self.act = SiluGate()
         self.fc2 = nn.Linear(hidden, dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -23,9 +23,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from flowmatch.models.embeddings import RopeTable, apply_rope
-from flowmatch.models.flux2 import GatedMlp, SwiGLU
+from flowmatch.models.flux2 import GatedMlp, SiluGate
+from flowmatch.models.key_padding import AttentionMask
 from flowmatch.models.mlp import Mlp, RmsNorm
 
 #: The MLP activation of SD3 and FLUX: tanh-approximated GELU.
@@ -70,15 +72,17 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)
 
 
-AttentionMask = Optional[Tensor]
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-    """Multi-head attention through SDPA.
+    """Multi-head attention through SDPA, or FlexAttention when ``mask`` is a ``BlockMask``.
 
-    q: (B, Sq, H, hd), k/v: (B, Sk, H, hd), mask: (B, 1, 1, Sk) bool (True = attend) or None -> (B, Sq, H * hd).
+    q: (B, Sq, H, hd), k/v: (B, Sk, H, hd), mask: None, (B, 1, 1, Sk) bool (True = attend) or a BlockMask of
+    (B, 1, Sq, Sk) (:func:`flowmatch.models.key_padding.key_padding_mask` makes either) -> (B, Sq, H * hd).
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, hd) views
+    if isinstance(mask, BlockMask):
+        out = flex_attention(q, k, v, block_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -165,7 +169,7 @@ class JointBlock(nn.Module):
     MMDiT-X block of SD3.5-medium, whose image stream adds a self-attention over image tokens alone.
 
     forward(x (B, N, D), ctx (B, L, D), vec (B, D) or, with given_mod, (B, 12, D) modulation rows,
-    mask (B, 1, 1, N + L) bool or None, rope) ->
+    mask (B, 1, 1, N + L) bool, a BlockMask or None, rope) ->
     (x (B, N, D), ctx (B, L, D), or None when the text stream is pre-only).
     """
 
@@ -183,7 +187,7 @@ class JointBlock(nn.Module):
         self.txt = StreamWeights(dim, num_heads, head_dim, mlp_hidden, pre_only=context_pre_only, mod_start=6, **kw)
 
     def forward(
-        self, x: Tensor, ctx: Tensor, vec: Tensor, mask: Optional[Tensor] = None, rope: Optional[RopeTable] = None
+        self, x: Tensor, ctx: Tensor, vec: Tensor, mask: AttentionMask = None, rope: Optional[RopeTable] = None
     ) -> tuple[Tensor, Optional[Tensor]]:
         n = x.shape[1]
         img_mod = self.img.mod(vec)
@@ -218,7 +222,8 @@ class SingleBlock(nn.Module):
     from one input projection and merged by one output projection; ``gated``: FLUX.2's, whose MLP part of the
     input projection is 2 * mlp_hidden wide, gated by SwiGLU.
 
-    forward(h (B, S, D), vec (B, D), or (B, 3, D) with given_mod, mask (B, 1, 1, S) or None, rope) -> (B, S, D)
+    forward(h (B, S, D), vec (B, D), or (B, 3, D) with given_mod, mask (B, 1, 1, S), a BlockMask or None, rope)
+    -> (B, S, D)
     """
 
     def __init__(
@@ -235,10 +240,10 @@ class SingleBlock(nn.Module):
         self.linear_out = nn.Linear(dim + mlp_hidden, dim, bias=bias, **kw)
         self.q_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
         self.k_norm = RmsNorm(head_dim, eps=eps, **kw) if qk_norm else None
-        self.mlp_act = SwiGLU() if gated else GELU_TANH()
+        self.mlp_act = SiluGate() if gated else GELU_TANH()
 
     def forward(
-        self, h: Tensor, vec: Tensor, mask: Optional[Tensor] = None, rope: Optional[RopeTable] = None
+        self, h: Tensor, vec: Tensor, mask: AttentionMask = None, rope: Optional[RopeTable] = None
     ) -> Tensor:
         shift, scale, gate = self.mod(vec)
         qkv, mlp = self.linear_in(modulate(h, shift, scale, self.eps)).split([3 * self.dim, self.mlp_in], -1)

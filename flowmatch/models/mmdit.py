@@ -30,6 +30,7 @@ from flowmatch.models.embeddings import (
     unpatchify,
 )
 from flowmatch.models.flux2 import SharedModulation
+from flowmatch.models.key_padding import AttentionMask, key_padding_mask, uses_flex
 from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
 from flowmatch.models.mlp import RmsNorm
 
@@ -321,6 +322,10 @@ class MMDiT(nn.Module):
         # FLUX.2's final layer keeps its own adaLN linear; the approximator gives Chroma's its rows too.
         self.final = FinalLayer(d, p * p * self.out_channels, eps=cfg.norm_eps,
                                 given_mod=self.approximator is not None, bias=bias, **kw)
+        # How padded text is masked (flowmatch.models.key_padding.ATTENTION_KERNELS) and whether the blocks are
+        # compiled (``auto`` picks FlexAttention then, on CUDA): set from outside, models.parallelize.
+        self.attention_kernel = "auto"
+        self.blocks_compiled = False
         # Parameters on the meta device, or already partitioned away (numel 0) by ZeRO-3's zero.Init, are
         # initialised by the caller once they are whole.
         if not any(param.is_meta or param.numel() == 0 for param in self.parameters()):
@@ -444,17 +449,23 @@ class MMDiT(nn.Module):
 
         image_len, text_len = img.shape[1], ctx.shape[1]
         # Image (and reference) keys are always visible; only the text keys are masked. With no padding (known on
-        # the host) no mask reaches attention, which keeps SDPA's flash kernels eligible.
-        mask: Optional[Tensor] = None
+        # the host) no mask reaches attention, which keeps SDPA's flash kernels eligible; with padding, one mask
+        # per batch in the kernel's form (flowmatch.models.key_padding), a second for image-only queries.
+        mask: AttentionMask = None
+        image_query_mask: AttentionMask = None
         if not cond.all_valid:
-            mask = torch.cat([cond.mask.new_ones(b, image_len), cond.mask], dim=1)[:, None, None, :]  # (B, 1, 1, S)
+            keep = torch.cat([cond.mask.new_ones(b, image_len), cond.mask], dim=1)  # (B, S)
+            flex = uses_flex(self.attention_kernel, device_type=x.device.type, compiled=self.blocks_compiled)
+            mask = key_padding_mask(keep, image_len + text_len, flex=flex)
+            pre_only = any(block.context_pre_only for block in self.joint_blocks)
+            image_query_mask = key_padding_mask(keep, image_len, flex=flex) if flex and pre_only else mask
         rope: Optional[RopeTable] = None
         if cfg.rope:
             rope = ROPE_LAYOUTS[cfg.rope_layout](gh, gw, text_len, head_dim=cfg.head_dim, axes_dim=cfg.axes_dim,
                                                  theta=cfg.rope_theta, device=x.device, references=ref_grids)
 
         for block, vec in zip(self.joint_blocks, mods.joint):
-            img, ctx = block(img, ctx, vec, mask, rope)
+            img, ctx = block(img, ctx, vec, image_query_mask if block.context_pre_only else mask, rope)
         if len(self.single_blocks):
             seq = torch.cat([img, ctx], dim=1)  # (B, N + N_ref + L, D)
             for block, vec in zip(self.single_blocks, mods.single):

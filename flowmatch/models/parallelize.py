@@ -1,5 +1,6 @@
 """Training-time transformations applied to an MMDiT from outside the model, one block at a time
-(the torchtitan `parallelize_*` pattern): activation checkpointing and torch.compile.
+(the torchtitan `parallelize_*` pattern): activation checkpointing, torch.compile and the attention kernel for
+padded text.
 
 Both act in place and keep parameter names unchanged, so state dicts, optimizer groups and DeepSpeed's
 parameter partitioning see the same model with or without them. Apply checkpointing before compilation.
@@ -13,6 +14,7 @@ from typing import Callable
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from flowmatch.models.key_padding import ATTENTION_KERNELS
 from flowmatch.models.mmdit import MMDiT
 
 _CHECKPOINTED = "_flowmatch_checkpointed"
@@ -54,4 +56,14 @@ def apply_compile(
     block: nn.Module
     for block in model.blocks():
         block.compile(fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+    model.blocks_compiled = True  # attention "auto" picks FlexAttention for padded text on CUDA now
+    return model
+
+
+def set_attention(model: MMDiT, kernel: str) -> MMDiT:
+    """How ``model`` masks padded text: one of :data:`flowmatch.models.key_padding.ATTENTION_KERNELS` (``auto``:
+    FlexAttention on CUDA once :func:`apply_compile` has run, SDPA with a boolean mask otherwise)."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is not one of {ATTENTION_KERNELS}")
+    model.attention_kernel = kernel
     return model

@@ -32,7 +32,7 @@ from flowmatch.flow import TimeSchedule
 from flowmatch import init_from
 from flowmatch.init_from import InitRecord
 from flowmatch.models.offload import BlockSwap, apply_block_swap, held_on_host
-from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile, set_attention
 from flowmatch.plan.budget import apply_budget
 from flowmatch.quantize import quantize_frozen
 from flowmatch.run import record_paths, source_architecture
@@ -176,6 +176,15 @@ def build_model(run_recipe: Recipe, engine: Engine, init: Optional[InitRecord] =
                                                      or run_recipe.train.compile):
         raise RecipeError(f"train.activation_checkpointing and train.compile apply to model.kind: mmdit only; set "
                           f"them to false for model.kind: {run_recipe.model.kind} (model.family {family.name})")
+    attention = run_recipe.train.attention
+    if attention == "flex" and not family.capabilities.block_transforms:
+        raise RecipeError(f"train.attention: flex applies to model.kind: mmdit only; use auto or sdpa for model.kind: "
+                          f"{run_recipe.model.kind} (model.family {family.name})")
+    if attention == "flex" and engine.device.type == "cpu":
+        raise RecipeError("train.attention: flex needs CUDA to train (torch has no FlexAttention backward pass on "
+                          "CPU); use train.attention: auto (SDPA with a mask on CPU, flex on CUDA with train.compile)")
+    if family.capabilities.block_transforms:
+        set_attention(model, attention)
     if run_recipe.train.block_swap:  # before checkpointing: its recomputation must run the swapping forward
         swap_blocks(run_recipe, engine, model)
     if run_recipe.train.activation_checkpointing:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from flowmatch.engine.power_ema import MAX_SIGMA_REL
+from flowmatch.errors import choice_error
+from flowmatch.models.key_padding import ATTENTION_KERNELS
 
 
 @dataclass
@@ -54,6 +56,10 @@ class TrainConfig:
     only."""
     compile: bool = False
     """torch.compile each transformer block."""
+    attention: str = "auto"
+    """How padded text is masked in attention (flowmatch.models.key_padding): "sdpa" (a boolean mask; no flash
+    kernel on CUDA), "flex" (FlexAttention with a block mask; CUDA only for training, fused when compiled) or
+    "auto" (flex on CUDA with train.compile, sdpa otherwise). Unpadded text passes no mask with any of them."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     block_swap: int = 0
@@ -81,5 +87,7 @@ class TrainConfig:
             raise ValueError(f"max_bad_windows must be >= 0 (0 = warn only), got {self.max_bad_windows}")
         if self.block_swap < 0:
             raise ValueError(f"block_swap must be >= 0 (0 = off), got {self.block_swap}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise choice_error("train.attention", self.attention, ATTENTION_KERNELS)
         if self.log_every < 1 or self.validate_every < 0 or self.max_bad_steps < 1:
             raise ValueError("log_every and max_bad_steps must be >= 1 and validate_every >= 0")

@@ -20,7 +20,7 @@ import torch
 from flowmatch.checkpoint import latest_checkpoint
 from flowmatch.encoders.combine import TextPart
 from flowmatch.conditioning import Conditioning
-from flowmatch.families import family_of
+from flowmatch.families.lora import training_flops
 from flowmatch.flow import FlowConfig, ObjectiveLoss, ObjectiveModels, TimeSchedule, get_objective, objective_loss
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import write_snapshot
@@ -201,9 +201,10 @@ class Trainer:
         f = run.encoders.downsample
         prompts = run.encoders.encode_text(r.sampling.prompts[:16])
         text_len = max(1, round(prompts.mask.sum().item() / len(prompts)))  # validation prompts' mean length
-        family = family_of(r.model)  # an analytic count (MMDiT) or one counted meta-device forward (U-Net)
-        return family.flops(r.model, batch_size=r.train.batch_size, latent_size=(height // f, width // f),
-                            text_len=text_len)
+        # the family's analytic count (MMDiT; the frozen base and the adapters with LoRA) or one counted
+        # meta-device forward (U-Net)
+        return training_flops(r.model, r.model.lora, batch_size=r.train.batch_size,
+                              latent_size=(height // f, width // f), text_len=text_len)
 
 
 def train(recipe: Recipe) -> TrainSummary:

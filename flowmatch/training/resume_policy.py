@@ -53,6 +53,7 @@ SAFE: dict[str, str] = {
     "train.divergence_factor": "read at each log step",
     "train.max_bad_windows": "read at each log step",
     "train.compile": "the same computation, compiled or not",
+    "train.attention": "the same masked attention through another kernel",
     "train.activation_checkpointing": "the same computation, recomputed or stored",
     "data.val_shards": "validation only",
     "data.num_workers": "the saved streams are finished by the new workers, then the next epoch starts: exact",

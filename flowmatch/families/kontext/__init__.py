@@ -15,7 +15,7 @@ from flowmatch.families import flux, mmdit
 from flowmatch.families.kontext import convert, lora_formats
 from flowmatch.families.kontext.presets import PRESETS
 from flowmatch.families.spec import Capabilities, Family, LatentLayout
-from flowmatch.models.flops import TRAIN_FLOPS_PER_PARAM_TOKEN
+from flowmatch.models.flops import FROZEN_FLOPS_PER_PARAM_TOKEN, TRAIN_FLOPS_PER_PARAM_TOKEN
 
 
 def claims(cfg) -> bool:
@@ -24,20 +24,22 @@ def claims(cfg) -> bool:
             and getattr(cfg, "references", 0) > 0)
 
 
-def flops(cfg, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> float:
+def flops(cfg, *, batch_size: int, latent_size: tuple[int, int], text_len: int, adapt=None) -> float:
     """Training FLOPs of one step with ``cfg.references`` reference images the target's size (as the loader sizes
     them): the MMDiT's count over the target's and the references' tokens, taken as one image that many times as
     wide, less what the reference tokens do not cost: the final layer (it reads the target's tokens only) and the
-    patch embedding's input gradient (the clean references need none)."""
+    patch embedding's input gradient (the clean references need none). ``adapt`` as for :func:`mmdit.flops` (a
+    frozen final layer costs 4 FLOPs per weight and token, not 6)."""
     height, width = latent_size
     total = mmdit.flops(cfg, batch_size=batch_size, latent_size=(height, width * (1 + cfg.references)),
-                        text_len=text_len)
+                        text_len=text_len, adapt=adapt)
     p = cfg.patch_size
     ref_tokens = cfg.references * (height // p) * (width // p)
     channels_out = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
     final = (cfg.width + 1) * p * p * channels_out  # the final linear's weights and bias
     embed = p * p * cfg.in_channels * cfg.width  # the patch embedding's weights (its input gradient: 2 per weight)
-    return total - batch_size * ref_tokens * (TRAIN_FLOPS_PER_PARAM_TOKEN * final + 2 * embed)
+    per_final_weight = TRAIN_FLOPS_PER_PARAM_TOKEN if adapt is None else FROZEN_FLOPS_PER_PARAM_TOKEN
+    return total - batch_size * ref_tokens * (per_final_weight * final + 2 * embed)
 
 
 def reference_size(height: int, width: int, multiple: int) -> tuple[int, int]:

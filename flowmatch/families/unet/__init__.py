@@ -28,8 +28,11 @@ def claims(cfg) -> bool:
     return getattr(cfg, "kind", None) == KIND
 
 
-def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> float:
-    """Training FLOPs of one step, counted in one meta-device forward of a one-sample batch."""
+def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: int, adapt=None) -> float:
+    """Training FLOPs of one step, counted in one meta-device forward of a one-sample batch (every weight trained:
+    the U-Net takes no adapters, ``adapt`` must be None)."""
+    if adapt is not None:
+        raise ValueError("the U-Net family takes no LoRA adapters: its FLOP count has no adapted form")
     height, width = latent_size
     with torch.device("meta"):
         shape_model = build(cfg)
