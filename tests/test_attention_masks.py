@@ -190,7 +190,7 @@ def _perturbed(name: str):
 def test_flex_attention_equals_masked_sdpa(name, cpu_flex_backward, monkeypatch):
     """Padded rows of three lengths: flex's outputs and the gradients of every weight and of the input equal SDPA's,
     and the block mask is built once per forward (twice with a pre-only block, SD3's last: its queries are the
-    image tokens alone). Bugs caught: the block mask reading the wrong row (``keep[0, kv]``, ``keep[h, kv]``),
+    image tokens alone; twice with context refiners, whose sequence is the text alone). Bugs caught: the block mask reading the wrong row (``keep[0, kv]``, ``keep[h, kv]``),
     attending to padding (the image's ones extended over the text), the mask built in every block."""
     cfg, model = _perturbed(name)
     cond = _cond(cfg, [3, 6, 1])
@@ -206,8 +206,10 @@ def test_flex_attention_equals_masked_sdpa(name, cpu_flex_backward, monkeypatch)
         out = model(xg, t, cond)
         out.square().mean().backward()
         results.append((out.detach(), xg.grad, {n: p.grad for n, p in model.named_parameters()}))
-    pre_only = any(block.context_pre_only for block in model.joint_blocks)
-    assert len(built) == 1 + pre_only, built
+    pre_only = any(block.context_pre_only for block in getattr(model, "joint_blocks", ()))
+    # the single-stream networks (Z-Image, Lumina-2) also mask their context refiners' text-only sequence
+    refined = len(getattr(model, "context_refiner", ())) > 0
+    assert len(built) == 1 + pre_only + refined, built
     (sdpa_out, sdpa_dx, sdpa_grads), (flex_out, flex_dx, flex_grads) = results
     torch.testing.assert_close(flex_out, sdpa_out)
     torch.testing.assert_close(flex_dx, sdpa_dx)

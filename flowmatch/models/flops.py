@@ -121,7 +121,7 @@ def _adapter(name: str, param: nn.Parameter) -> bool:
     return is_adapter(name)
 
 
-def _per_weight(param: nn.Parameter) -> int:
+def per_weight(param: nn.Parameter) -> int:
     """Training FLOPs per token of one weight: trained (adapters included) or frozen."""
     return TRAIN_FLOPS_PER_PARAM_TOKEN if param.requires_grad else FROZEN_FLOPS_PER_PARAM_TOKEN
 
@@ -147,7 +147,7 @@ def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple
         # adapters) get no backward; only their forward counts.
         for module in (last.txt.proj, last.txt.mlp):
             for name, w in module.named_parameters():
-                unread = (_per_weight(w) - FORWARD_FLOPS_PER_PARAM_TOKEN) * batch_size * w.numel() * text_len
+                unread = (per_weight(w) - FORWARD_FLOPS_PER_PARAM_TOKEN) * batch_size * w.numel() * text_len
                 if is_adapter(name):
                     adapter_flops -= unread
                 else:
@@ -155,7 +155,7 @@ def training_flops_per_step(model: MMDiT, *, batch_size: int, latent_size: tuple
     # the modulation approximator (Chroma) runs once per modulation row of each sample, not once per sample
     approximator = model.approximator
     extra_rows = 0 if approximator is None else (approximator.rows - 1) * sum(
-        _per_weight(param) * param.numel() for param in approximator.parameters())
+        per_weight(param) * param.numel() for param in approximator.parameters())
     sample_flops = batch_size * (TRAIN_FLOPS_PER_PARAM_TOKEN * trained.per_sample
                                  + FROZEN_FLOPS_PER_PARAM_TOKEN * frozen.per_sample + extra_rows)
     entries = 0

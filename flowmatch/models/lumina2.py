@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.models.embeddings import RopeTable, TimestepEmbedder, patchify, unpatchify
+from flowmatch.models.key_padding import key_padding_mask, uses_flex
 from flowmatch.models.layers import AdaLNModulation, SelfAttention
 from flowmatch.models.mlp import RmsNorm, SwiGLU
 from flowmatch.models.mmdit import MMDiTConfig
@@ -136,6 +137,9 @@ class Lumina2(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        # How padded text is masked and whether the blocks are compiled: set from outside, models.parallelize.
+        self.attention_kernel = "auto"
+        self.blocks_compiled = False
         d, p = cfg.width, cfg.patch_size
         self.out_channels = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
         kw = dict(device=device, dtype=dtype)
@@ -212,8 +216,11 @@ class Lumina2(nn.Module):
         # With no padding (known on the host) no mask reaches attention, which keeps SDPA's flash kernels eligible.
         cap_mask = joint_mask = None
         if not cond.all_valid:
-            cap_mask = cond.mask[:, None, None, :]  # (B, 1, 1, L); a caption with no valid token: SDPA gives zeros
-            joint_mask = torch.cat([cond.mask, cond.mask.new_ones(b, img.shape[1])], dim=1)[:, None, None, :]
+            # the kernel for padded text (flowmatch.models.key_padding): a boolean SDPA mask or a flex BlockMask
+            flex = uses_flex(self.attention_kernel, device_type=x.device.type, compiled=self.blocks_compiled)
+            cap_mask = key_padding_mask(cond.mask, cond.mask.shape[1], flex=flex)  # no valid token: SDPA gives 0
+            keep = torch.cat([cond.mask, cond.mask.new_ones(b, img.shape[1])], dim=1)  # (B, L + N)
+            joint_mask = key_padding_mask(keep, keep.shape[1], flex=flex)
         for block in self.context_refiner:
             ctx = block(ctx, cap_mask, cap_rope)
         for block in self.noise_refiner:

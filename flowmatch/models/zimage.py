@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.models.embeddings import RopeTable, patchify, timestep_embedding, unpatchify
+from flowmatch.models.key_padding import key_padding_mask, uses_flex
 from flowmatch.models.layers import SelfAttention
 from flowmatch.models.mlp import Mlp, RmsNorm, SwiGLU
 from flowmatch.models.mmdit import EMBEDDER_INIT_STD, MMDiTConfig, check_latents_and_text
@@ -151,6 +152,9 @@ class ZImage(nn.Module):
         super().__init__()
         validate(cfg)
         self.cfg = cfg
+        # How padded text is masked and whether the blocks are compiled: set from outside, models.parallelize.
+        self.attention_kernel = "auto"
+        self.blocks_compiled = False
         d, p = cfg.width, cfg.patch_size
         self.out_channels = cfg.out_channels if cfg.out_channels is not None else cfg.in_channels
         kw = dict(device=device, dtype=dtype)
@@ -255,7 +259,9 @@ class ZImage(nn.Module):
 
         for block in self.noise_refiner:  # every sample's image has Npad tokens: no mask
             img = block(img, None, rope_img, temb)
-        txt_mask = None if text_keys is None else text_keys[:, None, None, :]  # (B, 1, 1, Lc)
+        # The kernel for padded text (flowmatch.models.key_padding): a boolean SDPA mask or a flex BlockMask.
+        flex = uses_flex(self.attention_kernel, device_type=x.device.type, compiled=self.blocks_compiled)
+        txt_mask = None if text_keys is None else key_padding_mask(text_keys, lc, flex=flex)  # (B, 1, 1, Lc)
         for block in self.context_refiner:
             ctx = block(ctx, txt_mask, rope_txt)
 
@@ -263,7 +269,8 @@ class ZImage(nn.Module):
         rope = RopeTable(torch.cat([rope_img.cos, rope_txt.cos], dim=1), torch.cat([rope_img.sin, rope_txt.sin], 1))
         mask = None
         if text_keys is not None:
-            mask = torch.cat([text_keys.new_ones(b, n_pad), text_keys], dim=1)[:, None, None, :]  # (B, 1, 1, S)
+            keep = torch.cat([text_keys.new_ones(b, n_pad), text_keys], dim=1)  # (B, S)
+            mask = key_padding_mask(keep, keep.shape[1], flex=flex)
         for block in self.layers:
             seq = block(seq, mask, rope, temb)
         out = self.final(seq[:, :n], temb)  # (B, N, p * p * C_out)

@@ -17,7 +17,7 @@ from flowmatch.families import mmdit
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
 from flowmatch.families.zimage import convert, lora_formats
 from flowmatch.families.zimage.presets import PRESETS
-from flowmatch.models.flops import TRAIN_FLOPS_PER_ATTENTION_ENTRY, TRAIN_FLOPS_PER_PARAM_TOKEN
+from flowmatch.models.flops import TRAIN_FLOPS_PER_ATTENTION_ENTRY, per_weight
 from flowmatch.models.zimage import ZImage, padded_length
 
 #: ZImagePipeline's chat turn (its tokenizer's chat template with add_generation_prompt and enable_thinking, which
@@ -43,18 +43,22 @@ def lora_targets(cfg) -> list[str]:
     return ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"]
 
 
-def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: int) -> float:
-    """Training FLOPs of one step (6 per weight and token it is applied to, 12 per attention entry and channel;
-    :mod:`flowmatch.models.flops`), at ``text_len`` text tokens per sample: the image and text are each padded to a
-    multiple of 32 tokens, which the refiners and blocks run over."""
+def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: int, adapt=None) -> float:
+    """Training FLOPs of one step (6 per trained weight and token it is applied to, 4 per frozen one, 12 per
+    attention entry and channel; :mod:`flowmatch.models.flops`), at ``text_len`` text tokens per sample: the image
+    and text are each padded to a multiple of 32 tokens, which the refiners and blocks run over. ``adapt`` (LoRA:
+    :func:`flowmatch.families.lora.training_flops`) changes the meta model in place first."""
     with torch.device("meta"):
         model = build(cfg)
+        if adapt is not None:
+            adapt(model)
     height, width = latent_size
     n = (height // cfg.patch_size) * (width // cfg.patch_size)
     n_pad, l_pad = padded_length(n), padded_length(text_len)
 
-    def size(*modules) -> int:  # matmul weights only: norm scales and pad tokens multiply elementwise
-        return sum(p.numel() for m in modules for p in m.parameters() if p.ndim == 2)
+    def size(*modules) -> int:  # matmul weights only (norm scales and pad tokens multiply elementwise), each
+        # weighted by its training FLOPs per token
+        return sum(per_weight(p) * p.numel() for m in modules for p in m.parameters() if p.ndim == 2)
 
     def blocks(blocks) -> int:
         return sum(size(b.attn.qkv, b.attn.proj, b.mlp) for b in blocks)
@@ -66,8 +70,7 @@ def flops(cfg: Any, *, batch_size: int, latent_size: tuple[int, int], text_len: 
               + blocks(model.layers) * (n_pad + l_pad))
     entries = (len(model.noise_refiner) * n_pad ** 2 + len(model.context_refiner) * l_pad ** 2
                + len(model.layers) * (n_pad + l_pad) ** 2)
-    return float(batch_size * (TRAIN_FLOPS_PER_PARAM_TOKEN * (tokens + per_sample)
-                               + TRAIN_FLOPS_PER_ATTENTION_ENTRY * entries * cfg.width))
+    return float(batch_size * (tokens + per_sample + TRAIN_FLOPS_PER_ATTENTION_ENTRY * entries * cfg.width))
 
 
 FAMILY = Family(
