@@ -4,7 +4,8 @@ Every run trains the tiny preset for 6 steps at a global batch of 16 on the same
 steps 3 and 6:
 
 - ``one``: a plain ``python -m flowmatch train`` process, ZeRO-0, 2 loader workers, 2 micro-batches of 8 per step;
-- ``zero2``: ``torchrun --standalone --nproc_per_node 2``, ZeRO-2, one micro-batch of 8 per rank;
+- ``zero2``: the ``deepspeed`` launcher on one node (2 processes), ZeRO-2, one micro-batch of 8 per rank (also
+  tests/test_launchers.py's run of that launcher);
 - ``zero3``: two ``torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d`` launchers on localhost (two
   "nodes" of one process), ZeRO-3.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import assert_succeeded, free_port, launch_jobs, launch_timed, torchrun
+from launching import assert_succeeded, deepspeed, free_port, launch_jobs, launch_timed, torchrun
 from safetensors.torch import load_file
 
 from flowmatch.checkpoint import read_layout, read_meta
@@ -91,7 +92,8 @@ class Runs:
         """Each run's commands and logs.
 
         - one: 1 process, ZeRO-0: 2 loader workers (streams 0 and 1) feed the 2 micro-batches of each step;
-        - zero2: torchrun --standalone, 2 processes;
+        - zero2: the deepspeed launcher on one node, 2 processes (tests/test_launchers.py's run of that launcher:
+          a launch of two ranks costs ~15 s of CPU);
         - zero3: two launchers meeting at a c10d rendezvous on localhost, one process each (node_rank only
           matters to the static rendezvous: c10d ranks the nodes as they join).
         """
@@ -101,8 +103,8 @@ class Runs:
         return {
             "one": ([[sys.executable, *_train_args(self.root / "one", self.shards, "data.num_workers=2",
                                                    "train.micro_batch_size=8")]], [self.root / "one.log"]),
-            "zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
-                                *_train_args(self.root / "zero2", self.shards, "distributed.zero_stage=2"))],
+            "zero2": ([deepspeed("--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                                 *_train_args(self.root / "zero2", self.shards, "distributed.zero_stage=2")[1:])],
                       [self.root / "zero2.log"]),
             "zero3": ([zero3, zero3], [self.root / f"zero3-node{i}.log" for i in range(2)]),
         }
