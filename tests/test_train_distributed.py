@@ -36,6 +36,7 @@ import pytest
 import torch
 from launching import assert_succeeded, deepspeed, free_port, launch_jobs, launch_timed, torchrun
 from safetensors.torch import load_file
+from test_export import assert_same_as_checkpoint
 
 from flowmatch.checkpoint import read_layout, read_meta
 from flowmatch.cli import main as cli_main
@@ -164,6 +165,12 @@ def test_zero3_on_two_nodes_follows_one_process(runs):
     layout = read_layout(runs.zero3 / "checkpoints" / str(STEPS))
     assert (layout.world_size, layout.zero_stage, layout.precision) == (2, 3, "fp32")
     _assert_same_trajectory(runs.zero3, runs.one)
+
+
+def test_zero3_run_of_two_processes_exports_from_its_consolidated_checkpoint(runs, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["export", str(runs.zero3), str(out)]) == 0
+    assert_same_as_checkpoint(out / "transformer", runs.zero3, ema=True)
 
 
 def test_one_rank_failing_ends_every_rank_promptly(tmp_path, digit_shards):
