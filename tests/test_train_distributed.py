@@ -3,7 +3,8 @@
 Every run trains the tiny preset for 6 steps at a global batch of 16 on the same digit shards, checkpointing at
 steps 3 and 6:
 
-- ``one``: a plain ``python -m flowmatch train`` process, ZeRO-0, 2 loader workers, 2 micro-batches of 8 per step;
+- ``one``: ``flowmatch train`` in the test's process (cli main: a launch would add ~6 s of start-up), ZeRO-0, 2
+  loader workers, 2 micro-batches of 8 per step;
 - ``zero2``: the ``deepspeed`` launcher on one node (2 processes), ZeRO-2, one micro-batch of 8 per rank (also
   tests/test_launchers.py's run of that launcher);
 - ``zero3``: two ``torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d`` launchers on localhost (two
@@ -20,7 +21,8 @@ weight per step).
 
 Also: one rank failing mid-run ends both "nodes" promptly with a non-zero status, and a ZeRO-2 checkpoint of 2
 processes resumes on 1 process. Launches cost ~6 s (1 process) to ~18 s (2 processes) each on 2 cores, nearly
-all of it start-up: ``one``, ``zero2`` and ``zero3`` need nothing from each other and start side by side.
+all of it start-up: ``zero2`` and ``zero3`` need nothing from each other and start side by side; ``one`` trains in
+the test's process.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -83,16 +84,16 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 
 class Runs:
-    """The runs the tests share. The first use of any of them starts all three side by side (they need nothing
+    """The runs the tests share. The first use of any of them starts the launched two side by side (they need nothing
     from each other; one after the other, each launch's start-up and rendezvous leave a core idle)."""
 
     def __init__(self, root: Path, shards: Path) -> None:
         self.root, self.shards = root, shards
 
     def _jobs(self) -> dict[str, tuple[list[list[str]], list[Path]]]:
-        """Each run's commands and logs.
+        """Each launched run's commands and logs (``one``, 1 process, ZeRO-0, where 2 loader workers (streams 0 and 1)
+        feed the 2 micro-batches of each step, trains in this process).
 
-        - one: 1 process, ZeRO-0: 2 loader workers (streams 0 and 1) feed the 2 micro-batches of each step;
         - zero2: the deepspeed launcher on one node, 2 processes (tests/test_launchers.py's run of that launcher:
           a launch of two ranks costs ~15 s of CPU);
         - zero3: two launchers meeting at a c10d rendezvous on localhost, one process each (node_rank only
@@ -102,8 +103,6 @@ class Runs:
         zero3 = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                          endpoint, *_train_args(self.root / "zero3", self.shards, "distributed.zero_stage=3"))
         return {
-            "one": ([[sys.executable, *_train_args(self.root / "one", self.shards, "data.num_workers=2",
-                                                   "train.micro_batch_size=8")]], [self.root / "one.log"]),
             "zero2": ([deepspeed("--num_gpus", "2", "--master_port", str(free_port()), "--module",
                                  *_train_args(self.root / "zero2", self.shards, "distributed.zero_stage=2")[1:])],
                       [self.root / "zero2.log"]),
@@ -118,9 +117,13 @@ class Runs:
         assert_succeeded(self._launched[name])
         return self.root / name
 
-    @property
+    @cached_property
     def one(self) -> Path:
-        return self._run("one")
+        """Trained in this process, after the launched runs (which need nothing from it)."""
+        self._launched  # noqa: B018 - the launched runs first, so that their failure reads as theirs
+        args = _train_args(self.root / "one", self.shards, "data.num_workers=2", "train.micro_batch_size=8")
+        assert cli_main(args[2:]) == 0
+        return self.root / "one"
 
     @property
     def zero2(self) -> Path:
