@@ -140,6 +140,7 @@ def train_runs(tmp_path_factory, digit_shards):
 SHARED_WORKER = {  # module -> the worker group it joins
     "tests/test_train_distributed.py": "train_runs",
     "tests/test_launchers.py": "train_runs",
+    "tests/test_preemption.py": "train_runs",
 }
 
 

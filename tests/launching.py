@@ -73,6 +73,11 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
+def deepspeed(*args: str) -> list[str]:
+    """The `deepspeed` launcher of this interpreter's environment."""
+    return [str(Path(sys.executable).with_name("deepspeed")), *args]
+
+
 def launch_jobs(jobs: dict[str, tuple[list[list[str]], list[Path]]], *,
                 envs: dict[str, list[dict[str, str]]] | None = None,
                 timeout_s: float = LAUNCH_TIMEOUT_S) -> dict[str, tuple[list[int], list[Path]]]:

@@ -1,6 +1,6 @@
 """`flowmatch export` of a tiny trained digits run: the transformer loads in diffusers' SD3Transformer2DModel with
-the checkpoint's exact weights and the same outputs, in both key formats; a ZeRO-3 run of 2 processes exports
-the same way from its consolidated checkpoint."""
+the checkpoint's exact weights and the same outputs, in both key formats. (A ZeRO-3 run of 2 processes exports the
+same way from its consolidated checkpoint: tests/test_train_distributed.py, on the session's launched run.)"""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from launching import launch, torchrun
 from safetensors.torch import load_file
 
-from flowmatch.checkpoint import load_recipe_yaml, load_weights, read_layout
+from flowmatch.checkpoint import load_recipe_yaml, load_weights
 from flowmatch.cli import main
 from flowmatch.config import recipe_from_yaml
 from flowmatch.dtypes import DTYPES
@@ -96,19 +95,3 @@ def test_export_original_keys(digits_run, tmp_path, dtype):
     loaded = from_original(out / "transformer.safetensors").state_dict()
     for name, value in load_weights(digits_run, ema=True).items():
         assert torch.equal(loaded[name], value.to(DTYPES[dtype])), name
-
-
-@pytest.mark.slow
-def test_zero3_run_of_two_processes_exports_from_its_consolidated_checkpoint(digit_shards, tmp_path):
-    run = tmp_path / "zero3"
-    args = ["-m", "flowmatch", "train", str(ROOT / "recipes" / "digits.yaml"), f"run_dir={run}",
-            f"data.shards={digit_shards}", "model.preset=tiny", "train.max_steps=2", "train.batch_size=8",
-            "train.checkpoint_every=2", "data.num_workers=0", "logging.tensorboard=false", "logging.progress=false",
-            "sampling.per_prompt=1", "sampling.steps=2", "distributed.zero_stage=3"]
-    (code,), _ = launch([torchrun("--standalone", "--nproc_per_node", "2", *args)], [tmp_path / "zero3.log"])
-    assert code == 0, (tmp_path / "zero3.log").read_text()
-    layout = read_layout(run)
-    assert (layout.world_size, layout.zero_stage) == (2, 3)
-    out = tmp_path / "out"
-    assert main(["export", str(run), str(out)]) == 0
-    assert_same_as_checkpoint(out / "transformer", run, ema=True)

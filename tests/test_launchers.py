@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launching import assert_succeeded, clean_env, free_port, launch_jobs
+from launching import assert_succeeded, clean_env, deepspeed, free_port, launch_jobs
 from test_train_distributed import _assert_same_trajectory, _train_args
 
 from flowmatch.engine.launch import LaunchError, detect_launch, first_host
@@ -26,11 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def reference(train_runs) -> Path:
     """The one-process run of tests/test_train_distributed.py, shared through the session (tests/conftest.py)."""
     return train_runs.one
-
-
-def _deepspeed(*args: str) -> list[str]:
-    """The `deepspeed` launcher of this interpreter's environment."""
-    return [str(Path(sys.executable).with_name("deepspeed")), *args]
 
 
 def _slurm_env(rank: int, port: int, **extra: str) -> dict[str, str]:
@@ -76,8 +71,8 @@ pytest_slow = pytest.mark.slow
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, digit_shards) -> tuple[Path, dict[str, tuple[list[int], list[Path]]]]:
     """Each launcher's ZeRO-2 run of 2 processes: the root of the run directories, each run's exit codes and logs.
-    The three need nothing from each other and start side by side (one after the other, each launch's start-up and
-    rendezvous leave a core idle)."""
+    The two need nothing from each other and start side by side (one after the other, each launch's start-up and
+    rendezvous leave a core idle). The deepspeed launcher on one node is the session's ``zero2`` run."""
     root = tmp_path_factory.mktemp("launchers")
 
     def args(name: str) -> list[str]:
@@ -85,12 +80,10 @@ def launched(tmp_path_factory, digit_shards) -> tuple[Path, dict[str, tuple[list
 
     hostfile = root / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    ports = {name: free_port() for name in ("one-node", "two-nodes", "slurm")}
+    ports = {name: free_port() for name in ("two-nodes", "slurm")}
     jobs = {
-        "one-node": ([_deepspeed("--num_gpus", "2", "--master_port", str(ports["one-node"]), "--module",
-                                 *args("one-node"))], [root / "one-node.log"]),
         # Two "nodes" started by hand on localhost, no ssh.
-        "two-nodes": ([_deepspeed("--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(r),
+        "two-nodes": ([deepspeed("--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank", str(r),
                                   "--master_addr", "127.0.0.1", "--master_port", str(ports["two-nodes"]), "--module",
                                   *args("two-nodes")) for r in range(2)],
                       [root / f"two-nodes-node{r}.log" for r in range(2)]),
@@ -106,8 +99,8 @@ def _run(launched, name: str) -> Path:
 
 
 @pytest_slow
-def test_deepspeed_launcher_on_one_node(launched, reference):
-    _assert_same_trajectory(_run(launched, "one-node"), reference)
+def test_deepspeed_launcher_on_one_node(train_runs, reference):
+    _assert_same_trajectory(train_runs.zero2, reference)
 
 
 @pytest_slow

@@ -3,8 +3,10 @@
 Every run trains the tiny preset for 6 steps at a global batch of 16 on the same digit shards, checkpointing at
 steps 3 and 6:
 
-- ``one``: a plain ``python -m flowmatch train`` process, ZeRO-0, 2 loader workers, 2 micro-batches of 8 per step;
-- ``zero2``: ``torchrun --standalone --nproc_per_node 2``, ZeRO-2, one micro-batch of 8 per rank;
+- ``one``: ``flowmatch train`` in the test's process (cli main: a launch would add ~6 s of start-up), ZeRO-0, 2
+  loader workers, 2 micro-batches of 8 per step;
+- ``zero2``: the ``deepspeed`` launcher on one node (2 processes), ZeRO-2, one micro-batch of 8 per rank (also
+  tests/test_launchers.py's run of that launcher);
 - ``zero3``: two ``torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d`` launchers on localhost (two
   "nodes" of one process), ZeRO-3.
 
@@ -19,7 +21,8 @@ weight per step).
 
 Also: one rank failing mid-run ends both "nodes" promptly with a non-zero status, and a ZeRO-2 checkpoint of 2
 processes resumes on 1 process. Launches cost ~6 s (1 process) to ~18 s (2 processes) each on 2 cores, nearly
-all of it start-up: ``one``, ``zero2`` and ``zero3`` need nothing from each other and start side by side.
+all of it start-up: ``zero2`` and ``zero3`` need nothing from each other and start side by side; ``one`` trains in
+the test's process.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from functools import cached_property
 from pathlib import Path
 
 import pytest
 import torch
-from launching import assert_succeeded, free_port, launch_jobs, launch_timed, torchrun
+from launching import assert_succeeded, deepspeed, free_port, launch_jobs, launch_timed, torchrun
 from safetensors.torch import load_file
+from test_export import assert_same_as_checkpoint
 
 from flowmatch.checkpoint import read_layout, read_meta
 from flowmatch.cli import main as cli_main
@@ -81,17 +84,18 @@ def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 
 class Runs:
-    """The runs the tests share. The first use of any of them starts all three side by side (they need nothing
+    """The runs the tests share. The first use of any of them starts the launched two side by side (they need nothing
     from each other; one after the other, each launch's start-up and rendezvous leave a core idle)."""
 
     def __init__(self, root: Path, shards: Path) -> None:
         self.root, self.shards = root, shards
 
     def _jobs(self) -> dict[str, tuple[list[list[str]], list[Path]]]:
-        """Each run's commands and logs.
+        """Each launched run's commands and logs (``one``, 1 process, ZeRO-0, where 2 loader workers (streams 0 and 1)
+        feed the 2 micro-batches of each step, trains in this process).
 
-        - one: 1 process, ZeRO-0: 2 loader workers (streams 0 and 1) feed the 2 micro-batches of each step;
-        - zero2: torchrun --standalone, 2 processes;
+        - zero2: the deepspeed launcher on one node, 2 processes (tests/test_launchers.py's run of that launcher:
+          a launch of two ranks costs ~15 s of CPU);
         - zero3: two launchers meeting at a c10d rendezvous on localhost, one process each (node_rank only
           matters to the static rendezvous: c10d ranks the nodes as they join).
         """
@@ -99,10 +103,8 @@ class Runs:
         zero3 = torchrun("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                          endpoint, *_train_args(self.root / "zero3", self.shards, "distributed.zero_stage=3"))
         return {
-            "one": ([[sys.executable, *_train_args(self.root / "one", self.shards, "data.num_workers=2",
-                                                   "train.micro_batch_size=8")]], [self.root / "one.log"]),
-            "zero2": ([torchrun("--standalone", "--nproc_per_node", "2",
-                                *_train_args(self.root / "zero2", self.shards, "distributed.zero_stage=2"))],
+            "zero2": ([deepspeed("--num_gpus", "2", "--master_port", str(free_port()), "--module",
+                                 *_train_args(self.root / "zero2", self.shards, "distributed.zero_stage=2")[1:])],
                       [self.root / "zero2.log"]),
             "zero3": ([zero3, zero3], [self.root / f"zero3-node{i}.log" for i in range(2)]),
         }
@@ -115,9 +117,13 @@ class Runs:
         assert_succeeded(self._launched[name])
         return self.root / name
 
-    @property
+    @cached_property
     def one(self) -> Path:
-        return self._run("one")
+        """Trained in this process, after the launched runs (which need nothing from it)."""
+        self._launched  # noqa: B018 - the launched runs first, so that their failure reads as theirs
+        args = _train_args(self.root / "one", self.shards, "data.num_workers=2", "train.micro_batch_size=8")
+        assert cli_main(args[2:]) == 0
+        return self.root / "one"
 
     @property
     def zero2(self) -> Path:
@@ -162,6 +168,12 @@ def test_zero3_on_two_nodes_follows_one_process(runs):
     layout = read_layout(runs.zero3 / "checkpoints" / str(STEPS))
     assert (layout.world_size, layout.zero_stage, layout.precision) == (2, 3, "fp32")
     _assert_same_trajectory(runs.zero3, runs.one)
+
+
+def test_zero3_run_of_two_processes_exports_from_its_consolidated_checkpoint(runs, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["export", str(runs.zero3), str(out)]) == 0
+    assert_same_as_checkpoint(out / "transformer", runs.zero3, ema=True)
 
 
 def test_one_rank_failing_ends_every_rank_promptly(tmp_path, digit_shards):

@@ -142,12 +142,23 @@ def start_trainer(run: Path, shards: str, workers: int, ready=None, **extra) -> 
     return proc
 
 
-@pytest.mark.slow
+def hold_lock(run: Path) -> subprocess.Popen:
+    """A process holding `run`'s lock as `flowmatch train` does (RunLock, its command's name), returned once it
+    holds it: a trainer's lock without a trainer's start-up (~7 s of CPU for its imports and encoders)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from flowmatch.runlock import RunLock; "
+                               "RunLock(sys.argv[1], 'flowmatch train').acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_a_second_trainer_on_a_run_is_refused_and_a_dead_holder_is_taken_over(tmp_path, digit_shards, capsys):
     """Bugs caught: assemble not taking the lock (both train, one crashes on the other's save), the lock not
     naming its holder, a killed holder's record blocking the run for good."""
     run = tmp_path / "run"
-    first = start_trainer(run, str(digit_shards), workers=0)
+    run.mkdir()
+    first = hold_lock(run)
     try:
         with pytest.raises(RunLocked) as err:
             train(tiny_recipe(run, digit_shards))
@@ -167,12 +178,8 @@ def test_a_second_trainer_on_a_run_is_refused_and_a_dead_holder_is_taken_over(tm
 def test_the_lock_is_released_after_a_run_and_guards_ema_and_export(trained_run, tmp_path):
     """Bugs caught: the trainer keeping the lock after it returns, `flowmatch ema` or `export` not taking it."""
     assert not (trained_run / LOCK_FILE).exists()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from flowmatch.runlock import RunLock; "
-                               "RunLock(sys.argv[1], 'flowmatch train').acquire(); print('held', flush=True); "
-                               "time.sleep(60)", str(trained_run)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    holder = hold_lock(trained_run)
     try:
-        assert holder.stdout.readline().strip() == "held"
         res = run_cli("ema", str(trained_run), "--sigma-rel", "0.1")
         assert res.returncode == 1 and f"PID {holder.pid}" in res.stderr and "Traceback" not in res.stderr
         res = run_cli("export", str(trained_run), str(trained_run))
