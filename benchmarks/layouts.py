@@ -6,10 +6,10 @@ The layouts come from the family registry (:data:`flowmatch.families.FAMILIES`):
 
 - The family whose preset the recipe names (sd3 for recipes/digits.yaml) is the recipe as shipped: the target.
 - Every other family: its registered tiny preset (``Family.tiny``: its layout fields: single-stream blocks,
-  refiners, RoPE layout, modulation, SwiGLU, biases, GQA, ...) with the recipe's geometry (patch, heads, head
-  width, MLP ratio, position grid; RoPE axes scaled to the head width), no guidance embedding (a distillation
-  input, not a layout), and its block counts (joint ``depth``, and ``single_blocks`` where the family has
-  single-stream blocks; refiners as the tiny preset has them) chosen so that its parameter count is within
+  refiners, RoPE layout, modulation, SwiGLU and its MLP ratio, biases, GQA, ...) with the recipe's geometry
+  (patch, heads, head width, position grid; RoPE axes scaled to the head width), no guidance embedding (a
+  distillation input, not a layout), and its block counts (joint ``depth``, and ``single_blocks`` where the family
+  has single-stream blocks; refiners as the tiny preset has them) chosen so that its parameter count is within
   ``--tolerance`` (5%) of the target's, the double/single split nearest the tiny preset's. A family that takes no
   pooled text vector gets the same encoder with ``text_encoder.pooling: none`` (the token states are the same).
 
@@ -56,7 +56,7 @@ from flowmatch.models.mmdit import MMDiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The recipe's MMDiTConfig fields every layout keeps: the width, the tokens and what they are embedded from.
-GEOMETRY = ("in_channels", "out_channels", "patch_size", "num_heads", "head_dim", "mlp_ratio", "sample_size",
+GEOMETRY = ("in_channels", "out_channels", "patch_size", "num_heads", "head_dim", "sample_size",
             "pos_embed_max_size", "time_freq_dim")
 #: Fields a tiny preset may set that are no part of a layout (distillation and editing inputs): turned off.
 NOT_LAYOUT = dict(guidance_embed=False, references=0, interval_embed=False)
