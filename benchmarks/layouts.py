@@ -73,7 +73,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="CPU seconds (one thread) per training process, start-up included; default: the "
                              "recipe's whole schedule at the target layout's calibrated cost")
     parser.add_argument("--calibration-steps", type=int, default=12, help="steps of each layout's timing run")
-    parser.add_argument("--only", default=None, help="comma-separated families (default: every layout)")
+    parser.add_argument("--only", default=None, help="comma-separated families (default: every layout; the "
+                        "recipe's own is the one the others are compared with)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="largest relative parameter-count gap")
     parser.add_argument("--shards", default=None, help="data.shards (default: the recipe's)")
     parser.add_argument("--out", default="runs/layouts", help="parent of the run directories")
@@ -189,7 +190,7 @@ def layouts(recipe_path: str, overrides: list[str], tolerance: float, only: Opti
         unknown = [n for n in only if n not in out]
         if unknown:
             raise SystemExit(f"--only: no layout {unknown[0]!r}; choose from {', '.join(out)}")
-        out = {n: lay for n, lay in out.items() if n in only or n == target_family.name}
+        out = {n: lay for n, lay in out.items() if n in only}
     return target_family.name, out
 
 
@@ -304,6 +305,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     steps = [int(s) for s in args.steps.split(",")]
     cals = {name: calibrate(args.recipe, lay, args) for name, lay in table.items()}
     budget = args.budget_s
+    if budget is None and target not in table:
+        raise SystemExit(f"the default budget is {target}'s (the recipe's) schedule: add {target} to --only or "
+                         "give --budget-s")
     if budget is None:  # the digits job's budget: the shipped recipe's whole schedule
         budget = cals[target].overhead_s + recipe.train.max_steps * cals[target].cpu_per_step
     results = []
@@ -331,16 +335,19 @@ def print_table(results: list[dict], steps: list[int], budget: float, args: argp
           f"{load:.1f} on {os.cpu_count()} cores), seed {args.seed}, {args.samples} images per digit, Euler, "
           f"guidance as {args.recipe}; params within {args.tolerance:.0%} of {target}'s")
     cols = [f"acc@{s}" for s in steps] + [f"para@{s}" for s in steps] + [f"FD@{s}" for s in steps]
-    print(f"{'layout':<9} {'blocks':<28} {'params':>9} {'steps/CPU-s':>11} {'trained':>7} "
+    ref = next((r["params"] for r in results if r["layout"] == target), None)
+    print(f"{'layout':<10} {'blocks':<28} {'params':>9} {'vs ' + target:>7} {'steps/CPU-s':>11} {'trained':>7} "
           + " ".join(f"{c:>7}" for c in cols))
     for r in results:
         m = r["metrics"]
         vals = ([f"{m[s]['accuracy']:>7.3f}" for s in steps] + [f"{m[s]['paraphrase_accuracy']:>7.3f}" for s in steps]
                 + [f"{m[s]['frechet']:>7.1f}" for s in steps])
-        print(f"{r['layout']:<9} {r['blocks']:<28} {r['params']:>9,} {r['steps_per_cpu_s']:>11.2f} "
+        gap = f"{r['params'] / ref - 1:+.1%}" if ref else "-"
+        print(f"{r['layout']:<10} {r['blocks']:<28} {r['params']:>9,} {gap:>7} {r['steps_per_cpu_s']:>11.2f} "
               f"{r['trained_steps']:>7} " + " ".join(vals))
-    last = steps[-1]
-    base = next(r for r in results if r["layout"] == target)["metrics"][last]
+    last, base = steps[-1], next((r["metrics"][steps[-1]] for r in results if r["layout"] == target), None)
+    if base is None:
+        return
     better = [r["layout"] for r in results if r["layout"] != target
               and r["metrics"][last]["accuracy"] >= base["accuracy"] and r["metrics"][last]["frechet"] < base["frechet"]]
     print(f"beats the recipe ({target}) at {last} steps (accuracy as high, Frechet lower): "
