@@ -153,6 +153,8 @@ def match_params(family: Family, values: dict[str, Any], target_params: int, tol
             found.append((gap > tolerance, abs(depth / (depth + singles) - share), gap, depth, singles, params))
             if params > target_params * (1 + tolerance):
                 break  # more single blocks only grow it
+        if found[-1][3:5] == (depth, 1 if single else 0) and found[-1][-1] > target_params * (1 + tolerance):
+            break  # the fewest blocks at this depth are too many already: more joint blocks only grow it
     _, _, _, depth, singles, params = min(found)
     return {**values, "depth": depth, "single_blocks": singles}, params
 
