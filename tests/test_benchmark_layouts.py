@@ -68,10 +68,10 @@ def test_the_plan_fits_the_whole_schedule_in_the_cpu_budget():
 
 
 @pytest.mark.slow
-def test_smoke_a_layout_trains_within_its_cpu_budget_and_is_judged(digits_shards, tmp_path, capsys):
+def test_smoke_a_layout_trains_within_its_cpu_budget_and_is_judged(digit_shards, tmp_path, capsys):
     budget = 16.0
     results = bench.main(["--only", "flux2", "--budget-s", str(budget), "--calibration-steps", "4", "--samples",
-                          "1", "--steps", "1", "--shards", str(digits_shards), "--out", str(tmp_path / "runs"),
+                          "1", "--steps", "1", "--shards", str(digit_shards), "--out", str(tmp_path / "runs"),
                           "train.batch_size=16", "train.ema_profiles=[]", "train.ema_snapshot_every=0"])
     (row,) = results
     assert row["layout"] == "flux2" and 1 <= row["trained_steps"] <= row["planned_steps"]
