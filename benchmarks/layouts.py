@@ -351,7 +351,8 @@ def print_table(results: list[dict], steps: list[int], budget: float, args: argp
     if base is None:
         return
     better = [r["layout"] for r in results if r["layout"] != target
-              and r["metrics"][last]["accuracy"] >= base["accuracy"] and r["metrics"][last]["frechet"] < base["frechet"]]
+              and r["metrics"][last]["accuracy"] >= base["accuracy"]
+              and r["metrics"][last]["frechet"] < base["frechet"]]
     print(f"beats the recipe ({target}) at {last} steps (accuracy as high, Frechet lower): "
           + (", ".join(better) if better else "none"))
 

@@ -14,7 +14,8 @@ from flowmatch.config import load_recipe
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.families import FAMILIES, family_of
 
-_SPEC = importlib.util.spec_from_file_location("layouts_benchmark", Path(__file__).parents[1] / "benchmarks" / "layouts.py")
+_SPEC = importlib.util.spec_from_file_location("layouts_benchmark",
+                                               Path(__file__).parents[1] / "benchmarks" / "layouts.py")
 bench = importlib.util.module_from_spec(_SPEC)
 sys.modules["layouts_benchmark"] = bench
 _SPEC.loader.exec_module(bench)
