@@ -190,8 +190,9 @@ def _perturbed(name: str):
 def test_flex_attention_equals_masked_sdpa(name, cpu_flex_backward, monkeypatch):
     """Padded rows of three lengths: flex's outputs and the gradients of every weight and of the input equal SDPA's,
     and the block mask is built once per forward (twice with a pre-only block, SD3's last: its queries are the
-    image tokens alone; twice with context refiners, whose sequence is the text alone). Bugs caught: the block mask reading the wrong row (``keep[0, kv]``, ``keep[h, kv]``),
-    attending to padding (the image's ones extended over the text), the mask built in every block."""
+    image tokens alone; twice with context refiners, whose sequence is the text alone). Bugs caught: the block
+    mask reading the wrong row (``keep[0, kv]``, ``keep[h, kv]``), attending to padding (the image's ones extended
+    over the text), the mask built in every block."""
     cfg, model = _perturbed(name)
     cond = _cond(cfg, [3, 6, 1])
     x, t = torch.randn(3, cfg.in_channels, 8, 8), torch.rand(3)
