@@ -95,6 +95,17 @@ def _refuse_torch_load() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """One run, on one torch thread as a launched run (OMP_NUM_THREADS=1, tests/launching.py) has it: a run in a
+    test's own process must give the launched reference's bits, and other thread counts sum in other orders."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(argv: list[str] | None) -> None:
     args = parse(argv)
     run_dir = Path(args.run_dir)
     if args.refuse_torch_load:
