@@ -6,10 +6,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per test process unless the caller says otherwise: xdist runs one worker per core, and workers
+# of two threads each spin against each other on the same cores (the fast tier took 225 s instead of 82 s on the
+# quiet 2-core machine). Launched runs take OMP_NUM_THREADS=1 too (tests/launching.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 import pytest  # noqa: E402 - after the environment above, which must be set before anything imports transformers
+import torch  # noqa: E402
 import torch.nn.attention.flex_attention as flex  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also where torch was imported before this file
 
 
 @pytest.fixture
