@@ -12,8 +12,10 @@ from flowmatch.families.presets import PRESETS, config_from_preset, preset_value
 from flowmatch.models.embeddings import patchify, timestep_embedding, unpatchify
 from flowmatch.models.flops import count_parameters, mfu, training_flops_per_step
 from flowmatch.models.layers import AdaLNModulation
+from flowmatch.models.lumina2 import Lumina2
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
+from flowmatch.models.zimage import ZImage
 
 DIMS = dict(in_channels=4, context_dim=24, pooled_dim=12)
 
@@ -236,6 +238,26 @@ def test_bad_inputs_raise_clear_errors():
                                                                        "guidance": torch.ones(2)}))
     with pytest.raises(ValueError, match="pos_embed_max_size"):
         model(torch.randn(1, 4, 34, 2), t[:1], Conditioning(cond.hidden[:1], cond.mask[:1], cond.pooled[:1]))
+
+
+def test_the_config_checks_serve_the_mmdit_zimage_and_lumina2_alike():
+    """mmdit_config's checks as each transformer reaches them. Bugs caught: a size check's `<= 0` written `< 0`,
+    Z-Image's or Lumina-Image-2's own validation or input check no longer calling the shared one."""
+    with pytest.raises(ValueError, match=r"MMDiTConfig.depth must be positive, got 0"):
+        MMDiT(tiny(depth=0))
+    zimage = config_from_preset("tiny-zimage", in_channels=4, context_dim=24)
+    with pytest.raises(ValueError, match=r"MMDiTConfig.in_channels is None.*autoencoder"):
+        ZImage(config_from_preset("tiny-zimage", context_dim=24))
+    with pytest.raises(ValueError, match=r"MMDiTConfig.num_heads must be positive, got 0"):
+        ZImage(config_from_preset("tiny-zimage", in_channels=4, context_dim=24, num_heads=0))
+    for model in (ZImage(zimage), Lumina2(config_from_preset("tiny-lumina2", in_channels=4, context_dim=24))):
+        x, t, cond = inputs(model.cfg, text_len=3)
+        with pytest.raises(ValueError, match=r"x must be \(B, 4, H, W\)"):
+            model(x[:, :3], t, cond)
+        bad_mask = Conditioning(cond.hidden, cond.mask, cond.pooled)
+        bad_mask.mask = torch.ones(2, 3)
+        with pytest.raises(ValueError, match="cond.mask must be bool"):
+            model(x, t, bad_mask)
 
 
 def test_presets_and_their_errors():

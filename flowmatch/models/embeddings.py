@@ -25,6 +25,8 @@ from flowmatch.models.mlp import Mlp
 
 #: Sinusoid period used by DDPM/SD3 timestep embeddings and by SD3's sin-cos position grid.
 SINUSOID_MAX_PERIOD = 10000.0
+#: Standard deviation of the normal init of the timestep and pooled-text MLPs (DiT, Peebles & Xie 2023).
+EMBEDDER_INIT_STD = 0.02
 
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:

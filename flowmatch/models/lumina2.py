@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
-from flowmatch.models.embeddings import RopeTable, TimestepEmbedder, patchify, unpatchify
+from flowmatch.models.embeddings import EMBEDDER_INIT_STD, RopeTable, TimestepEmbedder, patchify, unpatchify
 from flowmatch.models.key_padding import key_padding_mask, uses_flex
 from flowmatch.models.layers import AdaLNModulation, SelfAttention
 from flowmatch.models.mlp import RmsNorm, SwiGLU
-from flowmatch.models.mmdit import MMDiTConfig
+from flowmatch.models.mmdit_config import MMDiTConfig, check_latents_and_text
 
 #: The ``MMDiTConfig.rope_layout`` that describes this network rather than an MMDiT.
 ROPE_LAYOUT = "lumina2"
@@ -170,7 +170,7 @@ class Lumina2(nn.Module):
             elif isinstance(module, RmsNorm):
                 module.reset_parameters()
         for linear in (self.time_embed.mlp.fc1, self.time_embed.mlp.fc2):
-            nn.init.normal_(linear.weight, std=0.02)
+            nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
         for module in self.modules():
             if isinstance(module, AdaLNModulation):
                 nn.init.zeros_(module.linear.weight)
@@ -183,21 +183,9 @@ class Lumina2(nn.Module):
         return [*self.context_refiner, *self.noise_refiner, *self.layers]
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Conditioning, r: Optional[Tensor]) -> None:
-        cfg = self.cfg
-        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(f"image size {h}x{w} is not divisible by patch_size={cfg.patch_size}; pad or resize")
-        if t.shape != (b,):
-            raise ValueError(f"t must be ({b},), got {tuple(t.shape)}")
+        check_latents_and_text(self.cfg, x, t, cond)
         if r is not None:
             raise ValueError("Lumina-Image-2 takes no interval input r (model.interval_embed is not supported)")
-        if cond.hidden.ndim != 3 or cond.hidden.shape[0] != b or cond.hidden.shape[2] != cfg.context_dim:
-            raise ValueError(f"cond.hidden must be ({b}, L, {cfg.context_dim}), got {tuple(cond.hidden.shape)}")
-        if cond.mask.shape != cond.hidden.shape[:2] or cond.mask.dtype != torch.bool:
-            raise ValueError(f"cond.mask must be bool {tuple(cond.hidden.shape[:2])}, got {cond.mask.dtype} "
-                             f"{tuple(cond.mask.shape)}")
         if cond.reference or cond.extra:
             raise ValueError("Lumina-Image-2 takes no reference images and no extra inputs (cond.reference, "
                              f"cond.extra: {sorted(cond.extra)})")

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
-from flowmatch.models.embeddings import RopeTable, patchify, timestep_embedding, unpatchify
+from flowmatch.models.embeddings import EMBEDDER_INIT_STD, RopeTable, patchify, timestep_embedding, unpatchify
 from flowmatch.models.key_padding import key_padding_mask, uses_flex
 from flowmatch.models.layers import SelfAttention
 from flowmatch.models.mlp import Mlp, RmsNorm, SwiGLU
-from flowmatch.models.mmdit import EMBEDDER_INIT_STD, MMDiTConfig, check_latents_and_text
+from flowmatch.models.mmdit_config import MMDiTConfig, check_latents_and_text, check_sizes
 
 #: MMDiTConfig.rope_layout of a Z-Image model: text on the first axis from 1, each sample's image after its padded
 #: text (the MMDiT's validation refuses it: only this network places tokens so).
@@ -111,13 +111,8 @@ class FinalLayer(nn.Module):
 
 def validate(cfg: MMDiTConfig) -> None:
     """ValueError naming the first MMDiTConfig field a Z-Image model cannot have."""
-    for name in ("in_channels", "context_dim"):
-        if getattr(cfg, name) is None:
-            raise ValueError(f"MMDiTConfig.{name} is None; set it, or let the trainer fill it from the "
-                             f"{'autoencoder' if name == 'in_channels' else 'text encoder'} before building the model")
-    for name in ("patch_size", "depth", "num_heads", "head_dim", "time_freq_dim", "in_channels", "context_dim"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"MMDiTConfig.{name} must be positive, got {getattr(cfg, name)}")
+    check_sizes(cfg, ("in_channels", "context_dim"),
+                ("patch_size", "depth", "num_heads", "head_dim", "time_freq_dim", "in_channels", "context_dim"))
     if cfg.refiner_layers < 0 or cfg.time_freq_dim % 2:
         raise ValueError(f"Z-Image needs refiner_layers >= 0 and an even time_freq_dim, got {cfg.refiner_layers} "
                          f"and {cfg.time_freq_dim}")
