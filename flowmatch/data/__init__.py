@@ -17,8 +17,9 @@ What a shard is (member names, held-out naming, size limits) and the one writer 
 from flowmatch.data.batch import Batch
 from flowmatch.data.config import DataConfig, SourceConfig
 from flowmatch.data.features import EncoderMismatch, FeatureHeader
-from flowmatch.data.loader import Loader, LoaderStats, build_loader, merge_loader_states, read_cache_info
+from flowmatch.data.loader import Loader, LoaderStats, build_loader, merge_loader_states
 from flowmatch.data.opener import RetryPolicy
+from flowmatch.data.probe import read_cache_info
 from flowmatch.data.shards import ensure_shards, expand_shards, has_val_split, resolve_split
 from flowmatch.data.stream import DataUnavailable
 

@@ -157,7 +157,8 @@ class DataConfig:
         if self.sources and self.shards != DEFAULT_SHARDS:
             raise ValueError("data.shards and data.sources are alternatives: name the shards in data.sources[].shards")
         if self.sources and (self.prepare or self.val_shards):
-            raise ValueError("with data.sources, set no data.prepare or data.val_shards (use data.sources[].val_shards)")
+            raise ValueError("with data.sources, set no data.prepare or data.val_shards "
+                             "(use data.sources[].val_shards)")
 
     @property
     def size(self) -> tuple[int, int]:

@@ -4,9 +4,9 @@ A shard is a tar file (plain, or gzip/bzip2/xz compressed) of samples. A sample 
 a key: `dir/abc.jpg`, `dir/abc.txt` -> key `dir/abc`, files {"jpg": ..., "txt": ...} (the WebDataset convention:
 the extension is everything after the first dot of the file name). A paired (editing) sample adds its reference
 images as `abc.ref.jpg`, `abc.ref_1.png`, ... (`reference_ext`, `reference_members`): its own image is the
-target and its caption the instruction. A key is written only if the reader gives it
-back unchanged and it is safe to extract (`check_key`); new keys are made of letters, digits, '_' and '-'
-(`safe_key`). Shards whose file name starts with `val-` hold out data: they are never trained on. Every reader and writer takes its limits from
+target and its caption the instruction. A key is written only if the reader gives it back unchanged and it is
+safe to extract (`check_key`); new keys are made of letters, digits, '_' and '-' (`safe_key`). Shards whose file
+name starts with `val-` hold out data: they are never trained on. Every reader and writer takes its limits from
 here, so a shard the writers accept is one the loader reads.
 
 Writing is deterministic: the same samples give byte-identical shards (fixed member time, owner and mode; members
