@@ -112,3 +112,12 @@ def test_the_loader_decodes_pixels_into_the_model_range():
     assert torch.allclose(image, torch.full((1, 4, 4), 51 / 127.5 - 1))
     sample = RawSample("k", "u", {"png": buffer.getvalue(), "txt": b"c"})
     assert decode.peek_raw(sample, max_pixels=100, need_size=True).size == (4, 4)
+    # Transparent pixels are composited on white, whether the alpha is a channel or a palette entry (bug caught:
+    # a transparency kind not recognised, its black colour values kept).
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    for transparent in (Image.new("RGBA", (4, 4), (0, 0, 0, 0)), Image.new("LA", (4, 4), (0, 0)), palette):
+        buffer = io.BytesIO()
+        transparent.save(buffer, format="PNG", **({"transparency": 0} if transparent.mode == "P" else {}))
+        image = decode.decode_image(buffer.getvalue(), height=4, width=4, channels=3, max_pixels=100)
+        assert torch.equal(image, torch.ones(3, 4, 4)), transparent.mode

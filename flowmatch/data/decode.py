@@ -138,6 +138,11 @@ def peek_raw(sample: RawSample, *, max_pixels: int, need_size: bool, caption_key
     return SampleInfo(caption, ext, size, references=references)
 
 
+def has_alpha(image: Image.Image) -> bool:
+    """Whether an opened image carries transparency."""
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
 def decode_pixels(data: bytes, *, height: int, width: int, channels: int, max_pixels: int) -> np.ndarray:
     """Decode, convert to `channels`, resize to cover (height, width) and center-crop: (height, width, C) uint8.
 
@@ -150,7 +155,7 @@ def decode_pixels(data: bytes, *, height: int, width: int, channels: int, max_pi
         side = max(width, height)
         image.draft(MODES[channels], (side, side))
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if has_alpha(image):
             rgba = image.convert("RGBA")
             image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image.alpha_composite(rgba)

@@ -21,16 +21,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from flowmatch.data.decode import BadSample, open_image, resize_cover
+from flowmatch.data.decode import BadSample, has_alpha, open_image, resize_cover
 from flowmatch.data.tarstream import RawSample
 
 #: The sample member holding its mask.
 MASK_MEMBER = "mask.png"
-
-
-def has_alpha(image: Image.Image) -> bool:
-    """Whether an opened image carries transparency."""
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def decode_mask(sample: RawSample, image_ext: str, *, height: int, width: int, max_pixels: int,
