@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Optional
 from urllib.parse import urlparse
 
+from webdataset.gopen import gopen
+
 from flowmatch.data.tarformat import COMPRESSED
 
 log = logging.getLogger("flowmatch.data")
@@ -222,8 +224,6 @@ def open_pipe(url: str, offset: int, policy: RetryPolicy) -> tuple[BinaryIO, int
 
 
 def open_gopen(url: str, offset: int, policy: RetryPolicy) -> tuple[BinaryIO, int]:
-    from webdataset.gopen import gopen
-
     check_gopen_url(url)
     return gopen(url, "rb"), 0
 

@@ -63,7 +63,8 @@ def is_held_out(key: str, fraction: float) -> bool:
 
 
 def is_remote(url: str) -> bool:
-    """URLs and pipe: commands are opened by webdataset's gopen; they cannot be listed or checked here."""
+    """Whether ``url`` is a URL or a pipe: command (opened by flowmatch.data.opener), which cannot be listed or
+    checked here."""
     return url.startswith("pipe:") or len(urlparse(url).scheme) > 1
 
 

@@ -64,7 +64,7 @@ class UNetBackbone(nn.Module):
 
     def __init__(self, cfg: "ModelConfig") -> None:
         super().__init__()
-        from diffusers import UNet2DConditionModel
+        from diffusers import UNet2DConditionModel  # optional heavy dependency, loaded on use: U-Net runs only
 
         for name in ("in_channels", "context_dim", "pooled_dim"):
             if getattr(cfg, name) is None:
