@@ -313,7 +313,8 @@ def test_large_preset_parameter_counts_on_meta(name, low, high):
     assert counts.per_sample > 2 * model.cfg.depth * 6 * model.cfg.width**2
 
 
-@pytest.mark.parametrize("variant", [dict(single_blocks=1), dict(dual_attention_layers=[0, 1], guidance_embed=True)])
+@pytest.mark.parametrize("variant", [dict(single_blocks=1, interval_embed=True),
+                                     dict(dual_attention_layers=[0, 1], guidance_embed=True)])
 def test_flop_estimate_matches_counted_matmul_flops(variant):
     cfg = tiny(depth=3, **variant)
     model = randomized(cfg)

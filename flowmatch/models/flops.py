@@ -3,11 +3,12 @@
 The estimate is the usual 6 x parameters x tokens (forward 2, backward 4 FLOPs per weight and token; Kaplan et
 al. 2020), applied to each weight with the tokens it actually sees: image-stream weights see image tokens,
 text-stream weights text tokens, single-stream weights both, and the conditioning path (timestep, guidance and
-pooled-text MLPs, every adaLN modulation, FLUX.2's shared one) runs once per sample. Normalisation scales (QK-norm,
-the text input norm) multiply elementwise and are not counted. A text stream whose output nothing reads (the last
-joint block's, when no single block follows and the block keeps its whole text stream, as Qwen-Image's) runs its
-output projection and MLP forward only: 2 FLOPs per weight and token, no backward. Attention adds
-12 x B x queries x keys x width per block (and per MMDiT-X image-only attention).
+pooled-text MLPs, the interval MLP of few-step models, every adaLN modulation, FLUX.2's shared one) runs once
+per sample. Normalisation scales (QK-norm, the text input norm) multiply elementwise and are not counted. A text
+stream whose output nothing reads (the last joint block's, when no single block follows and the block keeps its
+whole text stream, as Qwen-Image's) runs its output projection and MLP forward only: 2 FLOPs per weight and
+token, no backward. Attention adds 12 x B x queries x keys x width per block (and per MMDiT-X image-only
+attention).
 Recomputation by activation checkpointing is not counted (model FLOPs, as MFU is defined).
 
 A frozen weight (``requires_grad`` False: the base of a LoRA run) costs 4 FLOPs per token instead of 6: its forward
@@ -57,7 +58,7 @@ class ParamCount:
     joint_token: int
     """Applied to every token of the joint sequence (single-stream blocks)."""
     per_sample: int
-    """Applied once per sample (timestep and pooled MLPs, adaLN modulations)."""
+    """Applied once per sample (timestep, guidance, interval and pooled MLPs, adaLN modulations)."""
     elementwise: int = 0
     """Normalisation scales (QK-norm, the text input norm): elementwise products, no matmul FLOPs."""
 
@@ -90,7 +91,7 @@ def _group(name: str) -> str:
     if name.endswith("norm.weight"):
         return "elementwise"
     if ".mod." in name or name.startswith((
-            "time_embed.", "guidance_embed.", "pooled_embed.", "approximator.", "shared_mod.")):
+            "time_embed.", "guidance_embed.", "interval_embed.", "pooled_embed.", "approximator.", "shared_mod.")):
         return "per_sample"
     if name.startswith("single_blocks."):
         return "joint_token"

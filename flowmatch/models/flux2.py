@@ -1,7 +1,7 @@
 """The modules particular to FLUX.2 (Black Forest Labs 2025; diffusers' Flux2Transformer2DModel), used by the
 MMDiT when ``MMDiTConfig.mlp`` is ``swiglu`` and ``MMDiTConfig.modulation`` is ``shared``:
 
-- :class:`SwiGLU` and :class:`GatedMlp`: the feed-forward whose gate and value come out of one input linear
+- :class:`SiluGate` and :class:`GatedMlp`: the feed-forward whose gate and value come out of one input linear
   (fc1: D -> 2H, then silu(first half) * second half, fc2: H -> D), without biases;
 - :class:`SharedModulation`: one SiLU + linear per stream type (the joint blocks' image stream, their text stream,
   the single blocks), computed once per forward from the time (+ guidance) vector and handed to every block,
