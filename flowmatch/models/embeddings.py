@@ -51,14 +51,15 @@ def unpatchify(tokens: Tensor, grid_h: int, grid_w: int, patch_size: int) -> Ten
     return x.reshape(b, c, grid_h * p, grid_w * p)
 
 
-def _trig_dtype(device: torch.device) -> torch.dtype:
-    # Position tables are built in float64 (as SD3 does) where the device has it; MPS has no float64.
+def trig_dtype(device: torch.device) -> torch.dtype:
+    """The dtype position angles are computed in: float64 (as SD3, FLUX and the releases' tables are) where the
+    device has it; MPS has none, float32 there."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _sincos_1d(pos: Tensor, dim: int) -> Tensor:
     """pos: (M,) -> (M, dim) laid out as [sin(pos * w_i), cos(pos * w_i)], w_i = 10000^(-i / (dim / 2))."""
-    dtype = _trig_dtype(pos.device)
+    dtype = trig_dtype(pos.device)
     omega = torch.arange(dim // 2, device=pos.device, dtype=dtype) / (dim / 2.0)
     omega = SINUSOID_MAX_PERIOD ** (-omega)
     angles = pos.to(dtype)[:, None] * omega[None, :]
@@ -135,16 +136,18 @@ class TimestepEmbedder(nn.Module):
 
 @dataclass
 class RopeTable:
-    """Rotation angles for RoPE, one row per token of the joint sequence (image tokens first).
+    """Rotation angles for RoPE, one row per token of the joint sequence (image tokens first in the MMDiT's).
 
-    cos, sin: (S, 1, head_dim / 2) float32, broadcast over (B, S, H, head_dim / 2) pairs.
+    cos, sin: (S, 1, head_dim / 2) float32, or (B, S, 1, head_dim / 2) where positions differ per sample (the
+    per-caption tables of flowmatch.models.lumina2 and zimage), broadcast over (B, S, H, head_dim / 2) pairs.
     """
 
     cos: Tensor
     sin: Tensor
 
     def head(self, n: int) -> "RopeTable":
-        """The table restricted to the first n tokens (the query rows of a context-pre-only block)."""
+        """The (S, 1, head_dim / 2) table restricted to the first n tokens (the query rows of a context-pre-only
+        block)."""
         return RopeTable(self.cos[:n], self.sin[:n])
 
 
@@ -165,7 +168,7 @@ def rope_table(
     """
     if references and len(axes_dim) != 3:
         raise ValueError(f"reference images need RoPE's image-index axis (three rope_axes_dim), got {list(axes_dim)}")
-    dtype = _trig_dtype(torch.device(device))
+    dtype = trig_dtype(torch.device(device))
     grids = [(0, grid_h, grid_w)] + [(k + 1, h, w) for k, (h, w) in enumerate(references)]
     index = torch.cat([torch.full((h * w,), float(i), device=device, dtype=dtype) for i, h, w in grids])
     rows = torch.cat([torch.arange(h, device=device, dtype=dtype).repeat_interleave(w) for _, h, w in grids])
@@ -224,7 +227,7 @@ def flux2_rope_table(
     if len(axes_dim) != 4 or references:
         raise ValueError(f"FLUX.2's RoPE rotates four axes (time, row, column, sequence) and takes no reference "
                          f"images here, got axes_dim={list(axes_dim)}, {len(references)} reference(s)")
-    dtype = _trig_dtype(torch.device(device))
+    dtype = trig_dtype(torch.device(device))
     rows = torch.arange(grid_h, device=device, dtype=dtype).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, device=device, dtype=dtype).repeat(grid_h)
     zeros_img, zeros_txt = rows.new_zeros(grid_h * grid_w), rows.new_zeros(text_len)

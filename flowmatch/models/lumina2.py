@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
-from flowmatch.models.embeddings import EMBEDDER_INIT_STD, RopeTable, TimestepEmbedder, patchify, unpatchify
+from flowmatch.models.embeddings import (
+    EMBEDDER_INIT_STD,
+    RopeTable,
+    TimestepEmbedder,
+    patchify,
+    trig_dtype,
+    unpatchify,
+)
 from flowmatch.models.key_padding import key_padding_mask, uses_flex
 from flowmatch.models.layers import AdaLNModulation, SelfAttention
 from flowmatch.models.mlp import RmsNorm, SwiGLU
@@ -105,7 +112,7 @@ def lumina2_rope(mask: Tensor, grid_h: int, grid_w: int, *, axes_dim: list[int],
     float64 where the device has it, stored as float32: cos, sin (B, L + h w, 1, head_dim / 2)."""
     b, length = mask.shape
     device = mask.device
-    dtype = torch.float32 if device.type == "mps" else torch.float64
+    dtype = trig_dtype(device)
     caption = torch.arange(length, device=device, dtype=dtype)
     rows = torch.arange(grid_h, device=device, dtype=dtype).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, device=device, dtype=dtype).repeat(grid_h)

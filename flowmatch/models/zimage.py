@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowmatch.conditioning import Conditioning
-from flowmatch.models.embeddings import EMBEDDER_INIT_STD, RopeTable, patchify, timestep_embedding, unpatchify
+from flowmatch.models.embeddings import (
+    EMBEDDER_INIT_STD,
+    RopeTable,
+    patchify,
+    timestep_embedding,
+    trig_dtype,
+    unpatchify,
+)
 from flowmatch.models.key_padding import key_padding_mask, uses_flex
 from flowmatch.models.layers import SelfAttention
 from flowmatch.models.mlp import Mlp, RmsNorm, SwiGLU
@@ -58,7 +65,7 @@ def rope_from_ids(ids: Tensor, axes_dim: Sequence[int], theta: float) -> RopeTab
     float64 (float32 where the device has none) and rounded to float32 before cos and sin, as the release's
     precomputed tables are.
     """
-    dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+    dtype = trig_dtype(ids.device)
     parts = []
     for a, d in enumerate(axes_dim):
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, device=ids.device, dtype=dtype) / d)  # (d / 2,)
