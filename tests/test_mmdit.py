@@ -13,6 +13,7 @@ from flowmatch.models.embeddings import patchify, timestep_embedding, unpatchify
 from flowmatch.models.flops import count_parameters, mfu, training_flops_per_step
 from flowmatch.models.layers import AdaLNModulation
 from flowmatch.models.lumina2 import Lumina2
+from flowmatch.models.mlp import RmsNorm
 from flowmatch.models.mmdit import MMDiT, MMDiTConfig
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile
 from flowmatch.models.zimage import ZImage
@@ -258,6 +259,26 @@ def test_the_config_checks_serve_the_mmdit_zimage_and_lumina2_alike():
         bad_mask.mask = torch.ones(2, 3)
         with pytest.raises(ValueError, match="cond.mask must be bool"):
             model(x, t, bad_mask)
+
+
+def test_every_transformer_starts_from_xavier_linears_and_unit_norms_after_meta_construction():
+    """init_weights from the meta device (to_empty leaves whatever memory held). Bugs caught: a model's
+    init_weights no longer starting from layers.init_linears_and_norms (its blocks' linears left as they were),
+    an RMS norm it does not reset."""
+    configs = {MMDiT: tiny(), ZImage: config_from_preset("tiny-zimage", in_channels=4, context_dim=24),
+               Lumina2: config_from_preset("tiny-lumina2", in_channels=4, context_dim=24)}
+    for cls, cfg in configs.items():
+        model = cls(cfg, device="meta")
+        model.to_empty(device="cpu")
+        torch.manual_seed(0)
+        model.init_weights()
+        norms = [m.weight for m in model.modules() if isinstance(m, RmsNorm)]
+        assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms), cls.__name__
+        # the first linear of the last block that init does not zero: U(-b, b), b = sqrt(6 / (fan_in + fan_out))
+        weight = next(m.weight for m in model.blocks()[-1].modules()
+                      if isinstance(m, torch.nn.Linear) and m.weight.abs().max() > 0)
+        bound = (6 / sum(weight.shape)) ** 0.5
+        assert 0.9 * bound < weight.abs().max() <= bound, cls.__name__
 
 
 def test_presets_and_their_errors():

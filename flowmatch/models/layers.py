@@ -67,6 +67,19 @@ def modulation(dim: int, chunks: int, *, given: bool, start: int = 0, bias: bool
                                                                          dtype=dtype)
 
 
+def init_linears_and_norms(model: nn.Module) -> None:
+    """The start of every transformer's ``init_weights``: Xavier-uniform weights and zero biases for each
+    ``nn.Linear``, unit scales for each RMS norm, in ``model.modules()`` order (the order of the random draws);
+    the model then re-initialises its embedders and zeroes its modulation and output layers."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (RmsNorm, nn.RMSNorm)):
+            module.reset_parameters()
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
     """Parameter-free LayerNorm then adaLN: LN(x) * (1 + scale) + shift; x (B, S, D), shift/scale (B, 1, D)."""
     return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=eps), 1 + scale)

@@ -35,7 +35,7 @@ from flowmatch.models.embeddings import (
     unpatchify,
 )
 from flowmatch.models.key_padding import key_padding_mask, uses_flex
-from flowmatch.models.layers import AdaLNModulation, SelfAttention
+from flowmatch.models.layers import AdaLNModulation, SelfAttention, init_linears_and_norms
 from flowmatch.models.mlp import RmsNorm, SwiGLU
 from flowmatch.models.mmdit_config import MMDiTConfig, check_latents_and_text
 
@@ -169,13 +169,7 @@ class Lumina2(nn.Module):
         """Xavier-uniform linears with zero biases, unit RMSNorm scales, N(0, 0.02) timestep MLP, and zeroed
         modulation (tanh gates at 0: every block starts as the identity) and final projection (the model outputs
         exactly zero). Call after ``to_empty`` from meta."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RmsNorm):
-                module.reset_parameters()
+        init_linears_and_norms(self)
         for linear in (self.time_embed.mlp.fc1, self.time_embed.mlp.fc2):
             nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
         for module in self.modules():

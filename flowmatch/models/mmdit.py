@@ -30,7 +30,7 @@ from flowmatch.models.embeddings import (
 )
 from flowmatch.models.flux2 import SharedModulation
 from flowmatch.models.key_padding import AttentionMask, key_padding_mask, uses_flex
-from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock
+from flowmatch.models.layers import AdaLNModulation, FinalLayer, JointBlock, SingleBlock, init_linears_and_norms
 from flowmatch.models.mlp import RmsNorm
 from flowmatch.models.mmdit_config import MMDiTConfig, check_latents_and_text
 
@@ -120,13 +120,7 @@ class MMDiT(nn.Module):
         bias, unit QK-norm scales, N(0, 0.02) timestep, guidance and pooled-text MLPs, and zeroed modulation and final
         projection, so every block starts as the identity and the model outputs exactly zero. The interval
         embedder's last layer is zeroed too (:meth:`zero_embedder`). Call after `to_empty` from meta."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (RmsNorm, nn.RMSNorm)):
-                module.reset_parameters()
+        init_linears_and_norms(self)
         embedders = [] if self.approximator is not None else [self.time_embed.mlp]
         embedders += [self.pooled_embed] if self.pooled_embed is not None else []
         if self.approximator is not None:  # its last layer zero: every modulation row starts at zero (adaLN-Zero)

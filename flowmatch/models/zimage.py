@@ -33,7 +33,7 @@ from flowmatch.models.embeddings import (
     unpatchify,
 )
 from flowmatch.models.key_padding import key_padding_mask, uses_flex
-from flowmatch.models.layers import SelfAttention
+from flowmatch.models.layers import SelfAttention, init_linears_and_norms
 from flowmatch.models.mlp import Mlp, RmsNorm, SwiGLU
 from flowmatch.models.mmdit_config import MMDiTConfig, check_latents_and_text, check_sizes
 
@@ -185,13 +185,7 @@ class ZImage(nn.Module):
         """adaLN-Zero initialisation (DiT, Peebles & Xie 2023): Xavier-uniform linears with zero bias, unit norm
         scales, an N(0, 0.02) time MLP and zero pad tokens, and zeroed modulation and final projection, so every
         modulated block starts with closed gates and the model outputs exactly zero. Call after ``to_empty``."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RmsNorm):
-                module.reset_parameters()
+        init_linears_and_norms(self)
         for linear in (self.time_embed.fc1, self.time_embed.fc2):
             nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
         for linear in [b.modulation for b in self.blocks() if b.modulation is not None] + [
