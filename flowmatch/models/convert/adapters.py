@@ -35,10 +35,9 @@ from flowmatch.models.lora import ADAPTER, LoraConfig, Projection, peft_config
 __all__ = ["ExportError", "factors_of", "load_into", "loader_of", "merge_adapters", "to_adapter_file",
            "to_diffusers_adapters"]
 
-#: Factors on a projection's output side (their first axis is the weight's rows).
+#: Factors on a projection's output side (their first axis is the weight's rows); the others (lora_A, hada_w1_b,
+#: hada_w2_b) are on its input side (their last axis is the weight's columns).
 ROWS = ("lora_B", "lora_magnitude_vector", "hada_w1_a", "hada_w2_a")
-#: Factors on its input side (their last axis is the weight's columns).
-COLUMNS = ("lora_A", "hada_w1_b", "hada_w2_b")
 #: LoKr's Kronecker factors: w1 (or w1_a) holds the row blocks, w2 the rows within a block.
 KRON_OUTER = ("lokr_w1", "lokr_w1_a")
 
