@@ -13,12 +13,12 @@ from flowmatch.cli import main
 from flowmatch.engine.state import write_safetensors
 from flowmatch.families import family_of
 from flowmatch.families.convert import from_diffusers
-from flowmatch.families.lora import apply_file_adapters, apply_lora, load_lora_file
+from flowmatch.families.lora import apply_file_adapters, apply_lora, load_lora_file, select
 from flowmatch.families.presets import config_from_preset
 from flowmatch.lora_check import check_lora
 from flowmatch.models.convert.lora import to_lora_file
 from flowmatch.models.convert.lora_read import file_adapters
-from flowmatch.models.lora import LoraConfig, is_adapter
+from flowmatch.models.lora import LoraConfig, adapter_key, is_adapter, linear_shapes
 from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 
@@ -30,14 +30,15 @@ PRESETS = {"tiny-sd3-medium": "joint_blocks.0.x_block.attn.qkv",
            "tiny-flux-kontext-dev": "double_blocks.0.img_attn.qkv",
            "tiny-chroma": "double_blocks.0.img_attn.qkv",
            "tiny-qwen-image": "transformer_blocks.0.attn.to_q",
-           "tiny-qwen-image-edit": "transformer_blocks.0.attn.to_q"}
+           "tiny-qwen-image-edit": "transformer_blocks.0.attn.to_q",
+           "tiny-lumina2": "layers.0.attention.qkv"}
 LORA = LoraConfig(rank=3, alpha=7.0)  # alpha != rank: a lost scale shows
 CHECK = dict(prompts=["a photo of a cat", "a red apple"], steps=2, size=32, guidance=3.0)
 
 
 def adapted_model(cfg, lora: LoraConfig = LORA, seed: int = 1) -> tuple[MMDiT, list, dict]:
     """(model with random adapters, the adapted projections, the adapter tensors)."""
-    model = MMDiT(cfg)
+    model = family_of(cfg).build(cfg)
     torch.manual_seed(0)
     chosen = apply_lora(model, lora)
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +50,7 @@ def adapted_model(cfg, lora: LoraConfig = LORA, seed: int = 1) -> tuple[MMDiT, l
 
 
 def fresh(cfg, lora: LoraConfig = LORA) -> MMDiT:
-    model = MMDiT(cfg)
+    model = family_of(cfg).build(cfg)
     torch.manual_seed(5)
     apply_lora(model, lora)
     return model
@@ -72,7 +73,10 @@ def test_every_format_reads_back_bit_for_bit(preset, tmp_path):
             assert all(k.startswith("lora_unet_") for k in tensors)
             assert f"lora_unet_{PRESETS[preset].replace('.', '_')}.lora_down.weight" in tensors
             assert {v.item() for k, v in tensors.items() if k.endswith(".alpha")} == {7.0}
-        if name == "comfyui":  # ComfyUI's own LoRA writer's names: dotted modules, kohya's factor names
+        if name == "comfyui" and fmt.fold_alpha:  # Lumina-2's: the names diffusers' converter reads, no alpha
+            assert all(k.startswith("diffusion_model.") for k in tensors) and not any(".alpha" in k for k in tensors)
+            assert f"diffusion_model.{PRESETS[preset]}.lora_A.weight" in tensors and metadata == {"format": "pt"}
+        elif name == "comfyui":  # ComfyUI's own LoRA writer's names: dotted modules, kohya's factor names
             assert all(k.startswith("diffusion_model.") for k in tensors) and not any(".lora_A." in k for k in tensors)
             assert f"diffusion_model.{PRESETS[preset]}.lora_down.weight" in tensors
         if name == "diffusers":
@@ -83,7 +87,10 @@ def test_every_format_reads_back_bit_for_bit(preset, tmp_path):
         assert load_lora_file(model, LORA, str(path)) == name
         got = {k: v for k, v in model.state_dict().items() if is_adapter(k)}
         assert got.keys() == want.keys()
-        assert all(torch.equal(got[k], want[k]) for k in want), name
+        if fmt.fold_alpha:  # B x scale / scale: equal to rounding
+            assert all(torch.allclose(got[k], want[k], rtol=1e-6, atol=0) for k in want), name
+        else:
+            assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def test_other_trainers_split_modules_and_scales_fuse_exactly():
@@ -267,3 +274,36 @@ def test_flux_kohya_and_comfyui_names_are_the_ones_diffusers_converter_reads(fmt
         update = theirs[f"{module}.lora_B.weight"] @ theirs[f"{module}.lora_A.weight"]
         want_update = LORA.scale * ours[f"{module}.lora_B.weight"] @ ours[f"{module}.lora_A.weight"]
         torch.testing.assert_close(update, want_update, msg=module)
+
+
+def test_lumina2_comfyui_file_is_the_one_diffusers_lumina2_converter_reads():
+    """diffusers' Lumina-2 converter (what Lumina2Pipeline.load_lora_weights runs on ``diffusion_model.`` keys)
+    splits q/k/v at the release's widths, so the file is written at those (one block of each kind, the adapters
+    only: no model is built). Every module it makes has our diffusers file's update, zero on the blocks'
+    projections the default (attention) targets leave out. Bugs caught: alpha not folded into B (diffusers takes
+    alpha = rank), an ``.alpha`` key or kohya's lora_down names (its converter refuses or misses them), a block's
+    feed-forward or modulation left out of the file (its converter pops each by name), q/k/v rows in another
+    order than the release's."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumina2_lora_to_diffusers
+
+    cfg = config_from_preset("lumina2", depth=1, refiner_layers=1)
+    formats, chosen, shapes = family_of(cfg).lora_formats, select(cfg, None), linear_shapes(cfg)
+    g = torch.Generator().manual_seed(0)
+    adapters = {}
+    for proj in chosen:
+        out_features, in_features = shapes[proj.ours]
+        adapters[adapter_key(proj.ours, "A")] = torch.randn(LORA.rank, in_features, generator=g)
+        adapters[adapter_key(proj.ours, "B")] = torch.randn(out_features, LORA.rank, generator=g)
+    theirs = _convert_non_diffusers_lumina2_lora_to_diffusers(to_lora_file(adapters, chosen, LORA,
+                                                                           formats["comfyui"], cfg)[0])
+    ours = to_lora_file(adapters, chosen, LORA, formats["diffusers"], cfg)[0]
+    modules = {k[:-len(".lora_A.weight")] for k in theirs if k.endswith(".lora_A.weight")}
+    adapted = {k[:-len(".lora_A.weight")] for k in ours if k.endswith(".lora_A.weight")}
+    assert len(modules) == 23 and adapted < modules and len(adapted) == 12  # 3 blocks: 4 attention modules each
+    for module in modules:
+        update = theirs[f"{module}.lora_B.weight"] @ theirs[f"{module}.lora_A.weight"]
+        if module in adapted:
+            want = LORA.scale * ours[f"{module}.lora_B.weight"] @ ours[f"{module}.lora_A.weight"]
+            torch.testing.assert_close(update, want, msg=module)
+        else:
+            assert not update.any(), module

@@ -76,6 +76,13 @@ class LoraFormat:
     """``flowmatch export --lora --format`` can write it (False: a layout other trainers write, read only)."""
     tool: str = ""
     """Who reads it, for messages (e.g. "ComfyUI")."""
+    fold_alpha: bool = False
+    """Write each module's scale alpha / rank into its B factor, with no alpha tensor and no peft header: for
+    readers that take alpha = rank (diffusers' Lumina-2 converter drops nothing and refuses any other key)."""
+    required: Optional[Callable[[Any], list[str]]] = None
+    """The modules (the file's names, without prefix) a reader of this format needs in every file,
+    ``required(model_cfg)``: those the adapters leave out are written with zero factors, which change nothing
+    (diffusers' Lumina-2 converter reads every block's projections by name)."""
 
     def module_key(self, module: str) -> str:
         """The file's name of a module (everything before the factor suffix)."""
