@@ -135,9 +135,10 @@ def _prompt_inputs(pipe, family: Family, prompts: list[str], guidance: float) ->
     if family.diffusers.schedule.classifier_free and "true_cfg_scale" in params:
         # Qwen-Image: its classifier-free guidance is true_cfg_scale, only against a negative prompt it is given
         return dict(prompt=prompts, guidance_scale=guidance, true_cfg_scale=guidance, negative_prompt=negative)
-    if "negative_prompt_attention_mask" in params:
-        # ChromaPipeline hands the transformer its text mask as floats, which attention adds to the scores instead
-        # of masking (diffusers issue #12116): it is given its own embeddings with the mask as booleans.
+    if family.diffusers.t5_padding == "max_length_plus_one":
+        # ChromaPipeline (the one whose T5 mask leaves a padding token visible) hands the transformer its text mask
+        # as floats, which attention adds to the scores instead of masking (diffusers issue #12116): it is given
+        # its own embeddings with the mask as booleans.
         embeds, _, mask, neg, _, neg_mask = pipe.encode_prompt(prompts, negative_prompt=negative)
         return dict(prompt_embeds=embeds, prompt_attention_mask=mask.bool(), negative_prompt_embeds=neg,
                     negative_prompt_attention_mask=neg_mask.bool(), guidance_scale=guidance)

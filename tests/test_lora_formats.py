@@ -156,7 +156,7 @@ def test_files_that_do_not_fit_are_errors_naming_counts_and_examples(tmp_path):
 #: Family kind -> its tiny pipeline's session fixture (tests/conftest.py).
 PIPELINES = {"sd3-medium": "tiny_sd3_pipeline", "sd3.5-medium": "tiny_sd35_pipeline", "flux-dev": "tiny_flux_pipeline",
              "kontext": "tiny_kontext_pipeline", "chroma": "tiny_chroma_pipeline", "qwen-image": "tiny_qwen_pipeline",
-             "qwen-image-edit": "tiny_qwen_edit_pipeline"}
+             "qwen-image-edit": "tiny_qwen_edit_pipeline", "lumina2": "tiny_lumina2_pipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,9 @@ CHECKS = [(kind, fmt, "diffusers" if fmt == "diffusers" else "merged") for kind 
           for fmt in ("diffusers", "comfyui", "kohya")]
 CHECKS += [("qwen-image", fmt, "diffusers") for fmt in ("diffusers", "comfyui", "kohya")]
 CHECKS += [("kontext", "kohya", "merged"), ("qwen-image-edit", "comfyui", "merged")]
+# Lumina-2: diffusers splits the comfyui file's q/k/v at the release's widths (the test at those widths is
+# test_lumina2_comfyui_file_is_the_one_diffusers_lumina2_converter_reads) and converts no kohya file.
+CHECKS += [("lumina2", "diffusers", "diffusers"), ("lumina2", "comfyui", "merged"), ("lumina2", "kohya", "merged")]
 
 
 @pytest.mark.parametrize("kind, fmt, reference", CHECKS)
