@@ -12,7 +12,7 @@ import torch
 from flowmatch.cli import main
 from flowmatch.engine.state import write_safetensors
 from flowmatch.families import family_of
-from flowmatch.families.convert import from_diffusers
+from flowmatch.families.convert import from_diffusers, read_config
 from flowmatch.families.lora import apply_file_adapters, apply_lora, load_lora_file, select
 from flowmatch.families.presets import config_from_preset
 from flowmatch.lora_check import check_lora
@@ -186,25 +186,63 @@ def lora_files(request, tmp_path_factory):
 #: (family kind, format, the reference that applies it). diffusers converts Qwen-Image's ComfyUI and kohya files
 #: itself; it has no converter for SD3's, and its FLUX converter (which Kontext and Chroma use) hard-codes FLUX.1's
 #: widths (benchmarks/lora_formats_diffusers.py runs it at those): the merge stands in. The editing pipelines
-#: share their base family's tables; one format each, text to image.
+#: share their base family's tables and are checked on a reference image (--image).
 CHECKS = [(kind, fmt, "diffusers" if fmt == "diffusers" else "merged") for kind in ("sd3-medium", "sd3.5-medium",
                                                                                     "flux-dev", "chroma")
           for fmt in ("diffusers", "comfyui", "kohya")]
 CHECKS += [("qwen-image", fmt, "diffusers") for fmt in ("diffusers", "comfyui", "kohya")]
-CHECKS += [("kontext", "kohya", "merged"), ("qwen-image-edit", "comfyui", "merged")]
+CHECKS += [("kontext", "diffusers", "diffusers"), ("kontext", "kohya", "merged"),
+           ("qwen-image-edit", "diffusers", "diffusers"), ("qwen-image-edit", "comfyui", "diffusers")]
 # Lumina-2: diffusers splits the comfyui file's q/k/v at the release's widths (the test at those widths is
 # test_lumina2_comfyui_file_is_the_one_diffusers_lumina2_converter_reads) and converts no kohya file.
 CHECKS += [("lumina2", "diffusers", "diffusers"), ("lumina2", "comfyui", "merged"), ("lumina2", "kohya", "merged")]
 
 
+#: The editing pipelines' reference sizes at the test's scale: a few hundred pixels instead of a megapixel.
+REFERENCE_AREA = 48 * 48
+
+
+@pytest.fixture
+def small_references(monkeypatch):
+    """FluxKontextPipeline and QwenImageEditPipeline, in diffusers and in flowmatch, resizing references to about
+    REFERENCE_AREA pixels instead of a megapixel."""
+    from diffusers.pipelines.flux import pipeline_flux_kontext
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
+
+    import flowmatch.families.kontext as kontext
+    import flowmatch.families.qwen_image_edit as qwen_image_edit
+
+    resolutions = ((40, 56), (48, 48), (56, 40))
+    monkeypatch.setattr(pipeline_flux_kontext, "PREFERRED_KONTEXT_RESOLUTIONS", resolutions)
+    monkeypatch.setattr(kontext, "KONTEXT_RESOLUTIONS", resolutions)
+    original = pipeline_qwenimage_edit.calculate_dimensions
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions",
+                        lambda area, ratio: original(REFERENCE_AREA, ratio))
+    monkeypatch.setattr(qwen_image_edit.reference_size, "__kwdefaults__", {"area": REFERENCE_AREA})
+
+
+@pytest.fixture(scope="module")
+def reference_png(tmp_path_factory) -> Path:
+    """A small random RGB PNG, wider than high (not the target's size or aspect)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(7)
+    path = tmp_path_factory.mktemp("reference") / "reference.png"
+    Image.fromarray((torch.rand(36, 52, 3, generator=g) * 255).byte().numpy()).save(path)
+    return path
+
+
 @pytest.mark.parametrize("kind, fmt, reference", CHECKS)
-def test_lora_check_agrees_for_every_family_and_format(lora_files, kind, fmt, reference, capsys):
+def test_lora_check_agrees_for_every_family_and_format(lora_files, kind, fmt, reference, small_references,
+                                                       reference_png, capsys):
     """The parity figures: flowmatch's LoRA images against diffusers' load_lora_weights or the ComfyUI-style merge
-    into the release weights, same noise. Bugs caught: a family's kohya or ComfyUI names that its tools spell
-    otherwise (diffusers' Qwen-Image converter, the merge by name), ChromaPipeline's float mask or Qwen-Image's
-    unguided default taken as a LoRA difference."""
+    into the release weights, same noise (and, for the editing families, the same reference image). Bugs caught:
+    a family's kohya or ComfyUI names that its tools spell otherwise (diffusers' Qwen-Image converter, the merge by
+    name), ChromaPipeline's float mask or Qwen-Image's unguided default taken as a LoRA difference, the reference
+    image not reaching one side."""
     pipeline, files = lora_files(kind)
-    result = check_lora(files[fmt], pipeline, **CHECK)
+    editing = family_of(read_config(pipeline)).capabilities.references > 0
+    result = check_lora(files[fmt], pipeline, **CHECK, image=reference_png if editing else None)
     print(f"{kind} {fmt}: reference {result.reference}, max diff {result.max_diff:.2e}, effect {result.effect:.2e}")
     assert result.format == fmt and result.passed, result.describe()
     assert result.reference == reference, result.describe()
