@@ -248,14 +248,28 @@ def test_lora_check_agrees_for_every_family_and_format(lora_files, kind, fmt, re
     assert result.reference == reference, result.describe()
 
 
-def test_lora_check_command_exit_codes(lora_files, tmp_path, capsys):
+def test_lora_check_command_exit_codes(lora_files, tmp_path, reference_png, capsys):
     """Exit 0 when both agree; 1 when diffusers cannot apply the file (its SD3 loader reads no ComfyUI keys), and 1
-    for a file without effect. Bugs caught: the verdict not reaching the exit status, diffusers' no-op
-    taken as agreement."""
+    for a file without effect. diffusers has no converter for SD3's kohya (or ComfyUI) keys: the check says so in
+    one line and compares with the merged weights. A reference image for a text-to-image family is an error, as is
+    an editing family without one. Bugs caught: the verdict not reaching the exit status, diffusers' no-op taken as
+    agreement, the fallback unexplained, --image ignored."""
     pipeline, files = lora_files("sd3-medium")
     args = ["--base", str(pipeline), "--steps", "2", "--size", "32"]
     assert main(["lora", "check", str(files["kohya"]), *args]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK" in out and "max |flowmatch - merged|" in out
+    assert any("StableDiffusion3Pipeline.load_lora_weights loads nothing from it" in line
+               and "checked against the file merged into the release's single-file weights" in line
+               for line in out.splitlines()), out
+    assert main(["lora", "check", str(files["diffusers"]), *args, "--image", str(reference_png)]) == 1
+    assert "the sd3 family is text to image" in capsys.readouterr().err
+    kontext, kontext_files = lora_files("kontext")
+    assert main(["lora", "check", str(kontext_files["diffusers"]), "--base", str(kontext)]) == 1
+    assert "the kontext family edits a reference image" in capsys.readouterr().err
+    assert main(["lora", "check", str(kontext_files["diffusers"]), "--base", str(kontext), "--image",
+                 str(tmp_path / "missing.png")]) == 1
+    assert "missing.png does not exist" in capsys.readouterr().err
     assert main(["lora", "check", str(files["comfyui"]), *args, "--reference", "diffusers"]) == 1
     out = capsys.readouterr().out
     # diffusers' SD3 loader refuses the alpha keys; without them it would load nothing, silently.
