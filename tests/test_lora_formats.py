@@ -16,6 +16,7 @@ from flowmatch.families.convert import from_diffusers, read_config
 from flowmatch.families.lora import apply_file_adapters, apply_lora, load_lora_file, select
 from flowmatch.families.presets import config_from_preset
 from flowmatch.lora_check import check_lora
+from flowmatch.models.convert.adapters import to_adapter_file
 from flowmatch.models.convert.lora import to_lora_file
 from flowmatch.models.convert.lora_read import file_adapters
 from flowmatch.models.lora import LoraConfig, adapter_key, is_adapter, linear_shapes
@@ -120,8 +121,10 @@ def write(tmp_path: Path, tensors: dict, name: str = "x.safetensors") -> str:
 
 
 def test_files_that_do_not_fit_are_errors_naming_counts_and_examples(tmp_path):
-    """Never a partial load: keys of another model, keys beyond the model, a part of the targets, a larger rank,
-    a pickle. Bugs caught: unmatched keys skipped silently, targets left at their fresh values."""
+    """Never a partial load: keys of another model, keys beyond the model (Lumina-2's comfyui file too), a part of
+    the targets, a larger rank, a pickle; an adapter kind Lumina-2's comfyui file cannot hold. Bugs caught:
+    unmatched keys skipped silently, targets left at their fresh values, a LoHa written as LoRA-less diffusers keys
+    under Lumina-2's comfyui name."""
     sd3 = config_from_preset("tiny-sd3-medium", **SIZES)
     flux = config_from_preset("tiny-flux-dev", **SIZES)
     _, chosen, adapters = adapted_model(flux)
@@ -143,6 +146,15 @@ def test_files_that_do_not_fit_are_errors_naming_counts_and_examples(tmp_path):
         load_lora_file(fresh(sd3, narrow), narrow, write(tmp_path, kohya))
     with pytest.raises(ValueError, match="needs rank 3 .*model.lora.rank = 2.*rank: 3"):
         load_lora_file(fresh(sd3, LoraConfig(rank=2)), LoraConfig(rank=2), write(tmp_path, kohya))
+    lumina = config_from_preset("tiny-lumina2", **{k: v for k, v in SIZES.items() if k != "pooled_dim"})
+    _, chosen, adapters = adapted_model(lumina)
+    comfyui = family_of(lumina).lora_formats["comfyui"]
+    stray = {**to_lora_file(adapters, chosen, LORA, comfyui, lumina)[0],
+             "diffusion_model.cap_embedder.2.lora_A.weight": torch.zeros(3, 4)}
+    with pytest.raises(ValueError, match=r"comfyui format\): 1 of its \d+ keys match no module.*cap_embedder.2"):
+        load_lora_file(fresh(lumina), LORA, write(tmp_path, stray))
+    with pytest.raises(ValueError, match="comfyui LoRA format of this family cannot express loha.*--merge"):
+        to_adapter_file({}, [], LoraConfig(kind="loha"), comfyui, lumina)
     pickle = tmp_path / "lora.pt"
     pickle.write_bytes(b"not read")
     with pytest.raises(ValueError, match="only .safetensors files are read"):
