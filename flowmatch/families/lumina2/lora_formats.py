@@ -16,8 +16,9 @@ popping, for every block of each list it finds, ``attention.qkv``, ``attention.o
 over (an ``.alpha`` included; it takes alpha = rank). So the file folds the scale into B, and the blocks'
 projections the adapters leave out (the default targets are attention only) are written with zero factors.
 diffusers splits the fused q/k/v rows at the release's widths (2304 + 768 + 768): smaller models' comfyui files
-load in ComfyUI and flowmatch, not in diffusers. diffusers converts no kohya Lumina-2 file (its loader then loads
-nothing): give diffusers the diffusers or comfyui file.
+load in ComfyUI and flowmatch, not in diffusers; so do files with adapters outside the blocks (the patch
+embedding, the final layer), whose keys diffusers' converter refuses. diffusers converts no kohya Lumina-2 file
+(its loader then loads nothing): give diffusers the diffusers or comfyui file.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ def block_projections(cfg: MMDiTConfig) -> list[str]:
     return out
 
 
-_RELEASED = released_formats(convert.diffusers_rules, convert.original_rules)
 FORMATS: dict[str, LoraFormat] = {
-    **_RELEASED,
+    **released_formats(convert.diffusers_rules, convert.original_rules),
     "comfyui": LoraFormat("comfyui", convert.original_rules, prefix="diffusion_model", style="peft",
                           alpha_keys=False, fold_alpha=True, required=block_projections,
                           tool="ComfyUI's LoraLoader and diffusers' Lumina2Pipeline.load_lora_weights"),

@@ -14,6 +14,9 @@ nothing here knows a family.
     kohya      lora_unet_<original module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha (a
                0-d tensor): kohya sd-scripts' layout, fused q/k/v
 
+A family's format may differ where its readers need it (Lumina-Image-2's comfyui file: peft's factor names, alpha
+folded into B, every block's projections present: :attr:`LoraFormat.fold_alpha`, :attr:`LoraFormat.required`).
+
 Each factor of a module is written under the suffix its style gives: LoRA's ``A`` (rank, in) and ``B`` (out,
 rank) are ``lora_A`` / ``lora_B`` (peft) or ``lora_down`` / ``lora_up`` (kohya, comfyui); ``alpha`` is the scale
 numerator (the update is alpha / rank x B A). Other adapter kinds plug their factor names in through
