@@ -15,8 +15,8 @@ reference image ``--image`` gives, the same one on every side, resized as each p
 text-to-image family takes none. ``auto`` (the default) takes diffusers when it applies the file, else the merge,
 and says why in one line. The check passes when the LoRA images of flowmatch and of the reference differ by less
 than the tolerance (max absolute pixel difference, images in [0, 1]) and the LoRA moves flowmatch's images by at
-least the tolerance and by more than ten times that difference. A file diffusers loads nothing from is a failure under ``--reference diffusers``:
-that is the silent no-op users meet.
+least the tolerance and by more than ten times that difference. A file diffusers loads nothing from is a failure
+under ``--reference diffusers``: that is the silent no-op users meet.
 """
 
 from __future__ import annotations
