@@ -9,8 +9,8 @@ is folded into B so the update equals the file's under the recipe's ``model.lora
 are all zero changes nothing and is dropped (formats whose readers need every block's modules pad with them).
 Modules that ours fuse (diffusers' separate Q, K, V; FLUX's Q, K, V and MLP input) become one adapter: with the
 same A (as flowmatch and diffusers' kohya converter write them) B is stacked; with different A's, A is stacked and
-B block-diagonal (rank the sum). An adapter of a smaller rank than the recipe's is padded with zero rows of A and zero columns of B,
-which leave the update unchanged.
+B block-diagonal (rank the sum). An adapter of a smaller rank than the recipe's is padded with zero rows of A and
+zero columns of B, which leave the update unchanged.
 """
 
 from __future__ import annotations
