@@ -2,7 +2,8 @@
 
 diffusers converts ComfyUI and kohya LoRA files itself, but its FLUX.1 converter (which FluxKontextPipeline and
 ChromaPipeline use too) hard-codes FLUX.1's widths (the single blocks' fused ``linear1`` is split as
-3072 + 3072 + 3072 + 12288 rows), so the tiny pipelines of the tests cannot show whether it reads our files. Here
+3072 + 3072 + 3072 + 12288 rows), and its Lumina-2 converter Lumina-Image-2's (``attention.qkv`` as
+2304 + 768 + 768), so the tiny pipelines of the tests cannot show whether it reads our files. Here
 each family's transformer is built at its release preset's widths with one or two blocks (random weights, CPU,
 float32), random rank-4 adapters are put on the family's default LoRA targets, and each export format is written
 as ``flowmatch export --lora --format`` writes it and loaded with the family's diffusers pipeline class's
@@ -52,6 +53,7 @@ CASES = {
     "kontext": ("flux-kontext-dev", dict(depth=1, single_blocks=1), "FluxKontextPipeline"),
     "chroma": ("chroma", dict(depth=1, single_blocks=1), "ChromaPipeline"),
     "qwen_image": ("qwen-image", dict(depth=1), "QwenImagePipeline"),
+    "lumina2": ("lumina2", dict(depth=1, refiner_layers=1), "Lumina2Pipeline"),
 }
 LORA = LoraConfig(rank=4, alpha=8.0)
 #: The adapters' factors are drawn at this scale: updates of a trained LoRA's order, far above float32 rounding.

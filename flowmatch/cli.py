@@ -169,7 +169,8 @@ def cmd_lora_check(ns: argparse.Namespace) -> int:
     from flowmatch.lora_check import check_lora  # reason: CLI start-up cost
 
     result = check_lora(ns.file, ns.base, prompts=ns.prompt, steps=ns.steps, size=ns.size, seed=ns.seed,
-                        guidance=ns.guidance, reference=ns.reference, tolerance=ns.tolerance, device=ns.device)
+                        guidance=ns.guidance, reference=ns.reference, tolerance=ns.tolerance, device=ns.device,
+                        image=ns.image)
     print(result.describe())
     return 0 if result.passed else 1
 
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", choices=("auto", "diffusers", "merged"), default="auto",
                    help="diffusers: load_lora_weights; merged: merged into the release's weights as ComfyUI does; "
                    "auto: diffusers when it applies the file, else merged")
+    p.add_argument("--image", default=None, help="the reference image (PNG, JPEG) an editing family's pipeline "
+                   "edits (FLUX.1 Kontext, Qwen-Image-Edit): the same one on both sides, resized as each pipeline "
+                   "resizes it; required for those families, refused for text-to-image ones")
     p.add_argument("--tolerance", type=finite_float, default=1e-3, help="largest max pixel difference that passes")
     p.add_argument("--device", default="cpu", help="where both generate (default cpu)")
     p.set_defaults(func=cmd_lora_check)

@@ -12,13 +12,14 @@ import torch
 from flowmatch.cli import main
 from flowmatch.engine.state import write_safetensors
 from flowmatch.families import family_of
-from flowmatch.families.convert import from_diffusers
-from flowmatch.families.lora import apply_file_adapters, apply_lora, load_lora_file
+from flowmatch.families.convert import from_diffusers, read_config
+from flowmatch.families.lora import apply_file_adapters, apply_lora, load_lora_file, select
 from flowmatch.families.presets import config_from_preset
 from flowmatch.lora_check import check_lora
+from flowmatch.models.convert.adapters import to_adapter_file
 from flowmatch.models.convert.lora import to_lora_file
 from flowmatch.models.convert.lora_read import file_adapters
-from flowmatch.models.lora import LoraConfig, is_adapter
+from flowmatch.models.lora import LoraConfig, adapter_key, is_adapter, linear_shapes
 from flowmatch.models.mmdit import MMDiT
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 
@@ -30,14 +31,15 @@ PRESETS = {"tiny-sd3-medium": "joint_blocks.0.x_block.attn.qkv",
            "tiny-flux-kontext-dev": "double_blocks.0.img_attn.qkv",
            "tiny-chroma": "double_blocks.0.img_attn.qkv",
            "tiny-qwen-image": "transformer_blocks.0.attn.to_q",
-           "tiny-qwen-image-edit": "transformer_blocks.0.attn.to_q"}
+           "tiny-qwen-image-edit": "transformer_blocks.0.attn.to_q",
+           "tiny-lumina2": "layers.0.attention.qkv"}
 LORA = LoraConfig(rank=3, alpha=7.0)  # alpha != rank: a lost scale shows
 CHECK = dict(prompts=["a photo of a cat", "a red apple"], steps=2, size=32, guidance=3.0)
 
 
 def adapted_model(cfg, lora: LoraConfig = LORA, seed: int = 1) -> tuple[MMDiT, list, dict]:
     """(model with random adapters, the adapted projections, the adapter tensors)."""
-    model = MMDiT(cfg)
+    model = family_of(cfg).build(cfg)
     torch.manual_seed(0)
     chosen = apply_lora(model, lora)
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +51,7 @@ def adapted_model(cfg, lora: LoraConfig = LORA, seed: int = 1) -> tuple[MMDiT, l
 
 
 def fresh(cfg, lora: LoraConfig = LORA) -> MMDiT:
-    model = MMDiT(cfg)
+    model = family_of(cfg).build(cfg)
     torch.manual_seed(5)
     apply_lora(model, lora)
     return model
@@ -72,7 +74,10 @@ def test_every_format_reads_back_bit_for_bit(preset, tmp_path):
             assert all(k.startswith("lora_unet_") for k in tensors)
             assert f"lora_unet_{PRESETS[preset].replace('.', '_')}.lora_down.weight" in tensors
             assert {v.item() for k, v in tensors.items() if k.endswith(".alpha")} == {7.0}
-        if name == "comfyui":  # ComfyUI's own LoRA writer's names: dotted modules, kohya's factor names
+        if name == "comfyui" and fmt.fold_alpha:  # Lumina-2's: the names diffusers' converter reads, no alpha
+            assert all(k.startswith("diffusion_model.") for k in tensors) and not any(".alpha" in k for k in tensors)
+            assert f"diffusion_model.{PRESETS[preset]}.lora_A.weight" in tensors and metadata == {"format": "pt"}
+        elif name == "comfyui":  # ComfyUI's own LoRA writer's names: dotted modules, kohya's factor names
             assert all(k.startswith("diffusion_model.") for k in tensors) and not any(".lora_A." in k for k in tensors)
             assert f"diffusion_model.{PRESETS[preset]}.lora_down.weight" in tensors
         if name == "diffusers":
@@ -83,7 +88,10 @@ def test_every_format_reads_back_bit_for_bit(preset, tmp_path):
         assert load_lora_file(model, LORA, str(path)) == name
         got = {k: v for k, v in model.state_dict().items() if is_adapter(k)}
         assert got.keys() == want.keys()
-        assert all(torch.equal(got[k], want[k]) for k in want), name
+        if fmt.fold_alpha:  # B x scale / scale: equal to rounding
+            assert all(torch.allclose(got[k], want[k], rtol=1e-6, atol=0) for k in want), name
+        else:
+            assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def test_other_trainers_split_modules_and_scales_fuse_exactly():
@@ -113,8 +121,10 @@ def write(tmp_path: Path, tensors: dict, name: str = "x.safetensors") -> str:
 
 
 def test_files_that_do_not_fit_are_errors_naming_counts_and_examples(tmp_path):
-    """Never a partial load: keys of another model, keys beyond the model, a part of the targets, a larger rank,
-    a pickle. Bugs caught: unmatched keys skipped silently, targets left at their fresh values."""
+    """Never a partial load: keys of another model, keys beyond the model (Lumina-2's comfyui file too), a part of
+    the targets, a larger rank, a pickle; an adapter kind Lumina-2's comfyui file cannot hold. Bugs caught:
+    unmatched keys skipped silently, targets left at their fresh values, a LoHa written as LoRA-less diffusers keys
+    under Lumina-2's comfyui name."""
     sd3 = config_from_preset("tiny-sd3-medium", **SIZES)
     flux = config_from_preset("tiny-flux-dev", **SIZES)
     _, chosen, adapters = adapted_model(flux)
@@ -136,6 +146,15 @@ def test_files_that_do_not_fit_are_errors_naming_counts_and_examples(tmp_path):
         load_lora_file(fresh(sd3, narrow), narrow, write(tmp_path, kohya))
     with pytest.raises(ValueError, match="needs rank 3 .*model.lora.rank = 2.*rank: 3"):
         load_lora_file(fresh(sd3, LoraConfig(rank=2)), LoraConfig(rank=2), write(tmp_path, kohya))
+    lumina = config_from_preset("tiny-lumina2", **{k: v for k, v in SIZES.items() if k != "pooled_dim"})
+    _, chosen, adapters = adapted_model(lumina)
+    comfyui = family_of(lumina).lora_formats["comfyui"]
+    stray = {**to_lora_file(adapters, chosen, LORA, comfyui, lumina)[0],
+             "diffusion_model.cap_embedder.2.lora_A.weight": torch.zeros(3, 4)}
+    with pytest.raises(ValueError, match=r"comfyui format\): 1 of its \d+ keys match no module.*cap_embedder.2"):
+        load_lora_file(fresh(lumina), LORA, write(tmp_path, stray))
+    with pytest.raises(ValueError, match="comfyui LoRA format of this family cannot express loha.*--merge"):
+        to_adapter_file({}, [], LoraConfig(kind="loha"), comfyui, lumina)
     pickle = tmp_path / "lora.pt"
     pickle.write_bytes(b"not read")
     with pytest.raises(ValueError, match="only .safetensors files are read"):
@@ -149,7 +168,7 @@ def test_files_that_do_not_fit_are_errors_naming_counts_and_examples(tmp_path):
 #: Family kind -> its tiny pipeline's session fixture (tests/conftest.py).
 PIPELINES = {"sd3-medium": "tiny_sd3_pipeline", "sd3.5-medium": "tiny_sd35_pipeline", "flux-dev": "tiny_flux_pipeline",
              "kontext": "tiny_kontext_pipeline", "chroma": "tiny_chroma_pipeline", "qwen-image": "tiny_qwen_pipeline",
-             "qwen-image-edit": "tiny_qwen_edit_pipeline"}
+             "qwen-image-edit": "tiny_qwen_edit_pipeline", "lumina2": "tiny_lumina2_pipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -179,35 +198,90 @@ def lora_files(request, tmp_path_factory):
 #: (family kind, format, the reference that applies it). diffusers converts Qwen-Image's ComfyUI and kohya files
 #: itself; it has no converter for SD3's, and its FLUX converter (which Kontext and Chroma use) hard-codes FLUX.1's
 #: widths (benchmarks/lora_formats_diffusers.py runs it at those): the merge stands in. The editing pipelines
-#: share their base family's tables; one format each, text to image.
+#: share their base family's tables and are checked on a reference image (--image).
 CHECKS = [(kind, fmt, "diffusers" if fmt == "diffusers" else "merged") for kind in ("sd3-medium", "sd3.5-medium",
                                                                                     "flux-dev", "chroma")
           for fmt in ("diffusers", "comfyui", "kohya")]
 CHECKS += [("qwen-image", fmt, "diffusers") for fmt in ("diffusers", "comfyui", "kohya")]
-CHECKS += [("kontext", "kohya", "merged"), ("qwen-image-edit", "comfyui", "merged")]
+CHECKS += [("kontext", "diffusers", "diffusers"), ("kontext", "kohya", "merged"),
+           ("qwen-image-edit", "diffusers", "diffusers"), ("qwen-image-edit", "comfyui", "diffusers")]
+# Lumina-2: diffusers splits the comfyui file's q/k/v at the release's widths (the test at those widths is
+# test_lumina2_comfyui_file_is_the_one_diffusers_lumina2_converter_reads) and converts no kohya file.
+CHECKS += [("lumina2", "diffusers", "diffusers"), ("lumina2", "comfyui", "merged"), ("lumina2", "kohya", "merged")]
+
+
+#: The editing pipelines' reference sizes at the test's scale: a few hundred pixels instead of a megapixel.
+REFERENCE_AREA = 48 * 48
+
+
+@pytest.fixture
+def small_references(monkeypatch):
+    """FluxKontextPipeline and QwenImageEditPipeline, in diffusers and in flowmatch, resizing references to about
+    REFERENCE_AREA pixels instead of a megapixel."""
+    from diffusers.pipelines.flux import pipeline_flux_kontext
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
+
+    import flowmatch.families.kontext as kontext
+    import flowmatch.families.qwen_image_edit as qwen_image_edit
+
+    resolutions = ((40, 56), (48, 48), (56, 40))
+    monkeypatch.setattr(pipeline_flux_kontext, "PREFERRED_KONTEXT_RESOLUTIONS", resolutions)
+    monkeypatch.setattr(kontext, "KONTEXT_RESOLUTIONS", resolutions)
+    original = pipeline_qwenimage_edit.calculate_dimensions
+    monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions",
+                        lambda area, ratio: original(REFERENCE_AREA, ratio))
+    monkeypatch.setattr(qwen_image_edit.reference_size, "__kwdefaults__", {"area": REFERENCE_AREA})
+
+
+@pytest.fixture(scope="module")
+def reference_png(tmp_path_factory) -> Path:
+    """A small random RGB PNG, wider than high (not the target's size or aspect)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(7)
+    path = tmp_path_factory.mktemp("reference") / "reference.png"
+    Image.fromarray((torch.rand(36, 52, 3, generator=g) * 255).byte().numpy()).save(path)
+    return path
 
 
 @pytest.mark.parametrize("kind, fmt, reference", CHECKS)
-def test_lora_check_agrees_for_every_family_and_format(lora_files, kind, fmt, reference, capsys):
+def test_lora_check_agrees_for_every_family_and_format(lora_files, kind, fmt, reference, small_references,
+                                                       reference_png, capsys):
     """The parity figures: flowmatch's LoRA images against diffusers' load_lora_weights or the ComfyUI-style merge
-    into the release weights, same noise. Bugs caught: a family's kohya or ComfyUI names that its tools spell
-    otherwise (diffusers' Qwen-Image converter, the merge by name), ChromaPipeline's float mask or Qwen-Image's
-    unguided default taken as a LoRA difference."""
+    into the release weights, same noise (and, for the editing families, the same reference image). Bugs caught:
+    a family's kohya or ComfyUI names that its tools spell otherwise (diffusers' Qwen-Image converter, the merge by
+    name), ChromaPipeline's float mask or Qwen-Image's unguided default taken as a LoRA difference, the reference
+    image not reaching one side."""
     pipeline, files = lora_files(kind)
-    result = check_lora(files[fmt], pipeline, **CHECK)
+    editing = family_of(read_config(pipeline)).capabilities.references > 0
+    result = check_lora(files[fmt], pipeline, **CHECK, image=reference_png if editing else None)
     print(f"{kind} {fmt}: reference {result.reference}, max diff {result.max_diff:.2e}, effect {result.effect:.2e}")
     assert result.format == fmt and result.passed, result.describe()
     assert result.reference == reference, result.describe()
 
 
-def test_lora_check_command_exit_codes(lora_files, tmp_path, capsys):
+def test_lora_check_command_exit_codes(lora_files, tmp_path, reference_png, capsys):
     """Exit 0 when both agree; 1 when diffusers cannot apply the file (its SD3 loader reads no ComfyUI keys), and 1
-    for a file without effect. Bugs caught: the verdict not reaching the exit status, diffusers' no-op
-    taken as agreement."""
+    for a file without effect. diffusers has no converter for SD3's kohya (or ComfyUI) keys: the check says so in
+    one line and compares with the merged weights. A reference image for a text-to-image family is an error, as is
+    an editing family without one. Bugs caught: the verdict not reaching the exit status, diffusers' no-op taken as
+    agreement, the fallback unexplained, --image ignored."""
     pipeline, files = lora_files("sd3-medium")
     args = ["--base", str(pipeline), "--steps", "2", "--size", "32"]
     assert main(["lora", "check", str(files["kohya"]), *args]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK" in out and "max |flowmatch - merged|" in out
+    assert any("StableDiffusion3Pipeline.load_lora_weights loads nothing from it" in line
+               and "checked against the file merged into the release's single-file weights" in line
+               for line in out.splitlines()), out
+    assert main(["lora", "check", str(files["diffusers"]), *args, "--image", str(reference_png)]) == 1
+    assert "the sd3 family is text to image" in capsys.readouterr().err
+    kontext, kontext_files = lora_files("kontext")
+    assert main(["lora", "check", str(kontext_files["diffusers"]), "--base", str(kontext)]) == 1
+    assert "the kontext family edits a reference image" in capsys.readouterr().err
+    assert main(["lora", "check", str(kontext_files["diffusers"]), "--base", str(kontext), "--image",
+                 str(tmp_path / "missing.png")]) == 1
+    assert "missing.png does not exist" in capsys.readouterr().err
     assert main(["lora", "check", str(files["comfyui"]), *args, "--reference", "diffusers"]) == 1
     out = capsys.readouterr().out
     # diffusers' SD3 loader refuses the alpha keys; without them it would load nothing, silently.
@@ -267,3 +341,36 @@ def test_flux_kohya_and_comfyui_names_are_the_ones_diffusers_converter_reads(fmt
         update = theirs[f"{module}.lora_B.weight"] @ theirs[f"{module}.lora_A.weight"]
         want_update = LORA.scale * ours[f"{module}.lora_B.weight"] @ ours[f"{module}.lora_A.weight"]
         torch.testing.assert_close(update, want_update, msg=module)
+
+
+def test_lumina2_comfyui_file_is_the_one_diffusers_lumina2_converter_reads():
+    """diffusers' Lumina-2 converter (what Lumina2Pipeline.load_lora_weights runs on ``diffusion_model.`` keys)
+    splits q/k/v at the release's widths, so the file is written at those (one block of each kind, the adapters
+    only: no model is built). Every module it makes has our diffusers file's update, zero on the blocks'
+    projections the default (attention) targets leave out. Bugs caught: alpha not folded into B (diffusers takes
+    alpha = rank), an ``.alpha`` key or kohya's lora_down names (its converter refuses or misses them), a block's
+    feed-forward or modulation left out of the file (its converter pops each by name), q/k/v rows in another
+    order than the release's."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumina2_lora_to_diffusers
+
+    cfg = config_from_preset("lumina2", depth=1, refiner_layers=1)
+    formats, chosen, shapes = family_of(cfg).lora_formats, select(cfg, None), linear_shapes(cfg)
+    g = torch.Generator().manual_seed(0)
+    adapters = {}
+    for proj in chosen:
+        out_features, in_features = shapes[proj.ours]
+        adapters[adapter_key(proj.ours, "A")] = torch.randn(LORA.rank, in_features, generator=g)
+        adapters[adapter_key(proj.ours, "B")] = torch.randn(out_features, LORA.rank, generator=g)
+    theirs = _convert_non_diffusers_lumina2_lora_to_diffusers(to_lora_file(adapters, chosen, LORA,
+                                                                           formats["comfyui"], cfg)[0])
+    ours = to_lora_file(adapters, chosen, LORA, formats["diffusers"], cfg)[0]
+    modules = {k[:-len(".lora_A.weight")] for k in theirs if k.endswith(".lora_A.weight")}
+    adapted = {k[:-len(".lora_A.weight")] for k in ours if k.endswith(".lora_A.weight")}
+    assert len(modules) == 23 and adapted < modules and len(adapted) == 12  # 3 blocks: 4 attention modules each
+    for module in modules:
+        update = theirs[f"{module}.lora_B.weight"] @ theirs[f"{module}.lora_A.weight"]
+        if module in adapted:
+            want = LORA.scale * ours[f"{module}.lora_B.weight"] @ ours[f"{module}.lora_A.weight"]
+            torch.testing.assert_close(update, want, msg=module)
+        else:
+            assert not update.any(), module

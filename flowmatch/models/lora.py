@@ -105,11 +105,17 @@ class Projection:
     """The converter's weight operation (:mod:`flowmatch.models.convert.keymap`): how their rows make ours."""
 
 
-def projections(cfg: MMDiTConfig, rules: list[Rule]) -> list[Projection]:
-    """Every linear of our model with its diffusers modules, from the family's diffusers key table ``rules``."""
+def linear_shapes(cfg: MMDiTConfig) -> dict[str, tuple[int, int]]:
+    """Our module name -> (out features, in features) of every linear of the model ``cfg`` describes."""
     # the modules the config describes: MMDiT unless its RoPE layout is one of the single-stream networks'
     network = {ZIMAGE_ROPE_LAYOUT: ZImage, LUMINA2_ROPE_LAYOUT: Lumina2}.get(cfg.rope_layout, MMDiT)
-    linears = {name for name, m in network(cfg, device="meta").named_modules() if isinstance(m, nn.Linear)}
+    return {name: (m.out_features, m.in_features) for name, m in network(cfg, device="meta").named_modules()
+            if isinstance(m, nn.Linear)}
+
+
+def projections(cfg: MMDiTConfig, rules: list[Rule]) -> list[Projection]:
+    """Every linear of our model with its diffusers modules, from the family's diffusers key table ``rules``."""
+    linears = linear_shapes(cfg)
     out = []
     for rule in rules:
         if rule.ours is None or not rule.ours.endswith(".weight"):

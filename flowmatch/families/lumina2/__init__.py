@@ -3,14 +3,15 @@ transformer with noise and context refiners, grouped-query attention and three-a
 (:mod:`flowmatch.models.lumina2`), conditioned on Gemma-2's second-to-last hidden states through the pipeline's
 system prompt (:mod:`flowmatch.encoders.decoder_llm`), on the FLUX.1 16-channel VAE's latents. The released network
 runs reversed time (1 - t in, data - noise out); its module turns that around, so the family's time is flowmatch's.
-Converters in :mod:`.convert`, presets in :mod:`.presets`, FLOP count in :mod:`.flops`."""
+Converters in :mod:`.convert`, LoRA file formats in :mod:`.lora_formats`, presets in :mod:`.presets`, FLOP count
+in :mod:`.flops`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from flowmatch.families import mmdit
-from flowmatch.families.lumina2 import convert
+from flowmatch.families.lumina2 import convert, lora_formats
 from flowmatch.families.lumina2.flops import flops
 from flowmatch.families.lumina2.presets import PRESETS
 from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, LatentLayout, Schedule
@@ -64,6 +65,7 @@ FAMILY = Family(
     latents=LatentLayout(channels=16, pack=1),
     converter=convert,
     lora_targets=lora_targets,
+    lora_formats=lora_formats.FORMATS,
     # Lumina2Pipeline: sigmas linspace(1, 1/N, N) through the scheduler's shift; the transformer gets
     # 1 - (sigma * 1000) / 1000 in float32 (the module's 1 - t of the rounded t); classifier-free guidance against
     # the empty negative prompt, renormalised per latent row (cfg_normalization's default, True), on every step

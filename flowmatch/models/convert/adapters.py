@@ -156,6 +156,9 @@ def to_adapter_file(adapters: Mapping[str, Tensor], chosen: list[Projection], lo
     with an ``alpha`` tensor per module. ValueError (ExportError) when the format cannot express the kind."""
     if lora.kind == "lora":
         return to_lora_file(adapters, chosen, lora, fmt, cfg)
+    if fmt.fold_alpha:  # its readers take LoRA factors only, at alpha = rank
+        raise ExportError(f"the {fmt.name} LoRA format of this family cannot express {lora.kind} adapters: export "
+                          "with --merge (a whole transformer) or --format diffusers")
     if not fmt.alpha_keys:  # diffusers: the peft header carries rank and alpha
         return to_diffusers_adapters(adapters, chosen, lora)
     table, tensors = placements(fmt, cfg), {}

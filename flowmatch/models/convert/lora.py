@@ -20,7 +20,7 @@ from torch import Tensor
 
 from flowmatch.models.convert.keymap import Copy, Packed, Stack, SwapHalves, Tail
 from flowmatch.models.convert.lora_formats import DIFFUSERS_PREFIX, LoraFormat, diffusers_format, placements
-from flowmatch.models.lora import LoraConfig, Projection, adapter_key, peft_config
+from flowmatch.models.lora import LoraConfig, Projection, adapter_key, linear_shapes, peft_config
 
 #: The file name diffusers' `load_lora_weights` looks for.
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -82,14 +82,29 @@ def to_lora_file(adapters: Mapping[str, Tensor], chosen: list[Projection], lora:
                  cfg) -> tuple[dict[str, Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) of our adapter weights in ``fmt`` (a family's format; ``cfg`` the model's
     MMDiTConfig): alpha as 0-d tensors beside each module, or (``fmt.alpha_keys`` off) in the peft header
-    diffusers reads. ValueError when the format has no module for an adapted projection."""
+    diffusers reads, or (``fmt.fold_alpha``) multiplied into B; zero factors on the modules ``fmt.required`` names
+    that no adapter covers. ValueError when the format has no module for an adapted projection."""
     table = placements(fmt, cfg)
     missing = [proj.ours for proj in chosen if proj.ours not in table]
     if missing:
         raise ValueError(f"the {fmt.name} LoRA format has no module for flowmatch's {missing[0]} ({len(missing)} "
                          "adapted projections without one): export with --merge (a whole transformer) or --format "
                          "diffusers")
-    return _write([(proj, table[proj.ours], a, b) for proj, a, b in adapted(adapters, chosen)], fmt, lora)
+    items = [(proj, table[proj.ours], a, b) for proj, a, b in adapted(adapters, chosen)]
+    return _write(items + _zero_items(fmt, cfg, table, {proj.ours for proj in chosen}, lora.rank), fmt, lora)
+
+
+def _zero_items(fmt: LoraFormat, cfg, table: Mapping[str, object], adapted_modules: set[str], rank: int,
+                ) -> list[tuple[None, object, Tensor, Tensor]]:
+    """(None, placement, zero A, zero B) of each module ``fmt.required`` names that no adapter covers: factors
+    that change nothing, for readers that need every one of them."""
+    if fmt.required is None:
+        return []
+    owner = {name: place for place in table.values() for name in place.theirs}
+    missing = sorted({owner[name].ours for name in fmt.required(cfg)} - adapted_modules)
+    shapes = linear_shapes(cfg)
+    return [(None, table[ours], torch.zeros(rank, shapes[ours][1]), torch.zeros(shapes[ours][0], rank))
+            for ours in missing]
 
 
 def _write(items: list[tuple[Projection, object, Tensor, Tensor]], fmt: LoraFormat, lora: LoraConfig,
@@ -100,12 +115,15 @@ def _write(items: list[tuple[Projection, object, Tensor, Tensor]], fmt: LoraForm
     for _, place, a, b in items:
         for name, a_t, b_t in their_factors(place, a, b):
             key = fmt.module_key(name)
+            if fmt.fold_alpha:
+                b_t = b_t * lora.scale
             tensors[f"{key}.{fmt.suffix('lora', 'A')}"] = a_t
             tensors[f"{key}.{fmt.suffix('lora', 'B')}"] = b_t
             modules.append(name)
             if fmt.alpha_keys:
                 tensors[f"{key}.{fmt.suffix('lora', 'alpha')}"] = torch.tensor(float(lora.alpha))
-    return tensors, {"format": "pt"} if fmt.alpha_keys else peft_header(lora, modules, fmt.prefix)
+    in_tensors = fmt.alpha_keys or fmt.fold_alpha  # the scale is in the tensors: no peft header
+    return tensors, {"format": "pt"} if in_tensors else peft_header(lora, modules, fmt.prefix)
 
 
 @torch.no_grad()

@@ -14,6 +14,9 @@ nothing here knows a family.
     kohya      lora_unet_<original module, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha (a
                0-d tensor): kohya sd-scripts' layout, fused q/k/v
 
+A family's format may differ where its readers need it (Lumina-Image-2's comfyui file: peft's factor names, alpha
+folded into B, every block's projections present: :attr:`LoraFormat.fold_alpha`, :attr:`LoraFormat.required`).
+
 Each factor of a module is written under the suffix its style gives: LoRA's ``A`` (rank, in) and ``B`` (out,
 rank) are ``lora_A`` / ``lora_B`` (peft) or ``lora_down`` / ``lora_up`` (kohya, comfyui); ``alpha`` is the scale
 numerator (the update is alpha / rank x B A). Other adapter kinds plug their factor names in through
@@ -76,6 +79,13 @@ class LoraFormat:
     """``flowmatch export --lora --format`` can write it (False: a layout other trainers write, read only)."""
     tool: str = ""
     """Who reads it, for messages (e.g. "ComfyUI")."""
+    fold_alpha: bool = False
+    """Write each module's scale alpha / rank into its B factor, with no alpha tensor and no peft header: for
+    readers that take alpha = rank (diffusers' Lumina-2 converter drops nothing and refuses any other key)."""
+    required: Optional[Callable[[Any], list[str]]] = None
+    """The modules (the file's names, without prefix) a reader of this format needs in every file,
+    ``required(model_cfg)``: those the adapters leave out are written with zero factors, which change nothing
+    (diffusers' Lumina-2 converter reads every block's projections by name)."""
 
     def module_key(self, module: str) -> str:
         """The file's name of a module (everything before the factor suffix)."""

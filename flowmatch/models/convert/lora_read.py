@@ -5,11 +5,12 @@ file's keys use. Every key must land: a key that names no adapted module, a fact
 adapted module the file does not hold is an error that counts them and names examples, never a partial load.
 
 Each module's scale alpha / rank (its ``.alpha`` tensor, else diffusers' peft header, else 1 as diffusers assumes)
-is folded into B so the update equals the file's under the recipe's ``model.lora`` scale. Modules that ours fuse
-(diffusers' separate Q, K, V; FLUX's Q, K, V and MLP input) become one adapter: with the same A (as flowmatch
-and diffusers' kohya converter write them) B is stacked; with different A's, A is stacked and B block-diagonal
-(rank the sum). An adapter of a smaller rank than the recipe's is padded with zero rows of A and zero columns of B,
-which leave the update unchanged.
+is folded into B so the update equals the file's under the recipe's ``model.lora`` scale. A module whose factors
+are all zero changes nothing and is dropped (formats whose readers need every block's modules pad with them).
+Modules that ours fuse (diffusers' separate Q, K, V; FLUX's Q, K, V and MLP input) become one adapter: with the
+same A (as flowmatch and diffusers' kohya converter write them) B is stacked; with different A's, A is stacked and
+B block-diagonal (rank the sum). An adapter of a smaller rank than the recipe's is padded with zero rows of A and
+zero columns of B, which leave the update unchanged.
 """
 
 from __future__ import annotations
@@ -212,5 +213,6 @@ def file_adapters(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], fo
             rank = a.shape[0]
             alpha = factors["alpha"].item() if "alpha" in factors else pattern.get(name, lora_alpha or rank)
             scaled[i] = (a, b * (alpha / rank / scale))
-        adapters[ours] = _fuse(place, scaled)
+        if any(a.any() or b.any() for a, b in scaled.values()):  # all-zero factors change nothing: dropped
+            adapters[ours] = _fuse(place, scaled)
     return FileAdapters(fmt.name, adapters, {o: fmt.module_key(p.theirs[0]) for o, p in places.items()}, scale)
