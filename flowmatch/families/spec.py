@@ -190,11 +190,16 @@ class Family:
         return ((self.diffusers,) if self.diffusers is not None else ()) + self.variants
 
     def export_pipeline(self, guidance_embed: bool, source: Optional[str] = None) -> Optional[DiffusersPipeline]:
-        """The pipeline a run of the family is exported as: among those that run its transformer (``guidance_embed``:
-        whether it embeds a guidance value), the one named ``source`` (the pipeline class its encoders were read
-        from) when there is one, else the first; None when none runs it (or the family has no pipeline)."""
-        runs = [p for p in self.pipelines if p.guidance_embed in (None, guidance_embed)]
-        return next((p for p in runs if p.pipeline_class == source), runs[0] if runs else None)
+        """The pipeline a run of the family is exported as, given whether its transformer embeds a guidance value
+        and ``source``, the pipeline class its encoders were read from: that one when it is the family's (None
+        when it does not run such a transformer: FLUX.2 dev's weights with klein's encoders), else the first of the
+        family's that runs it (a Kontext run with FluxPipeline's encoders is a FluxKontextPipeline); None when
+        none does or the family has no pipeline."""
+        runs = [p for p in self.pipelines if p.guidance_embed in (None, bool(guidance_embed))]
+        named = [p for p in self.pipelines if p.pipeline_class == source]
+        if named:
+            return named[0] if named[0] in runs else None
+        return runs[0] if runs else None
 
 
 @dataclass(frozen=True)
