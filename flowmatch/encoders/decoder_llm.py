@@ -19,10 +19,11 @@ What the recipe says (``text_encoder`` or ``text_encoders.encoders.NAME``, :clas
 
 How it runs, as ``QwenImagePipeline._get_qwen_prompt_embeds`` does: the templated texts of a batch are
 tokenized together (with the tokenizer's special tokens, unless the template starts with its BOS token, as
-Mistral's chat template for ``Flux2Pipeline`` does: then none is added, as ``apply_chat_template`` adds none), padded to the longest (``padding: max_length``: to ``drop_tokens + max_length``, every
-position then kept as a token, as ``Flux2KleinPipeline`` does) and truncated at ``drop_tokens + max_length``
-tokens, the LLM runs with the attention mask, each text's real tokens are taken and its first ``drop_tokens``
-dropped, and the rows are right-padded into a :class:`Conditioning` whose mask marks the kept tokens. A causal
+Mistral's chat template for ``Flux2Pipeline`` does: then none is added, as ``apply_chat_template`` adds none),
+padded to the longest (``padding: max_length``: to ``drop_tokens + max_length``, every position then kept as a
+token, as ``Flux2KleinPipeline`` does) and truncated at ``drop_tokens + max_length`` tokens, the LLM runs with the
+attention mask, each text's real tokens are taken and its first ``drop_tokens`` dropped, and the rows are
+right-padded into a :class:`Conditioning` whose mask marks the kept tokens. A causal
 LLM's states of the first n tokens do not depend on the tokens after them, so truncating before the LLM runs or
 after gives the same states.
 With a processor (``processor_subfolder``), :meth:`DecoderLLMEncoder.encode_with_images` runs the texts and one
