@@ -164,3 +164,19 @@ def test_a_run_on_its_encoders_exports_a_flux2_pipeline_folder(dev_folder, digit
     print(f"exported Flux2Pipeline: max |flowmatch run - diffusers folder| {error:.2e}; training moved the images "
           f"by {moved:.2e}")
     assert error < PIXEL_ATOL and moved > 10 * PIXEL_ATOL
+
+
+def test_the_recipe_encodes_as_the_pipeline_and_plans_the_released_encoder():
+    """Bugs caught: the dev recipe's encoder drifting from Flux2Pipeline's settings (flowmatch.families.flux2), the
+    planner's FLUX.2-dev text encoder missing or counted with its LM head tied to the embeddings (23.3B)."""
+    from flowmatch.config import load_recipe
+    from flowmatch.families.flux2 import DEV_TEXT_ENCODER
+    from flowmatch.plan.frozen import text_encoder
+    from tests.test_train import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "flux2-dev-lora.yaml", [])
+    (name, encoder), = recipe.text_encoders.encoders.items()
+    assert {k: getattr(encoder, k) for k in DEV_TEXT_ENCODER} == DEV_TEXT_ENCODER
+    encoder.name_or_path = "black-forest-labs/FLUX.2-dev"  # from_init: the released pipeline, not in any cache here
+    part, shape = text_encoder(name, encoder, "text_encoders.encoders.mistral3")
+    assert (part.params, shape.hidden, shape.pooled, shape.tokens) == (24_011_361_280, 3 * 5120, 0, 512)
