@@ -126,15 +126,35 @@ def test_each_pipeline_class_has_its_family_schedule_and_export_choice():
     assert kontext.export_pipeline(True, "FluxPipeline").pipeline_class == "FluxKontextPipeline"
 
 
-def _dev_run(folder: Path, shards: Path, run: Path) -> Path:
-    """Two full fine-tuning steps of the dev pipeline's transformer with its encoder, VAE and shift."""
+def _dev_recipe(folder: Path, shards: Path, run: Path, model: ModelConfig):
+    """A tiny recipe of `model` conditioned by the dev pipeline's encoder, VAE and shift."""
     configs = encoder_configs_from_pipeline(folder)
     recipe = tiny_recipe(run, shards, **{"train.max_steps": 2, "train.batch_size": 2, "data.channels": 3,
                                          "data.resolution": SIZE, "sampling.steps": 1, "train.checkpoint_every": 2,
                                          "optim.lr": 0.01, "optim.schedule": "constant"})
-    train(dataclasses.replace(recipe, model=ModelConfig(init_from=str(folder)), text_encoders=configs.text_encoders,
-                              autoencoder=configs.autoencoder, flow=configs.flow))
+    return dataclasses.replace(recipe, model=model, text_encoders=configs.text_encoders,
+                               autoencoder=configs.autoencoder, flow=configs.flow)
+
+
+def _dev_run(folder: Path, shards: Path, run: Path) -> Path:
+    """Two full fine-tuning steps of the dev pipeline's transformer with its encoder, VAE and shift."""
+    train(_dev_recipe(folder, shards, run, ModelConfig(init_from=str(folder))))
     return run
+
+
+def test_a_transformer_the_encoders_pipeline_cannot_run_exports_alone(dev_folder, tmp_path):
+    """Bug caught: the export writing a Flux2Pipeline folder (or klein's, with Mistral-3 in it) for a transformer
+    without a guidance embedding conditioned by Flux2Pipeline's encoders, which neither pipeline runs."""
+    from flowmatch.export import _write_rest
+    from flowmatch.flow import TimeSchedule
+
+    klein_sized = ModelConfig(preset="tiny-flux2-klein-4b")  # no guidance embedding
+    recipe = _dev_recipe(dev_folder, tmp_path / "shards", tmp_path / "run", klein_sized)
+    files, notes = _write_rest(TimeSchedule(recipe.flow), tmp_path / "out", recipe, "Flux2Transformer2DModel",
+                               "diffusers", [], FAMILIES["flux2"])
+    assert [f.relative_to(tmp_path / "out").as_posix() for f in files] == ["scheduler/scheduler_config.json"]
+    assert any("transformer only" in n and "Flux2Pipeline's, which does not run its transformer (without a "
+               "guidance embedding)" in n for n in notes), notes
 
 
 @pytest.mark.slow  # training two steps, an export and both libraries generating: about 8 s
