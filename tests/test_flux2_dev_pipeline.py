@@ -52,8 +52,9 @@ def dev(dev_folder) -> Flux2Pipeline:
 
 def test_the_folder_is_read_as_flux2_dev_and_encodes_as_encode_prompt(dev_folder, dev):
     """Bugs caught: the template's BOS doubled by the tokenizer's own, the system message or the layers not the
-    pipeline's, truncation after the template's prefix instead of at 512 tokens in all, Flux2Pipeline read with
-    klein's settings (Qwen3's template and layers) or refused (one pipeline per family)."""
+    pipeline's, truncation after the template's prefix instead of at 512 tokens in all, Pixtral's [IMG] left in a
+    caption, Flux2Pipeline read with klein's settings (Qwen3's template and layers) or refused (one pipeline per
+    family)."""
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 
     from flowmatch.families.flux2 import DEV_SYSTEM_MESSAGE
@@ -65,15 +66,16 @@ def test_the_folder_is_read_as_flux2_dev_and_encodes_as_encode_prompt(dev_folder
     assert (mistral.kind, mistral.model_class, mistral.stack_layers, mistral.max_length, mistral.padding) == (
         "decoder_llm", "Mistral3ForConditionalGeneration", [10, 20, 30], 512, "max_length")
     encoders = FrozenEncoders(configs.text_encoders, configs.autoencoder, image_channels=3, device="cpu")
-    captions = [*PROMPTS, LONG, ""]
+    captions = [*PROMPTS, LONG, "", "a photo[IMG] of a cat"]  # the pipeline takes [IMG] out: PROMPTS[0]
     cond = encoders.encode_text(captions)
     with torch.no_grad():
         hidden, text_ids = dev.encode_prompt(captions)
     print(f"Flux2Pipeline prompt embeddings: max |flowmatch - diffusers| {(cond.hidden - hidden).abs().max():.2e}")
-    assert cond.all_valid and cond.hidden.shape == hidden.shape == (4, 512, 48)
+    assert cond.all_valid and cond.hidden.shape == hidden.shape == (5, 512, 48)
     torch.testing.assert_close(cond.hidden, hidden, rtol=0, atol=EMBED_ATOL)
     # every row differs from the others: the comparison above can fail
     assert min((hidden[i] - hidden[j]).abs().max() for i in range(4) for j in range(i)) > 1e-2
+    assert torch.equal(cond.hidden[4], cond.hidden[0])
     assert torch.equal(text_ids[0, :, 3], torch.arange(512)) and not text_ids[..., :3].any()
 
 

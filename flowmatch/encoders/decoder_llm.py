@@ -15,6 +15,7 @@ What the recipe says (``text_encoder`` or ``text_encoders.encoders.NAME``, :clas
     pooling: none          # no pooled vector (width 0); mean also works
     dtype: bf16            # weights dtype; the states are returned in float32
     model_class: null      # the transformers class; null = the checkpoint's architectures[0]
+    caption_remove: []     # strings taken out of each caption first (["[IMG]"] for FLUX.2 dev's Flux2Pipeline)
     processor_subfolder: null  # a VL processor: encode_with_images also shows the LLM images (Qwen-Image-Edit)
 
 How it runs, as ``QwenImagePipeline._get_qwen_prompt_embeds`` does: the templated texts of a batch are
@@ -120,12 +121,15 @@ class DecoderLLMEncoder(TextEncoder):
         template = _digest(c.template)
         seen = f":images:{c.processor_subfolder}" if c.processor_subfolder else ""
         empty = "" if c.empty_template is None else f":empty{_digest(c.empty_template)}"
+        removed = f":rm{_digest(repr(c.caption_remove))}" if c.caption_remove else ""
         return (f"{super()._make_fingerprint()}:llm:t{template}:drop{c.drop_tokens}:layers{self.layers}{seen}"
-                f"{empty}")
+                f"{empty}{removed}")
 
     @torch.no_grad()
     def _encode_batch(self, captions: list[str]) -> Conditioning:
         c = self.cfg
+        for text in c.caption_remove:
+            captions = [caption.replace(text, "") for caption in captions]
         texts = [c.empty_template if not caption and c.empty_template is not None else c.template.replace("{}", caption)
                  for caption in captions]
         tokens = self.tokenizer(texts, padding=c.padding, truncation=True, max_length=c.drop_tokens + c.max_length,

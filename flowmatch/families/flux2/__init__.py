@@ -39,11 +39,12 @@ DEV_SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You 
 #: Flux2Pipeline's chat as Mistral-Small-3.1's chat template renders it (add_generation_prompt=False): the BOS
 #: token, the system turn and one user turn. The template writes the BOS itself, so the tokenizer adds none.
 DEV_TEMPLATE = "<s>[SYSTEM_PROMPT]" + DEV_SYSTEM_MESSAGE + "[/SYSTEM_PROMPT][INST]{}[/INST]"
-#: How Flux2Pipeline runs Mistral-3 (diffusers 0.42 ``_get_mistral_3_small_prompt_embeds``): the template, nothing
-#: dropped (the system turn's states are tokens too), hidden_states 10, 20 and 30 side by side, every text padded
-#: (and truncated, system turn included) to 512 tokens, all of which the transformer sees; no pooled vector.
+#: How Flux2Pipeline runs Mistral-3 (diffusers 0.42 ``_get_mistral_3_small_prompt_embeds``): the captions without
+#: Pixtral's image placeholder (``format_input`` removes it), the template, nothing dropped (the system turn's states
+#: are tokens too), hidden_states 10, 20 and 30 side by side, every text padded (and truncated, system turn
+#: included) to 512 tokens, all of which the transformer sees; no pooled vector.
 DEV_TEXT_ENCODER = dict(template=DEV_TEMPLATE, drop_tokens=0, stack_layers=[10, 20, 30], max_length=512,
-                        padding="max_length", pooling="none")
+                        padding="max_length", pooling="none", caption_remove=["[IMG]"])
 #: FLUX.2's empirical mu (Flux2Pipeline's compute_empirical_mu, diffusers 0.42): lines in the image sequence
 #: length fitted at 10 and 200 steps, interpolated linearly in the step count; past this many tokens the 200-step
 #: line alone.
