@@ -41,7 +41,7 @@ from flowmatch.checkpoint import load_weights
 from flowmatch.dtypes import DTYPES
 from flowmatch.engine.state import write_safetensors
 from flowmatch.errors import choice_error
-from flowmatch.families import family_of
+from flowmatch.families import Family, family_of
 from flowmatch.families.convert import save_original, to_diffusers
 from flowmatch.families.lora import lora_formats, select
 from flowmatch.flow import TimeSchedule
@@ -114,9 +114,10 @@ def _transformer_only_note(why: str) -> str:
 
 
 def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
-                fmt: str, replace: list[Path], pipeline_class: Optional[str]) -> tuple[list[Path], list[str]]:
+                fmt: str, replace: list[Path], family: Family) -> tuple[list[Path], list[str]]:
     """The scheduler, and the rest of the pipeline folder when the run's encoders are a pipeline's (the `replace`
-    parts removed first), as a `pipeline_class` folder (the family's; None: the source's)."""
+    parts removed first), as the `family`'s pipeline that runs the run's transformer with those encoders
+    (:meth:`Family.export_pipeline`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler  # optional heavy dependency, loaded on use
 
     try:
@@ -128,9 +129,14 @@ def _write_rest(schedule: TimeSchedule, out_dir: Path, recipe, arch_class: str,
              "flowmatch's grid exactly" + ("" if config["use_dynamic_shifting"] else
                                            " (the pipelines' default sigmas differ for a static shift)")]
     source, why = pipeline_source(recipe, arch_class)
+    pipeline = None if source is None else family.export_pipeline(recipe.model.guidance_embed, source.pipeline_class)
+    if source is not None and pipeline is None:
+        embeds = "with" if recipe.model.guidance_embed else "without"
+        source, why = None, (f"the run's encoders are a {source.pipeline_class}'s, which does not run its transformer "
+                             f"({embeds} a guidance embedding)")
     if source is not None and fmt == "diffusers":
         _remove(replace)
-        pipeline_class = pipeline_class or source.pipeline_class
+        pipeline_class = pipeline.pipeline_class
         files = write_pipeline_components(source, out_dir, arch_class, config, pipeline_class)
         return files, notes + [f"complete {pipeline_class} folder (encoders, tokenizers and VAE copied from "
                                f"{source.path}): DiffusionPipeline.from_pretrained({str(out_dir)!r})"]
@@ -195,7 +201,8 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     weights = weights or ("ema" if read_meta(ckpt).ema else "raw")
     state = load_weights(ckpt, ema=weights == "ema")
     if lora:
-        pipeline_name = family.diffusers.pipeline_class if family.diffusers else "its diffusers pipeline"
+        pipeline = family.export_pipeline(recipe.model.guidance_embed)
+        pipeline_name = pipeline.pipeline_class if pipeline else "its diffusers pipeline"
         lora_format = _lora_format(family, fmt)
         try:
             tensors, metadata = to_adapter_file(state, select(recipe.model.architecture(), adapters.targets),
@@ -228,8 +235,7 @@ def export(path: str | os.PathLike, out_dir: str | os.PathLike, *, weights: Opti
     else:
         files = [save_original(model, target)]
     scheduler_files, notes = _write_rest(TimeSchedule(recipe.flow), out, recipe, arch.DIFFUSERS_CLASS, fmt,
-                                         [p for p in existing if p != target],
-                                         family.diffusers.pipeline_class if family.diffusers else None)
+                                         [p for p in existing if p != target], family)
     return ExportSummary(out_dir=out, checkpoint=ckpt, weights=weights, dtype=dtype, format=fmt,
                          architecture=arch.DIFFUSERS_CLASS, files=files + scheduler_files, notes=notes)
 

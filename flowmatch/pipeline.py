@@ -42,7 +42,8 @@ class Pipeline(sampling.Pipeline):
     @classmethod
     def from_diffusers(cls, path, *, device: Optional[torch.device | str] = None,
                        dtype: str = "fp32") -> "Pipeline":
-        """A diffusers SD3 / SD3.5 / FLUX / FLUX Kontext pipeline folder (or hub id): its transformer, text
+        """A diffusers pipeline folder (or hub id) of a family flowmatch reads (SD3, FLUX, FLUX.2 klein and dev, ...,
+        :data:`flowmatch.families.PIPELINES`): its transformer, text
         encoders, tokenizers, VAE and scheduler, generating the images its own pipeline class generates from the
         same prompt, noise, steps, guidance, sigmas (and reference images); see :func:`load_diffusers_pipeline`."""
         return load_diffusers_pipeline(path, device=device, dtype=dtype)
@@ -108,7 +109,7 @@ def load_diffusers_pipeline(path: str | Path, *, device: Optional[torch.device |
                                                  guidance_scale=configs.kind.guidance_scale))
     model.to(device).eval().requires_grad_(False)
     return Pipeline(model, encoders, GenerationConfig.of(recipe), device=device, recipe=recipe,
-                    pipeline_grid=PipelineGrid(configs.scheduler, configs.family),
+                    pipeline_grid=PipelineGrid(configs.scheduler, configs.pipeline_class),
                     reference_size=configs.kind.reference_size)
 
 

@@ -24,7 +24,7 @@ from flowmatch.families import text_layout
 
 #: The encoder settings that decide the conditioning; a run that changed one of them has no diffusers pipeline.
 CONDITIONING_FIELDS = ("kind", "subfolder", "tokenizer_subfolder", "max_length", "padding", "hidden_layer",
-                       "pooling", "normalize_pooled", "template", "drop_tokens", "stack_layers")
+                       "pooling", "normalize_pooled", "template", "drop_tokens", "stack_layers", "caption_remove")
 #: Components the export writes itself.
 OWN_COMPONENTS = ("transformer", "scheduler")
 

@@ -15,7 +15,7 @@ import torch
 
 from flowmatch.conditioning import Conditioning
 from flowmatch.config import RecipeError, load_recipe
-from flowmatch.families import FAMILIES, MODEL_KINDS, build_backbone, family_of, get_family, text_layout
+from flowmatch.families import FAMILIES, MODEL_KINDS, PIPELINES, build_backbone, family_of, get_family, text_layout
 from flowmatch.families.config import ModelConfig
 from flowmatch.families.convert import convert_original, from_diffusers, from_original, to_diffusers, to_original
 from flowmatch.families.presets import PRESET_FAMILY, PRESETS, config_from_preset, preset_values
@@ -26,8 +26,9 @@ from flowmatch.sampling.diffusers_schedule import PipelineGrid
 PACKAGE = Path(__file__).resolve().parents[1] / "flowmatch"
 #: Sizes the encoders would fill in.
 SIZES = dict(in_channels=4, context_dim=20, pooled_dim=12)
-#: Names no module outside the registries may compare: the families, the backbones model.kind names, the objectives.
-NAMES = {*FAMILIES, *MODEL_KINDS, *OBJECTIVES}
+#: Names no module outside the registries may compare: the families, the backbones model.kind names, the objectives,
+#: the diffusers pipeline classes.
+NAMES = {*FAMILIES, *MODEL_KINDS, *OBJECTIVES, *PIPELINES}
 #: The registries, which may: the families' room, and the objective registry.
 REGISTRIES = ("families/", "flow/objectives.py")
 
@@ -156,6 +157,7 @@ def test_the_scan_finds_a_kind_comparison():
     assert name_comparisons('ok = flow.objective not in ("meanflow", "shortcut")\n')
     assert name_comparisons("arch = flux if cfg.rope else sd3\n")
     assert not name_comparisons('if flow.path == "rectified":\n    pass\n')
+    assert name_comparisons('dev = configs.pipeline_class == "Flux2Pipeline"\n')
 
 
 def test_no_module_outside_the_registries_compares_family_or_objective_names():

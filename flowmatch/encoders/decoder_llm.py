@@ -1,7 +1,8 @@
 """A decoder LLM as a frozen text encoder (``text_encoder.kind: decoder_llm``): the captions go through a chat
 template, a causal LLM reads them, and the states of chosen hidden layers, without the template's fixed prefix,
 are the per-token conditioning. Qwen-Image reads Qwen2.5-VL's last layer this way; Z-Image (Qwen3), Lumina-2
-(Gemma-2) and FLUX.2 (Mistral-3, Qwen3: several layers side by side) take the same path with other settings.
+(Gemma-2) and FLUX.2 (dev's Mistral-3, klein's Qwen3: several layers side by side) take the same path with other
+settings.
 
 What the recipe says (``text_encoder`` or ``text_encoders.encoders.NAME``, :class:`TextEncoderConfig`)::
 
@@ -14,13 +15,16 @@ What the recipe says (``text_encoder`` or ``text_encoders.encoders.NAME``, :clas
     pooling: none          # no pooled vector (width 0); mean also works
     dtype: bf16            # weights dtype; the states are returned in float32
     model_class: null      # the transformers class; null = the checkpoint's architectures[0]
+    caption_remove: []     # strings taken out of each caption first (["[IMG]"] for FLUX.2 dev's Flux2Pipeline)
     processor_subfolder: null  # a VL processor: encode_with_images also shows the LLM images (Qwen-Image-Edit)
 
 How it runs, as ``QwenImagePipeline._get_qwen_prompt_embeds`` does: the templated texts of a batch are
-tokenized together, padded to the longest (``padding: max_length``: to ``drop_tokens + max_length``, every
-position then kept as a token, as ``Flux2KleinPipeline`` does) and truncated at ``drop_tokens + max_length``
-tokens, the LLM runs with the attention mask, each text's real tokens are taken and its first ``drop_tokens``
-dropped, and the rows are right-padded into a :class:`Conditioning` whose mask marks the kept tokens. A causal
+tokenized together (with the tokenizer's special tokens, unless the template starts with its BOS token, as
+Mistral's chat template for ``Flux2Pipeline`` does: then none is added, as ``apply_chat_template`` adds none),
+padded to the longest (``padding: max_length``: to ``drop_tokens + max_length``, every position then kept as a
+token, as ``Flux2KleinPipeline`` does) and truncated at ``drop_tokens + max_length`` tokens, the LLM runs with the
+attention mask, each text's real tokens are taken and its first ``drop_tokens`` dropped, and the rows are
+right-padded into a :class:`Conditioning` whose mask marks the kept tokens. A causal
 LLM's states of the first n tokens do not depend on the tokens after them, so truncating before the LLM runs or
 after gives the same states.
 With a processor (``processor_subfolder``), :meth:`DecoderLLMEncoder.encode_with_images` runs the texts and one
@@ -93,6 +97,13 @@ class DecoderLLMEncoder(TextEncoder):
                 model_cls.from_pretrained(path, subfolder=cfg.subfolder, dtype=resolve_dtype(cfg.dtype, self.device)))
 
     @property
+    def _writes_bos(self) -> bool:
+        """Whether the template writes the tokenizer's BOS token itself (Mistral's chat template): then the
+        tokenizer adds no special tokens, as transformers' processors' ``apply_chat_template`` tokenizes it."""
+        bos = self.tokenizer.bos_token
+        return bool(bos) and self.cfg.template.startswith(bos)
+
+    @property
     def sees_images(self) -> bool:
         return self.processor is not None
 
@@ -110,16 +121,19 @@ class DecoderLLMEncoder(TextEncoder):
         template = _digest(c.template)
         seen = f":images:{c.processor_subfolder}" if c.processor_subfolder else ""
         empty = "" if c.empty_template is None else f":empty{_digest(c.empty_template)}"
+        removed = f":rm{_digest(repr(c.caption_remove))}" if c.caption_remove else ""
         return (f"{super()._make_fingerprint()}:llm:t{template}:drop{c.drop_tokens}:layers{self.layers}{seen}"
-                f"{empty}")
+                f"{empty}{removed}")
 
     @torch.no_grad()
     def _encode_batch(self, captions: list[str]) -> Conditioning:
         c = self.cfg
+        for text in c.caption_remove:
+            captions = [caption.replace(text, "") for caption in captions]
         texts = [c.empty_template if not caption and c.empty_template is not None else c.template.replace("{}", caption)
                  for caption in captions]
         tokens = self.tokenizer(texts, padding=c.padding, truncation=True, max_length=c.drop_tokens + c.max_length,
-                                return_tensors="pt").to(self.device)
+                                add_special_tokens=not self._writes_bos, return_tensors="pt").to(self.device)
         return self._states(tokens, captions)
 
     @torch.no_grad()

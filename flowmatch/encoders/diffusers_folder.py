@@ -28,6 +28,10 @@ Which pipelines are read, and what each does, is its family's (``Family.diffuser
 - ``ZImagePipeline`` (Z-Image): ``text_encoder`` is Qwen3, a decoder LLM behind the pipeline's chat turn, its
   second-to-last hidden layer; the VAE is FLUX.1's. Its default call: 50 steps, guidance 5.0 as
   ``cond + 5 (cond - uncond)`` (flowmatch's classifier-free scale 6.0).
+- ``Flux2KleinPipeline`` and ``Flux2Pipeline`` (FLUX.2 klein and dev, one family): ``text_encoder`` is Qwen3
+  (klein) or Mistral-3 (dev, its ``tokenizer`` a PixtralProcessor), a decoder LLM behind the pipeline's chat
+  template, three hidden layers side by side on all 512 positions; the VAE is AutoencoderKLFlux2 with batch-norm
+  statistics. Klein guides by true CFG 4.0; dev embeds its guidance 4.0. Both: 50 steps.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from flowmatch.encoders.autoencoder import AutoencoderConfig
 from flowmatch.encoders.text import TextEncoderConfig
 from flowmatch.encoders.text_set import TextEncodersConfig
 from flowmatch.errors import choice_error
-from flowmatch.families import FAMILIES, Family
+from flowmatch.families import PIPELINES
 from flowmatch.families.spec import DiffusersPipeline
 from flowmatch.flow.timesteps import FlowConfig
 
@@ -53,8 +57,6 @@ MODEL_INDEX = "model_index.json"
 CLIP_TOKENS = 77
 #: FLUX-dev's guidance value in training, as the diffusers and kohya FLUX LoRA docs train it.
 FLUX_TRAIN_GUIDANCE = 1.0
-#: The families with a diffusers pipeline, by its class name (each family's DiffusersPipeline says what it does).
-PIPELINES: dict[str, Family] = {f.diffusers.pipeline_class: f for f in FAMILIES.values() if f.diffusers}
 
 
 @dataclass
@@ -64,7 +66,7 @@ class PipelineEncoderConfigs:
     path: str
     """The folder or hub id they were read from."""
     pipeline_class: str
-    """StableDiffusion3Pipeline or FluxPipeline."""
+    """Its model_index.json _class_name: StableDiffusion3Pipeline, FluxPipeline, Flux2Pipeline, ..."""
     family: str
     """The model family whose pipeline it is (flowmatch.families): its text combination and schedule."""
     kind: DiffusersPipeline
@@ -130,8 +132,7 @@ def encoder_configs_from_pipeline(path: str | os.PathLike, *, dtype: str = "auto
     name = index.get("_class_name", "")
     if name not in PIPELINES:
         raise choice_error(f"the pipeline class of {str(path)!r} ({MODEL_INDEX} _class_name)", name, PIPELINES)
-    family = PIPELINES[name]
-    kind = family.diffusers
+    family, kind = PIPELINES[name].family, PIPELINES[name].pipeline
     where = str(path)
     encoders: dict[str, TextEncoderConfig] = {}
     for ours, sub, tok_sub in kind.text_encoders:

@@ -93,6 +93,9 @@ class TextEncoderConfig:
     """decoder_llm: the text the LLM reads for the empty caption (the unconditional input, caption dropout's
     replacement); None = the template with nothing in it. Lumina2Pipeline reads its empty negative prompt as ''
     alone, without the system prompt its prompts get."""
+    caption_remove: list[str] = field(default_factory=list)
+    """decoder_llm: strings removed from every caption before it goes into the template (Flux2Pipeline removes
+    Pixtral's image placeholder ``[IMG]``, which a text-only call cannot fill); [] = none."""
     processor_subfolder: Optional[str] = None
     """decoder_llm: subfolder of the processor (Qwen2VLProcessor) through which a vision-language LLM also sees
     images (Qwen-Image-Edit's reference image; the template then holds its image placeholder); None = text only."""
@@ -127,7 +130,7 @@ class TextEncoderConfig:
         llm_only = {"template": self.template != "{}", "drop_tokens": self.drop_tokens != 0,
                     "stack_layers": bool(self.stack_layers), "model_class": self.model_class is not None,
                     "processor_subfolder": self.processor_subfolder is not None,
-                    "empty_template": self.empty_template is not None}
+                    "empty_template": self.empty_template is not None, "caption_remove": bool(self.caption_remove)}
         if self.kind != "decoder_llm" and any(llm_only.values()):
             wrong = [k for k, v in llm_only.items() if v]
             raise ValueError(f"text_encoder.{wrong[0]} is for text_encoder.kind=decoder_llm (a chat-template LLM), "

@@ -8,6 +8,9 @@ Everything else asks the family of a model section (:func:`family_of`) and never
     family_of(recipe.model)        model.family when the recipe states it, else inferred (model.kind, model.rope)
     build_backbone(recipe.model)   family_of(cfg).build(cfg): the network
     check_references(family, n)    ValueError naming the family when it takes fewer than n reference images
+    PIPELINES                      diffusers pipeline class name -> FamilyPipeline (its family, what it does);
+                                   a family may have several (FLUX.2: Flux2KleinPipeline, Flux2Pipeline)
+    diffusers_pipeline(name)       the DiffusersPipeline of a pipeline class, or of a family (its default)
 
 Adding a family is one folder beside these and one line in :data:`FAMILIES` (CONTRIBUTING.md lists its tests).
 The recipe key is ``model.family``; a section without it (every recipe and checkpoint written before families)
@@ -23,15 +26,19 @@ from torch import nn
 from flowmatch.encoders.combine import SINGLE, SingleLayout, TextLayout
 from flowmatch.errors import choice_error
 from flowmatch.families import chroma, flux, flux2, kontext, lumina2, qwen_image, qwen_image_edit, sd3, unet, zimage
-from flowmatch.families.spec import Capabilities, Family
+from flowmatch.families.spec import Capabilities, DiffusersPipeline, Family, FamilyPipeline
 
-__all__ = ["FAMILIES", "MODEL_KINDS", "Capabilities", "Family", "build_backbone", "check_references", "family_of",
-           "get_family", "text_layout"]
+__all__ = ["FAMILIES", "MODEL_KINDS", "PIPELINES", "Capabilities", "Family", "FamilyPipeline", "build_backbone",
+           "check_references", "diffusers_pipeline", "family_of", "get_family", "text_layout"]
 
 #: Every family, by name; the order is the order in which a section that names none is matched.
 FAMILIES: dict[str, Family] = {f.name: f for f in (sd3.FAMILY, flux.FAMILY, kontext.FAMILY, qwen_image.FAMILY,
                                                    qwen_image_edit.FAMILY, chroma.FAMILY, zimage.FAMILY,
                                                    lumina2.FAMILY, flux2.FAMILY, unet.FAMILY)}
+#: Every diffusers pipeline class flowmatch reads and exports, by its model_index.json ``_class_name``: its family
+#: and what it does (a family's default pipeline and its variants).
+PIPELINES: dict[str, FamilyPipeline] = {p.pipeline_class: FamilyPipeline(f, p) for f in FAMILIES.values()
+                                        for p in f.pipelines}
 #: The backbones ``model.kind`` names (kept for recipes written before ``model.family``).
 MODEL_KINDS: tuple[str, ...] = tuple(dict.fromkeys(f.kind for f in FAMILIES.values()))
 #: ``text_encoders.combine`` values: one encoder as it is, or a family's pipeline's combination.
@@ -44,6 +51,17 @@ def get_family(name: str, key: str = "model.family") -> Family:
     if name not in FAMILIES:
         raise choice_error(key, name, FAMILIES)
     return FAMILIES[name]
+
+
+def diffusers_pipeline(name: str, key: str = "pipeline") -> DiffusersPipeline:
+    """What the diffusers pipeline ``name`` does: a pipeline class (:data:`PIPELINES`), or a family's default
+    pipeline by the family's name; ValueError naming ``key`` and the families and classes there are."""
+    if name in PIPELINES:
+        return PIPELINES[name].pipeline
+    family = FAMILIES.get(name)
+    if family is None or family.diffusers is None:
+        raise choice_error(key, name, [f.name for f in FAMILIES.values() if f.diffusers] + list(PIPELINES))
+    return family.diffusers
 
 
 def family_of(cfg: Any) -> Family:

@@ -132,8 +132,8 @@ def family_of_diffusers(class_name: str, pipeline_class: Optional[str] = None) -
     model_index.json) among those converting that class, else the class's first (:data:`ARCHITECTURES`);
     ValueError naming the supported classes."""
     for family in FAMILIES.values():
-        if (family.converter and family.diffusers and family.converter.DIFFUSERS_CLASS == class_name
-                and family.diffusers.pipeline_class == pipeline_class):
+        if (family.converter and family.converter.DIFFUSERS_CLASS == class_name
+                and any(p.pipeline_class == pipeline_class for p in family.pipelines)):
             return family
     if class_name not in ARCHITECTURES:
         _diffusers_class(class_name)  # raises, naming the supported classes

@@ -133,6 +133,10 @@ class DiffusersPipeline:
     pack_latents: Optional[Callable[[Tensor], Tensor]] = None
     """``pack_latents(x (B, C, H, W)) -> latents``: what its ``__call__`` takes as ``latents=`` for our noise
     (None: FLUX.1's ``_pack_latents(x, B, C, H, W)`` when the family packs, else x itself)."""
+    guidance_embed: Optional[bool] = None
+    """Whether the transformer it runs must embed a guidance value (True: Flux2Pipeline passes ``guidance=``
+    always), must not (False: Flux2KleinPipeline passes none), or either (None: FluxPipeline, dev and schnell);
+    picks a family's pipeline for a run's model (:meth:`Family.export_pipeline`)."""
 
 
 @dataclass(frozen=True)
@@ -174,4 +178,35 @@ class Family:
     text: Optional[TextLayout] = None
     """How its released pipeline combines several text encoders (``text_encoders.combine: <family>``)."""
     diffusers: Optional[DiffusersPipeline] = None
-    """Its diffusers pipeline class and behaviour."""
+    """Its diffusers pipeline class and behaviour: the default one (the first of :attr:`pipelines`)."""
+    variants: tuple[DiffusersPipeline, ...] = ()
+    """Further diffusers pipeline classes of the same transformer (FLUX.2: dev's Flux2Pipeline beside klein's
+    Flux2KleinPipeline): a folder of one is read by its model_index.json ``_class_name``, and a run exports to one
+    when its model and encoders are that variant's (:meth:`export_pipeline`)."""
+
+    @property
+    def pipelines(self) -> tuple[DiffusersPipeline, ...]:
+        """Every diffusers pipeline class of the family, the default first (none without one)."""
+        return ((self.diffusers,) if self.diffusers is not None else ()) + self.variants
+
+    def export_pipeline(self, guidance_embed: bool, source: Optional[str] = None) -> Optional[DiffusersPipeline]:
+        """The pipeline a run of the family is exported as, given whether its transformer embeds a guidance value
+        and ``source``, the pipeline class its encoders were read from: that one when it is the family's (None
+        when it does not run such a transformer: FLUX.2 dev's weights with klein's encoders), else the first of the
+        family's that runs it (a Kontext run with FluxPipeline's encoders is a FluxKontextPipeline); None when
+        none does or the family has no pipeline."""
+        runs = [p for p in self.pipelines if p.guidance_embed in (None, bool(guidance_embed))]
+        named = [p for p in self.pipelines if p.pipeline_class == source]
+        if named:
+            return named[0] if named[0] in runs else None
+        return runs[0] if runs else None
+
+
+@dataclass(frozen=True)
+class FamilyPipeline:
+    """One diffusers pipeline class as flowmatch knows it (:data:`flowmatch.families.PIPELINES`)."""
+
+    family: Family
+    """The family whose transformer it runs."""
+    pipeline: DiffusersPipeline
+    """What it does: its encoders, default call and schedule (the family's default or one of its variants)."""

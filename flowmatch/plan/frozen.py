@@ -59,6 +59,24 @@ _GEMMA2_2B = dict(model_type="gemma2", architectures=["Gemma2Model"], hidden_siz
 _FLUX2_VAE = dict(_class_name="AutoencoderKLFlux2", in_channels=3, out_channels=3, latent_channels=32,
                   block_out_channels=[128, 256, 512, 512], layers_per_block=2,
                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+# FLUX.2 [dev]'s text_encoder is Mistral-Small-3.1-24B (Mistral3ForConditionalGeneration: a 40-layer 5120-wide
+# Mistral text model with a 32768-wide MLP, 32 query and 8 key/value heads of 128, 131072 tokens, and the 24-layer
+# 1024-wide Pixtral vision tower). Its config.json as published: mistralai/Mistral-Small-3.1-24B-Instruct-2503 (the
+# same values in FLUX.2-dev's text_encoder, written out in kohya-ss/musubi-tuner
+# src/musubi_tuner/flux_2/flux2_utils.py, and in transformers' Mistral3 tests). It states no tie_word_embeddings;
+# the release holds its own lm_head (24.0B parameters, the model's "24B"), so the value is written out here, where
+# transformers' Mistral3Config would tie it by default (23.3B).
+_MISTRAL3_24B = dict(model_type="mistral3", architectures=["Mistral3ForConditionalGeneration"], image_token_index=10,
+                     multimodal_projector_bias=False, projector_hidden_act="gelu", spatial_merge_size=2,
+                     vision_feature_layer=-1, tie_word_embeddings=False,
+                     text_config=dict(model_type="mistral", hidden_size=5120, intermediate_size=32768,
+                                      num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                                      head_dim=128, vocab_size=131072, max_position_embeddings=131072,
+                                      rms_norm_eps=1e-5, rope_theta=1e9, sliding_window=None,
+                                      tie_word_embeddings=False),
+                     vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096,
+                                        num_hidden_layers=24, num_attention_heads=16, head_dim=64, image_size=1540,
+                                        patch_size=14, num_channels=3, rope_theta=10000.0))
 _SD3 = {"text_encoder": _CLIP_L, "text_encoder_2": _CLIP_G, "text_encoder_3": _T5_XXL, "vae": _VAE16}
 _FLUX = {"text_encoder": _CLIP_L, "text_encoder_2": _T5_XXL, "vae": _VAE16}
 #: hub id -> subfolder -> config values, for released pipelines not in the local cache.
@@ -75,6 +93,7 @@ RELEASED: dict[str, dict[str, dict[str, Any]]] = {
     "Tongyi-MAI/Z-Image-Turbo": {"text_encoder": _QWEN3_4B, "vae": _VAE16},
     "Alpha-VLLM/Lumina-Image-2.0": {"text_encoder": _GEMMA2_2B, "vae": _VAE16},
     "black-forest-labs/FLUX.2-klein-base-4B": {"text_encoder": _QWEN3_4B, "vae": _FLUX2_VAE},
+    "black-forest-labs/FLUX.2-dev": {"text_encoder": _MISTRAL3_24B, "vae": _FLUX2_VAE},
     "google/t5-v1_1-xxl": {"": _T5_XXL},
     "google/flan-t5-xl": {"": _T5_XL},
     "openai/clip-vit-large-patch14": {"": _CLIP_L},

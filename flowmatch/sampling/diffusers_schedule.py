@@ -39,8 +39,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from flowmatch.errors import choice_error
-from flowmatch.families import FAMILIES, get_family
+from flowmatch.families import diffusers_pipeline
 from flowmatch.flow import TimeSchedule
 from flowmatch.flow.timesteps import check_steps, shift_time
 
@@ -115,16 +114,14 @@ class PipelineGrid:
 
     Args:
         scheduler_config: the pipeline's scheduler/scheduler_config.json as a mapping.
-        pipeline: the family whose pipeline it is, ``sd3`` or ``flux`` (one with a diffusers pipeline).
+        pipeline: the pipeline class (``Flux2Pipeline``; :data:`flowmatch.families.PIPELINES`), or the family
+            whose default pipeline it is (``sd3``, ``flux``: one with a diffusers pipeline).
     """
 
     def __init__(self, scheduler_config: dict[str, Any], pipeline: str) -> None:
-        family = get_family(pipeline, key="pipeline")
-        if family.diffusers is None:
-            raise choice_error("pipeline", pipeline, [f.name for f in FAMILIES.values() if f.diffusers])
         self.config = dict(scheduler_config)
         self.pipeline = pipeline
-        self.schedule = family.diffusers.schedule
+        self.schedule = diffusers_pipeline(pipeline).schedule
         """How the family's pipeline walks the scheduler."""
         self.classifier_free = self.schedule.classifier_free
         """Whether the pipeline's guidance scale is classifier-free guidance (SD3), not a model input (FLUX)."""

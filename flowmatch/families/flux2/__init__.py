@@ -4,12 +4,18 @@ forward and shared (``modulation: shared``), SwiGLU MLPs (``mlp: swiglu``), no b
 rotated by its position (``rope_layout: flux2``), no pooled text vector and (dev) a guidance embedding
 (diffusers' Flux2Transformer2DModel). Converters in :mod:`.convert`, presets in :mod:`.presets`.
 
+Two diffusers pipelines run it: Flux2KleinPipeline (klein: Qwen3, true CFG) and Flux2Pipeline (dev: Mistral-3,
+embedded guidance); a folder is read as the one its model_index.json names, and a run is exported as the one that
+runs its transformer (guidance embedding or not) and whose encoders it has (``Family.export_pipeline``).
+
 Latents: AutoencoderKLFlux2's 32 channels, packed 2x2 into 128 token features by the pipeline; the release
 normalises those 128 packed features by its batch-norm statistics (``vae.bn``), per packed feature, not per
 latent channel.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from torch import Tensor
 
@@ -26,6 +32,19 @@ KLEIN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>
 #: pooled vector.
 KLEIN_TEXT_ENCODER = dict(template=KLEIN_TEMPLATE, drop_tokens=0, stack_layers=[9, 18, 27], max_length=512,
                           padding="max_length", pooling="none")
+#: Flux2Pipeline's system message (diffusers 0.42 ``pipelines/flux2/system_messages.py`` SYSTEM_MESSAGE, from
+#: black-forest-labs/flux2 ``src/flux2/system_messages.py``; tests/test_flux2_dev_pipeline.py checks the copy).
+DEV_SYSTEM_MESSAGE = ("You are an AI that reasons about image descriptions. You give structured responses focusing on "
+                      "object relationships, object\nattribution and actions without speculation.")
+#: Flux2Pipeline's chat as Mistral-Small-3.1's chat template renders it (add_generation_prompt=False): the BOS
+#: token, the system turn and one user turn. The template writes the BOS itself, so the tokenizer adds none.
+DEV_TEMPLATE = "<s>[SYSTEM_PROMPT]" + DEV_SYSTEM_MESSAGE + "[/SYSTEM_PROMPT][INST]{}[/INST]"
+#: How Flux2Pipeline runs Mistral-3 (diffusers 0.42 ``_get_mistral_3_small_prompt_embeds``): the captions without
+#: Pixtral's image placeholder (``format_input`` removes it), the template, nothing dropped (the system turn's states
+#: are tokens too), hidden_states 10, 20 and 30 side by side, every text padded (and truncated, system turn
+#: included) to 512 tokens, all of which the transformer sees; no pooled vector.
+DEV_TEXT_ENCODER = dict(template=DEV_TEMPLATE, drop_tokens=0, stack_layers=[10, 20, 30], max_length=512,
+                        padding="max_length", pooling="none", caption_remove=["[IMG]"])
 #: FLUX.2's empirical mu (Flux2Pipeline's compute_empirical_mu, diffusers 0.42): lines in the image sequence
 #: length fitted at 10 and 200 steps, interpolated linearly in the step count; past this many tokens the 200-step
 #: line alone.
@@ -58,6 +77,23 @@ FLUX2_EXTRA = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_cont
                "attn.to_qkv_mlp_proj", "attn.to_out"]
 
 
+#: Flux2KleinPipeline: Qwen3 alone, sigmas linspace(1, 1/N, N) shifted by an empirical mu of the image length and
+#: the step count (not the scheduler's base/max shift), t / 1000 rounded in float32 to the transformer, true CFG
+#: 4.0 against the empty prompt for the base models (the distilled ones: none); 50 steps by default; a transformer
+#: without a guidance embedding (it passes none).
+KLEIN_PIPELINE = DiffusersPipeline(
+    pipeline_class="Flux2KleinPipeline", text_encoders=(("qwen3", "text_encoder", "tokenizer"),), t5_tokens=0,
+    clip_hidden_layer=None, t5_dropped="empty", steps=50, guidance_scale=4.0,
+    schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True, mu=empirical_mu),
+    decoder_llm=KLEIN_TEXT_ENCODER, pack_latents=pipeline_latents, guidance_embed=False)
+#: Flux2Pipeline (dev), klein's but for: Mistral-3 alone (its tokenizer a PixtralProcessor) and its guidance (4.0
+#: by default) embedded by the transformer, passed always, with no unconditional pass.
+DEV_PIPELINE = dataclasses.replace(
+    KLEIN_PIPELINE, pipeline_class="Flux2Pipeline", text_encoders=(("mistral3", "text_encoder", "tokenizer"),),
+    schedule=dataclasses.replace(KLEIN_PIPELINE.schedule, classifier_free=False), decoder_llm=DEV_TEXT_ENCODER,
+    guidance_embed=True)
+
+
 def claims(cfg) -> bool:
     """An MMDiT with FLUX.2's four-axis RoPE layout."""
     return mmdit.is_mmdit(cfg) and bool(cfg.rope) and cfg.rope_layout == convert.FIXED["rope_layout"]
@@ -84,13 +120,6 @@ FAMILY = Family(
     converter=convert,
     lora_targets=lora_targets,
     lora_formats=lora_formats.FORMATS,
-    # Flux2KleinPipeline: Qwen3 alone, sigmas linspace(1, 1/N, N) shifted by an empirical mu of the image length
-    # and the step count (not the scheduler's base/max shift), t / 1000 rounded in float32 to the transformer,
-    # true CFG 4.0 against the empty prompt for the base models (the distilled ones: none); 50 steps by default.
-    diffusers=DiffusersPipeline(
-        pipeline_class="Flux2KleinPipeline", text_encoders=(("qwen3", "text_encoder", "tokenizer"),),
-        t5_tokens=0, clip_hidden_layer=None, t5_dropped="empty", steps=50, guidance_scale=4.0,
-        schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=True,
-                          mu=empirical_mu),
-        decoder_llm=KLEIN_TEXT_ENCODER, pack_latents=pipeline_latents),
+    diffusers=KLEIN_PIPELINE,
+    variants=(DEV_PIPELINE,),
 )
