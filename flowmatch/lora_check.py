@@ -31,9 +31,10 @@ from PIL import Image
 from torch import Tensor
 
 from flowmatch.errors import choice_error
-from flowmatch.families import Family, family_of
+from flowmatch.families import Family, diffusers_pipeline, family_of
 from flowmatch.families.convert import read_config, to_original
 from flowmatch.families.lora import apply_file_adapters, lora_formats
+from flowmatch.families.spec import DiffusersPipeline
 from flowmatch.models.convert.keymap import to_ours
 from flowmatch.models.convert.lora_formats import split_key
 from flowmatch.models.convert.lora_read import file_adapters, read_lora_file
@@ -122,7 +123,8 @@ def reference_image(path: Optional[str | Path], family: Family) -> Optional[Imag
         raise ValueError(f"--image {path} is not an image PIL can read ({type(err).__name__}: {err})") from None
 
 
-def _diffusers_images(base: Path, file: Path, family: Family, prompts: list[str], noise: Tensor, steps: int,
+def _diffusers_images(base: Path, file: Path, family: Family, spec: DiffusersPipeline, prompts: list[str],
+                      noise: Tensor, steps: int,
                       guidance: float, size: int, device: str, image: Optional[Image.Image] = None,
                       ) -> tuple[Optional[Tensor], str]:
     """diffusers' LoRA images, or (None, why diffusers did not apply the file). With a reference ``image``, one
@@ -142,8 +144,8 @@ def _diffusers_images(base: Path, file: Path, family: Family, prompts: list[str]
         return None, (f"diffusers' {type(pipe).__name__}.load_lora_weights loads nothing from it (no LoRA layer "
                       "in its transformer: a silent no-op in diffusers)")
     latents = noise.to(device)
-    if family.diffusers is not None and family.diffusers.pack_latents is not None:
-        latents = family.diffusers.pack_latents(latents)
+    if spec.pack_latents is not None:
+        latents = spec.pack_latents(latents)
     elif family.latents.pack > 1:
         b, c, h, w = noise.shape
         latents = type(pipe)._pack_latents(latents, b, c, h, w)
@@ -153,7 +155,7 @@ def _diffusers_images(base: Path, file: Path, family: Family, prompts: list[str]
         common["max_area"] = size * size
     batches = [slice(None)] if image is None else [slice(i, i + 1) for i in range(len(prompts))]
     try:
-        images = torch.cat([pipe(**_prompt_inputs(pipe, family, prompts[rows], guidance), latents=latents[rows],
+        images = torch.cat([pipe(**_prompt_inputs(pipe, spec, prompts[rows], guidance), latents=latents[rows],
                                  **common, **({} if image is None else dict(image=image))).images
                             for rows in batches])
     except Exception as err:  # noqa: BLE001 - any failure of the pipeline is the finding reported
@@ -167,15 +169,15 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else "(no message)"
 
 
-def _prompt_inputs(pipe, family: Family, prompts: list[str], guidance: float) -> dict:
+def _prompt_inputs(pipe, spec: DiffusersPipeline, prompts: list[str], guidance: float) -> dict:
     """The prompt and guidance arguments of a diffusers pipeline's call that make it guide and mask as flowmatch
     does (a classifier-free family guides against the empty caption unless told otherwise)."""
     params = inspect.signature(type(pipe).__call__).parameters
     negative = [""] * len(prompts)
-    if family.diffusers.schedule.classifier_free and "true_cfg_scale" in params:
+    if spec.schedule.classifier_free and "true_cfg_scale" in params:
         # Qwen-Image: its classifier-free guidance is true_cfg_scale, only against a negative prompt it is given
         return dict(prompt=prompts, guidance_scale=guidance, true_cfg_scale=guidance, negative_prompt=negative)
-    if family.diffusers.t5_padding == "max_length_plus_one":
+    if spec.t5_padding == "max_length_plus_one":
         # ChromaPipeline (the one whose T5 mask leaves a padding token visible) hands the transformer its text mask
         # as floats, which attention adds to the scores instead of masking (diffusers issue #12116): it is given
         # its own embeddings with the mask as booleans.
@@ -226,8 +228,10 @@ def check_lora(file: str | Path, base: str | Path, *, prompts: Optional[list[str
     pipe = Pipeline.from_diffusers(base, device=device)
     family = family_of(pipe.model.cfg)
     found = file_adapters(tensors, metadata, lora_formats(family), pipe.model.cfg, what=str(file))
+    # the folder's own pipeline class (a family may have several: FLUX.2's klein and dev), not the family's default
+    spec = diffusers_pipeline(pipe.pipeline_grid.pipeline)
     prompts = prompts or ["a photo of a cat"]
-    guidance = family.diffusers.guidance_scale if guidance is None else guidance
+    guidance = spec.guidance_scale if guidance is None else guidance
     noise = _noise(pipe, len(prompts), size, seed)
 
     def generate() -> Tensor:
@@ -245,7 +249,7 @@ def check_lora(file: str | Path, base: str | Path, *, prompts: Optional[list[str
              + ("" if edited is None else f", reference image {Path(image).name} ({edited.width}x{edited.height})")]
     theirs, used, why = None, "none", ""
     if reference in ("auto", "diffusers"):
-        theirs, why = _diffusers_images(base, file, family, prompts, noise, steps, guidance, size, device, edited)
+        theirs, why = _diffusers_images(base, file, family, spec, prompts, noise, steps, guidance, size, device, edited)
         used = "diffusers" if theirs is not None else used
     if theirs is None and reference in ("auto", "merged") and merged is not None:
         pipe.model = merged
