@@ -18,11 +18,15 @@ neighbours than about a layout. Every training run is its own `flowmatch train` 
 (``OMP_NUM_THREADS=1``, ``data.num_workers=0``, so the process's CPU time is all the work), and the budget is that
 process's CPU seconds (user + system, start-up, final validation and checkpoint included). By default it is the
 digits job's own: the target's calibrated cost of the recipe's whole schedule (``train.max_steps`` = 500 steps),
-so the shipped recipe trains exactly as it ships; ``--budget-s`` sets another. Each layout is first timed by a
-short calibration run (``--calibration-steps``, its CPU seconds per step read from /proc as each step is logged,
-so Linux only), then trains the steps that fit (at most the recipe's), with its lr warm-up and cosine schedule
-scaled to them, so a slower layout trains fewer steps of a whole schedule. The budget is also a hard stop (SIGTERM
-and a checkpoint, like a preemption) should the calibration have been optimistic. Then `flowmatch eval`'s judge
+so the shipped recipe trains exactly as it ships; ``--budget-s`` sets another. Each layout is timed by a short
+calibration run (``--calibration-steps``, its CPU seconds per step read from /proc as each step is logged, so
+Linux only) just before it trains (the target first: its cost sets the budget), then trains the steps that fit
+(at most the recipe's), with its lr warm-up and cosine schedule scaled to them, so a slower layout trains fewer
+steps of a whole schedule. CPU time is not free of load either: two processes on the hyperthreads of one core
+each take longer per step, so a calibration is only valid for the load it ran under, and timing each layout right
+before its run keeps the two under the same load. A run past its budget by more than ``--stop-slack`` (25%) is
+stopped (SIGTERM and a checkpoint, like a preemption, without the final validation); the table says how many
+steps each run reached and how much CPU it used. Then `flowmatch eval`'s judge
 (the digits task: prompt accuracy of an independent classifier, paraphrase accuracy, Frechet distance) scores
 the default weights at 4, 8 and 20 Euler steps. One table, also written as JSON with ``--json``:
 
@@ -76,6 +80,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated families (default: every layout; the "
                         "recipe's own is the one the others are compared with)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="largest relative parameter-count gap")
+    parser.add_argument("--stop-slack", type=float, default=0.25,
+                        help="stop a run that has used this much more CPU than the budget (a calibration taken under "
+                             "lighter load than the run)")
     parser.add_argument("--shards", default=None, help="data.shards (default: the recipe's)")
     parser.add_argument("--out", default="runs/layouts", help="parent of the run directories")
     parser.add_argument("--steps", default="4,8,20", help="Euler step counts to judge at")
@@ -285,6 +292,14 @@ def planned_steps(cal: Calibration, budget_s: float, recipe_steps: int, recipe_w
     return steps, (min(steps - 1, round(recipe_warmup * steps / recipe_steps)) if recipe_warmup else 0)
 
 
+def final_step(run_dir: Path) -> int:
+    """The step a run's newest checkpoint holds (a stopped run's checkpoint falls between logged steps)."""
+    steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    if not steps:
+        raise SystemExit(f"{run_dir} wrote no checkpoint")
+    return max(steps)
+
+
 def judge(run_dir: Path, steps: list[int], samples: int) -> dict[int, dict[str, float]]:
     """`flowmatch eval`'s metrics of the run's default weights: Euler step count -> metrics."""
     from flowmatch.evaluate import evaluate  # the judge's model stack: only once something has trained
@@ -305,24 +320,25 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
 
     ensure_shards(recipe.data)
     steps = [int(s) for s in args.steps.split(",")]
-    cals = {name: calibrate(args.recipe, lay, args) for name, lay in table.items()}
     budget = args.budget_s
     if budget is None and target not in table:
         raise SystemExit(f"the default budget is {target}'s (the recipe's) schedule: add {target} to --only or "
                          "give --budget-s")
-    if budget is None:  # the digits job's budget: the shipped recipe's whole schedule
-        budget = cals[target].overhead_s + recipe.train.max_steps * cals[target].cpu_per_step
     results = []
-    for name, lay in table.items():
-        max_steps, warmup = planned_steps(cals[name], budget, recipe.train.max_steps, recipe.optim.warmup_steps)
+    for name in sorted(table, key=lambda n: n != target):  # the target first: its calibration sets the budget
+        lay = table[name]
+        cal = calibrate(args.recipe, lay, args)
+        if budget is None:  # the digits job's budget: the shipped recipe's whole schedule
+            budget = cal.overhead_s + recipe.train.max_steps * cal.cpu_per_step
+        max_steps, warmup = planned_steps(cal, budget, recipe.train.max_steps, recipe.optim.warmup_steps)
         run_dir = Path(args.out) / name
         run = run_train(train_command(args.recipe, run_dir, lay, args, f"train.max_steps={max_steps}",
-                                      f"optim.warmup_steps={warmup}"), run_dir, budget)
-        trained = max(run.step_cpu, default=0)
-        print(f"{name}: {cals[name].cpu_per_step:.3f} CPU s/step, {cals[name].overhead_s:.0f} CPU s fixed -> "
-              f"{trained} of {max_steps} steps in {run.cpu_s:.0f} CPU s", flush=True)
+                                      f"optim.warmup_steps={warmup}"), run_dir, budget * (1 + args.stop_slack))
+        trained = final_step(run_dir)
+        print(f"{name}: {cal.cpu_per_step:.3f} CPU s/step, {cal.overhead_s:.0f} CPU s fixed -> {trained} of "
+              f"{max_steps} steps in {run.cpu_s:.0f} CPU s{' (stopped)' if run.stopped else ''}", flush=True)
         results.append(dict(layout=name, blocks=lay.blocks, params=lay.params, overrides=lay.overrides,
-                            steps_per_cpu_s=1 / cals[name].cpu_per_step, planned_steps=max_steps,
+                            steps_per_cpu_s=1 / cal.cpu_per_step, planned_steps=max_steps,
                             trained_steps=trained, cpu_s=run.cpu_s, stopped=run.stopped,
                             metrics=judge(run_dir, steps, args.samples)))
     print_table(results, steps, budget, args, target)
@@ -339,6 +355,7 @@ def print_table(results: list[dict], steps: list[int], budget: float, args: argp
     cols = [f"acc@{s}" for s in steps] + [f"para@{s}" for s in steps] + [f"FD@{s}" for s in steps]
     ref = next((r["params"] for r in results if r["layout"] == target), None)
     print(f"{'layout':<10} {'blocks':<28} {'params':>9} {'vs ' + target:>7} {'steps/CPU-s':>11} {'trained':>7} "
+          f"{'CPU s':>6} "
           + " ".join(f"{c:>7}" for c in cols))
     for r in results:
         m = r["metrics"]
@@ -346,7 +363,7 @@ def print_table(results: list[dict], steps: list[int], budget: float, args: argp
                 + [f"{m[s]['frechet']:>7.1f}" for s in steps])
         gap = f"{r['params'] / ref - 1:+.1%}" if ref else "-"
         print(f"{r['layout']:<10} {r['blocks']:<28} {r['params']:>9,} {gap:>7} {r['steps_per_cpu_s']:>11.2f} "
-              f"{r['trained_steps']:>7} " + " ".join(vals))
+              f"{r['trained_steps']:>7} {r['cpu_s']:>6.0f} " + " ".join(vals))
     last, base = steps[-1], next((r["metrics"][steps[-1]] for r in results if r["layout"] == target), None)
     if base is None:
         return
