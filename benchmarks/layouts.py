@@ -288,7 +288,7 @@ def calibrate(recipe: str, layout: Layout, args: argparse.Namespace) -> Calibrat
 def planned_steps(cal: Calibration, budget_s: float, recipe_steps: int, recipe_warmup: int) -> tuple[int, int]:
     """(train.max_steps, optim.warmup_steps): the most steps that fit the budget, at most the recipe's, the warm-up
     keeping its share of the schedule."""
-    steps = max(1, min(recipe_steps, math.floor((budget_s - cal.overhead_s) / cal.cpu_per_step)))
+    steps = max(1, min(recipe_steps, math.floor((budget_s - cal.overhead_s) / cal.cpu_per_step + 1e-9)))
     return steps, (min(steps - 1, round(recipe_warmup * steps / recipe_steps)) if recipe_warmup else 0)
 
 

@@ -66,6 +66,9 @@ def test_the_plan_fits_the_whole_schedule_in_the_cpu_budget():
     assert bench.planned_steps(bench.Calibration(0.1, 10.0), 60.0, 500, 100) == (500, 100)
     assert bench.planned_steps(bench.Calibration(0.25, 10.0), 60.0, 500, 100) == (200, 40)
     assert bench.planned_steps(bench.Calibration(5.0, 100.0), 60.0, 500, 100) == (1, 0)
+    # the default budget is the target's whole schedule, which must plan back to every step despite the rounding
+    cal = bench.Calibration(0.6288553577578927, 11.674835394132742)  # (budget - fixed) / per step = 499.99999999999994
+    assert bench.planned_steps(cal, cal.overhead_s + 500 * cal.cpu_per_step, 500, 100) == (500, 100)
 
 
 @pytest.mark.slow
