@@ -161,6 +161,15 @@ class Swap:
         return self.host * self.crossings / HOST_LINK_BYTES_PER_S
 
 
+def dequantised(cost: ModelCost, s: Settings) -> int:
+    """Bytes of the dequantised weights autograd keeps under model.quantize: flowmatch.quantize.QuantizedLinear
+    makes each weight in the working precision per forward, and the matmul keeps it for its input's gradient (the
+    trace records which frozen linears' weights are kept: those whose input needs a gradient)."""
+    a = cost.act1
+    blocks = max(a.frozen_linears, default=0) if s.checkpointing else sum(a.frozen_linears)
+    return int((a.frozen_linears_outside + blocks) * dtype_bytes(s.precision))
+
+
 def block_swap(cost: ModelCost, s: Settings) -> Swap:
     """What ``s.block_swap`` keeps on the host and on the device."""
     n = s.block_swap
@@ -193,6 +202,11 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
     if s.offload_params:  # ZeRO-3 keeps what it has not gathered on the host
         weights, base_note = 0, base_note + ", offloaded to the CPU"
     lines.append(Line("weights", int(weights), base_note))
+    if p.frozen and s.base_quant:
+        lines.append(Line("dequantised weights", dequantised(cost, s),
+                          "what autograd keeps of the quantised linears' working-precision weights (each forward "
+                          "dequantises them): " + ("the layers outside the blocks and one block recomputed"
+                                                   if s.checkpointing else "every layer, until its backward")))
     if swap.host:
         lines.append(Line("swapped blocks on device", swap.in_flight,
                           "the block running and the next, prefetched" if s.checkpointing else
