@@ -120,13 +120,14 @@ def test_a_quantised_base_keeps_its_dequantised_weights_for_the_backward(counted
     # out, counts every block under checkpointing (only the one recomputed keeps them) or one block without it, or
     # if the trace counts a frozen linear whose input needs no gradient (the modulation's, fed the conditioning
     # vector, and the first block's qkv, fed the embedded inputs: autograd keeps nothing of them).
-    acts = Activations([0] * 4, 0, 0, 0, frozen_linears=(64, 64, 128, 256), frozen_linears_outside=32)
+    # Of each block's frozen linear weights (64, 64, 128, 256; 32 outside), autograd keeps these:
+    acts = Activations([0] * 4, 0, 0, 0, frozen_linears=(32, 64, 128, 200), frozen_linears_outside=16)
     c = dataclasses.replace(hand_cost((100, 100, 200, 300), (64, 64, 128, 256), outside=32), act1=acts, act2=acts)
     s = Settings(micro_batch=1, checkpointing=True, zero_stage=0, precision="bf16", world=1, base_quant="nf4")
     t = {ln.name: ln.bytes for ln in breakdown(c, s, cuda=False)}
-    assert t["dequantised weights"] == (32 + 256) * 2
+    assert t["dequantised weights"] == (16 + 200) * 2
     t = {ln.name: ln.bytes for ln in breakdown(c, s.replace(checkpointing=False), cuda=False)}
-    assert t["dequantised weights"] == (32 + 64 + 64 + 128 + 256) * 2
+    assert t["dequantised weights"] == (16 + 32 + 64 + 128 + 200) * 2
     assert "dequantised weights" not in {ln.name for ln in breakdown(c, s.replace(base_quant=None), cuda=False)}
     # The trace against a CPU forward of the same model: the frozen linear weights autograd really keeps.
     cost, _, recipe = counted
