@@ -44,7 +44,7 @@ from flowmatch.plan.devices import budget_device
 from flowmatch.plan.memory import peak
 from flowmatch.plan.planner import make_plan, recipe_settings
 from flowmatch.plan.shape import model_cost
-from flowmatch.quantize import quantize_frozen
+from flowmatch.quantize import QuantizedLinear, quantize_frozen
 from flowmatch.training.fewstep import jvp_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,8 @@ def measure(overrides: list[str], steps: int = STEPS) -> dict[str, float]:
             ema.update(params)
     measured = (rss_kib("VmHWM") - baseline) * 1024
     return {"planned": planned, "measured": measured, "trained": sum(p.numel() for p in params),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": sum(p.numel() for p in model.parameters())
+            + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)),
             "breakdown": {line.name: line.bytes for line in plan.lines if line.name != "frozen encoders"}}
 
 
