@@ -6,9 +6,10 @@ model larger than the card). Trainable tensors (the adapters) stay on the device
 On CUDA the copy of the next swapped block starts on a side stream while the current block computes (pinned CPU
 memory, ``non_blocking``), and a block waits for its own copy before it runs. "Next" follows the order the blocks
 run in: up in the forward, down in checkpointing's recomputation (backward), so at most two swapped blocks are on
-the device at once (a copy made for the wrong direction would stay there until its block next runs). Under activation checkpointing the
-recomputation in backward runs the block's (wrapped) forward again, which copies it in again; without
-checkpointing autograd keeps the device copies its backward needs alive until then (the saving is smaller).
+the device at once (a copy made for the wrong direction would stay there until its block next runs). Under
+activation checkpointing the recomputation in backward runs the block's (wrapped) forward again, which copies it in
+again; without checkpointing autograd keeps the device copies its backward needs alive until then (the weights a
+matmul keeps for its input's gradient: little is saved at the peak).
 
 The swapped weights never sit on the device all at once, not even at start: whatever moves or casts the whole
 model (the engine's initialisation) runs inside :func:`held_on_host`, where they are empty stand-ins.

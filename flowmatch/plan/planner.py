@@ -19,7 +19,6 @@ from flowmatch.plan.levers import Fit, Lever, Room, all_levers, fit, largest_lev
 from flowmatch.plan.memory import Line, ModelCost, Settings, breakdown
 from flowmatch.plan.shape import SampleShape, model_cost
 
-
 #: The settings ``flowmatch plan`` can plan in place of the recipe's: their command-line flag and recipe key.
 WHAT_IF = {"base_quant": ("--quantize", "model.quantize"), "optimizer": ("--optimizer", "optim.name")}
 
