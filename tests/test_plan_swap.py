@@ -90,6 +90,9 @@ def test_block_swap_moves_the_last_blocks_frozen_weights_to_the_host(counted):
     assert lines(plan)["swapped blocks on device"] == sum(each)  # two swapped: both in flight
     assert report["block_swap"]["host_link_bytes_per_micro_batch"] == 2 * host  # forward and recomputation
     assert f"{size(host)} of pinned host memory" in format_plan(plan, "r")
+    with pytest.raises(ValueError, match="without ZeRO-3"):  # the trainer refuses it too
+        make_plan(dataclasses.replace(swapped, distributed=dataclasses.replace(recipe.distributed, zero_stage=3)),
+                  H100, cost=(cost, seq))
     with pytest.raises(ValueError, match="train.block_swap: 9 is more than the model's 4 blocks"):
         make_plan(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, block_swap=9)), H100,
                   cost=(cost, seq))

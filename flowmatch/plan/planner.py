@@ -109,6 +109,9 @@ def make_plan(recipe: Recipe, device: Device, world: int = 1,
                 encoders=bool(counted.encoders), plain_encoders=any(part.quant is None for part in text),
                 # flowmatch.training.assembly.swap_blocks: the frozen base of a LoRA run on a block-structured model
                 swappable=blocks if recipe.model.lora is not None and checkpointable else 0)
+    if s.block_swap and (not room.swappable or s.zero_stage == 3):  # as the trainer refuses it
+        raise ValueError(f"train.block_swap: {s.block_swap} streams the frozen base of a LoRA run (model.lora) "
+                         "without ZeRO-3 on a block-structured model; set train.block_swap: 0")
     cuda, budget = device.cuda, device.memory_bytes
     everything, _ = all_levers(s, room)
     return Plan(device=device, settings=s, lines=breakdown(counted, s, cuda=cuda), cost=counted, sequence=seq,
