@@ -44,6 +44,7 @@ from flowmatch.plan.devices import budget_device
 from flowmatch.plan.memory import peak
 from flowmatch.plan.planner import make_plan, recipe_settings
 from flowmatch.plan.shape import model_cost
+from flowmatch.quantize import QuantizedLinear, quantize_frozen
 from flowmatch.training.fewstep import jvp_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,9 @@ CASES: dict[str, list[str]] = {
     # LoRA rank 16 on the default targets of the frozen mid-size model, activation checkpointing, no EMA.
     "lora": [*_MID, "model.init_from=random", "model.lora.rank=16", "train.activation_checkpointing=true",
              "train.ema_decay=0", "train.ema_profiles=[]"],
+    # The same with its frozen base in nf4 (model.quantize, bitsandbytes on the CPU).
+    "lora-nf4": [*_MID, "model.init_from=random", "model.lora.rank=16", "train.activation_checkpointing=true",
+                 "train.ema_decay=0", "train.ema_profiles=[]", "model.quantize=nf4"],
     # Full fine-tune of the mid-size model: AdamW and one fp32 EMA, micro batch 2.
     "full": [*_MID, "train.batch_size=2", "data.resolution=16", "text_encoder.max_length=16"],
     # The same with Adafactor: factored second moments (a row and a column per matrix) instead of AdamW's two.
@@ -84,6 +88,9 @@ def rss_kib(field: str) -> int:
 def measure(overrides: list[str], steps: int = STEPS) -> dict[str, float]:
     """Plan and train one case in this process: {planned, measured} bytes."""
     recipe = load_recipe(ROOT / "recipes" / "digits.yaml", overrides)
+    if recipe.train.block_swap:  # on a CPU the "device" is the host: the swap's two copies are both resident
+        raise ValueError("train.block_swap cannot be measured on a CPU (device and host memory are one); "
+                         "tests/test_plan_swap.py checks the planned bytes against the blocks the swap moves")
     cost, seq, recipe = model_cost(recipe)
     settings = recipe_settings(recipe, 1).replace(cached=True)  # the encoders are not loaded here
     planned = peak(cost, settings, cuda=False)
@@ -98,6 +105,10 @@ def measure(overrides: list[str], steps: int = STEPS) -> dict[str, float]:
     model = build_backbone(cfg)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
+    if cfg.quantize is not None:  # as the trainer does, after the adapters
+        quantize_frozen(model, cfg.quantize)
+        # The full-precision build is the host's in a GPU run (quantised before it moves): forget its peak.
+        Path("/proc/self/clear_refs").write_text("5")
     if recipe.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -131,7 +142,8 @@ def measure(overrides: list[str], steps: int = STEPS) -> dict[str, float]:
             ema.update(params)
     measured = (rss_kib("VmHWM") - baseline) * 1024
     return {"planned": planned, "measured": measured, "trained": sum(p.numel() for p in params),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": sum(p.numel() for p in model.parameters())
+            + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)),
             "breakdown": {line.name: line.bytes for line in plan.lines if line.name != "frozen encoders"}}
 
 

@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=positive_int, default=1, help="processes (GPUs) the job runs on")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (peak_bytes, fits, breakdown, ...)")
     p.add_argument("--quantize", choices=("int8", "fp8", "nf4"), default=None,
-                   help="plan a LoRA run's frozen base quantised so (not in flowmatch yet: a what-if)")
+                   help="plan a LoRA run's frozen base quantised so, in place of the recipe's model.quantize "
+                        "(a what-if)")
     p.add_argument("--optimizer", choices=("adamw", "adamw8bit", "adafactor"), default=None,
                    help="plan with this optimizer's state (default: the recipe's optim.name)")
     p.set_defaults(func=cmd_plan)

@@ -98,6 +98,24 @@ def test_moving_the_model_leaves_the_swapped_blocks_on_the_host():
             assert t.device.type == "cpu" and t.numel() > 0 and (t.dtype == torch.bfloat16 or not t.is_floating_point())
 
 
+def test_at_most_two_swapped_blocks_are_on_the_device_at_once():
+    # Fails if the prefetch always takes the block above: checkpointing's recomputation walks the blocks down, and
+    # each copy made for the block above stays on the device until the next forward, so by the end of the backward
+    # every swapped block is there (the peak the swap was to lower).
+    model = _lora_model()
+    swap = apply_block_swap(model.blocks(), 3, "cpu")
+    apply_activation_checkpointing(model)
+    enter, most = swap._enter, []
+
+    def counting(i):
+        enter(i)
+        most.append(sum(bool(r.staged) for r in swap._resident))  # device copies held: the running one, the next
+    swap._enter = counting
+    for _ in range(2):
+        _run(model)
+    assert swap.moves_in == 12 and max(most) == 2
+
+
 def test_block_swap_names_the_valid_count():
     with pytest.raises(ValueError, match="1..3"):
         apply_block_swap(_lora_model().blocks(), 4, "cpu")

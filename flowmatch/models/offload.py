@@ -4,9 +4,12 @@ dropped from the device after it, so one GPU holds only a few blocks of a frozen
 model larger than the card). Trainable tensors (the adapters) stay on the device, where the optimizer has them.
 
 On CUDA the copy of the next swapped block starts on a side stream while the current block computes (pinned CPU
-memory, ``non_blocking``), and a block waits for its own copy before it runs. Under activation checkpointing the
-recomputation in backward runs the block's (wrapped) forward again, which copies it in again; without
-checkpointing autograd keeps the device copies its backward needs alive until then (the saving is smaller).
+memory, ``non_blocking``), and a block waits for its own copy before it runs. "Next" follows the order the blocks
+run in: up in the forward, down in checkpointing's recomputation (backward), so at most two swapped blocks are on
+the device at once (a copy made for the wrong direction would stay there until its block next runs). Under
+activation checkpointing the recomputation in backward runs the block's (wrapped) forward again, which copies it in
+again; without checkpointing autograd keeps the device copies its backward needs alive until then (the weights a
+matmul keeps for its input's gradient: little is saved at the peak).
 
 The swapped weights never sit on the device all at once, not even at start: whatever moves or casts the whole
 model (the engine's initialisation) runs inside :func:`held_on_host`, where they are empty stand-ins.
@@ -53,6 +56,7 @@ class BlockSwap:
         self.device = torch.device(device)
         self.moves_in = self.moves_out = 0
         self._blocks = blocks
+        self._last = -1  # the swapped block entered last: the direction the blocks run in
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._resident = [self._take(block) for block in blocks]
         # The forward itself is wrapped, not hooked: activation checkpointing's recomputation calls the block's
@@ -144,8 +148,12 @@ class BlockSwap:
             resident.ready = None
         self._place(resident, resident.staged)
         self.moves_in += 1
-        if i + 1 < len(self._resident):
-            self._copy(i + 1)  # ahead of use, while block i computes
+        # Ahead of use, while block i computes: the block below when the recomputation walks down, else the one
+        # above (the first block, at the bottom, prefetches the next forward's second).
+        ahead = i - 1 if 0 < i < self._last else i + 1
+        self._last = i
+        if ahead < len(self._resident):
+            self._copy(ahead)
 
     def _leave(self, i: int) -> None:
         resident = self._resident[i]

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 from flowmatch.config import Recipe
 from flowmatch.errors import RecipeError
-from flowmatch.plan.devices import budget_device
-from flowmatch.plan.levers import MANUAL, Fit, all_levers, fit, largest_lever
+from flowmatch.plan.devices import budget_device, size
+from flowmatch.plan.levers import Fit, all_levers, fit, largest_lever
 from flowmatch.plan.memory import peak
 from flowmatch.plan.planner import make_plan
-from flowmatch.plan.report import size
 
 
 @dataclass(frozen=True)
@@ -53,9 +52,8 @@ def apply_budget(recipe: Recipe, world: int, *, cuda: bool) -> Budgeted:
         best, _ = all_levers(plan.settings.replace(micro_batch=1), plan.room, applied_only=True)
         over = peak(plan.cost, best, cuda=cuda) - plan.budget
         rest = largest_lever(plan.cost, best, plan.room, cuda=cuda)  # among what train cannot set itself
-        lever = "" if rest is None else (f"; the largest lever left is {rest[0].name} ({rest[0].setting}"
-                                         f"{'' if rest[0].kind == MANUAL else ', not in flowmatch yet'}, saves "
-                                         f"{size(rest[1])})")
+        lever = "" if rest is None else (f"; the largest lever left is {rest[0].name} "
+                                         f"({rest[0].say(rest[0].change(best, plan.room))}, saves {size(rest[1])})")
         raise RecipeError(f"distributed.memory_budget_gb: {budget_gb:g}: the recipe does not fit, not even micro "
                           f"batch 1 with activation checkpointing, ZeRO and offload: over by {size(over)}{lever}; "
                           "run flowmatch plan for the breakdown")
@@ -65,7 +63,7 @@ def apply_budget(recipe: Recipe, world: int, *, cuda: bool) -> Budgeted:
                             else recipe.train.micro_batch_size)
     d = dataclasses.replace(recipe.distributed, zero_stage=s.zero_stage, offload_optimizer=s.offload_optimizer,
                             offload_params=s.offload_params)
-    changes = [lv.setting for lv in found.levers]
+    changes = [lv.say(s) for lv in found.levers]
     if s.micro_batch != plan.settings.micro_batch:
         changes.append(f"train.micro_batch_size: {s.micro_batch}")
     message = (f"memory budget {budget_gb:g} GiB per process: planned peak {size(found.peak)} "

@@ -10,6 +10,11 @@ from flowmatch.errors import choice_error
 GIB = 2**30
 
 
+def size(n: float) -> str:
+    """Bytes as GiB (two decimals), or MiB below one GiB."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 @dataclass(frozen=True)
 class Device:
     """One accelerator: what ``flowmatch plan --device NAME`` plans for."""

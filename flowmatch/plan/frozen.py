@@ -112,6 +112,8 @@ class FrozenPart:
     params: int
     dtype: str
     """Its recipe dtype (auto: bf16 on a GPU, fp32 on the CPU)."""
+    quant: Optional[str] = None
+    """Its recipe's quantize (text encoders: int8 | fp8 | nf4), priced in place of the dtype."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ def text_encoder(name: str, cfg: TextEncoderConfig, key: str) -> tuple[FrozenPar
     pooled = int({"projection": getattr(config, "projection_dim", hidden), "none": 0}.get(cfg.pooling, hidden))
     # Encoders that stack several layers' states side by side are as wide as all of them.
     hidden *= len(getattr(cfg, "stack_layers", None) or [None])
-    return FrozenPart(name, params, cfg.dtype), TextShape(cfg.kind, cfg.max_length, hidden, pooled)
+    return FrozenPart(name, params, cfg.dtype, cfg.quantize), TextShape(cfg.kind, cfg.max_length, hidden, pooled)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from flowmatch.dtypes import DTYPES
+from flowmatch.plan.devices import size
 from flowmatch.plan.frozen import AUTOENCODER, FrozenPart
 from flowmatch.plan.trace import Activations, ParamCount
 
@@ -33,6 +34,9 @@ PREFETCH_BUCKET = 50_000_000
 #: measured here), and the caching allocator's fragmentation as a share of the tensors' peak.
 CUDA_CONTEXT = 768 * 2**20
 FRAGMENTATION = 0.10
+#: The host link a block swap streams over: PCIe 4.0 x16, about 25 GB/s in practice of its 32 GB/s (an estimate
+#: for the time a swap adds, not measured here).
+HOST_LINK_BYTES_PER_S = 25e9
 
 
 def dtype_bytes(name: str) -> int:
@@ -55,9 +59,11 @@ class Settings:
     cached: bool = False
     """Training reads cached features: the text encoders and the autoencoder are freed before the first step."""
     base_quant: Optional[str] = None
-    """A quantised frozen base (LoRA only): int8 | fp8 | nf4 (not in flowmatch yet: a suggestion)."""
+    """model.quantize: the frozen base of a LoRA run held in int8 | fp8 | nf4 (its linear layers' weights)."""
     encoder_quant: Optional[str] = None
-    """Quantised frozen text encoders (not in flowmatch yet: a suggestion)."""
+    """Every text encoder quantised (a what-if; an encoder's own text_encoders.encoders.*.quantize comes first)."""
+    block_swap: int = 0
+    """train.block_swap: the last N blocks' frozen weights in host memory, streamed in per use (LoRA only)."""
     optimizer: str = "adamw"
     """optim.name: adamw | adamw8bit | adafactor."""
     accumulating: bool = False
@@ -104,6 +110,10 @@ class ModelCost:
     conditioning: tuple[int, int] = (0, 0)
     """Bytes of a micro batch's conditioning as the encoders or the cache deliver it, at micro batches 1 and 2,
     where caption dropout makes the copy the model takes (and keeps) a second one; (0, 0) without dropout."""
+    block_frozen: tuple[int, ...] = ()
+    """Frozen elements of each transformer block, in execution order (what a block swap moves)."""
+    block_quantisable: tuple[int, ...] = ()
+    """Of those, the elements in linear layers' weights (held quantised under model.quantize)."""
 
     def optimizer_bytes(self, name: str) -> int:
         """The state optimizer ``name`` keeps for the trained parameters."""
@@ -123,6 +133,54 @@ class ModelCost:
         return int(one + (two - one) * (micro - 1))
 
 
+def _frozen_bytes(frozen: int, quantisable: int, s: Settings) -> float:
+    """Bytes of ``frozen`` elements, ``quantisable`` of them in linear weights, under model.quantize."""
+    if not s.base_quant:
+        return frozen * dtype_bytes(s.precision)
+    return quantisable * QUANT_BYTES[s.base_quant] + (frozen - quantisable) * dtype_bytes(s.precision)
+
+
+@dataclass(frozen=True)
+class Swap:
+    """What ``train.block_swap`` moves (flowmatch.models.offload): the last blocks' frozen weights wait in pinned
+    host memory and are copied in before each use; the adapters stay on the device."""
+
+    host: int
+    """Bytes of the swapped blocks' frozen weights in host memory."""
+    in_flight: int
+    """Device bytes at the peak: the block running and the next one prefetched (the two largest swapped blocks)
+    with activation checkpointing; every swapped block without it (autograd keeps each device copy until its
+    backward)."""
+    crossings: int
+    """Copies of the swapped weights per micro batch: the forward, and checkpointing's recomputation."""
+
+    @property
+    def seconds(self) -> float:
+        """Host-link time per micro batch at :data:`HOST_LINK_BYTES_PER_S` (an estimate; overlapped with
+        compute where the link keeps up)."""
+        return self.host * self.crossings / HOST_LINK_BYTES_PER_S
+
+
+def dequantised(cost: ModelCost, s: Settings) -> int:
+    """Bytes of the dequantised weights autograd keeps under model.quantize: flowmatch.quantize.QuantizedLinear
+    makes each weight in the working precision per forward, and the matmul keeps it for its input's gradient (the
+    trace records which frozen linears' weights are kept: those whose input needs a gradient)."""
+    a = cost.act1
+    blocks = max(a.frozen_linears, default=0) if s.checkpointing else sum(a.frozen_linears)
+    return int((a.frozen_linears_outside + blocks) * dtype_bytes(s.precision))
+
+
+def block_swap(cost: ModelCost, s: Settings) -> Swap:
+    """What ``s.block_swap`` keeps on the host and on the device."""
+    n = s.block_swap
+    if not n:
+        return Swap(0, 0, 0)
+    each = sorted((int(_frozen_bytes(f, q, s)) for f, q in zip(cost.block_frozen[-n:], cost.block_quantisable[-n:])),
+                  reverse=True)
+    host = sum(each)
+    return Swap(host, sum(each[:2]) if s.checkpointing else host, 2 if s.checkpointing else 1)
+
+
 def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
     """The peak of one rank under ``s``, term by term (bytes on the device; offloaded state counts zero)."""
     n, w = s.world, dtype_bytes(s.precision)
@@ -132,17 +190,28 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
     shard_g = n if s.zero_stage >= 2 else 1
     lines: list[Line] = []
     base_note = f"{p.trainable / 1e6:.1f}M trained in {s.precision}"
-    frozen_bytes = p.frozen * w
+    frozen_bytes = _frozen_bytes(p.frozen, cost.quantisable, s)
     if p.frozen:
-        if s.base_quant:
-            frozen_bytes = (cost.quantisable * QUANT_BYTES[s.base_quant] + (p.frozen - cost.quantisable) * w)
-            base_note += f", {p.frozen / 1e6:.1f}M frozen ({s.base_quant} linears, suggestion)"
-        else:
-            base_note += f", {p.frozen / 1e6:.1f}M frozen in {s.precision}"
+        base_note += f", {p.frozen / 1e6:.1f}M frozen " + (f"({s.base_quant} linears)" if s.base_quant
+                                                           else f"in {s.precision}")
+    swap = block_swap(cost, s)
+    if swap.host:
+        frozen_bytes -= swap.host
+        base_note += f", the last {s.block_swap} blocks' frozen {size(swap.host)} in host memory (train.block_swap)"
     weights = (p.trainable * w + frozen_bytes) / shard_w
     if s.offload_params:  # ZeRO-3 keeps what it has not gathered on the host
         weights, base_note = 0, base_note + ", offloaded to the CPU"
     lines.append(Line("weights", int(weights), base_note))
+    if p.frozen and s.base_quant:
+        lines.append(Line("dequantised weights", dequantised(cost, s),
+                          "what autograd keeps of the quantised linears' working-precision weights (each forward "
+                          "dequantises them): " + ("the layers outside the blocks and one block recomputed"
+                                                   if s.checkpointing else "every layer, until its backward")))
+    if swap.host:
+        lines.append(Line("swapped blocks on device", swap.in_flight,
+                          "the block running and the next, prefetched" if s.checkpointing else
+                          "all of them: without activation checkpointing autograd keeps each device copy until "
+                          "its backward (no saving)"))
     grads = int(p.trainable * w / shard_g)
     lines.append(Line("gradients", grads, f"{s.precision}" + (f", sharded over {n}" if shard_g > 1 else "")))
     on_host = s.offload_optimizer
@@ -181,9 +250,9 @@ def breakdown(cost: ModelCost, s: Settings, *, cuda: bool) -> list[Line]:
         if text and s.cached:  # freed once the empty caption and the sampling prompts are encoded
             notes.append(f"{part.name} freed")
             continue
-        quant = s.encoder_quant if text else None
+        quant = (part.quant or s.encoder_quant) if text else None
         enc += int(part.params * (QUANT_BYTES[quant] if quant else dtype_bytes(dtype)))
-        notes.append(f"{part.name} {part.params / 1e6:.0f}M {quant + ' (suggestion)' if quant else dtype}")
+        notes.append(f"{part.name} {part.params / 1e6:.0f}M {quant or dtype}")
     lines.append(Line("frozen encoders", enc, ", ".join(notes) or "none"))
     comm = 0
     if n > 1:

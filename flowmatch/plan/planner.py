@@ -7,16 +7,20 @@ that make it fit, and when nothing does, by how much and which lever matters mos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from flowmatch.config import Recipe
 from flowmatch.families import family_of
 from flowmatch.flow import get_objective
 from flowmatch.plan.devices import Device
+from flowmatch.plan.frozen import AUTOENCODER
 from flowmatch.plan.levers import Fit, Lever, Room, all_levers, fit, largest_lever, max_micro
 from flowmatch.plan.memory import Line, ModelCost, Settings, breakdown
 from flowmatch.plan.shape import SampleShape, model_cost
+
+#: The settings ``flowmatch plan`` can plan in place of the recipe's: their command-line flag and recipe key.
+WHAT_IF = {"base_quant": ("--quantize", "model.quantize"), "optimizer": ("--optimizer", "optim.name")}
 
 
 def recipe_settings(recipe: Recipe, world: int) -> Settings:
@@ -27,7 +31,7 @@ def recipe_settings(recipe: Recipe, world: int) -> Settings:
         micro_batch=micro, checkpointing=t.activation_checkpointing, accumulating=t.batch_size > micro * world,
         zero_stage=d.zero_stage, precision=d.precision, world=world, offload_optimizer=d.offload_optimizer,
         offload_params=d.offload_params, cached=recipe.data.cached is True or bool(recipe.data.cache),
-        optimizer=recipe.optim.name,
+        optimizer=recipe.optim.name, base_quant=recipe.model.quantize, block_swap=t.block_swap,
         ema_copies=(1 + len(t.ema_profiles)) if t.ema_decay > 0 else 0)
 
 
@@ -52,6 +56,8 @@ class Plan:
     """The lever that lowers the recipe's peak most on its own, and the bytes it saves."""
     architecture: str = ""
     """Where the planned architecture comes from, when the recipe starts from weights."""
+    what_if: dict[str, str] = field(default_factory=dict)
+    """Settings field -> what the command line planned in place of the recipe's (``--quantize``, ``--optimizer``)."""
 
     @property
     def peak(self) -> int:
@@ -77,29 +83,43 @@ class Plan:
 def make_plan(recipe: Recipe, device: Device, world: int = 1,
               cost: Optional[tuple[ModelCost, SampleShape]] = None, assume: Optional[dict[str, Any]] = None) -> Plan:
     """Plan ``recipe`` on ``world`` processes of ``device`` (``cost``: the model's count when already made;
-    ``assume``: :class:`Settings` fields for what flowmatch has no recipe key for yet, e.g. ``base_quant``)."""
+    ``assume``: :class:`Settings` fields planned in place of the recipe's, a what-if such as ``base_quant``)."""
     if world < 1:
         raise ValueError(f"the number of GPUs must be at least 1, got {world}")
     if cost is None:
         counted, seq, recipe = model_cost(recipe)
     else:
         counted, seq = cost
-    s = recipe_settings(recipe, world).replace(**{k: v for k, v in (assume or {}).items() if v is not None})
+    written = recipe_settings(recipe, world)
+    s = written.replace(**{k: v for k, v in (assume or {}).items() if v is not None})
     if s.base_quant and not counted.params.frozen:
         raise ValueError(f"--quantize {s.base_quant} quantises a LoRA run's frozen base, but this recipe trains "
                          "every weight: set model.lora (and model.init_from) or leave --quantize out")
+    blocks = len(counted.block_frozen)
+    if s.block_swap > blocks:
+        raise ValueError(f"train.block_swap: {s.block_swap} is more than the model's {blocks} blocks")
+    what_if = {k: f"{flag} {getattr(s, k)} in place of the recipe's {key}: {getattr(written, k) or 'none'}"
+               for k, (flag, key) in WHAT_IF.items() if getattr(s, k) != getattr(written, k)}
     # The exact JVP runs without activation checkpointing (flowmatch.training.fewstep refuses the two together).
     exact_jvp = (get_objective(recipe.flow.objective).uses_jvp and not recipe.flow.teacher_steps
                  and recipe.flow.meanflow.backend(recipe.distributed.zero_stage) == "exact")
-    room = Room(checkpointable=family_of(recipe.model).capabilities.block_transforms and not exact_jvp,
-                frozen_base=counted.params.frozen > 0, encoders=bool(counted.encoders))
+    checkpointable = family_of(recipe.model).capabilities.block_transforms
+    text = [part for part in counted.encoders if part.name != AUTOENCODER]
+    room = Room(checkpointable=checkpointable and not exact_jvp, frozen_base=counted.params.frozen > 0,
+                encoders=bool(counted.encoders), plain_encoders=any(part.quant is None for part in text),
+                # flowmatch.training.assembly.swap_blocks: the frozen base of a LoRA run on a block-structured model
+                swappable=blocks if recipe.model.lora is not None and checkpointable else 0)
+    if s.block_swap and (not room.swappable or s.zero_stage == 3):  # as the trainer refuses it
+        raise ValueError(f"train.block_swap: {s.block_swap} streams the frozen base of a LoRA run (model.lora) "
+                         "without ZeRO-3 on a block-structured model; set train.block_swap: 0")
     cuda, budget = device.cuda, device.memory_bytes
     everything, _ = all_levers(s, room)
     return Plan(device=device, settings=s, lines=breakdown(counted, s, cuda=cuda), cost=counted, sequence=seq,
                 room=room, max_micro=max_micro(counted, s, budget, cuda=cuda),
                 fit=fit(counted, s, budget, room, cuda=cuda),
                 fit_micro=max_micro(counted, everything, budget, cuda=cuda),
-                largest=largest_lever(counted, s, room, cuda=cuda), architecture=_architecture(recipe))
+                largest=largest_lever(counted, s, room, cuda=cuda), architecture=_architecture(recipe),
+                what_if=what_if)
 
 
 def _architecture(recipe: Recipe) -> str:

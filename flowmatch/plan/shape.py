@@ -149,6 +149,8 @@ def model_cost(recipe: Recipe) -> tuple[ModelCost, SampleShape, Recipe]:
         extra["conditioning"] = tuple(_conditioning_bytes(recipe, shapes, b) for b in (1, 2))
     cost = ModelCost(params=count_params(model, blocks), quantisable=_quantisable(model), act1=trace(1),
                      act2=trace(2), encoders=parts,
+                     block_frozen=tuple(sum(p.numel() for p in b.parameters() if not p.requires_grad) for b in blocks),
+                     block_quantisable=tuple(_quantisable(b) for b in blocks),
                      optimizer_state={name: optimizer_state_bytes(name, trained) for name in OPTIMIZER_NAMES},
                      **extra)
     patch = getattr(model_cfg, "patch_size", 1) or 1

@@ -52,6 +52,11 @@ class Activations:
     """What activation checkpointing keeps instead: every block's inputs (shared ones once)."""
     outside: int
     """What the embedders, the final layer and the loss's inputs save outside the blocks."""
+    frozen_linears: tuple[int, ...] = ()
+    """Per block: elements of the frozen linear weights autograd keeps (a layer whose input needs a gradient);
+    under model.quantize each is a dequantised copy, not the parameter."""
+    frozen_linears_outside: int = 0
+    """The same outside the blocks."""
 
     @property
     def plain(self) -> int:
@@ -123,10 +128,15 @@ class FusedAttention(TorchFunctionMode):
 
 
 @contextmanager
-def _recording(params: set[int], saved: dict[int, int]) -> Iterator[None]:
+def _recording(params: set[int], saved: dict[int, int], linears: dict[int, int], kept: dict[int, int]
+               ) -> Iterator[None]:
+    """Record into ``saved`` the bytes of each storage autograd keeps that is not a parameter, and into ``kept``
+    the elements of each frozen linear weight (``linears``: storage -> elements) it keeps."""
     def pack(t: Tensor) -> Tensor:
         key, nbytes = _storage_key(t)
-        if key not in params:
+        if key in linears:
+            kept.setdefault(key, linears[key])
+        elif key not in params:
             saved.setdefault(key, nbytes)
         return t
 
@@ -139,8 +149,12 @@ def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: tuple, 
     """Run ``loss(model(*inputs))`` once (meta tensors) and return the bytes autograd keeps, per block (each
     block's forward records into its own set), for the blocks' inputs, and outside the blocks."""
     params = {_storage_key(p)[0] for p in model.parameters()}
+    linears = {_storage_key(m.weight)[0]: m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) and not m.weight.requires_grad}
     everything: dict[int, int] = {}
+    kept_everywhere: dict[int, int] = {}
     per_block: list[dict[int, int]] = []
+    kept_per_block: list[dict[int, int]] = []
     inputs_seen: dict[int, int] = {}
     handles = []
     open_blocks = ExitStack()  # the recording of the block running now (blocks do not nest)
@@ -151,7 +165,8 @@ def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: tuple, 
                 key, nbytes = _storage_key(t)
                 inputs_seen.setdefault(key, nbytes)
         per_block.append({})
-        open_blocks.enter_context(_recording(params, per_block[-1]))
+        kept_per_block.append({})
+        open_blocks.enter_context(_recording(params, per_block[-1], linears, kept_per_block[-1]))
 
     def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         open_blocks.close()
@@ -160,7 +175,7 @@ def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: tuple, 
         handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(block.register_forward_hook(post, with_kwargs=True))
     try:
-        with _recording(params, everything):
+        with _recording(params, everything, linears, kept_everywhere):
             loss(model(*inputs))
     finally:
         open_blocks.close()
@@ -168,8 +183,11 @@ def trace_activations(model: nn.Module, blocks: list[nn.Module], inputs: tuple, 
             h.remove()
     inside = {key: n for block in per_block for key, n in block.items()}
     outside = sum(n for key, n in everything.items() if key not in inside)
+    kept_inside = {key for block in kept_per_block for key in block}
     return Activations(blocks=[sum(b.values()) for b in per_block], in_blocks=sum(inside.values()),
-                       block_inputs=sum(inputs_seen.values()), outside=outside)
+                       block_inputs=sum(inputs_seen.values()), outside=outside,
+                       frozen_linears=tuple(sum(b.values()) for b in kept_per_block),
+                       frozen_linears_outside=sum(n for key, n in kept_everywhere.items() if key not in kept_inside))
 
 
 def _tensors(value: Any) -> Iterator[Tensor]:
