@@ -321,18 +321,13 @@ class Runs:
         """The runs that need nothing from another, launched side by side (one after the other, each launch's
         start-up would leave a core of a 2-core machine idle): exit codes and logs by name.
 
-        - ref: one plain process, ZeRO-0, the trajectory everything else is compared with (EMA evaluation at 4);
-        - bf16: the same in bf16;
         - resumed: one process killed by SIGKILL in the middle of the step-8 save (after a non-finite window
           before step 2);
         - zero2: torchrun --standalone, 2 processes (EMA evaluation at 4);
         - zero3: two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window
           before step 3 and an EMA evaluation at step 4.
         """
-        # ref, then bf16 in the same process (`--then`: one start-up for both).
-        singles = {"ref": ("--ema-eval-at", "4", "--then", "--run-dir", str(self.root / "bf16"), "--precision",
-                           "bf16"),
-                   "resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
+        singles = {"resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
         jobs = {name: ([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]],
                        [self.root / f"{name}.log"]) for name, args in singles.items()}
         jobs["zero2"] = ([torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT), "--run-dir",
@@ -348,9 +343,17 @@ class Runs:
 
     @cached_property
     def singles(self) -> dict[str, tuple[int, str]]:
-        """The one-process runs of :attr:`launched`: exit status and log by name."""
-        out = {name: (self.launched[name][0][0], self.launched[name][1][0].read_text()) for name in ("ref", "resumed")}
-        return {**out, "bf16": out["ref"]}  # one process trained both
+        """The one-process runs: exit status and log by name. ``resumed`` is launched (:attr:`launched`); ``ref``,
+        one plain process, ZeRO-0, the trajectory everything else is compared with (EMA evaluation at 4), and
+        ``bf16``, the same in bf16, train in this process after the launches (no launch start-up), as launched
+        ones do: on one torch thread (train_tiny.main)."""
+        out = {"resumed": (self.launched["resumed"][0][0], self.launched["resumed"][1][0].read_text())}
+        for name, args in {"ref": ("--ema-eval-at", "4"), "bf16": ("--precision", "bf16")}.items():
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                train_tiny(["--run-dir", str(self.root / name), *args])
+            out[name] = (0, log.getvalue())  # a failing run raises here
+        return out
 
     @cached_property
     def reference(self) -> dict:
