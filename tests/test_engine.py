@@ -32,7 +32,16 @@ import pytest
 import torch
 from dist_scripts.train_tiny import RUN_MARK
 from dist_scripts.train_tiny import main as train_tiny
-from launching import assert_succeeded, clean_env, free_port, launch, launch_jobs, launch_timed, torchrun
+from launching import (
+    assert_succeeded,
+    clean_env,
+    free_port,
+    launch,
+    launch_jobs,
+    launch_timed,
+    rank_envs,
+    torchrun,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -323,23 +332,24 @@ class Runs:
 
         - resumed: one process killed by SIGKILL in the middle of the step-8 save (after a non-finite window
           before step 2);
-        - zero2: torchrun --standalone, 2 processes (EMA evaluation at 4);
+        - zero2: 2 processes started without a launcher (the launchers are tests/test_launchers.py's; torchrun's
+          own interpreter would cost seconds here), EMA evaluation at 4;
         - zero3: two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window
           before step 3 and an EMA evaluation at step 4.
         """
         singles = {"resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
         jobs = {name: ([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]],
                        [self.root / f"{name}.log"]) for name, args in singles.items()}
-        jobs["zero2"] = ([torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT), "--run-dir",
-                                   str(self.root / "zero2"), "--zero-stage", "2", "--ema-eval-at", "4")],
-                         [self.root / "zero2.log"])
+        zero2 = [sys.executable, str(SCRIPT), "--run-dir", str(self.root / "zero2"), "--zero-stage", "2",
+                 "--ema-eval-at", "4"]
+        jobs["zero2"] = ([zero2, zero2], [self.root / f"zero2-rank{r}.log" for r in range(2)])
         port = str(free_port())
         jobs["zero3"] = ([torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
                                    "127.0.0.1", "--master_port", port, str(SCRIPT), "--run-dir",
                                    str(self.root / "zero3"), "--zero-stage", "3", "--grad-accum", "2", "--nan-at",
                                    "3", "--ema-eval-at", "4") for i in range(2)],
                          [self.root / f"zero3-node{i}.log" for i in range(2)])
-        return launch_jobs(jobs)
+        return launch_jobs(jobs, envs={"zero2": rank_envs(2)})
 
     @cached_property
     def singles(self) -> dict[str, tuple[int, str]]:
@@ -499,9 +509,7 @@ def test_bf16_without_zero_follows_the_fp32_trajectory(runs):
 
 @pytest.mark.slow
 def test_one_rank_failing_ends_every_rank_promptly(tmp_path):
-    port = str(free_port())
-    envs = [clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            for r in range(2)]
+    envs = rank_envs(2)
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
     # Rank 1 raises after step 2 while rank 0 sleeps for a minute outside any collective: only the failure
     # notice can stop rank 0 early (a rank blocked in a gloo collective would also see the dropped connection).

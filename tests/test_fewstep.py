@@ -2,12 +2,13 @@
 average-velocity sampler, and the objectives wired through the trainer. Each test names the bug it catches."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist_scripts.fewstep_grads import STEPS, run_one
-from launching import launch, torchrun
+from launching import launch, rank_envs
 from safetensors.torch import load_file
 
 from flowmatch.conditioning import Conditioning
@@ -376,17 +377,17 @@ def test_recipe_errors_name_the_key_and_a_valid_value():
 def test_gradients_are_equal_on_one_and_two_processes(tmp_path):
     """Bugs caught: a target forward or JVP path that bypasses the engine's gradient reduction (the rank's own
     gradient applied), a rank-dependent draw, or ZeRO-3 with the finite-difference backend diverging."""
-    # The two-process configurations in one launch, each trained in turn; the one-process ones in this process
-    # (a launch's start-up costs more than they do).
+    # The two-process configurations in one job of two processes (no launcher: the engine is what is checked),
+    # each trained in turn; the one-process ones in this process (a launch's start-up costs more than they do).
     ones = {"1-zero2-exact": (2, "exact", "meanflow"), "1-zero2-fd": (2, "finite_difference", "meanflow"),
             "1-zero2-shortcut": (2, "exact", "shortcut")}
     twos = ["2-zero2-exact:2:exact:meanflow", "2-zero3-fd:3:finite_difference:meanflow",
             "2-zero2-shortcut:2:exact:shortcut"]
     script = str(ROOT / "tests" / "dist_scripts" / "fewstep_grads.py")
-    log = tmp_path / "2-procs.log"
-    (code,), _ = launch([torchrun("--standalone", "--nproc_per_node", "2", script, "--out", str(tmp_path),
-                                  *(a for spec in twos for a in ("--config", spec)))], [log])
-    assert code == 0, log.read_text()[-3000:]
+    command = [sys.executable, script, "--out", str(tmp_path), *(a for spec in twos for a in ("--config", spec))]
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    codes, _ = launch([command, command], logs, envs=rank_envs(2))
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
     for name, (stage, jvp, objective) in ones.items():
         run_one(tmp_path / name, stage, jvp, objective, STEPS)
 
