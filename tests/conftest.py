@@ -1,6 +1,7 @@
 """Tests never reach a model hub: everything they load is made on the spot or shipped in a package."""
 
 import collections
+import importlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,87 +49,45 @@ def digit_edit_shards(tmp_path_factory):
     return out
 
 
-# The tiny diffusers pipelines (tests/tiny_pipelines.py). Defined here, not imported into each test module: a
-# fixture imported into several modules is a separate fixture in each, built again for every one of them.
-@pytest.fixture(scope="session")
-def tiny_sd3_pipeline(tmp_path_factory):
-    """Folder of a tiny random SD3-medium-layout pipeline (see tests/tiny_pipelines.py), built once per session."""
-    from tests.tiny_pipelines import save_sd3_pipeline  # imports diffusers: only for the tests that ask for it
+# The tiny diffusers pipelines (tests/tiny_pipelines*.py), one session fixture each, all made by one factory.
+# Defined here, not imported into each test module: a fixture imported into several modules is a separate fixture
+# in each, built again for every one of them.
+def tiny_pipeline(name: str, module: str, save: str, folder: str, layout: str, **kwargs):
+    """The session fixture ``name``: the folder of a tiny random ``layout`` that
+    ``tests/<module>.py::<save>(path, **kwargs)`` writes under a temporary ``folder``, built once per session (per
+    xdist worker)."""
 
-    return save_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3"))
+    def fixture(tmp_path_factory):
+        # reason: the builders import diffusers, which only the sessions that ask for a pipeline pay for
+        save_pipeline = getattr(importlib.import_module(f"tests.{module}"), save)
+        return save_pipeline(tmp_path_factory.mktemp(folder), **kwargs)
 
-
-@pytest.fixture(scope="session")
-def tiny_sd35_pipeline(tmp_path_factory):
-    """Folder of a tiny random SD3.5-medium-layout pipeline (MMDiT-X, QK-norm; tests/tiny_pipelines.py)."""
-    from tests.tiny_pipelines import save_sd3_pipeline  # imports diffusers: only for the tests that ask for it
-
-    return save_sd3_pipeline(tmp_path_factory.mktemp("tiny-sd3.5-medium"), kind="sd3.5-medium")
-
-
-@pytest.fixture(scope="session")
-def tiny_flux_pipeline(tmp_path_factory):
-    """Folder of a tiny random FLUX.1-dev-layout pipeline (see tests/tiny_pipelines.py), built once per session."""
-    from tests.tiny_pipelines import save_flux_pipeline  # imports diffusers: only for the tests that ask for it
-
-    return save_flux_pipeline(tmp_path_factory.mktemp("tiny-flux-dev"))
+    fixture.__name__ = name
+    fixture.__doc__ = f"Folder of a tiny random {layout} (tests/{module}.py), built once per session."
+    return pytest.fixture(scope="session", name=name)(fixture)
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen_pipeline(tmp_path_factory):
-    """Folder of a tiny random QwenImagePipeline (see tests/tiny_pipelines_qwen.py), built once per session."""
-    from tests.tiny_pipelines_qwen import save_qwen_pipeline  # imports diffusers: only for the tests that ask for it
-
-    return save_qwen_pipeline(tmp_path_factory.mktemp("tiny-qwen-image"))
-
-
-@pytest.fixture(scope="session")
-def tiny_lumina2_pipeline(tmp_path_factory):
-    """Folder of a tiny random Lumina2Pipeline (tests/tiny_pipelines_lumina2.py), built once per session."""
-    from tests.tiny_pipelines_lumina2 import save_lumina2_pipeline  # imports diffusers: only for the tests that ask
-
-    return save_lumina2_pipeline(tmp_path_factory.mktemp("tiny-lumina2"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_edit_pipeline(tmp_path_factory):
-    """Folder of a tiny random QwenImageEditPipeline (tests/tiny_pipelines_qwen.py), built once per session."""
-    from tests.tiny_pipelines_qwen import save_qwen_edit_pipeline  # imports diffusers: only for the tests that ask
-
-    return save_qwen_edit_pipeline(tmp_path_factory.mktemp("tiny-qwen-image-edit"))
-
-
-@pytest.fixture(scope="session")
-def tiny_zimage_pipeline(tmp_path_factory):
-    """Folder of a tiny random ZImagePipeline (see tests/tiny_pipelines_zimage.py), built once per session."""
-    from tests.tiny_pipelines_zimage import save_zimage_pipeline  # imports diffusers: only for the tests that ask
-
-    return save_zimage_pipeline(tmp_path_factory.mktemp("tiny-zimage"))
-
-
-@pytest.fixture(scope="session")
-def tiny_kontext_pipeline(tmp_path_factory):
-    """Folder of a tiny random FLUX.1 Kontext [dev] pipeline (see tests/tiny_pipelines_kontext.py), built once per
-    session."""
-    from tests.tiny_pipelines_kontext import save_kontext_pipeline  # imports diffusers: only for the tests that ask
-
-    return save_kontext_pipeline(tmp_path_factory.mktemp("tiny-flux-kontext"))
-
-
-@pytest.fixture(scope="session")
-def tiny_chroma_pipeline(tmp_path_factory):
-    """Folder of a tiny random Chroma pipeline (see tests/tiny_pipelines_chroma.py), built once per session."""
-    from tests.tiny_pipelines_chroma import save_chroma_pipeline  # imports diffusers: only for the tests that ask
-
-    return save_chroma_pipeline(tmp_path_factory.mktemp("tiny-chroma"))
-
-
-@pytest.fixture(scope="session")
-def tiny_flux2_pipeline(tmp_path_factory):
-    """Folder of a tiny random FLUX.2 [klein] pipeline (see tests/tiny_pipelines_flux2.py), built once per session."""
-    from tests.tiny_pipelines_flux2 import save_flux2_pipeline  # imports diffusers: only for the tests that ask
-
-    return save_flux2_pipeline(tmp_path_factory.mktemp("tiny-flux2"))
+tiny_sd3_pipeline = tiny_pipeline("tiny_sd3_pipeline", "tiny_pipelines", "save_sd3_pipeline", "tiny-sd3",
+                                  "SD3-medium-layout pipeline")
+tiny_sd35_pipeline = tiny_pipeline("tiny_sd35_pipeline", "tiny_pipelines", "save_sd3_pipeline",
+                                   "tiny-sd3.5-medium", "SD3.5-medium-layout pipeline (MMDiT-X, QK-norm)",
+                                   kind="sd3.5-medium")
+tiny_flux_pipeline = tiny_pipeline("tiny_flux_pipeline", "tiny_pipelines", "save_flux_pipeline", "tiny-flux-dev",
+                                   "FLUX.1-dev-layout pipeline")
+tiny_qwen_pipeline = tiny_pipeline("tiny_qwen_pipeline", "tiny_pipelines_qwen", "save_qwen_pipeline",
+                                   "tiny-qwen-image", "QwenImagePipeline")
+tiny_qwen_edit_pipeline = tiny_pipeline("tiny_qwen_edit_pipeline", "tiny_pipelines_qwen", "save_qwen_edit_pipeline",
+                                        "tiny-qwen-image-edit", "QwenImageEditPipeline")
+tiny_lumina2_pipeline = tiny_pipeline("tiny_lumina2_pipeline", "tiny_pipelines_lumina2", "save_lumina2_pipeline",
+                                      "tiny-lumina2", "Lumina2Pipeline")
+tiny_zimage_pipeline = tiny_pipeline("tiny_zimage_pipeline", "tiny_pipelines_zimage", "save_zimage_pipeline",
+                                     "tiny-zimage", "ZImagePipeline")
+tiny_kontext_pipeline = tiny_pipeline("tiny_kontext_pipeline", "tiny_pipelines_kontext", "save_kontext_pipeline",
+                                      "tiny-flux-kontext", "FLUX.1 Kontext [dev] pipeline (FluxKontextPipeline)")
+tiny_chroma_pipeline = tiny_pipeline("tiny_chroma_pipeline", "tiny_pipelines_chroma", "save_chroma_pipeline",
+                                     "tiny-chroma", "ChromaPipeline")
+tiny_flux2_pipeline = tiny_pipeline("tiny_flux2_pipeline", "tiny_pipelines_flux2", "save_flux2_pipeline",
+                                    "tiny-flux2", "FLUX.2 [klein] pipeline (Flux2KleinPipeline)")
 
 
 @pytest.fixture(scope="session")

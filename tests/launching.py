@@ -30,6 +30,15 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def rank_envs(processes: int, **extra: str) -> list[dict[str, str]]:
+    """The environments of the ``processes`` ranks of one job started without a launcher (torchrun's own
+    interpreter costs seconds of start-up where the launcher is not what a test checks): each its RANK and
+    LOCAL_RANK, the job's WORLD_SIZE and a free rendezvous port on localhost."""
+    port = str(free_port())
+    return [clean_env(RANK=str(r), WORLD_SIZE=str(processes), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port, **extra) for r in range(processes)]
+
+
 def launch(commands: list[list[str]], logs: list[Path], *, envs: list[dict[str, str]] | None = None,
            cwds: list[Path] | None = None, timeout_s: float = LAUNCH_TIMEOUT_S) -> tuple[list[int], float]:
     """Start the commands together (output to files, so no pipe can fill and block a rank); return codes, time."""

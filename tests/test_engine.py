@@ -32,7 +32,16 @@ import pytest
 import torch
 from dist_scripts.train_tiny import RUN_MARK
 from dist_scripts.train_tiny import main as train_tiny
-from launching import assert_succeeded, clean_env, free_port, launch, launch_jobs, launch_timed, torchrun
+from launching import (
+    assert_succeeded,
+    clean_env,
+    free_port,
+    launch,
+    launch_jobs,
+    launch_timed,
+    rank_envs,
+    torchrun,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -321,36 +330,40 @@ class Runs:
         """The runs that need nothing from another, launched side by side (one after the other, each launch's
         start-up would leave a core of a 2-core machine idle): exit codes and logs by name.
 
-        - ref: one plain process, ZeRO-0, the trajectory everything else is compared with (EMA evaluation at 4);
-        - bf16: the same in bf16;
         - resumed: one process killed by SIGKILL in the middle of the step-8 save (after a non-finite window
           before step 2);
-        - zero2: torchrun --standalone, 2 processes (EMA evaluation at 4);
+        - zero2: 2 processes started without a launcher (the launchers are tests/test_launchers.py's; torchrun's
+          own interpreter would cost seconds here), EMA evaluation at 4;
         - zero3: two launchers of one process each, ZeRO-3, 2 micro-batches per update, a non-finite window
           before step 3 and an EMA evaluation at step 4.
         """
-        # ref, then bf16 in the same process (`--then`: one start-up for both).
-        singles = {"ref": ("--ema-eval-at", "4", "--then", "--run-dir", str(self.root / "bf16"), "--precision",
-                           "bf16"),
-                   "resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
+        singles = {"resumed": ("--nan-at", "2", "--kill-in-save-at", "8")}
         jobs = {name: ([[sys.executable, str(SCRIPT), "--run-dir", str(self.root / name), *args]],
                        [self.root / f"{name}.log"]) for name, args in singles.items()}
-        jobs["zero2"] = ([torchrun("--standalone", "--nproc_per_node", "2", str(SCRIPT), "--run-dir",
-                                   str(self.root / "zero2"), "--zero-stage", "2", "--ema-eval-at", "4")],
-                         [self.root / "zero2.log"])
+        zero2 = [sys.executable, str(SCRIPT), "--run-dir", str(self.root / "zero2"), "--zero-stage", "2",
+                 "--ema-eval-at", "4"]
+        jobs["zero2"] = ([zero2, zero2], [self.root / f"zero2-rank{r}.log" for r in range(2)])
         port = str(free_port())
         jobs["zero3"] = ([torchrun("--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr",
                                    "127.0.0.1", "--master_port", port, str(SCRIPT), "--run-dir",
                                    str(self.root / "zero3"), "--zero-stage", "3", "--grad-accum", "2", "--nan-at",
                                    "3", "--ema-eval-at", "4") for i in range(2)],
                          [self.root / f"zero3-node{i}.log" for i in range(2)])
-        return launch_jobs(jobs)
+        return launch_jobs(jobs, envs={"zero2": rank_envs(2)})
 
     @cached_property
     def singles(self) -> dict[str, tuple[int, str]]:
-        """The one-process runs of :attr:`launched`: exit status and log by name."""
-        out = {name: (self.launched[name][0][0], self.launched[name][1][0].read_text()) for name in ("ref", "resumed")}
-        return {**out, "bf16": out["ref"]}  # one process trained both
+        """The one-process runs: exit status and log by name. ``resumed`` is launched (:attr:`launched`); ``ref``,
+        one plain process, ZeRO-0, the trajectory everything else is compared with (EMA evaluation at 4), and
+        ``bf16``, the same in bf16, train in this process after the launches (no launch start-up), as launched
+        ones do: on one torch thread (train_tiny.main)."""
+        out = {"resumed": (self.launched["resumed"][0][0], self.launched["resumed"][1][0].read_text())}
+        for name, args in {"ref": ("--ema-eval-at", "4"), "bf16": ("--precision", "bf16")}.items():
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                train_tiny(["--run-dir", str(self.root / name), *args])
+            out[name] = (0, log.getvalue())  # a failing run raises here
+        return out
 
     @cached_property
     def reference(self) -> dict:
@@ -496,9 +509,7 @@ def test_bf16_without_zero_follows_the_fp32_trajectory(runs):
 
 @pytest.mark.slow
 def test_one_rank_failing_ends_every_rank_promptly(tmp_path):
-    port = str(free_port())
-    envs = [clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-            for r in range(2)]
+    envs = rank_envs(2)
     logs = [tmp_path / f"rank{r}.log" for r in range(2)]
     # Rank 1 raises after step 2 while rank 0 sleeps for a minute outside any collective: only the failure
     # notice can stop rank 0 early (a rank blocked in a gloo collective would also see the dropped connection).

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_scripts.fewstep_grads import STEPS, run_one
+from launching import launch, rank_envs
 from safetensors.torch import load_file
 
 from flowmatch.conditioning import Conditioning
@@ -375,22 +377,19 @@ def test_recipe_errors_name_the_key_and_a_valid_value():
 def test_gradients_are_equal_on_one_and_two_processes(tmp_path):
     """Bugs caught: a target forward or JVP path that bypasses the engine's gradient reduction (the rank's own
     gradient applied), a rank-dependent draw, or ZeRO-3 with the finite-difference backend diverging."""
-    from launching import launch, torchrun
-
+    # The two-process configurations in one job of two processes (no launcher: the engine is what is checked),
+    # each trained in turn; the one-process ones in this process (a launch's start-up costs more than they do).
+    ones = {"1-zero2-exact": (2, "exact", "meanflow"), "1-zero2-fd": (2, "finite_difference", "meanflow"),
+            "1-zero2-shortcut": (2, "exact", "shortcut")}
+    twos = ["2-zero2-exact:2:exact:meanflow", "2-zero3-fd:3:finite_difference:meanflow",
+            "2-zero2-shortcut:2:exact:shortcut"]
     script = str(ROOT / "tests" / "dist_scripts" / "fewstep_grads.py")
-    # Two launches (one process, two processes), each training its three configurations in turn.
-    runs = {1: ["1-zero2-exact:2:exact:meanflow", "1-zero2-fd:2:finite_difference:meanflow",
-                "1-zero2-shortcut:2:exact:shortcut"],
-            2: ["2-zero2-exact:2:exact:meanflow", "2-zero3-fd:3:finite_difference:meanflow",
-                "2-zero2-shortcut:2:exact:shortcut"]}
-    commands, logs = [], []
-    for procs, specs in runs.items():
-        args = [script, "--out", str(tmp_path), *(a for spec in specs for a in ("--config", spec))]
-        commands.append(torchrun("--standalone", "--nproc_per_node", str(procs), *args) if procs > 1
-                        else [sys.executable, *args])
-        logs.append(tmp_path / f"{procs}-procs.log")
-    codes, _ = launch(commands, logs)
-    assert codes == [0] * len(codes), "\n".join(log.read_text()[-3000:] for log in logs)
+    command = [sys.executable, script, "--out", str(tmp_path), *(a for spec in twos for a in ("--config", spec))]
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    codes, _ = launch([command, command], logs, envs=rank_envs(2))
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    for name, (stage, jvp, objective) in ones.items():
+        run_one(tmp_path / name, stage, jvp, objective, STEPS)
 
     def result(name):
         out = tmp_path / name

@@ -1,7 +1,8 @@
 """Fine-tuning from `model.init_from` on several CPU processes (gloo) follows one process: full training under
 ZeRO-3 (two one-process "nodes"), DoRA (a LoRA with magnitudes) under ZeRO-3, where the frozen base weights are
 partitioned like the adapters but only the adapters have optimizer state, and a LoRA on an nf4 base under ZeRO-2
-(``torchrun --standalone``, 2 processes), where every rank loads the base from `init_from` before it quantises it.
+(2 processes started without a launcher: tests/launching.py::rank_envs), where every rank loads the base from
+`init_from` before it quantises it.
 
 The base is the tiny digits model trained in this process for 2 steps; every run then trains 6 steps from it on
 the same global batches (see tests/test_train_distributed.py, whose settings and tolerances these reuse). Each
@@ -12,11 +13,12 @@ job's, plain LoRA under ZeRO-3 is the DoRA job's, whose adapters are a LoRA's pl
 from __future__ import annotations
 
 import json
+import sys
 from functools import cached_property
 from pathlib import Path
 
 import pytest
-from launching import assert_succeeded, free_port, launch_jobs, torchrun
+from launching import assert_succeeded, free_port, launch_jobs, rank_envs, torchrun
 from safetensors.torch import load_file
 
 from flowmatch.checkpoint import read_layout, read_meta
@@ -70,10 +72,10 @@ class Runs:
     def _launched(self) -> dict[str, tuple[list[int], list[Path]]]:
         """The three 2-process jobs, started side by side at the first use of any (they need nothing from each
         other, and each launch's start-up and rendezvous leave a core idle)."""
-        qlora = torchrun("--standalone", "--nproc_per_node", "2",
-                         *self._args("qlora-zero2", "distributed.zero_stage=2", *QLORA_ARGS))
+        qlora = [sys.executable, *self._args("qlora-zero2", "distributed.zero_stage=2", *QLORA_ARGS)]
+        qlora_logs = [self.root / f"qlora-zero2-rank{r}.log" for r in range(2)]
         return launch_jobs({"zero3": self._zero3("zero3"), "dora-zero3": self._zero3("dora-zero3", *DORA_ARGS),
-                            "qlora-zero2": ([qlora], [self.root / "qlora-zero2.log"])})
+                            "qlora-zero2": ([qlora, qlora], qlora_logs)}, envs={"qlora-zero2": rank_envs(2)})
 
     def run(self, name: str) -> Path:
         if name in ONE_PROCESS:

@@ -34,7 +34,7 @@ from flowmatch.families.qwen_image_edit import TEXT_ENCODER, reference_size
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.sampling.generate import image_noise
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
-from tests.test_kontext_lora import write_edit_pairs
+from tests.lora_e2e import write_edit_pairs
 from tests.test_train import ROOT
 from tests.tiny_pipelines_qwen import LATENT_CHANNELS
 

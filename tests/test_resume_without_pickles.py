@@ -3,12 +3,13 @@ masters differ from the working weights); a checkpoint of the previous format, w
 DeepSpeed pickle, resumes without it.
 
 For each configuration tests/dist_scripts/train_tiny.py trains 8 steps in one process (checkpoints at 4 and 8);
-its step-4 checkpoint is copied into a fresh run directory and resumed to step 8 by a process in which
-``torch.load`` raises whatever it is given. The resumed run must end bit-identical to the uninterrupted one:
-losses of steps 5-8, weights, EMA and the saved optimizer state (fp32 masters, AdamW moments and steps). A
-resume that restored only the weights (moments from zero) or rebuilt the bf16 run's masters from its bf16
-weights would differ at step 5 already. Two launches in all: one process trains the four references one after
-the other, then one resumes the four (a launch's start-up costs more CPU than the 8 steps it runs).
+its step-4 checkpoint is copied into a fresh run directory and resumed to step 8 with ``torch.load`` raising
+whatever it is given. The resumed run must end bit-identical to the uninterrupted one: losses of steps 5-8,
+weights, EMA and the saved optimizer state (fp32 masters, AdamW moments and steps). A resume that restored only
+the weights (moments from zero) or rebuilt the bf16 run's masters from its bf16 weights would differ at step 5
+already. All eight runs are one-process runs and train in the test's process (train_tiny.main: one torch thread,
+as a launched run; a launch's start-up costs more CPU than the 8 steps it runs), the resumes with torch.load
+refused until they end.
 """
 
 from __future__ import annotations
@@ -16,44 +17,37 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launching import launch
+from dist_scripts.train_tiny import main as train_tiny
 from safetensors.torch import load_file
 from torch import nn
 
 from flowmatch.checkpoint import resume_checkpoint, save_checkpoint
 from flowmatch.engine import DistributedConfig, Engine, OptimConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
-
 CONFIGS = [(0, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")]
-
-
-def _train_in_turn(runs: dict[Path, tuple[str, ...]]) -> None:
-    """Train the runs one after the other in one launched process (ARGS each, into its directory)."""
-    args: list[str] = []
-    for run_dir, layout in runs.items():
-        args += [*(["--then"] if args else []), "--run-dir", str(run_dir), *layout]
-    log = next(iter(runs)).with_suffix(".log")
-    codes, _ = launch([[sys.executable, str(SCRIPT), *args]], [log])
-    assert codes == [0], log.read_text()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[tuple[int, str], Path]:
     """Each configuration's uninterrupted run (ROOT/ref) and its resume from step 4 (ROOT/resumed), by
-    configuration: one process trains every reference, then one process resumes them all."""
+    configuration: every reference, then every resume with torch.load refused (``--refuse-torch-load`` replaces
+    torch.load; the monkeypatch puts it back afterwards)."""
     roots = {config: tmp_path_factory.mktemp(f"zero{config[0]}-{config[1]}") for config in CONFIGS}
     layouts = {config: ("--zero-stage", str(config[0]), "--precision", config[1]) for config in CONFIGS}
-    _train_in_turn({roots[c] / "ref": layouts[c] for c in CONFIGS})
+    for config in CONFIGS:
+        train_tiny(["--run-dir", str(roots[config] / "ref"), *layouts[config]])
     for root in roots.values():
         shutil.copytree(root / "ref" / "checkpoints" / "4", root / "resumed" / "checkpoints" / "4")
-    _train_in_turn({roots[c] / "resumed": (*layouts[c], "--refuse-torch-load") for c in CONFIGS})
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(torch, "load", torch.load)
+        patched.setattr(torch.serialization, "load", torch.serialization.load)
+        for config in CONFIGS:
+            train_tiny(["--run-dir", str(roots[config] / "resumed"), *layouts[config], "--refuse-torch-load"])
+    assert torch.load is torch.serialization.load and torch.load.__module__ == "torch.serialization"
     return roots
 
 

@@ -34,6 +34,7 @@ from flowmatch.training.fewstep import objective_models  # noqa: E402
 GLOBAL_BATCH = 8
 MICRO = 4
 SEED = 0
+STEPS = 2
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--config", action="append", required=True, metavar="NAME:ZERO_STAGE:JVP:OBJECTIVE",
                    help="one configuration, trained into OUT/NAME; repeat it to train several in this launch")
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=STEPS)
     args = p.parse_args()
     # Under torchrun the process group is opened once here, so the engines below share it instead of leaving
     # and re-joining the agent's rendezvous between configurations.
