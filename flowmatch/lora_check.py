@@ -174,6 +174,7 @@ def _prompt_inputs(pipe, spec: DiffusersPipeline, prompts: list[str], guidance: 
     does (a classifier-free family guides against the empty caption unless told otherwise)."""
     params = inspect.signature(type(pipe).__call__).parameters
     negative = [""] * len(prompts)
+    guidance = guidance + spec.guidance_offset  # flowmatch's scale as this pipeline spells it
     if spec.schedule.classifier_free and "true_cfg_scale" in params:
         # Qwen-Image: its classifier-free guidance is true_cfg_scale, only against a negative prompt it is given
         return dict(prompt=prompts, guidance_scale=guidance, true_cfg_scale=guidance, negative_prompt=negative)

@@ -19,6 +19,7 @@ from diffusers import (
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit
 from PIL import Image
 
+from flowmatch.families import diffusers_pipeline
 from flowmatch.families.qwen_image_edit import reference_size
 from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.lora_e2e import SIZE, Inputs, Row, check_round_trip, quiet, write_edit_pairs
@@ -48,8 +49,10 @@ def flux2(pipe, x: Inputs) -> torch.Tensor:
 
 
 def zimage(pipe, x: Inputs) -> torch.Tensor:
-    """ZImagePipeline's guidance_scale is flowmatch's classifier-free scale less 1."""
-    return quiet(pipe, list(x.prompts), latents=x.noise, num_inference_steps=x.steps, guidance_scale=x.guidance - 1)
+    """ZImagePipeline's guidance_scale is flowmatch's classifier-free scale less 1 (its family's guidance_offset)."""
+    offset = diffusers_pipeline("ZImagePipeline").guidance_offset
+    return quiet(pipe, list(x.prompts), latents=x.noise, num_inference_steps=x.steps,
+                 guidance_scale=x.guidance + offset)
 
 
 def chroma(pipe, x: Inputs) -> torch.Tensor:

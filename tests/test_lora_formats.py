@@ -168,7 +168,8 @@ def test_files_that_do_not_fit_are_errors_naming_counts_and_examples(tmp_path):
 #: Family kind -> its tiny pipeline's session fixture (tests/conftest.py).
 PIPELINES = {"sd3-medium": "tiny_sd3_pipeline", "sd3.5-medium": "tiny_sd35_pipeline", "flux-dev": "tiny_flux_pipeline",
              "kontext": "tiny_kontext_pipeline", "chroma": "tiny_chroma_pipeline", "qwen-image": "tiny_qwen_pipeline",
-             "qwen-image-edit": "tiny_qwen_edit_pipeline", "lumina2": "tiny_lumina2_pipeline"}
+             "qwen-image-edit": "tiny_qwen_edit_pipeline", "lumina2": "tiny_lumina2_pipeline",
+             "zimage": "tiny_zimage_pipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +209,7 @@ CHECKS += [("kontext", "diffusers", "diffusers"), ("kontext", "kohya", "merged")
 # Lumina-2: diffusers splits the comfyui file's q/k/v at the release's widths (the test at those widths is
 # test_lumina2_comfyui_file_is_the_one_diffusers_lumina2_converter_reads) and converts no kohya file.
 CHECKS += [("lumina2", "diffusers", "diffusers"), ("lumina2", "comfyui", "merged"), ("lumina2", "kohya", "merged")]
+CHECKS += [("zimage", fmt, "diffusers") for fmt in ("diffusers", "comfyui", "kohya")]
 
 
 #: The editing pipelines' reference sizes at the test's scale: a few hundred pixels instead of a megapixel.

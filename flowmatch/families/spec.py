@@ -117,7 +117,7 @@ class DiffusersPipeline:
     steps: int
     """Its default num_inference_steps."""
     guidance_scale: float
-    """Its default guidance_scale (FLUX: the embedded guidance value)."""
+    """Its default guidance, as flowmatch's ``guidance_scale`` (FLUX: the embedded guidance value)."""
     schedule: Schedule
     """How it walks the scheduler."""
     t5_padding: str = "max_length"
@@ -133,6 +133,9 @@ class DiffusersPipeline:
     pack_latents: Optional[Callable[[Tensor], Tensor]] = None
     """``pack_latents(x (B, C, H, W)) -> latents``: what its ``__call__`` takes as ``latents=`` for our noise
     (None: FLUX.1's ``_pack_latents(x, B, C, H, W)`` when the family packs, else x itself)."""
+    guidance_offset: float = 0.0
+    """The pipeline's ``guidance_scale`` for flowmatch's scale g is g + this (Z-Image: -1, since ZImagePipeline
+    guides as cond + g (cond - uncond), classifier-free guidance at g + 1)."""
     guidance_embed: Optional[bool] = None
     """Whether the transformer it runs must embed a guidance value (True: Flux2Pipeline passes ``guidance=``
     always), must not (False: Flux2KleinPipeline passes none), or either (None: FluxPipeline, dev and schnell);

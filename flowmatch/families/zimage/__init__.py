@@ -93,7 +93,7 @@ FAMILY = Family(
         pipeline_class="ZImagePipeline", text_encoders=(("qwen", "text_encoder", "tokenizer"),),
         # ZImagePipeline's guidance_scale g (5.0 by default) guides as cond + g (cond - uncond), which is
         # classifier-free guidance at scale g + 1: flowmatch's scale 6.0 (and g = 0, no guidance, is 1.0).
-        t5_tokens=0, clip_hidden_layer=None, t5_dropped="empty", steps=50, guidance_scale=6.0,
+        t5_tokens=0, clip_hidden_layer=None, t5_dropped="empty", steps=50, guidance_scale=6.0, guidance_offset=-1.0,
         schedule=Schedule(max_shift=1.15, default_sigmas=True, classifier_free=True, time_rounded=False),
         decoder_llm=TEXT_ENCODER),
 )
