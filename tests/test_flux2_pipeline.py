@@ -138,3 +138,4 @@ def test_lora_check_agrees_for_every_format(tiny_flux2_pipeline, fmt, tmp_path):
     result = check_lora(file, tiny_flux2_pipeline, prompts=PROMPTS, steps=2, size=SIZE, guidance=3.0)
     print(f"flux2 {fmt}: reference {result.reference}, max diff {result.max_diff:.2e}, effect {result.effect:.2e}")
     assert result.format == fmt and result.passed, result.describe()
+    assert result.reference == "diffusers", result.describe()  # every format loads through load_lora_weights
