@@ -54,6 +54,8 @@ CASES = {
     "chroma": ("chroma", dict(depth=1, single_blocks=1), "ChromaPipeline"),
     "qwen_image": ("qwen-image", dict(depth=1), "QwenImagePipeline"),
     "lumina2": ("lumina2", dict(depth=1, refiner_layers=1), "Lumina2Pipeline"),
+    "zimage": ("zimage", dict(depth=1, refiner_layers=1), "ZImagePipeline"),
+    "flux2": ("flux2-klein-4b", dict(depth=1, single_blocks=1), "Flux2KleinPipeline"),
 }
 LORA = LoraConfig(rank=4, alpha=8.0)
 #: The adapters' factors are drawn at this scale: updates of a trained LoRA's order, far above float32 rounding.
