@@ -11,12 +11,10 @@ model family's module, not CLIP's or T5's.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from launching import ROOT, clean_env
 
 # Heavy optional packages no import of the training path needs: each is loaded where a run uses it.
 LAZY = ("transformers", "diffusers", "deepspeed", "torchao", "bitsandbytes", "peft", "torchdiffeq", "scipy",
@@ -46,7 +44,7 @@ print(json.dumps(out))
 def test_launch_imports_only_what_the_run_uses():
     code = f"LAZY = {LAZY!r}\n" + PROBE
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                          env=clean_env())
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["cli"] == []  # --help and argument errors answer before torch loads
