@@ -35,6 +35,8 @@ PADDINGS = ("longest", "max_length", "max_length_plus_one")
 DROPPED = ("empty", "zeros")
 # transformers model types each kind's class loads faithfully.
 MODEL_TYPES = {"t5": ("t5", "mt5"), "clip": ("clip", "clip_text_model")}
+# The transformers class each kind loads with.
+MODEL_CLASSES = {"t5": "T5EncoderModel", "clip": "CLIPTextModel", "auto": "AutoModel"}
 
 
 @dataclass
@@ -168,13 +170,13 @@ class TextEncoder:
     def _load(self, path: str):
         """(tokenizer, model) of the resolved path, the model in the recipe's dtype."""
         # reason: transformers' import costs seconds; only runs that load an encoder pay it.
-        from transformers import (AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection,
-                                  T5EncoderModel)
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
 
         cfg = self.cfg
-        model_cls = {"t5": T5EncoderModel, "clip": CLIPTextModel, "auto": AutoModel}[cfg.kind]
-        if cfg.pooling == "projection":
-            model_cls = CLIPTextModelWithProjection
+        # Only the class the kind needs is resolved (transformers loads a model family's module on first access).
+        model_cls = getattr(transformers, "CLIPTextModelWithProjection" if cfg.pooling == "projection"
+                            else MODEL_CLASSES[cfg.kind])
         # A T5 or CLIP class would load another architecture's checkpoint with random weights and a warning.
         found = AutoConfig.from_pretrained(path, subfolder=cfg.subfolder).model_type
         if cfg.kind in MODEL_TYPES and found not in MODEL_TYPES[cfg.kind]:

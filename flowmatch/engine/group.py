@@ -87,8 +87,10 @@ class ProcessGroup:
         self.deepspeed = _import_deepspeed()
         if backend == "gloo":
             # DeepSpeed JIT-compiles a shared-memory all-reduce (about a minute) that only its inference engine
-            # uses; training collectives go through torch.distributed.
-            self.deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            # uses; training collectives go through torch.distributed. Writing the entry without reading the table
+            # also spares every process DeepSpeed's probe of all its ops (a test C program compiled and linked, and
+            # setuptools imported: ~0.06 s of CPU), whose one reader is this shared-memory check.
+            vars(self.deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
         self.deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
         self._closed = False
         store = getattr(dist.distributed_c10d, "_get_default_store", lambda: None)()

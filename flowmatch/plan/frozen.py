@@ -16,7 +16,7 @@ import torch
 
 from flowmatch.encoders.autoencoder import VAE_CLASSES, AutoencoderConfig, vae_sizes
 from flowmatch.encoders.loading import resolve_model_path
-from flowmatch.encoders.text import TextEncoderConfig
+from flowmatch.encoders.text import MODEL_CLASSES, TextEncoderConfig
 
 # Released configs (the architecture values of the config.json of each named folder on huggingface.co):
 # T5-v1.1-XXL's encoder (google/t5-v1_1-xxl), CLIP ViT-L/14's text tower (openai/clip-vit-large-patch14),
@@ -152,7 +152,7 @@ def text_encoder(name: str, cfg: TextEncoderConfig, key: str) -> tuple[FrozenPar
 
     config = _text_config(cfg, key)
     auto = transformers.AutoModel
-    model_cls = {"t5": transformers.T5EncoderModel, "clip": transformers.CLIPTextModel}.get(cfg.kind, auto)
+    model_cls = getattr(transformers, MODEL_CLASSES.get(cfg.kind, "AutoModel"))  # only the class it needs
     if cfg.pooling == "projection":
         model_cls = transformers.CLIPTextModelWithProjection
     if cfg.kind == "decoder_llm":  # the class the encoder loads (DecoderLLMEncoder._load): the whole checkpoint
