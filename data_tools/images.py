@@ -9,6 +9,7 @@ import warnings
 from PIL import Image
 
 from flowmatch.data.shardformat import MAX_IMAGE_PIXELS, MAX_REFERENCES, reference_ext
+
 # PIL format name -> the extension stored in the shard (one spelling per format, so the loader sees jpg not jpeg).
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SOURCE_EXTS = (".png", ".jpg", ".jpeg", ".webp")

@@ -1,4 +1,5 @@
-"""The `flowmatch` command: train, sample, eval, check, export, lora check, ema. Each command parses, builds, runs and closes.
+"""The `flowmatch` command: train, sample, eval, check, export, lora check, ema. Each command parses, builds, runs
+and closes.
 
 `python -m flowmatch ...` is the same command, so `torchrun --nproc_per_node N -m flowmatch train ...` works.
 Each command imports what it runs when it runs (`flowmatch --help` and argument errors answer before torch loads).
@@ -249,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
     p.add_argument("--num", type=positive_int, default=8, help="images per prompt (one grid row each prompt)")
     p.add_argument("--steps", type=positive_int, default=None, help="ODE steps (default: the recipe's)")
-    p.add_argument("--solver", default=None, help="euler, heun, midpoint, rk4, dpm++2m, dopri5 ..., or ddim, ancestral, pc")
+    p.add_argument("--solver", default=None,
+                   help="euler, heun, midpoint, rk4, dpm++2m, dopri5 ..., or ddim, ancestral, pc")
     p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default="grid.png", help="output PNG")

@@ -46,7 +46,8 @@ KINDS = ("checkpoint", "diffusers", "original")
 #: an input). Their embedders start with a zeroed last layer, so the model first computes what the weights did.
 NEW_EMBEDDERS = ("interval_embed", "guidance_embed")
 #: Files of a hub repository that hold a diffusers transformer (a transformer repository, or a pipeline's).
-HUB_PATTERNS = ["config.json", "diffusion_pytorch_model*", "transformer/config.json", "transformer/diffusion_pytorch_model*"]
+HUB_PATTERNS = ["config.json", "diffusion_pytorch_model*", "transformer/config.json",
+                "transformer/diffusion_pytorch_model*"]
 
 
 @dataclass

@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Optional
 
 from flowmatch.encoders.autoencoder import LATENT_PRESETS
-from flowmatch.encoders.diffusers_folder import (MODEL_INDEX, PipelineEncoderConfigs, encoder_configs_from_pipeline,
-                                                 read_pipeline_json)
+from flowmatch.encoders.diffusers_folder import (
+    MODEL_INDEX,
+    PipelineEncoderConfigs,
+    encoder_configs_from_pipeline,
+    read_pipeline_json,
+)
 from flowmatch.families import text_layout
 
 #: The encoder settings that decide the conditioning; a run that changed one of them has no diffusers pipeline.

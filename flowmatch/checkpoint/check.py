@@ -32,7 +32,8 @@ from flowmatch.checkpoint.snapshots import (
     snapshot_problem,
 )
 
-COMPLETE, UNVERIFIED, DAMAGED, QUARANTINED, UNFINISHED = "complete", "unverified", "damaged", "quarantined", "unfinished"
+COMPLETE, UNVERIFIED, DAMAGED, QUARANTINED, UNFINISHED = (
+    "complete", "unverified", "damaged", "quarantined", "unfinished")
 
 
 @dataclass

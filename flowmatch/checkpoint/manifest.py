@@ -87,7 +87,8 @@ def read_manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
     """
     body = json.loads((ckpt / MANIFEST_FILE).read_text())
     if not isinstance(body, dict) or body.get("hash") != HASH or not isinstance(body.get("files"), dict):
-        raise ValueError(f"not a manifest of this project (format {body.get('format') if isinstance(body, dict) else '?'})")
+        found = body.get("format") if isinstance(body, dict) else "?"
+        raise ValueError(f"not a manifest of this project (format {found})")
     return body["files"]
 
 

@@ -5,19 +5,16 @@ images are decoded as training would (the data section: channels, resolution or 
 the frozen autoencoder (latents scaled and shifted by its preset; a paired sample's reference images too, at its
 target's size, stored as its `references`) and text encoder(s) (hidden states truncated to
 each caption's real tokens, and the pooled vector; with several, each encoder's under its name); each sample
-becomes `key.safetensors` (flowmatch.data.features) beside its caption and any .json metadata. Each output shard is written as
-`NAME.partial` and renamed when complete (flowmatch.data.shardformat.ShardFile), and OUT/features.json records
-the finished ones and the encoders' fingerprints, so an interrupted run continues where it stopped and a folder
-never mixes the features of two encoders.
-
-Every rank of a job builds the cache together: rank r of W encodes the input shards r, r + W, r + 2W, ... (of
-the whole list, so the split does not depend on what an earlier run finished) with its own copy of the encoders,
-and records its finished shards in its own part file, ``features.json.part-<r>-of-<W>``; the rank that finds every
-part of the job complete when it ends merges them into ``features.json`` (the merge is idempotent, so two ranks
-finishing together write the same file) and removes them. A build that stops half way leaves part files, which
-count as finished shards for the next build, whatever its number of ranks.
-
-`flowmatch-data encode` (data_tools/encode.py) runs this over processes and GPUs; a recipe's `data.cache`
+becomes `key.safetensors` (flowmatch.data.features) beside its caption and any .json metadata. Each output shard
+is written as `NAME.partial` and renamed when complete (flowmatch.data.shardformat.ShardFile), and OUT/features.json
+records the finished ones and the encoders' fingerprints, so an interrupted run continues where it stopped and a
+folder never mixes the features of two encoders. Every rank of a job builds the cache together: rank r of W encodes
+the input shards r, r + W, r + 2W, ... (of the whole list, so the split does not depend on what an earlier run
+finished) with its own copy of the encoders, and records its finished shards in its own part file,
+``features.json.part-<r>-of-<W>``; the rank that finds every part of the job complete when it ends merges them into
+``features.json`` (the merge is idempotent, so two ranks finishing together write the same file) and removes them. A
+build that stops half way leaves part files, which count as finished shards for the next build, whatever its number
+of ranks. `flowmatch-data encode` (data_tools/encode.py) runs this over processes and GPUs; a recipe's `data.cache`
 makes training run it in-process when the cache is missing or incomplete (:func:`ensure_cache`).
 """
 

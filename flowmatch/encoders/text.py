@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from flowmatch.dtypes import DTYPES, resolve_dtype
 from flowmatch.conditioning import Conditioning
+from flowmatch.dtypes import DTYPES, resolve_dtype
 from flowmatch.encoders.loading import load_pretrained
 from flowmatch.errors import choice_error
 from flowmatch.quantize import QUANTIZATIONS, missing_backend, quantize_frozen

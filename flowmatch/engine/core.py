@@ -206,8 +206,9 @@ class Engine:
 
         The ranks agree here whether every loss of the window was finite: one tiny all-reduce and one host
         read-back per update, where DeepSpeed's update synchronises with the host anyway (the gradient norm of
-        the result is read after it). A discarded window (``result.skipped``) leaves weights, AdamW moments and the LR schedule as
-        they were and counts in :attr:`skipped_steps`. The LR schedule advances only with applied updates.
+        the result is read after it). A discarded window (``result.skipped``) leaves weights, AdamW moments and the
+        LR schedule as they were and counts in :attr:`skipped_steps`. The LR schedule advances only with applied
+        updates.
         """
         return self._require_training_weights().step()
 
@@ -252,7 +253,7 @@ class Engine:
         """The EMA of the weights (:class:`~flowmatch.engine.ema.Ema`), or None before :meth:`init_ema`."""
         return self._ema
 
-    # -- whole weights and the training state ---------------------------------------------------------------------------
+    # -- whole weights and the training state ----------------------------------------------------------------------
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the whole trainable model as CPU tensors on rank 0 (an empty dict on other ranks).

@@ -5,7 +5,6 @@ schedule and the noise generators, each built from its own recipe section.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import os
 import random
@@ -16,12 +15,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from flowmatch import init_from
+from flowmatch.conditioning import Conditioning
 from flowmatch.config import Recipe, to_yaml
 from flowmatch.data import Loader, build_loader, ensure_shards, has_val_split, read_cache_info
 from flowmatch.data.masks import describe_masks
 from flowmatch.encoders.autoencoder import ensure_autoencoder
 from flowmatch.encoders.cache import ensure_cache
-from flowmatch.conditioning import Conditioning
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.engine import Engine
 from flowmatch.engine.launch import detect_launch
@@ -29,7 +29,6 @@ from flowmatch.errors import RecipeError
 from flowmatch.families import build_backbone, family_of
 from flowmatch.families.lora import apply_lora, load_lora_file
 from flowmatch.flow import TimeSchedule
-from flowmatch import init_from
 from flowmatch.init_from import InitRecord
 from flowmatch.models.offload import BlockSwap, apply_block_swap, held_on_host
 from flowmatch.models.parallelize import apply_activation_checkpointing, apply_compile, set_attention

@@ -43,8 +43,8 @@ def check_recipe(recipe: "Recipe") -> None:
                           f"with flow.prediction: {flow.prediction} (remove flow.teacher, or use flow.path: rectified, "
                           "flow.prediction: velocity)")
     if flow.teacher_steps and (flow.teacher is None or not objective.interval):
-        raise RecipeError(f"flow.teacher_steps: {flow.teacher_steps} distils the teacher's solve into the interval rows "
-                          "of a few-step objective: set flow.teacher and flow.objective: meanflow or shortcut (or "
+        raise RecipeError(f"flow.teacher_steps: {flow.teacher_steps} distils the teacher's solve into the interval "
+                          "rows of a few-step objective: set flow.teacher and flow.objective: meanflow or shortcut (or "
                           "flow.teacher_steps: 0)")
     if objective.interval and not family.capabilities.interval_embed:
         raise RecipeError(f"flow.objective: {flow.objective} needs the interval input r, which only model.kind: mmdit "

@@ -10,21 +10,21 @@ step reduces them (:mod:`.metrics`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Callable, Optional
 
 import torch
 
 from flowmatch.checkpoint import latest_checkpoint
-from flowmatch.encoders.combine import TextPart
 from flowmatch.conditioning import Conditioning
+from flowmatch.config import Recipe
+from flowmatch.encoders.combine import TextPart
 from flowmatch.families.lora import training_flops
 from flowmatch.flow import FlowConfig, ObjectiveLoss, ObjectiveModels, TimeSchedule, get_objective, objective_loss
 from flowmatch.monitor import Monitor
 from flowmatch.posthoc import write_snapshot
-from flowmatch.config import Recipe
 from flowmatch.training.assembly import TrainingRun, assemble
 from flowmatch.training.checkpointing import Checkpointing, TrainingError
 from flowmatch.training.fewstep import jvp_backend, objective_models
@@ -128,7 +128,8 @@ class Trainer:
         if self.objective.interval or r.flow.teacher:
             self.monitor.message(self.objective.describe(self.jvp_backend)
                                  + (f", teacher {r.flow.teacher}" if r.flow.teacher else "")
-                                 + (f" (flow map, {r.flow.teacher_steps} midpoint steps)" if r.flow.teacher_steps else ""))
+                                 + (f" (flow map, {r.flow.teacher_steps} midpoint steps)"
+                                    if r.flow.teacher_steps else ""))
         batches = iter(run.loader)
         e.train()
         try:

@@ -10,7 +10,6 @@ compares reconstructed EMAs.
 from __future__ import annotations
 
 import contextlib
-
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -23,8 +22,8 @@ from flowmatch.images import image_grid, save_png
 from flowmatch.sampling import GenerationConfig, Pipeline
 
 if TYPE_CHECKING:
-    from flowmatch.data.config import DataConfig
     from flowmatch.conditioning import Conditioning
+    from flowmatch.data.config import DataConfig
     from flowmatch.encoders.frozen import FrozenEncoders
     from flowmatch.monitor import Monitor
     from flowmatch.sampling.generate import VelocityModel
