@@ -38,7 +38,8 @@ ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 ATTENTION2 = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 #: Name of the one adapter flowmatch injects (peft's default).
 ADAPTER = "default"
-#: The adapter kinds ``model.lora.kind`` names (:mod:`flowmatch.models.adapters` builds their peft configs).
+#: The adapter kinds ``model.lora.kind`` names (:func:`peft_config` builds their peft configs;
+#: :mod:`flowmatch.models.convert.adapters` writes their files).
 KINDS = ("lora", "dora", "loha", "lokr")
 
 
