@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from launching import ROOT, clean_env
 
 # Heavy optional packages no import of the training path needs: each is loaded where a run uses it.
@@ -41,6 +42,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter that loads the text encoder: 6 s of CPU
 def test_launch_imports_only_what_the_run_uses():
     code = f"LAZY = {LAZY!r}\n" + PROBE
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
