@@ -12,8 +12,8 @@ The comfyui file names diffusers' modules because that is the one layout both to
 converter (``_convert_non_diffusers_z_image_lora_to_diffusers``, diffusers 0.42.1) only strips the prefix and
 renames the factors, so a file on the release's fused ``attention.qkv`` loads its other modules and leaves the
 attention out (a partial LoRA with no error: ``flowmatch lora check`` measured a 0.78 difference on the tiny
-pipeline); ComfyUI maps diffusers' Z-Image names onto its fused weights, as it does for the Z-Image LoRAs other
-trainers share in this layout.
+pipeline). The split layout is the one that converter was written for, as Z-Image LoRAs from other trainers
+use it; ComfyUI is not installed where flowmatch is tested, so its reading of these files is not checked here.
 """
 
 from __future__ import annotations
