@@ -69,16 +69,8 @@ def diffusers_config(cfg: MMDiTConfig) -> dict[str, Any]:
     if wrong:
         raise ValueError(f"diffusers' Chroma transformer requires {FIXED} and three RoPE axes summing to "
                          f"head_dim; this model has {wrong}")
-    packed = PACK * PACK
-    out = cfg.out_channels or cfg.in_channels
-    return dict(  # out_channels None means in_channels, as the release states it
-        patch_size=1, in_channels=cfg.in_channels * packed,
-        out_channels=None if out == cfg.in_channels else out * packed,
-        num_layers=cfg.depth, num_single_layers=cfg.single_blocks, attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim, axes_dims_rope=tuple(cfg.axes_dim),
-        approximator_num_channels=cfg.approximator_channels, approximator_hidden_dim=cfg.approximator_hidden,
-        approximator_layers=cfg.approximator_layers,
-    )
+    return dict(flux.packed_config(cfg), approximator_num_channels=cfg.approximator_channels,
+                approximator_hidden_dim=cfg.approximator_hidden, approximator_layers=cfg.approximator_layers)
 
 
 def diffusers_buffers(model) -> dict[str, Tensor]:

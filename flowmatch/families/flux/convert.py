@@ -77,6 +77,19 @@ def packed_fields(dcfg: Mapping[str, Any], name: str) -> dict[str, Any]:
         context_dim=dcfg["joint_attention_dim"], rope_axes_dim=axes, **FIXED)
 
 
+def packed_config(cfg: MMDiTConfig) -> dict[str, Any]:
+    """The diffusers config fields a FLUX-layout transformer (FLUX.1, Chroma, FLUX.2) takes alike from our config,
+    the inverse of :func:`packed_fields`: 2x2-packed channels (out_channels None when it equals in_channels, as the
+    releases state it), block counts, heads, text width and RoPE axes."""
+    packed = PACK * PACK
+    out = cfg.out_channels or cfg.in_channels
+    return dict(patch_size=1, in_channels=cfg.in_channels * packed,
+                out_channels=None if out == cfg.in_channels else out * packed,
+                num_layers=cfg.depth, num_single_layers=cfg.single_blocks, attention_head_dim=cfg.head_dim,
+                num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim,
+                axes_dims_rope=tuple(cfg.axes_dim))
+
+
 def config_from_diffusers(dcfg: Mapping[str, Any]) -> MMDiTConfig:
     """Our config for a diffusers `FluxTransformer2DModel` config; ValueError for variants we do not implement."""
     return MMDiTConfig(**packed_fields(dcfg, "FLUX"), pooled_dim=dcfg["pooled_projection_dim"],
@@ -93,15 +106,7 @@ def diffusers_config(cfg: MMDiTConfig) -> dict[str, Any]:
     if wrong:
         raise ValueError(f"diffusers' FLUX transformer requires {FIXED}, three RoPE axes summing to head_dim and "
                          f"single blocks; this model has {wrong}")
-    packed = PACK * PACK
-    out = cfg.out_channels or cfg.in_channels
-    return dict(  # out_channels None means in_channels, as the releases state it
-        patch_size=1, in_channels=cfg.in_channels * packed,
-        out_channels=None if out == cfg.in_channels else out * packed,
-        num_layers=cfg.depth, num_single_layers=cfg.single_blocks, attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim,
-        pooled_projection_dim=cfg.pooled_dim, guidance_embeds=cfg.guidance_embed, axes_dims_rope=tuple(cfg.axes_dim),
-    )
+    return dict(packed_config(cfg), pooled_projection_dim=cfg.pooled_dim, guidance_embeds=cfg.guidance_embed)
 
 
 def _embedders(cfg: MMDiTConfig, names: dict[str, str], layers: tuple[str, str]) -> list[Rule]:

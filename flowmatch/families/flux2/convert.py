@@ -40,6 +40,7 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
+from flowmatch.families.flux.convert import packed_config
 from flowmatch.families.mmdit import TIME_SCALE
 from flowmatch.models.convert.keymap import Copy, Op, Packed, Rule, Stack, SwapHalves, linear, mlp, norm
 from flowmatch.models.mmdit import MMDiTConfig
@@ -104,14 +105,8 @@ def diffusers_config(cfg: MMDiTConfig) -> dict[str, Any]:
     if wrong:
         raise ValueError(f"diffusers' FLUX.2 transformer requires {FIXED}, four RoPE axes summing to head_dim and "
                          f"no pooled vector, interval input or references; this model has {wrong}")
-    packed = PACK * PACK
-    out = cfg.out_channels or cfg.in_channels
-    return dict(  # out_channels None means in_channels, as the releases state it
-        patch_size=1, in_channels=cfg.in_channels * packed,
-        out_channels=None if out == cfg.in_channels else out * packed,
-        num_layers=cfg.depth, num_single_layers=cfg.single_blocks, attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.context_dim,
-        timestep_guidance_channels=cfg.time_freq_dim, mlp_ratio=cfg.mlp_ratio, axes_dims_rope=tuple(cfg.axes_dim),
+    return dict(
+        packed_config(cfg), timestep_guidance_channels=cfg.time_freq_dim, mlp_ratio=cfg.mlp_ratio,
         rope_theta=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         eps=cfg.norm_eps, guidance_embeds=cfg.guidance_embed,
     )
