@@ -32,7 +32,8 @@ PRESETS = {"tiny-sd3-medium": "joint_blocks.0.x_block.attn.qkv",
            "tiny-chroma": "double_blocks.0.img_attn.qkv",
            "tiny-qwen-image": "transformer_blocks.0.attn.to_q",
            "tiny-qwen-image-edit": "transformer_blocks.0.attn.to_q",
-           "tiny-lumina2": "layers.0.attention.qkv"}
+           "tiny-lumina2": "layers.0.attention.qkv",
+           "tiny-flux2-klein-4b": "double_blocks.0.img_attn.qkv"}
 LORA = LoraConfig(rank=3, alpha=7.0)  # alpha != rank: a lost scale shows
 CHECK = dict(prompts=["a photo of a cat", "a red apple"], steps=2, size=32, guidance=3.0)
 
