@@ -105,6 +105,12 @@ def diffusers_converter(model):
     return namespace[name]
 
 
+def max_diff(a: Tensor, b: Tensor) -> float:
+    """max |a - b| of two tensors of one shape (images, embeddings), compared in float32 whatever their dtype."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.float() - b.float()).abs().max().item()
+
+
 def rel_err(a: Tensor, b: Tensor) -> float:
     """max |a - b| / max |b|."""
     return ((a - b).abs().max() / b.abs().max()).item()

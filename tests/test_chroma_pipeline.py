@@ -20,7 +20,7 @@ from flowmatch import Pipeline
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.sampling.generate import image_noise
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.tiny_pipelines import LATENT_CHANNELS
 
 PROMPTS = ["a photo of a cat", "a red apple on a wooden table at night"]
@@ -73,14 +73,10 @@ def test_from_diffusers_generates_the_pipelines_images(tiny_chroma_pipeline, chr
                       output_type="pt", **kwargs).images
 
     default = ours.generate(PROMPTS, steps=steps, noise=noise)  # guidance 5.0, as ChromaPipeline's default
-    assert _max_diff(default, theirs(5.0)) < PIXEL_ATOL
+    assert max_diff(default, theirs(5.0)) < PIXEL_ATOL
     sigmas = [1.0, 0.7, 0.4, 0.2]
-    assert _max_diff(ours.generate(PROMPTS, guidance_scale=2.0, noise=noise, sigmas=sigmas),
+    assert max_diff(ours.generate(PROMPTS, guidance_scale=2.0, noise=noise, sigmas=sigmas),
                      theirs(2.0, sigmas=sigmas)) < PIXEL_ATOL
     # The comparison can fail: another guidance scale moves the images far beyond the tolerance.
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=2.0, noise=noise), default) > 0.05
+    assert max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=2.0, noise=noise), default) > 0.05
 
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()

@@ -24,7 +24,7 @@ from flowmatch.families.config import ModelConfig
 from flowmatch.sampling.diffusers_schedule import PipelineGrid
 from flowmatch.sampling.generate import image_noise
 from flowmatch.training import train
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.test_train import tiny_recipe
 from tests.tiny_pipelines_flux2 import FLUX2_SCHEDULER, LATENT_CHANNELS
 
@@ -96,17 +96,13 @@ def test_from_diffusers_generates_the_pipelines_images(dev_folder, dev):
     default = ours.generate(PROMPTS, steps=steps, noise=noise)  # guidance 4.0 embedded, the pipeline's default
     sigmas = [1.0, 0.6, 0.3]
     custom = ours.generate(PROMPTS, guidance_scale=2.0, noise=noise, sigmas=sigmas)
-    diffs = [_max_diff(default, theirs(4.0)), _max_diff(custom, theirs(2.0, sigmas=sigmas))]
+    diffs = [max_diff(default, theirs(4.0)), max_diff(custom, theirs(2.0, sigmas=sigmas))]
     print(f"Flux2Pipeline images: max |flowmatch - diffusers| {diffs[0]:.2e} (guidance 4, default sigmas), "
           f"{diffs[1]:.2e} (guidance 2, sigmas {sigmas})")
     assert max(diffs) < PIXEL_ATOL
     # The comparison can fail: another embedded guidance moves the images far beyond the tolerance.
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=2.0, noise=noise), default) > 0.05
+    assert max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=2.0, noise=noise), default) > 0.05
 
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()
 
 
 def test_each_pipeline_class_has_its_family_schedule_and_export_choice():
@@ -182,7 +178,7 @@ def test_a_run_on_its_encoders_exports_a_flux2_pipeline_folder(dev_folder, digit
     want = ours.generate(PROMPTS, **kw)
     theirs = pipe(prompt=PROMPTS, latents=Flux2Pipeline._patchify_latents(noise), num_inference_steps=3,
                   guidance_scale=3.0, height=SIZE, width=SIZE, output_type="pt").images
-    error, moved = _max_diff(want, theirs), _max_diff(want, base)
+    error, moved = max_diff(want, theirs), max_diff(want, base)
     print(f"exported Flux2Pipeline: max |flowmatch run - diffusers folder| {error:.2e}; training moved the images "
           f"by {moved:.2e}")
     assert error < PIXEL_ATOL and moved > 10 * PIXEL_ATOL

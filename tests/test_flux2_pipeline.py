@@ -13,7 +13,7 @@ from flowmatch import Pipeline
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.sampling.generate import image_noise
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.tiny_pipelines_flux2 import LATENT_CHANNELS
 
 PROMPTS = ["a photo of a cat", "a red apple on a wooden table at night"]
@@ -71,17 +71,13 @@ def test_from_diffusers_generates_the_pipelines_images(ours, klein):
                      height=SIZE, width=SIZE, output_type="pt", **kwargs).images
 
     default = ours.generate(PROMPTS, steps=steps, noise=noise)  # true CFG 4.0, the pipeline's default
-    assert _max_diff(default, theirs(4.0)) < PIXEL_ATOL
+    assert max_diff(default, theirs(4.0)) < PIXEL_ATOL
     sigmas = [1.0, 0.6, 0.3]
-    assert _max_diff(ours.generate(PROMPTS, guidance_scale=2.0, noise=noise, sigmas=sigmas),
+    assert max_diff(ours.generate(PROMPTS, guidance_scale=2.0, noise=noise, sigmas=sigmas),
                      theirs(2.0, sigmas=sigmas)) < PIXEL_ATOL
     # The comparison can fail: another guidance scale moves the images far beyond the tolerance.
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=2.0, noise=noise), default) > 0.05
+    assert max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=2.0, noise=noise), default) > 0.05
 
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()
 
 
 def test_the_grid_is_the_pipelines_with_its_empirical_mu():

@@ -12,7 +12,7 @@ from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.encoders.frozen import FrozenEncoders
 from flowmatch.sampling.diffusers_schedule import diffusers_sigmas
 from flowmatch.sampling.generate import image_noise
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.tiny_pipelines import LATENT_CHANNELS
 
 PROMPTS = ["a photo of a cat", "a red apple on a wooden table"]
@@ -100,10 +100,6 @@ def test_flux_conditioning_is_encode_prompt(tiny_flux_pipeline, flux):
     assert torch.equal(cond.extra["guidance"], torch.ones(2))  # the training value the folder reader sets
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape
-    return (a - b).abs().max().item()
-
 
 def test_sd3_from_diffusers_generates_the_pipelines_images(tiny_sd3_pipeline, sd3):
     ours = Pipeline.from_diffusers(tiny_sd3_pipeline, device="cpu")
@@ -116,12 +112,12 @@ def test_sd3_from_diffusers_generates_the_pipelines_images(tiny_sd3_pipeline, sd
                    height=SIZE, width=SIZE, output_type="pt", **kwargs).images
 
     default = ours.generate(PROMPTS, steps=steps, guidance_scale=guidance, noise=noise)
-    assert _max_diff(default, theirs()) < PIXEL_ATOL
+    assert max_diff(default, theirs()) < PIXEL_ATOL
     sigmas = diffusers_sigmas(steps)  # flowmatch's own grid, walked by both
-    assert _max_diff(ours.generate(PROMPTS, guidance_scale=guidance, noise=noise, sigmas=sigmas),
+    assert max_diff(ours.generate(PROMPTS, guidance_scale=guidance, noise=noise, sigmas=sigmas),
                      theirs(sigmas=sigmas)) < PIXEL_ATOL
     # The comparison can fail: another guidance scale moves the images far beyond the tolerance.
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=2.0, noise=noise), default) > 0.05
+    assert max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=2.0, noise=noise), default) > 0.05
 
 
 def test_flux_dev_from_diffusers_generates_the_pipelines_images(tiny_flux_pipeline, flux):
@@ -137,10 +133,10 @@ def test_flux_dev_from_diffusers_generates_the_pipelines_images(tiny_flux_pipeli
                     output_type="pt", **kwargs).images
 
     default = ours.generate(PROMPTS, steps=steps, noise=noise)  # guidance 3.5, as FluxPipeline's default
-    assert _max_diff(default, theirs()) < PIXEL_ATOL
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=5.0, noise=noise),
+    assert max_diff(default, theirs()) < PIXEL_ATOL
+    assert max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=5.0, noise=noise),
                      theirs(guidance_scale=5.0)) < PIXEL_ATOL
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=1.0, noise=noise), default) > 0.05
+    assert max_diff(ours.generate(PROMPTS, steps=steps, guidance_scale=1.0, noise=noise), default) > 0.05
 
 
 def test_flowmatch_sample_takes_a_pipeline_folder(tiny_sd3_pipeline, tmp_path, capsys):

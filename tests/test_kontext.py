@@ -20,7 +20,7 @@ from flowmatch.families import FAMILIES, family_of
 from flowmatch.families.convert import read_config
 from flowmatch.families.kontext import KONTEXT_RESOLUTIONS, reference_size
 from flowmatch.sampling.generate import image_noise
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.tiny_pipelines import LATENT_CHANNELS
 
 PROMPTS = ["a photo of a cat", "a red apple on a wooden table"]
@@ -55,9 +55,6 @@ def _theirs(pipe, prompts, image, packed, **kwargs) -> torch.Tensor:
                 width=SIZE, max_area=SIZE * SIZE, _auto_resize=False, output_type="pt", **kwargs).images
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
 
 def test_the_kontext_folder_reads_as_the_kontext_family(tiny_kontext_pipeline, tmp_path):
     configs = encoder_configs_from_pipeline(tiny_kontext_pipeline)
@@ -76,10 +73,10 @@ def test_from_diffusers_gives_the_pipelines_images_with_reference_tensors(kontex
     noise, packed = _noise()
     refs = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(0))  # not the target's size
     mine = ours.generate(PROMPTS, images=refs, noise=noise, steps=STEPS, auto_resize=False)
-    assert _max_diff(mine, _theirs(kontext, PROMPTS, refs, packed)) < PIXEL_ATOL
+    assert max_diff(mine, _theirs(kontext, PROMPTS, refs, packed)) < PIXEL_ATOL
     # The comparison can fail: without the references, or with other ones, the images move far beyond it.
-    assert _max_diff(mine, ours.generate(PROMPTS, noise=noise, steps=STEPS)) > 5 * PIXEL_ATOL
-    assert _max_diff(mine, ours.generate(PROMPTS, images=1 - refs, noise=noise, steps=STEPS,
+    assert max_diff(mine, ours.generate(PROMPTS, noise=noise, steps=STEPS)) > 5 * PIXEL_ATOL
+    assert max_diff(mine, ours.generate(PROMPTS, images=1 - refs, noise=noise, steps=STEPS,
                                          auto_resize=False)) > 5 * PIXEL_ATOL
 
 
@@ -90,7 +87,7 @@ def test_pil_references_of_different_sizes_are_sampled_as_separate_batches(konte
     mine = ours.generate(PROMPTS, images=[[pil[0]], pil[1]], noise=noise, steps=STEPS, auto_resize=False)
     for i in range(2):  # diffusers takes one reference size per call: each prompt on its own
         theirs = _theirs(kontext, PROMPTS[i], pil[i], packed[i:i + 1])
-        assert _max_diff(mine[i:i + 1], theirs) < PIXEL_ATOL, i
+        assert max_diff(mine[i:i + 1], theirs) < PIXEL_ATOL, i
 
 
 def test_references_are_resized_as_the_pipeline_resizes_them(ours):

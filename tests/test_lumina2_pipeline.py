@@ -14,7 +14,7 @@ from flowmatch.families import family_of
 from flowmatch.families.lumina2 import TEXT_ENCODER
 from flowmatch.sampling.diffusers_schedule import PipelineGrid
 from flowmatch.sampling.generate import image_noise
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.tiny_pipelines_lumina2 import LATENT_CHANNELS, VAE_FACTOR, VAE_FACTORS
 
 PROMPTS = ["a photo of a cat", "a red apple on a wooden table"]
@@ -53,9 +53,6 @@ def test_reading_the_lumina2_folder(tiny_lumina2_pipeline, lumina, ours):
     assert torch.equal(ours.pipeline_grid.model_time(t), (t * 1000) / 1000)
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
 
 def test_from_diffusers_generates_the_pipelines_images(ours, lumina):
     """Bugs caught: the system prompt left out or dropped from the states, the wrong hidden layer, the negative
@@ -71,9 +68,9 @@ def test_from_diffusers_generates_the_pipelines_images(ours, lumina):
     guided = ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=4.0)
     reference = theirs(guidance_scale=4.0)
     plain = theirs(guidance_scale=1.0)
-    assert _max_diff(guided, reference) < PIXEL_ATOL
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=1.0), plain) < PIXEL_ATOL
-    assert _max_diff(reference, plain) > 100 * PIXEL_ATOL  # guidance moves the images far more than the tolerance
+    assert max_diff(guided, reference) < PIXEL_ATOL
+    assert max_diff(ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=1.0), plain) < PIXEL_ATOL
+    assert max_diff(reference, plain) > 100 * PIXEL_ATOL  # guidance moves the images far more than the tolerance
 
 
 def test_a_dynamic_shift_scheduler_walks_the_pipelines_grid(lumina):

@@ -33,7 +33,7 @@ from flowmatch.families.presets import config_from_preset
 from flowmatch.families.qwen_image_edit import TEXT_ENCODER, reference_size
 from flowmatch.models.mmdit import MMDiT
 from flowmatch.sampling.generate import image_noise
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.lora_e2e import write_edit_pairs
 from tests.test_train import ROOT
 from tests.tiny_pipelines_qwen import LATENT_CHANNELS
@@ -114,22 +114,22 @@ def test_from_diffusers_edits_as_the_edit_pipeline(ours, edit, small_area):
         return ours.generate(PROMPTS, images=refs, noise=noise, **{"steps": STEPS, **kwargs})
 
     guided = mine(guidance_scale=4.0, negative_prompt=NEGATIVE)
-    errors = {"guided": _max_diff(guided, theirs(negative_prompt=NEGATIVE, true_cfg_scale=4.0))}
+    errors = {"guided": max_diff(guided, theirs(negative_prompt=NEGATIVE, true_cfg_scale=4.0))}
     plain = mine(guidance_scale=1.0)
-    errors["plain"] = _max_diff(plain, theirs())
+    errors["plain"] = max_diff(plain, theirs())
     sigmas = [1.0, 0.7, 0.3]
-    errors["sigmas"] = _max_diff(mine(guidance_scale=1.0, sigmas=sigmas), theirs(sigmas=sigmas))
+    errors["sigmas"] = max_diff(mine(guidance_scale=1.0, sigmas=sigmas), theirs(sigmas=sigmas))
     print(f"QwenImageEditPipeline vs flowmatch, max |pixel difference|: {errors}")
     assert max(errors.values()) < PIXEL_ATOL, errors
     # The comparisons can fail: each of these moves the tiny model's images past the bound (about 1e-2).
     white = [Image.new("RGB", (60, 40), (255, 255, 255))] * len(PROMPTS)
-    moved = {"negative prompt": _max_diff(mine(guidance_scale=4.0), guided),
-             "reference": _max_diff(ours.generate(PROMPTS, images=white, noise=noise, steps=STEPS,
+    moved = {"negative prompt": max_diff(mine(guidance_scale=4.0), guided),
+             "reference": max_diff(ours.generate(PROMPTS, images=white, noise=noise, steps=STEPS,
                                                   guidance_scale=1.0), plain)}
     (encoder,) = ours.encoders.text.encoders.values()
     processor, encoder.processor = encoder.processor, None  # the encoder no longer sees the image
     try:
-        moved["image unseen by the encoder"] = _max_diff(mine(guidance_scale=1.0), plain)
+        moved["image unseen by the encoder"] = max_diff(mine(guidance_scale=1.0), plain)
     finally:
         encoder.processor = processor
     print(f"what each change moves: {moved}")
@@ -182,6 +182,3 @@ def test_released_shape_has_diffusers_parameter_count():
     count = sum(p.numel() for p in MMDiT(cfg, device="meta").parameters())
     assert count == sum(p.numel() for p in theirs.parameters())
 
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()

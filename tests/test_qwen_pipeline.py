@@ -11,7 +11,7 @@ from diffusers import QwenImagePipeline
 from flowmatch import Pipeline
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.sampling.generate import image_noise
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.tiny_pipelines_qwen import LATENT_CHANNELS
 
 PROMPTS = ["a photo of a cat", "a red apple on a wooden table"]
@@ -77,15 +77,12 @@ def test_from_diffusers_generates_the_pipelines_images(ours, qwen):
                     output_type="pt", **kwargs).images
 
     guided = ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=4.0, negative_prompt=NEGATIVE)
-    assert _max_diff(guided, theirs(negative_prompt=NEGATIVE, true_cfg_scale=4.0)) < PIXEL_ATOL
+    assert max_diff(guided, theirs(negative_prompt=NEGATIVE, true_cfg_scale=4.0)) < PIXEL_ATOL
     plain = ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=1.0)
-    assert _max_diff(plain, theirs()) < PIXEL_ATOL
+    assert max_diff(plain, theirs()) < PIXEL_ATOL
     sigmas = [1.0, 0.7, 0.3]
-    assert _max_diff(ours.generate(PROMPTS, noise=noise, guidance_scale=1.0, sigmas=sigmas),
+    assert max_diff(ours.generate(PROMPTS, noise=noise, guidance_scale=1.0, sigmas=sigmas),
                      theirs(sigmas=sigmas)) < PIXEL_ATOL
     # The comparisons can fail: guidance against the empty caption instead moves the images well past the bound.
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=4.0), guided) > 20 * PIXEL_ATOL
+    assert max_diff(ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=4.0), guided) > 20 * PIXEL_ATOL
 
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()

@@ -5,14 +5,13 @@ guidance (ZImagePipeline's scale g is flowmatch's classifier-free scale g + 1)."
 from __future__ import annotations
 
 import pytest
-import torch
 from diffusers import ZImagePipeline
 
 from flowmatch import Pipeline
 from flowmatch.encoders.diffusers_folder import encoder_configs_from_pipeline
 from flowmatch.families.zimage import PROMPT_TEMPLATE
 from flowmatch.sampling.generate import image_noise
-from tests.interop_models import one_thread  # noqa: F401 - applies the module-wide fixture
+from tests.interop_models import max_diff, one_thread  # noqa: F401 - applies the module-wide fixture
 from tests.tiny_pipelines import LATENT_CHANNELS
 
 PROMPTS = ["a photo of a cat", "a red apple on a wooden table"]
@@ -60,15 +59,12 @@ def test_from_diffusers_generates_the_pipelines_images(ours, zimage):
                       output_type="pt", **kwargs).images
 
     guided = ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=3.0)
-    assert _max_diff(guided, theirs(guidance_scale=2.0)) < PIXEL_ATOL
+    assert max_diff(guided, theirs(guidance_scale=2.0)) < PIXEL_ATOL
     plain = ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=1.0)
-    assert _max_diff(plain, theirs(guidance_scale=0.0)) < PIXEL_ATOL
+    assert max_diff(plain, theirs(guidance_scale=0.0)) < PIXEL_ATOL
     sigmas = [1.0, 0.7, 0.3]
-    assert _max_diff(ours.generate(PROMPTS, noise=noise, guidance_scale=1.0, sigmas=sigmas),
+    assert max_diff(ours.generate(PROMPTS, noise=noise, guidance_scale=1.0, sigmas=sigmas),
                      theirs(sigmas=sigmas, guidance_scale=0.0)) < PIXEL_ATOL
     # The comparisons can fail: guidance off by one moves the images well past the bound.
-    assert _max_diff(ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=2.0), guided) > 20 * PIXEL_ATOL
+    assert max_diff(ours.generate(PROMPTS, steps=steps, noise=noise, guidance_scale=2.0), guided) > 20 * PIXEL_ATOL
 
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
