@@ -18,17 +18,6 @@ import torch  # noqa: E402
 import torch.nn.attention.flex_attention as flex  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # also where torch was imported before this file
-TORCH_LINEAR = torch.nn.functional.linear
-
-
-@pytest.fixture(autouse=True)
-def unpatched_linear():
-    """Each test starts with torch's own ``F.linear``. A ZeRO-3 run in a test's own process (``deepspeed.zero.Init``
-    with its default mem_efficient_linear) replaces ``torch.nn.functional.linear`` for the rest of the process with
-    an autograd.Function that has no forward-mode rule, so a later test in the same xdist worker that takes a JVP
-    (the planner's meanflow trace) failed or passed by scheduling."""
-    yield
-    torch.nn.functional.linear = TORCH_LINEAR  # the one from before any fixture: module fixtures run first
 
 
 @pytest.fixture

@@ -210,7 +210,7 @@ class _Net(nn.Module):
 
 @contextlib.contextmanager
 def _engine(**distributed):
-    """A one-process Engine in this process with _Net set up (ZeRO 0-2: ZeRO-3 patches torch for the process)."""
+    """A one-process Engine in this process with _Net set up (ZeRO 0-2)."""
     torch.manual_seed(0)
     engine = Engine(DistributedConfig(**distributed))
     try:
@@ -219,6 +219,22 @@ def _engine(**distributed):
         yield engine
     finally:
         engine.shutdown()
+
+
+def test_a_zero3_engine_gives_torch_its_own_linear_back_when_it_shuts_down():
+    """zero.Init replaces torch.nn.functional.linear for the whole process (DeepSpeed's memory-efficient linear, with
+    no forward-mode rule, so a JVP after it fails); the engine puts torch's back at shutdown. Bug caught: shutdown
+    not releasing the ZeRO-3 layout (the planner's JVP tests then failed when they followed a ZeRO-3 run in one
+    process)."""
+    linear = torch.nn.functional.linear
+    engine = Engine(DistributedConfig(zero_stage=3))
+    try:
+        with engine.model_init():
+            torch.nn.Linear(4, 4)
+        assert torch.nn.functional.linear is not linear  # what zero.Init does: the reason for the release
+    finally:
+        engine.shutdown()
+    assert torch.nn.functional.linear is linear
 
 
 def _train_step(engine: Engine, loss_scale: float = 1.0):

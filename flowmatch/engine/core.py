@@ -307,6 +307,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Collective: wait for all ranks, then leave the process group. Safe to call twice."""
+        self._zero.release()
         self._group.shutdown()
 
     def __enter__(self) -> Engine:
@@ -316,4 +317,5 @@ class Engine:
         if exc_type is None:
             self.shutdown()
         else:
+            self._zero.release()
             self._group.restore_env()

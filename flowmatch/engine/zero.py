@@ -58,6 +58,18 @@ class Zero:
                                                remote_device="cpu" if self._cfg.offload_params else None,
                                                pin_memory=self._cfg.offload_params and on_cuda)
 
+    def release(self) -> None:
+        """Put torch's own ``F.linear`` back once this layout's training is over. ``zero.Init`` replaces
+        ``torch.nn.functional.linear`` for the whole process with its memory-efficient autograd.Function (kept by
+        DeepSpeed "unless manually reset"), which has no forward-mode rule: a JVP later in the process (MeanFlow,
+        the planner's trace) would fail. A later ``zero.Init`` installs it again."""
+        if not self.partitioned:
+            return
+        init = self._group.deepspeed.runtime.zero.partition_parameters.InsertPostInitMethodToModuleSubClasses
+        original = getattr(init, "linear_bk", None)  # set by zero.Init when it replaced F.linear
+        if original is not None:
+            torch.nn.functional.linear = original
+
     def gathered_params(self, module_or_params: torch.nn.Module | Iterable[torch.nn.Parameter], *,
                         modify: bool = False) -> contextlib.AbstractContextManager[Any]:
         """Collective context in which partitioned parameters are whole on every rank (rank 0's edits kept with
